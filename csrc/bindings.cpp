@@ -1,0 +1,171 @@
+// The one Python module, llmkernels._C. Functions take plain tensor views built in
+// python/llmkernels/_cview.py: (data_ptr, dtype_code, sizes, strides), or None.
+// No torch headers here, on purpose (DESIGN.md): one binary serves every torch version.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "common/checks.h"
+#include "common/cpu_features.h"
+#include "common/tensor_view.h"
+#include "common/thread_pool.h"
+#include "cpu/attention.h"
+#ifdef LLMK_WITH_CUDA
+#include "cuda/runtime.h"
+#endif
+
+namespace py = pybind11;
+using namespace llmk;
+
+namespace {
+
+TensorView to_view(const py::object& obj, const char* name) {
+  TensorView v;
+  if (obj.is_none()) return v;
+  auto t = obj.cast<py::tuple>();
+  LLMK_CHECK(t.size() == 4, name << ": expected (data_ptr, dtype, sizes, strides)");
+  v.data = reinterpret_cast<void*>(t[0].cast<uintptr_t>());
+  const int code = t[1].cast<int>();
+  LLMK_CHECK(code >= 0 && code <= int(DType::i64), name << ": unknown dtype code " << code);
+  v.dtype = DType(code);
+  auto sizes = t[2].cast<std::vector<int64_t>>();
+  auto strides = t[3].cast<std::vector<int64_t>>();
+  LLMK_CHECK(sizes.size() == strides.size() && sizes.size() <= size_t(kMaxDims),
+             name << ": bad sizes/strides");
+  v.ndim = int32_t(sizes.size());
+  for (int i = 0; i < v.ndim; ++i) {
+    v.sizes[i] = sizes[i];
+    v.strides[i] = strides[i];
+  }
+  return v;
+}
+
+CpuTier to_tier(int tier) {
+  LLMK_CHECK(tier >= 0 && tier <= int(CpuTier::avx512), "unknown CPU tier " << tier);
+  return CpuTier(tier);
+}
+
+AttentionParams make_params(const py::object& q, const py::object& k, const py::object& v,
+                            const py::object& mask, float scale, float softcap,
+                            int64_t window_left, int64_t window_right, int64_t diag_offset,
+                            int num_threads) {
+  AttentionParams p;
+  p.q = to_view(q, "query");
+  p.k = to_view(k, "key");
+  p.v = to_view(v, "value");
+  p.mask = to_view(mask, "attn_mask");
+  p.scale = scale;
+  p.softcap = softcap;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.diag_offset = diag_offset;
+  LLMK_CHECK(num_threads >= 1 && num_threads <= kMaxThreads, "num_threads out of range");
+  p.num_threads = num_threads;
+  return p;
+}
+
+py::dict build_info() {
+  py::dict info;
+  const CpuFeatures& f = cpu_features();
+  py::dict feats;
+  feats["avx2"] = f.avx2; feats["fma"] = f.fma; feats["f16c"] = f.f16c;
+  feats["avx512f"] = f.avx512f; feats["avx512bw"] = f.avx512bw; feats["avx512vl"] = f.avx512vl;
+  feats["avx512dq"] = f.avx512dq; feats["avx512_bf16"] = f.avx512_bf16;
+  feats["avx512_fp16"] = f.avx512_fp16; feats["avx512_vnni"] = f.avx512_vnni;
+  feats["amx_tile"] = f.amx_tile; feats["amx_bf16"] = f.amx_bf16; feats["amx_int8"] = f.amx_int8;
+  feats["neon"] = f.neon;
+  info["cpu_features"] = feats;
+  info["cpu_vendor"] = f.vendor;
+  info["cpu_brand"] = f.brand;
+  info["cpu_tiers_built"] = std::vector<std::string>{"avx512", "avx2", "generic"};
+  info["cpu_tiers_supported"] = supported_tiers();
+  info["cpu_tier_best"] = tier_name(best_tier());
+#ifdef LLMK_WITH_CUDA
+  info["cuda_built"] = true;
+  info["cuda_archs"] = std::string(LLMK_CUDA_ARCHS);
+  info["cuda_runtime_version"] = cuda::runtime_version();
+  info["cuda_driver_version"] = cuda::driver_version();
+  info["cuda_devices"] = cuda::device_names();
+#else
+  info["cuda_built"] = false;
+  info["cuda_archs"] = std::string();
+#endif
+  info["compiler"] = std::string(__VERSION__);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "llmkernels compiled kernels (torch-free views; see python/llmkernels/_cview.py)";
+  m.def("build_info", &build_info);
+  m.def("tier_code", [](const std::string& name) {
+    for (CpuTier t : {CpuTier::generic, CpuTier::avx2, CpuTier::avx512})
+      if (name == tier_name(t)) return int(t);
+    throw py::value_error("unknown CPU tier '" + name + "'");
+  });
+  m.def("tier_supported", [](int tier) { return tier_supported(to_tier(tier)); });
+
+  m.def(
+      "attention_forward_workspace_bytes",
+      [](int tier, py::object q, py::object k, py::object v, py::object mask, int num_threads) {
+        AttentionParams p = make_params(q, k, v, mask, 1.f, 0.f, -1, -1, 0, num_threads);
+        return attention_forward_workspace_bytes(to_tier(tier), p);
+      },
+      py::arg("tier"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"),
+      py::arg("num_threads"));
+  m.def(
+      "attention_backward_workspace_bytes",
+      [](int tier, py::object q, py::object k, py::object v, py::object mask, int num_threads) {
+        AttentionParams p = make_params(q, k, v, mask, 1.f, 0.f, -1, -1, 0, num_threads);
+        return attention_backward_workspace_bytes(to_tier(tier), p);
+      },
+      py::arg("tier"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"),
+      py::arg("num_threads"));
+  m.def(
+      "attention_forward",
+      [](int tier, py::object q, py::object k, py::object v, py::object mask, py::object out,
+         py::object lse, uintptr_t workspace, int64_t workspace_bytes, float scale, float softcap,
+         int64_t window_left, int64_t window_right, int64_t diag_offset, int num_threads) {
+        AttentionParams p = make_params(q, k, v, mask, scale, softcap, window_left, window_right,
+                                        diag_offset, num_threads);
+        ForwardIO io;
+        io.out = to_view(out, "out");
+        io.lse = to_view(lse, "lse");
+        io.workspace = reinterpret_cast<void*>(workspace);
+        io.workspace_bytes = workspace_bytes;
+        const CpuTier t = to_tier(tier);
+        py::gil_scoped_release release;
+        return attention_forward(t, p, io);
+      },
+      py::arg("tier"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("out"),
+      py::arg("lse"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("scale"),
+      py::arg("softcap"), py::arg("window_left"), py::arg("window_right"),
+      py::arg("diag_offset"), py::arg("num_threads"),
+      "Fused attention forward; returns the number of output rows holding NaN/Inf.");
+  m.def(
+      "attention_backward",
+      [](int tier, py::object q, py::object k, py::object v, py::object mask, py::object dout,
+         py::object out, py::object lse, py::object dq, py::object dk, py::object dv,
+         uintptr_t workspace, int64_t workspace_bytes, float scale, float softcap,
+         int64_t window_left, int64_t window_right, int64_t diag_offset, int num_threads) {
+        AttentionParams p = make_params(q, k, v, mask, scale, softcap, window_left, window_right,
+                                        diag_offset, num_threads);
+        BackwardIO io;
+        io.dout = to_view(dout, "grad_out");
+        io.out = to_view(out, "out");
+        io.lse = to_view(lse, "lse");
+        io.dq = to_view(dq, "dq");
+        io.dk = to_view(dk, "dk");
+        io.dv = to_view(dv, "dv");
+        io.workspace = reinterpret_cast<void*>(workspace);
+        io.workspace_bytes = workspace_bytes;
+        const CpuTier t = to_tier(tier);
+        py::gil_scoped_release release;
+        attention_backward(t, p, io);
+      },
+      py::arg("tier"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"),
+      py::arg("dout"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"),
+      py::arg("dv"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("scale"),
+      py::arg("softcap"), py::arg("window_left"), py::arg("window_right"),
+      py::arg("diag_offset"), py::arg("num_threads"), "Fused attention backward.");
+}

@@ -1,0 +1,28 @@
+// What the CPU we run on can execute, detected once at run time (cpuid + xgetbv on x86).
+#pragma once
+#include <string>
+#include <vector>
+
+namespace llmk {
+
+struct CpuFeatures {
+  bool avx2 = false, fma = false, f16c = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512_bf16 = false, avx512_fp16 = false, avx512_vnni = false;
+  bool amx_tile = false, amx_bf16 = false, amx_int8 = false;
+  bool neon = false;
+  std::string vendor, brand;
+};
+
+const CpuFeatures& cpu_features();
+
+// Kernel tiers, from the most to the least capable. Every tier is built into the binary;
+// the best one the CPU supports is used unless a lower one is forced (tests do).
+enum class CpuTier : int { generic = 0, avx2 = 1, avx512 = 2 };
+
+const char* tier_name(CpuTier t);
+bool tier_supported(CpuTier t);
+CpuTier best_tier();
+std::vector<std::string> supported_tiers();
+
+}  // namespace llmk

@@ -1,0 +1,134 @@
+// Tier dispatch and argument checks for the CPU attention kernel.
+#include "attention.h"
+
+#include "../common/checks.h"
+
+namespace llmk {
+
+namespace {
+
+bool is_float(DType t) { return t == DType::f32 || t == DType::bf16 || t == DType::f16; }
+
+void check_view(const TensorView& t, const char* name, int ndim) {
+  LLMK_CHECK(t.ndim == ndim, name << " must be a " << ndim << "-D view, got " << t.ndim << "-D");
+  for (int i = 0; i < ndim; ++i) {
+    LLMK_CHECK(t.sizes[i] >= 0, name << " has a negative size");
+    LLMK_CHECK(t.strides[i] >= 0, name << " has a negative stride");
+  }
+  LLMK_CHECK(t.data != nullptr || t.numel() == 0, name << " has no data");
+}
+
+void check_same_shape(const TensorView& a, const TensorView& b, const char* an, const char* bn) {
+  LLMK_CHECK(a.ndim == b.ndim, an << " and " << bn << " differ in rank");
+  for (int i = 0; i < a.ndim; ++i)
+    LLMK_CHECK(a.sizes[i] == b.sizes[i], an << " and " << bn << " differ in size at dim " << i);
+}
+
+void check_params(const AttentionParams& p) {
+  check_view(p.q, "query", 4);
+  check_view(p.k, "key", 4);
+  check_view(p.v, "value", 4);
+  LLMK_CHECK(is_float(p.q.dtype), "query must be float32, bfloat16 or float16");
+  LLMK_CHECK(p.k.dtype == p.q.dtype && p.v.dtype == p.q.dtype,
+             "key and value must have query's dtype");
+  const int64_t B = p.q.sizes[0], Hq = p.q.sizes[1], L = p.q.sizes[2], D = p.q.sizes[3];
+  LLMK_CHECK(p.k.sizes[0] == B && p.v.sizes[0] == B, "batch sizes of query, key, value differ");
+  const int64_t Hk = p.k.sizes[1];
+  LLMK_CHECK(Hk > 0 || Hq == 0, "key has no heads");
+  LLMK_CHECK(p.v.sizes[1] == Hk, "key and value head counts differ");
+  LLMK_CHECK(Hk == 0 || Hq % Hk == 0, "query heads must be a multiple of key heads");
+  LLMK_CHECK(p.k.sizes[3] == D, "query and key head dims differ");
+  LLMK_CHECK(p.v.sizes[2] == p.k.sizes[2], "key and value sequence lengths differ");
+  LLMK_CHECK(D >= 1 && D <= 1024 && p.v.sizes[3] >= 1 && p.v.sizes[3] <= 1024,
+             "head dims must be in [1, 1024]");
+  if (p.mask.data || p.mask.ndim) {
+    check_view(p.mask, "attn_mask", 4);
+    LLMK_CHECK(p.mask.sizes[0] == B && p.mask.sizes[1] == Hq && p.mask.sizes[2] == L &&
+                   p.mask.sizes[3] == p.k.sizes[2],
+               "attn_mask must be broadcast to (B, Hq, L, S)");
+    LLMK_CHECK(p.mask.dtype == DType::boolean || is_float(p.mask.dtype),
+               "attn_mask must be bool or float");
+  }
+  LLMK_CHECK(p.num_threads >= 1, "num_threads must be >= 1");
+}
+
+CpuTier checked(CpuTier tier) {
+  LLMK_CHECK(tier_supported(tier), "CPU tier " << tier_name(tier) << " is not supported by this CPU");
+  return tier;
+}
+
+}  // namespace
+
+void check_attention_forward(const AttentionParams& p, const ForwardIO& io) {
+  check_params(p);
+  check_view(io.out, "out", 4);
+  check_view(io.lse, "lse", 3);
+  const TensorView& q = p.q;
+  LLMK_CHECK(io.out.dtype == q.dtype, "out must have query's dtype");
+  LLMK_CHECK(io.out.sizes[0] == q.sizes[0] && io.out.sizes[1] == q.sizes[1] &&
+                 io.out.sizes[2] == q.sizes[2] && io.out.sizes[3] == p.v.sizes[3],
+             "out must be (B, Hq, L, Dv)");
+  LLMK_CHECK(io.lse.dtype == DType::f32, "lse must be float32");
+  LLMK_CHECK(io.lse.sizes[0] == q.sizes[0] && io.lse.sizes[1] == q.sizes[1] &&
+                 io.lse.sizes[2] == q.sizes[2],
+             "lse must be (B, Hq, L)");
+}
+
+void check_attention_backward(const AttentionParams& p, const BackwardIO& io) {
+  check_params(p);
+  check_view(io.dout, "grad_out", 4);
+  check_view(io.out, "out", 4);
+  check_view(io.lse, "lse", 3);
+  check_view(io.dq, "dq", 4);
+  check_view(io.dk, "dk", 4);
+  check_view(io.dv, "dv", 4);
+  check_same_shape(io.out, io.dout, "out", "grad_out");
+  LLMK_CHECK(io.out.sizes[0] == p.q.sizes[0] && io.out.sizes[1] == p.q.sizes[1] &&
+                 io.out.sizes[2] == p.q.sizes[2] && io.out.sizes[3] == p.v.sizes[3],
+             "out must be (B, Hq, L, Dv)");
+  LLMK_CHECK(io.lse.dtype == DType::f32, "lse must be float32");
+  LLMK_CHECK(io.lse.sizes[0] == p.q.sizes[0] && io.lse.sizes[1] == p.q.sizes[1] &&
+                 io.lse.sizes[2] == p.q.sizes[2],
+             "lse must be (B, Hq, L)");
+  check_same_shape(io.dq, p.q, "dq", "query");
+  check_same_shape(io.dk, p.k, "dk", "key");
+  check_same_shape(io.dv, p.v, "dv", "value");
+  for (const TensorView* t : {&io.dout, &io.out, &io.dq, &io.dk, &io.dv})
+    LLMK_CHECK(t->dtype == p.q.dtype, "gradients and out must have query's dtype");
+}
+
+int64_t attention_forward_workspace_bytes(CpuTier tier, const AttentionParams& p) {
+  switch (checked(tier)) {
+    case CpuTier::avx512: return attn_avx512::forward_workspace_bytes(p);
+    case CpuTier::avx2: return attn_avx2::forward_workspace_bytes(p);
+    default: return attn_generic::forward_workspace_bytes(p);
+  }
+}
+
+int64_t attention_backward_workspace_bytes(CpuTier tier, const AttentionParams& p) {
+  switch (checked(tier)) {
+    case CpuTier::avx512: return attn_avx512::backward_workspace_bytes(p);
+    case CpuTier::avx2: return attn_avx2::backward_workspace_bytes(p);
+    default: return attn_generic::backward_workspace_bytes(p);
+  }
+}
+
+int64_t attention_forward(CpuTier tier, const AttentionParams& p, const ForwardIO& io) {
+  check_attention_forward(p, io);
+  switch (checked(tier)) {
+    case CpuTier::avx512: return attn_avx512::forward(p, io);
+    case CpuTier::avx2: return attn_avx2::forward(p, io);
+    default: return attn_generic::forward(p, io);
+  }
+}
+
+void attention_backward(CpuTier tier, const AttentionParams& p, const BackwardIO& io) {
+  check_attention_backward(p, io);
+  switch (checked(tier)) {
+    case CpuTier::avx512: attn_avx512::backward(p, io); break;
+    case CpuTier::avx2: attn_avx2::backward(p, io); break;
+    default: attn_generic::backward(p, io); break;
+  }
+}
+
+}  // namespace llmk

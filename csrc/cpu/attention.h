@@ -1,0 +1,59 @@
+// Fused attention on the CPU: the arguments every tier's kernel takes, and the tiers.
+#pragma once
+#include <cstdint>
+
+#include "../common/cpu_features.h"
+#include "../common/tensor_view.h"
+
+namespace llmk {
+
+// All views are 4-D, already broadcast by Python (stride 0 where a dim is broadcast):
+// q (B, Hq, L, D), k (B, Hk, S, D), v (B, Hk, S, Dv), mask (B, Hq, L, S) or undefined.
+// Hq is a multiple of Hk (grouped-query attention when larger).
+struct AttentionParams {
+  TensorView q, k, v, mask;
+  float scale = 1.f;
+  float softcap = 0.f;        // <= 0: off
+  int64_t window_left = -1;   // key j is visible to query i iff
+  int64_t window_right = -1;  //   i + diag_offset - left <= j <= i + diag_offset + right
+  int64_t diag_offset = 0;    // (-1: that side unbounded)
+  int num_threads = 1;
+};
+
+struct ForwardIO {
+  TensorView out;  // (B, Hq, L, Dv), q's dtype
+  TensorView lse;  // (B, Hq, L) float32; -inf for fully masked rows
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
+};
+
+struct BackwardIO {
+  TensorView dout, out, lse;  // dout and out (B, Hq, L, Dv); lse as saved by forward
+  TensorView dq, dk, dv;      // shaped like q, k, v
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
+};
+
+// Validates shapes, dtypes and strides of the views (throws on anything memory-unsafe).
+void check_attention_forward(const AttentionParams& p, const ForwardIO& io);
+void check_attention_backward(const AttentionParams& p, const BackwardIO& io);
+
+int64_t attention_forward_workspace_bytes(CpuTier tier, const AttentionParams& p);
+int64_t attention_backward_workspace_bytes(CpuTier tier, const AttentionParams& p);
+// Returns the number of output rows holding NaN or Inf (non-finite inputs).
+int64_t attention_forward(CpuTier tier, const AttentionParams& p, const ForwardIO& io);
+void attention_backward(CpuTier tier, const AttentionParams& p, const BackwardIO& io);
+
+#define LLMK_DECLARE_ATTENTION_TIER(ns)                                            \
+  namespace ns {                                                                   \
+  int64_t forward_workspace_bytes(const AttentionParams& p);                       \
+  int64_t backward_workspace_bytes(const AttentionParams& p);                      \
+  int64_t forward(const AttentionParams& p, const ForwardIO& io);                  \
+  void backward(const AttentionParams& p, const BackwardIO& io);                   \
+  }
+LLMK_DECLARE_ATTENTION_TIER(attn_generic)
+LLMK_DECLARE_ATTENTION_TIER(attn_avx2)
+LLMK_DECLARE_ATTENTION_TIER(attn_avx512)
+#undef LLMK_DECLARE_ATTENTION_TIER
+
+}  // namespace llmk

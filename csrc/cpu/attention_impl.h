@@ -1,0 +1,593 @@
+// The fused attention kernel (FlashAttention-2 schedule), written once for every CPU tier.
+// Included by attention_<tier>.cpp after it defines LLMK_VEC_BYTES and LLMK_ISA_NS.
+//
+// Forward, per (batch, head, tile of kBQ queries): S = Q K^T for one tile of kBK keys at a
+// time, online softmax (running max m, running sum l), O += P V; lse = m + log l is saved.
+// K^T and V are packed to float32 tiles once per call, so the inner loop only multiplies.
+// Backward, per (batch, kv head, chunk of key tiles): recompute P from lse, accumulate
+// dK, dV for the tile in scratch and dQ into a float32 buffer per chunk (summed at the end),
+// so no two threads ever write the same memory. Tiles the causal/window band hides are
+// skipped in both directions; boundary tiles are masked element by element.
+#pragma once
+#include <cmath>
+
+#include "../common/checks.h"
+#include "../common/thread_pool.h"
+#include "attention.h"
+#include "vec.h"
+
+namespace llmk {
+namespace LLMK_ISA_NS {
+
+constexpr int kMR = 6;                   // rows of a register tile
+constexpr int kNV = (W >= 16) ? 4 : 2;   // vectors per row of a register tile
+constexpr int64_t kBQ = 64;              // queries per tile
+constexpr int64_t kBK = 64;              // keys per tile (a multiple of every W)
+constexpr float kNegInf = -INFINITY;
+
+// ---------------------------------------------------------------- small dense products
+
+// C[R x V*W] (+)= A[R x K] B[K x V*W]; A read through two strides so that A^T needs no copy.
+template <int R, int V>
+__attribute__((noinline)) void micro(int64_t K, const float* A, int64_t sam, int64_t sak,
+                                     const float* B, int64_t ldb, float* C, int64_t ldc,
+                                     bool accumulate) {
+  vf c[R][V];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) c[r][v] = accumulate ? loadu(C + r * ldc + v * W) : vf{};
+  for (int64_t k = 0; k < K; ++k) {
+    vf b[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) b[v] = loadu(B + k * ldb + v * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const vf a = splat(A[r * sam + k * sak]);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) c[r][v] += a * b[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) storeu(C + r * ldc + v * W, c[r][v]);
+}
+
+using MicroFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
+                         int64_t, bool);
+
+template <int R>
+MicroFn micro_for(int v) {
+  if constexpr (kNV >= 4) {
+    if (v == 4) return micro<R, 4>;
+    if (v == 3) return micro<R, 3>;
+  }
+  return v == 2 ? micro<R, 2> : micro<R, 1>;
+}
+
+inline MicroFn pick_micro(int r, int v) {
+  switch (r) {
+    case 1: return micro_for<1>(v);
+    case 2: return micro_for<2>(v);
+    case 3: return micro_for<3>(v);
+    case 4: return micro_for<4>(v);
+    case 5: return micro_for<5>(v);
+    default: return micro_for<6>(v);
+  }
+}
+
+// C[M x N] (+)= A[M x K] B[K x N], N a multiple of W; B and C rows are contiguous.
+inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak,
+                 const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  for (int64_t n0 = 0; n0 < N; n0 += kNV * W) {
+    const int nv = int(min_<int64_t>(kNV, (N - n0) / W));
+    const MicroFn full = pick_micro(kMR, nv);
+    int64_t m0 = 0;
+    for (; m0 + kMR <= M; m0 += kMR)
+      full(K, A + m0 * sam, sam, sak, B + n0, ldb, C + m0 * ldc + n0, ldc, accumulate);
+    if (m0 < M)
+      pick_micro(int(M - m0), nv)(K, A + m0 * sam, sam, sak, B + n0, ldb, C + m0 * ldc + n0, ldc,
+                                  accumulate);
+  }
+}
+
+// ---------------------------------------------------------------- element types
+
+struct BF16 { uint16_t bits; };
+struct F16 { uint16_t bits; };
+
+LLMK_INLINE float to_f32(float x) { return x; }
+LLMK_INLINE float to_f32(BF16 x) { return bf16_to_f32(x.bits); }
+LLMK_INLINE float to_f32(F16 x) { return f16_scalar(x.bits); }
+LLMK_INLINE void from_f32(float* d, float x) { *d = x; }
+LLMK_INLINE void from_f32(BF16* d, float x) { d->bits = f32_to_bf16(x); }
+LLMK_INLINE void from_f32(F16* d, float x) { d->bits = f32_to_f16(x); }
+
+// Calls f(T{}) with T the element type of a float tensor.
+template <class F>
+LLMK_INLINE void with_float_type(DType dt, F&& f) {
+  switch (dt) {
+    case DType::f32: f(float{}); break;
+    case DType::bf16: f(BF16{}); break;
+    case DType::f16: f(F16{}); break;
+    default: LLMK_CHECK(false, "unsupported dtype " << dtype_name(dt));
+  }
+}
+
+// Pointer to element [b][h][row][0] of a 4-D view (3-D for lse-like views: col ignored).
+template <class T>
+LLMK_INLINE T* at4(const TensorView& t, int64_t b, int64_t h, int64_t row) {
+  return static_cast<T*>(t.data) + b * t.strides[0] + h * t.strides[1] + row * t.strides[2];
+}
+
+// dst[r * ld + c] = mul * src[row0 + r][c] for r < nrows, c < ncols; zero up to ld_pad.
+template <class T>
+void load_rows(const TensorView& t, int64_t b, int64_t h, int64_t row0, int64_t nrows,
+               int64_t ncols, float mul, float* dst, int64_t ld, int64_t ld_pad) {
+  const T* src = at4<const T>(t, b, h, row0);
+  const int64_t rs = t.strides[2], cs = t.strides[3];
+  for (int64_t r = 0; r < nrows; ++r) {
+    const T* s = src + r * rs;
+    float* d = dst + r * ld;
+    if (cs == 1)
+      for (int64_t c = 0; c < ncols; ++c) d[c] = mul * to_f32(s[c]);
+    else
+      for (int64_t c = 0; c < ncols; ++c) d[c] = mul * to_f32(s[c * cs]);
+    for (int64_t c = ncols; c < ld_pad; ++c) d[c] = 0.f;
+  }
+}
+
+// dst[c * ld + r] = src[row0 + r][c] for r < nrows, c < ncols; columns nrows..ld zeroed.
+template <class T>
+void load_rows_transposed(const TensorView& t, int64_t b, int64_t h, int64_t row0, int64_t nrows,
+                          int64_t ncols, float* dst, int64_t ld) {
+  const T* src = at4<const T>(t, b, h, row0);
+  const int64_t rs = t.strides[2], cs = t.strides[3];
+  for (int64_t r = 0; r < nrows; ++r) {
+    const T* s = src + r * rs;
+    for (int64_t c = 0; c < ncols; ++c) dst[c * ld + r] = to_f32(s[c * cs]);
+  }
+  for (int64_t c = 0; c < ncols; ++c)
+    for (int64_t r = nrows; r < ld; ++r) dst[c * ld + r] = 0.f;
+}
+
+LLMK_INLINE void load_rows_any(const TensorView& t, int64_t b, int64_t h, int64_t row0,
+                               int64_t nrows, int64_t ncols, float mul, float* dst, int64_t ld,
+                               int64_t ld_pad) {
+  with_float_type(t.dtype, [&](auto tag) {
+    load_rows<decltype(tag)>(t, b, h, row0, nrows, ncols, mul, dst, ld, ld_pad);
+  });
+}
+
+LLMK_INLINE void load_rows_transposed_any(const TensorView& t, int64_t b, int64_t h, int64_t row0,
+                                          int64_t nrows, int64_t ncols, float* dst, int64_t ld) {
+  with_float_type(t.dtype, [&](auto tag) {
+    load_rows_transposed<decltype(tag)>(t, b, h, row0, nrows, ncols, dst, ld);
+  });
+}
+
+// out[row0 + r][c] = mul_all * row_mul[r] * src[r * ld + c] (row_mul may be null); returns how many rows hold a NaN or Inf.
+template <class T>
+int64_t store_rows(const TensorView& t, int64_t b, int64_t h, int64_t row0, int64_t nrows,
+                   int64_t ncols, const float* src, int64_t ld, float mul_all,
+                   const float* row_mul) {
+  T* dst = at4<T>(t, b, h, row0);
+  const int64_t rs = t.strides[2], cs = t.strides[3];
+  int64_t bad_rows = 0;
+  for (int64_t r = 0; r < nrows; ++r) {
+    const float mul = row_mul ? row_mul[r] * mul_all : mul_all;
+    bool bad = false;
+    for (int64_t c = 0; c < ncols; ++c) {
+      const float x = mul * src[r * ld + c];
+      bad |= !(std::fabs(x) <= 3.40282347e38f);
+      from_f32(dst + r * rs + c * cs, x);
+    }
+    bad_rows += bad;
+  }
+  return bad_rows;
+}
+
+LLMK_INLINE int64_t store_rows_any(const TensorView& t, int64_t b, int64_t h, int64_t row0,
+                                   int64_t nrows, int64_t ncols, const float* src, int64_t ld,
+                                   float mul_all, const float* row_mul) {
+  int64_t bad = 0;
+  with_float_type(t.dtype, [&](auto tag) {
+    bad = store_rows<decltype(tag)>(t, b, h, row0, nrows, ncols, src, ld, mul_all, row_mul);
+  });
+  return bad;
+}
+
+// ---------------------------------------------------------------- scores
+
+struct Geometry {
+  int64_t B, Hq, Hk, L, S, D, Dv, Dp, Dvp, group, nqt, nkt;
+  explicit Geometry(const AttentionParams& p) {
+    B = p.q.sizes[0]; Hq = p.q.sizes[1]; L = p.q.sizes[2]; D = p.q.sizes[3];
+    Hk = p.k.sizes[1]; S = p.k.sizes[2]; Dv = p.v.sizes[3];
+    Dp = round_up(D, W); Dvp = round_up(Dv, W);
+    group = Hq / Hk;
+    nqt = (L + kBQ - 1) / kBQ; nkt = (S + kBK - 1) / kBK;
+  }
+};
+
+// Turns raw scores u = (scale q) . k of a tile into s: softcap, additive or bool mask,
+// the causal/window band and the padding columns [nk, nkp) (-inf). If T is given it
+// receives tanh(u / softcap), which the backward needs.
+void transform_scores(const AttentionParams& p, int64_t b, int64_t h, float* S, int64_t ld,
+                      int64_t i0, int64_t mq, int64_t j0, int64_t nk, int64_t nkp, float* T) {
+  const int64_t off = p.diag_offset, left = p.window_left, right = p.window_right;
+  const bool clip_left = left >= 0 && j0 < (i0 + mq - 1) + off - left;
+  const bool clip_right = right >= 0 && (j0 + nk - 1) > i0 + off + right;
+  const bool cap = p.softcap > 0.f;
+  const vf vcap = splat(p.softcap), vinv = splat(1.f / p.softcap);
+  for (int64_t r = 0; r < mq; ++r) {
+    float* row = S + r * ld;
+    const int64_t i = i0 + r;
+    if (cap) {
+      for (int64_t c = 0; c < nkp; c += W) {
+        const vf t = vtanh(loadu(row + c) * vinv);
+        if (T) storeu(T + r * ld + c, t);
+        storeu(row + c, t * vcap);
+      }
+    }
+    if (p.mask.data) {
+      const TensorView& m = p.mask;
+      const int64_t js = m.strides[3];
+      if (m.dtype == DType::boolean) {
+        const uint8_t* mp = at4<const uint8_t>(m, b, h, i) + j0 * js;
+        for (int64_t c = 0; c < nk; ++c)
+          if (!mp[c * js]) row[c] = kNegInf;
+      } else {
+        with_float_type(m.dtype, [&](auto tag) {
+          using MT = decltype(tag);
+          const MT* mp = at4<const MT>(m, b, h, i) + j0 * js;
+          for (int64_t c = 0; c < nk; ++c) row[c] += to_f32(mp[c * js]);
+        });
+      }
+    }
+    if (clip_left) {
+      const int64_t lo = min_<int64_t>(i + off - left - j0, nk);
+      for (int64_t c = 0; c < lo; ++c) row[c] = kNegInf;
+    }
+    if (clip_right) {
+      for (int64_t c = max_<int64_t>(i + off + right + 1 - j0, 0); c < nk; ++c) row[c] = kNegInf;
+    }
+    for (int64_t c = nk; c < nkp; ++c) row[c] = kNegInf;
+  }
+}
+
+// Inclusive range of keys some query in [i0, i0 + mq) may see; empty when lo > hi.
+LLMK_INLINE void key_range(const AttentionParams& p, int64_t S, int64_t i0, int64_t mq,
+                           int64_t* lo, int64_t* hi) {
+  *lo = 0; *hi = S - 1;
+  if (p.window_left >= 0) *lo = max_<int64_t>(*lo, i0 + p.diag_offset - p.window_left);
+  if (p.window_right >= 0) *hi = min_<int64_t>(*hi, i0 + mq - 1 + p.diag_offset + p.window_right);
+}
+
+// Inclusive range of queries that may see some key in [j0, j0 + nk).
+LLMK_INLINE void query_range(const AttentionParams& p, int64_t L, int64_t j0, int64_t nk,
+                             int64_t* lo, int64_t* hi) {
+  *lo = 0; *hi = L - 1;
+  if (p.window_right >= 0) *lo = max_<int64_t>(*lo, j0 - p.diag_offset - p.window_right);
+  if (p.window_left >= 0) *hi = min_<int64_t>(*hi, j0 + nk - 1 - p.diag_offset + p.window_left);
+}
+
+// ---------------------------------------------------------------- workspace layout
+
+struct Bump {
+  int64_t bytes = 0;
+  int64_t take_floats(int64_t n) {
+    const int64_t o = round_up(bytes, 64);
+    bytes = o + n * 4;
+    return o;
+  }
+};
+
+struct ForwardLayout {
+  int64_t kt_all, v_all, scratch, per_thread, bad_rows, total;
+  ForwardLayout(const Geometry& g, int nthreads) {
+    Bump a;
+    kt_all = a.take_floats(g.B * g.Hk * g.nkt * g.D * kBK);
+    v_all = a.take_floats(g.B * g.Hk * g.nkt * kBK * g.Dvp);
+    per_thread = round_up((kBQ * g.Dp + kBQ * kBK + kBQ * g.Dvp + 3 * kBQ) * 4, 64);
+    scratch = a.take_floats(0);
+    a.bytes = scratch + per_thread * nthreads;
+    bad_rows = a.take_floats(2 * int64_t(nthreads));  // one int64 per thread
+    total = a.bytes;
+  }
+};
+
+struct BackwardLayout {
+  int64_t nchunks, tiles_per_chunk;
+  int64_t qp, dop, delta, dq_acc, scratch, per_thread, total;
+  BackwardLayout(const Geometry& g, int nthreads) {
+    // Enough chunks of key tiles to keep every thread busy when batch x kv-heads is small.
+    const int64_t bh = max_<int64_t>(g.B * g.Hk, 1);
+    nchunks = min_<int64_t>(max_<int64_t>(g.nkt, 1), max_<int64_t>(1, (4 * nthreads + bh - 1) / bh));
+    tiles_per_chunk = (g.nkt + nchunks - 1) / max_<int64_t>(nchunks, 1);
+    if (tiles_per_chunk > 0) nchunks = (g.nkt + tiles_per_chunk - 1) / tiles_per_chunk;
+    nchunks = max_<int64_t>(nchunks, 1);
+    Bump a;
+    const int64_t rows = g.B * g.Hq * g.L;
+    qp = a.take_floats(rows * g.Dp);
+    dop = a.take_floats(rows * g.Dvp);
+    delta = a.take_floats(rows);
+    dq_acc = a.take_floats(nchunks * rows * g.Dp);
+    per_thread = round_up((g.D * kBK + kBK * g.Dp + g.Dv * kBK + 3 * kBQ * kBK + kBK * g.Dp +
+                           kBK * g.Dvp) * 4, 64);
+    scratch = a.take_floats(0);
+    a.bytes = scratch + per_thread * nthreads;
+    total = a.bytes;
+  }
+};
+
+int64_t forward_workspace_bytes(const AttentionParams& p) {
+  return ForwardLayout(Geometry(p), max_(p.num_threads, 1)).total;
+}
+
+int64_t backward_workspace_bytes(const AttentionParams& p) {
+  return BackwardLayout(Geometry(p), max_(p.num_threads, 1)).total;
+}
+
+// ---------------------------------------------------------------- forward
+
+struct ForwardCtx {
+  const AttentionParams* p;
+  const ForwardIO* io;
+  Geometry g;
+  ForwardLayout lay;
+  char* ws;
+  float* kt_tile(int64_t b, int64_t hk, int64_t kt) const {
+    return reinterpret_cast<float*>(ws + lay.kt_all) + ((b * g.Hk + hk) * g.nkt + kt) * g.D * kBK;
+  }
+  float* v_tile(int64_t b, int64_t hk, int64_t kt) const {
+    return reinterpret_cast<float*>(ws + lay.v_all) + ((b * g.Hk + hk) * g.nkt + kt) * kBK * g.Dvp;
+  }
+};
+
+void forward_pack_item(void* vctx, int64_t item, int) {
+  const ForwardCtx& c = *static_cast<const ForwardCtx*>(vctx);
+  const Geometry& g = c.g;
+  const int64_t kt = item % g.nkt, bh = item / g.nkt, b = bh / g.Hk, hk = bh % g.Hk;
+  const int64_t j0 = kt * kBK, nk = min_(kBK, g.S - j0);
+  load_rows_transposed_any(c.p->k, b, hk, j0, nk, g.D, c.kt_tile(b, hk, kt), kBK);
+  float* v = c.v_tile(b, hk, kt);
+  load_rows_any(c.p->v, b, hk, j0, nk, g.Dv, 1.f, v, g.Dvp, g.Dvp);
+  for (int64_t r = nk; r < kBK; ++r)
+    for (int64_t e = 0; e < g.Dvp; ++e) v[r * g.Dvp + e] = 0.f;
+}
+
+void forward_item(void* vctx, int64_t item, int tid) {
+  const ForwardCtx& c = *static_cast<const ForwardCtx*>(vctx);
+  const AttentionParams& p = *c.p;
+  const Geometry& g = c.g;
+  // Heaviest (last, under a causal mask) query tiles first: shorter tail.
+  const int64_t qt = g.nqt - 1 - item % g.nqt, bh = item / g.nqt;
+  const int64_t b = bh / g.Hq, h = bh % g.Hq, hk = h / g.group;
+  const int64_t i0 = qt * kBQ, mq = min_(kBQ, g.L - i0);
+
+  float* Q = reinterpret_cast<float*>(c.ws + c.lay.scratch + c.lay.per_thread * tid);
+  float* S = Q + kBQ * g.Dp;
+  float* O = S + kBQ * kBK;
+  float* m = O + kBQ * g.Dvp;
+  float* l = m + kBQ;
+  float* inv = l + kBQ;
+
+  load_rows_any(p.q, b, h, i0, mq, g.D, p.scale, Q, g.Dp, g.Dp);
+  for (int64_t r = 0; r < mq; ++r) {
+    m[r] = kNegInf; l[r] = 0.f;
+    for (int64_t e = 0; e < g.Dvp; ++e) O[r * g.Dvp + e] = 0.f;
+  }
+
+  int64_t klo, khi;
+  key_range(p, g.S, i0, mq, &klo, &khi);
+  if (klo <= khi) {
+    for (int64_t kt = klo / kBK; kt <= khi / kBK; ++kt) {
+      const int64_t j0 = kt * kBK, nk = min_(kBK, g.S - j0), nkp = round_up(nk, W);
+      gemm(mq, nkp, g.D, Q, g.Dp, 1, c.kt_tile(b, hk, kt), kBK, S, kBK, false);
+      transform_scores(p, b, h, S, kBK, i0, mq, j0, nk, nkp, nullptr);
+      for (int64_t r = 0; r < mq; ++r) {
+        float* row = S + r * kBK;
+        vf mx = splat(kNegInf);
+        for (int64_t j = 0; j < nkp; j += W) mx = vmax(mx, loadu(row + j));
+        const float tile_max = hmax(mx), m_old = m[r];
+        const float m_new = (tile_max > m_old || tile_max != tile_max) ? tile_max : m_old;
+        const float m_use = (m_new == kNegInf) ? 0.f : m_new;  // all masked so far: P = 0
+        const vf vm = splat(m_use);
+        vf sum = vf{};
+        for (int64_t j = 0; j < nkp; j += W) {
+          const vf e = vexp(loadu(row + j) - vm);
+          storeu(row + j, e);
+          sum += e;
+        }
+        const float alpha = std::exp(m_old - m_use);
+        l[r] = l[r] * alpha + hsum(sum);
+        m[r] = m_new;
+        if (alpha != 1.f) {
+          const vf va = splat(alpha);
+          float* o = O + r * g.Dvp;
+          for (int64_t e = 0; e < g.Dvp; e += W) storeu(o + e, loadu(o + e) * va);
+        }
+      }
+      gemm(mq, g.Dvp, nk, S, kBK, 1, c.v_tile(b, hk, kt), g.Dvp, O, g.Dvp, true);
+    }
+  }
+
+  float* lse = at4<float>(c.io->lse, b, h, i0);
+  const int64_t lse_stride = c.io->lse.strides[2];
+  for (int64_t r = 0; r < mq; ++r) {
+    const float lr = l[r];
+    if (lr > 0.f) {
+      inv[r] = 1.f / lr;
+      lse[r * lse_stride] = m[r] + std::log(lr);
+    } else if (lr == 0.f) {  // every key masked: zeros, never NaN
+      inv[r] = 0.f;
+      lse[r * lse_stride] = kNegInf;
+    } else {
+      inv[r] = NAN;
+      lse[r * lse_stride] = NAN;
+    }
+  }
+  int64_t* bad = reinterpret_cast<int64_t*>(c.ws + c.lay.bad_rows);
+  bad[tid] += store_rows_any(c.io->out, b, h, i0, mq, g.Dv, O, g.Dvp, 1.f, inv);
+}
+
+int64_t forward(const AttentionParams& p, const ForwardIO& io) {
+  const int nthreads = max_(p.num_threads, 1);
+  ForwardCtx c{&p, &io, Geometry(p), ForwardLayout(Geometry(p), nthreads),
+               static_cast<char*>(io.workspace)};
+  LLMK_CHECK(io.workspace_bytes >= c.lay.total, "attention forward workspace too small: "
+                                                    << io.workspace_bytes << " < " << c.lay.total);
+  const Geometry& g = c.g;
+  if (g.B * g.Hq * g.L == 0) return 0;
+  int64_t* bad = reinterpret_cast<int64_t*>(c.ws + c.lay.bad_rows);
+  for (int t = 0; t < nthreads; ++t) bad[t] = 0;
+  parallel_for(g.B * g.Hk * g.nkt, nthreads, forward_pack_item, &c);
+  parallel_for(g.B * g.Hq * g.nqt, nthreads, forward_item, &c);
+  int64_t total = 0;
+  for (int t = 0; t < nthreads; ++t) total += bad[t];
+  return total;
+}
+
+// ---------------------------------------------------------------- backward
+
+struct BackwardCtx {
+  const AttentionParams* p;
+  const BackwardIO* io;
+  Geometry g;
+  BackwardLayout lay;
+  char* ws;
+  float* f(int64_t off) const { return reinterpret_cast<float*>(ws + off); }
+  int64_t row(int64_t b, int64_t h, int64_t i) const { return (b * g.Hq + h) * g.L + i; }
+};
+
+// Per (batch, head, query tile): scaled Q and dO as padded float32 rows, delta = rowsum(dO * O),
+// and the chunks' dQ accumulators zeroed.
+void backward_prep_item(void* vctx, int64_t item, int) {
+  const BackwardCtx& c = *static_cast<const BackwardCtx*>(vctx);
+  const AttentionParams& p = *c.p;
+  const Geometry& g = c.g;
+  const int64_t qt = item % g.nqt, bh = item / g.nqt, b = bh / g.Hq, h = bh % g.Hq;
+  const int64_t i0 = qt * kBQ, mq = min_(kBQ, g.L - i0), r0 = c.row(b, h, i0);
+  float* Q = c.f(c.lay.qp) + r0 * g.Dp;
+  float* dO = c.f(c.lay.dop) + r0 * g.Dvp;
+  load_rows_any(p.q, b, h, i0, mq, g.D, p.scale, Q, g.Dp, g.Dp);
+  load_rows_any(c.io->dout, b, h, i0, mq, g.Dv, 1.f, dO, g.Dvp, g.Dvp);
+  float* delta = c.f(c.lay.delta) + r0;
+  const TensorView& out = c.io->out;
+  with_float_type(out.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    for (int64_t r = 0; r < mq; ++r) {
+      const T* o = at4<const T>(out, b, h, i0 + r);
+      float s = 0.f;
+      for (int64_t e = 0; e < g.Dv; ++e) s += to_f32(o[e * out.strides[3]]) * dO[r * g.Dvp + e];
+      delta[r] = s;
+    }
+  });
+  const int64_t rows = g.B * g.Hq * g.L;
+  for (int64_t ch = 0; ch < c.lay.nchunks; ++ch) {
+    float* acc = c.f(c.lay.dq_acc) + (ch * rows + r0) * g.Dp;
+    for (int64_t x = 0; x < mq * g.Dp; ++x) acc[x] = 0.f;
+  }
+}
+
+void backward_item(void* vctx, int64_t item, int tid) {
+  const BackwardCtx& c = *static_cast<const BackwardCtx*>(vctx);
+  const AttentionParams& p = *c.p;
+  const Geometry& g = c.g;
+  const int64_t ch = item % c.lay.nchunks, bh = item / c.lay.nchunks;
+  const int64_t b = bh / g.Hk, hk = bh % g.Hk;
+  const int64_t rows = g.B * g.Hq * g.L;
+
+  float* Kt = reinterpret_cast<float*>(c.ws + c.lay.scratch + c.lay.per_thread * tid);
+  float* Kr = Kt + g.D * kBK;
+  float* Vt = Kr + kBK * g.Dp;
+  float* S = Vt + g.Dv * kBK;
+  float* dP = S + kBQ * kBK;
+  float* T = dP + kBQ * kBK;
+  float* dK = T + kBQ * kBK;
+  float* dV = dK + kBK * g.Dp;
+  const bool cap = p.softcap > 0.f;
+  const float* lse_base = static_cast<const float*>(c.io->lse.data);
+  const TensorView& lv = c.io->lse;
+
+  const int64_t kt_end = min_(g.nkt, (ch + 1) * c.lay.tiles_per_chunk);
+  for (int64_t kt = ch * c.lay.tiles_per_chunk; kt < kt_end; ++kt) {
+    const int64_t j0 = kt * kBK, nk = min_(kBK, g.S - j0), nkp = round_up(nk, W);
+    load_rows_transposed_any(p.k, b, hk, j0, nk, g.D, Kt, kBK);
+    load_rows_any(p.k, b, hk, j0, nk, g.D, 1.f, Kr, g.Dp, g.Dp);
+    load_rows_transposed_any(p.v, b, hk, j0, nk, g.Dv, Vt, kBK);
+    for (int64_t x = 0; x < nk * g.Dp; ++x) dK[x] = 0.f;
+    for (int64_t x = 0; x < nk * g.Dvp; ++x) dV[x] = 0.f;
+
+    int64_t qlo, qhi;
+    query_range(p, g.L, j0, nk, &qlo, &qhi);
+    for (int64_t h = hk * g.group; h < (hk + 1) * g.group && qlo <= qhi; ++h) {
+      for (int64_t qt = qlo / kBQ; qt <= qhi / kBQ; ++qt) {
+        const int64_t i0 = qt * kBQ, mq = min_(kBQ, g.L - i0), r0 = c.row(b, h, i0);
+        const float* Q = c.f(c.lay.qp) + r0 * g.Dp;
+        const float* dO = c.f(c.lay.dop) + r0 * g.Dvp;
+        const float* delta = c.f(c.lay.delta) + r0;
+        gemm(mq, nkp, g.D, Q, g.Dp, 1, Kt, kBK, S, kBK, false);
+        transform_scores(p, b, h, S, kBK, i0, mq, j0, nk, nkp, cap ? T : nullptr);
+        for (int64_t r = 0; r < mq; ++r) {
+          const float lse = lse_base[b * lv.strides[0] + h * lv.strides[1] + (i0 + r) * lv.strides[2]];
+          const vf vl = splat(lse == kNegInf ? INFINITY : lse);  // fully masked row: P = 0
+          float* row = S + r * kBK;
+          for (int64_t j = 0; j < nkp; j += W) storeu(row + j, vexp(loadu(row + j) - vl));
+        }
+        gemm(nk, g.Dvp, mq, S, 1, kBK, dO, g.Dvp, dV, g.Dvp, true);       // dV += P^T dO
+        gemm(mq, nkp, g.Dv, dO, g.Dvp, 1, Vt, kBK, dP, kBK, false);        // dP = dO V^T
+        for (int64_t r = 0; r < mq; ++r) {                                 // dU = P (dP - delta)
+          const vf vd = splat(delta[r]);
+          float* dpr = dP + r * kBK;
+          const float* pr = S + r * kBK;
+          for (int64_t j = 0; j < nkp; j += W) {
+            vf du = loadu(pr + j) * (loadu(dpr + j) - vd);
+            if (cap) {
+              const vf t = loadu(T + r * kBK + j);
+              du = du * (splat(1.f) - t * t);
+            }
+            storeu(dpr + j, du);
+          }
+        }
+        gemm(nk, g.Dp, mq, dP, 1, kBK, Q, g.Dp, dK, g.Dp, true);          // dK += dU^T (scale Q)
+        float* dq = c.f(c.lay.dq_acc) + (ch * rows + r0) * g.Dp;
+        gemm(mq, g.Dp, nk, dP, kBK, 1, Kr, g.Dp, dq, g.Dp, true);          // dQ += dU K
+      }
+    }
+    store_rows_any(c.io->dk, b, hk, j0, nk, g.D, dK, g.Dp, 1.f, nullptr);
+    store_rows_any(c.io->dv, b, hk, j0, nk, g.Dv, dV, g.Dvp, 1.f, nullptr);
+  }
+}
+
+// dQ = scale * sum over chunks of the float32 accumulators.
+void backward_dq_item(void* vctx, int64_t item, int) {
+  const BackwardCtx& c = *static_cast<const BackwardCtx*>(vctx);
+  const Geometry& g = c.g;
+  const int64_t qt = item % g.nqt, bh = item / g.nqt, b = bh / g.Hq, h = bh % g.Hq;
+  const int64_t i0 = qt * kBQ, mq = min_(kBQ, g.L - i0), r0 = c.row(b, h, i0);
+  const int64_t rows = g.B * g.Hq * g.L;
+  float* acc = c.f(c.lay.dq_acc) + r0 * g.Dp;
+  for (int64_t ch = 1; ch < c.lay.nchunks; ++ch) {
+    const float* part = c.f(c.lay.dq_acc) + (ch * rows + r0) * g.Dp;
+    for (int64_t x = 0; x < mq * g.Dp; x += W) storeu(acc + x, loadu(acc + x) + loadu(part + x));
+  }
+  store_rows_any(c.io->dq, b, h, i0, mq, g.D, acc, g.Dp, c.p->scale, nullptr);
+}
+
+void backward(const AttentionParams& p, const BackwardIO& io) {
+  const int nthreads = max_(p.num_threads, 1);
+  BackwardCtx c{&p, &io, Geometry(p), BackwardLayout(Geometry(p), nthreads),
+                static_cast<char*>(io.workspace)};
+  LLMK_CHECK(io.workspace_bytes >= c.lay.total, "attention backward workspace too small: "
+                                                    << io.workspace_bytes << " < " << c.lay.total);
+  const Geometry& g = c.g;
+  parallel_for(g.B * g.Hq * g.nqt, nthreads, backward_prep_item, &c);
+  parallel_for(g.B * g.Hk * c.lay.nchunks, nthreads, backward_item, &c);
+  parallel_for(g.B * g.Hq * g.nqt, nthreads, backward_dq_item, &c);
+}
+
+}  // namespace LLMK_ISA_NS
+}  // namespace llmk

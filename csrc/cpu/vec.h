@@ -1,0 +1,97 @@
+// One SIMD vocabulary for every CPU tier, written with GCC/Clang vector extensions.
+// A tier's translation unit defines LLMK_VEC_BYTES (16, 32 or 64) and LLMK_ISA_NS (a
+// namespace private to that tier) before including this file, and is compiled with that
+// tier's -m flags, so the same kernel source becomes SSE/NEON, AVX2 or AVX-512 code.
+// Everything here lives in the tier's namespace: no symbol is shared between tiers, so
+// the linker can never pick an AVX-512 copy of a function for a generic caller.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "../common/half.h"
+
+#if !defined(LLMK_VEC_BYTES) || !defined(LLMK_ISA_NS)
+#error "define LLMK_VEC_BYTES and LLMK_ISA_NS before including vec.h"
+#endif
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#define LLMK_INLINE inline __attribute__((always_inline))
+
+namespace llmk {
+namespace LLMK_ISA_NS {
+
+constexpr int W = LLMK_VEC_BYTES / 4;  // float lanes per vector
+typedef float vf __attribute__((vector_size(LLMK_VEC_BYTES)));
+typedef int32_t vi __attribute__((vector_size(LLMK_VEC_BYTES)));
+
+template <class T> LLMK_INLINE T min_(T a, T b) { return a < b ? a : b; }
+template <class T> LLMK_INLINE T max_(T a, T b) { return a < b ? b : a; }
+LLMK_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+LLMK_INLINE vf splat(float s) { return vf{} + s; }
+LLMK_INLINE vf loadu(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+LLMK_INLINE void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+LLMK_INLINE vf as_vf(vi v) { return (vf)v; }
+LLMK_INLINE vi as_vi(vf v) { return (vi)v; }
+LLMK_INLINE vf select(vi mask, vf a, vf b) { return as_vf((mask & as_vi(a)) | (~mask & as_vi(b))); }
+// NaN-propagating max (the softmax must carry a NaN input through to the output check).
+LLMK_INLINE vf vmax(vf a, vf b) { return select((a > b) | (a != a), a, b); }
+
+LLMK_INLINE float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < W; ++i) m = (v[i] > m || v[i] != v[i]) ? v[i] : m;
+  return m;
+}
+LLMK_INLINE float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) s += v[i];
+  return s;
+}
+
+// e^x, relative error ~2e-7 over the float range; exactly 0 below -87.3 (masked scores
+// are -inf), NaN in gives NaN out.
+LLMK_INLINE vf vexp(vf x) {
+  const vf hi = splat(88.0f), lo = splat(-87.3365478515625f);
+  vf xc = select(x > hi, hi, x);
+  xc = select(xc < lo, lo, xc);
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  vf t = xc * splat(1.44269504088896341f) + magic;
+  vf n = t - magic;
+  vf r = xc - n * splat(0.693359375f);
+  r = r - n * splat(-2.12194440e-4f);
+  vf p = splat(1.f / 720.f);
+  p = p * r + splat(1.f / 120.f);
+  p = p * r + splat(1.f / 24.f);
+  p = p * r + splat(1.f / 6.f);
+  p = p * r + splat(0.5f);
+  p = p * r + splat(1.f);
+  p = p * r + splat(1.f);
+  vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf y = p * as_vf(e);
+  y = select(x < lo, vf{}, y);
+  return select(x != x, x, y);
+}
+
+// tanh(x) = sign(x) (1 - 2 / (e^{2|x|} + 1)); absolute error ~1e-7.
+LLMK_INLINE vf vtanh(vf x) {
+  const vi sign_bit = vi{} + int32_t(0x80000000u);
+  vf ax = as_vf(as_vi(x) & ~sign_bit);
+  vf e = vexp(ax + ax);
+  vf t = splat(1.f) - splat(2.f) / (e + splat(1.f));
+  return as_vf(as_vi(t) | (as_vi(x) & sign_bit));
+}
+
+// Scalar element loads with conversion to float.
+LLMK_INLINE float f16_scalar(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return f16_to_f32(h);
+#endif
+}
+
+}  // namespace LLMK_ISA_NS
+}  // namespace llmk

@@ -1,0 +1,17 @@
+"""llmkernels: fused attention (and, later, quantized matmul and optimizer) kernels for PyTorch.
+
+    import llmkernels
+    out = llmkernels.scaled_dot_product_attention(q, k, v, is_causal=True)
+    print(llmkernels.explain(llmkernels.scaled_dot_product_attention, q, k, v))
+    print(llmkernels.build_info())
+"""
+from ._version import __version__
+from ._build_info import build_info
+from .backends import BackendError, explain, use_backend, use_cpu_tier
+from .ops import scaled_dot_product_attention
+from . import nn
+
+__all__ = [
+    "__version__", "build_info", "explain", "use_backend", "use_cpu_tier", "BackendError",
+    "scaled_dot_product_attention", "nn",
+]

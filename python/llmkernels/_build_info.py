@@ -1,0 +1,51 @@
+"""build_info(): what this installation can run, for bug reports and for explain()."""
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Dict
+
+import torch
+
+from . import backends
+from ._version import __version__
+
+
+def _triton_status() -> Dict[str, Any]:
+    if importlib.util.find_spec("triton") is None:
+        return {"available": False, "version": None}
+    try:
+        import triton
+        return {"available": True, "version": getattr(triton, "__version__", "unknown")}
+    except Exception as exc:  # a broken triton install must not break import llmkernels
+        return {"available": False, "version": None, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def build_info() -> Dict[str, Any]:
+    """Version, compiled paths (cpu; cuda with archs), CPU features and tier, Triton."""
+    native = backends.native_module()
+    info: Dict[str, Any] = {"version": __version__, "torch": torch.__version__}
+    if native is None:
+        info["paths"] = {"cpu": False, "cuda": False, "reference": True}
+        info["native_error"] = backends.native_import_error()
+        info["triton"] = _triton_status()
+        return info
+    raw = dict(native.build_info())
+    info["paths"] = {"cpu": True, "cuda": bool(raw["cuda_built"]), "reference": True}
+    info["cuda"] = {
+        "built": bool(raw["cuda_built"]),
+        "archs": [a for a in raw.get("cuda_archs", "").split(",") if a],
+        "runtime_version": raw.get("cuda_runtime_version"),
+        "driver_version": raw.get("cuda_driver_version"),
+        "devices": raw.get("cuda_devices", []),
+    }
+    info["cpu"] = {
+        "brand": raw["cpu_brand"],
+        "vendor": raw["cpu_vendor"],
+        "features": {k: v for k, v in raw["cpu_features"].items() if v},
+        "tiers_built": raw["cpu_tiers_built"],
+        "tiers_supported": raw["cpu_tiers_supported"],
+        "tier_in_use": backends.cpu_tier(),
+    }
+    info["compiler"] = raw["compiler"]
+    info["triton"] = _triton_status()
+    return info

@@ -1,0 +1,183 @@
+"""Which paths exist here, which one serves a call, and how users force one.
+
+Candidates per device, in order (DESIGN.md): CUDA tensors: cuda -> triton -> reference;
+CPU tensors: cpu -> reference. A candidate serves a call only if it is built or importable
+here and supports the call; otherwise the next one is tried. Forcing a path (the `backend=`
+keyword, `use_backend(...)`, or the LLMKERNELS_BACKEND environment variable, in that order
+of precedence) that cannot serve the call raises BackendError: never a silent fallback.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+
+from ._native import import_error as _native_error
+from ._native import native as _native
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+CANDIDATES: Mapping[str, Sequence[str]] = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+CPU_TIERS = ("avx512", "avx2", "generic")
+
+_forced_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "llmkernels_backend", default=None)
+_forced_tier: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "llmkernels_cpu_tier", default=None)
+
+
+class BackendError(RuntimeError):
+    """A forced path cannot serve the call, or a requested path/tier does not exist here."""
+
+
+def _check_backend_name(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{where}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Force a path for the llmkernels ops called inside the block (None: automatic)."""
+    if name is not None:
+        _check_backend_name(name, "use_backend")
+    token = _forced_backend.set(name)
+    try:
+        yield
+    finally:
+        _forced_backend.reset(token)
+
+
+def forced_backend(backend: Optional[str] = None) -> Optional[str]:
+    """The path forced for a call: the keyword, else use_backend(), else LLMKERNELS_BACKEND."""
+    if backend is not None:
+        return _check_backend_name(backend, "backend")
+    ctx = _forced_backend.get()
+    if ctx is not None:
+        return ctx
+    env = os.environ.get("LLMKERNELS_BACKEND", "").strip()
+    if env and env.lower() not in ("auto", "none"):
+        return _check_backend_name(env, "LLMKERNELS_BACKEND")
+    return None
+
+
+# ---------------------------------------------------------------- CPU tiers
+
+def native_module():
+    """The compiled extension, or None if it could not be imported (see native_import_error)."""
+    return _native
+
+
+def native_import_error() -> Optional[str]:
+    return _native_error
+
+
+def supported_cpu_tiers() -> List[str]:
+    if _native is None:
+        return []
+    return list(_native.build_info()["cpu_tiers_supported"])
+
+
+@contextlib.contextmanager
+def use_cpu_tier(name: Optional[str]) -> Iterator[None]:
+    """Run the CPU kernels with a lower instruction-set tier (tests force each one)."""
+    if name is not None:
+        _check_tier(name, "use_cpu_tier")
+    token = _forced_tier.set(name)
+    try:
+        yield
+    finally:
+        _forced_tier.reset(token)
+
+
+def _check_tier(name: str, where: str) -> str:
+    if name not in CPU_TIERS:
+        raise ValueError(f"{where}: unknown CPU tier {name!r}; expected one of {', '.join(CPU_TIERS)}")
+    if _native is None:
+        raise BackendError(f"{where}: the compiled extension is not available ({_native_error})")
+    if name not in supported_cpu_tiers():
+        raise BackendError(f"{where}: this CPU cannot run tier {name!r}; "
+                           f"supported: {', '.join(supported_cpu_tiers())}")
+    return name
+
+
+def cpu_tier() -> str:
+    """The CPU tier the kernels use now: forced by use_cpu_tier / LLMKERNELS_CPU_TIER, else the best."""
+    forced = _forced_tier.get()
+    if forced is not None:
+        return forced
+    env = os.environ.get("LLMKERNELS_CPU_TIER", "").strip()
+    if env and env.lower() != "auto":
+        return _check_tier(env, "LLMKERNELS_CPU_TIER")
+    if _native is None:
+        return "none"
+    return _native.build_info()["cpu_tier_best"]
+
+
+def cpu_tier_code() -> int:
+    return _native.tier_code(cpu_tier())
+
+
+# ---------------------------------------------------------------- selection
+
+@dataclass
+class Decision:
+    """Which path serves a call, and why each other candidate does not."""
+    op: str
+    device: str
+    backend: str
+    forced: Optional[str]
+    rejected: Dict[str, str] = field(default_factory=dict)
+    detail: str = ""
+
+    def __str__(self) -> str:
+        how = f"forced by {self.forced!r}" if self.forced else "automatic"
+        lines = [f"{self.op} on {self.device}: served by '{self.backend}' ({how})"]
+        if self.detail:
+            lines.append(f"  {self.backend}: {self.detail}")
+        for name, why in self.rejected.items():
+            lines.append(f"  {name}: not used: {why}")
+        return "\n".join(lines)
+
+
+# A support check returns None when the path can serve the call, else the reason it cannot.
+SupportCheck = Callable[[], Optional[str]]
+
+
+def select(op: str, device_type: str, checks: Mapping[str, SupportCheck],
+           backend: Optional[str] = None, detail: Optional[Mapping[str, str]] = None) -> Decision:
+    forced = forced_backend(backend)
+    candidates = CANDIDATES.get(device_type, ("reference",))
+    rejected: Dict[str, str] = {}
+    if forced is not None:
+        if forced != "reference" and forced not in candidates:
+            raise BackendError(f"{op}: backend {forced!r} cannot serve {device_type} tensors; "
+                               f"paths for {device_type}: {', '.join(candidates)}")
+        why = checks[forced]() if forced != "reference" else None
+        if why is not None:
+            raise BackendError(f"{op}: forced backend {forced!r} cannot serve this call: {why}")
+        for name in candidates:
+            if name != forced:
+                rejected[name] = "another path was forced"
+        return Decision(op, device_type, forced, forced, rejected, (detail or {}).get(forced, ""))
+    for name in candidates:
+        why = None if name == "reference" else checks[name]()
+        if why is None:
+            return Decision(op, device_type, name, None, rejected, (detail or {}).get(name, ""))
+        rejected[name] = why
+    raise AssertionError("the reference path always serves")  # pragma: no cover
+
+
+def explain(op: Callable, *args, **kwargs) -> Decision:
+    """Which path would serve `op(*args, **kwargs)` and why the others would not.
+
+    Example: print(llmkernels.explain(llmkernels.scaled_dot_product_attention, q, k, v))
+    """
+    explainer = getattr(op, "__llmk_explain__", None)
+    if explainer is None:
+        raise TypeError(f"explain: {getattr(op, '__name__', op)!r} is not an llmkernels op")
+    return explainer(*args, **kwargs)

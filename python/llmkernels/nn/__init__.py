@@ -1,0 +1,1 @@
+"""Drop-in layers that route through llmkernels' kernels."""

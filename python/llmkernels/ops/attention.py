@@ -1,0 +1,339 @@
+"""scaled_dot_product_attention: the drop-in for torch.nn.functional's, plus sliding windows
+and softcapping. Validates input, picks a path (backends.py), and registers the fused CPU
+kernel as torch custom ops (forward, backward) so torch.compile and opcheck see through it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .. import backends
+from .._cview import cview
+from ..reference.attention import attention_reference
+
+OP_NAME = "scaled_dot_product_attention"
+MAX_CPU_HEAD_DIM = 256  # the fused CPU kernel's limit; larger heads use the reference path
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------- the CPU kernel as custom ops
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+@torch.library.custom_op("llmkernels::attention_forward_cpu", mutates_args=(), device_types="cpu")
+def attention_forward_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mask: Optional[torch.Tensor], scale: float, softcap: float,
+                          window_left: int, window_right: int,
+                          diag_offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward on 4-D (B, H, L, E) views; returns (out, lse float32)."""
+    native = backends.native_module()
+    B, Hq, L, _ = q.shape
+    out = q.new_empty((B, Hq, L, v.shape[-1]))
+    lse = q.new_empty((B, Hq, L), dtype=torch.float32)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    tier, threads = backends.cpu_tier_code(), _threads()
+    views = (cview(q), cview(k), cview(v), cview(mask))
+    nbytes = native.attention_forward_workspace_bytes(tier, *views, threads)
+    ws = torch.empty(nbytes, dtype=torch.uint8)
+    bad = native.attention_forward(tier, *views, cview(out), cview(lse), ws.data_ptr(), nbytes,
+                                   scale, softcap, window_left, window_right, diag_offset, threads)
+    if bad:
+        raise ValueError(f"{OP_NAME}: {bad} output row(s) are NaN or Inf: query, key, value or "
+                         "attn_mask holds NaN/Inf (or values too large for the dtype)")
+    return out, lse
+
+
+@attention_forward_cpu.register_fake
+def _(q, k, v, mask, scale, softcap, window_left, window_right, diag_offset):
+    B, Hq, L, _ = q.shape
+    return q.new_empty((B, Hq, L, v.shape[-1])), q.new_empty((B, Hq, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("llmkernels::attention_backward_cpu", mutates_args=(), device_types="cpu")
+def attention_backward_cpu(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor, mask: Optional[torch.Tensor], out: torch.Tensor,
+                           lse: torch.Tensor, scale: float, softcap: float, window_left: int,
+                           window_right: int,
+                           diag_offset: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward; returns (dq, dk, dv) shaped like q, k, v (contiguous)."""
+    native = backends.native_module()
+    dq = torch.empty(q.shape, dtype=q.dtype)
+    dk = torch.empty(k.shape, dtype=k.dtype)
+    dv = torch.empty(v.shape, dtype=v.dtype)
+    if dq.numel() + dk.numel() + dv.numel() == 0:
+        return dq, dk, dv
+    tier, threads = backends.cpu_tier_code(), _threads()
+    views = (cview(q), cview(k), cview(v), cview(mask))
+    nbytes = native.attention_backward_workspace_bytes(tier, *views, threads)
+    ws = torch.empty(nbytes, dtype=torch.uint8)
+    native.attention_backward(tier, *views, cview(grad_out), cview(out), cview(lse), cview(dq),
+                              cview(dk), cview(dv), ws.data_ptr(), nbytes, scale, softcap,
+                              window_left, window_right, diag_offset, threads)
+    return dq, dk, dv
+
+
+@attention_backward_cpu.register_fake
+def _(grad_out, q, k, v, mask, out, lse, scale, softcap, window_left, window_right, diag_offset):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
+def _forward_setup(ctx, inputs, output):
+    q, k, v, mask, scale, softcap, wl, wr, off = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, mask, out, lse)
+    ctx.params = (scale, softcap, wl, wr, off)
+    ctx.mark_non_differentiable(lse)
+
+
+def _forward_backward(ctx, grad_out, grad_lse):
+    q, k, v, mask, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_backward_cpu(grad_out, q, k, v, mask, out, lse, *ctx.params)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+attention_forward_cpu.register_autograd(_forward_backward, setup_context=_forward_setup)
+
+
+# ---------------------------------------------------------------- validation and shapes
+
+@dataclass
+class _Call:
+    q: torch.Tensor           # original arguments (for the reference path)
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: Optional[torch.Tensor]
+    batch: Tuple[int, ...]    # broadcast leading dims of the output (heads included)
+    q4: torch.Tensor          # 4-D (B, Hq, L, E) views, broadcast, for the kernels
+    k4: torch.Tensor
+    v4: torch.Tensor
+    mask4: Optional[torch.Tensor]
+    scale: float
+    softcap: Optional[float]
+    window_left: int
+    window_right: int
+    dropout_p: float
+    is_causal: bool
+    enable_gqa: bool
+    window_size: Optional[Tuple[Optional[int], Optional[int]]]
+
+
+def _to4d(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 4:
+        return t
+    if t.dim() < 4:
+        return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))  # a view: only adds size-1 dims
+    return t.flatten(0, t.dim() - 4)
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{OP_NAME}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{OP_NAME}: {name} must be float32, float16, bfloat16 or float64, "
+                        f"got {t.dtype}")
+    if t.dim() < 2:
+        raise ValueError(f"{OP_NAME}: {name} must have at least 2 dims (..., seq, head_dim), "
+                         f"got shape {tuple(t.shape)}")
+
+
+def _window(window_size, is_causal: bool) -> Tuple[int, int]:
+    left = right = -1
+    if window_size is not None:
+        if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+            raise ValueError(f"{OP_NAME}: window_size must be a (left, right) pair, got {window_size!r}")
+        sides = []
+        for side in window_size:
+            if side is None:
+                side = -1
+            if isinstance(side, bool) or not isinstance(side, int) or side < -1:
+                raise ValueError(f"{OP_NAME}: window_size entries must be ints >= 0 "
+                                 f"(or -1/None for unbounded), got {window_size!r}")
+            sides.append(int(side))
+        left, right = sides
+    if is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
+def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+             window_size, softcap) -> _Call:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, t)
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"{OP_NAME}: query, key and value must share a dtype, got "
+                        f"{query.dtype}, {key.dtype}, {value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(f"{OP_NAME}: query, key and value must be on one device, got "
+                         f"{query.device}, {key.device}, {value.device}")
+    L, E = query.shape[-2:]
+    S, Ek = key.shape[-2:]
+    Sv = value.shape[-2]
+    if Ek != E:
+        raise ValueError(f"{OP_NAME}: key head dim {Ek} != query head dim {E}")
+    if Sv != S:
+        raise ValueError(f"{OP_NAME}: value sequence length {Sv} != key sequence length {S}")
+    if E == 0:
+        raise ValueError(f"{OP_NAME}: query head dim must be > 0")
+
+    if enable_gqa:
+        if query.dim() < 3 or key.dim() < 3 or value.dim() < 3:
+            raise ValueError(f"{OP_NAME}: enable_gqa needs (..., heads, seq, head_dim) inputs")
+        Hq, Hk, Hv = query.shape[-3], key.shape[-3], value.shape[-3]
+        if Hk != Hv:
+            raise ValueError(f"{OP_NAME}: key has {Hk} heads but value has {Hv}")
+        if Hk == 0 or Hq % Hk != 0:
+            raise ValueError(f"{OP_NAME}: with enable_gqa, query heads ({Hq}) must be a multiple "
+                             f"of key/value heads ({Hk})")
+        try:
+            outer = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        except RuntimeError:
+            raise ValueError(f"{OP_NAME}: batch dims of query {tuple(query.shape)}, key "
+                             f"{tuple(key.shape)} and value {tuple(value.shape)} do not broadcast") from None
+        batch = tuple(outer) + (Hq,)
+        q_b = query.expand(*outer, Hq, L, E)
+        k_b = key.expand(*outer, Hk, S, E)
+        v_b = value.expand(*outer, Hk, S, value.shape[-1])
+    else:
+        try:
+            batch = tuple(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
+        except RuntimeError:
+            hint = (" (different head counts need enable_gqa=True)"
+                    if query.dim() >= 3 and key.dim() >= 3 and query.shape[-3] != key.shape[-3] else "")
+            raise ValueError(f"{OP_NAME}: batch dims of query {tuple(query.shape)}, key "
+                             f"{tuple(key.shape)} and value {tuple(value.shape)} do not broadcast"
+                             f"{hint}") from None
+        q_b = query.expand(*batch, L, E)
+        k_b = key.expand(*batch, S, E)
+        v_b = value.expand(*batch, S, value.shape[-1])
+
+    mask4 = None
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"{OP_NAME}: attn_mask must be a torch.Tensor or None")
+        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+            raise TypeError(f"{OP_NAME}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        if attn_mask.device != query.device:
+            raise ValueError(f"{OP_NAME}: attn_mask is on {attn_mask.device}, query on {query.device}")
+        try:
+            m = attn_mask.expand(*batch, L, S)
+        except RuntimeError:
+            raise ValueError(f"{OP_NAME}: attn_mask of shape {tuple(attn_mask.shape)} does not "
+                             f"broadcast to {(*batch, L, S)}") from None
+        mask4 = _to4d(m)
+
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"{OP_NAME}: dropout_p must be in [0, 1), got {dropout_p!r}")
+    if scale is None:
+        scale_f = 1.0 / math.sqrt(E)
+    else:
+        scale_f = float(scale)
+        if not math.isfinite(scale_f):
+            raise ValueError(f"{OP_NAME}: scale must be finite, got {scale!r}")
+    if softcap is not None:
+        softcap = float(softcap)
+        if not (softcap > 0.0 and math.isfinite(softcap)):
+            raise ValueError(f"{OP_NAME}: softcap must be a positive finite number, got {softcap!r}")
+    left, right = _window(window_size, bool(is_causal))
+    return _Call(query, key, value, attn_mask, batch, _to4d(q_b), _to4d(k_b), _to4d(v_b), mask4,
+                 scale_f, softcap, left, right, float(dropout_p), bool(is_causal), bool(enable_gqa),
+                 window_size)
+
+
+# ---------------------------------------------------------------- path selection
+
+def _cpu_support(call: _Call):
+    def check() -> Optional[str]:
+        if backends.native_module() is None:
+            return f"the compiled extension is not available ({backends.native_import_error()})"
+        if call.q.device.type != "cpu":
+            return f"tensors are on {call.q.device.type}"
+        if call.q.dtype not in _KERNEL_DTYPES:
+            return f"{call.q.dtype} is not a kernel dtype (float32, bfloat16, float16)"
+        if call.dropout_p > 0.0:
+            return "dropout is not fused; the reference path applies it"
+        E, Ev = call.q.shape[-1], call.v.shape[-1]
+        if max(E, Ev) > MAX_CPU_HEAD_DIM:
+            return f"head dim {max(E, Ev)} > {MAX_CPU_HEAD_DIM}"
+        if call.mask is not None:
+            if call.mask.dtype not in (torch.bool,) + _KERNEL_DTYPES:
+                return f"attn_mask dtype {call.mask.dtype} is not bool, float32, bfloat16 or float16"
+            if call.mask.requires_grad and torch.is_grad_enabled():
+                return "the gradient with respect to attn_mask is only computed on the reference path"
+        return None
+    return check
+
+
+def _gpu_unavailable(name: str):
+    def check() -> Optional[str]:
+        return f"no {name} attention kernel in this release yet"
+    return check
+
+
+def _decide(call: _Call, backend: Optional[str]) -> backends.Decision:
+    checks = {"cpu": _cpu_support(call), "cuda": _gpu_unavailable("CUDA"),
+              "triton": _gpu_unavailable("Triton")}
+    detail = {}
+    if backends.native_module() is not None:
+        detail["cpu"] = f"fused C++ kernel, CPU tier {backends.cpu_tier()}"
+    return backends.select(OP_NAME, call.q.device.type, checks, backend, detail)
+
+
+def _reference(call: _Call) -> torch.Tensor:
+    out = attention_reference(call.q, call.k, call.v, call.mask, call.dropout_p, call.is_causal,
+                              call.scale, call.enable_gqa, window_size=call.window_size,
+                              softcap=call.softcap)
+    if not torch.compiler.is_compiling() and not torch.isfinite(out).all():
+        raise ValueError(f"{OP_NAME}: the output holds NaN or Inf: query, key, value or attn_mask "
+                         "holds NaN/Inf (or values too large for the dtype)")
+    return out
+
+
+def _cpu(call: _Call) -> torch.Tensor:
+    out, _ = attention_forward_cpu(call.q4, call.k4, call.v4, call.mask4, call.scale,
+                                   call.softcap or 0.0, call.window_left, call.window_right, 0)
+    return out.reshape(*call.batch, out.shape[-2], out.shape[-1])
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False, *,
+                                 window_size: Optional[Sequence[Optional[int]]] = None,
+                                 softcap: Optional[float] = None,
+                                 backend: Optional[str] = None) -> torch.Tensor:
+    """Drop-in for torch.nn.functional.scaled_dot_product_attention.
+
+    Same arguments, shapes (query (..., L, E), key (..., S, E), value (..., S, Ev)), result
+    and autograd. Extras:
+      window_size=(left, right): query i sees keys i-left .. i+right (None or -1: unbounded),
+        the sliding-window attention of Mistral; combined with is_causal, right is 0.
+      softcap: scores become softcap * tanh(scores / softcap) before masking (Gemma 2).
+      backend: force "cpu", "cuda", "triton" or "reference" (see llmkernels.explain).
+    is_causal aligns the diagonal top-left, as SDPA does: query i sees keys j <= i.
+    Rows whose every key is masked give zeros, never NaN. NaN/Inf inputs raise ValueError.
+    """
+    call = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                    window_size, softcap)
+    decision = _decide(call, backend)
+    if decision.backend == "cpu":
+        return _cpu(call)
+    return _reference(call)
+
+
+def _explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+             enable_gqa=False, *, window_size=None, softcap=None, backend=None):
+    call = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                    window_size, softcap)
+    return _decide(call, backend)
+
+
+scaled_dot_product_attention.__llmk_explain__ = _explain

@@ -1,0 +1,100 @@
+"""Reference attention: plain PyTorch math, the specification of the fused kernels.
+
+Semantics (shared by every path):
+  u  = scale * q @ k^T                       (scale defaults to 1/sqrt(E))
+  s  = softcap * tanh(u / softcap)           (only when softcap is given)
+  s  = s + attn_mask                         (additive float mask)
+  s  = -inf where a bool mask is False, or where key j is outside the band of
+       query i: i + diag_offset - left <= j <= i + diag_offset + right
+       (is_causal sets right = 0; a window side of None or -1 is unbounded)
+  out = softmax(s) @ v, with rows whose every key is masked giving zeros.
+
+diag_offset = 0 is the top-left alignment of torch's SDPA (`torch.tril(ones(L, S))`);
+S - L is the bottom-right alignment that KV-cache decoding uses.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+
+def _band(L: int, S: int, left: int, right: int, diag_offset: int, device) -> Optional[torch.Tensor]:
+    """Bool (L, S) tensor, True where key j is inside query i's band, or None if all are."""
+    if left < 0 and right < 0:
+        return None
+    i = torch.arange(L, device=device).unsqueeze(-1) + diag_offset
+    j = torch.arange(S, device=device).unsqueeze(0)
+    keep = torch.ones(L, S, dtype=torch.bool, device=device)
+    if left >= 0:
+        keep &= j >= i - left
+    if right >= 0:
+        keep &= j <= i + right
+    return keep
+
+
+def attention_mask_tensor(L: int, S: int, *, is_causal: bool = False, window_size=None,
+                          diag_offset: int = 0, device=None) -> Optional[torch.Tensor]:
+    """The bool (L, S) mask that `is_causal` and `window_size` describe (None if no key is hidden)."""
+    left, right = _window_sides(window_size, is_causal)
+    return _band(L, S, left, right, diag_offset, device)
+
+
+def _window_sides(window_size, is_causal: bool) -> Tuple[int, int]:
+    left, right = -1, -1
+    if window_size is not None:
+        left = -1 if window_size[0] is None else int(window_size[0])
+        right = -1 if window_size[1] is None else int(window_size[1])
+    if is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
+def attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                        is_causal: bool = False, scale: Optional[float] = None,
+                        enable_gqa: bool = False, *, window_size=None, softcap: Optional[float] = None,
+                        diag_offset: int = 0, return_lse: bool = False):
+    """Attention computed with unfused PyTorch ops, in the inputs' dtype.
+
+    Differentiable with respect to query, key, value and a float attn_mask.
+    Returns out, or (out, lse) with lse = logsumexp of the scores per query row
+    (-inf for fully masked rows) when return_lse is True.
+    """
+    L, S = query.shape[-2], key.shape[-2]
+    E = query.shape[-1]
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    if enable_gqa and query.dim() >= 3 and key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(rep, dim=-3)
+        value = value.repeat_interleave(rep, dim=-3)
+
+    scores = (query @ key.transpose(-2, -1)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+
+    keep = None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            keep = attn_mask
+        else:
+            scores = scores + attn_mask
+    left, right = _window_sides(window_size, is_causal)
+    band = _band(L, S, left, right, diag_offset, query.device)
+    if band is not None:
+        keep = band if keep is None else keep & band
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+
+    # Rows with no visible key (or only -inf scores) give zeros, never NaN.
+    row_max = scores.amax(dim=-1, keepdim=True)
+    dead = torch.isneginf(row_max)
+    scores = scores.masked_fill(dead, 0.0)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(dead, 0.0)
+    lse = lse.masked_fill(dead.squeeze(-1), float("-inf"))
+    if dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
+    out = probs @ value
+    return (out, lse) if return_lse else out
