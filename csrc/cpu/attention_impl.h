@@ -290,7 +290,7 @@ struct ForwardLayout {
     Bump a;
     kt_all = a.take_floats(g.B * g.Hk * g.nkt * g.D * kBK);
     v_all = a.take_floats(g.B * g.Hk * g.nkt * kBK * g.Dvp);
-    per_thread = round_up((kBQ * g.Dp + kBQ * kBK + kBQ * g.Dvp + 3 * kBQ) * 4, 64);
+    per_thread = round_up((kBQ * g.Dp + kBQ * kBK + kBQ * g.Dvp + kBQ * W + 5 * kBQ) * 4, 64);
     scratch = a.take_floats(0);
     a.bytes = scratch + per_thread * nthreads;
     bad_rows = a.take_floats(2 * int64_t(nthreads));  // one int64 per thread
@@ -370,15 +370,20 @@ void forward_item(void* vctx, int64_t item, int tid) {
   float* Q = reinterpret_cast<float*>(c.ws + c.lay.scratch + c.lay.per_thread * tid);
   float* S = Q + kBQ * g.Dp;
   float* O = S + kBQ * kBK;
-  float* m = O + kBQ * g.Dvp;
-  float* l = m + kBQ;
-  float* inv = l + kBQ;
+  float* lsum = O + kBQ * g.Dvp;  // per row, W partial sums: one horizontal add at the end
+  float* m = lsum + kBQ * W;      // running max
+  float* m_new = m + kBQ;
+  float* m_use = m_new + kBQ;     // m_new, or 0 while every key so far is masked (P = 0)
+  float* alpha = m_use + kBQ;     // exp(m - m_use): rescales O and lsum when the max grows
+  float* inv = alpha + kBQ;
 
   load_rows_any(p.q, b, h, i0, mq, g.D, p.scale, Q, g.Dp, g.Dp);
-  for (int64_t r = 0; r < mq; ++r) {
-    m[r] = kNegInf; l[r] = 0.f;
-    for (int64_t e = 0; e < g.Dvp; ++e) O[r * g.Dvp + e] = 0.f;
+  for (int64_t r = 0; r < kBQ; ++r) {
+    m[r] = kNegInf;
+    m_use[r] = 0.f;
+    storeu(lsum + r * W, vf{});
   }
+  for (int64_t x = 0; x < mq * g.Dvp; ++x) O[x] = 0.f;
 
   int64_t klo, khi;
   key_range(p, g.S, i0, mq, &klo, &khi);
@@ -388,26 +393,33 @@ void forward_item(void* vctx, int64_t item, int tid) {
       gemm(mq, nkp, g.D, Q, g.Dp, 1, c.kt_tile(b, hk, kt), kBK, S, kBK, false);
       transform_scores(p, b, h, S, kBK, i0, mq, j0, nk, nkp, nullptr);
       for (int64_t r = 0; r < mq; ++r) {
+        const float* row = S + r * kBK;
+        vf mx = loadu(row);
+        for (int64_t j = W; j < nkp; j += W) mx = vmax(mx, loadu(row + j));
+        const float tile_max = hmax(mx);
+        m_new[r] = tile_max > m[r] ? tile_max : m[r];
+        m_use[r] = m_new[r] == kNegInf ? 0.f : m_new[r];
+      }
+      for (int64_t r = 0; r < mq; r += W)  // rows past mq hold m = -inf, m_use = 0: harmless
+        storeu(alpha + r, vexp(loadu(m + r) - loadu(m_use + r)));
+      for (int64_t r = 0; r < mq; ++r) {
         float* row = S + r * kBK;
-        vf mx = splat(kNegInf);
-        for (int64_t j = 0; j < nkp; j += W) mx = vmax(mx, loadu(row + j));
-        const float tile_max = hmax(mx), m_old = m[r];
-        const float m_new = (tile_max > m_old || tile_max != tile_max) ? tile_max : m_old;
-        const float m_use = (m_new == kNegInf) ? 0.f : m_new;  // all masked so far: P = 0
-        const vf vm = splat(m_use);
+        const vf vm = splat(m_use[r]);
         vf sum = vf{};
         for (int64_t j = 0; j < nkp; j += W) {
           const vf e = vexp(loadu(row + j) - vm);
           storeu(row + j, e);
           sum += e;
         }
-        const float alpha = std::exp(m_old - m_use);
-        l[r] = l[r] * alpha + hsum(sum);
-        m[r] = m_new;
-        if (alpha != 1.f) {
-          const vf va = splat(alpha);
+        m[r] = m_new[r];
+        const float a = alpha[r];
+        if (a != 1.f) {
+          const vf va = splat(a);
+          storeu(lsum + r * W, loadu(lsum + r * W) * va + sum);
           float* o = O + r * g.Dvp;
           for (int64_t e = 0; e < g.Dvp; e += W) storeu(o + e, loadu(o + e) * va);
+        } else {
+          storeu(lsum + r * W, loadu(lsum + r * W) + sum);
         }
       }
       gemm(mq, g.Dvp, nk, S, kBK, 1, c.v_tile(b, hk, kt), g.Dvp, O, g.Dvp, true);
@@ -417,7 +429,7 @@ void forward_item(void* vctx, int64_t item, int tid) {
   float* lse = at4<float>(c.io->lse, b, h, i0);
   const int64_t lse_stride = c.io->lse.strides[2];
   for (int64_t r = 0; r < mq; ++r) {
-    const float lr = l[r];
+    const float lr = hsum(loadu(lsum + r * W));
     if (lr > 0.f) {
       inv[r] = 1.f / lr;
       lse[r * lse_stride] = m[r] + std::log(lr);

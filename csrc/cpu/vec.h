@@ -31,24 +31,46 @@ template <class T> LLMK_INLINE T min_(T a, T b) { return a < b ? a : b; }
 template <class T> LLMK_INLINE T max_(T a, T b) { return a < b ? b : a; }
 LLMK_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-LLMK_INLINE vf splat(float s) { return vf{} + s; }
+// s - 0 is exactly s (also for -0 and NaN), so this folds to a plain broadcast.
+LLMK_INLINE vf splat(float s) { return s - vf{}; }
 LLMK_INLINE vf loadu(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 LLMK_INLINE void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 LLMK_INLINE vf as_vf(vi v) { return (vf)v; }
 LLMK_INLINE vi as_vi(vf v) { return (vi)v; }
 LLMK_INLINE vf select(vi mask, vf a, vf b) { return as_vf((mask & as_vi(a)) | (~mask & as_vi(b))); }
-// NaN-propagating max (the softmax must carry a NaN input through to the output check).
-LLMK_INLINE vf vmax(vf a, vf b) { return select((a > b) | (a != a), a, b); }
+LLMK_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+typedef float v4f __attribute__((vector_size(16)));
+typedef float v8f __attribute__((vector_size(32)));
+
+// Horizontal reductions by halving (log2(W) shuffles), not a lane-by-lane scalar loop.
+// hmax ignores NaN lanes; callers that must see NaN detect it elsewhere.
+LLMK_INLINE v4f to_v4(vf v, bool want_max) {
+#if LLMK_VEC_BYTES == 64
+  v8f lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  v8f hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  v8f a = want_max ? (lo > hi ? lo : hi) : lo + hi;
+  v4f l4 = __builtin_shufflevector(a, a, 0, 1, 2, 3), h4 = __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return want_max ? (l4 > h4 ? l4 : h4) : l4 + h4;
+#elif LLMK_VEC_BYTES == 32
+  v4f l4 = __builtin_shufflevector(v, v, 0, 1, 2, 3), h4 = __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return want_max ? (l4 > h4 ? l4 : h4) : l4 + h4;
+#else
+  return v;
+#endif
+}
 
 LLMK_INLINE float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < W; ++i) m = (v[i] > m || v[i] != v[i]) ? v[i] : m;
-  return m;
+  v4f a = to_v4(v, true);
+  v4f b = __builtin_shufflevector(a, a, 2, 3, 0, 1);
+  a = a > b ? a : b;
+  return a[0] > a[1] ? a[0] : a[1];
 }
+
 LLMK_INLINE float hsum(vf v) {
-  float s = 0.f;
-  for (int i = 0; i < W; ++i) s += v[i];
-  return s;
+  v4f a = to_v4(v, false);
+  a = a + __builtin_shufflevector(a, a, 2, 3, 0, 1);
+  return a[0] + a[1];
 }
 
 // e^x, relative error ~2e-7 over the float range; exactly 0 below -87.3 (masked scores
@@ -71,8 +93,7 @@ LLMK_INLINE vf vexp(vf x) {
   p = p * r + splat(1.f);
   vi e = (__builtin_convertvector(n, vi) + 127) << 23;
   vf y = p * as_vf(e);
-  y = select(x < lo, vf{}, y);
-  return select(x != x, x, y);
+  return select(x < lo, vf{}, y);  // a NaN x fails every compare above and stays NaN
 }
 
 // tanh(x) = sign(x) (1 - 2 / (e^{2|x|} + 1)); absolute error ~1e-7.
