@@ -9,7 +9,6 @@ of precedence) that cannot serve the call raises BackendError: never a silent fa
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
@@ -24,10 +23,16 @@ CANDIDATES: Mapping[str, Sequence[str]] = {
 }
 CPU_TIERS = ("avx512", "avx2", "generic")
 
-_forced_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
-    "llmkernels_backend", default=None)
-_forced_tier: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
-    "llmkernels_cpu_tier", default=None)
+# What use_backend / use_cpu_tier forced. Plain module state rather than a ContextVar:
+# torch.compile traces (and guards on) reads of module globals, not ContextVar.get.
+_forced = {"backend": None, "tier": None}
+
+# Read once: build facts do not change while the process runs, and calling into the
+# extension while torch.compile traces would break the graph.
+_BUILD = _native.build_info() if _native is not None else None
+_TIERS_SUPPORTED: List[str] = list(_BUILD["cpu_tiers_supported"]) if _BUILD else []
+_TIER_BEST: str = _BUILD["cpu_tier_best"] if _BUILD else "none"
+_TIER_CODES = {name: i for i, name in enumerate(("generic", "avx2", "avx512"))}
 
 
 class BackendError(RuntimeError):
@@ -45,18 +50,19 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
     """Force a path for the llmkernels ops called inside the block (None: automatic)."""
     if name is not None:
         _check_backend_name(name, "use_backend")
-    token = _forced_backend.set(name)
+    previous = _forced["backend"]
+    _forced["backend"] = name
     try:
         yield
     finally:
-        _forced_backend.reset(token)
+        _forced["backend"] = previous
 
 
 def forced_backend(backend: Optional[str] = None) -> Optional[str]:
     """The path forced for a call: the keyword, else use_backend(), else LLMKERNELS_BACKEND."""
     if backend is not None:
         return _check_backend_name(backend, "backend")
-    ctx = _forced_backend.get()
+    ctx = _forced["backend"]
     if ctx is not None:
         return ctx
     env = os.environ.get("LLMKERNELS_BACKEND", "").strip()
@@ -77,9 +83,7 @@ def native_import_error() -> Optional[str]:
 
 
 def supported_cpu_tiers() -> List[str]:
-    if _native is None:
-        return []
-    return list(_native.build_info()["cpu_tiers_supported"])
+    return list(_TIERS_SUPPORTED)
 
 
 @contextlib.contextmanager
@@ -87,11 +91,12 @@ def use_cpu_tier(name: Optional[str]) -> Iterator[None]:
     """Run the CPU kernels with a lower instruction-set tier (tests force each one)."""
     if name is not None:
         _check_tier(name, "use_cpu_tier")
-    token = _forced_tier.set(name)
+    previous = _forced["tier"]
+    _forced["tier"] = name
     try:
         yield
     finally:
-        _forced_tier.reset(token)
+        _forced["tier"] = previous
 
 
 def _check_tier(name: str, where: str) -> str:
@@ -99,27 +104,26 @@ def _check_tier(name: str, where: str) -> str:
         raise ValueError(f"{where}: unknown CPU tier {name!r}; expected one of {', '.join(CPU_TIERS)}")
     if _native is None:
         raise BackendError(f"{where}: the compiled extension is not available ({_native_error})")
-    if name not in supported_cpu_tiers():
+    if name not in _TIERS_SUPPORTED:
         raise BackendError(f"{where}: this CPU cannot run tier {name!r}; "
-                           f"supported: {', '.join(supported_cpu_tiers())}")
+                           f"supported: {', '.join(_TIERS_SUPPORTED)}")
     return name
 
 
 def cpu_tier() -> str:
     """The CPU tier the kernels use now: forced by use_cpu_tier / LLMKERNELS_CPU_TIER, else the best."""
-    forced = _forced_tier.get()
+    forced = _forced["tier"]
     if forced is not None:
         return forced
     env = os.environ.get("LLMKERNELS_CPU_TIER", "").strip()
     if env and env.lower() != "auto":
         return _check_tier(env, "LLMKERNELS_CPU_TIER")
-    if _native is None:
-        return "none"
-    return _native.build_info()["cpu_tier_best"]
+    return _TIER_BEST
 
 
 def cpu_tier_code() -> int:
-    return _native.tier_code(cpu_tier())
+    """The tier's code for the extension (llmk::CpuTier)."""
+    return _TIER_CODES[cpu_tier()]
 
 
 # ---------------------------------------------------------------- selection

@@ -1,0 +1,78 @@
+"""Shared helpers for the attention tests: inputs and the numerics rule of DESIGN.md."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llmkernels.reference import attention_mask_tensor, attention_reference
+
+# Absolute floors added to "2x PyTorch's own error": they only matter where torch is exact.
+FLOOR = {torch.float32: 2e-6, torch.bfloat16: 2e-3, torch.float16: 5e-4}
+
+
+def make_qkv(B, Hq, Hk, L, S, E, Ev, dtype, layout="bhsd", requires_grad=False):
+    """Random q, k, v of shape (B, H, seq, dim); layout "bshd" gives transposed views of
+    (B, seq, H, dim) storage, the strides a user gets from a fused projection."""
+    def one(H, n, d):
+        if layout == "bshd":
+            t = torch.randn(B, n, H, d, dtype=dtype).transpose(1, 2)
+        else:
+            t = torch.randn(B, H, n, d, dtype=dtype)
+        return t.requires_grad_(requires_grad)
+    return one(Hq, L, E), one(Hk, S, E), one(Hk, S, Ev)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def judge(name: str, ours: torch.Tensor, torch_same_precision: torch.Tensor, exact: torch.Tensor,
+          dtype) -> None:
+    """DESIGN.md: our error against the float64 result is at most 2x PyTorch's own
+    same-precision error against it, plus a small absolute floor."""
+    assert ours.shape == exact.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(exact.shape)}"
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    e_ours = max_err(ours, exact)
+    e_torch = max_err(torch_same_precision, exact)
+    scale = max(exact.abs().max().item(), 1.0) if exact.numel() else 1.0
+    bound = 2.0 * e_torch + FLOOR[dtype] * scale
+    assert e_ours <= bound, f"{name}: error {e_ours:.3e} > bound {bound:.3e} (torch's own {e_torch:.3e})"
+
+
+def _torch_same_precision(q, k, v, attn_mask=None, is_causal=False, scale=None,
+                          enable_gqa=False, window_size=None, softcap=None):
+    """What a PyTorch user gets at the inputs' precision: SDPA itself where it can express
+    the call (windows become a bool mask), else the unfused reference in that dtype."""
+    if softcap is not None:
+        return attention_reference(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa,
+                                   window_size=window_size, softcap=softcap)
+    band = attention_mask_tensor(q.shape[-2], k.shape[-2], is_causal=is_causal,
+                                 window_size=window_size)
+    if band is not None:
+        if attn_mask is None:
+            attn_mask = band
+        elif attn_mask.dtype == torch.bool:
+            attn_mask = attn_mask & band
+        else:
+            attn_mask = attn_mask.masked_fill(~band, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale,
+                                          enable_gqa=enable_gqa)
+
+
+def reference_pair(q, k, v, grad_out=None, **kw):
+    """(float64 reference, PyTorch at the inputs' precision), each as (out, input grads or None)."""
+    results = []
+    for exact in (True, False):
+        cast = torch.float64 if exact else q.dtype
+        leaves = [t.detach().to(cast).requires_grad_(grad_out is not None) for t in (q, k, v)]
+        kw2 = dict(kw)
+        mask = kw.get("attn_mask")
+        if mask is not None and mask.dtype != torch.bool:
+            kw2["attn_mask"] = mask.to(cast)
+        fn = attention_reference if exact else _torch_same_precision
+        out = fn(*leaves, **kw2)
+        grads = None
+        if grad_out is not None:
+            grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+        results.append((out.detach(), grads))
+    return results

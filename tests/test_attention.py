@@ -1,0 +1,217 @@
+"""The fused CPU attention kernel against the float64 reference (DESIGN.md numerics rule),
+forward and backward, over the feature grid: dtypes, head dims, odd lengths, causal,
+GQA/MQA, sliding windows, softcap, bool/additive masks, non-contiguous inputs, every CPU tier."""
+import pytest
+import torch
+
+import llmkernels
+from attention_utils import judge, make_qkv, reference_pair
+
+KERNEL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def run_case(B, Hq, Hk, L, S, E, Ev, dtype, *, backward=True, layout="bhsd", mask_kind=None,
+             **kw):
+    q, k, v = make_qkv(B, Hq, Hk, L, S, E, Ev, dtype, layout, requires_grad=backward)
+    if Hq != Hk:
+        kw["enable_gqa"] = True
+    if mask_kind == "bool":
+        mask = torch.rand(L, S) > 0.3
+        kw["attn_mask"] = mask
+    elif mask_kind == "additive":
+        kw["attn_mask"] = (torch.randn(B, 1, L, S) * 2).to(dtype)
+    out = llmkernels.scaled_dot_product_attention(q, k, v, backend="cpu", **kw)
+    grad_out = torch.randn_like(out) if backward else None
+    (exact, exact_g), (same, same_g) = reference_pair(q, k, v, grad_out, **kw)
+    judge("out", out, same, exact, dtype)
+    if backward:
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        for name, g, gs, ge in zip(("dq", "dk", "dv"), grads, same_g, exact_g):
+            judge(name, g, gs, ge, dtype)
+
+
+SHAPES = [  # (L, S): ones, primes, non-multiples of every tile size, L != S both ways
+    (1, 1), (1, 131), (131, 1), (37, 53), (128, 128), (200, 97), (257, 300),
+]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("L,S", SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_shapes_and_dtypes(cpu_tier, dtype, L, S, causal):
+    run_case(2, 3, 3, L, S, 40, 40, dtype, is_causal=causal)
+
+
+@pytest.mark.parametrize("E,Ev", [(8, 8), (64, 64), (128, 128), (256, 256), (40, 24), (96, 200), (3, 5)])
+def test_head_dims(cpu_tier, E, Ev):
+    run_case(1, 2, 2, 70, 90, E, Ev, torch.float32, is_causal=True)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("Hq,Hk", [(4, 2), (6, 1), (8, 4)])
+def test_gqa_mqa(cpu_tier, dtype, Hq, Hk):
+    run_case(2, Hq, Hk, 65, 130, 32, 32, dtype, is_causal=True)
+
+
+@pytest.mark.parametrize("window", [(0, 0), (5, None), (None, 7), (16, 16), (64, 0), (300, 300)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sliding_window(cpu_tier, window, causal):
+    run_case(1, 2, 2, 150, 170, 32, 32, torch.float32, is_causal=causal, window_size=window)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("softcap", [0.5, 20.0])
+def test_softcap(cpu_tier, dtype, softcap):
+    run_case(1, 3, 1, 90, 100, 64, 64, dtype, is_causal=True, softcap=softcap, scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_masks(cpu_tier, dtype, mask_kind, causal):
+    run_case(2, 2, 2, 67, 75, 32, 16, dtype, mask_kind=mask_kind, is_causal=causal)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_non_contiguous_bshd_layout(cpu_tier, dtype):
+    run_case(2, 4, 2, 77, 77, 64, 64, dtype, layout="bshd", is_causal=True, window_size=(20, 0))
+
+
+def test_everything_at_once(cpu_tier):
+    run_case(2, 4, 2, 99, 140, 48, 40, torch.bfloat16, layout="bshd", mask_kind="additive",
+             is_causal=True, window_size=(33, None), softcap=5.0, scale=0.2)
+
+
+def test_batch_shapes_and_broadcasting():
+    # 3-D and 5-D inputs, and a key/value batch broadcast against the query's
+    q = torch.randn(5, 33, 16)
+    k, v = torch.randn(5, 40, 16), torch.randn(5, 40, 8)
+    out = llmkernels.scaled_dot_product_attention(q, k, v, backend="cpu")
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+    q5 = torch.randn(2, 3, 4, 21, 16, requires_grad=True)
+    k5 = torch.randn(1, 3, 4, 30, 16, requires_grad=True)
+    v5 = torch.randn(2, 1, 4, 30, 16, requires_grad=True)
+    out = llmkernels.scaled_dot_product_attention(q5, k5, v5, is_causal=True, backend="cpu")
+    ref = torch.nn.functional.scaled_dot_product_attention(q5, k5, v5, is_causal=True)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    g = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (q5, k5, v5), g)
+    theirs = torch.autograd.grad(ref, (q5, k5, v5), g)
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_matches_torch_sdpa_defaults():
+    # Same semantics as SDPA for plain, causal (top-left aligned when L != S) and masked calls.
+    q, k, v = make_qkv(2, 4, 4, 50, 80, 64, 64, torch.float32)
+    mask = torch.rand(50, 80) > 0.5
+    mask[:, 0] = True
+    for kw in ({}, {"is_causal": True}, {"attn_mask": mask}, {"scale": 0.05}):
+        out = llmkernels.scaled_dot_product_attention(q, k, v, **kw)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+        torch.testing.assert_close(out, ref, atol=3e-6, rtol=1e-5)
+
+
+def test_fully_masked_rows_give_zeros_not_nan(cpu_tier):
+    q, k, v = make_qkv(1, 2, 2, 10, 12, 16, 16, torch.float32, requires_grad=True)
+    mask = torch.rand(10, 12) > 0.5
+    mask[3] = False  # row 3 sees nothing
+    additive = torch.zeros(10, 12).masked_fill(~mask, float("-inf"))
+    for m in (mask, additive):
+        out = llmkernels.scaled_dot_product_attention(q, k, v, attn_mask=m, backend="cpu")
+        assert torch.isfinite(out).all()
+        assert (out[..., 3, :] == 0).all()
+        ref = llmkernels.scaled_dot_product_attention(q, k, v, attn_mask=m, backend="reference")
+        torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        assert all(torch.isfinite(g).all() for g in grads)
+    # a diagonal band with more queries than keys leaves the last queries with none
+    out = llmkernels.scaled_dot_product_attention(q, k[:, :, :5], v[:, :, :5], window_size=(0, 0),
+                                                  backend="cpu")
+    assert torch.isfinite(out).all() and (out[..., 5:, :] == 0).all()
+    assert (out[..., :5, :] != 0).any()
+    # no keys at all
+    empty_k, empty_v = torch.randn(1, 2, 0, 16), torch.randn(1, 2, 0, 16)
+    out = llmkernels.scaled_dot_product_attention(q.detach(), empty_k, empty_v, backend="cpu")
+    assert out.shape == (1, 2, 10, 16) and (out == 0).all()
+
+
+def test_empty_queries():
+    q, k, v = torch.randn(2, 3, 0, 16), torch.randn(2, 3, 5, 16), torch.randn(2, 3, 5, 16)
+    out = llmkernels.scaled_dot_product_attention(q, k, v, backend="cpu")
+    assert out.shape == (2, 3, 0, 16)
+
+
+def test_thread_counts_agree():
+    q, k, v = make_qkv(1, 3, 3, 300, 300, 64, 64, torch.float32, requires_grad=True)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = llmkernels.scaled_dot_product_attention(q, k, v, is_causal=True, backend="cpu")
+            results.append((out, *torch.autograd.grad(out.sum(), (q, k, v))))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_uses_reference_path():
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 16, 16, torch.float32)
+    torch.manual_seed(1)
+    a = llmkernels.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(1)
+    b = llmkernels.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    c = llmkernels.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+    decision = llmkernels.explain(llmkernels.scaled_dot_product_attention, q, k, v, dropout_p=0.5)
+    assert decision.backend == "reference" and "dropout" in decision.rejected["cpu"]
+
+
+def test_float_mask_gradient_via_reference():
+    q, k, v = make_qkv(1, 2, 2, 20, 24, 16, 16, torch.float32, requires_grad=True)
+    mask = torch.randn(20, 24, requires_grad=True)
+    out = llmkernels.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    (gm,) = torch.autograd.grad(out.sum(), (mask,))
+    ref_mask = mask.detach().double().requires_grad_()
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                           attn_mask=ref_mask)
+    (gr,) = torch.autograd.grad(ref.sum(), (ref_mask,))
+    torch.testing.assert_close(gm.double(), gr, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcheck_reference_spec():
+    """The reference path (the specification) has correct gradients, masks and extras included."""
+    q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.randn(5, 5, dtype=torch.float64, requires_grad=True)
+    fn = lambda q, k, v, m: llmkernels.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, attn_mask=m, is_causal=True, window_size=(2, None), softcap=2.0)
+    assert torch.autograd.gradcheck(fn, (q, k, v, mask))
+
+
+@pytest.mark.filterwarnings("ignore:Input #")
+def test_gradcheck_kernel_in_float32():
+    """The kernel's backward by finite differences of its own forward (float32, loose eps)."""
+    q, k, v = (torch.randn(1, 2, 9, 8, requires_grad=True) for _ in range(3))
+    fn = lambda q, k, v: llmkernels.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, is_causal=True, softcap=3.0, backend="cpu")
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-2, atol=5e-3, rtol=5e-2)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_extra_memory_grows_linearly_with_sequence_length(direction):
+    """Never an L x S matrix: the kernel's workspace is linear in the sequence length."""
+    from llmkernels._cview import cview
+    from llmkernels.backends import cpu_tier_code, native_module
+    fn = getattr(native_module(), f"attention_{direction}_workspace_bytes")
+    sizes = []
+    for n in (1024, 4096):
+        q, k, v = (torch.empty(1, 2, n, 64) for _ in range(3))
+        sizes.append(fn(cpu_tier_code(), cview(q), cview(k), cview(v), None, 2))
+    assert sizes[1] <= 4.2 * sizes[0], sizes  # 4x the length: at most ~4x the memory, not 16x

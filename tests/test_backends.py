@@ -1,0 +1,98 @@
+"""Path selection: automatic choice, forcing (keyword, context manager, environment),
+explain(), build_info(), CPU tiers."""
+import json
+
+import pytest
+import torch
+
+import llmkernels
+from llmkernels import BackendError, backends
+
+sdpa = llmkernels.scaled_dot_product_attention
+
+
+def qkv():
+    return (torch.randn(1, 2, 9, 16) for _ in range(3))
+
+
+def test_automatic_choice_on_cpu_is_the_fused_kernel():
+    q, k, v = qkv()
+    d = llmkernels.explain(sdpa, q, k, v, is_causal=True)
+    assert d.backend == "cpu" and d.forced is None
+    assert "cpu" in str(d) and backends.cpu_tier() in str(d)
+
+
+def test_float64_falls_back_to_reference_and_explains():
+    q, k, v = (t.double() for t in qkv())
+    d = llmkernels.explain(sdpa, q, k, v)
+    assert d.backend == "reference"
+    assert "float64" in d.rejected["cpu"]
+
+
+@pytest.mark.parametrize("how", ["keyword", "context", "env"])
+def test_forcing_reference(how, monkeypatch):
+    q, k, v = qkv()
+    if how == "keyword":
+        d = llmkernels.explain(sdpa, q, k, v, backend="reference")
+    elif how == "context":
+        with llmkernels.use_backend("reference"):
+            d = llmkernels.explain(sdpa, q, k, v)
+    else:
+        monkeypatch.setenv("LLMKERNELS_BACKEND", "reference")
+        d = llmkernels.explain(sdpa, q, k, v)
+    assert d.backend == "reference" and d.forced == "reference"
+
+
+def test_keyword_beats_context_beats_env(monkeypatch):
+    q, k, v = qkv()
+    monkeypatch.setenv("LLMKERNELS_BACKEND", "reference")
+    with llmkernels.use_backend("cpu"):
+        assert llmkernels.explain(sdpa, q, k, v).backend == "cpu"
+        assert llmkernels.explain(sdpa, q, k, v, backend="reference").backend == "reference"
+
+
+def test_forcing_a_path_that_cannot_serve_is_an_error():
+    q, k, v = qkv()
+    with llmkernels.use_backend("cuda"):
+        with pytest.raises(BackendError, match="cannot serve cpu tensors"):
+            sdpa(q, k, v)
+    with pytest.raises(ValueError, match="unknown backend"):
+        with llmkernels.use_backend("tpu"):
+            pass
+
+
+def test_paths_give_the_same_answer():
+    q, k, v = qkv()
+    a = sdpa(q, k, v, is_causal=True, backend="cpu")
+    b = sdpa(q, k, v, is_causal=True, backend="reference")
+    torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+def test_every_supported_tier_runs(monkeypatch):
+    q, k, v = qkv()
+    ref = sdpa(q, k, v, backend="reference")
+    for tier in backends.supported_cpu_tiers():
+        with llmkernels.use_cpu_tier(tier):
+            assert backends.cpu_tier() == tier
+            assert tier in str(llmkernels.explain(sdpa, q, k, v))
+            torch.testing.assert_close(sdpa(q, k, v, backend="cpu"), ref, atol=2e-6, rtol=1e-5)
+        monkeypatch.setenv("LLMKERNELS_CPU_TIER", tier)
+        assert backends.cpu_tier() == tier
+    assert "generic" in backends.supported_cpu_tiers()
+
+
+def test_build_info_is_complete_and_serializable():
+    info = llmkernels.build_info()
+    json.dumps(info)
+    assert info["version"] == llmkernels.__version__
+    assert info["paths"]["cpu"] is True and info["paths"]["reference"] is True
+    assert set(info["cpu"]["tiers_built"]) == {"avx512", "avx2", "generic"}
+    assert info["cpu"]["tier_in_use"] in info["cpu"]["tiers_supported"]
+    assert "available" in info["triton"]
+    if info["paths"]["cuda"]:
+        assert info["cuda"]["archs"], "a CUDA build names its architectures"
+
+
+def test_explain_rejects_non_ops():
+    with pytest.raises(TypeError, match="not an llmkernels op"):
+        llmkernels.explain(torch.matmul, torch.ones(1), torch.ones(1))

@@ -1,0 +1,100 @@
+"""Bad input raises a clear Python exception naming the argument; never a crash or NaN."""
+import pytest
+import torch
+
+import llmkernels
+from llmkernels import BackendError
+
+sdpa = llmkernels.scaled_dot_product_attention
+
+
+def qkv(L=8, S=8, E=16, Ev=16, H=2, Hk=None, dtype=torch.float32):
+    Hk = H if Hk is None else Hk
+    return (torch.randn(1, H, L, E, dtype=dtype), torch.randn(1, Hk, S, E, dtype=dtype),
+            torch.randn(1, Hk, S, Ev, dtype=dtype))
+
+
+@pytest.mark.parametrize("case, exc, words", [
+    (lambda q, k, v: sdpa(q.long(), k, v), TypeError, "query"),
+    (lambda q, k, v: sdpa(q, k.half(), v), TypeError, "dtype"),
+    (lambda q, k, v: sdpa(q.numpy(), k, v), TypeError, "query"),
+    (lambda q, k, v: sdpa(q[0, 0, 0], k, v), ValueError, "query"),
+    (lambda q, k, v: sdpa(q, k[..., :8], v), ValueError, "head dim"),
+    (lambda q, k, v: sdpa(q, k, v[..., :5, :]), ValueError, "sequence length"),
+    (lambda q, k, v: sdpa(q, k[:, :1].expand(1, 3, 8, 16).clone(), v), ValueError, "broadcast"),
+    (lambda q, k, v: sdpa(q.expand(1, 2, 8, 16).repeat(1, 3, 1, 1), k[:, :1].repeat(1, 4, 1, 1),
+                          v[:, :1].repeat(1, 4, 1, 1), enable_gqa=True), ValueError, "multiple"),
+    (lambda q, k, v: sdpa(q, k, v, attn_mask=torch.ones(3, 3, dtype=torch.bool)), ValueError, "attn_mask"),
+    (lambda q, k, v: sdpa(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.int32)), TypeError, "attn_mask"),
+    (lambda q, k, v: sdpa(q, k, v, dropout_p=1.5), ValueError, "dropout_p"),
+    (lambda q, k, v: sdpa(q, k, v, scale=float("nan")), ValueError, "scale"),
+    (lambda q, k, v: sdpa(q, k, v, softcap=-1.0), ValueError, "softcap"),
+    (lambda q, k, v: sdpa(q, k, v, window_size=(3,)), ValueError, "window_size"),
+    (lambda q, k, v: sdpa(q, k, v, window_size=(-5, 2)), ValueError, "window_size"),
+    (lambda q, k, v: sdpa(q, k, v, backend="fast"), ValueError, "backend"),
+    (lambda q, k, v: sdpa(q, k, v, backend="cuda"), BackendError, "cuda"),
+    (lambda q, k, v: sdpa(q, k, v, backend="triton"), BackendError, "triton"),
+    (lambda q, k, v: sdpa(q, k, v, dropout_p=0.1, backend="cpu"), BackendError, "dropout"),
+    (lambda q, k, v: sdpa(q.double(), k.double(), v.double(), backend="cpu"), BackendError, "float64"),
+    (lambda q, k, v: sdpa(q.to("meta"), k, v), ValueError, "device"),
+])
+def test_bad_arguments(case, exc, words):
+    q, k, v = qkv()
+    with pytest.raises(exc, match=words):
+        case(q, k, v)
+
+
+def test_head_dim_too_large_for_the_kernel():
+    q, k, v = qkv(E=300, Ev=300)
+    with pytest.raises(BackendError, match="head dim 300"):
+        sdpa(q, k, v, backend="cpu")
+    # automatic selection serves it on the reference path and says why
+    decision = llmkernels.explain(sdpa, q, k, v)
+    assert decision.backend == "reference" and "head dim" in decision.rejected["cpu"]
+    torch.testing.assert_close(sdpa(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("where", ["query", "key", "value", "mask"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_raise(backend, where, bad):
+    q, k, v = qkv()
+    mask = torch.zeros(8, 8)
+    target = {"query": q, "key": k, "value": v, "mask": mask}[where]
+    if where == "mask" and bad == float("inf"):
+        bad = float("nan")  # -inf is a legitimate additive mask value; +inf/NaN are not
+    target[..., 3, 2] = bad
+    with pytest.raises(ValueError, match="NaN"):
+        sdpa(q, k, v, attn_mask=mask, backend=backend)
+
+
+def test_env_backend_must_be_known(monkeypatch):
+    monkeypatch.setenv("LLMKERNELS_BACKEND", "gpu")
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="LLMKERNELS_BACKEND"):
+        sdpa(q, k, v)
+
+
+def test_unknown_or_unsupported_tier():
+    with pytest.raises(ValueError, match="tier"):
+        with llmkernels.use_cpu_tier("sse9"):
+            pass
+
+
+def test_native_rechecks_memory_safety():
+    """The extension itself rejects inconsistent views (a Python-side bug must not crash)."""
+    from llmkernels._cview import cview
+    from llmkernels.backends import native_module
+    native = native_module()
+    q, k, v = qkv()
+    out = torch.empty(1, 2, 8, 16)
+    lse = torch.empty(1, 2, 8)
+    with pytest.raises(RuntimeError, match="workspace"):
+        native.attention_forward(0, cview(q), cview(k), cview(v), None, cview(out), cview(lse),
+                                 0, 0, 0.25, 0.0, -1, -1, 0, 1)
+    with pytest.raises(RuntimeError, match="out must be"):
+        native.attention_forward(0, cview(q), cview(k), cview(v), None, cview(out[..., :4]),
+                                 cview(lse), 0, 0, 0.25, 0.0, -1, -1, 0, 1)
+    with pytest.raises(RuntimeError, match="tier"):
+        native.attention_forward(7, cview(q), cview(k), cview(v), None, cview(out), cview(lse),
+                                 0, 0, 0.25, 0.0, -1, -1, 0, 1)

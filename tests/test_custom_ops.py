@@ -1,0 +1,63 @@
+"""The CPU kernel as torch custom ops: opcheck (schema, fake tensors, autograd registration)
+and torch.compile(fullgraph=True) without graph breaks."""
+import pytest
+import torch
+
+import llmkernels
+from llmkernels.ops.attention import attention_backward_cpu, attention_forward_cpu
+
+
+def _inputs(requires_grad, dtype=torch.float32, mask=None):
+    q = torch.randn(2, 4, 33, 16, dtype=dtype, requires_grad=requires_grad)
+    k = torch.randn(2, 2, 40, 16, dtype=dtype, requires_grad=requires_grad)
+    v = torch.randn(2, 2, 40, 8, dtype=dtype, requires_grad=requires_grad)
+    return (q, k, v, mask, 0.25, 0.0, -1, 0, 0)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_opcheck_forward(requires_grad, mask_kind):
+    mask = None
+    if mask_kind == "bool":
+        mask = (torch.rand(2, 4, 33, 40) > 0.2)
+    elif mask_kind == "float":
+        mask = torch.randn(2, 4, 33, 40)
+    torch.library.opcheck(attention_forward_cpu, _inputs(requires_grad, mask=mask))
+
+
+def test_opcheck_backward():
+    q, k, v, mask, *params = _inputs(False)
+    out, lse = attention_forward_cpu(q, k, v, mask, *params)
+    torch.library.opcheck(attention_backward_cpu,
+                          (torch.randn_like(out), q, k, v, mask, out, lse, *params))
+
+
+def test_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+
+    def block(q, k, v):
+        return llmkernels.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                       window_size=(16, None)).sum(-1)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    q, k, v = (torch.randn(1, 2, 50, 32, requires_grad=True) for _ in range(3))
+    out_c = compiled(q, k, v)
+    out_e = block(q, k, v)
+    torch.testing.assert_close(out_c, out_e)
+    gc = torch.autograd.grad(out_c.sum(), (q, k, v))
+    ge = torch.autograd.grad(out_e.sum(), (q, k, v))
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+
+
+def test_compile_inductor_fullgraph():
+    torch._dynamo.reset()
+
+    def block(x, w):
+        q, k, v = (x @ w).chunk(3, dim=-1)
+        q, k, v = (t.unflatten(-1, (2, 16)).transpose(1, 2) for t in (q, k, v))
+        return llmkernels.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    x, w = torch.randn(2, 40, 32), torch.randn(32, 96)
+    compiled = torch.compile(block, fullgraph=True)
+    torch.testing.assert_close(compiled(x, w), block(x, w), atol=1e-5, rtol=1e-5)
