@@ -40,7 +40,7 @@ TensorView to_view(const py::object& obj, const char* name) {
 }
 
 CpuTier to_tier(int tier) {
-  LLMK_CHECK(tier >= 0 && tier <= int(CpuTier::avx512), "unknown CPU tier " << tier);
+  LLMK_CHECK(tier >= 0 && tier <= int(CpuTier::avx512_bf16), "unknown CPU tier " << tier);
   return CpuTier(tier);
 }
 
@@ -76,7 +76,9 @@ py::dict build_info() {
   info["cpu_features"] = feats;
   info["cpu_vendor"] = f.vendor;
   info["cpu_brand"] = f.brand;
-  info["cpu_tiers_built"] = std::vector<std::string>{"avx512", "avx2", "generic"};
+  std::vector<std::string> built;
+  for (CpuTier t : kAllTiers) built.push_back(tier_name(t));
+  info["cpu_tiers_built"] = built;
   info["cpu_tiers_supported"] = supported_tiers();
   info["cpu_tier_best"] = tier_name(best_tier());
 #ifdef LLMK_WITH_CUDA
@@ -99,7 +101,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "llmkernels compiled kernels (torch-free views; see python/llmkernels/_cview.py)";
   m.def("build_info", &build_info);
   m.def("tier_code", [](const std::string& name) {
-    for (CpuTier t : {CpuTier::generic, CpuTier::avx2, CpuTier::avx512})
+    for (CpuTier t : kAllTiers)
       if (name == tier_name(t)) return int(t);
     throw py::value_error("unknown CPU tier '" + name + "'");
   });

@@ -86,7 +86,7 @@ def test_build_info_is_complete_and_serializable():
     json.dumps(info)
     assert info["version"] == llmkernels.__version__
     assert info["paths"]["cpu"] is True and info["paths"]["reference"] is True
-    assert set(info["cpu"]["tiers_built"]) == {"avx512", "avx2", "generic"}
+    assert set(info["cpu"]["tiers_built"]) == {"avx512_bf16", "avx512", "avx2", "generic"}
     assert info["cpu"]["tier_in_use"] in info["cpu"]["tiers_supported"]
     assert "available" in info["triton"]
     if info["paths"]["cuda"]:

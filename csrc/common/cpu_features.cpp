@@ -82,6 +82,7 @@ const CpuFeatures& cpu_features() {
 
 const char* tier_name(CpuTier t) {
   switch (t) {
+    case CpuTier::avx512_bf16: return "avx512_bf16";
     case CpuTier::avx512: return "avx512";
     case CpuTier::avx2: return "avx2";
     default: return "generic";
@@ -96,20 +97,21 @@ bool tier_supported(CpuTier t) {
     case CpuTier::avx2: return f.avx2 && f.fma && f.f16c;
     case CpuTier::avx512:
       return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.fma && f.f16c;
+    case CpuTier::avx512_bf16: return tier_supported(CpuTier::avx512) && f.avx512_bf16;
 #endif
     default: return false;
   }
 }
 
 CpuTier best_tier() {
-  for (CpuTier t : {CpuTier::avx512, CpuTier::avx2})
+  for (CpuTier t : kAllTiers)
     if (tier_supported(t)) return t;
   return CpuTier::generic;
 }
 
 std::vector<std::string> supported_tiers() {
   std::vector<std::string> out;
-  for (CpuTier t : {CpuTier::avx512, CpuTier::avx2, CpuTier::generic})
+  for (CpuTier t : kAllTiers)
     if (tier_supported(t)) out.push_back(tier_name(t));
   return out;
 }

@@ -18,7 +18,10 @@ const CpuFeatures& cpu_features();
 
 // Kernel tiers, from the most to the least capable. Every tier is built into the binary;
 // the best one the CPU supports is used unless a lower one is forced (tests do).
-enum class CpuTier : int { generic = 0, avx2 = 1, avx512 = 2 };
+// avx512_bf16 is avx512 plus bf16 dot products (vdpbf16ps) for bfloat16 inputs.
+enum class CpuTier : int { generic = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3 };
+constexpr CpuTier kAllTiers[] = {CpuTier::avx512_bf16, CpuTier::avx512, CpuTier::avx2,
+                                 CpuTier::generic};
 
 const char* tier_name(CpuTier t);
 bool tier_supported(CpuTier t);

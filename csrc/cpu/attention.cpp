@@ -99,6 +99,7 @@ void check_attention_backward(const AttentionParams& p, const BackwardIO& io) {
 
 int64_t attention_forward_workspace_bytes(CpuTier tier, const AttentionParams& p) {
   switch (checked(tier)) {
+    case CpuTier::avx512_bf16: return attn_avx512bf16::forward_workspace_bytes(p);
     case CpuTier::avx512: return attn_avx512::forward_workspace_bytes(p);
     case CpuTier::avx2: return attn_avx2::forward_workspace_bytes(p);
     default: return attn_generic::forward_workspace_bytes(p);
@@ -107,6 +108,7 @@ int64_t attention_forward_workspace_bytes(CpuTier tier, const AttentionParams& p
 
 int64_t attention_backward_workspace_bytes(CpuTier tier, const AttentionParams& p) {
   switch (checked(tier)) {
+    case CpuTier::avx512_bf16: return attn_avx512bf16::backward_workspace_bytes(p);
     case CpuTier::avx512: return attn_avx512::backward_workspace_bytes(p);
     case CpuTier::avx2: return attn_avx2::backward_workspace_bytes(p);
     default: return attn_generic::backward_workspace_bytes(p);
@@ -116,6 +118,7 @@ int64_t attention_backward_workspace_bytes(CpuTier tier, const AttentionParams& 
 int64_t attention_forward(CpuTier tier, const AttentionParams& p, const ForwardIO& io) {
   check_attention_forward(p, io);
   switch (checked(tier)) {
+    case CpuTier::avx512_bf16: return attn_avx512bf16::forward(p, io);
     case CpuTier::avx512: return attn_avx512::forward(p, io);
     case CpuTier::avx2: return attn_avx2::forward(p, io);
     default: return attn_generic::forward(p, io);
@@ -125,6 +128,7 @@ int64_t attention_forward(CpuTier tier, const AttentionParams& p, const ForwardI
 void attention_backward(CpuTier tier, const AttentionParams& p, const BackwardIO& io) {
   check_attention_backward(p, io);
   switch (checked(tier)) {
+    case CpuTier::avx512_bf16: attn_avx512bf16::backward(p, io); break;
     case CpuTier::avx512: attn_avx512::backward(p, io); break;
     case CpuTier::avx2: attn_avx2::backward(p, io); break;
     default: attn_generic::backward(p, io); break;

@@ -54,6 +54,7 @@ void attention_backward(CpuTier tier, const AttentionParams& p, const BackwardIO
 LLMK_DECLARE_ATTENTION_TIER(attn_generic)
 LLMK_DECLARE_ATTENTION_TIER(attn_avx2)
 LLMK_DECLARE_ATTENTION_TIER(attn_avx512)
+LLMK_DECLARE_ATTENTION_TIER(attn_avx512bf16)
 #undef LLMK_DECLARE_ATTENTION_TIER
 
 }  // namespace llmk

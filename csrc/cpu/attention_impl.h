@@ -92,6 +92,98 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, i
   }
 }
 
+// ---------------------------------------------------------------- bfloat16 dot products
+// With AVX512-BF16, bf16 inputs multiply as bf16 pairs (vdpbf16ps: twice the float32 FMA
+// rate) with float32 accumulation. Operands are pairs packed in 32-bit words: A2[r][k2]
+// holds A[r][2k2], A[r][2k2+1]; B2[k2][c] holds B[2k2][c], B[2k2+1][c] (the VNNI layout).
+#if defined(__AVX512BF16__)
+constexpr bool kHasBf16Dot = true;
+
+template <int R, int V>
+__attribute__((noinline)) void micro_bf16(int64_t K2, const uint32_t* A, int64_t sam,
+                                          const uint32_t* B, int64_t ldb, float* C, int64_t ldc,
+                                          bool accumulate) {
+  __m512 c[R][V];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v)
+      c[r][v] = accumulate ? _mm512_loadu_ps(C + r * ldc + v * 16) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < K2; ++k) {
+    __m512bh b[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) b[v] = (__m512bh)_mm512_loadu_si512(B + k * ldb + v * 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(int(A[r * sam + k]));
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) c[r][v] = _mm512_dpbf16_ps(c[r][v], a, b[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(C + r * ldc + v * 16, c[r][v]);
+}
+
+using MicroBf16Fn = void (*)(int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*,
+                             int64_t, bool);
+
+template <int R>
+MicroBf16Fn micro_bf16_for(int v) {
+  switch (v) {
+    case 4: return micro_bf16<R, 4>;
+    case 3: return micro_bf16<R, 3>;
+    case 2: return micro_bf16<R, 2>;
+    default: return micro_bf16<R, 1>;
+  }
+}
+
+inline MicroBf16Fn pick_micro_bf16(int r, int v) {
+  switch (r) {
+    case 1: return micro_bf16_for<1>(v);
+    case 2: return micro_bf16_for<2>(v);
+    case 3: return micro_bf16_for<3>(v);
+    case 4: return micro_bf16_for<4>(v);
+    case 5: return micro_bf16_for<5>(v);
+    default: return micro_bf16_for<6>(v);
+  }
+}
+
+// C[M x N] (+)= A2 B2 over K2 pairs; N a multiple of 16, B2 rows of ldb words.
+inline void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t sam,
+                      const uint32_t* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const int nv = int(min_<int64_t>(4, (N - n0) / 16));
+    const MicroBf16Fn full = pick_micro_bf16(kMR, nv);
+    int64_t m0 = 0;
+    for (; m0 + kMR <= M; m0 += kMR)
+      full(K2, A + m0 * sam, sam, B + n0, ldb, C + m0 * ldc + n0, ldc, accumulate);
+    if (m0 < M)
+      pick_micro_bf16(int(M - m0), nv)(K2, A + m0 * sam, sam, B + n0, ldb, C + m0 * ldc + n0,
+                                       ldc, accumulate);
+  }
+}
+
+// float32 row -> bf16 (round to nearest even), n a multiple of 16.
+LLMK_INLINE void row_to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t j = 0; j < n; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j)));
+}
+#else
+constexpr bool kHasBf16Dot = false;
+inline void gemm_bf16(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*,
+                      int64_t, float*, int64_t, bool) {
+  LLMK_CHECK(false, "bf16 dot products are not built into this tier");
+}
+inline void row_to_bf16(const float*, uint16_t*, int64_t) {
+  LLMK_CHECK(false, "bf16 dot products are not built into this tier");
+}
+#endif
+
+LLMK_INLINE uint32_t pair(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
+
 // ---------------------------------------------------------------- element types
 
 struct BF16 { uint16_t bits; };
@@ -202,20 +294,26 @@ LLMK_INLINE int64_t store_rows_any(const TensorView& t, int64_t b, int64_t h, in
 
 struct Geometry {
   int64_t B, Hq, Hk, L, S, D, Dv, Dp, Dvp, group, nqt, nkt;
+  int64_t D2;    // D rounded up to pairs (bf16 dot products)
+  bool bf16dot;  // bf16 inputs on a tier with bf16 dot products: forward multiplies in bf16
   explicit Geometry(const AttentionParams& p) {
     B = p.q.sizes[0]; Hq = p.q.sizes[1]; L = p.q.sizes[2]; D = p.q.sizes[3];
     Hk = p.k.sizes[1]; S = p.k.sizes[2]; Dv = p.v.sizes[3];
     Dp = round_up(D, W); Dvp = round_up(Dv, W);
     group = Hq / Hk;
     nqt = (L + kBQ - 1) / kBQ; nkt = (S + kBK - 1) / kBK;
+    D2 = round_up(D, 2);
+    bf16dot = kHasBf16Dot && p.q.dtype == DType::bf16;
   }
 };
 
 // Turns raw scores u = (scale q) . k of a tile into s: softcap, additive or bool mask,
 // the causal/window band and the padding columns [nk, nkp) (-inf). If T is given it
-// receives tanh(u / softcap), which the backward needs.
+// receives tanh(u / softcap), which the backward needs. Scores are first multiplied by
+// pre_mul (the scale, when it was not folded into Q).
 void transform_scores(const AttentionParams& p, int64_t b, int64_t h, float* S, int64_t ld,
-                      int64_t i0, int64_t mq, int64_t j0, int64_t nk, int64_t nkp, float* T) {
+                      int64_t i0, int64_t mq, int64_t j0, int64_t nk, int64_t nkp, float* T,
+                      float pre_mul) {
   const int64_t off = p.diag_offset, left = p.window_left, right = p.window_right;
   const bool clip_left = left >= 0 && j0 < (i0 + mq - 1) + off - left;
   const bool clip_right = right >= 0 && (j0 + nk - 1) > i0 + off + right;
@@ -224,6 +322,8 @@ void transform_scores(const AttentionParams& p, int64_t b, int64_t h, float* S, 
   for (int64_t r = 0; r < mq; ++r) {
     float* row = S + r * ld;
     const int64_t i = i0 + r;
+    if (pre_mul != 1.f)
+      for (int64_t c = 0; c < nkp; c += W) storeu(row + c, loadu(row + c) * splat(pre_mul));
     if (cap) {
       for (int64_t c = 0; c < nkp; c += W) {
         const vf t = vtanh(loadu(row + c) * vinv);
@@ -284,13 +384,22 @@ struct Bump {
   }
 };
 
+LLMK_INLINE int64_t kt_tile_words(const Geometry& g) {
+  return g.bf16dot ? g.D2 / 2 * kBK : g.D * kBK;
+}
+LLMK_INLINE int64_t v_tile_words(const Geometry& g) {
+  return g.bf16dot ? kBK / 2 * g.Dvp : kBK * g.Dvp;
+}
+
 struct ForwardLayout {
   int64_t kt_all, v_all, scratch, per_thread, bad_rows, total;
   ForwardLayout(const Geometry& g, int nthreads) {
     Bump a;
-    kt_all = a.take_floats(g.B * g.Hk * g.nkt * g.D * kBK);
-    v_all = a.take_floats(g.B * g.Hk * g.nkt * kBK * g.Dvp);
-    per_thread = round_up((kBQ * g.Dp + kBQ * kBK + kBQ * g.Dvp + kBQ * W + 5 * kBQ) * 4, 64);
+    // float32 tiles, or bf16 pairs (half the words) on the bf16 dot-product path
+    kt_all = a.take_floats(g.B * g.Hk * g.nkt * kt_tile_words(g));
+    v_all = a.take_floats(g.B * g.Hk * g.nkt * v_tile_words(g));
+    per_thread = round_up((kBQ * g.Dp + kBQ * kBK + kBQ * g.Dvp + kBQ * W + 5 * kBQ) * 4 +
+                          (g.bf16dot ? kBQ * kBK * 2 : 0), 64);
     scratch = a.take_floats(0);
     a.bytes = scratch + per_thread * nthreads;
     bad_rows = a.take_floats(2 * int64_t(nthreads));  // one int64 per thread
@@ -339,18 +448,45 @@ struct ForwardCtx {
   ForwardLayout lay;
   char* ws;
   float* kt_tile(int64_t b, int64_t hk, int64_t kt) const {
-    return reinterpret_cast<float*>(ws + lay.kt_all) + ((b * g.Hk + hk) * g.nkt + kt) * g.D * kBK;
+    return reinterpret_cast<float*>(ws + lay.kt_all) + ((b * g.Hk + hk) * g.nkt + kt) * kt_tile_words(g);
   }
   float* v_tile(int64_t b, int64_t hk, int64_t kt) const {
-    return reinterpret_cast<float*>(ws + lay.v_all) + ((b * g.Hk + hk) * g.nkt + kt) * kBK * g.Dvp;
+    return reinterpret_cast<float*>(ws + lay.v_all) + ((b * g.Hk + hk) * g.nkt + kt) * v_tile_words(g);
   }
 };
+
+// bf16 rows [row0, row0 + n) of a 4-D view, element (r, c) as raw bits (0 past the edges).
+struct Bf16Rows {
+  const uint16_t* base;
+  int64_t rs, cs, n, ncols;
+  Bf16Rows(const TensorView& t, int64_t b, int64_t h, int64_t row0, int64_t n_, int64_t ncols_)
+      : base(at4<const uint16_t>(t, b, h, row0)), rs(t.strides[2]), cs(t.strides[3]), n(n_),
+        ncols(ncols_) {}
+  LLMK_INLINE uint16_t operator()(int64_t r, int64_t c) const {
+    return (r < n && c < ncols) ? base[r * rs + c * cs] : uint16_t(0);
+  }
+};
+
+// K^T tile as pairs along the head dim: Kt2[d2][j] = (K[j][2 d2], K[j][2 d2 + 1]).
+// V tile as pairs along keys: V2[j2][e] = (V[2 j2][e], V[2 j2 + 1][e]).
+void forward_pack_bf16(const ForwardCtx& c, int64_t b, int64_t hk, int64_t kt, int64_t j0,
+                       int64_t nk) {
+  const Geometry& g = c.g;
+  const Bf16Rows K(c.p->k, b, hk, j0, nk, g.D), V(c.p->v, b, hk, j0, nk, g.Dv);
+  uint32_t* kt2 = reinterpret_cast<uint32_t*>(c.kt_tile(b, hk, kt));
+  for (int64_t d2 = 0; d2 < g.D2 / 2; ++d2)
+    for (int64_t j = 0; j < kBK; ++j) kt2[d2 * kBK + j] = pair(K(j, 2 * d2), K(j, 2 * d2 + 1));
+  uint32_t* v2 = reinterpret_cast<uint32_t*>(c.v_tile(b, hk, kt));
+  for (int64_t j2 = 0; j2 < kBK / 2; ++j2)
+    for (int64_t e = 0; e < g.Dvp; ++e) v2[j2 * g.Dvp + e] = pair(V(2 * j2, e), V(2 * j2 + 1, e));
+}
 
 void forward_pack_item(void* vctx, int64_t item, int) {
   const ForwardCtx& c = *static_cast<const ForwardCtx*>(vctx);
   const Geometry& g = c.g;
   const int64_t kt = item % g.nkt, bh = item / g.nkt, b = bh / g.Hk, hk = bh % g.Hk;
   const int64_t j0 = kt * kBK, nk = min_(kBK, g.S - j0);
+  if (g.bf16dot) return forward_pack_bf16(c, b, hk, kt, j0, nk);
   load_rows_transposed_any(c.p->k, b, hk, j0, nk, g.D, c.kt_tile(b, hk, kt), kBK);
   float* v = c.v_tile(b, hk, kt);
   load_rows_any(c.p->v, b, hk, j0, nk, g.Dv, 1.f, v, g.Dvp, g.Dvp);
@@ -358,6 +494,7 @@ void forward_pack_item(void* vctx, int64_t item, int) {
     for (int64_t e = 0; e < g.Dvp; ++e) v[r * g.Dvp + e] = 0.f;
 }
 
+template <bool BF>
 void forward_item(void* vctx, int64_t item, int tid) {
   const ForwardCtx& c = *static_cast<const ForwardCtx*>(vctx);
   const AttentionParams& p = *c.p;
@@ -376,8 +513,17 @@ void forward_item(void* vctx, int64_t item, int tid) {
   float* m_use = m_new + kBQ;     // m_new, or 0 while every key so far is masked (P = 0)
   float* alpha = m_use + kBQ;     // exp(m - m_use): rescales O and lsum when the max grows
   float* inv = alpha + kBQ;
+  uint16_t* Pb = reinterpret_cast<uint16_t*>(inv + kBQ);  // P in bf16 (BF only)
+  uint32_t* Q2 = reinterpret_cast<uint32_t*>(Q);          // Q as bf16 pairs, unscaled (BF only)
 
-  load_rows_any(p.q, b, h, i0, mq, g.D, p.scale, Q, g.Dp, g.Dp);
+  if constexpr (BF) {
+    const Bf16Rows Qr(p.q, b, h, i0, mq, g.D);
+    for (int64_t r = 0; r < mq; ++r)
+      for (int64_t d2 = 0; d2 < g.D2 / 2; ++d2)
+        Q2[r * (g.D2 / 2) + d2] = pair(Qr(r, 2 * d2), Qr(r, 2 * d2 + 1));
+  } else {
+    load_rows_any(p.q, b, h, i0, mq, g.D, p.scale, Q, g.Dp, g.Dp);
+  }
   for (int64_t r = 0; r < kBQ; ++r) {
     m[r] = kNegInf;
     m_use[r] = 0.f;
@@ -390,8 +536,13 @@ void forward_item(void* vctx, int64_t item, int tid) {
   if (klo <= khi) {
     for (int64_t kt = klo / kBK; kt <= khi / kBK; ++kt) {
       const int64_t j0 = kt * kBK, nk = min_(kBK, g.S - j0), nkp = round_up(nk, W);
-      gemm(mq, nkp, g.D, Q, g.Dp, 1, c.kt_tile(b, hk, kt), kBK, S, kBK, false);
-      transform_scores(p, b, h, S, kBK, i0, mq, j0, nk, nkp, nullptr);
+      if constexpr (BF) {
+        gemm_bf16(mq, nkp, g.D2 / 2, Q2, g.D2 / 2,
+                  reinterpret_cast<const uint32_t*>(c.kt_tile(b, hk, kt)), kBK, S, kBK, false);
+      } else {
+        gemm(mq, nkp, g.D, Q, g.Dp, 1, c.kt_tile(b, hk, kt), kBK, S, kBK, false);
+      }
+      transform_scores(p, b, h, S, kBK, i0, mq, j0, nk, nkp, nullptr, BF ? p.scale : 1.f);
       for (int64_t r = 0; r < mq; ++r) {
         const float* row = S + r * kBK;
         vf mx = loadu(row);
@@ -422,7 +573,13 @@ void forward_item(void* vctx, int64_t item, int tid) {
           storeu(lsum + r * W, loadu(lsum + r * W) + sum);
         }
       }
-      gemm(mq, g.Dvp, nk, S, kBK, 1, c.v_tile(b, hk, kt), g.Dvp, O, g.Dvp, true);
+      if constexpr (BF) {
+        for (int64_t r = 0; r < mq; ++r) row_to_bf16(S + r * kBK, Pb + r * kBK, nkp);
+        gemm_bf16(mq, g.Dvp, nkp / 2, reinterpret_cast<const uint32_t*>(Pb), kBK / 2,
+                  reinterpret_cast<const uint32_t*>(c.v_tile(b, hk, kt)), g.Dvp, O, g.Dvp, true);
+      } else {
+        gemm(mq, g.Dvp, nk, S, kBK, 1, c.v_tile(b, hk, kt), g.Dvp, O, g.Dvp, true);
+      }
     }
   }
 
@@ -456,7 +613,8 @@ int64_t forward(const AttentionParams& p, const ForwardIO& io) {
   int64_t* bad = reinterpret_cast<int64_t*>(c.ws + c.lay.bad_rows);
   for (int t = 0; t < nthreads; ++t) bad[t] = 0;
   parallel_for(g.B * g.Hk * g.nkt, nthreads, forward_pack_item, &c);
-  parallel_for(g.B * g.Hq * g.nqt, nthreads, forward_item, &c);
+  parallel_for(g.B * g.Hq * g.nqt, nthreads, g.bf16dot ? forward_item<true> : forward_item<false>,
+               &c);
   int64_t total = 0;
   for (int t = 0; t < nthreads; ++t) total += bad[t];
   return total;
@@ -542,7 +700,7 @@ void backward_item(void* vctx, int64_t item, int tid) {
         const float* dO = c.f(c.lay.dop) + r0 * g.Dvp;
         const float* delta = c.f(c.lay.delta) + r0;
         gemm(mq, nkp, g.D, Q, g.Dp, 1, Kt, kBK, S, kBK, false);
-        transform_scores(p, b, h, S, kBK, i0, mq, j0, nk, nkp, cap ? T : nullptr);
+        transform_scores(p, b, h, S, kBK, i0, mq, j0, nk, nkp, cap ? T : nullptr, 1.f);
         for (int64_t r = 0; r < mq; ++r) {
           const float lse = lse_base[b * lv.strides[0] + h * lv.strides[1] + (i0 + r) * lv.strides[2]];
           const vf vl = splat(lse == kNegInf ? INFINITY : lse);  // fully masked row: P = 0

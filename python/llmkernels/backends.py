@@ -21,7 +21,7 @@ CANDIDATES: Mapping[str, Sequence[str]] = {
     "cuda": ("cuda", "triton", "reference"),
     "cpu": ("cpu", "reference"),
 }
-CPU_TIERS = ("avx512", "avx2", "generic")
+CPU_TIERS = ("avx512_bf16", "avx512", "avx2", "generic")
 
 # What use_backend / use_cpu_tier forced. Plain module state rather than a ContextVar:
 # torch.compile traces (and guards on) reads of module globals, not ContextVar.get.
@@ -32,7 +32,7 @@ _forced = {"backend": None, "tier": None}
 _BUILD = _native.build_info() if _native is not None else None
 _TIERS_SUPPORTED: List[str] = list(_BUILD["cpu_tiers_supported"]) if _BUILD else []
 _TIER_BEST: str = _BUILD["cpu_tier_best"] if _BUILD else "none"
-_TIER_CODES = {name: i for i, name in enumerate(("generic", "avx2", "avx512"))}
+_TIER_CODES = {name: i for i, name in enumerate(("generic", "avx2", "avx512", "avx512_bf16"))}
 
 
 class BackendError(RuntimeError):

@@ -79,7 +79,7 @@ def attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         if attn_mask.dtype == torch.bool:
             keep = attn_mask
         else:
-            scores = scores + attn_mask
+            scores = scores + attn_mask.to(scores.dtype)
     left, right = _window_sides(window_size, is_causal)
     band = _band(L, S, left, right, diag_offset, query.device)
     if band is not None:
