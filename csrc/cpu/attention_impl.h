@@ -24,6 +24,9 @@ constexpr int kNV = (W >= 16) ? 4 : 2;   // vectors per row of a register tile
 constexpr int64_t kBQ = 64;              // queries per tile
 constexpr int64_t kBK = 64;              // keys per tile (a multiple of every W)
 constexpr float kNegInf = -INFINITY;
+// The forward works in base 2 (scores times log2 e, weights 2^(s - m)): exp2 is cheaper.
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 // ---------------------------------------------------------------- small dense products
 
@@ -310,15 +313,17 @@ struct Geometry {
 // Turns raw scores u = (scale q) . k of a tile into s: softcap, additive or bool mask,
 // the causal/window band and the padding columns [nk, nkp) (-inf). If T is given it
 // receives tanh(u / softcap), which the backward needs. Scores are first multiplied by
-// pre_mul (the scale, when it was not folded into Q).
+// pre_mul (the scale, when it was not folded into Q). Scores are in units of `unit` nats
+// (log2(e) when the forward works in base 2, 1 in the backward): softcap and additive
+// masks, given in nats, are converted.
 void transform_scores(const AttentionParams& p, int64_t b, int64_t h, float* S, int64_t ld,
                       int64_t i0, int64_t mq, int64_t j0, int64_t nk, int64_t nkp, float* T,
-                      float pre_mul) {
+                      float pre_mul, float unit) {
   const int64_t off = p.diag_offset, left = p.window_left, right = p.window_right;
   const bool clip_left = left >= 0 && j0 < (i0 + mq - 1) + off - left;
   const bool clip_right = right >= 0 && (j0 + nk - 1) > i0 + off + right;
   const bool cap = p.softcap > 0.f;
-  const vf vcap = splat(p.softcap), vinv = splat(1.f / p.softcap);
+  const vf vcap = splat(p.softcap * unit), vinv = splat(1.f / (p.softcap * unit));
   for (int64_t r = 0; r < mq; ++r) {
     float* row = S + r * ld;
     const int64_t i = i0 + r;
@@ -342,7 +347,7 @@ void transform_scores(const AttentionParams& p, int64_t b, int64_t h, float* S, 
         with_float_type(m.dtype, [&](auto tag) {
           using MT = decltype(tag);
           const MT* mp = at4<const MT>(m, b, h, i) + j0 * js;
-          for (int64_t c = 0; c < nk; ++c) row[c] += to_f32(mp[c * js]);
+          for (int64_t c = 0; c < nk; ++c) row[c] += unit * to_f32(mp[c * js]);
         });
       }
     }
@@ -522,7 +527,7 @@ void forward_item(void* vctx, int64_t item, int tid) {
       for (int64_t d2 = 0; d2 < g.D2 / 2; ++d2)
         Q2[r * (g.D2 / 2) + d2] = pair(Qr(r, 2 * d2), Qr(r, 2 * d2 + 1));
   } else {
-    load_rows_any(p.q, b, h, i0, mq, g.D, p.scale, Q, g.Dp, g.Dp);
+    load_rows_any(p.q, b, h, i0, mq, g.D, p.scale * kLog2e, Q, g.Dp, g.Dp);
   }
   for (int64_t r = 0; r < kBQ; ++r) {
     m[r] = kNegInf;
@@ -542,7 +547,8 @@ void forward_item(void* vctx, int64_t item, int tid) {
       } else {
         gemm(mq, nkp, g.D, Q, g.Dp, 1, c.kt_tile(b, hk, kt), kBK, S, kBK, false);
       }
-      transform_scores(p, b, h, S, kBK, i0, mq, j0, nk, nkp, nullptr, BF ? p.scale : 1.f);
+      transform_scores(p, b, h, S, kBK, i0, mq, j0, nk, nkp, nullptr, BF ? p.scale * kLog2e : 1.f,
+                       kLog2e);
       for (int64_t r = 0; r < mq; ++r) {
         const float* row = S + r * kBK;
         vf mx = loadu(row);
@@ -552,13 +558,13 @@ void forward_item(void* vctx, int64_t item, int tid) {
         m_use[r] = m_new[r] == kNegInf ? 0.f : m_new[r];
       }
       for (int64_t r = 0; r < mq; r += W)  // rows past mq hold m = -inf, m_use = 0: harmless
-        storeu(alpha + r, vexp(loadu(m + r) - loadu(m_use + r)));
+        storeu(alpha + r, vexp2_nonpos(loadu(m + r) - loadu(m_use + r)));
       for (int64_t r = 0; r < mq; ++r) {
         float* row = S + r * kBK;
         const vf vm = splat(m_use[r]);
         vf sum = vf{};
         for (int64_t j = 0; j < nkp; j += W) {
-          const vf e = vexp(loadu(row + j) - vm);
+          const vf e = vexp2_nonpos(loadu(row + j) - vm);
           storeu(row + j, e);
           sum += e;
         }
@@ -589,7 +595,7 @@ void forward_item(void* vctx, int64_t item, int tid) {
     const float lr = hsum(loadu(lsum + r * W));
     if (lr > 0.f) {
       inv[r] = 1.f / lr;
-      lse[r * lse_stride] = m[r] + std::log(lr);
+      lse[r * lse_stride] = (m[r] + std::log2(lr)) * kLn2;
     } else if (lr == 0.f) {  // every key masked: zeros, never NaN
       inv[r] = 0.f;
       lse[r * lse_stride] = kNegInf;
@@ -700,7 +706,7 @@ void backward_item(void* vctx, int64_t item, int tid) {
         const float* dO = c.f(c.lay.dop) + r0 * g.Dvp;
         const float* delta = c.f(c.lay.delta) + r0;
         gemm(mq, nkp, g.D, Q, g.Dp, 1, Kt, kBK, S, kBK, false);
-        transform_scores(p, b, h, S, kBK, i0, mq, j0, nk, nkp, cap ? T : nullptr, 1.f);
+        transform_scores(p, b, h, S, kBK, i0, mq, j0, nk, nkp, cap ? T : nullptr, 1.f, 1.f);
         for (int64_t r = 0; r < mq; ++r) {
           const float lse = lse_base[b * lv.strides[0] + h * lv.strides[1] + (i0 + r) * lv.strides[2]];
           const vf vl = splat(lse == kNegInf ? INFINITY : lse);  // fully masked row: P = 0

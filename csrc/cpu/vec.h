@@ -14,7 +14,7 @@
 #error "define LLMK_VEC_BYTES and LLMK_ISA_NS before including vec.h"
 #endif
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -94,6 +94,35 @@ LLMK_INLINE vf vexp(vf x) {
   vi e = (__builtin_convertvector(n, vi) + 127) << 23;
   vf y = p * as_vf(e);
   return select(x < lo, vf{}, y);  // a NaN x fails every compare above and stays NaN
+}
+
+// 2^x for x <= 0, the softmax weights: relative error ~1e-7, exactly 0 below -126 (masked
+// scores are -inf), NaN stays NaN. AVX-512's vscalefps applies 2^n (and underflows to 0)
+// in one instruction; other tiers build 2^n from its exponent bits.
+LLMK_INLINE vf vexp2_nonpos(vf x) {
+  const vf lo = splat(-150.f);
+  x = x < lo ? lo : x;  // keeps NaN: a NaN fails the compare
+#if LLMK_VEC_BYTES == 64 && defined(__AVX512F__)
+  const vf n = (vf)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf n = (x + magic) - magic;
+#endif
+  const vf f = x - n;  // in [-0.5, 0.5]
+  // Taylor series of e^(f ln 2) to degree 6: truncation error < 1.3e-7 on this range
+  vf p = splat(1.5403530393381606e-4f);
+  p = p * f + splat(1.3333558146428443e-3f);
+  p = p * f + splat(9.6181291076284772e-3f);
+  p = p * f + splat(5.5504108664821580e-2f);
+  p = p * f + splat(2.4022650695910071e-1f);
+  p = p * f + splat(6.9314718055994531e-1f);
+  p = p * f + splat(1.f);
+#if LLMK_VEC_BYTES == 64 && defined(__AVX512F__)
+  return (vf)_mm512_scalef_ps((__m512)p, (__m512)n);
+#else
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  return select(n < splat(-126.f), vf{}, p * as_vf(e));
+#endif
 }
 
 // tanh(x) = sign(x) (1 - 2 / (e^{2|x|} + 1)); absolute error ~1e-7.
