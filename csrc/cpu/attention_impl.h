@@ -35,11 +35,14 @@ template <int R, int V>
 __attribute__((noinline)) void micro(int64_t K, const float* A, int64_t sam, int64_t sak,
                                      const float* B, int64_t ldb, float* C, int64_t ldc,
                                      bool accumulate) {
+  // The K products are summed from zero and added to C once at the end: long
+  // accumulations (dK, dV over every query tile) then round like a blocked sum, not like
+  // one sequential sum of thousands of terms.
   vf c[R][V];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) c[r][v] = accumulate ? loadu(C + r * ldc + v * W) : vf{};
+    for (int v = 0; v < V; ++v) c[r][v] = vf{};
   for (int64_t k = 0; k < K; ++k) {
     vf b[V];
 #pragma GCC unroll 4
@@ -54,7 +57,8 @@ __attribute__((noinline)) void micro(int64_t K, const float* A, int64_t sam, int
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) storeu(C + r * ldc + v * W, c[r][v]);
+    for (int v = 0; v < V; ++v)
+      storeu(C + r * ldc + v * W, accumulate ? c[r][v] + loadu(C + r * ldc + v * W) : c[r][v]);
 }
 
 using MicroFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
@@ -110,8 +114,7 @@ __attribute__((noinline)) void micro_bf16(int64_t K2, const uint32_t* A, int64_t
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v)
-      c[r][v] = accumulate ? _mm512_loadu_ps(C + r * ldc + v * 16) : _mm512_setzero_ps();
+    for (int v = 0; v < V; ++v) c[r][v] = _mm512_setzero_ps();  // see micro(): blocked sums
   for (int64_t k = 0; k < K2; ++k) {
     __m512bh b[V];
 #pragma GCC unroll 4
@@ -126,7 +129,10 @@ __attribute__((noinline)) void micro_bf16(int64_t K2, const uint32_t* A, int64_t
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(C + r * ldc + v * 16, c[r][v]);
+    for (int v = 0; v < V; ++v)
+      _mm512_storeu_ps(C + r * ldc + v * 16,
+                       accumulate ? _mm512_add_ps(c[r][v], _mm512_loadu_ps(C + r * ldc + v * 16))
+                                  : c[r][v]);
 }
 
 using MicroBf16Fn = void (*)(int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*,
