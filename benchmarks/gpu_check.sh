@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# GPU check: build, run the GPU tests (plain and under compute-sanitizer) and the GPU attention
+# benchmark on a GPU machine, recording everything under "${OUT:-/tmp/gpu_out}".
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh
+#
+# The GPU machines are offline and lent briefly, so this is one prepared script: each step's
+# output goes to its own file, test failures are recorded (not fatal) so that later steps
+# still run, and long steps are bounded with `timeout`. Without a visible GPU it is a dry
+# run: the same steps, GPU-only ones skipped with a message, the benchmark with --quick.
+# Time limits (seconds) can be overridden: TEST_TIMEOUT, SANITIZER_TIMEOUT, BENCH_TIMEOUT.
+# SKIP_BUILD=1 reuses the installed build (e.g. a dry run in a tree someone is building).
+set -euo pipefail
+
+OUT="${OUT:-/tmp/gpu_out}"
+mkdir -p "$OUT"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY="${PYTHON:-python}"
+command -v "$PY" >/dev/null || PY=python3
+TEST_TIMEOUT="${TEST_TIMEOUT:-300}"
+SANITIZER_TIMEOUT="${SANITIZER_TIMEOUT:-300}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-300}"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$SUMMARY"; }
+
+# step NAME CMD...: run CMD with output in $OUT/NAME.log; record (don't propagate) its status.
+step() {
+  local name="$1"; shift
+  log "$name: $*"
+  local rc=0
+  "$@" > "$OUT/$name.log" 2>&1 || rc=$?
+  log "$name: exit $rc$( [ "$rc" = 124 ] && echo ' (timed out)')"
+  return 0
+}
+
+HAVE_GPU=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L > "$OUT/nvidia-smi-L.txt" 2>&1; then
+  HAVE_GPU=1
+fi
+if [ "$HAVE_GPU" = 1 ]; then
+  nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+  log "GPU: $(head -n 1 "$OUT/nvidia-smi-L.txt")"
+else
+  log "no GPU visible (nvidia-smi missing or failing): dry run, GPU-only steps skipped"
+fi
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "host: $(uname -a)"
+  echo "git: $(git rev-parse HEAD 2>/dev/null || echo unavailable)"
+  git status --short 2>/dev/null | head -n 50 | sed 's/^/  /' || true
+  echo "nvcc: $(nvcc --version 2>/dev/null | tail -n 1 || echo not found)"
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
+  "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1 || echo "triton: not importable"
+  "$PY" -m pip list 2>/dev/null | grep -iE '^(torch|triton|numpy|pybind11|scikit-build-core|cmake|ninja) ' || true
+} > "$OUT/versions.txt" 2>&1 || true
+log "versions: $(tr '\n' ' ' < "$OUT/versions.txt" | cut -c1-300)"
+
+# Build: a failed build makes every later step meaningless, so it is the one fatal step.
+if [ "${SKIP_BUILD:-0}" = 1 ]; then
+  log "build: skipped (SKIP_BUILD=1), using the installed llmkernels"
+else
+  log "build: pip install --no-build-isolation --no-deps -e ."
+  if ! "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+    log "build FAILED: see $OUT/build.log"; tail -n 40 "$OUT/build.log"; exit 1
+  fi
+fi
+"$PY" -c "import llmkernels, json; print(json.dumps(llmkernels.build_info()))" \
+  > "$OUT/build_info.json" 2> "$OUT/build_info.err" || log "build_info FAILED: see $OUT/build_info.err"
+log "build_info: $(cut -c1-400 "$OUT/build_info.json" 2>/dev/null)"
+
+if [ "$HAVE_GPU" = 1 ]; then
+  step gpu_tests timeout "$TEST_TIMEOUT" "$PY" -m pytest tests -q -k "cuda or triton or gpu" \
+    --junitxml="$OUT/gpu_tests.xml"
+  tail -n 3 "$OUT/gpu_tests.log" | tee -a "$SUMMARY"
+  if command -v compute-sanitizer >/dev/null 2>&1; then
+    step sanitizer timeout "$SANITIZER_TIMEOUT" compute-sanitizer --tool memcheck \
+      "$PY" -m pytest tests -q -k cuda -x
+    tail -n 3 "$OUT/sanitizer.log" | tee -a "$SUMMARY"
+  else
+    log "compute-sanitizer not found: memcheck skipped"
+  fi
+  step attention_bench timeout "$BENCH_TIMEOUT" "$PY" benchmarks/attention.py --device cuda \
+    --json "$OUT/attention_gpu.json"
+else
+  log "gpu_tests, sanitizer: skipped (no GPU)"
+  step attention_bench timeout "$BENCH_TIMEOUT" "$PY" benchmarks/attention.py --device cpu \
+    --quick --json "$OUT/attention_cpu_quick.json"
+fi
+tail -n 25 "$OUT/attention_bench.log" | tee -a "$SUMMARY"
+log "done: results in $OUT"

@@ -1,0 +1,381 @@
+"""Shared benchmark harness: machine description, timing, peak memory, correctness, output.
+
+Every benchmark in this folder (attention.py, quant_matmul.py, optim.py) follows DESIGN.md
+"Performance": paths are compared side by side in one run, as ratios against the PyTorch
+baseline, timed with torch.utils.benchmark on CPU and triton.testing.do_bench (median) on
+GPU, and every case is checked for correctness before it is timed. This module holds the
+pieces they share, so that numbers from different benchmarks are measured the same way.
+
+Only torch (and llmkernels, for build_info) is imported at module level; triton is
+imported when a CUDA timing is asked for and matplotlib only when a plot is.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+
+# CPU flags that decide which kernels (ours and PyTorch's oneDNN/AMX ones) can run.
+CPU_FLAGS_OF_INTEREST = {
+    "x86": ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+            "amx_tile", "amx_bf16", "amx_int8"),
+    "arm": ("asimd", "asimdhp", "sve", "sve2", "bf16", "i8mm"),
+}
+
+
+# ---------------------------------------------------------------- machine description
+
+def _cpuinfo() -> Dict[str, str]:
+    """First processor's fields of /proc/cpuinfo (empty off Linux)."""
+    fields: Dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    if fields:
+                        break
+                    continue
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def machine_info(device: Optional[str] = None) -> Dict[str, Any]:
+    """What the numbers were measured on: enough to tell two runs' machines apart."""
+    device = device or default_device()
+    cpu = _cpuinfo()
+    flags = set((cpu.get("flags") or cpu.get("Features") or "").split())
+    family = "arm" if platform.machine().lower() in ("aarch64", "arm64") else "x86"
+    try:
+        usable_cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable_cores = os.cpu_count()
+    info: Dict[str, Any] = {
+        "device": device,
+        "cpu_model": cpu.get("model name") or platform.processor() or platform.machine(),
+        # present and absent ones alike, so that "no AMX" is visible in the record
+        "cpu_flags": {f: f in flags for f in CPU_FLAGS_OF_INTEREST[family]},
+        "arch": platform.machine(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable_cores,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "triton": _triton_version(),
+        # other processes' load: timings on a busy machine are noisy, ratios less so
+        "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    info["llmkernels"] = _llmkernels_summary()
+    return info
+
+
+def _triton_version() -> Optional[str]:
+    try:
+        import triton
+        return getattr(triton, "__version__", "unknown")
+    except Exception:  # missing, or broken on this machine: either way not used
+        return None
+
+
+def _llmkernels_summary() -> Dict[str, Any]:
+    try:
+        import llmkernels
+        info = llmkernels.build_info()
+    except Exception as exc:  # the benchmark still describes the machine
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    out = {"version": info.get("version"), "paths": info.get("paths")}
+    if "cpu" in info:
+        out["cpu_brand"] = info["cpu"]["brand"]
+        out["cpu_tier_in_use"] = info["cpu"]["tier_in_use"]
+        out["cpu_tiers_supported"] = info["cpu"]["tiers_supported"]
+    if "cuda" in info:
+        out["cuda_archs"] = info["cuda"]["archs"]
+    if "native_error" in info:
+        out["native_error"] = info["native_error"]
+    out["triton"] = (info.get("triton") or {}).get("available")
+    return out
+
+
+def format_machine(info: Mapping[str, Any]) -> str:
+    """A few human-readable lines for the top of a benchmark's output."""
+    flags = info.get("cpu_flags", {})
+    have = [f for f, on in flags.items() if on]
+    lacks = [f for f, on in flags.items() if not on]
+    lk = info.get("llmkernels", {})
+    lines = [
+        f"cpu: {info['cpu_model']} ({info['arch']}), {info['usable_cores']} usable cores, "
+        f"torch threads {info['torch_threads']}"
+        + (f", load average {info['loadavg_1min']:.2f}" if info.get("loadavg_1min") is not None
+           else ""),
+        f"cpu flags: {' '.join(have) or '-'}" + (f"  (no {' '.join(lacks)})" if lacks else ""),
+        f"torch {info['torch']}" + (f", CUDA {info['torch_cuda']}" if info.get("torch_cuda") else "")
+        + f", triton {info['triton'] or 'not installed'}, python {info['python']}",
+        f"gpu: {info['gpu'] or 'none visible'}",
+    ]
+    if "error" in lk:
+        lines.append(f"llmkernels: not importable: {lk['error']}")
+    else:
+        paths = ",".join(k for k, v in (lk.get("paths") or {}).items() if v)
+        line = f"llmkernels {lk.get('version')}: paths built {paths}"
+        if "cpu_tier_in_use" in lk:
+            line += (f"; cpu tier {lk['cpu_tier_in_use']} "
+                     f"(supported: {','.join(lk['cpu_tiers_supported'])})")
+        if lk.get("cuda_archs"):
+            line += f"; cuda archs {','.join(lk['cuda_archs'])}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- timing
+
+@dataclass
+class Timing:
+    median_s: float
+    iqr_s: float     # spread of the measured runs; large when the machine is busy
+    runs: int        # how many timed replicates the median is taken over (-1: do_bench's own)
+    method: str
+
+
+def time_fn(fn: Callable[[], Any], device: str = "cpu", min_run_time: float = 0.2) -> Timing:
+    """Median run time of fn().
+
+    CPU: torch.utils.benchmark's blocked_autorange, with torch's current thread count (its
+    Timer defaults to one thread, which would not be the speed users see). CUDA:
+    triton.testing.do_bench's median (it flushes L2 between runs), or CUDA events around
+    single calls when triton is missing.
+    """
+    if torch.device(device).type == "cuda":
+        return _time_cuda(fn, min_run_time)
+    from torch.utils import benchmark
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    return Timing(m.median, m.iqr, len(m.times), "torch.utils.benchmark.blocked_autorange")
+
+
+def _time_cuda(fn: Callable[[], Any], min_run_time: float) -> Timing:
+    rep_ms = max(1.0, 1000.0 * min_run_time)
+    try:
+        from triton.testing import do_bench
+    except Exception:
+        do_bench = None
+    if do_bench is not None:
+        # quantiles (rather than return_mode="median") works across triton versions and
+        # gives the spread too
+        median, q25, q75 = do_bench(fn, rep=rep_ms, quantiles=[0.5, 0.25, 0.75])
+        return Timing(median / 1e3, (q75 - q25) / 1e3, -1, "triton.testing.do_bench median")
+    # Fallback: CUDA events around each call, after a short warm-up.
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times: List[float] = []
+    spent = 0.0
+    while spent < min_run_time or len(times) < 5:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000.0)
+        spent += times[-1]
+    t = torch.tensor(times)
+    iqr = (t.quantile(0.75) - t.quantile(0.25)).item()
+    return Timing(t.median().item(), iqr, len(times), "cuda events median")
+
+
+def matmul_ceiling(dtype: torch.dtype, device: str = "cpu", n: int = 2048,
+                   min_run_time: float = 0.2) -> float:
+    """GFLOP/s of a square torch.mm: the machine's practical ceiling for matmul-bound kernels
+    (PyTorch's own oneDNN/MKL/cuBLAS GEMM), so achieved GFLOP/s can be read as a fraction."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    t = time_fn(lambda: torch.mm(a, b), device, min_run_time)
+    return 2.0 * n ** 3 / t.median_s / 1e9
+
+
+# ---------------------------------------------------------------- memory
+
+def peak_memory(fn: Callable[[], Any], device: str = "cpu") -> int:
+    """Peak bytes torch allocated during fn() over what was live before the call.
+
+    What fn returns counts too (it is alive at the end of the call). CUDA: the caching
+    allocator's peak statistic. CPU: torch keeps no such statistic, so fn runs under
+    torch.profiler with profile_memory=True and the allocation (+) and free (-) events are
+    summed in time order; the running maximum is the peak. Exact for memory allocated
+    through torch's CPU allocator; memory that native code mallocs itself is not seen.
+    """
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        del result
+        return max(0, int(peak))
+    from torch.profiler import ProfilerActivity, profile
+    with _quiet_stderr():  # kineto logs two lines per profile on stderr
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = fn()
+            del result
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()  # frees of blocks allocated before profiling report 0 bytes
+        peak = max(peak, live)
+    return peak
+
+
+class _quiet_stderr:
+    """Silence file descriptor 2 (C++ logging) for a block; Python exceptions still show,
+    since they are printed after the block has restored it."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def __exit__(self, *exc):
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        return False
+
+
+# ---------------------------------------------------------------- correctness
+
+@dataclass
+class Check:
+    """One tensor's comparison against the float64 reference."""
+    name: str
+    error: float                      # max |got - reference|
+    bound: float                      # what error may be
+    ok: bool
+    baseline_error: Optional[float]   # PyTorch's same-precision error, when given
+
+
+def max_abs_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| in float64; inf when either holds NaN/Inf where the other doesn't."""
+    if got.shape != ref.shape:
+        raise ValueError(f"shape mismatch: {tuple(got.shape)} vs reference {tuple(ref.shape)}")
+    if got.numel() == 0:
+        return 0.0
+    diff = (got.detach().double() - ref.detach().double().to(got.device)).abs().max().item()
+    return diff if math.isfinite(diff) else float("inf")
+
+
+def check_close(name: str, got: torch.Tensor, ref: torch.Tensor, *, atol: float,
+                baseline: Optional[torch.Tensor] = None, factor: float = 2.0) -> Check:
+    """Compare got with a float64 reference.
+
+    With `baseline` (PyTorch's own result in the same precision) the bound is DESIGN.md's:
+    factor x the baseline's error, plus the absolute floor atol. Without it, just atol.
+    """
+    err = max_abs_error(got, ref)
+    base = max_abs_error(baseline, ref) if baseline is not None else None
+    bound = atol + (factor * base if base is not None and math.isfinite(base) else 0.0)
+    return Check(name, err, bound, err <= bound, base)
+
+
+# ---------------------------------------------------------------- output
+
+def fmt(value: Any, spec: str = ".3g") -> str:
+    """Table cell text: numbers formatted with spec, None as '-', others as str."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        return format(value, spec)
+    return str(value)
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """Columns aligned by width: text left, numbers (cells that parse as numbers) right."""
+    text = [[fmt(c) if not isinstance(c, str) else c for c in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in text:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+
+    def numeric(cell: str) -> bool:
+        try:
+            float(cell.rstrip("x%"))
+            return True
+        except ValueError:
+            return cell == "-"
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if numeric(c) else c.ljust(w)
+                         for c, w in zip(cells, widths)).rstrip()
+
+    out = [line(list(headers)), "  ".join("-" * w for w in widths)]
+    out += [line(row) for row in text]
+    return "\n".join(out)
+
+
+def _parent(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+
+
+def write_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """One line per row; columns are the union of the rows' keys, in first-seen order."""
+    _parent(path)
+    columns: List[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k) for k in columns})
+
+
+def write_json(path: str, obj: Any) -> None:
+    _parent(path)
+    with open(path, "w") as f:
+        json.dump(_jsonable(obj), f, indent=2)
+        f.write("\n")
+
+
+def _jsonable(obj: Any) -> Any:
+    """Dataclasses, dtypes and non-finite floats made JSON-safe (NaN/Inf become null)."""
+    if hasattr(obj, "__dataclass_fields__"):
+        return _jsonable(asdict(obj))
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def plt_module():
+    """matplotlib.pyplot with a file-only backend, imported only when a plot is asked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
