@@ -106,6 +106,8 @@ PYBIND11_MODULE(_C, m) {
     throw py::value_error("unknown CPU tier '" + name + "'");
   });
   m.def("tier_supported", [](int tier) { return tier_supported(to_tier(tier)); });
+  m.def("attention_set_round_bytes", &set_attention_round_bytes, py::arg("bytes"),
+        "Testing knob: the workspace budget of one round of heads (0 restores the default).");
 
   m.def(
       "attention_forward_workspace_bytes",

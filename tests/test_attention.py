@@ -215,3 +215,32 @@ def test_extra_memory_grows_linearly_with_sequence_length(direction):
         q, k, v = (torch.empty(1, 2, n, 64) for _ in range(3))
         sizes.append(fn(cpu_tier_code(), cview(q), cview(k), cview(v), None, 2))
     assert sizes[1] <= 4.2 * sizes[0], sizes  # 4x the length: at most ~4x the memory, not 16x
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_workspace_is_bounded_for_large_batches(direction):
+    """Heads are processed in rounds: 16x the batch does not mean 16x the workspace."""
+    from llmkernels._cview import cview
+    from llmkernels.backends import cpu_tier_code, native_module
+    fn = getattr(native_module(), f"attention_{direction}_workspace_bytes")
+    sizes = []
+    for batch in (4, 64):
+        q, k, v = (torch.empty(1, 1, 1024, 64).expand(batch, 16, 1024, 64) for _ in range(3))
+        sizes.append(fn(cpu_tier_code(), cview(q), cview(k), cview(v), None, 2))
+    assert sizes[1] <= 1.5 * sizes[0] + (40 << 20), sizes
+
+
+@pytest.fixture
+def one_head_per_round():
+    from llmkernels.backends import native_module
+    native_module().attention_set_round_bytes(1)
+    try:
+        yield
+    finally:
+        native_module().attention_set_round_bytes(0)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_many_rounds_of_heads(cpu_tier, dtype, one_head_per_round):
+    """Large problems run batch x kv-head pairs in rounds; force one head per round."""
+    run_case(3, 4, 2, 70, 90, 32, 24, dtype, is_causal=True, mask_kind="additive")

@@ -1,6 +1,8 @@
 // Tier dispatch and argument checks for the CPU attention kernel.
 #include "attention.h"
 
+#include <atomic>
+
 #include "../common/checks.h"
 
 namespace llmk {
@@ -52,6 +54,14 @@ void check_params(const AttentionParams& p) {
   LLMK_CHECK(p.num_threads >= 1, "num_threads must be >= 1");
 }
 
+std::atomic<int64_t> g_round_bytes{0};
+
+AttentionParams with_round(const AttentionParams& p) {
+  AttentionParams q = p;
+  if (q.round_bytes <= 0) q.round_bytes = g_round_bytes.load();
+  return q;
+}
+
 CpuTier checked(CpuTier tier) {
   LLMK_CHECK(tier_supported(tier), "CPU tier " << tier_name(tier) << " is not supported by this CPU");
   return tier;
@@ -97,7 +107,10 @@ void check_attention_backward(const AttentionParams& p, const BackwardIO& io) {
     LLMK_CHECK(t->dtype == p.q.dtype, "gradients and out must have query's dtype");
 }
 
-int64_t attention_forward_workspace_bytes(CpuTier tier, const AttentionParams& p) {
+void set_attention_round_bytes(int64_t bytes) { g_round_bytes.store(bytes > 0 ? bytes : 0); }
+
+int64_t attention_forward_workspace_bytes(CpuTier tier, const AttentionParams& p0) {
+  const AttentionParams p = with_round(p0);
   switch (checked(tier)) {
     case CpuTier::avx512_bf16: return attn_avx512bf16::forward_workspace_bytes(p);
     case CpuTier::avx512: return attn_avx512::forward_workspace_bytes(p);
@@ -106,7 +119,8 @@ int64_t attention_forward_workspace_bytes(CpuTier tier, const AttentionParams& p
   }
 }
 
-int64_t attention_backward_workspace_bytes(CpuTier tier, const AttentionParams& p) {
+int64_t attention_backward_workspace_bytes(CpuTier tier, const AttentionParams& p0) {
+  const AttentionParams p = with_round(p0);
   switch (checked(tier)) {
     case CpuTier::avx512_bf16: return attn_avx512bf16::backward_workspace_bytes(p);
     case CpuTier::avx512: return attn_avx512::backward_workspace_bytes(p);
@@ -115,7 +129,8 @@ int64_t attention_backward_workspace_bytes(CpuTier tier, const AttentionParams& 
   }
 }
 
-int64_t attention_forward(CpuTier tier, const AttentionParams& p, const ForwardIO& io) {
+int64_t attention_forward(CpuTier tier, const AttentionParams& p0, const ForwardIO& io) {
+  const AttentionParams p = with_round(p0);
   check_attention_forward(p, io);
   switch (checked(tier)) {
     case CpuTier::avx512_bf16: return attn_avx512bf16::forward(p, io);
@@ -125,7 +140,8 @@ int64_t attention_forward(CpuTier tier, const AttentionParams& p, const ForwardI
   }
 }
 
-void attention_backward(CpuTier tier, const AttentionParams& p, const BackwardIO& io) {
+void attention_backward(CpuTier tier, const AttentionParams& p0, const BackwardIO& io) {
+  const AttentionParams p = with_round(p0);
   check_attention_backward(p, io);
   switch (checked(tier)) {
     case CpuTier::avx512_bf16: attn_avx512bf16::backward(p, io); break;

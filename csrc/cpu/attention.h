@@ -18,6 +18,7 @@ struct AttentionParams {
   int64_t window_right = -1;  //   i + diag_offset - left <= j <= i + diag_offset + right
   int64_t diag_offset = 0;    // (-1: that side unbounded)
   int num_threads = 1;
+  int64_t round_bytes = 0;    // workspace budget of one round of heads; 0: the default
 };
 
 struct ForwardIO {
@@ -37,6 +38,9 @@ struct BackwardIO {
 // Validates shapes, dtypes and strides of the views (throws on anything memory-unsafe).
 void check_attention_forward(const AttentionParams& p, const ForwardIO& io);
 void check_attention_backward(const AttentionParams& p, const BackwardIO& io);
+
+// Tests shrink the per-round workspace budget to exercise several rounds on small shapes.
+void set_attention_round_bytes(int64_t bytes);
 
 int64_t attention_forward_workspace_bytes(CpuTier tier, const AttentionParams& p);
 int64_t attention_backward_workspace_bytes(CpuTier tier, const AttentionParams& p);

@@ -402,13 +402,29 @@ LLMK_INLINE int64_t v_tile_words(const Geometry& g) {
   return g.bf16dot ? kBK / 2 * g.Dvp : kBK * g.Dvp;
 }
 
+// Batch x kv-head pairs are processed in rounds, and the packed operands and float32
+// buffers are sized for one round: the workspace stays near kRoundBytes (or what 2 heads
+// per thread need), whatever the batch size and head count.
+constexpr int64_t kRoundBytes = int64_t(32) << 20;
+
+LLMK_INLINE int64_t heads_per_round(const AttentionParams& p, int64_t heads,
+                                    int64_t bytes_per_head, int nthreads) {
+  const int64_t budget = p.round_bytes > 0 ? p.round_bytes : kRoundBytes;
+  const int64_t by_memory = budget / max_<int64_t>(bytes_per_head, 1);
+  // An explicit budget (tests) may go down to one head per round.
+  const int64_t min_heads = p.round_bytes > 0 ? 1 : 2 * int64_t(nthreads);
+  return max_<int64_t>(1, min_<int64_t>(heads, max_<int64_t>(by_memory, min_heads)));
+}
+
 struct ForwardLayout {
+  int64_t hpr;  // kv heads per round
   int64_t kt_all, v_all, scratch, per_thread, bad_rows, total;
-  ForwardLayout(const Geometry& g, int nthreads) {
+  ForwardLayout(const AttentionParams& p, const Geometry& g, int nthreads) {
+    hpr = heads_per_round(p, g.B * g.Hk, g.nkt * (kt_tile_words(g) + v_tile_words(g)) * 4, nthreads);
     Bump a;
     // float32 tiles, or bf16 pairs (half the words) on the bf16 dot-product path
-    kt_all = a.take_floats(g.B * g.Hk * g.nkt * kt_tile_words(g));
-    v_all = a.take_floats(g.B * g.Hk * g.nkt * v_tile_words(g));
+    kt_all = a.take_floats(hpr * g.nkt * kt_tile_words(g));
+    v_all = a.take_floats(hpr * g.nkt * v_tile_words(g));
     per_thread = round_up((kBQ * g.Dp + kBQ * kBK + kBQ * g.Dvp + kBQ * W + 5 * kBQ) * 4 +
                           (g.bf16dot ? kBQ * kBK * 2 : 0), 64);
     scratch = a.take_floats(0);
@@ -419,17 +435,19 @@ struct ForwardLayout {
 };
 
 struct BackwardLayout {
+  int64_t hpr;   // kv heads per round
+  int64_t rows;  // query rows of one round (hpr x group x L)
   int64_t nchunks, tiles_per_chunk;
   int64_t qp, dop, delta, dq_acc, scratch, per_thread, total;
-  BackwardLayout(const Geometry& g, int nthreads) {
-    // Enough chunks of key tiles to keep every thread busy when batch x kv-heads is small.
-    const int64_t bh = max_<int64_t>(g.B * g.Hk, 1);
-    nchunks = min_<int64_t>(max_<int64_t>(g.nkt, 1), max_<int64_t>(1, (4 * nthreads + bh - 1) / bh));
+  BackwardLayout(const AttentionParams& p, const Geometry& g, int nthreads) {
+    hpr = heads_per_round(p, g.B * g.Hk, g.group * g.L * (2 * g.Dp + g.Dvp + 1) * 4, nthreads);
+    rows = hpr * g.group * g.L;
+    // Enough chunks of key tiles to keep every thread busy when a round has few heads.
+    nchunks = min_<int64_t>(max_<int64_t>(g.nkt, 1), max_<int64_t>(1, (4 * nthreads + hpr - 1) / hpr));
     tiles_per_chunk = (g.nkt + nchunks - 1) / max_<int64_t>(nchunks, 1);
     if (tiles_per_chunk > 0) nchunks = (g.nkt + tiles_per_chunk - 1) / tiles_per_chunk;
     nchunks = max_<int64_t>(nchunks, 1);
     Bump a;
-    const int64_t rows = g.B * g.Hq * g.L;
     qp = a.take_floats(rows * g.Dp);
     dop = a.take_floats(rows * g.Dvp);
     delta = a.take_floats(rows);
@@ -443,11 +461,11 @@ struct BackwardLayout {
 };
 
 int64_t forward_workspace_bytes(const AttentionParams& p) {
-  return ForwardLayout(Geometry(p), max_(p.num_threads, 1)).total;
+  return ForwardLayout(p, Geometry(p), max_(p.num_threads, 1)).total;
 }
 
 int64_t backward_workspace_bytes(const AttentionParams& p) {
-  return BackwardLayout(Geometry(p), max_(p.num_threads, 1)).total;
+  return BackwardLayout(p, Geometry(p), max_(p.num_threads, 1)).total;
 }
 
 // ---------------------------------------------------------------- forward
@@ -458,11 +476,13 @@ struct ForwardCtx {
   Geometry g;
   ForwardLayout lay;
   char* ws;
-  float* kt_tile(int64_t b, int64_t hk, int64_t kt) const {
-    return reinterpret_cast<float*>(ws + lay.kt_all) + ((b * g.Hk + hk) * g.nkt + kt) * kt_tile_words(g);
+  int64_t h0 = 0;  // first flat (batch x kv-head) index of the current round
+  // Packed tiles of the round's kv head `local`.
+  float* kt_tile(int64_t local, int64_t kt) const {
+    return reinterpret_cast<float*>(ws + lay.kt_all) + (local * g.nkt + kt) * kt_tile_words(g);
   }
-  float* v_tile(int64_t b, int64_t hk, int64_t kt) const {
-    return reinterpret_cast<float*>(ws + lay.v_all) + ((b * g.Hk + hk) * g.nkt + kt) * v_tile_words(g);
+  float* v_tile(int64_t local, int64_t kt) const {
+    return reinterpret_cast<float*>(ws + lay.v_all) + (local * g.nkt + kt) * v_tile_words(g);
   }
 };
 
@@ -480,14 +500,14 @@ struct Bf16Rows {
 
 // K^T tile as pairs along the head dim: Kt2[d2][j] = (K[j][2 d2], K[j][2 d2 + 1]).
 // V tile as pairs along keys: V2[j2][e] = (V[2 j2][e], V[2 j2 + 1][e]).
-void forward_pack_bf16(const ForwardCtx& c, int64_t b, int64_t hk, int64_t kt, int64_t j0,
-                       int64_t nk) {
+void forward_pack_bf16(const ForwardCtx& c, int64_t b, int64_t hk, int64_t local, int64_t kt,
+                       int64_t j0, int64_t nk) {
   const Geometry& g = c.g;
   const Bf16Rows K(c.p->k, b, hk, j0, nk, g.D), V(c.p->v, b, hk, j0, nk, g.Dv);
-  uint32_t* kt2 = reinterpret_cast<uint32_t*>(c.kt_tile(b, hk, kt));
+  uint32_t* kt2 = reinterpret_cast<uint32_t*>(c.kt_tile(local, kt));
   for (int64_t d2 = 0; d2 < g.D2 / 2; ++d2)
     for (int64_t j = 0; j < kBK; ++j) kt2[d2 * kBK + j] = pair(K(j, 2 * d2), K(j, 2 * d2 + 1));
-  uint32_t* v2 = reinterpret_cast<uint32_t*>(c.v_tile(b, hk, kt));
+  uint32_t* v2 = reinterpret_cast<uint32_t*>(c.v_tile(local, kt));
   for (int64_t j2 = 0; j2 < kBK / 2; ++j2)
     for (int64_t e = 0; e < g.Dvp; ++e) v2[j2 * g.Dvp + e] = pair(V(2 * j2, e), V(2 * j2 + 1, e));
 }
@@ -495,11 +515,12 @@ void forward_pack_bf16(const ForwardCtx& c, int64_t b, int64_t hk, int64_t kt, i
 void forward_pack_item(void* vctx, int64_t item, int) {
   const ForwardCtx& c = *static_cast<const ForwardCtx*>(vctx);
   const Geometry& g = c.g;
-  const int64_t kt = item % g.nkt, bh = item / g.nkt, b = bh / g.Hk, hk = bh % g.Hk;
+  const int64_t kt = item % g.nkt, local = item / g.nkt, flat = c.h0 + local;
+  const int64_t b = flat / g.Hk, hk = flat % g.Hk;
   const int64_t j0 = kt * kBK, nk = min_(kBK, g.S - j0);
-  if (g.bf16dot) return forward_pack_bf16(c, b, hk, kt, j0, nk);
-  load_rows_transposed_any(c.p->k, b, hk, j0, nk, g.D, c.kt_tile(b, hk, kt), kBK);
-  float* v = c.v_tile(b, hk, kt);
+  if (g.bf16dot) return forward_pack_bf16(c, b, hk, local, kt, j0, nk);
+  load_rows_transposed_any(c.p->k, b, hk, j0, nk, g.D, c.kt_tile(local, kt), kBK);
+  float* v = c.v_tile(local, kt);
   load_rows_any(c.p->v, b, hk, j0, nk, g.Dv, 1.f, v, g.Dvp, g.Dvp);
   for (int64_t r = nk; r < kBK; ++r)
     for (int64_t e = 0; e < g.Dvp; ++e) v[r * g.Dvp + e] = 0.f;
@@ -511,8 +532,9 @@ void forward_item(void* vctx, int64_t item, int tid) {
   const AttentionParams& p = *c.p;
   const Geometry& g = c.g;
   // Heaviest (last, under a causal mask) query tiles first: shorter tail.
-  const int64_t qt = g.nqt - 1 - item % g.nqt, bh = item / g.nqt;
-  const int64_t b = bh / g.Hq, h = bh % g.Hq, hk = h / g.group;
+  const int64_t qt = g.nqt - 1 - item % g.nqt, rest = item / g.nqt;
+  const int64_t local = rest / g.group, flat = c.h0 + local;
+  const int64_t b = flat / g.Hk, hk = flat % g.Hk, h = hk * g.group + rest % g.group;
   const int64_t i0 = qt * kBQ, mq = min_(kBQ, g.L - i0);
 
   float* Q = reinterpret_cast<float*>(c.ws + c.lay.scratch + c.lay.per_thread * tid);
@@ -549,9 +571,9 @@ void forward_item(void* vctx, int64_t item, int tid) {
       const int64_t j0 = kt * kBK, nk = min_(kBK, g.S - j0), nkp = round_up(nk, W);
       if constexpr (BF) {
         gemm_bf16(mq, nkp, g.D2 / 2, Q2, g.D2 / 2,
-                  reinterpret_cast<const uint32_t*>(c.kt_tile(b, hk, kt)), kBK, S, kBK, false);
+                  reinterpret_cast<const uint32_t*>(c.kt_tile(local, kt)), kBK, S, kBK, false);
       } else {
-        gemm(mq, nkp, g.D, Q, g.Dp, 1, c.kt_tile(b, hk, kt), kBK, S, kBK, false);
+        gemm(mq, nkp, g.D, Q, g.Dp, 1, c.kt_tile(local, kt), kBK, S, kBK, false);
       }
       transform_scores(p, b, h, S, kBK, i0, mq, j0, nk, nkp, nullptr, BF ? p.scale * kLog2e : 1.f,
                        kLog2e);
@@ -588,9 +610,9 @@ void forward_item(void* vctx, int64_t item, int tid) {
       if constexpr (BF) {
         for (int64_t r = 0; r < mq; ++r) row_to_bf16(S + r * kBK, Pb + r * kBK, nkp);
         gemm_bf16(mq, g.Dvp, nkp / 2, reinterpret_cast<const uint32_t*>(Pb), kBK / 2,
-                  reinterpret_cast<const uint32_t*>(c.v_tile(b, hk, kt)), g.Dvp, O, g.Dvp, true);
+                  reinterpret_cast<const uint32_t*>(c.v_tile(local, kt)), g.Dvp, O, g.Dvp, true);
       } else {
-        gemm(mq, g.Dvp, nk, S, kBK, 1, c.v_tile(b, hk, kt), g.Dvp, O, g.Dvp, true);
+        gemm(mq, g.Dvp, nk, S, kBK, 1, c.v_tile(local, kt), g.Dvp, O, g.Dvp, true);
       }
     }
   }
@@ -616,7 +638,7 @@ void forward_item(void* vctx, int64_t item, int tid) {
 
 int64_t forward(const AttentionParams& p, const ForwardIO& io) {
   const int nthreads = max_(p.num_threads, 1);
-  ForwardCtx c{&p, &io, Geometry(p), ForwardLayout(Geometry(p), nthreads),
+  ForwardCtx c{&p, &io, Geometry(p), ForwardLayout(p, Geometry(p), nthreads),
                static_cast<char*>(io.workspace)};
   LLMK_CHECK(io.workspace_bytes >= c.lay.total, "attention forward workspace too small: "
                                                     << io.workspace_bytes << " < " << c.lay.total);
@@ -624,9 +646,12 @@ int64_t forward(const AttentionParams& p, const ForwardIO& io) {
   if (g.B * g.Hq * g.L == 0) return 0;
   int64_t* bad = reinterpret_cast<int64_t*>(c.ws + c.lay.bad_rows);
   for (int t = 0; t < nthreads; ++t) bad[t] = 0;
-  parallel_for(g.B * g.Hk * g.nkt, nthreads, forward_pack_item, &c);
-  parallel_for(g.B * g.Hq * g.nqt, nthreads, g.bf16dot ? forward_item<true> : forward_item<false>,
-               &c);
+  for (c.h0 = 0; c.h0 < g.B * g.Hk; c.h0 += c.lay.hpr) {
+    const int64_t heads = min_(c.lay.hpr, g.B * g.Hk - c.h0);
+    parallel_for(heads * g.nkt, nthreads, forward_pack_item, &c);
+    parallel_for(heads * g.group * g.nqt, nthreads,
+                 g.bf16dot ? forward_item<true> : forward_item<false>, &c);
+  }
   int64_t total = 0;
   for (int t = 0; t < nthreads; ++t) total += bad[t];
   return total;
@@ -640,8 +665,21 @@ struct BackwardCtx {
   Geometry g;
   BackwardLayout lay;
   char* ws;
+  int64_t h0 = 0;  // first flat (batch x kv-head) index of the current round
   float* f(int64_t off) const { return reinterpret_cast<float*>(ws + off); }
-  int64_t row(int64_t b, int64_t h, int64_t i) const { return (b * g.Hq + h) * g.L + i; }
+  // Row of query i of head gi of the round's kv head `local` in the round's buffers.
+  int64_t row(int64_t local, int64_t gi, int64_t i) const { return (local * g.group + gi) * g.L + i; }
+  // Splits a round item (local kv head, head in its group, query tile) into coordinates.
+  void query_item(int64_t item, int64_t* local, int64_t* gi, int64_t* qt, int64_t* b,
+                  int64_t* h) const {
+    *qt = item % g.nqt;
+    const int64_t rest = item / g.nqt;
+    *local = rest / g.group;
+    *gi = rest % g.group;
+    const int64_t flat = h0 + *local;
+    *b = flat / g.Hk;
+    *h = (flat % g.Hk) * g.group + *gi;
+  }
 };
 
 // Per (batch, head, query tile): scaled Q and dO as padded float32 rows, delta = rowsum(dO * O),
@@ -650,8 +688,9 @@ void backward_prep_item(void* vctx, int64_t item, int) {
   const BackwardCtx& c = *static_cast<const BackwardCtx*>(vctx);
   const AttentionParams& p = *c.p;
   const Geometry& g = c.g;
-  const int64_t qt = item % g.nqt, bh = item / g.nqt, b = bh / g.Hq, h = bh % g.Hq;
-  const int64_t i0 = qt * kBQ, mq = min_(kBQ, g.L - i0), r0 = c.row(b, h, i0);
+  int64_t local, gi, qt, b, h;
+  c.query_item(item, &local, &gi, &qt, &b, &h);
+  const int64_t i0 = qt * kBQ, mq = min_(kBQ, g.L - i0), r0 = c.row(local, gi, i0);
   float* Q = c.f(c.lay.qp) + r0 * g.Dp;
   float* dO = c.f(c.lay.dop) + r0 * g.Dvp;
   load_rows_any(p.q, b, h, i0, mq, g.D, p.scale, Q, g.Dp, g.Dp);
@@ -667,9 +706,8 @@ void backward_prep_item(void* vctx, int64_t item, int) {
       delta[r] = s;
     }
   });
-  const int64_t rows = g.B * g.Hq * g.L;
   for (int64_t ch = 0; ch < c.lay.nchunks; ++ch) {
-    float* acc = c.f(c.lay.dq_acc) + (ch * rows + r0) * g.Dp;
+    float* acc = c.f(c.lay.dq_acc) + (ch * c.lay.rows + r0) * g.Dp;
     for (int64_t x = 0; x < mq * g.Dp; ++x) acc[x] = 0.f;
   }
 }
@@ -678,9 +716,8 @@ void backward_item(void* vctx, int64_t item, int tid) {
   const BackwardCtx& c = *static_cast<const BackwardCtx*>(vctx);
   const AttentionParams& p = *c.p;
   const Geometry& g = c.g;
-  const int64_t ch = item % c.lay.nchunks, bh = item / c.lay.nchunks;
-  const int64_t b = bh / g.Hk, hk = bh % g.Hk;
-  const int64_t rows = g.B * g.Hq * g.L;
+  const int64_t ch = item % c.lay.nchunks, local = item / c.lay.nchunks, flat = c.h0 + local;
+  const int64_t b = flat / g.Hk, hk = flat % g.Hk;
 
   float* Kt = reinterpret_cast<float*>(c.ws + c.lay.scratch + c.lay.per_thread * tid);
   float* Kr = Kt + g.D * kBK;
@@ -705,9 +742,10 @@ void backward_item(void* vctx, int64_t item, int tid) {
 
     int64_t qlo, qhi;
     query_range(p, g.L, j0, nk, &qlo, &qhi);
-    for (int64_t h = hk * g.group; h < (hk + 1) * g.group && qlo <= qhi; ++h) {
+    for (int64_t gi = 0; gi < g.group && qlo <= qhi; ++gi) {
+      const int64_t h = hk * g.group + gi;
       for (int64_t qt = qlo / kBQ; qt <= qhi / kBQ; ++qt) {
-        const int64_t i0 = qt * kBQ, mq = min_(kBQ, g.L - i0), r0 = c.row(b, h, i0);
+        const int64_t i0 = qt * kBQ, mq = min_(kBQ, g.L - i0), r0 = c.row(local, gi, i0);
         const float* Q = c.f(c.lay.qp) + r0 * g.Dp;
         const float* dO = c.f(c.lay.dop) + r0 * g.Dvp;
         const float* delta = c.f(c.lay.delta) + r0;
@@ -735,7 +773,7 @@ void backward_item(void* vctx, int64_t item, int tid) {
           }
         }
         gemm(nk, g.Dp, mq, dP, 1, kBK, Q, g.Dp, dK, g.Dp, true);          // dK += dU^T (scale Q)
-        float* dq = c.f(c.lay.dq_acc) + (ch * rows + r0) * g.Dp;
+        float* dq = c.f(c.lay.dq_acc) + (ch * c.lay.rows + r0) * g.Dp;
         gemm(mq, g.Dp, nk, dP, kBK, 1, Kr, g.Dp, dq, g.Dp, true);          // dQ += dU K
       }
     }
@@ -748,12 +786,12 @@ void backward_item(void* vctx, int64_t item, int tid) {
 void backward_dq_item(void* vctx, int64_t item, int) {
   const BackwardCtx& c = *static_cast<const BackwardCtx*>(vctx);
   const Geometry& g = c.g;
-  const int64_t qt = item % g.nqt, bh = item / g.nqt, b = bh / g.Hq, h = bh % g.Hq;
-  const int64_t i0 = qt * kBQ, mq = min_(kBQ, g.L - i0), r0 = c.row(b, h, i0);
-  const int64_t rows = g.B * g.Hq * g.L;
+  int64_t local, gi, qt, b, h;
+  c.query_item(item, &local, &gi, &qt, &b, &h);
+  const int64_t i0 = qt * kBQ, mq = min_(kBQ, g.L - i0), r0 = c.row(local, gi, i0);
   float* acc = c.f(c.lay.dq_acc) + r0 * g.Dp;
   for (int64_t ch = 1; ch < c.lay.nchunks; ++ch) {
-    const float* part = c.f(c.lay.dq_acc) + (ch * rows + r0) * g.Dp;
+    const float* part = c.f(c.lay.dq_acc) + (ch * c.lay.rows + r0) * g.Dp;
     for (int64_t x = 0; x < mq * g.Dp; x += W) storeu(acc + x, loadu(acc + x) + loadu(part + x));
   }
   store_rows_any(c.io->dq, b, h, i0, mq, g.D, acc, g.Dp, c.p->scale, nullptr);
@@ -761,14 +799,17 @@ void backward_dq_item(void* vctx, int64_t item, int) {
 
 void backward(const AttentionParams& p, const BackwardIO& io) {
   const int nthreads = max_(p.num_threads, 1);
-  BackwardCtx c{&p, &io, Geometry(p), BackwardLayout(Geometry(p), nthreads),
+  BackwardCtx c{&p, &io, Geometry(p), BackwardLayout(p, Geometry(p), nthreads),
                 static_cast<char*>(io.workspace)};
   LLMK_CHECK(io.workspace_bytes >= c.lay.total, "attention backward workspace too small: "
                                                     << io.workspace_bytes << " < " << c.lay.total);
   const Geometry& g = c.g;
-  parallel_for(g.B * g.Hq * g.nqt, nthreads, backward_prep_item, &c);
-  parallel_for(g.B * g.Hk * c.lay.nchunks, nthreads, backward_item, &c);
-  parallel_for(g.B * g.Hq * g.nqt, nthreads, backward_dq_item, &c);
+  for (c.h0 = 0; c.h0 < g.B * g.Hk; c.h0 += c.lay.hpr) {
+    const int64_t heads = min_(c.lay.hpr, g.B * g.Hk - c.h0);
+    parallel_for(heads * g.group * g.nqt, nthreads, backward_prep_item, &c);
+    parallel_for(heads * c.lay.nchunks, nthreads, backward_item, &c);
+    parallel_for(heads * g.group * g.nqt, nthreads, backward_dq_item, &c);
+  }
 }
 
 }  // namespace LLMK_ISA_NS
