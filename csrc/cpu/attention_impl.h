@@ -107,7 +107,7 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, i
 constexpr bool kHasBf16Dot = true;
 
 template <int R, int V>
-__attribute__((noinline)) void micro_bf16(int64_t K2, const uint32_t* A, int64_t sam,
+__attribute__((noinline)) void micro_bf16(int64_t K2, const uint32_t* A, int64_t sam, int64_t sak,
                                           const uint32_t* B, int64_t ldb, float* C, int64_t ldc,
                                           bool accumulate) {
   __m512 c[R][V];
@@ -121,7 +121,7 @@ __attribute__((noinline)) void micro_bf16(int64_t K2, const uint32_t* A, int64_t
     for (int v = 0; v < V; ++v) b[v] = (__m512bh)_mm512_loadu_si512(B + k * ldb + v * 16);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(int(A[r * sam + k]));
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(int(A[r * sam + k * sak]));
 #pragma GCC unroll 4
       for (int v = 0; v < V; ++v) c[r][v] = _mm512_dpbf16_ps(c[r][v], a, b[v]);
     }
@@ -135,8 +135,8 @@ __attribute__((noinline)) void micro_bf16(int64_t K2, const uint32_t* A, int64_t
                                   : c[r][v]);
 }
 
-using MicroBf16Fn = void (*)(int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*,
-                             int64_t, bool);
+using MicroBf16Fn = void (*)(int64_t, const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t,
+                             float*, int64_t, bool);
 
 template <int R>
 MicroBf16Fn micro_bf16_for(int v) {
@@ -159,18 +159,20 @@ inline MicroBf16Fn pick_micro_bf16(int r, int v) {
   }
 }
 
-// C[M x N] (+)= A2 B2 over K2 pairs; N a multiple of 16, B2 rows of ldb words.
+// C[M x N] (+)= A2 B2 over K2 pairs; N a multiple of 16, B2 rows of ldb words; A2[r][k2]
+// at A[r * sam + k2 * sak].
 inline void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t sam,
-                      const uint32_t* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+                      int64_t sak, const uint32_t* B, int64_t ldb, float* C, int64_t ldc,
+                      bool accumulate) {
   for (int64_t n0 = 0; n0 < N; n0 += 64) {
     const int nv = int(min_<int64_t>(4, (N - n0) / 16));
     const MicroBf16Fn full = pick_micro_bf16(kMR, nv);
     int64_t m0 = 0;
     for (; m0 + kMR <= M; m0 += kMR)
-      full(K2, A + m0 * sam, sam, B + n0, ldb, C + m0 * ldc + n0, ldc, accumulate);
+      full(K2, A + m0 * sam, sam, sak, B + n0, ldb, C + m0 * ldc + n0, ldc, accumulate);
     if (m0 < M)
-      pick_micro_bf16(int(M - m0), nv)(K2, A + m0 * sam, sam, B + n0, ldb, C + m0 * ldc + n0,
-                                       ldc, accumulate);
+      pick_micro_bf16(int(M - m0), nv)(K2, A + m0 * sam, sam, sak, B + n0, ldb,
+                                       C + m0 * ldc + n0, ldc, accumulate);
   }
 }
 
@@ -180,10 +182,32 @@ LLMK_INLINE void row_to_bf16(const float* src, uint16_t* dst, int64_t n) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
                         (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j)));
 }
+
+// A float32 tile [m x n] as bf16 pairs along its rows: dst[i2][j] = (src[2 i2][j],
+// src[2 i2 + 1][j]); a missing last row (m odd) counts as zeros. n a multiple of 16.
+inline void rows_to_bf16_pairs(const float* src, int64_t ld, int64_t m, int64_t n, uint32_t* dst,
+                               int64_t ldd) {
+  for (int64_t i2 = 0; 2 * i2 < m; ++i2) {
+    const float* r0 = src + 2 * i2 * ld;
+    const bool has_r1 = 2 * i2 + 1 < m;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __m512i lo =
+          _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r0 + j)));
+      __m512i hi = _mm512_setzero_si512();
+      if (has_r1)
+        hi = _mm512_slli_epi32(
+            _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r0 + ld + j))), 16);
+      _mm512_storeu_si512(dst + i2 * ldd + j, _mm512_or_si512(lo, hi));
+    }
+  }
+}
 #else
 constexpr bool kHasBf16Dot = false;
-inline void gemm_bf16(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*,
-                      int64_t, float*, int64_t, bool) {
+inline void gemm_bf16(int64_t, int64_t, int64_t, const uint32_t*, int64_t, int64_t,
+                      const uint32_t*, int64_t, float*, int64_t, bool) {
+  LLMK_CHECK(false, "bf16 dot products are not built into this tier");
+}
+inline void rows_to_bf16_pairs(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {
   LLMK_CHECK(false, "bf16 dot products are not built into this tier");
 }
 inline void row_to_bf16(const float*, uint16_t*, int64_t) {
@@ -303,7 +327,7 @@ LLMK_INLINE int64_t store_rows_any(const TensorView& t, int64_t b, int64_t h, in
 
 struct Geometry {
   int64_t B, Hq, Hk, L, S, D, Dv, Dp, Dvp, group, nqt, nkt;
-  int64_t D2;    // D rounded up to pairs (bf16 dot products)
+  int64_t D2, Dv2;  // head dims rounded up to pairs (bf16 dot products)
   bool bf16dot;  // bf16 inputs on a tier with bf16 dot products: forward multiplies in bf16
   explicit Geometry(const AttentionParams& p) {
     B = p.q.sizes[0]; Hq = p.q.sizes[1]; L = p.q.sizes[2]; D = p.q.sizes[3];
@@ -312,6 +336,7 @@ struct Geometry {
     group = Hq / Hk;
     nqt = (L + kBQ - 1) / kBQ; nkt = (S + kBK - 1) / kBK;
     D2 = round_up(D, 2);
+    Dv2 = round_up(Dv, 2);
     bf16dot = kHasBf16Dot && p.q.dtype == DType::bf16;
   }
 };
@@ -435,8 +460,9 @@ struct ForwardLayout {
 };
 
 struct BackwardLayout {
-  int64_t hpr;   // kv heads per round
-  int64_t rows;  // query rows of one round (hpr x group x L)
+  int64_t hpr;    // kv heads per round
+  int64_t rows;   // query rows of one round (hpr x group x L)
+  int64_t tiles;  // query tiles of one round (hpr x group x nqt)
   int64_t nchunks, tiles_per_chunk;
   int64_t qp, dop, delta, dq_acc, scratch, per_thread, total;
   BackwardLayout(const AttentionParams& p, const Geometry& g, int nthreads) {
@@ -448,12 +474,15 @@ struct BackwardLayout {
     if (tiles_per_chunk > 0) nchunks = (g.nkt + tiles_per_chunk - 1) / tiles_per_chunk;
     nchunks = max_<int64_t>(nchunks, 1);
     Bump a;
-    qp = a.take_floats(rows * g.Dp);
-    dop = a.take_floats(rows * g.Dvp);
+    // float32 rows of scaled Q and dO; on the bf16 dot-product path, per query tile, Q and
+    // dO as bf16 pairs along the head dim (Q2, dO2) and along the queries (Qv, dOv).
+    tiles = hpr * g.group * g.nqt;
+    qp = a.take_floats(g.bf16dot ? tiles * (kBQ * g.D2 / 2 + kBQ / 2 * g.Dp) : rows * g.Dp);
+    dop = a.take_floats(g.bf16dot ? tiles * (kBQ * g.Dv2 / 2 + kBQ / 2 * g.Dvp) : rows * g.Dvp);
     delta = a.take_floats(rows);
     dq_acc = a.take_floats(nchunks * rows * g.Dp);
     per_thread = round_up((g.D * kBK + kBK * g.Dp + g.Dv * kBK + 3 * kBQ * kBK + kBK * g.Dp +
-                           kBK * g.Dvp) * 4, 64);
+                           kBK * g.Dvp + (g.bf16dot ? 3 * kBQ * kBK / 2 : 0)) * 4, 64);
     scratch = a.take_floats(0);
     a.bytes = scratch + per_thread * nthreads;
     total = a.bytes;
@@ -570,7 +599,7 @@ void forward_item(void* vctx, int64_t item, int tid) {
     for (int64_t kt = klo / kBK; kt <= khi / kBK; ++kt) {
       const int64_t j0 = kt * kBK, nk = min_(kBK, g.S - j0), nkp = round_up(nk, W);
       if constexpr (BF) {
-        gemm_bf16(mq, nkp, g.D2 / 2, Q2, g.D2 / 2,
+        gemm_bf16(mq, nkp, g.D2 / 2, Q2, g.D2 / 2, 1,
                   reinterpret_cast<const uint32_t*>(c.kt_tile(local, kt)), kBK, S, kBK, false);
       } else {
         gemm(mq, nkp, g.D, Q, g.Dp, 1, c.kt_tile(local, kt), kBK, S, kBK, false);
@@ -609,7 +638,7 @@ void forward_item(void* vctx, int64_t item, int tid) {
       }
       if constexpr (BF) {
         for (int64_t r = 0; r < mq; ++r) row_to_bf16(S + r * kBK, Pb + r * kBK, nkp);
-        gemm_bf16(mq, g.Dvp, nkp / 2, reinterpret_cast<const uint32_t*>(Pb), kBK / 2,
+        gemm_bf16(mq, g.Dvp, nkp / 2, reinterpret_cast<const uint32_t*>(Pb), kBK / 2, 1,
                   reinterpret_cast<const uint32_t*>(c.v_tile(local, kt)), g.Dvp, O, g.Dvp, true);
       } else {
         gemm(mq, g.Dvp, nk, S, kBK, 1, c.v_tile(local, kt), g.Dvp, O, g.Dvp, true);
@@ -782,6 +811,151 @@ void backward_item(void* vctx, int64_t item, int tid) {
   }
 }
 
+#if defined(__AVX512BF16__)
+// The backward's five products in bf16 pairs (as the forward's two), float32 accumulation.
+// P and dU are rounded to bf16 before they multiply, as PyTorch's bf16 kernels do.
+struct Bf16Tile {  // one query tile's Q and dO in the layouts the products read
+  uint32_t *Q2, *Qv, *dO2, *dOv;
+};
+
+LLMK_INLINE Bf16Tile bf16_tile(const BackwardCtx& c, int64_t local, int64_t gi, int64_t qt) {
+  const Geometry& g = c.g;
+  const int64_t t = (local * g.group + gi) * g.nqt + qt;
+  uint32_t* qp = reinterpret_cast<uint32_t*>(c.ws + c.lay.qp);
+  uint32_t* dop = reinterpret_cast<uint32_t*>(c.ws + c.lay.dop);
+  return {qp + t * kBQ * (g.D2 / 2), qp + c.lay.tiles * kBQ * (g.D2 / 2) + t * (kBQ / 2) * g.Dp,
+          dop + t * kBQ * (g.Dv2 / 2),
+          dop + c.lay.tiles * kBQ * (g.Dv2 / 2) + t * (kBQ / 2) * g.Dvp};
+}
+
+// Pairs of x(r, c) along columns: dst[r][c2] = (x(r, 2 c2), x(r, 2 c2 + 1)).
+template <class X>
+LLMK_INLINE void pairs_along_cols(const X& x, int64_t rows, int64_t cols2, uint32_t* dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c2 = 0; c2 < cols2; ++c2) dst[r * cols2 + c2] = pair(x(r, 2 * c2), x(r, 2 * c2 + 1));
+}
+
+// Pairs of x(r, c) along rows: dst[r2][c] = (x(2 r2, c), x(2 r2 + 1, c)).
+template <class X>
+LLMK_INLINE void pairs_along_rows(const X& x, int64_t rows2, int64_t cols, uint32_t* dst) {
+  for (int64_t r2 = 0; r2 < rows2; ++r2)
+    for (int64_t c = 0; c < cols; ++c) dst[r2 * cols + c] = pair(x(2 * r2, c), x(2 * r2 + 1, c));
+}
+
+void backward_prep_item_bf16(void* vctx, int64_t item, int) {
+  const BackwardCtx& c = *static_cast<const BackwardCtx*>(vctx);
+  const AttentionParams& p = *c.p;
+  const Geometry& g = c.g;
+  int64_t local, gi, qt, b, h;
+  c.query_item(item, &local, &gi, &qt, &b, &h);
+  const int64_t i0 = qt * kBQ, mq = min_(kBQ, g.L - i0), r0 = c.row(local, gi, i0);
+  const Bf16Tile t = bf16_tile(c, local, gi, qt);
+  const Bf16Rows Q(p.q, b, h, i0, mq, g.D), dO(c.io->dout, b, h, i0, mq, g.Dv);
+  pairs_along_cols(Q, kBQ, g.D2 / 2, t.Q2);
+  pairs_along_rows(Q, kBQ / 2, g.Dp, t.Qv);
+  pairs_along_cols(dO, kBQ, g.Dv2 / 2, t.dO2);
+  pairs_along_rows(dO, kBQ / 2, g.Dvp, t.dOv);
+  float* delta = c.f(c.lay.delta) + r0;
+  const Bf16Rows O(c.io->out, b, h, i0, mq, g.Dv);
+  for (int64_t r = 0; r < mq; ++r) {
+    float s = 0.f;
+    for (int64_t e = 0; e < g.Dv; ++e) s += bf16_to_f32(O(r, e)) * bf16_to_f32(dO(r, e));
+    delta[r] = s;
+  }
+  for (int64_t ch = 0; ch < c.lay.nchunks; ++ch) {
+    float* acc = c.f(c.lay.dq_acc) + (ch * c.lay.rows + r0) * g.Dp;
+    for (int64_t x = 0; x < mq * g.Dp; ++x) acc[x] = 0.f;
+  }
+}
+
+void backward_item_bf16(void* vctx, int64_t item, int tid) {
+  const BackwardCtx& c = *static_cast<const BackwardCtx*>(vctx);
+  const AttentionParams& p = *c.p;
+  const Geometry& g = c.g;
+  const int64_t ch = item % c.lay.nchunks, local = item / c.lay.nchunks, flat = c.h0 + local;
+  const int64_t b = flat / g.Hk, hk = flat % g.Hk;
+
+  float* base = reinterpret_cast<float*>(c.ws + c.lay.scratch + c.lay.per_thread * tid);
+  uint32_t* Kt2 = reinterpret_cast<uint32_t*>(base);              // [d2][j]
+  uint32_t* Kv = reinterpret_cast<uint32_t*>(base + g.D * kBK);    // [j2][d]
+  uint32_t* Vt2 = reinterpret_cast<uint32_t*>(base + g.D * kBK + kBK * g.Dp);  // [e2][j]
+  float* S = base + g.D * kBK + kBK * g.Dp + g.Dv * kBK;
+  float* dP = S + kBQ * kBK;
+  float* T = dP + kBQ * kBK;
+  float* dK = T + kBQ * kBK;
+  float* dV = dK + kBK * g.Dp;
+  uint32_t* PT2 = reinterpret_cast<uint32_t*>(dV + kBK * g.Dvp);  // P as pairs along queries
+  uint32_t* dS2 = PT2 + kBQ / 2 * kBK;                             // dU as pairs along keys
+  uint32_t* dST2 = dS2 + kBQ * kBK / 2;                            // dU as pairs along queries
+  const bool cap = p.softcap > 0.f;
+  const TensorView& lv = c.io->lse;
+  const float* lse_base = static_cast<const float*>(lv.data);
+
+  const int64_t kt_end = min_(g.nkt, (ch + 1) * c.lay.tiles_per_chunk);
+  for (int64_t kt = ch * c.lay.tiles_per_chunk; kt < kt_end; ++kt) {
+    const int64_t j0 = kt * kBK, nk = min_(kBK, g.S - j0), nkp = round_up(nk, W);
+    const Bf16Rows K(p.k, b, hk, j0, nk, g.D), V(p.v, b, hk, j0, nk, g.Dv);
+    for (int64_t d2 = 0; d2 < g.D2 / 2; ++d2)
+      for (int64_t j = 0; j < kBK; ++j) Kt2[d2 * kBK + j] = pair(K(j, 2 * d2), K(j, 2 * d2 + 1));
+    pairs_along_rows(K, kBK / 2, g.Dp, Kv);
+    for (int64_t e2 = 0; e2 < g.Dv2 / 2; ++e2)
+      for (int64_t j = 0; j < kBK; ++j) Vt2[e2 * kBK + j] = pair(V(j, 2 * e2), V(j, 2 * e2 + 1));
+    for (int64_t x = 0; x < nk * g.Dp; ++x) dK[x] = 0.f;
+    for (int64_t x = 0; x < nk * g.Dvp; ++x) dV[x] = 0.f;
+
+    int64_t qlo, qhi;
+    query_range(p, g.L, j0, nk, &qlo, &qhi);
+    for (int64_t gi = 0; gi < g.group && qlo <= qhi; ++gi) {
+      const int64_t h = hk * g.group + gi;
+      for (int64_t qt = qlo / kBQ; qt <= qhi / kBQ; ++qt) {
+        const int64_t i0 = qt * kBQ, mq = min_(kBQ, g.L - i0), r0 = c.row(local, gi, i0);
+        const int64_t mq2 = (mq + 1) / 2;
+        const Bf16Tile t = bf16_tile(c, local, gi, qt);
+        const float* delta = c.f(c.lay.delta) + r0;
+        gemm_bf16(mq, nkp, g.D2 / 2, t.Q2, g.D2 / 2, 1, Kt2, kBK, S, kBK, false);
+        transform_scores(p, b, h, S, kBK, i0, mq, j0, nk, nkp, cap ? T : nullptr, p.scale, 1.f);
+        for (int64_t r = 0; r < mq; ++r) {
+          const float lse = lse_base[b * lv.strides[0] + h * lv.strides[1] + (i0 + r) * lv.strides[2]];
+          const vf vl = splat(lse == kNegInf ? INFINITY : lse);  // fully masked row: P = 0
+          float* row = S + r * kBK;
+          for (int64_t j = 0; j < nkp; j += W) storeu(row + j, vexp(loadu(row + j) - vl));
+        }
+        rows_to_bf16_pairs(S, kBK, mq, nkp, PT2, kBK);
+        gemm_bf16(nk, g.Dvp, mq2, PT2, 1, kBK, t.dOv, g.Dvp, dV, g.Dvp, true);  // dV += P^T dO
+        gemm_bf16(mq, nkp, g.Dv2 / 2, t.dO2, g.Dv2 / 2, 1, Vt2, kBK, dP, kBK, false);  // dO V^T
+        for (int64_t r = 0; r < mq; ++r) {                                 // dU = P (dP - delta)
+          const vf vd = splat(delta[r]);
+          float* dpr = dP + r * kBK;
+          const float* pr = S + r * kBK;
+          for (int64_t j = 0; j < nkp; j += W) {
+            vf du = loadu(pr + j) * (loadu(dpr + j) - vd);
+            if (cap) {
+              const vf tt = loadu(T + r * kBK + j);
+              du = du * (splat(1.f) - tt * tt);
+            }
+            storeu(dpr + j, du);
+          }
+          row_to_bf16(dpr, reinterpret_cast<uint16_t*>(dS2 + r * (kBK / 2)), nkp);
+        }
+        rows_to_bf16_pairs(dP, kBK, mq, nkp, dST2, kBK);
+        gemm_bf16(nk, g.Dp, mq2, dST2, 1, kBK, t.Qv, g.Dp, dK, g.Dp, true);     // dK += dU^T Q
+        float* dq = c.f(c.lay.dq_acc) + (ch * c.lay.rows + r0) * g.Dp;
+        gemm_bf16(mq, g.Dp, nkp / 2, dS2, kBK / 2, 1, Kv, g.Dp, dq, g.Dp, true);  // dQ += dU K
+      }
+    }
+    store_rows_any(c.io->dk, b, hk, j0, nk, g.D, dK, g.Dp, p.scale, nullptr);  // Q was unscaled
+    store_rows_any(c.io->dv, b, hk, j0, nk, g.Dv, dV, g.Dvp, 1.f, nullptr);
+  }
+}
+#else
+void backward_prep_item_bf16(void*, int64_t, int) {
+  LLMK_CHECK(false, "bf16 dot products are not built into this tier");
+}
+void backward_item_bf16(void*, int64_t, int) {
+  LLMK_CHECK(false, "bf16 dot products are not built into this tier");
+}
+#endif
+
 // dQ = scale * sum over chunks of the float32 accumulators.
 void backward_dq_item(void* vctx, int64_t item, int) {
   const BackwardCtx& c = *static_cast<const BackwardCtx*>(vctx);
@@ -806,8 +980,10 @@ void backward(const AttentionParams& p, const BackwardIO& io) {
   const Geometry& g = c.g;
   for (c.h0 = 0; c.h0 < g.B * g.Hk; c.h0 += c.lay.hpr) {
     const int64_t heads = min_(c.lay.hpr, g.B * g.Hk - c.h0);
-    parallel_for(heads * g.group * g.nqt, nthreads, backward_prep_item, &c);
-    parallel_for(heads * c.lay.nchunks, nthreads, backward_item, &c);
+    parallel_for(heads * g.group * g.nqt, nthreads,
+                 g.bf16dot ? backward_prep_item_bf16 : backward_prep_item, &c);
+    parallel_for(heads * c.lay.nchunks, nthreads, g.bf16dot ? backward_item_bf16 : backward_item,
+                 &c);
     parallel_for(heads * g.group * g.nqt, nthreads, backward_dq_item, &c);
   }
 }
