@@ -96,7 +96,7 @@ LLMK_INLINE vf vexp(vf x) {
   return select(x < lo, vf{}, y);  // a NaN x fails every compare above and stays NaN
 }
 
-// 2^x for x <= 0, the softmax weights: relative error ~1e-7, exactly 0 below -126 (masked
+// 2^x for x <= 0, the softmax weights: relative error ~2e-7, exactly 0 below -126 (masked
 // scores are -inf), NaN stays NaN. AVX-512's vscalefps applies 2^n (and underflows to 0)
 // in one instruction; other tiers build 2^n from its exponent bits.
 LLMK_INLINE vf vexp2_nonpos(vf x) {
@@ -109,13 +109,14 @@ LLMK_INLINE vf vexp2_nonpos(vf x) {
   const vf n = (x + magic) - magic;
 #endif
   const vf f = x - n;  // in [-0.5, 0.5]
-  // Taylor series of e^(f ln 2) to degree 6: truncation error < 1.3e-7 on this range
-  vf p = splat(1.5403530393381606e-4f);
-  p = p * f + splat(1.3333558146428443e-3f);
-  p = p * f + splat(9.6181291076284772e-3f);
-  p = p * f + splat(5.5504108664821580e-2f);
-  p = p * f + splat(2.4022650695910071e-1f);
-  p = p * f + splat(6.9314718055994531e-1f);
+  // Degree-5 polynomial for 2^f with p(0) = 1, fitted here for minimal relative error on
+  // [-0.5, 0.5] (iteratively reweighted least squares): 1.9e-7 evaluated in float32, less
+  // than degree-6 Taylor's 2.4e-7, with one multiply-add fewer.
+  vf p = splat(1.326472731307149e-3f);
+  p = p * f + splat(9.671512991189957e-3f);
+  p = p * f + splat(5.550733581185341e-2f);
+  p = p * f + splat(2.4022242426872253e-1f);
+  p = p * f + splat(6.931470036506653e-1f);
   p = p * f + splat(1.f);
 #if LLMK_VEC_BYTES == 64 && defined(__AVX512F__)
   return (vf)_mm512_scalef_ps((__m512)p, (__m512)n);
