@@ -430,7 +430,7 @@ LLMK_INLINE int64_t v_tile_words(const Geometry& g) {
 // Batch x kv-head pairs are processed in rounds, and the packed operands and float32
 // buffers are sized for one round: the workspace stays near kRoundBytes (or what 2 heads
 // per thread need), whatever the batch size and head count.
-constexpr int64_t kRoundBytes = int64_t(32) << 20;
+constexpr int64_t kRoundBytes = int64_t(8) << 20;
 
 LLMK_INLINE int64_t heads_per_round(const AttentionParams& p, int64_t heads,
                                     int64_t bytes_per_head, int nthreads) {
