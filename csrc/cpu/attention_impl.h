@@ -23,6 +23,7 @@ constexpr int kMR = 6;                   // rows of a register tile
 constexpr int kNV = (W >= 16) ? 4 : 2;   // vectors per row of a register tile
 constexpr int64_t kBQ = 64;              // queries per tile
 constexpr int64_t kBK = 64;              // keys per tile (a multiple of every W)
+constexpr int64_t kDiagChunk = 4 * kMR;  // rows per product on tiles the causal diagonal cuts
 constexpr float kNegInf = -INFINITY;
 // The forward works in base 2 (scores times log2 e, weights 2^(s - m)): exp2 is cheaper.
 constexpr float kLog2e = 1.4426950408889634f;
@@ -598,11 +599,26 @@ void forward_item(void* vctx, int64_t item, int tid) {
   if (klo <= khi) {
     for (int64_t kt = klo / kBK; kt <= khi / kBK; ++kt) {
       const int64_t j0 = kt * kBK, nk = min_(kBK, g.S - j0), nkp = round_up(nk, W);
-      if constexpr (BF) {
-        gemm_bf16(mq, nkp, g.D2 / 2, Q2, g.D2 / 2, 1,
-                  reinterpret_cast<const uint32_t*>(c.kt_tile(local, kt)), kBK, S, kBK, false);
-      } else {
-        gemm(mq, nkp, g.D, Q, g.Dp, 1, c.kt_tile(local, kt), kBK, S, kBK, false);
+      // A tile the band cuts on the right (the causal diagonal) is multiplied in row chunks,
+      // each only as wide as the keys its last row may see; transform_scores masks the rest.
+      const bool cut = p.window_right >= 0 && (j0 + nk - 1) > i0 + p.diag_offset + p.window_right;
+      const int64_t chunk = cut ? kDiagChunk : mq;
+      auto chunk_cols = [&](int64_t r_end) {
+        if (!cut) return nkp;
+        const int64_t seen = i0 + r_end - 1 + p.diag_offset + p.window_right + 1 - j0;
+        return min_(nkp, round_up(max_<int64_t>(seen, 0), W));
+      };
+      for (int64_t r0 = 0; r0 < mq; r0 += chunk) {
+        const int64_t rows = min_(chunk, mq - r0), cols = chunk_cols(r0 + rows);
+        if (cols == 0) continue;
+        if constexpr (BF) {
+          gemm_bf16(rows, cols, g.D2 / 2, Q2 + r0 * (g.D2 / 2), g.D2 / 2, 1,
+                    reinterpret_cast<const uint32_t*>(c.kt_tile(local, kt)), kBK, S + r0 * kBK,
+                    kBK, false);
+        } else {
+          gemm(rows, cols, g.D, Q + r0 * g.Dp, g.Dp, 1, c.kt_tile(local, kt), kBK, S + r0 * kBK,
+               kBK, false);
+        }
       }
       transform_scores(p, b, h, S, kBK, i0, mq, j0, nk, nkp, nullptr, BF ? p.scale * kLog2e : 1.f,
                        kLog2e);
@@ -636,12 +652,18 @@ void forward_item(void* vctx, int64_t item, int tid) {
           storeu(lsum + r * W, loadu(lsum + r * W) + sum);
         }
       }
-      if constexpr (BF) {
-        for (int64_t r = 0; r < mq; ++r) row_to_bf16(S + r * kBK, Pb + r * kBK, nkp);
-        gemm_bf16(mq, g.Dvp, nkp / 2, reinterpret_cast<const uint32_t*>(Pb), kBK / 2, 1,
-                  reinterpret_cast<const uint32_t*>(c.v_tile(local, kt)), g.Dvp, O, g.Dvp, true);
-      } else {
-        gemm(mq, g.Dvp, nk, S, kBK, 1, c.v_tile(local, kt), g.Dvp, O, g.Dvp, true);
+      for (int64_t r0 = 0; r0 < mq; r0 += chunk) {
+        const int64_t rows = min_(chunk, mq - r0), cols = chunk_cols(r0 + rows);
+        if (cols == 0) continue;  // P = 0 on these rows
+        if constexpr (BF) {
+          for (int64_t r = r0; r < r0 + rows; ++r) row_to_bf16(S + r * kBK, Pb + r * kBK, cols);
+          gemm_bf16(rows, g.Dvp, cols / 2, reinterpret_cast<const uint32_t*>(Pb + r0 * kBK),
+                    kBK / 2, 1, reinterpret_cast<const uint32_t*>(c.v_tile(local, kt)), g.Dvp,
+                    O + r0 * g.Dvp, g.Dvp, true);
+        } else {
+          gemm(rows, g.Dvp, min_(nk, cols), S + r0 * kBK, kBK, 1, c.v_tile(local, kt), g.Dvp,
+               O + r0 * g.Dvp, g.Dvp, true);
+        }
       }
     }
   }
