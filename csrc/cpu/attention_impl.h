@@ -2,25 +2,26 @@
 // Included by attention_<tier>.cpp after it defines LLMK_VEC_BYTES and LLMK_ISA_NS.
 //
 // Forward, per (batch, head, tile of kBQ queries): S = Q K^T for one tile of kBK keys at a
-// time, online softmax (running max m, running sum l), O += P V; lse = m + log l is saved.
-// K^T and V are packed to float32 tiles once per call, so the inner loop only multiplies.
-// Backward, per (batch, kv head, chunk of key tiles): recompute P from lse, accumulate
-// dK, dV for the tile in scratch and dQ into a float32 buffer per chunk (summed at the end),
-// so no two threads ever write the same memory. Tiles the causal/window band hides are
-// skipped in both directions; boundary tiles are masked element by element.
+// time, online softmax in base 2 (running max m, running sum l), O += P V; the log-sum-exp
+// (natural units) is saved for the backward. K^T and V are packed once per round of heads
+// (float32, or bf16 pairs on the avx512_bf16 tier), so the inner loop only multiplies.
+// Backward, per (batch, kv head, chunk of key tiles): recompute P from the log-sum-exp,
+// accumulate dK, dV for the tile in scratch and dQ into a float32 buffer per chunk (summed
+// at the end), so no two threads ever write the same memory. Tiles the causal/window band
+// hides are skipped in both directions; boundary tiles are masked element by element.
 #pragma once
 #include <cmath>
 
 #include "../common/checks.h"
 #include "../common/thread_pool.h"
 #include "attention.h"
+#include "micro_gemm.h"
+#include "tensor_tiles.h"
 #include "vec.h"
 
 namespace llmk {
 namespace LLMK_ISA_NS {
 
-constexpr int kMR = 6;                   // rows of a register tile
-constexpr int kNV = (W >= 16) ? 4 : 2;   // vectors per row of a register tile
 constexpr int64_t kBQ = 64;              // queries per tile
 constexpr int64_t kBK = 64;              // keys per tile (a multiple of every W)
 constexpr int64_t kDiagChunk = 4 * kMR;  // rows per product on tiles the causal diagonal cuts
@@ -28,301 +29,6 @@ constexpr float kNegInf = -INFINITY;
 // The forward works in base 2 (scores times log2 e, weights 2^(s - m)): exp2 is cheaper.
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-// ---------------------------------------------------------------- small dense products
-
-// C[R x V*W] (+)= A[R x K] B[K x V*W]; A read through two strides so that A^T needs no copy.
-template <int R, int V>
-__attribute__((noinline)) void micro(int64_t K, const float* A, int64_t sam, int64_t sak,
-                                     const float* B, int64_t ldb, float* C, int64_t ldc,
-                                     bool accumulate) {
-  // The K products are summed from zero and added to C once at the end: long
-  // accumulations (dK, dV over every query tile) then round like a blocked sum, not like
-  // one sequential sum of thousands of terms.
-  vf c[R][V];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) c[r][v] = vf{};
-  for (int64_t k = 0; k < K; ++k) {
-    vf b[V];
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) b[v] = loadu(B + k * ldb + v * W);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const vf a = splat(A[r * sam + k * sak]);
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) c[r][v] += a * b[v];
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v)
-      storeu(C + r * ldc + v * W, accumulate ? c[r][v] + loadu(C + r * ldc + v * W) : c[r][v]);
-}
-
-using MicroFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
-                         int64_t, bool);
-
-template <int R>
-MicroFn micro_for(int v) {
-  if constexpr (kNV >= 4) {
-    if (v == 4) return micro<R, 4>;
-    if (v == 3) return micro<R, 3>;
-  }
-  return v == 2 ? micro<R, 2> : micro<R, 1>;
-}
-
-inline MicroFn pick_micro(int r, int v) {
-  switch (r) {
-    case 1: return micro_for<1>(v);
-    case 2: return micro_for<2>(v);
-    case 3: return micro_for<3>(v);
-    case 4: return micro_for<4>(v);
-    case 5: return micro_for<5>(v);
-    default: return micro_for<6>(v);
-  }
-}
-
-// C[M x N] (+)= A[M x K] B[K x N], N a multiple of W; B and C rows are contiguous.
-inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak,
-                 const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  for (int64_t n0 = 0; n0 < N; n0 += kNV * W) {
-    const int nv = int(min_<int64_t>(kNV, (N - n0) / W));
-    const MicroFn full = pick_micro(kMR, nv);
-    int64_t m0 = 0;
-    for (; m0 + kMR <= M; m0 += kMR)
-      full(K, A + m0 * sam, sam, sak, B + n0, ldb, C + m0 * ldc + n0, ldc, accumulate);
-    if (m0 < M)
-      pick_micro(int(M - m0), nv)(K, A + m0 * sam, sam, sak, B + n0, ldb, C + m0 * ldc + n0, ldc,
-                                  accumulate);
-  }
-}
-
-// ---------------------------------------------------------------- bfloat16 dot products
-// With AVX512-BF16, bf16 inputs multiply as bf16 pairs (vdpbf16ps: twice the float32 FMA
-// rate) with float32 accumulation. Operands are pairs packed in 32-bit words: A2[r][k2]
-// holds A[r][2k2], A[r][2k2+1]; B2[k2][c] holds B[2k2][c], B[2k2+1][c] (the VNNI layout).
-#if defined(__AVX512BF16__)
-constexpr bool kHasBf16Dot = true;
-
-template <int R, int V>
-__attribute__((noinline)) void micro_bf16(int64_t K2, const uint32_t* A, int64_t sam, int64_t sak,
-                                          const uint32_t* B, int64_t ldb, float* C, int64_t ldc,
-                                          bool accumulate) {
-  __m512 c[R][V];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) c[r][v] = _mm512_setzero_ps();  // see micro(): blocked sums
-  for (int64_t k = 0; k < K2; ++k) {
-    __m512bh b[V];
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) b[v] = (__m512bh)_mm512_loadu_si512(B + k * ldb + v * 16);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(int(A[r * sam + k * sak]));
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) c[r][v] = _mm512_dpbf16_ps(c[r][v], a, b[v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v)
-      _mm512_storeu_ps(C + r * ldc + v * 16,
-                       accumulate ? _mm512_add_ps(c[r][v], _mm512_loadu_ps(C + r * ldc + v * 16))
-                                  : c[r][v]);
-}
-
-using MicroBf16Fn = void (*)(int64_t, const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t,
-                             float*, int64_t, bool);
-
-template <int R>
-MicroBf16Fn micro_bf16_for(int v) {
-  switch (v) {
-    case 4: return micro_bf16<R, 4>;
-    case 3: return micro_bf16<R, 3>;
-    case 2: return micro_bf16<R, 2>;
-    default: return micro_bf16<R, 1>;
-  }
-}
-
-inline MicroBf16Fn pick_micro_bf16(int r, int v) {
-  switch (r) {
-    case 1: return micro_bf16_for<1>(v);
-    case 2: return micro_bf16_for<2>(v);
-    case 3: return micro_bf16_for<3>(v);
-    case 4: return micro_bf16_for<4>(v);
-    case 5: return micro_bf16_for<5>(v);
-    default: return micro_bf16_for<6>(v);
-  }
-}
-
-// C[M x N] (+)= A2 B2 over K2 pairs; N a multiple of 16, B2 rows of ldb words; A2[r][k2]
-// at A[r * sam + k2 * sak].
-inline void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t sam,
-                      int64_t sak, const uint32_t* B, int64_t ldb, float* C, int64_t ldc,
-                      bool accumulate) {
-  for (int64_t n0 = 0; n0 < N; n0 += 64) {
-    const int nv = int(min_<int64_t>(4, (N - n0) / 16));
-    const MicroBf16Fn full = pick_micro_bf16(kMR, nv);
-    int64_t m0 = 0;
-    for (; m0 + kMR <= M; m0 += kMR)
-      full(K2, A + m0 * sam, sam, sak, B + n0, ldb, C + m0 * ldc + n0, ldc, accumulate);
-    if (m0 < M)
-      pick_micro_bf16(int(M - m0), nv)(K2, A + m0 * sam, sam, sak, B + n0, ldb,
-                                       C + m0 * ldc + n0, ldc, accumulate);
-  }
-}
-
-// float32 row -> bf16 (round to nearest even), n a multiple of 16.
-LLMK_INLINE void row_to_bf16(const float* src, uint16_t* dst, int64_t n) {
-  for (int64_t j = 0; j < n; j += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
-                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j)));
-}
-
-// A float32 tile [m x n] as bf16 pairs along its rows: dst[i2][j] = (src[2 i2][j],
-// src[2 i2 + 1][j]); a missing last row (m odd) counts as zeros. n a multiple of 16.
-inline void rows_to_bf16_pairs(const float* src, int64_t ld, int64_t m, int64_t n, uint32_t* dst,
-                               int64_t ldd) {
-  for (int64_t i2 = 0; 2 * i2 < m; ++i2) {
-    const float* r0 = src + 2 * i2 * ld;
-    const bool has_r1 = 2 * i2 + 1 < m;
-    for (int64_t j = 0; j < n; j += 16) {
-      const __m512i lo =
-          _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r0 + j)));
-      __m512i hi = _mm512_setzero_si512();
-      if (has_r1)
-        hi = _mm512_slli_epi32(
-            _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r0 + ld + j))), 16);
-      _mm512_storeu_si512(dst + i2 * ldd + j, _mm512_or_si512(lo, hi));
-    }
-  }
-}
-#else
-constexpr bool kHasBf16Dot = false;
-inline void gemm_bf16(int64_t, int64_t, int64_t, const uint32_t*, int64_t, int64_t,
-                      const uint32_t*, int64_t, float*, int64_t, bool) {
-  LLMK_CHECK(false, "bf16 dot products are not built into this tier");
-}
-inline void rows_to_bf16_pairs(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {
-  LLMK_CHECK(false, "bf16 dot products are not built into this tier");
-}
-inline void row_to_bf16(const float*, uint16_t*, int64_t) {
-  LLMK_CHECK(false, "bf16 dot products are not built into this tier");
-}
-#endif
-
-LLMK_INLINE uint32_t pair(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
-
-// ---------------------------------------------------------------- element types
-
-struct BF16 { uint16_t bits; };
-struct F16 { uint16_t bits; };
-
-LLMK_INLINE float to_f32(float x) { return x; }
-LLMK_INLINE float to_f32(BF16 x) { return bf16_to_f32(x.bits); }
-LLMK_INLINE float to_f32(F16 x) { return f16_scalar(x.bits); }
-LLMK_INLINE void from_f32(float* d, float x) { *d = x; }
-LLMK_INLINE void from_f32(BF16* d, float x) { d->bits = f32_to_bf16(x); }
-LLMK_INLINE void from_f32(F16* d, float x) { d->bits = f32_to_f16(x); }
-
-// Calls f(T{}) with T the element type of a float tensor.
-template <class F>
-LLMK_INLINE void with_float_type(DType dt, F&& f) {
-  switch (dt) {
-    case DType::f32: f(float{}); break;
-    case DType::bf16: f(BF16{}); break;
-    case DType::f16: f(F16{}); break;
-    default: LLMK_CHECK(false, "unsupported dtype " << dtype_name(dt));
-  }
-}
-
-// Pointer to element [b][h][row][0] of a 4-D view (3-D for lse-like views: col ignored).
-template <class T>
-LLMK_INLINE T* at4(const TensorView& t, int64_t b, int64_t h, int64_t row) {
-  return static_cast<T*>(t.data) + b * t.strides[0] + h * t.strides[1] + row * t.strides[2];
-}
-
-// dst[r * ld + c] = mul * src[row0 + r][c] for r < nrows, c < ncols; zero up to ld_pad.
-template <class T>
-void load_rows(const TensorView& t, int64_t b, int64_t h, int64_t row0, int64_t nrows,
-               int64_t ncols, float mul, float* dst, int64_t ld, int64_t ld_pad) {
-  const T* src = at4<const T>(t, b, h, row0);
-  const int64_t rs = t.strides[2], cs = t.strides[3];
-  for (int64_t r = 0; r < nrows; ++r) {
-    const T* s = src + r * rs;
-    float* d = dst + r * ld;
-    if (cs == 1)
-      for (int64_t c = 0; c < ncols; ++c) d[c] = mul * to_f32(s[c]);
-    else
-      for (int64_t c = 0; c < ncols; ++c) d[c] = mul * to_f32(s[c * cs]);
-    for (int64_t c = ncols; c < ld_pad; ++c) d[c] = 0.f;
-  }
-}
-
-// dst[c * ld + r] = src[row0 + r][c] for r < nrows, c < ncols; columns nrows..ld zeroed.
-template <class T>
-void load_rows_transposed(const TensorView& t, int64_t b, int64_t h, int64_t row0, int64_t nrows,
-                          int64_t ncols, float* dst, int64_t ld) {
-  const T* src = at4<const T>(t, b, h, row0);
-  const int64_t rs = t.strides[2], cs = t.strides[3];
-  for (int64_t r = 0; r < nrows; ++r) {
-    const T* s = src + r * rs;
-    for (int64_t c = 0; c < ncols; ++c) dst[c * ld + r] = to_f32(s[c * cs]);
-  }
-  for (int64_t c = 0; c < ncols; ++c)
-    for (int64_t r = nrows; r < ld; ++r) dst[c * ld + r] = 0.f;
-}
-
-LLMK_INLINE void load_rows_any(const TensorView& t, int64_t b, int64_t h, int64_t row0,
-                               int64_t nrows, int64_t ncols, float mul, float* dst, int64_t ld,
-                               int64_t ld_pad) {
-  with_float_type(t.dtype, [&](auto tag) {
-    load_rows<decltype(tag)>(t, b, h, row0, nrows, ncols, mul, dst, ld, ld_pad);
-  });
-}
-
-LLMK_INLINE void load_rows_transposed_any(const TensorView& t, int64_t b, int64_t h, int64_t row0,
-                                          int64_t nrows, int64_t ncols, float* dst, int64_t ld) {
-  with_float_type(t.dtype, [&](auto tag) {
-    load_rows_transposed<decltype(tag)>(t, b, h, row0, nrows, ncols, dst, ld);
-  });
-}
-
-// out[row0 + r][c] = mul_all * row_mul[r] * src[r * ld + c] (row_mul may be null); returns how many rows hold a NaN or Inf.
-template <class T>
-int64_t store_rows(const TensorView& t, int64_t b, int64_t h, int64_t row0, int64_t nrows,
-                   int64_t ncols, const float* src, int64_t ld, float mul_all,
-                   const float* row_mul) {
-  T* dst = at4<T>(t, b, h, row0);
-  const int64_t rs = t.strides[2], cs = t.strides[3];
-  int64_t bad_rows = 0;
-  for (int64_t r = 0; r < nrows; ++r) {
-    const float mul = row_mul ? row_mul[r] * mul_all : mul_all;
-    bool bad = false;
-    for (int64_t c = 0; c < ncols; ++c) {
-      const float x = mul * src[r * ld + c];
-      bad |= !(std::fabs(x) <= 3.40282347e38f);
-      from_f32(dst + r * rs + c * cs, x);
-    }
-    bad_rows += bad;
-  }
-  return bad_rows;
-}
-
-LLMK_INLINE int64_t store_rows_any(const TensorView& t, int64_t b, int64_t h, int64_t row0,
-                                   int64_t nrows, int64_t ncols, const float* src, int64_t ld,
-                                   float mul_all, const float* row_mul) {
-  int64_t bad = 0;
-  with_float_type(t.dtype, [&](auto tag) {
-    bad = store_rows<decltype(tag)>(t, b, h, row0, nrows, ncols, src, ld, mul_all, row_mul);
-  });
-  return bad;
-}
 
 // ---------------------------------------------------------------- scores
 
@@ -516,17 +222,6 @@ struct ForwardCtx {
   }
 };
 
-// bf16 rows [row0, row0 + n) of a 4-D view, element (r, c) as raw bits (0 past the edges).
-struct Bf16Rows {
-  const uint16_t* base;
-  int64_t rs, cs, n, ncols;
-  Bf16Rows(const TensorView& t, int64_t b, int64_t h, int64_t row0, int64_t n_, int64_t ncols_)
-      : base(at4<const uint16_t>(t, b, h, row0)), rs(t.strides[2]), cs(t.strides[3]), n(n_),
-        ncols(ncols_) {}
-  LLMK_INLINE uint16_t operator()(int64_t r, int64_t c) const {
-    return (r < n && c < ncols) ? base[r * rs + c * cs] : uint16_t(0);
-  }
-};
 
 // K^T tile as pairs along the head dim: Kt2[d2][j] = (K[j][2 d2], K[j][2 d2 + 1]).
 // V tile as pairs along keys: V2[j2][e] = (V[2 j2][e], V[2 j2 + 1][e]).

@@ -1,0 +1,132 @@
+// Reading and writing strided float32 / bfloat16 / float16 tensor views as float32 tiles,
+// one copy per tier (included after LLMK_VEC_BYTES / LLMK_ISA_NS are defined).
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "../common/checks.h"
+#include "../common/tensor_view.h"
+#include "vec.h"
+
+namespace llmk {
+namespace LLMK_ISA_NS {
+
+struct BF16 { uint16_t bits; };
+struct F16 { uint16_t bits; };
+
+LLMK_INLINE float to_f32(float x) { return x; }
+LLMK_INLINE float to_f32(BF16 x) { return bf16_to_f32(x.bits); }
+LLMK_INLINE float to_f32(F16 x) { return f16_scalar(x.bits); }
+LLMK_INLINE void from_f32(float* d, float x) { *d = x; }
+LLMK_INLINE void from_f32(BF16* d, float x) { d->bits = f32_to_bf16(x); }
+LLMK_INLINE void from_f32(F16* d, float x) { d->bits = f32_to_f16(x); }
+
+// Calls f(T{}) with T the element type of a float tensor.
+template <class F>
+LLMK_INLINE void with_float_type(DType dt, F&& f) {
+  switch (dt) {
+    case DType::f32: f(float{}); break;
+    case DType::bf16: f(BF16{}); break;
+    case DType::f16: f(F16{}); break;
+    default: LLMK_CHECK(false, "unsupported dtype " << dtype_name(dt));
+  }
+}
+
+// Pointer to element [b][h][row][0] of a 4-D view (3-D for lse-like views: col ignored).
+template <class T>
+LLMK_INLINE T* at4(const TensorView& t, int64_t b, int64_t h, int64_t row) {
+  return static_cast<T*>(t.data) + b * t.strides[0] + h * t.strides[1] + row * t.strides[2];
+}
+
+// dst[r * ld + c] = mul * src[row0 + r][c] for r < nrows, c < ncols; zero up to ld_pad.
+template <class T>
+void load_rows(const TensorView& t, int64_t b, int64_t h, int64_t row0, int64_t nrows,
+               int64_t ncols, float mul, float* dst, int64_t ld, int64_t ld_pad) {
+  const T* src = at4<const T>(t, b, h, row0);
+  const int64_t rs = t.strides[2], cs = t.strides[3];
+  for (int64_t r = 0; r < nrows; ++r) {
+    const T* s = src + r * rs;
+    float* d = dst + r * ld;
+    if (cs == 1)
+      for (int64_t c = 0; c < ncols; ++c) d[c] = mul * to_f32(s[c]);
+    else
+      for (int64_t c = 0; c < ncols; ++c) d[c] = mul * to_f32(s[c * cs]);
+    for (int64_t c = ncols; c < ld_pad; ++c) d[c] = 0.f;
+  }
+}
+
+// dst[c * ld + r] = src[row0 + r][c] for r < nrows, c < ncols; columns nrows..ld zeroed.
+template <class T>
+void load_rows_transposed(const TensorView& t, int64_t b, int64_t h, int64_t row0, int64_t nrows,
+                          int64_t ncols, float* dst, int64_t ld) {
+  const T* src = at4<const T>(t, b, h, row0);
+  const int64_t rs = t.strides[2], cs = t.strides[3];
+  for (int64_t r = 0; r < nrows; ++r) {
+    const T* s = src + r * rs;
+    for (int64_t c = 0; c < ncols; ++c) dst[c * ld + r] = to_f32(s[c * cs]);
+  }
+  for (int64_t c = 0; c < ncols; ++c)
+    for (int64_t r = nrows; r < ld; ++r) dst[c * ld + r] = 0.f;
+}
+
+LLMK_INLINE void load_rows_any(const TensorView& t, int64_t b, int64_t h, int64_t row0,
+                               int64_t nrows, int64_t ncols, float mul, float* dst, int64_t ld,
+                               int64_t ld_pad) {
+  with_float_type(t.dtype, [&](auto tag) {
+    load_rows<decltype(tag)>(t, b, h, row0, nrows, ncols, mul, dst, ld, ld_pad);
+  });
+}
+
+LLMK_INLINE void load_rows_transposed_any(const TensorView& t, int64_t b, int64_t h, int64_t row0,
+                                          int64_t nrows, int64_t ncols, float* dst, int64_t ld) {
+  with_float_type(t.dtype, [&](auto tag) {
+    load_rows_transposed<decltype(tag)>(t, b, h, row0, nrows, ncols, dst, ld);
+  });
+}
+
+// out[row0 + r][c] = mul_all * row_mul[r] * src[r * ld + c] (row_mul may be null); returns how many rows hold a NaN or Inf.
+template <class T>
+int64_t store_rows(const TensorView& t, int64_t b, int64_t h, int64_t row0, int64_t nrows,
+                   int64_t ncols, const float* src, int64_t ld, float mul_all,
+                   const float* row_mul) {
+  T* dst = at4<T>(t, b, h, row0);
+  const int64_t rs = t.strides[2], cs = t.strides[3];
+  int64_t bad_rows = 0;
+  for (int64_t r = 0; r < nrows; ++r) {
+    const float mul = row_mul ? row_mul[r] * mul_all : mul_all;
+    bool bad = false;
+    for (int64_t c = 0; c < ncols; ++c) {
+      const float x = mul * src[r * ld + c];
+      bad |= !(std::fabs(x) <= 3.40282347e38f);
+      from_f32(dst + r * rs + c * cs, x);
+    }
+    bad_rows += bad;
+  }
+  return bad_rows;
+}
+
+LLMK_INLINE int64_t store_rows_any(const TensorView& t, int64_t b, int64_t h, int64_t row0,
+                                   int64_t nrows, int64_t ncols, const float* src, int64_t ld,
+                                   float mul_all, const float* row_mul) {
+  int64_t bad = 0;
+  with_float_type(t.dtype, [&](auto tag) {
+    bad = store_rows<decltype(tag)>(t, b, h, row0, nrows, ncols, src, ld, mul_all, row_mul);
+  });
+  return bad;
+}
+
+
+// bf16 rows [row0, row0 + n) of a 4-D view, element (r, c) as raw bits (0 past the edges).
+struct Bf16Rows {
+  const uint16_t* base;
+  int64_t rs, cs, n, ncols;
+  Bf16Rows(const TensorView& t, int64_t b, int64_t h, int64_t row0, int64_t n_, int64_t ncols_)
+      : base(at4<const uint16_t>(t, b, h, row0)), rs(t.strides[2]), cs(t.strides[3]), n(n_),
+        ncols(ncols_) {}
+  LLMK_INLINE uint16_t operator()(int64_t r, int64_t c) const {
+    return (r < n && c < ncols) ? base[r * rs + c * cs] : uint16_t(0);
+  }
+};
+
+}  // namespace LLMK_ISA_NS
+}  // namespace llmk
