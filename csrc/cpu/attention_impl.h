@@ -428,109 +428,9 @@ struct BackwardCtx {
   }
 };
 
-// Per (batch, head, query tile): scaled Q and dO as padded float32 rows, delta = rowsum(dO * O),
-// and the chunks' dQ accumulators zeroed.
-void backward_prep_item(void* vctx, int64_t item, int) {
-  const BackwardCtx& c = *static_cast<const BackwardCtx*>(vctx);
-  const AttentionParams& p = *c.p;
-  const Geometry& g = c.g;
-  int64_t local, gi, qt, b, h;
-  c.query_item(item, &local, &gi, &qt, &b, &h);
-  const int64_t i0 = qt * kBQ, mq = min_(kBQ, g.L - i0), r0 = c.row(local, gi, i0);
-  float* Q = c.f(c.lay.qp) + r0 * g.Dp;
-  float* dO = c.f(c.lay.dop) + r0 * g.Dvp;
-  load_rows_any(p.q, b, h, i0, mq, g.D, p.scale, Q, g.Dp, g.Dp);
-  load_rows_any(c.io->dout, b, h, i0, mq, g.Dv, 1.f, dO, g.Dvp, g.Dvp);
-  float* delta = c.f(c.lay.delta) + r0;
-  const TensorView& out = c.io->out;
-  with_float_type(out.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    for (int64_t r = 0; r < mq; ++r) {
-      const T* o = at4<const T>(out, b, h, i0 + r);
-      float s = 0.f;
-      for (int64_t e = 0; e < g.Dv; ++e) s += to_f32(o[e * out.strides[3]]) * dO[r * g.Dvp + e];
-      delta[r] = s;
-    }
-  });
-  for (int64_t ch = 0; ch < c.lay.nchunks; ++ch) {
-    float* acc = c.f(c.lay.dq_acc) + (ch * c.lay.rows + r0) * g.Dp;
-    for (int64_t x = 0; x < mq * g.Dp; ++x) acc[x] = 0.f;
-  }
-}
-
-void backward_item(void* vctx, int64_t item, int tid) {
-  const BackwardCtx& c = *static_cast<const BackwardCtx*>(vctx);
-  const AttentionParams& p = *c.p;
-  const Geometry& g = c.g;
-  const int64_t ch = item % c.lay.nchunks, local = item / c.lay.nchunks, flat = c.h0 + local;
-  const int64_t b = flat / g.Hk, hk = flat % g.Hk;
-
-  float* Kt = reinterpret_cast<float*>(c.ws + c.lay.scratch + c.lay.per_thread * tid);
-  float* Kr = Kt + g.D * kBK;
-  float* Vt = Kr + kBK * g.Dp;
-  float* S = Vt + g.Dv * kBK;
-  float* dP = S + kBQ * kBK;
-  float* T = dP + kBQ * kBK;
-  float* dK = T + kBQ * kBK;
-  float* dV = dK + kBK * g.Dp;
-  const bool cap = p.softcap > 0.f;
-  const float* lse_base = static_cast<const float*>(c.io->lse.data);
-  const TensorView& lv = c.io->lse;
-
-  const int64_t kt_end = min_(g.nkt, (ch + 1) * c.lay.tiles_per_chunk);
-  for (int64_t kt = ch * c.lay.tiles_per_chunk; kt < kt_end; ++kt) {
-    const int64_t j0 = kt * kBK, nk = min_(kBK, g.S - j0), nkp = round_up(nk, W);
-    load_rows_transposed_any(p.k, b, hk, j0, nk, g.D, Kt, kBK);
-    load_rows_any(p.k, b, hk, j0, nk, g.D, 1.f, Kr, g.Dp, g.Dp);
-    load_rows_transposed_any(p.v, b, hk, j0, nk, g.Dv, Vt, kBK);
-    for (int64_t x = 0; x < nk * g.Dp; ++x) dK[x] = 0.f;
-    for (int64_t x = 0; x < nk * g.Dvp; ++x) dV[x] = 0.f;
-
-    int64_t qlo, qhi;
-    query_range(p, g.L, j0, nk, &qlo, &qhi);
-    for (int64_t gi = 0; gi < g.group && qlo <= qhi; ++gi) {
-      const int64_t h = hk * g.group + gi;
-      for (int64_t qt = qlo / kBQ; qt <= qhi / kBQ; ++qt) {
-        const int64_t i0 = qt * kBQ, mq = min_(kBQ, g.L - i0), r0 = c.row(local, gi, i0);
-        const float* Q = c.f(c.lay.qp) + r0 * g.Dp;
-        const float* dO = c.f(c.lay.dop) + r0 * g.Dvp;
-        const float* delta = c.f(c.lay.delta) + r0;
-        gemm(mq, nkp, g.D, Q, g.Dp, 1, Kt, kBK, S, kBK, false);
-        transform_scores(p, b, h, S, kBK, i0, mq, j0, nk, nkp, cap ? T : nullptr, 1.f, 1.f);
-        for (int64_t r = 0; r < mq; ++r) {
-          const float lse = lse_base[b * lv.strides[0] + h * lv.strides[1] + (i0 + r) * lv.strides[2]];
-          const vf vl = splat(lse == kNegInf ? INFINITY : lse);  // fully masked row: P = 0
-          float* row = S + r * kBK;
-          for (int64_t j = 0; j < nkp; j += W) storeu(row + j, vexp(loadu(row + j) - vl));
-        }
-        gemm(nk, g.Dvp, mq, S, 1, kBK, dO, g.Dvp, dV, g.Dvp, true);       // dV += P^T dO
-        gemm(mq, nkp, g.Dv, dO, g.Dvp, 1, Vt, kBK, dP, kBK, false);        // dP = dO V^T
-        for (int64_t r = 0; r < mq; ++r) {                                 // dU = P (dP - delta)
-          const vf vd = splat(delta[r]);
-          float* dpr = dP + r * kBK;
-          const float* pr = S + r * kBK;
-          for (int64_t j = 0; j < nkp; j += W) {
-            vf du = loadu(pr + j) * (loadu(dpr + j) - vd);
-            if (cap) {
-              const vf t = loadu(T + r * kBK + j);
-              du = du * (splat(1.f) - t * t);
-            }
-            storeu(dpr + j, du);
-          }
-        }
-        gemm(nk, g.Dp, mq, dP, 1, kBK, Q, g.Dp, dK, g.Dp, true);          // dK += dU^T (scale Q)
-        float* dq = c.f(c.lay.dq_acc) + (ch * c.lay.rows + r0) * g.Dp;
-        gemm(mq, g.Dp, nk, dP, kBK, 1, Kr, g.Dp, dq, g.Dp, true);          // dQ += dU K
-      }
-    }
-    store_rows_any(c.io->dk, b, hk, j0, nk, g.D, dK, g.Dp, 1.f, nullptr);
-    store_rows_any(c.io->dv, b, hk, j0, nk, g.Dv, dV, g.Dvp, 1.f, nullptr);
-  }
-}
-
-#if defined(__AVX512BF16__)
-// The backward's five products in bf16 pairs (as the forward's two), float32 accumulation.
-// P and dU are rounded to bf16 before they multiply, as PyTorch's bf16 kernels do.
+// The bf16 backward's operands: per query tile, Q and dO as bf16 pairs along the head dim
+// and along the queries. P and dU are rounded to bf16 before they multiply, as PyTorch's
+// bf16 kernels do; products accumulate in float32.
 struct Bf16Tile {  // one query tile's Q and dO in the layouts the products read
   uint32_t *Q2, *Qv, *dO2, *dOv;
 };
@@ -559,51 +459,74 @@ LLMK_INLINE void pairs_along_rows(const X& x, int64_t rows2, int64_t cols, uint3
     for (int64_t c = 0; c < cols; ++c) dst[r2 * cols + c] = pair(x(2 * r2, c), x(2 * r2 + 1, c));
 }
 
-void backward_prep_item_bf16(void* vctx, int64_t item, int) {
+// Per (batch, head, query tile): delta = rowsum(dO * O); Q and dO in the layouts the
+// products read (BF: bf16 pairs, see Bf16Tile; else scaled float32 rows); the chunks' dQ
+// accumulators zeroed.
+template <bool BF>
+void backward_prep_item(void* vctx, int64_t item, int) {
   const BackwardCtx& c = *static_cast<const BackwardCtx*>(vctx);
   const AttentionParams& p = *c.p;
   const Geometry& g = c.g;
   int64_t local, gi, qt, b, h;
   c.query_item(item, &local, &gi, &qt, &b, &h);
   const int64_t i0 = qt * kBQ, mq = min_(kBQ, g.L - i0), r0 = c.row(local, gi, i0);
-  const Bf16Tile t = bf16_tile(c, local, gi, qt);
-  const Bf16Rows Q(p.q, b, h, i0, mq, g.D), dO(c.io->dout, b, h, i0, mq, g.Dv);
-  pairs_along_cols(Q, kBQ, g.D2 / 2, t.Q2);
-  pairs_along_rows(Q, kBQ / 2, g.Dp, t.Qv);
-  pairs_along_cols(dO, kBQ, g.Dv2 / 2, t.dO2);
-  pairs_along_rows(dO, kBQ / 2, g.Dvp, t.dOv);
-  float* delta = c.f(c.lay.delta) + r0;
-  const Bf16Rows O(c.io->out, b, h, i0, mq, g.Dv);
-  for (int64_t r = 0; r < mq; ++r) {
-    float s = 0.f;
-    for (int64_t e = 0; e < g.Dv; ++e) s += bf16_to_f32(O(r, e)) * bf16_to_f32(dO(r, e));
-    delta[r] = s;
+  if constexpr (BF) {
+    const Bf16Tile t = bf16_tile(c, local, gi, qt);
+    const Bf16Rows Q(p.q, b, h, i0, mq, g.D), dO(c.io->dout, b, h, i0, mq, g.Dv);
+    pairs_along_cols(Q, kBQ, g.D2 / 2, t.Q2);
+    pairs_along_rows(Q, kBQ / 2, g.Dp, t.Qv);
+    pairs_along_cols(dO, kBQ, g.Dv2 / 2, t.dO2);
+    pairs_along_rows(dO, kBQ / 2, g.Dvp, t.dOv);
+  } else {
+    load_rows_any(p.q, b, h, i0, mq, g.D, p.scale, c.f(c.lay.qp) + r0 * g.Dp, g.Dp, g.Dp);
+    load_rows_any(c.io->dout, b, h, i0, mq, g.Dv, 1.f, c.f(c.lay.dop) + r0 * g.Dvp, g.Dvp, g.Dvp);
   }
+  float* delta = c.f(c.lay.delta) + r0;
+  const TensorView &out = c.io->out, &dout = c.io->dout;
+  with_float_type(out.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    for (int64_t r = 0; r < mq; ++r) {
+      const T* o = at4<const T>(out, b, h, i0 + r);
+      const T* d = at4<const T>(dout, b, h, i0 + r);
+      float s = 0.f;
+      for (int64_t e = 0; e < g.Dv; ++e)
+        s += to_f32(o[e * out.strides[3]]) * to_f32(d[e * dout.strides[3]]);
+      delta[r] = s;
+    }
+  });
   for (int64_t ch = 0; ch < c.lay.nchunks; ++ch) {
     float* acc = c.f(c.lay.dq_acc) + (ch * c.lay.rows + r0) * g.Dp;
     for (int64_t x = 0; x < mq * g.Dp; ++x) acc[x] = 0.f;
   }
 }
 
-void backward_item_bf16(void* vctx, int64_t item, int tid) {
+// One (batch x kv head, chunk of key tiles) of the backward. BF: the five products in bf16
+// pairs (the avx512_bf16 tier with bf16 inputs), reading the layouts backward_prep_item_bf16
+// made; else float32 FMA on scaled float32 rows.
+template <bool BF>
+void backward_item(void* vctx, int64_t item, int tid) {
   const BackwardCtx& c = *static_cast<const BackwardCtx*>(vctx);
   const AttentionParams& p = *c.p;
   const Geometry& g = c.g;
   const int64_t ch = item % c.lay.nchunks, local = item / c.lay.nchunks, flat = c.h0 + local;
   const int64_t b = flat / g.Hk, hk = flat % g.Hk;
 
-  float* base = reinterpret_cast<float*>(c.ws + c.lay.scratch + c.lay.per_thread * tid);
-  uint32_t* Kt2 = reinterpret_cast<uint32_t*>(base);              // [d2][j]
-  uint32_t* Kv = reinterpret_cast<uint32_t*>(base + g.D * kBK);    // [j2][d]
-  uint32_t* Vt2 = reinterpret_cast<uint32_t*>(base + g.D * kBK + kBK * g.Dp);  // [e2][j]
-  float* S = base + g.D * kBK + kBK * g.Dp + g.Dv * kBK;
+  float* Kt = reinterpret_cast<float*>(c.ws + c.lay.scratch + c.lay.per_thread * tid);
+  float* Kr = Kt + g.D * kBK;
+  float* Vt = Kr + kBK * g.Dp;
+  float* S = Vt + g.Dv * kBK;
   float* dP = S + kBQ * kBK;
   float* T = dP + kBQ * kBK;
   float* dK = T + kBQ * kBK;
   float* dV = dK + kBK * g.Dp;
-  uint32_t* PT2 = reinterpret_cast<uint32_t*>(dV + kBK * g.Dvp);  // P as pairs along queries
-  uint32_t* dS2 = PT2 + kBQ / 2 * kBK;                             // dU as pairs along keys
-  uint32_t* dST2 = dS2 + kBQ * kBK / 2;                            // dU as pairs along queries
+  // BF: K^T, K and V^T as bf16 pairs in the float32 tiles' space ([d2][j], [j2][d], [e2][j]),
+  // then P and dU as pairs along queries (PT2, dST2) and dU as pairs along keys (dS2).
+  uint32_t* Kt2 = reinterpret_cast<uint32_t*>(Kt);
+  uint32_t* Kv = reinterpret_cast<uint32_t*>(Kr);
+  uint32_t* Vt2 = reinterpret_cast<uint32_t*>(Vt);
+  uint32_t* PT2 = reinterpret_cast<uint32_t*>(dV + kBK * g.Dvp);
+  uint32_t* dS2 = PT2 + kBQ / 2 * kBK;
+  uint32_t* dST2 = dS2 + kBQ * kBK / 2;
   const bool cap = p.softcap > 0.f;
   const TensorView& lv = c.io->lse;
   const float* lse_base = static_cast<const float*>(lv.data);
@@ -611,12 +534,18 @@ void backward_item_bf16(void* vctx, int64_t item, int tid) {
   const int64_t kt_end = min_(g.nkt, (ch + 1) * c.lay.tiles_per_chunk);
   for (int64_t kt = ch * c.lay.tiles_per_chunk; kt < kt_end; ++kt) {
     const int64_t j0 = kt * kBK, nk = min_(kBK, g.S - j0), nkp = round_up(nk, W);
-    const Bf16Rows K(p.k, b, hk, j0, nk, g.D), V(p.v, b, hk, j0, nk, g.Dv);
-    for (int64_t d2 = 0; d2 < g.D2 / 2; ++d2)
-      for (int64_t j = 0; j < kBK; ++j) Kt2[d2 * kBK + j] = pair(K(j, 2 * d2), K(j, 2 * d2 + 1));
-    pairs_along_rows(K, kBK / 2, g.Dp, Kv);
-    for (int64_t e2 = 0; e2 < g.Dv2 / 2; ++e2)
-      for (int64_t j = 0; j < kBK; ++j) Vt2[e2 * kBK + j] = pair(V(j, 2 * e2), V(j, 2 * e2 + 1));
+    if constexpr (BF) {
+      const Bf16Rows K(p.k, b, hk, j0, nk, g.D), V(p.v, b, hk, j0, nk, g.Dv);
+      for (int64_t d2 = 0; d2 < g.D2 / 2; ++d2)
+        for (int64_t j = 0; j < kBK; ++j) Kt2[d2 * kBK + j] = pair(K(j, 2 * d2), K(j, 2 * d2 + 1));
+      pairs_along_rows(K, kBK / 2, g.Dp, Kv);
+      for (int64_t e2 = 0; e2 < g.Dv2 / 2; ++e2)
+        for (int64_t j = 0; j < kBK; ++j) Vt2[e2 * kBK + j] = pair(V(j, 2 * e2), V(j, 2 * e2 + 1));
+    } else {
+      load_rows_transposed_any(p.k, b, hk, j0, nk, g.D, Kt, kBK);
+      load_rows_any(p.k, b, hk, j0, nk, g.D, 1.f, Kr, g.Dp, g.Dp);
+      load_rows_transposed_any(p.v, b, hk, j0, nk, g.Dv, Vt, kBK);
+    }
     for (int64_t x = 0; x < nk * g.Dp; ++x) dK[x] = 0.f;
     for (int64_t x = 0; x < nk * g.Dvp; ++x) dV[x] = 0.f;
 
@@ -627,19 +556,30 @@ void backward_item_bf16(void* vctx, int64_t item, int tid) {
       for (int64_t qt = qlo / kBQ; qt <= qhi / kBQ; ++qt) {
         const int64_t i0 = qt * kBQ, mq = min_(kBQ, g.L - i0), r0 = c.row(local, gi, i0);
         const int64_t mq2 = (mq + 1) / 2;
-        const Bf16Tile t = bf16_tile(c, local, gi, qt);
+        const float* Q = c.f(c.lay.qp) + r0 * g.Dp;
+        const float* dO = c.f(c.lay.dop) + r0 * g.Dvp;
+        const Bf16Tile t = BF ? bf16_tile(c, local, gi, qt) : Bf16Tile{};
         const float* delta = c.f(c.lay.delta) + r0;
-        gemm_bf16(mq, nkp, g.D2 / 2, t.Q2, g.D2 / 2, 1, Kt2, kBK, S, kBK, false);
-        transform_scores(p, b, h, S, kBK, i0, mq, j0, nk, nkp, cap ? T : nullptr, p.scale, 1.f);
+        if constexpr (BF)
+          gemm_bf16(mq, nkp, g.D2 / 2, t.Q2, g.D2 / 2, 1, Kt2, kBK, S, kBK, false);
+        else
+          gemm(mq, nkp, g.D, Q, g.Dp, 1, Kt, kBK, S, kBK, false);
+        transform_scores(p, b, h, S, kBK, i0, mq, j0, nk, nkp, cap ? T : nullptr,
+                         BF ? p.scale : 1.f, 1.f);
         for (int64_t r = 0; r < mq; ++r) {
           const float lse = lse_base[b * lv.strides[0] + h * lv.strides[1] + (i0 + r) * lv.strides[2]];
           const vf vl = splat(lse == kNegInf ? INFINITY : lse);  // fully masked row: P = 0
           float* row = S + r * kBK;
           for (int64_t j = 0; j < nkp; j += W) storeu(row + j, vexp(loadu(row + j) - vl));
         }
-        rows_to_bf16_pairs(S, kBK, mq, nkp, PT2, kBK);
-        gemm_bf16(nk, g.Dvp, mq2, PT2, 1, kBK, t.dOv, g.Dvp, dV, g.Dvp, true);  // dV += P^T dO
-        gemm_bf16(mq, nkp, g.Dv2 / 2, t.dO2, g.Dv2 / 2, 1, Vt2, kBK, dP, kBK, false);  // dO V^T
+        if constexpr (BF) {
+          rows_to_bf16_pairs(S, kBK, mq, nkp, PT2, kBK);
+          gemm_bf16(nk, g.Dvp, mq2, PT2, 1, kBK, t.dOv, g.Dvp, dV, g.Dvp, true);       // dV += P^T dO
+          gemm_bf16(mq, nkp, g.Dv2 / 2, t.dO2, g.Dv2 / 2, 1, Vt2, kBK, dP, kBK, false);  // dP = dO V^T
+        } else {
+          gemm(nk, g.Dvp, mq, S, 1, kBK, dO, g.Dvp, dV, g.Dvp, true);       // dV += P^T dO
+          gemm(mq, nkp, g.Dv, dO, g.Dvp, 1, Vt, kBK, dP, kBK, false);        // dP = dO V^T
+        }
         for (int64_t r = 0; r < mq; ++r) {                                 // dU = P (dP - delta)
           const vf vd = splat(delta[r]);
           float* dpr = dP + r * kBK;
@@ -652,26 +592,24 @@ void backward_item_bf16(void* vctx, int64_t item, int tid) {
             }
             storeu(dpr + j, du);
           }
-          row_to_bf16(dpr, reinterpret_cast<uint16_t*>(dS2 + r * (kBK / 2)), nkp);
+          if constexpr (BF) row_to_bf16(dpr, reinterpret_cast<uint16_t*>(dS2 + r * (kBK / 2)), nkp);
         }
-        rows_to_bf16_pairs(dP, kBK, mq, nkp, dST2, kBK);
-        gemm_bf16(nk, g.Dp, mq2, dST2, 1, kBK, t.Qv, g.Dp, dK, g.Dp, true);     // dK += dU^T Q
         float* dq = c.f(c.lay.dq_acc) + (ch * c.lay.rows + r0) * g.Dp;
-        gemm_bf16(mq, g.Dp, nkp / 2, dS2, kBK / 2, 1, Kv, g.Dp, dq, g.Dp, true);  // dQ += dU K
+        if constexpr (BF) {
+          rows_to_bf16_pairs(dP, kBK, mq, nkp, dST2, kBK);
+          gemm_bf16(nk, g.Dp, mq2, dST2, 1, kBK, t.Qv, g.Dp, dK, g.Dp, true);       // dK += dU^T Q
+          gemm_bf16(mq, g.Dp, nkp / 2, dS2, kBK / 2, 1, Kv, g.Dp, dq, g.Dp, true);  // dQ += dU K
+        } else {
+          gemm(nk, g.Dp, mq, dP, 1, kBK, Q, g.Dp, dK, g.Dp, true);          // dK += dU^T (scale Q)
+          gemm(mq, g.Dp, nk, dP, kBK, 1, Kr, g.Dp, dq, g.Dp, true);          // dQ += dU K
+        }
       }
     }
-    store_rows_any(c.io->dk, b, hk, j0, nk, g.D, dK, g.Dp, p.scale, nullptr);  // Q was unscaled
+    // The float32 path multiplied by scaled Q; the bf16 one by Q itself.
+    store_rows_any(c.io->dk, b, hk, j0, nk, g.D, dK, g.Dp, BF ? p.scale : 1.f, nullptr);
     store_rows_any(c.io->dv, b, hk, j0, nk, g.Dv, dV, g.Dvp, 1.f, nullptr);
   }
 }
-#else
-void backward_prep_item_bf16(void*, int64_t, int) {
-  LLMK_CHECK(false, "bf16 dot products are not built into this tier");
-}
-void backward_item_bf16(void*, int64_t, int) {
-  LLMK_CHECK(false, "bf16 dot products are not built into this tier");
-}
-#endif
 
 // dQ = scale * sum over chunks of the float32 accumulators.
 void backward_dq_item(void* vctx, int64_t item, int) {
@@ -698,9 +636,9 @@ void backward(const AttentionParams& p, const BackwardIO& io) {
   for (c.h0 = 0; c.h0 < g.B * g.Hk; c.h0 += c.lay.hpr) {
     const int64_t heads = min_(c.lay.hpr, g.B * g.Hk - c.h0);
     parallel_for(heads * g.group * g.nqt, nthreads,
-                 g.bf16dot ? backward_prep_item_bf16 : backward_prep_item, &c);
-    parallel_for(heads * c.lay.nchunks, nthreads, g.bf16dot ? backward_item_bf16 : backward_item,
-                 &c);
+                 g.bf16dot ? backward_prep_item<true> : backward_prep_item<false>, &c);
+    parallel_for(heads * c.lay.nchunks, nthreads,
+                 g.bf16dot ? backward_item<true> : backward_item<false>, &c);
     parallel_for(heads * g.group * g.nqt, nthreads, backward_dq_item, &c);
   }
 }
