@@ -61,3 +61,31 @@ def test_compile_inductor_fullgraph():
     x, w = torch.randn(2, 40, 32), torch.randn(32, 96)
     compiled = torch.compile(block, fullgraph=True)
     torch.testing.assert_close(compiled(x, w), block(x, w), atol=1e-5, rtol=1e-5)
+
+
+def test_dispatch_modes_see_the_custom_op():
+    """Plain eager calls skip the dispatcher for speed; a dispatch mode (as used by fake
+    tensors, export or FlopCounter-style tools) must still see the custom op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    plain = llmkernels.scaled_dot_product_attention(q, k, v, backend="cpu")
+    with Record():
+        recorded = llmkernels.scaled_dot_product_attention(q, k, v, backend="cpu")
+    assert any("llmkernels.attention_forward_cpu" in s for s in seen), seen
+    torch.testing.assert_close(plain, recorded, atol=0, rtol=0)
+
+
+def test_fast_path_and_autograd_path_agree():
+    q, k, v = (torch.randn(2, 3, 40, 32) for _ in range(3))
+    with torch.no_grad():
+        fast = llmkernels.scaled_dot_product_attention(q, k, v, is_causal=True)
+    slow = llmkernels.scaled_dot_product_attention(q.requires_grad_(), k, v, is_causal=True)
+    torch.testing.assert_close(fast, slow.detach(), atol=0, rtol=0)

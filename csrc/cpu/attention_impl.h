@@ -196,6 +196,15 @@ struct BackwardLayout {
   }
 };
 
+// Waking pool threads costs tens of microseconds: a call with less work than about
+// kMinWorkPerThread multiply-adds per thread (decoding one token, say) uses fewer threads.
+constexpr int64_t kMinWorkPerThread = int64_t(1) << 20;
+
+inline int threads_for_work(const Geometry& g, int nthreads) {
+  const int64_t work = g.B * g.Hq * g.L * g.S * (g.D + g.Dv);
+  return int(max_<int64_t>(1, min_<int64_t>(nthreads, work / kMinWorkPerThread)));
+}
+
 int64_t forward_workspace_bytes(const AttentionParams& p) {
   return ForwardLayout(p, Geometry(p), max_(p.num_threads, 1)).total;
 }
@@ -229,11 +238,12 @@ void forward_pack_bf16(const ForwardCtx& c, int64_t b, int64_t hk, int64_t local
                        int64_t j0, int64_t nk) {
   const Geometry& g = c.g;
   const Bf16Rows K(c.p->k, b, hk, j0, nk, g.D), V(c.p->v, b, hk, j0, nk, g.Dv);
+  const int64_t nkp = round_up(nk, W);  // the products read no further
   uint32_t* kt2 = reinterpret_cast<uint32_t*>(c.kt_tile(local, kt));
   for (int64_t d2 = 0; d2 < g.D2 / 2; ++d2)
-    for (int64_t j = 0; j < kBK; ++j) kt2[d2 * kBK + j] = pair(K(j, 2 * d2), K(j, 2 * d2 + 1));
+    for (int64_t j = 0; j < nkp; ++j) kt2[d2 * kBK + j] = pair(K(j, 2 * d2), K(j, 2 * d2 + 1));
   uint32_t* v2 = reinterpret_cast<uint32_t*>(c.v_tile(local, kt));
-  for (int64_t j2 = 0; j2 < kBK / 2; ++j2)
+  for (int64_t j2 = 0; j2 < nkp / 2; ++j2)
     for (int64_t e = 0; e < g.Dvp; ++e) v2[j2 * g.Dvp + e] = pair(V(2 * j2, e), V(2 * j2 + 1, e));
 }
 
@@ -244,11 +254,10 @@ void forward_pack_item(void* vctx, int64_t item, int) {
   const int64_t b = flat / g.Hk, hk = flat % g.Hk;
   const int64_t j0 = kt * kBK, nk = min_(kBK, g.S - j0);
   if (g.bf16dot) return forward_pack_bf16(c, b, hk, local, kt, j0, nk);
-  load_rows_transposed_any(c.p->k, b, hk, j0, nk, g.D, c.kt_tile(local, kt), kBK);
-  float* v = c.v_tile(local, kt);
-  load_rows_any(c.p->v, b, hk, j0, nk, g.Dv, 1.f, v, g.Dvp, g.Dvp);
-  for (int64_t r = nk; r < kBK; ++r)
-    for (int64_t e = 0; e < g.Dvp; ++e) v[r * g.Dvp + e] = 0.f;
+  // Zero padding only as far as the products read: K^T to a multiple of W; V not at all
+  // (P V sums over the tile's real keys only).
+  load_rows_transposed_any(c.p->k, b, hk, j0, nk, g.D, c.kt_tile(local, kt), kBK, round_up(nk, W));
+  load_rows_any(c.p->v, b, hk, j0, nk, g.Dv, 1.f, c.v_tile(local, kt), g.Dvp, g.Dvp);
 }
 
 template <bool BF>
@@ -282,7 +291,7 @@ void forward_item(void* vctx, int64_t item, int tid) {
   } else {
     load_rows_any(p.q, b, h, i0, mq, g.D, p.scale * kLog2e, Q, g.Dp, g.Dp);
   }
-  for (int64_t r = 0; r < kBQ; ++r) {
+  for (int64_t r = 0; r < round_up(mq, W); ++r) {  // the vector passes read whole vectors
     m[r] = kNegInf;
     m_use[r] = 0.f;
     storeu(lsum + r * W, vf{});
@@ -390,12 +399,13 @@ int64_t forward(const AttentionParams& p, const ForwardIO& io) {
                                                     << io.workspace_bytes << " < " << c.lay.total);
   const Geometry& g = c.g;
   if (g.B * g.Hq * g.L == 0) return 0;
+  const int run = threads_for_work(g, nthreads);
   int64_t* bad = reinterpret_cast<int64_t*>(c.ws + c.lay.bad_rows);
   for (int t = 0; t < nthreads; ++t) bad[t] = 0;
   for (c.h0 = 0; c.h0 < g.B * g.Hk; c.h0 += c.lay.hpr) {
     const int64_t heads = min_(c.lay.hpr, g.B * g.Hk - c.h0);
-    parallel_for(heads * g.nkt, nthreads, forward_pack_item, &c);
-    parallel_for(heads * g.group * g.nqt, nthreads,
+    parallel_for(heads * g.nkt, run, forward_pack_item, &c);
+    parallel_for(heads * g.group * g.nqt, run,
                  g.bf16dot ? forward_item<true> : forward_item<false>, &c);
   }
   int64_t total = 0;
@@ -537,14 +547,14 @@ void backward_item(void* vctx, int64_t item, int tid) {
     if constexpr (BF) {
       const Bf16Rows K(p.k, b, hk, j0, nk, g.D), V(p.v, b, hk, j0, nk, g.Dv);
       for (int64_t d2 = 0; d2 < g.D2 / 2; ++d2)
-        for (int64_t j = 0; j < kBK; ++j) Kt2[d2 * kBK + j] = pair(K(j, 2 * d2), K(j, 2 * d2 + 1));
-      pairs_along_rows(K, kBK / 2, g.Dp, Kv);
+        for (int64_t j = 0; j < nkp; ++j) Kt2[d2 * kBK + j] = pair(K(j, 2 * d2), K(j, 2 * d2 + 1));
+      pairs_along_rows(K, nkp / 2, g.Dp, Kv);
       for (int64_t e2 = 0; e2 < g.Dv2 / 2; ++e2)
-        for (int64_t j = 0; j < kBK; ++j) Vt2[e2 * kBK + j] = pair(V(j, 2 * e2), V(j, 2 * e2 + 1));
+        for (int64_t j = 0; j < nkp; ++j) Vt2[e2 * kBK + j] = pair(V(j, 2 * e2), V(j, 2 * e2 + 1));
     } else {
-      load_rows_transposed_any(p.k, b, hk, j0, nk, g.D, Kt, kBK);
+      load_rows_transposed_any(p.k, b, hk, j0, nk, g.D, Kt, kBK, nkp);
       load_rows_any(p.k, b, hk, j0, nk, g.D, 1.f, Kr, g.Dp, g.Dp);
-      load_rows_transposed_any(p.v, b, hk, j0, nk, g.Dv, Vt, kBK);
+      load_rows_transposed_any(p.v, b, hk, j0, nk, g.Dv, Vt, kBK, nkp);
     }
     for (int64_t x = 0; x < nk * g.Dp; ++x) dK[x] = 0.f;
     for (int64_t x = 0; x < nk * g.Dvp; ++x) dV[x] = 0.f;
@@ -633,13 +643,14 @@ void backward(const AttentionParams& p, const BackwardIO& io) {
   LLMK_CHECK(io.workspace_bytes >= c.lay.total, "attention backward workspace too small: "
                                                     << io.workspace_bytes << " < " << c.lay.total);
   const Geometry& g = c.g;
+  const int run = threads_for_work(g, nthreads);
   for (c.h0 = 0; c.h0 < g.B * g.Hk; c.h0 += c.lay.hpr) {
     const int64_t heads = min_(c.lay.hpr, g.B * g.Hk - c.h0);
-    parallel_for(heads * g.group * g.nqt, nthreads,
+    parallel_for(heads * g.group * g.nqt, run,
                  g.bf16dot ? backward_prep_item<true> : backward_prep_item<false>, &c);
-    parallel_for(heads * c.lay.nchunks, nthreads,
+    parallel_for(heads * c.lay.nchunks, run,
                  g.bf16dot ? backward_item<true> : backward_item<false>, &c);
-    parallel_for(heads * g.group * g.nqt, nthreads, backward_dq_item, &c);
+    parallel_for(heads * g.group * g.nqt, run, backward_dq_item, &c);
   }
 }
 

@@ -55,10 +55,11 @@ void load_rows(const TensorView& t, int64_t b, int64_t h, int64_t row0, int64_t 
   }
 }
 
-// dst[c * ld + r] = src[row0 + r][c] for r < nrows, c < ncols; columns nrows..ld zeroed.
+// dst[c * ld + r] = src[row0 + r][c] for r < nrows, c < ncols; columns nrows..pad_to
+// zeroed (only what the products will read: tiny calls must not pay for a full tile).
 template <class T>
 void load_rows_transposed(const TensorView& t, int64_t b, int64_t h, int64_t row0, int64_t nrows,
-                          int64_t ncols, float* dst, int64_t ld) {
+                          int64_t ncols, float* dst, int64_t ld, int64_t pad_to) {
   const T* src = at4<const T>(t, b, h, row0);
   const int64_t rs = t.strides[2], cs = t.strides[3];
   for (int64_t r = 0; r < nrows; ++r) {
@@ -66,7 +67,7 @@ void load_rows_transposed(const TensorView& t, int64_t b, int64_t h, int64_t row
     for (int64_t c = 0; c < ncols; ++c) dst[c * ld + r] = to_f32(s[c * cs]);
   }
   for (int64_t c = 0; c < ncols; ++c)
-    for (int64_t r = nrows; r < ld; ++r) dst[c * ld + r] = 0.f;
+    for (int64_t r = nrows; r < pad_to; ++r) dst[c * ld + r] = 0.f;
 }
 
 LLMK_INLINE void load_rows_any(const TensorView& t, int64_t b, int64_t h, int64_t row0,
@@ -78,9 +79,10 @@ LLMK_INLINE void load_rows_any(const TensorView& t, int64_t b, int64_t h, int64_
 }
 
 LLMK_INLINE void load_rows_transposed_any(const TensorView& t, int64_t b, int64_t h, int64_t row0,
-                                          int64_t nrows, int64_t ncols, float* dst, int64_t ld) {
+                                          int64_t nrows, int64_t ncols, float* dst, int64_t ld,
+                                          int64_t pad_to) {
   with_float_type(t.dtype, [&](auto tag) {
-    load_rows_transposed<decltype(tag)>(t, b, h, row0, nrows, ncols, dst, ld);
+    load_rows_transposed<decltype(tag)>(t, b, h, row0, nrows, ncols, dst, ld, pad_to);
   });
 }
 

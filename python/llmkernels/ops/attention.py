@@ -5,6 +5,7 @@ kernel as torch custom ops (forward, backward) so torch.compile and opcheck see 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -26,11 +27,27 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-@torch.library.custom_op("llmkernels::attention_forward_cpu", mutates_args=(), device_types="cpu")
-def attention_forward_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          mask: Optional[torch.Tensor], scale: float, softcap: float,
-                          window_left: int, window_right: int,
-                          diag_offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
+_SMALL_WORKSPACE = 16 << 20
+_local = threading.local()
+
+
+def _workspace(nbytes: int) -> torch.Tensor:
+    """Scratch memory for one kernel call. Small workspaces are kept per thread and reused:
+    a fresh allocation of a few MiB costs page faults on every call, as much as the whole
+    kernel when decoding one token. Large ones come and go with the call."""
+    if nbytes > _SMALL_WORKSPACE:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    ws = getattr(_local, "workspace", None)
+    if ws is None or ws.numel() < nbytes:
+        ws = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8)
+        _local.workspace = ws
+    return ws
+
+
+def _forward_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 mask: Optional[torch.Tensor], scale: float, softcap: float,
+                 window_left: int, window_right: int,
+                 diag_offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused forward on 4-D (B, H, L, E) views; returns (out, lse float32)."""
     native = backends.native_module()
     B, Hq, L, _ = q.shape
@@ -41,13 +58,41 @@ def attention_forward_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     tier, threads = backends.cpu_tier_code(), _threads()
     views = (cview(q), cview(k), cview(v), cview(mask))
     nbytes = native.attention_forward_workspace_bytes(tier, *views, threads)
-    ws = torch.empty(nbytes, dtype=torch.uint8)
+    ws = _workspace(nbytes)
     bad = native.attention_forward(tier, *views, cview(out), cview(lse), ws.data_ptr(), nbytes,
                                    scale, softcap, window_left, window_right, diag_offset, threads)
     if bad:
         raise ValueError(f"{OP_NAME}: {bad} output row(s) are NaN or Inf: query, key, value or "
                          "attn_mask holds NaN/Inf (or values too large for the dtype)")
     return out, lse
+
+
+attention_forward_cpu = torch.library.custom_op(
+    "llmkernels::attention_forward_cpu", mutates_args=(), device_types="cpu")(_forward_cpu)
+
+
+def _needs_dispatcher(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a call must go through the custom op (autograd, torch.compile, tensor
+    subclasses, torch function/dispatch modes) rather than straight to the kernel. The
+    dispatcher costs ~25 us a call, as much as the whole kernel for one decoding token."""
+    if torch.compiler.is_compiling():
+        return True
+    present = [t for t in tensors if t is not None]
+    if any(type(t) is not torch.Tensor for t in present):
+        return True
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return True
+    if torch.overrides.has_torch_function(present):  # also true inside a TorchFunctionMode
+        return True
+    return _dispatch_mode_active()
+
+
+def _dispatch_mode_active() -> bool:
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+    except ImportError:  # pragma: no cover - be safe on other torch versions
+        return True
+    return _get_current_dispatch_mode() is not None
 
 
 @attention_forward_cpu.register_fake
@@ -72,7 +117,7 @@ def attention_backward_cpu(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     tier, threads = backends.cpu_tier_code(), _threads()
     views = (cview(q), cview(k), cview(v), cview(mask))
     nbytes = native.attention_backward_workspace_bytes(tier, *views, threads)
-    ws = torch.empty(nbytes, dtype=torch.uint8)
+    ws = _workspace(nbytes)
     native.attention_backward(tier, *views, cview(grad_out), cview(out), cview(lse), cview(dq),
                               cview(dk), cview(dv), ws.data_ptr(), nbytes, scale, softcap,
                               window_left, window_right, diag_offset, threads)
@@ -124,6 +169,18 @@ class _Call:
     is_causal: bool
     enable_gqa: bool
     window_size: Optional[Tuple[Optional[int], Optional[int]]]
+
+
+def _broadcast(*shapes) -> Tuple[int, ...]:
+    # torch.broadcast_shapes costs ~15 us; equal shapes (the usual call) need none of it.
+    if all(s == shapes[0] for s in shapes[1:]):
+        return tuple(shapes[0])
+    return tuple(torch.broadcast_shapes(*shapes))
+
+
+def _expand(t: torch.Tensor, shape) -> torch.Tensor:
+    # Only a real broadcast makes a view: views cost the custom op ~20 us more per call.
+    return t if t.shape == shape else t.expand(shape)
 
 
 def _to4d(t: torch.Tensor) -> torch.Tensor:
@@ -194,26 +251,26 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
             raise ValueError(f"{OP_NAME}: with enable_gqa, query heads ({Hq}) must be a multiple "
                              f"of key/value heads ({Hk})")
         try:
-            outer = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+            outer = _broadcast(query.shape[:-3], key.shape[:-3], value.shape[:-3])
         except RuntimeError:
             raise ValueError(f"{OP_NAME}: batch dims of query {tuple(query.shape)}, key "
                              f"{tuple(key.shape)} and value {tuple(value.shape)} do not broadcast") from None
         batch = tuple(outer) + (Hq,)
-        q_b = query.expand(*outer, Hq, L, E)
-        k_b = key.expand(*outer, Hk, S, E)
-        v_b = value.expand(*outer, Hk, S, value.shape[-1])
+        q_b = _expand(query, (*outer, Hq, L, E))
+        k_b = _expand(key, (*outer, Hk, S, E))
+        v_b = _expand(value, (*outer, Hk, S, value.shape[-1]))
     else:
         try:
-            batch = tuple(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
+            batch = _broadcast(query.shape[:-2], key.shape[:-2], value.shape[:-2])
         except RuntimeError:
             hint = (" (different head counts need enable_gqa=True)"
                     if query.dim() >= 3 and key.dim() >= 3 and query.shape[-3] != key.shape[-3] else "")
             raise ValueError(f"{OP_NAME}: batch dims of query {tuple(query.shape)}, key "
                              f"{tuple(key.shape)} and value {tuple(value.shape)} do not broadcast"
                              f"{hint}") from None
-        q_b = query.expand(*batch, L, E)
-        k_b = key.expand(*batch, S, E)
-        v_b = value.expand(*batch, S, value.shape[-1])
+        q_b = _expand(query, (*batch, L, E))
+        k_b = _expand(key, (*batch, S, E))
+        v_b = _expand(value, (*batch, S, value.shape[-1]))
 
     mask4 = None
     if attn_mask is not None:
@@ -224,7 +281,7 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
         if attn_mask.device != query.device:
             raise ValueError(f"{OP_NAME}: attn_mask is on {attn_mask.device}, query on {query.device}")
         try:
-            m = attn_mask.expand(*batch, L, S)
+            m = _expand(attn_mask, (*batch, L, S))
         except RuntimeError:
             raise ValueError(f"{OP_NAME}: attn_mask of shape {tuple(attn_mask.shape)} does not "
                              f"broadcast to {(*batch, L, S)}") from None
@@ -287,6 +344,14 @@ def _decide(call: _Call, backend: Optional[str]) -> backends.Decision:
     return backends.select(OP_NAME, call.q.device.type, checks, backend, detail)
 
 
+def _serving_path(call: _Call, backend: Optional[str]) -> str:
+    """The path for a call; the usual automatic CPU choice without building an explanation."""
+    if (backend is None and call.q.device.type == "cpu" and backends.forced_backend() is None
+            and _cpu_support(call)() is None):
+        return "cpu"
+    return _decide(call, backend).backend
+
+
 def _reference(call: _Call) -> torch.Tensor:
     out = attention_reference(call.q, call.k, call.v, call.mask, call.dropout_p, call.is_causal,
                               call.scale, call.enable_gqa, window_size=call.window_size,
@@ -298,8 +363,9 @@ def _reference(call: _Call) -> torch.Tensor:
 
 
 def _cpu(call: _Call) -> torch.Tensor:
-    out, _ = attention_forward_cpu(call.q4, call.k4, call.v4, call.mask4, call.scale,
-                                   call.softcap or 0.0, call.window_left, call.window_right, 0)
+    args = (call.q4, call.k4, call.v4, call.mask4)
+    fn = attention_forward_cpu if _needs_dispatcher(*args) else _forward_cpu
+    out, _ = fn(*args, call.scale, call.softcap or 0.0, call.window_left, call.window_right, 0)
     return out.reshape(*call.batch, out.shape[-2], out.shape[-1])
 
 
@@ -323,8 +389,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     """
     call = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                     window_size, softcap)
-    decision = _decide(call, backend)
-    if decision.backend == "cpu":
+    if _serving_path(call, backend) == "cpu":
         return _cpu(call)
     return _reference(call)
 
