@@ -129,12 +129,14 @@ PYBIND11_MODULE(_C, m) {
       "attention_forward",
       [](int tier, py::object q, py::object k, py::object v, py::object mask, py::object out,
          py::object lse, uintptr_t workspace, int64_t workspace_bytes, float scale, float softcap,
-         int64_t window_left, int64_t window_right, int64_t diag_offset, int num_threads) {
+         int64_t window_left, int64_t window_right, int64_t diag_offset, int num_threads,
+         py::object out_residual) {
         AttentionParams p = make_params(q, k, v, mask, scale, softcap, window_left, window_right,
                                         diag_offset, num_threads);
         ForwardIO io;
         io.out = to_view(out, "out");
         io.lse = to_view(lse, "lse");
+        io.out_residual = to_view(out_residual, "out_residual");
         io.workspace = reinterpret_cast<void*>(workspace);
         io.workspace_bytes = workspace_bytes;
         const CpuTier t = to_tier(tier);
@@ -144,17 +146,19 @@ PYBIND11_MODULE(_C, m) {
       py::arg("tier"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("out"),
       py::arg("lse"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("scale"),
       py::arg("softcap"), py::arg("window_left"), py::arg("window_right"),
-      py::arg("diag_offset"), py::arg("num_threads"),
+      py::arg("diag_offset"), py::arg("num_threads"), py::arg("out_residual") = py::none(),
       "Fused attention forward; returns the number of output rows holding NaN/Inf.");
   m.def(
       "attention_backward",
       [](int tier, py::object q, py::object k, py::object v, py::object mask, py::object dout,
          py::object out, py::object lse, py::object dq, py::object dk, py::object dv,
          uintptr_t workspace, int64_t workspace_bytes, float scale, float softcap,
-         int64_t window_left, int64_t window_right, int64_t diag_offset, int num_threads) {
+         int64_t window_left, int64_t window_right, int64_t diag_offset, int num_threads,
+         py::object out_residual) {
         AttentionParams p = make_params(q, k, v, mask, scale, softcap, window_left, window_right,
                                         diag_offset, num_threads);
         BackwardIO io;
+        io.out_residual = to_view(out_residual, "out_residual");
         io.dout = to_view(dout, "grad_out");
         io.out = to_view(out, "out");
         io.lse = to_view(lse, "lse");
@@ -171,5 +175,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dout"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"),
       py::arg("dv"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("scale"),
       py::arg("softcap"), py::arg("window_left"), py::arg("window_right"),
-      py::arg("diag_offset"), py::arg("num_threads"), "Fused attention backward.");
+      py::arg("diag_offset"), py::arg("num_threads"), py::arg("out_residual") = py::none(),
+      "Fused attention backward.");
 }

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import llmkernels
-from attention_utils import judge, make_qkv, reference_pair
+from attention_utils import grad_scale, judge, make_qkv, reference_pair
 
 KERNEL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -27,7 +27,7 @@ def run_case(B, Hq, Hk, L, S, E, Ev, dtype, *, backward=True, layout="bhsd", mas
     if backward:
         grads = torch.autograd.grad(out, (q, k, v), grad_out)
         for name, g, gs, ge in zip(("dq", "dk", "dv"), grads, same_g, exact_g):
-            judge(name, g, gs, ge, dtype)
+            judge(name, g, gs, ge, dtype, scale=grad_scale(exact_g))
 
 
 SHAPES = [  # (L, S): ones, primes, non-multiples of every tile size, L != S both ways

@@ -7,29 +7,33 @@ import llmkernels
 from llmkernels.ops.attention import attention_backward_cpu, attention_forward_cpu
 
 
-def _inputs(requires_grad, dtype=torch.float32, mask=None):
+def _inputs(requires_grad, dtype=torch.float32, mask=None):  # last arg: keep a residual
     q = torch.randn(2, 4, 33, 16, dtype=dtype, requires_grad=requires_grad)
     k = torch.randn(2, 2, 40, 16, dtype=dtype, requires_grad=requires_grad)
     v = torch.randn(2, 2, 40, 8, dtype=dtype, requires_grad=requires_grad)
-    return (q, k, v, mask, 0.25, 0.0, -1, 0, 0)
+    return (q, k, v, mask, 0.25, 0.0, -1, 0, 0, requires_grad)
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
-def test_opcheck_forward(requires_grad, mask_kind):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_forward(requires_grad, mask_kind, dtype):
     mask = None
     if mask_kind == "bool":
         mask = (torch.rand(2, 4, 33, 40) > 0.2)
     elif mask_kind == "float":
         mask = torch.randn(2, 4, 33, 40)
-    torch.library.opcheck(attention_forward_cpu, _inputs(requires_grad, mask=mask))
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(dtype)
+    torch.library.opcheck(attention_forward_cpu, _inputs(requires_grad, dtype, mask=mask))
 
 
 def test_opcheck_backward():
-    q, k, v, mask, *params = _inputs(False)
-    out, lse = attention_forward_cpu(q, k, v, mask, *params)
+    q, k, v, mask, *params, _ = _inputs(False, dtype=torch.bfloat16)
+    out, lse, residual = attention_forward_cpu(q, k, v, mask, *params, True)
+    assert residual.shape == out.shape
     torch.library.opcheck(attention_backward_cpu,
-                          (torch.randn_like(out), q, k, v, mask, out, lse, *params))
+                          (torch.randn_like(out), q, k, v, mask, out, lse, residual, *params))
 
 
 def test_compile_fullgraph_forward_and_backward():

@@ -62,6 +62,13 @@ AttentionParams with_round(const AttentionParams& p) {
   return q;
 }
 
+void check_residual(const TensorView& residual, const TensorView& out) {
+  if (!residual.data && residual.ndim == 0) return;
+  check_view(residual, "out_residual", 4);
+  check_same_shape(residual, out, "out_residual", "out");
+  LLMK_CHECK(residual.dtype == out.dtype, "out_residual must have out's dtype");
+}
+
 CpuTier checked(CpuTier tier) {
   LLMK_CHECK(tier_supported(tier), "CPU tier " << tier_name(tier) << " is not supported by this CPU");
   return tier;
@@ -82,6 +89,7 @@ void check_attention_forward(const AttentionParams& p, const ForwardIO& io) {
   LLMK_CHECK(io.lse.sizes[0] == q.sizes[0] && io.lse.sizes[1] == q.sizes[1] &&
                  io.lse.sizes[2] == q.sizes[2],
              "lse must be (B, Hq, L)");
+  check_residual(io.out_residual, io.out);
 }
 
 void check_attention_backward(const AttentionParams& p, const BackwardIO& io) {
@@ -100,6 +108,7 @@ void check_attention_backward(const AttentionParams& p, const BackwardIO& io) {
   LLMK_CHECK(io.lse.sizes[0] == p.q.sizes[0] && io.lse.sizes[1] == p.q.sizes[1] &&
                  io.lse.sizes[2] == p.q.sizes[2],
              "lse must be (B, Hq, L)");
+  check_residual(io.out_residual, io.out);
   check_same_shape(io.dq, p.q, "dq", "query");
   check_same_shape(io.dk, p.k, "dk", "key");
   check_same_shape(io.dv, p.v, "dv", "value");

@@ -23,6 +23,9 @@ struct AttentionParams {
 
 struct ForwardIO {
   TensorView out;  // (B, Hq, L, Dv), q's dtype
+  // Optional, shaped like out: what rounding out to a 16-bit dtype lost. The backward's
+  // delta = rowsum(dO * O) then sees O to ~16 bits instead of bf16's 8.
+  TensorView out_residual;
   TensorView lse;  // (B, Hq, L) float32; -inf for fully masked rows
   void* workspace = nullptr;
   int64_t workspace_bytes = 0;
@@ -30,6 +33,7 @@ struct ForwardIO {
 
 struct BackwardIO {
   TensorView dout, out, lse;  // dout and out (B, Hq, L, Dv); lse as saved by forward
+  TensorView out_residual;    // optional: the forward's out_residual
   TensorView dq, dk, dv;      // shaped like q, k, v
   void* workspace = nullptr;
   int64_t workspace_bytes = 0;

@@ -171,7 +171,7 @@ struct BackwardLayout {
   int64_t rows;   // query rows of one round (hpr x group x L)
   int64_t tiles;  // query tiles of one round (hpr x group x nqt)
   int64_t nchunks, tiles_per_chunk;
-  int64_t qp, dop, delta, dq_acc, scratch, per_thread, total;
+  int64_t qp, q2, dop, delta, dq_acc, scratch, per_thread, total;
   BackwardLayout(const AttentionParams& p, const Geometry& g, int nthreads) {
     hpr = heads_per_round(p, g.B * g.Hk, g.group * g.L * (2 * g.Dp + g.Dvp + 1) * 4, nthreads);
     rows = hpr * g.group * g.L;
@@ -181,15 +181,17 @@ struct BackwardLayout {
     if (tiles_per_chunk > 0) nchunks = (g.nkt + tiles_per_chunk - 1) / tiles_per_chunk;
     nchunks = max_<int64_t>(nchunks, 1);
     Bump a;
-    // float32 rows of scaled Q and dO; on the bf16 dot-product path, per query tile, Q and
-    // dO as bf16 pairs along the head dim (Q2, dO2) and along the queries (Qv, dOv).
+    // float32 rows of scaled Q (and of dO off the bf16 path); on the bf16 dot-product path,
+    // per query tile, Q as bf16 pairs along the head dim (Q2) and dO along the head dim and
+    // along the queries (dO2, dOv).
     tiles = hpr * g.group * g.nqt;
-    qp = a.take_floats(g.bf16dot ? tiles * (kBQ * g.D2 / 2 + kBQ / 2 * g.Dp) : rows * g.Dp);
+    qp = a.take_floats(rows * g.Dp);
+    q2 = a.take_floats(g.bf16dot ? tiles * kBQ * g.D2 / 2 : 0);
     dop = a.take_floats(g.bf16dot ? tiles * (kBQ * g.Dv2 / 2 + kBQ / 2 * g.Dvp) : rows * g.Dvp);
     delta = a.take_floats(rows);
     dq_acc = a.take_floats(nchunks * rows * g.Dp);
     per_thread = round_up((g.D * kBK + kBK * g.Dp + g.Dv * kBK + 3 * kBQ * kBK + kBK * g.Dp +
-                           kBK * g.Dvp + (g.bf16dot ? 3 * kBQ * kBK / 2 : 0)) * 4, 64);
+                           kBK * g.Dvp + (g.bf16dot ? kBQ / 2 * kBK : 0)) * 4, 64);
     scratch = a.take_floats(0);
     a.bytes = scratch + per_thread * nthreads;
     total = a.bytes;
@@ -388,7 +390,8 @@ void forward_item(void* vctx, int64_t item, int tid) {
     }
   }
   int64_t* bad = reinterpret_cast<int64_t*>(c.ws + c.lay.bad_rows);
-  bad[tid] += store_rows_any(c.io->out, b, h, i0, mq, g.Dv, O, g.Dvp, 1.f, inv);
+  const TensorView* residual = c.io->out_residual.data ? &c.io->out_residual : nullptr;
+  bad[tid] += store_rows_any(c.io->out, b, h, i0, mq, g.Dv, O, g.Dvp, 1.f, inv, residual);
 }
 
 int64_t forward(const AttentionParams& p, const ForwardIO& io) {
@@ -438,20 +441,20 @@ struct BackwardCtx {
   }
 };
 
-// The bf16 backward's operands: per query tile, Q and dO as bf16 pairs along the head dim
-// and along the queries. P and dU are rounded to bf16 before they multiply, as PyTorch's
-// bf16 kernels do; products accumulate in float32.
-struct Bf16Tile {  // one query tile's Q and dO in the layouts the products read
-  uint32_t *Q2, *Qv, *dO2, *dOv;
+// The bf16 backward multiplies S = Q K^T, dP = dO V^T and dV += P^T dO in bf16 pairs (P
+// rounded to bf16, as PyTorch's bf16 kernels do), and dQ, dK in float32 from the float32
+// dU: rounding dU to bf16 loses too much where its terms cancel (found by fuzzing: head
+// dim 1, where PyTorch falls back to float32 math).
+struct Bf16Tile {  // one query tile's Q and dO in the layouts the bf16 products read
+  uint32_t *Q2, *dO2, *dOv;
 };
 
 LLMK_INLINE Bf16Tile bf16_tile(const BackwardCtx& c, int64_t local, int64_t gi, int64_t qt) {
   const Geometry& g = c.g;
   const int64_t t = (local * g.group + gi) * g.nqt + qt;
-  uint32_t* qp = reinterpret_cast<uint32_t*>(c.ws + c.lay.qp);
+  uint32_t* q2 = reinterpret_cast<uint32_t*>(c.ws + c.lay.q2);
   uint32_t* dop = reinterpret_cast<uint32_t*>(c.ws + c.lay.dop);
-  return {qp + t * kBQ * (g.D2 / 2), qp + c.lay.tiles * kBQ * (g.D2 / 2) + t * (kBQ / 2) * g.Dp,
-          dop + t * kBQ * (g.Dv2 / 2),
+  return {q2 + t * kBQ * (g.D2 / 2), dop + t * kBQ * (g.Dv2 / 2),
           dop + c.lay.tiles * kBQ * (g.Dv2 / 2) + t * (kBQ / 2) * g.Dvp};
 }
 
@@ -469,9 +472,9 @@ LLMK_INLINE void pairs_along_rows(const X& x, int64_t rows2, int64_t cols, uint3
     for (int64_t c = 0; c < cols; ++c) dst[r2 * cols + c] = pair(x(2 * r2, c), x(2 * r2 + 1, c));
 }
 
-// Per (batch, head, query tile): delta = rowsum(dO * O); Q and dO in the layouts the
-// products read (BF: bf16 pairs, see Bf16Tile; else scaled float32 rows); the chunks' dQ
-// accumulators zeroed.
+// Per (batch, head, query tile): delta = rowsum(dO * O); scaled Q as float32 rows, and Q, dO
+// in the layouts the products read (BF: bf16 pairs, see Bf16Tile; else float32 rows); the
+// chunks' dQ accumulators zeroed.
 template <bool BF>
 void backward_prep_item(void* vctx, int64_t item, int) {
   const BackwardCtx& c = *static_cast<const BackwardCtx*>(vctx);
@@ -480,27 +483,30 @@ void backward_prep_item(void* vctx, int64_t item, int) {
   int64_t local, gi, qt, b, h;
   c.query_item(item, &local, &gi, &qt, &b, &h);
   const int64_t i0 = qt * kBQ, mq = min_(kBQ, g.L - i0), r0 = c.row(local, gi, i0);
+  load_rows_any(p.q, b, h, i0, mq, g.D, p.scale, c.f(c.lay.qp) + r0 * g.Dp, g.Dp, g.Dp);
   if constexpr (BF) {
     const Bf16Tile t = bf16_tile(c, local, gi, qt);
     const Bf16Rows Q(p.q, b, h, i0, mq, g.D), dO(c.io->dout, b, h, i0, mq, g.Dv);
     pairs_along_cols(Q, kBQ, g.D2 / 2, t.Q2);
-    pairs_along_rows(Q, kBQ / 2, g.Dp, t.Qv);
     pairs_along_cols(dO, kBQ, g.Dv2 / 2, t.dO2);
     pairs_along_rows(dO, kBQ / 2, g.Dvp, t.dOv);
   } else {
-    load_rows_any(p.q, b, h, i0, mq, g.D, p.scale, c.f(c.lay.qp) + r0 * g.Dp, g.Dp, g.Dp);
     load_rows_any(c.io->dout, b, h, i0, mq, g.Dv, 1.f, c.f(c.lay.dop) + r0 * g.Dvp, g.Dvp, g.Dvp);
   }
   float* delta = c.f(c.lay.delta) + r0;
-  const TensorView &out = c.io->out, &dout = c.io->dout;
+  const TensorView &out = c.io->out, &dout = c.io->dout, &res = c.io->out_residual;
   with_float_type(out.dtype, [&](auto tag) {
     using T = decltype(tag);
     for (int64_t r = 0; r < mq; ++r) {
       const T* o = at4<const T>(out, b, h, i0 + r);
       const T* d = at4<const T>(dout, b, h, i0 + r);
+      const T* lo = res.data ? at4<const T>(res, b, h, i0 + r) : nullptr;
       float s = 0.f;
-      for (int64_t e = 0; e < g.Dv; ++e)
-        s += to_f32(o[e * out.strides[3]]) * to_f32(d[e * dout.strides[3]]);
+      for (int64_t e = 0; e < g.Dv; ++e) {
+        float oe = to_f32(o[e * out.strides[3]]);
+        if (lo) oe += to_f32(lo[e * res.strides[3]]);
+        s += oe * to_f32(d[e * dout.strides[3]]);
+      }
       delta[r] = s;
     }
   });
@@ -510,9 +516,8 @@ void backward_prep_item(void* vctx, int64_t item, int) {
   }
 }
 
-// One (batch x kv head, chunk of key tiles) of the backward. BF: the five products in bf16
-// pairs (the avx512_bf16 tier with bf16 inputs), reading the layouts backward_prep_item_bf16
-// made; else float32 FMA on scaled float32 rows.
+// One (batch x kv head, chunk of key tiles) of the backward. BF (the avx512_bf16 tier with
+// bf16 inputs): S, dP and dV in bf16 pairs, dK and dQ in float32; else all in float32.
 template <bool BF>
 void backward_item(void* vctx, int64_t item, int tid) {
   const BackwardCtx& c = *static_cast<const BackwardCtx*>(vctx);
@@ -529,14 +534,11 @@ void backward_item(void* vctx, int64_t item, int tid) {
   float* T = dP + kBQ * kBK;
   float* dK = T + kBQ * kBK;
   float* dV = dK + kBK * g.Dp;
-  // BF: K^T, K and V^T as bf16 pairs in the float32 tiles' space ([d2][j], [j2][d], [e2][j]),
-  // then P and dU as pairs along queries (PT2, dST2) and dU as pairs along keys (dS2).
+  // BF: K^T and V^T as bf16 pairs in the float32 tiles' space ([d2][j], [e2][j]), and P as
+  // pairs along queries (PT2).
   uint32_t* Kt2 = reinterpret_cast<uint32_t*>(Kt);
-  uint32_t* Kv = reinterpret_cast<uint32_t*>(Kr);
   uint32_t* Vt2 = reinterpret_cast<uint32_t*>(Vt);
   uint32_t* PT2 = reinterpret_cast<uint32_t*>(dV + kBK * g.Dvp);
-  uint32_t* dS2 = PT2 + kBQ / 2 * kBK;
-  uint32_t* dST2 = dS2 + kBQ * kBK / 2;
   const bool cap = p.softcap > 0.f;
   const TensorView& lv = c.io->lse;
   const float* lse_base = static_cast<const float*>(lv.data);
@@ -548,14 +550,13 @@ void backward_item(void* vctx, int64_t item, int tid) {
       const Bf16Rows K(p.k, b, hk, j0, nk, g.D), V(p.v, b, hk, j0, nk, g.Dv);
       for (int64_t d2 = 0; d2 < g.D2 / 2; ++d2)
         for (int64_t j = 0; j < nkp; ++j) Kt2[d2 * kBK + j] = pair(K(j, 2 * d2), K(j, 2 * d2 + 1));
-      pairs_along_rows(K, nkp / 2, g.Dp, Kv);
       for (int64_t e2 = 0; e2 < g.Dv2 / 2; ++e2)
         for (int64_t j = 0; j < nkp; ++j) Vt2[e2 * kBK + j] = pair(V(j, 2 * e2), V(j, 2 * e2 + 1));
     } else {
       load_rows_transposed_any(p.k, b, hk, j0, nk, g.D, Kt, kBK, nkp);
-      load_rows_any(p.k, b, hk, j0, nk, g.D, 1.f, Kr, g.Dp, g.Dp);
       load_rows_transposed_any(p.v, b, hk, j0, nk, g.Dv, Vt, kBK, nkp);
     }
+    load_rows_any(p.k, b, hk, j0, nk, g.D, 1.f, Kr, g.Dp, g.Dp);
     for (int64_t x = 0; x < nk * g.Dp; ++x) dK[x] = 0.f;
     for (int64_t x = 0; x < nk * g.Dvp; ++x) dV[x] = 0.f;
 
@@ -567,7 +568,7 @@ void backward_item(void* vctx, int64_t item, int tid) {
         const int64_t i0 = qt * kBQ, mq = min_(kBQ, g.L - i0), r0 = c.row(local, gi, i0);
         const int64_t mq2 = (mq + 1) / 2;
         const float* Q = c.f(c.lay.qp) + r0 * g.Dp;
-        const float* dO = c.f(c.lay.dop) + r0 * g.Dvp;
+        const float* dO = BF ? nullptr : c.f(c.lay.dop) + r0 * g.Dvp;
         const Bf16Tile t = BF ? bf16_tile(c, local, gi, qt) : Bf16Tile{};
         const float* delta = c.f(c.lay.delta) + r0;
         if constexpr (BF)
@@ -602,21 +603,13 @@ void backward_item(void* vctx, int64_t item, int tid) {
             }
             storeu(dpr + j, du);
           }
-          if constexpr (BF) row_to_bf16(dpr, reinterpret_cast<uint16_t*>(dS2 + r * (kBK / 2)), nkp);
         }
         float* dq = c.f(c.lay.dq_acc) + (ch * c.lay.rows + r0) * g.Dp;
-        if constexpr (BF) {
-          rows_to_bf16_pairs(dP, kBK, mq, nkp, dST2, kBK);
-          gemm_bf16(nk, g.Dp, mq2, dST2, 1, kBK, t.Qv, g.Dp, dK, g.Dp, true);       // dK += dU^T Q
-          gemm_bf16(mq, g.Dp, nkp / 2, dS2, kBK / 2, 1, Kv, g.Dp, dq, g.Dp, true);  // dQ += dU K
-        } else {
-          gemm(nk, g.Dp, mq, dP, 1, kBK, Q, g.Dp, dK, g.Dp, true);          // dK += dU^T (scale Q)
-          gemm(mq, g.Dp, nk, dP, kBK, 1, Kr, g.Dp, dq, g.Dp, true);          // dQ += dU K
-        }
+        gemm(nk, g.Dp, mq, dP, 1, kBK, Q, g.Dp, dK, g.Dp, true);          // dK += dU^T (scale Q)
+        gemm(mq, g.Dp, nk, dP, kBK, 1, Kr, g.Dp, dq, g.Dp, true);          // dQ += dU K
       }
     }
-    // The float32 path multiplied by scaled Q; the bf16 one by Q itself.
-    store_rows_any(c.io->dk, b, hk, j0, nk, g.D, dK, g.Dp, BF ? p.scale : 1.f, nullptr);
+    store_rows_any(c.io->dk, b, hk, j0, nk, g.D, dK, g.Dp, 1.f, nullptr);
     store_rows_any(c.io->dv, b, hk, j0, nk, g.Dv, dV, g.Dvp, 1.f, nullptr);
   }
 }

@@ -86,13 +86,16 @@ LLMK_INLINE void load_rows_transposed_any(const TensorView& t, int64_t b, int64_
   });
 }
 
-// out[row0 + r][c] = mul_all * row_mul[r] * src[r * ld + c] (row_mul may be null); returns how many rows hold a NaN or Inf.
+// out[row0 + r][c] = mul_all * row_mul[r] * src[r * ld + c] (row_mul may be null), and, if
+// residual is given, what rounding to the output dtype lost (x - out) in it; returns how many rows hold a NaN or Inf.
 template <class T>
 int64_t store_rows(const TensorView& t, int64_t b, int64_t h, int64_t row0, int64_t nrows,
                    int64_t ncols, const float* src, int64_t ld, float mul_all,
-                   const float* row_mul) {
+                   const float* row_mul, const TensorView* residual) {
   T* dst = at4<T>(t, b, h, row0);
   const int64_t rs = t.strides[2], cs = t.strides[3];
+  T* lo = residual ? at4<T>(*residual, b, h, row0) : nullptr;
+  const int64_t lrs = residual ? residual->strides[2] : 0, lcs = residual ? residual->strides[3] : 0;
   int64_t bad_rows = 0;
   for (int64_t r = 0; r < nrows; ++r) {
     const float mul = row_mul ? row_mul[r] * mul_all : mul_all;
@@ -100,7 +103,9 @@ int64_t store_rows(const TensorView& t, int64_t b, int64_t h, int64_t row0, int6
     for (int64_t c = 0; c < ncols; ++c) {
       const float x = mul * src[r * ld + c];
       bad |= !(std::fabs(x) <= 3.40282347e38f);
-      from_f32(dst + r * rs + c * cs, x);
+      T* d = dst + r * rs + c * cs;
+      from_f32(d, x);
+      if (lo) from_f32(lo + r * lrs + c * lcs, x - to_f32(*d));
     }
     bad_rows += bad;
   }
@@ -109,10 +114,12 @@ int64_t store_rows(const TensorView& t, int64_t b, int64_t h, int64_t row0, int6
 
 LLMK_INLINE int64_t store_rows_any(const TensorView& t, int64_t b, int64_t h, int64_t row0,
                                    int64_t nrows, int64_t ncols, const float* src, int64_t ld,
-                                   float mul_all, const float* row_mul) {
+                                   float mul_all, const float* row_mul,
+                                   const TensorView* residual = nullptr) {
   int64_t bad = 0;
   with_float_type(t.dtype, [&](auto tag) {
-    bad = store_rows<decltype(tag)>(t, b, h, row0, nrows, ncols, src, ld, mul_all, row_mul);
+    bad = store_rows<decltype(tag)>(t, b, h, row0, nrows, ncols, src, ld, mul_all, row_mul,
+                                    residual);
   });
   return bad;
 }

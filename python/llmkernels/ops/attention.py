@@ -44,27 +44,39 @@ def _workspace(nbytes: int) -> torch.Tensor:
     return ws
 
 
+def _residual_like(out: torch.Tensor, with_residual: bool) -> torch.Tensor:
+    # Only 16-bit outputs lose enough in rounding for the backward to care.
+    wanted = with_residual and out.dtype in (torch.bfloat16, torch.float16)
+    return torch.empty_like(out) if wanted else out.new_empty((0,))
+
+
 def _forward_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  mask: Optional[torch.Tensor], scale: float, softcap: float,
-                 window_left: int, window_right: int,
-                 diag_offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fused forward on 4-D (B, H, L, E) views; returns (out, lse float32)."""
+                 window_left: int, window_right: int, diag_offset: int,
+                 with_residual: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused forward on 4-D (B, H, L, E) views; returns (out, lse float32, residual).
+
+    residual (with_residual and a 16-bit dtype; else empty): float32 out minus out, in out's
+    dtype, so that the backward's rowsum(dO * O) sees O to ~16 bits, not bf16's 8.
+    """
     native = backends.native_module()
     B, Hq, L, _ = q.shape
     out = q.new_empty((B, Hq, L, v.shape[-1]))
     lse = q.new_empty((B, Hq, L), dtype=torch.float32)
+    residual = _residual_like(out, with_residual)
     if out.numel() == 0 and lse.numel() == 0:
-        return out, lse
+        return out, lse, residual
     tier, threads = backends.cpu_tier_code(), _threads()
     views = (cview(q), cview(k), cview(v), cview(mask))
     nbytes = native.attention_forward_workspace_bytes(tier, *views, threads)
     ws = _workspace(nbytes)
     bad = native.attention_forward(tier, *views, cview(out), cview(lse), ws.data_ptr(), nbytes,
-                                   scale, softcap, window_left, window_right, diag_offset, threads)
+                                   scale, softcap, window_left, window_right, diag_offset, threads,
+                                   cview(residual) if residual.numel() else None)
     if bad:
         raise ValueError(f"{OP_NAME}: {bad} output row(s) are NaN or Inf: query, key, value or "
                          "attn_mask holds NaN/Inf (or values too large for the dtype)")
-    return out, lse
+    return out, lse, residual
 
 
 attention_forward_cpu = torch.library.custom_op(
@@ -96,16 +108,17 @@ def _dispatch_mode_active() -> bool:
 
 
 @attention_forward_cpu.register_fake
-def _(q, k, v, mask, scale, softcap, window_left, window_right, diag_offset):
+def _(q, k, v, mask, scale, softcap, window_left, window_right, diag_offset, with_residual):
     B, Hq, L, _ = q.shape
-    return q.new_empty((B, Hq, L, v.shape[-1])), q.new_empty((B, Hq, L), dtype=torch.float32)
+    out = q.new_empty((B, Hq, L, v.shape[-1]))
+    return out, q.new_empty((B, Hq, L), dtype=torch.float32), _residual_like(out, with_residual)
 
 
 @torch.library.custom_op("llmkernels::attention_backward_cpu", mutates_args=(), device_types="cpu")
 def attention_backward_cpu(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                            v: torch.Tensor, mask: Optional[torch.Tensor], out: torch.Tensor,
-                           lse: torch.Tensor, scale: float, softcap: float, window_left: int,
-                           window_right: int,
+                           lse: torch.Tensor, out_residual: Optional[torch.Tensor], scale: float,
+                           softcap: float, window_left: int, window_right: int,
                            diag_offset: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward; returns (dq, dk, dv) shaped like q, k, v (contiguous)."""
     native = backends.native_module()
@@ -120,29 +133,32 @@ def attention_backward_cpu(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     ws = _workspace(nbytes)
     native.attention_backward(tier, *views, cview(grad_out), cview(out), cview(lse), cview(dq),
                               cview(dk), cview(dv), ws.data_ptr(), nbytes, scale, softcap,
-                              window_left, window_right, diag_offset, threads)
+                              window_left, window_right, diag_offset, threads,
+                              cview(out_residual) if out_residual is not None else None)
     return dq, dk, dv
 
 
 @attention_backward_cpu.register_fake
-def _(grad_out, q, k, v, mask, out, lse, scale, softcap, window_left, window_right, diag_offset):
+def _(grad_out, q, k, v, mask, out, lse, out_residual, scale, softcap, window_left, window_right,
+      diag_offset):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
 
 
 def _forward_setup(ctx, inputs, output):
-    q, k, v, mask, scale, softcap, wl, wr, off = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, mask, out, lse)
+    q, k, v, mask, scale, softcap, wl, wr, off, _ = inputs
+    out, lse, residual = output
+    ctx.save_for_backward(q, k, v, mask, out, lse, residual)
     ctx.params = (scale, softcap, wl, wr, off)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, residual)
 
 
-def _forward_backward(ctx, grad_out, grad_lse):
-    q, k, v, mask, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_backward_cpu(grad_out, q, k, v, mask, out, lse, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None
+def _forward_backward(ctx, grad_out, grad_lse, grad_residual):
+    q, k, v, mask, out, lse, residual = ctx.saved_tensors
+    residual = residual if residual.numel() else None
+    dq, dk, dv = attention_backward_cpu(grad_out, q, k, v, mask, out, lse, residual, *ctx.params)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 attention_forward_cpu.register_autograd(_forward_backward, setup_context=_forward_setup)
@@ -364,8 +380,10 @@ def _reference(call: _Call) -> torch.Tensor:
 
 def _cpu(call: _Call) -> torch.Tensor:
     args = (call.q4, call.k4, call.v4, call.mask4)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in args[:3])
     fn = attention_forward_cpu if _needs_dispatcher(*args) else _forward_cpu
-    out, _ = fn(*args, call.scale, call.softcap or 0.0, call.window_left, call.window_right, 0)
+    out, _, _ = fn(*args, call.scale, call.softcap or 0.0, call.window_left, call.window_right, 0,
+                   grad)
     return out.reshape(*call.batch, out.shape[-2], out.shape[-1])
 
 
