@@ -96,3 +96,10 @@ def test_build_info_is_complete_and_serializable():
 def test_explain_rejects_non_ops():
     with pytest.raises(TypeError, match="not an llmkernels op"):
         llmkernels.explain(torch.matmul, torch.ones(1), torch.ones(1))
+
+
+def test_empty_cache_frees_and_kernel_still_runs():
+    q, k, v = qkv()
+    a = sdpa(q, k, v, backend="cpu")
+    llmkernels.empty_cache()
+    torch.testing.assert_close(sdpa(q, k, v, backend="cpu"), a, atol=0, rtol=0)

@@ -9,9 +9,10 @@ from ._version import __version__
 from ._build_info import build_info
 from .backends import BackendError, explain, use_backend, use_cpu_tier
 from .ops import scaled_dot_product_attention
+from .ops.attention import empty_cache
 from . import nn
 
 __all__ = [
     "__version__", "build_info", "explain", "use_backend", "use_cpu_tier", "BackendError",
-    "scaled_dot_product_attention", "nn",
+    "scaled_dot_product_attention", "empty_cache", "nn",
 ]

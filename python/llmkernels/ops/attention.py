@@ -31,6 +31,11 @@ _SMALL_WORKSPACE = 16 << 20
 _local = threading.local()
 
 
+def empty_cache() -> None:
+    """Free the calling thread's reusable kernel workspace (at most 16 MiB)."""
+    _local.workspace = None
+
+
 def _workspace(nbytes: int) -> torch.Tensor:
     """Scratch memory for one kernel call. Small workspaces are kept per thread and reused:
     a fresh allocation of a few MiB costs page faults on every call, as much as the whole
