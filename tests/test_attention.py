@@ -244,3 +244,19 @@ def one_head_per_round():
 def test_many_rounds_of_heads(cpu_tier, dtype, one_head_per_round):
     """Large problems run batch x kv-head pairs in rounds; force one head per round."""
     run_case(3, 4, 2, 70, 90, 32, 24, dtype, is_causal=True, mask_kind="additive")
+
+
+@pytest.mark.parametrize("L", [1, 2, 4])
+@pytest.mark.parametrize("S", [1, 70, 1500])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_decode_shaped_calls(cpu_tier, L, S, dtype):
+    """A few queries against many keys take the streaming (flash-decoding) schedule; long
+    key ranges are split across threads and merged."""
+    run_case(1, 8, 2, L, S, 64, 48, dtype)
+    run_case(2, 4, 1, L, S, 32, 32, dtype, mask_kind="additive", softcap=4.0,
+             window_size=(None, 600))
+
+
+def test_decode_shaped_calls_with_masks_and_windows(cpu_tier):
+    run_case(1, 4, 4, 3, 1100, 32, 32, torch.float32, mask_kind="bool", window_size=(700, 5))
+    run_case(1, 2, 2, 1, 1300, 64, 64, torch.bfloat16, is_causal=True)  # top-left: key 0 only

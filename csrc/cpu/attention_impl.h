@@ -207,9 +207,6 @@ inline int threads_for_work(const Geometry& g, int nthreads) {
   return int(max_<int64_t>(1, min_<int64_t>(nthreads, work / kMinWorkPerThread)));
 }
 
-int64_t forward_workspace_bytes(const AttentionParams& p) {
-  return ForwardLayout(p, Geometry(p), max_(p.num_threads, 1)).total;
-}
 
 int64_t backward_workspace_bytes(const AttentionParams& p) {
   return BackwardLayout(p, Geometry(p), max_(p.num_threads, 1)).total;
@@ -394,7 +391,253 @@ void forward_item(void* vctx, int64_t item, int tid) {
   bad[tid] += store_rows_any(c.io->out, b, h, i0, mq, g.Dv, O, g.Dvp, 1.f, inv, residual);
 }
 
+// ---------------------------------------------------------------- decode-shaped forward
+// A few queries (decoding one token, or a few speculative ones) against many keys: packing
+// K and V into tiles would cost more than the attention. Instead each (batch, kv head,
+// chunk of keys) item streams its keys once in blocks of kBK, computes S^T = K Q^T with the
+// queries (all heads of the group) as the columns, and runs the online softmax with one
+// vector lane per query row. Chunks of keys (flash-decoding) keep every thread busy when
+// batch x heads is small; their partial results are merged at the end.
+
+constexpr int64_t kDecodeMaxL = 4;       // queries per head served this way
+constexpr int64_t kDecodeMaxRows = 32;   // query rows per kv head (group x L)
+constexpr int64_t kDecodeMinChunk = 512; // keys per chunk, at least
+constexpr int64_t kDecodeDotRows = 4;    // up to this many rows, scores as dot products
+
+LLMK_INLINE bool use_decode(const Geometry& g) {
+  return g.L <= kDecodeMaxL && g.group * g.L <= kDecodeMaxRows;
+}
+
+struct DecodeLayout {
+  int64_t R, RP;               // query rows per kv head, padded to whole vectors
+  int64_t nchunks, chunk_len;  // key chunks per kv head
+  int64_t partial, scratch, per_thread, bad_rows, total;
+  DecodeLayout(const Geometry& g, int nthreads) {
+    R = g.group * g.L;
+    RP = round_up(max_<int64_t>(R, 1), W);
+    const int64_t heads = max_<int64_t>(g.B * g.Hk, 1);
+    const int64_t max_chunks = max_<int64_t>(1, g.S / kDecodeMinChunk);
+    nchunks = min_<int64_t>(max_chunks, max_<int64_t>(1, (4 * nthreads + heads - 1) / heads));
+    chunk_len = round_up((g.S + nchunks - 1) / nchunks, kBK);
+    nchunks = max_<int64_t>(1, (g.S + chunk_len - 1) / max_<int64_t>(chunk_len, 1));
+    Bump a;
+    // per (kv head, chunk): O rows, then m and l per row
+    partial = a.take_floats(nchunks > 1 ? g.B * g.Hk * nchunks * RP * (g.Dvp + 2) : 0);
+    per_thread = round_up((g.D * RP + RP * g.Dp + kBK * g.Dp + kBK * g.Dvp + kBK * RP + RP * g.Dvp +
+                           6 * RP) * 4, 64);
+    scratch = a.take_floats(0);
+    a.bytes = scratch + per_thread * nthreads;
+    bad_rows = a.take_floats(2 * int64_t(nthreads));
+    total = a.bytes;
+  }
+};
+
+struct DecodeCtx {
+  const AttentionParams* p;
+  const ForwardIO* io;
+  Geometry g;
+  DecodeLayout lay;
+  char* ws;
+  float* partial(int64_t bh, int64_t ch) const {
+    return reinterpret_cast<float*>(ws + lay.partial) + (bh * lay.nchunks + ch) * lay.RP * (g.Dvp + 2);
+  }
+};
+
+// Scores of one key block, as columns of query rows (st[j * RP + r]): softcap, mask, band.
+void decode_transform(const DecodeCtx& c, int64_t b, int64_t hk, float* st, int64_t j0,
+                      int64_t nb) {
+  const AttentionParams& p = *c.p;
+  const Geometry& g = c.g;
+  const int64_t RP = c.lay.RP, R = c.lay.R;
+  if (p.softcap > 0.f) {
+    const vf vcap = splat(p.softcap * kLog2e), vinv = splat(1.f / (p.softcap * kLog2e));
+    for (int64_t x = 0; x < nb * RP; x += W) storeu(st + x, vcap * vtanh(loadu(st + x) * vinv));
+  }
+  const bool band = p.window_left >= 0 || p.window_right >= 0;
+  if (!band && !p.mask.data) return;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t h = hk * g.group + r / g.L, i = r % g.L;
+    if (p.mask.data) {
+      const TensorView& m = p.mask;
+      const int64_t js = m.strides[3];
+      if (m.dtype == DType::boolean) {
+        const uint8_t* mp = at4<const uint8_t>(m, b, h, i) + j0 * js;
+        for (int64_t j = 0; j < nb; ++j)
+          if (!mp[j * js]) st[j * RP + r] = kNegInf;
+      } else {
+        with_float_type(m.dtype, [&](auto tag) {
+          using MT = decltype(tag);
+          const MT* mp = at4<const MT>(m, b, h, i) + j0 * js;
+          for (int64_t j = 0; j < nb; ++j) st[j * RP + r] += kLog2e * to_f32(mp[j * js]);
+        });
+      }
+    }
+    if (band) {
+      const int64_t lo = p.window_left >= 0 ? i + p.diag_offset - p.window_left : INT64_MIN;
+      const int64_t hi = p.window_right >= 0 ? i + p.diag_offset + p.window_right : INT64_MAX;
+      for (int64_t j = 0; j < nb; ++j)
+        if (j0 + j < lo || j0 + j > hi) st[j * RP + r] = kNegInf;
+    }
+  }
+}
+
+void decode_item(void* vctx, int64_t item, int tid) {
+  const DecodeCtx& c = *static_cast<const DecodeCtx*>(vctx);
+  const AttentionParams& p = *c.p;
+  const Geometry& g = c.g;
+  const int64_t R = c.lay.R, RP = c.lay.RP;
+  const int64_t ch = item % c.lay.nchunks, bh = item / c.lay.nchunks;
+  const int64_t b = bh / g.Hk, hk = bh % g.Hk;
+
+  float* QT = reinterpret_cast<float*>(c.ws + c.lay.scratch + c.lay.per_thread * tid);
+  float* Qr = QT + g.D * RP;  // the same queries as rows
+  float* Kb = Qr + RP * g.Dp;
+  float* Vb = Kb + kBK * g.Dp;
+  float* ST = Vb + kBK * g.Dvp;
+  float* O = ST + kBK * RP;
+  float* m = O + RP * g.Dvp;
+  float* l = m + RP;
+  float* m_use = l + RP;
+  float* alpha = m_use + RP;
+  float* inv = alpha + RP;
+
+  // Q^T, scaled into base-2 units: column r holds query i of head hk * group + gi.
+  for (int64_t x = 0; x < g.D * RP; ++x) QT[x] = 0.f;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t h = hk * g.group + r / g.L, i = r % g.L;
+    load_rows_any(p.q, b, h, i, 1, g.D, p.scale * kLog2e, Qr + r * g.Dp, g.Dp, g.Dp);
+    for (int64_t d = 0; d < g.D; ++d) QT[d * RP + r] = Qr[r * g.Dp + d];
+  }
+  for (int64_t r = 0; r < RP; ++r) { m[r] = kNegInf; l[r] = 0.f; }
+  for (int64_t x = 0; x < RP * g.Dvp; ++x) O[x] = 0.f;
+
+  int64_t klo, khi;  // keys any of the rows may see, within this chunk
+  key_range(p, g.S, 0, g.L, &klo, &khi);
+  klo = max_(klo, ch * c.lay.chunk_len);
+  khi = min_(khi, (ch + 1) * c.lay.chunk_len - 1);
+  for (int64_t j0 = klo; j0 <= khi; j0 += kBK) {
+    const int64_t nb = min_(kBK, khi + 1 - j0);
+    load_rows_any(p.k, b, hk, j0, nb, g.D, 1.f, Kb, g.Dp, g.Dp);
+    load_rows_any(p.v, b, hk, j0, nb, g.Dv, 1.f, Vb, g.Dvp, g.Dvp);
+    if (R <= kDecodeDotRows) {  // few rows: dot products along the head dim
+      for (int64_t j = 0; j < nb; ++j) {
+        for (int64_t r = 0; r < R; ++r) {
+          vf acc = vf{};
+          for (int64_t d = 0; d < g.Dp; d += W) acc += loadu(Kb + j * g.Dp + d) * loadu(Qr + r * g.Dp + d);
+          ST[j * RP + r] = hsum(acc);
+        }
+        for (int64_t r = R; r < RP; ++r) ST[j * RP + r] = 0.f;
+      }
+    } else {  // many rows (grouped heads): one vector lane per row
+      gemm(nb, RP, g.D, Kb, g.Dp, 1, QT, RP, ST, RP, false);  // ST[j][r] = k_j . q_r
+    }
+    decode_transform(c, b, hk, ST, j0, nb);
+    bool rescale = false;
+    for (int64_t r = 0; r < RP; r += W) {  // one lane per query row
+      vf mx = loadu(ST + r);
+      for (int64_t j = 1; j < nb; ++j) mx = vmax(mx, loadu(ST + j * RP + r));
+      const vf m_old = loadu(m + r), m_new = vmax(m_old, mx);
+      const vf mu = select(m_new == splat(kNegInf), vf{}, m_new);
+      const vf a = vexp2_nonpos(m_old - mu);
+      vf sum = vf{};
+      for (int64_t j = 0; j < nb; ++j) {
+        const vf e = vexp2_nonpos(loadu(ST + j * RP + r) - mu);
+        storeu(ST + j * RP + r, e);
+        sum += e;
+      }
+      storeu(l + r, loadu(l + r) * a + sum);
+      storeu(m + r, m_new);
+      storeu(alpha + r, a);
+      for (int i = 0; i < W; ++i) rescale |= a[i] != 1.f;
+    }
+    if (rescale)
+      for (int64_t r = 0; r < R; ++r)
+        if (alpha[r] != 1.f)
+          for (int64_t e = 0; e < g.Dvp; e += W) storeu(O + r * g.Dvp + e, loadu(O + r * g.Dvp + e) * splat(alpha[r]));
+    gemm(R, g.Dvp, nb, ST, 1, RP, Vb, g.Dvp, O, g.Dvp, true);  // O[r] += sum_j P[j][r] v_j
+  }
+
+  if (c.lay.nchunks > 1) {
+    float* part = c.partial(bh, ch);
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t e = 0; e < g.Dvp; ++e) part[r * (g.Dvp + 2) + e] = O[r * g.Dvp + e];
+      part[r * (g.Dvp + 2) + g.Dvp] = m[r];
+      part[r * (g.Dvp + 2) + g.Dvp + 1] = l[r];
+    }
+    return;
+  }
+  int64_t* bad = reinterpret_cast<int64_t*>(c.ws + c.lay.bad_rows);
+  const TensorView* residual = c.io->out_residual.data ? &c.io->out_residual : nullptr;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t h = hk * g.group + r / g.L, i = r % g.L;
+    float* lse = at4<float>(c.io->lse, b, h, i);
+    const float lr = l[r];
+    inv[r] = lr > 0.f ? 1.f / lr : (lr == 0.f ? 0.f : NAN);
+    *lse = lr > 0.f ? (m[r] + std::log2(lr)) * kLn2 : (lr == 0.f ? kNegInf : NAN);
+    bad[tid] += store_rows_any(c.io->out, b, h, i, 1, g.Dv, O + r * g.Dvp, g.Dvp, 1.f, inv + r,
+                               residual);
+  }
+}
+
+// Merges the key chunks of one (batch, kv head): O = sum_c 2^(m_c - M) O_c, same for l.
+void decode_combine_item(void* vctx, int64_t bh, int tid) {
+  const DecodeCtx& c = *static_cast<const DecodeCtx*>(vctx);
+  const Geometry& g = c.g;
+  const int64_t b = bh / g.Hk, hk = bh % g.Hk;
+  float* O = reinterpret_cast<float*>(c.ws + c.lay.scratch + c.lay.per_thread * tid);
+  int64_t* bad = reinterpret_cast<int64_t*>(c.ws + c.lay.bad_rows);
+  const TensorView* residual = c.io->out_residual.data ? &c.io->out_residual : nullptr;
+  const int64_t stride = g.Dvp + 2;
+  for (int64_t r = 0; r < c.lay.R; ++r) {
+    float M = kNegInf;
+    bool nan = false;
+    for (int64_t ch = 0; ch < c.lay.nchunks; ++ch) {
+      const float mc = c.partial(bh, ch)[r * stride + g.Dvp];
+      nan |= mc != mc;
+      M = mc > M ? mc : M;
+    }
+    const float mu = (M == kNegInf) ? 0.f : M;
+    float l = nan ? NAN : 0.f;
+    for (int64_t e = 0; e < g.Dvp; ++e) O[e] = 0.f;
+    for (int64_t ch = 0; ch < c.lay.nchunks; ++ch) {
+      const float* part = c.partial(bh, ch) + r * stride;
+      const float w = part[g.Dvp] == kNegInf ? 0.f : std::exp2(part[g.Dvp] - mu);
+      l += w * part[g.Dvp + 1];
+      for (int64_t e = 0; e < g.Dvp; ++e) O[e] += w * part[e];
+    }
+    const int64_t h = hk * g.group + r / g.L, i = r % g.L;
+    const float inv = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : NAN);
+    *at4<float>(c.io->lse, b, h, i) = l > 0.f ? (M + std::log2(l)) * kLn2 : (l == 0.f ? kNegInf : NAN);
+    bad[tid] += store_rows_any(c.io->out, b, h, i, 1, g.Dv, O, g.Dvp, 1.f, &inv, residual);
+  }
+}
+
+int64_t forward_decode(const AttentionParams& p, const ForwardIO& io) {
+  const int nthreads = max_(p.num_threads, 1);
+  DecodeCtx c{&p, &io, Geometry(p), DecodeLayout(Geometry(p), nthreads),
+              static_cast<char*>(io.workspace)};
+  LLMK_CHECK(io.workspace_bytes >= c.lay.total, "attention forward workspace too small: "
+                                                    << io.workspace_bytes << " < " << c.lay.total);
+  const Geometry& g = c.g;
+  const int run = threads_for_work(g, nthreads);
+  int64_t* bad = reinterpret_cast<int64_t*>(c.ws + c.lay.bad_rows);
+  for (int t = 0; t < nthreads; ++t) bad[t] = 0;
+  parallel_for(g.B * g.Hk * c.lay.nchunks, run, decode_item, &c);
+  if (c.lay.nchunks > 1) parallel_for(g.B * g.Hk, run, decode_combine_item, &c);
+  int64_t total = 0;
+  for (int t = 0; t < nthreads; ++t) total += bad[t];
+  return total;
+}
+
+int64_t forward_workspace_bytes(const AttentionParams& p) {
+  const Geometry g(p);
+  const int nthreads = max_(p.num_threads, 1);
+  return use_decode(g) ? DecodeLayout(g, nthreads).total : ForwardLayout(p, g, nthreads).total;
+}
+
 int64_t forward(const AttentionParams& p, const ForwardIO& io) {
+  if (Geometry(p).B * Geometry(p).Hq * Geometry(p).L == 0) return 0;
+  if (use_decode(Geometry(p))) return forward_decode(p, io);
   const int nthreads = max_(p.num_threads, 1);
   ForwardCtx c{&p, &io, Geometry(p), ForwardLayout(p, Geometry(p), nthreads),
                static_cast<char*>(io.workspace)};
