@@ -3,6 +3,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/checks.h"
 #include "../common/tensor_view.h"
@@ -38,6 +39,24 @@ LLMK_INLINE T* at4(const TensorView& t, int64_t b, int64_t h, int64_t row) {
   return static_cast<T*>(t.data) + b * t.strides[0] + h * t.strides[1] + row * t.strides[2];
 }
 
+// d[c] = mul * s[c] for a contiguous row, whole vectors at a time: streaming K and V rows
+// (decoding) is bound by this conversion, not by the products.
+template <class T>
+LLMK_INLINE void load_contiguous(const T* s, float* d, int64_t n, float mul) {
+  int64_t c = 0;
+  if constexpr (std::is_same<T, BF16>::value) {
+    typedef uint16_t vh __attribute__((vector_size(2 * W)));
+    for (; c + W <= n; c += W) {  // bf16 is the top half of a float
+      vh x;
+      std::memcpy(&x, s + c, sizeof x);
+      storeu(d + c, as_vf(__builtin_convertvector(x, vi) << 16) * splat(mul));
+    }
+  } else if constexpr (std::is_same<T, float>::value) {
+    for (; c + W <= n; c += W) storeu(d + c, loadu(s + c) * splat(mul));
+  }
+  for (; c < n; ++c) d[c] = mul * to_f32(s[c]);
+}
+
 // dst[r * ld + c] = mul * src[row0 + r][c] for r < nrows, c < ncols; zero up to ld_pad.
 template <class T>
 void load_rows(const TensorView& t, int64_t b, int64_t h, int64_t row0, int64_t nrows,
@@ -48,7 +67,7 @@ void load_rows(const TensorView& t, int64_t b, int64_t h, int64_t row0, int64_t 
     const T* s = src + r * rs;
     float* d = dst + r * ld;
     if (cs == 1)
-      for (int64_t c = 0; c < ncols; ++c) d[c] = mul * to_f32(s[c]);
+      load_contiguous(s, d, ncols, mul);
     else
       for (int64_t c = 0; c < ncols; ++c) d[c] = mul * to_f32(s[c * cs]);
     for (int64_t c = ncols; c < ld_pad; ++c) d[c] = 0.f;
