@@ -48,6 +48,25 @@ struct Geometry {
   }
 };
 
+// Applies attn_mask to the scores of query (b, h, i) against keys j0 .. j0 + n, stored at
+// out[j * stride]: a bool mask hides keys (-inf), a float one is added (times `unit`, the
+// scores' units per nat).
+inline void apply_mask_row(const TensorView& m, int64_t b, int64_t h, int64_t i, int64_t j0,
+                           int64_t n, float* out, int64_t stride, float unit) {
+  const int64_t js = m.strides[3];
+  if (m.dtype == DType::boolean) {
+    const uint8_t* mp = at4<const uint8_t>(m, b, h, i) + j0 * js;
+    for (int64_t j = 0; j < n; ++j)
+      if (!mp[j * js]) out[j * stride] = kNegInf;
+    return;
+  }
+  with_float_type(m.dtype, [&](auto tag) {
+    using MT = decltype(tag);
+    const MT* mp = at4<const MT>(m, b, h, i) + j0 * js;
+    for (int64_t j = 0; j < n; ++j) out[j * stride] += unit * to_f32(mp[j * js]);
+  });
+}
+
 // Turns raw scores u = (scale q) . k of a tile into s: softcap, additive or bool mask,
 // the causal/window band and the padding columns [nk, nkp) (-inf). If T is given it
 // receives tanh(u / softcap), which the backward needs. Scores are first multiplied by
@@ -74,21 +93,7 @@ void transform_scores(const AttentionParams& p, int64_t b, int64_t h, float* S, 
         storeu(row + c, t * vcap);
       }
     }
-    if (p.mask.data) {
-      const TensorView& m = p.mask;
-      const int64_t js = m.strides[3];
-      if (m.dtype == DType::boolean) {
-        const uint8_t* mp = at4<const uint8_t>(m, b, h, i) + j0 * js;
-        for (int64_t c = 0; c < nk; ++c)
-          if (!mp[c * js]) row[c] = kNegInf;
-      } else {
-        with_float_type(m.dtype, [&](auto tag) {
-          using MT = decltype(tag);
-          const MT* mp = at4<const MT>(m, b, h, i) + j0 * js;
-          for (int64_t c = 0; c < nk; ++c) row[c] += unit * to_f32(mp[c * js]);
-        });
-      }
-    }
+    if (p.mask.data) apply_mask_row(p.mask, b, h, i, j0, nk, row, 1, unit);
     if (clip_left) {
       const int64_t lo = min_<int64_t>(i + off - left - j0, nk);
       for (int64_t c = 0; c < lo; ++c) row[c] = kNegInf;
@@ -408,6 +413,19 @@ LLMK_INLINE bool use_decode(const Geometry& g) {
   return g.L <= kDecodeMaxL && g.group * g.L <= kDecodeMaxRows;
 }
 
+// Per-thread counts of output rows holding NaN/Inf (each thread adds to its own slot).
+LLMK_INLINE int64_t* reset_bad_rows(char* ws, int64_t offset, int nthreads) {
+  int64_t* bad = reinterpret_cast<int64_t*>(ws + offset);
+  for (int t = 0; t < nthreads; ++t) bad[t] = 0;
+  return bad;
+}
+
+LLMK_INLINE int64_t total_bad_rows(const int64_t* bad, int nthreads) {
+  int64_t total = 0;
+  for (int t = 0; t < nthreads; ++t) total += bad[t];
+  return total;
+}
+
 struct DecodeLayout {
   int64_t R, RP;               // query rows per kv head, padded to whole vectors
   int64_t nchunks, chunk_len;  // key chunks per kv head
@@ -457,21 +475,7 @@ void decode_transform(const DecodeCtx& c, int64_t b, int64_t hk, float* st, int6
   if (!band && !p.mask.data) return;
   for (int64_t r = 0; r < R; ++r) {
     const int64_t h = hk * g.group + r / g.L, i = r % g.L;
-    if (p.mask.data) {
-      const TensorView& m = p.mask;
-      const int64_t js = m.strides[3];
-      if (m.dtype == DType::boolean) {
-        const uint8_t* mp = at4<const uint8_t>(m, b, h, i) + j0 * js;
-        for (int64_t j = 0; j < nb; ++j)
-          if (!mp[j * js]) st[j * RP + r] = kNegInf;
-      } else {
-        with_float_type(m.dtype, [&](auto tag) {
-          using MT = decltype(tag);
-          const MT* mp = at4<const MT>(m, b, h, i) + j0 * js;
-          for (int64_t j = 0; j < nb; ++j) st[j * RP + r] += kLog2e * to_f32(mp[j * js]);
-        });
-      }
-    }
+    if (p.mask.data) apply_mask_row(p.mask, b, h, i, j0, nb, st + r, RP, kLog2e);
     if (band) {
       const int64_t lo = p.window_left >= 0 ? i + p.diag_offset - p.window_left : INT64_MIN;
       const int64_t hi = p.window_right >= 0 ? i + p.diag_offset + p.window_right : INT64_MAX;
@@ -612,21 +616,16 @@ void decode_combine_item(void* vctx, int64_t bh, int tid) {
   }
 }
 
-int64_t forward_decode(const AttentionParams& p, const ForwardIO& io) {
-  const int nthreads = max_(p.num_threads, 1);
-  DecodeCtx c{&p, &io, Geometry(p), DecodeLayout(Geometry(p), nthreads),
-              static_cast<char*>(io.workspace)};
+int64_t forward_decode(const AttentionParams& p, const ForwardIO& io, const Geometry& g,
+                       int nthreads) {
+  DecodeCtx c{&p, &io, g, DecodeLayout(g, nthreads), static_cast<char*>(io.workspace)};
   LLMK_CHECK(io.workspace_bytes >= c.lay.total, "attention forward workspace too small: "
                                                     << io.workspace_bytes << " < " << c.lay.total);
-  const Geometry& g = c.g;
   const int run = threads_for_work(g, nthreads);
-  int64_t* bad = reinterpret_cast<int64_t*>(c.ws + c.lay.bad_rows);
-  for (int t = 0; t < nthreads; ++t) bad[t] = 0;
+  const int64_t* bad = reset_bad_rows(c.ws, c.lay.bad_rows, nthreads);
   parallel_for(g.B * g.Hk * c.lay.nchunks, run, decode_item, &c);
   if (c.lay.nchunks > 1) parallel_for(g.B * g.Hk, run, decode_combine_item, &c);
-  int64_t total = 0;
-  for (int t = 0; t < nthreads; ++t) total += bad[t];
-  return total;
+  return total_bad_rows(bad, nthreads);
 }
 
 int64_t forward_workspace_bytes(const AttentionParams& p) {
@@ -636,27 +635,24 @@ int64_t forward_workspace_bytes(const AttentionParams& p) {
 }
 
 int64_t forward(const AttentionParams& p, const ForwardIO& io) {
-  if (Geometry(p).B * Geometry(p).Hq * Geometry(p).L == 0) return 0;
-  if (use_decode(Geometry(p))) return forward_decode(p, io);
+  const Geometry geometry(p);
   const int nthreads = max_(p.num_threads, 1);
-  ForwardCtx c{&p, &io, Geometry(p), ForwardLayout(p, Geometry(p), nthreads),
+  if (geometry.B * geometry.Hq * geometry.L == 0) return 0;
+  if (use_decode(geometry)) return forward_decode(p, io, geometry, nthreads);
+  ForwardCtx c{&p, &io, geometry, ForwardLayout(p, geometry, nthreads),
                static_cast<char*>(io.workspace)};
   LLMK_CHECK(io.workspace_bytes >= c.lay.total, "attention forward workspace too small: "
                                                     << io.workspace_bytes << " < " << c.lay.total);
   const Geometry& g = c.g;
-  if (g.B * g.Hq * g.L == 0) return 0;
   const int run = threads_for_work(g, nthreads);
-  int64_t* bad = reinterpret_cast<int64_t*>(c.ws + c.lay.bad_rows);
-  for (int t = 0; t < nthreads; ++t) bad[t] = 0;
+  const int64_t* bad = reset_bad_rows(c.ws, c.lay.bad_rows, nthreads);
   for (c.h0 = 0; c.h0 < g.B * g.Hk; c.h0 += c.lay.hpr) {
     const int64_t heads = min_(c.lay.hpr, g.B * g.Hk - c.h0);
     parallel_for(heads * g.nkt, run, forward_pack_item, &c);
     parallel_for(heads * g.group * g.nqt, run,
                  g.bf16dot ? forward_item<true> : forward_item<false>, &c);
   }
-  int64_t total = 0;
-  for (int t = 0; t < nthreads; ++t) total += bad[t];
-  return total;
+  return total_bad_rows(bad, nthreads);
 }
 
 // ---------------------------------------------------------------- backward
