@@ -4,12 +4,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "common/attention_band.h"
 #include "common/checks.h"
 #include "common/cpu_features.h"
 #include "common/tensor_view.h"
 #include "common/thread_pool.h"
 #include "cpu/attention.h"
 #ifdef LLMK_WITH_CUDA
+#include "cuda/attention.h"
 #include "cuda/runtime.h"
 #endif
 
@@ -95,6 +97,33 @@ py::dict build_info() {
   return info;
 }
 
+#ifdef LLMK_WITH_CUDA
+cuda::AttentionCudaArgs make_cuda_args(const py::object& q, const py::object& k, const py::object& v,
+                                       const py::object& cu_seqlens_q, const py::object& cu_seqlens_k,
+                                       const py::object& seqused_k, int64_t max_seqlen_q,
+                                       int64_t max_seqlen_k, float scale, float softcap,
+                                       int64_t window_left, int64_t window_right,
+                                       int64_t diag_offset, bool bottom_right, uintptr_t stream) {
+  cuda::AttentionCudaArgs a;
+  a.q = to_view(q, "query");
+  a.k = to_view(k, "key");
+  a.v = to_view(v, "value");
+  a.cu_seqlens_q = to_view(cu_seqlens_q, "cu_seqlens_q");
+  a.cu_seqlens_k = to_view(cu_seqlens_k, "cu_seqlens_k");
+  a.seqused_k = to_view(seqused_k, "seqused_k");
+  a.max_seqlen_q = max_seqlen_q;
+  a.max_seqlen_k = max_seqlen_k;
+  a.scale = scale;
+  a.softcap = softcap;
+  a.window_left = window_left;
+  a.window_right = window_right;
+  a.diag_offset = diag_offset;
+  a.bottom_right = bottom_right;
+  a.stream = stream;
+  return a;
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -177,4 +206,77 @@ PYBIND11_MODULE(_C, m) {
       py::arg("softcap"), py::arg("window_left"), py::arg("window_right"),
       py::arg("diag_offset"), py::arg("num_threads"), py::arg("out_residual") = py::none(),
       "Fused attention backward.");
+
+  // Band math of the GPU kernels' block skipping (csrc/common/attention_band.h), exposed for
+  // tests/test_attention_band.py. Returns (first_block, end_block); (0, 0) when empty.
+  m.def(
+      "attention_band_key_block_range",
+      [](int64_t q_start, int64_t q_end, int64_t len_q, int64_t len_k, int64_t window_left,
+         int64_t window_right, int64_t off, int64_t block_n) {
+        LLMK_CHECK(block_n >= 1, "block_n must be >= 1");
+        const band::Range r = band::key_block_range(
+            q_start, q_end, len_q, len_k, band::clamp_window(window_left),
+            band::clamp_window(window_right), band::clamp_offset(off), block_n);
+        return std::make_pair(r.first, r.end);
+      },
+      py::arg("q_start"), py::arg("q_end"), py::arg("len_q"), py::arg("len_k"),
+      py::arg("window_left"), py::arg("window_right"), py::arg("off"), py::arg("block_n"));
+  m.def(
+      "attention_band_query_block_range",
+      [](int64_t k_start, int64_t k_end, int64_t len_q, int64_t len_k, int64_t window_left,
+         int64_t window_right, int64_t off, int64_t block_m) {
+        LLMK_CHECK(block_m >= 1, "block_m must be >= 1");
+        const band::Range r = band::query_block_range(
+            k_start, k_end, len_q, len_k, band::clamp_window(window_left),
+            band::clamp_window(window_right), band::clamp_offset(off), block_m);
+        return std::make_pair(r.first, r.end);
+      },
+      py::arg("k_start"), py::arg("k_end"), py::arg("len_q"), py::arg("len_k"),
+      py::arg("window_left"), py::arg("window_right"), py::arg("off"), py::arg("block_m"));
+
+#ifdef LLMK_WITH_CUDA
+  m.def("attention_cuda_supports", [](int dtype_code, int64_t head_dim) {
+    return cuda::attention_cuda_supports(dtype_code, head_dim);
+  }, py::arg("dtype_code"), py::arg("head_dim"));
+  m.def(
+      "attention_forward_cuda",
+      [](py::object q, py::object k, py::object v, py::object out, py::object lse,
+         py::object cu_seqlens_q, py::object cu_seqlens_k, py::object seqused_k,
+         int64_t max_seqlen_q, float scale, float softcap, int64_t window_left,
+         int64_t window_right, int64_t diag_offset, bool bottom_right, uintptr_t stream) {
+        cuda::AttentionCudaArgs a =
+            make_cuda_args(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, 0, scale,
+                           softcap, window_left, window_right, diag_offset, bottom_right, stream);
+        const TensorView o = to_view(out, "out"), l = to_view(lse, "lse");
+        py::gil_scoped_release release;
+        cuda::attention_forward_cuda(a, o, l);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+      py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("seqused_k"),
+      py::arg("max_seqlen_q"), py::arg("scale"), py::arg("softcap"), py::arg("window_left"),
+      py::arg("window_right"), py::arg("diag_offset"), py::arg("bottom_right"), py::arg("stream"),
+      "CUDA fused attention forward (fp16/bf16, head dim 64/128) on the given stream.");
+  m.def(
+      "attention_backward_cuda",
+      [](py::object q, py::object k, py::object v, py::object out, py::object dout, py::object lse,
+         py::object delta, py::object dq, py::object dk, py::object dv, py::object cu_seqlens_q,
+         py::object cu_seqlens_k, py::object seqused_k, int64_t max_seqlen_q,
+         int64_t max_seqlen_k, float scale, float softcap, int64_t window_left,
+         int64_t window_right, int64_t diag_offset, bool bottom_right, uintptr_t stream) {
+        cuda::AttentionCudaArgs a = make_cuda_args(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, scale,
+            softcap, window_left, window_right, diag_offset, bottom_right, stream);
+        const TensorView o = to_view(out, "out"), d = to_view(dout, "grad_out");
+        const TensorView l = to_view(lse, "lse"), de = to_view(delta, "delta");
+        const TensorView gq = to_view(dq, "dq"), gk = to_view(dk, "dk"), gv = to_view(dv, "dv");
+        py::gil_scoped_release release;
+        cuda::attention_backward_cuda(a, o, d, l, de, gq, gk, gv);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("dout"), py::arg("lse"),
+      py::arg("delta"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("cu_seqlens_q"),
+      py::arg("cu_seqlens_k"), py::arg("seqused_k"), py::arg("max_seqlen_q"),
+      py::arg("max_seqlen_k"), py::arg("scale"), py::arg("softcap"), py::arg("window_left"),
+      py::arg("window_right"), py::arg("diag_offset"), py::arg("bottom_right"), py::arg("stream"),
+      "CUDA fused attention backward (FlashAttention-2; delta is a float32 workspace).");
+#endif
 }
