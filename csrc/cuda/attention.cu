@@ -202,7 +202,7 @@ struct FwdCfg {
 };
 
 template <class T, int D>
-__global__ void __launch_bounds__(FwdCfg<T, D>::kThreads)
+__global__ void __launch_bounds__(FwdCfg<T, D>::kThreads, 1)
 attn_fwd_kernel(const Params p) {
   using C = FwdCfg<T, D>;
   constexpr int BM = C::BM, BN = C::BN, LDT = C::LDT, LDS = C::LDS, LDP = C::LDP, LDO = C::LDO;
