@@ -15,14 +15,14 @@ FLOOR = {torch.float32: 2e-6, torch.bfloat16: 2e-3, torch.float16: 5e-4}
 GRAD_FLOOR = {dt: 2.5 * f for dt, f in FLOOR.items()}
 
 
-def make_qkv(B, Hq, Hk, L, S, E, Ev, dtype, layout="bhsd", requires_grad=False):
+def make_qkv(B, Hq, Hk, L, S, E, Ev, dtype, layout="bhsd", requires_grad=False, device="cpu"):
     """Random q, k, v of shape (B, H, seq, dim); layout "bshd" gives transposed views of
     (B, seq, H, dim) storage, the strides a user gets from a fused projection."""
     def one(H, n, d):
         if layout == "bshd":
-            t = torch.randn(B, n, H, d, dtype=dtype).transpose(1, 2)
+            t = torch.randn(B, n, H, d, dtype=dtype, device=device).transpose(1, 2)
         else:
-            t = torch.randn(B, H, n, d, dtype=dtype)
+            t = torch.randn(B, H, n, d, dtype=dtype, device=device)
         return t.requires_grad_(requires_grad)
     return one(Hq, L, E), one(Hk, S, E), one(Hk, S, Ev)
 
@@ -59,7 +59,7 @@ def _torch_same_precision(q, k, v, attn_mask=None, is_causal=False, scale=None,
         return attention_reference(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa,
                                    window_size=window_size, softcap=softcap)
     band = attention_mask_tensor(q.shape[-2], k.shape[-2], is_causal=is_causal,
-                                 window_size=window_size)
+                                 window_size=window_size, device=q.device)
     if band is not None:
         if attn_mask is None:
             attn_mask = band
@@ -71,8 +71,13 @@ def _torch_same_precision(q, k, v, attn_mask=None, is_causal=False, scale=None,
                                           enable_gqa=enable_gqa)
 
 
-def reference_pair(q, k, v, grad_out=None, **kw):
-    """(float64 reference, PyTorch at the inputs' precision), each as (out, input grads or None)."""
+def reference_pair(q, k, v, grad_out=None, same_precision="sdpa", **kw):
+    """(float64 reference, PyTorch at the inputs' precision), each as (out, input grads or None).
+
+    same_precision="sdpa": torch's fused SDPA on the inputs' device. "math": the unfused math
+    in the inputs' dtype, as SDPA's math backend computes it; the baseline for GPU kernels run
+    in Triton's interpreter on the CPU, where torch's fused CPU kernel keeps the probabilities in
+    float32 while every GPU flash kernel (torch's own included) rounds them to 16 bits."""
     results = []
     for exact in (True, False):
         cast = torch.float64 if exact else q.dtype
@@ -81,7 +86,8 @@ def reference_pair(q, k, v, grad_out=None, **kw):
         mask = kw.get("attn_mask")
         if mask is not None and mask.dtype != torch.bool:
             kw2["attn_mask"] = mask.to(cast)
-        fn = attention_reference if exact else _torch_same_precision
+        fn = (attention_reference if exact or same_precision == "math"
+              else _torch_same_precision)
         out = fn(*leaves, **kw2)
         grads = None
         if grad_out is not None:

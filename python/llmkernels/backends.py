@@ -158,7 +158,9 @@ def select(op: str, device_type: str, checks: Mapping[str, SupportCheck],
     candidates = CANDIDATES.get(device_type, ("reference",))
     rejected: Dict[str, str] = {}
     if forced is not None:
-        if forced != "reference" and forced not in candidates:
+        # Triton may be forced on CPU tensors: under TRITON_INTERPRET=1 it runs there (tests).
+        forcible = candidates + (("triton",) if device_type == "cpu" else ())
+        if forced != "reference" and forced not in forcible:
             raise BackendError(f"{op}: backend {forced!r} cannot serve {device_type} tensors; "
                                f"paths for {device_type}: {', '.join(candidates)}")
         why = checks[forced]() if forced != "reference" else None

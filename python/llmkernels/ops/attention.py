@@ -14,6 +14,7 @@ import torch
 from .. import backends
 from .._cview import cview
 from ..reference.attention import attention_reference
+from . import attention_gpu
 
 OP_NAME = "scaled_dot_product_attention"
 MAX_CPU_HEAD_DIM = 256  # the fused CPU kernel's limit; larger heads use the reference path
@@ -212,34 +213,49 @@ def _to4d(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(0, t.dim() - 4)
 
 
-def _check_tensor(name: str, t) -> None:
+def _check_tensor(name: str, t, op: str = OP_NAME, min_dim: int = 2) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{OP_NAME}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{OP_NAME}: {name} must be float32, float16, bfloat16 or float64, "
+        raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, "
                         f"got {t.dtype}")
-    if t.dim() < 2:
-        raise ValueError(f"{OP_NAME}: {name} must have at least 2 dims (..., seq, head_dim), "
-                         f"got shape {tuple(t.shape)}")
+    if t.dim() < min_dim:
+        raise ValueError(f"{op}: {name} must have at least {min_dim} dims, got shape "
+                         f"{tuple(t.shape)}")
 
 
-def _window(window_size, is_causal: bool) -> Tuple[int, int]:
+def _window(window_size, is_causal: bool, op: str = OP_NAME) -> Tuple[int, int]:
     left = right = -1
     if window_size is not None:
         if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-            raise ValueError(f"{OP_NAME}: window_size must be a (left, right) pair, got {window_size!r}")
+            raise ValueError(f"{op}: window_size must be a (left, right) pair, got {window_size!r}")
         sides = []
         for side in window_size:
             if side is None:
                 side = -1
             if isinstance(side, bool) or not isinstance(side, int) or side < -1:
-                raise ValueError(f"{OP_NAME}: window_size entries must be ints >= 0 "
+                raise ValueError(f"{op}: window_size entries must be ints >= 0 "
                                  f"(or -1/None for unbounded), got {window_size!r}")
             sides.append(int(side))
         left, right = sides
     if is_causal:
         right = 0 if right < 0 else min(right, 0)
     return left, right
+
+
+def _scale_softcap(scale, softcap, head_dim: int, op: str = OP_NAME):
+    """(scale as float, defaulting to 1/sqrt(head_dim); softcap as float or None), validated."""
+    if scale is None:
+        scale_f = 1.0 / math.sqrt(head_dim)
+    else:
+        scale_f = float(scale)
+        if not math.isfinite(scale_f):
+            raise ValueError(f"{op}: scale must be finite, got {scale!r}")
+    if softcap is not None:
+        softcap = float(softcap)
+        if not (softcap > 0.0 and math.isfinite(softcap)):
+            raise ValueError(f"{op}: softcap must be a positive finite number, got {softcap!r}")
+    return scale_f, softcap
 
 
 def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
@@ -310,16 +326,7 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
 
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"{OP_NAME}: dropout_p must be in [0, 1), got {dropout_p!r}")
-    if scale is None:
-        scale_f = 1.0 / math.sqrt(E)
-    else:
-        scale_f = float(scale)
-        if not math.isfinite(scale_f):
-            raise ValueError(f"{OP_NAME}: scale must be finite, got {scale!r}")
-    if softcap is not None:
-        softcap = float(softcap)
-        if not (softcap > 0.0 and math.isfinite(softcap)):
-            raise ValueError(f"{OP_NAME}: softcap must be a positive finite number, got {softcap!r}")
+    scale_f, softcap = _scale_softcap(scale, softcap, E)
     left, right = _window(window_size, bool(is_causal))
     return _Call(query, key, value, attn_mask, batch, _to4d(q_b), _to4d(k_b), _to4d(v_b), mask4,
                  scale_f, softcap, left, right, float(dropout_p), bool(is_causal), bool(enable_gqa),
@@ -350,16 +357,23 @@ def _cpu_support(call: _Call):
     return check
 
 
-def _gpu_unavailable(name: str):
+def _gpu_support(call: _Call, path: str):
     def check() -> Optional[str]:
-        return f"no {name} attention kernel in this release yet"
+        if call.dropout_p > 0.0:
+            return "dropout is not fused; the reference path applies it"
+        if call.mask is not None:
+            return ("attn_mask is not fused on the GPU paths (use is_causal / window_size for "
+                    "bands; the reference path applies other masks)")
+        support = attention_gpu.cuda_support if path == "cuda" else attention_gpu.triton_support
+        return support(call.q4, call.k4, call.v4)
     return check
 
 
 def _decide(call: _Call, backend: Optional[str]) -> backends.Decision:
-    checks = {"cpu": _cpu_support(call), "cuda": _gpu_unavailable("CUDA"),
-              "triton": _gpu_unavailable("Triton")}
-    detail = {}
+    checks = {"cpu": _cpu_support(call), "cuda": _gpu_support(call, "cuda"),
+              "triton": _gpu_support(call, "triton")}
+    detail = {"cuda": "CUDA kernels (tensor cores, csrc/cuda/attention.cu)",
+              "triton": "Triton kernels (kernels/attention.py)"}
     if backends.native_module() is not None:
         detail["cpu"] = f"fused C++ kernel, CPU tier {backends.cpu_tier()}"
     return backends.select(OP_NAME, call.q.device.type, checks, backend, detail)
@@ -383,13 +397,30 @@ def _reference(call: _Call) -> torch.Tensor:
     return out
 
 
-def _cpu(call: _Call) -> torch.Tensor:
-    args = (call.q4, call.k4, call.v4, call.mask4)
+def cpu_forward(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor,
+                mask4: Optional[torch.Tensor], scale: float, softcap: Optional[float],
+                window_left: int, window_right: int, diag_offset: int = 0) -> torch.Tensor:
+    """The fused CPU kernel on 4-D views, differentiable; plain calls skip the dispatcher."""
+    args = (q4, k4, v4, mask4)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in args[:3])
     fn = attention_forward_cpu if _needs_dispatcher(*args) else _forward_cpu
-    out, _, _ = fn(*args, call.scale, call.softcap or 0.0, call.window_left, call.window_right, 0,
-                   grad)
+    out, _, _ = fn(*args, scale, softcap or 0.0, window_left, window_right, diag_offset, grad)
+    return out
+
+
+def _cpu(call: _Call) -> torch.Tensor:
+    out = cpu_forward(call.q4, call.k4, call.v4, call.mask4, call.scale, call.softcap,
+                      call.window_left, call.window_right)
     return out.reshape(*call.batch, out.shape[-2], out.shape[-1])
+
+
+def _gpu(call: _Call, path: str) -> torch.Tensor:
+    L, S = call.q4.shape[-2], call.k4.shape[-2]
+    out = attention_gpu.run_forward(path, call.q4, call.k4, call.v4, max_seqlen_q=L,
+                                    max_seqlen_k=S, scale=call.scale, softcap=call.softcap,
+                                    window_left=call.window_left,
+                                    window_right=call.window_right)
+    return out.reshape(*call.batch, L, out.shape[-1])
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -412,8 +443,11 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     """
     call = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                     window_size, softcap)
-    if _serving_path(call, backend) == "cpu":
+    path = _serving_path(call, backend)
+    if path == "cpu":
         return _cpu(call)
+    if path in ("cuda", "triton"):
+        return _gpu(call, path)
     return _reference(call)
 
 

@@ -88,7 +88,10 @@ def attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         scores = scores.masked_fill(~keep, float("-inf"))
 
     # Rows with no visible key (or only -inf scores) give zeros, never NaN.
-    row_max = scores.amax(dim=-1, keepdim=True)
+    if scores.shape[-1] == 0:  # no keys at all
+        row_max = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
+    else:
+        row_max = scores.amax(dim=-1, keepdim=True)
     dead = torch.isneginf(row_max)
     scores = scores.masked_fill(dead, 0.0)
     lse = torch.logsumexp(scores, dim=-1)
@@ -98,3 +101,47 @@ def attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
     out = probs @ value
     return (out, lse) if return_lse else out
+
+
+def attention_varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               cu_seqlens_q, cu_seqlens_k, *, is_causal: bool = False,
+                               scale: Optional[float] = None, window_size=None,
+                               softcap: Optional[float] = None) -> torch.Tensor:
+    """Packed variable-length attention, one sequence at a time: q (total_q, Hq, D), k and v
+    (total_k, Hk, D/Dv); sequence b owns rows cu_seqlens[b] .. cu_seqlens[b+1]-1. Causal and
+    window bands are aligned top-left per sequence, as SDPA's is_causal."""
+    cu_q = [int(x) for x in cu_seqlens_q.tolist()]
+    cu_k = [int(x) for x in cu_seqlens_k.tolist()]
+    outs = []
+    for b in range(len(cu_q) - 1):
+        qb = q[cu_q[b]:cu_q[b + 1]].transpose(0, 1)
+        kb = k[cu_k[b]:cu_k[b + 1]].transpose(0, 1)
+        vb = v[cu_k[b]:cu_k[b + 1]].transpose(0, 1)
+        ob = attention_reference(qb, kb, vb, None, 0.0, is_causal, scale, True,
+                                 window_size=window_size, softcap=softcap)
+        outs.append(ob.transpose(0, 1))
+    if not outs:
+        return q.new_empty((0, q.shape[1], v.shape[-1]))
+    return torch.cat(outs, dim=0)
+
+
+def attention_kvcache_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                cache_seqlens, *, is_causal: bool = False,
+                                scale: Optional[float] = None, window_size=None,
+                                softcap: Optional[float] = None) -> torch.Tensor:
+    """Decoding attention over a cache (no update): q (B, Lq, Hq, D), caches (B, S, Hk, D/Dv);
+    sequence b attends to its first cache_seqlens[b] keys, the band aligned bottom-right
+    (query Lq-1 is the newest token and sees key cache_seqlens[b]-1)."""
+    lens = [int(x) for x in torch.as_tensor(cache_seqlens).reshape(-1).tolist()]
+    Lq = q.shape[1]
+    outs = []
+    for b, n in enumerate(lens):
+        qb = q[b].transpose(0, 1)
+        kb = k_cache[b, :n].transpose(0, 1)
+        vb = v_cache[b, :n].transpose(0, 1)
+        ob = attention_reference(qb, kb, vb, None, 0.0, is_causal, scale, True,
+                                 window_size=window_size, softcap=softcap, diag_offset=n - Lq)
+        outs.append(ob.transpose(0, 1))
+    if not outs:
+        return q.new_empty((0, Lq, q.shape[2], v_cache.shape[-1]))
+    return torch.stack(outs, dim=0)

@@ -1,0 +1,642 @@
+"""Fused attention in Triton: FlashAttention-2 forward and backward, varlen, KV-cache decoding.
+
+Every launcher takes 4-D views and the same sequence metadata as the CUDA path:
+  q (B, Hq, Lq, D), k and v (Bk, Hk, Sk, D / Dv), any strides except a unit last one.
+  cu_seqlens_q / cu_seqlens_k (int32, nseq + 1): packed variable-length batches; then the view's
+    batch dim is 1 and sequence b owns rows cu[b] .. cu[b+1]-1 of dim 2.
+  seqused_k (int32, nseq): sequence b attends to its first seqused_k[b] keys (KV caches).
+  Per sequence, off = diag_offset + (bottom_right ? len_k - len_q : 0), and key j is visible to
+  query i iff j < len_k, j >= i + off - window_left (if window_left >= 0) and
+  j <= i + off + window_right (if window_right >= 0). Causal is window_right = 0.
+  Scores are scale * q.k, softcapped to softcap * tanh(score / softcap) when softcap > 0.
+  Rows with no visible key give out = 0 and lse = -inf.
+
+Design:
+  - Forward: online softmax in base 2 over the key blocks the band allows; masks are built only
+    for the blocks that need them (sequence end, band edges). lse is saved in natural log.
+  - Decoding (few query rows per kv head): the query heads of one kv head are packed as rows of
+    one tile, so K/V are read once per kv head, and the keys are split across programs
+    (flash-decoding); a small kernel merges the splits by their log-sum-exp.
+  - Backward: a dK/dV kernel per (sequence, kv head, key block) that loops over the query heads
+    of its group and the query blocks that see it, and a dQ kernel per (sequence, q head, query
+    block). Recomputing the scores twice costs ~25% more FLOPs than FA2's atomic dQ, but needs
+    no fp32 dQ buffer, no atomics, and gives bit-identical gradients run to run.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+FORCE_SPLITS = None  # tests set it to run flash-decoding splits at small sizes
+
+
+def _configs(pairs):
+    if INTERPRET:  # the interpreter runs every config it is given: one small one is enough
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in pairs]
+
+
+def _prune_for_head_dim(configs, named_args, **kwargs):
+    """Large head dims need small tiles to fit shared memory and registers."""
+    big = max(named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64)),
+              named_args.get("BLOCK_DV", kwargs.get("BLOCK_DV", 64)))
+    if big <= 128:
+        return configs
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return kept or configs[-1:]
+
+
+_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+                         (64, 32, 4, 2)])
+_BWD_CONFIGS = _configs([(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2),
+                         (32, 32, 4, 2)])
+_DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
+                        (32, 32, 4, 2)])
+
+
+# ------------------------------------------------------------------------------ shared pieces
+
+@triton.jit
+def _sequence(b, CU_Q, CU_K, SEQUSED_K, Lq, Sk,
+              VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr):
+    """(first query row, query count, first key row, key count) of sequence b."""
+    zero = b * 0  # tensors, not literals: callers take .to() of them
+    q_start = zero
+    len_q = zero + Lq
+    if VARLEN_Q:
+        q_start = tl.load(CU_Q + b)
+        len_q = tl.load(CU_Q + b + 1) - q_start
+    k_start = zero
+    len_k = zero + Sk
+    if VARLEN_K:
+        k_start = tl.load(CU_K + b)
+        len_k = tl.load(CU_K + b + 1) - k_start
+    if HAS_SEQUSED:
+        len_k = tl.minimum(len_k, tl.load(SEQUSED_K + b))
+    return q_start, len_q, k_start, len_k
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    if PRECISION == "upcast":
+        # The interpreter (triton 3.9) multiplies bfloat16 tiles wrongly; products of 16-bit
+        # values are exact in float32, so upcasting computes what the tensor cores compute.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _scores(qk, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Scores in base 2 (times log2 e) from raw dot products; also the tanh of the softcap."""
+    if HAS_SOFTCAP:
+        u = qk * (scale / softcap)
+        # tanh(u) = 1 - 2 / (exp(2u) + 1): exact at both tails (exp overflow gives 1).
+        t = 1.0 - 2.0 / (tl.exp2(u * (2.0 * 1.4426950408889634)) + 1.0)
+        return t * (softcap * 1.4426950408889634), t
+    return qk * (scale * 1.4426950408889634), qk
+
+
+@triton.jit
+def _visible(rows_i, cols_j, len_k, off, window_left, window_right,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    keep = cols_j[None, :] < len_k
+    if HAS_LEFT:
+        keep = keep & (cols_j[None, :] >= rows_i[:, None] + off - window_left)
+    if HAS_RIGHT:
+        keep = keep & (cols_j[None, :] <= rows_i[:, None] + off + window_right)
+    return keep
+
+
+@triton.jit
+def _visible_t(keys_j, rows_i, len_k, off, window_left, window_right,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """_visible transposed: (keys, queries)."""
+    keep = keys_j[:, None] < len_k
+    if HAS_LEFT:
+        keep = keep & (keys_j[:, None] >= rows_i[None, :] + off - window_left)
+    if HAS_RIGHT:
+        keep = keep & (keys_j[:, None] <= rows_i[None, :] + off + window_right)
+    return keep
+
+
+@triton.jit
+def _key_range(i_lo, i_hi, len_k, off, window_left, window_right,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [lo, hi) that queries i_lo..i_hi can see; lo rounded down to a block start."""
+    lo = 0
+    hi = len_k
+    if HAS_LEFT:
+        lo = tl.maximum(i_lo + off - window_left, 0)
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, i_hi + off + window_right + 1)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def _block_needs_mask(start_n, i_lo, i_hi, len_k, off, window_left, window_right,
+                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
+    needs = start_n + BLOCK_N > len_k
+    if HAS_LEFT:
+        needs = needs | (start_n < i_hi + off - window_left)
+    if HAS_RIGHT:
+        needs = needs | (start_n + BLOCK_N - 1 > i_lo + off + window_right)
+    return needs
+
+
+# ------------------------------------------------------------------------------ forward
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, O_PART, LSE_PART,
+                s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
+                CU_Q, CU_K, SEQUSED_K,
+                Hq, Hk, Lq, Sk, D, DV,
+                scale, softcap, window_left, window_right, diag_offset,
+                VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
+                BOTTOM_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                PACK_GQA: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
+    group = Hq // Hk
+    if PACK_GQA:  # rows are (query head of this kv head, query): K/V read once per kv head
+        b = pid_bh // Hk
+        hk = pid_bh % Hk
+    else:
+        b = pid_bh // Hq
+        hk = (pid_bh % Hq) // group
+    q_start, len_q, k_start, len_k = _sequence(b, CU_Q, CU_K, SEQUSED_K, Lq, Sk,
+                                               VARLEN_Q, VARLEN_K, HAS_SEQUSED)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        n_rows = group * len_q
+        h = hk * group + rows // tl.maximum(len_q, 1)
+        i = rows % tl.maximum(len_q, 1)
+    else:
+        n_rows = len_q
+        h = pid_bh % Hq + rows * 0
+        i = rows
+    if pid_m * BLOCK_M >= n_rows:
+        return
+    row_ok = rows < n_rows
+    off = diag_offset
+    if BOTTOM_RIGHT:
+        off += len_k - len_q
+    bq = b.to(tl.int64)  # packed (varlen) tensors have one batch entry
+    if VARLEN_Q:
+        bq = bq * 0
+    bk = b.to(tl.int64)
+    if VARLEN_K:
+        bk = bk * 0
+
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    q_rows = bq * s_qb + h.to(tl.int64) * s_qh + (q_start + i).to(tl.int64) * s_qm
+    q = tl.load(Q + q_rows[:, None] + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    k_base = K + bk * s_kb + hk.to(tl.int64) * s_kh + k_start.to(tl.int64) * s_kn
+    v_base = V + bk * s_vb + hk.to(tl.int64) * s_vh + k_start.to(tl.int64) * s_vn
+
+    i_lo = tl.min(tl.where(row_ok, i, Lq + Sk), axis=0)
+    i_hi = tl.max(tl.where(row_ok, i, -1), axis=0)
+    lo, hi = _key_range(i_lo, i_hi, len_k, off, window_left, window_right,
+                        HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    if NUM_SPLITS > 1:  # flash-decoding: this program takes one share of the key blocks
+        blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+        per_split = tl.cdiv(blocks, NUM_SPLITS)
+        hi = tl.minimum(hi, lo + (split + 1) * per_split * BLOCK_N)
+        lo = lo + split * per_split * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kt = tl.load(k_base + cols[None, :].to(tl.int64) * s_kn + offs_d[:, None],
+                     mask=(cols[None, :] < len_k) & (offs_d[:, None] < D), other=0.0)
+        s, _ = _scores(_dot(q, kt, PRECISION), scale, softcap, HAS_SOFTCAP)
+        if _block_needs_mask(start_n, i_lo, i_hi, len_k, off, window_left, window_right,
+                             HAS_LEFT, HAS_RIGHT, BLOCK_N):
+            keep = _visible(i, cols, len_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + cols[:, None].to(tl.int64) * s_vn + offs_dv[None, :],
+                    mask=(cols[:, None] < len_k) & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+        m_i = m_new
+
+    alive = l_i > 0.0
+    out = acc / tl.where(alive, l_i, 1.0)[:, None]
+    lse = tl.where(alive, (m_i + tl.log2(tl.where(alive, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    if NUM_SPLITS > 1:
+        # partials: (NUM_SPLITS, B, Hq, Lq, DV) and (NUM_SPLITS, B, Hq, Lq), contiguous
+        prow = ((split * (tl.num_programs(1) // Hk) + b) * Hq + h) * Lq + i  # splits imply PACK_GQA
+        prow = prow.to(tl.int64)
+        tl.store(O_PART + prow[:, None] * DV + offs_dv[None, :], out,
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+        tl.store(LSE_PART + prow, lse, mask=row_ok)
+    else:
+        o_rows = bq * s_ob + h.to(tl.int64) * s_oh + (q_start + i).to(tl.int64) * s_om
+        tl.store(O + o_rows[:, None] + offs_dv[None, :], out.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+        l_rows = bq * s_lb + h.to(tl.int64) * s_lh + (q_start + i).to(tl.int64) * s_lm
+        tl.store(LSE + l_rows, lse, mask=row_ok)
+
+
+_fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_D", "BLOCK_DV", "PRECISION",
+                                                       "HAS_LEFT", "HAS_RIGHT", "VARLEN_Q"],
+                             prune_configs_by={"early_config_prune": _prune_for_head_dim})(_fwd_kernel)
+
+
+@triton.jit
+def _combine_kernel(O_PART, LSE_PART, O, LSE, s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
+                    Hq, Lq, n_rows, DV,
+                    NUM_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Merges flash-decoding splits: out = sum_s exp(lse_s - lse) out_s, lse = logsumexp lse_s."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for s in range(NUM_SPLITS):
+        m = tl.maximum(m, tl.load(LSE_PART + s * n_rows + rows, mask=row_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    for s in range(NUM_SPLITS):
+        ls = tl.load(LSE_PART + s * n_rows + rows, mask=row_ok, other=float("-inf"))
+        w = tl.exp(ls - m_safe)
+        part = tl.load(O_PART + (s * n_rows + rows.to(tl.int64))[:, None] * DV + offs_dv[None, :],
+                       mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc += w[:, None] * part
+        total += w
+    alive = total > 0.0
+    out = acc / tl.where(alive, total, 1.0)[:, None]
+    lse = tl.where(alive, m_safe + tl.log(tl.where(alive, total, 1.0)), float("-inf"))
+    b = rows // (Hq * Lq)
+    h = (rows // Lq) % Hq
+    i = rows % Lq
+    o_rows = b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + i.to(tl.int64) * s_om
+    tl.store(O + o_rows[:, None] + offs_dv[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + b.to(tl.int64) * s_lb + h.to(tl.int64) * s_lh + i.to(tl.int64) * s_lm, lse,
+             mask=row_ok)
+
+
+# ------------------------------------------------------------------------------ backward
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, s_ob, s_oh, s_om, s_db, s_dh, s_dm, s_lb, s_lh, s_lm,
+                  Hq, Lq, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """delta_i = rowsum(dO_i * O_i) in float32 (B, Hq, Lq): the softmax backward's row term."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs = tl.arange(0, BLOCK_DV)
+    mask = (rows[:, None] < Lq) & (offs[None, :] < DV)
+    r64 = rows.to(tl.int64)
+    o = tl.load(O + b * s_ob + h * s_oh + r64[:, None] * s_om + offs[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + r64[:, None] * s_dm + offs[None, :], mask=mask,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + b * s_lb + h * s_lh + r64 * s_lm, delta, mask=rows < Lq)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_,
+                     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                     s_dob, s_doh, s_dom, s_lb, s_lh, s_lm,
+                     s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
+                     CU_Q, CU_K, SEQUSED_K,
+                     Hq, Hk, Lq, Sk, D, DV,
+                     scale, softcap, window_left, window_right, diag_offset,
+                     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
+                     BOTTOM_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hk
+    hk = pid_bh % Hk
+    group = Hq // Hk
+    q_start, len_q, k_start, len_k = _sequence(b, CU_Q, CU_K, SEQUSED_K, Lq, Sk,
+                                               VARLEN_Q, VARLEN_K, HAS_SEQUSED)
+    full_k = Sk
+    if VARLEN_K:
+        full_k = tl.load(CU_K + b + 1) - k_start  # rows this sequence owns in dK/dV
+    start_n = pid_n * BLOCK_N
+    if start_n >= full_k:
+        return
+    off = diag_offset
+    if BOTTOM_RIGHT:
+        off += len_k - len_q
+    bq = b.to(tl.int64)  # packed (varlen) tensors have one batch entry
+    if VARLEN_Q:
+        bq = bq * 0
+    bk = b.to(tl.int64)
+    if VARLEN_K:
+        bk = bk * 0
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n64 = (k_start + offs_n).to(tl.int64)
+    key_ok = offs_n < len_k
+    k = tl.load(K + bk * s_kb + hk.to(tl.int64) * s_kh + n64[:, None] * s_kn + offs_d[None, :],
+                mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + bk * s_vb + hk.to(tl.int64) * s_vh + n64[:, None] * s_vn + offs_dv[None, :],
+                mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+
+    # Queries that can see keys start_n .. start_n + BLOCK_N - 1.
+    m_lo = 0
+    m_hi = len_q
+    if HAS_RIGHT:
+        m_lo = tl.maximum(start_n - off - window_right, 0)
+    if HAS_LEFT:
+        m_hi = tl.minimum(m_hi, start_n + BLOCK_N - 1 - off + window_left + 1)
+    m_lo = (m_lo // BLOCK_M) * BLOCK_M
+    if start_n >= len_k:
+        m_hi = m_lo  # keys beyond seqused_k: their gradients are zero
+    for g in range(group):
+        h = (hk * group + g).to(tl.int64)
+        q_base = Q + bq * s_qb + h * s_qh
+        do_base = DO + bq * s_dob + h * s_doh
+        l_base = bq * s_lb + h * s_lh
+        for start_m in range(m_lo, m_hi, BLOCK_M):
+            rows = start_m + offs_m
+            row_ok = rows < len_q
+            r64 = (q_start + rows).to(tl.int64)
+            qt = tl.load(q_base + r64[None, :] * s_qm + offs_d[:, None],
+                         mask=row_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+            do = tl.load(do_base + r64[:, None] * s_dom + offs_dv[None, :],
+                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            lse = tl.load(LSE + l_base + r64 * s_lm, mask=row_ok, other=float("-inf"))
+            delta = tl.load(DELTA + l_base + r64 * s_lm, mask=row_ok, other=0.0)
+            # lse = -inf marks a dead row: +inf there makes its probabilities exp2(-inf) = 0.
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            st, tt = _scores(_dot(k, qt, PRECISION), scale, softcap,
+                             HAS_SOFTCAP)
+            keep = _visible_t(offs_n, rows, len_k, off, window_left, window_right,
+                              HAS_LEFT, HAS_RIGHT) & row_ok[None, :]
+            pt = tl.where(keep, tl.exp2(st - lse2[None, :]), 0.0)
+            dv += _dot(pt.to(do.dtype), do, PRECISION)
+            dpt = _dot(v, tl.trans(do), PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            if HAS_SOFTCAP:
+                dst = dst * (1.0 - tt * tt)
+            dk += _dot(dst.to(qt.dtype), tl.trans(qt), PRECISION)
+    dk = dk * scale
+    mk = (offs_n[:, None] < full_k)
+    tl.store(DK + bk * s_dkb + hk.to(tl.int64) * s_dkh + n64[:, None] * s_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=mk & (offs_d[None, :] < D))
+    tl.store(DV_ + bk * s_dvb + hk.to(tl.int64) * s_dvh + n64[:, None] * s_dvn + offs_dv[None, :],
+             dv.to(DV_.dtype.element_ty), mask=mk & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+                   s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                   s_dob, s_doh, s_dom, s_lb, s_lh, s_lm, s_dqb, s_dqh, s_dqm,
+                   CU_Q, CU_K, SEQUSED_K,
+                   Hq, Hk, Lq, Sk, D, DV,
+                   scale, softcap, window_left, window_right, diag_offset,
+                   VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
+                   BOTTOM_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = (pid_bh % Hq).to(tl.int64)
+    hk = (pid_bh % Hq) // (Hq // Hk)
+    q_start, len_q, k_start, len_k = _sequence(b, CU_Q, CU_K, SEQUSED_K, Lq, Sk,
+                                               VARLEN_Q, VARLEN_K, HAS_SEQUSED)
+    start_m = pid_m * BLOCK_M
+    if start_m >= len_q:
+        return
+    off = diag_offset
+    if BOTTOM_RIGHT:
+        off += len_k - len_q
+    bq = b.to(tl.int64)  # packed (varlen) tensors have one batch entry
+    if VARLEN_Q:
+        bq = bq * 0
+    bk = b.to(tl.int64)
+    if VARLEN_K:
+        bk = bk * 0
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < len_q
+    r64 = (q_start + rows).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + bq * s_qb + h * s_qh + r64[:, None] * s_qm + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + bq * s_dob + h * s_doh + r64[:, None] * s_dom + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    l_rows = bq * s_lb + h * s_lh + r64 * s_lm
+    lse = tl.load(LSE + l_rows, mask=row_ok, other=float("-inf"))
+    delta = tl.load(DELTA + l_rows, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    k_base = K + bk * s_kb + hk.to(tl.int64) * s_kh + k_start.to(tl.int64) * s_kn
+    v_base = V + bk * s_vb + hk.to(tl.int64) * s_vh + k_start.to(tl.int64) * s_vn
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    i_hi = tl.minimum(start_m + BLOCK_M, len_q) - 1
+    lo, hi = _key_range(start_m, i_hi, len_k, off, window_left, window_right,
+                        HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        c64 = cols.to(tl.int64)
+        col_ok = cols < len_k
+        kt = tl.load(k_base + c64[None, :] * s_kn + offs_d[:, None],
+                     mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        vt = tl.load(v_base + c64[None, :] * s_vn + offs_dv[:, None],
+                     mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        s, t = _scores(_dot(q, kt, PRECISION), scale, softcap, HAS_SOFTCAP)
+        keep = _visible(rows, cols, len_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        p = tl.where(keep & row_ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = _dot(do, vt, PRECISION)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq += _dot(ds.to(kt.dtype), tl.trans(kt), PRECISION)
+    dq = dq * scale
+    tl.store(DQ + bq * s_dqb + h * s_dqh + r64[:, None] * s_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+_dkdv_tuned = triton.autotune(configs=_BWD_CONFIGS, key=["BLOCK_D", "BLOCK_DV", "PRECISION",
+                                                         "HAS_LEFT", "HAS_RIGHT"],
+                              prune_configs_by={"early_config_prune": _prune_for_head_dim})(
+                                  _bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(configs=_DQ_CONFIGS, key=["BLOCK_D", "BLOCK_DV", "PRECISION",
+                                                      "HAS_LEFT", "HAS_RIGHT"],
+                            prune_configs_by={"early_config_prune": _prune_for_head_dim})(
+                                _bwd_dq_kernel)
+
+
+# ------------------------------------------------------------------------------ launchers
+
+def _block(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 inputs get true float32 products: tf32 would be ~1e-3 off, far from SDPA's fp32.
+    if INTERPRET:
+        return "upcast"
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _meta(q, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softcap, window_left, window_right,
+          bottom_right):
+    dummy = q
+    return dict(
+        CU_Q=cu_seqlens_q if cu_seqlens_q is not None else dummy,
+        CU_K=cu_seqlens_k if cu_seqlens_k is not None else dummy,
+        SEQUSED_K=seqused_k if seqused_k is not None else dummy,
+        VARLEN_Q=cu_seqlens_q is not None, VARLEN_K=cu_seqlens_k is not None,
+        HAS_SEQUSED=seqused_k is not None, BOTTOM_RIGHT=bool(bottom_right),
+        HAS_SOFTCAP=softcap > 0.0, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+        PRECISION=_precision(q.dtype), BLOCK_D=_block(q.shape[-1]), BLOCK_DV=_block(v.shape[-1]),
+    )
+
+
+def _num_sequences(q, cu_seqlens_q):
+    return q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
+
+
+def decode_splits(q, k, cu_seqlens_q, max_seqlen_k: int, num_splits=None) -> int:
+    """How many key splits a decode-shaped call gets (1: the ordinary forward)."""
+    if cu_seqlens_q is not None:  # the partial results are indexed by (batch, head, query)
+        return 1
+    if num_splits is None:
+        num_splits = FORCE_SPLITS
+    if num_splits is not None:
+        return max(1, int(num_splits))
+    nseq, Hk = _num_sequences(q, cu_seqlens_q), k.shape[1]
+    group, Lq = q.shape[1] // Hk, q.shape[2]
+    if group * Lq > 64 or INTERPRET or not q.is_cuda:
+        return 1
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    want = triton.cdiv(2 * sms, max(nseq * Hk, 1))
+    return int(max(1, min(want, triton.cdiv(max_seqlen_k, 256), 64)))
+
+
+def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q: int,
+            max_seqlen_k: int, scale: float, softcap: float, window_left: int,
+            window_right: int, diag_offset: int, bottom_right: bool, num_splits=None) -> None:
+    """Writes out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) float32; see the module docstring."""
+    B, Hq, Lq, D = q.shape
+    Hk, Sk = k.shape[1], k.shape[2]
+    DV = v.shape[-1]
+    nseq = _num_sequences(q, cu_seqlens_q)
+    meta = _meta(q, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softcap, window_left,
+                 window_right, bottom_right)
+    args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2))
+    scalars = (Hq, Hk, Lq, Sk, D, DV, float(scale), float(softcap) if softcap > 0 else 1.0,
+               int(window_left), int(window_right), int(diag_offset))
+    splits = decode_splits(q, k, cu_seqlens_q, max_seqlen_k, num_splits)
+    group = Hq // Hk
+    if group * max_seqlen_q <= 64 and cu_seqlens_q is None or splits > 1:
+        # Decode-shaped: one tile holds every query head of a kv head.
+        block_m = max(16, triton.next_power_of_2(group * max_seqlen_q))
+        block_m = min(block_m, 64)
+        rows = group * max_seqlen_q
+        if splits > 1:
+            o_part = torch.empty((splits, B, Hq, Lq, DV), device=q.device, dtype=torch.float32)
+            lse_part = torch.empty((splits, B, Hq, Lq), device=q.device, dtype=torch.float32)
+        else:
+            o_part = lse_part = lse
+        grid = (triton.cdiv(rows, block_m), nseq * Hk, splits)
+        _fwd_kernel[grid](q, k, v, out, lse, o_part, lse_part, *args,
+                          out.stride(0), out.stride(1), out.stride(2),
+                          lse.stride(0), lse.stride(1), lse.stride(2), *_seq_ptrs(meta),
+                          *scalars, **_flags(meta), PACK_GQA=True, NUM_SPLITS=splits,
+                          BLOCK_M=block_m, BLOCK_N=16 if INTERPRET else 64,
+                          num_warps=4, num_stages=2 if not INTERPRET else 1)
+        if splits > 1:
+            n_rows = B * Hq * Lq
+            block_r = 16
+            _combine_kernel[(triton.cdiv(n_rows, block_r),)](
+                o_part, lse_part, out, lse, out.stride(0), out.stride(1), out.stride(2),
+                lse.stride(0), lse.stride(1), lse.stride(2), Hq, Lq, n_rows, DV,
+                NUM_SPLITS=splits, BLOCK_R=block_r, BLOCK_DV=meta["BLOCK_DV"], num_warps=4)
+        return
+
+    def grid(m):
+        return (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), nseq * Hq, 1)
+    _fwd_tuned[grid](q, k, v, out, lse, lse, lse, *args,
+                     out.stride(0), out.stride(1), out.stride(2),
+                     lse.stride(0), lse.stride(1), lse.stride(2), *_seq_ptrs(meta),
+                     *scalars, **_flags(meta), PACK_GQA=False, NUM_SPLITS=1)
+
+
+def _seq_ptrs(meta):
+    return meta["CU_Q"], meta["CU_K"], meta["SEQUSED_K"]
+
+
+def _flags(meta):
+    return {k: v for k, v in meta.items() if k not in ("CU_Q", "CU_K", "SEQUSED_K")}
+
+
+def backward(q, k, v, out, dout, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_k,
+             max_seqlen_q: int, max_seqlen_k: int, scale: float, softcap: float,
+             window_left: int, window_right: int, diag_offset: int, bottom_right: bool) -> None:
+    """Writes dq, dk, dv (shaped like q, k, v) from dout and the forward's out and lse."""
+    B, Hq, Lq, D = q.shape
+    Hk, Sk = k.shape[1], k.shape[2]
+    DV = v.shape[-1]
+    nseq = _num_sequences(q, cu_seqlens_q)
+    meta = _meta(q, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softcap, window_left,
+                 window_right, bottom_right)
+    delta = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
+    block = 16 if INTERPRET else 64
+    _delta_kernel[(triton.cdiv(Lq, block), B * Hq)](
+        out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        delta.stride(0), delta.stride(1), delta.stride(2), Hq, Lq, DV,
+        BLOCK_M=block, BLOCK_DV=meta["BLOCK_DV"])
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1),
+               dout.stride(2), lse.stride(0), lse.stride(1), lse.stride(2))
+    scalars = (Hq, Hk, Lq, Sk, D, DV, float(scale), float(softcap) if softcap > 0 else 1.0,
+               int(window_left), int(window_right), int(diag_offset))
+    flags = _flags(meta)
+
+    def grid_kv(m):
+        return (triton.cdiv(max(max_seqlen_k, 1), m["BLOCK_N"]), nseq * Hk)
+    _dkdv_tuned[grid_kv](q, k, v, dout, lse, delta, dk, dv, *strides,
+                         dk.stride(0), dk.stride(1), dk.stride(2),
+                         dv.stride(0), dv.stride(1), dv.stride(2), *_seq_ptrs(meta),
+                         *scalars, **flags)
+
+    def grid_q(m):
+        return (triton.cdiv(max(max_seqlen_q, 1), m["BLOCK_M"]), nseq * Hq)
+    _dq_tuned[grid_q](q, k, v, dout, lse, delta, dq, *strides,
+                      dq.stride(0), dq.stride(1), dq.stride(2), *_seq_ptrs(meta),
+                      *scalars, **flags)

@@ -1,0 +1,230 @@
+"""The GPU attention paths (Triton: kernels/attention.py; CUDA: csrc/cuda/attention.cu) as torch
+custom ops, with what each path supports.
+
+Both paths take the same arguments: 4-D views q (B, Hq, Lq, D), k and v (Bk, Hk, Sk, D/Dv) and
+the sequence metadata of kernels/attention.py (cu_seqlens_q/k for packed variable-length
+batches, seqused_k for KV caches, diag_offset and bottom_right for the causal/window band).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from .. import backends
+from .._cview import cview
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+MAX_TRITON_HEAD_DIM = 256
+MIN_TRITON_HEAD_DIM = 1
+
+
+def triton_interpreting() -> bool:
+    """TRITON_INTERPRET=1 runs Triton kernels on the CPU (how the tests check them)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_kernels_or_error():
+    if importlib.util.find_spec("triton") is None:
+        return None, "triton is not installed"
+    try:
+        from ..kernels import attention as kernels
+    except Exception as exc:  # a broken triton install must not break the other paths
+        return None, f"the Triton kernels failed to import ({type(exc).__name__}: {exc})"
+    return kernels, None
+
+
+def triton_kernels():
+    kernels, error = _triton_kernels_or_error()
+    if kernels is None:
+        raise backends.BackendError(f"Triton attention is unavailable: {error}")
+    return kernels
+
+
+def triton_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
+    """None if the Triton path can serve attention over these tensors, else why not."""
+    _, error = _triton_kernels_or_error()
+    if error is not None:
+        return error
+    if q.device.type != "cuda" and not triton_interpreting():
+        return (f"tensors are on {q.device.type} (Triton runs on CUDA GPUs, or on the CPU under "
+                "TRITON_INTERPRET=1)")
+    if q.dtype not in TRITON_DTYPES:
+        return f"{q.dtype} is not float16, bfloat16 or float32"
+    big = max(q.shape[-1], v.shape[-1])
+    if big > MAX_TRITON_HEAD_DIM:
+        return f"head dim {big} > {MAX_TRITON_HEAD_DIM}"
+    return None
+
+
+def cuda_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
+    """None if the CUDA kernels can serve attention over these tensors, else why not."""
+    native = backends.native_module()
+    if native is None:
+        return f"the compiled extension is not available ({backends.native_import_error()})"
+    if not hasattr(native, "attention_forward_cuda"):
+        return "this build has no CUDA kernels (nvcc was not found when it was built)"
+    if q.device.type != "cuda":
+        return f"tensors are on {q.device.type}"
+    if q.dtype not in CUDA_DTYPES:
+        return f"{q.dtype} is not float16 or bfloat16 (the Triton path takes float32)"
+    if v.shape[-1] != q.shape[-1]:
+        return f"value head dim {v.shape[-1]} != query head dim {q.shape[-1]}"
+    if not native.attention_cuda_supports(cview(q)[1], q.shape[-1]):
+        return f"head dim {q.shape[-1]} is not compiled (64 and 128 are; Triton takes the rest)"
+    return None
+
+
+# ---------------------------------------------------------------- custom ops
+
+def _empty_in_layout(like: torch.Tensor, shape, dtype=None) -> torch.Tensor:
+    """A new (B, H, L, E) tensor stored like `like`: token-major ((B, L, H, E) storage) when
+    `like` is, so that results of packed or (batch, seq, heads, dim) inputs stay dense."""
+    B, H, L, E = shape
+    dtype = like.dtype if dtype is None else dtype
+    if H > 1 and L > 1 and like.stride(1) < like.stride(2):
+        return torch.empty((B, L, H, E), dtype=dtype, device=like.device).transpose(1, 2)
+    return torch.empty((B, H, L, E), dtype=dtype, device=like.device)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def _on_device(t: torch.Tensor):
+    """The kernels launch on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _i32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(torch.int32).contiguous()
+
+
+@torch.library.custom_op("llmkernels::attention_forward_gpu", mutates_args=())
+def attention_forward_gpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+                          seqused_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                          scale: float, softcap: float, window_left: int, window_right: int,
+                          diag_offset: int, bottom_right: bool,
+                          impl: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward on the GPU (impl "triton" or "cuda"); returns (out, lse float32)."""
+    B, Hq, Lq, _ = q.shape
+    out = _empty_in_layout(q, (B, Hq, Lq, v.shape[-1]))
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    cu_q, cu_k, used = _i32(cu_seqlens_q), _i32(cu_seqlens_k), _i32(seqused_k)
+    with _on_device(q):
+        _launch_forward(impl, q, k, v, out, lse, cu_q, cu_k, used, max_seqlen_q, max_seqlen_k, scale,
+                 softcap, window_left, window_right, diag_offset, bottom_right)
+    return out, lse
+
+
+def _launch_forward(impl, q, k, v, out, lse, cu_q, cu_k, used, max_seqlen_q, max_seqlen_k, scale,
+             softcap, window_left, window_right, diag_offset, bottom_right) -> None:
+    if impl == "cuda":
+        backends.native_module().attention_forward_cuda(
+            cview(q), cview(k), cview(v), cview(out), cview(lse), cview(cu_q), cview(cu_k),
+            cview(used), max_seqlen_q, scale, softcap, window_left, window_right, diag_offset,
+            bottom_right, _stream(q))
+    else:
+        triton_kernels().forward(q, k, v, out, lse, cu_q, cu_k, used, max_seqlen_q, max_seqlen_k,
+                                 scale, softcap, window_left, window_right, diag_offset,
+                                 bottom_right)
+
+
+@attention_forward_gpu.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, scale,
+      softcap, window_left, window_right, diag_offset, bottom_right, impl):
+    B, Hq, Lq, _ = q.shape
+    return (_empty_in_layout(q, (B, Hq, Lq, v.shape[-1])),
+            q.new_empty((B, Hq, Lq), dtype=torch.float32))
+
+
+@torch.library.custom_op("llmkernels::attention_backward_gpu", mutates_args=())
+def attention_backward_gpu(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                           cu_seqlens_q: Optional[torch.Tensor],
+                           cu_seqlens_k: Optional[torch.Tensor], seqused_k: Optional[torch.Tensor],
+                           max_seqlen_q: int, max_seqlen_k: int, scale: float, softcap: float,
+                           window_left: int, window_right: int, diag_offset: int,
+                           bottom_right: bool,
+                           impl: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward on the GPU; returns (dq, dk, dv) shaped like q, k, v."""
+    dq = _empty_in_layout(q, q.shape)
+    dk = _empty_in_layout(k, k.shape)
+    dv = _empty_in_layout(v, v.shape)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    q, k, v, out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out)
+    grad_out = _unit_last(grad_out)
+    cu_q, cu_k, used = _i32(cu_seqlens_q), _i32(cu_seqlens_k), _i32(seqused_k)
+    with _on_device(q):
+        _launch_backward(impl, grad_out, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, used, max_seqlen_q,
+                  max_seqlen_k, scale, softcap, window_left, window_right, diag_offset,
+                  bottom_right)
+    return dq, dk, dv
+
+
+def _launch_backward(impl, grad_out, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, used, max_seqlen_q,
+              max_seqlen_k, scale, softcap, window_left, window_right, diag_offset,
+              bottom_right) -> None:
+    if impl == "cuda":
+        delta = torch.empty_like(lse)
+        backends.native_module().attention_backward_cuda(
+            cview(q), cview(k), cview(v), cview(out), cview(grad_out), cview(lse), cview(delta),
+            cview(dq), cview(dk), cview(dv), cview(cu_q), cview(cu_k), cview(used),
+            max_seqlen_q, max_seqlen_k, scale, softcap, window_left, window_right, diag_offset,
+            bottom_right, _stream(q))
+    else:
+        triton_kernels().backward(q, k, v, out, grad_out, lse, dq, dk, dv, cu_q, cu_k, used,
+                                  max_seqlen_q, max_seqlen_k, scale, softcap, window_left,
+                                  window_right, diag_offset, bottom_right)
+
+
+@attention_backward_gpu.register_fake
+def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+      max_seqlen_k, scale, softcap, window_left, window_right, diag_offset, bottom_right, impl):
+    return (_empty_in_layout(q, q.shape), _empty_in_layout(k, k.shape),
+            _empty_in_layout(v, v.shape))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, used = inputs[:6]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, used)
+    ctx.params = inputs[6:]
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_q, cu_k, used = ctx.saved_tensors
+    dq, dk, dv = attention_backward_gpu(grad_out, q, k, v, out, lse, cu_q, cu_k, used,
+                                        *ctx.params)
+    return (dq, dk, dv) + (None,) * 12
+
+
+attention_forward_gpu.register_autograd(_backward, setup_context=_setup)
+
+
+def run_forward(impl: str, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
+                max_seqlen_q: int, max_seqlen_k: int, scale: float, softcap: Optional[float],
+                window_left: int, window_right: int, diag_offset: int = 0,
+                bottom_right: bool = False) -> torch.Tensor:
+    """The forward of one GPU path (differentiable through the custom ops); returns out."""
+    out, _ = attention_forward_gpu(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                   int(max_seqlen_q), int(max_seqlen_k), float(scale),
+                                   float(softcap or 0.0), int(window_left), int(window_right),
+                                   int(diag_offset), bool(bottom_right), impl)
+    return out

@@ -1,0 +1,198 @@
+"""attention_with_kvcache: decoding attention over per-sequence KV caches, with in-place append.
+
+Layout (that of flash-attn's flash_attn_with_kvcache): q (B, Lq, Hq, D), k_cache (B, S, Hk, D),
+v_cache (B, S, Hk, Dv), new keys/values (B, Lnew, Hk, D/Dv). Sequence b holds cache_seqlens[b]
+tokens; k_new/v_new are written at positions cache_seqlens[b] .. + Lnew - 1 (in place), and its
+queries attend to the first cache_seqlens[b] + Lnew keys. Bands align bottom-right: the last
+query is the newest token and sees the last key, as decoding needs (is_causal=True for a chunk
+of several new tokens).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from .. import backends
+from ..reference.attention import attention_kvcache_reference
+from . import attention_gpu
+from .attention import (MAX_CPU_HEAD_DIM, _KERNEL_DTYPES, _check_tensor, _scale_softcap, _window,
+                        cpu_forward)
+
+OP_NAME = "attention_with_kvcache"
+
+
+def _lengths(cache_seqlens, batch: int, device: torch.device) -> List[int]:
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        return [int(cache_seqlens)] * batch
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"{OP_NAME}: cache_seqlens must be an int or an int32 tensor of shape "
+                        f"(batch,), got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{OP_NAME}: cache_seqlens must be int32 (or int64), got "
+                        f"{cache_seqlens.dtype}")
+    if tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(f"{OP_NAME}: cache_seqlens must have shape ({batch},), got "
+                         f"{tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != device:
+        raise ValueError(f"{OP_NAME}: cache_seqlens is on {cache_seqlens.device}, the caches on "
+                         f"{device}")
+    return [int(x) for x in cache_seqlens.tolist()]  # a device sync on the GPU: see README
+
+
+class _KVCall:
+    def __init__(self, q, k_cache, v_cache, cache_seqlens, k_new, v_new, is_causal, scale,
+                 window_size, softcap):
+        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+            _check_tensor(name, t, OP_NAME, 4)
+            if t.dim() != 4:
+                raise ValueError(f"{OP_NAME}: {name} must be (batch, seq, heads, head_dim), got "
+                                 f"shape {tuple(t.shape)}")
+        if not (q.dtype == k_cache.dtype == v_cache.dtype):
+            raise TypeError(f"{OP_NAME}: q, k_cache and v_cache must share a dtype, got "
+                            f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+        if not (q.device == k_cache.device == v_cache.device):
+            raise ValueError(f"{OP_NAME}: q, k_cache and v_cache must be on one device")
+        B, Lq, Hq, D = q.shape
+        S, Hk = k_cache.shape[1], k_cache.shape[2]
+        if k_cache.shape[0] != B or v_cache.shape[0] != B:
+            raise ValueError(f"{OP_NAME}: caches have batch {k_cache.shape[0]}/{v_cache.shape[0]}, "
+                             f"q has {B}")
+        if k_cache.shape[3] != D:
+            raise ValueError(f"{OP_NAME}: k_cache head dim {k_cache.shape[3]} != q head dim {D}")
+        if v_cache.shape[1:3] != k_cache.shape[1:3]:
+            raise ValueError(f"{OP_NAME}: v_cache (seq, heads) {tuple(v_cache.shape[1:3])} != "
+                             f"k_cache's {tuple(k_cache.shape[1:3])}")
+        if Hk == 0 or Hq % Hk != 0:
+            raise ValueError(f"{OP_NAME}: q heads ({Hq}) must be a multiple of cache heads ({Hk})")
+        if D == 0:
+            raise ValueError(f"{OP_NAME}: head dim must be > 0")
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache, k_new,
+                                                                     v_new) if t is not None):
+            raise ValueError(f"{OP_NAME}: is for inference and has no backward; call it under "
+                             "torch.no_grad() (use attention_varlen or scaled_dot_product_attention "
+                             "to train)")
+        n_new = 0
+        if (k_new is None) != (v_new is None):
+            raise ValueError(f"{OP_NAME}: give both k_new and v_new, or neither")
+        if k_new is not None:
+            for name, t, cache in (("k_new", k_new, k_cache), ("v_new", v_new, v_cache)):
+                _check_tensor(name, t, OP_NAME, 4)
+                if t.dim() != 4 or t.shape[0] != B or t.shape[2:] != cache.shape[2:]:
+                    raise ValueError(f"{OP_NAME}: {name} must be (batch={B}, new_tokens, "
+                                     f"{cache.shape[2]}, {cache.shape[3]}), got {tuple(t.shape)}")
+                if t.dtype != cache.dtype or t.device != cache.device:
+                    raise TypeError(f"{OP_NAME}: {name} must match the cache's dtype and device")
+            if k_new.shape[1] != v_new.shape[1]:
+                raise ValueError(f"{OP_NAME}: k_new has {k_new.shape[1]} tokens, v_new "
+                                 f"{v_new.shape[1]}")
+            n_new = k_new.shape[1]
+        cached = _lengths(cache_seqlens, B, q.device)
+        for b, n in enumerate(cached):
+            if n < 0 or n + n_new > S:
+                raise ValueError(f"{OP_NAME}: sequence {b} holds {n} cached tokens; with {n_new} "
+                                 f"new ones that is outside the cache's {S} slots")
+        self.scale, self.softcap = _scale_softcap(scale, softcap, D, OP_NAME)
+        self.left, self.right = _window(window_size, bool(is_causal), OP_NAME)
+        self.q, self.k_cache, self.v_cache = q, k_cache, v_cache
+        self.k_new, self.v_new, self.n_new = k_new, v_new, n_new
+        self.cached = cached
+        self.lengths = [n + n_new for n in cached]
+        self.is_causal, self.window_size = bool(is_causal), window_size
+        # (B, H, seq, D) views for the kernels.
+        self.q4, self.k4, self.v4 = (t.transpose(1, 2) for t in (q, k_cache, v_cache))
+
+    def append(self) -> None:
+        if self.n_new == 0:
+            return
+        B = self.q.shape[0]
+        dev = self.q.device
+        pos = (torch.tensor(self.cached, device=dev, dtype=torch.long)[:, None]
+               + torch.arange(self.n_new, device=dev)[None, :])
+        rows = torch.arange(B, device=dev)[:, None].expand_as(pos)
+        self.k_cache[rows, pos] = self.k_new
+        self.v_cache[rows, pos] = self.v_new
+
+    def cpu_support(self) -> Optional[str]:
+        if backends.native_module() is None:
+            return f"the compiled extension is not available ({backends.native_import_error()})"
+        if self.q.device.type != "cpu":
+            return f"tensors are on {self.q.device.type}"
+        if self.q.dtype not in _KERNEL_DTYPES:
+            return f"{self.q.dtype} is not a kernel dtype (float32, bfloat16, float16)"
+        if max(self.q.shape[3], self.v_cache.shape[3]) > MAX_CPU_HEAD_DIM:
+            return f"head dim > {MAX_CPU_HEAD_DIM}"
+        return None
+
+    def decide(self, backend: Optional[str]) -> backends.Decision:
+        checks = {"cpu": self.cpu_support,
+                  "cuda": lambda: attention_gpu.cuda_support(self.q4, self.k4, self.v4),
+                  "triton": lambda: attention_gpu.triton_support(self.q4, self.k4, self.v4)}
+        detail = {"cpu": "fused C++ kernel (decode-shaped calls stream the cache once)",
+                  "cuda": "CUDA kernels over per-sequence cache lengths",
+                  "triton": "Triton kernels; few-token queries split the keys (flash-decoding)",
+                  "reference": "PyTorch ops, one sequence at a time"}
+        return backends.select(OP_NAME, self.q.device.type, checks, backend, detail)
+
+    def run_cpu(self) -> torch.Tensor:
+        Lq = self.q.shape[1]
+        if len(set(self.lengths)) <= 1:  # one call when every sequence has the same length
+            n = self.lengths[0] if self.lengths else 0
+            out = cpu_forward(self.q4, self.k4[:, :, :n], self.v4[:, :, :n], None, self.scale,
+                              self.softcap, self.left, self.right, n - Lq)
+            return out.transpose(1, 2)
+        out = self.q.new_empty((*self.q.shape[:3], self.v_cache.shape[3]))
+        for b, n in enumerate(self.lengths):
+            ob = cpu_forward(self.q4[b:b + 1], self.k4[b:b + 1, :, :n], self.v4[b:b + 1, :, :n],
+                             None, self.scale, self.softcap, self.left, self.right, n - Lq)
+            out[b] = ob[0].transpose(0, 1)
+        return out
+
+    def run_gpu(self, path: str) -> torch.Tensor:
+        used = torch.tensor(self.lengths, dtype=torch.int32).to(self.q.device, non_blocking=True)
+        out = attention_gpu.run_forward(path, self.q4, self.k4, self.v4, seqused_k=used,
+                                        max_seqlen_q=self.q.shape[1],
+                                        max_seqlen_k=max(self.lengths, default=0),
+                                        scale=self.scale, softcap=self.softcap,
+                                        window_left=self.left, window_right=self.right,
+                                        bottom_right=True)
+        return out.transpose(1, 2)
+
+    def run_reference(self) -> torch.Tensor:
+        return attention_kvcache_reference(self.q, self.k_cache, self.v_cache, self.lengths,
+                                           is_causal=self.is_causal, scale=self.scale,
+                                           window_size=self.window_size, softcap=self.softcap)
+
+
+def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           cache_seqlens, *, k_new: Optional[torch.Tensor] = None,
+                           v_new: Optional[torch.Tensor] = None, is_causal: bool = False,
+                           scale: Optional[float] = None,
+                           window_size: Optional[Sequence[Optional[int]]] = None,
+                           softcap: Optional[float] = None,
+                           backend: Optional[str] = None) -> torch.Tensor:
+    """Attention of new tokens over each sequence's KV cache, for batched generation.
+
+    q (B, Lq, Hq, D); k_cache (B, S, Hk, D) and v_cache (B, S, Hk, Dv), updated in place when
+    k_new/v_new (B, Lnew, Hk, D/Dv) are given; cache_seqlens: int32 (B,) tokens already cached
+    per sequence (or one int for all; not updated, add Lnew yourself). Returns (B, Lq, Hq, Dv).
+    Bands (is_causal, window_size) align bottom-right. Inference only (no backward).
+    """
+    call = _KVCall(q, k_cache, v_cache, cache_seqlens, k_new, v_new, is_causal, scale,
+                   window_size, softcap)
+    path = call.decide(backend).backend  # chosen before the cache changes: errors leave it intact
+    call.append()
+    if path == "cpu":
+        return call.run_cpu()
+    if path in ("cuda", "triton"):
+        return call.run_gpu(path)
+    return call.run_reference()
+
+
+def _explain(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, is_causal=False,
+             scale=None, window_size=None, softcap=None, backend=None):
+    return _KVCall(q, k_cache, v_cache, cache_seqlens, k_new, v_new, is_causal, scale,
+                   window_size, softcap).decide(backend)
+
+
+attention_with_kvcache.__llmk_explain__ = _explain

@@ -1,0 +1,110 @@
+"""attention_with_kvcache on every path against the float64 reference: ragged cache lengths,
+the in-place append, bottom-right bands, decode splits; and its bad-input errors."""
+import pytest
+import torch
+
+import llmkernels
+from attention_utils import judge
+from gpu_paths import DEVICE, ON_GPU, force_splits, skip_unless_runs  # noqa: F401
+from llmkernels.reference import attention_kvcache_reference
+
+PATHS = ["cpu", "triton", "cuda", "reference"]
+
+
+def run_kvcache(path, B, Lq, Lnew, Hq, Hk, S, E, dtype, cached, **kw):
+    device = "cpu" if path == "cpu" else DEVICE
+    if path == "cuda" and not ON_GPU:
+        pytest.skip("CUDA kernels need a GPU")
+    q = torch.randn(B, Lq, Hq, E, dtype=dtype, device=device)
+    k_cache = torch.randn(B, S, Hk, E, dtype=dtype, device=device)
+    v_cache = torch.randn(B, S, Hk, E, dtype=dtype, device=device)
+    if path in ("triton", "cuda"):
+        skip_unless_runs(path, q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2))
+    lens = torch.tensor(cached, dtype=torch.int32, device=device)
+    new = {}
+    if Lnew:
+        new = dict(k_new=torch.randn(B, Lnew, Hk, E, dtype=dtype, device=device),
+                   v_new=torch.randn(B, Lnew, Hk, E, dtype=dtype, device=device))
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    out = llmkernels.attention_with_kvcache(q, k_cache, v_cache, lens, backend=path, **new, **kw)
+    assert out.shape == (B, Lq, Hq, E)
+    # The append: new tokens at cached[b] .., every other slot untouched.
+    k_expect, v_expect = k_before.clone(), v_before.clone()
+    for b, n in enumerate(cached):
+        if Lnew:
+            k_expect[b, n:n + Lnew] = new["k_new"][b]
+            v_expect[b, n:n + Lnew] = new["v_new"][b]
+    assert torch.equal(k_cache, k_expect) and torch.equal(v_cache, v_expect)
+    total = [n + Lnew for n in cached]
+    exact = attention_kvcache_reference(q.double(), k_cache.double(), v_cache.double(), total, **kw)
+    same = attention_kvcache_reference(q, k_cache, v_cache, total, **kw)
+    judge("out", out, same, exact, dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_one_token_ragged(path, dtype):
+    run_kvcache(path, 4, 1, 1, 8, 2, 80, 64, dtype, [0, 37, 79, 12])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_chunked_prefill_causal(path):
+    # several new tokens per sequence: causal, aligned so that the last query sees every key
+    run_kvcache(path, 3, 5, 5, 4, 4, 64, 32, torch.float32, [10, 0, 59], is_causal=True)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_sliding_window_without_append(path):
+    run_kvcache(path, 2, 2, 0, 4, 1, 70, 64, torch.float16, [70, 33], is_causal=True,
+                window_size=(16, 0), softcap=10.0)
+
+
+def test_flash_decoding_splits(force_splits):
+    for splits in (2, 5):
+        force_splits(splits)
+        run_kvcache("triton", 3, 1, 1, 8, 2, 150, 64, torch.bfloat16, [149, 3, 100])
+
+
+def test_same_length_batch_on_cpu_uses_one_call():
+    run_kvcache("cpu", 3, 1, 1, 4, 2, 40, 32, torch.float32, [20, 20, 20], is_causal=True)
+
+
+def test_int_cache_seqlens():
+    q = torch.randn(2, 1, 2, 16)
+    kc, vc = torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
+    out = llmkernels.attention_with_kvcache(q, kc, vc, 5)
+    ref = attention_kvcache_reference(q, kc, vc, [5, 5])
+    torch.testing.assert_close(out, ref)
+
+
+class TestBadInput:
+    def args(self, **over):
+        a = dict(q=torch.randn(2, 1, 4, 16), k_cache=torch.randn(2, 10, 2, 16),
+                 v_cache=torch.randn(2, 10, 2, 16),
+                 cache_seqlens=torch.tensor([3, 9], dtype=torch.int32),
+                 k_new=torch.randn(2, 1, 2, 16), v_new=torch.randn(2, 1, 2, 16))
+        a.update(over)
+        return a
+
+    @pytest.mark.parametrize("over,err,match", [
+        (dict(cache_seqlens=torch.tensor([3, 10], dtype=torch.int32)), ValueError,
+         "outside the cache"),
+        (dict(cache_seqlens=torch.tensor([-1, 2], dtype=torch.int32)), ValueError,
+         "outside the cache"),
+        (dict(cache_seqlens=torch.tensor([3.0, 2.0])), TypeError, "int32"),
+        (dict(cache_seqlens=torch.tensor([3], dtype=torch.int32)), ValueError, "shape \\(2,\\)"),
+        (dict(v_new=None), ValueError, "both k_new and v_new"),
+        (dict(k_new=torch.randn(2, 1, 3, 16)), ValueError, "k_new must be"),
+        (dict(k_new=torch.randn(2, 2, 2, 16)), ValueError, "tokens"),
+        (dict(q=torch.randn(2, 1, 4, 16, dtype=torch.float16)), TypeError, "share a dtype"),
+        (dict(q=torch.randn(2, 1, 3, 16)), ValueError, "multiple"),
+        (dict(q=torch.randn(1, 4, 16)), ValueError, "4 dims"),
+        (dict(q=torch.randn(2, 1, 4, 16, requires_grad=True)), ValueError, "no backward"),
+        (dict(window_size=(1, 2, 3)), ValueError, "window_size"),
+    ])
+    def test_errors_leave_the_cache_alone(self, over, err, match):
+        a = self.args(**over)
+        k_before = a["k_cache"].clone()
+        with pytest.raises(err, match=match):
+            llmkernels.attention_with_kvcache(**a)
+        assert torch.equal(a["k_cache"], k_before)
