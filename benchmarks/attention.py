@@ -111,11 +111,13 @@ def path_fn(name: str, causal: bool, ours_backend: Optional[str]) -> Callable:
     raise ValueError(name)
 
 
-def ours_backend_for(device: str) -> Optional[str]:
+def ours_backend_for(device: str, forced: Optional[str] = None) -> Optional[str]:
     """CPU: force the fused C++ kernel (so an unsupported case errors instead of quietly
     timing the reference), unless the extension is missing: then automatic selection, and
-    the output says 'ours' was the reference. CUDA: automatic selection, i.e. the best GPU
-    path this build has (the reference while no GPU attention kernel exists)."""
+    the output says 'ours' was the reference. CUDA: automatic selection (cuda, then triton),
+    unless --ours-backend names one."""
+    if forced and forced != "auto":
+        return forced
     if device == "cpu" and llmkernels.backends.native_module() is not None:
         return "cpu"
     return None
@@ -428,6 +430,9 @@ def parse_args(argv=None):
     p.add_argument("--cpu-tier", help="force a CPU tier of our kernel (one of "
                    "llmkernels.backends.supported_cpu_tiers(); default the best)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=harness.default_device())
+    p.add_argument("--ours-backend", choices=("auto", "cpu", "cuda", "triton", "reference"),
+                   default="auto", help="force the path 'ours' uses (default: the automatic "
+                   "choice on CUDA, the fused kernel on CPU)")
     p.add_argument("--quick", action="store_true", help="tiny sweep for smoke tests (seconds)")
     p.add_argument("--csv", metavar="FILE")
     p.add_argument("--json", metavar="FILE")
@@ -465,7 +470,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     info = harness.machine_info(args.device)
     print(harness.format_machine(info))
-    ours_backend = ours_backend_for(args.device)
+    ours_backend = ours_backend_for(args.device, args.ours_backend)
     notes: List[str] = []
     if "ours" in args.paths and args.device == "cpu" and ours_backend is None:
         notes.append("the compiled extension is missing: 'ours' is the reference path")
