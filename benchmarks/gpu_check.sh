@@ -10,6 +10,7 @@
 # run: the same steps, GPU-only ones skipped with a message, the benchmark with --quick.
 # Time limits (seconds) can be overridden: TEST_TIMEOUT, SANITIZER_TIMEOUT, BENCH_TIMEOUT.
 # SKIP_BUILD=1 reuses the installed build (e.g. a dry run in a tree someone is building).
+# STEPS=tests|bench|all (default all) picks the GPU steps; GPU_ARCHS overrides the CUDA archs.
 set -euo pipefail
 
 OUT="${OUT:-/tmp/gpu_out}"
@@ -82,7 +83,9 @@ GPU_TESTS="tests/test_attention_gpu.py tests/test_attention_varlen.py tests/test
 # Parallel test processes when pytest-xdist is there: most of the time is Triton compiling.
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_PROCS:-8}"
-if [ "$HAVE_GPU" = 1 ]; then
+# STEPS=tests or STEPS=bench runs half of the GPU steps (two short calls instead of one long).
+STEPS="${STEPS:-all}"
+if [ "$HAVE_GPU" = 1 ] && [ "$STEPS" != bench ]; then
   step gpu_tests env LLMKERNELS_TRITON_AUTOTUNE=0 timeout "$TEST_TIMEOUT" "$PY" -m pytest $GPU_TESTS \
     -q -p no:cacheprovider $XDIST -rs --junitxml="$OUT/gpu_tests.xml"
   tail -n 15 "$OUT/gpu_tests.log" | tee -a "$SUMMARY"
@@ -94,6 +97,8 @@ if [ "$HAVE_GPU" = 1 ]; then
   else
     log "compute-sanitizer not found: memcheck skipped"
   fi
+fi
+if [ "$HAVE_GPU" = 1 ] && [ "$STEPS" != tests ]; then
   for path in triton cuda; do
     step "attention_bench_$path" timeout "$BENCH_TIMEOUT" "$PY" benchmarks/attention.py --device cuda \
       --ours-backend "$path" --paths ours,sdpa --dtypes bf16 --head-dims 128 --seqlens "${BENCH_SEQLENS:-4096}" \
@@ -105,7 +110,8 @@ if [ "$HAVE_GPU" = 1 ]; then
       --ours-backend "$path" --batch 1,8 --cache-lens 8192 --min-run-time 0.1 --json "$OUT/decode_gpu_$path.json"
     tail -n 6 "$OUT/decode_bench_$path.log" | tee -a "$SUMMARY"
   done
-else
+fi
+if [ "$HAVE_GPU" = 0 ]; then
   log "gpu_tests, sanitizer: skipped (no GPU); GPU test files run on the CPU (Triton interpreted)"
   step gpu_tests_interpreted timeout "$TEST_TIMEOUT" "$PY" -m pytest $GPU_TESTS -q -p no:cacheprovider
   tail -n 3 "$OUT/gpu_tests_interpreted.log" | tee -a "$SUMMARY"
