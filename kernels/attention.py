@@ -46,20 +46,27 @@ AUTOTUNE = os.environ.get("LLMKERNELS_TRITON_AUTOTUNE", "1") != "0"
 def _configs(pairs):
     if INTERPRET:  # the interpreter runs every config it is given: one small one is enough
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    if not AUTOTUNE:
-        pairs = [p for p in pairs if p[:2] == (64, 64)][:1] or pairs[:1]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in pairs]
 
 
-def _prune_for_head_dim(configs, named_args, **kwargs):
-    """Large head dims need small tiles to fit shared memory and registers."""
-    big = max(named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64)),
-              named_args.get("BLOCK_DV", kwargs.get("BLOCK_DV", 64)))
-    if big <= 128:
-        return configs
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return kept or configs[-1:]
+def _prune(configs, named_args, **kwargs):
+    """Tiles that fit: rows of more than 256 bytes (bf16 head dims over 128, float32 from 128)
+    need small tiles and shallow pipelines (a 64x64, 3-stage backward at bf16 D=256 asks for
+    257 KiB of shared memory, over the H100's 227). Without autotuning, one config."""
+    def get(name, default):
+        return kwargs.get(name, named_args.get(name, default))
+    q = named_args.get("Q")
+    elem = q.element_size() if hasattr(q, "element_size") else 2
+    row_bytes = elem * max(get("BLOCK_D", 64), get("BLOCK_DV", 64))
+    kept = configs
+    if row_bytes > 256:
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 64
+                and c.num_stages <= 2] or configs[-1:]
+    if not AUTOTUNE:
+        square = [c for c in kept if c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] == 64]
+        return (square or kept)[:1]
+    return kept
 
 
 _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
@@ -272,7 +279,7 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PART, LSE_PART,
 
 _fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_D", "BLOCK_DV", "PRECISION",
                                                        "HAS_LEFT", "HAS_RIGHT", "VARLEN_Q"],
-                             prune_configs_by={"early_config_prune": _prune_for_head_dim})(_fwd_kernel)
+                             prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
 
 
 @triton.jit
@@ -497,11 +504,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 
 _dkdv_tuned = triton.autotune(configs=_BWD_CONFIGS, key=["BLOCK_D", "BLOCK_DV", "PRECISION",
                                                          "HAS_LEFT", "HAS_RIGHT"],
-                              prune_configs_by={"early_config_prune": _prune_for_head_dim})(
+                              prune_configs_by={"early_config_prune": _prune})(
                                   _bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(configs=_DQ_CONFIGS, key=["BLOCK_D", "BLOCK_DV", "PRECISION",
                                                       "HAS_LEFT", "HAS_RIGHT"],
-                            prune_configs_by={"early_config_prune": _prune_for_head_dim})(
+                            prune_configs_by={"early_config_prune": _prune})(
                                 _bwd_dq_kernel)
 
 
@@ -573,6 +580,7 @@ def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen
         # Decode-shaped: one tile holds every query head of a kv head.
         block_m = max(16, triton.next_power_of_2(group * max_seqlen_q))
         block_m = min(block_m, 64)
+        block_n = 64 if q.element_size() * max(D, DV) <= 256 else 32  # see _prune
         rows = group * max_seqlen_q
         if splits > 1:
             o_part = torch.empty((splits, B, Hq, Lq, DV), device=q.device, dtype=torch.float32)
@@ -584,7 +592,7 @@ def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen
                           out.stride(0), out.stride(1), out.stride(2),
                           lse.stride(0), lse.stride(1), lse.stride(2), *_seq_ptrs(meta),
                           *scalars, **_flags(meta), PACK_GQA=True, NUM_SPLITS=splits,
-                          BLOCK_M=block_m, BLOCK_N=16 if INTERPRET else 64,
+                          BLOCK_M=block_m, BLOCK_N=16 if INTERPRET else block_n,
                           num_warps=4, num_stages=2 if not INTERPRET else 1)
         if splits > 1:
             n_rows = B * Hq * Lq
