@@ -24,6 +24,7 @@ Design:
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -95,7 +96,7 @@ def _sequence(b, CU_Q, CU_K, SEQUSED_K, Lq, Sk,
         k_start = tl.load(CU_K + b)
         len_k = tl.load(CU_K + b + 1) - k_start
     if HAS_SEQUSED:
-        len_k = tl.minimum(len_k, tl.load(SEQUSED_K + b))
+        len_k = tl.maximum(tl.minimum(len_k, tl.load(SEQUSED_K + b)), 0)
     return q_start, len_q, k_start, len_k
 
 
@@ -528,6 +529,9 @@ def _precision(dtype: torch.dtype) -> str:
 def _meta(q, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softcap, window_left, window_right,
           bottom_right):
     dummy = q
+    # One padded width for both head dims: on an H100 (triton 3.6) a value tile narrower than
+    # the query tile (D=40, Dv=24: 64 and 32 wide) gave wrong rows and illegal addresses.
+    block = _block(max(q.shape[-1], v.shape[-1]))
     return dict(
         CU_Q=cu_seqlens_q if cu_seqlens_q is not None else dummy,
         CU_K=cu_seqlens_k if cu_seqlens_k is not None else dummy,
@@ -535,12 +539,17 @@ def _meta(q, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softcap, window_left, win
         VARLEN_Q=cu_seqlens_q is not None, VARLEN_K=cu_seqlens_k is not None,
         HAS_SEQUSED=seqused_k is not None, BOTTOM_RIGHT=bool(bottom_right),
         HAS_SOFTCAP=softcap > 0.0, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-        PRECISION=_precision(q.dtype), BLOCK_D=_block(q.shape[-1]), BLOCK_DV=_block(v.shape[-1]),
+        PRECISION=_precision(q.dtype), BLOCK_D=block, BLOCK_DV=block,
     )
 
 
 def _num_sequences(q, cu_seqlens_q):
     return q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def decode_splits(q, k, cu_seqlens_q, max_seqlen_k: int, num_splits=None) -> int:
@@ -555,7 +564,8 @@ def decode_splits(q, k, cu_seqlens_q, max_seqlen_k: int, num_splits=None) -> int
     group, Lq = q.shape[1] // Hk, q.shape[2]
     if group * Lq > 64 or INTERPRET or not q.is_cuda:
         return 1
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    sms = _multiprocessors(q.device.index if q.device.index is not None else
+                           torch.cuda.current_device())
     want = triton.cdiv(2 * sms, max(nseq * Hk, 1))
     return int(max(1, min(want, triton.cdiv(max_seqlen_k, 256), 64)))
 

@@ -11,7 +11,7 @@ from llmkernels.reference import attention_kvcache_reference
 PATHS = ["cpu", "triton", "cuda", "reference"]
 
 
-def run_kvcache(path, B, Lq, Lnew, Hq, Hk, S, E, dtype, cached, **kw):
+def run_kvcache(path, B, Lq, Lnew, Hq, Hk, S, E, dtype, cached, check_lengths=True, **kw):
     device = "cpu" if path == "cpu" else DEVICE
     if path == "cuda" and not ON_GPU:
         pytest.skip("CUDA kernels need a GPU")
@@ -26,7 +26,8 @@ def run_kvcache(path, B, Lq, Lnew, Hq, Hk, S, E, dtype, cached, **kw):
         new = dict(k_new=torch.randn(B, Lnew, Hk, E, dtype=dtype, device=device),
                    v_new=torch.randn(B, Lnew, Hk, E, dtype=dtype, device=device))
     k_before, v_before = k_cache.clone(), v_cache.clone()
-    out = llmkernels.attention_with_kvcache(q, k_cache, v_cache, lens, backend=path, **new, **kw)
+    out = llmkernels.attention_with_kvcache(q, k_cache, v_cache, lens, backend=path,
+                                            check_lengths=check_lengths, **new, **kw)
     assert out.shape == (B, Lq, Hq, E)
     # The append: new tokens at cached[b] .., every other slot untouched.
     k_expect, v_expect = k_before.clone(), v_before.clone()
@@ -63,6 +64,22 @@ def test_flash_decoding_splits(force_splits):
     for splits in (2, 5):
         force_splits(splits)
         run_kvcache("triton", 3, 1, 1, 8, 2, 150, 64, torch.bfloat16, [149, 3, 100])
+
+
+@pytest.mark.parametrize("path", ["triton", "cuda", "cpu"])
+def test_unchecked_lengths_same_result(path):
+    """check_lengths=False (no device sync, CUDA-graph capturable) computes the same."""
+    run_kvcache(path, 3, 1, 2, 4, 2, 60, 64, torch.bfloat16, [0, 30, 58], check_lengths=False)
+
+
+def test_unchecked_bad_lengths_stay_in_bounds():
+    q = torch.randn(2, 1, 2, 16, device=DEVICE)
+    kc, vc = torch.randn(2, 8, 2, 16, device=DEVICE), torch.randn(2, 8, 2, 16, device=DEVICE)
+    lens = torch.tensor([100, -5], dtype=torch.int32, device=DEVICE)
+    new = dict(k_new=torch.randn(2, 1, 2, 16, device=DEVICE), v_new=torch.randn(2, 1, 2, 16, device=DEVICE))
+    out = llmkernels.attention_with_kvcache(q, kc, vc, lens, check_lengths=False,
+                                            backend="triton", **new)
+    assert out.shape == (2, 1, 2, 16) and torch.isfinite(out).all()
 
 
 def test_same_length_batch_on_cpu_uses_one_call():

@@ -357,21 +357,22 @@ def _cpu_support(call: _Call):
     return check
 
 
-def _gpu_support(call: _Call, path: str):
+def _gpu_support(call: _Call, path: str, backend: Optional[str]):
     def check() -> Optional[str]:
         if call.dropout_p > 0.0:
             return "dropout is not fused; the reference path applies it"
         if call.mask is not None:
             return ("attn_mask is not fused on the GPU paths (use is_causal / window_size for "
                     "bands; the reference path applies other masks)")
-        support = attention_gpu.cuda_support if path == "cuda" else attention_gpu.triton_support
-        return support(call.q4, call.k4, call.v4)
+        if path == "cuda":
+            return attention_gpu.cuda_check(call.q4, call.k4, call.v4, backend)()
+        return attention_gpu.triton_support(call.q4, call.k4, call.v4)
     return check
 
 
 def _decide(call: _Call, backend: Optional[str]) -> backends.Decision:
-    checks = {"cpu": _cpu_support(call), "cuda": _gpu_support(call, "cuda"),
-              "triton": _gpu_support(call, "triton")}
+    checks = {"cpu": _cpu_support(call), "cuda": _gpu_support(call, "cuda", backend),
+              "triton": _gpu_support(call, "triton", backend)}
     detail = {"cuda": "CUDA kernels (tensor cores, csrc/cuda/attention.cu)",
               "triton": "Triton kernels (kernels/attention.py)"}
     if backends.native_module() is not None:

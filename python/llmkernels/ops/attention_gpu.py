@@ -81,6 +81,20 @@ def cuda_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[
     return None
 
 
+def cuda_check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Optional[str]):
+    """The CUDA path's support check for selection. Until the CUDA kernels are tuned they only
+    serve when forced or when Triton cannot: on an H100 they ran at 0.07-0.11x SDPA and decode
+    at 0.01-0.05x, against Triton's 0.7-0.8x (benchmarks/results/attention_gpu_h100.md)."""
+    def check() -> Optional[str]:
+        why = cuda_support(q, k, v)
+        if why is None and backends.forced_backend(backend) != "cuda" \
+                and triton_support(q, k, v) is None:
+            return ("slower than the Triton kernels until tuned (0.1x SDPA on an H100); "
+                    "backend='cuda' forces it")
+        return why
+    return check
+
+
 # ---------------------------------------------------------------- custom ops
 
 def _empty_in_layout(like: torch.Tensor, shape, dtype=None) -> torch.Tensor:

@@ -22,9 +22,9 @@ from .attention import (MAX_CPU_HEAD_DIM, _KERNEL_DTYPES, _check_tensor, _scale_
 OP_NAME = "attention_with_kvcache"
 
 
-def _lengths(cache_seqlens, batch: int, device: torch.device) -> List[int]:
+def _check_seqlens(cache_seqlens, batch: int, device: torch.device) -> None:
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        return [int(cache_seqlens)] * batch
+        return
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"{OP_NAME}: cache_seqlens must be an int or an int32 tensor of shape "
                         f"(batch,), got {type(cache_seqlens).__name__}")
@@ -37,12 +37,17 @@ def _lengths(cache_seqlens, batch: int, device: torch.device) -> List[int]:
     if cache_seqlens.device != device:
         raise ValueError(f"{OP_NAME}: cache_seqlens is on {cache_seqlens.device}, the caches on "
                          f"{device}")
-    return [int(x) for x in cache_seqlens.tolist()]  # a device sync on the GPU: see README
+
+
+def _host_lengths(cache_seqlens, batch: int) -> List[int]:
+    if isinstance(cache_seqlens, int):
+        return [int(cache_seqlens)] * batch
+    return [int(x) for x in cache_seqlens.tolist()]  # a device sync on the GPU
 
 
 class _KVCall:
     def __init__(self, q, k_cache, v_cache, cache_seqlens, k_new, v_new, is_causal, scale,
-                 window_size, softcap):
+                 window_size, softcap, check_lengths=True):
         for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
             _check_tensor(name, t, OP_NAME, 4)
             if t.dim() != 4:
@@ -87,28 +92,53 @@ class _KVCall:
                 raise ValueError(f"{OP_NAME}: k_new has {k_new.shape[1]} tokens, v_new "
                                  f"{v_new.shape[1]}")
             n_new = k_new.shape[1]
-        cached = _lengths(cache_seqlens, B, q.device)
-        for b, n in enumerate(cached):
-            if n < 0 or n + n_new > S:
-                raise ValueError(f"{OP_NAME}: sequence {b} holds {n} cached tokens; with {n_new} "
-                                 f"new ones that is outside the cache's {S} slots")
+        _check_seqlens(cache_seqlens, B, q.device)
+        self.cache_seqlens = cache_seqlens
+        self.cached = None  # host copies of the lengths, when read
+        self.n_new, self.slots, self.batch = n_new, S, B
+        if check_lengths:
+            self._read_lengths()
         self.scale, self.softcap = _scale_softcap(scale, softcap, D, OP_NAME)
         self.left, self.right = _window(window_size, bool(is_causal), OP_NAME)
         self.q, self.k_cache, self.v_cache = q, k_cache, v_cache
         self.k_new, self.v_new, self.n_new = k_new, v_new, n_new
-        self.cached = cached
-        self.lengths = [n + n_new for n in cached]
         self.is_causal, self.window_size = bool(is_causal), window_size
         # (B, H, seq, D) views for the kernels.
         self.q4, self.k4, self.v4 = (t.transpose(1, 2) for t in (q, k_cache, v_cache))
+
+    def _read_lengths(self) -> None:
+        cached = _host_lengths(self.cache_seqlens, self.batch)
+        for b, n in enumerate(cached):
+            if n < 0 or n + self.n_new > self.slots:
+                raise ValueError(f"{OP_NAME}: sequence {b} holds {n} cached tokens; with "
+                                 f"{self.n_new} new ones that is outside the cache's "
+                                 f"{self.slots} slots")
+        self.cached = cached
+
+    @property
+    def lengths(self) -> List[int]:
+        """Keys per sequence after the append (read from the device if not yet known)."""
+        if self.cached is None:
+            self._read_lengths()
+        return [n + self.n_new for n in self.cached]
+
+    def _device_lengths(self) -> torch.Tensor:
+        B, dev = self.q.shape[0], self.q.device
+        if self.cached is not None:
+            return torch.tensor(self.cached, dtype=torch.int32).to(dev, non_blocking=True)
+        if isinstance(self.cache_seqlens, int):
+            return torch.full((B,), self.cache_seqlens, dtype=torch.int32, device=dev)
+        return self.cache_seqlens.to(torch.int32)
 
     def append(self) -> None:
         if self.n_new == 0:
             return
         B = self.q.shape[0]
         dev = self.q.device
-        pos = (torch.tensor(self.cached, device=dev, dtype=torch.long)[:, None]
+        pos = (self._device_lengths().long()[:, None]
                + torch.arange(self.n_new, device=dev)[None, :])
+        if self.cached is None:  # unchecked lengths: stay inside the cache whatever they are
+            pos = pos.clamp(0, self.k_cache.shape[1] - 1)
         rows = torch.arange(B, device=dev)[:, None].expand_as(pos)
         self.k_cache[rows, pos] = self.k_new
         self.v_cache[rows, pos] = self.v_new
@@ -126,7 +156,7 @@ class _KVCall:
 
     def decide(self, backend: Optional[str]) -> backends.Decision:
         checks = {"cpu": self.cpu_support,
-                  "cuda": lambda: attention_gpu.cuda_support(self.q4, self.k4, self.v4),
+                  "cuda": attention_gpu.cuda_check(self.q4, self.k4, self.v4, backend),
                   "triton": lambda: attention_gpu.triton_support(self.q4, self.k4, self.v4)}
         detail = {"cpu": "fused C++ kernel (decode-shaped calls stream the cache once)",
                   "cuda": "CUDA kernels over per-sequence cache lengths",
@@ -149,10 +179,11 @@ class _KVCall:
         return out
 
     def run_gpu(self, path: str) -> torch.Tensor:
-        used = torch.tensor(self.lengths, dtype=torch.int32).to(self.q.device, non_blocking=True)
+        # Unchecked lengths are clamped to [0, cache size] by the kernels (memory safety).
+        used = self._device_lengths() + self.n_new
+        max_k = self.k_cache.shape[1] if self.cached is None else max(self.lengths, default=0)
         out = attention_gpu.run_forward(path, self.q4, self.k4, self.v4, seqused_k=used,
-                                        max_seqlen_q=self.q.shape[1],
-                                        max_seqlen_k=max(self.lengths, default=0),
+                                        max_seqlen_q=self.q.shape[1], max_seqlen_k=max_k,
                                         scale=self.scale, softcap=self.softcap,
                                         window_left=self.left, window_right=self.right,
                                         bottom_right=True)
@@ -169,7 +200,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            v_new: Optional[torch.Tensor] = None, is_causal: bool = False,
                            scale: Optional[float] = None,
                            window_size: Optional[Sequence[Optional[int]]] = None,
-                           softcap: Optional[float] = None,
+                           softcap: Optional[float] = None, check_lengths: bool = True,
                            backend: Optional[str] = None) -> torch.Tensor:
     """Attention of new tokens over each sequence's KV cache, for batched generation.
 
@@ -177,9 +208,15 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     k_new/v_new (B, Lnew, Hk, D/Dv) are given; cache_seqlens: int32 (B,) tokens already cached
     per sequence (or one int for all; not updated, add Lnew yourself). Returns (B, Lq, Hq, Dv).
     Bands (is_causal, window_size) align bottom-right. Inference only (no backward).
+
+    check_lengths=True reads cache_seqlens to raise a clear error for lengths outside the
+    cache: on a GPU that is a device sync per call. False skips it (no sync, so the call can
+    be captured in a CUDA graph): the GPU kernels then clamp lengths into [0, cache size]
+    and the append clamps positions, so bad lengths give wrong numbers, never bad memory
+    accesses. The CPU and reference paths read the lengths anyway and raise after the append.
     """
     call = _KVCall(q, k_cache, v_cache, cache_seqlens, k_new, v_new, is_causal, scale,
-                   window_size, softcap)
+                   window_size, softcap, check_lengths)
     path = call.decide(backend).backend  # chosen before the cache changes: errors leave it intact
     call.append()
     if path == "cpu":
@@ -190,9 +227,9 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def _explain(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, is_causal=False,
-             scale=None, window_size=None, softcap=None, backend=None):
+             scale=None, window_size=None, softcap=None, check_lengths=True, backend=None):
     return _KVCall(q, k_cache, v_cache, cache_seqlens, k_new, v_new, is_causal, scale,
-                   window_size, softcap).decide(backend)
+                   window_size, softcap, check_lengths).decide(backend)
 
 
 attention_with_kvcache.__llmk_explain__ = _explain

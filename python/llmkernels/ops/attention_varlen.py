@@ -105,7 +105,7 @@ class _Varlen:
 
     def decide(self, backend: Optional[str]) -> backends.Decision:
         checks = {"cpu": self.cpu_support,
-                  "cuda": lambda: attention_gpu.cuda_support(self.q4, self.k4, self.v4),
+                  "cuda": attention_gpu.cuda_check(self.q4, self.k4, self.v4, backend),
                   "triton": lambda: attention_gpu.triton_support(self.q4, self.k4, self.v4)}
         detail = {"cpu": "fused C++ kernel, one call per sequence",
                   "cuda": "CUDA kernels over the packed batch",
