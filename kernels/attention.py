@@ -70,8 +70,12 @@ def _prune(configs, named_args, **kwargs):
     return kept
 
 
-_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
-                         (64, 32, 4, 2)])
+_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 64, 4, 3),
+                         (64, 64, 4, 3), (64, 32, 4, 2)])
+# Decode-shaped calls: BLOCK_M is set by the caller (query heads per kv head x queries).
+_DECODE_CONFIGS = ([triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)] if INTERPRET else
+                   [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
+                    for n, w, st in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3), (32, 4, 2))])
 _BWD_CONFIGS = _configs([(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2),
                          (32, 32, 4, 2)])
 _DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
@@ -101,13 +105,14 @@ def _sequence(b, CU_Q, CU_K, SEQUSED_K, Lq, Sk,
 
 
 @triton.jit
-def _dot(a, b, PRECISION: tl.constexpr):
+def _dot(a, b, PRECISION: tl.constexpr, acc=None):
+    """a @ b (+ acc, accumulated inside the matrix instruction)."""
     if PRECISION == "upcast":
         # The interpreter (triton 3.9) multiplies bfloat16 tiles wrongly; products of 16-bit
         # values are exact in float32, so upcasting computes what the tensor cores compute.
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        return tl.dot(a, b, input_precision=PRECISION)
+        return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -256,7 +261,7 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PART, LSE_PART,
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + cols[:, None].to(tl.int64) * s_vn + offs_dv[None, :],
                     mask=(cols[:, None] < len_k) & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+        acc = _dot(p.to(v.dtype), v, PRECISION, acc * alpha[:, None])
         m_i = m_new
 
     alive = l_i > 0.0
@@ -278,6 +283,19 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PART, LSE_PART,
         tl.store(LSE + l_rows, lse, mask=row_ok)
 
 
+def _prune_decode(configs, named_args, **kwargs):
+    """_prune for the decode kernel's BLOCK_N-only configs."""
+    q = named_args.get("Q")
+    elem = q.element_size() if hasattr(q, "element_size") else 2
+    wide = elem * max(kwargs.get("BLOCK_D", 64), kwargs.get("BLOCK_DV", 64)) > 256
+    kept = [c for c in configs if not wide or c.kwargs["BLOCK_N"] <= 32] or configs[-1:]
+    return kept if AUTOTUNE else kept[:1]
+
+
+_decode_tuned = triton.autotune(configs=_DECODE_CONFIGS,
+                                key=["BLOCK_M", "BLOCK_D", "BLOCK_DV", "PRECISION", "NUM_SPLITS",
+                                     "HAS_LEFT", "HAS_RIGHT"],
+                                prune_configs_by={"early_config_prune": _prune_decode})(_fwd_kernel)
 _fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_D", "BLOCK_DV", "PRECISION",
                                                        "HAS_LEFT", "HAS_RIGHT", "VARLEN_Q"],
                              prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
@@ -417,12 +435,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_,
             keep = _visible_t(offs_n, rows, len_k, off, window_left, window_right,
                               HAS_LEFT, HAS_RIGHT) & row_ok[None, :]
             pt = tl.where(keep, tl.exp2(st - lse2[None, :]), 0.0)
-            dv += _dot(pt.to(do.dtype), do, PRECISION)
+            dv = _dot(pt.to(do.dtype), do, PRECISION, dv)
             dpt = _dot(v, tl.trans(do), PRECISION)
             dst = pt * (dpt - delta[None, :])
             if HAS_SOFTCAP:
                 dst = dst * (1.0 - tt * tt)
-            dk += _dot(dst.to(qt.dtype), tl.trans(qt), PRECISION)
+            dk = _dot(dst.to(qt.dtype), tl.trans(qt), PRECISION, dk)
     dk = dk * scale
     mk = (offs_n[:, None] < full_k)
     tl.store(DK + bk * s_dkb + hk.to(tl.int64) * s_dkh + n64[:, None] * s_dkn + offs_d[None, :],
@@ -497,7 +515,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq += _dot(ds.to(kt.dtype), tl.trans(kt), PRECISION)
+        dq = _dot(ds.to(kt.dtype), tl.trans(kt), PRECISION, dq)
     dq = dq * scale
     tl.store(DQ + bq * s_dqb + h * s_dqh + r64[:, None] * s_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -590,7 +608,6 @@ def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen
         # Decode-shaped: one tile holds every query head of a kv head.
         block_m = max(16, triton.next_power_of_2(group * max_seqlen_q))
         block_m = min(block_m, 64)
-        block_n = 64 if q.element_size() * max(D, DV) <= 256 else 32  # see _prune
         rows = group * max_seqlen_q
         if splits > 1:
             o_part = torch.empty((splits, B, Hq, Lq, DV), device=q.device, dtype=torch.float32)
@@ -598,12 +615,11 @@ def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen
         else:
             o_part = lse_part = lse
         grid = (triton.cdiv(rows, block_m), nseq * Hk, splits)
-        _fwd_kernel[grid](q, k, v, out, lse, o_part, lse_part, *args,
-                          out.stride(0), out.stride(1), out.stride(2),
-                          lse.stride(0), lse.stride(1), lse.stride(2), *_seq_ptrs(meta),
-                          *scalars, **_flags(meta), PACK_GQA=True, NUM_SPLITS=splits,
-                          BLOCK_M=block_m, BLOCK_N=16 if INTERPRET else block_n,
-                          num_warps=4, num_stages=2 if not INTERPRET else 1)
+        _decode_tuned[grid](q, k, v, out, lse, o_part, lse_part, *args,
+                            out.stride(0), out.stride(1), out.stride(2),
+                            lse.stride(0), lse.stride(1), lse.stride(2), *_seq_ptrs(meta),
+                            *scalars, **_flags(meta), PACK_GQA=True, NUM_SPLITS=splits,
+                            BLOCK_M=block_m)
         if splits > 1:
             n_rows = B * Hq * Lq
             block_r = 16
