@@ -10,6 +10,7 @@
 #include "common/tensor_view.h"
 #include "common/thread_pool.h"
 #include "cpu/attention.h"
+#include "cpu/quant_matmul.h"
 #ifdef LLMK_WITH_CUDA
 #include "cuda/attention.h"
 #include "cuda/runtime.h"
@@ -60,6 +61,25 @@ AttentionParams make_params(const py::object& q, const py::object& k, const py::
   p.window_left = window_left;
   p.window_right = window_right;
   p.diag_offset = diag_offset;
+  LLMK_CHECK(num_threads >= 1 && num_threads <= kMaxThreads, "num_threads out of range");
+  p.num_threads = num_threads;
+  return p;
+}
+
+QuantMatmulParams make_quant_params(int scheme, const py::object& x, const py::object& qdata,
+                                    const py::object& scales, const py::object& zeros,
+                                    const py::object& bias, const py::object& out,
+                                    int64_t group_size, int num_threads) {
+  QuantMatmulParams p;
+  LLMK_CHECK(scheme >= 0 && scheme <= int(QuantScheme::w8a8), "unknown scheme " << scheme);
+  p.scheme = QuantScheme(scheme);
+  p.x = to_view(x, "x");
+  p.qdata = to_view(qdata, "qdata");
+  p.scales = to_view(scales, "scales");
+  p.zeros = to_view(zeros, "zeros");
+  p.bias = to_view(bias, "bias");
+  p.out = to_view(out, "out");
+  p.group_size = group_size;
   LLMK_CHECK(num_threads >= 1 && num_threads <= kMaxThreads, "num_threads out of range");
   p.num_threads = num_threads;
   return p;
@@ -138,6 +158,34 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_set_round_bytes", &set_attention_round_bytes, py::arg("bytes"),
         "Testing knob: the workspace budget of one round of heads (0 restores the default).");
 
+  m.def(
+      "quant_matmul_workspace_bytes",
+      [](int tier, int scheme, py::object x, py::object qdata, py::object scales,
+         py::object zeros, py::object bias, py::object out, int64_t group_size,
+         int num_threads) {
+        QuantMatmulParams p = make_quant_params(scheme, x, qdata, scales, zeros, bias, out,
+                                                group_size, num_threads);
+        return quant_matmul_workspace_bytes(to_tier(tier), p);
+      },
+      py::arg("tier"), py::arg("scheme"), py::arg("x"), py::arg("qdata"), py::arg("scales"),
+      py::arg("zeros"), py::arg("bias"), py::arg("out"), py::arg("group_size"),
+      py::arg("num_threads"));
+  m.def(
+      "quant_matmul",
+      [](int tier, int scheme, py::object x, py::object qdata, py::object scales,
+         py::object zeros, py::object bias, py::object out, int64_t group_size,
+         int num_threads, uintptr_t workspace, int64_t workspace_bytes) {
+        QuantMatmulParams p = make_quant_params(scheme, x, qdata, scales, zeros, bias, out,
+                                                group_size, num_threads);
+        const CpuTier t = to_tier(tier);
+        py::gil_scoped_release release;
+        quant_matmul(t, p, reinterpret_cast<void*>(workspace), workspace_bytes);
+      },
+      py::arg("tier"), py::arg("scheme"), py::arg("x"), py::arg("qdata"), py::arg("scales"),
+      py::arg("zeros"), py::arg("bias"), py::arg("out"), py::arg("group_size"),
+      py::arg("num_threads"), py::arg("workspace"), py::arg("workspace_bytes"),
+      "Quantized matmul on the CPU: out = x @ dequantize(W)^T (+ bias); schemes 0 int8, "
+      "1 int4, 2 w8a8.");
   m.def(
       "attention_forward_workspace_bytes",
       [](int tier, py::object q, py::object k, py::object v, py::object mask, int num_threads) {

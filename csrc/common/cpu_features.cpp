@@ -97,7 +97,8 @@ bool tier_supported(CpuTier t) {
     case CpuTier::avx2: return f.avx2 && f.fma && f.f16c;
     case CpuTier::avx512:
       return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.fma && f.f16c;
-    case CpuTier::avx512_bf16: return tier_supported(CpuTier::avx512) && f.avx512_bf16;
+    case CpuTier::avx512_bf16:  // its files also use AVX512-VNNI (all BF16 CPUs have it)
+      return tier_supported(CpuTier::avx512) && f.avx512_bf16 && f.avx512_vnni;
 #endif
     default: return false;
   }

@@ -1,4 +1,5 @@
 """Drop-in layers that route through llmkernels' kernels."""
 from .attention import MultiheadAttention, swap_attention
+from .quant_linear import QuantLinear
 
-__all__ = ["MultiheadAttention", "swap_attention"]
+__all__ = ["MultiheadAttention", "swap_attention", "QuantLinear"]

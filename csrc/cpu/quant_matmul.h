@@ -1,0 +1,40 @@
+// Quantized matmul on the CPU: out (M, N) = x (M, K) times a quantized weight's transpose.
+// Formats and numerics: python/llmkernels/reference/quant_matmul.py (the specification).
+#pragma once
+#include <cstdint>
+
+#include "../common/cpu_features.h"
+#include "../common/tensor_view.h"
+
+namespace llmk {
+
+enum class QuantScheme : int32_t { int8 = 0, int4 = 1, w8a8 = 2 };
+
+// x: 2-D (M, K) float32/bfloat16/float16, any strides. qdata: int8 (N, K) for int8/w8a8,
+// uint8 (N, K/2) for int4 (element 2j in the low nibble); contiguous. scales: float32 (N,)
+// or (N, K/group) for int4; zeros: uint8 (N, K/group), int4 only. bias: (N,) in x's dtype
+// or undefined. out: (M, N) in x's dtype, any strides.
+struct QuantMatmulParams {
+  TensorView x, qdata, scales, zeros, bias, out;
+  QuantScheme scheme = QuantScheme::int8;
+  int64_t group_size = 0;
+  int num_threads = 1;
+};
+
+void check_quant_matmul(const QuantMatmulParams& p);  // throws on anything memory-unsafe
+int64_t quant_matmul_workspace_bytes(CpuTier tier, const QuantMatmulParams& p);
+void quant_matmul(CpuTier tier, const QuantMatmulParams& p, void* workspace,
+                  int64_t workspace_bytes);
+
+#define LLMK_DECLARE_QUANT_TIER(ns)                                        \
+  namespace ns {                                                           \
+  int64_t workspace_bytes(const QuantMatmulParams& p);                     \
+  void run(const QuantMatmulParams& p, void* workspace);                   \
+  }
+LLMK_DECLARE_QUANT_TIER(qmm_generic)
+LLMK_DECLARE_QUANT_TIER(qmm_avx2)
+LLMK_DECLARE_QUANT_TIER(qmm_avx512)
+LLMK_DECLARE_QUANT_TIER(qmm_avx512bf16)
+#undef LLMK_DECLARE_QUANT_TIER
+
+}  // namespace llmk

@@ -1,0 +1,470 @@
+// Kernels of the CPU quantized matmul, compiled once per tier (see vec.h for the scheme).
+//
+// Work items are (rows chunk, channels chunk) tiles of the output; an item walks K in chunks
+// so that its slice of x stays in L2 while every channel of the chunk streams its weights
+// past it, and keeps partial sums in a small per-thread buffer between K chunks.
+//  - int8 / int4 (weight-only): x is converted once per call to float32 rows (int4: each
+//    32-wide block stored as its 16 even then 16 odd elements, the order of the low and high
+//    nibbles, so unpacking needs no shuffles). Weights are widened to float in registers and
+//    multiplied with FMA; int8 applies the channel scale once at the end, int4 applies each
+//    group's scale to the group's partial sum and subtracts zero * scale * sum(x over the
+//    group) with per-row group sums computed once.
+//  - w8a8: x is quantized per row to int8 (exactly as the reference), products are int8 x
+//    int8 -> int32: AVX-512 VNNI vpdpbusd (x biased to unsigned, the bias removed with the
+//    channel's weight sum), AVX-512BW / AVX2 maddubs + madd (|x| times sign-adjusted w, as
+//    llama.cpp does: no int16 saturation for |values| <= 127), or plain int32 lanes.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "../common/checks.h"
+#include "../common/thread_pool.h"
+#include "quant_matmul.h"
+#include "vec.h"
+
+#if defined(__AVX2__) || defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
+
+namespace llmk {
+namespace LLMK_ISA_NS {
+
+namespace {
+
+typedef int8_t vi8 __attribute__((vector_size(W)));
+typedef uint8_t vu8 __attribute__((vector_size(W)));
+
+constexpr int64_t kChunkRows = 64;       // rows of x per work item
+constexpr int64_t kChunkChannels = 64;   // output channels per work item
+constexpr int64_t kChunkK = 512;         // multiple of every group size and vector width
+
+LLMK_INLINE vf widen_i8(const int8_t* p) {
+  vi8 v;
+  std::memcpy(&v, p, sizeof v);
+  return __builtin_convertvector(v, vf);
+}
+
+LLMK_INLINE vf widen_u8(vu8 v) { return __builtin_convertvector(v, vf); }
+
+float read_float(DType t, const void* base, int64_t off) {
+  switch (t) {
+    case DType::f32: return static_cast<const float*>(base)[off];
+    case DType::bf16: return bf16_to_f32(static_cast<const uint16_t*>(base)[off]);
+    default: return f16_to_f32(static_cast<const uint16_t*>(base)[off]);
+  }
+}
+
+void write_float(DType t, void* base, int64_t off, float v) {
+  switch (t) {
+    case DType::f32: static_cast<float*>(base)[off] = v; break;
+    case DType::bf16: static_cast<uint16_t*>(base)[off] = f32_to_bf16(v); break;
+    default: static_cast<uint16_t*>(base)[off] = f32_to_f16(v); break;
+  }
+}
+
+// ------------------------------------------------------------------ int8 x int8 dot products
+
+#if defined(__AVX512BW__)
+constexpr int QB = 64;
+typedef __m512i qv;
+LLMK_INLINE qv qload(const int8_t* p) { return _mm512_loadu_si512(p); }
+LLMK_INLINE qv qzero() { return _mm512_setzero_si512(); }
+LLMK_INLINE int32_t qsum(qv v) { return _mm512_reduce_add_epi32(v); }
+#if defined(__AVX512VNNI__)
+constexpr bool kBiasedX = true;  // x stored as x + 128 (unsigned), as vpdpbusd wants
+LLMK_INLINE qv qdot(qv acc, qv xu, qv w) { return _mm512_dpbusd_epi32(acc, xu, w); }
+LLMK_INLINE qv qwsum(qv acc, qv w) { return _mm512_dpbusd_epi32(acc, _mm512_set1_epi8(1), w); }
+#else
+constexpr bool kBiasedX = false;
+LLMK_INLINE qv qdot(qv acc, qv x, qv w) {
+  const qv ax = _mm512_abs_epi8(x);
+  const qv sw = _mm512_mask_sub_epi8(w, _mm512_movepi8_mask(x), _mm512_setzero_si512(), w);
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(ax, sw),
+                                                 _mm512_set1_epi16(1)));
+}
+LLMK_INLINE qv qwsum(qv acc, qv) { return acc; }
+#endif
+#elif defined(__AVX2__)
+constexpr int QB = 32;
+constexpr bool kBiasedX = false;
+typedef __m256i qv;
+LLMK_INLINE qv qload(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+LLMK_INLINE qv qzero() { return _mm256_setzero_si256(); }
+LLMK_INLINE int32_t qsum(qv v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+LLMK_INLINE qv qdot(qv acc, qv x, qv w) {
+  const qv ax = _mm256_sign_epi8(x, x);
+  const qv sw = _mm256_sign_epi8(w, x);
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sw),
+                                                 _mm256_set1_epi16(1)));
+}
+LLMK_INLINE qv qwsum(qv acc, qv) { return acc; }
+#else
+constexpr int QB = 16;
+constexpr bool kBiasedX = false;
+typedef int32_t qv __attribute__((vector_size(64)));
+typedef int8_t q8 __attribute__((vector_size(16)));
+LLMK_INLINE q8 qload(const int8_t* p) { q8 v; std::memcpy(&v, p, sizeof v); return v; }
+LLMK_INLINE qv qzero() { return qv{}; }
+LLMK_INLINE int32_t qsum(qv v) {
+  int32_t s = 0;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+LLMK_INLINE qv qdot(qv acc, q8 x, q8 w) {
+  return acc + __builtin_convertvector(x, qv) * __builtin_convertvector(w, qv);
+}
+LLMK_INLINE qv qwsum(qv acc, q8) { return acc; }
+#endif
+
+// ------------------------------------------------------------------ the call's shared state
+
+struct Ctx {
+  const QuantMatmulParams* p;
+  int64_t M, N, K, Kx;        // Kx: floats (or bytes, w8a8) per prepared row of x
+  int64_t groups;             // int4: K / group_size
+  const float* xf;            // int8/int4: prepared float rows
+  const float* xsum;          // int4: (M, groups) sums of x over each group
+  const int8_t* xq;           // w8a8: quantized rows (biased when kBiasedX)
+  const float* xscale;        // w8a8: per-row scales
+  char* scratch;              // per-thread partial sums
+  int64_t scratch_stride;
+  int64_t chunks_n;
+};
+
+int64_t padded_k(const QuantMatmulParams& p) {
+  const int64_t K = p.x.sizes[1];
+  return p.scheme == QuantScheme::w8a8 ? round_up(std::max<int64_t>(K, 1), 64)
+                                       : round_up(std::max<int64_t>(K, 1), 32);
+}
+
+int64_t scratch_bytes() { return kChunkRows * kChunkChannels * 4 + 64; }
+
+// Output (m, n) = value + bias, in out's dtype.
+void store(const Ctx& c, int64_t m, int64_t n, float v) {
+  const QuantMatmulParams& p = *c.p;
+  if (p.bias.defined()) v += read_float(p.bias.dtype, p.bias.data, n * p.bias.strides[0]);
+  write_float(p.out.dtype, p.out.data, m * p.out.strides[0] + n * p.out.strides[1], v);
+}
+
+// ------------------------------------------------------------------ weight-only blocks
+
+// Partial sums over keys [k0, k1) for MB rows x NB channels, added into acc (row stride ld).
+template <int MB, int NB>
+void int8_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t k0, int64_t k1,
+                float* acc, int64_t ld) {
+  const int8_t* w[NB];
+  for (int j = 0; j < NB; ++j) w[j] = c.p->qdata.ptr<int8_t>() + chans[j] * c.K;
+  const float* x[MB];
+  for (int i = 0; i < MB; ++i) x[i] = c.xf + rows[i] * c.Kx;
+  vf a[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) a[i][j] = vf{};
+  const int64_t kv = k0 + (k1 - k0) / W * W;
+  for (int64_t k = k0; k < kv; k += W) {
+    vf xv[MB];
+    for (int i = 0; i < MB; ++i) xv[i] = loadu(x[i] + k);
+    for (int j = 0; j < NB; ++j) {
+      const vf wv = widen_i8(w[j] + k);
+      for (int i = 0; i < MB; ++i) a[i][j] += xv[i] * wv;
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      float s = hsum(a[i][j]);
+      for (int64_t k = kv; k < k1; ++k) s += x[i][k] * float(w[j][k]);
+      acc[i * ld + j] += s;
+    }
+}
+
+template <int MB, int NB>
+void int4_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t k0, int64_t k1,
+                float* acc, int64_t ld) {
+  const int64_t g = c.p->group_size;
+  const uint8_t* w[NB];
+  const float* sc[NB];
+  const uint8_t* zp[NB];
+  for (int j = 0; j < NB; ++j) {
+    w[j] = c.p->qdata.ptr<uint8_t>() + chans[j] * (c.K / 2);
+    sc[j] = c.p->scales.ptr<float>() + chans[j] * c.groups;
+    zp[j] = c.p->zeros.ptr<uint8_t>() + chans[j] * c.groups;
+  }
+  const float* x[MB];
+  const float* xs[MB];
+  for (int i = 0; i < MB; ++i) {
+    x[i] = c.xf + rows[i] * c.Kx;
+    xs[i] = c.xsum + rows[i] * c.groups;
+  }
+  vf total[MB][NB];
+  float zero_term[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      total[i][j] = vf{};
+      zero_term[i][j] = 0.f;
+    }
+  const vu8 low_mask = vu8{} + uint8_t(15);
+  for (int64_t kg = k0; kg < k1; kg += g) {
+    const int64_t grp = kg / g;
+    vf part[MB][NB];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) part[i][j] = vf{};
+    for (int64_t kb = kg; kb < kg + g; kb += 32) {  // 32 values: 16 packed bytes
+      for (int s = 0; s < 32 / W; ++s) {
+        // sub-vector s: the low nibbles (even elements) first, then the high ones
+        const bool high = s >= 16 / W;
+        const int64_t byte0 = kb / 2 + (high ? s - 16 / W : s) * W;
+        vf xv[MB];
+        for (int i = 0; i < MB; ++i) xv[i] = loadu(x[i] + kb + s * W);
+        for (int j = 0; j < NB; ++j) {
+          vu8 b;
+          std::memcpy(&b, w[j] + byte0, sizeof b);
+          const vf wv = widen_u8(high ? vu8(b >> 4) : vu8(b & low_mask));
+          for (int i = 0; i < MB; ++i) part[i][j] += xv[i] * wv;
+        }
+      }
+    }
+    for (int j = 0; j < NB; ++j) {
+      const float s = sc[j][grp];
+      const float zs = float(zp[j][grp]) * s;
+      for (int i = 0; i < MB; ++i) {
+        total[i][j] += splat(s) * part[i][j];
+        zero_term[i][j] += zs * xs[i][grp];
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i * ld + j] += hsum(total[i][j]) - zero_term[i][j];
+}
+
+template <int MB, int NB>
+void w8a8_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t k0, int64_t k1,
+                int32_t* acc, int64_t ld) {
+  const int8_t* w[NB];
+  for (int j = 0; j < NB; ++j) w[j] = c.p->qdata.ptr<int8_t>() + chans[j] * c.K;
+  const int8_t* x[MB];
+  for (int i = 0; i < MB; ++i) x[i] = c.xq + rows[i] * c.Kx;
+  qv a[MB][NB];
+  qv ws[NB];
+  for (int j = 0; j < NB; ++j) {
+    ws[j] = qzero();
+    for (int i = 0; i < MB; ++i) a[i][j] = qzero();
+  }
+  const int64_t kv = k0 + (k1 - k0) / QB * QB;
+  for (int64_t k = k0; k < kv; k += QB) {
+    decltype(qload(x[0])) xv[MB];
+    for (int i = 0; i < MB; ++i) xv[i] = qload(x[i] + k);
+    for (int j = 0; j < NB; ++j) {
+      const auto wv = qload(w[j] + k);
+      for (int i = 0; i < MB; ++i) a[i][j] = qdot(a[i][j], xv[i], wv);
+      if (kBiasedX) ws[j] = qwsum(ws[j], wv);
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    const int32_t bias = kBiasedX ? 128 * qsum(ws[j]) : 0;
+    for (int i = 0; i < MB; ++i) {
+      int32_t s = qsum(a[i][j]) - bias;
+      if (kBiasedX) {
+        // (u8 - 128) * s8 summed in one loop was vectorized wrongly by GCC 12 with
+        // -mavx512vnni (tails of 32+ values); two plain sums are right.
+        int32_t su = 0, sw = 0;
+        for (int64_t k = kv; k < k1; ++k) {
+          su += int32_t(uint8_t(x[i][k])) * int32_t(w[j][k]);
+          sw += int32_t(w[j][k]);
+        }
+        s += su - 128 * sw;
+      } else {
+        for (int64_t k = kv; k < k1; ++k) s += int32_t(x[i][k]) * int32_t(w[j][k]);
+      }
+      acc[i * ld + j] += s;
+    }
+  }
+}
+
+// Register tiles per tier: accumulators must fit the vector registers (16 or 32).
+constexpr int kMB = W >= 16 ? 4 : 2;
+constexpr int kNB = W >= 8 ? 4 : 2;
+constexpr int kMB4 = W >= 16 ? 2 : (W >= 8 ? 2 : 1);  // int4 keeps two sets of sums
+constexpr int kNB4 = W >= 16 ? 4 : 2;
+constexpr int kMBq = W >= 16 ? 4 : 2;
+constexpr int kNBq = W >= 16 ? 4 : 2;
+
+template <class Acc, int MB, int NB, class Block>
+void run_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1, Acc* acc,
+              Block block) {
+  const int64_t ld = kChunkChannels;
+  std::fill(acc, acc + kChunkRows * kChunkChannels, Acc(0));
+  const int64_t kstep = kChunkK;
+  for (int64_t k0 = 0; k0 < c.K; k0 += kstep) {
+    const int64_t k1 = std::min(c.K, k0 + kstep);
+    for (int64_t n = n0; n < n1; n += NB) {
+      int64_t chans[NB];
+      for (int j = 0; j < NB; ++j) chans[j] = std::min(n + j, n1 - 1);  // repeats: discarded
+      for (int64_t m = m0; m < m1; m += MB) {
+        int64_t rows[MB];
+        for (int i = 0; i < MB; ++i) rows[i] = std::min(m + i, m1 - 1);
+        Acc tmp[MB * NB] = {};
+        block(c, rows, chans, k0, k1, tmp, int64_t(NB));
+        for (int i = 0; i < MB && m + i < m1; ++i)
+          for (int j = 0; j < NB && n + j < n1; ++j)
+            acc[(m + i - m0) * ld + (n + j - n0)] += tmp[i * NB + j];
+      }
+    }
+  }
+}
+
+void tile_item(void* ctx, int64_t item, int thread) {
+  const Ctx& c = *static_cast<const Ctx*>(ctx);
+  const int64_t m0 = item / c.chunks_n * kChunkRows, n0 = item % c.chunks_n * kChunkChannels;
+  const int64_t m1 = std::min(c.M, m0 + kChunkRows), n1 = std::min(c.N, n0 + kChunkChannels);
+  char* scratch = c.scratch + thread * c.scratch_stride;
+  const int64_t ld = kChunkChannels;
+  switch (c.p->scheme) {
+    case QuantScheme::int8: {
+      float* acc = reinterpret_cast<float*>(scratch);
+      run_tile<float, kMB, kNB>(c, m0, m1, n0, n1, acc, int8_block<kMB, kNB>);
+      const float* sc = c.p->scales.ptr<float>();
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t n = n0; n < n1; ++n) store(c, m, n, acc[(m - m0) * ld + (n - n0)] * sc[n]);
+      break;
+    }
+    case QuantScheme::int4: {
+      float* acc = reinterpret_cast<float*>(scratch);
+      run_tile<float, kMB4, kNB4>(c, m0, m1, n0, n1, acc, int4_block<kMB4, kNB4>);
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t n = n0; n < n1; ++n) store(c, m, n, acc[(m - m0) * ld + (n - n0)]);
+      break;
+    }
+    case QuantScheme::w8a8: {
+      int32_t* acc = reinterpret_cast<int32_t*>(scratch);
+      run_tile<int32_t, kMBq, kNBq>(c, m0, m1, n0, n1, acc, w8a8_block<kMBq, kNBq>);
+      const float* sc = c.p->scales.ptr<float>();
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t n = n0; n < n1; ++n)  // the reference's order: (acc * x_scale) * w_scale
+          store(c, m, n, float(acc[(m - m0) * ld + (n - n0)]) * c.xscale[m] * sc[n]);
+      break;
+    }
+  }
+}
+
+// ------------------------------------------------------------------ preparing x
+
+struct PrepCtx {
+  const QuantMatmulParams* p;
+  Ctx* c;
+  float* xf;
+  float* xsum;
+  int8_t* xq;
+  float* xscale;
+};
+
+void prep_row(void* ctx, int64_t m, int) {
+  const PrepCtx& pc = *static_cast<const PrepCtx*>(ctx);
+  const QuantMatmulParams& p = *pc.p;
+  const Ctx& c = *pc.c;
+  const int64_t K = c.K;
+  const int64_t base = m * p.x.strides[0], ks = p.x.strides[1];
+  if (p.scheme == QuantScheme::w8a8) {
+    // As the reference: scale = max|x| / 127 (1 for an all-zero row), x / scale rounded
+    // half to even (nearbyint in the default rounding mode), clamped to [-127, 127].
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k)
+      amax = std::max(amax, std::fabs(read_float(p.x.dtype, p.x.data, base + k * ks)));
+    float s = amax / 127.0f;
+    if (!(s > 0.f)) s = 1.0f;
+    pc.xscale[m] = s;
+    int8_t* row = pc.xq + m * c.Kx;
+    for (int64_t k = 0; k < K; ++k) {
+      float q = std::nearbyint(read_float(p.x.dtype, p.x.data, base + k * ks) / s);
+      q = std::min(127.f, std::max(-127.f, q));
+      const int v = int(q);
+      row[k] = kBiasedX ? int8_t(uint8_t(v + 128)) : int8_t(v);
+    }
+    for (int64_t k = K; k < c.Kx; ++k) row[k] = kBiasedX ? int8_t(uint8_t(128)) : 0;
+    return;
+  }
+  float* row = pc.xf + m * c.Kx;
+  if (p.scheme == QuantScheme::int4) {
+    const int64_t g = p.group_size;
+    for (int64_t kb = 0; kb < K; kb += 32)
+      for (int e = 0; e < 32; ++e) {  // 16 even elements, then 16 odd ones
+        const int64_t k = kb + (e < 16 ? 2 * e : 2 * (e - 16) + 1);
+        row[kb + e] = read_float(p.x.dtype, p.x.data, base + k * ks);
+      }
+    for (int64_t grp = 0; grp < K / g; ++grp) {
+      float s = 0.f;
+      for (int64_t k = grp * g; k < (grp + 1) * g; ++k) s += row[k];  // any order: a sum
+      pc.xsum[m * (K / g) + grp] = s;
+    }
+  } else {
+    for (int64_t k = 0; k < K; ++k) row[k] = read_float(p.x.dtype, p.x.data, base + k * ks);
+  }
+  for (int64_t k = K; k < c.Kx; ++k) row[k] = 0.f;
+}
+
+struct Layout {
+  int64_t xf, xsum, xq, xscale, scratch, total;
+};
+
+Layout layout(const QuantMatmulParams& p) {
+  const int64_t M = p.x.sizes[0], K = p.x.sizes[1], Kx = padded_k(p);
+  Layout l{};
+  int64_t off = 0;
+  auto take = [&](int64_t bytes) {
+    const int64_t at = off;
+    off += round_up(bytes, 64);
+    return at;
+  };
+  if (p.scheme == QuantScheme::w8a8) {
+    l.xq = take(M * Kx);
+    l.xscale = take(M * 4);
+  } else {
+    l.xf = take(M * Kx * 4);
+    if (p.scheme == QuantScheme::int4) l.xsum = take(M * (K / p.group_size) * 4);
+  }
+  l.scratch = take(scratch_bytes() * int64_t(p.num_threads));
+  l.total = off + 64;  // room to align the base
+  return l;
+}
+
+}  // namespace
+
+int64_t workspace_bytes(const QuantMatmulParams& p) { return layout(p).total; }
+
+void run(const QuantMatmulParams& p, void* workspace) {
+  const Layout l = layout(p);
+  char* base = reinterpret_cast<char*>(round_up(reinterpret_cast<int64_t>(workspace), 64));
+  Ctx c{};
+  c.p = &p;
+  c.M = p.x.sizes[0];
+  c.N = p.qdata.sizes[0];
+  c.K = p.x.sizes[1];
+  c.Kx = padded_k(p);
+  c.groups = p.scheme == QuantScheme::int4 ? c.K / p.group_size : 0;
+  PrepCtx pc{&p, &c, nullptr, nullptr, nullptr, nullptr};
+  if (p.scheme == QuantScheme::w8a8) {
+    pc.xq = reinterpret_cast<int8_t*>(base + l.xq);
+    pc.xscale = reinterpret_cast<float*>(base + l.xscale);
+  } else {
+    pc.xf = reinterpret_cast<float*>(base + l.xf);
+    if (p.scheme == QuantScheme::int4) pc.xsum = reinterpret_cast<float*>(base + l.xsum);
+  }
+  c.xf = pc.xf;
+  c.xsum = pc.xsum;
+  c.xq = pc.xq;
+  c.xscale = pc.xscale;
+  c.scratch = base + l.scratch;
+  c.scratch_stride = scratch_bytes();
+  c.chunks_n = (c.N + kChunkChannels - 1) / kChunkChannels;
+  const int threads = p.num_threads;
+  parallel_for(c.M, std::min<int64_t>(threads, c.M), prep_row, &pc);
+  const int64_t chunks_m = (c.M + kChunkRows - 1) / kChunkRows;
+  parallel_for(chunks_m * c.chunks_n, threads, tile_item, &c);
+}
+
+}  // namespace LLMK_ISA_NS
+}  // namespace llmk

@@ -1,0 +1,113 @@
+"""QuantLinear: nn.Linear with its weight stored in 8 or 4 bits (llmkernels.quantize_weight)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops.quant_matmul import quant_matmul
+from ..quantized_weight import QuantizedWeight, quantize_weight
+from ..reference.quant_matmul import INT4_GROUP_SIZES, SCHEMES
+
+
+def scheme_fits(scheme: str, in_features: int, group_size: int) -> Optional[str]:
+    """None if `scheme` can store a weight with in_features columns, else why not."""
+    if scheme not in SCHEMES:
+        return f"unknown scheme {scheme!r}"
+    if scheme == "int4":
+        if group_size not in INT4_GROUP_SIZES:
+            return f"int4 group_size must be one of {INT4_GROUP_SIZES}"
+        if in_features % group_size:
+            return f"in_features={in_features} is not a multiple of group_size={group_size}"
+    return None
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T + b with W quantized ("int8", "int4" or "w8a8"); the float weight is never
+    formed. Buffers qdata, scales (and zeros for int4) hold W; bias stays in float.
+    Build from an existing layer with QuantLinear.from_linear(linear, scheme)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 scheme: str = "int8", group_size: int = 128, dtype=None, device=None):
+        super().__init__()
+        why = scheme_fits(scheme, in_features, group_size)
+        if why is not None:
+            raise ValueError(f"QuantLinear: {why}")
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme = scheme
+        self.group_size = group_size if scheme == "int4" else 0
+        self.weight_dtype = dtype or torch.get_default_dtype()
+        N, K = out_features, in_features
+        if scheme == "int4":
+            g = group_size
+            self.register_buffer("qdata", torch.zeros(N, K // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scales", torch.ones(N, K // g, dtype=torch.float32, device=device))
+            self.register_buffer("zeros", torch.zeros(N, K // g, dtype=torch.uint8, device=device))
+        else:
+            self.register_buffer("qdata", torch.zeros(N, K, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.ones(N, dtype=torch.float32, device=device))
+            self.zeros = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(N, dtype=self.weight_dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.scheme, (self.out_features, self.in_features),
+                               self.group_size, self.qdata, self.scales, self.zeros,
+                               self.weight_dtype)
+
+    def set_weight(self, qweight: QuantizedWeight) -> None:
+        qweight.validate("QuantLinear.set_weight")
+        if (qweight.scheme, qweight.shape) != (self.scheme, (self.out_features, self.in_features)):
+            raise ValueError(f"QuantLinear.set_weight: expected a {self.scheme} weight of shape "
+                             f"{(self.out_features, self.in_features)}, got {qweight.scheme} "
+                             f"{qweight.shape}")
+        if qweight.scheme == "int4" and qweight.group_size != self.group_size:
+            raise ValueError(f"QuantLinear.set_weight: group_size {qweight.group_size} != "
+                             f"{self.group_size}")
+        self.qdata = qweight.qdata
+        self.scales = qweight.scales
+        if qweight.zeros is not None:
+            self.zeros = qweight.zeros
+        self.weight_dtype = qweight.dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int = 128) -> "QuantLinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"QuantLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme,
+                    group_size, dtype=w.dtype, device=w.device)
+        layer.set_weight(quantize_weight(w.detach(), scheme, group_size))
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(),
+                                      requires_grad=linear.bias.requires_grad)
+        return layer
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        return quant_matmul(x, self.qweight, bias)
+
+    def get_extra_state(self):
+        return {"scheme": self.scheme, "group_size": self.group_size,
+                "weight_dtype": str(self.weight_dtype).replace("torch.", "")}
+
+    def set_extra_state(self, state) -> None:
+        if state.get("scheme") != self.scheme or state.get("group_size") != self.group_size:
+            raise ValueError(f"QuantLinear: the state_dict holds a {state.get('scheme')} weight "
+                             f"(group {state.get('group_size')}), this layer is {self.scheme} "
+                             f"(group {self.group_size}); quantize the model the same way first")
+        self.weight_dtype = getattr(torch, state.get("weight_dtype", "float32"))
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.scheme == "int4" else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, scheme={self.scheme}{g}")

@@ -1,0 +1,223 @@
+"""quant_matmul(x, qweight, bias): x (..., K) times a quantized weight's transpose, without
+materializing the float weight. Validation, path selection (backends.py), and the kernels
+registered as torch custom ops (with a backward for x, so quantized base layers can be
+fine-tuned around, QLoRA style)."""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import threading
+from typing import Optional
+
+import torch
+
+from .. import backends
+from .._cview import cview
+from ..quantized_weight import SCHEME_CODES, QuantizedWeight
+from ..reference.quant_matmul import dequantize_reference, quant_matmul_reference
+from .attention_gpu import triton_interpreting
+
+OP_NAME = "quant_matmul"
+_X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SCHEMES_BY_CODE = {v: k for k, v in SCHEME_CODES.items()}
+_local = threading.local()
+
+
+# ---------------------------------------------------------------- kernels as custom ops
+
+def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
+    if device.type != "cpu":
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+    ws = getattr(_local, "workspace", None)  # reused: page faults cost as much as a GEMV
+    if ws is None or ws.numel() < nbytes:
+        ws = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8)
+        if nbytes <= (64 << 20):
+            _local.workspace = ws
+    return ws
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_kernels_or_error():
+    if importlib.util.find_spec("triton") is None:
+        return None, "triton is not installed"
+    try:
+        from ..kernels import quant_matmul as kernels
+    except Exception as exc:  # a broken triton must not break the other paths
+        return None, f"the Triton kernels failed to import ({type(exc).__name__}: {exc})"
+    return kernels, None
+
+
+def _run_kernel(impl: str, x2d, qdata, scales, zeros, bias, out, scheme: str, group_size: int):
+    if impl == "cpu":
+        native = backends.native_module()
+        tier, threads = backends.cpu_tier_code(), max(1, torch.get_num_threads())
+        views = (cview(x2d), cview(qdata), cview(scales), cview(zeros), cview(bias), cview(out))
+        code = SCHEME_CODES[scheme]
+        nbytes = native.quant_matmul_workspace_bytes(tier, code, *views, group_size, threads)
+        ws = _workspace(nbytes, x2d.device)
+        native.quant_matmul(tier, code, *views, group_size, threads, ws.data_ptr(), nbytes)
+    elif impl == "cuda":
+        native = backends.native_module()
+        code = SCHEME_CODES[scheme]
+        M, K = x2d.shape
+        nbytes = native.quant_matmul_cuda_workspace_bytes(code, M, K)
+        ws = _workspace(nbytes, x2d.device) if nbytes else None
+        with torch.cuda.device(x2d.device):
+            native.quant_matmul_cuda(code, cview(x2d), cview(qdata), cview(scales), cview(zeros),
+                                     cview(bias), cview(out), ws.data_ptr() if ws is not None else 0,
+                                     group_size, torch.cuda.current_stream(x2d.device).cuda_stream)
+    else:
+        kernels, error = _triton_kernels_or_error()
+        if kernels is None:
+            raise backends.BackendError(f"{OP_NAME}: Triton is unavailable: {error}")
+        ctx = torch.cuda.device(x2d.device) if x2d.is_cuda else _nullcontext()
+        with ctx:
+            if scheme == "int8":
+                kernels.int8_matmul(x2d, qdata, scales, bias, out)
+            elif scheme == "int4":
+                kernels.int4_matmul(x2d, qdata, scales, zeros, group_size, bias, out)
+            else:
+                kernels.w8a8_matmul(x2d, qdata, scales, bias, out)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@torch.library.custom_op("llmkernels::quant_matmul", mutates_args=())
+def quant_matmul_op(x2d: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor,
+                    zeros: Optional[torch.Tensor], bias: Optional[torch.Tensor], scheme_code: int,
+                    group_size: int, impl: str) -> torch.Tensor:
+    """out (M, N) = x2d (M, K) @ dequantize(W)^T (+ bias) on path impl (cpu, triton, cuda)."""
+    out = x2d.new_empty((x2d.shape[0], qdata.shape[0]))
+    if out.numel() == 0:
+        return out
+    if x2d.shape[1] == 0:
+        out.zero_()
+        return out if bias is None else out.add_(bias)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    _run_kernel(impl, x2d, qdata, scales, zeros, bias, out, _SCHEMES_BY_CODE[scheme_code],
+                group_size)
+    return out
+
+
+@quant_matmul_op.register_fake
+def _(x2d, qdata, scales, zeros, bias, scheme_code, group_size, impl):
+    return x2d.new_empty((x2d.shape[0], qdata.shape[0]))
+
+
+def _setup(ctx, inputs, output):
+    x2d, qdata, scales, zeros, bias, scheme_code, group_size, _ = inputs
+    ctx.save_for_backward(qdata, scales, zeros)
+    ctx.meta = (scheme_code, group_size, x2d.dtype, bias is not None)
+
+
+def _backward(ctx, grad_out):
+    # d out / d x = dequantized W (for w8a8: straight through the activation rounding).
+    qdata, scales, zeros = ctx.saved_tensors
+    scheme_code, group_size, dtype, has_bias = ctx.meta
+    w = dequantize_reference(_SCHEMES_BY_CODE[scheme_code], qdata, scales, zeros, group_size)
+    grad_x = (grad_out.float() @ w).to(dtype)
+    grad_bias = grad_out.sum(0) if has_bias else None
+    return grad_x, None, None, None, grad_bias, None, None, None
+
+
+quant_matmul_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ---------------------------------------------------------------- validation and selection
+
+def _validate(x, qweight, bias) -> None:
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(f"{OP_NAME}: qweight must be a llmkernels.QuantizedWeight (from "
+                        f"quantize_weight), got {type(qweight).__name__}")
+    qweight.validate(OP_NAME)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{OP_NAME}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _X_DTYPES:
+        raise TypeError(f"{OP_NAME}: x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != qweight.in_features:
+        raise ValueError(f"{OP_NAME}: x's last dim must be in_features={qweight.in_features}, "
+                         f"got shape {tuple(x.shape)}")
+    if x.device != qweight.device:
+        raise ValueError(f"{OP_NAME}: x is on {x.device}, the weight on {qweight.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (qweight.out_features,):
+            raise ValueError(f"{OP_NAME}: bias must be a ({qweight.out_features},) tensor")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{OP_NAME}: bias dtype {bias.dtype} != x dtype {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"{OP_NAME}: bias is on {bias.device}, x on {x.device}")
+
+
+def _checks(x: torch.Tensor, qweight: QuantizedWeight, backend: Optional[str]):
+    def cpu() -> Optional[str]:
+        native = backends.native_module()
+        if native is None:
+            return f"the compiled extension is not available ({backends.native_import_error()})"
+        if x.device.type != "cpu":
+            return f"tensors are on {x.device.type}"
+        return None
+
+    def triton() -> Optional[str]:
+        _, error = _triton_kernels_or_error()
+        if error is not None:
+            return error
+        if x.device.type != "cuda" and not triton_interpreting():
+            return (f"tensors are on {x.device.type} (Triton runs on CUDA GPUs, or on the CPU "
+                    "under TRITON_INTERPRET=1)")
+        return None
+
+    def cuda() -> Optional[str]:
+        native = backends.native_module()
+        if native is None or not hasattr(native, "quant_matmul_cuda"):
+            return "this build has no CUDA kernels (nvcc was not found when it was built)"
+        if x.device.type != "cuda":
+            return f"tensors are on {x.device.type}"
+        if x.dtype == torch.float32:
+            return "float32 activations are not a CUDA kernel dtype (bf16, fp16; Triton takes fp32)"
+        if backends.forced_backend(backend) != "cuda" and triton() is None:
+            return ("not yet timed on a GPU; the Triton kernels serve until it is "
+                    "(backend='cuda' forces it)")
+        return None
+    return {"cpu": cpu, "triton": triton, "cuda": cuda}
+
+
+def _decide(x, qweight, backend) -> backends.Decision:
+    detail = {"cpu": f"C++ kernels ({qweight.scheme}), CPU tier {backends.cpu_tier()}"
+              if backends.native_module() is not None else "",
+              "triton": "Triton kernels (dequantize in registers)",
+              "cuda": "CUDA kernels (GEMV for few rows, tensor cores beyond)",
+              "reference": "dequantize, then a float matmul"}
+    return backends.select(OP_NAME, x.device.type, _checks(x, qweight, backend), backend, detail)
+
+
+def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[torch.Tensor] = None,
+                 backend: Optional[str] = None) -> torch.Tensor:
+    """x (..., K) @ W^T (+ bias) for a quantized W (N, K): (..., N) in x's dtype.
+
+    The float weight is never materialized on the kernel paths. Differentiable with respect to
+    x and bias (the weight is frozen). backend: force "cpu", "triton", "cuda" or "reference".
+    """
+    _validate(x, qweight, bias)
+    path = _decide(x, qweight, backend).backend
+    if path == "reference":
+        return quant_matmul_reference(x, qweight.scheme, qweight.qdata, qweight.scales,
+                                      qweight.zeros, qweight.group_size, bias)
+    x2d = x.reshape(-1, x.shape[-1])
+    out = quant_matmul_op(x2d, qweight.qdata, qweight.scales, qweight.zeros, bias,
+                          SCHEME_CODES[qweight.scheme], int(qweight.group_size), path)
+    return out.reshape(*x.shape[:-1], qweight.out_features)
+
+
+def _explain(x, qweight, bias=None, backend=None):
+    _validate(x, qweight, bias)
+    return _decide(x, qweight, backend)
+
+
+quant_matmul.__llmk_explain__ = _explain
