@@ -17,8 +17,9 @@
 //                           weight tile is dequantized into shared memory as T: int8 as the raw
 //                           q (exact in fp16/bf16; the channel scale multiplies the fp32 sum at
 //                           the end), int4 as (q - zero) * scale rounded to T.
-//   quantize_rows_kernel<T> w8a8, one block per row: x_scale = max|x| / 127 (1 for an all-zero
-//                           row), xq = clamp(rint(x / x_scale), -127, 127) into the workspace.
+//   quantize_rows_kernel<T> w8a8, one block per row: x_scale = max|x| * float(1/127) (1 for an
+//                           all-zero row; see the kernel for why not / 127), xq =
+//                           clamp(rint(x / x_scale), -127, 127) into the workspace.
 //   gemv_w8a8_kernel<T>     M <= 8: as gemv_wa16 but dp4a against the quantized rows (int32).
 //   gemm_w8a8_kernel<T>     M > 8: 64x64 tile, int8 WMMA 16x16x16 with int32 accumulate, K-step 64.
 // w8a8 epilogue: out = float(acc) * x_scale[m] * scale[n] (+ bias), each step rounded like the
@@ -105,6 +106,7 @@ constexpr size_t kSmemW8a8 = std::max(4 * kTile8, kStage);
 static_assert(kSmemWa16 <= 48 * 1024 && kSmemW8a8 <= 48 * 1024, "static shared memory limit");
 
 constexpr int kQuantThreads = 256;
+constexpr float kInv127 = 1.0f / 127.0f;  // correctly rounded (constant folding is exact)
 
 struct Params {
   const void* x;
@@ -370,7 +372,11 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const Para
   amax = red[0];
 #pragma unroll
   for (int i = 1; i < kQuantThreads / 32; ++i) amax = max_nan(amax, red[i]);
-  float s = __fdiv_rn(amax, 127.f);
+  // amax / 127 as PyTorch computes it on CUDA tensors: a tensor divided by a Python number is
+  // multiplied by the float reciprocal (BinaryDivTrueKernel.cu), which differs from true division
+  // in the last bit for ~4% of values (PyTorch's CPU kernel divides). x / s below is a true
+  // division on both devices.
+  float s = __fmul_rn(amax, kInv127);
   if (!(s > 0.f)) s = 1.f;  // all-zero (or NaN) row, as torch.where(s > 0, s, 1)
   if (tid == 0) p.xscale[m] = s;
   int8_t* qrow = p.xq + m * p.kp;
@@ -909,6 +915,14 @@ std::string quant_matmul_cuda_host_selftest() {
     const int kc = gemv_kc(m);
     if (kc < 32 || kc % 32 != 0 || m * xpad(kc) > kGemvSmemFloats) {
       err << "gemv slice " << kc << " for M = " << m;
+      return err.str();
+    }
+  }
+  // The reciprocal PyTorch multiplies by for "tensor / 127.0" on CUDA: float(1.0) / float(127.0).
+  {
+    volatile float one = 1.0f, d = 127.0f;  // computed at run time, IEEE division
+    if (kInv127 != one / d || kInv127 != float(1.0 / 127.0)) {
+      err << "1/127 constant " << kInv127;
       return err.str();
     }
   }
