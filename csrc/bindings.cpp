@@ -13,6 +13,7 @@
 #include "cpu/quant_matmul.h"
 #ifdef LLMK_WITH_CUDA
 #include "cuda/attention.h"
+#include "cuda/quant_matmul.h"
 #include "cuda/runtime.h"
 #endif
 
@@ -326,5 +327,26 @@ PYBIND11_MODULE(_C, m) {
       py::arg("max_seqlen_k"), py::arg("scale"), py::arg("softcap"), py::arg("window_left"),
       py::arg("window_right"), py::arg("diag_offset"), py::arg("bottom_right"), py::arg("stream"),
       "CUDA fused attention backward (FlashAttention-2; delta is a float32 workspace).");
+
+  m.def(
+      "quant_matmul_cuda",
+      [](int scheme, py::object x, py::object qdata, py::object scales, py::object zeros,
+         py::object bias, py::object out, uintptr_t workspace, int64_t group_size,
+         uintptr_t stream) {
+        const TensorView xv = to_view(x, "x"), qv = to_view(qdata, "qdata");
+        const TensorView sv = to_view(scales, "scales"), zv = to_view(zeros, "zeros");
+        const TensorView bv = to_view(bias, "bias"), ov = to_view(out, "out");
+        py::gil_scoped_release release;
+        cuda::quant_matmul_cuda(scheme, xv, qv, sv, zv, bv, ov, workspace, group_size, stream);
+      },
+      py::arg("scheme"), py::arg("x"), py::arg("qdata"), py::arg("scales"), py::arg("zeros"),
+      py::arg("bias"), py::arg("out"), py::arg("workspace"), py::arg("group_size"),
+      py::arg("stream"),
+      "CUDA quantized matmul out = x @ dequantize(W)^T (+ bias); scheme 0 int8, 1 int4, 2 w8a8.");
+  m.def("quant_matmul_cuda_workspace_bytes", &cuda::quant_matmul_cuda_workspace_bytes,
+        py::arg("scheme"), py::arg("M"), py::arg("K"),
+        "Device workspace bytes quant_matmul_cuda needs (w8a8: quantized activations + row scales).");
+  m.def("quant_matmul_cuda_host_selftest", &cuda::quant_matmul_cuda_host_selftest,
+        "Checks the CUDA quant_matmul index/unpacking helpers on the host; '' when all agree.");
 #endif
 }
