@@ -106,6 +106,13 @@ def test_compile_fullgraph_quantlinear():
     torch.testing.assert_close(compiled(x), layer(x))
 
 
+def test_w8a8_beyond_int32_range_uses_the_reference():
+    qw = llmkernels.quantize_weight(torch.randn(2, 140000), "w8a8")
+    x = torch.randn(1, 140000)
+    d = llmkernels.explain(llmkernels.quant_matmul, x, qw)
+    assert d.backend == "reference" and "int32" in str(d)
+
+
 def test_quantized_weight_save_load():
     qw = llmkernels.quantize_weight(torch.randn(16, 64, dtype=torch.bfloat16), "int4", 32)
     buf = io.BytesIO()

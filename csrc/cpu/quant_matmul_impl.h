@@ -293,9 +293,11 @@ constexpr int kNB4 = W >= 16 ? 4 : 2;
 constexpr int kMBq = W >= 16 ? 4 : 2;
 constexpr int kNBq = W >= 16 ? 4 : 2;
 
-template <class Acc, int MB, int NB, class Block>
+// block: the MB-row kernel; block1: its one-row instance, for the rows left over (M = 1
+// decoding must not pay for MB rows).
+template <class Acc, int MB, int NB, class Block, class Block1>
 void run_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1, Acc* acc,
-              Block block) {
+              Block block, Block1 block1) {
   const int64_t ld = kChunkChannels;
   std::fill(acc, acc + kChunkRows * kChunkChannels, Acc(0));
   const int64_t kstep = kChunkK;
@@ -304,14 +306,20 @@ void run_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1, Acc*
     for (int64_t n = n0; n < n1; n += NB) {
       int64_t chans[NB];
       for (int j = 0; j < NB; ++j) chans[j] = std::min(n + j, n1 - 1);  // repeats: discarded
-      for (int64_t m = m0; m < m1; m += MB) {
+      int64_t m = m0;
+      for (; m + MB <= m1; m += MB) {
         int64_t rows[MB];
-        for (int i = 0; i < MB; ++i) rows[i] = std::min(m + i, m1 - 1);
+        for (int i = 0; i < MB; ++i) rows[i] = m + i;
         Acc tmp[MB * NB] = {};
         block(c, rows, chans, k0, k1, tmp, int64_t(NB));
-        for (int i = 0; i < MB && m + i < m1; ++i)
+        for (int i = 0; i < MB; ++i)
           for (int j = 0; j < NB && n + j < n1; ++j)
             acc[(m + i - m0) * ld + (n + j - n0)] += tmp[i * NB + j];
+      }
+      for (; m < m1; ++m) {
+        Acc tmp[NB] = {};
+        block1(c, &m, chans, k0, k1, tmp, int64_t(NB));
+        for (int j = 0; j < NB && n + j < n1; ++j) acc[(m - m0) * ld + (n + j - n0)] += tmp[j];
       }
     }
   }
@@ -326,7 +334,8 @@ void tile_item(void* ctx, int64_t item, int thread) {
   switch (c.p->scheme) {
     case QuantScheme::int8: {
       float* acc = reinterpret_cast<float*>(scratch);
-      run_tile<float, kMB, kNB>(c, m0, m1, n0, n1, acc, int8_block<kMB, kNB>);
+      run_tile<float, kMB, kNB>(c, m0, m1, n0, n1, acc, int8_block<kMB, kNB>,
+                                int8_block<1, kNB>);
       const float* sc = c.p->scales.ptr<float>();
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t n = n0; n < n1; ++n) store(c, m, n, acc[(m - m0) * ld + (n - n0)] * sc[n]);
@@ -334,14 +343,16 @@ void tile_item(void* ctx, int64_t item, int thread) {
     }
     case QuantScheme::int4: {
       float* acc = reinterpret_cast<float*>(scratch);
-      run_tile<float, kMB4, kNB4>(c, m0, m1, n0, n1, acc, int4_block<kMB4, kNB4>);
+      run_tile<float, kMB4, kNB4>(c, m0, m1, n0, n1, acc, int4_block<kMB4, kNB4>,
+                                  int4_block<1, kNB4>);
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t n = n0; n < n1; ++n) store(c, m, n, acc[(m - m0) * ld + (n - n0)]);
       break;
     }
     case QuantScheme::w8a8: {
       int32_t* acc = reinterpret_cast<int32_t*>(scratch);
-      run_tile<int32_t, kMBq, kNBq>(c, m0, m1, n0, n1, acc, w8a8_block<kMBq, kNBq>);
+      run_tile<int32_t, kMBq, kNBq>(c, m0, m1, n0, n1, acc, w8a8_block<kMBq, kNBq>,
+                                    w8a8_block<1, kNBq>);
       const float* sc = c.p->scales.ptr<float>();
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t n = n0; n < n1; ++n)  // the reference's order: (acc * x_scale) * w_scale
@@ -369,12 +380,12 @@ void prep_row(void* ctx, int64_t m, int) {
   const int64_t K = c.K;
   const int64_t base = m * p.x.strides[0], ks = p.x.strides[1];
   if (p.scheme == QuantScheme::w8a8) {
-    // As the reference: scale = max|x| / 127 (1 for an all-zero row), x / scale rounded
+    // As the reference: scale = max|x| * (1/127) (1 for an all-zero row), x / scale rounded
     // half to even (nearbyint in the default rounding mode), clamped to [-127, 127].
     float amax = 0.f;
     for (int64_t k = 0; k < K; ++k)
       amax = std::max(amax, std::fabs(read_float(p.x.dtype, p.x.data, base + k * ks)));
-    float s = amax / 127.0f;
+    float s = amax * (1.0f / 127.0f);  // a reciprocal multiply, as the reference
     if (!(s > 0.f)) s = 1.0f;
     pc.xscale[m] = s;
     int8_t* row = pc.xq + m * c.Kx;

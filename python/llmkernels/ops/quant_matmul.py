@@ -155,8 +155,20 @@ def _validate(x, qweight, bias) -> None:
             raise ValueError(f"{OP_NAME}: bias is on {bias.device}, x on {x.device}")
 
 
+# w8a8 sums int8 x int8 products in int32: exact while K * 127^2 < 2^31.
+MAX_W8A8_K = (2**31 - 1) // (127 * 127)
+
+
 def _checks(x: torch.Tensor, qweight: QuantizedWeight, backend: Optional[str]):
+    def too_long() -> Optional[str]:
+        if qweight.scheme == "w8a8" and qweight.in_features > MAX_W8A8_K:
+            return (f"w8a8 with in_features > {MAX_W8A8_K} could overflow the int32 sums; "
+                    "the reference sums in float64")
+        return None
+
     def cpu() -> Optional[str]:
+        if too_long():
+            return too_long()
         native = backends.native_module()
         if native is None:
             return f"the compiled extension is not available ({backends.native_import_error()})"
@@ -165,6 +177,8 @@ def _checks(x: torch.Tensor, qweight: QuantizedWeight, backend: Optional[str]):
         return None
 
     def triton() -> Optional[str]:
+        if too_long():
+            return too_long()
         _, error = _triton_kernels_or_error()
         if error is not None:
             return error
@@ -174,6 +188,8 @@ def _checks(x: torch.Tensor, qweight: QuantizedWeight, backend: Optional[str]):
         return None
 
     def cuda() -> Optional[str]:
+        if too_long():
+            return too_long()
         native = backends.native_module()
         if native is None or not hasattr(native, "quant_matmul_cuda"):
             return "this build has no CUDA kernels (nvcc was not found when it was built)"

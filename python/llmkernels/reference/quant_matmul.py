@@ -2,17 +2,20 @@
 
 Formats of a linear weight W (N out-features x K in-features):
   int8  (W8A16): qdata int8 (N, K); scales float32 (N,); symmetric per output channel:
-        scale = max|W[n]| / 127, q = clamp(round(W / scale), -127, 127), W ~ q * scale.
+        scale = max|W[n]| * (1/127), q = clamp(round(W / scale), -127, 127), W ~ q * scale.
   int4  (W4A16): groups of `group_size` along K; qdata uint8 (N, K // 2), two values per byte,
         element 2j in the low nibble and 2j+1 in the high one; scales float32 (N, K // group);
         zeros uint8 (N, K // group), integer zero points in 0..15; asymmetric with zero inside
-        the range: lo = min(min W_g, 0), hi = max(max W_g, 0), scale = (hi - lo) / 15,
+        the range: lo = min(min W_g, 0), hi = max(max W_g, 0), scale = (hi - lo) * (1/15),
         zero = clamp(round(-lo / scale), 0, 15), q = clamp(round(W / scale) + zero, 0, 15),
         W ~ (q - zero) * scale.
   w8a8: weights as int8; activations quantized per row (token) on the fly:
-        x_scale = max|x[m]| / 127, xq = clamp(round(x / x_scale), -127, 127);
+        x_scale = max|x[m]| * (1/127), xq = clamp(round(x / x_scale), -127, 127);
         out = (xq @ q^T as exact int32) * x_scale[m] * scale[n].
 A group or row that is all zeros gets scale 1 (q = zero point). torch.round rounds half to even.
+Scales multiply by the float32 reciprocal (1/127, 1/15) rather than divide: torch divides by a
+scalar that way on CUDA but truly on the CPU, so a division would make the reference (and the
+quantized values) differ in the last bit between devices.
 
 quant_matmul_reference(x, ...): out = x @ dequantize(W)^T (+ bias) computed in float32 and
 returned in x's dtype (int8, int4); w8a8 as above.
@@ -29,7 +32,7 @@ INT4_GROUP_SIZES = (32, 64, 128)
 
 def quantize_int8_reference(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     w = w.float()
-    scales = w.abs().amax(dim=1) / 127.0
+    scales = w.abs().amax(dim=1) * (1.0 / 127.0)
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     q = torch.clamp(torch.round(w / scales[:, None]), -127, 127).to(torch.int8)
     return q, scales
@@ -41,7 +44,7 @@ def quantize_int4_reference(w: torch.Tensor, group_size: int
     g = w.float().reshape(N, K // group_size, group_size)
     lo = torch.clamp(g.amin(dim=-1), max=0.0)
     hi = torch.clamp(g.amax(dim=-1), min=0.0)
-    scales = (hi - lo) / 15.0
+    scales = (hi - lo) * (1.0 / 15.0)
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     zeros = torch.clamp(torch.round(-lo / scales), 0, 15)
     q = torch.clamp(torch.round(g / scales[..., None]) + zeros[..., None], 0, 15)
@@ -72,7 +75,7 @@ def dequantize_reference(scheme: str, qdata: torch.Tensor, scales: torch.Tensor,
 def quantize_activations_reference(x2d: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric int8 quantization of (M, K) activations: (xq int8, x_scale float32)."""
     x = x2d.float()
-    s = x.abs().amax(dim=1) / 127.0
+    s = x.abs().amax(dim=1) * (1.0 / 127.0)
     s = torch.where(s > 0, s, torch.ones_like(s))
     xq = torch.clamp(torch.round(x / s[:, None]), -127, 127).to(torch.int8)
     return xq, s

@@ -1,0 +1,169 @@
+"""Quantized matmul benchmark: our int8 / int4 / W8A8 kernels against PyTorch's, one run.
+
+    python benchmarks/quant_matmul.py                  # K = N = 4096 and a 7B model's layers
+    python benchmarks/quant_matmul.py --quick          # seconds: a smoke test
+    python benchmarks/quant_matmul.py --ms 1,16 --shapes 4096x4096 --json out.json
+
+For every (M, K, N) and scheme it first checks our output against the reference path on the
+same quantized weights, then times, side by side:
+  ours       llmkernels.quant_matmul (the path selection picks; named in the output)
+  f32        F.linear in float32 (the unquantized layer)
+  bf16       F.linear in bfloat16
+  int8pack   torch.ops.aten._weight_int8pack_mm with bf16 activations (int8 rows; its fastest
+             variant on the CPU)
+  int4pack   torch.ops.aten._weight_int4pack_mm_for_cpu (int4 rows; CPU only)
+GB/s counts the weight bytes a call must read (packed data + scales), against the machine's
+read bandwidth measured in the same run (a large float32 sum). Exit status 1 if a check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import llmkernels  # noqa: E402
+from llmkernels.reference.quant_matmul import quant_matmul_reference  # noqa: E402
+
+# (K, N) of a 7B (LLaMA-2) decoder layer: q/k/v/o, gate/up, down.
+MODEL_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
+SCHEMES = ("int8", "int4", "w8a8")
+
+
+def read_bandwidth(device: str, min_run_time: float) -> float:
+    """GB/s of a large float32 reduction (reads only): the memory-bound ceiling."""
+    n = (256 << 20) // 4
+    x = torch.randn(n, device=device)
+    t = harness.time_fn(lambda: x.sum(), device, min_run_time).median_s
+    return n * 4 / t / 1e9
+
+
+def torch_int4pack(w: torch.Tensor, group: int, x: torch.Tensor):
+    """torch's CPU int4 path for the same scheme (its own packing): a callable, or None."""
+    try:
+        N, K = w.shape
+        g = w.float().reshape(N, K // group, group)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        q = torch.clamp(torch.round((g - lo[..., None]) / scale[..., None]), 0, 15)
+        q = q.reshape(N, K).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        # torch's zero point is the float value at q = 8: w = (q - 8) * scale + zero
+        zero = lo + 8 * scale
+        sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(x.dtype)
+        fn = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)  # noqa: E731
+        fn()
+        return fn
+    except Exception:
+        return None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default=harness.default_device())
+    p.add_argument("--ms", default=None, help="comma list of M (default 1,16,64; +4096 on CUDA)")
+    p.add_argument("--shapes", default=None,
+                   help="comma list of KxN (default 4096x4096 and a 7B layer's shapes)")
+    p.add_argument("--schemes", default=",".join(SCHEMES))
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                   help="activation dtype for ours (default bf16)")
+    p.add_argument("--backend", default=None, help="force our path (cpu, triton, cuda, reference)")
+    p.add_argument("--min-run-time", type=float, default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", metavar="FILE")
+    args = p.parse_args(argv)
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    if args.quick:
+        ms, shapes, mrt = [1, 5], [(256, 384)], args.min_run_time or 0.01
+    else:
+        ms = [1, 16, 64] + ([4096] if dev == "cuda" else [])
+        shapes = [(4096, 4096)] + MODEL_SHAPES[1:]
+        mrt = args.min_run_time or 0.2
+    if args.ms:
+        ms = [int(m) for m in args.ms.split(",")]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    xdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    schemes = [s for s in args.schemes.split(",") if s]
+
+    info = harness.machine_info(dev)
+    print(harness.format_machine(info))
+    bw = read_bandwidth(dev, mrt)
+    print(f"read bandwidth (float32 sum of 256 MiB): {bw:.1f} GB/s\n", flush=True)
+    torch.manual_seed(0)
+    records: List[Dict] = []
+    rows = []
+    failed = 0
+    for K, N in shapes:
+        w = torch.randn(N, K, device=dev) * 0.02
+        w_bf16 = w.to(torch.bfloat16)
+        qws = {s: llmkernels.quantize_weight(w, s, args.group_size) for s in schemes}
+        w_i8 = qws.get("int8") or llmkernels.quantize_weight(w, "int8")
+        for M in ms:
+            x32 = torch.randn(M, K, device=dev)
+            x = x32.to(xdtype)
+            xb = x32.to(torch.bfloat16)
+            base = {"f32": lambda: F.linear(x32, w), "bf16": lambda: F.linear(xb, w_bf16)}
+            if dev == "cpu":
+                s_bf = w_i8.scales.to(torch.bfloat16)
+                base["int8pack"] = lambda: torch.ops.aten._weight_int8pack_mm(xb, w_i8.qdata, s_bf)
+                fn4 = torch_int4pack(w, args.group_size, xb) if "int4" in schemes else None
+                if fn4 is not None:
+                    base["int4pack"] = fn4
+            with torch.no_grad():
+                times = {name: harness.time_fn(fn, dev, mrt).median_s for name, fn in base.items()}
+                for scheme in schemes:
+                    qw = qws[scheme]
+                    served = llmkernels.explain(llmkernels.quant_matmul, x, qw,
+                                                backend=args.backend).backend
+                    got = llmkernels.quant_matmul(x, qw, backend=args.backend)
+                    ref = quant_matmul_reference(x, scheme, qw.qdata, qw.scales, qw.zeros,
+                                                 qw.group_size)
+                    scale = ref.float().abs().max().item() + 1e-6
+                    tol = 1e-5 if xdtype == torch.float32 else 2 ** -7
+                    err = (got.float() - ref.float()).abs().max().item() / scale
+                    ok = err <= tol
+                    failed += not ok
+                    t = harness.time_fn(lambda: llmkernels.quant_matmul(x, qw, backend=args.backend),
+                                        dev, mrt).median_s
+                    gbs = qw.nbytes / t / 1e9
+                    rec = dict(M=M, K=K, N=N, scheme=scheme, path=served, correct=ok,
+                               rel_err=err, ours_us=t * 1e6, weight_gbs=gbs,
+                               pct_bandwidth=100 * gbs / bw,
+                               **{f"{k}_us": v * 1e6 for k, v in times.items()},
+                               **{f"vs_{k}": v / t for k, v in times.items()})
+                    records.append(rec)
+                    ratios = " ".join(f"{v / t:5.2f}x {k}" for k, v in times.items())
+                    rows.append([f"{M}", f"{K}x{N}", scheme, served, "ok" if ok else "FAIL",
+                                 f"{t * 1e6:.1f}", f"{gbs:.1f}", f"{100 * gbs / bw:.0f}%", ratios])
+                    print(" ".join(rows[-1]), flush=True)
+    print()
+    print(harness.format_table(["M", "KxN", "scheme", "ours path", "check", "ours us",
+                                "weight GB/s", "% read bw", "speedup vs baselines"], rows))
+    print(f"\nactivations {args.dtype}; int4 group {args.group_size}; baselines: f32/bf16 "
+          "F.linear, int8pack = aten._weight_int8pack_mm (bf16 x), int4pack = "
+          "aten._weight_int4pack_mm_for_cpu (bf16 x)")
+    if args.json:
+        harness.write_json(args.json, {"benchmark": "quant_matmul", "machine": info,
+                                       "read_bandwidth_gbs": bw, "activation_dtype": args.dtype,
+                                       "group_size": args.group_size, "cases": records})
+    if failed:
+        print(f"CORRECTNESS FAILED for {failed} case(s)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    rc = main()
+    print(f"wall time {time.perf_counter() - start:.1f} s")
+    sys.exit(rc)
