@@ -79,7 +79,9 @@ fi
   > "$OUT/build_info.json" 2> "$OUT/build_info.err" || log "build_info FAILED: see $OUT/build_info.err"
 log "build_info: $(cut -c1-400 "$OUT/build_info.json" 2>/dev/null)"
 
-GPU_TESTS="tests/test_attention_gpu.py tests/test_attention_varlen.py tests/test_attention_kvcache.py tests/test_attention_band.py"
+GPU_TESTS="tests/test_attention_gpu.py tests/test_attention_varlen.py tests/test_attention_kvcache.py \
+  tests/test_attention_band.py tests/test_custom_ops_gpu.py tests/test_quant_matmul_gpu.py \
+  tests/test_quant_matmul_triton_kernels.py"
 # Parallel test processes when pytest-xdist is there: most of the time is Triton compiling.
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_PROCS:-8}"
@@ -92,7 +94,8 @@ if [ "$HAVE_GPU" = 1 ] && [ "$STEPS" != bench ]; then
   if command -v compute-sanitizer >/dev/null 2>&1; then
     step sanitizer timeout "$SANITIZER_TIMEOUT" compute-sanitizer --tool memcheck \
       --error-exitcode 3 "$PY" -m pytest tests/test_attention_gpu.py tests/test_attention_varlen.py \
-      -q -p no:cacheprovider -x -k "cuda and (37-53 or gqa or window or ragged or different)"
+      tests/test_quant_matmul_gpu.py -q -p no:cacheprovider -x \
+      -k "cuda and (37-53 or gqa or window or ragged or different or 100 or 17)"
     tail -n 5 "$OUT/sanitizer.log" | tee -a "$SUMMARY"
   else
     log "compute-sanitizer not found: memcheck skipped"
@@ -104,6 +107,12 @@ if [ "$HAVE_GPU" = 1 ] && [ "$STEPS" != tests ]; then
       --ours-backend "$path" --paths ours,sdpa --dtypes bf16 --head-dims 128 --seqlens "${BENCH_SEQLENS:-4096}" \
       --batch "${BENCH_BATCH:-4}" --heads "${BENCH_HEADS:-16}" --min-run-time 0.1 --json "$OUT/attention_gpu_$path.json"
     tail -n 12 "$OUT/attention_bench_$path.log" | tee -a "$SUMMARY"
+  done
+  for path in triton cuda; do
+    step "quant_bench_$path" timeout "$BENCH_TIMEOUT" "$PY" benchmarks/quant_matmul.py --device cuda \
+      --backend "$path" --ms 1,16,4096 --shapes 4096x4096,4096x11008 --min-run-time 0.1 \
+      --json "$OUT/quant_gpu_$path.json"
+    tail -n 16 "$OUT/quant_bench_$path.log" | tee -a "$SUMMARY"
   done
   for path in triton cuda; do
     step "decode_bench_$path" timeout "$BENCH_TIMEOUT" "$PY" benchmarks/attention_decode.py --device cuda \
@@ -121,5 +130,7 @@ if [ "$HAVE_GPU" = 0 ]; then
   step decode_bench timeout "$BENCH_TIMEOUT" "$PY" benchmarks/attention_decode.py --device cpu \
     --batch 1 --cache-lens 512 --min-run-time 0.02
   tail -n 4 "$OUT/decode_bench.log" | tee -a "$SUMMARY"
+  step quant_bench timeout "$BENCH_TIMEOUT" "$PY" benchmarks/quant_matmul.py --device cpu --quick
+  tail -n 10 "$OUT/quant_bench.log" | tee -a "$SUMMARY"
 fi
 log "done: results in $OUT"

@@ -27,7 +27,8 @@ def test_reference_sqnr_on_gaussian_weights(scheme, group, bound):
     assert sqnr_db(out, x @ w.t()) >= bound
 
 
-def check_against_reference(x, qw, bias, out):
+def check_against_reference(x, qw, bias, out, loose=1.0):
+    """loose > 1: GPU kernels that round dequantized weights to x's dtype for tensor cores."""
     ref = quant_matmul_reference(x, qw.scheme, qw.qdata, qw.scales, qw.zeros, qw.group_size, bias)
     assert out.shape == ref.shape and out.dtype == x.dtype
     assert torch.isfinite(out).all()
@@ -37,7 +38,7 @@ def check_against_reference(x, qw, bias, out):
     else:
         tol = 2 ** -7 if x.dtype == torch.bfloat16 else 2 ** -10  # one ulp of the output
     err = (out.float() - ref.float()).abs().max().item()
-    assert err <= tol * scale, f"error {err:.3e} > {tol * scale:.3e}"
+    assert err <= loose * tol * scale, f"error {err:.3e} > {loose * tol * scale:.3e}"
 
 
 SHAPES = [(1, 256, 64), (3, 100, 33), (17, 96, 257), (300, 1024, 20), (2, 64, 1)]

@@ -300,7 +300,8 @@ void run_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1, Acc*
               Block block, Block1 block1) {
   const int64_t ld = kChunkChannels;
   std::fill(acc, acc + kChunkRows * kChunkChannels, Acc(0));
-  const int64_t kstep = kChunkK;
+  // Few rows: x fits in L1 whole, and walking each weight row end to end streams best.
+  const int64_t kstep = m1 - m0 <= MB ? round_up(c.K, kChunkK) : kChunkK;
   for (int64_t k0 = 0; k0 < c.K; k0 += kstep) {
     const int64_t k1 = std::min(c.K, k0 + kstep);
     for (int64_t n = n0; n < n1; n += NB) {

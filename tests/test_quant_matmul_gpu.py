@@ -1,0 +1,47 @@
+"""quant_matmul on the GPU paths (Triton; CUDA where a GPU exists) against the reference on the
+same quantized weights. Without a GPU, Triton runs in its interpreter at small shapes."""
+import pytest
+import torch
+
+import llmkernels
+from gpu_paths import DEVICE, ON_GPU, gpu_path  # noqa: F401
+from test_quant_matmul import check_against_reference
+
+SHAPES = [(1, 128, 48), (3, 100, 33), (17, 64, 1), (40, 192, 70)]
+if ON_GPU:
+    SHAPES += [(8, 4096, 4096), (9, 4096, 1000), (300, 1024, 515), (2, 8320, 64)]
+
+
+def _skip_unsupported(path, x, qw):
+    d = llmkernels.explain(llmkernels.quant_matmul, x, qw)
+    why = d.rejected.get(path)
+    try:
+        llmkernels.explain(llmkernels.quant_matmul, x, qw, backend=path)
+    except llmkernels.BackendError as exc:
+        pytest.skip(f"{path}: {exc} ({why})")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "w8a8"])
+@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_paths_match_reference(gpu_path, scheme, M, K, N, dtype):
+    group = 32 if K % 64 else 64
+    if scheme == "int4" and K % group:
+        K = (K // group + 1) * group
+    x = torch.randn(M, K, dtype=dtype, device=DEVICE)
+    qw = llmkernels.quantize_weight(torch.randn(N, K, device=DEVICE), scheme, group)
+    bias = torch.randn(N, dtype=dtype, device=DEVICE) if M % 2 else None
+    _skip_unsupported(gpu_path, x, qw)
+    out = llmkernels.quant_matmul(x, qw, bias, backend=gpu_path)
+    check_against_reference(x, qw, bias, out, loose=4.0)
+
+
+def test_noncontiguous_batched_input(gpu_path):
+    big = torch.randn(2, 3, 400, dtype=torch.bfloat16, device=DEVICE)
+    x = big[..., 10:138]
+    for scheme in ("int8", "int4", "w8a8"):
+        qw = llmkernels.quantize_weight(torch.randn(40, 128, device=DEVICE), scheme, 64)
+        _skip_unsupported(gpu_path, x, qw)
+        out = llmkernels.quant_matmul(x, qw, backend=gpu_path)
+        assert out.shape == (2, 3, 40)
+        check_against_reference(x, qw, None, out, loose=4.0)
