@@ -23,7 +23,7 @@
 #include "quant_matmul.h"
 #include "vec.h"
 
-#if defined(__AVX2__) || defined(__AVX512BW__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -32,20 +32,47 @@ namespace LLMK_ISA_NS {
 
 namespace {
 
-typedef int8_t vi8 __attribute__((vector_size(W)));
-typedef uint8_t vu8 __attribute__((vector_size(W)));
-
 constexpr int64_t kChunkRows = 64;       // rows of x per work item
 constexpr int64_t kChunkChannels = 64;   // output channels per work item
 constexpr int64_t kChunkK = 512;         // multiple of every group size and vector width
+constexpr int64_t kPrefetch = 1024;      // bytes ahead in a weight row (one line per 64 B)
 
+// Widening W bytes to W floats. GCC 12 turns __builtin_convertvector from int8 to float
+// lanes into one scalar conversion per lane (measured 9x slower than the integer-dot path),
+// so the x86 tiers say vpmovsxbd / vpmovzxbd + vcvtdq2ps themselves.
+#if defined(__AVX512F__) && LLMK_VEC_BYTES == 64
 LLMK_INLINE vf widen_i8(const int8_t* p) {
-  vi8 v;
-  std::memcpy(&v, p, sizeof v);
-  return __builtin_convertvector(v, vf);
+  return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
-
-LLMK_INLINE vf widen_u8(vu8 v) { return __builtin_convertvector(v, vf); }
+// The low (high = false) or high nibbles of W packed bytes, as W floats.
+LLMK_INLINE vf nibbles(const uint8_t* p, bool high) {
+  __m128i b = _mm_loadu_si128((const __m128i*)p);
+  if (high) b = _mm_srli_epi16(b, 4);
+  b = _mm_and_si128(b, _mm_set1_epi8(15));
+  return (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+}
+#elif defined(__AVX2__) && LLMK_VEC_BYTES == 32
+LLMK_INLINE vf widen_i8(const int8_t* p) {
+  return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+LLMK_INLINE vf nibbles(const uint8_t* p, bool high) {
+  __m128i b = _mm_loadl_epi64((const __m128i*)p);
+  if (high) b = _mm_srli_epi16(b, 4);
+  b = _mm_and_si128(b, _mm_set1_epi8(15));
+  return (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+}
+#else
+LLMK_INLINE vf widen_i8(const int8_t* p) {
+  vf v;
+  for (int i = 0; i < W; ++i) v[i] = float(p[i]);
+  return v;
+}
+LLMK_INLINE vf nibbles(const uint8_t* p, bool high) {
+  vf v;
+  for (int i = 0; i < W; ++i) v[i] = float(high ? p[i] >> 4 : p[i] & 15);
+  return v;
+}
+#endif
 
 float read_float(DType t, const void* base, int64_t off) {
   switch (t) {
@@ -143,7 +170,9 @@ int64_t padded_k(const QuantMatmulParams& p) {
                                        : round_up(std::max<int64_t>(K, 1), 32);
 }
 
-int64_t scratch_bytes() { return kChunkRows * kChunkChannels * 4 + 64; }
+constexpr int kMaxNB = 4;
+// Per thread: the tile's partial sums, then a dequantized weight panel (kMaxNB x kChunkK).
+int64_t scratch_bytes() { return kChunkRows * kChunkChannels * 4 + kMaxNB * kChunkK * 4 + 128; }
 
 // Output (m, n) = value + bias, in out's dtype.
 void store(const Ctx& c, int64_t m, int64_t n, float v) {
@@ -170,6 +199,7 @@ void int8_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t
     vf xv[MB];
     for (int i = 0; i < MB; ++i) xv[i] = loadu(x[i] + k);
     for (int j = 0; j < NB; ++j) {
+      if ((k & 63) == 0) __builtin_prefetch(w[j] + k + kPrefetch);
       const vf wv = widen_i8(w[j] + k);
       for (int i = 0; i < MB; ++i) a[i][j] += xv[i] * wv;
     }
@@ -207,13 +237,14 @@ void int4_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t
       total[i][j] = vf{};
       zero_term[i][j] = 0.f;
     }
-  const vu8 low_mask = vu8{} + uint8_t(15);
   for (int64_t kg = k0; kg < k1; kg += g) {
     const int64_t grp = kg / g;
     vf part[MB][NB];
     for (int i = 0; i < MB; ++i)
       for (int j = 0; j < NB; ++j) part[i][j] = vf{};
     for (int64_t kb = kg; kb < kg + g; kb += 32) {  // 32 values: 16 packed bytes
+      if ((kb & 127) == 0)
+        for (int j = 0; j < NB; ++j) __builtin_prefetch(w[j] + kb / 2 + kPrefetch);
       for (int s = 0; s < 32 / W; ++s) {
         // sub-vector s: the low nibbles (even elements) first, then the high ones
         const bool high = s >= 16 / W;
@@ -221,9 +252,7 @@ void int4_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t
         vf xv[MB];
         for (int i = 0; i < MB; ++i) xv[i] = loadu(x[i] + kb + s * W);
         for (int j = 0; j < NB; ++j) {
-          vu8 b;
-          std::memcpy(&b, w[j] + byte0, sizeof b);
-          const vf wv = widen_u8(high ? vu8(b >> 4) : vu8(b & low_mask));
+          const vf wv = nibbles(w[j] + byte0, high);
           for (int i = 0; i < MB; ++i) part[i][j] += xv[i] * wv;
         }
       }
@@ -293,6 +322,95 @@ constexpr int kNB4 = W >= 16 ? 4 : 2;
 constexpr int kMBq = W >= 16 ? 4 : 2;
 constexpr int kNBq = W >= 16 ? 4 : 2;
 
+// ------------------------------------------------------------------ panels (many rows)
+// With more rows than one register block, widening the same weights once per row block
+// costs more than the products; so each (channel block, K chunk) is dequantized once into a
+// float panel in L1 (int8: q; int4: (q - zero) * scale, in x's permuted order) and every
+// row block runs plain FMA against it.
+
+template <int NB>
+void fill_int8(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1, float* panel) {
+  const int64_t len = k1 - k0, lenv = round_up(len, W);
+  for (int j = 0; j < NB; ++j) {
+    const int8_t* w = c.p->qdata.ptr<int8_t>() + chans[j] * c.K + k0;
+    float* dst = panel + j * kChunkK;
+    int64_t k = 0;
+    for (; k + W <= len; k += W) storeu(dst + k, widen_i8(w + k));
+    for (; k < len; ++k) dst[k] = float(w[k]);
+    for (; k < lenv; ++k) dst[k] = 0.f;
+  }
+}
+
+template <int NB>
+void fill_int4(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1, float* panel) {
+  const int64_t g = c.p->group_size;
+  for (int j = 0; j < NB; ++j) {
+    const uint8_t* w = c.p->qdata.ptr<uint8_t>() + chans[j] * (c.K / 2);
+    const float* sc = c.p->scales.ptr<float>() + chans[j] * c.groups;
+    const uint8_t* zp = c.p->zeros.ptr<uint8_t>() + chans[j] * c.groups;
+    float* dst = panel + j * kChunkK - k0;
+    for (int64_t kb = k0; kb < k1; kb += 32) {
+      const vf s = splat(sc[kb / g]), z = splat(float(zp[kb / g]));
+      for (int sv = 0; sv < 32 / W; ++sv) {
+        const bool high = sv >= 16 / W;
+        const int64_t byte0 = kb / 2 + (high ? sv - 16 / W : sv) * W;
+        storeu(dst + kb + sv * W, (nibbles(w + byte0, high) - z) * s);
+      }
+    }
+  }
+}
+
+template <int MB, int NB>
+void panel_block(const Ctx& c, const int64_t* rows, const float* panel, int64_t k0,
+                 int64_t len, float* out) {
+  const float* x[MB];
+  for (int i = 0; i < MB; ++i) x[i] = c.xf + rows[i] * c.Kx + k0;
+  vf a[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) a[i][j] = vf{};
+  const int64_t lenv = round_up(len, W);  // panel and x rows are zero-padded that far
+  for (int64_t k = 0; k < lenv; k += W) {
+    vf xv[MB];
+    for (int i = 0; i < MB; ++i) xv[i] = loadu(x[i] + k);
+    for (int j = 0; j < NB; ++j) {
+      const vf wv = loadu(panel + j * kChunkK + k);
+      for (int i = 0; i < MB; ++i) a[i][j] += xv[i] * wv;
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) out[i * NB + j] = hsum(a[i][j]);
+}
+
+template <int MB, int NB, class Fill>
+void run_tile_panel(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* acc,
+                    float* panel, Fill fill) {
+  const int64_t ld = kChunkChannels;
+  std::fill(acc, acc + kChunkRows * kChunkChannels, 0.f);
+  for (int64_t k0 = 0; k0 < c.K; k0 += kChunkK) {
+    const int64_t k1 = std::min(c.K, k0 + kChunkK);
+    for (int64_t n = n0; n < n1; n += NB) {
+      int64_t chans[NB];
+      for (int j = 0; j < NB; ++j) chans[j] = std::min(n + j, n1 - 1);
+      fill(c, chans, k0, k1, panel);
+      int64_t m = m0;
+      for (; m + MB <= m1; m += MB) {
+        int64_t rows[MB];
+        for (int i = 0; i < MB; ++i) rows[i] = m + i;
+        float tmp[MB * NB];
+        panel_block<MB, NB>(c, rows, panel, k0, k1 - k0, tmp);
+        for (int i = 0; i < MB; ++i)
+          for (int j = 0; j < NB && n + j < n1; ++j)
+            acc[(m + i - m0) * ld + (n + j - n0)] += tmp[i * NB + j];
+      }
+      for (; m < m1; ++m) {
+        float tmp[NB];
+        panel_block<1, NB>(c, &m, panel, k0, k1 - k0, tmp);
+        for (int j = 0; j < NB && n + j < n1; ++j) acc[(m - m0) * ld + (n + j - n0)] += tmp[j];
+      }
+    }
+  }
+}
+
 // block: the MB-row kernel; block1: its one-row instance, for the rows left over (M = 1
 // decoding must not pay for MB rows).
 template <class Acc, int MB, int NB, class Block, class Block1>
@@ -301,7 +419,10 @@ void run_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1, Acc*
   const int64_t ld = kChunkChannels;
   std::fill(acc, acc + kChunkRows * kChunkChannels, Acc(0));
   // Few rows: x fits in L1 whole, and walking each weight row end to end streams best.
-  const int64_t kstep = m1 - m0 <= MB ? round_up(c.K, kChunkK) : kChunkK;
+  // int8 dot products reduce 64 lanes per instruction: longer chunks amortize the
+  // horizontal sums (x's 64 rows x 2048 bytes still fit L2).
+  const int64_t chunk = c.p->scheme == QuantScheme::w8a8 ? 4 * kChunkK : kChunkK;
+  const int64_t kstep = m1 - m0 <= MB ? round_up(c.K, kChunkK) : chunk;
   for (int64_t k0 = 0; k0 < c.K; k0 += kstep) {
     const int64_t k1 = std::min(c.K, k0 + kstep);
     for (int64_t n = n0; n < n1; n += NB) {
@@ -331,12 +452,17 @@ void tile_item(void* ctx, int64_t item, int thread) {
   const int64_t m0 = item / c.chunks_n * kChunkRows, n0 = item % c.chunks_n * kChunkChannels;
   const int64_t m1 = std::min(c.M, m0 + kChunkRows), n1 = std::min(c.N, n0 + kChunkChannels);
   char* scratch = c.scratch + thread * c.scratch_stride;
+  float* panel = reinterpret_cast<float*>(
+      round_up(reinterpret_cast<int64_t>(scratch + kChunkRows * kChunkChannels * 4), 64));
   const int64_t ld = kChunkChannels;
   switch (c.p->scheme) {
     case QuantScheme::int8: {
       float* acc = reinterpret_cast<float*>(scratch);
-      run_tile<float, kMB, kNB>(c, m0, m1, n0, n1, acc, int8_block<kMB, kNB>,
-                                int8_block<1, kNB>);
+      if (m1 - m0 > kMB)
+        run_tile_panel<kMB, kNB>(c, m0, m1, n0, n1, acc, panel, fill_int8<kNB>);
+      else
+        run_tile<float, kMB, kNB>(c, m0, m1, n0, n1, acc, int8_block<kMB, kNB>,
+                                  int8_block<1, kNB>);
       const float* sc = c.p->scales.ptr<float>();
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t n = n0; n < n1; ++n) store(c, m, n, acc[(m - m0) * ld + (n - n0)] * sc[n]);
@@ -344,8 +470,11 @@ void tile_item(void* ctx, int64_t item, int thread) {
     }
     case QuantScheme::int4: {
       float* acc = reinterpret_cast<float*>(scratch);
-      run_tile<float, kMB4, kNB4>(c, m0, m1, n0, n1, acc, int4_block<kMB4, kNB4>,
-                                  int4_block<1, kNB4>);
+      if (m1 - m0 > kMB4)
+        run_tile_panel<kMB, kNB>(c, m0, m1, n0, n1, acc, panel, fill_int4<kNB>);
+      else
+        run_tile<float, kMB4, kNB4>(c, m0, m1, n0, n1, acc, int4_block<kMB4, kNB4>,
+                                    int4_block<1, kNB4>);
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t n = n0; n < n1; ++n) store(c, m, n, acc[(m - m0) * ld + (n - n0)]);
       break;
