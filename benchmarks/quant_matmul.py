@@ -13,7 +13,9 @@ same quantized weights, then times, side by side:
              variant on the CPU)
   int4pack   torch.ops.aten._weight_int4pack_mm_for_cpu (int4 rows; CPU only)
 GB/s counts the weight bytes a call must read (packed data + scales), against the machine's
-read bandwidth measured in the same run (a large float32 sum). Exit status 1 if a check fails.
+read bandwidth measured in the same run (a large float32 sum). Every path cycles through copies
+of its weight totalling --rotate-mib (256 MiB), so memory-bound cases read DRAM, not cache.
+Exit status 1 if a check fails.
 """
 from __future__ import annotations
 
@@ -37,6 +39,31 @@ MODEL_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 SCHEMES = ("int8", "int4", "w8a8")
 
 
+class Rotating:
+    """Calls fn(copy) over several copies of a weight, in turn, so that together they exceed
+    the last-level cache: a memory-bound kernel timed on one small weight would read it from
+    cache (a 16 MiB int8 weight fits the 32 MiB L3 of a Zen 4) and look faster than DRAM allows."""
+
+    def __init__(self, weight, nbytes: int, fn, rotate_bytes: int, clone):
+        copies = max(1, min(16, -(-rotate_bytes // max(nbytes, 1)))) if rotate_bytes else 1
+        self.weights = [weight] + [clone(weight) for _ in range(copies - 1)]
+        self.fn, self.i = fn, 0
+
+    def __call__(self):
+        self.i = (self.i + 1) % len(self.weights)
+        return self.fn(self.weights[self.i])
+
+
+def _clone_tensor(t):
+    return t.clone()
+
+
+def _clone_qweight(qw):
+    return llmkernels.QuantizedWeight(qw.scheme, qw.shape, qw.group_size, qw.qdata.clone(),
+                                      qw.scales.clone(),
+                                      None if qw.zeros is None else qw.zeros.clone(), qw.dtype)
+
+
 def read_bandwidth(device: str, min_run_time: float) -> float:
     """GB/s of a large float32 reduction (reads only): the memory-bound ceiling."""
     n = (256 << 20) // 4
@@ -45,7 +72,7 @@ def read_bandwidth(device: str, min_run_time: float) -> float:
     return n * 4 / t / 1e9
 
 
-def torch_int4pack(w: torch.Tensor, group: int, x: torch.Tensor):
+def torch_int4pack(w: torch.Tensor, group: int, x: torch.Tensor, rotate_bytes: int):
     """torch's CPU int4 path for the same scheme (its own packing): a callable, or None."""
     try:
         N, K = w.shape
@@ -58,7 +85,9 @@ def torch_int4pack(w: torch.Tensor, group: int, x: torch.Tensor):
         # torch's zero point is the float value at q = 8: w = (q - 8) * scale + zero
         zero = lo + 8 * scale
         sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(x.dtype)
-        fn = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)  # noqa: E731
+        fn = Rotating((packed, sz), packed.numel() * packed.element_size(),
+                      lambda ws: torch.ops.aten._weight_int4pack_mm_for_cpu(x, ws[0], group, ws[1]),
+                      rotate_bytes, lambda ws: (ws[0].clone(), ws[1].clone()))
         fn()
         return fn
     except Exception:
@@ -77,6 +106,9 @@ def main(argv=None) -> int:
                    help="activation dtype for ours (default bf16)")
     p.add_argument("--backend", default=None, help="force our path (cpu, triton, cuda, reference)")
     p.add_argument("--min-run-time", type=float, default=None)
+    p.add_argument("--rotate-mib", type=int, default=256,
+                   help="cycle through copies of each weight totalling this much, so that "
+                   "timings read memory, not cache (0: one copy)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
@@ -113,11 +145,17 @@ def main(argv=None) -> int:
             x32 = torch.randn(M, K, device=dev)
             x = x32.to(xdtype)
             xb = x32.to(torch.bfloat16)
-            base = {"f32": lambda: F.linear(x32, w), "bf16": lambda: F.linear(xb, w_bf16)}
+            rot = args.rotate_mib << 20
+            base = {"f32": Rotating(w, w.numel() * 4, lambda ww: F.linear(x32, ww), rot,
+                                    _clone_tensor),
+                    "bf16": Rotating(w_bf16, w.numel() * 2, lambda ww: F.linear(xb, ww), rot,
+                                     _clone_tensor)}
             if dev == "cpu":
                 s_bf = w_i8.scales.to(torch.bfloat16)
-                base["int8pack"] = lambda: torch.ops.aten._weight_int8pack_mm(xb, w_i8.qdata, s_bf)
-                fn4 = torch_int4pack(w, args.group_size, xb) if "int4" in schemes else None
+                base["int8pack"] = Rotating(
+                    w_i8.qdata, w_i8.qdata.numel(),
+                    lambda q: torch.ops.aten._weight_int8pack_mm(xb, q, s_bf), rot, _clone_tensor)
+                fn4 = torch_int4pack(w, args.group_size, xb, rot) if "int4" in schemes else None
                 if fn4 is not None:
                     base["int4pack"] = fn4
             with torch.no_grad():
@@ -134,8 +172,10 @@ def main(argv=None) -> int:
                     err = (got.float() - ref.float()).abs().max().item() / scale
                     ok = err <= tol
                     failed += not ok
-                    t = harness.time_fn(lambda: llmkernels.quant_matmul(x, qw, backend=args.backend),
-                                        dev, mrt).median_s
+                    ours = Rotating(qw, qw.nbytes,
+                                    lambda q: llmkernels.quant_matmul(x, q, backend=args.backend),
+                                    rot, _clone_qweight)
+                    t = harness.time_fn(ours, dev, mrt).median_s
                     gbs = qw.nbytes / t / 1e9
                     rec = dict(M=M, K=K, N=N, scheme=scheme, path=served, correct=ok,
                                rel_err=err, ours_us=t * 1e6, weight_gbs=gbs,
