@@ -69,6 +69,14 @@ def test_int4_group_sizes_and_batched_noncontiguous_input(cpu_tier, scheme):
         check_against_reference(x, qw, None, out)
 
 
+def test_non_contiguous_packed_weights():
+    qw = llmkernels.quantize_weight(torch.randn(64, 32), "int8")
+    t = qw.qdata.t().contiguous().t()  # same values, column-major storage
+    odd = llmkernels.QuantizedWeight("int8", qw.shape, 0, t, qw.scales, None, qw.dtype)
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(llmkernels.quant_matmul(x, odd), llmkernels.quant_matmul(x, qw))
+
+
 def test_w8a8_rounding_matches_reference_exactly():
     # Values at exact .5 multiples of the scale: round half to even, as torch.round.
     x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5] + [0.0] * 58])

@@ -101,6 +101,9 @@ def quant_matmul_op(x2d: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor
         return out if bias is None else out.add_(bias)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
+    # The kernels read packed weights as dense rows (no-ops for the usual contiguous ones).
+    qdata, scales = qdata.contiguous(), scales.contiguous()
+    zeros = None if zeros is None else zeros.contiguous()
     _run_kernel(impl, x2d, qdata, scales, zeros, bias, out, _SCHEMES_BY_CODE[scheme_code],
                 group_size)
     return out
