@@ -156,6 +156,7 @@ struct Ctx {
   int64_t M, N, K, Kx;        // Kx: floats (or bytes, w8a8) per prepared row of x
   int64_t groups;             // int4: K / group_size
   const float* xf;            // int8/int4: prepared float rows
+  const uint16_t* xb;         // int8 with bf16 x on BF16 CPUs: the rows as bf16 (Kx wide)
   const float* xsum;          // int4: (M, groups) sums of x over each group
   const int8_t* xq;           // w8a8: quantized rows (biased when kBiasedX)
   const float* xscale;        // w8a8: per-row scales
@@ -411,6 +412,92 @@ void run_tile_panel(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1
   }
 }
 
+#if defined(__AVX512BF16__)
+// bf16 activations times int8 weights: q is exact in bf16, and vdpbf16ps multiplies pairs
+// exactly and accumulates in float32, so this computes what the float panel computes (up to
+// summation order) at twice the products per instruction.
+constexpr bool kBf16Dot = true;
+
+template <int NB>
+void fill_int8_bf16(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1,
+                    uint16_t* panel) {
+  const int64_t len = k1 - k0, lenv = round_up(len, 32);
+  for (int j = 0; j < NB; ++j) {
+    const int8_t* w = c.p->qdata.ptr<int8_t>() + chans[j] * c.K + k0;
+    uint16_t* dst = panel + j * kChunkK;
+    int64_t k = 0;
+    for (; k + 32 <= len; k += 32) {
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16))));
+      const __m512bh b = _mm512_cvtne2ps_pbh(hi, lo);
+      std::memcpy(dst + k, &b, 64);
+    }
+    for (; k < len; ++k) dst[k] = f32_to_bf16(float(w[k]));
+    for (; k < lenv; ++k) dst[k] = 0;
+  }
+}
+
+template <int MB, int NB>
+void panel_block_bf16(const Ctx& c, const int64_t* rows, const uint16_t* panel, int64_t k0,
+                      int64_t len, float* out) {
+  const uint16_t* x[MB];
+  for (int i = 0; i < MB; ++i) x[i] = c.xb + rows[i] * c.Kx + k0;
+  __m512 a[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) a[i][j] = _mm512_setzero_ps();
+  const int64_t lenv = round_up(len, 32);  // panel and rows are zero-padded that far
+  for (int64_t k = 0; k < lenv; k += 32) {
+    __m512bh xv[MB];
+    for (int i = 0; i < MB; ++i) std::memcpy(&xv[i], x[i] + k, 64);
+    for (int j = 0; j < NB; ++j) {
+      __m512bh wv;
+      std::memcpy(&wv, panel + j * kChunkK + k, 64);
+      for (int i = 0; i < MB; ++i) a[i][j] = _mm512_dpbf16_ps(a[i][j], xv[i], wv);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) out[i * NB + j] = _mm512_reduce_add_ps(a[i][j]);
+}
+
+template <int MB, int NB>
+void run_tile_panel_bf16(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                         float* acc, uint16_t* panel) {
+  const int64_t ld = kChunkChannels;
+  std::fill(acc, acc + kChunkRows * kChunkChannels, 0.f);
+  for (int64_t k0 = 0; k0 < c.K; k0 += kChunkK) {
+    const int64_t k1 = std::min(c.K, k0 + kChunkK);
+    for (int64_t n = n0; n < n1; n += NB) {
+      int64_t chans[NB];
+      for (int j = 0; j < NB; ++j) chans[j] = std::min(n + j, n1 - 1);
+      fill_int8_bf16<NB>(c, chans, k0, k1, panel);
+      int64_t m = m0;
+      for (; m + MB <= m1; m += MB) {
+        int64_t rows[MB];
+        for (int i = 0; i < MB; ++i) rows[i] = m + i;
+        float tmp[MB * NB];
+        panel_block_bf16<MB, NB>(c, rows, panel, k0, k1 - k0, tmp);
+        for (int i = 0; i < MB; ++i)
+          for (int j = 0; j < NB && n + j < n1; ++j)
+            acc[(m + i - m0) * ld + (n + j - n0)] += tmp[i * NB + j];
+      }
+      for (; m < m1; ++m) {
+        float tmp[NB];
+        panel_block_bf16<1, NB>(c, &m, panel, k0, k1 - k0, tmp);
+        for (int j = 0; j < NB && n + j < n1; ++j) acc[(m - m0) * ld + (n + j - n0)] += tmp[j];
+      }
+    }
+  }
+}
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
+bool use_bf16_dot(const QuantMatmulParams& p) {
+  return kBf16Dot && p.scheme == QuantScheme::int8 && p.x.dtype == DType::bf16;
+}
+
 // block: the MB-row kernel; block1: its one-row instance, for the rows left over (M = 1
 // decoding must not pay for MB rows).
 template <class Acc, int MB, int NB, class Block, class Block1>
@@ -458,9 +545,13 @@ void tile_item(void* ctx, int64_t item, int thread) {
   switch (c.p->scheme) {
     case QuantScheme::int8: {
       float* acc = reinterpret_cast<float*>(scratch);
-      if (m1 - m0 > kMB)
+      if (m1 - m0 > kMB && c.xb != nullptr) {
+#if defined(__AVX512BF16__)
+        run_tile_panel_bf16<kMB, kNB>(c, m0, m1, n0, n1, acc, reinterpret_cast<uint16_t*>(panel));
+#endif
+      } else if (m1 - m0 > kMB) {
         run_tile_panel<kMB, kNB>(c, m0, m1, n0, n1, acc, panel, fill_int8<kNB>);
-      else
+      } else
         run_tile<float, kMB, kNB>(c, m0, m1, n0, n1, acc, int8_block<kMB, kNB>,
                                   int8_block<1, kNB>);
       const float* sc = c.p->scales.ptr<float>();
@@ -501,6 +592,7 @@ struct PrepCtx {
   float* xsum;
   int8_t* xq;
   float* xscale;
+  uint16_t* xb;
 };
 
 void prep_row(void* ctx, int64_t m, int) {
@@ -529,6 +621,12 @@ void prep_row(void* ctx, int64_t m, int) {
     return;
   }
   float* row = pc.xf + m * c.Kx;
+  if (pc.xb != nullptr) {  // bf16 x for the dot-product panel path: copied as is
+    uint16_t* brow = pc.xb + m * c.Kx;
+    const uint16_t* src = static_cast<const uint16_t*>(p.x.data);
+    for (int64_t k = 0; k < K; ++k) brow[k] = src[base + k * ks];
+    for (int64_t k = K; k < c.Kx; ++k) brow[k] = 0;
+  }
   if (p.scheme == QuantScheme::int4) {
     const int64_t g = p.group_size;
     for (int64_t kb = 0; kb < K; kb += 32)
@@ -548,7 +646,7 @@ void prep_row(void* ctx, int64_t m, int) {
 }
 
 struct Layout {
-  int64_t xf, xsum, xq, xscale, scratch, total;
+  int64_t xf, xsum, xq, xscale, xb, scratch, total;
 };
 
 Layout layout(const QuantMatmulParams& p) {
@@ -566,6 +664,7 @@ Layout layout(const QuantMatmulParams& p) {
   } else {
     l.xf = take(M * Kx * 4);
     if (p.scheme == QuantScheme::int4) l.xsum = take(M * (K / p.group_size) * 4);
+    if (use_bf16_dot(p)) l.xb = take(M * Kx * 2);
   }
   l.scratch = take(scratch_bytes() * int64_t(p.num_threads));
   l.total = off + 64;  // room to align the base
@@ -586,14 +685,16 @@ void run(const QuantMatmulParams& p, void* workspace) {
   c.K = p.x.sizes[1];
   c.Kx = padded_k(p);
   c.groups = p.scheme == QuantScheme::int4 ? c.K / p.group_size : 0;
-  PrepCtx pc{&p, &c, nullptr, nullptr, nullptr, nullptr};
+  PrepCtx pc{&p, &c, nullptr, nullptr, nullptr, nullptr, nullptr};
   if (p.scheme == QuantScheme::w8a8) {
     pc.xq = reinterpret_cast<int8_t*>(base + l.xq);
     pc.xscale = reinterpret_cast<float*>(base + l.xscale);
   } else {
     pc.xf = reinterpret_cast<float*>(base + l.xf);
     if (p.scheme == QuantScheme::int4) pc.xsum = reinterpret_cast<float*>(base + l.xsum);
+    if (use_bf16_dot(p)) pc.xb = reinterpret_cast<uint16_t*>(base + l.xb);
   }
+  c.xb = pc.xb;
   c.xf = pc.xf;
   c.xsum = pc.xsum;
   c.xq = pc.xq;
