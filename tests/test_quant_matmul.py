@@ -69,6 +69,13 @@ def test_int4_group_sizes_and_batched_noncontiguous_input(cpu_tier, scheme):
         check_against_reference(x, qw, None, out)
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_empty_batch(scheme):
+    qw = llmkernels.quantize_weight(torch.randn(8, 64), scheme, 32)
+    out = llmkernels.quant_matmul(torch.randn(0, 3, 64), qw)
+    assert out.shape == (0, 3, 8)
+
+
 def test_non_contiguous_packed_weights():
     qw = llmkernels.quantize_weight(torch.randn(64, 32), "int8")
     t = qw.qdata.t().contiguous().t()  # same values, column-major storage
@@ -233,6 +240,7 @@ BAD = [
      "group_size"),
     (lambda qw: llmkernels.quantize_weight(torch.randn(16, 64), "int3"), ValueError, "scheme"),
     (lambda qw: llmkernels.quantize_weight(torch.randn(4, 16, 64), "int8"), ValueError, "2-D"),
+    (lambda qw: llmkernels.quantize_weight(torch.randn(4, 0), "int8"), ValueError, "empty"),
     (lambda qw: llmkernels.quantize_(torch.nn.Linear(4, 4), "nf4"), ValueError, "scheme"),
     (lambda qw: llmkernels.quant_matmul(torch.randn(2, 64), qw, backend="cuda"),
      llmkernels.BackendError, "cuda"),

@@ -111,6 +111,8 @@ def quantize_weight(weight: torch.Tensor, scheme: str, group_size: int = 128) ->
     if not torch.isfinite(weight).all():
         raise ValueError("quantize_weight: weight holds NaN or Inf")
     N, K = weight.shape
+    if K == 0 or N == 0:
+        raise ValueError(f"quantize_weight: weight of shape {tuple(weight.shape)} is empty")
     w = weight.detach()
     if scheme == "int4":
         if group_size not in INT4_GROUP_SIZES:
