@@ -10,6 +10,7 @@
 #include "common/tensor_view.h"
 #include "common/thread_pool.h"
 #include "cpu/attention.h"
+#include "cpu/optim.h"
 #include "cpu/quant_matmul.h"
 #ifdef LLMK_WITH_CUDA
 #include "cuda/attention.h"
@@ -159,6 +160,68 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_set_round_bytes", &set_attention_round_bytes, py::arg("bytes"),
         "Testing knob: the workspace budget of one round of heads (0 restores the default).");
 
+  m.def(
+      "adam_step",
+      [](int tier, py::list tensors, float lr, float beta1, float beta2, float eps,
+         float weight_decay, bool decoupled, bool amsgrad, bool maximize, float inv_grad_scale,
+         int num_threads, double decay, double one_minus_beta1, double one_minus_beta2) {
+        AdamHyper h;
+        h.decay = float(decay);
+        h.one_minus_beta1 = float(one_minus_beta1);
+        h.one_minus_beta2 = float(one_minus_beta2);
+        h.lr = lr; h.beta1 = beta1; h.beta2 = beta2; h.eps = eps;
+        h.weight_decay = weight_decay; h.decoupled = decoupled; h.amsgrad = amsgrad;
+        h.maximize = maximize; h.inv_grad_scale = inv_grad_scale;
+        LLMK_CHECK(num_threads >= 1 && num_threads <= kMaxThreads, "num_threads out of range");
+        h.num_threads = num_threads;
+        std::vector<AdamTensor> ts;
+        for (const auto& item : tensors) {
+          auto t = item.cast<py::tuple>();
+          LLMK_CHECK(t.size() == 7, "adam_step: expected (param, grad, exp_avg, exp_avg_sq, "
+                                    "max_exp_avg_sq, step_size, bias_correction2_sqrt)");
+          AdamTensor a;
+          a.param = to_view(t[0], "param");
+          a.grad = to_view(t[1], "grad");
+          a.exp_avg = to_view(t[2], "exp_avg");
+          a.exp_avg_sq = to_view(t[3], "exp_avg_sq");
+          a.max_exp_avg_sq = to_view(t[4], "max_exp_avg_sq");
+          a.step_size = t[5].cast<float>();
+          a.bias_correction2_sqrt = t[6].cast<float>();
+          ts.push_back(a);
+        }
+        const CpuTier ct = to_tier(tier);
+        py::gil_scoped_release release;
+        adam_step(ct, h, ts);
+      },
+      "Fused Adam/AdamW step over a list of tensors (see csrc/cpu/optim.h).");
+  m.def(
+      "sgd_step",
+      [](int tier, py::list tensors, float lr, float momentum, float dampening,
+         float weight_decay, bool nesterov, bool maximize, float inv_grad_scale,
+         int num_threads, double one_minus_dampening) {
+        SgdHyper h;
+        h.one_minus_dampening = float(one_minus_dampening);
+        h.lr = lr; h.momentum = momentum; h.dampening = dampening;
+        h.weight_decay = weight_decay; h.nesterov = nesterov; h.maximize = maximize;
+        h.inv_grad_scale = inv_grad_scale;
+        LLMK_CHECK(num_threads >= 1 && num_threads <= kMaxThreads, "num_threads out of range");
+        h.num_threads = num_threads;
+        std::vector<SgdTensor> ts;
+        for (const auto& item : tensors) {
+          auto t = item.cast<py::tuple>();
+          LLMK_CHECK(t.size() == 4, "sgd_step: expected (param, grad, momentum_buffer, first)");
+          SgdTensor a;
+          a.param = to_view(t[0], "param");
+          a.grad = to_view(t[1], "grad");
+          a.momentum_buffer = to_view(t[2], "momentum_buffer");
+          a.first_step = t[3].cast<bool>();
+          ts.push_back(a);
+        }
+        const CpuTier ct = to_tier(tier);
+        py::gil_scoped_release release;
+        sgd_step(ct, h, ts);
+      },
+      "Fused SGD step over a list of tensors (see csrc/cpu/optim.h).");
   m.def(
       "quant_matmul_workspace_bytes",
       [](int tier, int scheme, py::object x, py::object qdata, py::object scales,

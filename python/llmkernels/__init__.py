@@ -14,10 +14,11 @@ from .ops import (attention_varlen, attention_with_kvcache, quant_matmul,
 from .ops.attention import empty_cache
 from .quantized_weight import QuantizedWeight, quantize_weight
 from .quantize import QuantizeReport, quantize_
-from . import nn
+from . import nn, optim
 
 __all__ = [
     "__version__", "build_info", "explain", "use_backend", "use_cpu_tier", "BackendError",
     "scaled_dot_product_attention", "attention_varlen", "attention_with_kvcache", "empty_cache",
     "quant_matmul", "quantize_weight", "QuantizedWeight", "quantize_", "QuantizeReport", "nn",
+    "optim",
 ]

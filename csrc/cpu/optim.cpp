@@ -1,0 +1,112 @@
+// Checks, chunking and tier dispatch of the fused optimizer steps.
+#include "optim.h"
+
+#include "../common/checks.h"
+#include "../common/thread_pool.h"
+
+namespace llmk {
+
+namespace {
+
+constexpr int64_t kChunk = 1 << 15;  // elements per work item: big enough to amortize, small
+                                     // enough to balance many small tensors over threads
+
+void check_vec(const TensorView& t, const TensorView& like, const char* name, int64_t i) {
+  LLMK_CHECK(t.ndim == 1, name << " of tensor " << i << " must be a 1-D view");
+  LLMK_CHECK(t.sizes[0] == like.sizes[0], name << " of tensor " << i << " has "
+                                              << t.sizes[0] << " elements, the parameter "
+                                              << like.sizes[0]);
+  LLMK_CHECK(t.sizes[0] <= 1 || t.strides[0] == 1, name << " of tensor " << i
+                                                         << " must be contiguous");
+  LLMK_CHECK(t.dtype == like.dtype, name << " of tensor " << i << " must have the parameter's dtype");
+  LLMK_CHECK(t.data != nullptr || t.sizes[0] == 0, name << " of tensor " << i << " has no data");
+}
+
+void check_param(const TensorView& p, int64_t i) {
+  LLMK_CHECK(p.ndim == 1, "parameter " << i << " must be a 1-D view");
+  LLMK_CHECK(p.dtype == DType::f32 || p.dtype == DType::bf16 || p.dtype == DType::f16,
+             "parameter " << i << " must be float32, bfloat16 or float16");
+  LLMK_CHECK(p.sizes[0] <= 1 || p.strides[0] == 1, "parameter " << i << " must be contiguous");
+  LLMK_CHECK(p.data != nullptr || p.sizes[0] == 0, "parameter " << i << " has no data");
+}
+
+struct Items {
+  std::vector<int64_t> tensor, begin;  // one entry per chunk
+};
+
+template <class T>
+Items chunk(const std::vector<T>& ts) {
+  Items it;
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const int64_t n = ts[i].param.sizes[0];
+    for (int64_t b = 0; b < n; b += kChunk) {
+      it.tensor.push_back(int64_t(i));
+      it.begin.push_back(b);
+    }
+  }
+  return it;
+}
+
+template <class Hyper, class Tensor>
+struct Job {
+  CpuTier tier;
+  const Hyper* h;
+  const std::vector<Tensor>* ts;
+  Items items;
+};
+
+void adam_item(void* ctx, int64_t item, int) {
+  auto& j = *static_cast<Job<AdamHyper, AdamTensor>*>(ctx);
+  const AdamTensor& t = (*j.ts)[j.items.tensor[item]];
+  const int64_t b = j.items.begin[item], e = std::min(t.param.sizes[0], b + kChunk);
+  switch (j.tier) {
+    case CpuTier::avx512_bf16: return optim_avx512bf16::adam_range(*j.h, t, b, e);
+    case CpuTier::avx512: return optim_avx512::adam_range(*j.h, t, b, e);
+    case CpuTier::avx2: return optim_avx2::adam_range(*j.h, t, b, e);
+    default: return optim_generic::adam_range(*j.h, t, b, e);
+  }
+}
+
+void sgd_item(void* ctx, int64_t item, int) {
+  auto& j = *static_cast<Job<SgdHyper, SgdTensor>*>(ctx);
+  const SgdTensor& t = (*j.ts)[j.items.tensor[item]];
+  const int64_t b = j.items.begin[item], e = std::min(t.param.sizes[0], b + kChunk);
+  switch (j.tier) {
+    case CpuTier::avx512_bf16: return optim_avx512bf16::sgd_range(*j.h, t, b, e);
+    case CpuTier::avx512: return optim_avx512::sgd_range(*j.h, t, b, e);
+    case CpuTier::avx2: return optim_avx2::sgd_range(*j.h, t, b, e);
+    default: return optim_generic::sgd_range(*j.h, t, b, e);
+  }
+}
+
+}  // namespace
+
+void adam_step(CpuTier tier, const AdamHyper& h, const std::vector<AdamTensor>& ts) {
+  LLMK_CHECK(tier_supported(tier), "CPU tier " << tier_name(tier) << " is not supported here");
+  LLMK_CHECK(h.num_threads >= 1, "num_threads must be >= 1");
+  for (size_t i = 0; i < ts.size(); ++i) {
+    check_param(ts[i].param, int64_t(i));
+    check_vec(ts[i].grad, ts[i].param, "grad", int64_t(i));
+    check_vec(ts[i].exp_avg, ts[i].param, "exp_avg", int64_t(i));
+    check_vec(ts[i].exp_avg_sq, ts[i].param, "exp_avg_sq", int64_t(i));
+    if (h.amsgrad) check_vec(ts[i].max_exp_avg_sq, ts[i].param, "max_exp_avg_sq", int64_t(i));
+  }
+  Job<AdamHyper, AdamTensor> job{tier, &h, &ts, chunk(ts)};
+  const int64_t n = int64_t(job.items.tensor.size());
+  if (n) parallel_for(n, int(std::min<int64_t>(h.num_threads, n)), adam_item, &job);
+}
+
+void sgd_step(CpuTier tier, const SgdHyper& h, const std::vector<SgdTensor>& ts) {
+  LLMK_CHECK(tier_supported(tier), "CPU tier " << tier_name(tier) << " is not supported here");
+  LLMK_CHECK(h.num_threads >= 1, "num_threads must be >= 1");
+  for (size_t i = 0; i < ts.size(); ++i) {
+    check_param(ts[i].param, int64_t(i));
+    check_vec(ts[i].grad, ts[i].param, "grad", int64_t(i));
+    if (h.momentum != 0.f) check_vec(ts[i].momentum_buffer, ts[i].param, "momentum_buffer", int64_t(i));
+  }
+  Job<SgdHyper, SgdTensor> job{tier, &h, &ts, chunk(ts)};
+  const int64_t n = int64_t(job.items.tensor.size());
+  if (n) parallel_for(n, int(std::min<int64_t>(h.num_threads, n)), sgd_item, &job);
+}
+
+}  // namespace llmk

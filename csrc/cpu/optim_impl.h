@@ -1,0 +1,114 @@
+// Per-tier element loops of the fused optimizers (compiled once per tier: see vec.h). The
+// loops are plain scalar code over contiguous arrays, written so that the compiler
+// vectorizes them for the tier's instruction set (float32 math, -fno-math-errno sqrt).
+// These files compile without FMA contraction: each operation rounds as torch's does (its
+// lerp is the one fused multiply-add), so trajectories follow torch.optim's to a few ulps.
+#pragma once
+#include <algorithm>
+#include <cmath>
+
+#include "../common/half.h"
+#include "optim.h"
+
+namespace llmk {
+namespace LLMK_ISA_NS {
+
+namespace {
+
+template <class T> inline float ld(const T* p, int64_t i);
+template <> inline float ld<float>(const float* p, int64_t i) { return p[i]; }
+template <> inline float ld<uint16_t>(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
+template <class T> inline void st(T* p, int64_t i, float v);
+template <> inline void st<float>(float* p, int64_t i, float v) { p[i] = v; }
+template <> inline void st<uint16_t>(uint16_t* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
+
+template <class T, bool kHalf>
+void adam_loop(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
+  T* p = static_cast<T*>(t.param.data);
+  const T* g = static_cast<const T*>(t.grad.data);
+  T* m = static_cast<T*>(t.exp_avg.data);
+  T* v = static_cast<T*>(t.exp_avg_sq.data);
+  T* vmax = static_cast<T*>(t.max_exp_avg_sq.data);
+  const float wd = h.weight_decay, b2 = h.beta2, eps = h.eps;
+  const float one_m_b1 = h.one_minus_beta1, one_m_b2 = h.one_minus_beta2, decay = h.decay;
+  const float step_size = t.step_size, bc2 = t.bias_correction2_sqrt;
+  const float sign = h.maximize ? -1.f : 1.f, inv_scale = h.inv_grad_scale;
+  auto get = [](const T* a, int64_t i) {
+    if constexpr (kHalf) return f16_to_f32(reinterpret_cast<const uint16_t*>(a)[i]);
+    else return ld<T>(a, i);
+  };
+  auto put = [](T* a, int64_t i, float x) {
+    if constexpr (kHalf) reinterpret_cast<uint16_t*>(a)[i] = f32_to_f16(x);
+    else st<T>(a, i, x);
+  };
+  for (int64_t i = b; i < e; ++i) {
+    float pi = get(p, i);
+    float gi = get(g, i) * inv_scale * sign;
+    if (h.decoupled) pi *= decay;
+    else gi = std::fma(pi, wd, gi);  // grad.add(param, alpha=wd)
+    float mi = get(m, i);
+    mi = std::fma(one_m_b1, gi - mi, mi);  // torch's lerp (weight 1 - beta1 < 0.5)
+    float vi = get(v, i) * b2;
+    vi = vi + (one_m_b2 * gi) * gi;  // addcmul: self + value * t1 * t2
+    float vd = vi;
+    if (h.amsgrad) {
+      vd = std::max(get(vmax, i), vi);
+      put(vmax, i, vd);
+    }
+    const float denom = std::sqrt(vd) / bc2 + eps;
+    pi = pi + (-step_size) * (mi / denom);  // addcdiv
+    put(p, i, pi);
+    put(m, i, mi);
+    put(v, i, vi);
+  }
+}
+
+template <class T, bool kHalf>
+void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
+  T* p = static_cast<T*>(t.param.data);
+  const T* g = static_cast<const T*>(t.grad.data);
+  T* buf = static_cast<T*>(t.momentum_buffer.data);
+  const float lr = h.lr, wd = h.weight_decay, mom = h.momentum, damp = h.one_minus_dampening;
+  const float sign = h.maximize ? -1.f : 1.f, inv_scale = h.inv_grad_scale;
+  auto get = [](const T* a, int64_t i) {
+    if constexpr (kHalf) return f16_to_f32(reinterpret_cast<const uint16_t*>(a)[i]);
+    else return ld<T>(a, i);
+  };
+  auto put = [](T* a, int64_t i, float x) {
+    if constexpr (kHalf) reinterpret_cast<uint16_t*>(a)[i] = f32_to_f16(x);
+    else st<T>(a, i, x);
+  };
+  for (int64_t i = b; i < e; ++i) {
+    const float pi = get(p, i);
+    float d = get(g, i) * inv_scale * sign;
+    if (wd != 0.f) d = std::fma(pi, wd, d);  // grad.add(param, alpha=wd)
+    if (mom != 0.f) {
+      // buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+      const float bi = t.first_step ? d : std::fma(d, damp, get(buf, i) * mom);
+      put(buf, i, bi);
+      d = h.nesterov ? std::fma(bi, mom, d) : bi;
+    }
+    put(p, i, std::fma(d, -lr, pi));  // param.add_(grad, alpha=-lr)
+  }
+}
+
+}  // namespace
+
+void adam_range(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
+  switch (t.param.dtype) {
+    case DType::f32: return adam_loop<float, false>(h, t, b, e);
+    case DType::bf16: return adam_loop<uint16_t, false>(h, t, b, e);
+    default: return adam_loop<uint16_t, true>(h, t, b, e);
+  }
+}
+
+void sgd_range(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
+  switch (t.param.dtype) {
+    case DType::f32: return sgd_loop<float, false>(h, t, b, e);
+    case DType::bf16: return sgd_loop<uint16_t, false>(h, t, b, e);
+    default: return sgd_loop<uint16_t, true>(h, t, b, e);
+  }
+}
+
+}  // namespace LLMK_ISA_NS
+}  // namespace llmk

@@ -1,0 +1,6 @@
+"""Drop-in torch.optim optimizers with fused multi-tensor steps (same math, arguments,
+param groups and state_dict layout as torch's: checkpoints move between the two)."""
+from .adam import Adam, AdamW
+from .sgd import SGD
+
+__all__ = ["Adam", "AdamW", "SGD"]

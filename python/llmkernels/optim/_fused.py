@@ -1,0 +1,84 @@
+"""What the fused optimizers share: argument checks, per-group tensor collection, the choice
+between the fused CPU kernel and the reference path, and GradScaler's (grad_scale, found_inf)."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+
+from .. import backends
+from .._cview import cview
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def as_float(value, name: str, owner: str) -> float:
+    """A hyperparameter (float or 0-d tensor) as a finite Python float."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{owner}: {name} must be a scalar, got shape {tuple(value.shape)}")
+        value = value.item()
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{owner}: {name} must be a number, got {type(value).__name__}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be finite, got {value}")
+    return value
+
+
+def check_params(params: List[torch.Tensor], owner: str) -> None:
+    for p in params:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{owner}: parameters must be tensors, got {type(p).__name__}")
+        if p.is_complex():
+            raise ValueError(f"{owner}: complex parameters are not supported (view them with "
+                             "torch.view_as_real first)")
+        if not p.dtype.is_floating_point:
+            raise ValueError(f"{owner}: parameters must be floating point, got {p.dtype}")
+
+
+def grads_of(group, owner: str) -> List[torch.Tensor]:
+    """The parameters of a group that have a gradient; sparse gradients are refused."""
+    out = []
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{owner} does not support sparse gradients")
+        out.append(p)
+    return out
+
+
+def use_kernel(params: List[torch.Tensor], tensors_per_param: List[List[torch.Tensor]]) -> bool:
+    """Whether the fused CPU kernel can take these tensors (else the reference path runs)."""
+    if backends.native_module() is None:
+        return False
+    forced = backends.forced_backend()
+    if forced == "reference":
+        return False
+    for p, ts in zip(params, tensors_per_param):
+        if p.device.type != "cpu" or p.dtype not in KERNEL_DTYPES:
+            return False
+        for t in ts:
+            if t is None:
+                continue
+            if t.dtype != p.dtype or t.device != p.device or not t.is_contiguous():
+                return False
+    return True
+
+
+def flat(t: Optional[torch.Tensor]):
+    return None if t is None else cview(t.view(-1))
+
+
+def threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def amp_scale(grad_scale, found_inf) -> Optional[float]:
+    """GradScaler support: None if this step must be skipped (found_inf), else 1 / scale."""
+    if found_inf is not None and float(found_inf) != 0.0:
+        return None
+    return 1.0 if grad_scale is None else 1.0 / float(grad_scale)

@@ -1,0 +1,153 @@
+"""Adam and AdamW with a fused multi-tensor step: torch.optim.Adam / AdamW's math, arguments,
+param groups and state_dict layout (a checkpoint moves between the two both ways)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import backends
+from . import _fused
+
+
+class _FusedAdam(torch.optim.Optimizer):
+    _decoupled: bool = True
+    _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf to step()
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 amsgrad: bool = False, maximize: bool = False):
+        name = type(self).__name__
+        if _fused.as_float(lr, "lr", name) < 0.0:
+            raise ValueError(f"{name}: invalid learning rate {lr} (must be >= 0)")
+        if _fused.as_float(eps, "eps", name) < 0.0:
+            raise ValueError(f"{name}: invalid eps {eps} (must be >= 0)")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"{name}: betas must be a pair, got {betas!r}")
+        for i, b in enumerate(betas):
+            if not 0.0 <= _fused.as_float(b, f"betas[{i}]", name) < 1.0:
+                raise ValueError(f"{name}: invalid beta parameter at index {i}: {b} "
+                                 "(must be in [0, 1))")
+        if _fused.as_float(weight_decay, "weight_decay", name) < 0.0:
+            raise ValueError(f"{name}: invalid weight_decay {weight_decay} (must be >= 0)")
+        # The keys of torch's Adam/AdamW defaults, so that state_dicts match theirs.
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        amsgrad=bool(amsgrad), maximize=bool(maximize), foreach=None,
+                        capturable=False, differentiable=False, fused=None,
+                        decoupled_weight_decay=self._decoupled)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            _fused.check_params(group["params"], name)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # checkpoints of older torch versions lack some keys
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("decoupled_weight_decay", self._decoupled)
+
+    def _state_of(self, p, amsgrad: bool):
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None, *, grad_scale: Optional[torch.Tensor] = None,
+             found_inf: Optional[torch.Tensor] = None):
+        """One update of every parameter that has a gradient. grad_scale / found_inf come from
+        torch.amp.GradScaler (gradients are still scaled; a step with inf/NaN is skipped)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # torch.amp.GradScaler sets these attributes around step() for optimizers that
+        # declare _step_supports_amp_scaling, as torch's fused optimizers do.
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+        inv_scale = _fused.amp_scale(grad_scale, found_inf)
+        if inv_scale is None:
+            return loss
+        name = type(self).__name__
+        for group in self.param_groups:
+            params = _fused.grads_of(group, name)
+            if not params:
+                continue
+            amsgrad = group["amsgrad"]
+            decoupled = group.get("decoupled_weight_decay", self._decoupled)
+            lr = _fused.as_float(group["lr"], "lr", name)
+            beta1, beta2 = (_fused.as_float(b, "betas", name) for b in group["betas"])
+            eps = _fused.as_float(group["eps"], "eps", name)
+            wd = _fused.as_float(group["weight_decay"], "weight_decay", name)
+            states = [self._state_of(p, amsgrad) for p in params]
+            corrections = []
+            for s in states:
+                s["step"] += 1
+                step = float(s["step"])
+                corrections.append((lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step)))
+            tensors = [[p.grad, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq")]
+                       for p, s in zip(params, states)]
+            if _fused.use_kernel(params, [[p] + ts for p, ts in zip(params, tensors)]):
+                native = backends.native_module()
+                items = [(_fused.flat(p), _fused.flat(g), _fused.flat(m), _fused.flat(v),
+                          _fused.flat(vm) if amsgrad else None, step_size, bc2)
+                         for p, (g, m, v, vm), (step_size, bc2) in zip(params, tensors, corrections)]
+                native.adam_step(backends.cpu_tier_code(), items, lr, beta1, beta2, eps, wd,
+                                 decoupled, amsgrad, group["maximize"], inv_scale,
+                                 _fused.threads(), 1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2)
+            else:
+                for p, (g, m, v, vm), (step_size, bc2) in zip(params, tensors, corrections):
+                    adam_reference(p, g, m, v, vm, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                   weight_decay=wd, decoupled=decoupled, amsgrad=amsgrad,
+                                   maximize=group["maximize"], step_size=step_size,
+                                   bias_correction2_sqrt=bc2, inv_grad_scale=inv_scale)
+        return loss
+
+
+def adam_reference(p, g, m, v, vmax, *, lr, beta1, beta2, eps, weight_decay, decoupled,
+                   amsgrad, maximize, step_size, bias_correction2_sqrt, inv_grad_scale=1.0):
+    """One tensor's update in float32, stored back in the tensors' dtypes (the specification
+    the fused kernel follows; torch.optim's single-tensor Adam/AdamW math)."""
+    pf, gf = p.float(), g.float() * inv_grad_scale
+    if maximize:
+        gf = -gf
+    if decoupled:
+        pf = pf * (1.0 - lr * weight_decay)
+    elif weight_decay != 0.0:
+        gf = gf + weight_decay * pf
+    mf = m.float()
+    mf = mf + (1.0 - beta1) * (gf - mf)
+    vf = v.float() * beta2 + (1.0 - beta2) * (gf * gf)
+    vd = vf
+    if amsgrad:
+        vd = torch.maximum(vmax.float(), vf)
+        vmax.copy_(vd)
+    denom = vd.sqrt() / bias_correction2_sqrt + eps
+    pf = pf - step_size * (mf / denom)
+    p.copy_(pf)
+    m.copy_(mf)
+    v.copy_(vf)
+
+
+class AdamW(_FusedAdam):
+    """torch.optim.AdamW with a fused multi-tensor step (decoupled weight decay)."""
+    _decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
+                 amsgrad: bool = False, maximize: bool = False):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize)
+
+
+class Adam(_FusedAdam):
+    """torch.optim.Adam with a fused multi-tensor step (L2 weight decay on the gradient)."""
+    _decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 amsgrad: bool = False, maximize: bool = False):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize)

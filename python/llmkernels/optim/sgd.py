@@ -1,0 +1,103 @@
+"""SGD with a fused multi-tensor step: torch.optim.SGD's math, arguments and state_dict."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import backends
+from . import _fused
+
+
+class SGD(torch.optim.Optimizer):
+    """torch.optim.SGD (momentum, dampening, Nesterov, weight decay, maximize), fused."""
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov: bool = False, *, maximize: bool = False):
+        if _fused.as_float(lr, "lr", "SGD") < 0.0:
+            raise ValueError(f"SGD: invalid learning rate {lr} (must be >= 0)")
+        if _fused.as_float(momentum, "momentum", "SGD") < 0.0:
+            raise ValueError(f"SGD: invalid momentum {momentum} (must be >= 0)")
+        if _fused.as_float(weight_decay, "weight_decay", "SGD") < 0.0:
+            raise ValueError(f"SGD: invalid weight_decay {weight_decay} (must be >= 0)")
+        _fused.as_float(dampening, "dampening", "SGD")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("SGD: Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=bool(nesterov),
+                        maximize=bool(maximize), foreach=None, differentiable=False, fused=None)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            _fused.check_params(group["params"], "SGD")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+
+    @torch.no_grad()
+    def step(self, closure=None, *, grad_scale: Optional[torch.Tensor] = None,
+             found_inf: Optional[torch.Tensor] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # torch.amp.GradScaler sets these attributes around step() for optimizers that
+        # declare _step_supports_amp_scaling, as torch's fused optimizers do.
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+        inv_scale = _fused.amp_scale(grad_scale, found_inf)
+        if inv_scale is None:
+            return loss
+        for group in self.param_groups:
+            params = _fused.grads_of(group, "SGD")
+            if not params:
+                continue
+            lr = _fused.as_float(group["lr"], "lr", "SGD")
+            momentum = _fused.as_float(group["momentum"], "momentum", "SGD")
+            dampening = _fused.as_float(group["dampening"], "dampening", "SGD")
+            wd = _fused.as_float(group["weight_decay"], "weight_decay", "SGD")
+            bufs, firsts = [], []
+            for p in params:
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                first = momentum != 0.0 and buf is None
+                if first:  # torch clones the first gradient; the kernel writes it in place
+                    buf = torch.empty_like(p, memory_format=torch.preserve_format)
+                    state["momentum_buffer"] = buf
+                bufs.append(buf if momentum != 0.0 else None)
+                firsts.append(first)
+            if _fused.use_kernel(params, [[p, p.grad, b] for p, b in zip(params, bufs)]):
+                items = [(_fused.flat(p), _fused.flat(p.grad), _fused.flat(b), f)
+                         for p, b, f in zip(params, bufs, firsts)]
+                backends.native_module().sgd_step(
+                    backends.cpu_tier_code(), items, lr, momentum, dampening, wd,
+                    group["nesterov"], group["maximize"], inv_scale, _fused.threads(),
+                    1.0 - dampening)
+            else:
+                for p, b, f in zip(params, bufs, firsts):
+                    sgd_reference(p, p.grad, b, f, lr=lr, momentum=momentum,
+                                  dampening=dampening, weight_decay=wd,
+                                  nesterov=group["nesterov"], maximize=group["maximize"],
+                                  inv_grad_scale=inv_scale)
+        return loss
+
+
+def sgd_reference(p, g, buf, first, *, lr, momentum, dampening, weight_decay, nesterov,
+                  maximize, inv_grad_scale=1.0):
+    """One tensor's SGD update in float32 (torch.optim.SGD's single-tensor math)."""
+    pf = p.float()
+    d = g.float() * inv_grad_scale
+    if maximize:
+        d = -d
+    if weight_decay != 0.0:
+        d = d + weight_decay * pf
+    if momentum != 0.0:
+        bf = d.clone() if first else momentum * buf.float() + (1.0 - dampening) * d
+        buf.copy_(bf)
+        d = d + momentum * bf if nesterov else bf
+    p.copy_(pf + (-lr) * d)
