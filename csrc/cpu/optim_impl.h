@@ -20,9 +20,18 @@ template <> inline float ld<float>(const float* p, int64_t i) { return p[i]; }
 template <> inline float ld<uint16_t>(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
 template <class T> inline void st(T* p, int64_t i, float v);
 template <> inline void st<float>(float* p, int64_t i, float v) { p[i] = v; }
-template <> inline void st<uint16_t>(uint16_t* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
+// Round to nearest even, NaN kept quiet: half.h's f32_to_bf16 without its branch, so that
+// the loops vectorize.
+inline uint16_t to_bf16(float f) {
+  const uint32_t u = f32_to_bits(f);
+  const uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);
+  const uint32_t quiet = u | 0x400000u;
+  return uint16_t(((u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded) >> 16);
+}
+template <> inline void st<uint16_t>(uint16_t* p, int64_t i, float v) { p[i] = to_bf16(v); }
 
-template <class T, bool kHalf>
+// The flags are template arguments so that each loop body is branch-free (vectorizable).
+template <class T, bool kHalf, bool kDecoupled, bool kAmsgrad>
 void adam_loop(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
   T* p = static_cast<T*>(t.param.data);
   const T* g = static_cast<const T*>(t.grad.data);
@@ -44,14 +53,14 @@ void adam_loop(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
   for (int64_t i = b; i < e; ++i) {
     float pi = get(p, i);
     float gi = get(g, i) * inv_scale * sign;
-    if (h.decoupled) pi *= decay;
+    if (kDecoupled) pi *= decay;
     else gi = std::fma(pi, wd, gi);  // grad.add(param, alpha=wd)
     float mi = get(m, i);
     mi = std::fma(one_m_b1, gi - mi, mi);  // torch's lerp (weight 1 - beta1 < 0.5)
     float vi = get(v, i) * b2;
     vi = vi + (one_m_b2 * gi) * gi;  // addcmul: self + value * t1 * t2
     float vd = vi;
-    if (h.amsgrad) {
+    if (kAmsgrad) {
       vd = std::max(get(vmax, i), vi);
       put(vmax, i, vd);
     }
@@ -63,7 +72,7 @@ void adam_loop(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
   }
 }
 
-template <class T, bool kHalf>
+template <class T, bool kHalf, bool kMomentum, bool kFirst, bool kNesterov>
 void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
   T* p = static_cast<T*>(t.param.data);
   const T* g = static_cast<const T*>(t.grad.data);
@@ -81,12 +90,12 @@ void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
   for (int64_t i = b; i < e; ++i) {
     const float pi = get(p, i);
     float d = get(g, i) * inv_scale * sign;
-    if (wd != 0.f) d = std::fma(pi, wd, d);  // grad.add(param, alpha=wd)
-    if (mom != 0.f) {
+    d = std::fma(pi, wd, d);  // grad.add(param, alpha=wd); exact when wd = 0
+    if (kMomentum) {
       // buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-      const float bi = t.first_step ? d : std::fma(d, damp, get(buf, i) * mom);
+      const float bi = kFirst ? d : std::fma(d, damp, get(buf, i) * mom);
       put(buf, i, bi);
-      d = h.nesterov ? std::fma(bi, mom, d) : bi;
+      d = kNesterov ? std::fma(bi, mom, d) : bi;
     }
     put(p, i, std::fma(d, -lr, pi));  // param.add_(grad, alpha=-lr)
   }
@@ -94,19 +103,42 @@ void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
 
 }  // namespace
 
+template <class T, bool kHalf>
+void adam_flags(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
+  if (h.decoupled) {
+    if (h.amsgrad) adam_loop<T, kHalf, true, true>(h, t, b, e);
+    else adam_loop<T, kHalf, true, false>(h, t, b, e);
+  } else {
+    if (h.amsgrad) adam_loop<T, kHalf, false, true>(h, t, b, e);
+    else adam_loop<T, kHalf, false, false>(h, t, b, e);
+  }
+}
+
+template <class T, bool kHalf>
+void sgd_flags(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
+  if (h.momentum == 0.f) return sgd_loop<T, kHalf, false, false, false>(h, t, b, e);
+  if (t.first_step) {
+    if (h.nesterov) sgd_loop<T, kHalf, true, true, true>(h, t, b, e);
+    else sgd_loop<T, kHalf, true, true, false>(h, t, b, e);
+  } else {
+    if (h.nesterov) sgd_loop<T, kHalf, true, false, true>(h, t, b, e);
+    else sgd_loop<T, kHalf, true, false, false>(h, t, b, e);
+  }
+}
+
 void adam_range(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
   switch (t.param.dtype) {
-    case DType::f32: return adam_loop<float, false>(h, t, b, e);
-    case DType::bf16: return adam_loop<uint16_t, false>(h, t, b, e);
-    default: return adam_loop<uint16_t, true>(h, t, b, e);
+    case DType::f32: return adam_flags<float, false>(h, t, b, e);
+    case DType::bf16: return adam_flags<uint16_t, false>(h, t, b, e);
+    default: return adam_flags<uint16_t, true>(h, t, b, e);
   }
 }
 
 void sgd_range(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
   switch (t.param.dtype) {
-    case DType::f32: return sgd_loop<float, false>(h, t, b, e);
-    case DType::bf16: return sgd_loop<uint16_t, false>(h, t, b, e);
-    default: return sgd_loop<uint16_t, true>(h, t, b, e);
+    case DType::f32: return sgd_flags<float, false>(h, t, b, e);
+    case DType::bf16: return sgd_flags<uint16_t, false>(h, t, b, e);
+    default: return sgd_flags<uint16_t, true>(h, t, b, e);
   }
 }
 

@@ -1,0 +1,139 @@
+"""Optimizer benchmark: llmkernels.optim against torch.optim on models of realistic layer shapes.
+
+    python benchmarks/optim.py                    # 10M and 50M parameters, fp32 and bf16
+    python benchmarks/optim.py --quick            # seconds: a smoke test
+    python benchmarks/optim.py --params 200 --json out.json
+
+For each model size it checks a few steps of ours against torch (max relative difference of
+the parameters), then times one optimizer step (gradients already in place) side by side:
+  ours         llmkernels.optim.AdamW / SGD (the fused multi-tensor step)
+  torch-fused  torch.optim.AdamW(fused=True) / SGD(fused=True)
+  torch        torch.optim.AdamW / SGD with their default (foreach or single-tensor) code
+GB/s = bytes an AdamW step must move (read param, grad, exp_avg, exp_avg_sq; write param,
+exp_avg, exp_avg_sq) / time, against the machine's copy rate measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import llmkernels  # noqa: E402
+
+
+def model_shapes(millions: float) -> List[tuple]:
+    """Parameter shapes of a decoder-only transformer with about `millions` M parameters:
+    per layer qkv, out, up, down projections, their biases and two layer norms."""
+    d = 256
+    while True:
+        per_layer = 12 * d * d + 13 * d
+        layers = max(1, round(millions * 1e6 / (per_layer + 0.0)))
+        if layers <= 24:
+            break
+        d *= 2
+    shapes = []
+    for _ in range(layers):
+        shapes += [(3 * d, d), (3 * d,), (d, d), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,),
+                   (d,), (d,), (d,), (d,)]
+    return shapes
+
+
+def copy_bandwidth(device: str, min_run_time: float) -> float:
+    x = torch.randn((256 << 20) // 4, device=device)
+    y = torch.empty_like(x)
+    t = harness.time_fn(lambda: y.copy_(x), device, min_run_time).median_s
+    return 2 * x.numel() * 4 / t / 1e9
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--params", default="10,50", help="model sizes in millions (default 10,50)")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--optimizers", default="adamw,sgd")
+    p.add_argument("--min-run-time", type=float, default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", metavar="FILE")
+    args = p.parse_args(argv)
+    dev = "cpu"
+    sizes = [0.3] if args.quick else [float(s) for s in args.params.split(",")]
+    mrt = args.min_run_time or (0.05 if args.quick else 0.5)
+    info = harness.machine_info(dev)
+    print(harness.format_machine(info))
+    bw = copy_bandwidth(dev, mrt)
+    print(f"copy bandwidth (256 MiB, read + write): {bw:.1f} GB/s\n", flush=True)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    rows, records, failed = [], [], 0
+    for millions in sizes:
+        shapes = model_shapes(millions)
+        n = sum(int(torch.tensor(s).prod()) for s in shapes)
+        for dt in args.dtypes.split(","):
+            dtype = dtypes[dt]
+            for name in args.optimizers.split(","):
+                if name == "adamw":
+                    makers = {"ours": lambda ps: llmkernels.optim.AdamW(ps, lr=1e-3),
+                              "torch-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+                              "torch": lambda ps: torch.optim.AdamW(ps, lr=1e-3)}
+                    bytes_per = 7 * torch.tensor([], dtype=dtype).element_size()
+                else:
+                    makers = {"ours": lambda ps: llmkernels.optim.SGD(ps, lr=1e-2, momentum=0.9),
+                              "torch-fused": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9,
+                                                                        fused=True),
+                              "torch": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9)}
+                    bytes_per = 5 * torch.tensor([], dtype=dtype).element_size()
+                torch.manual_seed(0)
+                base = [torch.randn(s).to(dtype) for s in shapes]
+                grads = [torch.randn(s).to(dtype) * 1e-2 for s in shapes]
+                times: Dict[str, float] = {}
+                finals = {}
+                for label, make in makers.items():
+                    ps = [b.clone().requires_grad_() for b in base]
+                    for q, g in zip(ps, grads):
+                        q.grad = g.clone()
+                    opt = make(ps)
+                    for _ in range(3):
+                        opt.step()
+                    finals[label] = [q.detach().clone() for q in ps[:4]]
+                    times[label] = harness.time_fn(opt.step, dev, mrt).median_s
+                    del opt, ps
+                err = max((a.float() - b.float()).abs().max().item() /
+                          (b.float().abs().max().item() + 1e-12)
+                          for a, b in zip(finals["ours"], finals["torch-fused"]))
+                tol = 1e-5 if dtype == torch.float32 else 2e-2
+                ok = err <= tol
+                failed += not ok
+                t = times["ours"]
+                gbs = n * bytes_per / t / 1e9
+                rec = dict(params_m=n / 1e6, tensors=len(shapes), dtype=dt, optimizer=name,
+                           correct=ok, rel_err=err, gbs=gbs, pct_copy_bw=100 * gbs / bw,
+                           **{f"{k}_ms": v * 1e3 for k, v in times.items()},
+                           **{f"vs_{k}": v / t for k, v in times.items() if k != "ours"})
+                records.append(rec)
+                rows.append([f"{n / 1e6:.1f}M", str(len(shapes)), dt, name, "ok" if ok else "FAIL",
+                             f"{t * 1e3:.2f}", f"{times['torch-fused'] * 1e3:.2f}",
+                             f"{times['torch'] * 1e3:.2f}", f"{times['torch-fused'] / t:.2f}x",
+                             f"{times['torch'] / t:.2f}x", f"{gbs:.1f}", f"{100 * gbs / bw:.0f}%"])
+                print(" ".join(rows[-1]), flush=True)
+    print()
+    print(harness.format_table(["params", "tensors", "dtype", "optimizer", "check", "ours ms",
+                                "torch-fused ms", "torch ms", "vs fused", "vs torch", "GB/s",
+                                "% copy bw"], rows))
+    if args.json:
+        harness.write_json(args.json, {"benchmark": "optim", "machine": info,
+                                       "copy_bandwidth_gbs": bw, "cases": records})
+    if failed:
+        print(f"CORRECTNESS FAILED for {failed} case(s)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    rc = main()
+    print(f"wall time {time.perf_counter() - start:.1f} s")
+    sys.exit(rc)
