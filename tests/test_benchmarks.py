@@ -96,3 +96,35 @@ def test_format_table_aligns():
     lines = text.splitlines()
     assert len({len(l) for l in lines[2:]}) == 1  # right-aligned numbers end together
     assert lines[3].startswith("longer")
+
+
+def _run_quick(script, tmp_path, extra=()):
+    out_json = tmp_path / f"{script}.json"
+    cmd = [sys.executable, os.path.join(BENCH, script), "--json", str(out_json), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out_json.read_text()), proc.stdout
+
+
+def test_quant_matmul_quick(tmp_path):
+    result, out = _run_quick("quant_matmul.py", tmp_path, ["--quick", "--device", "cpu"])
+    assert result["benchmark"] == "quant_matmul" and result["read_bandwidth_gbs"] > 0
+    assert {c["scheme"] for c in result["cases"]} == {"int8", "int4", "w8a8"}
+    assert all(c["correct"] for c in result["cases"])
+    assert "vs baselines" in out or "speedup vs baselines" in out
+
+
+def test_optim_quick(tmp_path):
+    result, _ = _run_quick("optim.py", tmp_path, ["--quick"])
+    assert result["benchmark"] == "optim"
+    assert {(c["dtype"], c["optimizer"]) for c in result["cases"]} == {
+        ("fp32", "adamw"), ("fp32", "sgd"), ("bf16", "adamw"), ("bf16", "sgd")}
+    assert all(c["correct"] for c in result["cases"])
+
+
+def test_attention_decode_quick(tmp_path):
+    result, _ = _run_quick("attention_decode.py", tmp_path,
+                           ["--device", "cpu", "--batch", "1", "--cache-lens", "256",
+                            "--head-dim", "64", "--min-run-time", "0.01"])
+    assert result["benchmark"] == "attention_decode"
+    assert all(c["correct"] for c in result["cases"])
