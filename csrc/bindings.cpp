@@ -164,8 +164,10 @@ PYBIND11_MODULE(_C, m) {
       "adam_step",
       [](int tier, py::list tensors, float lr, float beta1, float beta2, float eps,
          float weight_decay, bool decoupled, bool amsgrad, bool maximize, float inv_grad_scale,
-         int num_threads, double decay, double one_minus_beta1, double one_minus_beta2) {
+         int num_threads, double decay, double one_minus_beta1, double one_minus_beta2,
+         bool stochastic_rounding) {
         AdamHyper h;
+        h.stochastic_rounding = stochastic_rounding;
         h.decay = float(decay);
         h.one_minus_beta1 = float(one_minus_beta1);
         h.one_minus_beta2 = float(one_minus_beta2);
@@ -177,8 +179,8 @@ PYBIND11_MODULE(_C, m) {
         std::vector<AdamTensor> ts;
         for (const auto& item : tensors) {
           auto t = item.cast<py::tuple>();
-          LLMK_CHECK(t.size() == 7, "adam_step: expected (param, grad, exp_avg, exp_avg_sq, "
-                                    "max_exp_avg_sq, step_size, bias_correction2_sqrt)");
+          LLMK_CHECK(t.size() == 8, "adam_step: expected (param, grad, exp_avg, exp_avg_sq, "
+                                    "max_exp_avg_sq, step_size, bias_correction2_sqrt, sr_key)");
           AdamTensor a;
           a.param = to_view(t[0], "param");
           a.grad = to_view(t[1], "grad");
@@ -187,6 +189,7 @@ PYBIND11_MODULE(_C, m) {
           a.max_exp_avg_sq = to_view(t[4], "max_exp_avg_sq");
           a.step_size = t[5].cast<float>();
           a.bias_correction2_sqrt = t[6].cast<float>();
+          a.sr_key = t[7].cast<uint32_t>();
           ts.push_back(a);
         }
         const CpuTier ct = to_tier(tier);
@@ -198,8 +201,9 @@ PYBIND11_MODULE(_C, m) {
       "sgd_step",
       [](int tier, py::list tensors, float lr, float momentum, float dampening,
          float weight_decay, bool nesterov, bool maximize, float inv_grad_scale,
-         int num_threads, double one_minus_dampening) {
+         int num_threads, double one_minus_dampening, bool stochastic_rounding) {
         SgdHyper h;
+        h.stochastic_rounding = stochastic_rounding;
         h.one_minus_dampening = float(one_minus_dampening);
         h.lr = lr; h.momentum = momentum; h.dampening = dampening;
         h.weight_decay = weight_decay; h.nesterov = nesterov; h.maximize = maximize;
@@ -209,12 +213,14 @@ PYBIND11_MODULE(_C, m) {
         std::vector<SgdTensor> ts;
         for (const auto& item : tensors) {
           auto t = item.cast<py::tuple>();
-          LLMK_CHECK(t.size() == 4, "sgd_step: expected (param, grad, momentum_buffer, first)");
+          LLMK_CHECK(t.size() == 5, "sgd_step: expected (param, grad, momentum_buffer, first, "
+                                    "sr_key)");
           SgdTensor a;
           a.param = to_view(t[0], "param");
           a.grad = to_view(t[1], "grad");
           a.momentum_buffer = to_view(t[2], "momentum_buffer");
           a.first_step = t[3].cast<bool>();
+          a.sr_key = t[4].cast<uint32_t>();
           ts.push_back(a);
         }
         const CpuTier ct = to_tier(tier);

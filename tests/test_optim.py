@@ -179,3 +179,33 @@ def test_sparse_gradients_are_refused():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse"):
         optim.AdamW(emb.parameters()).step()
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps, **kw: optim.SGD(ps, lr=1e-2, **kw),
+    lambda ps, **kw: optim.AdamW(ps, lr=1e-4, weight_decay=0.0, **kw),
+], ids=["SGD", "AdamW"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_stochastic_rounding_moves_bf16_parameters(make, backend):
+    """Updates of ~1e-4 on parameters at 1.0 (bf16 ulp 2^-7): nearest rounding never moves
+    them; stochastic rounding moves them by the right amount on average, deterministically."""
+    def run(**kw):
+        p = torch.ones(20_000, dtype=torch.bfloat16, requires_grad=True)
+        opt = make([p], **kw)
+        with llmkernels.use_backend(backend):
+            for _ in range(100):
+                p.grad = torch.full_like(p, 1e-2)
+                opt.step()
+        return p.detach().float()
+
+    assert torch.equal(run(), torch.ones(20_000))  # stuck: the problem this option solves
+    a, b, c = run(stochastic_rounding=True, seed=1), run(stochastic_rounding=True, seed=1), \
+        run(stochastic_rounding=True, seed=2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    moved = 1.0 - a.mean().item()  # expected 100 steps x 1e-4 = 1e-2
+    assert 0.008 <= moved <= 0.012, moved
+
+
+def test_stochastic_rounding_needs_bf16():
+    with pytest.raises(ValueError, match="bfloat16"):
+        optim.AdamW([torch.randn(3, requires_grad=True)], stochastic_rounding=True)

@@ -18,6 +18,7 @@ struct AdamHyper {
   float inv_grad_scale = 1.f;  // GradScaler: gradients are divided by its scale
   // Rounded from double, as torch rounds Python floats: 1 - lr*wd, 1 - beta1, 1 - beta2.
   float decay = 1.f, one_minus_beta1 = 0.1f, one_minus_beta2 = 0.001f;
+  bool stochastic_rounding = false;  // bfloat16 parameters only (see sr_bf16 in optim_impl.h)
   int num_threads = 1;
 };
 
@@ -25,11 +26,13 @@ struct AdamTensor {  // contiguous 1-D views of equal length; max_exp_avg_sq onl
   TensorView param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq;
   float step_size = 0.f;             // lr / (1 - beta1^step)
   float bias_correction2_sqrt = 1.f; // sqrt(1 - beta2^step)
+  uint32_t sr_key = 0;               // stochastic rounding: this tensor's and step's stream
 };
 
 struct SgdHyper {
   float lr = 1e-3f, momentum = 0.f, dampening = 0.f, weight_decay = 0.f;
   float one_minus_dampening = 1.f;  // rounded from double, as torch does
+  bool stochastic_rounding = false;
   bool nesterov = false, maximize = false;
   float inv_grad_scale = 1.f;
   int num_threads = 1;
@@ -38,6 +41,7 @@ struct SgdHyper {
 struct SgdTensor {  // momentum_buffer undefined when momentum == 0
   TensorView param, grad, momentum_buffer;
   bool first_step = false;  // the buffer starts as a copy of the gradient
+  uint32_t sr_key = 0;
 };
 
 void adam_step(CpuTier tier, const AdamHyper& h, const std::vector<AdamTensor>& tensors);

@@ -30,8 +30,29 @@ inline uint16_t to_bf16(float f) {
 }
 template <> inline void st<uint16_t>(uint16_t* p, int64_t i, float v) { p[i] = to_bf16(v); }
 
+// Stochastic rounding to bfloat16: add 16 random bits below the kept ones, then truncate,
+// so that an update smaller than half a bf16 ulp still moves the parameter on average.
+// The bits are murmur3's finalizer of (index * golden ratio + key): deterministic for a
+// given seed, step and tensor, whatever the threading (the reference path computes the
+// same stream with torch ops).
+inline uint32_t sr_bits(int64_t i, uint32_t key) {
+  uint32_t h = uint32_t(i) * 0x9E3779B1u + key;
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+inline uint16_t sr_bf16(float f, uint32_t bits) {
+  const uint32_t u = f32_to_bits(f);
+  const uint32_t quiet = u | 0x400000u;
+  const uint32_t noisy = u + (bits & 0xFFFFu);
+  return uint16_t(((u & 0x7fffffffu) > 0x7f800000u ? quiet : noisy) >> 16);
+}
+
 // The flags are template arguments so that each loop body is branch-free (vectorizable).
-template <class T, bool kHalf, bool kDecoupled, bool kAmsgrad>
+template <class T, bool kHalf, bool kDecoupled, bool kAmsgrad, bool kSR = false>
 void adam_loop(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
   T* p = static_cast<T*>(t.param.data);
   const T* g = static_cast<const T*>(t.grad.data);
@@ -66,13 +87,14 @@ void adam_loop(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
     }
     const float denom = std::sqrt(vd) / bc2 + eps;
     pi = pi + (-step_size) * (mi / denom);  // addcdiv
-    put(p, i, pi);
+    if constexpr (kSR) reinterpret_cast<uint16_t*>(p)[i] = sr_bf16(pi, sr_bits(i, t.sr_key));
+    else put(p, i, pi);
     put(m, i, mi);
     put(v, i, vi);
   }
 }
 
-template <class T, bool kHalf, bool kMomentum, bool kFirst, bool kNesterov>
+template <class T, bool kHalf, bool kMomentum, bool kFirst, bool kNesterov, bool kSR = false>
 void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
   T* p = static_cast<T*>(t.param.data);
   const T* g = static_cast<const T*>(t.grad.data);
@@ -97,39 +119,43 @@ void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
       put(buf, i, bi);
       d = kNesterov ? std::fma(bi, mom, d) : bi;
     }
-    put(p, i, std::fma(d, -lr, pi));  // param.add_(grad, alpha=-lr)
+    const float pn = std::fma(d, -lr, pi);  // param.add_(grad, alpha=-lr)
+    if constexpr (kSR) reinterpret_cast<uint16_t*>(p)[i] = sr_bf16(pn, sr_bits(i, t.sr_key));
+    else put(p, i, pn);
   }
 }
 
 }  // namespace
 
-template <class T, bool kHalf>
+template <class T, bool kHalf, bool kSR = false>
 void adam_flags(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
   if (h.decoupled) {
-    if (h.amsgrad) adam_loop<T, kHalf, true, true>(h, t, b, e);
-    else adam_loop<T, kHalf, true, false>(h, t, b, e);
+    if (h.amsgrad) adam_loop<T, kHalf, true, true, kSR>(h, t, b, e);
+    else adam_loop<T, kHalf, true, false, kSR>(h, t, b, e);
   } else {
-    if (h.amsgrad) adam_loop<T, kHalf, false, true>(h, t, b, e);
-    else adam_loop<T, kHalf, false, false>(h, t, b, e);
+    if (h.amsgrad) adam_loop<T, kHalf, false, true, kSR>(h, t, b, e);
+    else adam_loop<T, kHalf, false, false, kSR>(h, t, b, e);
   }
 }
 
-template <class T, bool kHalf>
+template <class T, bool kHalf, bool kSR = false>
 void sgd_flags(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
-  if (h.momentum == 0.f) return sgd_loop<T, kHalf, false, false, false>(h, t, b, e);
+  if (h.momentum == 0.f) return sgd_loop<T, kHalf, false, false, false, kSR>(h, t, b, e);
   if (t.first_step) {
-    if (h.nesterov) sgd_loop<T, kHalf, true, true, true>(h, t, b, e);
-    else sgd_loop<T, kHalf, true, true, false>(h, t, b, e);
+    if (h.nesterov) sgd_loop<T, kHalf, true, true, true, kSR>(h, t, b, e);
+    else sgd_loop<T, kHalf, true, true, false, kSR>(h, t, b, e);
   } else {
-    if (h.nesterov) sgd_loop<T, kHalf, true, false, true>(h, t, b, e);
-    else sgd_loop<T, kHalf, true, false, false>(h, t, b, e);
+    if (h.nesterov) sgd_loop<T, kHalf, true, false, true, kSR>(h, t, b, e);
+    else sgd_loop<T, kHalf, true, false, false, kSR>(h, t, b, e);
   }
 }
 
 void adam_range(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
   switch (t.param.dtype) {
     case DType::f32: return adam_flags<float, false>(h, t, b, e);
-    case DType::bf16: return adam_flags<uint16_t, false>(h, t, b, e);
+    case DType::bf16:
+      if (h.stochastic_rounding) return adam_flags<uint16_t, false, true>(h, t, b, e);
+      return adam_flags<uint16_t, false>(h, t, b, e);
     default: return adam_flags<uint16_t, true>(h, t, b, e);
   }
 }
@@ -137,7 +163,9 @@ void adam_range(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
 void sgd_range(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
   switch (t.param.dtype) {
     case DType::f32: return sgd_flags<float, false>(h, t, b, e);
-    case DType::bf16: return sgd_flags<uint16_t, false>(h, t, b, e);
+    case DType::bf16:
+      if (h.stochastic_rounding) return sgd_flags<uint16_t, false, true>(h, t, b, e);
+      return sgd_flags<uint16_t, false>(h, t, b, e);
     default: return sgd_flags<uint16_t, true>(h, t, b, e);
   }
 }

@@ -82,3 +82,50 @@ def amp_scale(grad_scale, found_inf) -> Optional[float]:
     if found_inf is not None and float(found_inf) != 0.0:
         return None
     return 1.0 if grad_scale is None else 1.0 / float(grad_scale)
+
+
+# ---------------------------------------------------------------- stochastic rounding
+
+_MASK = 0xFFFFFFFF
+
+
+def _fmix32(h: int) -> int:
+    h &= _MASK
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK
+    return h ^ (h >> 16)
+
+
+def sr_key(seed: int, step: int, index: int) -> int:
+    """The 32-bit key of one tensor's random stream at one step (see sr_bits in
+    csrc/cpu/optim_impl.h)."""
+    return _fmix32(_fmix32(seed * 0x9E3779B1 + index) ^ _fmix32(step * 0x85EBCA77 + 0x632BE5AB))
+
+
+def sr_round_bf16(x: torch.Tensor, key: int) -> torch.Tensor:
+    """float32 -> bfloat16 with stochastic rounding, bit for bit as the fused kernel: 16 bits
+    of murmur3(index * 0x9E3779B1 + key) added below the kept bits, then truncated."""
+    flat = x.reshape(-1).float()
+    h = (torch.arange(flat.numel(), dtype=torch.int64, device=x.device) * 0x9E3779B1 + key) & _MASK
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK  # int64 products wrap; their low 32 bits are right
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK
+    h = h ^ (h >> 16)
+    u = flat.view(torch.int32).to(torch.int64) & _MASK
+    noisy = (u + (h & 0xFFFF)) & _MASK
+    quiet = u | 0x400000
+    out = torch.where((u & 0x7FFFFFFF) > 0x7F800000, quiet, noisy) >> 16
+    out = torch.where(out >= 0x8000, out - 0x10000, out).to(torch.int16)
+    return out.view(torch.bfloat16).reshape(x.shape)
+
+
+def check_stochastic_rounding(groups, owner: str) -> None:
+    for group in groups:
+        if group.get("stochastic_rounding"):
+            for p in group["params"]:
+                if p.dtype != torch.bfloat16:
+                    raise ValueError(f"{owner}: stochastic_rounding needs bfloat16 parameters, "
+                                     f"got {p.dtype}")

@@ -16,7 +16,8 @@ class _FusedAdam(torch.optim.Optimizer):
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf to step()
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 amsgrad: bool = False, maximize: bool = False):
+                 amsgrad: bool = False, maximize: bool = False,
+                 stochastic_rounding: bool = False, seed: int = 0):
         name = type(self).__name__
         if _fused.as_float(lr, "lr", name) < 0.0:
             raise ValueError(f"{name}: invalid learning rate {lr} (must be >= 0)")
@@ -34,10 +35,12 @@ class _FusedAdam(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         amsgrad=bool(amsgrad), maximize=bool(maximize), foreach=None,
                         capturable=False, differentiable=False, fused=None,
-                        decoupled_weight_decay=self._decoupled)
+                        decoupled_weight_decay=self._decoupled,
+                        stochastic_rounding=bool(stochastic_rounding), seed=int(seed))
         super().__init__(params, defaults)
         for group in self.param_groups:
             _fused.check_params(group["params"], name)
+        _fused.check_stochastic_rounding(self.param_groups, name)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -45,6 +48,8 @@ class _FusedAdam(torch.optim.Optimizer):
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
             group.setdefault("decoupled_weight_decay", self._decoupled)
+            group.setdefault("stochastic_rounding", False)
+            group.setdefault("seed", 0)
 
     def _state_of(self, p, amsgrad: bool):
         state = self.state[p]
@@ -86,32 +91,38 @@ class _FusedAdam(torch.optim.Optimizer):
             eps = _fused.as_float(group["eps"], "eps", name)
             wd = _fused.as_float(group["weight_decay"], "weight_decay", name)
             states = [self._state_of(p, amsgrad) for p in params]
-            corrections = []
-            for s in states:
+            sr = bool(group.get("stochastic_rounding", False))
+            corrections, keys = [], []
+            for index, s in enumerate(states):
                 s["step"] += 1
                 step = float(s["step"])
                 corrections.append((lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step)))
+                keys.append(_fused.sr_key(group.get("seed", 0), int(step), index) if sr else 0)
             tensors = [[p.grad, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq")]
                        for p, s in zip(params, states)]
             if _fused.use_kernel(params, [[p] + ts for p, ts in zip(params, tensors)]):
                 native = backends.native_module()
                 items = [(_fused.flat(p), _fused.flat(g), _fused.flat(m), _fused.flat(v),
-                          _fused.flat(vm) if amsgrad else None, step_size, bc2)
-                         for p, (g, m, v, vm), (step_size, bc2) in zip(params, tensors, corrections)]
+                          _fused.flat(vm) if amsgrad else None, step_size, bc2, key)
+                         for p, (g, m, v, vm), (step_size, bc2), key
+                         in zip(params, tensors, corrections, keys)]
                 native.adam_step(backends.cpu_tier_code(), items, lr, beta1, beta2, eps, wd,
                                  decoupled, amsgrad, group["maximize"], inv_scale,
-                                 _fused.threads(), 1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2)
+                                 _fused.threads(), 1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2, sr)
             else:
-                for p, (g, m, v, vm), (step_size, bc2) in zip(params, tensors, corrections):
+                for p, (g, m, v, vm), (step_size, bc2), key in zip(params, tensors, corrections,
+                                                                   keys):
                     adam_reference(p, g, m, v, vm, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                    weight_decay=wd, decoupled=decoupled, amsgrad=amsgrad,
                                    maximize=group["maximize"], step_size=step_size,
-                                   bias_correction2_sqrt=bc2, inv_grad_scale=inv_scale)
+                                   bias_correction2_sqrt=bc2, inv_grad_scale=inv_scale,
+                                   sr_key=key if sr else None)
         return loss
 
 
 def adam_reference(p, g, m, v, vmax, *, lr, beta1, beta2, eps, weight_decay, decoupled,
-                   amsgrad, maximize, step_size, bias_correction2_sqrt, inv_grad_scale=1.0):
+                   amsgrad, maximize, step_size, bias_correction2_sqrt, inv_grad_scale=1.0,
+                   sr_key=None):
     """One tensor's update in float32, stored back in the tensors' dtypes (the specification
     the fused kernel follows; torch.optim's single-tensor Adam/AdamW math)."""
     pf, gf = p.float(), g.float() * inv_grad_scale
@@ -130,7 +141,7 @@ def adam_reference(p, g, m, v, vmax, *, lr, beta1, beta2, eps, weight_decay, dec
         vmax.copy_(vd)
     denom = vd.sqrt() / bias_correction2_sqrt + eps
     pf = pf - step_size * (mf / denom)
-    p.copy_(pf)
+    p.copy_(pf if sr_key is None else _fused.sr_round_bf16(pf, sr_key))
     m.copy_(mf)
     v.copy_(vf)
 
@@ -140,8 +151,10 @@ class AdamW(_FusedAdam):
     _decoupled = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
-                 amsgrad: bool = False, maximize: bool = False):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize)
+                 amsgrad: bool = False, maximize: bool = False,
+                 stochastic_rounding: bool = False, seed: int = 0):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize,
+                         stochastic_rounding=stochastic_rounding, seed=seed)
 
 
 class Adam(_FusedAdam):
@@ -149,5 +162,7 @@ class Adam(_FusedAdam):
     _decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 amsgrad: bool = False, maximize: bool = False):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize)
+                 amsgrad: bool = False, maximize: bool = False,
+                 stochastic_rounding: bool = False, seed: int = 0):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize,
+                         stochastic_rounding=stochastic_rounding, seed=seed)

@@ -14,7 +14,8 @@ class SGD(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov: bool = False, *, maximize: bool = False):
+                 nesterov: bool = False, *, maximize: bool = False,
+                 stochastic_rounding: bool = False, seed: int = 0):
         if _fused.as_float(lr, "lr", "SGD") < 0.0:
             raise ValueError(f"SGD: invalid learning rate {lr} (must be >= 0)")
         if _fused.as_float(momentum, "momentum", "SGD") < 0.0:
@@ -26,16 +27,20 @@ class SGD(torch.optim.Optimizer):
             raise ValueError("SGD: Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=bool(nesterov),
-                        maximize=bool(maximize), foreach=None, differentiable=False, fused=None)
+                        maximize=bool(maximize), foreach=None, differentiable=False, fused=None,
+                        stochastic_rounding=bool(stochastic_rounding), seed=int(seed))
         super().__init__(params, defaults)
         for group in self.param_groups:
             _fused.check_params(group["params"], "SGD")
+        _fused.check_stochastic_rounding(self.param_groups, "SGD")
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
+            group.setdefault("stochastic_rounding", False)
+            group.setdefault("seed", 0)
 
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale: Optional[torch.Tensor] = None,
@@ -61,9 +66,15 @@ class SGD(torch.optim.Optimizer):
             momentum = _fused.as_float(group["momentum"], "momentum", "SGD")
             dampening = _fused.as_float(group["dampening"], "dampening", "SGD")
             wd = _fused.as_float(group["weight_decay"], "weight_decay", "SGD")
-            bufs, firsts = [], []
-            for p in params:
+            bufs, firsts, keys = [], [], []
+            sr = bool(group.get("stochastic_rounding", False))
+            for index, p in enumerate(params):
                 state = self.state[p]
+                if sr:  # SGD keeps no step count; rounding needs one for a fresh stream
+                    state["sr_step"] = state.get("sr_step", 0) + 1
+                    keys.append(_fused.sr_key(group.get("seed", 0), state["sr_step"], index))
+                else:
+                    keys.append(0)
                 buf = state.get("momentum_buffer")
                 first = momentum != 0.0 and buf is None
                 if first:  # torch clones the first gradient; the kernel writes it in place
@@ -72,23 +83,23 @@ class SGD(torch.optim.Optimizer):
                 bufs.append(buf if momentum != 0.0 else None)
                 firsts.append(first)
             if _fused.use_kernel(params, [[p, p.grad, b] for p, b in zip(params, bufs)]):
-                items = [(_fused.flat(p), _fused.flat(p.grad), _fused.flat(b), f)
-                         for p, b, f in zip(params, bufs, firsts)]
+                items = [(_fused.flat(p), _fused.flat(p.grad), _fused.flat(b), f, key)
+                         for p, b, f, key in zip(params, bufs, firsts, keys)]
                 backends.native_module().sgd_step(
                     backends.cpu_tier_code(), items, lr, momentum, dampening, wd,
                     group["nesterov"], group["maximize"], inv_scale, _fused.threads(),
-                    1.0 - dampening)
+                    1.0 - dampening, sr)
             else:
-                for p, b, f in zip(params, bufs, firsts):
+                for p, b, f, key in zip(params, bufs, firsts, keys):
                     sgd_reference(p, p.grad, b, f, lr=lr, momentum=momentum,
                                   dampening=dampening, weight_decay=wd,
                                   nesterov=group["nesterov"], maximize=group["maximize"],
-                                  inv_grad_scale=inv_scale)
+                                  inv_grad_scale=inv_scale, sr_key=key if sr else None)
         return loss
 
 
 def sgd_reference(p, g, buf, first, *, lr, momentum, dampening, weight_decay, nesterov,
-                  maximize, inv_grad_scale=1.0):
+                  maximize, inv_grad_scale=1.0, sr_key=None):
     """One tensor's SGD update in float32 (torch.optim.SGD's single-tensor math)."""
     pf = p.float()
     d = g.float() * inv_grad_scale
@@ -100,4 +111,5 @@ def sgd_reference(p, g, buf, first, *, lr, momentum, dampening, weight_decay, ne
         bf = d.clone() if first else momentum * buf.float() + (1.0 - dampening) * d
         buf.copy_(bf)
         d = d + momentum * bf if nesterov else bf
-    p.copy_(pf + (-lr) * d)
+    pf = pf + (-lr) * d
+    p.copy_(pf if sr_key is None else _fused.sr_round_bf16(pf, sr_key))

@@ -1,0 +1,336 @@
+"""Fused multi-tensor optimizer steps in Triton: Adam / AdamW and SGD.
+
+The math is that of csrc/cpu/optim_impl.h (and so of llmkernels.optim.adam.adam_reference /
+llmkernels.optim.sgd.sgd_reference, the specification): per element in float32, stored back in
+the tensors' dtype (float32, bfloat16 or float16, round to nearest even). The operations that
+the CPU kernel fuses are tl.fma here; every other multiply and add rounds on its own (the
+kernels are compiled with enable_fp_fusion=False, so the compiler contracts nothing else), and
+division and square root are the IEEE ones (tl.math.div_rn / sqrt_rn: '/' and tl.sqrt are
+approximate when compiled). A GPU run therefore matches the CPU kernel bit for bit.
+
+Launches (one per group, not one per tensor):
+  - The tensors of a call are grouped by dtype (SGD: also by first step, and pointer
+    alignment), up to MAX_TENSORS tensors per group; each group is one launch.
+  - Each program updates one BLOCK of one tensor. A group's tables travel in one int64
+    buffer copied to the device once per launch (no sync: the grid is computed on the host
+    from the numels):
+        cum    [P]          first global block of tensor t (P = next power of two >= n;
+                            padding entries = INT64_MAX)
+        numel  [n]
+        ptrs   [n, K]       data_ptr() of the tensors of parameter t (K = 2..5)
+        floats [n, 2] f32   Adam: step_size, bias_correction2_sqrt (read through a float32 view)
+    A program finds its tensor by a log2(P)-step binary search over cum (static loop).
+  - Full blocks take an unmasked path (so loads and stores vectorize: the table pointers are
+    declared 16-byte aligned when all of the group's are); the tail block of each tensor is
+    masked.
+  - Offsets are 64-bit.
+
+Interpreter (TRITON_INTERPRET=1, how the tests run without a GPU): float32 -> bfloat16 casts
+truncate there, so _cast rounds the bits (as in quant_matmul.py, NaNs kept quiet as
+optim_impl.h does). triton 3.9's interpreter computes tl.fma with one rounding (3.6's rounds
+twice: its results may differ by an ulp from the CPU kernel's).
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Elements per program. The interpreter runs programs one by one in Python: smaller blocks
+# there exercise multi-block tensors with small test sizes.
+BLOCK = 1024 if INTERPRET else 4096
+NUM_WARPS = 8
+MAX_TENSORS = 1024  # per launch (binary search depth <= 10)
+ALIGN = 16  # bytes
+
+_INTERP = tl.constexpr(INTERPRET)
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+# ------------------------------------------------------------------------------ helpers
+
+@triton.jit
+def _cast(v, DTYPE: tl.constexpr):
+    """v (float32).to(DTYPE), rounding to nearest even. The interpreter (triton 3.6 and 3.9)
+    truncates float32 -> bfloat16, so it rounds the bits here (NaN stays a quiet NaN)."""
+    if _INTERP and DTYPE == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        quiet = bits | 0x400000
+        bits = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, quiet, rounded)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(DTYPE)
+
+
+@triton.jit
+def _find_tensor(CUM, blk, LOG_P: tl.constexpr):
+    """The t with cum[t] <= blk < cum[t + 1] (cum padded to 2**LOG_P entries with INT64_MAX)."""
+    t = blk * 0
+    for i in tl.static_range(LOG_P):
+        cand = t + (1 << (LOG_P - 1 - i))
+        c = tl.load(CUM + cand)
+        t = tl.where(c <= blk, cand, t)
+    return t
+
+
+@triton.jit
+def _ptr(PTRS, idx, ELEM: tl.constexpr, ALIGNED: tl.constexpr):
+    addr = tl.load(PTRS + idx)
+    if ALIGNED:
+        addr = tl.multiple_of(addr, 16)
+    return addr.to(tl.pointer_type(ELEM))
+
+
+@triton.jit
+def _ld(ptr, offs, mask, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        return tl.load(ptr + offs).to(tl.float32)
+
+
+@triton.jit
+def _st(ptr, offs, v, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offs, _cast(v, ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptr + offs, _cast(v, ptr.dtype.element_ty))
+
+
+# ------------------------------------------------------------------------------ Adam
+
+@triton.jit
+def _adam_block(P, G, M, V, VMAX, offs, mask, step_size, bc2, beta2, eps, wd, decay,
+                one_m_b1, one_m_b2, inv_scale, sign,
+                DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MASKED: tl.constexpr):
+    p = _ld(P, offs, mask, MASKED)
+    g = _ld(G, offs, mask, MASKED) * inv_scale * sign
+    if DECOUPLED:
+        p = p * decay
+    else:
+        g = tl.fma(p, wd, g)  # grad.add(param, alpha=wd)
+    m = _ld(M, offs, mask, MASKED)
+    m = tl.fma(one_m_b1, g - m, m)  # torch's lerp
+    v = _ld(V, offs, mask, MASKED) * beta2
+    v = v + (one_m_b2 * g) * g  # addcmul
+    vd = v
+    if AMSGRAD:
+        vmax = _ld(VMAX, offs, mask, MASKED)
+        vd = tl.where(vmax < v, v, vmax)  # std::max(vmax, v)
+        _st(VMAX, offs, vd, mask, MASKED)
+    denom = tl.math.div_rn(tl.math.sqrt_rn(vd), bc2) + eps
+    p = p + (-step_size) * tl.math.div_rn(m, denom)  # addcdiv
+    _st(P, offs, p, mask, MASKED)
+    _st(M, offs, m, mask, MASKED)
+    _st(V, offs, v, mask, MASKED)
+
+
+@triton.jit
+def _adam_kernel(META, FMETA, TYPED, n_tensors,
+                 beta2, eps, wd, decay, one_m_b1, one_m_b2, inv_scale, sign,
+                 LOG_P: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
+                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """One BLOCK of one tensor. META: cum [2**LOG_P], numel [n], ptrs [n, 4 or 5] (int64);
+    FMETA: float32 [n, 2] (step_size, bc2). TYPED: any pointer of the group's dtype (type
+    only)."""
+    ELEM: tl.constexpr = TYPED.dtype.element_ty
+    K: tl.constexpr = 5 if AMSGRAD else 4
+    blk = tl.program_id(0).to(tl.int64)
+    t = _find_tensor(META, blk, LOG_P)
+    numel = tl.load(META + (1 << LOG_P) + t)
+    rows = META + (1 << LOG_P) + n_tensors + t * K
+    P = _ptr(rows, 0, ELEM, ALIGNED)
+    G = _ptr(rows, 1, ELEM, ALIGNED)
+    M = _ptr(rows, 2, ELEM, ALIGNED)
+    V = _ptr(rows, 3, ELEM, ALIGNED)
+    VMAX = P
+    if AMSGRAD:
+        VMAX = _ptr(rows, 4, ELEM, ALIGNED)
+    step_size = tl.load(FMETA + 2 * t)
+    bc2 = tl.load(FMETA + 2 * t + 1)
+    start = (blk - tl.load(META + t)) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= numel:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+        _adam_block(P, G, M, V, VMAX, offs, None, step_size, bc2, beta2, eps, wd, decay,
+                    one_m_b1, one_m_b2, inv_scale, sign, DECOUPLED, AMSGRAD, False)
+    else:
+        _adam_block(P, G, M, V, VMAX, offs, offs < numel, step_size, bc2, beta2, eps, wd,
+                    decay, one_m_b1, one_m_b2, inv_scale, sign, DECOUPLED, AMSGRAD, True)
+
+
+# ------------------------------------------------------------------------------ SGD
+
+@triton.jit
+def _sgd_block(P, G, B, offs, mask, lr, wd, mom, damp, inv_scale, sign,
+               MOMENTUM: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
+               MASKED: tl.constexpr):
+    p = _ld(P, offs, mask, MASKED)
+    d = _ld(G, offs, mask, MASKED) * inv_scale * sign
+    d = tl.fma(p, wd, d)  # grad.add(param, alpha=wd); exact when wd = 0
+    if MOMENTUM:
+        if FIRST:
+            b = d
+        else:
+            b = tl.fma(d, damp, _ld(B, offs, mask, MASKED) * mom)
+        _st(B, offs, b, mask, MASKED)
+        if NESTEROV:
+            d = tl.fma(b, mom, d)
+        else:
+            d = b
+    _st(P, offs, tl.fma(d, -lr, p), mask, MASKED)  # param.add_(grad, alpha=-lr)
+
+
+@triton.jit
+def _sgd_kernel(META, TYPED, n_tensors, lr, wd, mom, damp, inv_scale, sign,
+                LOG_P: tl.constexpr, MOMENTUM: tl.constexpr, FIRST: tl.constexpr,
+                NESTEROV: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """One BLOCK of one tensor. META: cum [2**LOG_P], numel [n], ptrs [n, 2 or 3] (int64)."""
+    ELEM: tl.constexpr = TYPED.dtype.element_ty
+    K: tl.constexpr = 3 if MOMENTUM else 2
+    blk = tl.program_id(0).to(tl.int64)
+    t = _find_tensor(META, blk, LOG_P)
+    numel = tl.load(META + (1 << LOG_P) + t)
+    rows = META + (1 << LOG_P) + n_tensors + t * K
+    P = _ptr(rows, 0, ELEM, ALIGNED)
+    G = _ptr(rows, 1, ELEM, ALIGNED)
+    B = P
+    if MOMENTUM:
+        B = _ptr(rows, 2, ELEM, ALIGNED)
+    start = (blk - tl.load(META + t)) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= numel:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+        _sgd_block(P, G, B, offs, None, lr, wd, mom, damp, inv_scale, sign,
+                   MOMENTUM, FIRST, NESTEROV, False)
+    else:
+        _sgd_block(P, G, B, offs, offs < numel, lr, wd, mom, damp, inv_scale, sign,
+                   MOMENTUM, FIRST, NESTEROV, True)
+
+
+# ------------------------------------------------------------------------------ launchers
+
+def _log2_ceil(n: int) -> int:
+    return max(0, (n - 1).bit_length())
+
+
+def _groups(keys: Sequence, numels: Sequence[int]):
+    """Indices of the non-empty tensors, grouped by key (first-seen order), at most MAX_TENSORS
+    per group."""
+    by_key = {}
+    for i, (k, n) in enumerate(zip(keys, numels)):
+        if n > 0:
+            by_key.setdefault(k, []).append(i)
+    for k, idx in by_key.items():
+        for s in range(0, len(idx), MAX_TENSORS):
+            yield k, idx[s:s + MAX_TENSORS]
+
+
+def _tables(tensor_rows: List[List[torch.Tensor]], numels: List[int], floats=None):
+    """The int64 table buffer of a group (see the module docstring) on the tensors' device,
+    its float32 view at the float rows (or None), the grid size and LOG_P."""
+    n = len(tensor_rows)
+    k = len(tensor_rows[0])
+    log_p = _log2_ceil(n)
+    p2 = 1 << log_p
+    nblocks = [(x + BLOCK - 1) // BLOCK for x in numels]
+    nf = n if floats is not None else 0  # one int64 word = two float32 per tensor
+    buf = np.empty(p2 + n + n * k + nf, dtype=np.int64)
+    cum = np.cumsum([0] + nblocks, dtype=np.int64)
+    buf[:n] = cum[:n]
+    buf[n:p2] = _INT64_MAX
+    buf[p2:p2 + n] = numels
+    buf[p2 + n:p2 + n + n * k] = [t.data_ptr() for row in tensor_rows for t in row]
+    if floats is not None:
+        buf[p2 + n + n * k:].view(np.float32)[:] = np.asarray(floats, dtype=np.float32).ravel()
+    device = tensor_rows[0][0].device
+    meta = torch.from_numpy(buf)
+    if device.type != "cpu":
+        meta = meta.to(device, non_blocking=True)
+    fmeta = meta[p2 + n + n * k:].view(torch.float32) if floats is not None else None
+    return meta, fmeta, int(cum[n]), log_p
+
+
+def _aligned(rows) -> bool:
+    return all(t.data_ptr() % ALIGN == 0 for row in rows for t in row)
+
+
+def _check(name, rows):
+    for row in rows:
+        p = row[0]
+        for t in row:
+            if t.dtype != p.dtype or t.device != p.device or not t.is_contiguous():
+                raise ValueError(f"{name}: every tensor of a parameter must be contiguous and "
+                                 f"share its dtype and device ({p.dtype}, {p.device})")
+        if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"{name}: unsupported dtype {p.dtype}")
+
+
+def _device_ctx(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes,
+              bias_correction2_sqrts, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
+              maximize, inv_grad_scale, decay, one_minus_beta1, one_minus_beta2) -> None:
+    """One Adam/AdamW step over lists of contiguous tensors (updated in place). step_sizes /
+    bias_correction2_sqrts: per tensor, lr / (1 - beta1**step) and sqrt(1 - beta2**step);
+    decay = 1 - lr * weight_decay, one_minus_beta1/2 computed in double by the caller."""
+    n = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(step_sizes)
+            == len(bias_correction2_sqrts) == n) or (amsgrad and len(max_exp_avg_sqs) != n):
+        raise ValueError("adam_step: the tensor lists must have the same length")
+    rows = [[params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]]
+            + ([max_exp_avg_sqs[i]] if amsgrad else []) for i in range(n)]
+    _check("adam_step", rows)
+    numels = [p.numel() for p in params]
+    keys = [(p.dtype, p.device) for p in params]
+    for _, idx in _groups(keys, numels):
+        grows = [rows[i] for i in idx]
+        meta, fmeta, grid, log_p = _tables(
+            grows, [numels[i] for i in idx],
+            [(step_sizes[i], bias_correction2_sqrts[i]) for i in idx])
+        with _device_ctx(params[idx[0]].device):
+            _adam_kernel[(grid,)](
+                meta, fmeta, grows[0][0], len(idx),
+                float(beta2), float(eps), float(weight_decay), float(decay),
+                float(one_minus_beta1), float(one_minus_beta2), float(inv_grad_scale),
+                -1.0 if maximize else 1.0,
+                LOG_P=log_p, DECOUPLED=bool(decoupled), AMSGRAD=bool(amsgrad),
+                ALIGNED=_aligned(grows), BLOCK=BLOCK, num_warps=NUM_WARPS,
+                enable_fp_fusion=False)
+
+
+def sgd_step(params, grads, momentum_buffers, first_steps, *, lr, momentum, dampening,
+             weight_decay, nesterov, maximize, inv_grad_scale, one_minus_dampening) -> None:
+    """One SGD step over lists of contiguous tensors (updated in place). momentum_buffers:
+    None entries when momentum == 0; first_steps[i]: the buffer is written from the gradient
+    (its contents are not read)."""
+    n = len(params)
+    use_mom = float(momentum) != 0.0
+    if not (len(grads) == len(first_steps) == n) or (use_mom and len(momentum_buffers) != n):
+        raise ValueError("sgd_step: the tensor lists must have the same length")
+    rows = [[params[i], grads[i]] + ([momentum_buffers[i]] if use_mom else []) for i in range(n)]
+    _check("sgd_step", rows)
+    numels = [p.numel() for p in params]
+    keys = [(p.dtype, p.device, bool(f) and use_mom) for p, f in zip(params, first_steps)]
+    for (_, device, first), idx in _groups(keys, numels):
+        grows = [rows[i] for i in idx]
+        meta, _, grid, log_p = _tables(grows, [numels[i] for i in idx])
+        with _device_ctx(device):
+            _sgd_kernel[(grid,)](
+                meta, grows[0][0], len(idx), float(lr), float(weight_decay), float(momentum),
+                float(one_minus_dampening), float(inv_grad_scale), -1.0 if maximize else 1.0,
+                LOG_P=log_p, MOMENTUM=use_mom, FIRST=first, NESTEROV=bool(nesterov),
+                ALIGNED=_aligned(grows), BLOCK=BLOCK, num_warps=NUM_WARPS,
+                enable_fp_fusion=False)
