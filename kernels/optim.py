@@ -82,10 +82,10 @@ def _find_tensor(CUM, blk, LOG_P: tl.constexpr):
 
 @triton.jit
 def _ptr(PTRS, idx, ELEM: tl.constexpr, ALIGNED: tl.constexpr):
-    addr = tl.load(PTRS + idx)
-    if ALIGNED:
-        addr = tl.multiple_of(addr, 16)
-    return addr.to(tl.pointer_type(ELEM))
+    ptr = tl.load(PTRS + idx).to(tl.pointer_type(ELEM))
+    if ALIGNED:  # the hint goes on the pointer: it does not survive int_to_ptr from the int
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit

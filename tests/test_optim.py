@@ -209,3 +209,29 @@ def test_stochastic_rounding_moves_bf16_parameters(make, backend):
 def test_stochastic_rounding_needs_bf16():
     with pytest.raises(ValueError, match="bfloat16"):
         optim.AdamW([torch.randn(3, requires_grad=True)], stochastic_rounding=True)
+
+
+@pytest.mark.parametrize("ours,theirs,kw", CASES, ids=IDS)
+def test_triton_path_trajectory(ours, theirs, kw):
+    """The Triton kernels (compiled on a GPU; interpreted on the CPU here) follow torch."""
+    from llmkernels.ops.attention_gpu import triton_interpreting
+    if not torch.cuda.is_available() and not triton_interpreting():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ps = [p.to(device).detach().requires_grad_() for p in params(sizes=(1, 257, 4097))]
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    a, b = ours(ps, **kw), theirs(qs, foreach=False, **kw)
+    with llmkernels.use_backend("triton"):
+        for step in range(20):
+            set_grads(ps, qs, step)
+            a.step()
+            b.step()
+    assert max_rel(ps, qs) <= 1e-5
+
+
+def test_forcing_a_path_that_cannot_serve_raises():
+    p = torch.randn(4, dtype=torch.float32, requires_grad=True)
+    p.grad = torch.randn(4)
+    opt = optim.AdamW([p])
+    with llmkernels.use_backend("cuda"), pytest.raises(llmkernels.BackendError):
+        opt.step()

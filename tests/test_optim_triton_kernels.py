@@ -8,6 +8,7 @@ over several steps with fresh gradients, against:
     (plus a floor of a few float32 ulps of the tensor's scale, for results that cancel).
 Odd sizes and shapes, several tensors per launch, mixed dtypes, unaligned views, empty tensors.
 Without a GPU they run in Triton's interpreter."""
+import functools
 import os
 
 import pytest
@@ -61,21 +62,25 @@ def _ulps(a, b, dtype):
 
 def _assert_exact(got, want, what):
     assert got.dtype == want.dtype
-    bad = (got.view(-1) != want.view(-1)) & ~(torch.isnan(got.view(-1)) & torch.isnan(want.view(-1)))
+    if not _exact_fma():
+        return
+    got, want = got.reshape(-1), want.reshape(-1)
+    bad = (got != want) & ~(torch.isnan(got) & torch.isnan(want))
     assert not bad.any(), (f"{what}: {int(bad.sum())} of {got.numel()} elements differ, e.g. "
-                           f"{got.view(-1)[bad][:4].tolist()} vs {want.view(-1)[bad][:4].tolist()}")
+                           f"{got[bad][:4].tolist()} vs {want[bad][:4].tolist()}")
 
 
-def _assert_close_to_spec(got, want, what):
+def _assert_close_to_spec(got, want, before, what):
     """One step from the same state: at most 1 ulp of the dtype (a few for float32) at each
-    element, plus a floor of a few float32 ulps of the tensor's largest value (the reference
-    rounds the multiply-adds that the kernels fuse: where a result cancels to near zero, its
-    float32 error is relative to the operands, not to the result)."""
+    element, plus a floor of a few float32 ulps of the tensor's largest value before or after
+    the step (the reference rounds the multiply-adds that the kernels fuse: where a result
+    cancels to near zero, its float32 error is relative to the operands, not to the result)."""
     if got.numel() == 0:
         return
     max_ulps = 2 if got.dtype == torch.float32 else 1
     u = _ulps(got.float(), want.float(), got.dtype)
-    floor = 8 * 2.0 ** -23 * want.float().abs().max().double()
+    scale = torch.maximum(want.float().abs().max(), before.float().abs().nan_to_num().max())
+    floor = 8 * 2.0 ** -23 * scale.double()
     err = (got.double() - want.double()).abs()
     bad = (u > max_ulps) & (err > floor)
     assert not bad.any(), (f"{what}: {int(bad.sum())} elements off by up to {u[bad].max().item()} "
@@ -85,6 +90,25 @@ def _assert_close_to_spec(got, want, what):
 def _rand(shape, dtype, kind="normal", scale=1.0):
     x = torch.randn(shape, device=DEVICE) if kind == "normal" else torch.rand(shape, device=DEVICE)
     return (x * scale).to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _exact_fma() -> bool:
+    """Whether tl.fma rounds once here: compiled, yes; triton 3.9's interpreter too, older ones
+    multiply and add in float32 (then the bit-exact checks are skipped, the reference ones
+    stay)."""
+    if not ko.INTERPRET:
+        return True
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(X):
+        tl.store(X, tl.fma(tl.load(X), tl.load(X + 1), tl.load(X + 2)))
+
+    x = torch.tensor([1 + 2.0 ** -23, 1 - 2.0 ** -23, -1.0], device=DEVICE)
+    probe[(1,)](x)
+    return x[0].item() == -(2.0 ** -46)
 
 
 def _native():
@@ -152,7 +176,7 @@ def _run_adam(shapes, dtypes, h, *, steps=STEPS, views=None, native=False):
     emu, nat = _clone(kern), _clone(kern)
     lr, b1, b2 = h["lr"], h["beta1"], h["beta2"]
     for step in range(1, steps + 1):
-        ref = _clone(kern)  # the reference takes one step from the kernel's state
+        ref, before = _clone(kern), _clone(kern)  # the reference steps from the kernel's state
         gs = [_rand(s, d, scale=0.5) for s, d in zip(shapes, dtypes)]
         if views is not None:
             gs = [views(g) for g in gs]
@@ -171,18 +195,18 @@ def _run_adam(shapes, dtypes, h, *, steps=STEPS, views=None, native=False):
                               ("decay", "one_minus_beta1", "one_minus_beta2")})
         for j in range(4 if h["amsgrad"] else 3):
             for i in range(n):
-                _assert_close_to_spec(kern[j][i], ref[j][i],
+                _assert_close_to_spec(kern[j][i], ref[j][i], before[j][i],
                                       f"step {step}: tensor {j} [{i}] {kern[j][i].dtype} vs "
                                       "adam_reference")
         if native:
             mod, backends, fused = native
             items = [(fused.flat(nat[0][i]), fused.flat(gs[i]), fused.flat(nat[1][i]),
                       fused.flat(nat[2][i]), fused.flat(nat[3][i]) if h["amsgrad"] else None,
-                      step_sizes[i], bc2s[i]) for i in range(n)]
+                      step_sizes[i], bc2s[i], 0) for i in range(n)]
             mod.adam_step(backends.cpu_tier_code(), items, lr, b1, b2, h["eps"],
                           h["weight_decay"], h["decoupled"], h["amsgrad"], h["maximize"],
                           h["inv_grad_scale"], 1, h["decay"], h["one_minus_beta1"],
-                          h["one_minus_beta2"])
+                          h["one_minus_beta2"], False)  # no stochastic rounding
     return kern, emu, nat
 
 
@@ -213,7 +237,7 @@ def test_adam(dtype, flags):
     native = _native()
     try:
         out = _run_adam(SHAPES, [dtype] * len(SHAPES), h, native=native)
-    except TypeError:  # the CPU kernel's binding changed: compare without it
+    except (TypeError, RuntimeError):  # the installed CPU kernel's binding differs: without it
         native = None
         out = _run_adam(SHAPES, [dtype] * len(SHAPES), h)
     _check_adam(*out, amsgrad, native)
@@ -276,7 +300,7 @@ def _run_sgd(shapes, dtypes, h, *, steps=STEPS, native=None, late=()):
     kern = [ps, bufs]
     emu, nat = _clone(kern), _clone(kern)
     for step in range(1, steps + 1):
-        ref = _clone(kern)  # the reference takes one step from the kernel's state
+        ref, before = _clone(kern), _clone(kern)  # the reference steps from the kernel's state
         gs = [_rand(s, d) for s, d in zip(shapes, dtypes)]
         firsts = [use_mom and step == (2 if i in late else 1) for i in range(n)]
         ko.sgd_step(kern[0], gs, kern[1] if use_mom else [None] * n, firsts, **h)
@@ -286,16 +310,17 @@ def _run_sgd(shapes, dtypes, h, *, steps=STEPS, native=None, late=()):
                           **{k: v for k, v in h.items() if k != "one_minus_dampening"})
         for j in range(2 if use_mom else 1):
             for i in range(n):
-                _assert_close_to_spec(kern[j][i], ref[j][i],
+                _assert_close_to_spec(kern[j][i], ref[j][i], before[j][i],
                                       f"step {step}: tensor {j} [{i}] {kern[j][i].dtype} vs "
                                       "sgd_reference")
         if native:
             mod, backends, fused = native
             items = [(fused.flat(nat[0][i]), fused.flat(gs[i]),
-                      fused.flat(nat[1][i]) if use_mom else None, firsts[i]) for i in range(n)]
+                      fused.flat(nat[1][i]) if use_mom else None, firsts[i], 0)
+                     for i in range(n)]
             mod.sgd_step(backends.cpu_tier_code(), items, h["lr"], h["momentum"],
                          h["dampening"], h["weight_decay"], h["nesterov"], h["maximize"],
-                         h["inv_grad_scale"], 1, h["one_minus_dampening"])
+                         h["inv_grad_scale"], 1, h["one_minus_dampening"], False)
     return kern, emu, nat
 
 
@@ -329,7 +354,7 @@ def test_sgd(dtype, flags):
     late = (1, 4) if mom else ()
     try:
         out = _run_sgd(SHAPES, [dtype] * len(SHAPES), h, native=native, late=late)
-    except TypeError:  # the CPU kernel's binding changed: compare without it
+    except (TypeError, RuntimeError):  # the installed CPU kernel's binding differs: without it
         native = None
         out = _run_sgd(SHAPES, [dtype] * len(SHAPES), h, late=late)
     _check_sgd(*out, mom != 0.0, native)

@@ -51,15 +51,12 @@ def grads_of(group, owner: str) -> List[torch.Tensor]:
     return out
 
 
-def use_kernel(params: List[torch.Tensor], tensors_per_param: List[List[torch.Tensor]]) -> bool:
-    """Whether the fused CPU kernel can take these tensors (else the reference path runs)."""
-    if backends.native_module() is None:
-        return False
-    forced = backends.forced_backend()
-    if forced == "reference":
+def _kernel_ready(params: List[torch.Tensor], tensors_per_param) -> bool:
+    devices = {p.device for p in params}
+    if len(devices) != 1:
         return False
     for p, ts in zip(params, tensors_per_param):
-        if p.device.type != "cpu" or p.dtype not in KERNEL_DTYPES:
+        if p.dtype not in KERNEL_DTYPES:
             return False
         for t in ts:
             if t is None:
@@ -67,6 +64,47 @@ def use_kernel(params: List[torch.Tensor], tensors_per_param: List[List[torch.Te
             if t.dtype != p.dtype or t.device != p.device or not t.is_contiguous():
                 return False
     return True
+
+
+def _triton_optim():
+    try:
+        from ..kernels import optim as kernels
+        return kernels
+    except Exception:  # triton missing or broken: the other paths still work
+        return None
+
+
+def choose_path(params: List[torch.Tensor], tensors_per_param, stochastic_rounding: bool) -> str:
+    """"cpu" (the C++ kernel), "triton" (CUDA tensors, or any under TRITON_INTERPRET=1 when
+    forced) or "reference" (PyTorch ops), by backends.py's rules; a forced path that cannot
+    serve raises BackendError."""
+    from ..ops.attention_gpu import triton_interpreting
+    forced = backends.forced_backend()
+    ready = _kernel_ready(params, tensors_per_param)
+    device = params[0].device.type
+    cpu_ok = ready and device == "cpu" and backends.native_module() is not None
+    triton_ok = (ready and not stochastic_rounding and _triton_optim() is not None
+                 and (device == "cuda" or triton_interpreting()))
+    if forced == "reference":
+        return "reference"
+    if forced == "cuda":
+        raise backends.BackendError("optimizer step: there is no CUDA optimizer kernel yet "
+                                    "(Triton serves CUDA tensors)")
+    if forced in ("cpu", "triton"):
+        if (cpu_ok if forced == "cpu" else triton_ok):
+            return forced
+        raise backends.BackendError(
+            f"optimizer step: forced backend {forced!r} cannot serve these tensors ({device}, "
+            f"{params[0].dtype}{', stochastic rounding' if stochastic_rounding else ''})")
+    if cpu_ok:
+        return "cpu"
+    if triton_ok and device == "cuda":
+        return "triton"
+    return "reference"
+
+
+def triton_optim():
+    return _triton_optim()
 
 
 def flat(t: Optional[torch.Tensor]):

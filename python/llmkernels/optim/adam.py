@@ -100,7 +100,16 @@ class _FusedAdam(torch.optim.Optimizer):
                 keys.append(_fused.sr_key(group.get("seed", 0), int(step), index) if sr else 0)
             tensors = [[p.grad, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq")]
                        for p, s in zip(params, states)]
-            if _fused.use_kernel(params, [[p] + ts for p, ts in zip(params, tensors)]):
+            path = _fused.choose_path(params, [[p] + ts for p, ts in zip(params, tensors)], sr)
+            if path == "triton":
+                _fused.triton_optim().adam_step(
+                    params, [t[0] for t in tensors], [t[1] for t in tensors],
+                    [t[2] for t in tensors], [t[3] if amsgrad else None for t in tensors],
+                    [c[0] for c in corrections], [c[1] for c in corrections], lr=lr,
+                    beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, decoupled=decoupled,
+                    amsgrad=amsgrad, maximize=group["maximize"], inv_grad_scale=inv_scale,
+                    decay=1.0 - lr * wd, one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2)
+            elif path == "cpu":
                 native = backends.native_module()
                 items = [(_fused.flat(p), _fused.flat(g), _fused.flat(m), _fused.flat(v),
                           _fused.flat(vm) if amsgrad else None, step_size, bc2, key)

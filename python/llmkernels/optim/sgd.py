@@ -82,7 +82,14 @@ class SGD(torch.optim.Optimizer):
                     state["momentum_buffer"] = buf
                 bufs.append(buf if momentum != 0.0 else None)
                 firsts.append(first)
-            if _fused.use_kernel(params, [[p, p.grad, b] for p, b in zip(params, bufs)]):
+            path = _fused.choose_path(params, [[p, p.grad, b] for p, b in zip(params, bufs)], sr)
+            if path == "triton":
+                _fused.triton_optim().sgd_step(
+                    params, [p.grad for p in params], bufs, firsts, lr=lr, momentum=momentum,
+                    dampening=dampening, weight_decay=wd, nesterov=group["nesterov"],
+                    maximize=group["maximize"], inv_grad_scale=inv_scale,
+                    one_minus_dampening=1.0 - dampening)
+            elif path == "cpu":
                 items = [(_fused.flat(p), _fused.flat(p.grad), _fused.flat(b), f, key)
                          for p, b, f, key in zip(params, bufs, firsts, keys)]
                 backends.native_module().sgd_step(
