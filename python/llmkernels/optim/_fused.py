@@ -8,7 +8,7 @@ from typing import List, Optional
 import torch
 
 from .. import backends
-from .._cview import cview
+from .._cview import DTYPE_CODES
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -108,7 +108,11 @@ def triton_optim():
 
 
 def flat(t: Optional[torch.Tensor]):
-    return None if t is None else cview(t.view(-1))
+    """A contiguous tensor's 1-D view for the extension, without making a torch view (a
+    step builds one per tensor and state: thousands per call)."""
+    if t is None:
+        return None
+    return (t.data_ptr(), DTYPE_CODES[t.dtype], (t.numel(),), (1,))
 
 
 def threads() -> int:
