@@ -235,3 +235,26 @@ def test_forcing_a_path_that_cannot_serve_raises():
     opt = optim.AdamW([p])
     with llmkernels.use_backend("cuda"), pytest.raises(llmkernels.BackendError):
         opt.step()
+
+
+@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_clip_grad_norm_matches_torch(fold, max_norm):
+    ps = params(sizes=(7, 300, 4097))
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    a, b = optim.AdamW(ps, lr=1e-2), torch.optim.AdamW(qs, lr=1e-2, foreach=False)
+    for step in range(5):
+        set_grads(ps, qs, step)
+        na = optim.clip_grad_norm_(ps, max_norm, optimizer=a if fold else None)
+        nb = torch.nn.utils.clip_grad_norm_(qs, max_norm)
+        assert torch.equal(na, nb)
+        a.step()
+        b.step()
+    assert max_rel(ps, qs) <= 1e-5
+
+
+def test_clip_grad_norm_rejects_foreign_optimizers():
+    p = torch.randn(3, requires_grad=True)
+    p.grad = torch.randn(3)
+    with pytest.raises(TypeError, match="llmkernels.optim"):
+        optim.clip_grad_norm_([p], 1.0, optimizer=torch.optim.SGD([p], lr=0.1))

@@ -1,6 +1,7 @@
 """Drop-in torch.optim optimizers with fused multi-tensor steps (same math, arguments,
 param groups and state_dict layout as torch's: checkpoints move between the two)."""
 from .adam import Adam, AdamW
+from .clip import clip_grad_norm_
 from .sgd import SGD
 
-__all__ = ["Adam", "AdamW", "SGD"]
+__all__ = ["Adam", "AdamW", "SGD", "clip_grad_norm_"]

@@ -9,11 +9,13 @@ import torch
 
 from .. import backends
 from . import _fused
+from .clip import take_pending_multiplier
 
 
 class _FusedAdam(torch.optim.Optimizer):
     _decoupled: bool = True
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf to step()
+    _llmk_fused = True  # clip_grad_norm_(..., optimizer=) may fold its factor into step()
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  amsgrad: bool = False, maximize: bool = False,
@@ -77,8 +79,10 @@ class _FusedAdam(torch.optim.Optimizer):
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
         inv_scale = _fused.amp_scale(grad_scale, found_inf)
+        clip = take_pending_multiplier(self)  # from clip_grad_norm_(..., optimizer=self)
         if inv_scale is None:
             return loss
+        inv_scale *= clip
         name = type(self).__name__
         for group in self.param_groups:
             params = _fused.grads_of(group, name)

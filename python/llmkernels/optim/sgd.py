@@ -7,11 +7,13 @@ import torch
 
 from .. import backends
 from . import _fused
+from .clip import take_pending_multiplier
 
 
 class SGD(torch.optim.Optimizer):
     """torch.optim.SGD (momentum, dampening, Nesterov, weight decay, maximize), fused."""
     _step_supports_amp_scaling = True
+    _llmk_fused = True  # clip_grad_norm_(..., optimizer=) may fold its factor into step()
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov: bool = False, *, maximize: bool = False,
@@ -56,8 +58,10 @@ class SGD(torch.optim.Optimizer):
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
         inv_scale = _fused.amp_scale(grad_scale, found_inf)
+        clip = take_pending_multiplier(self)  # from clip_grad_norm_(..., optimizer=self)
         if inv_scale is None:
             return loss
+        inv_scale *= clip
         for group in self.param_groups:
             params = _fused.grads_of(group, "SGD")
             if not params:

@@ -1,0 +1,59 @@
+"""clip_grad_norm_: torch.nn.utils.clip_grad_norm_'s result, with the scaling optionally folded
+into the next step of an llmkernels optimizer (saving a read and a write of every gradient)."""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Union
+
+import torch
+
+_PENDING = "_llmk_pending_grad_multiplier"
+
+
+def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max_norm: float,
+                    norm_type: float = 2.0, error_if_nonfinite: bool = False, *,
+                    optimizer: Optional[torch.optim.Optimizer] = None) -> torch.Tensor:
+    """Clip the gradients' global norm to max_norm; returns the total norm (before clipping),
+    computed as torch.nn.utils.clip_grad_norm_ computes it.
+
+    optimizer: an llmkernels.optim optimizer whose next step() should apply the clipping
+    factor inside its fused update instead of rescaling the gradients now. The gradients are
+    then left as they are until that step (code that reads them in between sees them
+    unclipped). Without it the gradients are scaled in place, as torch does.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    params = list(parameters)
+    max_norm, norm_type = float(max_norm), float(norm_type)
+    if max_norm < 0:
+        raise ValueError(f"clip_grad_norm_: max_norm must be >= 0, got {max_norm}")
+    grads = [p.grad for p in params if p.grad is not None]
+    if optimizer is not None and not hasattr(type(optimizer), "_llmk_fused"):
+        raise TypeError("clip_grad_norm_: optimizer must be an llmkernels.optim optimizer "
+                        f"(got {type(optimizer).__name__}); call it without optimizer= instead")
+    if not grads:
+        return torch.tensor(0.0)
+    if optimizer is None:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
+    total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite) \
+        if hasattr(torch.nn.utils, "get_total_norm") else _total_norm(grads, norm_type,
+                                                                       error_if_nonfinite)
+    # torch's factor: max_norm / (total + 1e-6), clamped to at most 1.
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    setattr(optimizer, _PENDING, float(coef) * getattr(optimizer, _PENDING, 1.0))
+    return total
+
+
+def _total_norm(grads, norm_type, error_if_nonfinite):
+    norms = [torch.linalg.vector_norm(g, norm_type) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"The total norm of order {norm_type} for gradients is non-finite")
+    return total
+
+
+def take_pending_multiplier(optimizer) -> float:
+    """The clipping factor clip_grad_norm_(..., optimizer=) left for this step (1 if none)."""
+    m = getattr(optimizer, _PENDING, 1.0)
+    if m != 1.0:
+        setattr(optimizer, _PENDING, 1.0)
+    return m
