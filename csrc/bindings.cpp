@@ -198,6 +198,40 @@ PYBIND11_MODULE(_C, m) {
       },
       "Fused Adam/AdamW step over a list of tensors (see csrc/cpu/optim.h).");
   m.def(
+      "adam8bit_step",
+      [](int tier, py::list tensors, float eps, float weight_decay, float beta2, bool decoupled,
+         bool maximize, float inv_grad_scale, int num_threads, double decay,
+         double one_minus_beta1, double one_minus_beta2) {
+        AdamHyper h;
+        h.eps = eps; h.weight_decay = weight_decay; h.beta2 = beta2; h.decoupled = decoupled;
+        h.maximize = maximize; h.inv_grad_scale = inv_grad_scale;
+        h.decay = float(decay);
+        h.one_minus_beta1 = float(one_minus_beta1);
+        h.one_minus_beta2 = float(one_minus_beta2);
+        LLMK_CHECK(num_threads >= 1 && num_threads <= kMaxThreads, "num_threads out of range");
+        h.num_threads = num_threads;
+        std::vector<Adam8bitTensor> ts;
+        for (const auto& item : tensors) {
+          auto t = item.cast<py::tuple>();
+          LLMK_CHECK(t.size() == 8, "adam8bit_step: expected (param, grad, m_codes, m_scales, "
+                                    "v_codes, v_scales, step_size, bias_correction2_sqrt)");
+          Adam8bitTensor a;
+          a.param = to_view(t[0], "param");
+          a.grad = to_view(t[1], "grad");
+          a.m_codes = to_view(t[2], "m_codes");
+          a.m_scales = to_view(t[3], "m_scales");
+          a.v_codes = to_view(t[4], "v_codes");
+          a.v_scales = to_view(t[5], "v_scales");
+          a.step_size = t[6].cast<float>();
+          a.bias_correction2_sqrt = t[7].cast<float>();
+          ts.push_back(a);
+        }
+        const CpuTier ct = to_tier(tier);
+        py::gil_scoped_release release;
+        adam8bit_step(ct, h, ts);
+      },
+      "Fused 8-bit AdamW step (block-wise int8/uint8 moments; see csrc/cpu/optim.h).");
+  m.def(
       "sgd_step",
       [](int tier, py::list tensors, float lr, float momentum, float dampening,
          float weight_decay, bool nesterov, bool maximize, float inv_grad_scale,

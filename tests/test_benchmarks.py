@@ -118,7 +118,7 @@ def test_optim_quick(tmp_path):
     result, _ = _run_quick("optim.py", tmp_path, ["--quick"])
     assert result["benchmark"] == "optim"
     assert {(c["dtype"], c["optimizer"]) for c in result["cases"]} == {
-        ("fp32", "adamw"), ("fp32", "sgd"), ("bf16", "adamw"), ("bf16", "sgd")}
+        (dt, opt) for dt in ("fp32", "bf16") for opt in ("adamw", "adamw8bit", "sgd")}
     assert all(c["correct"] for c in result["cases"])
 
 

@@ -79,7 +79,58 @@ void sgd_item(void* ctx, int64_t item, int) {
   }
 }
 
+constexpr int64_t kBlocksPerItem = 64;
+
+struct Job8 {
+  CpuTier tier;
+  const AdamHyper* h;
+  const std::vector<Adam8bitTensor>* ts;
+  std::vector<int64_t> tensor, block;
+};
+
+void adam8bit_item(void* ctx, int64_t item, int) {
+  auto& j = *static_cast<Job8*>(ctx);
+  const Adam8bitTensor& t = (*j.ts)[j.tensor[item]];
+  const int64_t nblocks = (t.param.sizes[0] + kBlock8 - 1) / kBlock8;
+  const int64_t b0 = j.block[item], b1 = std::min(nblocks, b0 + kBlocksPerItem);
+  switch (j.tier) {
+    case CpuTier::avx512_bf16: return optim_avx512bf16::adam8bit_blocks(*j.h, t, b0, b1);
+    case CpuTier::avx512: return optim_avx512::adam8bit_blocks(*j.h, t, b0, b1);
+    case CpuTier::avx2: return optim_avx2::adam8bit_blocks(*j.h, t, b0, b1);
+    default: return optim_generic::adam8bit_blocks(*j.h, t, b0, b1);
+  }
+}
+
+void check_codes(const TensorView& t, DType dtype, int64_t n, const char* name, int64_t i) {
+  LLMK_CHECK(t.ndim == 1 && t.sizes[0] == n && t.dtype == dtype &&
+                 (n <= 1 || t.strides[0] == 1) && (t.data != nullptr || n == 0),
+             name << " of tensor " << i << " must be a contiguous 1-D view of " << n << " "
+                  << dtype_name(dtype) << " values");
+}
+
 }  // namespace
+
+void adam8bit_step(CpuTier tier, const AdamHyper& h, const std::vector<Adam8bitTensor>& ts) {
+  LLMK_CHECK(tier_supported(tier), "CPU tier " << tier_name(tier) << " is not supported here");
+  LLMK_CHECK(h.num_threads >= 1, "num_threads must be >= 1");
+  LLMK_CHECK(!h.amsgrad, "8-bit Adam has no amsgrad");
+  Job8 job{tier, &h, &ts, {}, {}};
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const int64_t n = ts[i].param.sizes[0], nb = (n + kBlock8 - 1) / kBlock8;
+    check_param(ts[i].param, int64_t(i));
+    check_vec(ts[i].grad, ts[i].param, "grad", int64_t(i));
+    check_codes(ts[i].m_codes, DType::i8, n, "exp_avg codes", int64_t(i));
+    check_codes(ts[i].v_codes, DType::u8, n, "exp_avg_sq codes", int64_t(i));
+    check_codes(ts[i].m_scales, DType::f32, nb, "exp_avg scales", int64_t(i));
+    check_codes(ts[i].v_scales, DType::f32, nb, "exp_avg_sq scales", int64_t(i));
+    for (int64_t b = 0; b < nb; b += kBlocksPerItem) {
+      job.tensor.push_back(int64_t(i));
+      job.block.push_back(b);
+    }
+  }
+  const int64_t n = int64_t(job.tensor.size());
+  if (n) parallel_for(n, int(std::min<int64_t>(h.num_threads, n)), adam8bit_item, &job);
+}
 
 void adam_step(CpuTier tier, const AdamHyper& h, const std::vector<AdamTensor>& ts) {
   LLMK_CHECK(tier_supported(tier), "CPU tier " << tier_name(tier) << " is not supported here");

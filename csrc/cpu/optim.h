@@ -44,13 +44,26 @@ struct SgdTensor {  // momentum_buffer undefined when momentum == 0
   uint32_t sr_key = 0;
 };
 
+// 8-bit AdamW state: blocks of kBlock8 elements, each with a float32 scale (its absmax).
+// exp_avg m ~ scale * (q / 127)^3 with q int8; exp_avg_sq v ~ scale * (u / 255)^4 with u uint8.
+// The power maps give the fine steps near zero that moments need (v spans decades within a
+// block); quantizing is a closed form (cube / fourth root), no table search.
+constexpr int64_t kBlock8 = 256;
+
+struct Adam8bitTensor {  // param and grad contiguous 1-D (n); codes (n); scales (ceil(n/256))
+  TensorView param, grad, m_codes, m_scales, v_codes, v_scales;
+  float step_size = 0.f, bias_correction2_sqrt = 1.f;
+};
+
 void adam_step(CpuTier tier, const AdamHyper& h, const std::vector<AdamTensor>& tensors);
+void adam8bit_step(CpuTier tier, const AdamHyper& h, const std::vector<Adam8bitTensor>& tensors);
 void sgd_step(CpuTier tier, const SgdHyper& h, const std::vector<SgdTensor>& tensors);
 
 #define LLMK_DECLARE_OPTIM_TIER(ns)                                                          \
   namespace ns {                                                                             \
   void adam_range(const AdamHyper& h, const AdamTensor& t, int64_t begin, int64_t end);      \
   void sgd_range(const SgdHyper& h, const SgdTensor& t, int64_t begin, int64_t end);         \
+  void adam8bit_blocks(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int64_t b1);  \
   }
 LLMK_DECLARE_OPTIM_TIER(optim_generic)
 LLMK_DECLARE_OPTIM_TIER(optim_avx2)

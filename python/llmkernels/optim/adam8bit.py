@@ -1,0 +1,190 @@
+"""AdamW8bit: AdamW whose moment estimates live in 8 bits, block-wise (csrc/cpu/optim.h).
+
+Each parameter of at least min_8bit_size elements keeps, per block of 256 values, a float32
+scale (the block's absmax) and one byte per value for each moment: exp_avg m ~ scale * (q/127)^3
+(q int8), exp_avg_sq v ~ scale * (u/255)^4 (u uint8). The power maps put their fine steps near
+zero, where most of a block's values are (v spans decades within a block), and quantize in
+closed form. Smaller tensors keep float32 moments. State: ~2.03 bytes per parameter against
+AdamW's 8 (25%).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import backends
+from . import _fused
+from .adam import adam_reference
+from .clip import take_pending_multiplier
+
+BLOCK = 256
+
+
+def dequantize_moments(state) -> tuple:
+    """(exp_avg, exp_avg_sq) as float32 tensors of the parameter's size, from 8-bit state."""
+    n = state["exp_avg_codes"].numel()
+    ms = state["exp_avg_scales"].repeat_interleave(BLOCK)[:n]
+    vs = state["exp_avg_sq_scales"].repeat_interleave(BLOCK)[:n]
+    qm = state["exp_avg_codes"].float() * (1.0 / 127.0)
+    qv = state["exp_avg_sq_codes"].float() * (1.0 / 255.0)
+    return ms * (qm * qm * qm), vs * ((qv * qv) * (qv * qv))
+
+
+def _quantize_moments(state, m: torch.Tensor, v: torch.Tensor) -> None:
+    n = m.numel()
+    nb = state["exp_avg_scales"].numel()
+    pad = nb * BLOCK - n
+    mb = torch.nn.functional.pad(m, (0, pad)).view(nb, BLOCK)
+    vb = torch.nn.functional.pad(v, (0, pad)).view(nb, BLOCK)
+    m_max, v_max = mb.abs().amax(1), vb.amax(1)
+    m_inv = torch.where(m_max > 0, 1.0 / m_max, torch.zeros_like(m_max))
+    v_inv = torch.where(v_max > 0, 1.0 / v_max, torch.zeros_like(v_max))
+    a = (mb.abs() * m_inv[:, None]).pow(1.0 / 3.0).clamp(max=1.0)
+    code = torch.floor(a * 127.0 + 0.5) * torch.sign(mb)  # round half up, as the kernel
+    b = (vb * v_inv[:, None]).sqrt().sqrt().clamp(max=1.0)
+    state["exp_avg_codes"].copy_(code.reshape(-1)[:n].to(torch.int8))
+    state["exp_avg_sq_codes"].copy_(torch.floor(b * 255.0 + 0.5).reshape(-1)[:n].to(torch.uint8))
+    state["exp_avg_scales"].copy_(m_max)
+    state["exp_avg_sq_scales"].copy_(v_max)
+
+
+class AdamW8bit(torch.optim.Optimizer):
+    """torch.optim.AdamW's arguments and update, with 8-bit block-wise moments."""
+    _step_supports_amp_scaling = True
+    _llmk_fused = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
+                 maximize: bool = False, min_8bit_size: int = 4096):
+        if _fused.as_float(lr, "lr", "AdamW8bit") < 0.0:
+            raise ValueError(f"AdamW8bit: invalid learning rate {lr} (must be >= 0)")
+        if _fused.as_float(eps, "eps", "AdamW8bit") < 0.0:
+            raise ValueError(f"AdamW8bit: invalid eps {eps} (must be >= 0)")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"AdamW8bit: betas must be a pair, got {betas!r}")
+        for i, b in enumerate(betas):
+            if not 0.0 <= _fused.as_float(b, f"betas[{i}]", "AdamW8bit") < 1.0:
+                raise ValueError(f"AdamW8bit: invalid beta parameter at index {i}: {b}")
+        if _fused.as_float(weight_decay, "weight_decay", "AdamW8bit") < 0.0:
+            raise ValueError(f"AdamW8bit: invalid weight_decay {weight_decay} (must be >= 0)")
+        if int(min_8bit_size) < 1:
+            raise ValueError(f"AdamW8bit: min_8bit_size must be >= 1, got {min_8bit_size}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        maximize=bool(maximize), min_8bit_size=int(min_8bit_size))
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            _fused.check_params(group["params"], "AdamW8bit")
+
+    def _state_of(self, p, min_size: int):
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            if p.numel() >= min_size:
+                nb = -(-p.numel() // BLOCK)
+                state["exp_avg_codes"] = torch.zeros(p.numel(), dtype=torch.int8, device=p.device)
+                state["exp_avg_scales"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
+                state["exp_avg_sq_codes"] = torch.zeros(p.numel(), dtype=torch.uint8,
+                                                        device=p.device)
+                state["exp_avg_sq_scales"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
+            else:
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        return state
+
+    def load_state_dict(self, state_dict) -> None:
+        """torch's, except that 8-bit codes, scales and float32 moments keep their dtypes
+        (torch casts every state tensor to its parameter's dtype: bf16 scales would lose bits)."""
+        kept = {index: {k: v for k, v in st.items() if isinstance(v, torch.Tensor) and k != "step"}
+                for index, st in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, tensors in kept.items():
+            p = params[int(index)]
+            for key, value in tensors.items():
+                self.state[p][key] = value.to(device=p.device).clone()
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state (moments, scales, steps)."""
+        return sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values()
+                   if isinstance(t, torch.Tensor))
+
+    @torch.no_grad()
+    def step(self, closure=None, *, grad_scale: Optional[torch.Tensor] = None,
+             found_inf: Optional[torch.Tensor] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+        inv_scale = _fused.amp_scale(grad_scale, found_inf)
+        clip = take_pending_multiplier(self)
+        if inv_scale is None:
+            return loss
+        inv_scale *= clip
+        for group in self.param_groups:
+            params = _fused.grads_of(group, "AdamW8bit")
+            if not params:
+                continue
+            lr = _fused.as_float(group["lr"], "lr", "AdamW8bit")
+            beta1, beta2 = (float(b) for b in group["betas"])
+            eps, wd = float(group["eps"]), float(group["weight_decay"])
+            states = [self._state_of(p, group["min_8bit_size"]) for p in params]
+            steps = [s["step"] for s in states]
+            torch._foreach_add_(steps, 1)
+            corr = [(lr / (1.0 - beta1 ** st), math.sqrt(1.0 - beta2 ** st))
+                    for st in torch.stack(steps).tolist()]
+            eight = [(p, s, c) for p, s, c in zip(params, states, corr) if "exp_avg_codes" in s]
+            small = [(p, s, c) for p, s, c in zip(params, states, corr) if "exp_avg_codes" not in s]
+            fused_small = [(p, s, c) for p, s, c in small
+                           if p.dtype == torch.float32 and p.device.type == "cpu"
+                           and p.is_contiguous() and p.grad.is_contiguous()
+                           and p.grad.dtype == torch.float32
+                           and backends.native_module() is not None
+                           and backends.forced_backend() != "reference"]
+            if fused_small:
+                items = [(_fused.flat(p), _fused.flat(p.grad), _fused.flat(s["exp_avg"]),
+                          _fused.flat(s["exp_avg_sq"]), None, step_size, bc2, 0)
+                         for p, s, (step_size, bc2) in fused_small]
+                backends.native_module().adam_step(
+                    backends.cpu_tier_code(), items, lr, beta1, beta2, eps, wd, True, False,
+                    group["maximize"], inv_scale, _fused.threads(), 1.0 - lr * wd,
+                    1.0 - beta1, 1.0 - beta2, False)
+                done = {id(p) for p, _, _ in fused_small}
+                small = [(p, s, c) for p, s, c in small if id(p) not in done]
+            for p, s, (step_size, bc2) in small:
+                adam_reference(p, p.grad, s["exp_avg"], s["exp_avg_sq"], None, lr=lr,
+                               beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
+                               decoupled=True, amsgrad=False, maximize=group["maximize"],
+                               step_size=step_size, bias_correction2_sqrt=bc2,
+                               inv_grad_scale=inv_scale)
+            if not eight:
+                continue
+            use_cpu = (backends.native_module() is not None and backends.forced_backend() != "reference"
+                       and all(p.device.type == "cpu" and p.dtype in _fused.KERNEL_DTYPES
+                               and p.is_contiguous() and p.grad.is_contiguous()
+                               and p.grad.dtype == p.dtype for p, _, _ in eight))
+            if use_cpu:
+                items = [(_fused.flat(p), _fused.flat(p.grad), _fused.flat(s["exp_avg_codes"]),
+                          _fused.flat(s["exp_avg_scales"]), _fused.flat(s["exp_avg_sq_codes"]),
+                          _fused.flat(s["exp_avg_sq_scales"]), step_size, bc2)
+                         for p, s, (step_size, bc2) in eight]
+                backends.native_module().adam8bit_step(
+                    backends.cpu_tier_code(), items, eps, wd, beta2, True, group["maximize"],
+                    inv_scale, _fused.threads(), 1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2)
+            else:
+                for p, s, (step_size, bc2) in eight:
+                    m, v = dequantize_moments(s)
+                    flat_p = p.detach().view(-1) if p.is_contiguous() else p.detach().reshape(-1)
+                    work = flat_p.clone()
+                    adam_reference(work, p.grad.reshape(-1), m, v, None, lr=lr, beta1=beta1,
+                                   beta2=beta2, eps=eps, weight_decay=wd, decoupled=True,
+                                   amsgrad=False, maximize=group["maximize"],
+                                   step_size=step_size, bias_correction2_sqrt=bc2,
+                                   inv_grad_scale=inv_scale)
+                    p.copy_(work.view_as(p))
+                    _quantize_moments(s, m, v)
+        return loss
