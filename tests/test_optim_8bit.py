@@ -130,3 +130,20 @@ def test_bf16_parameters_resume_bit_exact():
     st = opt2.state[opt2.param_groups[0]["params"][0]]
     assert st["exp_avg_codes"].dtype == torch.int8 and st["exp_avg_scales"].dtype == torch.float32
     assert torch.equal(st["exp_avg_scales"], opt.state[p]["exp_avg_scales"])
+
+
+def test_small_bf16_tensors_keep_float32_moments_on_the_kernel():
+    torch.manual_seed(3)
+    p = torch.randn(1000, dtype=torch.bfloat16, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    a, b = AdamW8bit([p], lr=1e-2), AdamW8bit([q], lr=1e-2)
+    for _ in range(5):
+        g = torch.randn_like(p)
+        p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        with llmkernels.use_backend("reference"):
+            b.step()
+    assert a.state[p]["exp_avg"].dtype == torch.float32
+    assert (p.float() - q.float()).abs().max().item() <= 2 ** -7 * q.float().abs().max().item()
+    torch.testing.assert_close(a.state[p]["exp_avg_sq"], b.state[q]["exp_avg_sq"], rtol=1e-5,
+                               atol=1e-7)

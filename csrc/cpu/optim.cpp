@@ -138,9 +138,13 @@ void adam_step(CpuTier tier, const AdamHyper& h, const std::vector<AdamTensor>& 
   for (size_t i = 0; i < ts.size(); ++i) {
     check_param(ts[i].param, int64_t(i));
     check_vec(ts[i].grad, ts[i].param, "grad", int64_t(i));
-    check_vec(ts[i].exp_avg, ts[i].param, "exp_avg", int64_t(i));
-    check_vec(ts[i].exp_avg_sq, ts[i].param, "exp_avg_sq", int64_t(i));
-    if (h.amsgrad) check_vec(ts[i].max_exp_avg_sq, ts[i].param, "max_exp_avg_sq", int64_t(i));
+    // Moments in the parameter's dtype, or float32 for 16-bit parameters (all alike).
+    const DType sd = ts[i].exp_avg.dtype == DType::f32 ? DType::f32 : ts[i].param.dtype;
+    TensorView like = ts[i].param;
+    like.dtype = sd;
+    check_vec(ts[i].exp_avg, like, "exp_avg", int64_t(i));
+    check_vec(ts[i].exp_avg_sq, like, "exp_avg_sq", int64_t(i));
+    if (h.amsgrad) check_vec(ts[i].max_exp_avg_sq, like, "max_exp_avg_sq", int64_t(i));
   }
   Job<AdamHyper, AdamTensor> job{tier, &h, &ts, chunk(ts)};
   const int64_t n = int64_t(job.items.tensor.size());

@@ -6,6 +6,7 @@
 #pragma once
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "../common/half.h"
 #include "optim.h"
@@ -52,13 +53,16 @@ inline uint16_t sr_bf16(float f, uint32_t bits) {
 }
 
 // The flags are template arguments so that each loop body is branch-free (vectorizable).
-template <class T, bool kHalf, bool kDecoupled, bool kAmsgrad, bool kSR = false>
+// kF32State: 16-bit parameters with float32 moments (AdamW8bit's small tensors).
+template <class T, bool kHalf, bool kDecoupled, bool kAmsgrad, bool kSR = false,
+          bool kF32State = false>
 void adam_loop(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
+  using S = std::conditional_t<kF32State, float, T>;
   T* p = static_cast<T*>(t.param.data);
   const T* g = static_cast<const T*>(t.grad.data);
-  T* m = static_cast<T*>(t.exp_avg.data);
-  T* v = static_cast<T*>(t.exp_avg_sq.data);
-  T* vmax = static_cast<T*>(t.max_exp_avg_sq.data);
+  S* m = static_cast<S*>(t.exp_avg.data);
+  S* v = static_cast<S*>(t.exp_avg_sq.data);
+  S* vmax = static_cast<S*>(t.max_exp_avg_sq.data);
   const float wd = h.weight_decay, b2 = h.beta2, eps = h.eps;
   const float one_m_b1 = h.one_minus_beta1, one_m_b2 = h.one_minus_beta2, decay = h.decay;
   const float step_size = t.step_size, bc2 = t.bias_correction2_sqrt;
@@ -71,26 +75,34 @@ void adam_loop(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
     if constexpr (kHalf) reinterpret_cast<uint16_t*>(a)[i] = f32_to_f16(x);
     else st<T>(a, i, x);
   };
+  auto sget = [&](const S* a, int64_t i) {
+    if constexpr (kF32State) return a[i];
+    else return get(a, i);
+  };
+  auto sput = [&](S* a, int64_t i, float x) {
+    if constexpr (kF32State) a[i] = x;
+    else put(a, i, x);
+  };
   for (int64_t i = b; i < e; ++i) {
     float pi = get(p, i);
     float gi = get(g, i) * inv_scale * sign;
     if (kDecoupled) pi *= decay;
     else gi = std::fma(pi, wd, gi);  // grad.add(param, alpha=wd)
-    float mi = get(m, i);
+    float mi = sget(m, i);
     mi = std::fma(one_m_b1, gi - mi, mi);  // torch's lerp (weight 1 - beta1 < 0.5)
-    float vi = get(v, i) * b2;
+    float vi = sget(v, i) * b2;
     vi = vi + (one_m_b2 * gi) * gi;  // addcmul: self + value * t1 * t2
     float vd = vi;
     if (kAmsgrad) {
-      vd = std::max(get(vmax, i), vi);
-      put(vmax, i, vd);
+      vd = std::max(sget(vmax, i), vi);
+      sput(vmax, i, vd);
     }
     const float denom = std::sqrt(vd) / bc2 + eps;
     pi = pi + (-step_size) * (mi / denom);  // addcdiv
     if constexpr (kSR) reinterpret_cast<uint16_t*>(p)[i] = sr_bf16(pi, sr_bits(i, t.sr_key));
     else put(p, i, pi);
-    put(m, i, mi);
-    put(v, i, vi);
+    sput(m, i, mi);
+    sput(v, i, vi);
   }
 }
 
@@ -200,14 +212,14 @@ void adam8bit_loop(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int6
 
 }  // namespace
 
-template <class T, bool kHalf, bool kSR = false>
+template <class T, bool kHalf, bool kSR = false, bool kF32 = false>
 void adam_flags(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
   if (h.decoupled) {
-    if (h.amsgrad) adam_loop<T, kHalf, true, true, kSR>(h, t, b, e);
-    else adam_loop<T, kHalf, true, false, kSR>(h, t, b, e);
+    if (h.amsgrad) adam_loop<T, kHalf, true, true, kSR, kF32>(h, t, b, e);
+    else adam_loop<T, kHalf, true, false, kSR, kF32>(h, t, b, e);
   } else {
-    if (h.amsgrad) adam_loop<T, kHalf, false, true, kSR>(h, t, b, e);
-    else adam_loop<T, kHalf, false, false, kSR>(h, t, b, e);
+    if (h.amsgrad) adam_loop<T, kHalf, false, true, kSR, kF32>(h, t, b, e);
+    else adam_loop<T, kHalf, false, false, kSR, kF32>(h, t, b, e);
   }
 }
 
@@ -241,9 +253,15 @@ void adam_range(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
   switch (t.param.dtype) {
     case DType::f32: return adam_flags<float, false>(h, t, b, e);
     case DType::bf16:
+      if (t.exp_avg.dtype == DType::f32) {
+        if (h.stochastic_rounding) return adam_flags<uint16_t, false, true, true>(h, t, b, e);
+        return adam_flags<uint16_t, false, false, true>(h, t, b, e);
+      }
       if (h.stochastic_rounding) return adam_flags<uint16_t, false, true>(h, t, b, e);
       return adam_flags<uint16_t, false>(h, t, b, e);
-    default: return adam_flags<uint16_t, true>(h, t, b, e);
+    default:
+      if (t.exp_avg.dtype == DType::f32) return adam_flags<uint16_t, true, false, true>(h, t, b, e);
+      return adam_flags<uint16_t, true>(h, t, b, e);
   }
 }
 

@@ -140,9 +140,9 @@ class AdamW8bit(torch.optim.Optimizer):
             eight = [(p, s, c) for p, s, c in zip(params, states, corr) if "exp_avg_codes" in s]
             small = [(p, s, c) for p, s, c in zip(params, states, corr) if "exp_avg_codes" not in s]
             fused_small = [(p, s, c) for p, s, c in small
-                           if p.dtype == torch.float32 and p.device.type == "cpu"
+                           if p.dtype in _fused.KERNEL_DTYPES and p.device.type == "cpu"
                            and p.is_contiguous() and p.grad.is_contiguous()
-                           and p.grad.dtype == torch.float32
+                           and p.grad.dtype == p.dtype
                            and backends.native_module() is not None
                            and backends.forced_backend() != "reference"]
             if fused_small:
