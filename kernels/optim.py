@@ -33,7 +33,7 @@ twice: its results may differ by an ulp from the CPU kernel's).
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch

@@ -335,19 +335,36 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
 
 # ---------------------------------------------------------------- path selection
 
+def cpu_kernel_support(q: torch.Tensor, head_dim: int, value_head_dim: int) -> Optional[str]:
+    """None if the fused CPU kernel can take these inputs, else why not (every attention op)."""
+    if backends.native_module() is None:
+        return f"the compiled extension is not available ({backends.native_import_error()})"
+    if q.device.type != "cpu":
+        return f"tensors are on {q.device.type}"
+    if q.dtype not in _KERNEL_DTYPES:
+        return f"{q.dtype} is not a kernel dtype (float32, bfloat16, float16)"
+    if max(head_dim, value_head_dim) > MAX_CPU_HEAD_DIM:
+        return f"head dim {max(head_dim, value_head_dim)} > {MAX_CPU_HEAD_DIM}"
+    return None
+
+
+def select_path(op: str, q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, cpu_check,
+                backend: Optional[str], detail) -> backends.Decision:
+    """The path for an attention op over 4-D views without masks or dropout (varlen,
+    KV cache): the CPU kernel by cpu_check, the GPU paths by what they support."""
+    checks = {"cpu": cpu_check,
+              "cuda": attention_gpu.cuda_check(q4, k4, v4, backend),
+              "triton": lambda: attention_gpu.triton_support(q4, k4, v4)}
+    return backends.select(op, q4.device.type, checks, backend, detail)
+
+
 def _cpu_support(call: _Call):
     def check() -> Optional[str]:
-        if backends.native_module() is None:
-            return f"the compiled extension is not available ({backends.native_import_error()})"
-        if call.q.device.type != "cpu":
-            return f"tensors are on {call.q.device.type}"
-        if call.q.dtype not in _KERNEL_DTYPES:
-            return f"{call.q.dtype} is not a kernel dtype (float32, bfloat16, float16)"
+        why = cpu_kernel_support(call.q, call.q.shape[-1], call.v.shape[-1])
+        if why is not None:
+            return why
         if call.dropout_p > 0.0:
             return "dropout is not fused; the reference path applies it"
-        E, Ev = call.q.shape[-1], call.v.shape[-1]
-        if max(E, Ev) > MAX_CPU_HEAD_DIM:
-            return f"head dim {max(E, Ev)} > {MAX_CPU_HEAD_DIM}"
         if call.mask is not None:
             if call.mask.dtype not in (torch.bool,) + _KERNEL_DTYPES:
                 return f"attn_mask dtype {call.mask.dtype} is not bool, float32, bfloat16 or float16"

@@ -16,8 +16,8 @@ import torch
 from .. import backends
 from ..reference.attention import attention_kvcache_reference
 from . import attention_gpu
-from .attention import (MAX_CPU_HEAD_DIM, _KERNEL_DTYPES, _check_tensor, _scale_softcap, _window,
-                        cpu_forward)
+from .attention import (_check_tensor, _scale_softcap, _window, cpu_forward, cpu_kernel_support,
+                        select_path)
 
 OP_NAME = "attention_with_kvcache"
 
@@ -143,26 +143,14 @@ class _KVCall:
         self.k_cache[rows, pos] = self.k_new
         self.v_cache[rows, pos] = self.v_new
 
-    def cpu_support(self) -> Optional[str]:
-        if backends.native_module() is None:
-            return f"the compiled extension is not available ({backends.native_import_error()})"
-        if self.q.device.type != "cpu":
-            return f"tensors are on {self.q.device.type}"
-        if self.q.dtype not in _KERNEL_DTYPES:
-            return f"{self.q.dtype} is not a kernel dtype (float32, bfloat16, float16)"
-        if max(self.q.shape[3], self.v_cache.shape[3]) > MAX_CPU_HEAD_DIM:
-            return f"head dim > {MAX_CPU_HEAD_DIM}"
-        return None
-
     def decide(self, backend: Optional[str]) -> backends.Decision:
-        checks = {"cpu": self.cpu_support,
-                  "cuda": attention_gpu.cuda_check(self.q4, self.k4, self.v4, backend),
-                  "triton": lambda: attention_gpu.triton_support(self.q4, self.k4, self.v4)}
+        def cpu() -> Optional[str]:
+            return cpu_kernel_support(self.q, self.q.shape[3], self.v_cache.shape[3])
         detail = {"cpu": "fused C++ kernel (decode-shaped calls stream the cache once)",
                   "cuda": "CUDA kernels over per-sequence cache lengths",
                   "triton": "Triton kernels; few-token queries split the keys (flash-decoding)",
                   "reference": "PyTorch ops, one sequence at a time"}
-        return backends.select(OP_NAME, self.q.device.type, checks, backend, detail)
+        return select_path(OP_NAME, self.q4, self.k4, self.v4, cpu, backend, detail)
 
     def run_cpu(self) -> torch.Tensor:
         Lq = self.q.shape[1]

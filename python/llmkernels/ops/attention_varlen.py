@@ -14,8 +14,8 @@ import torch
 from .. import backends
 from ..reference.attention import attention_varlen_reference
 from . import attention_gpu
-from .attention import (MAX_CPU_HEAD_DIM, _KERNEL_DTYPES, _check_tensor, _scale_softcap, _window,
-                        cpu_forward)
+from .attention import (_check_tensor, _scale_softcap, _window, cpu_forward, cpu_kernel_support,
+                        select_path)
 
 OP_NAME = "attention_varlen"
 
@@ -92,26 +92,14 @@ class _Varlen:
         # (1, H, total, D) views: the packed layout the kernels read.
         self.q4, self.k4, self.v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
 
-    def cpu_support(self) -> Optional[str]:
-        if backends.native_module() is None:
-            return f"the compiled extension is not available ({backends.native_import_error()})"
-        if self.q.device.type != "cpu":
-            return f"tensors are on {self.q.device.type}"
-        if self.q.dtype not in _KERNEL_DTYPES:
-            return f"{self.q.dtype} is not a kernel dtype (float32, bfloat16, float16)"
-        if max(self.q.shape[2], self.v.shape[2]) > MAX_CPU_HEAD_DIM:
-            return f"head dim > {MAX_CPU_HEAD_DIM}"
-        return None
-
     def decide(self, backend: Optional[str]) -> backends.Decision:
-        checks = {"cpu": self.cpu_support,
-                  "cuda": attention_gpu.cuda_check(self.q4, self.k4, self.v4, backend),
-                  "triton": lambda: attention_gpu.triton_support(self.q4, self.k4, self.v4)}
+        def cpu() -> Optional[str]:
+            return cpu_kernel_support(self.q, self.q.shape[2], self.v.shape[2])
         detail = {"cpu": "fused C++ kernel, one call per sequence",
                   "cuda": "CUDA kernels over the packed batch",
                   "triton": "Triton kernels over the packed batch",
                   "reference": "PyTorch ops, one sequence at a time"}
-        return backends.select(OP_NAME, self.q.device.type, checks, backend, detail)
+        return select_path(OP_NAME, self.q4, self.k4, self.v4, cpu, backend, detail)
 
     def run_cpu(self) -> torch.Tensor:
         outs = []

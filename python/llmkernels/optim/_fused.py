@@ -8,6 +8,7 @@ from typing import List, Optional
 import torch
 
 from .. import backends
+from .clip import take_pending_multiplier
 from .._cview import DTYPE_CODES
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -171,3 +172,40 @@ def check_stochastic_rounding(groups, owner: str) -> None:
                 if p.dtype != torch.bfloat16:
                     raise ValueError(f"{owner}: stochastic_rounding needs bfloat16 parameters, "
                                      f"got {p.dtype}")
+
+
+# ---------------------------------------------------------------- what every step() does
+
+def check_adam_hyperparameters(name: str, lr, betas, eps, weight_decay) -> None:
+    """torch.optim.Adam's argument checks, with its messages."""
+    if as_float(lr, "lr", name) < 0.0:
+        raise ValueError(f"{name}: invalid learning rate {lr} (must be >= 0)")
+    if as_float(eps, "eps", name) < 0.0:
+        raise ValueError(f"{name}: invalid eps {eps} (must be >= 0)")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{name}: betas must be a pair, got {betas!r}")
+    for i, b in enumerate(betas):
+        if not 0.0 <= as_float(b, f"betas[{i}]", name) < 1.0:
+            raise ValueError(f"{name}: invalid beta parameter at index {i}: {b} "
+                             "(must be in [0, 1))")
+    if as_float(weight_decay, "weight_decay", name) < 0.0:
+        raise ValueError(f"{name}: invalid weight_decay {weight_decay} (must be >= 0)")
+
+
+def begin_step(opt, closure, grad_scale, found_inf):
+    """(loss, gradient multiplier) for a step, or (loss, None) when it must be skipped.
+
+    Runs the closure; takes GradScaler's scale and inf flag (given, or set as attributes
+    around step() for optimizers that declare _step_supports_amp_scaling, as torch's fused
+    ones do) and the factor clip_grad_norm_(..., optimizer=opt) left for this step."""
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    if grad_scale is None:
+        grad_scale = getattr(opt, "grad_scale", None)
+    if found_inf is None:
+        found_inf = getattr(opt, "found_inf", None)
+    inv_scale = amp_scale(grad_scale, found_inf)
+    clip = take_pending_multiplier(opt)
+    return loss, (None if inv_scale is None else inv_scale * clip)

@@ -9,7 +9,6 @@ import torch
 
 from .. import backends
 from . import _fused
-from .clip import take_pending_multiplier
 
 
 class _FusedAdam(torch.optim.Optimizer):
@@ -21,18 +20,7 @@ class _FusedAdam(torch.optim.Optimizer):
                  amsgrad: bool = False, maximize: bool = False,
                  stochastic_rounding: bool = False, seed: int = 0):
         name = type(self).__name__
-        if _fused.as_float(lr, "lr", name) < 0.0:
-            raise ValueError(f"{name}: invalid learning rate {lr} (must be >= 0)")
-        if _fused.as_float(eps, "eps", name) < 0.0:
-            raise ValueError(f"{name}: invalid eps {eps} (must be >= 0)")
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"{name}: betas must be a pair, got {betas!r}")
-        for i, b in enumerate(betas):
-            if not 0.0 <= _fused.as_float(b, f"betas[{i}]", name) < 1.0:
-                raise ValueError(f"{name}: invalid beta parameter at index {i}: {b} "
-                                 "(must be in [0, 1))")
-        if _fused.as_float(weight_decay, "weight_decay", name) < 0.0:
-            raise ValueError(f"{name}: invalid weight_decay {weight_decay} (must be >= 0)")
+        _fused.check_adam_hyperparameters(name, lr, betas, eps, weight_decay)
         # The keys of torch's Adam/AdamW defaults, so that state_dicts match theirs.
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         amsgrad=bool(amsgrad), maximize=bool(maximize), foreach=None,
@@ -68,21 +56,9 @@ class _FusedAdam(torch.optim.Optimizer):
              found_inf: Optional[torch.Tensor] = None):
         """One update of every parameter that has a gradient. grad_scale / found_inf come from
         torch.amp.GradScaler (gradients are still scaled; a step with inf/NaN is skipped)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        # torch.amp.GradScaler sets these attributes around step() for optimizers that
-        # declare _step_supports_amp_scaling, as torch's fused optimizers do.
-        if grad_scale is None:
-            grad_scale = getattr(self, "grad_scale", None)
-        if found_inf is None:
-            found_inf = getattr(self, "found_inf", None)
-        inv_scale = _fused.amp_scale(grad_scale, found_inf)
-        clip = take_pending_multiplier(self)  # from clip_grad_norm_(..., optimizer=self)
+        loss, inv_scale = _fused.begin_step(self, closure, grad_scale, found_inf)
         if inv_scale is None:
             return loss
-        inv_scale *= clip
         name = type(self).__name__
         for group in self.param_groups:
             params = _fused.grads_of(group, name)

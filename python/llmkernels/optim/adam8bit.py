@@ -17,7 +17,6 @@ import torch
 from .. import backends
 from . import _fused
 from .adam import adam_reference
-from .clip import take_pending_multiplier
 
 BLOCK = 256
 
@@ -57,17 +56,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
                  maximize: bool = False, min_8bit_size: int = 4096):
-        if _fused.as_float(lr, "lr", "AdamW8bit") < 0.0:
-            raise ValueError(f"AdamW8bit: invalid learning rate {lr} (must be >= 0)")
-        if _fused.as_float(eps, "eps", "AdamW8bit") < 0.0:
-            raise ValueError(f"AdamW8bit: invalid eps {eps} (must be >= 0)")
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"AdamW8bit: betas must be a pair, got {betas!r}")
-        for i, b in enumerate(betas):
-            if not 0.0 <= _fused.as_float(b, f"betas[{i}]", "AdamW8bit") < 1.0:
-                raise ValueError(f"AdamW8bit: invalid beta parameter at index {i}: {b}")
-        if _fused.as_float(weight_decay, "weight_decay", "AdamW8bit") < 0.0:
-            raise ValueError(f"AdamW8bit: invalid weight_decay {weight_decay} (must be >= 0)")
+        _fused.check_adam_hyperparameters("AdamW8bit", lr, betas, eps, weight_decay)
         if int(min_8bit_size) < 1:
             raise ValueError(f"AdamW8bit: min_8bit_size must be >= 1, got {min_8bit_size}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
@@ -112,19 +101,9 @@ class AdamW8bit(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale: Optional[torch.Tensor] = None,
              found_inf: Optional[torch.Tensor] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if grad_scale is None:
-            grad_scale = getattr(self, "grad_scale", None)
-        if found_inf is None:
-            found_inf = getattr(self, "found_inf", None)
-        inv_scale = _fused.amp_scale(grad_scale, found_inf)
-        clip = take_pending_multiplier(self)
+        loss, inv_scale = _fused.begin_step(self, closure, grad_scale, found_inf)
         if inv_scale is None:
             return loss
-        inv_scale *= clip
         for group in self.param_groups:
             params = _fused.grads_of(group, "AdamW8bit")
             if not params:

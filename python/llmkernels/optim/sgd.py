@@ -7,7 +7,6 @@ import torch
 
 from .. import backends
 from . import _fused
-from .clip import take_pending_multiplier
 
 
 class SGD(torch.optim.Optimizer):
@@ -47,21 +46,9 @@ class SGD(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale: Optional[torch.Tensor] = None,
              found_inf: Optional[torch.Tensor] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        # torch.amp.GradScaler sets these attributes around step() for optimizers that
-        # declare _step_supports_amp_scaling, as torch's fused optimizers do.
-        if grad_scale is None:
-            grad_scale = getattr(self, "grad_scale", None)
-        if found_inf is None:
-            found_inf = getattr(self, "found_inf", None)
-        inv_scale = _fused.amp_scale(grad_scale, found_inf)
-        clip = take_pending_multiplier(self)  # from clip_grad_norm_(..., optimizer=self)
+        loss, inv_scale = _fused.begin_step(self, closure, grad_scale, found_inf)
         if inv_scale is None:
             return loss
-        inv_scale *= clip
         for group in self.param_groups:
             params = _fused.grads_of(group, "SGD")
             if not params:
