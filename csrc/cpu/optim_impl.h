@@ -16,11 +16,6 @@ namespace LLMK_ISA_NS {
 
 namespace {
 
-template <class T> inline float ld(const T* p, int64_t i);
-template <> inline float ld<float>(const float* p, int64_t i) { return p[i]; }
-template <> inline float ld<uint16_t>(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
-template <class T> inline void st(T* p, int64_t i, float v);
-template <> inline void st<float>(float* p, int64_t i, float v) { p[i] = v; }
 // Round to nearest even, NaN kept quiet: half.h's f32_to_bf16 without its branch, so that
 // the loops vectorize.
 inline uint16_t to_bf16(float f) {
@@ -29,7 +24,21 @@ inline uint16_t to_bf16(float f) {
   const uint32_t quiet = u | 0x400000u;
   return uint16_t(((u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded) >> 16);
 }
-template <> inline void st<uint16_t>(uint16_t* p, int64_t i, float v) { p[i] = to_bf16(v); }
+
+// Element i of a float32 (T = float), bfloat16 (uint16_t) or float16 (uint16_t, kHalf) array,
+// as float32.
+template <class T, bool kHalf>
+inline float ld(const T* p, int64_t i) {
+  if constexpr (std::is_same_v<T, float>) return p[i];
+  else if constexpr (kHalf) return f16_to_f32(p[i]);
+  else return bf16_to_f32(p[i]);
+}
+template <class T, bool kHalf>
+inline void st(T* p, int64_t i, float v) {
+  if constexpr (std::is_same_v<T, float>) p[i] = v;
+  else if constexpr (kHalf) p[i] = f32_to_f16(v);
+  else p[i] = to_bf16(v);
+}
 
 // Stochastic rounding to bfloat16: add 16 random bits below the kept ones, then truncate,
 // so that an update smaller than half a bf16 ulp still moves the parameter on average.
@@ -67,22 +76,10 @@ void adam_loop(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
   const float one_m_b1 = h.one_minus_beta1, one_m_b2 = h.one_minus_beta2, decay = h.decay;
   const float step_size = t.step_size, bc2 = t.bias_correction2_sqrt;
   const float sign = h.maximize ? -1.f : 1.f, inv_scale = h.inv_grad_scale;
-  auto get = [](const T* a, int64_t i) {
-    if constexpr (kHalf) return f16_to_f32(reinterpret_cast<const uint16_t*>(a)[i]);
-    else return ld<T>(a, i);
-  };
-  auto put = [](T* a, int64_t i, float x) {
-    if constexpr (kHalf) reinterpret_cast<uint16_t*>(a)[i] = f32_to_f16(x);
-    else st<T>(a, i, x);
-  };
-  auto sget = [&](const S* a, int64_t i) {
-    if constexpr (kF32State) return a[i];
-    else return get(a, i);
-  };
-  auto sput = [&](S* a, int64_t i, float x) {
-    if constexpr (kF32State) a[i] = x;
-    else put(a, i, x);
-  };
+  auto get = [](const T* a, int64_t i) { return ld<T, kHalf>(a, i); };
+  auto put = [](T* a, int64_t i, float x) { st<T, kHalf>(a, i, x); };
+  auto sget = [](const S* a, int64_t i) { return ld<S, kHalf && !kF32State>(a, i); };
+  auto sput = [](S* a, int64_t i, float x) { st<S, kHalf && !kF32State>(a, i, x); };
   for (int64_t i = b; i < e; ++i) {
     float pi = get(p, i);
     float gi = get(g, i) * inv_scale * sign;
@@ -113,14 +110,8 @@ void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
   T* buf = static_cast<T*>(t.momentum_buffer.data);
   const float lr = h.lr, wd = h.weight_decay, mom = h.momentum, damp = h.one_minus_dampening;
   const float sign = h.maximize ? -1.f : 1.f, inv_scale = h.inv_grad_scale;
-  auto get = [](const T* a, int64_t i) {
-    if constexpr (kHalf) return f16_to_f32(reinterpret_cast<const uint16_t*>(a)[i]);
-    else return ld<T>(a, i);
-  };
-  auto put = [](T* a, int64_t i, float x) {
-    if constexpr (kHalf) reinterpret_cast<uint16_t*>(a)[i] = f32_to_f16(x);
-    else st<T>(a, i, x);
-  };
+  auto get = [](const T* a, int64_t i) { return ld<T, kHalf>(a, i); };
+  auto put = [](T* a, int64_t i, float x) { st<T, kHalf>(a, i, x); };
   for (int64_t i = b; i < e; ++i) {
     const float pi = get(p, i);
     float d = get(g, i) * inv_scale * sign;
@@ -160,14 +151,8 @@ void adam8bit_loop(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int6
   const float one_m_b1 = h.one_minus_beta1, one_m_b2 = h.one_minus_beta2, decay = h.decay;
   const float step_size = t.step_size, bc2 = t.bias_correction2_sqrt;
   const float sign = h.maximize ? -1.f : 1.f, inv_scale = h.inv_grad_scale;
-  auto get = [](const T* a, int64_t i) {
-    if constexpr (kHalf) return f16_to_f32(reinterpret_cast<const uint16_t*>(a)[i]);
-    else return ld<T>(a, i);
-  };
-  auto put = [](T* a, int64_t i, float x) {
-    if constexpr (kHalf) reinterpret_cast<uint16_t*>(a)[i] = f32_to_f16(x);
-    else st<T>(a, i, x);
-  };
+  auto get = [](const T* a, int64_t i) { return ld<T, kHalf>(a, i); };
+  auto put = [](T* a, int64_t i, float x) { st<T, kHalf>(a, i, x); };
   float m[kBlock8], v[kBlock8];
   for (int64_t blk = b0; blk < b1; ++blk) {
     const int64_t base = blk * kBlock8, len = std::min(kBlock8, n - base);
