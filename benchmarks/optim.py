@@ -3,6 +3,7 @@
     python benchmarks/optim.py                    # 10M and 50M parameters, fp32 and bf16
     python benchmarks/optim.py --quick            # seconds: a smoke test
     python benchmarks/optim.py --params 200 --json out.json
+    python benchmarks/optim.py --device cuda      # GPU: ours is the Triton multi-tensor step
 
 For each model size it checks a few steps of ours against torch (max relative difference of
 the parameters), then times one optimizer step (gradients already in place) side by side:
@@ -52,6 +53,14 @@ def copy_bandwidth(device: str, min_run_time: float) -> float:
     return 2 * x.numel() * 4 / t / 1e9
 
 
+def step_path(name: str, params: List[torch.Tensor]) -> str:
+    """The path our optimizer's step takes (the optimizers pick it per group, as here)."""
+    from llmkernels.optim import _fused
+    if name == "adamw8bit":  # 8-bit moments: the C++ kernel on the CPU, else the reference
+        return "cpu" if params[0].device.type == "cpu" else "reference"
+    return _fused.choose_path(params, [[q, q.grad] for q in params], False)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--params", default="10,50", help="model sizes in millions (default 10,50)")
@@ -60,8 +69,9 @@ def main(argv=None) -> int:
     p.add_argument("--min-run-time", type=float, default=None)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", metavar="FILE")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = p.parse_args(argv)
-    dev = "cpu"
+    dev = args.device
     sizes = [0.3] if args.quick else [float(s) for s in args.params.split(",")]
     mrt = args.min_run_time or (0.05 if args.quick else 0.5)
     info = harness.machine_info(dev)
@@ -94,8 +104,8 @@ def main(argv=None) -> int:
                               "torch": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9)}
                     bytes_per = 5 * torch.tensor([], dtype=dtype).element_size()
                 torch.manual_seed(0)
-                base = [torch.randn(s).to(dtype) for s in shapes]
-                grads = [torch.randn(s).to(dtype) * 1e-2 for s in shapes]
+                base = [torch.randn(s, device=dev).to(dtype) for s in shapes]
+                grads = [torch.randn(s, device=dev).to(dtype) * 1e-2 for s in shapes]
                 times: Dict[str, float] = {}
                 finals = {}
                 for label, make in makers.items():
@@ -105,6 +115,8 @@ def main(argv=None) -> int:
                     opt = make(ps)
                     for _ in range(3):
                         opt.step()
+                    if label == "ours":
+                        path = step_path(name, ps)
                     finals[label] = [q.detach().clone() for q in ps[:4]]
                     times[label] = harness.time_fn(opt.step, dev, mrt).median_s
                     del opt, ps
@@ -118,18 +130,18 @@ def main(argv=None) -> int:
                 failed += not ok
                 t = times["ours"]
                 gbs = n * bytes_per / t / 1e9
-                rec = dict(params_m=n / 1e6, tensors=len(shapes), dtype=dt, optimizer=name,
+                rec = dict(device=dev, path=path, params_m=n / 1e6, tensors=len(shapes), dtype=dt, optimizer=name,
                            correct=ok, rel_err=err, gbs=gbs, pct_copy_bw=100 * gbs / bw,
                            **{f"{k}_ms": v * 1e3 for k, v in times.items()},
                            **{f"vs_{k}": v / t for k, v in times.items() if k != "ours"})
                 records.append(rec)
-                rows.append([f"{n / 1e6:.1f}M", str(len(shapes)), dt, name, "ok" if ok else "FAIL",
+                rows.append([f"{n / 1e6:.1f}M", str(len(shapes)), dt, name, path, "ok" if ok else "FAIL",
                              f"{t * 1e3:.2f}", f"{times['torch-fused'] * 1e3:.2f}",
                              f"{times['torch'] * 1e3:.2f}", f"{times['torch-fused'] / t:.2f}x",
                              f"{times['torch'] / t:.2f}x", f"{gbs:.1f}", f"{100 * gbs / bw:.0f}%"])
                 print(" ".join(rows[-1]), flush=True)
     print()
-    print(harness.format_table(["params", "tensors", "dtype", "optimizer", "check", "ours ms",
+    print(harness.format_table(["params", "tensors", "dtype", "optimizer", "path", "check", "ours ms",
                                 "torch-fused ms", "torch ms", "vs fused", "vs torch", "GB/s",
                                 "% copy bw"], rows))
     if args.json:
