@@ -44,6 +44,15 @@ step() {
   return 0
 }
 
+# show N FILE: the last N lines of FILE into the summary (a skipped step has no log: not fatal).
+show() { tail -n "$1" "$2" 2>/dev/null | tee -a "$SUMMARY" || true; }
+
+# The device tool returns at most 8 files, so everything also goes into one archive, made on
+# any exit (a failed build or an error in this script too).
+archive() { tar czf /tmp/gpu_check_logs.tgz -C "$OUT" --exclude gpu_check_logs.tgz . 2>/dev/null \
+  && mv /tmp/gpu_check_logs.tgz "$OUT/" || true; }
+trap archive EXIT
+
 HAVE_GPU=0
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L > "$OUT/nvidia-smi-L.txt" 2>&1; then
   HAVE_GPU=1
@@ -101,15 +110,19 @@ if [ "$HAVE_GPU" = 1 ] && [ "$STEPS" != bench ]; then
   for group in OTHER ATTENTION; do
     files_var="GPU_TESTS_$group"
     step "gpu_tests_${group,,}" "$TEST_TIMEOUT" env LLMKERNELS_TRITON_AUTOTUNE=0 "$PY" -m pytest \
-      ${!files_var} -q -p no:cacheprovider $XDIST -rs --junitxml="$OUT/gpu_tests_${group,,}.xml"
-    tail -n 15 "$OUT/gpu_tests_${group,,}.log" | tee -a "$SUMMARY"
+      ${!files_var} -v -p no:cacheprovider $XDIST -rfEs --tb=short \
+      --junitxml="$OUT/gpu_tests_${group,,}.xml"
+    # One line per finished test (-v), so a step cut by its time limit still names its failures.
+    grep -E "(FAILED|ERROR)( |$)" "$OUT/gpu_tests_${group,,}.log" | sort -u | head -n 40 \
+      | tee -a "$SUMMARY" || true
+    show 3 "$OUT/gpu_tests_${group,,}.log"
   done
   if command -v compute-sanitizer >/dev/null 2>&1; then
     step sanitizer "$SANITIZER_TIMEOUT" compute-sanitizer --tool memcheck \
       --error-exitcode 3 "$PY" -m pytest tests/test_quant_matmul_gpu.py tests/test_attention_gpu.py \
       tests/test_attention_varlen.py -q -p no:cacheprovider -x \
       -k "cuda and (37-53 or gqa or window or ragged or different or 100 or 17 or 40-192)"
-    tail -n 5 "$OUT/sanitizer.log" | tee -a "$SUMMARY"
+    show 5 "$OUT/sanitizer.log"
   else
     log "compute-sanitizer not found: memcheck skipped"
   fi
@@ -120,40 +133,38 @@ if [ "$HAVE_GPU" = 1 ] && [ "$STEPS" != tests ]; then
     step "quant_bench_$path" "$BENCH_TIMEOUT" "$PY" benchmarks/quant_matmul.py --device cuda \
       --backend "$path" --ms 1,16,4096 --shapes 4096x4096,4096x11008 --min-run-time 0.1 \
       --json "$OUT/quant_gpu_$path.json"
-    tail -n 16 "$OUT/quant_bench_$path.log" | tee -a "$SUMMARY"
+    show 16 "$OUT/quant_bench_$path.log"
   done
   step optim_bench "$BENCH_TIMEOUT" "$PY" benchmarks/optim.py --device cuda --params 10,50,200 \
     --min-run-time 0.1 --json "$OUT/optim_gpu.json"
-  tail -n 22 "$OUT/optim_bench.log" | tee -a "$SUMMARY"
+  show 22 "$OUT/optim_bench.log"
   step attention_bench_triton "$BENCH_TIMEOUT" "$PY" benchmarks/attention.py --device cuda \
     --ours-backend triton --paths ours,sdpa --dtypes bf16 --head-dims 128 --seqlens "${BENCH_SEQLENS:-4096}" \
     --batch "${BENCH_BATCH:-4}" --heads "${BENCH_HEADS:-16}" --min-run-time 0.1 --json "$OUT/attention_gpu_triton.json"
-  tail -n 12 "$OUT/attention_bench_triton.log" | tee -a "$SUMMARY"
+  show 12 "$OUT/attention_bench_triton.log"
   step decode_bench_triton "$BENCH_TIMEOUT" "$PY" benchmarks/attention_decode.py --device cuda \
     --ours-backend triton --batch 1,8 --cache-lens 8192 --min-run-time 0.1 --json "$OUT/decode_gpu_triton.json"
-  tail -n 6 "$OUT/decode_bench_triton.log" | tee -a "$SUMMARY"
+  show 6 "$OUT/decode_bench_triton.log"
   # The CUDA attention kernels are untuned (0.07-0.1x SDPA on an H100): timed last.
   step attention_bench_cuda "$BENCH_TIMEOUT" "$PY" benchmarks/attention.py --device cuda \
     --ours-backend cuda --paths ours,sdpa --dtypes bf16 --head-dims 128 --seqlens "${BENCH_SEQLENS:-4096}" \
     --batch "${BENCH_BATCH:-4}" --heads "${BENCH_HEADS:-16}" --min-run-time 0.1 --json "$OUT/attention_gpu_cuda.json"
-  tail -n 12 "$OUT/attention_bench_cuda.log" | tee -a "$SUMMARY"
+  show 12 "$OUT/attention_bench_cuda.log"
 fi
 if [ "$HAVE_GPU" = 0 ]; then
   log "gpu_tests, sanitizer: skipped (no GPU); GPU test files run on the CPU (Triton interpreted)"
   step gpu_tests_interpreted "$TEST_TIMEOUT" "$PY" -m pytest $GPU_TESTS_OTHER $GPU_TESTS_ATTENTION \
     -q -p no:cacheprovider
-  tail -n 3 "$OUT/gpu_tests_interpreted.log" | tee -a "$SUMMARY"
+  show 3 "$OUT/gpu_tests_interpreted.log"
   step attention_bench "$BENCH_TIMEOUT" "$PY" benchmarks/attention.py --device cpu \
     --quick --json "$OUT/attention_cpu_quick.json"
-  tail -n 12 "$OUT/attention_bench.log" | tee -a "$SUMMARY"
+  show 12 "$OUT/attention_bench.log"
   step decode_bench "$BENCH_TIMEOUT" "$PY" benchmarks/attention_decode.py --device cpu \
     --batch 1 --cache-lens 512 --min-run-time 0.02
-  tail -n 4 "$OUT/decode_bench.log" | tee -a "$SUMMARY"
+  show 4 "$OUT/decode_bench.log"
   step quant_bench "$BENCH_TIMEOUT" "$PY" benchmarks/quant_matmul.py --device cpu --quick
-  tail -n 10 "$OUT/quant_bench.log" | tee -a "$SUMMARY"
+  show 10 "$OUT/quant_bench.log"
   step optim_bench "$BENCH_TIMEOUT" "$PY" benchmarks/optim.py --quick
-  tail -n 10 "$OUT/optim_bench.log" | tee -a "$SUMMARY"
+  show 10 "$OUT/optim_bench.log"
 fi
 log "done: results in $OUT"
-# The device tool returns at most 8 files: everything also goes into one archive.
-tar czf /tmp/gpu_check_logs.tgz -C "$OUT" . 2>/dev/null && mv /tmp/gpu_check_logs.tgz "$OUT/" || true

@@ -9,6 +9,8 @@ of precedence) that cannot serve the call raises BackendError: never a silent fa
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
@@ -33,6 +35,48 @@ _BUILD = _native.build_info() if _native is not None else None
 _TIERS_SUPPORTED: List[str] = list(_BUILD["cpu_tiers_supported"]) if _BUILD else []
 _TIER_BEST: str = _BUILD["cpu_tier_best"] if _BUILD else "none"
 _TIER_CODES = {name: i for i, name in enumerate(("generic", "avx2", "avx512", "avx512_bf16"))}
+
+
+# The Triton kernel modules by name: (module, None), or (None, why they cannot be used).
+_TRITON_KERNELS: Dict[str, tuple] = {}
+
+
+def triton_kernels_or_error(name: str) -> tuple:
+    """llmkernels.kernels.<name> as (module, None), or (None, why it cannot be imported).
+
+    Tried once per process: a missing or broken triton must not break the other paths. The
+    result is a plain dict entry so that torch.compile reads it as a constant once it exists
+    (tracing importlib, or an lru_cache wrapper, breaks or warns inside a compiled graph)."""
+    found = _TRITON_KERNELS.get(name)
+    if found is None:
+        found = _TRITON_KERNELS[name] = _import_triton_kernels(name)
+    return found
+
+
+def _import_triton_kernels(name: str) -> tuple:
+    if importlib.util.find_spec("triton") is None:
+        return None, "triton is not installed"
+    try:
+        return importlib.import_module(f"{__package__}.kernels.{name}"), None
+    except Exception as exc:  # a broken triton install must not break the other paths
+        return None, f"the Triton kernels failed to import ({type(exc).__name__}: {exc})"
+
+
+def triton_unavailable(name: str) -> Optional[str]:
+    """None if llmkernels.kernels.<name> imports here, else why not (for support checks)."""
+    return triton_kernels_or_error(name)[1]
+
+
+def _compile_constant(fn):
+    # Under torch.compile the answer is computed once while tracing and kept as a constant.
+    try:
+        import torch
+        return torch.compiler.assume_constant_result(fn)
+    except (ImportError, AttributeError):  # pragma: no cover - torch without torch.compiler
+        return fn
+
+
+triton_unavailable = _compile_constant(triton_unavailable)
 
 
 class BackendError(RuntimeError):

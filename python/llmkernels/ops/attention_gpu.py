@@ -8,8 +8,6 @@ batches, seqused_k for KV caches, diag_offset and bottom_right for the causal/wi
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib.util
 import os
 from typing import Optional, Tuple
 
@@ -29,19 +27,8 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_kernels_or_error():
-    if importlib.util.find_spec("triton") is None:
-        return None, "triton is not installed"
-    try:
-        from ..kernels import attention as kernels
-    except Exception as exc:  # a broken triton install must not break the other paths
-        return None, f"the Triton kernels failed to import ({type(exc).__name__}: {exc})"
-    return kernels, None
-
-
 def triton_kernels():
-    kernels, error = _triton_kernels_or_error()
+    kernels, error = backends.triton_kernels_or_error("attention")
     if kernels is None:
         raise backends.BackendError(f"Triton attention is unavailable: {error}")
     return kernels
@@ -49,7 +36,7 @@ def triton_kernels():
 
 def triton_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
     """None if the Triton path can serve attention over these tensors, else why not."""
-    _, error = _triton_kernels_or_error()
+    error = backends.triton_unavailable("attention")
     if error is not None:
         return error
     if q.device.type != "cuda" and not triton_interpreting():

@@ -4,8 +4,6 @@ registered as torch custom ops (with a backward for x, so quantized base layers 
 fine-tuned around, QLoRA style)."""
 from __future__ import annotations
 
-import functools
-import importlib.util
 import threading
 from typing import Optional
 
@@ -37,17 +35,6 @@ def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
     return ws
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_kernels_or_error():
-    if importlib.util.find_spec("triton") is None:
-        return None, "triton is not installed"
-    try:
-        from ..kernels import quant_matmul as kernels
-    except Exception as exc:  # a broken triton must not break the other paths
-        return None, f"the Triton kernels failed to import ({type(exc).__name__}: {exc})"
-    return kernels, None
-
-
 def _run_kernel(impl: str, x2d, qdata, scales, zeros, bias, out, scheme: str, group_size: int):
     if impl == "cpu":
         native = backends.native_module()
@@ -68,7 +55,7 @@ def _run_kernel(impl: str, x2d, qdata, scales, zeros, bias, out, scheme: str, gr
                                      cview(bias), cview(out), ws.data_ptr() if ws is not None else 0,
                                      group_size, torch.cuda.current_stream(x2d.device).cuda_stream)
     else:
-        kernels, error = _triton_kernels_or_error()
+        kernels, error = backends.triton_kernels_or_error("quant_matmul")
         if kernels is None:
             raise backends.BackendError(f"{OP_NAME}: Triton is unavailable: {error}")
         ctx = torch.cuda.device(x2d.device) if x2d.is_cuda else _nullcontext()
@@ -186,7 +173,7 @@ def _checks(x: torch.Tensor, qweight: QuantizedWeight, backend: Optional[str]):
     def triton() -> Optional[str]:
         if too_long():
             return too_long()
-        _, error = _triton_kernels_or_error()
+        error = backends.triton_unavailable("quant_matmul")
         if error is not None:
             return error
         if x.device.type != "cuda" and not triton_interpreting():

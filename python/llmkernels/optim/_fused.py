@@ -68,11 +68,7 @@ def _kernel_ready(params: List[torch.Tensor], tensors_per_param) -> bool:
 
 
 def _triton_optim():
-    try:
-        from ..kernels import optim as kernels
-        return kernels
-    except Exception:  # triton missing or broken: the other paths still work
-        return None
+    return backends.triton_kernels_or_error("optim")[0]
 
 
 def choose_path(params: List[torch.Tensor], tensors_per_param, stochastic_rounding: bool) -> str:
