@@ -9,6 +9,12 @@
 //    multiplied with FMA; int8 applies the channel scale once at the end, int4 applies each
 //    group's scale to the group's partial sum and subtracts zero * scale * sum(x over the
 //    group) with per-row group sums computed once.
+//  - int4 with bfloat16 x and few rows (decoding): x is quantized to int8 per 32-element
+//    block (a float scale each, as llama.cpp's Q8 activations), and the unsigned nibbles
+//    meet it in integer dot products (vpdpbusd, or maddubs + madd: |15 * 127| * 2 fits int16);
+//    each block's int32 lanes are scaled to float by its x scale, each group's sum by the
+//    group's weight scale, and zero * scale * (the group's sum of dequantized x) is
+//    subtracted. Several times fewer instructions per weight than widening nibbles to float.
 //  - w8a8: x is quantized per row to int8 (exactly as the reference), products are int8 x
 //    int8 -> int32: AVX-512 VNNI vpdpbusd (x biased to unsigned, the bias removed with the
 //    channel's weight sum), AVX-512BW / AVX2 maddubs + madd (|x| times sign-adjusted w, as
@@ -149,6 +155,48 @@ LLMK_INLINE qv qdot(qv acc, q8 x, q8 w) {
 LLMK_INLINE qv qwsum(qv acc, q8) { return acc; }
 #endif
 
+// ------------------------------------------------------------------ int4 x int8 dot products
+
+// 4W packed nibbles (2W bytes) as 4W unsigned bytes in x's permuted order (per 32-block:
+// the 16 low nibbles, then the 16 high ones), and their dot products with 4W int8 values
+// of x: W int32 lanes (4 products each; on AVX-512, lanes 0-7 are the first 32-block's).
+#if defined(__AVX512BW__) && LLMK_VEC_BYTES == 64
+constexpr bool kInt4Q8 = true;
+typedef __m512i n8;
+LLMK_INLINE n8 nibble_bytes(const uint8_t* p) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
+  z = _mm512_and_si512(z, _mm512_set1_epi8(15));     // [lo A, lo B, hi A, hi B] (16 bytes each)
+  return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));  // [lo A, hi A, lo B, hi B]
+}
+LLMK_INLINE n8 load_x8(const int8_t* p) { return _mm512_loadu_si512(p); }
+LLMK_INLINE vf dot_u4_s8(n8 w, n8 x) {
+#if defined(__AVX512VNNI__)
+  return (vf)_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x));
+#else
+  return (vf)_mm512_cvtepi32_ps(
+      _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), _mm512_set1_epi16(1)));
+#endif
+}
+#elif defined(__AVX2__) && LLMK_VEC_BYTES == 32
+constexpr bool kInt4Q8 = true;
+typedef __m256i n8;
+LLMK_INLINE n8 nibble_bytes(const uint8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i z = _mm256_inserti128_si256(_mm256_castsi128_si256(b), _mm_srli_epi16(b, 4), 1);
+  return _mm256_and_si256(z, _mm256_set1_epi8(15));  // [lo, hi] of one 32-block
+}
+LLMK_INLINE n8 load_x8(const int8_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+LLMK_INLINE vf dot_u4_s8(n8 w, n8 x) {
+  return (vf)_mm256_cvtepi32_ps(
+      _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+}
+#else
+constexpr bool kInt4Q8 = false;
+#endif
+
 // ------------------------------------------------------------------ the call's shared state
 
 struct Ctx {
@@ -160,10 +208,23 @@ struct Ctx {
   const float* xsum;          // int4: (M, groups) sums of x over each group
   const int8_t* xq;           // w8a8: quantized rows (biased when kBiasedX)
   const float* xscale;        // w8a8: per-row scales
+  const int8_t* x4q;          // int4 on the int8-x path: x per 32-block as int8 (permuted)
+  const float* x4s;           // its block scales, each repeated for the block's 8 lanes
+  const float* x4sum;         // (M, groups): sums of the dequantized x over each group
   char* scratch;              // per-thread partial sums
   int64_t scratch_stride;
   int64_t chunks_n;
 };
+
+// How far ahead a block of NB weight rows (row_bytes each) prefetches while it reads [k0, k1).
+// Whole rows (decoding): the same place in the next NB rows, which the block after this one
+// reads; a row's own next bytes would be too close ahead (a 2 KiB int4 row is read in ~0.2 us,
+// about a DRAM latency) and the next rows' first bytes would never be prefetched. Chunks of
+// rows (many rows of x): kPrefetch further along the row.
+template <int NB>
+LLMK_INLINE int64_t prefetch_ahead(const Ctx& c, int64_t row_bytes, int64_t k0, int64_t k1) {
+  return k0 == 0 && k1 == c.K ? NB * row_bytes : kPrefetch;
+}
 
 int64_t padded_k(const QuantMatmulParams& p) {
   const int64_t K = p.x.sizes[1];
@@ -195,12 +256,13 @@ void int8_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t
   vf a[MB][NB];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) a[i][j] = vf{};
+  const int64_t ahead = prefetch_ahead<NB>(c, c.K, k0, k1);
   const int64_t kv = k0 + (k1 - k0) / W * W;
   for (int64_t k = k0; k < kv; k += W) {
     vf xv[MB];
     for (int i = 0; i < MB; ++i) xv[i] = loadu(x[i] + k);
     for (int j = 0; j < NB; ++j) {
-      if ((k & 63) == 0) __builtin_prefetch(w[j] + k + kPrefetch);
+      if ((k & 63) == 0) __builtin_prefetch(w[j] + k + ahead);
       const vf wv = widen_i8(w[j] + k);
       for (int i = 0; i < MB; ++i) a[i][j] += xv[i] * wv;
     }
@@ -231,6 +293,7 @@ void int4_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t
     x[i] = c.xf + rows[i] * c.Kx;
     xs[i] = c.xsum + rows[i] * c.groups;
   }
+  const int64_t ahead = prefetch_ahead<NB>(c, c.K / 2, k0, k1);
   vf total[MB][NB];
   float zero_term[MB][NB];
   for (int i = 0; i < MB; ++i)
@@ -245,7 +308,7 @@ void int4_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t
       for (int j = 0; j < NB; ++j) part[i][j] = vf{};
     for (int64_t kb = kg; kb < kg + g; kb += 32) {  // 32 values: 16 packed bytes
       if ((kb & 127) == 0)
-        for (int j = 0; j < NB; ++j) __builtin_prefetch(w[j] + kb / 2 + kPrefetch);
+        for (int j = 0; j < NB; ++j) __builtin_prefetch(w[j] + kb / 2 + ahead);
       for (int s = 0; s < 32 / W; ++s) {
         // sub-vector s: the low nibbles (even elements) first, then the high ones
         const bool high = s >= 16 / W;
@@ -270,6 +333,70 @@ void int4_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) acc[i * ld + j] += hsum(total[i][j]) - zero_term[i][j];
 }
+
+#if defined(__AVX512BW__) && LLMK_VEC_BYTES == 64 || defined(__AVX2__) && LLMK_VEC_BYTES == 32
+// int4_block on int8 x (see the top of the file). k0, k1: multiples of the group size,
+// itself a multiple of 4W.
+template <int MB, int NB>
+void int4_q8_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t k0,
+                   int64_t k1, float* acc, int64_t ld) {
+  const int64_t g = c.p->group_size;
+  const uint8_t* w[NB];
+  const float* sc[NB];
+  const uint8_t* zp[NB];
+  for (int j = 0; j < NB; ++j) {
+    w[j] = c.p->qdata.ptr<uint8_t>() + chans[j] * (c.K / 2);
+    sc[j] = c.p->scales.ptr<float>() + chans[j] * c.groups;
+    zp[j] = c.p->zeros.ptr<uint8_t>() + chans[j] * c.groups;
+  }
+  const int8_t* x[MB];
+  const float* xl[MB];
+  const float* xs[MB];
+  for (int i = 0; i < MB; ++i) {
+    x[i] = c.x4q + rows[i] * c.Kx;
+    xl[i] = c.x4s + rows[i] * (c.Kx / 4);
+    xs[i] = c.x4sum + rows[i] * c.groups;
+  }
+  const int64_t ahead = prefetch_ahead<NB>(c, c.K / 2, k0, k1);
+  vf total[MB][NB];
+  float zero_term[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      total[i][j] = vf{};
+      zero_term[i][j] = 0.f;
+    }
+  for (int64_t kg = k0; kg < k1; kg += g) {
+    const int64_t grp = kg / g;
+    vf part[MB][NB];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) part[i][j] = vf{};
+    for (int64_t kb = kg; kb < kg + g; kb += 4 * W) {
+      if ((kb & 127) == 0)
+        for (int j = 0; j < NB; ++j) __builtin_prefetch(w[j] + kb / 2 + ahead);
+      n8 xv[MB];
+      vf sv[MB];
+      for (int i = 0; i < MB; ++i) {
+        xv[i] = load_x8(x[i] + kb);
+        sv[i] = loadu(xl[i] + kb / 4);
+      }
+      for (int j = 0; j < NB; ++j) {
+        const n8 wv = nibble_bytes(w[j] + kb / 2);
+        for (int i = 0; i < MB; ++i) part[i][j] += dot_u4_s8(wv, xv[i]) * sv[i];
+      }
+    }
+    for (int j = 0; j < NB; ++j) {
+      const float s = sc[j][grp];
+      const float zs = float(zp[j][grp]) * s;
+      for (int i = 0; i < MB; ++i) {
+        total[i][j] += splat(s) * part[i][j];
+        zero_term[i][j] += zs * xs[i][grp];
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i * ld + j] += hsum(total[i][j]) - zero_term[i][j];
+}
+#endif
 
 template <int MB, int NB>
 void w8a8_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t k0, int64_t k1,
@@ -498,6 +625,14 @@ bool use_bf16_dot(const QuantMatmulParams& p) {
   return kBf16Dot && p.scheme == QuantScheme::int8 && p.x.dtype == DType::bf16;
 }
 
+// The int8-x int4 path: bfloat16 x (its tolerance; float16 and float32 x keep float
+// products), few rows (decoding; more rows go through dequantized panels), groups that
+// hold whole vectors of 4W values.
+bool use_int4_q8(const QuantMatmulParams& p) {
+  return kInt4Q8 && p.scheme == QuantScheme::int4 && p.x.dtype == DType::bf16 &&
+         p.x.sizes[0] <= kMB4 && p.group_size % (4 * W) == 0;
+}
+
 // block: the MB-row kernel; block1: its one-row instance, for the rows left over (M = 1
 // decoding must not pay for MB rows).
 template <class Acc, int MB, int NB, class Block, class Block1>
@@ -561,6 +696,12 @@ void tile_item(void* ctx, int64_t item, int thread) {
     }
     case QuantScheme::int4: {
       float* acc = reinterpret_cast<float*>(scratch);
+#if defined(__AVX512BW__) && LLMK_VEC_BYTES == 64 || defined(__AVX2__) && LLMK_VEC_BYTES == 32
+      if (c.x4q != nullptr)
+        run_tile<float, kMB4, kNB4>(c, m0, m1, n0, n1, acc, int4_q8_block<kMB4, kNB4>,
+                                    int4_q8_block<1, kNB4>);
+      else
+#endif
       if (m1 - m0 > kMB4)
         run_tile_panel<kMB, kNB>(c, m0, m1, n0, n1, acc, panel, fill_int4<kNB>);
       else
@@ -593,7 +734,41 @@ struct PrepCtx {
   int8_t* xq;
   float* xscale;
   uint16_t* xb;
+  int8_t* x4q;
+  float* x4s;
+  float* x4sum;
 };
+
+// One row of x for the int8-x int4 path: per 32-block (in the permuted order), scale =
+// max|x| / 127 and q = x / scale rounded to nearest even; an all-zero block has scale 0.
+void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
+  const QuantMatmulParams& p = *pc.p;
+  const Ctx& c = *pc.c;
+  const int64_t K = c.K, g = p.group_size;
+  const int64_t base = m * p.x.strides[0], ks = p.x.strides[1];
+  int8_t* q = pc.x4q + m * c.Kx;
+  float* lanes = pc.x4s + m * (c.Kx / 4);
+  float* gsum = pc.x4sum + m * c.groups;
+  for (int64_t grp = 0; grp < c.groups; ++grp) gsum[grp] = 0.f;
+  for (int64_t kb = 0; kb < K; kb += 32) {
+    float v[32];
+    float amax = 0.f;
+    for (int e = 0; e < 32; ++e) {  // 16 even elements, then 16 odd ones
+      const int64_t k = kb + (e < 16 ? 2 * e : 2 * (e - 16) + 1);
+      v[e] = read_float(p.x.dtype, p.x.data, base + k * ks);
+      amax = std::max(amax, std::fabs(v[e]));
+    }
+    const float s = amax / 127.f;
+    int32_t qsum = 0;
+    for (int e = 0; e < 32; ++e) {
+      const int qi = s > 0.f ? int(std::min(127.f, std::max(-127.f, std::nearbyint(v[e] / s)))) : 0;
+      q[kb + e] = int8_t(qi);
+      qsum += qi;
+    }
+    for (int l = 0; l < 8; ++l) lanes[kb / 4 + l] = s;
+    gsum[kb / g] += s * float(qsum);
+  }
+}
 
 void prep_row(void* ctx, int64_t m, int) {
   const PrepCtx& pc = *static_cast<const PrepCtx*>(ctx);
@@ -601,6 +776,7 @@ void prep_row(void* ctx, int64_t m, int) {
   const Ctx& c = *pc.c;
   const int64_t K = c.K;
   const int64_t base = m * p.x.strides[0], ks = p.x.strides[1];
+  if (pc.x4q != nullptr) return prep_row_int4_q8(pc, m);
   if (p.scheme == QuantScheme::w8a8) {
     // As the reference: scale = max|x| * (1/127) (1 for an all-zero row), x / scale rounded
     // half to even (nearbyint in the default rounding mode), clamped to [-127, 127].
@@ -646,7 +822,7 @@ void prep_row(void* ctx, int64_t m, int) {
 }
 
 struct Layout {
-  int64_t xf, xsum, xq, xscale, xb, scratch, total;
+  int64_t xf, xsum, xq, xscale, xb, x4q, x4s, x4sum, scratch, total;
 };
 
 Layout layout(const QuantMatmulParams& p) {
@@ -661,6 +837,10 @@ Layout layout(const QuantMatmulParams& p) {
   if (p.scheme == QuantScheme::w8a8) {
     l.xq = take(M * Kx);
     l.xscale = take(M * 4);
+  } else if (use_int4_q8(p)) {
+    l.x4q = take(M * Kx);
+    l.x4s = take(M * (Kx / 4) * 4);
+    l.x4sum = take(M * (K / p.group_size) * 4);
   } else {
     l.xf = take(M * Kx * 4);
     if (p.scheme == QuantScheme::int4) l.xsum = take(M * (K / p.group_size) * 4);
@@ -685,10 +865,14 @@ void run(const QuantMatmulParams& p, void* workspace) {
   c.K = p.x.sizes[1];
   c.Kx = padded_k(p);
   c.groups = p.scheme == QuantScheme::int4 ? c.K / p.group_size : 0;
-  PrepCtx pc{&p, &c, nullptr, nullptr, nullptr, nullptr, nullptr};
+  PrepCtx pc{&p, &c, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
   if (p.scheme == QuantScheme::w8a8) {
     pc.xq = reinterpret_cast<int8_t*>(base + l.xq);
     pc.xscale = reinterpret_cast<float*>(base + l.xscale);
+  } else if (use_int4_q8(p)) {
+    pc.x4q = reinterpret_cast<int8_t*>(base + l.x4q);
+    pc.x4s = reinterpret_cast<float*>(base + l.x4s);
+    pc.x4sum = reinterpret_cast<float*>(base + l.x4sum);
   } else {
     pc.xf = reinterpret_cast<float*>(base + l.xf);
     if (p.scheme == QuantScheme::int4) pc.xsum = reinterpret_cast<float*>(base + l.xsum);
@@ -699,6 +883,9 @@ void run(const QuantMatmulParams& p, void* workspace) {
   c.xsum = pc.xsum;
   c.xq = pc.xq;
   c.xscale = pc.xscale;
+  c.x4q = pc.x4q;
+  c.x4s = pc.x4s;
+  c.x4sum = pc.x4sum;
   c.scratch = base + l.scratch;
   c.scratch_stride = scratch_bytes();
   c.chunks_n = (c.N + kChunkChannels - 1) / kChunkChannels;

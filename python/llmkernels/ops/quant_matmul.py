@@ -198,9 +198,27 @@ def _checks(x: torch.Tensor, qweight: QuantizedWeight, backend: Optional[str]):
     return {"cpu": cpu, "triton": triton, "cuda": cuda}
 
 
+# CPU tiers whose int4 kernel quantizes bfloat16 x to int8 for few rows, and their float lanes.
+_INT8X_TIER_LANES = {"avx512_bf16": 16, "avx512": 16, "avx2": 8}
+
+
+def cpu_int4_int8_activations(x: torch.Tensor, qweight: QuantizedWeight) -> bool:
+    """Whether the CPU kernel serves this call with x quantized to int8 per 32 values
+    (csrc/cpu/quant_matmul_impl.h, use_int4_q8): int4, bfloat16 x, at most 2 rows, groups
+    of whole vectors."""
+    lanes = _INT8X_TIER_LANES.get(backends.cpu_tier()) if backends.native_module() else None
+    rows = x.numel() // max(x.shape[-1], 1)
+    return (lanes is not None and qweight.scheme == "int4" and x.dtype == torch.bfloat16
+            and rows <= 2 and qweight.group_size % (4 * lanes) == 0)
+
+
 def _decide(x, qweight, backend) -> backends.Decision:
-    detail = {"cpu": f"C++ kernels ({qweight.scheme}), CPU tier {backends.cpu_tier()}"
-              if backends.native_module() is not None else "",
+    cpu_detail = f"C++ kernels ({qweight.scheme}), CPU tier {backends.cpu_tier()}" \
+        if backends.native_module() is not None else ""
+    if cpu_detail and cpu_int4_int8_activations(x, qweight):
+        cpu_detail += ("; x quantized to int8 per 32 values for integer dot products "
+                       "(decoding rows, bfloat16 x)")
+    detail = {"cpu": cpu_detail,
               "triton": "Triton kernels (dequantize in registers)",
               "cuda": "CUDA kernels (GEMV for few rows, tensor cores beyond)",
               "reference": "dequantize, then a float matmul"}
