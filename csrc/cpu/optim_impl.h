@@ -128,14 +128,16 @@ void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
   }
 }
 
-// Cube root of a in [0, 1] without a libm call, so that the requantization loop vectorizes:
-// a bit-level first guess, then two Newton steps (relative error ~1e-6, far below a code).
+// Cube root of a in [0, 1] with neither a libm call nor a division, so that the
+// requantization loop vectorizes into cheap instructions: the inverse cube root r by Newton's
+// r <- r (4 - a r^3) / 3 from a bit-level first guess (3.4% off), then a r^2. Relative error
+// ~2e-5: about one code in 2000 lands on the neighbouring code, far below a code's width.
 inline float cbrt01(float a) {
   a = std::max(a, 1e-30f);
-  float y = bits_to_f32(0x2a5137a0u + f32_to_bits(a) / 3u);
-  y = y - (y * y * y - a) / (3.f * y * y);
-  y = y - (y * y * y - a) / (3.f * y * y);
-  return y;
+  float r = bits_to_f32(0x54a23000u - f32_to_bits(a) / 3u);
+  r = r * (4.f - a * (r * r * r)) * (1.f / 3.f);
+  r = r * (4.f - a * (r * r * r)) * (1.f / 3.f);
+  return a * (r * r);
 }
 
 template <class T, bool kHalf, bool kDecoupled>
@@ -153,7 +155,10 @@ void adam8bit_loop(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int6
   const float sign = h.maximize ? -1.f : 1.f, inv_scale = h.inv_grad_scale;
   auto get = [](const T* a, int64_t i) { return ld<T, kHalf>(a, i); };
   auto put = [](T* a, int64_t i, float x) { st<T, kHalf>(a, i, x); };
-  float m[kBlock8], v[kBlock8];
+  // Divisions and square roots dominate this loop (it is compute-bound where AdamW is not):
+  // one of each per element in the update, one square root in the requantization.
+  const float inv_bc2 = 1.f / bc2;
+  float m[kBlock8], v[kBlock8], root_v[kBlock8];
   for (int64_t blk = b0; blk < b1; ++blk) {
     const int64_t base = blk * kBlock8, len = std::min(kBlock8, n - base);
     const float m_scale = ms[blk], v_scale = vs[blk];
@@ -168,10 +173,12 @@ void adam8bit_loop(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int6
       mi = std::fma(one_m_b1, gi - mi, mi);
       vi = vi * b2;
       vi = vi + (one_m_b2 * gi) * gi;
-      const float denom = std::sqrt(vi) / bc2 + eps;
+      const float rv = std::sqrt(vi);
+      const float denom = rv * inv_bc2 + eps;
       put(p, i, pi + (-step_size) * (mi / denom));
       m[k] = mi;
       v[k] = vi;
+      root_v[k] = rv;
     }
     // Block maxima on the bit patterns: for non-negative floats their order is the values'
     // order, and integer max reductions vectorize (float ones need -ffinite-math-only).
@@ -182,12 +189,14 @@ void adam8bit_loop(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int6
     }
     const float m_max = bits_to_f32(m_bits), v_max = bits_to_f32(v_bits);
     // Requantize against the block's new absmax.
-    const float m_inv = m_max > 0.f ? 1.f / m_max : 0.f, v_inv = v_max > 0.f ? 1.f / v_max : 0.f;
+    // The fourth root of v / v_max is the square root of sqrt(v) / sqrt(v_max).
+    const float m_inv = m_max > 0.f ? 1.f / m_max : 0.f;
+    const float root_v_inv = v_max > 0.f ? 1.f / std::sqrt(v_max) : 0.f;
     for (int64_t k = 0; k < len; ++k) {  // codes: round half up of the scaled roots
       const float a = cbrt01(std::fabs(m[k]) * m_inv);
       const int code = int(std::min(a, 1.f) * 127.f + 0.5f);
       mq[base + k] = int8_t(m[k] < 0.f ? -code : code);
-      const float b = std::sqrt(std::sqrt(v[k] * v_inv));
+      const float b = std::sqrt(root_v[k] * root_v_inv);
       vq[base + k] = uint8_t(int(std::min(b, 1.f) * 255.f + 0.5f));
     }
     ms[blk] = m_max;
