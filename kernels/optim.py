@@ -239,7 +239,8 @@ def _groups(keys: Sequence, numels: Sequence[int]):
 
 def _tables(tensor_rows: List[List[torch.Tensor]], numels: List[int], floats=None):
     """The int64 table buffer of a group (see the module docstring) on the tensors' device,
-    its float32 view at the float rows (or None), the grid size and LOG_P."""
+    its float32 view at the float rows (or None), the grid size, LOG_P and whether every
+    pointer is ALIGN-byte aligned."""
     n = len(tensor_rows)
     k = len(tensor_rows[0])
     log_p = _log2_ceil(n)
@@ -251,7 +252,9 @@ def _tables(tensor_rows: List[List[torch.Tensor]], numels: List[int], floats=Non
     buf[:n] = cum[:n]
     buf[n:p2] = _INT64_MAX
     buf[p2:p2 + n] = numels
-    buf[p2 + n:p2 + n + n * k] = [t.data_ptr() for row in tensor_rows for t in row]
+    ptrs = buf[p2 + n:p2 + n + n * k]
+    ptrs[:] = [t.data_ptr() for row in tensor_rows for t in row]
+    aligned = not (ptrs % ALIGN).any()
     if floats is not None:
         buf[p2 + n + n * k:].view(np.float32)[:] = np.asarray(floats, dtype=np.float32).ravel()
     device = tensor_rows[0][0].device
@@ -259,21 +262,18 @@ def _tables(tensor_rows: List[List[torch.Tensor]], numels: List[int], floats=Non
     if device.type != "cpu":
         meta = meta.to(device, non_blocking=True)
     fmeta = meta[p2 + n + n * k:].view(torch.float32) if floats is not None else None
-    return meta, fmeta, int(cum[n]), log_p
-
-
-def _aligned(rows) -> bool:
-    return all(t.data_ptr() % ALIGN == 0 for row in rows for t in row)
+    return meta, fmeta, int(cum[n]), log_p, aligned
 
 
 def _check(name, rows):
     for row in rows:
         p = row[0]
+        dtype, device = p.dtype, p.get_device()
         for t in row:
-            if t.dtype != p.dtype or t.device != p.device or not t.is_contiguous():
+            if t.dtype != dtype or t.get_device() != device or not t.is_contiguous():
                 raise ValueError(f"{name}: every tensor of a parameter must be contiguous and "
                                  f"share its dtype and device ({p.dtype}, {p.device})")
-        if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"{name}: unsupported dtype {p.dtype}")
 
 
@@ -286,22 +286,26 @@ def _device_ctx(device: torch.device):
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes,
               bias_correction2_sqrts, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
-              maximize, inv_grad_scale, decay, one_minus_beta1, one_minus_beta2) -> None:
+              maximize, inv_grad_scale, decay, one_minus_beta1, one_minus_beta2,
+              check=True) -> None:
     """One Adam/AdamW step over lists of contiguous tensors (updated in place). step_sizes /
     bias_correction2_sqrts: per tensor, lr / (1 - beta1**step) and sqrt(1 - beta2**step);
-    decay = 1 - lr * weight_decay, one_minus_beta1/2 computed in double by the caller."""
+    decay = 1 - lr * weight_decay, one_minus_beta1/2 computed in double by the caller.
+    check=False: the caller has checked dtypes, devices and contiguity (the optimizers do,
+    to choose this path) and the per-tensor checks are not repeated."""
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(step_sizes)
             == len(bias_correction2_sqrts) == n) or (amsgrad and len(max_exp_avg_sqs) != n):
         raise ValueError("adam_step: the tensor lists must have the same length")
     rows = [[params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]]
             + ([max_exp_avg_sqs[i]] if amsgrad else []) for i in range(n)]
-    _check("adam_step", rows)
+    if check:
+        _check("adam_step", rows)
     numels = [p.numel() for p in params]
-    keys = [(p.dtype, p.device) for p in params]
+    keys = [(p.dtype, p.get_device()) for p in params]
     for _, idx in _groups(keys, numels):
         grows = [rows[i] for i in idx]
-        meta, fmeta, grid, log_p = _tables(
+        meta, fmeta, grid, log_p, aligned = _tables(
             grows, [numels[i] for i in idx],
             [(step_sizes[i], bias_correction2_sqrts[i]) for i in idx])
         with _device_ctx(params[idx[0]].device):
@@ -311,30 +315,32 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes,
                 float(one_minus_beta1), float(one_minus_beta2), float(inv_grad_scale),
                 -1.0 if maximize else 1.0,
                 LOG_P=log_p, DECOUPLED=bool(decoupled), AMSGRAD=bool(amsgrad),
-                ALIGNED=_aligned(grows), BLOCK=BLOCK, num_warps=NUM_WARPS,
+                ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
                 enable_fp_fusion=False)
 
 
 def sgd_step(params, grads, momentum_buffers, first_steps, *, lr, momentum, dampening,
-             weight_decay, nesterov, maximize, inv_grad_scale, one_minus_dampening) -> None:
+             weight_decay, nesterov, maximize, inv_grad_scale, one_minus_dampening,
+             check=True) -> None:
     """One SGD step over lists of contiguous tensors (updated in place). momentum_buffers:
     None entries when momentum == 0; first_steps[i]: the buffer is written from the gradient
-    (its contents are not read)."""
+    (its contents are not read). check: as adam_step's."""
     n = len(params)
     use_mom = float(momentum) != 0.0
     if not (len(grads) == len(first_steps) == n) or (use_mom and len(momentum_buffers) != n):
         raise ValueError("sgd_step: the tensor lists must have the same length")
     rows = [[params[i], grads[i]] + ([momentum_buffers[i]] if use_mom else []) for i in range(n)]
-    _check("sgd_step", rows)
+    if check:
+        _check("sgd_step", rows)
     numels = [p.numel() for p in params]
-    keys = [(p.dtype, p.device, bool(f) and use_mom) for p, f in zip(params, first_steps)]
-    for (_, device, first), idx in _groups(keys, numels):
+    keys = [(p.dtype, p.get_device(), bool(f) and use_mom) for p, f in zip(params, first_steps)]
+    for (_, _, first), idx in _groups(keys, numels):
         grows = [rows[i] for i in idx]
-        meta, _, grid, log_p = _tables(grows, [numels[i] for i in idx])
-        with _device_ctx(device):
+        meta, _, grid, log_p, aligned = _tables(grows, [numels[i] for i in idx])
+        with _device_ctx(params[idx[0]].device):
             _sgd_kernel[(grid,)](
                 meta, grows[0][0], len(idx), float(lr), float(weight_decay), float(momentum),
                 float(one_minus_dampening), float(inv_grad_scale), -1.0 if maximize else 1.0,
                 LOG_P=log_p, MOMENTUM=use_mom, FIRST=first, NESTEROV=bool(nesterov),
-                ALIGNED=_aligned(grows), BLOCK=BLOCK, num_warps=NUM_WARPS,
+                ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
                 enable_fp_fusion=False)

@@ -53,16 +53,17 @@ def grads_of(group, owner: str) -> List[torch.Tensor]:
 
 
 def _kernel_ready(params: List[torch.Tensor], tensors_per_param) -> bool:
-    devices = {p.device for p in params}
-    if len(devices) != 1:
-        return False
+    """One dtype per parameter (a kernel dtype), one device for all, every tensor contiguous.
+    This runs every step over every tensor, so it compares cheap attributes (get_device()
+    is an int; .device builds an object per call)."""
+    device = params[0].get_device()
     for p, ts in zip(params, tensors_per_param):
-        if p.dtype not in KERNEL_DTYPES:
+        dtype = p.dtype
+        if dtype not in KERNEL_DTYPES:
             return False
         for t in ts:
-            if t is None:
-                continue
-            if t.dtype != p.dtype or t.device != p.device or not t.is_contiguous():
+            if t is not None and (t.dtype != dtype or t.get_device() != device
+                                  or not t.is_contiguous()):
                 return False
     return True
 

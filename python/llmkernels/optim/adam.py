@@ -89,7 +89,8 @@ class _FusedAdam(torch.optim.Optimizer):
                     [c[0] for c in corrections], [c[1] for c in corrections], lr=lr,
                     beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, decoupled=decoupled,
                     amsgrad=amsgrad, maximize=group["maximize"], inv_grad_scale=inv_scale,
-                    decay=1.0 - lr * wd, one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2)
+                    decay=1.0 - lr * wd, one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
+                    check=False)  # choose_path checked the tensors
             elif path == "cpu":
                 native = backends.native_module()
                 items = [(_fused.flat(p), _fused.flat(g), _fused.flat(m), _fused.flat(v),

@@ -79,7 +79,7 @@ class SGD(torch.optim.Optimizer):
                     params, [p.grad for p in params], bufs, firsts, lr=lr, momentum=momentum,
                     dampening=dampening, weight_decay=wd, nesterov=group["nesterov"],
                     maximize=group["maximize"], inv_grad_scale=inv_scale,
-                    one_minus_dampening=1.0 - dampening)
+                    one_minus_dampening=1.0 - dampening, check=False)  # choose_path checked them
             elif path == "cpu":
                 items = [(_fused.flat(p), _fused.flat(p.grad), _fused.flat(b), f, key)
                          for p, b, f, key in zip(params, bufs, firsts, keys)]
