@@ -3,7 +3,7 @@
     python benchmarks/optim.py                    # 10M and 50M parameters, fp32 and bf16
     python benchmarks/optim.py --quick            # seconds: a smoke test
     python benchmarks/optim.py --params 200 --json out.json
-    python benchmarks/optim.py --device cuda      # GPU: ours is the Triton multi-tensor step
+    python benchmarks/optim.py --device cuda      # GPU: ours are the Triton multi-tensor steps
 
 For each model size it checks a few steps of ours against torch (max relative difference of
 the parameters), then times one optimizer step (gradients already in place) side by side:
@@ -56,8 +56,8 @@ def copy_bandwidth(device: str, min_run_time: float) -> float:
 def step_path(name: str, params: List[torch.Tensor]) -> str:
     """The path our optimizer's step takes (the optimizers pick it per group, as here)."""
     from llmkernels.optim import _fused
-    if name == "adamw8bit":  # 8-bit moments: the C++ kernel on the CPU, else the reference
-        return "cpu" if params[0].device.type == "cpu" else "reference"
+    if name == "adamw8bit":  # its own readiness check (int8 codes, float32 scales)
+        return _fused.choose_path(params, None, False, ready=True)
     return _fused.choose_path(params, [[q, q.grad] for q in params], False)
 
 

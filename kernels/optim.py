@@ -1,4 +1,5 @@
-"""Fused multi-tensor optimizer steps in Triton: Adam / AdamW and SGD.
+"""Fused multi-tensor optimizer steps in Triton: Adam / AdamW, SGD and AdamW with 8-bit
+block-wise moments (the math of optim_impl.h's adam8bit_loop, bit for bit).
 
 The math is that of csrc/cpu/optim_impl.h (and so of llmkernels.optim.adam.adam_reference /
 llmkernels.optim.sgd.sgd_reference, the specification): per element in float32, stored back in
@@ -219,6 +220,81 @@ def _sgd_kernel(META, TYPED, n_tensors, lr, wd, mom, damp, inv_scale, sign,
                    MOMENTUM, FIRST, NESTEROV, True)
 
 
+# ------------------------------------------------------------------------------ 8-bit AdamW
+
+BLOCK8 = 256  # elements per 8-bit block (one scale each): csrc/cpu/optim.h's kBlock8
+# 8-bit blocks per program, and warps: ptxas gives the sm_90 kernel 76 registers with 4 blocks
+# and 8 warps (3 programs per SM), 180 with 8 blocks and 4 warps (1 program). Not yet timed.
+ROWS8 = 2 if INTERPRET else 4
+NUM_WARPS8 = 8
+
+
+@triton.jit
+def _cbrt01(a):
+    """optim_impl.h's cbrt01: the cube root of a in [0, 1] by two Newton steps on the inverse
+    cube root from a bit-level guess, then a r^2."""
+    a = tl.maximum(a, 1e-30)
+    r = (0x54A23000 - a.to(tl.uint32, bitcast=True) // 3).to(tl.float32, bitcast=True)
+    r = r * (4.0 - a * (r * r * r)) * (1.0 / 3.0)
+    r = r * (4.0 - a * (r * r * r)) * (1.0 / 3.0)
+    return a * (r * r)
+
+
+@triton.jit
+def _adam8bit_kernel(META, FMETA, TYPED, n_tensors,
+                     beta2, eps, decay, one_m_b1, one_m_b2, inv_scale, sign,
+                     LOG_P: tl.constexpr, ROWS: tl.constexpr, BLOCK8: tl.constexpr):
+    """ROWS 8-bit blocks of one tensor (AdamW: decoupled weight decay). META: cum [2**LOG_P]
+    (in programs), numel [n], ptrs [n, 6] (param, grad, exp_avg codes int8, exp_avg_sq codes
+    uint8, their float32 block scales); FMETA: float32 [n, 2] (step_size, bc2)."""
+    ELEM: tl.constexpr = TYPED.dtype.element_ty
+    blk = tl.program_id(0).to(tl.int64)
+    t = _find_tensor(META, blk, LOG_P)
+    numel = tl.load(META + (1 << LOG_P) + t)
+    rows = META + (1 << LOG_P) + n_tensors + t * 6
+    P = _ptr(rows, 0, ELEM, False)
+    G = _ptr(rows, 1, ELEM, False)
+    MQ = _ptr(rows, 2, tl.int8, False)
+    VQ = _ptr(rows, 3, tl.uint8, False)
+    MS = _ptr(rows, 4, tl.float32, False)
+    VS = _ptr(rows, 5, tl.float32, False)
+    step_size = tl.load(FMETA + 2 * t)
+    inv_bc2 = tl.math.div_rn(1.0, tl.load(FMETA + 2 * t + 1))
+    block = (blk - tl.load(META + t)) * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
+    offs = block * BLOCK8 + tl.arange(0, BLOCK8)[None, :]  # [ROWS, BLOCK8]
+    mask = offs < numel
+    has_block = block * BLOCK8 < numel
+    m_scale = tl.load(MS + block, mask=has_block, other=0.0)
+    v_scale = tl.load(VS + block, mask=has_block, other=0.0)
+    qm = tl.load(MQ + offs, mask=mask, other=0).to(tl.float32) * (1.0 / 127.0)
+    qv = tl.load(VQ + offs, mask=mask, other=0).to(tl.float32) * (1.0 / 255.0)
+    m = m_scale * (qm * qm * qm)
+    v = v_scale * ((qv * qv) * (qv * qv))
+    p = tl.load(P + offs, mask=mask, other=0.0).to(tl.float32) * decay
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32) * inv_scale * sign
+    m = tl.fma(one_m_b1, g - m, m)
+    v = v * beta2
+    v = v + (one_m_b2 * g) * g
+    root_v = tl.math.sqrt_rn(v)
+    p = p + (-step_size) * tl.math.div_rn(m, root_v * inv_bc2 + eps)
+    tl.store(P + offs, _cast(p, ELEM), mask=mask)
+    # Requantize against the blocks' new absmax (masked lanes hold 0).
+    m_abs = tl.abs(m)
+    m_max = tl.max(m_abs, axis=1)[:, None]
+    v_max = tl.max(v, axis=1)[:, None]
+    m_inv = tl.where(m_max > 0.0, tl.math.div_rn(1.0, tl.where(m_max > 0.0, m_max, 1.0)), 0.0)
+    root_v_inv = tl.where(v_max > 0.0,
+                          tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.where(v_max > 0.0, v_max, 1.0))),
+                          0.0)
+    code_m = (tl.minimum(_cbrt01(m_abs * m_inv), 1.0) * 127.0 + 0.5).to(tl.int32)
+    code_m = tl.where(m < 0.0, -code_m, code_m)
+    code_v = (tl.minimum(tl.math.sqrt_rn(root_v * root_v_inv), 1.0) * 255.0 + 0.5).to(tl.int32)
+    tl.store(MQ + offs, code_m.to(tl.int8), mask=mask)
+    tl.store(VQ + offs, code_v.to(tl.uint8), mask=mask)
+    tl.store(MS + block, m_max, mask=has_block)
+    tl.store(VS + block, v_max, mask=has_block)
+
+
 # ------------------------------------------------------------------------------ launchers
 
 def _log2_ceil(n: int) -> int:
@@ -237,7 +313,8 @@ def _groups(keys: Sequence, numels: Sequence[int]):
             yield k, idx[s:s + MAX_TENSORS]
 
 
-def _tables(tensor_rows: List[List[torch.Tensor]], numels: List[int], floats=None):
+def _tables(tensor_rows: List[List[torch.Tensor]], numels: List[int], floats=None,
+            block: int = BLOCK):
     """The int64 table buffer of a group (see the module docstring) on the tensors' device,
     its float32 view at the float rows (or None), the grid size, LOG_P and whether every
     pointer is ALIGN-byte aligned."""
@@ -245,7 +322,7 @@ def _tables(tensor_rows: List[List[torch.Tensor]], numels: List[int], floats=Non
     k = len(tensor_rows[0])
     log_p = _log2_ceil(n)
     p2 = 1 << log_p
-    nblocks = [(x + BLOCK - 1) // BLOCK for x in numels]
+    nblocks = [(x + block - 1) // block for x in numels]
     nf = n if floats is not None else 0  # one int64 word = two float32 per tensor
     buf = np.empty(p2 + n + n * k + nf, dtype=np.int64)
     cum = np.cumsum([0] + nblocks, dtype=np.int64)
@@ -344,3 +421,43 @@ def sgd_step(params, grads, momentum_buffers, first_steps, *, lr, momentum, damp
                 LOG_P=log_p, MOMENTUM=use_mom, FIRST=first, NESTEROV=bool(nesterov),
                 ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
                 enable_fp_fusion=False)
+
+
+def adam8bit_step(params, grads, exp_avg_codes, exp_avg_sq_codes, exp_avg_scales,
+                  exp_avg_sq_scales, step_sizes, bias_correction2_sqrts, *, beta2, eps,
+                  maximize, inv_grad_scale, decay, one_minus_beta1, one_minus_beta2,
+                  check=True) -> None:
+    """One AdamW step with 8-bit moments (llmkernels.optim.AdamW8bit's state: int8 / uint8
+    codes and float32 per-256 block scales, all contiguous) over lists of tensors, updated in
+    place. Other arguments as adam_step's; weight decay enters through decay = 1 - lr * wd."""
+    n = len(params)
+    lists = (grads, exp_avg_codes, exp_avg_sq_codes, exp_avg_scales, exp_avg_sq_scales,
+             step_sizes, bias_correction2_sqrts)
+    if any(len(x) != n for x in lists):
+        raise ValueError("adam8bit_step: the tensor lists must have the same length")
+    if check:
+        _check("adam8bit_step", [[params[i], grads[i]] for i in range(n)])
+        for i in range(n):
+            nb = (params[i].numel() + BLOCK8 - 1) // BLOCK8
+            for t, dtype, size in ((exp_avg_codes[i], torch.int8, params[i].numel()),
+                                   (exp_avg_sq_codes[i], torch.uint8, params[i].numel()),
+                                   (exp_avg_scales[i], torch.float32, nb),
+                                   (exp_avg_sq_scales[i], torch.float32, nb)):
+                if (t.dtype != dtype or t.numel() != size or not t.is_contiguous()
+                        or t.get_device() != params[i].get_device()):
+                    raise ValueError(f"adam8bit_step: state tensor {i} must be a contiguous "
+                                     f"{dtype} of {size} elements on the parameter's device")
+    rows = [[params[i], grads[i], exp_avg_codes[i], exp_avg_sq_codes[i], exp_avg_scales[i],
+             exp_avg_sq_scales[i]] for i in range(n)]
+    numels = [p.numel() for p in params]
+    keys = [(p.dtype, p.get_device()) for p in params]
+    for _, idx in _groups(keys, numels):
+        meta, fmeta, grid, log_p, _ = _tables(
+            [rows[i] for i in idx], [numels[i] for i in idx],
+            [(step_sizes[i], bias_correction2_sqrts[i]) for i in idx], block=ROWS8 * BLOCK8)
+        with _device_ctx(params[idx[0]].device):
+            _adam8bit_kernel[(grid,)](
+                meta, fmeta, params[idx[0]], len(idx), float(beta2), float(eps), float(decay),
+                float(one_minus_beta1), float(one_minus_beta2), float(inv_grad_scale),
+                -1.0 if maximize else 1.0, LOG_P=log_p, ROWS=ROWS8, BLOCK8=BLOCK8,
+                num_warps=NUM_WARPS8, enable_fp_fusion=False)

@@ -72,13 +72,16 @@ def _triton_optim():
     return backends.triton_kernels_or_error("optim")[0]
 
 
-def choose_path(params: List[torch.Tensor], tensors_per_param, stochastic_rounding: bool) -> str:
+def choose_path(params: List[torch.Tensor], tensors_per_param, stochastic_rounding: bool,
+                ready: Optional[bool] = None) -> str:
     """"cpu" (the C++ kernel), "triton" (CUDA tensors, or any under TRITON_INTERPRET=1 when
     forced) or "reference" (PyTorch ops), by backends.py's rules; a forced path that cannot
-    serve raises BackendError."""
+    serve raises BackendError. ready: the caller's own check that the kernels can take the
+    tensors (else: one dtype per parameter, one device, all contiguous)."""
     from ..ops.attention_gpu import triton_interpreting
     forced = backends.forced_backend()
-    ready = _kernel_ready(params, tensors_per_param)
+    if ready is None:
+        ready = _kernel_ready(params, tensors_per_param)
     device = params[0].device.type
     cpu_ok = ready and device == "cpu" and backends.native_module() is not None
     triton_ok = (ready and not stochastic_rounding and _triton_optim() is not None

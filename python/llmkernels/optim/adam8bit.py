@@ -1,4 +1,6 @@
-"""AdamW8bit: AdamW whose moment estimates live in 8 bits, block-wise (csrc/cpu/optim.h).
+"""AdamW8bit: AdamW whose moment estimates live in 8 bits, block-wise (the C++ kernel,
+csrc/cpu/optim_impl.h, on the CPU; the Triton kernel, kernels/optim.py, bit for bit the same
+update, on CUDA GPUs; PyTorch ops otherwise).
 
 Each parameter of at least min_8bit_size elements keeps, per block of 256 values, a float32
 scale (the block's absmax) and one byte per value for each moment: exp_avg m ~ scale * (q/127)^3
@@ -134,6 +136,20 @@ class AdamW8bit(torch.optim.Optimizer):
                     1.0 - beta1, 1.0 - beta2, False)
                 done = {id(p) for p, _, _ in fused_small}
                 small = [(p, s, c) for p, s, c in small if id(p) not in done]
+            if small and small[0][0].is_cuda and backends.forced_backend() in (None, "triton"):
+                # float32 moments of float32 parameters: the Triton AdamW kernel
+                ps = [p for p, _, _ in small]
+                tensors = [[p, p.grad, s["exp_avg"], s["exp_avg_sq"]] for p, s, _ in small]
+                if _fused.choose_path(ps, tensors, False) == "triton":
+                    _fused.triton_optim().adam_step(
+                        ps, [t[1] for t in tensors], [t[2] for t in tensors],
+                        [t[3] for t in tensors], [None] * len(ps), [c[0] for _, _, c in small],
+                        [c[1] for _, _, c in small], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                        weight_decay=wd, decoupled=True, amsgrad=False,
+                        maximize=group["maximize"], inv_grad_scale=inv_scale,
+                        decay=1.0 - lr * wd, one_minus_beta1=1.0 - beta1,
+                        one_minus_beta2=1.0 - beta2, check=False)
+                    small = []
             for p, s, (step_size, bc2) in small:
                 adam_reference(p, p.grad, s["exp_avg"], s["exp_avg_sq"], None, lr=lr,
                                beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
@@ -142,11 +158,24 @@ class AdamW8bit(torch.optim.Optimizer):
                                inv_grad_scale=inv_scale)
             if not eight:
                 continue
-            use_cpu = (backends.native_module() is not None and backends.forced_backend() != "reference"
-                       and all(p.device.type == "cpu" and p.dtype in _fused.KERNEL_DTYPES
-                               and p.is_contiguous() and p.grad.is_contiguous()
-                               and p.grad.dtype == p.dtype for p, _, _ in eight))
-            if use_cpu:
+            ps8 = [p for p, _, _ in eight]
+            device = ps8[0].get_device()
+            ready = all(p.dtype in _fused.KERNEL_DTYPES and p.is_contiguous()
+                        and p.grad.is_contiguous() and p.grad.dtype == p.dtype
+                        and p.get_device() == device and p.grad.get_device() == device
+                        for p in ps8)
+            path = _fused.choose_path(ps8, None, False, ready=ready)
+            if path == "triton":
+                _fused.triton_optim().adam8bit_step(
+                    ps8, [p.grad for p in ps8], [s["exp_avg_codes"] for _, s, _ in eight],
+                    [s["exp_avg_sq_codes"] for _, s, _ in eight],
+                    [s["exp_avg_scales"] for _, s, _ in eight],
+                    [s["exp_avg_sq_scales"] for _, s, _ in eight],
+                    [c[0] for _, _, c in eight], [c[1] for _, _, c in eight], beta2=beta2,
+                    eps=eps, maximize=group["maximize"], inv_grad_scale=inv_scale,
+                    decay=1.0 - lr * wd, one_minus_beta1=1.0 - beta1,
+                    one_minus_beta2=1.0 - beta2, check=False)
+            elif path == "cpu":
                 items = [(_fused.flat(p), _fused.flat(p.grad), _fused.flat(s["exp_avg_codes"]),
                           _fused.flat(s["exp_avg_scales"]), _fused.flat(s["exp_avg_sq_codes"]),
                           _fused.flat(s["exp_avg_sq_scales"]), step_size, bc2)

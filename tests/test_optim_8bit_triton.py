@@ -1,0 +1,80 @@
+"""AdamW8bit's Triton kernel (kernels/optim.py, _adam8bit_kernel): bit for bit the CPU
+kernel's update (csrc/cpu/optim_impl.h, adam8bit_loop): parameters, codes and block scales,
+over several steps. Without a GPU both run here (Triton in its interpreter); on a GPU the
+Triton side runs there and its results are compared with the CPU kernel's on copies."""
+import pytest
+import torch
+
+import llmkernels
+from llmkernels import backends
+from llmkernels.optim import AdamW8bit
+from llmkernels.optim.adam8bit import dequantize_moments
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+STATE_KEYS = ("exp_avg_codes", "exp_avg_sq_codes", "exp_avg_scales", "exp_avg_sq_scales")
+
+
+def _run(params, grads_per_step, backend, device, **kw):
+    ps = [p.detach().clone().to(device).requires_grad_() for p in params]
+    opt = AdamW8bit(ps, lr=1e-2, weight_decay=0.1, min_8bit_size=256, **kw)
+    with llmkernels.use_backend(backend):
+        for grads in grads_per_step:
+            for p, g in zip(ps, grads):
+                p.grad = g.to(device)
+            opt.step()
+    return ps, opt
+
+
+@pytest.mark.skipif(backends.native_module() is None, reason="needs the compiled CPU kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_triton_matches_the_cpu_kernel_bit_for_bit(dtype, maximize, monkeypatch):
+    from llmkernels.kernels import optim as ko
+    launches = []
+    real = ko.adam8bit_step
+    monkeypatch.setattr(ko, "adam8bit_step", lambda *a, **k: launches.append(1) or real(*a, **k))
+    # one block, a partial block, several programs with a ragged end, and a 2-D tensor
+    sizes = [(256,), (700,), (8 * 256 * 2 + 300,), (33, 65)]
+    params = [torch.randn(s).to(dtype) for s in sizes]
+    # gradients spanning decades, and a zero block (its scale stays 0)
+    steps = []
+    for i in range(4):
+        grads = [(torch.randn(s) * torch.exp(2 * torch.randn(s))).to(dtype) for s in sizes]
+        grads[1].view(-1)[256:512] = 0
+        steps.append(grads)
+    a, opt_a = _run(params, steps, "cpu", "cpu", maximize=maximize)
+    b, opt_b = _run(params, steps, "triton", DEVICE, maximize=maximize)
+    assert len(launches) == len(steps)  # the Triton kernel served every step
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa.detach(), pb.detach().cpu())
+        for key in STATE_KEYS:
+            assert torch.equal(opt_a.state[pa][key], opt_b.state[pb][key].cpu()), key
+
+
+def test_triton_step_is_close_to_adamw():
+    torch.manual_seed(3)
+    p = torch.randn(5000)
+    steps = [[torch.randn(5000) * 1e-1] for _ in range(20)]
+    (b,), opt = _run([p], steps, "triton", DEVICE)
+    q = p.clone().requires_grad_()
+    ref = torch.optim.AdamW([q], lr=1e-2, weight_decay=0.1)
+    for (g,) in steps:
+        q.grad = g
+        ref.step()
+    assert (b.detach().cpu() - q.detach()).abs().max() <= 2e-2 * q.detach().abs().max()
+    m8, _ = dequantize_moments(opt.state[b])
+    m = ref.state[q]["exp_avg"]
+    assert (m8.cpu() - m).abs().max() <= 0.06 * m.abs().max()
+
+
+def test_bad_state_is_refused():
+    from llmkernels.kernels import optim as ko
+    p = torch.zeros(300, device=DEVICE)
+    codes = torch.zeros(300, dtype=torch.int8, device=DEVICE)
+    scales = torch.zeros(2, device=DEVICE)
+    with pytest.raises(ValueError, match="state tensor 0"):
+        ko.adam8bit_step([p], [p.clone()], [codes], [codes.view(torch.uint8)], [scales],
+                         [torch.zeros(1, device=DEVICE)], [1e-3], [1.0], beta2=0.999, eps=1e-8,
+                         maximize=False, inv_grad_scale=1.0, decay=1.0, one_minus_beta1=0.1,
+                         one_minus_beta2=0.001)
