@@ -36,20 +36,6 @@ def ints(s: str) -> List[int]:
     return [int(x) for x in s.split(",") if x]
 
 
-def graphed(fn):
-    """A CUDA graph of fn() (warmed up on a side stream first); returns its replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default=harness.default_device())
@@ -103,9 +89,9 @@ def main(argv=None) -> int:
                         def ours_unchecked():
                             return llmkernels.attention_with_kvcache(
                                 q, kc, vc, lens, check_lengths=False, backend=args.ours_backend)
-                        g_ours = harness.time_fn(graphed(ours_unchecked), dev,
+                        g_ours = harness.time_fn(harness.graphed(ours_unchecked), dev,
                                                  args.min_run_time).median_s
-                        g_sdpa = harness.time_fn(graphed(sdpa), dev, args.min_run_time).median_s
+                        g_sdpa = harness.time_fn(harness.graphed(sdpa), dev, args.min_run_time).median_s
                 gbytes = 2 * kc.numel() * kc.element_size() / 1e9
                 rec = dict(dtype=dt_name, batch=B, cache_len=S, heads_q=hq, heads_kv=hk,
                            head_dim=args.head_dim, served_by=served, correct=ok,

@@ -197,6 +197,23 @@ def _time_cuda(fn: Callable[[], Any], min_run_time: float) -> Timing:
     return Timing(t.median().item(), iqr, len(times), "cuda events median")
 
 
+def graphed(fn: Callable[[], Any], calls: int = 1) -> Callable[[], None]:
+    """The replay of a CUDA graph of `calls` calls of fn() (warmed up on a side stream first,
+    which also lets Triton compile and autotune outside the capture). Timing a replay shows the
+    kernels' own time, without the host's launch costs; divide it by `calls`."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph.replay
+
+
 def matmul_ceiling(dtype: torch.dtype, device: str = "cpu", n: int = 2048,
                    min_run_time: float = 0.2) -> float:
     """GFLOP/s of a square torch.mm: the machine's practical ceiling for matmul-bound kernels

@@ -109,6 +109,8 @@ def main(argv=None) -> int:
     p.add_argument("--rotate-mib", type=int, default=256,
                    help="cycle through copies of each weight totalling this much, so that "
                    "timings read memory, not cache (0: one copy)")
+    p.add_argument("--no-graph", dest="graph", action="store_false",
+                   help="CUDA: skip the CUDA-graph timings (kernels without host launch costs)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
@@ -176,20 +178,37 @@ def main(argv=None) -> int:
                                     lambda q: llmkernels.quant_matmul(x, q, backend=args.backend),
                                     rot, _clone_qweight)
                     t = harness.time_fn(ours, dev, mrt).median_s
+                    graph_cells = []
+                    if dev == "cuda" and args.graph:
+                        # kernels alone: every weight copy once per replay (no host costs)
+                        def replayed(fn):
+                            n = len(fn.weights)
+                            return harness.time_fn(harness.graphed(fn, n), dev, mrt).median_s / n
+                        g_ours = replayed(ours)
+                        g_base = {k: replayed(v) for k, v in base.items()}
+                        graph_cells = [f"{g_ours * 1e6:.1f}", f"{qw.nbytes / g_ours / 1e9:.1f}",
+                                       f"{g_base['bf16'] / g_ours:.2f}x"]
                     gbs = qw.nbytes / t / 1e9
                     rec = dict(M=M, K=K, N=N, scheme=scheme, path=served, correct=ok,
                                rel_err=err, ours_us=t * 1e6, weight_gbs=gbs,
                                pct_bandwidth=100 * gbs / bw,
                                **{f"{k}_us": v * 1e6 for k, v in times.items()},
                                **{f"vs_{k}": v / t for k, v in times.items()})
+                    if graph_cells:
+                        rec.update(graph_ours_us=g_ours * 1e6, graph_weight_gbs=qw.nbytes / g_ours / 1e9,
+                                   **{f"graph_{k}_us": v * 1e6 for k, v in g_base.items()},
+                                   **{f"graph_vs_{k}": v / g_ours for k, v in g_base.items()})
                     records.append(rec)
                     ratios = " ".join(f"{v / t:5.2f}x {k}" for k, v in times.items())
                     rows.append([f"{M}", f"{K}x{N}", scheme, served, "ok" if ok else "FAIL",
-                                 f"{t * 1e6:.1f}", f"{gbs:.1f}", f"{100 * gbs / bw:.0f}%", ratios])
+                                 f"{t * 1e6:.1f}", f"{gbs:.1f}", f"{100 * gbs / bw:.0f}%", ratios]
+                                + graph_cells)
                     print(" ".join(rows[-1]), flush=True)
     print()
     print(harness.format_table(["M", "KxN", "scheme", "ours path", "check", "ours us",
-                                "weight GB/s", "% read bw", "speedup vs baselines"], rows))
+                                "weight GB/s", "% read bw", "speedup vs baselines"]
+                                + (["graph ours us", "graph GB/s", "graph vs bf16"]
+                                   if dev == "cuda" and args.graph else []), rows))
     print(f"\nactivations {args.dtype}; int4 group {args.group_size}; baselines: f32/bf16 "
           "F.linear, int8pack = aten._weight_int8pack_mm (bf16 x), int4pack = "
           "aten._weight_int4pack_mm_for_cpu (bf16 x)")
