@@ -10,6 +10,7 @@ the parameters), then times one optimizer step (gradients already in place) side
   ours         llmkernels.optim.AdamW / AdamW8bit / SGD (the fused multi-tensor step)
   torch-fused  torch.optim.AdamW(fused=True) / SGD(fused=True)
   torch        torch.optim.AdamW / SGD with their default (foreach or single-tensor) code
+  bnb-8bit, torchao-8bit   (AdamW8bit rows, where installed) bitsandbytes' and torchao's AdamW8bit
 GB/s = bytes an AdamW step must move (read param, grad, exp_avg, exp_avg_sq; write param,
 exp_avg, exp_avg_sq) / time, against the machine's copy rate measured in the same run.
 """
@@ -51,6 +52,23 @@ def copy_bandwidth(device: str, min_run_time: float) -> float:
     y = torch.empty_like(x)
     t = harness.time_fn(lambda: y.copy_(x), device, min_run_time).median_s
     return 2 * x.numel() * 4 / t / 1e9
+
+
+def other_8bit_adamw() -> Dict[str, object]:
+    """The 8-bit AdamW of bitsandbytes and of torchao, where they are installed (optional
+    baselines: `pip install bitsandbytes torchao`)."""
+    makers = {}
+    try:
+        import bitsandbytes as bnb
+        makers["bnb-8bit"] = lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3)
+    except Exception:
+        pass
+    try:
+        from torchao.optim import AdamW8bit as AoAdamW8bit
+        makers["torchao-8bit"] = lambda ps: AoAdamW8bit(ps, lr=1e-3)
+    except Exception:
+        pass
+    return makers
 
 
 def step_path(name: str, params: List[torch.Tensor]) -> str:
@@ -95,6 +113,7 @@ def main(argv=None) -> int:
                     makers = {"ours": lambda ps: llmkernels.optim.AdamW8bit(ps, lr=1e-3),
                               "torch-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
                               "torch": lambda ps: torch.optim.AdamW(ps, lr=1e-3)}
+                    makers.update(other_8bit_adamw())
                     # param read + write, grad read, two 1-byte moments read + written
                     bytes_per = 3 * torch.tensor([], dtype=dtype).element_size() + 4
                 else:
@@ -138,12 +157,14 @@ def main(argv=None) -> int:
                 rows.append([f"{n / 1e6:.1f}M", str(len(shapes)), dt, name, path, "ok" if ok else "FAIL",
                              f"{t * 1e3:.2f}", f"{times['torch-fused'] * 1e3:.2f}",
                              f"{times['torch'] * 1e3:.2f}", f"{times['torch-fused'] / t:.2f}x",
-                             f"{times['torch'] / t:.2f}x", f"{gbs:.1f}", f"{100 * gbs / bw:.0f}%"])
+                             f"{times['torch'] / t:.2f}x", f"{gbs:.1f}", f"{100 * gbs / bw:.0f}%",
+                             " ".join(f"{times[k] / t:.1f}x {k}" for k in times
+                                      if k.endswith("-8bit")) or "-"])
                 print(" ".join(rows[-1]), flush=True)
     print()
     print(harness.format_table(["params", "tensors", "dtype", "optimizer", "path", "check", "ours ms",
                                 "torch-fused ms", "torch ms", "vs fused", "vs torch", "GB/s",
-                                "% copy bw"], rows))
+                                "% copy bw", "vs other 8-bit AdamW"], rows))
     if args.json:
         harness.write_json(args.json, {"benchmark": "optim", "machine": info,
                                        "copy_bandwidth_gbs": bw, "cases": records})
