@@ -588,7 +588,67 @@ void panel_block_bf16(const Ctx& c, const int64_t* rows, const uint16_t* panel, 
     for (int j = 0; j < NB; ++j) out[i * NB + j] = _mm512_reduce_add_ps(a[i][j]);
 }
 
+// bf16 activations times int4 weights: the panel holds q - zero (exact in bf16, in x's
+// permuted order), each group's dot products are summed exactly as above and then scaled by
+// the group's float32 scale (the float panel scales each weight first: same result up to
+// rounding, at twice the products per instruction).
+template <int NB>
+void fill_int4_bf16(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1,
+                    uint16_t* panel) {
+  const int64_t g = c.p->group_size;
+  const __m128i low4 = _mm_set1_epi8(15);
+  for (int j = 0; j < NB; ++j) {
+    const uint8_t* w = c.p->qdata.ptr<uint8_t>() + chans[j] * (c.K / 2);
+    const uint8_t* zp = c.p->zeros.ptr<uint8_t>() + chans[j] * c.groups;
+    uint16_t* dst = panel + j * kChunkK - k0;
+    for (int64_t kb = k0; kb < k1; kb += 32) {  // 16 bytes: 16 low nibbles, 16 high ones
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kb / 2));
+      const __m512 z = _mm512_set1_ps(float(zp[kb / g]));
+      const __m512 lo = _mm512_sub_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low4))), z);
+      const __m512 hi = _mm512_sub_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low4))), z);
+      const __m512bh v = _mm512_cvtne2ps_pbh(hi, lo);
+      std::memcpy(dst + kb, &v, 64);
+    }
+  }
+}
+
 template <int MB, int NB>
+void panel_block_int4_bf16(const Ctx& c, const int64_t* rows, const int64_t* chans,
+                           const uint16_t* panel, int64_t k0, int64_t len, float* out) {
+  const int64_t g = c.p->group_size;
+  const uint16_t* x[MB];
+  for (int i = 0; i < MB; ++i) x[i] = c.xb + rows[i] * c.Kx + k0;
+  const float* sc[NB];
+  for (int j = 0; j < NB; ++j) sc[j] = c.p->scales.ptr<float>() + chans[j] * c.groups + k0 / g;
+  __m512 a[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) a[i][j] = _mm512_setzero_ps();
+  for (int64_t gk = 0; gk < len; gk += g) {  // k0 and len: multiples of the group size
+    __m512 part[MB][NB];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) part[i][j] = _mm512_setzero_ps();
+    for (int64_t k = gk; k < gk + g; k += 32) {
+      __m512bh xv[MB];
+      for (int i = 0; i < MB; ++i) std::memcpy(&xv[i], x[i] + k, 64);
+      for (int j = 0; j < NB; ++j) {
+        __m512bh wv;
+        std::memcpy(&wv, panel + j * kChunkK + k, 64);
+        for (int i = 0; i < MB; ++i) part[i][j] = _mm512_dpbf16_ps(part[i][j], xv[i], wv);
+      }
+    }
+    for (int j = 0; j < NB; ++j) {
+      const __m512 s = _mm512_set1_ps(sc[j][gk / g]);
+      for (int i = 0; i < MB; ++i) a[i][j] = _mm512_fmadd_ps(part[i][j], s, a[i][j]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) out[i * NB + j] = _mm512_reduce_add_ps(a[i][j]);
+}
+
+// Int4: each group's sums scaled by its scale; int8: the channel scale applied by the caller.
+template <int MB, int NB, bool kInt4>
 void run_tile_panel_bf16(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                          float* acc, uint16_t* panel) {
   const int64_t ld = kChunkChannels;
@@ -598,20 +658,23 @@ void run_tile_panel_bf16(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64
     for (int64_t n = n0; n < n1; n += NB) {
       int64_t chans[NB];
       for (int j = 0; j < NB; ++j) chans[j] = std::min(n + j, n1 - 1);
-      fill_int8_bf16<NB>(c, chans, k0, k1, panel);
+      if constexpr (kInt4) fill_int4_bf16<NB>(c, chans, k0, k1, panel);
+      else fill_int8_bf16<NB>(c, chans, k0, k1, panel);
       int64_t m = m0;
       for (; m + MB <= m1; m += MB) {
         int64_t rows[MB];
         for (int i = 0; i < MB; ++i) rows[i] = m + i;
         float tmp[MB * NB];
-        panel_block_bf16<MB, NB>(c, rows, panel, k0, k1 - k0, tmp);
+        if constexpr (kInt4) panel_block_int4_bf16<MB, NB>(c, rows, chans, panel, k0, k1 - k0, tmp);
+        else panel_block_bf16<MB, NB>(c, rows, panel, k0, k1 - k0, tmp);
         for (int i = 0; i < MB; ++i)
           for (int j = 0; j < NB && n + j < n1; ++j)
             acc[(m + i - m0) * ld + (n + j - n0)] += tmp[i * NB + j];
       }
       for (; m < m1; ++m) {
         float tmp[NB];
-        panel_block_bf16<1, NB>(c, &m, panel, k0, k1 - k0, tmp);
+        if constexpr (kInt4) panel_block_int4_bf16<1, NB>(c, &m, chans, panel, k0, k1 - k0, tmp);
+        else panel_block_bf16<1, NB>(c, &m, panel, k0, k1 - k0, tmp);
         for (int j = 0; j < NB && n + j < n1; ++j) acc[(m - m0) * ld + (n + j - n0)] += tmp[j];
       }
     }
@@ -621,8 +684,10 @@ void run_tile_panel_bf16(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64
 constexpr bool kBf16Dot = false;
 #endif
 
+// int4: x is also kept as bf16 in the permuted order of its float rows (the panel's).
 bool use_bf16_dot(const QuantMatmulParams& p) {
-  return kBf16Dot && p.scheme == QuantScheme::int8 && p.x.dtype == DType::bf16;
+  return kBf16Dot && p.x.dtype == DType::bf16 &&
+         (p.scheme == QuantScheme::int8 || p.scheme == QuantScheme::int4);
 }
 
 // The int8-x int4 path: bfloat16 x (its tolerance; float16 and float32 x keep float
@@ -682,7 +747,8 @@ void tile_item(void* ctx, int64_t item, int thread) {
       float* acc = reinterpret_cast<float*>(scratch);
       if (m1 - m0 > kMB && c.xb != nullptr) {
 #if defined(__AVX512BF16__)
-        run_tile_panel_bf16<kMB, kNB>(c, m0, m1, n0, n1, acc, reinterpret_cast<uint16_t*>(panel));
+        run_tile_panel_bf16<kMB, kNB, false>(c, m0, m1, n0, n1, acc,
+                                             reinterpret_cast<uint16_t*>(panel));
 #endif
       } else if (m1 - m0 > kMB) {
         run_tile_panel<kMB, kNB>(c, m0, m1, n0, n1, acc, panel, fill_int8<kNB>);
@@ -702,7 +768,12 @@ void tile_item(void* ctx, int64_t item, int thread) {
                                     int4_q8_block<1, kNB4>);
       else
 #endif
-      if (m1 - m0 > kMB4)
+      if (m1 - m0 > kMB4 && c.xb != nullptr) {
+#if defined(__AVX512BF16__)
+        run_tile_panel_bf16<kMB, 2, true>(c, m0, m1, n0, n1, acc,
+                                          reinterpret_cast<uint16_t*>(panel));
+#endif
+      } else if (m1 - m0 > kMB4)
         run_tile_panel<kMB, kNB>(c, m0, m1, n0, n1, acc, panel, fill_int4<kNB>);
       else
         run_tile<float, kMB4, kNB4>(c, m0, m1, n0, n1, acc, int4_block<kMB4, kNB4>,
@@ -797,10 +868,16 @@ void prep_row(void* ctx, int64_t m, int) {
     return;
   }
   float* row = pc.xf + m * c.Kx;
-  if (pc.xb != nullptr) {  // bf16 x for the dot-product panel path: copied as is
+  if (pc.xb != nullptr) {  // bf16 x for the dot-product panel path: copied as is (int4: permuted)
     uint16_t* brow = pc.xb + m * c.Kx;
     const uint16_t* src = static_cast<const uint16_t*>(p.x.data);
-    for (int64_t k = 0; k < K; ++k) brow[k] = src[base + k * ks];
+    if (p.scheme == QuantScheme::int4) {
+      for (int64_t kb = 0; kb < K; kb += 32)
+        for (int e = 0; e < 32; ++e)
+          brow[kb + e] = src[base + (kb + (e < 16 ? 2 * e : 2 * (e - 16) + 1)) * ks];
+    } else {
+      for (int64_t k = 0; k < K; ++k) brow[k] = src[base + k * ks];
+    }
     for (int64_t k = K; k < c.Kx; ++k) brow[k] = 0;
   }
   if (p.scheme == QuantScheme::int4) {
