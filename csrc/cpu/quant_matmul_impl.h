@@ -275,9 +275,13 @@ void int8_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t
     }
 }
 
-template <int MB, int NB>
-void int4_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t k0, int64_t k1,
-                float* acc, int64_t ld) {
+// The int4 blocks' group loop, whatever form x takes: group_dot(w, kg, ahead, part) adds the
+// products of the MB rows and NB weight rows w over the group [kg, kg + g) to part; each
+// group's sums are then scaled by its scale, and zero * scale * (the row's sum of x over the
+// group, xsum) is subtracted.
+template <int MB, int NB, class GroupDot>
+void int4_groups(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t k0,
+                 int64_t k1, float* acc, int64_t ld, const float* xsum, GroupDot group_dot) {
   const int64_t g = c.p->group_size;
   const uint8_t* w[NB];
   const float* sc[NB];
@@ -287,12 +291,8 @@ void int4_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t
     sc[j] = c.p->scales.ptr<float>() + chans[j] * c.groups;
     zp[j] = c.p->zeros.ptr<uint8_t>() + chans[j] * c.groups;
   }
-  const float* x[MB];
   const float* xs[MB];
-  for (int i = 0; i < MB; ++i) {
-    x[i] = c.xf + rows[i] * c.Kx;
-    xs[i] = c.xsum + rows[i] * c.groups;
-  }
+  for (int i = 0; i < MB; ++i) xs[i] = xsum + rows[i] * c.groups;
   const int64_t ahead = prefetch_ahead<NB>(c, c.K / 2, k0, k1);
   vf total[MB][NB];
   float zero_term[MB][NB];
@@ -306,6 +306,28 @@ void int4_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t
     vf part[MB][NB];
     for (int i = 0; i < MB; ++i)
       for (int j = 0; j < NB; ++j) part[i][j] = vf{};
+    group_dot(w, kg, ahead, part);
+    for (int j = 0; j < NB; ++j) {
+      const float s = sc[j][grp];
+      const float zs = float(zp[j][grp]) * s;
+      for (int i = 0; i < MB; ++i) {
+        total[i][j] += splat(s) * part[i][j];
+        zero_term[i][j] += zs * xs[i][grp];
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i * ld + j] += hsum(total[i][j]) - zero_term[i][j];
+}
+
+template <int MB, int NB>
+void int4_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t k0, int64_t k1,
+                float* acc, int64_t ld) {
+  const int64_t g = c.p->group_size;
+  const float* x[MB];
+  for (int i = 0; i < MB; ++i) x[i] = c.xf + rows[i] * c.Kx;
+  int4_groups<MB, NB>(c, rows, chans, k0, k1, acc, ld, c.xsum,
+                      [&](const uint8_t* const* w, int64_t kg, int64_t ahead, vf (*part)[NB]) {
     for (int64_t kb = kg; kb < kg + g; kb += 32) {  // 32 values: 16 packed bytes
       if ((kb & 127) == 0)
         for (int j = 0; j < NB; ++j) __builtin_prefetch(w[j] + kb / 2 + ahead);
@@ -321,55 +343,24 @@ void int4_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t
         }
       }
     }
-    for (int j = 0; j < NB; ++j) {
-      const float s = sc[j][grp];
-      const float zs = float(zp[j][grp]) * s;
-      for (int i = 0; i < MB; ++i) {
-        total[i][j] += splat(s) * part[i][j];
-        zero_term[i][j] += zs * xs[i][grp];
-      }
-    }
-  }
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) acc[i * ld + j] += hsum(total[i][j]) - zero_term[i][j];
+  });
 }
 
 #if defined(__AVX512BW__) && LLMK_VEC_BYTES == 64 || defined(__AVX2__) && LLMK_VEC_BYTES == 32
-// int4_block on int8 x (see the top of the file). k0, k1: multiples of the group size,
-// itself a multiple of 4W.
+// int4_block on int8 x (see the top of the file): the same groups, integer dot products.
+// k0, k1: multiples of the group size, itself a multiple of 4W.
 template <int MB, int NB>
 void int4_q8_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t k0,
                    int64_t k1, float* acc, int64_t ld) {
   const int64_t g = c.p->group_size;
-  const uint8_t* w[NB];
-  const float* sc[NB];
-  const uint8_t* zp[NB];
-  for (int j = 0; j < NB; ++j) {
-    w[j] = c.p->qdata.ptr<uint8_t>() + chans[j] * (c.K / 2);
-    sc[j] = c.p->scales.ptr<float>() + chans[j] * c.groups;
-    zp[j] = c.p->zeros.ptr<uint8_t>() + chans[j] * c.groups;
-  }
   const int8_t* x[MB];
   const float* xl[MB];
-  const float* xs[MB];
   for (int i = 0; i < MB; ++i) {
     x[i] = c.x4q + rows[i] * c.Kx;
     xl[i] = c.x4s + rows[i] * (c.Kx / 4);
-    xs[i] = c.x4sum + rows[i] * c.groups;
   }
-  const int64_t ahead = prefetch_ahead<NB>(c, c.K / 2, k0, k1);
-  vf total[MB][NB];
-  float zero_term[MB][NB];
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) {
-      total[i][j] = vf{};
-      zero_term[i][j] = 0.f;
-    }
-  for (int64_t kg = k0; kg < k1; kg += g) {
-    const int64_t grp = kg / g;
-    vf part[MB][NB];
-    for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NB; ++j) part[i][j] = vf{};
+  int4_groups<MB, NB>(c, rows, chans, k0, k1, acc, ld, c.x4sum,
+                      [&](const uint8_t* const* w, int64_t kg, int64_t ahead, vf (*part)[NB]) {
     for (int64_t kb = kg; kb < kg + g; kb += 4 * W) {
       if ((kb & 127) == 0)
         for (int j = 0; j < NB; ++j) __builtin_prefetch(w[j] + kb / 2 + ahead);
@@ -384,17 +375,7 @@ void int4_q8_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int6
         for (int i = 0; i < MB; ++i) part[i][j] += dot_u4_s8(wv, xv[i]) * sv[i];
       }
     }
-    for (int j = 0; j < NB; ++j) {
-      const float s = sc[j][grp];
-      const float zs = float(zp[j][grp]) * s;
-      for (int i = 0; i < MB; ++i) {
-        total[i][j] += splat(s) * part[i][j];
-        zero_term[i][j] += zs * xs[i][grp];
-      }
-    }
-  }
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) acc[i * ld + j] += hsum(total[i][j]) - zero_term[i][j];
+  });
 }
 #endif
 
