@@ -133,6 +133,25 @@ def test_groups_schedulers_and_missing_grads():
     assert len(a.state[ps[2]]) == 0
 
 
+def test_step_counts_with_intermittent_grads():
+    """Step counters (kept as views of one tensor per group) count each parameter's own steps
+    when the set of parameters with gradients changes from step to step, and survive a
+    state_dict round trip in between."""
+    ps = params(sizes=(10, 20, 30))
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    a, b = optim.AdamW(ps, lr=1e-2), torch.optim.AdamW(qs, lr=1e-2)
+    for step in range(8):
+        set_grads(ps, qs, step)
+        if step % 3 == 1:
+            ps[1].grad = qs[1].grad = None
+        if step == 4:
+            a.load_state_dict(copy.deepcopy(a.state_dict()))
+        a.step(), b.step()
+    assert [float(a.state[p]["step"]) for p in ps] == [float(b.state[q]["step"]) for q in qs]
+    assert [float(a.state[p]["step"]) for p in ps] == [8.0, 5.0, 8.0]
+    assert max_rel(ps, qs) <= 1e-6
+
+
 def test_empty_parameter_list_and_no_grads():
     with pytest.raises(ValueError):
         optim.AdamW([])  # torch's rule: an optimizer needs parameters

@@ -120,6 +120,28 @@ def threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+def advance_steps(optimizer, group, states) -> List[float]:
+    """Adds 1 to the "step" tensor of each state and returns the new values.
+
+    torch.optim keeps one float32 0-d step tensor per parameter (its state_dict layout, kept
+    here); incrementing them costs ~2 us each even with torch._foreach_add_ (0.3 ms a step for
+    156 parameters). So a group's steps are kept as views of one tensor, cached on the
+    optimizer, and a step is one add. Steps that are not those views (new states, a
+    load_state_dict, another subset of parameters with gradients) are first moved into a new
+    shared tensor, values kept."""
+    cache = optimizer.__dict__.setdefault("_llmk_step_views", {})
+    key = id(group)
+    buf, views = cache.get(key, (None, ()))
+    if len(views) != len(states) or any(s["step"] is not v for s, v in zip(states, views)):
+        buf = torch.tensor([float(s["step"]) for s in states], dtype=torch.float32)
+        views = buf.unbind()
+        for s, v in zip(states, views):
+            s["step"] = v
+        cache[key] = (buf, views)
+    buf.add_(1)
+    return buf.tolist()
+
+
 def amp_scale(grad_scale, found_inf) -> Optional[float]:
     """GradScaler support: None if this step must be skipped (found_inf), else 1 / scale."""
     if found_inf is not None and float(found_inf) != 0.0:

@@ -73,9 +73,7 @@ class _FusedAdam(torch.optim.Optimizer):
             states = [self._state_of(p, amsgrad) for p in params]
             sr = bool(group.get("stochastic_rounding", False))
             corrections, keys = [], []
-            step_tensors = [s["step"] for s in states]
-            torch._foreach_add_(step_tensors, 1)  # one call, not one per tensor
-            step_values = torch.stack(step_tensors).tolist()
+            step_values = _fused.advance_steps(self, group, states)
             for index, step in enumerate(step_values):
                 corrections.append((lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step)))
                 keys.append(_fused.sr_key(group.get("seed", 0), int(step), index) if sr else 0)

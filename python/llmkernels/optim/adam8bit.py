@@ -114,10 +114,8 @@ class AdamW8bit(torch.optim.Optimizer):
             beta1, beta2 = (float(b) for b in group["betas"])
             eps, wd = float(group["eps"]), float(group["weight_decay"])
             states = [self._state_of(p, group["min_8bit_size"]) for p in params]
-            steps = [s["step"] for s in states]
-            torch._foreach_add_(steps, 1)
             corr = [(lr / (1.0 - beta1 ** st), math.sqrt(1.0 - beta2 ** st))
-                    for st in torch.stack(steps).tolist()]
+                    for st in _fused.advance_steps(self, group, states)]
             eight = [(p, s, c) for p, s, c in zip(params, states, corr) if "exp_avg_codes" in s]
             small = [(p, s, c) for p, s, c in zip(params, states, corr) if "exp_avg_codes" not in s]
             fused_small = [(p, s, c) for p, s, c in small
