@@ -100,7 +100,8 @@ log "build_info: $(cut -c1-400 "$OUT/build_info.json" 2>/dev/null)"
 GPU_TESTS_ATTENTION="tests/test_attention_gpu.py tests/test_attention_varlen.py \
   tests/test_attention_kvcache.py tests/test_attention_band.py tests/test_custom_ops_gpu.py"
 GPU_TESTS_OTHER="tests/test_quant_matmul_gpu.py tests/test_quant_matmul_triton_kernels.py \
-  tests/test_optim.py tests/test_optim_triton_kernels.py tests/test_optim_8bit_triton.py"
+  tests/test_optim.py tests/test_optim_triton_kernels.py tests/test_optim_8bit_triton.py \
+  tests/test_optim_cuda.py"
 # Parallel test processes when pytest-xdist is there: most of the time is Triton compiling.
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_PROCS:-8}"
@@ -120,8 +121,8 @@ if [ "$HAVE_GPU" = 1 ] && [ "$STEPS" != bench ]; then
   if command -v compute-sanitizer >/dev/null 2>&1; then
     step sanitizer "$SANITIZER_TIMEOUT" compute-sanitizer --tool memcheck \
       --error-exitcode 3 "$PY" -m pytest tests/test_quant_matmul_gpu.py tests/test_attention_gpu.py \
-      tests/test_attention_varlen.py -q -p no:cacheprovider -x \
-      -k "cuda and (37-53 or gqa or window or ragged or different or 100 or 17 or 40-192)"
+      tests/test_attention_varlen.py tests/test_optim_cuda.py -q -p no:cacheprovider -x \
+      -k "cuda and (37-53 or gqa or window or ragged or different or 100 or 17 or 40-192 or dtype1)"
     show 5 "$OUT/sanitizer.log"
   else
     log "compute-sanitizer not found: memcheck skipped"

@@ -14,6 +14,7 @@
 #include "cpu/quant_matmul.h"
 #ifdef LLMK_WITH_CUDA
 #include "cuda/attention.h"
+#include "cuda/optim.h"
 #include "cuda/quant_matmul.h"
 #include "cuda/runtime.h"
 #endif
@@ -148,6 +149,98 @@ cuda::AttentionCudaArgs make_cuda_args(const py::object& q, const py::object& k,
 
 }  // namespace
 
+namespace {
+
+// The optimizer steps' arguments (shared by the CPU and CUDA bindings): hyperparameters,
+// then per tensor a tuple of views and floats (see the Python callers in llmkernels/optim).
+AdamHyper adam_hyper(float lr, float beta1, float beta2, float eps, float weight_decay,
+                     bool decoupled, bool amsgrad, bool maximize, float inv_grad_scale,
+                     int num_threads, double decay, double one_minus_beta1,
+                     double one_minus_beta2, bool stochastic_rounding) {
+  AdamHyper h;
+  h.stochastic_rounding = stochastic_rounding;
+  h.decay = float(decay);
+  h.one_minus_beta1 = float(one_minus_beta1);
+  h.one_minus_beta2 = float(one_minus_beta2);
+  h.lr = lr; h.beta1 = beta1; h.beta2 = beta2; h.eps = eps;
+  h.weight_decay = weight_decay; h.decoupled = decoupled; h.amsgrad = amsgrad;
+  h.maximize = maximize; h.inv_grad_scale = inv_grad_scale;
+  LLMK_CHECK(num_threads >= 1 && num_threads <= kMaxThreads, "num_threads out of range");
+  h.num_threads = num_threads;
+  return h;
+}
+
+std::vector<AdamTensor> adam_tensors(const py::list& tensors) {
+  std::vector<AdamTensor> ts;
+  for (const auto& item : tensors) {
+    auto t = item.cast<py::tuple>();
+    LLMK_CHECK(t.size() == 8, "adam_step: expected (param, grad, exp_avg, exp_avg_sq, "
+                              "max_exp_avg_sq, step_size, bias_correction2_sqrt, sr_key)");
+    AdamTensor a;
+    a.param = to_view(t[0], "param");
+    a.grad = to_view(t[1], "grad");
+    a.exp_avg = to_view(t[2], "exp_avg");
+    a.exp_avg_sq = to_view(t[3], "exp_avg_sq");
+    a.max_exp_avg_sq = to_view(t[4], "max_exp_avg_sq");
+    a.step_size = t[5].cast<float>();
+    a.bias_correction2_sqrt = t[6].cast<float>();
+    a.sr_key = t[7].cast<uint32_t>();
+    ts.push_back(a);
+  }
+  return ts;
+}
+
+std::vector<Adam8bitTensor> adam8bit_tensors(const py::list& tensors) {
+  std::vector<Adam8bitTensor> ts;
+  for (const auto& item : tensors) {
+    auto t = item.cast<py::tuple>();
+    LLMK_CHECK(t.size() == 8, "adam8bit_step: expected (param, grad, m_codes, m_scales, "
+                              "v_codes, v_scales, step_size, bias_correction2_sqrt)");
+    Adam8bitTensor a;
+    a.param = to_view(t[0], "param");
+    a.grad = to_view(t[1], "grad");
+    a.m_codes = to_view(t[2], "m_codes");
+    a.m_scales = to_view(t[3], "m_scales");
+    a.v_codes = to_view(t[4], "v_codes");
+    a.v_scales = to_view(t[5], "v_scales");
+    a.step_size = t[6].cast<float>();
+    a.bias_correction2_sqrt = t[7].cast<float>();
+    ts.push_back(a);
+  }
+  return ts;
+}
+
+SgdHyper sgd_hyper(float lr, float momentum, float dampening, float weight_decay, bool nesterov,
+                   bool maximize, float inv_grad_scale, int num_threads,
+                   double one_minus_dampening, bool stochastic_rounding) {
+  SgdHyper h;
+  h.stochastic_rounding = stochastic_rounding;
+  h.one_minus_dampening = float(one_minus_dampening);
+  h.lr = lr; h.momentum = momentum; h.dampening = dampening;
+  h.weight_decay = weight_decay; h.nesterov = nesterov; h.maximize = maximize;
+  h.inv_grad_scale = inv_grad_scale;
+  LLMK_CHECK(num_threads >= 1 && num_threads <= kMaxThreads, "num_threads out of range");
+  h.num_threads = num_threads;
+  return h;
+}
+
+std::vector<SgdTensor> sgd_tensors(const py::list& tensors) {
+  std::vector<SgdTensor> ts;
+  for (const auto& item : tensors) {
+    auto t = item.cast<py::tuple>();
+    LLMK_CHECK(t.size() == 5, "sgd_step: expected (param, grad, momentum_buffer, first, sr_key)");
+    SgdTensor a;
+    a.param = to_view(t[0], "param");
+    a.grad = to_view(t[1], "grad");
+    a.momentum_buffer = to_view(t[2], "momentum_buffer");
+    a.first_step = t[3].cast<bool>();
+    a.sr_key = t[4].cast<uint32_t>();
+    ts.push_back(a);
+  }
+  return ts;
+}
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "llmkernels compiled kernels (torch-free views; see python/llmkernels/_cview.py)";
   m.def("build_info", &build_info);
@@ -166,32 +259,10 @@ PYBIND11_MODULE(_C, m) {
          float weight_decay, bool decoupled, bool amsgrad, bool maximize, float inv_grad_scale,
          int num_threads, double decay, double one_minus_beta1, double one_minus_beta2,
          bool stochastic_rounding) {
-        AdamHyper h;
-        h.stochastic_rounding = stochastic_rounding;
-        h.decay = float(decay);
-        h.one_minus_beta1 = float(one_minus_beta1);
-        h.one_minus_beta2 = float(one_minus_beta2);
-        h.lr = lr; h.beta1 = beta1; h.beta2 = beta2; h.eps = eps;
-        h.weight_decay = weight_decay; h.decoupled = decoupled; h.amsgrad = amsgrad;
-        h.maximize = maximize; h.inv_grad_scale = inv_grad_scale;
-        LLMK_CHECK(num_threads >= 1 && num_threads <= kMaxThreads, "num_threads out of range");
-        h.num_threads = num_threads;
-        std::vector<AdamTensor> ts;
-        for (const auto& item : tensors) {
-          auto t = item.cast<py::tuple>();
-          LLMK_CHECK(t.size() == 8, "adam_step: expected (param, grad, exp_avg, exp_avg_sq, "
-                                    "max_exp_avg_sq, step_size, bias_correction2_sqrt, sr_key)");
-          AdamTensor a;
-          a.param = to_view(t[0], "param");
-          a.grad = to_view(t[1], "grad");
-          a.exp_avg = to_view(t[2], "exp_avg");
-          a.exp_avg_sq = to_view(t[3], "exp_avg_sq");
-          a.max_exp_avg_sq = to_view(t[4], "max_exp_avg_sq");
-          a.step_size = t[5].cast<float>();
-          a.bias_correction2_sqrt = t[6].cast<float>();
-          a.sr_key = t[7].cast<uint32_t>();
-          ts.push_back(a);
-        }
+        const AdamHyper h = adam_hyper(lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
+                                       maximize, inv_grad_scale, num_threads, decay,
+                                       one_minus_beta1, one_minus_beta2, stochastic_rounding);
+        const std::vector<AdamTensor> ts = adam_tensors(tensors);
         const CpuTier ct = to_tier(tier);
         py::gil_scoped_release release;
         adam_step(ct, h, ts);
@@ -202,30 +273,10 @@ PYBIND11_MODULE(_C, m) {
       [](int tier, py::list tensors, float eps, float weight_decay, float beta2, bool decoupled,
          bool maximize, float inv_grad_scale, int num_threads, double decay,
          double one_minus_beta1, double one_minus_beta2) {
-        AdamHyper h;
-        h.eps = eps; h.weight_decay = weight_decay; h.beta2 = beta2; h.decoupled = decoupled;
-        h.maximize = maximize; h.inv_grad_scale = inv_grad_scale;
-        h.decay = float(decay);
-        h.one_minus_beta1 = float(one_minus_beta1);
-        h.one_minus_beta2 = float(one_minus_beta2);
-        LLMK_CHECK(num_threads >= 1 && num_threads <= kMaxThreads, "num_threads out of range");
-        h.num_threads = num_threads;
-        std::vector<Adam8bitTensor> ts;
-        for (const auto& item : tensors) {
-          auto t = item.cast<py::tuple>();
-          LLMK_CHECK(t.size() == 8, "adam8bit_step: expected (param, grad, m_codes, m_scales, "
-                                    "v_codes, v_scales, step_size, bias_correction2_sqrt)");
-          Adam8bitTensor a;
-          a.param = to_view(t[0], "param");
-          a.grad = to_view(t[1], "grad");
-          a.m_codes = to_view(t[2], "m_codes");
-          a.m_scales = to_view(t[3], "m_scales");
-          a.v_codes = to_view(t[4], "v_codes");
-          a.v_scales = to_view(t[5], "v_scales");
-          a.step_size = t[6].cast<float>();
-          a.bias_correction2_sqrt = t[7].cast<float>();
-          ts.push_back(a);
-        }
+        const AdamHyper h = adam_hyper(0.f, 0.f, beta2, eps, weight_decay, decoupled, false,
+                                       maximize, inv_grad_scale, num_threads, decay,
+                                       one_minus_beta1, one_minus_beta2, false);
+        const std::vector<Adam8bitTensor> ts = adam8bit_tensors(tensors);
         const CpuTier ct = to_tier(tier);
         py::gil_scoped_release release;
         adam8bit_step(ct, h, ts);
@@ -236,27 +287,10 @@ PYBIND11_MODULE(_C, m) {
       [](int tier, py::list tensors, float lr, float momentum, float dampening,
          float weight_decay, bool nesterov, bool maximize, float inv_grad_scale,
          int num_threads, double one_minus_dampening, bool stochastic_rounding) {
-        SgdHyper h;
-        h.stochastic_rounding = stochastic_rounding;
-        h.one_minus_dampening = float(one_minus_dampening);
-        h.lr = lr; h.momentum = momentum; h.dampening = dampening;
-        h.weight_decay = weight_decay; h.nesterov = nesterov; h.maximize = maximize;
-        h.inv_grad_scale = inv_grad_scale;
-        LLMK_CHECK(num_threads >= 1 && num_threads <= kMaxThreads, "num_threads out of range");
-        h.num_threads = num_threads;
-        std::vector<SgdTensor> ts;
-        for (const auto& item : tensors) {
-          auto t = item.cast<py::tuple>();
-          LLMK_CHECK(t.size() == 5, "sgd_step: expected (param, grad, momentum_buffer, first, "
-                                    "sr_key)");
-          SgdTensor a;
-          a.param = to_view(t[0], "param");
-          a.grad = to_view(t[1], "grad");
-          a.momentum_buffer = to_view(t[2], "momentum_buffer");
-          a.first_step = t[3].cast<bool>();
-          a.sr_key = t[4].cast<uint32_t>();
-          ts.push_back(a);
-        }
+        const SgdHyper h = sgd_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize,
+                                     inv_grad_scale, num_threads, one_minus_dampening,
+                                     stochastic_rounding);
+        const std::vector<SgdTensor> ts = sgd_tensors(tensors);
         const CpuTier ct = to_tier(tier);
         py::gil_scoped_release release;
         sgd_step(ct, h, ts);
@@ -451,5 +485,45 @@ PYBIND11_MODULE(_C, m) {
         "Device workspace bytes quant_matmul_cuda needs (w8a8: quantized activations + row scales).");
   m.def("quant_matmul_cuda_host_selftest", &cuda::quant_matmul_cuda_host_selftest,
         "Checks the CUDA quant_matmul index/unpacking helpers on the host; '' when all agree.");
+  m.def(
+      "adam_step_cuda",
+      [](py::list tensors, float lr, float beta1, float beta2, float eps, float weight_decay,
+         bool decoupled, bool amsgrad, bool maximize, float inv_grad_scale, double decay,
+         double one_minus_beta1, double one_minus_beta2, uintptr_t stream) {
+        const AdamHyper h = adam_hyper(lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
+                                       maximize, inv_grad_scale, 1, decay, one_minus_beta1,
+                                       one_minus_beta2, false);
+        const std::vector<AdamTensor> ts = adam_tensors(tensors);
+        py::gil_scoped_release release;
+        cuda::adam_step_cuda(h, ts, stream);
+      },
+      "CUDA fused Adam/AdamW step (the CPU kernel's math; see csrc/cuda/optim.h).");
+  m.def(
+      "adam8bit_step_cuda",
+      [](py::list tensors, float eps, float weight_decay, float beta2, bool maximize,
+         float inv_grad_scale, double decay, double one_minus_beta1, double one_minus_beta2,
+         uintptr_t stream) {
+        const AdamHyper h = adam_hyper(0.f, 0.f, beta2, eps, weight_decay, true, false, maximize,
+                                       inv_grad_scale, 1, decay, one_minus_beta1,
+                                       one_minus_beta2, false);
+        const std::vector<Adam8bitTensor> ts = adam8bit_tensors(tensors);
+        py::gil_scoped_release release;
+        cuda::adam8bit_step_cuda(h, ts, stream);
+      },
+      "CUDA fused 8-bit AdamW step (the CPU kernel's math; see csrc/cuda/optim.h).");
+  m.def(
+      "sgd_step_cuda",
+      [](py::list tensors, float lr, float momentum, float dampening, float weight_decay,
+         bool nesterov, bool maximize, float inv_grad_scale, double one_minus_dampening,
+         uintptr_t stream) {
+        const SgdHyper h = sgd_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize,
+                                     inv_grad_scale, 1, one_minus_dampening, false);
+        const std::vector<SgdTensor> ts = sgd_tensors(tensors);
+        py::gil_scoped_release release;
+        cuda::sgd_step_cuda(h, ts, stream);
+      },
+      "CUDA fused SGD step (the CPU kernel's math; see csrc/cuda/optim.h).");
+  m.def("optim_cuda_host_selftest", &cuda::optim_cuda_host_selftest,
+        "Checks the CUDA optimizer launch plan on the host; '' when every chunk is covered once.");
 #endif
 }

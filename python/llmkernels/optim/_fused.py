@@ -83,25 +83,34 @@ def choose_path(params: List[torch.Tensor], tensors_per_param, stochastic_roundi
     if ready is None:
         ready = _kernel_ready(params, tensors_per_param)
     device = params[0].device.type
-    cpu_ok = ready and device == "cpu" and backends.native_module() is not None
+    native = backends.native_module()
+    cpu_ok = ready and device == "cpu" and native is not None
     triton_ok = (ready and not stochastic_rounding and _triton_optim() is not None
                  and (device == "cuda" or triton_interpreting()))
+    cuda_ok = (ready and not stochastic_rounding and device == "cuda"
+               and hasattr(native, "adam_step_cuda"))
     if forced == "reference":
         return "reference"
-    if forced == "cuda":
-        raise backends.BackendError("optimizer step: there is no CUDA optimizer kernel yet "
-                                    "(Triton serves CUDA tensors)")
-    if forced in ("cpu", "triton"):
-        if (cpu_ok if forced == "cpu" else triton_ok):
+    if forced in ("cpu", "triton", "cuda"):
+        if {"cpu": cpu_ok, "triton": triton_ok, "cuda": cuda_ok}[forced]:
             return forced
         raise backends.BackendError(
             f"optimizer step: forced backend {forced!r} cannot serve these tensors ({device}, "
             f"{params[0].dtype}{', stochastic rounding' if stochastic_rounding else ''})")
     if cpu_ok:
         return "cpu"
+    # CUDA tensors: Triton first; the CUDA kernels (the same update) have not been timed on a
+    # GPU yet, so they serve only when forced or when Triton is missing.
     if triton_ok and device == "cuda":
         return "triton"
+    if cuda_ok:
+        return "cuda"
     return "reference"
+
+
+def cuda_stream(device: torch.device) -> int:
+    """The current CUDA stream of a device, as the integer the extension takes."""
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 def triton_optim():

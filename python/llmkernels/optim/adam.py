@@ -89,15 +89,24 @@ class _FusedAdam(torch.optim.Optimizer):
                     amsgrad=amsgrad, maximize=group["maximize"], inv_grad_scale=inv_scale,
                     decay=1.0 - lr * wd, one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
                     check=False)  # choose_path checked the tensors
-            elif path == "cpu":
+            elif path in ("cpu", "cuda"):
                 native = backends.native_module()
                 items = [(_fused.flat(p), _fused.flat(g), _fused.flat(m), _fused.flat(v),
                           _fused.flat(vm) if amsgrad else None, step_size, bc2, key)
                          for p, (g, m, v, vm), (step_size, bc2), key
                          in zip(params, tensors, corrections, keys)]
-                native.adam_step(backends.cpu_tier_code(), items, lr, beta1, beta2, eps, wd,
-                                 decoupled, amsgrad, group["maximize"], inv_scale,
-                                 _fused.threads(), 1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2, sr)
+                if path == "cpu":
+                    native.adam_step(backends.cpu_tier_code(), items, lr, beta1, beta2, eps, wd,
+                                     decoupled, amsgrad, group["maximize"], inv_scale,
+                                     _fused.threads(), 1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2,
+                                     sr)
+                else:
+                    device = params[0].device
+                    with torch.cuda.device(device):
+                        native.adam_step_cuda(items, lr, beta1, beta2, eps, wd, decoupled,
+                                              amsgrad, group["maximize"], inv_scale,
+                                              1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2,
+                                              _fused.cuda_stream(device))
             else:
                 for p, (g, m, v, vm), (step_size, bc2), key in zip(params, tensors, corrections,
                                                                    keys):

@@ -173,14 +173,21 @@ class AdamW8bit(torch.optim.Optimizer):
                     eps=eps, maximize=group["maximize"], inv_grad_scale=inv_scale,
                     decay=1.0 - lr * wd, one_minus_beta1=1.0 - beta1,
                     one_minus_beta2=1.0 - beta2, check=False)
-            elif path == "cpu":
+            elif path in ("cpu", "cuda"):
                 items = [(_fused.flat(p), _fused.flat(p.grad), _fused.flat(s["exp_avg_codes"]),
                           _fused.flat(s["exp_avg_scales"]), _fused.flat(s["exp_avg_sq_codes"]),
                           _fused.flat(s["exp_avg_sq_scales"]), step_size, bc2)
                          for p, s, (step_size, bc2) in eight]
-                backends.native_module().adam8bit_step(
-                    backends.cpu_tier_code(), items, eps, wd, beta2, True, group["maximize"],
-                    inv_scale, _fused.threads(), 1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2)
+                if path == "cpu":
+                    backends.native_module().adam8bit_step(
+                        backends.cpu_tier_code(), items, eps, wd, beta2, True, group["maximize"],
+                        inv_scale, _fused.threads(), 1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2)
+                else:
+                    device = ps8[0].device
+                    with torch.cuda.device(device):
+                        backends.native_module().adam8bit_step_cuda(
+                            items, eps, wd, beta2, group["maximize"], inv_scale, 1.0 - lr * wd,
+                            1.0 - beta1, 1.0 - beta2, _fused.cuda_stream(device))
             else:
                 for p, s, (step_size, bc2) in eight:
                     m, v = dequantize_moments(s)

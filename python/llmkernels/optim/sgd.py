@@ -80,13 +80,21 @@ class SGD(torch.optim.Optimizer):
                     dampening=dampening, weight_decay=wd, nesterov=group["nesterov"],
                     maximize=group["maximize"], inv_grad_scale=inv_scale,
                     one_minus_dampening=1.0 - dampening, check=False)  # choose_path checked them
-            elif path == "cpu":
+            elif path in ("cpu", "cuda"):
                 items = [(_fused.flat(p), _fused.flat(p.grad), _fused.flat(b), f, key)
                          for p, b, f, key in zip(params, bufs, firsts, keys)]
-                backends.native_module().sgd_step(
-                    backends.cpu_tier_code(), items, lr, momentum, dampening, wd,
-                    group["nesterov"], group["maximize"], inv_scale, _fused.threads(),
-                    1.0 - dampening, sr)
+                if path == "cpu":
+                    backends.native_module().sgd_step(
+                        backends.cpu_tier_code(), items, lr, momentum, dampening, wd,
+                        group["nesterov"], group["maximize"], inv_scale, _fused.threads(),
+                        1.0 - dampening, sr)
+                else:
+                    device = params[0].device
+                    with torch.cuda.device(device):
+                        backends.native_module().sgd_step_cuda(
+                            items, lr, momentum, dampening, wd, group["nesterov"],
+                            group["maximize"], inv_scale, 1.0 - dampening,
+                            _fused.cuda_stream(device))
             else:
                 for p, b, f, key in zip(params, bufs, firsts, keys):
                     sgd_reference(p, p.grad, b, f, lr=lr, momentum=momentum,

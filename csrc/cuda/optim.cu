@@ -1,0 +1,454 @@
+// CUDA fused optimizer steps: Adam / AdamW, SGD and 8-bit AdamW over lists of tensors (see
+// optim.h). Each element's arithmetic is csrc/cpu/optim_impl.h's in the same order: this file
+// is compiled with -fmad=false (no multiply-add is fused unless fmaf says so), and '/' and
+// sqrtf are the IEEE-rounded ones (nvcc's defaults without --use_fast_math).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "common/checks.h"
+#include "cuda/optim.h"
+
+namespace llmk {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kChunk = 2048;  // elements per block: 8 per thread; 8 blocks of 8-bit state
+constexpr int kMaxTensors = 24;   // per launch: the tables below stay under 4 KiB
+constexpr int kMaxBlocks = 160;
+static_assert(kChunk == 8 * kBlock8 && kThreads == 8 * 32, "8-bit: one warp per state block");
+
+// ------------------------------------------------------------------ launch plan (host)
+
+// Which tensors each launch holds (slot order) and which (slot, chunk) each of its blocks takes.
+struct Plan {
+  std::vector<std::vector<int>> tensors;
+  std::vector<std::vector<std::pair<int, int64_t>>> blocks;
+};
+
+Plan plan_launches(const std::vector<int64_t>& numels) {
+  Plan plan;
+  std::vector<int> ts;
+  std::vector<std::pair<int, int64_t>> bs;
+  auto flush = [&]() {
+    if (!bs.empty()) {
+      plan.tensors.push_back(ts);
+      plan.blocks.push_back(bs);
+    }
+    ts.clear();
+    bs.clear();
+  };
+  for (int i = 0; i < int(numels.size()); ++i) {
+    const int64_t chunks = (numels[i] + kChunk - 1) / kChunk;
+    for (int64_t c = 0; c < chunks; ++c) {
+      if (ts.empty() || ts.back() != i) {  // a new tensor, or one carried into a new launch
+        if (int(ts.size()) == kMaxTensors) flush();
+        ts.push_back(i);
+      }
+      bs.emplace_back(int(ts.size()) - 1, c);
+      if (int(bs.size()) == kMaxBlocks) flush();
+    }
+  }
+  flush();
+  return plan;
+}
+
+// Kernel parameters: K pointers per tensor, its length, two floats (Adam: step_size and
+// bias_correction2_sqrt), a flag (SGD: first step), and each block's tensor slot and chunk.
+template <int K>
+struct Tables {
+  void* ptr[K][kMaxTensors];
+  int64_t numel[kMaxTensors];
+  float f0[kMaxTensors];
+  float f1[kMaxTensors];
+  uint8_t flag[kMaxTensors];
+  uint8_t slot[kMaxBlocks];
+  int32_t chunk[kMaxBlocks];
+};
+static_assert(sizeof(Tables<6>) < 4096, "kernel parameters must stay under 4 KiB");
+
+// ------------------------------------------------------------------ element access
+
+template <class T> __device__ __forceinline__ float ld(const T* p, int64_t i);
+template <> __device__ __forceinline__ float ld<float>(const float* p, int64_t i) { return p[i]; }
+template <> __device__ __forceinline__ float ld<__half>(const __half* p, int64_t i) {
+  return __half2float(p[i]);
+}
+template <> __device__ __forceinline__ float ld<__nv_bfloat16>(const __nv_bfloat16* p, int64_t i) {
+  return __bfloat162float(p[i]);
+}
+template <class T> __device__ __forceinline__ void st(T* p, int64_t i, float v);
+template <> __device__ __forceinline__ void st<float>(float* p, int64_t i, float v) { p[i] = v; }
+template <> __device__ __forceinline__ void st<__half>(__half* p, int64_t i, float v) {
+  p[i] = __float2half_rn(v);
+}
+template <> __device__ __forceinline__ void st<__nv_bfloat16>(__nv_bfloat16* p, int64_t i, float v) {
+  p[i] = __float2bfloat16_rn(v);
+}
+
+// ------------------------------------------------------------------ kernels
+
+struct AdamArgs {
+  float wd, b2, eps, one_m_b1, one_m_b2, decay, sign, inv_scale;
+};
+
+template <class T, bool kDecoupled, bool kAmsgrad>
+__global__ void __launch_bounds__(kThreads) adam_kernel(Tables<5> tb, AdamArgs a) {
+  const int s = tb.slot[blockIdx.x];
+  const int64_t begin = int64_t(tb.chunk[blockIdx.x]) * kChunk;
+  const int64_t end = min(tb.numel[s], begin + kChunk);
+  T* p = static_cast<T*>(tb.ptr[0][s]);
+  const T* g = static_cast<const T*>(tb.ptr[1][s]);
+  T* m = static_cast<T*>(tb.ptr[2][s]);
+  T* v = static_cast<T*>(tb.ptr[3][s]);
+  T* vmax = static_cast<T*>(tb.ptr[4][s]);
+  const float step_size = tb.f0[s], bc2 = tb.f1[s];
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+    float pi = ld(p, i);
+    float gi = ld(g, i) * a.inv_scale * a.sign;
+    if (kDecoupled) pi *= a.decay;
+    else gi = fmaf(pi, a.wd, gi);  // grad.add(param, alpha=wd)
+    float mi = ld(m, i);
+    mi = fmaf(a.one_m_b1, gi - mi, mi);  // torch's lerp
+    float vi = ld(v, i) * a.b2;
+    vi = vi + (a.one_m_b2 * gi) * gi;  // addcmul
+    float vd = vi;
+    if (kAmsgrad) {
+      const float old = ld(vmax, i);
+      vd = old < vi ? vi : old;  // std::max(old, vi)
+      st(vmax, i, vd);
+    }
+    const float denom = sqrtf(vd) / bc2 + a.eps;
+    st(p, i, pi + (-step_size) * (mi / denom));  // addcdiv
+    st(m, i, mi);
+    st(v, i, vi);
+  }
+}
+
+struct SgdArgs {
+  float lr, wd, mom, damp, sign, inv_scale;
+};
+
+template <class T, bool kMomentum, bool kNesterov>
+__global__ void __launch_bounds__(kThreads) sgd_kernel(Tables<3> tb, SgdArgs a) {
+  const int s = tb.slot[blockIdx.x];
+  const int64_t begin = int64_t(tb.chunk[blockIdx.x]) * kChunk;
+  const int64_t end = min(tb.numel[s], begin + kChunk);
+  T* p = static_cast<T*>(tb.ptr[0][s]);
+  const T* g = static_cast<const T*>(tb.ptr[1][s]);
+  T* buf = static_cast<T*>(tb.ptr[2][s]);
+  const bool first = tb.flag[s] != 0;
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+    const float pi = ld(p, i);
+    float d = ld(g, i) * a.inv_scale * a.sign;
+    d = fmaf(pi, a.wd, d);  // grad.add(param, alpha=wd)
+    if (kMomentum) {
+      const float bi = first ? d : fmaf(d, a.damp, ld(buf, i) * a.mom);
+      st(buf, i, bi);
+      d = kNesterov ? fmaf(bi, a.mom, d) : bi;
+    }
+    st(p, i, fmaf(d, -a.lr, pi));  // param.add_(grad, alpha=-lr)
+  }
+}
+
+struct Adam8Args {
+  float b2, eps, one_m_b1, one_m_b2, decay, sign, inv_scale;
+};
+
+// optim_impl.h's cbrt01: the cube root of a in [0, 1] by Newton steps on the inverse cube root.
+__device__ __forceinline__ float cbrt01(float a) {
+  a = fmaxf(a, 1e-30f);
+  float r = __uint_as_float(0x54a23000u - __float_as_uint(a) / 3u);
+  r = r * (4.f - a * (r * r * r)) * (1.f / 3.f);
+  r = r * (4.f - a * (r * r * r)) * (1.f / 3.f);
+  return a * (r * r);
+}
+
+// AdamW (decoupled weight decay) with 8-bit moments: each warp owns one block of kBlock8
+// values (8 per lane, strided by 32: coalesced), its absmax reduced with warp shuffles.
+template <class T>
+__global__ void __launch_bounds__(kThreads) adam8bit_kernel(Tables<6> tb, Adam8Args a) {
+  constexpr int kPer = int(kBlock8) / 32;
+  const int s = tb.slot[blockIdx.x];
+  const int64_t n = tb.numel[s];
+  const int64_t blk = int64_t(tb.chunk[blockIdx.x]) * (kChunk / kBlock8) + threadIdx.x / 32;
+  const int64_t base = blk * kBlock8;
+  if (base >= n) return;  // the whole warp: its block is past the tensor's end
+  const int lane = threadIdx.x % 32;
+  const int64_t len = min(kBlock8, n - base);
+  T* p = static_cast<T*>(tb.ptr[0][s]);
+  const T* g = static_cast<const T*>(tb.ptr[1][s]);
+  int8_t* mq = static_cast<int8_t*>(tb.ptr[2][s]);
+  uint8_t* vq = static_cast<uint8_t*>(tb.ptr[3][s]);
+  float* ms = static_cast<float*>(tb.ptr[4][s]);
+  float* vs = static_cast<float*>(tb.ptr[5][s]);
+  const float step_size = tb.f0[s], inv_bc2 = 1.f / tb.f1[s];
+  const float m_scale = ms[blk], v_scale = vs[blk];
+  float m[kPer], root_v[kPer];
+  float m_max = 0.f, v_max = 0.f;
+  for (int r = 0; r < kPer; ++r) {
+    const int64_t k = lane + 32 * r;
+    m[r] = 0.f;
+    root_v[r] = 0.f;
+    if (k >= len) continue;
+    const int64_t i = base + k;
+    const float qm = float(mq[i]) * (1.f / 127.f), qv = float(vq[i]) * (1.f / 255.f);
+    float mi = m_scale * (qm * qm * qm), vi = v_scale * ((qv * qv) * (qv * qv));
+    const float pi = ld(p, i) * a.decay;
+    const float gi = ld(g, i) * a.inv_scale * a.sign;
+    mi = fmaf(a.one_m_b1, gi - mi, mi);
+    vi = vi * a.b2;
+    vi = vi + (a.one_m_b2 * gi) * gi;
+    const float rv = sqrtf(vi);
+    st(p, i, pi + (-step_size) * (mi / (rv * inv_bc2 + a.eps)));
+    m[r] = mi;
+    root_v[r] = rv;
+    m_max = fmaxf(m_max, fabsf(mi));
+    v_max = fmaxf(v_max, vi);
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    m_max = fmaxf(m_max, __shfl_xor_sync(0xffffffffu, m_max, o));
+    v_max = fmaxf(v_max, __shfl_xor_sync(0xffffffffu, v_max, o));
+  }
+  const float m_inv = m_max > 0.f ? 1.f / m_max : 0.f;
+  const float root_v_inv = v_max > 0.f ? 1.f / sqrtf(v_max) : 0.f;
+  for (int r = 0; r < kPer; ++r) {
+    const int64_t k = lane + 32 * r;
+    if (k >= len) continue;
+    const int code = int(fminf(cbrt01(fabsf(m[r]) * m_inv), 1.f) * 127.f + 0.5f);
+    mq[base + k] = int8_t(m[r] < 0.f ? -code : code);
+    vq[base + k] = uint8_t(int(fminf(sqrtf(root_v[r] * root_v_inv), 1.f) * 255.f + 0.5f));
+  }
+  if (lane == 0) {
+    ms[blk] = m_max;
+    vs[blk] = v_max;
+  }
+}
+
+// ------------------------------------------------------------------ host side
+
+void check_launch(const char* what) {
+  const cudaError_t e = cudaGetLastError();
+  LLMK_CHECK(e == cudaSuccess, std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+void check_flat(const TensorView& t, DType dtype, int64_t n, const char* name) {
+  LLMK_CHECK((t.data != nullptr || n == 0) && t.dtype == dtype && t.numel() == n &&
+                 (t.ndim <= 1 || t.numel() <= 1) && (t.ndim == 0 || t.strides[0] == 1),
+             std::string(name) + ": expected a contiguous 1-D " + dtype_name(dtype) +
+                 " tensor of " + std::to_string(n) + " elements");
+}
+
+// Runs launch(tables, blocks) for each launch of the plan over the tensors' lengths; fill(tables,
+// slot, tensor index) writes one tensor's pointers and floats into the tables.
+template <int K, class Fill, class Launch>
+void for_each_launch(const std::vector<int64_t>& numels, Fill fill, Launch launch) {
+  const Plan plan = plan_launches(numels);
+  for (size_t l = 0; l < plan.blocks.size(); ++l) {
+    Tables<K> tb{};
+    for (int slot = 0; slot < int(plan.tensors[l].size()); ++slot) {
+      const int i = plan.tensors[l][slot];
+      tb.numel[slot] = numels[i];
+      fill(tb, slot, i);
+    }
+    for (int b = 0; b < int(plan.blocks[l].size()); ++b) {
+      tb.slot[b] = uint8_t(plan.blocks[l][b].first);
+      tb.chunk[b] = int32_t(plan.blocks[l][b].second);
+    }
+    launch(tb, int(plan.blocks[l].size()));
+  }
+}
+
+template <class F>
+void by_dtype(DType t, F f) {
+  switch (t) {
+    case DType::f32: f(float{}); break;
+    case DType::f16: f(__half{}); break;
+    case DType::bf16: f(__nv_bfloat16{}); break;
+    default: LLMK_CHECK(false, "optimizer step: parameters must be float32, float16 or bfloat16");
+  }
+}
+
+// Calls f(dtype tag, indices) for each parameter dtype present, with the tensors of that dtype
+// (one kernel instantiation per dtype: a param group may mix them).
+template <class Tensor, class F>
+void by_dtype_groups(const std::vector<Tensor>& ts, F f) {
+  for (DType dt : {DType::f32, DType::f16, DType::bf16}) {
+    std::vector<int> idx;
+    for (int i = 0; i < int(ts.size()); ++i)
+      if (ts[i].param.dtype == dt) idx.push_back(i);
+    if (!idx.empty()) by_dtype(dt, [&](auto tag) { f(tag, idx); });
+  }
+  for (const Tensor& t : ts)
+    LLMK_CHECK(t.param.dtype == DType::f32 || t.param.dtype == DType::f16 ||
+                   t.param.dtype == DType::bf16,
+               "optimizer step: parameters must be float32, float16 or bfloat16");
+}
+
+constexpr int64_t kMaxChunks = int64_t(INT32_MAX);
+
+}  // namespace
+
+void adam_step_cuda(const AdamHyper& h, const std::vector<AdamTensor>& ts, uintptr_t stream) {
+  LLMK_CHECK(!h.stochastic_rounding, "adam_step_cuda: stochastic rounding is not supported");
+  for (const AdamTensor& t : ts) {
+    const int64_t n = t.param.numel();
+    LLMK_CHECK(n / kChunk < kMaxChunks, "adam_step_cuda: tensor too large");
+    check_flat(t.param, t.param.dtype, n, "param");
+    check_flat(t.grad, t.param.dtype, n, "grad");
+    check_flat(t.exp_avg, t.param.dtype, n, "exp_avg");
+    check_flat(t.exp_avg_sq, t.param.dtype, n, "exp_avg_sq");
+    if (h.amsgrad) check_flat(t.max_exp_avg_sq, t.param.dtype, n, "max_exp_avg_sq");
+  }
+  const AdamArgs a{h.weight_decay, h.beta2, h.eps, h.one_minus_beta1, h.one_minus_beta2,
+                   h.decay, h.maximize ? -1.f : 1.f, h.inv_grad_scale};
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  by_dtype_groups(ts, [&](auto tag, const std::vector<int>& idx) {
+    using T = decltype(tag);
+    auto kernel = h.decoupled ? (h.amsgrad ? adam_kernel<T, true, true> : adam_kernel<T, true, false>)
+                              : (h.amsgrad ? adam_kernel<T, false, true> : adam_kernel<T, false, false>);
+    std::vector<int64_t> numels;
+    for (int i : idx) numels.push_back(ts[i].param.numel());
+    for_each_launch<5>(
+        numels,
+        [&](Tables<5>& tb, int slot, int j) {
+          const AdamTensor& t = ts[idx[j]];
+          tb.ptr[0][slot] = t.param.data;
+          tb.ptr[1][slot] = t.grad.data;
+          tb.ptr[2][slot] = t.exp_avg.data;
+          tb.ptr[3][slot] = t.exp_avg_sq.data;
+          tb.ptr[4][slot] = h.amsgrad ? t.max_exp_avg_sq.data : nullptr;
+          tb.f0[slot] = t.step_size;
+          tb.f1[slot] = t.bias_correction2_sqrt;
+        },
+        [&](const Tables<5>& tb, int blocks) {
+          kernel<<<blocks, kThreads, 0, st>>>(tb, a);
+          check_launch("adam_step_cuda");
+        });
+  });
+}
+
+void sgd_step_cuda(const SgdHyper& h, const std::vector<SgdTensor>& ts, uintptr_t stream) {
+  LLMK_CHECK(!h.stochastic_rounding, "sgd_step_cuda: stochastic rounding is not supported");
+  const bool momentum = h.momentum != 0.f;
+  for (const SgdTensor& t : ts) {
+    const int64_t n = t.param.numel();
+    LLMK_CHECK(n / kChunk < kMaxChunks, "sgd_step_cuda: tensor too large");
+    check_flat(t.param, t.param.dtype, n, "param");
+    check_flat(t.grad, t.param.dtype, n, "grad");
+    if (momentum) check_flat(t.momentum_buffer, t.param.dtype, n, "momentum_buffer");
+  }
+  const SgdArgs a{h.lr, h.weight_decay, h.momentum, h.one_minus_dampening,
+                  h.maximize ? -1.f : 1.f, h.inv_grad_scale};
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  by_dtype_groups(ts, [&](auto tag, const std::vector<int>& idx) {
+    using T = decltype(tag);
+    auto kernel = !momentum ? sgd_kernel<T, false, false>
+                            : (h.nesterov ? sgd_kernel<T, true, true> : sgd_kernel<T, true, false>);
+    std::vector<int64_t> numels;
+    for (int i : idx) numels.push_back(ts[i].param.numel());
+    for_each_launch<3>(
+        numels,
+        [&](Tables<3>& tb, int slot, int j) {
+          const SgdTensor& t = ts[idx[j]];
+          tb.ptr[0][slot] = t.param.data;
+          tb.ptr[1][slot] = t.grad.data;
+          tb.ptr[2][slot] = momentum ? t.momentum_buffer.data : nullptr;
+          tb.flag[slot] = t.first_step ? 1 : 0;
+        },
+        [&](const Tables<3>& tb, int blocks) {
+          kernel<<<blocks, kThreads, 0, st>>>(tb, a);
+          check_launch("sgd_step_cuda");
+        });
+  });
+}
+
+void adam8bit_step_cuda(const AdamHyper& h, const std::vector<Adam8bitTensor>& ts,
+                        uintptr_t stream) {
+  LLMK_CHECK(h.decoupled, "adam8bit_step_cuda: AdamW only (decoupled weight decay)");
+  for (const Adam8bitTensor& t : ts) {
+    const int64_t n = t.param.numel(), nb = (n + kBlock8 - 1) / kBlock8;
+    LLMK_CHECK(n / kChunk < kMaxChunks, "adam8bit_step_cuda: tensor too large");
+    check_flat(t.param, t.param.dtype, n, "param");
+    check_flat(t.grad, t.param.dtype, n, "grad");
+    check_flat(t.m_codes, DType::i8, n, "m_codes");
+    check_flat(t.v_codes, DType::u8, n, "v_codes");
+    check_flat(t.m_scales, DType::f32, nb, "m_scales");
+    check_flat(t.v_scales, DType::f32, nb, "v_scales");
+  }
+  const Adam8Args a{h.beta2, h.eps, h.one_minus_beta1, h.one_minus_beta2, h.decay,
+                    h.maximize ? -1.f : 1.f, h.inv_grad_scale};
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  by_dtype_groups(ts, [&](auto tag, const std::vector<int>& idx) {
+    using T = decltype(tag);
+    std::vector<int64_t> numels;
+    for (int i : idx) numels.push_back(ts[i].param.numel());
+    for_each_launch<6>(
+        numels,
+        [&](Tables<6>& tb, int slot, int j) {
+          const Adam8bitTensor& t = ts[idx[j]];
+          tb.ptr[0][slot] = t.param.data;
+          tb.ptr[1][slot] = t.grad.data;
+          tb.ptr[2][slot] = t.m_codes.data;
+          tb.ptr[3][slot] = t.v_codes.data;
+          tb.ptr[4][slot] = t.m_scales.data;
+          tb.ptr[5][slot] = t.v_scales.data;
+          tb.f0[slot] = t.step_size;
+          tb.f1[slot] = t.bias_correction2_sqrt;
+        },
+        [&](const Tables<6>& tb, int blocks) {
+          adam8bit_kernel<T><<<blocks, kThreads, 0, st>>>(tb, a);
+          check_launch("adam8bit_step_cuda");
+        });
+  });
+}
+
+std::string optim_cuda_host_selftest() {
+  // Lengths around the chunk size, empty tensors, one spanning several launches, and more
+  // tensors than one launch holds.
+  std::vector<int64_t> numels = {0, 1, kChunk - 1, kChunk, kChunk + 1, 0,
+                                 kChunk * (kMaxBlocks + 3) + 5};
+  for (int i = 0; i < 3 * kMaxTensors; ++i) numels.push_back(1 + (i * 977) % (3 * kChunk));
+  const Plan plan = plan_launches(numels);
+  std::vector<std::vector<int>> seen(numels.size());
+  std::ostringstream err;
+  for (size_t l = 0; l < plan.blocks.size(); ++l) {
+    const auto& ts = plan.tensors[l];
+    const auto& bs = plan.blocks[l];
+    if (bs.empty() || int(bs.size()) > kMaxBlocks || ts.empty() || int(ts.size()) > kMaxTensors) {
+      err << "launch " << l << " has " << bs.size() << " blocks and " << ts.size() << " tensors";
+      return err.str();
+    }
+    for (const auto& b : bs) {
+      if (b.first < 0 || b.first >= int(ts.size())) {
+        err << "launch " << l << ": slot " << b.first << " out of range";
+        return err.str();
+      }
+      seen[ts[b.first]].push_back(int(b.second));
+    }
+  }
+  for (size_t i = 0; i < numels.size(); ++i) {
+    const int64_t chunks = (numels[i] + kChunk - 1) / kChunk;
+    std::vector<int> c = seen[i];
+    std::sort(c.begin(), c.end());
+    bool ok = int64_t(c.size()) == chunks;
+    for (int64_t k = 0; ok && k < chunks; ++k) ok = c[k] == k;
+    if (!ok) {
+      err << "tensor " << i << " (" << numels[i] << " elements): chunks covered " << c.size()
+          << " times for " << chunks;
+      return err.str();
+    }
+  }
+  return "";
+}
+
+}  // namespace cuda
+}  // namespace llmk

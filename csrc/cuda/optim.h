@@ -1,0 +1,30 @@
+// Host API of the CUDA fused optimizer steps (csrc/cuda/optim.cu). Plain C++, no CUDA headers,
+// so bindings.cpp can include it. The math is csrc/cpu/optim_impl.h's, operation for operation
+// (IEEE division and square root, the same fused multiply-adds, nothing else contracted), so a
+// step on the GPU gives the CPU kernel's bits; the tensors are the CPU kernels' (cpu/optim.h)
+// with device pointers. Launches are multi_tensor_apply style: each CUDA block updates one chunk
+// of one tensor, the tensor and chunk tables travel as kernel parameters (no host sync, no
+// device buffers), as many launches as the tables need.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cpu/optim.h"
+
+namespace llmk {
+namespace cuda {
+
+// Stochastic rounding is not supported here (h.stochastic_rounding must be false); the state of
+// an AdamTensor has the parameter's dtype. stream: a cudaStream_t as an integer.
+void adam_step_cuda(const AdamHyper& h, const std::vector<AdamTensor>& tensors, uintptr_t stream);
+void adam8bit_step_cuda(const AdamHyper& h, const std::vector<Adam8bitTensor>& tensors,
+                        uintptr_t stream);
+void sgd_step_cuda(const SgdHyper& h, const std::vector<SgdTensor>& tensors, uintptr_t stream);
+
+// The launch plan's bookkeeping checked on the host: every chunk of every tensor is assigned to
+// exactly one block of one launch, within the tables' limits. '' when it holds.
+std::string optim_cuda_host_selftest();
+
+}  // namespace cuda
+}  // namespace llmk

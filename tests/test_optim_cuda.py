@@ -1,0 +1,71 @@
+"""The CUDA optimizer kernels (csrc/cuda/optim.cu): bit for bit the C++ CPU kernels' updates
+(parameters and state) for AdamW / Adam / SGD and AdamW8bit, over several steps, on tensor
+lists that take several launches (more tensors than a launch's table, tensors longer than a
+launch's blocks). The launch plan's bookkeeping is checked on the host wherever the extension
+was built with CUDA; the kernels need a GPU."""
+import pytest
+import torch
+
+import llmkernels
+from llmkernels import backends, optim
+
+native = backends.native_module()
+HAS_CUDA_KERNELS = native is not None and hasattr(native, "adam_step_cuda")
+needs_gpu = pytest.mark.skipif(not (HAS_CUDA_KERNELS and torch.cuda.is_available()),
+                               reason="needs a GPU and the CUDA build")
+
+# 30 tensors (> 24 per launch), one of 2048 * 170 + 5 elements (> 160 blocks per launch).
+SIZES = [(1,), (255,), (2048,), (2049,), (33, 65), (2048 * 170 + 5,)] + [(7 * i + 3,) for i in range(24)]
+CASES = [
+    (optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    (optim.AdamW, dict(lr=1e-2, amsgrad=True, maximize=True)),
+    (optim.Adam, dict(lr=1e-2, weight_decay=0.1)),
+    (optim.SGD, dict(lr=1e-2, momentum=0.9, weight_decay=0.01)),
+    (optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True)),
+    (optim.SGD, dict(lr=1e-2, momentum=0.9, dampening=0.3)),
+    (optim.SGD, dict(lr=1e-2)),
+    (optim.AdamW8bit, dict(lr=1e-2, weight_decay=0.1, min_8bit_size=256)),
+]
+
+
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="the extension was built without CUDA")
+def test_launch_plan_covers_every_chunk_once():
+    assert native.optim_cuda_host_selftest() == ""
+
+
+def _run(make, kw, params, grads, device, backend):
+    ps = [p.detach().clone().to(device).requires_grad_() for p in params]
+    opt = make(ps, **kw)
+    with llmkernels.use_backend(backend):
+        for step_grads in grads:
+            for p, g in zip(ps, step_grads):
+                p.grad = g.to(device)
+            opt.step()
+    return ps, opt
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("make,kw", CASES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_cuda_kernels_match_the_cpu_kernels_bit_for_bit(make, kw, dtype):
+    torch.manual_seed(0)
+    params = [torch.randn(s).to(dtype) for s in SIZES]
+    if make is optim.AdamW8bit:
+        params = [p for p in params if p.numel() >= 256]  # the 8-bit tensors
+    grads = [[torch.randn(p.shape).to(dtype) for p in params] for _ in range(3)]
+    a, opt_a = _run(make, kw, params, grads, "cpu", "cpu")
+    b, opt_b = _run(make, kw, params, grads, "cuda", "cuda")
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa.detach(), pb.detach().cpu())
+        for key, value in opt_a.state[pa].items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                assert torch.equal(value, opt_b.state[pb][key].cpu()), key
+
+
+@needs_gpu
+def test_stochastic_rounding_cannot_be_forced_on_cuda():
+    p = torch.randn(10, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    p.grad = torch.randn_like(p)
+    opt = optim.AdamW([p], stochastic_rounding=True)
+    with llmkernels.use_backend("cuda"), pytest.raises(llmkernels.BackendError, match="cuda"):
+        opt.step()
