@@ -5,25 +5,15 @@ Triton side runs there and its results are compared with the CPU kernel's on cop
 import pytest
 import torch
 
-import llmkernels
 from llmkernels import backends
 from llmkernels.optim import AdamW8bit
 from llmkernels.optim.adam8bit import dequantize_moments
+from optim_utils import run_steps
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KW = dict(lr=1e-2, weight_decay=0.1, min_8bit_size=256)
 STATE_KEYS = ("exp_avg_codes", "exp_avg_sq_codes", "exp_avg_scales", "exp_avg_sq_scales")
-
-
-def _run(params, grads_per_step, backend, device, **kw):
-    ps = [p.detach().clone().to(device).requires_grad_() for p in params]
-    opt = AdamW8bit(ps, lr=1e-2, weight_decay=0.1, min_8bit_size=256, **kw)
-    with llmkernels.use_backend(backend):
-        for grads in grads_per_step:
-            for p, g in zip(ps, grads):
-                p.grad = g.to(device)
-            opt.step()
-    return ps, opt
 
 
 @pytest.mark.skipif(backends.native_module() is None, reason="needs the compiled CPU kernel")
@@ -43,8 +33,8 @@ def test_triton_matches_the_cpu_kernel_bit_for_bit(dtype, maximize, monkeypatch)
         grads = [(torch.randn(s) * torch.exp(2 * torch.randn(s))).to(dtype) for s in sizes]
         grads[1].view(-1)[256:512] = 0
         steps.append(grads)
-    a, opt_a = _run(params, steps, "cpu", "cpu", maximize=maximize)
-    b, opt_b = _run(params, steps, "triton", DEVICE, maximize=maximize)
+    a, opt_a = run_steps(AdamW8bit, dict(KW, maximize=maximize), params, steps, "cpu", "cpu")
+    b, opt_b = run_steps(AdamW8bit, dict(KW, maximize=maximize), params, steps, DEVICE, "triton")
     assert len(launches) == len(steps)  # the Triton kernel served every step
     for pa, pb in zip(a, b):
         assert torch.equal(pa.detach(), pb.detach().cpu())
@@ -56,7 +46,7 @@ def test_triton_step_is_close_to_adamw():
     torch.manual_seed(3)
     p = torch.randn(5000)
     steps = [[torch.randn(5000) * 1e-1] for _ in range(20)]
-    (b,), opt = _run([p], steps, "triton", DEVICE)
+    (b,), opt = run_steps(AdamW8bit, KW, [p], steps, DEVICE, "triton")
     q = p.clone().requires_grad_()
     ref = torch.optim.AdamW([q], lr=1e-2, weight_decay=0.1)
     for (g,) in steps:

@@ -8,6 +8,7 @@ import torch
 
 import llmkernels
 from llmkernels import backends, optim
+from optim_utils import run_steps
 
 native = backends.native_module()
 HAS_CUDA_KERNELS = native is not None and hasattr(native, "adam_step_cuda")
@@ -33,17 +34,6 @@ def test_launch_plan_covers_every_chunk_once():
     assert native.optim_cuda_host_selftest() == ""
 
 
-def _run(make, kw, params, grads, device, backend):
-    ps = [p.detach().clone().to(device).requires_grad_() for p in params]
-    opt = make(ps, **kw)
-    with llmkernels.use_backend(backend):
-        for step_grads in grads:
-            for p, g in zip(ps, step_grads):
-                p.grad = g.to(device)
-            opt.step()
-    return ps, opt
-
-
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("make,kw", CASES, ids=lambda v: getattr(v, "__name__", str(v)))
@@ -53,8 +43,8 @@ def test_cuda_kernels_match_the_cpu_kernels_bit_for_bit(make, kw, dtype):
     if make is optim.AdamW8bit:
         params = [p for p in params if p.numel() >= 256]  # the 8-bit tensors
     grads = [[torch.randn(p.shape).to(dtype) for p in params] for _ in range(3)]
-    a, opt_a = _run(make, kw, params, grads, "cpu", "cpu")
-    b, opt_b = _run(make, kw, params, grads, "cuda", "cuda")
+    a, opt_a = run_steps(make, kw, params, grads, "cpu", "cpu")
+    b, opt_b = run_steps(make, kw, params, grads, "cuda", "cuda")
     for pa, pb in zip(a, b):
         assert torch.equal(pa.detach(), pb.detach().cpu())
         for key, value in opt_a.state[pa].items():
