@@ -1,6 +1,4 @@
 """Helpers shared by the optimizer kernel tests."""
-
-
 import llmkernels
 
 
