@@ -73,6 +73,19 @@ def test_int8_activations_typical_error_is_small():
     assert rel_rms <= 0.01, rel_rms
 
 
+@pytest.mark.parametrize("scheme", ["int4", "w8a8"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_activations_give_non_finite_outputs(cpu_tier, bad, scheme):
+    """Activations quantized to int8 (int4 decoding, w8a8): a NaN or infinity in a row makes
+    its outputs non-finite, as the reference's, never finite numbers made of the rest."""
+    qw = llmkernels.quantize_weight(torch.randn(16, 256), scheme, 128)
+    x = torch.randn(2, 256).to(torch.bfloat16)
+    x[0, 37] = bad
+    out = llmkernels.quant_matmul(x, qw, backend="cpu")
+    assert not torch.isfinite(out[0]).any()
+    assert torch.isfinite(out[1]).all()
+
+
 def test_float16_and_float32_x_keep_float_products(cpu_tier):
     torch.manual_seed(0)
     qw = llmkernels.quantize_weight(torch.randn(16, 256), "int4", 128)

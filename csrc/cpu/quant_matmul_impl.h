@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "../common/checks.h"
 #include "../common/thread_pool.h"
@@ -805,12 +806,16 @@ void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
   for (int64_t kb = 0; kb < K; kb += 32) {
     float v[32];
     float amax = 0.f;
+    bool finite = true;
     for (int e = 0; e < 32; ++e) {  // 16 even elements, then 16 odd ones
       const int64_t k = kb + (e < 16 ? 2 * e : 2 * (e - 16) + 1);
       v[e] = read_float(p.x.dtype, p.x.data, base + k * ks);
       amax = std::max(amax, std::fabs(v[e]));
+      finite &= std::fabs(v[e]) <= std::numeric_limits<float>::max();
     }
-    const float s = amax / 127.f;
+    // A NaN or infinity in the block: a NaN scale, so that the outputs are NaN, not numbers
+    // made of the other values.
+    const float s = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
     int32_t qsum = 0;
     for (int e = 0; e < 32; ++e) {
       const int qi = s > 0.f ? int(std::min(127.f, std::max(-127.f, std::nearbyint(v[e] / s)))) : 0;
@@ -833,10 +838,16 @@ void prep_row(void* ctx, int64_t m, int) {
     // As the reference: scale = max|x| * (1/127) (1 for an all-zero row), x / scale rounded
     // half to even (nearbyint in the default rounding mode), clamped to [-127, 127].
     float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k)
-      amax = std::max(amax, std::fabs(read_float(p.x.dtype, p.x.data, base + k * ks)));
+    bool finite = true;
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = std::fabs(read_float(p.x.dtype, p.x.data, base + k * ks));
+      amax = std::max(amax, a);
+      finite &= a <= std::numeric_limits<float>::max();
+    }
     float s = amax * (1.0f / 127.0f);  // a reciprocal multiply, as the reference
     if (!(s > 0.f)) s = 1.0f;
+    // A NaN or infinity in the row: NaN outputs (the reference's), never finite numbers.
+    if (!finite) s = std::numeric_limits<float>::quiet_NaN();
     pc.xscale[m] = s;
     int8_t* row = pc.xq + m * c.Kx;
     for (int64_t k = 0; k < K; ++k) {
