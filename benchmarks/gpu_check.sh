@@ -139,6 +139,10 @@ if [ "$HAVE_GPU" = 1 ] && [ "$STEPS" != tests ]; then
   step optim_bench "$BENCH_TIMEOUT" "$PY" benchmarks/optim.py --device cuda --params 10,50,200 \
     --min-run-time 0.1 --json "$OUT/optim_gpu.json"
   show 22 "$OUT/optim_bench.log"
+  # The CUDA optimizer kernels (served only when forced until timed).
+  step optim_bench_cuda "$BENCH_TIMEOUT" env LLMKERNELS_BACKEND=cuda "$PY" benchmarks/optim.py \
+    --device cuda --params 10,200 --min-run-time 0.1 --json "$OUT/optim_gpu_cuda.json"
+  show 16 "$OUT/optim_bench_cuda.log"
   step attention_bench_triton "$BENCH_TIMEOUT" "$PY" benchmarks/attention.py --device cuda \
     --ours-backend triton --paths ours,sdpa --dtypes bf16 --head-dims 128 --seqlens "${BENCH_SEQLENS:-4096}" \
     --batch "${BENCH_BATCH:-4}" --heads "${BENCH_HEADS:-16}" --min-run-time 0.1 --json "$OUT/attention_gpu_triton.json"
