@@ -207,11 +207,12 @@ def main(argv=None) -> int:
                                 + graph_cells)
                     print(" ".join(rows[-1]), flush=True)
     print()
+    width = max((len(r) for r in rows), default=0)
     print(harness.format_table(["M", "KxN", "scheme", "ours path", "check", "ours us",
                                 "weight GB/s", "% read bw", "speedup vs baselines"]
                                 + (["graph ours us", "graph GB/s", "graph vs bf16"]
                                    if dev == "cuda" and args.graph else []),
-                                [r + ["-"] * (len(rows[0]) - len(r)) for r in rows]))
+                                [r + ["-"] * (width - len(r)) for r in rows]))
     print(f"\nactivations {args.dtype}; int4 group {args.group_size}; baselines: f32/bf16 "
           "F.linear, int8pack = aten._weight_int8pack_mm (bf16 x), int4pack = "
           "aten._weight_int4pack_mm_for_cpu (bf16 x)")
