@@ -232,9 +232,14 @@ NUM_WARPS8 = 8
 @triton.jit
 def _cbrt01(a):
     """optim_impl.h's cbrt01: the cube root of a in [0, 1] by two Newton steps on the inverse
-    cube root from a bit-level guess, then a r^2."""
+    cube root from a bit-level guess (a's bits divided by 3 with shifts and adds), then a r^2."""
     a = tl.maximum(a, 1e-30)
-    r = (0x54A23000 - a.to(tl.uint32, bitcast=True) // 3).to(tl.float32, bitcast=True)
+    x = a.to(tl.uint32, bitcast=True)
+    q = (x >> 2) + (x >> 4)  # div3_approx: x / 3 by shifts and adds
+    q += q >> 4
+    q += q >> 8
+    q += q >> 16
+    r = (0x54A23000 - q).to(tl.float32, bitcast=True)
     r = r * (4.0 - a * (r * r * r)) * (1.0 / 3.0)
     r = r * (4.0 - a * (r * r * r)) * (1.0 / 3.0)
     return a * (r * r)

@@ -164,3 +164,28 @@ def test_small_bf16_tensors_keep_float32_moments_on_the_kernel():
     assert (p.float() - q.float()).abs().max().item() <= 2 ** -7 * q.float().abs().max().item()
     torch.testing.assert_close(a.state[p]["exp_avg_sq"], b.state[q]["exp_avg_sq"], rtol=1e-5,
                                atol=1e-7)
+
+
+def test_every_cpu_tier_gives_the_same_bits():
+    """The per-tier builds of the 8-bit loop (vectorized differently) compute the same update:
+    what makes a checkpoint continue identically on another CPU, or on the GPU kernels."""
+    tiers = llmkernels.backends.supported_cpu_tiers()
+    if len(tiers) < 2:
+        pytest.skip("one CPU tier here")
+    torch.manual_seed(4)
+    base = torch.randn(3000, dtype=torch.bfloat16)
+    grads = [torch.randn(3000, dtype=torch.bfloat16) * torch.exp(torch.randn(3000)).bfloat16()
+             for _ in range(3)]
+    results = []
+    for tier in tiers:
+        p = base.clone().requires_grad_()
+        opt = AdamW8bit([p], lr=1e-2, min_8bit_size=256)
+        with llmkernels.use_cpu_tier(tier):
+            for g in grads:
+                p.grad = g.clone()
+                opt.step()
+        results.append((p.detach(), opt.state[p]["exp_avg_codes"], opt.state[p]["exp_avg_sq_codes"],
+                        opt.state[p]["exp_avg_scales"], opt.state[p]["exp_avg_sq_scales"]))
+    for tier, got in zip(tiers[1:], results[1:]):
+        for a, b in zip(results[0], got):
+            assert torch.equal(a, b), tier

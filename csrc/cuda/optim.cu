@@ -166,7 +166,12 @@ struct Adam8Args {
 // optim_impl.h's cbrt01: the cube root of a in [0, 1] by Newton steps on the inverse cube root.
 __device__ __forceinline__ float cbrt01(float a) {
   a = fmaxf(a, 1e-30f);
-  float r = __uint_as_float(0x54a23000u - __float_as_uint(a) / 3u);
+  const uint32_t x = __float_as_uint(a);
+  uint32_t q = (x >> 2) + (x >> 4);  // div3_approx: x / 3 by shifts and adds
+  q += q >> 4;
+  q += q >> 8;
+  q += q >> 16;
+  float r = __uint_as_float(0x54a23000u - q);
   r = r * (4.f - a * (r * r * r)) * (1.f / 3.f);
   r = r * (4.f - a * (r * r * r)) * (1.f / 3.f);
   return a * (r * r);
