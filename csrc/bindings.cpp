@@ -6,6 +6,7 @@
 
 #include "common/attention_band.h"
 #include "common/checks.h"
+#include "common/half.h"
 #include "common/cpu_features.h"
 #include "common/tensor_view.h"
 #include "common/thread_pool.h"
@@ -250,6 +251,8 @@ PYBIND11_MODULE(_C, m) {
     throw py::value_error("unknown CPU tier '" + name + "'");
   });
   m.def("tier_supported", [](int tier) { return tier_supported(to_tier(tier)); });
+  m.def("half_conversions_selftest", &half_conversions_selftest,
+        "Checks the branch-free float16 conversions against the branchy ones; '' when equal.");
   m.def("attention_set_round_bytes", &set_attention_round_bytes, py::arg("bytes"),
         "Testing knob: the workspace budget of one round of heads (0 restores the default).");
 

@@ -277,3 +277,12 @@ def test_clip_grad_norm_rejects_foreign_optimizers():
     p.grad = torch.randn(3)
     with pytest.raises(TypeError, match="llmkernels.optim"):
         optim.clip_grad_norm_([p], 1.0, optimizer=torch.optim.SGD([p], lr=0.1))
+
+
+def test_branch_free_float16_conversions_match():
+    """The optimizer loops convert float16 with branch-free code (so that they vectorize):
+    the same bits as the reference conversions for every half and every rounding boundary."""
+    native = llmkernels.backends.native_module()
+    if native is None:
+        pytest.skip("compiled extension not available")
+    assert native.half_conversions_selftest() == ""

@@ -27,16 +27,17 @@ inline uint16_t to_bf16(float f) {
 
 // Element i of a float32 (T = float), bfloat16 (uint16_t) or float16 (uint16_t, kHalf) array,
 // as float32.
+// (float16: half.h's branch-free conversions, so that the loops vectorize.)
 template <class T, bool kHalf>
 inline float ld(const T* p, int64_t i) {
   if constexpr (std::is_same_v<T, float>) return p[i];
-  else if constexpr (kHalf) return f16_to_f32(p[i]);
+  else if constexpr (kHalf) return f16_to_f32_select(p[i]);
   else return bf16_to_f32(p[i]);
 }
 template <class T, bool kHalf>
 inline void st(T* p, int64_t i, float v) {
   if constexpr (std::is_same_v<T, float>) p[i] = v;
-  else if constexpr (kHalf) p[i] = f32_to_f16(v);
+  else if constexpr (kHalf) p[i] = f32_to_f16_select(v);
   else p[i] = to_bf16(v);
 }
 
