@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     print(harness.format_machine(info))
     bw = copy_bandwidth(dev, mrt)
     print(f"copy bandwidth (256 MiB, read + write): {bw:.1f} GB/s\n", flush=True)
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     rows, records, failed = [], [], 0
     for millions in sizes:
         shapes = model_shapes(millions)
