@@ -9,6 +9,9 @@
 #include <type_traits>
 
 #include "../common/half.h"
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 #include "optim.h"
 
 namespace llmk {
@@ -41,6 +44,41 @@ inline void st(T* p, int64_t i, float v) {
   else p[i] = to_bf16(v);
 }
 
+// float16 arrays on tiers with F16C: converted 8 values per instruction into float32 copies of
+// a chunk (in L1), the float32 loop runs on those, and the results are converted back. The
+// same bits as the element-wise conversions, except NaN payloads (the instruction keeps them;
+// f32_to_f16 makes every NaN 0x7e00).
+constexpr int64_t kHalfChunk = 512;
+#if defined(__F16C__)
+constexpr bool kF16C = true;
+inline void load_f16(const void* src, int64_t at, float* dst, int64_t n) {
+  const uint16_t* s = static_cast<const uint16_t*>(src) + at;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+  for (; i < n; ++i) dst[i] = f16_to_f32_select(s[i]);
+}
+inline void store_f16(const float* src, void* dst, int64_t at, int64_t n) {
+  uint16_t* d = static_cast<uint16_t*>(dst) + at;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) d[i] = f32_to_f16_select(src[i]);
+}
+#else
+constexpr bool kF16C = false;
+inline void load_f16(const void*, int64_t, float*, int64_t) {}
+inline void store_f16(const float*, void*, int64_t, int64_t) {}
+#endif
+
+inline TensorView float_view(float* data) {
+  TensorView v;
+  v.data = data;
+  v.dtype = DType::f32;
+  return v;
+}
+
 // Stochastic rounding to bfloat16: add 16 random bits below the kept ones, then truncate,
 // so that an update smaller than half a bf16 ulp still moves the parameter on average.
 // The bits are murmur3's finalizer of (index * golden ratio + key): deterministic for a
@@ -67,6 +105,37 @@ inline uint16_t sr_bf16(float f, uint32_t bits) {
 template <class T, bool kHalf, bool kDecoupled, bool kAmsgrad, bool kSR = false,
           bool kF32State = false>
 void adam_loop(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
+  if constexpr (kHalf && kF16C && !kSR) {
+    float buf[5][kHalfChunk];
+    for (int64_t c = b; c < e; c += kHalfChunk) {
+      const int64_t n = std::min(kHalfChunk, e - c);
+      AdamTensor f = t;
+      f.param = float_view(buf[0]);
+      f.grad = float_view(buf[1]);
+      load_f16(t.param.data, c, buf[0], n);
+      load_f16(t.grad.data, c, buf[1], n);
+      if constexpr (kF32State) {  // float32 moments: used in place
+        f.exp_avg = float_view(static_cast<float*>(t.exp_avg.data) + c);
+        f.exp_avg_sq = float_view(static_cast<float*>(t.exp_avg_sq.data) + c);
+        if (kAmsgrad) f.max_exp_avg_sq = float_view(static_cast<float*>(t.max_exp_avg_sq.data) + c);
+      } else {
+        f.exp_avg = float_view(buf[2]);
+        f.exp_avg_sq = float_view(buf[3]);
+        f.max_exp_avg_sq = float_view(buf[4]);
+        load_f16(t.exp_avg.data, c, buf[2], n);
+        load_f16(t.exp_avg_sq.data, c, buf[3], n);
+        if (kAmsgrad) load_f16(t.max_exp_avg_sq.data, c, buf[4], n);
+      }
+      adam_loop<float, false, kDecoupled, kAmsgrad>(h, f, 0, n);
+      store_f16(buf[0], t.param.data, c, n);
+      if constexpr (!kF32State) {
+        store_f16(buf[2], t.exp_avg.data, c, n);
+        store_f16(buf[3], t.exp_avg_sq.data, c, n);
+        if (kAmsgrad) store_f16(buf[4], t.max_exp_avg_sq.data, c, n);
+      }
+    }
+    return;
+  }
   using S = std::conditional_t<kF32State, float, T>;
   T* p = static_cast<T*>(t.param.data);
   const T* g = static_cast<const T*>(t.grad.data);
@@ -106,6 +175,23 @@ void adam_loop(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
 
 template <class T, bool kHalf, bool kMomentum, bool kFirst, bool kNesterov, bool kSR = false>
 void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
+  if constexpr (kHalf && kF16C && !kSR) {
+    float buf[3][kHalfChunk];
+    for (int64_t c = b; c < e; c += kHalfChunk) {
+      const int64_t n = std::min(kHalfChunk, e - c);
+      SgdTensor f = t;
+      f.param = float_view(buf[0]);
+      f.grad = float_view(buf[1]);
+      f.momentum_buffer = float_view(buf[2]);
+      load_f16(t.param.data, c, buf[0], n);
+      load_f16(t.grad.data, c, buf[1], n);
+      if (kMomentum && !kFirst) load_f16(t.momentum_buffer.data, c, buf[2], n);
+      sgd_loop<float, false, kMomentum, kFirst, kNesterov>(h, f, 0, n);
+      store_f16(buf[0], t.param.data, c, n);
+      if (kMomentum) store_f16(buf[2], t.momentum_buffer.data, c, n);
+    }
+    return;
+  }
   T* p = static_cast<T*>(t.param.data);
   const T* g = static_cast<const T*>(t.grad.data);
   T* buf = static_cast<T*>(t.momentum_buffer.data);
