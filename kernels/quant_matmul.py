@@ -267,7 +267,8 @@ def _round_half_even(v):
 
 @triton.jit
 def _quantize_rows_kernel(X, XQ, XS, K, stride_xm, BLOCK_K: tl.constexpr):
-    """Per row m: x_scale = max|x| * float32(1/127) (1 for an all-zero row),
+    """Per row m: x_scale = max|x| * float32(1/127) (1 for an all-zero row, NaN for a row with
+    a NaN or an infinity),
     xq = clamp(round(x / x_scale), -127, 127) into XQ (M, K) int8 contiguous; the division is
     IEEE (div_rn), like torch's tensor-by-tensor division on the CPU and on CUDA."""
     m = tl.program_id(0).to(tl.int64)
@@ -275,11 +276,14 @@ def _quantize_rows_kernel(X, XQ, XS, K, stride_xm, BLOCK_K: tl.constexpr):
     qrow = XQ + m * K
     offs = tl.arange(0, BLOCK_K)
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    finite = tl.full((BLOCK_K,), 1, dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         v = tl.load(row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(v))
+        finite = finite & (tl.abs(v) <= 3.4028234663852886e38).to(tl.int32)  # NaN: false
     s = tl.max(amax, axis=0) * (1.0 / 127.0)  # the spec's float32 reciprocal, not a division
     s = tl.where(s > 0.0, s, 1.0)
+    s = tl.where(tl.min(finite, axis=0) > 0, s, float("nan"))  # a NaN or inf: NaN outputs
     for k0 in range(0, K, BLOCK_K):
         mask = k0 + offs < K
         v = tl.load(row + k0 + offs, mask=mask, other=0.0).to(tl.float32)

@@ -45,3 +45,16 @@ def test_noncontiguous_batched_input(gpu_path):
         out = llmkernels.quant_matmul(x, qw, backend=gpu_path)
         assert out.shape == (2, 3, 40)
         check_against_reference(x, qw, None, out, loose=4.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_w8a8_non_finite_rows_give_non_finite_outputs(gpu_path, bad):
+    """A NaN or infinity in a row of x: that row's outputs are non-finite (the reference's),
+    the other rows' are not; never finite numbers made of the other values."""
+    qw = llmkernels.quantize_weight(torch.randn(24, 128, device=DEVICE), "w8a8")
+    x = torch.randn(3, 128, dtype=torch.bfloat16, device=DEVICE)
+    x[1, 17] = bad
+    _skip_unsupported(gpu_path, x, qw)
+    out = llmkernels.quant_matmul(x, qw, backend=gpu_path)
+    assert not torch.isfinite(out[1]).any()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()

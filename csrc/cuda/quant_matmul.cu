@@ -377,7 +377,8 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const Para
   // in the last bit for ~4% of values (PyTorch's CPU kernel divides). x / s below is a true
   // division on both devices.
   float s = __fmul_rn(amax, kInv127);
-  if (!(s > 0.f)) s = 1.f;  // all-zero (or NaN) row, as torch.where(s > 0, s, 1)
+  if (s == 0.f) s = 1.f;  // all-zero row, as torch.where(s > 0, s, 1)
+  if (!(amax <= 3.402823466e38f)) s = __int_as_float(0x7fc00000);  // NaN or inf: NaN outputs
   if (tid == 0) p.xscale[m] = s;
   int8_t* qrow = p.xq + m * p.kp;
   for (int64_t k = tid; k < p.kp; k += kQuantThreads) {

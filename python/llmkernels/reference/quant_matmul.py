@@ -73,10 +73,12 @@ def dequantize_reference(scheme: str, qdata: torch.Tensor, scales: torch.Tensor,
 
 
 def quantize_activations_reference(x2d: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric int8 quantization of (M, K) activations: (xq int8, x_scale float32)."""
+    """Per-row symmetric int8 quantization of (M, K) activations: (xq int8, x_scale float32).
+    A row holding a NaN or an infinity gets a NaN scale, so that its outputs are NaN."""
     x = x2d.float()
     s = x.abs().amax(dim=1) * (1.0 / 127.0)
     s = torch.where(s > 0, s, torch.ones_like(s))
+    s = torch.where(torch.isfinite(x).all(dim=1), s, torch.full_like(s, float("nan")))
     xq = torch.clamp(torch.round(x / s[:, None]), -127, 127).to(torch.int8)
     return xq, s
 
