@@ -495,7 +495,7 @@ template <int MB, int NB, class Fill>
 void run_tile_panel(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* acc,
                     float* panel, Fill fill) {
   const int64_t ld = kChunkChannels;
-  std::fill(acc, acc + kChunkRows * kChunkChannels, 0.f);
+  std::fill(acc, acc + (m1 - m0) * ld, 0.f);  // the tile's rows only (decoding: one)
   for (int64_t k0 = 0; k0 < c.K; k0 += kChunkK) {
     const int64_t k1 = std::min(c.K, k0 + kChunkK);
     for (int64_t n = n0; n < n1; n += NB) {
@@ -634,7 +634,7 @@ template <int MB, int NB, bool kInt4>
 void run_tile_panel_bf16(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                          float* acc, uint16_t* panel) {
   const int64_t ld = kChunkChannels;
-  std::fill(acc, acc + kChunkRows * kChunkChannels, 0.f);
+  std::fill(acc, acc + (m1 - m0) * ld, 0.f);  // the tile's rows only (decoding: one)
   for (int64_t k0 = 0; k0 < c.K; k0 += kChunkK) {
     const int64_t k1 = std::min(c.K, k0 + kChunkK);
     for (int64_t n = n0; n < n1; n += NB) {
@@ -686,7 +686,7 @@ template <class Acc, int MB, int NB, class Block, class Block1>
 void run_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1, Acc* acc,
               Block block, Block1 block1) {
   const int64_t ld = kChunkChannels;
-  std::fill(acc, acc + kChunkRows * kChunkChannels, Acc(0));
+  std::fill(acc, acc + (m1 - m0) * ld, Acc(0));  // the tile's rows only (decoding: one)
   // Few rows: x fits in L1 whole, and walking each weight row end to end streams best.
   // int8 dot products reduce 64 lanes per instruction: longer chunks amortize the
   // horizontal sums (x's 64 rows x 2048 bytes still fit L2).
