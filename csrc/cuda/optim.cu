@@ -286,16 +286,16 @@ void by_dtype(DType t, F f) {
 // (one kernel instantiation per dtype: a param group may mix them).
 template <class Tensor, class F>
 void by_dtype_groups(const std::vector<Tensor>& ts, F f) {
+  for (const Tensor& t : ts)  // before any launch: a refused call changes nothing
+    LLMK_CHECK(t.param.dtype == DType::f32 || t.param.dtype == DType::f16 ||
+                   t.param.dtype == DType::bf16,
+               "optimizer step: parameters must be float32, float16 or bfloat16");
   for (DType dt : {DType::f32, DType::f16, DType::bf16}) {
     std::vector<int> idx;
     for (int i = 0; i < int(ts.size()); ++i)
       if (ts[i].param.dtype == dt) idx.push_back(i);
     if (!idx.empty()) by_dtype(dt, [&](auto tag) { f(tag, idx); });
   }
-  for (const Tensor& t : ts)
-    LLMK_CHECK(t.param.dtype == DType::f32 || t.param.dtype == DType::f16 ||
-                   t.param.dtype == DType::bf16,
-               "optimizer step: parameters must be float32, float16 or bfloat16");
 }
 
 constexpr int64_t kMaxChunks = int64_t(INT32_MAX);
