@@ -255,15 +255,22 @@ void adam8bit_loop(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int6
   // one of each per element in the update, one square root in the requantization.
   const float inv_bc2 = 1.f / bc2;
   float m[kBlock8], v[kBlock8], root_v[kBlock8];
+  // float16 on F16C tiers: the block's parameters and gradients converted 8 at a time.
+  constexpr bool kBlockF16 = kHalf && kF16C;
+  float pf[kBlockF16 ? kBlock8 : 1], gf[kBlockF16 ? kBlock8 : 1];
   for (int64_t blk = b0; blk < b1; ++blk) {
     const int64_t base = blk * kBlock8, len = std::min(kBlock8, n - base);
     const float m_scale = ms[blk], v_scale = vs[blk];
+    if constexpr (kBlockF16) {
+      load_f16(t.param.data, base, pf, len);
+      load_f16(t.grad.data, base, gf, len);
+    }
     for (int64_t k = 0; k < len; ++k) {
       const int64_t i = base + k;
       const float qm = float(mq[i]) * (1.f / 127.f), qv = float(vq[i]) * (1.f / 255.f);
       float mi = m_scale * (qm * qm * qm), vi = v_scale * ((qv * qv) * (qv * qv));
-      float pi = get(p, i);
-      float gi = get(g, i) * inv_scale * sign;
+      float pi = kBlockF16 ? pf[k] : get(p, i);
+      float gi = (kBlockF16 ? gf[k] : get(g, i)) * inv_scale * sign;
       if (kDecoupled) pi *= decay;
       else gi = std::fma(pi, wd, gi);
       mi = std::fma(one_m_b1, gi - mi, mi);
@@ -271,11 +278,14 @@ void adam8bit_loop(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int6
       vi = vi + (one_m_b2 * gi) * gi;
       const float rv = std::sqrt(vi);
       const float denom = rv * inv_bc2 + eps;
-      put(p, i, pi + (-step_size) * (mi / denom));
+      const float pn = pi + (-step_size) * (mi / denom);
+      if constexpr (kBlockF16) pf[k] = pn;
+      else put(p, i, pn);
       m[k] = mi;
       v[k] = vi;
       root_v[k] = rv;
     }
+    if constexpr (kBlockF16) store_f16(pf, t.param.data, base, len);
     // Block maxima on the bit patterns: for non-negative floats their order is the values'
     // order, and integer max reductions vectorize (float ones need -ffinite-math-only).
     uint32_t m_bits = 0, v_bits = 0;
