@@ -286,3 +286,30 @@ def test_branch_free_float16_conversions_match():
     if native is None:
         pytest.skip("compiled extension not available")
     assert native.half_conversions_selftest() == ""
+
+
+@pytest.mark.parametrize("make,kw", [(optim.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+                                     (optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_cpu_tier_gives_the_same_bits(make, kw, dtype):
+    """Every CPU tier (float16 converted by F16C chunks where the tier has it, element by
+    element otherwise) computes the same update."""
+    tiers = llmkernels.backends.supported_cpu_tiers()
+    if len(tiers) < 2:
+        pytest.skip("one CPU tier here")
+    torch.manual_seed(5)
+    base = [torch.randn(s).to(dtype) for s in ((1000,), (33, 17))]
+    grads = [[torch.randn(b.shape).to(dtype) for b in base] for _ in range(3)]
+    results = []
+    for tier in tiers:
+        ps = [b.clone().requires_grad_() for b in base]
+        opt = make(ps, **kw)
+        with llmkernels.use_cpu_tier(tier):
+            for gs in grads:
+                for p, g in zip(ps, gs):
+                    p.grad = g.clone()
+                opt.step()
+        results.append([p.detach() for p in ps] + [t for p in ps for t in opt.state[p].values()
+                                                    if isinstance(t, torch.Tensor) and t.dim()])
+    for tier, got in zip(tiers[1:], results[1:]):
+        assert all(torch.equal(a, b) for a, b in zip(results[0], got)), tier
