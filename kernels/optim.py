@@ -86,6 +86,17 @@ def _find_tensor(CUM, blk, LOG_P: tl.constexpr):
 
 
 @triton.jit
+def _locate(META, n_tensors, LOG_P: tl.constexpr, K: tl.constexpr):
+    """This program's tensor t, its numel, its row of K pointers in META, and the program's
+    index among the tensor's programs."""
+    blk = tl.program_id(0).to(tl.int64)
+    t = _find_tensor(META, blk, LOG_P)
+    numel = tl.load(META + (1 << LOG_P) + t)
+    rows = META + (1 << LOG_P) + n_tensors + t * K
+    return t, numel, rows, blk - tl.load(META + t)
+
+
+@triton.jit
 def _ptr(PTRS, idx, ELEM: tl.constexpr, ALIGNED: tl.constexpr):
     ptr = tl.load(PTRS + idx).to(tl.pointer_type(ELEM))
     if ALIGNED:  # the hint goes on the pointer: it does not survive int_to_ptr from the int
@@ -146,11 +157,7 @@ def _adam_kernel(META, FMETA, TYPED, n_tensors,
     FMETA: float32 [n, 2] (step_size, bc2). TYPED: any pointer of the group's dtype (type
     only)."""
     ELEM: tl.constexpr = TYPED.dtype.element_ty
-    K: tl.constexpr = 5 if AMSGRAD else 4
-    blk = tl.program_id(0).to(tl.int64)
-    t = _find_tensor(META, blk, LOG_P)
-    numel = tl.load(META + (1 << LOG_P) + t)
-    rows = META + (1 << LOG_P) + n_tensors + t * K
+    t, numel, rows, local = _locate(META, n_tensors, LOG_P, 5 if AMSGRAD else 4)
     P = _ptr(rows, 0, ELEM, ALIGNED)
     G = _ptr(rows, 1, ELEM, ALIGNED)
     M = _ptr(rows, 2, ELEM, ALIGNED)
@@ -160,7 +167,7 @@ def _adam_kernel(META, FMETA, TYPED, n_tensors,
         VMAX = _ptr(rows, 4, ELEM, ALIGNED)
     step_size = tl.load(FMETA + 2 * t)
     bc2 = tl.load(FMETA + 2 * t + 1)
-    start = (blk - tl.load(META + t)) * BLOCK
+    start = local * BLOCK
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -199,17 +206,13 @@ def _sgd_kernel(META, TYPED, n_tensors, lr, wd, mom, damp, inv_scale, sign,
                 NESTEROV: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """One BLOCK of one tensor. META: cum [2**LOG_P], numel [n], ptrs [n, 2 or 3] (int64)."""
     ELEM: tl.constexpr = TYPED.dtype.element_ty
-    K: tl.constexpr = 3 if MOMENTUM else 2
-    blk = tl.program_id(0).to(tl.int64)
-    t = _find_tensor(META, blk, LOG_P)
-    numel = tl.load(META + (1 << LOG_P) + t)
-    rows = META + (1 << LOG_P) + n_tensors + t * K
+    t, numel, rows, local = _locate(META, n_tensors, LOG_P, 3 if MOMENTUM else 2)
     P = _ptr(rows, 0, ELEM, ALIGNED)
     G = _ptr(rows, 1, ELEM, ALIGNED)
     B = P
     if MOMENTUM:
         B = _ptr(rows, 2, ELEM, ALIGNED)
-    start = (blk - tl.load(META + t)) * BLOCK
+    start = local * BLOCK
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -253,10 +256,7 @@ def _adam8bit_kernel(META, FMETA, TYPED, n_tensors,
     (in programs), numel [n], ptrs [n, 6] (param, grad, exp_avg codes int8, exp_avg_sq codes
     uint8, their float32 block scales); FMETA: float32 [n, 2] (step_size, bc2)."""
     ELEM: tl.constexpr = TYPED.dtype.element_ty
-    blk = tl.program_id(0).to(tl.int64)
-    t = _find_tensor(META, blk, LOG_P)
-    numel = tl.load(META + (1 << LOG_P) + t)
-    rows = META + (1 << LOG_P) + n_tensors + t * 6
+    t, numel, rows, local = _locate(META, n_tensors, LOG_P, 6)
     P = _ptr(rows, 0, ELEM, False)
     G = _ptr(rows, 1, ELEM, False)
     MQ = _ptr(rows, 2, tl.int8, False)
@@ -265,7 +265,7 @@ def _adam8bit_kernel(META, FMETA, TYPED, n_tensors,
     VS = _ptr(rows, 5, tl.float32, False)
     step_size = tl.load(FMETA + 2 * t)
     inv_bc2 = tl.math.div_rn(1.0, tl.load(FMETA + 2 * t + 1))
-    block = (blk - tl.load(META + t)) * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
+    block = local * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
     offs = block * BLOCK8 + tl.arange(0, BLOCK8)[None, :]  # [ROWS, BLOCK8]
     mask = offs < numel
     has_block = block * BLOCK8 < numel
