@@ -52,8 +52,9 @@ def grads_of(group, owner: str) -> List[torch.Tensor]:
     return out
 
 
-def _kernel_ready(params: List[torch.Tensor], tensors_per_param) -> bool:
+def _kernel_ready(params: List[torch.Tensor], tensors_per_param, f32_state: bool = False) -> bool:
     """One dtype per parameter (a kernel dtype), one device for all, every tensor contiguous.
+    f32_state: the state tensors (after parameter and gradient) must be float32 instead.
     This runs every step over every tensor, so it compares cheap attributes (get_device()
     is an int; .device builds an object per call)."""
     device = params[0].get_device()
@@ -61,8 +62,9 @@ def _kernel_ready(params: List[torch.Tensor], tensors_per_param) -> bool:
         dtype = p.dtype
         if dtype not in KERNEL_DTYPES:
             return False
-        for t in ts:
-            if t is not None and (t.dtype != dtype or t.get_device() != device
+        for j, t in enumerate(ts):
+            want = torch.float32 if f32_state and j >= 2 else dtype
+            if t is not None and (t.dtype != want or t.get_device() != device
                                   or not t.is_contiguous()):
                 return False
     return True
@@ -73,18 +75,21 @@ def _triton_optim():
 
 
 def choose_path(params: List[torch.Tensor], tensors_per_param, stochastic_rounding: bool,
-                ready: Optional[bool] = None) -> str:
+                ready: Optional[bool] = None, f32_state: bool = False) -> str:
     """"cpu" (the C++ kernel), "triton" (CUDA tensors, or any under TRITON_INTERPRET=1 when
-    forced) or "reference" (PyTorch ops), by backends.py's rules; a forced path that cannot
-    serve raises BackendError. ready: the caller's own check that the kernels can take the
-    tensors (else: one dtype per parameter, one device, all contiguous)."""
+    forced), "cuda" or "reference" (PyTorch ops), by backends.py's rules; a forced path that
+    cannot serve raises BackendError. ready: the caller's own check that the kernels can take
+    the tensors (else: one dtype per parameter, one device, all contiguous). f32_state: float32
+    state of 16-bit parameters is fine for the C++ kernel (the others need one dtype)."""
     from ..ops.attention_gpu import triton_interpreting
     forced = backends.forced_backend()
+    cpu_ready = ready
     if ready is None:
         ready = _kernel_ready(params, tensors_per_param)
+        cpu_ready = ready or (f32_state and _kernel_ready(params, tensors_per_param, True))
     device = params[0].device.type
     native = backends.native_module()
-    cpu_ok = ready and device == "cpu" and native is not None
+    cpu_ok = cpu_ready and device == "cpu" and native is not None
     triton_ok = (ready and not stochastic_rounding and _triton_optim() is not None
                  and (device == "cuda" or triton_interpreting()))
     cuda_ok = (ready and not stochastic_rounding and device == "cuda"
@@ -108,9 +113,10 @@ def choose_path(params: List[torch.Tensor], tensors_per_param, stochastic_roundi
     return "reference"
 
 
-def cuda_stream(device: torch.device) -> int:
-    """The current CUDA stream of a device, as the integer the extension takes."""
-    return torch.cuda.current_stream(device).cuda_stream
+def on_cuda(device: torch.device, kernel, *args) -> None:
+    """kernel(*args, stream) on device's current CUDA stream (the extension's CUDA steps)."""
+    with torch.cuda.device(device):
+        kernel(*args, torch.cuda.current_stream(device).cuda_stream)
 
 
 def triton_optim():

@@ -77,45 +77,53 @@ class _FusedAdam(torch.optim.Optimizer):
             for index, step in enumerate(step_values):
                 corrections.append((lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step)))
                 keys.append(_fused.sr_key(group.get("seed", 0), int(step), index) if sr else 0)
-            tensors = [[p.grad, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq")]
-                       for p, s in zip(params, states)]
-            path = _fused.choose_path(params, [[p] + ts for p, ts in zip(params, tensors)], sr)
-            if path == "triton":
-                _fused.triton_optim().adam_step(
-                    params, [t[0] for t in tensors], [t[1] for t in tensors],
-                    [t[2] for t in tensors], [t[3] if amsgrad else None for t in tensors],
-                    [c[0] for c in corrections], [c[1] for c in corrections], lr=lr,
-                    beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, decoupled=decoupled,
-                    amsgrad=amsgrad, maximize=group["maximize"], inv_grad_scale=inv_scale,
-                    decay=1.0 - lr * wd, one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
-                    check=False)  # choose_path checked the tensors
-            elif path in ("cpu", "cuda"):
-                native = backends.native_module()
-                items = [(_fused.flat(p), _fused.flat(g), _fused.flat(m), _fused.flat(v),
-                          _fused.flat(vm) if amsgrad else None, step_size, bc2, key)
-                         for p, (g, m, v, vm), (step_size, bc2), key
-                         in zip(params, tensors, corrections, keys)]
-                if path == "cpu":
-                    native.adam_step(backends.cpu_tier_code(), items, lr, beta1, beta2, eps, wd,
-                                     decoupled, amsgrad, group["maximize"], inv_scale,
-                                     _fused.threads(), 1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2,
-                                     sr)
-                else:
-                    device = params[0].device
-                    with torch.cuda.device(device):
-                        native.adam_step_cuda(items, lr, beta1, beta2, eps, wd, decoupled,
-                                              amsgrad, group["maximize"], inv_scale,
-                                              1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2,
-                                              _fused.cuda_stream(device))
-            else:
-                for p, (g, m, v, vm), (step_size, bc2), key in zip(params, tensors, corrections,
-                                                                   keys):
-                    adam_reference(p, g, m, v, vm, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                   weight_decay=wd, decoupled=decoupled, amsgrad=amsgrad,
-                                   maximize=group["maximize"], step_size=step_size,
-                                   bias_correction2_sqrt=bc2, inv_grad_scale=inv_scale,
-                                   sr_key=key if sr else None)
+            adam_update(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                        [s["exp_avg_sq"] for s in states],
+                        [s.get("max_exp_avg_sq") if amsgrad else None for s in states],
+                        corrections, keys, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                        weight_decay=wd, decoupled=decoupled, amsgrad=amsgrad,
+                        maximize=group["maximize"], inv_scale=inv_scale, sr=sr)
         return loss
+
+
+def adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, corrections, keys, *,
+                lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, inv_scale, sr):
+    """One Adam/AdamW update of these tensors (in place) on the path backends.py's rules choose:
+    the C++ kernel, Triton, the CUDA kernels or adam_reference tensor by tensor. corrections:
+    per tensor (lr / (1 - beta1^step), sqrt(1 - beta2^step)); keys: stochastic rounding streams.
+    The moments may be float32 for 16-bit parameters (AdamW8bit's small tensors): the C++ kernel
+    and the reference take those."""
+    wd = weight_decay
+    rows = [[p, g, m, v, vm] for p, g, m, v, vm
+            in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)]
+    path = _fused.choose_path(params, rows, sr, f32_state=True)
+    if path == "triton":
+        _fused.triton_optim().adam_step(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+            [c[0] for c in corrections], [c[1] for c in corrections], lr=lr, beta1=beta1,
+            beta2=beta2, eps=eps, weight_decay=wd, decoupled=decoupled, amsgrad=amsgrad,
+            maximize=maximize, inv_grad_scale=inv_scale, decay=1.0 - lr * wd,
+            one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
+            check=False)  # choose_path checked the tensors
+    elif path in ("cpu", "cuda"):
+        items = [(_fused.flat(p), _fused.flat(g), _fused.flat(m), _fused.flat(v), _fused.flat(vm),
+                  step_size, bc2, key)
+                 for (p, g, m, v, vm), (step_size, bc2), key in zip(rows, corrections, keys)]
+        native = backends.native_module()
+        if path == "cpu":
+            native.adam_step(backends.cpu_tier_code(), items, lr, beta1, beta2, eps, wd,
+                             decoupled, amsgrad, maximize, inv_scale, _fused.threads(),
+                             1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2, sr)
+        else:
+            _fused.on_cuda(params[0].device, native.adam_step_cuda, items, lr, beta1, beta2, eps,
+                           wd, decoupled, amsgrad, maximize, inv_scale, 1.0 - lr * wd,
+                           1.0 - beta1, 1.0 - beta2)
+    else:
+        for (p, g, m, v, vm), (step_size, bc2), key in zip(rows, corrections, keys):
+            adam_reference(p, g, m, v, vm, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                           weight_decay=wd, decoupled=decoupled, amsgrad=amsgrad,
+                           maximize=maximize, step_size=step_size, bias_correction2_sqrt=bc2,
+                           inv_grad_scale=inv_scale, sr_key=key if sr else None)
 
 
 def adam_reference(p, g, m, v, vmax, *, lr, beta1, beta2, eps, weight_decay, decoupled,

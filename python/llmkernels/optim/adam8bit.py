@@ -18,7 +18,7 @@ import torch
 
 from .. import backends
 from . import _fused
-from .adam import adam_reference
+from .adam import adam_reference, adam_update
 
 BLOCK = 256
 
@@ -118,42 +118,13 @@ class AdamW8bit(torch.optim.Optimizer):
                     for st in _fused.advance_steps(self, group, states)]
             eight = [(p, s, c) for p, s, c in zip(params, states, corr) if "exp_avg_codes" in s]
             small = [(p, s, c) for p, s, c in zip(params, states, corr) if "exp_avg_codes" not in s]
-            fused_small = [(p, s, c) for p, s, c in small
-                           if p.dtype in _fused.KERNEL_DTYPES and p.device.type == "cpu"
-                           and p.is_contiguous() and p.grad.is_contiguous()
-                           and p.grad.dtype == p.dtype
-                           and backends.native_module() is not None
-                           and backends.forced_backend() != "reference"]
-            if fused_small:
-                items = [(_fused.flat(p), _fused.flat(p.grad), _fused.flat(s["exp_avg"]),
-                          _fused.flat(s["exp_avg_sq"]), None, step_size, bc2, 0)
-                         for p, s, (step_size, bc2) in fused_small]
-                backends.native_module().adam_step(
-                    backends.cpu_tier_code(), items, lr, beta1, beta2, eps, wd, True, False,
-                    group["maximize"], inv_scale, _fused.threads(), 1.0 - lr * wd,
-                    1.0 - beta1, 1.0 - beta2, False)
-                done = {id(p) for p, _, _ in fused_small}
-                small = [(p, s, c) for p, s, c in small if id(p) not in done]
-            if small and small[0][0].is_cuda and backends.forced_backend() in (None, "triton"):
-                # float32 moments of float32 parameters: the Triton AdamW kernel
-                ps = [p for p, _, _ in small]
-                tensors = [[p, p.grad, s["exp_avg"], s["exp_avg_sq"]] for p, s, _ in small]
-                if _fused.choose_path(ps, tensors, False) == "triton":
-                    _fused.triton_optim().adam_step(
-                        ps, [t[1] for t in tensors], [t[2] for t in tensors],
-                        [t[3] for t in tensors], [None] * len(ps), [c[0] for _, _, c in small],
-                        [c[1] for _, _, c in small], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                        weight_decay=wd, decoupled=True, amsgrad=False,
-                        maximize=group["maximize"], inv_grad_scale=inv_scale,
-                        decay=1.0 - lr * wd, one_minus_beta1=1.0 - beta1,
-                        one_minus_beta2=1.0 - beta2, check=False)
-                    small = []
-            for p, s, (step_size, bc2) in small:
-                adam_reference(p, p.grad, s["exp_avg"], s["exp_avg_sq"], None, lr=lr,
-                               beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
-                               decoupled=True, amsgrad=False, maximize=group["maximize"],
-                               step_size=step_size, bias_correction2_sqrt=bc2,
-                               inv_grad_scale=inv_scale)
+            if small:  # float32 moments: an AdamW step on whichever path can take them
+                adam_update([p for p, _, _ in small], [p.grad for p, _, _ in small],
+                            [s["exp_avg"] for _, s, _ in small],
+                            [s["exp_avg_sq"] for _, s, _ in small], [None] * len(small),
+                            [c for _, _, c in small], [0] * len(small), lr=lr, beta1=beta1,
+                            beta2=beta2, eps=eps, weight_decay=wd, decoupled=True, amsgrad=False,
+                            maximize=group["maximize"], inv_scale=inv_scale, sr=False)
             if not eight:
                 continue
             ps8 = [p for p, _, _ in eight]
@@ -183,11 +154,9 @@ class AdamW8bit(torch.optim.Optimizer):
                         backends.cpu_tier_code(), items, eps, wd, beta2, True, group["maximize"],
                         inv_scale, _fused.threads(), 1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2)
                 else:
-                    device = ps8[0].device
-                    with torch.cuda.device(device):
-                        backends.native_module().adam8bit_step_cuda(
-                            items, eps, wd, beta2, group["maximize"], inv_scale, 1.0 - lr * wd,
-                            1.0 - beta1, 1.0 - beta2, _fused.cuda_stream(device))
+                    _fused.on_cuda(ps8[0].device, backends.native_module().adam8bit_step_cuda,
+                                   items, eps, wd, beta2, group["maximize"], inv_scale,
+                                   1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2)
             else:
                 for p, s, (step_size, bc2) in eight:
                     m, v = dequantize_moments(s)

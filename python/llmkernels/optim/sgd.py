@@ -89,12 +89,9 @@ class SGD(torch.optim.Optimizer):
                         group["nesterov"], group["maximize"], inv_scale, _fused.threads(),
                         1.0 - dampening, sr)
                 else:
-                    device = params[0].device
-                    with torch.cuda.device(device):
-                        backends.native_module().sgd_step_cuda(
-                            items, lr, momentum, dampening, wd, group["nesterov"],
-                            group["maximize"], inv_scale, 1.0 - dampening,
-                            _fused.cuda_stream(device))
+                    _fused.on_cuda(params[0].device, backends.native_module().sgd_step_cuda,
+                                   items, lr, momentum, dampening, wd, group["nesterov"],
+                                   group["maximize"], inv_scale, 1.0 - dampening)
             else:
                 for p, b, f, key in zip(params, bufs, firsts, keys):
                     sgd_reference(p, p.grad, b, f, lr=lr, momentum=momentum,
