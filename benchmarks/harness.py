@@ -151,6 +151,15 @@ class Timing:
     method: str
 
 
+def run_timed(main: Callable[[], int]) -> None:
+    """A benchmark script's entry point: main(), its wall time, its exit status."""
+    import time
+    start = time.perf_counter()
+    rc = main()
+    print(f"wall time {time.perf_counter() - start:.1f} s")
+    sys.exit(rc)
+
+
 def time_fn(fn: Callable[[], Any], device: str = "cpu", min_run_time: float = 0.2) -> Timing:
     """Median run time of fn().
 

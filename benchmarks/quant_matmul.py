@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Dict, List
 
 import torch
@@ -226,7 +225,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    start = time.perf_counter()
-    rc = main()
-    print(f"wall time {time.perf_counter() - start:.1f} s")
-    sys.exit(rc)
+    harness.run_timed(main)
