@@ -149,22 +149,23 @@ def _adam_block(P, G, M, V, VMAX, offs, mask, step_size, bc2, beta2, eps, wd, de
 
 
 @triton.jit
-def _adam_kernel(META, FMETA, TYPED, n_tensors,
+def _adam_kernel(META, FMETA, TYPED, STATE_TYPED, n_tensors,
                  beta2, eps, wd, decay, one_m_b1, one_m_b2, inv_scale, sign,
                  LOG_P: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
                  ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """One BLOCK of one tensor. META: cum [2**LOG_P], numel [n], ptrs [n, 4 or 5] (int64);
-    FMETA: float32 [n, 2] (step_size, bc2). TYPED: any pointer of the group's dtype (type
-    only)."""
+    FMETA: float32 [n, 2] (step_size, bc2). TYPED / STATE_TYPED: any pointer of the group's
+    parameter / moment dtype (type only; the moments may be float32 for 16-bit parameters)."""
     ELEM: tl.constexpr = TYPED.dtype.element_ty
+    SELEM: tl.constexpr = STATE_TYPED.dtype.element_ty
     t, numel, rows, local = _locate(META, n_tensors, LOG_P, 5 if AMSGRAD else 4)
     P = _ptr(rows, 0, ELEM, ALIGNED)
     G = _ptr(rows, 1, ELEM, ALIGNED)
-    M = _ptr(rows, 2, ELEM, ALIGNED)
-    V = _ptr(rows, 3, ELEM, ALIGNED)
-    VMAX = P
+    M = _ptr(rows, 2, SELEM, ALIGNED)
+    V = _ptr(rows, 3, SELEM, ALIGNED)
+    VMAX = M
     if AMSGRAD:
-        VMAX = _ptr(rows, 4, ELEM, ALIGNED)
+        VMAX = _ptr(rows, 4, SELEM, ALIGNED)
     step_size = tl.load(FMETA + 2 * t)
     bc2 = tl.load(FMETA + 2 * t + 1)
     start = local * BLOCK
@@ -347,14 +348,21 @@ def _tables(tensor_rows: List[List[torch.Tensor]], numels: List[int], floats=Non
     return meta, fmeta, int(cum[n]), log_p, aligned
 
 
-def _check(name, rows):
+def _check(name, rows, f32_state_from=None):
+    """Every tensor of a row contiguous, with the parameter's device and dtype; from column
+    f32_state_from on (the moments), float32 is also allowed if the whole row's are."""
+    note = "; the moments may be float32" if f32_state_from is not None else ""
     for row in rows:
         p = row[0]
         dtype, device = p.dtype, p.get_device()
-        for t in row:
-            if t.dtype != dtype or t.get_device() != device or not t.is_contiguous():
+        state = dtype
+        if f32_state_from is not None and row[f32_state_from].dtype == torch.float32:
+            state = torch.float32
+        for j, t in enumerate(row):
+            want = state if f32_state_from is not None and j >= f32_state_from else dtype
+            if t.dtype != want or t.get_device() != device or not t.is_contiguous():
                 raise ValueError(f"{name}: every tensor of a parameter must be contiguous and "
-                                 f"share its dtype and device ({p.dtype}, {p.device})")
+                                 f"share its dtype and device ({p.dtype}, {p.device}{note})")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"{name}: unsupported dtype {p.dtype}")
 
@@ -382,9 +390,9 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes,
     rows = [[params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]]
             + ([max_exp_avg_sqs[i]] if amsgrad else []) for i in range(n)]
     if check:
-        _check("adam_step", rows)
+        _check("adam_step", rows, f32_state_from=2)
     numels = [p.numel() for p in params]
-    keys = [(p.dtype, p.get_device()) for p in params]
+    keys = [(p.dtype, m.dtype, p.get_device()) for p, m in zip(params, exp_avgs)]
     for _, idx in _groups(keys, numels):
         grows = [rows[i] for i in idx]
         meta, fmeta, grid, log_p, aligned = _tables(
@@ -392,7 +400,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes,
             [(step_sizes[i], bias_correction2_sqrts[i]) for i in idx])
         with _device_ctx(params[idx[0]].device):
             _adam_kernel[(grid,)](
-                meta, fmeta, grows[0][0], len(idx),
+                meta, fmeta, grows[0][0], grows[0][2], len(idx),
                 float(beta2), float(eps), float(weight_decay), float(decay),
                 float(one_minus_beta1), float(one_minus_beta2), float(inv_grad_scale),
                 -1.0 if maximize else 1.0,

@@ -31,7 +31,7 @@ def params(dtype=torch.float32, sizes=SIZES, seed=0):
 def set_grads(ps, qs, seed):
     g = torch.Generator().manual_seed(seed)
     for p, q in zip(ps, qs):
-        grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        grad = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
         p.grad, q.grad = grad.clone(), grad.clone()
 
 

@@ -24,8 +24,9 @@ def test_triton_matches_the_cpu_kernel_bit_for_bit(dtype, maximize, monkeypatch)
     launches = []
     real = ko.adam8bit_step
     monkeypatch.setattr(ko, "adam8bit_step", lambda *a, **k: launches.append(1) or real(*a, **k))
-    # one block, a partial block, several programs with a ragged end, and a 2-D tensor
-    sizes = [(256,), (700,), (8 * 256 * 2 + 300,), (33, 65)]
+    # one block, a partial block, several programs with a ragged end, a 2-D tensor, and two
+    # under min_8bit_size (float32 moments, also for 16-bit parameters: Triton's Adam kernel)
+    sizes = [(256,), (700,), (8 * 256 * 2 + 300,), (33, 65), (100,), (7, 3)]
     params = [torch.randn(s).to(dtype) for s in sizes]
     # gradients spanning decades, and a zero block (its scale stays 0)
     steps = []
@@ -38,7 +39,8 @@ def test_triton_matches_the_cpu_kernel_bit_for_bit(dtype, maximize, monkeypatch)
     assert len(launches) == len(steps)  # the Triton kernel served every step
     for pa, pb in zip(a, b):
         assert torch.equal(pa.detach(), pb.detach().cpu())
-        for key in STATE_KEYS:
+        keys = STATE_KEYS if pa.numel() >= 256 else ("exp_avg", "exp_avg_sq")
+        for key in keys:
             assert torch.equal(opt_a.state[pa][key], opt_b.state[pb][key].cpu()), key
 
 

@@ -100,16 +100,17 @@ struct AdamArgs {
   float wd, b2, eps, one_m_b1, one_m_b2, decay, sign, inv_scale;
 };
 
-template <class T, bool kDecoupled, bool kAmsgrad>
+// T: the parameter's (and gradient's) type; S: the moments' (T, or float for 16-bit T).
+template <class T, class S, bool kDecoupled, bool kAmsgrad>
 __global__ void __launch_bounds__(kThreads) adam_kernel(Tables<5> tb, AdamArgs a) {
   const int s = tb.slot[blockIdx.x];
   const int64_t begin = int64_t(tb.chunk[blockIdx.x]) * kChunk;
   const int64_t end = min(tb.numel[s], begin + kChunk);
   T* p = static_cast<T*>(tb.ptr[0][s]);
   const T* g = static_cast<const T*>(tb.ptr[1][s]);
-  T* m = static_cast<T*>(tb.ptr[2][s]);
-  T* v = static_cast<T*>(tb.ptr[3][s]);
-  T* vmax = static_cast<T*>(tb.ptr[4][s]);
+  S* m = static_cast<S*>(tb.ptr[2][s]);
+  S* v = static_cast<S*>(tb.ptr[3][s]);
+  S* vmax = static_cast<S*>(tb.ptr[4][s]);
   const float step_size = tb.f0[s], bc2 = tb.f1[s];
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
     float pi = ld(p, i);
@@ -300,6 +301,37 @@ void by_dtype_groups(const std::vector<Tensor>& ts, F f) {
 
 constexpr int64_t kMaxChunks = int64_t(INT32_MAX);
 
+// The Adam launches of the tensors idx, parameters of type T and moments of type S.
+template <class T, class S>
+void launch_adam(const AdamHyper& h, const AdamArgs& a, cudaStream_t st,
+                 const std::vector<AdamTensor>& ts, const std::vector<int>& idx) {
+  auto kernel = h.decoupled
+                    ? (h.amsgrad ? adam_kernel<T, S, true, true> : adam_kernel<T, S, true, false>)
+                    : (h.amsgrad ? adam_kernel<T, S, false, true> : adam_kernel<T, S, false, false>);
+  std::vector<int64_t> numels;
+  for (int i : idx) numels.push_back(ts[i].param.numel());
+  for_each_launch<5>(
+      numels,
+      [&](Tables<5>& tb, int slot, int j) {
+        const AdamTensor& t = ts[idx[j]];
+        tb.ptr[0][slot] = t.param.data;
+        tb.ptr[1][slot] = t.grad.data;
+        tb.ptr[2][slot] = t.exp_avg.data;
+        tb.ptr[3][slot] = t.exp_avg_sq.data;
+        tb.ptr[4][slot] = h.amsgrad ? t.max_exp_avg_sq.data : nullptr;
+        tb.f0[slot] = t.step_size;
+        tb.f1[slot] = t.bias_correction2_sqrt;
+      },
+      [&](const Tables<5>& tb, int blocks) {
+        kernel<<<blocks, kThreads, 0, st>>>(tb, a);
+        check_launch("adam_step_cuda");
+      });
+}
+
+bool float_moments_of_16bit(const AdamTensor& t) {
+  return t.param.dtype != DType::f32 && t.exp_avg.dtype == DType::f32;
+}
+
 }  // namespace
 
 void adam_step_cuda(const AdamHyper& h, const std::vector<AdamTensor>& ts, uintptr_t stream) {
@@ -309,35 +341,22 @@ void adam_step_cuda(const AdamHyper& h, const std::vector<AdamTensor>& ts, uintp
     LLMK_CHECK(n / kChunk < kMaxChunks, "adam_step_cuda: tensor too large");
     check_flat(t.param, t.param.dtype, n, "param");
     check_flat(t.grad, t.param.dtype, n, "grad");
-    check_flat(t.exp_avg, t.param.dtype, n, "exp_avg");
-    check_flat(t.exp_avg_sq, t.param.dtype, n, "exp_avg_sq");
-    if (h.amsgrad) check_flat(t.max_exp_avg_sq, t.param.dtype, n, "max_exp_avg_sq");
+    // Moments in the parameter's dtype, or float32 for 16-bit parameters (all alike), as the
+    // C++ kernel takes them (AdamW8bit's small tensors).
+    const DType sd = t.exp_avg.dtype == DType::f32 ? DType::f32 : t.param.dtype;
+    check_flat(t.exp_avg, sd, n, "exp_avg");
+    check_flat(t.exp_avg_sq, sd, n, "exp_avg_sq");
+    if (h.amsgrad) check_flat(t.max_exp_avg_sq, sd, n, "max_exp_avg_sq");
   }
   const AdamArgs a{h.weight_decay, h.beta2, h.eps, h.one_minus_beta1, h.one_minus_beta2,
                    h.decay, h.maximize ? -1.f : 1.f, h.inv_grad_scale};
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   by_dtype_groups(ts, [&](auto tag, const std::vector<int>& idx) {
     using T = decltype(tag);
-    auto kernel = h.decoupled ? (h.amsgrad ? adam_kernel<T, true, true> : adam_kernel<T, true, false>)
-                              : (h.amsgrad ? adam_kernel<T, false, true> : adam_kernel<T, false, false>);
-    std::vector<int64_t> numels;
-    for (int i : idx) numels.push_back(ts[i].param.numel());
-    for_each_launch<5>(
-        numels,
-        [&](Tables<5>& tb, int slot, int j) {
-          const AdamTensor& t = ts[idx[j]];
-          tb.ptr[0][slot] = t.param.data;
-          tb.ptr[1][slot] = t.grad.data;
-          tb.ptr[2][slot] = t.exp_avg.data;
-          tb.ptr[3][slot] = t.exp_avg_sq.data;
-          tb.ptr[4][slot] = h.amsgrad ? t.max_exp_avg_sq.data : nullptr;
-          tb.f0[slot] = t.step_size;
-          tb.f1[slot] = t.bias_correction2_sqrt;
-        },
-        [&](const Tables<5>& tb, int blocks) {
-          kernel<<<blocks, kThreads, 0, st>>>(tb, a);
-          check_launch("adam_step_cuda");
-        });
+    std::vector<int> same, f32;  // moments in T / in float (16-bit T only)
+    for (int i : idx) (float_moments_of_16bit(ts[i]) ? f32 : same).push_back(i);
+    if (!same.empty()) launch_adam<T, T>(h, a, st, ts, same);
+    if (!f32.empty()) launch_adam<T, float>(h, a, st, ts, f32);
   });
 }
 

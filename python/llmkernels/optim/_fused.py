@@ -80,16 +80,15 @@ def choose_path(params: List[torch.Tensor], tensors_per_param, stochastic_roundi
     forced), "cuda" or "reference" (PyTorch ops), by backends.py's rules; a forced path that
     cannot serve raises BackendError. ready: the caller's own check that the kernels can take
     the tensors (else: one dtype per parameter, one device, all contiguous). f32_state: float32
-    state of 16-bit parameters is fine for the C++ kernel (the others need one dtype)."""
+    state of 16-bit parameters is fine too (Adam's kernels take it on every path)."""
     from ..ops.attention_gpu import triton_interpreting
     forced = backends.forced_backend()
-    cpu_ready = ready
     if ready is None:
-        ready = _kernel_ready(params, tensors_per_param)
-        cpu_ready = ready or (f32_state and _kernel_ready(params, tensors_per_param, True))
+        ready = (_kernel_ready(params, tensors_per_param)
+                 or (f32_state and _kernel_ready(params, tensors_per_param, True)))
     device = params[0].device.type
     native = backends.native_module()
-    cpu_ok = cpu_ready and device == "cpu" and native is not None
+    cpu_ok = ready and device == "cpu" and native is not None
     triton_ok = (ready and not stochastic_rounding and _triton_optim() is not None
                  and (device == "cuda" or triton_interpreting()))
     cuda_ok = (ready and not stochastic_rounding and device == "cuda"

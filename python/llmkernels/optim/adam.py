@@ -91,8 +91,8 @@ def adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, correctio
     """One Adam/AdamW update of these tensors (in place) on the path backends.py's rules choose:
     the C++ kernel, Triton, the CUDA kernels or adam_reference tensor by tensor. corrections:
     per tensor (lr / (1 - beta1^step), sqrt(1 - beta2^step)); keys: stochastic rounding streams.
-    The moments may be float32 for 16-bit parameters (AdamW8bit's small tensors): the C++ kernel
-    and the reference take those."""
+    The moments may be float32 for 16-bit parameters (AdamW8bit's small tensors): every path
+    takes those."""
     wd = weight_decay
     rows = [[p, g, m, v, vm] for p, g, m, v, vm
             in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)]
