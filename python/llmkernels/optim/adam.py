@@ -2,7 +2,6 @@
 param groups and state_dict layout (a checkpoint moves between the two both ways)."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -72,11 +71,11 @@ class _FusedAdam(torch.optim.Optimizer):
             wd = _fused.as_float(group["weight_decay"], "weight_decay", name)
             states = [self._state_of(p, amsgrad) for p in params]
             sr = bool(group.get("stochastic_rounding", False))
-            corrections, keys = [], []
             step_values = _fused.advance_steps(self, group, states)
-            for index, step in enumerate(step_values):
-                corrections.append((lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step)))
-                keys.append(_fused.sr_key(group.get("seed", 0), int(step), index) if sr else 0)
+            corrections = _fused.bias_corrections(step_values, lr, beta1, beta2)
+            seed = group.get("seed", 0)
+            keys = ([_fused.sr_key(seed, int(step), index)
+                     for index, step in enumerate(step_values)] if sr else [0] * len(states))
             adam_update(params, [p.grad for p in params], [s["exp_avg"] for s in states],
                         [s["exp_avg_sq"] for s in states],
                         [s.get("max_exp_avg_sq") if amsgrad else None for s in states],

@@ -11,7 +11,6 @@ AdamW's 8 (25%).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -114,8 +113,8 @@ class AdamW8bit(torch.optim.Optimizer):
             beta1, beta2 = (float(b) for b in group["betas"])
             eps, wd = float(group["eps"]), float(group["weight_decay"])
             states = [self._state_of(p, group["min_8bit_size"]) for p in params]
-            corr = [(lr / (1.0 - beta1 ** st), math.sqrt(1.0 - beta2 ** st))
-                    for st in _fused.advance_steps(self, group, states)]
+            corr = _fused.bias_corrections(_fused.advance_steps(self, group, states), lr,
+                                           beta1, beta2)
             eight = [(p, s, c) for p, s, c in zip(params, states, corr) if "exp_avg_codes" in s]
             small = [(p, s, c) for p, s, c in zip(params, states, corr) if "exp_avg_codes" not in s]
             if small:  # float32 moments: an AdamW step on whichever path can take them
