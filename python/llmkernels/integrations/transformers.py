@@ -1,0 +1,109 @@
+"""Hugging Face transformers: our attention as an attention implementation named "llmkernels".
+
+register() adds attention_forward to transformers' AttentionInterface and gives it SDPA's
+mask function in AttentionMaskInterface, so a model built or switched with
+attn_implementation="llmkernels" calls it in every attention layer without any model code
+being copied or edited:
+
+    llmkernels.integrations.transformers.register()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="llmkernels")
+    # or, for a model already built: llmkernels.patch(model)
+
+The masks transformers builds for it are SDPA's (None where SDPA would rely on is_causal), so
+attention_forward reads them exactly as transformers' own sdpa_attention_forward does; only
+the kernels differ. Decoding steps (one query token, no mask) go through
+attention_with_kvcache over the cache transformers passes in.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+NAME = "llmkernels"
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                      dropout: float = 0.0, scaling: Optional[float] = None,
+                      is_causal: Optional[bool] = None, sliding_window: Optional[int] = None,
+                      softcap: Optional[float] = None, **kwargs):
+    """transformers' attention-function signature: query (B, Hq, L, D), key / value
+    (B, Hkv, S, D) with the cache already appended, attention_mask from SDPA's mask function
+    (bool, True = attend; or None). Returns ((B, L, Hq, Dv), None); attention weights are
+    never materialized.
+
+    sliding_window needs no handling here: transformers puts the window into the mask
+    whenever it can cut anything (SDPA's mask is None only when the keys fit in it)."""
+    from .. import attention_with_kvcache, scaled_dot_product_attention
+
+    if kwargs.get("position_bias") is not None:
+        raise NotImplementedError(f"attn_implementation={NAME!r} does not take position_bias "
+                                  "(T5-style relative attention); use 'sdpa' or 'eager'")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError(f"attn_implementation={NAME!r} does not take attention "
+                                  "sinks (s_aux); use 'eager'")
+    q_len = query.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # As sdpa_attention_forward: without a mask, L > 1 is causal (top-left, which is also
+    # bottom-right when L == S) and one query token sees every key.
+    causal = bool(q_len > 1 and attention_mask is None and causal)
+    gqa = query.shape[1] != key.shape[1]
+    if (q_len == 1 and attention_mask is None and dropout == 0.0
+            and not _needs_grad(query, key, value)):
+        # One decoding step: (B, 1, Hq, D) over the whole (B, S, Hkv, D) cache, in the layout
+        # transformers expects back.
+        out = attention_with_kvcache(query.transpose(1, 2), key.transpose(1, 2),
+                                     value.transpose(1, 2), key.shape[2], scale=scaling,
+                                     softcap=softcap)
+        return out, None
+    out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                       dropout_p=dropout, is_causal=causal, scale=scaling,
+                                       enable_gqa=gqa, softcap=softcap)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Register attention_forward (and SDPA's mask function) under NAME; returns NAME.
+    Idempotent. Raises ImportError naming the need if transformers is missing or too old."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError as exc:
+        raise ImportError("llmkernels' transformers integration needs the transformers "
+                          "package with its attention and mask registries (transformers >= "
+                          f"4.54): {exc}") from exc
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
+
+
+def is_transformers_model(model: torch.nn.Module) -> bool:
+    """Whether model is a transformers PreTrainedModel (without importing transformers when
+    the program has not)."""
+    import sys
+    module = sys.modules.get("transformers")
+    if module is None:
+        return False
+    return isinstance(model, module.PreTrainedModel)
+
+
+def uses_attention_registry(model: torch.nn.Module) -> bool:
+    """Whether the model's attention layers call the function registered for its
+    attn_implementation (transformers marks those models _supports_attention_backend)."""
+    return bool(getattr(model, "_supports_attention_backend", False))
+
+
+def attn_implementation(model: torch.nn.Module) -> Optional[str]:
+    return getattr(model.config, "_attn_implementation", None)
+
+
+def set_attn_implementation(model: torch.nn.Module, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # transformers before set_attn_implementation: the config field is what layers read
+        model.config._attn_implementation = name

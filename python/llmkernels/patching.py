@@ -1,0 +1,163 @@
+"""llmkernels.patch(model) / unpatch(model): route a whole model through our kernels, in place.
+
+- transformers models (PreTrainedModel whose layers use transformers' attention registry):
+  attn_implementation becomes "llmkernels" (integrations/transformers.py); model code is not
+  touched, and unpatch sets the previous implementation back.
+- other PyTorch models: every torch.nn.MultiheadAttention becomes llmkernels.nn's drop-in
+  (swap_attention); unpatch turns them back into torch's class.
+- quantize="int8" | "int4" | "w8a8": quantize_ on the model's linears (for transformers
+  models, not the output embedding: it is often tied to the input embedding). unpatch
+  replaces each QuantLinear with an nn.Linear holding its dequantized weight (the float
+  weights are gone once quantized).
+
+Replaced modules get new parameters: build optimizers after patching.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+from torch import nn
+
+from .integrations import transformers as hf
+from .nn.attention import MultiheadAttention, swap_attention
+from .nn.quant_linear import QuantLinear
+from .quantize import QuantizeReport, quantize_
+from .reference.quant_matmul import SCHEMES
+
+_STATE = "_llmkernels_patch"  # attribute on a patched model: what unpatch must undo
+
+
+@dataclass
+class PatchReport:
+    """What patch (or unpatch) changed."""
+    attention: List[str] = field(default_factory=list)  # one line per change
+    quantize: Optional[QuantizeReport] = None
+    restored_linears: List[str] = field(default_factory=list)  # unpatch: dequantized layers
+
+    def __str__(self) -> str:
+        lines = [f"attention: {line}" for line in self.attention] or ["attention: unchanged"]
+        if self.quantize is not None:
+            lines.append(str(self.quantize))
+        if self.restored_linears:
+            lines.append(f"{len(self.restored_linears)} QuantLinear layer(s) back to nn.Linear "
+                         "(dequantized weights)")
+        return "\n".join(lines)
+
+
+def _output_embedding_filter(model: nn.Module) -> Callable[[nn.Module, str], bool]:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return lambda module, name: module is not out
+
+
+def patch(model: nn.Module, attention: bool = True, quantize: Optional[str] = None,
+          group_size: int = 128,
+          filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> PatchReport:
+    """Route `model` through llmkernels in place; returns a PatchReport.
+
+    attention: swap the attention (see the module docstring); quantize: None or a scheme of
+    quantize_ ("int8", "int4", "w8a8"), with group_size (int4) and filter_fn(module, name)
+    choosing the linears (default: all; for transformers models all but the output
+    embedding). Raises ValueError for a scheme quantize_ does not know and for a model whose
+    attention llmkernels cannot route (nothing is changed then)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch: model must be an nn.Module, got {type(model).__name__}")
+    if quantize is not None and quantize not in SCHEMES:
+        raise ValueError(f"patch: quantize must be None or one of {SCHEMES}, got {quantize!r}")
+    is_hf = hf.is_transformers_model(model)
+    if attention:
+        if is_hf and not hf.uses_attention_registry(model):
+            raise ValueError(f"patch: {type(model).__name__} does not route its attention "
+                             "through transformers' attention registry (its attention code is "
+                             "its own), so llmkernels cannot swap it; pass attention=False to "
+                             "quantize only")
+        if not is_hf and not any(type(m) is nn.MultiheadAttention for m in model.modules()):
+            raise ValueError(f"patch: found no attention to swap in {type(model).__name__} "
+                             "(supported: transformers models and torch.nn.MultiheadAttention "
+                             "layers); pass attention=False to quantize only")
+    report = PatchReport()
+    state = getattr(model, _STATE, {})
+    if attention:
+        if is_hf:
+            previous = hf.attn_implementation(model)
+            if previous != hf.NAME:
+                hf.set_attn_implementation(model, hf.register())
+                state.setdefault("attn_implementation", previous)
+            report.attention.append(f"attn_implementation {previous!r} -> {hf.NAME!r}")
+        else:
+            names = swap_attention(model)
+            report.attention.extend(f"{name}: torch.nn.MultiheadAttention -> "
+                                    "llmkernels.nn.MultiheadAttention" for name in names)
+            state["swapped_attention"] = True
+    if quantize is not None:
+        if filter_fn is None and is_hf:
+            filter_fn = _output_embedding_filter(model)
+        report.quantize = quantize_(model, quantize, group_size=group_size, filter_fn=filter_fn)
+    object.__setattr__(model, _STATE, state)  # a plain attribute: not a submodule or buffer
+    return report
+
+
+def _torch_mha(m: MultiheadAttention) -> nn.MultiheadAttention:
+    """torch's layer with m's configuration and a copy of its parameters and flags."""
+    ref = m.out_proj.weight
+    new = nn.MultiheadAttention(m.embed_dim, m.num_heads, dropout=m.dropout,
+                                bias=m.in_proj_bias is not None, add_bias_kv=m.bias_k is not None,
+                                add_zero_attn=m.add_zero_attn, kdim=m.kdim, vdim=m.vdim,
+                                batch_first=m.batch_first, device="meta", dtype=ref.dtype)
+    new = new.to_empty(device=ref.device)
+    new.load_state_dict(m.state_dict(), strict=True)
+    ours = dict(new.named_parameters())
+    for name, p in m.named_parameters():
+        ours[name].requires_grad_(p.requires_grad)
+    for mine, theirs in zip(new.modules(), m.modules()):
+        mine.training = theirs.training
+    return new
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
+def _dequantized_linear(q: QuantLinear) -> nn.Linear:
+    weight = q.dequantize().to(q.weight_dtype)
+    new = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None,
+                    device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if q.bias is not None:
+            new.bias.copy_(q.bias)
+    new.train(q.training)
+    return new
+
+
+def unpatch(model: nn.Module) -> PatchReport:
+    """Undo patch(model) in place: the previous attn_implementation (transformers) or torch's
+    MultiheadAttention, and nn.Linear layers (dequantized weights) for QuantLinear ones.
+    Returns a PatchReport of what changed; raises ValueError if the model was not patched."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unpatch: model must be an nn.Module, got {type(model).__name__}")
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError("unpatch: this model was not patched by llmkernels.patch")
+    report = PatchReport()
+    if "attn_implementation" in state:
+        previous = state["attn_implementation"]
+        hf.set_attn_implementation(model, previous)
+        report.attention.append(f"attn_implementation {hf.NAME!r} -> {previous!r}")
+    if state.get("swapped_attention"):
+        converted = {}
+        for name, m in list(model.named_modules(remove_duplicate=False)):
+            if type(m) is MultiheadAttention:
+                if id(m) not in converted:
+                    converted[id(m)] = _torch_mha(m)
+                _replace(model, name, converted[id(m)])
+                report.attention.append(f"{name}: llmkernels.nn.MultiheadAttention -> "
+                                        "torch.nn.MultiheadAttention")
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear):
+            _replace(model, name, _dequantized_linear(m))
+            report.restored_linears.append(name)
+    object.__delattr__(model, _STATE)
+    return report

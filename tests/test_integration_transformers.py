@@ -1,0 +1,211 @@
+"""llmkernels.patch on Hugging Face transformers models (tiny random Llama / Mistral / Gemma 2
+built from configs: nothing is downloaded): logits, greedy generation through the KV-cache
+kernel, training, quantized generation, torch.compile, unpatch and bad configurations."""
+import pytest
+import torch
+
+import llmkernels
+from llmkernels.integrations import transformers as lt
+
+transformers = pytest.importorskip("transformers")
+from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM,  # noqa: E402
+                          MistralConfig, MistralForCausalLM)
+
+VOCAB = 128
+
+
+def tiny(cls=LlamaForCausalLM, config_cls=LlamaConfig, seed=0, **extra):
+    torch.manual_seed(seed)
+    cfg = config_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     max_position_embeddings=256, attn_implementation="sdpa", **extra)
+    return cls(cfg).eval()
+
+
+def prompt(batch=1, length=11, seed=1):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, ids, n=20):
+    config = GenerationConfig(max_new_tokens=n, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        return model.generate(ids, generation_config=config)
+
+
+@pytest.fixture
+def kvcache_calls(monkeypatch):
+    """Counts the decoding steps that reach attention_with_kvcache."""
+    calls = []
+    real = llmkernels.attention_with_kvcache
+    monkeypatch.setattr(llmkernels, "attention_with_kvcache",
+                        lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    return calls
+
+
+def test_patched_logits_match_sdpa():
+    model = tiny()
+    ids = prompt(batch=2, length=37)
+    with torch.no_grad():
+        expected = model(ids).logits
+        report = llmkernels.patch(model)
+        got = model(ids).logits
+    assert model.config._attn_implementation == "llmkernels"
+    assert "'sdpa' -> 'llmkernels'" in str(report)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_batch_matches_sdpa():
+    """A left-padded batch: the mask comes from transformers (padding + causal)."""
+    model = tiny()
+    ids = prompt(batch=2, length=16)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        llmkernels.patch(model)
+        got = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[0, 5:], expected[0, 5:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_generation_is_identical_and_decodes_through_the_kvcache_kernel(kvcache_calls):
+    model = tiny()
+    ids = prompt()
+    expected = greedy(model, ids)
+    llmkernels.patch(model)
+    got = greedy(model, ids)
+    assert torch.equal(got, expected)
+    # every new token after the first: one call per layer, one query token each
+    assert len(kvcache_calls) == 19 * model.config.num_hidden_layers
+    assert all(shape[1] == 1 for shape in kvcache_calls)
+
+
+def test_sliding_window_model_matches_sdpa():
+    """Mistral with a window shorter than the sequence: transformers puts the window in the
+    mask, prefill and decoding alike."""
+    model = tiny(MistralForCausalLM, MistralConfig, sliding_window=8)
+    ids = prompt(length=23)
+    with torch.no_grad():
+        expected_logits = model(ids).logits
+    expected = greedy(model, ids)
+    llmkernels.patch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(greedy(model, ids), expected)
+
+
+def test_softcap_model_matches_eager():
+    """Gemma 2's soft-capped scores (SDPA cannot take them): ours against transformers' eager
+    attention."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, max_position_embeddings=256, sliding_window=8,
+                       attn_logit_softcapping=5.0, final_logit_softcapping=None,
+                       attn_implementation="eager")
+    model = Gemma2ForCausalLM(cfg).eval()
+    ids = prompt(length=19)
+    with torch.no_grad():
+        expected = model(ids).logits
+        llmkernels.patch(model)
+        got = model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_training_losses_match_over_20_steps():
+    def losses(patched):
+        model = tiny(seed=3).train()
+        if patched:
+            llmkernels.patch(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        out = []
+        for step in range(20):
+            ids = prompt(batch=2, length=24, seed=100 + step)
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            out.append(loss.item())
+        return out
+    expected, got = losses(False), losses(True)
+    assert expected[-1] < expected[0]  # it trains
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "w8a8"])
+def test_quantized_generation_stays_close(scheme):
+    model = tiny()
+    ids = prompt(batch=1, length=16)
+    with torch.no_grad():
+        expected = model(ids).logits
+    report = llmkernels.patch(model, quantize=scheme, group_size=32)
+    names = [name for name, _, _ in report.quantize.replaced]
+    assert "lm_head" not in names and len(names) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    with torch.no_grad():
+        got = model(ids).logits
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0)
+    assert cos > (0.99 if scheme != "int4" else 0.95), cos
+    agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    print(f"{scheme}: next-token agreement with float {agreement:.2f}, logit cosine {cos:.4f}")
+    assert agreement >= 0.5
+    assert greedy(model, ids).shape == (1, 16 + 20)
+
+
+def test_compile_fullgraph():
+    model = tiny()
+    ids = prompt(batch=2, length=16)
+    with torch.no_grad():
+        expected = model(ids).logits
+    llmkernels.patch(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        got = compiled(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unpatch_restores_sdpa_and_dequantizes():
+    model = tiny()
+    ids = prompt(length=12)
+    llmkernels.patch(model, quantize="int8")
+    with torch.no_grad():
+        patched = model(ids).logits
+    report = llmkernels.unpatch(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert len(report.restored_linears) == 14
+    assert not any(isinstance(m, llmkernels.nn.QuantLinear) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, patched, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="not patched"):
+        llmkernels.unpatch(model)
+
+
+def test_from_config_with_registered_name():
+    name = lt.register()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation=name).eval()
+    assert model.config._attn_implementation == "llmkernels"
+    with torch.no_grad():
+        got = model(prompt()).logits
+        model.set_attn_implementation("sdpa")
+        torch.testing.assert_close(got, model(prompt()).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_configurations():
+    model = tiny()
+    with pytest.raises(ValueError, match="quantize must be None or one of"):
+        llmkernels.patch(model, quantize="int3")
+    assert model.config._attn_implementation == "sdpa"  # nothing changed
+    model._supports_attention_backend = False  # as models with their own attention code
+    with pytest.raises(ValueError, match="attention registry"):
+        llmkernels.patch(model)
+    report = llmkernels.patch(model, attention=False, quantize="int8")
+    assert report.attention == [] and report.quantize is not None
+
+
+def test_position_bias_is_refused():
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(NotImplementedError, match="position_bias"):
+        lt.attention_forward(torch.nn.Module(), q, q, q, None, position_bias=torch.zeros(1))
