@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,3 +129,17 @@ def test_attention_decode_quick(tmp_path):
                             "--head-dim", "64", "--min-run-time", "0.01"])
     assert result["benchmark"] == "attention_decode"
     assert all(c["correct"] for c in result["cases"])
+
+
+def test_model_quick(tmp_path):
+    pytest.importorskip("transformers")
+    plotting = importlib.util.find_spec("matplotlib") is not None
+    plot = str(tmp_path / "model.png") if plotting else ""
+    result, out = _run_quick("model.py", tmp_path, ["--quick", "--device", "cpu", "--plot", plot])
+    assert result["benchmark"] == "model"
+    assert {(r["family"], r["variant"]) for r in result["training"]} == {
+        (f, v) for f in ("llama", "mistral") for v in ("baseline", "ours")}
+    assert all(r["check"] == "ok" for r in result["training"])
+    assert [r["variant"] for r in result["generation"]] == ["float", "int8", "int4"]
+    assert not plotting or (tmp_path / "model.png").stat().st_size > 0
+    assert "greedy tokens = float" in out

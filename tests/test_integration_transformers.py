@@ -141,7 +141,7 @@ def test_quantized_generation_stays_close(scheme):
         expected = model(ids).logits
     report = llmkernels.patch(model, quantize=scheme, group_size=32)
     names = [name for name, _, _ in report.quantize.replaced]
-    assert "lm_head" not in names and len(names) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    assert "lm_head" in names and len(names) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer
     with torch.no_grad():
         got = model(ids).logits
     cos = torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0)
@@ -150,6 +150,13 @@ def test_quantized_generation_stays_close(scheme):
     print(f"{scheme}: next-token agreement with float {agreement:.2f}, logit cosine {cos:.4f}")
     assert agreement >= 0.5
     assert greedy(model, ids).shape == (1, 16 + 20)
+
+
+def test_tied_output_embedding_stays_float():
+    model = tiny(tie_word_embeddings=True)
+    report = llmkernels.patch(model, quantize="int8")
+    assert "lm_head" not in [name for name, _, _ in report.quantize.replaced]
+    assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
 def test_compile_fullgraph():
@@ -172,7 +179,7 @@ def test_unpatch_restores_sdpa_and_dequantizes():
         patched = model(ids).logits
     report = llmkernels.unpatch(model)
     assert model.config._attn_implementation == "sdpa"
-    assert len(report.restored_linears) == 14
+    assert len(report.restored_linears) == 15
     assert not any(isinstance(m, llmkernels.nn.QuantLinear) for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, patched, rtol=1e-4, atol=1e-4)
