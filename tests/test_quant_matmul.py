@@ -264,3 +264,23 @@ def test_bad_input(call, err, match):
     qw = llmkernels.quantize_weight(torch.randn(16, 64), "int4", 32)
     with pytest.raises(err, match=match):
         call(qw)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "w8a8"])
+@pytest.mark.parametrize("M,K,N", [(1, 1024, 4096), (64, 512, 512)])
+def test_cpu_result_does_not_depend_on_thread_count(scheme, M, K, N):
+    """Shapes big enough to wake several pool threads (small calls run on one: see
+    threads_for in csrc/common/thread_pool.h) give the one-thread result, bit for bit."""
+    if llmkernels.backends.native_module() is None:
+        pytest.skip("compiled extension not available")
+    qw = llmkernels.quantize_weight(torch.randn(N, K), scheme, 128)
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = llmkernels.quant_matmul(x, qw, backend="cpu")
+        torch.set_num_threads(4)
+        many = llmkernels.quant_matmul(x, qw, backend="cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)

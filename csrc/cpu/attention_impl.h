@@ -208,8 +208,7 @@ struct BackwardLayout {
 constexpr int64_t kMinWorkPerThread = int64_t(1) << 20;
 
 inline int threads_for_work(const Geometry& g, int nthreads) {
-  const int64_t work = g.B * g.Hq * g.L * g.S * (g.D + g.Dv);
-  return int(max_<int64_t>(1, min_<int64_t>(nthreads, work / kMinWorkPerThread)));
+  return threads_for(g.B * g.Hq * g.L * g.S * (g.D + g.Dv), nthreads, kMinWorkPerThread);
 }
 
 

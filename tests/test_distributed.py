@@ -1,0 +1,105 @@
+"""Training under torch.distributed on the CPU (gloo, 2 processes): a tiny Llama patched with
+llmkernels, DistributedDataParallel and AdamW8bit. Its losses equal the single-process run on
+the whole batch, and a torch.distributed.checkpoint of model and optimizer resumes bit for bit.
+
+Marked `distributed`: deselect with -m 'not distributed' where processes cannot be spawned."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytest.importorskip("transformers")
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                       reason="torch.distributed with gloo is not available"),
+]
+
+WORLD = 2
+STEPS, MORE = 4, 3  # steps before the checkpoint, steps after it
+BATCH, SEQ, VOCAB = 4, 24, 128
+
+
+def build():
+    import llmkernels
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg)
+    llmkernels.patch(model)
+    return model
+
+
+def batches(n):
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(0, VOCAB, (BATCH, SEQ), generator=g) for _ in range(n)]
+
+
+def optimizer(params):
+    import llmkernels
+    return llmkernels.optim.AdamW8bit(params, lr=1e-2, min_8bit_size=256)
+
+
+def train(model, opt, data, rank=0, world=1):
+    """Mean loss over the whole batch per step (ranks take equal slices)."""
+    losses = []
+    per = BATCH // world
+    for ids in data:
+        ids = ids[rank * per:(rank + 1) * per]
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        value = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(value)
+            value /= world
+        losses.append(value.item())
+    return losses
+
+
+def _worker(rank, tmp, out):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
+                            world_size=WORLD)
+    try:
+        data = batches(STEPS + MORE)
+        model = DDP(build())
+        opt = optimizer(model.parameters())
+        before = train(model, opt, data[:STEPS], rank, WORLD)
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=f"{tmp}/ckpt")
+        after = train(model, opt, data[STEPS:], rank, WORLD)
+        # a fresh model and optimizer, resumed from the checkpoint
+        model2 = DDP(build())
+        opt2 = optimizer(model2.parameters())
+        train(model2, opt2, data[:1], rank, WORLD)  # creates state, then overwritten
+        msd2, osd2 = get_state_dict(model2, opt2)
+        state = {"model": msd2, "optim": osd2}
+        dcp.load(state, checkpoint_id=f"{tmp}/ckpt")
+        set_state_dict(model2, opt2, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        resumed = train(model2, opt2, data[STEPS:], rank, WORLD)
+        if rank == 0:
+            torch.save({"before": before, "after": after, "resumed": resumed}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_matches_single_process_and_checkpoint_resumes(tmp_path):
+    import torch.multiprocessing as mp
+    out = str(tmp_path / "losses.pt")
+    mp.start_processes(_worker, args=(str(tmp_path), out), nprocs=WORLD, start_method="spawn",
+                       join=True)
+    got = torch.load(out)
+    model = build()
+    single = train(model, optimizer(model.parameters()), batches(STEPS + MORE))
+    torch.testing.assert_close(torch.tensor(got["before"] + got["after"]), torch.tensor(single),
+                               rtol=1e-4, atol=1e-5)
+    assert got["resumed"] == got["after"]  # bit for bit
