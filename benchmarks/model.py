@@ -10,18 +10,20 @@ Training, one step = forward + backward + optimizer step on --batch x --seq toke
   baseline   attn_implementation="sdpa" + torch.optim.AdamW(fused=True)
   ours       llmkernels.patch(model) + llmkernels.optim.AdamW8bit
 Generation, batch 1, greedy (--prompt tokens, then --new-tokens), KV cache on:
-  float      the float32 model with SDPA
+  float32    the float32 model with SDPA (the baseline)
+  bf16       the same model in bfloat16, SDPA (dense 16-bit weights, for reference)
   int8/int4  llmkernels.patch(model, quantize=...): our attention (decoding through
-             attention_with_kvcache) and quantized linears (the output embedding too: untied)
+             attention_with_kvcache) and quantized linears (the output embedding too: untied),
+             with --quant-dtype activations (bf16 by default: W8A16 / W4A16 serving, where
+             the CPU int4 kernel quantizes decoding activations to int8 per 32 values)
 Peak memory: bytes torch allocated during one step / one generation over what was live
 before it (harness.peak_memory: the CUDA allocator's peak, or the profiler's CPU allocation
-events). Before timing, ours is checked against the baseline: the first training step's loss
+events); training's total adds what stays live between steps (weights, optimizer state). Before timing, ours is checked against the baseline: the first training step's loss
 (same weights and batch), and the greedy tokens' agreement with the float model (reported).
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -107,16 +109,20 @@ def train_case(family: str, p: Dict[str, int], device: str, ours: bool, batches,
     peak = harness.peak_memory(step, device)
     state = sum(t.numel() * t.element_size() for s in opt.state.values()
                 for t in s.values() if isinstance(t, torch.Tensor))
+    # Live between steps: weights and optimizer state (gradients are freed); the step's own
+    # allocations (activations, gradients, temporaries) come on top.
+    total = weight_bytes(model) + state + peak
     return dict(first_loss=first_loss, step_s=seconds, peak_bytes=peak, state_bytes=state,
-                tokens_per_s=p["batch"] * p["seq"] / seconds)
+                total_bytes=total, tokens_per_s=p["batch"] * p["seq"] / seconds)
 
 
 # ---------------------------------------------------------------- generation
 
-def generate_case(p: Dict[str, int], device: str, scheme: str, prompt, runs: int):
+def generate_case(p: Dict[str, int], device: str, scheme: str, dtype: torch.dtype, prompt,
+                  runs: int):
     from transformers import GenerationConfig
-    model = build("llama", p, device).eval()
-    if scheme != "float":
+    model = build("llama", p, device).eval().to(dtype)
+    if scheme in ("int8", "int4", "w8a8"):
         llmkernels.patch(model, quantize=scheme, group_size=min(128, p["hidden"]))
     config = GenerationConfig(max_new_tokens=p["new_tokens"], min_new_tokens=p["new_tokens"],
                               do_sample=False, pad_token_id=0)
@@ -148,9 +154,9 @@ def plot(train: List[Dict[str, Any]], gen: List[Dict[str, Any]], filename: str) 
     a.set_ylabel("training step (ms)")
     a.set_title("training: sdpa + AdamW(fused) vs llmkernels + AdamW8bit")
     b.bar([r["variant"] for r in gen], [r["tokens_per_s"] for r in gen],
-          color=["C0", "C1", "C2"][:len(gen)])
+          color=[f"C{i}" for i in range(len(gen))])
     b.set_ylabel("tokens / s (batch 1)")
-    b.set_title("generation: float vs quantized weights")
+    b.set_title("generation: float32 / bf16 vs quantized weights")
     fig.tight_layout()
     fig.savefig(filename, dpi=120)
     print(f"plot: {filename}")
@@ -162,6 +168,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="the 'quick' preset, fewest runs")
     ap.add_argument("--families", default="llama,mistral", help="comma list of llama,mistral")
     ap.add_argument("--schemes", default="int8,int4", help="quantized generation schemes")
+    ap.add_argument("--quant-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                    help="activation dtype of the quantized models (default %(default)s)")
     ap.add_argument("--seq", type=int, help="training sequence length (default: the preset's)")
     ap.add_argument("--batch", type=int, help="training batch (default: the preset's)")
     ap.add_argument("--runs", type=int, help="timed repetitions (median; default 3, quick 1)")
@@ -201,33 +209,43 @@ def main() -> int:
                                    "FAILED", **r))
         train_rows[-1]["speedup"] = base["step_s"] / ours["step_s"]
     print(harness.format_table(
-        ["model", "variant", "check", "step ms", "tokens/s", "peak MiB", "optim state MiB",
-         "speedup"],
+        ["model", "variant", "check", "step ms", "tokens/s", "step peak MiB", "optim state MiB",
+         "total peak MiB", "speedup"],
         [[r["family"], "sdpa + AdamW(fused)" if r["variant"] == "baseline"
           else "llmkernels + AdamW8bit", r["check"], f"{r['step_s'] * 1e3:.1f}",
           f"{r['tokens_per_s']:.0f}", mib(r["peak_bytes"]), mib(r["state_bytes"]),
-          f"{r['speedup']:.2f}x" if "speedup" in r else "-"] for r in train_rows]))
+          mib(r["total_bytes"]), f"{r['speedup']:.2f}x" if "speedup" in r else "-"]
+         for r in train_rows]))
     print()
 
     g = torch.Generator().manual_seed(11)
     prompt = torch.randint(0, p["vocab"], (1, p["prompt"]), generator=g).to(device)
     gen_rows: List[Dict[str, Any]] = []
     float_row = None
-    for scheme in ["float"] + [s for s in args.schemes.split(",") if s]:
-        r = generate_case(p, device, scheme, prompt, runs)
+    qdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.quant_dtype]
+    variants = [("float32", torch.float32), ("bf16", torch.bfloat16)] + [
+        (s, qdtype) for s in args.schemes.split(",") if s]
+    for scheme, dtype in variants:
+        r = generate_case(p, device, scheme, dtype, prompt, runs)
         if float_row is None:
             float_row = r
-        r.update(variant=scheme, speedup=r["tokens_per_s"] / float_row["tokens_per_s"],
+        r.update(variant=scheme if scheme in ("float32", "bf16") else
+                 f"{scheme} ({args.quant_dtype} x)",
+                 speedup=r["tokens_per_s"] / float_row["tokens_per_s"],
                  agreement=sum(a == b for a, b in zip(r["tokens"], float_row["tokens"]))
                  / len(float_row["tokens"]))
         gen_rows.append(r)
     print(harness.format_table(
-        ["weights", "tokens/s", "vs float", "weights MiB", "peak MiB", "greedy tokens = float"],
+        ["weights", "tokens/s", "vs float32", "weights MiB", "peak MiB",
+         "greedy tokens = float32"],
         [[r["variant"], f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}x",
           mib(r["weight_bytes"]), mib(r["peak_bytes"]), f"{r['agreement']:.0%}"]
          for r in gen_rows]))
     print("\nnote: speedup = baseline time / ours; quantized generation runs our attention too; "
-          "greedy agreement counts positions where the token equals the float model's")
+          "greedy agreement counts positions where the token equals the float32 model's "
+          "(random weights: near-tied logits make it a harsh measure); peak MiB: allocated "
+          "during a step / a generation over what was live before (weights, optimizer state)")
     if args.json:
         harness.write_json(args.json, {"benchmark": "model", "machine": info, "preset": p,
                                        "runs": runs, "training": train_rows,

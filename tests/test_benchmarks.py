@@ -140,6 +140,7 @@ def test_model_quick(tmp_path):
     assert {(r["family"], r["variant"]) for r in result["training"]} == {
         (f, v) for f in ("llama", "mistral") for v in ("baseline", "ours")}
     assert all(r["check"] == "ok" for r in result["training"])
-    assert [r["variant"] for r in result["generation"]] == ["float", "int8", "int4"]
+    assert [r["variant"] for r in result["generation"]] == [
+        "float32", "bf16", "int8 (bf16 x)", "int4 (bf16 x)"]
     assert not plotting or (tmp_path / "model.png").stat().st_size > 0
-    assert "greedy tokens = float" in out
+    assert "greedy tokens = float32" in out
