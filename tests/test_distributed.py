@@ -1,6 +1,7 @@
 """Training under torch.distributed on the CPU (gloo, 2 processes): a tiny Llama patched with
-llmkernels, DistributedDataParallel and AdamW8bit. Its losses equal the single-process run on
-the whole batch, and a torch.distributed.checkpoint of model and optimizer resumes bit for bit.
+llmkernels and AdamW8bit, under DistributedDataParallel and under FSDP2 (fully_shard: DTensor
+parameters, the 8-bit state sharded with them). Losses equal the single-process run on the
+whole batch, and a torch.distributed.checkpoint of model and optimizer resumes bit for bit.
 
 Marked `distributed`: deselect with -m 'not distributed' where processes cannot be spawned."""
 import os
@@ -61,23 +62,33 @@ def train(model, opt, data, rank=0, world=1):
     return losses
 
 
-def _worker(rank, tmp, out):
+def _wrap(model, mode):
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model)
+    from torch.distributed.fsdp import fully_shard
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _worker(rank, tmp, out, mode):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    from torch.nn.parallel import DistributedDataParallel as DDP
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
                             world_size=WORLD)
     try:
         data = batches(STEPS + MORE)
-        model = DDP(build())
+        model = _wrap(build(), mode)
         opt = optimizer(model.parameters())
         before = train(model, opt, data[:STEPS], rank, WORLD)
         msd, osd = get_state_dict(model, opt)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=f"{tmp}/ckpt")
         after = train(model, opt, data[STEPS:], rank, WORLD)
         # a fresh model and optimizer, resumed from the checkpoint
-        model2 = DDP(build())
+        model2 = _wrap(build(), mode)
         opt2 = optimizer(model2.parameters())
         train(model2, opt2, data[:1], rank, WORLD)  # creates state, then overwritten
         msd2, osd2 = get_state_dict(model2, opt2)
@@ -92,11 +103,14 @@ def _worker(rank, tmp, out):
         dist.destroy_process_group()
 
 
-def test_ddp_matches_single_process_and_checkpoint_resumes(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_distributed_matches_single_process_and_checkpoint_resumes(tmp_path, mode):
+    """FSDP2: each rank's 8-bit blocks cover its own shard; every weight shard here holds a
+    whole number of 256-value blocks, so they are the single process's blocks."""
     import torch.multiprocessing as mp
     out = str(tmp_path / "losses.pt")
-    mp.start_processes(_worker, args=(str(tmp_path), out), nprocs=WORLD, start_method="spawn",
-                       join=True)
+    mp.start_processes(_worker, args=(str(tmp_path), out, mode), nprocs=WORLD,
+                       start_method="spawn", join=True)
     got = torch.load(out)
     model = build()
     single = train(model, optimizer(model.parameters()), batches(STEPS + MORE))

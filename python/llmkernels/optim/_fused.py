@@ -130,6 +130,41 @@ def flat(t: Optional[torch.Tensor]):
     return (t.data_ptr(), DTYPE_CODES[t.dtype], (t.numel(),), (1,))
 
 
+_DTENSOR_TYPE = None
+
+
+def _dtensor_type():
+    global _DTENSOR_TYPE
+    if _DTENSOR_TYPE is None:
+        try:
+            from torch.distributed.tensor import DTensor
+            _DTENSOR_TYPE = DTensor
+        except Exception:  # torch.distributed not built in
+            _DTENSOR_TYPE = ()
+    return _DTENSOR_TYPE
+
+
+def has_dtensor(tensors) -> bool:
+    """Whether any of the tensors is a DTensor (FSDP2's fully_shard parameters)."""
+    kind = _dtensor_type()
+    return bool(kind) and any(isinstance(t, kind) for t in tensors)
+
+
+def local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A DTensor's shard on this rank, a view of its storage (an update in place lands in the
+    DTensor); any other tensor, or None, as it is. The steps update each rank's shards of
+    parameters, gradients and state alike, as torch's optimizers do under FSDP2."""
+    kind = _dtensor_type()
+    return t.to_local() if kind and isinstance(t, kind) else t
+
+
+def locals_of(*lists):
+    """local() of every tensor of each list (the lists as they are when none is a DTensor)."""
+    if not has_dtensor(lists[0]):
+        return lists
+    return tuple([local(t) for t in ts] for ts in lists)
+
+
 def threads() -> int:
     return max(1, torch.get_num_threads())
 

@@ -93,6 +93,8 @@ def adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, correctio
     The moments may be float32 for 16-bit parameters (AdamW8bit's small tensors): every path
     takes those."""
     wd = weight_decay
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = _fused.locals_of(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
     rows = [[p, g, m, v, vm] for p, g, m, v, vm
             in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)]
     path = _fused.choose_path(params, rows, sr, f32_state=True)

@@ -50,6 +50,59 @@ def _quantize_moments(state, m: torch.Tensor, v: torch.Tensor) -> None:
     state["exp_avg_sq_scales"].copy_(v_max)
 
 
+def _eight_bit_state(p: torch.Tensor) -> dict:
+    """Zeroed 8-bit moments of p: codes (one byte per value) and per-256-block scales.
+
+    A DTensor p (FSDP2) gets DTensor state, so that torch.distributed.checkpoint saves each
+    rank's part: blocks cover each rank's local shard, the codes are shaped and sharded like
+    p, and the scales of every rank are one row, padded to the longest shard's block count, of
+    a (ranks, blocks) tensor sharded by rows. Such a checkpoint resumes on the same mesh."""
+    lp = _fused.local(p)
+    n = lp.numel()
+    if lp is p:
+        nb = -(-n // BLOCK)
+        return {"exp_avg_codes": torch.zeros(n, dtype=torch.int8, device=p.device),
+                "exp_avg_scales": torch.zeros(nb, dtype=torch.float32, device=p.device),
+                "exp_avg_sq_codes": torch.zeros(n, dtype=torch.uint8, device=p.device),
+                "exp_avg_sq_scales": torch.zeros(nb, dtype=torch.float32, device=p.device)}
+    from torch.distributed.tensor import DTensor, Shard
+    mesh, placements = p.device_mesh, p.placements
+    longest, rows = list(p.shape), 1
+    for mesh_dim, placement in enumerate(placements):
+        if isinstance(placement, Shard):
+            size = mesh.size(mesh_dim)
+            longest[placement.dim] = -(-longest[placement.dim] // size)
+            rows *= size
+    nb_max = -(-max(1, torch.Size(longest).numel()) // BLOCK)
+    row_placements = [Shard(0) if isinstance(pl, Shard) else pl for pl in placements]
+
+    def codes(dtype):
+        return DTensor.from_local(torch.zeros(lp.shape, dtype=dtype, device=lp.device), mesh,
+                                  placements, run_check=False, shape=p.shape, stride=p.stride())
+
+    def scales():
+        return DTensor.from_local(torch.zeros(1, nb_max, dtype=torch.float32, device=lp.device),
+                                  mesh, row_placements, run_check=False, shape=(rows, nb_max),
+                                  stride=(nb_max, 1))
+    return {"exp_avg_codes": codes(torch.int8), "exp_avg_scales": scales(),
+            "exp_avg_sq_codes": codes(torch.uint8), "exp_avg_sq_scales": scales()}
+
+
+def _local_eight_bit(p: torch.Tensor, state: dict) -> tuple:
+    """(parameter, gradient, state) on this rank: flat codes and the local shard's scales."""
+    lp = _fused.local(p)
+    if lp is p:
+        return p, p.grad, state
+    nb = -(-lp.numel() // BLOCK)
+    local = {key: _fused.local(state[key]).view(-1) for key in _EIGHT_BIT_KEYS}
+    for key in ("exp_avg_scales", "exp_avg_sq_scales"):
+        local[key] = local[key][:nb]
+    return lp, _fused.local(p.grad), local
+
+
+_EIGHT_BIT_KEYS = ("exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes", "exp_avg_sq_scales")
+
+
 class AdamW8bit(torch.optim.Optimizer):
     """torch.optim.AdamW's arguments and update, with 8-bit block-wise moments."""
     _step_supports_amp_scaling = True
@@ -70,13 +123,8 @@ class AdamW8bit(torch.optim.Optimizer):
         state = self.state[p]
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            if p.numel() >= min_size:
-                nb = -(-p.numel() // BLOCK)
-                state["exp_avg_codes"] = torch.zeros(p.numel(), dtype=torch.int8, device=p.device)
-                state["exp_avg_scales"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
-                state["exp_avg_sq_codes"] = torch.zeros(p.numel(), dtype=torch.uint8,
-                                                        device=p.device)
-                state["exp_avg_sq_scales"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
+            if p.numel() >= min_size:  # the global size: every rank makes the same choice
+                state.update(_eight_bit_state(p))
             else:
                 state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
@@ -85,14 +133,17 @@ class AdamW8bit(torch.optim.Optimizer):
     def load_state_dict(self, state_dict) -> None:
         """torch's, except that 8-bit codes, scales and float32 moments keep their dtypes
         (torch casts every state tensor to its parameter's dtype: bf16 scales would lose bits)."""
-        kept = {index: {k: v for k, v in st.items() if isinstance(v, torch.Tensor) and k != "step"}
-                for index, st in state_dict["state"].items()}
+        kept = {key: {k: v for k, v in st.items() if isinstance(v, torch.Tensor) and k != "step"}
+                for key, st in state_dict["state"].items()}
+        # Saved keys map to parameters by position, as in torch's load_state_dict (ints from
+        # state_dict(), parameter names from torch.distributed.checkpoint's get_state_dict).
+        saved = [key for g in state_dict["param_groups"] for key in g["params"]]
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for index, tensors in kept.items():
-            p = params[int(index)]
-            for key, value in tensors.items():
-                self.state[p][key] = value.to(device=p.device).clone()
+        params = dict(zip(saved, (p for g in self.param_groups for p in g["params"])))
+        for key, tensors in kept.items():
+            p = params[key]
+            for name, value in tensors.items():
+                self.state[p][name] = value.to(device=p.device).clone()
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state (moments, scales, steps)."""
@@ -126,28 +177,31 @@ class AdamW8bit(torch.optim.Optimizer):
                             maximize=group["maximize"], inv_scale=inv_scale, sr=False)
             if not eight:
                 continue
-            ps8 = [p for p, _, _ in eight]
+            # (local parameter, its gradient, local state, corrections): FSDP2's DTensors as
+            # each rank's shards; anything else as it is.
+            eight = [(*_local_eight_bit(p, s), c) for p, s, c in eight]
+            ps8 = [p for p, _, _, _ in eight]
             device = ps8[0].get_device()
             ready = all(p.dtype in _fused.KERNEL_DTYPES and p.is_contiguous()
-                        and p.grad.is_contiguous() and p.grad.dtype == p.dtype
-                        and p.get_device() == device and p.grad.get_device() == device
-                        for p in ps8)
+                        and g.is_contiguous() and g.dtype == p.dtype
+                        and p.get_device() == device and g.get_device() == device
+                        for p, g, _, _ in eight)
             path = _fused.choose_path(ps8, None, False, ready=ready)
             if path == "triton":
                 _fused.triton_optim().adam8bit_step(
-                    ps8, [p.grad for p in ps8], [s["exp_avg_codes"] for _, s, _ in eight],
-                    [s["exp_avg_sq_codes"] for _, s, _ in eight],
-                    [s["exp_avg_scales"] for _, s, _ in eight],
-                    [s["exp_avg_sq_scales"] for _, s, _ in eight],
-                    [c[0] for _, _, c in eight], [c[1] for _, _, c in eight], beta2=beta2,
+                    ps8, [g for _, g, _, _ in eight], [s["exp_avg_codes"] for _, _, s, _ in eight],
+                    [s["exp_avg_sq_codes"] for _, _, s, _ in eight],
+                    [s["exp_avg_scales"] for _, _, s, _ in eight],
+                    [s["exp_avg_sq_scales"] for _, _, s, _ in eight],
+                    [c[0] for _, _, _, c in eight], [c[1] for _, _, _, c in eight], beta2=beta2,
                     eps=eps, maximize=group["maximize"], inv_grad_scale=inv_scale,
                     decay=1.0 - lr * wd, one_minus_beta1=1.0 - beta1,
                     one_minus_beta2=1.0 - beta2, check=False)
             elif path in ("cpu", "cuda"):
-                items = [(_fused.flat(p), _fused.flat(p.grad), _fused.flat(s["exp_avg_codes"]),
+                items = [(_fused.flat(p), _fused.flat(g), _fused.flat(s["exp_avg_codes"]),
                           _fused.flat(s["exp_avg_scales"]), _fused.flat(s["exp_avg_sq_codes"]),
                           _fused.flat(s["exp_avg_sq_scales"]), step_size, bc2)
-                         for p, s, (step_size, bc2) in eight]
+                         for p, g, s, (step_size, bc2) in eight]
                 if path == "cpu":
                     backends.native_module().adam8bit_step(
                         backends.cpu_tier_code(), items, eps, wd, beta2, True, group["maximize"],
@@ -157,11 +211,11 @@ class AdamW8bit(torch.optim.Optimizer):
                                    items, eps, wd, beta2, group["maximize"], inv_scale,
                                    1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2)
             else:
-                for p, s, (step_size, bc2) in eight:
+                for p, g, s, (step_size, bc2) in eight:
                     m, v = dequantize_moments(s)
                     flat_p = p.detach().view(-1) if p.is_contiguous() else p.detach().reshape(-1)
                     work = flat_p.clone()
-                    adam_reference(work, p.grad.reshape(-1), m, v, None, lr=lr, beta1=beta1,
+                    adam_reference(work, g.reshape(-1), m, v, None, lr=lr, beta1=beta1,
                                    beta2=beta2, eps=eps, weight_decay=wd, decoupled=True,
                                    amsgrad=False, maximize=group["maximize"],
                                    step_size=step_size, bias_correction2_sqrt=bc2,

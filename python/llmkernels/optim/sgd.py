@@ -73,16 +73,18 @@ class SGD(torch.optim.Optimizer):
                     state["momentum_buffer"] = buf
                 bufs.append(buf if momentum != 0.0 else None)
                 firsts.append(first)
-            path = _fused.choose_path(params, [[p, p.grad, b] for p, b in zip(params, bufs)], sr)
+            params, grads, bufs = _fused.locals_of(params, [p.grad for p in params], bufs)
+            path = _fused.choose_path(params, [[p, g, b] for p, g, b in zip(params, grads, bufs)],
+                                      sr)
             if path == "triton":
                 _fused.triton_optim().sgd_step(
-                    params, [p.grad for p in params], bufs, firsts, lr=lr, momentum=momentum,
+                    params, grads, bufs, firsts, lr=lr, momentum=momentum,
                     dampening=dampening, weight_decay=wd, nesterov=group["nesterov"],
                     maximize=group["maximize"], inv_grad_scale=inv_scale,
                     one_minus_dampening=1.0 - dampening, check=False)  # choose_path checked them
             elif path in ("cpu", "cuda"):
-                items = [(_fused.flat(p), _fused.flat(p.grad), _fused.flat(b), f, key)
-                         for p, b, f, key in zip(params, bufs, firsts, keys)]
+                items = [(_fused.flat(p), _fused.flat(g), _fused.flat(b), f, key)
+                         for p, g, b, f, key in zip(params, grads, bufs, firsts, keys)]
                 if path == "cpu":
                     backends.native_module().sgd_step(
                         backends.cpu_tier_code(), items, lr, momentum, dampening, wd,
@@ -93,8 +95,8 @@ class SGD(torch.optim.Optimizer):
                                    items, lr, momentum, dampening, wd, group["nesterov"],
                                    group["maximize"], inv_scale, 1.0 - dampening)
             else:
-                for p, b, f, key in zip(params, bufs, firsts, keys):
-                    sgd_reference(p, p.grad, b, f, lr=lr, momentum=momentum,
+                for p, g, b, f, key in zip(params, grads, bufs, firsts, keys):
+                    sgd_reference(p, g, b, f, lr=lr, momentum=momentum,
                                   dampening=dampening, weight_decay=wd,
                                   nesterov=group["nesterov"], maximize=group["maximize"],
                                   inv_grad_scale=inv_scale, sr_key=key if sr else None)
