@@ -4,7 +4,6 @@ parameters, the 8-bit state sharded with them). Losses equal the single-process 
 whole batch, and a torch.distributed.checkpoint of model and optimizer resumes bit for bit.
 
 Marked `distributed`: deselect with -m 'not distributed' where processes cannot be spawned."""
-import os
 
 import pytest
 import torch
