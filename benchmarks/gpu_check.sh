@@ -101,7 +101,7 @@ GPU_TESTS_ATTENTION="tests/test_attention_gpu.py tests/test_attention_varlen.py 
   tests/test_attention_kvcache.py tests/test_attention_band.py tests/test_custom_ops_gpu.py"
 GPU_TESTS_OTHER="tests/test_quant_matmul_gpu.py tests/test_quant_matmul_triton_kernels.py \
   tests/test_optim.py tests/test_optim_triton_kernels.py tests/test_optim_8bit_triton.py \
-  tests/test_optim_cuda.py"
+  tests/test_optim_cuda.py tests/test_integration_transformers.py"
 # Parallel test processes when pytest-xdist is there: most of the time is Triton compiling.
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_PROCS:-8}"
@@ -145,6 +145,10 @@ if [ "$HAVE_GPU" = 1 ] && [ "$STEPS" != tests ]; then
   step optim_bench_cuda "$BENCH_TIMEOUT" env LLMKERNELS_BACKEND=cuda "$PY" benchmarks/optim.py \
     --device cuda --params 10,200 --min-run-time 0.1 --json "$OUT/optim_gpu_cuda.json"
   show 16 "$OUT/optim_bench_cuda.log"
+  # Whole models (issue 7's table on a GPU): training step and generation, float vs quantized.
+  step model_bench "$BENCH_TIMEOUT" "$PY" benchmarks/model.py --device cuda --preset 100m \
+    --runs 3 --json "$OUT/model_gpu.json" --plot "$OUT/model_gpu.png"
+  show 16 "$OUT/model_bench.log"
   step attention_bench_triton "$BENCH_TIMEOUT" "$PY" benchmarks/attention.py --device cuda \
     --ours-backend triton --paths ours,sdpa --dtypes bf16 --head-dims 128 --seqlens "${BENCH_SEQLENS:-4096}" \
     --batch "${BENCH_BATCH:-4}" --heads "${BENCH_HEADS:-16}" --min-run-time 0.1 --json "$OUT/attention_gpu_triton.json"

@@ -216,3 +216,20 @@ def test_position_bias_is_refused():
     q = torch.randn(1, 2, 3, 8)
     with pytest.raises(NotImplementedError, match="position_bias"):
         lt.attention_forward(torch.nn.Module(), q, q, q, None, position_bias=torch.zeros(1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_patched_model_follows_sdpa(dtype, kvcache_calls):
+    """On a GPU (Triton kernels): logits close to SDPA's (float32 dots may run as TF32 on both
+    sides), and generation decodes through the KV-cache kernel."""
+    model = tiny().to("cuda", dtype)
+    ids = prompt(batch=2, length=40).cuda()
+    with torch.no_grad():
+        expected = model(ids).logits.float()
+        llmkernels.patch(model)
+        got = model(ids).logits.float()
+    tol = 2e-2 if dtype == torch.float32 else 1e-1
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    out = greedy(model, ids[:1], n=8)
+    assert out.shape == (1, 48) and len(kvcache_calls) == 7 * model.config.num_hidden_layers
