@@ -171,6 +171,22 @@ def test_compile_fullgraph():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_compile_inductor_with_quantized_linears():
+    """The default backend (inductor) over our attention and quant_matmul custom ops, for
+    inference and a training step."""
+    model = tiny()
+    ids = prompt(batch=2, length=16)
+    llmkernels.patch(model, quantize="int8")
+    with torch.no_grad():
+        expected = model(ids).logits
+        got = torch.compile(model, fullgraph=True)(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    model.train()
+    loss = torch.compile(model, fullgraph=True)(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.norm.weight.grad is not None
+
+
 def test_unpatch_restores_sdpa_and_dequantizes():
     model = tiny()
     ids = prompt(length=12)
