@@ -80,6 +80,21 @@ def test_greedy_generation_is_identical_and_decodes_through_the_kvcache_kernel(k
     assert all(shape[1] == 1 for shape in kvcache_calls)
 
 
+def test_left_padded_batch_generation_is_identical():
+    """Padded decoding steps carry a mask: they take the masked attention, not the KV-cache
+    kernel, and still give SDPA's tokens."""
+    model = tiny()
+    ids = prompt(batch=2, length=12)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    config = GenerationConfig(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, generation_config=config)
+        llmkernels.patch(model)
+        got = model.generate(ids, attention_mask=mask, generation_config=config)
+    assert torch.equal(got, expected)
+
+
 def test_sliding_window_model_matches_sdpa():
     """Mistral with a window shorter than the sequence: transformers puts the window in the
     mask, prefill and decoding alike."""
