@@ -440,4 +440,5 @@ def test_swap_attention_shared_and_subclass_and_root():
 
 def test_exports():
     assert llmkernels.nn.MultiheadAttention is MultiheadAttention
-    assert set(llmkernels.nn.__all__) == {"MultiheadAttention", "swap_attention", "QuantLinear"}
+    assert set(llmkernels.nn.__all__) == {"MultiheadAttention", "swap_attention", "restore_attention",
+                                         "QuantLinear"}

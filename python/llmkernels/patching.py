@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .integrations import transformers as hf
-from .nn.attention import MultiheadAttention, swap_attention
+from .nn.attention import restore_attention, swap_attention
 from .nn.quant_linear import QuantLinear
 from .quantize import QuantizeReport, quantize_
 from .reference.quant_matmul import SCHEMES
@@ -103,23 +103,6 @@ def patch(model: nn.Module, attention: bool = True, quantize: Optional[str] = No
     return report
 
 
-def _torch_mha(m: MultiheadAttention) -> nn.MultiheadAttention:
-    """torch's layer with m's configuration and a copy of its parameters and flags."""
-    ref = m.out_proj.weight
-    new = nn.MultiheadAttention(m.embed_dim, m.num_heads, dropout=m.dropout,
-                                bias=m.in_proj_bias is not None, add_bias_kv=m.bias_k is not None,
-                                add_zero_attn=m.add_zero_attn, kdim=m.kdim, vdim=m.vdim,
-                                batch_first=m.batch_first, device="meta", dtype=ref.dtype)
-    new = new.to_empty(device=ref.device)
-    new.load_state_dict(m.state_dict(), strict=True)
-    ours = dict(new.named_parameters())
-    for name, p in m.named_parameters():
-        ours[name].requires_grad_(p.requires_grad)
-    for mine, theirs in zip(new.modules(), m.modules()):
-        mine.training = theirs.training
-    return new
-
-
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
@@ -152,14 +135,8 @@ def unpatch(model: nn.Module) -> PatchReport:
         hf.set_attn_implementation(model, previous)
         report.attention.append(f"attn_implementation {hf.NAME!r} -> {previous!r}")
     if state.get("swapped_attention"):
-        converted = {}
-        for name, m in list(model.named_modules(remove_duplicate=False)):
-            if type(m) is MultiheadAttention:
-                if id(m) not in converted:
-                    converted[id(m)] = _torch_mha(m)
-                _replace(model, name, converted[id(m)])
-                report.attention.append(f"{name}: llmkernels.nn.MultiheadAttention -> "
-                                        "torch.nn.MultiheadAttention")
+        report.attention.extend(f"{name}: llmkernels.nn.MultiheadAttention -> "
+                                "torch.nn.MultiheadAttention" for name in restore_attention(model))
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantLinear):
             _replace(model, name, _dequantized_linear(m))

@@ -112,20 +112,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if not isinstance(m, torch.nn.MultiheadAttention):
             raise TypeError(f"{cls.__name__}.from_module expects a torch.nn.MultiheadAttention, "
                             f"got {type(m).__name__}")
-        ref = m.out_proj.weight
-        # Built on the meta device: no throwaway initialization, no draw from the global RNG.
-        new = cls(m.embed_dim, m.num_heads, dropout=m.dropout, bias=m.in_proj_bias is not None,
-                  add_bias_kv=m.bias_k is not None, add_zero_attn=m.add_zero_attn,
-                  kdim=m.kdim, vdim=m.vdim, batch_first=m.batch_first,
-                  device="meta", dtype=ref.dtype)
-        new = new.to_empty(device=ref.device)
-        new.load_state_dict(m.state_dict(), strict=True)
-        ours = dict(new.named_parameters())
-        for name, p in m.named_parameters():
-            ours[name].requires_grad_(p.requires_grad)
-        for mine, theirs in zip(new.modules(), m.modules()):
-            mine.training = theirs.training
-        return new
+        return _copy_layer(cls, m)
+
+    def to_torch(self) -> torch.nn.MultiheadAttention:
+        """The inverse of from_module: torch's layer with this one's configuration, flags and
+        a copy of its parameters."""
+        return _copy_layer(torch.nn.MultiheadAttention, self)
 
     # ------------------------------------------------------------ forward
 
@@ -290,6 +282,25 @@ def _is_torch_mha(m: torch.nn.Module) -> bool:
     return type(m) is torch.nn.MultiheadAttention
 
 
+def _copy_layer(cls, m: torch.nn.MultiheadAttention):
+    """A new cls layer with m's configuration, device, dtype, training flags, requires_grad
+    flags and a copy of its parameters (no storage shared)."""
+    ref = m.out_proj.weight
+    # Built on the meta device: no throwaway initialization, no draw from the global RNG.
+    new = cls(m.embed_dim, m.num_heads, dropout=m.dropout, bias=m.in_proj_bias is not None,
+              add_bias_kv=m.bias_k is not None, add_zero_attn=m.add_zero_attn,
+              kdim=m.kdim, vdim=m.vdim, batch_first=m.batch_first,
+              device="meta", dtype=ref.dtype)
+    new = new.to_empty(device=ref.device)
+    new.load_state_dict(m.state_dict(), strict=True)
+    ours = dict(new.named_parameters())
+    for name, p in m.named_parameters():
+        ours[name].requires_grad_(p.requires_grad)
+    for mine, theirs in zip(new.modules(), m.modules()):
+        mine.training = theirs.training
+    return new
+
+
 def swap_attention(model: torch.nn.Module) -> List[str]:
     """Replace, in place, every torch.nn.MultiheadAttention inside `model` (including the
     self_attn / multihead_attn of nn.Transformer* layers) with MultiheadAttention.from_module,
@@ -324,4 +335,21 @@ def swap_attention(model: torch.nn.Module) -> List[str]:
         if (isinstance(m, torch.nn.TransformerEncoder) and len(m.layers) > 0
                 and isinstance(getattr(m.layers[0], "self_attn", None), MultiheadAttention)):
             m.use_nested_tensor = False
+    return names
+
+
+def restore_attention(model: torch.nn.Module) -> List[str]:
+    """The inverse of swap_attention: every llmkernels MultiheadAttention inside `model`
+    becomes torch's (MultiheadAttention.to_torch), in place; returns the names replaced.
+    (nn.TransformerEncoder's use_nested_tensor, which swap_attention turned off, stays off.)"""
+    converted: Dict[int, torch.nn.MultiheadAttention] = {}
+    names: List[str] = []
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if type(m) is not MultiheadAttention or not name:
+            continue
+        if id(m) not in converted:
+            converted[id(m)] = m.to_torch()
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, converted[id(m)])
+        names.append(name)
     return names
