@@ -32,6 +32,8 @@ def test_patch_swaps_attention_and_keeps_outputs():
     assert sum(type(m) is MultiheadAttention for m in model.modules()) == 2
     assert len(report.attention) == 2 and "0.attn" in report.attention[0]
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    again = llmkernels.patch(model)  # already patched: nothing left to swap, no error
+    assert again.attention == []
 
 
 def test_patch_quantizes_and_unpatch_restores_torch_layers():

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .integrations import transformers as hf
-from .nn.attention import restore_attention, swap_attention
+from .nn.attention import MultiheadAttention, restore_attention, swap_attention
 from .nn.quant_linear import QuantLinear
 from .quantize import QuantizeReport, quantize_
 from .reference.quant_matmul import SCHEMES
@@ -77,7 +77,8 @@ def patch(model: nn.Module, attention: bool = True, quantize: Optional[str] = No
                              "through transformers' attention registry (its attention code is "
                              "its own), so llmkernels cannot swap it; pass attention=False to "
                              "quantize only")
-        if not is_hf and not any(type(m) is nn.MultiheadAttention for m in model.modules()):
+        if not is_hf and not any(type(m) in (nn.MultiheadAttention, MultiheadAttention)
+                                 for m in model.modules()):
             raise ValueError(f"patch: found no attention to swap in {type(model).__name__} "
                              "(supported: transformers models and torch.nn.MultiheadAttention "
                              "layers); pass attention=False to quantize only")
