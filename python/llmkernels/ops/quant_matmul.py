@@ -20,6 +20,7 @@ OP_NAME = "quant_matmul"
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SCHEMES_BY_CODE = {v: k for k, v in SCHEME_CODES.items()}
 _local = threading.local()
+_WORKSPACE_BYTES: dict = {}  # CPU kernel workspace sizes by call shape (a query costs ~3 us)
 
 
 # ---------------------------------------------------------------- kernels as custom ops
@@ -41,7 +42,15 @@ def _run_kernel(impl: str, x2d, qdata, scales, zeros, bias, out, scheme: str, gr
         tier, threads = backends.cpu_tier_code(), max(1, torch.get_num_threads())
         views = (cview(x2d), cview(qdata), cview(scales), cview(zeros), cview(bias), cview(out))
         code = SCHEME_CODES[scheme]
-        nbytes = native.quant_matmul_workspace_bytes(tier, code, *views, group_size, threads)
+        # The size depends on these alone; the kernel checks it again (a stale entry raises).
+        key = (tier, code, x2d.shape[0], x2d.shape[1], qdata.shape[0], x2d.dtype, group_size,
+               threads, bias is not None)
+        nbytes = _WORKSPACE_BYTES.get(key)
+        if nbytes is None:
+            nbytes = native.quant_matmul_workspace_bytes(tier, code, *views, group_size, threads)
+            if len(_WORKSPACE_BYTES) >= 4096:
+                _WORKSPACE_BYTES.clear()
+            _WORKSPACE_BYTES[key] = nbytes
         ws = _workspace(nbytes, x2d.device)
         native.quant_matmul(tier, code, *views, group_size, threads, ws.data_ptr(), nbytes)
     elif impl == "cuda":
@@ -158,12 +167,16 @@ CUDA_AUTO_MAX_ROWS = 8
 MAX_W8A8_K = (2**31 - 1) // (127 * 127)
 
 
+def _too_long(qweight: QuantizedWeight) -> Optional[str]:
+    if qweight.scheme == "w8a8" and qweight.in_features > MAX_W8A8_K:
+        return (f"w8a8 with in_features > {MAX_W8A8_K} could overflow the int32 sums; "
+                "the reference sums in float64")
+    return None
+
+
 def _checks(x: torch.Tensor, qweight: QuantizedWeight, backend: Optional[str]):
     def too_long() -> Optional[str]:
-        if qweight.scheme == "w8a8" and qweight.in_features > MAX_W8A8_K:
-            return (f"w8a8 with in_features > {MAX_W8A8_K} could overflow the int32 sums; "
-                    "the reference sums in float64")
-        return None
+        return _too_long(qweight)
 
     def cpu() -> Optional[str]:
         if too_long():
@@ -242,10 +255,14 @@ def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[torch
     _validate(x, qweight, bias)
     if backend is None and backends.forced_backend() is None:
         # The automatic choice, in select()'s order, without building an explanation (a
-        # one-token GEMV on a GPU takes tens of microseconds: the host's costs show).
-        checks = _checks(x, qweight, None)
-        path = next(name for name in backends.CANDIDATES.get(x.device.type, ("reference",))
-                    if name == "reference" or checks[name]() is None)
+        # one-token GEMV takes tens of microseconds: the host's costs show).
+        if x.device.type == "cpu":  # _checks' cpu(), without its closures
+            cpu_ok = backends.native_module() is not None and _too_long(qweight) is None
+            path = "cpu" if cpu_ok else "reference"
+        else:
+            checks = _checks(x, qweight, None)
+            path = next(name for name in backends.CANDIDATES.get(x.device.type, ("reference",))
+                        if name == "reference" or checks[name]() is None)
     else:
         path = _decide(x, qweight, backend).backend
     if path == "reference":
