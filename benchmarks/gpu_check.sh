@@ -132,9 +132,10 @@ if [ "$HAVE_GPU" = 1 ] && [ "$STEPS" != tests ]; then
   # Most wanted first (never timed on a GPU before), so a tight DEADLINE drops the least.
   for path in triton cuda; do
     # TRITON_PRINT_AUTOTUNING: the log names each shape's chosen tile (for picking defaults).
+    # One shape by default: Triton autotunes every (shape, M), and two shapes took over 60 s.
     step "quant_bench_$path" "$BENCH_TIMEOUT" env TRITON_PRINT_AUTOTUNING=1 "$PY" \
       benchmarks/quant_matmul.py --device cuda \
-      --backend "$path" --ms 1,16,4096 --shapes 4096x4096,4096x11008 --min-run-time 0.1 \
+      --backend "$path" --ms 1,16,4096 --shapes "${QUANT_SHAPES:-4096x11008}" --min-run-time 0.1 \
       --json "$OUT/quant_gpu_$path.json"
     show 16 "$OUT/quant_bench_$path.log"
   done
