@@ -20,6 +20,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import nn
 
+from ._modules import replace_layers
 from .integrations import transformers as hf
 from .nn.attention import MultiheadAttention, restore_attention, swap_attention
 from .nn.quant_linear import QuantLinear
@@ -104,11 +105,6 @@ def patch(model: nn.Module, attention: bool = True, quantize: Optional[str] = No
     return report
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-
-
 def _dequantized_linear(q: QuantLinear) -> nn.Linear:
     weight = q.dequantize().to(q.weight_dtype)
     new = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None,
@@ -138,9 +134,7 @@ def unpatch(model: nn.Module) -> PatchReport:
     if state.get("swapped_attention"):
         report.attention.extend(f"{name}: llmkernels.nn.MultiheadAttention -> "
                                 "torch.nn.MultiheadAttention" for name in restore_attention(model))
-    for name, m in list(model.named_modules()):
-        if isinstance(m, QuantLinear):
-            _replace(model, name, _dequantized_linear(m))
-            report.restored_linears.append(name)
+    report.restored_linears = replace_layers(model, lambda m: isinstance(m, QuantLinear),
+                                             _dequantized_linear)
     object.__delattr__(model, _STATE)
     return report

@@ -6,6 +6,7 @@ from typing import Callable, List, Optional, Tuple
 
 from torch import nn
 
+from ._modules import set_submodule
 from .nn.quant_linear import QuantLinear, scheme_fits
 from .reference.quant_matmul import SCHEMES
 
@@ -71,13 +72,11 @@ def quantize_(model: nn.Module, scheme: str, group_size: int = 128,
             continue
         targets.append((name, module))
     for name, module in targets:
-        new = QuantLinear.from_linear(module, scheme, group_size)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if not parent_name and not child:  # the model itself is a Linear
+        if not name:  # the model itself is a Linear
             raise ValueError("quantize_: model is itself an nn.Linear; use "
                              "QuantLinear.from_linear(model, scheme)")
+        new = QuantLinear.from_linear(module, scheme, group_size)
         before = _weight_bytes(module)
-        setattr(parent, child, new)
+        set_submodule(model, name, new)
         report.replaced.append((name, before, _weight_bytes(new)))
     return report

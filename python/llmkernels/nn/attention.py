@@ -6,13 +6,14 @@ converts an existing model in place.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 # Called through this module's global so tests (and users) can patch it in one place.
+from .._modules import replace_layers
 from ..ops import scaled_dot_product_attention
 
 __all__ = ["MultiheadAttention", "swap_attention"]
@@ -321,16 +322,7 @@ def swap_attention(model: torch.nn.Module) -> List[str]:
     if isinstance(model, torch.nn.MultiheadAttention):
         raise ValueError("swap_attention replaces submodules in place and cannot replace the "
                          "model itself; use llmkernels.nn.MultiheadAttention.from_module(model)")
-    converted: Dict[int, MultiheadAttention] = {}
-    names: List[str] = []
-    for name, m in list(model.named_modules(remove_duplicate=False)):
-        if not _is_torch_mha(m):
-            continue
-        if id(m) not in converted:
-            converted[id(m)] = MultiheadAttention.from_module(m)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, converted[id(m)])
-        names.append(name)
+    names = replace_layers(model, _is_torch_mha, MultiheadAttention.from_module)
     for m in model.modules():
         if (isinstance(m, torch.nn.TransformerEncoder) and len(m.layers) > 0
                 and isinstance(getattr(m.layers[0], "self_attn", None), MultiheadAttention)):
@@ -342,14 +334,5 @@ def restore_attention(model: torch.nn.Module) -> List[str]:
     """The inverse of swap_attention: every llmkernels MultiheadAttention inside `model`
     becomes torch's (MultiheadAttention.to_torch), in place; returns the names replaced.
     (nn.TransformerEncoder's use_nested_tensor, which swap_attention turned off, stays off.)"""
-    converted: Dict[int, torch.nn.MultiheadAttention] = {}
-    names: List[str] = []
-    for name, m in list(model.named_modules(remove_duplicate=False)):
-        if type(m) is not MultiheadAttention or not name:
-            continue
-        if id(m) not in converted:
-            converted[id(m)] = m.to_torch()
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, converted[id(m)])
-        names.append(name)
-    return names
+    return replace_layers(model, lambda m: type(m) is MultiheadAttention,
+                          MultiheadAttention.to_torch)
