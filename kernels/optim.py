@@ -234,24 +234,19 @@ NUM_WARPS8 = 8
 
 
 @triton.jit
-def _cbrt01(a):
-    """optim_impl.h's cbrt01: the cube root of a in [0, 1] by two Newton steps on the inverse
-    cube root from a bit-level guess (a's bits divided by 3 with shifts and adds), then a r^2."""
-    a = tl.maximum(a, 1e-30)
-    x = a.to(tl.uint32, bitcast=True)
-    q = (x >> 2) + (x >> 4)  # div3_approx: x / 3 by shifts and adds
-    q += q >> 4
-    q += q >> 8
-    q += q >> 16
-    r = (0x54A23000 - q).to(tl.float32, bitcast=True)
-    r = r * (4.0 - a * (r * r * r)) * (1.0 / 3.0)
-    r = r * (4.0 - a * (r * r * r)) * (1.0 / 3.0)
-    return a * (r * r)
+def _sqrt_code(y, MAX_CODE: tl.constexpr):
+    """optim_impl.h's sqrt_code: the integer nearest sqrt(y), halves up, exactly (floor of any
+    estimate within 1/2, then one exact comparison with the squared half-way point); 0 for
+    y < 1/4 and NaN."""
+    f = tl.floor(tl.sqrt(tl.maximum(y, 0.0)))
+    t = f + 0.5
+    c = f.to(tl.int32) + tl.where(y >= t * t, 1, 0)
+    return tl.where(y >= 0.25, tl.minimum(c, MAX_CODE), 0)
 
 
 @triton.jit
 def _adam8bit_kernel(META, FMETA, TYPED, n_tensors,
-                     beta2, eps, decay, one_m_b1, one_m_b2, inv_scale, sign,
+                     beta2, eps, decay, one_m_b1, one_m_b2, signed_inv_scale,
                      LOG_P: tl.constexpr, ROWS: tl.constexpr, BLOCK8: tl.constexpr):
     """ROWS 8-bit blocks of one tensor (AdamW: decoupled weight decay). META: cum [2**LOG_P]
     (in programs), numel [n], ptrs [n, 6] (param, grad, exp_avg codes int8, exp_avg_sq codes
@@ -270,14 +265,15 @@ def _adam8bit_kernel(META, FMETA, TYPED, n_tensors,
     offs = block * BLOCK8 + tl.arange(0, BLOCK8)[None, :]  # [ROWS, BLOCK8]
     mask = offs < numel
     has_block = block * BLOCK8 < numel
-    m_scale = tl.load(MS + block, mask=has_block, other=0.0)
-    v_scale = tl.load(VS + block, mask=has_block, other=0.0)
-    qm = tl.load(MQ + offs, mask=mask, other=0).to(tl.float32) * (1.0 / 127.0)
-    qv = tl.load(VQ + offs, mask=mask, other=0).to(tl.float32) * (1.0 / 255.0)
-    m = m_scale * (qm * qm * qm)
-    v = v_scale * ((qv * qv) * (qv * qv))
+    # m = c|c| * scale / 127^2, v = (u^2)^2 * scale / 255^4, as optim_impl.h decodes them
+    m_unit = tl.load(MS + block, mask=has_block, other=0.0) * (1.0 / 16129.0)
+    v_unit = (tl.load(VS + block, mask=has_block, other=0.0) * (1.0 / 65025.0)) * (1.0 / 65025.0)
+    c = tl.load(MQ + offs, mask=mask, other=0).to(tl.float32)
+    u = tl.load(VQ + offs, mask=mask, other=0).to(tl.float32)
+    m = (c * tl.abs(c)) * m_unit
+    v = ((u * u) * (u * u)) * v_unit
     p = tl.load(P + offs, mask=mask, other=0.0).to(tl.float32) * decay
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32) * inv_scale * sign
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32) * signed_inv_scale
     m = tl.fma(one_m_b1, g - m, m)
     v = v * beta2
     v = v + (one_m_b2 * g) * g
@@ -288,13 +284,14 @@ def _adam8bit_kernel(META, FMETA, TYPED, n_tensors,
     m_abs = tl.abs(m)
     m_max = tl.max(m_abs, axis=1)[:, None]
     v_max = tl.max(v, axis=1)[:, None]
-    m_inv = tl.where(m_max > 0.0, tl.math.div_rn(1.0, tl.where(m_max > 0.0, m_max, 1.0)), 0.0)
-    root_v_inv = tl.where(v_max > 0.0,
-                          tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.where(v_max > 0.0, v_max, 1.0))),
-                          0.0)
-    code_m = (tl.minimum(_cbrt01(m_abs * m_inv), 1.0) * 127.0 + 0.5).to(tl.int32)
+    m_k = tl.where(m_max > 0.0,
+                   tl.math.div_rn(1.0, tl.where(m_max > 0.0, m_max, 1.0)) * 16129.0, 0.0)
+    v_k = tl.where(v_max > 0.0,
+                   tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.where(v_max > 0.0, v_max, 1.0)))
+                   * 65025.0, 0.0)
+    code_m = _sqrt_code(m_abs * m_k, 127)
     code_m = tl.where(m < 0.0, -code_m, code_m)
-    code_v = (tl.minimum(tl.math.sqrt_rn(root_v * root_v_inv), 1.0) * 255.0 + 0.5).to(tl.int32)
+    code_v = _sqrt_code(root_v * v_k, 255)
     tl.store(MQ + offs, code_m.to(tl.int8), mask=mask)
     tl.store(VQ + offs, code_v.to(tl.uint8), mask=mask)
     tl.store(MS + block, m_max, mask=has_block)
@@ -471,6 +468,7 @@ def adam8bit_step(params, grads, exp_avg_codes, exp_avg_sq_codes, exp_avg_scales
         with _device_ctx(params[idx[0]].device):
             _adam8bit_kernel[(grid,)](
                 meta, fmeta, params[idx[0]], len(idx), float(beta2), float(eps), float(decay),
-                float(one_minus_beta1), float(one_minus_beta2), float(inv_grad_scale),
-                -1.0 if maximize else 1.0, LOG_P=log_p, ROWS=ROWS8, BLOCK8=BLOCK8,
+                float(one_minus_beta1), float(one_minus_beta2),
+                -float(inv_grad_scale) if maximize else float(inv_grad_scale), LOG_P=log_p,
+                ROWS=ROWS8, BLOCK8=BLOCK8,
                 num_warps=NUM_WARPS8, enable_fp_fusion=False)

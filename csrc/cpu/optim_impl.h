@@ -9,7 +9,7 @@
 #include <type_traits>
 
 #include "../common/half.h"
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #include "optim.h"
@@ -215,28 +215,59 @@ void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
   }
 }
 
-// Cube root of a in [0, 1] with neither a libm call nor a division, so that the
-// requantization loop vectorizes into cheap instructions: the inverse cube root r by Newton's
-// r <- r (4 - a r^3) / 3 from a bit-level first guess (3.4% off), then a r^2. Relative error
-// ~2e-5: about one code in 2000 lands on the neighbouring code, far below a code's width.
-// The guess divides a's bits by 3 with shifts and adds (x/3 = x * 0.010101...b, to a few
-// units: plenty for a guess): an integer division by 3 kept AVX2's loop scalar (no 32-bit
-// high multiply there), 4.7x slower than AVX-512's.
-inline uint32_t div3_approx(uint32_t x) {
-  uint32_t q = (x >> 2) + (x >> 4);
-  q += q >> 4;
-  q += q >> 8;
-  return q + (q >> 16);
-}
-inline float cbrt01(float a) {
-  a = std::max(a, 1e-30f);
-  float r = bits_to_f32(0x54a23000u - div3_approx(f32_to_bits(a)));
-  r = r * (4.f - a * (r * r * r)) * (1.f / 3.f);
-  r = r * (4.f - a * (r * r * r)) * (1.f / 3.f);
-  return a * (r * r);
+// 8-bit moment codes. A code is the integer nearest (halves up) the square root of
+// y = x * k, exactly: c = f + (y >= (f + 1/2)^2) with f = floor(s) is exact for any s within
+// 1/2 of sqrt(y) (the squares are exact in float32 up to 2^24). So each tier takes its
+// cheapest square root estimate (AVX-512's 14-bit reciprocal square root: a sixth of the
+// cost of a correctly rounded square root, the dominant cost of this loop) and every tier,
+// the GPU kernels and the reference path agree bit for bit.
+constexpr float kMCodeSq = 127.f * 127.f, kVCodeSq = 255.f * 255.f;
+constexpr float kMUnit = 1.f / kMCodeSq, kVUnit = 1.f / kVCodeSq;
+
+// y below 1/4 (and NaN) gives 0; y never exceeds max_code^2 by more than a few ulps.
+inline int sqrt_code(float y, float s, int max_code) {
+  if (!(y >= 0.25f)) return 0;
+  const float f = std::floor(s), t = f + 0.5f;
+  return std::min(int(f) + (y >= t * t ? 1 : 0), max_code);
 }
 
-template <class T, bool kHalf, bool kDecoupled>
+// m codes (signed: m's sign) from m * m_k, v codes from sqrt(v) * v_k, for len values.
+inline void encode_moments(const float* m, const float* root_v, int64_t len, float m_k,
+                           float v_k, int8_t* mq, uint8_t* vq) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  const __m512 mk = _mm512_set1_ps(m_k), vk = _mm512_set1_ps(v_k);
+  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
+  // y = 0 or NaN: s is NaN, and so is f; its conversion, 0x80000000, keeps 0 as low byte: the
+  // scalar code's 0. Finite y stays below (max_code + 1/2)^2: no clamp needed.
+  auto code = [&](__m512 y) {
+    const __m512 s = _mm512_mul_ps(y, _mm512_rsqrt14_ps(y));
+    __m512 f = _mm512_roundscale_ps(s, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 t = _mm512_add_ps(f, half);
+    f = _mm512_mask_add_ps(f, _mm512_cmp_ps_mask(y, _mm512_mul_ps(t, t), _CMP_GE_OQ), f, one);
+    return _mm512_cvttps_epi32(f);
+  };
+  for (; k + 16 <= len; k += 16) {
+    const __m512 mv = _mm512_loadu_ps(m + k);
+    __m512i cm = code(_mm512_mul_ps(_mm512_abs_ps(mv), mk));
+    cm = _mm512_mask_sub_epi32(cm, _mm512_cmp_ps_mask(mv, _mm512_setzero_ps(), _CMP_LT_OQ),
+                               _mm512_setzero_si512(), cm);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(mq + k), _mm512_cvtepi32_epi8(cm));
+    const __m512i cv = code(_mm512_mul_ps(_mm512_loadu_ps(root_v + k), vk));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(vq + k), _mm512_cvtepi32_epi8(cv));
+  }
+#endif
+  for (; k < len; ++k) {
+    const float ym = std::fabs(m[k]) * m_k, yv = root_v[k] * v_k;
+    const int cm = sqrt_code(ym, std::sqrt(ym), 127);
+    mq[k] = int8_t(m[k] < 0.f ? -cm : cm);
+    vq[k] = uint8_t(sqrt_code(yv, std::sqrt(yv), 255));
+  }
+}
+
+// One AdamW step over 8-bit blocks [b0, b1) of a tensor. kScaled: gradients multiplied by
+// inv_grad_scale * (maximize ? -1 : 1); without it that factor is 1 (the same bits: x * 1 = x).
+template <class T, bool kHalf, bool kDecoupled, bool kScaled>
 void adam8bit_loop(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int64_t b1) {
   T* p = static_cast<T*>(t.param.data);
   const T* g = static_cast<const T*>(t.grad.data);
@@ -248,29 +279,33 @@ void adam8bit_loop(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int6
   const float wd = h.weight_decay, b2 = h.beta2, eps = h.eps;
   const float one_m_b1 = h.one_minus_beta1, one_m_b2 = h.one_minus_beta2, decay = h.decay;
   const float step_size = t.step_size, bc2 = t.bias_correction2_sqrt;
-  const float sign = h.maximize ? -1.f : 1.f, inv_scale = h.inv_grad_scale;
+  // g * inv_scale * sign in one multiply: negation commutes with rounding, same bits.
+  const float signed_inv_scale = h.maximize ? -h.inv_grad_scale : h.inv_grad_scale;
   auto get = [](const T* a, int64_t i) { return ld<T, kHalf>(a, i); };
   auto put = [](T* a, int64_t i, float x) { st<T, kHalf>(a, i, x); };
-  // Divisions and square roots dominate this loop (it is compute-bound where AdamW is not):
-  // one of each per element in the update, one square root in the requantization.
   const float inv_bc2 = 1.f / bc2;
-  float m[kBlock8], v[kBlock8], root_v[kBlock8];
+  float m[kBlock8], root_v[kBlock8];
   // float16 on F16C tiers: the block's parameters and gradients converted 8 at a time.
   constexpr bool kBlockF16 = kHalf && kF16C;
   float pf[kBlockF16 ? kBlock8 : 1], gf[kBlockF16 ? kBlock8 : 1];
   for (int64_t blk = b0; blk < b1; ++blk) {
     const int64_t base = blk * kBlock8, len = std::min(kBlock8, n - base);
-    const float m_scale = ms[blk], v_scale = vs[blk];
+    // Decoding: m = c|c| * scale / 127^2, v = (u^2)^2 * scale / 255^4 (c|c| and u^2 exact).
+    const float m_unit = ms[blk] * kMUnit, v_unit = (vs[blk] * kVUnit) * kVUnit;
     if constexpr (kBlockF16) {
       load_f16(t.param.data, base, pf, len);
       load_f16(t.grad.data, base, gf, len);
     }
+    // Block maxima on the bit patterns: for non-negative floats their order is the values'
+    // order, and integer max reductions vectorize (float ones need -ffinite-math-only).
+    uint32_t m_bits = 0, v_bits = 0;
     for (int64_t k = 0; k < len; ++k) {
       const int64_t i = base + k;
-      const float qm = float(mq[i]) * (1.f / 127.f), qv = float(vq[i]) * (1.f / 255.f);
-      float mi = m_scale * (qm * qm * qm), vi = v_scale * ((qv * qv) * (qv * qv));
+      const float c = float(mq[i]), u = float(vq[i]);
+      float mi = (c * std::fabs(c)) * m_unit, vi = ((u * u) * (u * u)) * v_unit;
       float pi = kBlockF16 ? pf[k] : get(p, i);
-      float gi = (kBlockF16 ? gf[k] : get(g, i)) * inv_scale * sign;
+      float gi = kBlockF16 ? gf[k] : get(g, i);
+      if constexpr (kScaled) gi *= signed_inv_scale;
       if (kDecoupled) pi *= decay;
       else gi = std::fma(pi, wd, gi);
       mi = std::fma(one_m_b1, gi - mi, mi);
@@ -282,32 +317,26 @@ void adam8bit_loop(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int6
       if constexpr (kBlockF16) pf[k] = pn;
       else put(p, i, pn);
       m[k] = mi;
-      v[k] = vi;
       root_v[k] = rv;
+      m_bits = std::max(m_bits, f32_to_bits(mi) & 0x7fffffffu);
+      v_bits = std::max(v_bits, f32_to_bits(vi) & 0x7fffffffu);
     }
     if constexpr (kBlockF16) store_f16(pf, t.param.data, base, len);
-    // Block maxima on the bit patterns: for non-negative floats their order is the values'
-    // order, and integer max reductions vectorize (float ones need -ffinite-math-only).
-    uint32_t m_bits = 0, v_bits = 0;
-    for (int64_t k = 0; k < len; ++k) {
-      m_bits = std::max(m_bits, f32_to_bits(m[k]) & 0x7fffffffu);
-      v_bits = std::max(v_bits, f32_to_bits(v[k]) & 0x7fffffffu);
-    }
     const float m_max = bits_to_f32(m_bits), v_max = bits_to_f32(v_bits);
-    // Requantize against the block's new absmax.
-    // The fourth root of v / v_max is the square root of sqrt(v) / sqrt(v_max).
-    const float m_inv = m_max > 0.f ? 1.f / m_max : 0.f;
-    const float root_v_inv = v_max > 0.f ? 1.f / std::sqrt(v_max) : 0.f;
-    for (int64_t k = 0; k < len; ++k) {  // codes: round half up of the scaled roots
-      const float a = cbrt01(std::fabs(m[k]) * m_inv);
-      const int code = int(std::min(a, 1.f) * 127.f + 0.5f);
-      mq[base + k] = int8_t(m[k] < 0.f ? -code : code);
-      const float b = std::sqrt(root_v[k] * root_v_inv);
-      vq[base + k] = uint8_t(int(std::min(b, 1.f) * 255.f + 0.5f));
-    }
+    // Requantize against the block's new absmax: codes are the square root of m / m_max and
+    // the fourth root of v / v_max (the square root of sqrt(v) / sqrt(v_max)), scaled.
+    const float m_k = m_max > 0.f ? (1.f / m_max) * kMCodeSq : 0.f;
+    const float v_k = v_max > 0.f ? (1.f / std::sqrt(v_max)) * kVCodeSq : 0.f;
+    encode_moments(m, root_v, len, m_k, v_k, mq + base, vq + base);
     ms[blk] = m_max;
     vs[blk] = v_max;
   }
+}
+
+template <class T, bool kHalf, bool kDecoupled>
+void adam8bit_scaled(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int64_t b1) {
+  if (h.inv_grad_scale == 1.f && !h.maximize) adam8bit_loop<T, kHalf, kDecoupled, false>(h, t, b0, b1);
+  else adam8bit_loop<T, kHalf, kDecoupled, true>(h, t, b0, b1);
 }
 
 }  // namespace
@@ -338,14 +367,14 @@ void sgd_flags(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
 void adam8bit_blocks(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int64_t b1) {
   switch (t.param.dtype) {
     case DType::f32:
-      return h.decoupled ? adam8bit_loop<float, false, true>(h, t, b0, b1)
-                         : adam8bit_loop<float, false, false>(h, t, b0, b1);
+      return h.decoupled ? adam8bit_scaled<float, false, true>(h, t, b0, b1)
+                         : adam8bit_scaled<float, false, false>(h, t, b0, b1);
     case DType::bf16:
-      return h.decoupled ? adam8bit_loop<uint16_t, false, true>(h, t, b0, b1)
-                         : adam8bit_loop<uint16_t, false, false>(h, t, b0, b1);
+      return h.decoupled ? adam8bit_scaled<uint16_t, false, true>(h, t, b0, b1)
+                         : adam8bit_scaled<uint16_t, false, false>(h, t, b0, b1);
     default:
-      return h.decoupled ? adam8bit_loop<uint16_t, true, true>(h, t, b0, b1)
-                         : adam8bit_loop<uint16_t, true, false>(h, t, b0, b1);
+      return h.decoupled ? adam8bit_scaled<uint16_t, true, true>(h, t, b0, b1)
+                         : adam8bit_scaled<uint16_t, true, false>(h, t, b0, b1);
   }
 }
 

@@ -161,21 +161,15 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(Tables<3> tb, SgdArgs a) 
 }
 
 struct Adam8Args {
-  float b2, eps, one_m_b1, one_m_b2, decay, sign, inv_scale;
+  float b2, eps, one_m_b1, one_m_b2, decay, signed_inv_scale;  // inv_scale, negated to maximize
 };
 
-// optim_impl.h's cbrt01: the cube root of a in [0, 1] by Newton steps on the inverse cube root.
-__device__ __forceinline__ float cbrt01(float a) {
-  a = fmaxf(a, 1e-30f);
-  const uint32_t x = __float_as_uint(a);
-  uint32_t q = (x >> 2) + (x >> 4);  // div3_approx: x / 3 by shifts and adds
-  q += q >> 4;
-  q += q >> 8;
-  q += q >> 16;
-  float r = __uint_as_float(0x54a23000u - q);
-  r = r * (4.f - a * (r * r * r)) * (1.f / 3.f);
-  r = r * (4.f - a * (r * r * r)) * (1.f / 3.f);
-  return a * (r * r);
+// optim_impl.h's sqrt_code: the integer nearest sqrt(y), halves up, exactly (floor of any
+// estimate within 1/2, then one exact comparison with the squared half-way point).
+__device__ __forceinline__ int sqrt_code(float y, int max_code) {
+  if (!(y >= 0.25f)) return 0;
+  const float f = floorf(__fsqrt_rn(y)), t = __fadd_rn(f, 0.5f);
+  return min(int(f) + (y >= __fmul_rn(t, t) ? 1 : 0), max_code);
 }
 
 // AdamW (decoupled weight decay) with 8-bit moments: each warp owns one block of kBlock8
@@ -197,7 +191,8 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Tables<6> tb, Adam8A
   float* ms = static_cast<float*>(tb.ptr[4][s]);
   float* vs = static_cast<float*>(tb.ptr[5][s]);
   const float step_size = tb.f0[s], inv_bc2 = 1.f / tb.f1[s];
-  const float m_scale = ms[blk], v_scale = vs[blk];
+  // m = c|c| * scale / 127^2, v = (u^2)^2 * scale / 255^4, as optim_impl.h decodes them
+  const float m_unit = ms[blk] * (1.f / 16129.f), v_unit = (vs[blk] * (1.f / 65025.f)) * (1.f / 65025.f);
   float m[kPer], root_v[kPer];
   float m_max = 0.f, v_max = 0.f;
   for (int r = 0; r < kPer; ++r) {
@@ -206,10 +201,10 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Tables<6> tb, Adam8A
     root_v[r] = 0.f;
     if (k >= len) continue;
     const int64_t i = base + k;
-    const float qm = float(mq[i]) * (1.f / 127.f), qv = float(vq[i]) * (1.f / 255.f);
-    float mi = m_scale * (qm * qm * qm), vi = v_scale * ((qv * qv) * (qv * qv));
+    const float c = float(mq[i]), u = float(vq[i]);
+    float mi = (c * fabsf(c)) * m_unit, vi = ((u * u) * (u * u)) * v_unit;
     const float pi = ld(p, i) * a.decay;
-    const float gi = ld(g, i) * a.inv_scale * a.sign;
+    const float gi = ld(g, i) * a.signed_inv_scale;
     mi = fmaf(a.one_m_b1, gi - mi, mi);
     vi = vi * a.b2;
     vi = vi + (a.one_m_b2 * gi) * gi;
@@ -224,14 +219,14 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Tables<6> tb, Adam8A
     m_max = fmaxf(m_max, __shfl_xor_sync(0xffffffffu, m_max, o));
     v_max = fmaxf(v_max, __shfl_xor_sync(0xffffffffu, v_max, o));
   }
-  const float m_inv = m_max > 0.f ? 1.f / m_max : 0.f;
-  const float root_v_inv = v_max > 0.f ? 1.f / sqrtf(v_max) : 0.f;
+  const float m_k = m_max > 0.f ? (1.f / m_max) * 16129.f : 0.f;
+  const float v_k = v_max > 0.f ? (1.f / sqrtf(v_max)) * 65025.f : 0.f;
   for (int r = 0; r < kPer; ++r) {
     const int64_t k = lane + 32 * r;
     if (k >= len) continue;
-    const int code = int(fminf(cbrt01(fabsf(m[r]) * m_inv), 1.f) * 127.f + 0.5f);
+    const int code = sqrt_code(fabsf(m[r]) * m_k, 127);
     mq[base + k] = int8_t(m[r] < 0.f ? -code : code);
-    vq[base + k] = uint8_t(int(fminf(sqrtf(root_v[r] * root_v_inv), 1.f) * 255.f + 0.5f));
+    vq[base + k] = uint8_t(sqrt_code(root_v[r] * v_k, 255));
   }
   if (lane == 0) {
     ms[blk] = m_max;
@@ -409,7 +404,7 @@ void adam8bit_step_cuda(const AdamHyper& h, const std::vector<Adam8bitTensor>& t
     check_flat(t.v_scales, DType::f32, nb, "v_scales");
   }
   const Adam8Args a{h.beta2, h.eps, h.one_minus_beta1, h.one_minus_beta2, h.decay,
-                    h.maximize ? -1.f : 1.f, h.inv_grad_scale};
+                    h.maximize ? -h.inv_grad_scale : h.inv_grad_scale};
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   by_dtype_groups(ts, [&](auto tag, const std::vector<int>& idx) {
     using T = decltype(tag);

@@ -3,11 +3,16 @@ csrc/cpu/optim_impl.h, on the CPU; the Triton kernel, kernels/optim.py, bit for 
 update, on CUDA GPUs; PyTorch ops otherwise).
 
 Each parameter of at least min_8bit_size elements keeps, per block of 256 values, a float32
-scale (the block's absmax) and one byte per value for each moment: exp_avg m ~ scale * (q/127)^3
-(q int8), exp_avg_sq v ~ scale * (u/255)^4 (u uint8). The power maps put their fine steps near
-zero, where most of a block's values are (v spans decades within a block), and quantize in
-closed form. Smaller tensors keep float32 moments. State: ~2.03 bytes per parameter against
-AdamW's 8 (25%).
+scale (the block's absmax) and one byte per value for each moment: exp_avg m ~ scale * (c/127)^2
+with c's sign (c int8), exp_avg_sq v ~ scale * (u/255)^4 (u uint8). The power maps put their
+fine steps near zero, where most of a block's values are (v spans decades within a block); a
+code is the integer nearest the scaled root (a square root for m, for v the square root of
+sqrt(v)), computed exactly from any square root estimate, which lets the CPU kernel use its
+cheapest one and every path agree bit for bit. Smaller tensors keep float32 moments. State:
+~2.03 bytes per parameter against AdamW's 8 (25%).
+
+Checkpoints of llmkernels 0.1.0 before this format (m ~ scale * (c/127)^3: param groups without
+"codes_version") are converted when loaded.
 """
 from __future__ import annotations
 
@@ -22,14 +27,27 @@ from .adam import adam_reference, adam_update
 BLOCK = 256
 
 
+CODES_VERSION = 2  # param_groups' "codes_version": 1 (absent) m ~ (c/127)^3, 2 m ~ (c/127)^2
+
+
 def dequantize_moments(state) -> tuple:
-    """(exp_avg, exp_avg_sq) as float32 tensors of the parameter's size, from 8-bit state."""
+    """(exp_avg, exp_avg_sq) as float32 tensors of the parameter's size, from 8-bit state:
+    m = c|c| * scale / 127^2, v = (u^2)^2 * scale / 255^4, in the kernels' float32 operations."""
     n = state["exp_avg_codes"].numel()
-    ms = state["exp_avg_scales"].repeat_interleave(BLOCK)[:n]
-    vs = state["exp_avg_sq_scales"].repeat_interleave(BLOCK)[:n]
-    qm = state["exp_avg_codes"].float() * (1.0 / 127.0)
-    qv = state["exp_avg_sq_codes"].float() * (1.0 / 255.0)
-    return ms * (qm * qm * qm), vs * ((qv * qv) * (qv * qv))
+    m_unit = (state["exp_avg_scales"] * (1.0 / 16129.0)).repeat_interleave(BLOCK)[:n]
+    v_unit = ((state["exp_avg_sq_scales"] * (1.0 / 65025.0)) * (1.0 / 65025.0)).repeat_interleave(BLOCK)[:n]
+    c = state["exp_avg_codes"].float()
+    u = state["exp_avg_sq_codes"].float()
+    return (c * c.abs()) * m_unit, ((u * u) * (u * u)) * v_unit
+
+
+def sqrt_codes(y: torch.Tensor, max_code: int) -> torch.Tensor:
+    """The integer nearest sqrt(y), halves up, exactly (float32 y; 0 below 1/4 and for NaN),
+    as int32: the kernels' sqrt_code."""
+    f = torch.floor(torch.sqrt(y.clamp(min=0)))
+    t = f + 0.5
+    c = (f + (y >= t * t).float()).clamp(max=max_code)
+    return torch.where(y >= 0.25, c, torch.zeros_like(c)).to(torch.int32)
 
 
 def _quantize_moments(state, m: torch.Tensor, v: torch.Tensor) -> None:
@@ -39,15 +57,28 @@ def _quantize_moments(state, m: torch.Tensor, v: torch.Tensor) -> None:
     mb = torch.nn.functional.pad(m, (0, pad)).view(nb, BLOCK)
     vb = torch.nn.functional.pad(v, (0, pad)).view(nb, BLOCK)
     m_max, v_max = mb.abs().amax(1), vb.amax(1)
-    m_inv = torch.where(m_max > 0, 1.0 / m_max, torch.zeros_like(m_max))
-    v_inv = torch.where(v_max > 0, 1.0 / v_max, torch.zeros_like(v_max))
-    a = (mb.abs() * m_inv[:, None]).pow(1.0 / 3.0).clamp(max=1.0)
-    code = torch.floor(a * 127.0 + 0.5) * torch.sign(mb)  # round half up, as the kernel
-    b = (vb * v_inv[:, None]).sqrt().sqrt().clamp(max=1.0)
-    state["exp_avg_codes"].copy_(code.reshape(-1)[:n].to(torch.int8))
-    state["exp_avg_sq_codes"].copy_(torch.floor(b * 255.0 + 0.5).reshape(-1)[:n].to(torch.uint8))
+    zero = torch.zeros_like(m_max)
+    m_k = torch.where(m_max > 0, (1.0 / m_max) * 16129.0, zero)
+    v_k = torch.where(v_max > 0, (1.0 / v_max.sqrt()) * 65025.0, zero)
+    cm = sqrt_codes(mb.abs() * m_k[:, None], 127)
+    cm = torch.where(mb < 0, -cm, cm)
+    cv = sqrt_codes(vb.sqrt() * v_k[:, None], 255)
+    state["exp_avg_codes"].copy_(cm.reshape(-1)[:n].to(torch.int8))
+    state["exp_avg_sq_codes"].copy_(cv.reshape(-1)[:n].to(torch.uint8))
     state["exp_avg_scales"].copy_(m_max)
     state["exp_avg_sq_scales"].copy_(v_max)
+
+
+def _convert_version1_codes(codes: torch.Tensor) -> None:
+    """exp_avg codes of the cube map (m = scale * (c/127)^3) rewritten, in place, in the square
+    map with the same block scales (the largest value keeps code 127); exp_avg_sq's map did
+    not change."""
+    q = torch.arange(-128, 128, dtype=torch.float32)
+    a = (q.abs() * (1.0 / 127.0)) ** 3  # |m| / scale
+    table = sqrt_codes(a * 16129.0, 127)
+    table = torch.where(q < 0, -table, table).to(torch.int8).to(codes.device)
+    local = _fused.local(codes)
+    local.copy_(table[local.long() + 128])
 
 
 def _eight_bit_state(p: torch.Tensor) -> dict:
@@ -114,7 +145,8 @@ class AdamW8bit(torch.optim.Optimizer):
         if int(min_8bit_size) < 1:
             raise ValueError(f"AdamW8bit: min_8bit_size must be >= 1, got {min_8bit_size}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        maximize=bool(maximize), min_8bit_size=int(min_8bit_size))
+                        maximize=bool(maximize), min_8bit_size=int(min_8bit_size),
+                        codes_version=CODES_VERSION)
         super().__init__(params, defaults)
         for group in self.param_groups:
             _fused.check_params(group["params"], "AdamW8bit")
@@ -132,7 +164,8 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict) -> None:
         """torch's, except that 8-bit codes, scales and float32 moments keep their dtypes
-        (torch casts every state tensor to its parameter's dtype: bf16 scales would lose bits)."""
+        (torch casts every state tensor to its parameter's dtype: bf16 scales would lose bits),
+        and codes of an older format are converted."""
         kept = {key: {k: v for k, v in st.items() if isinstance(v, torch.Tensor) and k != "step"}
                 for key, st in state_dict["state"].items()}
         # Saved keys map to parameters by position, as in torch's load_state_dict (ints from
@@ -144,6 +177,16 @@ class AdamW8bit(torch.optim.Optimizer):
             p = params[key]
             for name, value in tensors.items():
                 self.state[p][name] = value.to(device=p.device).clone()
+        for group in self.param_groups:
+            if group.get("codes_version", 1) == 1:
+                for p in group["params"]:
+                    if "exp_avg_codes" in self.state.get(p, {}):
+                        _convert_version1_codes(self.state[p]["exp_avg_codes"])
+            elif group["codes_version"] != CODES_VERSION:
+                raise ValueError(f"AdamW8bit: this checkpoint's codes_version "
+                                 f"{group['codes_version']} is newer than this llmkernels "
+                                 f"reads ({CODES_VERSION})")
+            group["codes_version"] = CODES_VERSION
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state (moments, scales, steps)."""
