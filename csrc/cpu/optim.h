@@ -45,9 +45,10 @@ struct SgdTensor {  // momentum_buffer undefined when momentum == 0
 };
 
 // 8-bit AdamW state: blocks of kBlock8 elements, each with a float32 scale (its absmax).
-// exp_avg m ~ scale * (q / 127)^3 with q int8; exp_avg_sq v ~ scale * (u / 255)^4 with u uint8.
-// The power maps give the fine steps near zero that moments need (v spans decades within a
-// block); quantizing is a closed form (cube / fourth root), no table search.
+// exp_avg m ~ scale * (c / 127)^2 with c's sign (c int8); exp_avg_sq v ~ scale * (u / 255)^4
+// (u uint8). The power maps give the fine steps near zero that moments need (v spans decades
+// within a block); a code is the integer nearest a square root, no table search (see
+// encode_moments in optim_impl.h).
 constexpr int64_t kBlock8 = 256;
 
 struct Adam8bitTensor {  // param and grad contiguous 1-D (n); codes (n); scales (ceil(n/256))
