@@ -234,6 +234,14 @@ NUM_WARPS8 = 8
 
 
 @triton.jit
+def _rounded_sqrt_code(y):
+    """optim_impl.h's rounded_sqrt_code: int(sqrt(y) + 1/2) of the correctly rounded square
+    root, at most 255; 0 for NaN and infinity."""
+    c = tl.minimum((tl.math.sqrt_rn(tl.where(y < 65536.0, y, 0.0)) + 0.5).to(tl.int32), 255)
+    return tl.where((y >= 0.0) & (y < 65536.0), c, 0)
+
+
+@triton.jit
 def _sqrt_code(y, MAX_CODE: tl.constexpr):
     """optim_impl.h's sqrt_code: the integer nearest sqrt(y), halves up, exactly (floor of any
     estimate within 1/2, then one exact comparison with the squared half-way point); 0 for
@@ -265,17 +273,18 @@ def _adam8bit_kernel(META, FMETA, TYPED, n_tensors,
     offs = block * BLOCK8 + tl.arange(0, BLOCK8)[None, :]  # [ROWS, BLOCK8]
     mask = offs < numel
     has_block = block * BLOCK8 < numel
-    # m = c|c| * scale / 127^2, v = (u^2)^2 * scale / 255^4, as optim_impl.h decodes them
+    # m = c|c| * scale / 127^2, beta2 v = (u^2)^2 * (scale / 255^4 * beta2), as optim_impl.h
+    # decodes them
     m_unit = tl.load(MS + block, mask=has_block, other=0.0) * (1.0 / 16129.0)
-    v_unit = (tl.load(VS + block, mask=has_block, other=0.0) * (1.0 / 65025.0)) * (1.0 / 65025.0)
+    v_unit_b2 = ((tl.load(VS + block, mask=has_block, other=0.0) * (1.0 / 65025.0))
+                 * (1.0 / 65025.0)) * beta2
     c = tl.load(MQ + offs, mask=mask, other=0).to(tl.float32)
     u = tl.load(VQ + offs, mask=mask, other=0).to(tl.float32)
     m = (c * tl.abs(c)) * m_unit
-    v = ((u * u) * (u * u)) * v_unit
+    v = ((u * u) * (u * u)) * v_unit_b2
     p = tl.load(P + offs, mask=mask, other=0.0).to(tl.float32) * decay
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32) * signed_inv_scale
     m = tl.fma(one_m_b1, g - m, m)
-    v = v * beta2
     v = v + (one_m_b2 * g) * g
     root_v = tl.math.sqrt_rn(v)
     p = p + (-step_size) * tl.math.div_rn(m, root_v * inv_bc2 + eps)
@@ -291,7 +300,7 @@ def _adam8bit_kernel(META, FMETA, TYPED, n_tensors,
                    * 65025.0, 0.0)
     code_m = _sqrt_code(m_abs * m_k, 127)
     code_m = tl.where(m < 0.0, -code_m, code_m)
-    code_v = _sqrt_code(root_v * v_k, 255)
+    code_v = _rounded_sqrt_code(root_v * v_k)
     tl.store(MQ + offs, code_m.to(tl.int8), mask=mask)
     tl.store(VQ + offs, code_v.to(tl.uint8), mask=mask)
     tl.store(MS + block, m_max, mask=has_block)

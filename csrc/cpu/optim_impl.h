@@ -215,12 +215,13 @@ void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
   }
 }
 
-// 8-bit moment codes. A code is the integer nearest (halves up) the square root of
-// y = x * k, exactly: c = f + (y >= (f + 1/2)^2) with f = floor(s) is exact for any s within
-// 1/2 of sqrt(y) (the squares are exact in float32 up to 2^24). So each tier takes its
-// cheapest square root estimate (AVX-512's 14-bit reciprocal square root: a sixth of the
-// cost of a correctly rounded square root, the dominant cost of this loop) and every tier,
-// the GPU kernels and the reference path agree bit for bit.
+// 8-bit moment codes: the integer nearest (halves up) the square root of y = x * k.
+// m codes are exact: c = f + (y >= (f + 1/2)^2) with f = floor(s) is exact for any s within
+// 1/2 of sqrt(y) (the squares are exact in float32 up to 2^24), so each tier takes its
+// cheapest estimate (AVX-512's 14-bit reciprocal square root, a sixth of the cost of a
+// correctly rounded square root). v codes are int(sqrt(y) + 1/2) of the correctly rounded
+// square root, which keeps AVX-512's otherwise idle divider busy in this loop. Every tier, the
+// GPU kernels and the reference path agree bit for bit.
 constexpr float kMCodeSq = 127.f * 127.f, kVCodeSq = 255.f * 255.f;
 constexpr float kMUnit = 1.f / kMCodeSq, kVUnit = 1.f / kVCodeSq;
 
@@ -229,6 +230,12 @@ inline int sqrt_code(float y, float s, int max_code) {
   if (!(y >= 0.25f)) return 0;
   const float f = std::floor(s), t = f + 0.5f;
   return std::min(int(f) + (y >= t * t ? 1 : 0), max_code);
+}
+
+// NaN and infinity give 0 (as the vector conversion's 0x80000000 does in its low byte).
+inline int rounded_sqrt_code(float y) {
+  if (!(y >= 0.f && y < 65536.f)) return 0;
+  return std::min(int(std::sqrt(y) + 0.5f), 255);
 }
 
 // m codes (signed: m's sign) from m * m_k, v codes from sqrt(v) * v_k, for len values.
@@ -253,7 +260,8 @@ inline void encode_moments(const float* m, const float* root_v, int64_t len, flo
     cm = _mm512_mask_sub_epi32(cm, _mm512_cmp_ps_mask(mv, _mm512_setzero_ps(), _CMP_LT_OQ),
                                _mm512_setzero_si512(), cm);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(mq + k), _mm512_cvtepi32_epi8(cm));
-    const __m512i cv = code(_mm512_mul_ps(_mm512_loadu_ps(root_v + k), vk));
+    const __m512 yv = _mm512_mul_ps(_mm512_loadu_ps(root_v + k), vk);
+    const __m512i cv = _mm512_cvttps_epi32(_mm512_add_ps(_mm512_sqrt_ps(yv), half));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(vq + k), _mm512_cvtepi32_epi8(cv));
   }
 #endif
@@ -261,7 +269,7 @@ inline void encode_moments(const float* m, const float* root_v, int64_t len, flo
     const float ym = std::fabs(m[k]) * m_k, yv = root_v[k] * v_k;
     const int cm = sqrt_code(ym, std::sqrt(ym), 127);
     mq[k] = int8_t(m[k] < 0.f ? -cm : cm);
-    vq[k] = uint8_t(sqrt_code(yv, std::sqrt(yv), 255));
+    vq[k] = uint8_t(rounded_sqrt_code(yv));
   }
 }
 
@@ -294,7 +302,7 @@ inline void store16(T* a, __m512 x, __mmask16 k) {
 }
 
 struct BlockConsts {
-  float m_unit, v_unit, signed_inv_scale, decay, wd, one_m_b1, b2, one_m_b2, inv_bc2, eps,
+  float m_unit, v_unit_b2, signed_inv_scale, decay, wd, one_m_b1, one_m_b2, inv_bc2, eps,
       step_size;
 };
 
@@ -304,10 +312,10 @@ template <class T, bool kHalf, bool kDecoupled, bool kScaled>
 inline void block_update_avx512(const BlockConsts& c, T* p, const T* g, const int8_t* mq,
                                 const uint8_t* vq, int64_t len, float* m, float* root_v,
                                 uint32_t& m_bits, uint32_t& v_bits) {
-  const __m512 m_unit = _mm512_set1_ps(c.m_unit), v_unit = _mm512_set1_ps(c.v_unit);
+  const __m512 m_unit = _mm512_set1_ps(c.m_unit), v_unit_b2 = _mm512_set1_ps(c.v_unit_b2);
   const __m512 sis = _mm512_set1_ps(c.signed_inv_scale), decay = _mm512_set1_ps(c.decay);
   const __m512 wd = _mm512_set1_ps(c.wd), one_m_b1 = _mm512_set1_ps(c.one_m_b1);
-  const __m512 b2 = _mm512_set1_ps(c.b2), one_m_b2 = _mm512_set1_ps(c.one_m_b2);
+  const __m512 one_m_b2 = _mm512_set1_ps(c.one_m_b2);
   const __m512 inv_bc2 = _mm512_set1_ps(c.inv_bc2), eps = _mm512_set1_ps(c.eps);
   const __m512 neg_step = _mm512_set1_ps(-c.step_size);
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
@@ -318,14 +326,14 @@ inline void block_update_avx512(const BlockConsts& c, T* p, const T* g, const in
     const __m512 uq = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, vq + k)));
     __m512 mi = _mm512_mul_ps(_mm512_mul_ps(cq, _mm512_abs_ps(cq)), m_unit);
     const __m512 uu = _mm512_mul_ps(uq, uq);
-    __m512 vi = _mm512_mul_ps(_mm512_mul_ps(uu, uu), v_unit);
+    __m512 vi = _mm512_mul_ps(_mm512_mul_ps(uu, uu), v_unit_b2);  // beta2 * v
     __m512 pi = load16<T, kHalf>(p + k, live);
     __m512 gi = load16<T, kHalf>(g + k, live);
     if constexpr (kScaled) gi = _mm512_mul_ps(gi, sis);
     if constexpr (kDecoupled) pi = _mm512_mul_ps(pi, decay);
     else gi = _mm512_fmadd_ps(pi, wd, gi);
     mi = _mm512_fmadd_ps(one_m_b1, _mm512_sub_ps(gi, mi), mi);
-    vi = _mm512_add_ps(_mm512_mul_ps(vi, b2), _mm512_mul_ps(_mm512_mul_ps(one_m_b2, gi), gi));
+    vi = _mm512_add_ps(vi, _mm512_mul_ps(_mm512_mul_ps(one_m_b2, gi), gi));
     const __m512 rv = _mm512_sqrt_ps(vi);
     const __m512 denom = _mm512_add_ps(_mm512_mul_ps(rv, inv_bc2), eps);
     const __m512 pn = _mm512_add_ps(pi, _mm512_mul_ps(neg_step, _mm512_div_ps(mi, denom)));
@@ -357,22 +365,38 @@ void adam8bit_loop(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int6
   const float step_size = t.step_size, bc2 = t.bias_correction2_sqrt;
   // g * inv_scale * sign in one multiply: negation commutes with rounding, same bits.
   const float signed_inv_scale = h.maximize ? -h.inv_grad_scale : h.inv_grad_scale;
-  auto get = [](const T* a, int64_t i) { return ld<T, kHalf>(a, i); };
-  auto put = [](T* a, int64_t i, float x) { st<T, kHalf>(a, i, x); };
+  [[maybe_unused]] auto get = [](const T* a, int64_t i) { return ld<T, kHalf>(a, i); };
+  [[maybe_unused]] auto put = [](T* a, int64_t i, float x) { st<T, kHalf>(a, i, x); };
   const float inv_bc2 = 1.f / bc2;
-  float m[kBlock8], root_v[kBlock8];
+  // Blocks are software-pipelined: block b's codes are written after block b + 1's update, so
+  // that the latency of b's maxima, reciprocal and square root (~50 cycles before its codes
+  // can start) overlaps with b + 1's work. Two buffers of new m and sqrt(v) alternate.
+  float m_buf[2][kBlock8], root_v_buf[2][kBlock8];
+  struct Pending {
+    int64_t blk = -1, len = 0;
+    float m_k = 0.f, v_k = 0.f;
+  } pending;
+  auto flush = [&] {
+    if (pending.blk < 0) return;
+    const int64_t at = pending.blk * kBlock8;
+    encode_moments(m_buf[pending.blk & 1], root_v_buf[pending.blk & 1], pending.len, pending.m_k,
+                   pending.v_k, mq + at, vq + at);
+  };
   // float16 on F16C tiers: the block's parameters and gradients converted 8 at a time.
   constexpr bool kBlockF16 = kHalf && kF16C;
-  float pf[kBlockF16 ? kBlock8 : 1], gf[kBlockF16 ? kBlock8 : 1];
+  [[maybe_unused]] float pf[kBlockF16 ? kBlock8 : 1], gf[kBlockF16 ? kBlock8 : 1];
   for (int64_t blk = b0; blk < b1; ++blk) {
     const int64_t base = blk * kBlock8, len = std::min(kBlock8, n - base);
-    // Decoding: m = c|c| * scale / 127^2, v = (u^2)^2 * scale / 255^4 (c|c| and u^2 exact).
+    float* m = m_buf[blk & 1];
+    float* root_v = root_v_buf[blk & 1];
+    // Decoding: m = c|c| * scale / 127^2, v = (u^2)^2 * scale / 255^4 (c|c| and u^2 exact),
+    // v times beta2 folded into its unit.
     // Block maxima on the bit patterns: for non-negative floats their order is the values'
     // order, and integer max reductions vectorize (float ones need -ffinite-math-only).
-    const float m_unit = ms[blk] * kMUnit, v_unit = (vs[blk] * kVUnit) * kVUnit;
+    const float m_unit = ms[blk] * kMUnit, v_unit_b2 = ((vs[blk] * kVUnit) * kVUnit) * b2;
     uint32_t m_bits = 0, v_bits = 0;
 #if defined(__AVX512F__)
-    const BlockConsts consts{m_unit, v_unit, signed_inv_scale, decay, wd, one_m_b1, b2,
+    const BlockConsts consts{m_unit, v_unit_b2, signed_inv_scale, decay, wd, one_m_b1,
                              one_m_b2, inv_bc2, eps, step_size};
     block_update_avx512<T, kHalf, kDecoupled, kScaled>(consts, p + base, g + base, mq + base,
                                                        vq + base, len, m, root_v, m_bits, v_bits);
@@ -384,14 +408,13 @@ void adam8bit_loop(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int6
     for (int64_t k = 0; k < len; ++k) {
       const int64_t i = base + k;
       const float c = float(mq[i]), u = float(vq[i]);
-      float mi = (c * std::fabs(c)) * m_unit, vi = ((u * u) * (u * u)) * v_unit;
+      float mi = (c * std::fabs(c)) * m_unit, vi = ((u * u) * (u * u)) * v_unit_b2;
       float pi = kBlockF16 ? pf[k] : get(p, i);
       float gi = kBlockF16 ? gf[k] : get(g, i);
       if constexpr (kScaled) gi *= signed_inv_scale;
       if (kDecoupled) pi *= decay;
       else gi = std::fma(pi, wd, gi);
       mi = std::fma(one_m_b1, gi - mi, mi);
-      vi = vi * b2;
       vi = vi + (one_m_b2 * gi) * gi;
       const float rv = std::sqrt(vi);
       const float denom = rv * inv_bc2 + eps;
@@ -405,15 +428,18 @@ void adam8bit_loop(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int6
     }
     if constexpr (kBlockF16) store_f16(pf, t.param.data, base, len);
 #endif
+    flush();  // the previous block's codes (its buffers are not this block's)
     const float m_max = bits_to_f32(m_bits), v_max = bits_to_f32(v_bits);
     // Requantize against the block's new absmax: codes are the square root of m / m_max and
     // the fourth root of v / v_max (the square root of sqrt(v) / sqrt(v_max)), scaled.
-    const float m_k = m_max > 0.f ? (1.f / m_max) * kMCodeSq : 0.f;
-    const float v_k = v_max > 0.f ? (1.f / std::sqrt(v_max)) * kVCodeSq : 0.f;
-    encode_moments(m, root_v, len, m_k, v_k, mq + base, vq + base);
+    pending.blk = blk;
+    pending.len = len;
+    pending.m_k = m_max > 0.f ? (1.f / m_max) * kMCodeSq : 0.f;
+    pending.v_k = v_max > 0.f ? (1.f / std::sqrt(v_max)) * kVCodeSq : 0.f;
     ms[blk] = m_max;
     vs[blk] = v_max;
   }
+  flush();
 }
 
 template <class T, bool kHalf, bool kDecoupled>

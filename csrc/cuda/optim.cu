@@ -172,6 +172,12 @@ __device__ __forceinline__ int sqrt_code(float y, int max_code) {
   return min(int(f) + (y >= __fmul_rn(t, t) ? 1 : 0), max_code);
 }
 
+// optim_impl.h's rounded_sqrt_code: int(sqrt(y) + 1/2) of the correctly rounded square root.
+__device__ __forceinline__ int rounded_sqrt_code(float y) {
+  if (!(y >= 0.f && y < 65536.f)) return 0;
+  return min(int(__fadd_rn(__fsqrt_rn(y), 0.5f)), 255);
+}
+
 // AdamW (decoupled weight decay) with 8-bit moments: each warp owns one block of kBlock8
 // values (8 per lane, strided by 32: coalesced), its absmax reduced with warp shuffles.
 template <class T>
@@ -192,7 +198,8 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Tables<6> tb, Adam8A
   float* vs = static_cast<float*>(tb.ptr[5][s]);
   const float step_size = tb.f0[s], inv_bc2 = 1.f / tb.f1[s];
   // m = c|c| * scale / 127^2, v = (u^2)^2 * scale / 255^4, as optim_impl.h decodes them
-  const float m_unit = ms[blk] * (1.f / 16129.f), v_unit = (vs[blk] * (1.f / 65025.f)) * (1.f / 65025.f);
+  const float m_unit = ms[blk] * (1.f / 16129.f);
+  const float v_unit_b2 = ((vs[blk] * (1.f / 65025.f)) * (1.f / 65025.f)) * a.b2;  // beta2 v
   float m[kPer], root_v[kPer];
   float m_max = 0.f, v_max = 0.f;
   for (int r = 0; r < kPer; ++r) {
@@ -202,11 +209,10 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Tables<6> tb, Adam8A
     if (k >= len) continue;
     const int64_t i = base + k;
     const float c = float(mq[i]), u = float(vq[i]);
-    float mi = (c * fabsf(c)) * m_unit, vi = ((u * u) * (u * u)) * v_unit;
+    float mi = (c * fabsf(c)) * m_unit, vi = ((u * u) * (u * u)) * v_unit_b2;
     const float pi = ld(p, i) * a.decay;
     const float gi = ld(g, i) * a.signed_inv_scale;
     mi = fmaf(a.one_m_b1, gi - mi, mi);
-    vi = vi * a.b2;
     vi = vi + (a.one_m_b2 * gi) * gi;
     const float rv = sqrtf(vi);
     st(p, i, pi + (-step_size) * (mi / (rv * inv_bc2 + a.eps)));
@@ -226,7 +232,7 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Tables<6> tb, Adam8A
     if (k >= len) continue;
     const int code = sqrt_code(fabsf(m[r]) * m_k, 127);
     mq[base + k] = int8_t(m[r] < 0.f ? -code : code);
-    vq[base + k] = uint8_t(sqrt_code(root_v[r] * v_k, 255));
+    vq[base + k] = uint8_t(rounded_sqrt_code(root_v[r] * v_k));
   }
   if (lane == 0) {
     ms[blk] = m_max;

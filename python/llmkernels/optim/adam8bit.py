@@ -7,8 +7,9 @@ scale (the block's absmax) and one byte per value for each moment: exp_avg m ~ s
 with c's sign (c int8), exp_avg_sq v ~ scale * (u/255)^4 (u uint8). The power maps put their
 fine steps near zero, where most of a block's values are (v spans decades within a block); a
 code is the integer nearest the scaled root (a square root for m, for v the square root of
-sqrt(v)), computed exactly from any square root estimate, which lets the CPU kernel use its
-cheapest one and every path agree bit for bit. Smaller tensors keep float32 moments. State:
+sqrt(v)); m's codes are computed exactly from any square root estimate, which lets the CPU
+kernel use its cheapest one, v's from the correctly rounded square root: every path agrees bit
+for bit. Smaller tensors keep float32 moments. State:
 ~2.03 bytes per parameter against AdamW's 8 (25%).
 
 Checkpoints of llmkernels 0.1.0 before this format (m ~ scale * (c/127)^3: param groups without
@@ -50,6 +51,14 @@ def sqrt_codes(y: torch.Tensor, max_code: int) -> torch.Tensor:
     return torch.where(y >= 0.25, c, torch.zeros_like(c)).to(torch.int32)
 
 
+def rounded_sqrt_codes(y: torch.Tensor) -> torch.Tensor:
+    """int(sqrt(y) + 1/2) of the correctly rounded float32 square root, at most 255 (0 for NaN
+    and infinity), as int32: the kernels' rounded_sqrt_code (exp_avg_sq's codes)."""
+    ok = (y >= 0) & (y < 65536.0)
+    c = torch.floor(torch.sqrt(torch.where(ok, y, torch.zeros_like(y))) + 0.5).clamp(max=255)
+    return torch.where(ok, c, torch.zeros_like(c)).to(torch.int32)
+
+
 def _quantize_moments(state, m: torch.Tensor, v: torch.Tensor) -> None:
     n = m.numel()
     nb = state["exp_avg_scales"].numel()
@@ -62,7 +71,7 @@ def _quantize_moments(state, m: torch.Tensor, v: torch.Tensor) -> None:
     v_k = torch.where(v_max > 0, (1.0 / v_max.sqrt()) * 65025.0, zero)
     cm = sqrt_codes(mb.abs() * m_k[:, None], 127)
     cm = torch.where(mb < 0, -cm, cm)
-    cv = sqrt_codes(vb.sqrt() * v_k[:, None], 255)
+    cv = rounded_sqrt_codes(vb.sqrt() * v_k[:, None])
     state["exp_avg_codes"].copy_(cm.reshape(-1)[:n].to(torch.int8))
     state["exp_avg_sq_codes"].copy_(cv.reshape(-1)[:n].to(torch.uint8))
     state["exp_avg_scales"].copy_(m_max)
