@@ -207,6 +207,30 @@ def test_sqrt_codes_are_exact():
     assert sqrt_codes(torch.tensor([float("nan")]), 255).item() == 0
 
 
+def test_every_cpu_tier_rounds_denormal_bf16_parameters_alike():
+    """bfloat16 parameters whose updated float32 values are denormal: the AVX512-BF16 tier's
+    conversion instruction flushes those, so such vectors must take the rounding path that
+    keeps them (as every other tier's conversion does)."""
+    tiers = llmkernels.backends.supported_cpu_tiers()
+    if len(tiers) < 2:
+        pytest.skip("one CPU tier here")
+    base = torch.full((4096,), 3e-39).to(torch.bfloat16)
+    base[::7] = 0.0
+    base[::11] = 1.0
+    grad = torch.full((4096,), 1e-30).to(torch.bfloat16)
+    results = []
+    for tier in tiers:
+        p = base.clone().requires_grad_()
+        opt = AdamW8bit([p], lr=1e-40, weight_decay=0.0)
+        with llmkernels.use_cpu_tier(tier):
+            p.grad = grad.clone()
+            opt.step()
+        results.append(p.detach().view(torch.int16))
+    assert (results[0][1:7] != 0).all()  # still denormal, not flushed
+    for tier, got in zip(tiers[1:], results[1:]):
+        assert torch.equal(results[0], got), tier
+
+
 @pytest.mark.parametrize("tier", llmkernels.backends.supported_cpu_tiers())
 def test_every_tier_encodes_like_the_reference(tier):
     """One step from zero state: the kernel's moments are then exactly m = (1 - beta1) g and

@@ -278,6 +278,24 @@ inline void encode_moments(const float* m, const float* root_v, int64_t len, flo
 // operations in the same order as the scalar loop below (so the same bits as every other
 // tier). Written out because the compiler's vectorization of the scalar loop spends ~15% more
 // instructions (byte codes widened in steps, float16 converted through a buffer).
+// to_bf16 of 16 values: round to nearest even, NaN kept quiet.
+inline __m256i to_bf16x16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+#if defined(__AVX512BF16__)
+  // The instruction rounds and quiets NaN as to_bf16 does, but flushes float32 denormals to
+  // zero: vectors holding one (rare) take the integer path.
+  const __mmask16 denormal = _mm512_testn_epi32_mask(u, _mm512_set1_epi32(0x7f800000)) &
+                             _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x007fffff));
+  if (denormal == 0) return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+#endif
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
 // Masked memory operations cost ~10% of the loop on Zen 4: kMasked only for a tensor's last,
 // partial vector.
 template <class T, bool kHalf, bool kMasked>
@@ -301,14 +319,8 @@ inline void store16(T* a, __m512 x, __mmask16 k) {
     __m256i h;
     if constexpr (kHalf) {
       h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    } else {  // to_bf16: round to nearest even, NaN kept quiet
-      const __m512i u = _mm512_castps_si512(x);
-      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-      __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd);
-      const __mmask16 nan = _mm512_cmpgt_epu32_mask(
-          _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-      r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
-      h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+    } else {
+      h = to_bf16x16(x);
     }
     if constexpr (kMasked) _mm256_mask_storeu_epi16(a, k, h);
     else _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), h);
