@@ -289,7 +289,10 @@ def test_branch_free_float16_conversions_match():
 
 
 @pytest.mark.parametrize("make,kw", [(optim.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
-                                     (optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True))])
+                                     (optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True)),
+                                     (optim.SGD, dict(lr=1e-2, momentum=0.9, dampening=0.3,
+                                                      weight_decay=0.01, maximize=True)),
+                                     (optim.SGD, dict(lr=1e-2, weight_decay=0.01))])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_every_cpu_tier_gives_the_same_bits(make, kw, dtype):
     """Every CPU tier (float16 converted by F16C chunks where the tier has it, element by
