@@ -164,11 +164,13 @@ LLMK_INLINE qv qwsum(qv acc, q8) { return acc; }
 #if defined(__AVX512BW__) && LLMK_VEC_BYTES == 64
 constexpr bool kInt4Q8 = true;
 typedef __m512i n8;
+// Two 32-blocks A, B: [lo A, lo B, hi A, hi B] (16 bytes each; x is prepared in this order):
+// the 32 bytes broadcast to both halves, the upper half shifted right by a nibble, masked.
+constexpr bool kPairedNibbles = true;
 LLMK_INLINE n8 nibble_bytes(const uint8_t* p) {
-  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
-  z = _mm512_and_si512(z, _mm512_set1_epi8(15));     // [lo A, lo B, hi A, hi B] (16 bytes each)
-  return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));  // [lo A, hi A, lo B, hi B]
+  const __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m512i z = _mm512_srlv_epi64(b, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0));
+  return _mm512_and_si512(z, _mm512_set1_epi8(15));
 }
 LLMK_INLINE n8 load_x8(const int8_t* p) { return _mm512_loadu_si512(p); }
 LLMK_INLINE vf dot_u4_s8(n8 w, n8 x) {
@@ -181,6 +183,7 @@ LLMK_INLINE vf dot_u4_s8(n8 w, n8 x) {
 }
 #elif defined(__AVX2__) && LLMK_VEC_BYTES == 32
 constexpr bool kInt4Q8 = true;
+constexpr bool kPairedNibbles = false;  // one 32-block per vector: [lo, hi]
 typedef __m256i n8;
 LLMK_INLINE n8 nibble_bytes(const uint8_t* p) {
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -196,6 +199,7 @@ LLMK_INLINE vf dot_u4_s8(n8 w, n8 x) {
 }
 #else
 constexpr bool kInt4Q8 = false;
+constexpr bool kPairedNibbles = false;
 #endif
 
 // ------------------------------------------------------------------ the call's shared state
@@ -802,8 +806,11 @@ struct PrepCtx {
   float* x4sum;
 };
 
-// One row of x for the int8-x int4 path: per 32-block (in the permuted order), scale =
-// max|x| / 127 and q = x / scale rounded to nearest even; an all-zero block has scale 0.
+// One row of x for the int8-x int4 path: per 32-block, scale = max|x| / 127 and
+// q = x / scale rounded to nearest even (an all-zero block has scale 0), in the order of
+// nibble_bytes: per 32-block its 16 even elements, then its 16 odd ones; with paired nibbles
+// (AVX-512) per two blocks A, B: A's even, B's even, A's odd, B's odd. lanes: the scale of
+// each 4 values (an int32 lane of the dot products).
 void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
   const QuantMatmulParams& p = *pc.p;
   const Ctx& c = *pc.c;
@@ -827,12 +834,22 @@ void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
     // made of the other values.
     const float s = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
     int32_t qsum = 0;
+    // where this block's evens (e < 16) and odds go
+    int64_t even_at = kb, odd_at = kb + 16;
+    if constexpr (kPairedNibbles) {
+      const int64_t pair = kb & ~int64_t(63), second = (kb & 32) ? 16 : 0;
+      even_at = pair + second;
+      odd_at = pair + 32 + second;
+    }
     for (int e = 0; e < 32; ++e) {
       const int qi = s > 0.f ? int(std::min(127.f, std::max(-127.f, std::nearbyint(v[e] / s)))) : 0;
-      q[kb + e] = int8_t(qi);
+      q[(e < 16 ? even_at + e : odd_at + e - 16)] = int8_t(qi);
       qsum += qi;
     }
-    for (int l = 0; l < 8; ++l) lanes[kb / 4 + l] = s;
+    for (int l = 0; l < 4; ++l) {
+      lanes[even_at / 4 + l] = s;
+      lanes[odd_at / 4 + l] = s;
+    }
     gsum[kb / g] += s * float(qsum);
   }
 }
