@@ -25,23 +25,42 @@ using namespace llmk;
 
 namespace {
 
-TensorView to_view(const py::object& obj, const char* name) {
+// A (data_ptr, dtype code, sizes, strides) tuple of Python ints. Read with the C API: an
+// optimizer step passes thousands (pybind11's casts into std::vectors took ~0.8 us a view).
+TensorView to_view(const py::handle& obj, const char* name) {
   TensorView v;
   if (obj.is_none()) return v;
-  auto t = obj.cast<py::tuple>();
-  LLMK_CHECK(t.size() == 4, name << ": expected (data_ptr, dtype, sizes, strides)");
-  v.data = reinterpret_cast<void*>(t[0].cast<uintptr_t>());
-  const int code = t[1].cast<int>();
+  PyObject* t = obj.ptr();
+  LLMK_CHECK(PyTuple_Check(t) && PyTuple_GET_SIZE(t) == 4,
+             name << ": expected (data_ptr, dtype, sizes, strides)");
+  auto as_int = [&](PyObject* o) {
+    const long long x = PyLong_AsLongLong(o);
+    if (x == -1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      LLMK_CHECK(false, name << ": expected integers in (data_ptr, dtype, sizes, strides)");
+    }
+    return int64_t(x);
+  };
+  PyObject* ptr = PyTuple_GET_ITEM(t, 0);
+  const unsigned long long address = PyLong_AsUnsignedLongLong(ptr);
+  if (address == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+    PyErr_Clear();
+    LLMK_CHECK(false, name << ": data_ptr must be a non-negative integer");
+  }
+  v.data = reinterpret_cast<void*>(uintptr_t(address));
+  const int64_t code = as_int(PyTuple_GET_ITEM(t, 1));
   LLMK_CHECK(code >= 0 && code <= int(DType::i64), name << ": unknown dtype code " << code);
   v.dtype = DType(code);
-  auto sizes = t[2].cast<std::vector<int64_t>>();
-  auto strides = t[3].cast<std::vector<int64_t>>();
-  LLMK_CHECK(sizes.size() == strides.size() && sizes.size() <= size_t(kMaxDims),
+  PyObject* sizes = PyTuple_GET_ITEM(t, 2);
+  PyObject* strides = PyTuple_GET_ITEM(t, 3);
+  LLMK_CHECK(PyTuple_Check(sizes) && PyTuple_Check(strides) &&
+                 PyTuple_GET_SIZE(sizes) == PyTuple_GET_SIZE(strides) &&
+                 PyTuple_GET_SIZE(sizes) <= kMaxDims,
              name << ": bad sizes/strides");
-  v.ndim = int32_t(sizes.size());
+  v.ndim = int32_t(PyTuple_GET_SIZE(sizes));
   for (int i = 0; i < v.ndim; ++i) {
-    v.sizes[i] = sizes[i];
-    v.strides[i] = strides[i];
+    v.sizes[i] = as_int(PyTuple_GET_ITEM(sizes, i));
+    v.strides[i] = as_int(PyTuple_GET_ITEM(strides, i));
   }
   return v;
 }
