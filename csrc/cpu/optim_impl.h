@@ -180,9 +180,8 @@ inline __m256i to_bf16x16(__m512 x) {
 #if defined(__AVX512BF16__)
   // The instruction rounds and quiets NaN as to_bf16 does, but flushes float32 denormals to
   // zero: vectors holding one (rare) take the integer path.
-  const __mmask16 denormal = _mm512_testn_epi32_mask(u, _mm512_set1_epi32(0x7f800000)) &
-                             _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x007fffff));
-  if (denormal == 0) return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+  if (_mm512_fpclass_ps_mask(x, 0x20) == 0)  // class 0x20: denormal
+    return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
 #endif
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd);
