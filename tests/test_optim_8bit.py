@@ -231,6 +231,34 @@ def test_every_cpu_tier_rounds_denormal_bf16_parameters_alike():
         assert torch.equal(results[0], got), tier
 
 
+def test_every_cpu_tier_codes_non_finite_moments_alike():
+    """NaN and infinite gradients (a step GradScaler would skip) still give the same codes and
+    parameters on every tier: the vector code paths map NaN to code 0 through conversions and
+    packs whose results must match the scalar code's explicit tests."""
+    tiers = llmkernels.backends.supported_cpu_tiers()
+    if len(tiers) < 2:
+        pytest.skip("one CPU tier here")
+    torch.manual_seed(7)
+    base = torch.randn(4096)
+    g = torch.randn(4096)
+    g[5], g[300], g[700] = float("nan"), float("inf"), -float("inf")
+    g[1000:1256] = 0
+    g2 = torch.randn(4096)
+    results = []
+    for tier in tiers:
+        p = base.clone().requires_grad_()
+        opt = AdamW8bit([p])
+        with llmkernels.use_cpu_tier(tier):
+            for grad in (g, g2):
+                p.grad = grad.clone()
+                opt.step()
+        st = opt.state[p]
+        results.append((st["exp_avg_codes"], st["exp_avg_sq_codes"], p.detach().view(torch.int32)))
+    for tier, got in zip(tiers[1:], results[1:]):
+        for a, b in zip(results[0], got):
+            assert torch.equal(a, b), tier
+
+
 @pytest.mark.parametrize("tier", llmkernels.backends.supported_cpu_tiers())
 def test_every_tier_encodes_like_the_reference(tier):
     """One step from zero state: the kernel's moments are then exactly m = (1 - beta1) g and
