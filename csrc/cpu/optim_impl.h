@@ -1,6 +1,9 @@
 // Per-tier element loops of the fused optimizers (compiled once per tier: see vec.h). The
 // loops are plain scalar code over contiguous arrays, written so that the compiler
-// vectorizes them for the tier's instruction set (float32 math, -fno-math-errno sqrt).
+// vectorizes them for the tier's instruction set (float32 math, -fno-math-errno sqrt); where
+// that vectorization measured poorly (AdamW8bit's block update and codes, bf16 SGD) AVX-512
+// and AVX2 intrinsics do the same operations in the same order, so every tier gives the same
+// bits (tests/test_optim*.py compare them).
 // These files compile without FMA contraction: each operation rounds as torch's does (its
 // lerp is the one fused multiply-add), so trajectories follow torch.optim's to a few ulps.
 #pragma once
