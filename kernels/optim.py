@@ -19,7 +19,9 @@ Launches (one per group, not one per tensor):
                             padding entries = INT64_MAX)
         numel  [n]
         ptrs   [n, K]       data_ptr() of the tensors of parameter t (K = 2..5)
-        floats [n, 2] f32   Adam: step_size, bias_correction2_sqrt (read through a float32 view)
+        floats [n, F] f32   read through a float32 view: Adam step_size, bias_correction2_sqrt
+                            and the stochastic rounding key's bits (F = 3); SGD with
+                            stochastic rounding the key's bits (F = 1); AdamW8bit F = 2
     A program finds its tensor by a log2(P)-step binary search over cum (static loop).
   - Full blocks take an unmasked path (so loads and stores vectorize: the table pointers are
     declared 16-byte aligned when all of the group's are); the tail block of each tensor is
@@ -75,6 +77,34 @@ def _cast(v, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _sr_bf16(v, idx, key):
+    """optim_impl.h's sr_bf16(v, sr_bits(idx, key)): v (float32) to bfloat16 with 16 random
+    bits added below the kept ones (murmur3's finalizer of idx * golden ratio + key, uint32
+    arithmetic), then truncated; NaN stays a quiet NaN."""
+    h = idx.to(tl.uint32) * tl.full([], 0x9E3779B1, tl.uint32) + key
+    h ^= h >> 16
+    h *= tl.full([], 0x85EBCA6B, tl.uint32)
+    h ^= h >> 13
+    h *= tl.full([], 0xC2B2AE35, tl.uint32)
+    h ^= h >> 16
+    u = v.to(tl.uint32, bitcast=True)
+    bits = tl.where((u & 0x7FFFFFFF) > 0x7F800000, u | 0x400000, u + (h & 0xFFFF))
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _st_param(ptr, offs, v, mask, key, MASKED: tl.constexpr, SR: tl.constexpr):
+    """The parameter's store: rounded to nearest even, or stochastically (bfloat16, SR)."""
+    if SR:
+        if MASKED:
+            tl.store(ptr + offs, _sr_bf16(v, offs, key), mask=mask)
+        else:
+            tl.store(ptr + offs, _sr_bf16(v, offs, key))
+    else:
+        _st(ptr, offs, v, mask, MASKED)
+
+
+@triton.jit
 def _find_tensor(CUM, blk, LOG_P: tl.constexpr):
     """The t with cum[t] <= blk < cum[t + 1] (cum padded to 2**LOG_P entries with INT64_MAX)."""
     t = blk * 0
@@ -123,9 +153,10 @@ def _st(ptr, offs, v, mask, MASKED: tl.constexpr):
 # ------------------------------------------------------------------------------ Adam
 
 @triton.jit
-def _adam_block(P, G, M, V, VMAX, offs, mask, step_size, bc2, beta2, eps, wd, decay,
+def _adam_block(P, G, M, V, VMAX, offs, mask, step_size, bc2, key, beta2, eps, wd, decay,
                 one_m_b1, one_m_b2, inv_scale, sign,
-                DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MASKED: tl.constexpr):
+                DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MASKED: tl.constexpr,
+                SR: tl.constexpr):
     p = _ld(P, offs, mask, MASKED)
     g = _ld(G, offs, mask, MASKED) * inv_scale * sign
     if DECOUPLED:
@@ -143,7 +174,7 @@ def _adam_block(P, G, M, V, VMAX, offs, mask, step_size, bc2, beta2, eps, wd, de
         _st(VMAX, offs, vd, mask, MASKED)
     denom = tl.math.div_rn(tl.math.sqrt_rn(vd), bc2) + eps
     p = p + (-step_size) * tl.math.div_rn(m, denom)  # addcdiv
-    _st(P, offs, p, mask, MASKED)
+    _st_param(P, offs, p, mask, key, MASKED, SR)
     _st(M, offs, m, mask, MASKED)
     _st(V, offs, v, mask, MASKED)
 
@@ -152,10 +183,11 @@ def _adam_block(P, G, M, V, VMAX, offs, mask, step_size, bc2, beta2, eps, wd, de
 def _adam_kernel(META, FMETA, TYPED, STATE_TYPED, n_tensors,
                  beta2, eps, wd, decay, one_m_b1, one_m_b2, inv_scale, sign,
                  LOG_P: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr, SR: tl.constexpr):
     """One BLOCK of one tensor. META: cum [2**LOG_P], numel [n], ptrs [n, 4 or 5] (int64);
-    FMETA: float32 [n, 2] (step_size, bc2). TYPED / STATE_TYPED: any pointer of the group's
-    parameter / moment dtype (type only; the moments may be float32 for 16-bit parameters)."""
+    FMETA: float32 [n, 3] (step_size, bc2, the stochastic rounding key's bits). TYPED /
+    STATE_TYPED: any pointer of the group's parameter / moment dtype (type only; the moments
+    may be float32 for 16-bit parameters). SR: bfloat16 parameters stochastically rounded."""
     ELEM: tl.constexpr = TYPED.dtype.element_ty
     SELEM: tl.constexpr = STATE_TYPED.dtype.element_ty
     t, numel, rows, local = _locate(META, n_tensors, LOG_P, 5 if AMSGRAD else 4)
@@ -166,25 +198,26 @@ def _adam_kernel(META, FMETA, TYPED, STATE_TYPED, n_tensors,
     VMAX = M
     if AMSGRAD:
         VMAX = _ptr(rows, 4, SELEM, ALIGNED)
-    step_size = tl.load(FMETA + 2 * t)
-    bc2 = tl.load(FMETA + 2 * t + 1)
+    step_size = tl.load(FMETA + 3 * t)
+    bc2 = tl.load(FMETA + 3 * t + 1)
+    key = tl.load(FMETA + 3 * t + 2).to(tl.uint32, bitcast=True)
     start = local * BLOCK
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-        _adam_block(P, G, M, V, VMAX, offs, None, step_size, bc2, beta2, eps, wd, decay,
-                    one_m_b1, one_m_b2, inv_scale, sign, DECOUPLED, AMSGRAD, False)
+        _adam_block(P, G, M, V, VMAX, offs, None, step_size, bc2, key, beta2, eps, wd, decay,
+                    one_m_b1, one_m_b2, inv_scale, sign, DECOUPLED, AMSGRAD, False, SR)
     else:
-        _adam_block(P, G, M, V, VMAX, offs, offs < numel, step_size, bc2, beta2, eps, wd,
-                    decay, one_m_b1, one_m_b2, inv_scale, sign, DECOUPLED, AMSGRAD, True)
+        _adam_block(P, G, M, V, VMAX, offs, offs < numel, step_size, bc2, key, beta2, eps, wd,
+                    decay, one_m_b1, one_m_b2, inv_scale, sign, DECOUPLED, AMSGRAD, True, SR)
 
 
 # ------------------------------------------------------------------------------ SGD
 
 @triton.jit
-def _sgd_block(P, G, B, offs, mask, lr, wd, mom, damp, inv_scale, sign,
+def _sgd_block(P, G, B, offs, mask, key, lr, wd, mom, damp, inv_scale, sign,
                MOMENTUM: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
-               MASKED: tl.constexpr):
+               MASKED: tl.constexpr, SR: tl.constexpr):
     p = _ld(P, offs, mask, MASKED)
     d = _ld(G, offs, mask, MASKED) * inv_scale * sign
     d = tl.fma(p, wd, d)  # grad.add(param, alpha=wd); exact when wd = 0
@@ -198,14 +231,16 @@ def _sgd_block(P, G, B, offs, mask, lr, wd, mom, damp, inv_scale, sign,
             d = tl.fma(b, mom, d)
         else:
             d = b
-    _st(P, offs, tl.fma(d, -lr, p), mask, MASKED)  # param.add_(grad, alpha=-lr)
+    _st_param(P, offs, tl.fma(d, -lr, p), mask, key, MASKED, SR)  # param.add_(grad, alpha=-lr)
 
 
 @triton.jit
-def _sgd_kernel(META, TYPED, n_tensors, lr, wd, mom, damp, inv_scale, sign,
+def _sgd_kernel(META, FMETA, TYPED, n_tensors, lr, wd, mom, damp, inv_scale, sign,
                 LOG_P: tl.constexpr, MOMENTUM: tl.constexpr, FIRST: tl.constexpr,
-                NESTEROV: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """One BLOCK of one tensor. META: cum [2**LOG_P], numel [n], ptrs [n, 2 or 3] (int64)."""
+                NESTEROV: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                SR: tl.constexpr):
+    """One BLOCK of one tensor. META: cum [2**LOG_P], numel [n], ptrs [n, 2 or 3] (int64);
+    FMETA (SR only): float32 [n, 1], the stochastic rounding key's bits."""
     ELEM: tl.constexpr = TYPED.dtype.element_ty
     t, numel, rows, local = _locate(META, n_tensors, LOG_P, 3 if MOMENTUM else 2)
     P = _ptr(rows, 0, ELEM, ALIGNED)
@@ -213,15 +248,18 @@ def _sgd_kernel(META, TYPED, n_tensors, lr, wd, mom, damp, inv_scale, sign,
     B = P
     if MOMENTUM:
         B = _ptr(rows, 2, ELEM, ALIGNED)
+    key = 0
+    if SR:
+        key = tl.load(FMETA + t).to(tl.uint32, bitcast=True)
     start = local * BLOCK
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-        _sgd_block(P, G, B, offs, None, lr, wd, mom, damp, inv_scale, sign,
-                   MOMENTUM, FIRST, NESTEROV, False)
+        _sgd_block(P, G, B, offs, None, key, lr, wd, mom, damp, inv_scale, sign,
+                   MOMENTUM, FIRST, NESTEROV, False, SR)
     else:
-        _sgd_block(P, G, B, offs, offs < numel, lr, wd, mom, damp, inv_scale, sign,
-                   MOMENTUM, FIRST, NESTEROV, True)
+        _sgd_block(P, G, B, offs, offs < numel, key, lr, wd, mom, damp, inv_scale, sign,
+                   MOMENTUM, FIRST, NESTEROV, True, SR)
 
 
 # ------------------------------------------------------------------------------ 8-bit AdamW
@@ -335,7 +373,9 @@ def _tables(tensor_rows: List[List[torch.Tensor]], numels: List[int], floats=Non
     log_p = _log2_ceil(n)
     p2 = 1 << log_p
     nblocks = [(x + block - 1) // block for x in numels]
-    nf = n if floats is not None else 0  # one int64 word = two float32 per tensor
+    if floats is not None:  # rows of float32 (a float32 array keeps bit patterns as they are)
+        floats = np.asarray(floats, dtype=np.float32).reshape(n, -1)
+    nf = (floats.size + 1) // 2 if floats is not None else 0  # two float32 per int64 word
     buf = np.empty(p2 + n + n * k + nf, dtype=np.int64)
     cum = np.cumsum([0] + nblocks, dtype=np.int64)
     buf[:n] = cum[:n]
@@ -345,7 +385,7 @@ def _tables(tensor_rows: List[List[torch.Tensor]], numels: List[int], floats=Non
     ptrs[:] = [t.data_ptr() for row in tensor_rows for t in row]
     aligned = not (ptrs % ALIGN).any()
     if floats is not None:
-        buf[p2 + n + n * k:].view(np.float32)[:] = np.asarray(floats, dtype=np.float32).ravel()
+        buf[p2 + n + n * k:].view(np.float32)[:floats.size] = floats.ravel()
     device = tensor_rows[0][0].device
     meta = torch.from_numpy(buf)
     if device.type != "cpu":
@@ -380,19 +420,36 @@ def _device_ctx(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _key_bits(keys) -> np.ndarray:
+    """32-bit stochastic rounding keys as float32 bit patterns (for a kernel's float table)."""
+    return np.asarray([int(k) & 0xFFFFFFFF for k in keys], dtype=np.uint32).view(np.float32)
+
+
+def _check_sr(name, params, sr_keys):
+    if sr_keys is None:
+        return
+    if len(sr_keys) != len(params):
+        raise ValueError(f"{name}: sr_keys must have one key per tensor")
+    if any(p.dtype != torch.bfloat16 for p in params):
+        raise ValueError(f"{name}: stochastic rounding needs bfloat16 parameters")
+
+
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes,
               bias_correction2_sqrts, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
               maximize, inv_grad_scale, decay, one_minus_beta1, one_minus_beta2,
-              check=True) -> None:
+              check=True, sr_keys=None) -> None:
     """One Adam/AdamW step over lists of contiguous tensors (updated in place). step_sizes /
     bias_correction2_sqrts: per tensor, lr / (1 - beta1**step) and sqrt(1 - beta2**step);
     decay = 1 - lr * weight_decay, one_minus_beta1/2 computed in double by the caller.
     check=False: the caller has checked dtypes, devices and contiguity (the optimizers do,
-    to choose this path) and the per-tensor checks are not repeated."""
+    to choose this path) and the per-tensor checks are not repeated. sr_keys: per tensor,
+    the 32-bit key of its stochastic rounding stream (bfloat16 parameters; None: round to
+    nearest even)."""
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(step_sizes)
             == len(bias_correction2_sqrts) == n) or (amsgrad and len(max_exp_avg_sqs) != n):
         raise ValueError("adam_step: the tensor lists must have the same length")
+    _check_sr("adam_step", params, sr_keys)
     rows = [[params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]]
             + ([max_exp_avg_sqs[i]] if amsgrad else []) for i in range(n)]
     if check:
@@ -401,9 +458,12 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes,
     keys = [(p.dtype, m.dtype, p.get_device()) for p, m in zip(params, exp_avgs)]
     for _, idx in _groups(keys, numels):
         grows = [rows[i] for i in idx]
-        meta, fmeta, grid, log_p, aligned = _tables(
-            grows, [numels[i] for i in idx],
-            [(step_sizes[i], bias_correction2_sqrts[i]) for i in idx])
+        floats = np.zeros((len(idx), 3), dtype=np.float32)  # step_size, bc2, key bits
+        floats[:, 0] = [step_sizes[i] for i in idx]
+        floats[:, 1] = [bias_correction2_sqrts[i] for i in idx]
+        if sr_keys is not None:
+            floats[:, 2] = _key_bits([sr_keys[i] for i in idx])
+        meta, fmeta, grid, log_p, aligned = _tables(grows, [numels[i] for i in idx], floats)
         with _device_ctx(params[idx[0]].device):
             _adam_kernel[(grid,)](
                 meta, fmeta, grows[0][0], grows[0][2], len(idx),
@@ -411,20 +471,21 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes,
                 float(one_minus_beta1), float(one_minus_beta2), float(inv_grad_scale),
                 -1.0 if maximize else 1.0,
                 LOG_P=log_p, DECOUPLED=bool(decoupled), AMSGRAD=bool(amsgrad),
-                ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                ALIGNED=aligned, BLOCK=BLOCK, SR=sr_keys is not None, num_warps=NUM_WARPS,
                 enable_fp_fusion=False)
 
 
 def sgd_step(params, grads, momentum_buffers, first_steps, *, lr, momentum, dampening,
              weight_decay, nesterov, maximize, inv_grad_scale, one_minus_dampening,
-             check=True) -> None:
+             check=True, sr_keys=None) -> None:
     """One SGD step over lists of contiguous tensors (updated in place). momentum_buffers:
     None entries when momentum == 0; first_steps[i]: the buffer is written from the gradient
-    (its contents are not read). check: as adam_step's."""
+    (its contents are not read). check, sr_keys: as adam_step's."""
     n = len(params)
     use_mom = float(momentum) != 0.0
     if not (len(grads) == len(first_steps) == n) or (use_mom and len(momentum_buffers) != n):
         raise ValueError("sgd_step: the tensor lists must have the same length")
+    _check_sr("sgd_step", params, sr_keys)
     rows = [[params[i], grads[i]] + ([momentum_buffers[i]] if use_mom else []) for i in range(n)]
     if check:
         _check("sgd_step", rows)
@@ -432,13 +493,15 @@ def sgd_step(params, grads, momentum_buffers, first_steps, *, lr, momentum, damp
     keys = [(p.dtype, p.get_device(), bool(f) and use_mom) for p, f in zip(params, first_steps)]
     for (_, _, first), idx in _groups(keys, numels):
         grows = [rows[i] for i in idx]
-        meta, _, grid, log_p, aligned = _tables(grows, [numels[i] for i in idx])
+        floats = _key_bits([sr_keys[i] for i in idx]) if sr_keys is not None else None
+        meta, fmeta, grid, log_p, aligned = _tables(grows, [numels[i] for i in idx], floats)
         with _device_ctx(params[idx[0]].device):
             _sgd_kernel[(grid,)](
-                meta, grows[0][0], len(idx), float(lr), float(weight_decay), float(momentum),
-                float(one_minus_dampening), float(inv_grad_scale), -1.0 if maximize else 1.0,
+                meta, fmeta if fmeta is not None else meta, grows[0][0], len(idx), float(lr),
+                float(weight_decay), float(momentum), float(one_minus_dampening),
+                float(inv_grad_scale), -1.0 if maximize else 1.0,
                 LOG_P=log_p, MOMENTUM=use_mom, FIRST=first, NESTEROV=bool(nesterov),
-                ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                ALIGNED=aligned, BLOCK=BLOCK, SR=sr_keys is not None, num_warps=NUM_WARPS,
                 enable_fp_fusion=False)
 
 

@@ -89,7 +89,7 @@ def choose_path(params: List[torch.Tensor], tensors_per_param, stochastic_roundi
     device = params[0].device.type
     native = backends.native_module()
     cpu_ok = ready and device == "cpu" and native is not None
-    triton_ok = (ready and not stochastic_rounding and _triton_optim() is not None
+    triton_ok = (ready and _triton_optim() is not None
                  and (device == "cuda" or triton_interpreting()))
     cuda_ok = (ready and not stochastic_rounding and device == "cuda"
                and hasattr(native, "adam_step_cuda"))

@@ -105,7 +105,7 @@ def adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, correctio
             beta2=beta2, eps=eps, weight_decay=wd, decoupled=decoupled, amsgrad=amsgrad,
             maximize=maximize, inv_grad_scale=inv_scale, decay=1.0 - lr * wd,
             one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
-            check=False)  # choose_path checked the tensors
+            check=False, sr_keys=keys if sr else None)  # choose_path checked the tensors
     elif path in ("cpu", "cuda"):
         items = [(_fused.flat(p), _fused.flat(g), _fused.flat(m), _fused.flat(v), _fused.flat(vm),
                   step_size, bc2, key)

@@ -81,7 +81,8 @@ class SGD(torch.optim.Optimizer):
                     params, grads, bufs, firsts, lr=lr, momentum=momentum,
                     dampening=dampening, weight_decay=wd, nesterov=group["nesterov"],
                     maximize=group["maximize"], inv_grad_scale=inv_scale,
-                    one_minus_dampening=1.0 - dampening, check=False)  # choose_path checked them
+                    one_minus_dampening=1.0 - dampening, check=False,  # choose_path checked them
+                    sr_keys=keys if sr else None)
             elif path in ("cpu", "cuda"):
                 items = [(_fused.flat(p), _fused.flat(g), _fused.flat(b), f, key)
                          for p, g, b, f, key in zip(params, grads, bufs, firsts, keys)]
