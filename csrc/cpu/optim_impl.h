@@ -384,15 +384,17 @@ inline void encode_moments(const float* m, const float* root_v, int64_t len, flo
   }
 }
 
+// The per-block constants of the vector block updates.
+struct BlockConsts {
+  float m_unit, v_unit_b2, signed_inv_scale, decay, wd, one_m_b1, one_m_b2, inv_bc2, eps,
+      step_size;
+};
+
 #if defined(__AVX512F__)
 // AVX-512: one block's update in intrinsics, 16 values per vector, the same float32
 // operations in the same order as the scalar loop below (so the same bits as every other
 // tier). Written out because the compiler's vectorization of the scalar loop spends ~15% more
 // instructions (byte codes widened in steps, float16 converted through a buffer).
-struct BlockConsts {
-  float m_unit, v_unit_b2, signed_inv_scale, decay, wd, one_m_b1, one_m_b2, inv_bc2, eps,
-      step_size;
-};
 
 // Updates len <= kBlock8 values at p, g, mq, vq; m and root_v receive the new m and sqrt(v);
 // returns the bit patterns of max |m| and max v.
@@ -446,6 +448,91 @@ inline void block_update_avx512(const BlockConsts& c, T* p, const T* g, const in
 
 // One AdamW step over 8-bit blocks [b0, b1) of a tensor. kScaled: gradients multiplied by
 // inv_grad_scale * (maximize ? -1 : 1); without it that factor is 1 (the same bits: x * 1 = x).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// AVX2: the block update of block_update_avx512, 8 values per vector, whole vectors only (the
+// caller runs the scalar loop on the rest: masked AVX2 stores are slow on AMD). Returns the
+// number of values done; m_bits / v_bits as there.
+template <class T, bool kHalf>
+inline __m256 load8(const T* a) {
+  if constexpr (std::is_same_v<T, float>) return _mm256_loadu_ps(a);
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
+  if constexpr (kHalf) return _mm256_cvtph_ps(h);
+  else return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+template <class T, bool kHalf>
+inline void store8(T* a, __m256 x) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_storeu_ps(a, x);
+    return;
+  } else {
+    __m128i h;
+    if constexpr (kHalf) {
+      h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {  // to_bf16: round to nearest even, NaN kept quiet
+      const __m256i u = _mm256_castps_si256(x);
+      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
+      // NaN: |u| > 0x7f800000 as signed integers (|u| < 2^31)
+      const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                             _mm256_set1_epi32(0x7f800000));
+      const __m256i q = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
+      const __m256i bits = _mm256_srli_epi32(_mm256_blendv_epi8(r, q, nan), 16);
+      // 8 x 16 bits, in lane order: packus keeps them (< 2^16), permute4x64 joins the halves
+      h = _mm256_castsi256_si128(
+          _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), _MM_SHUFFLE(3, 1, 2, 0)));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(a), h);
+  }
+}
+
+template <class T, bool kHalf, bool kDecoupled, bool kScaled>
+inline int64_t block_update_avx2(const BlockConsts& c, T* p, const T* g, const int8_t* mq,
+                                 const uint8_t* vq, int64_t len, float* m, float* root_v,
+                                 uint32_t& m_bits, uint32_t& v_bits) {
+  const __m256 m_unit = _mm256_set1_ps(c.m_unit), v_unit_b2 = _mm256_set1_ps(c.v_unit_b2);
+  const __m256 sis = _mm256_set1_ps(c.signed_inv_scale), decay = _mm256_set1_ps(c.decay);
+  const __m256 wd = _mm256_set1_ps(c.wd), one_m_b1 = _mm256_set1_ps(c.one_m_b1);
+  const __m256 one_m_b2 = _mm256_set1_ps(c.one_m_b2);
+  const __m256 inv_bc2 = _mm256_set1_ps(c.inv_bc2), eps = _mm256_set1_ps(c.eps);
+  const __m256 neg_step = _mm256_set1_ps(-c.step_size);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256i mmax = _mm256_setzero_si256(), vmax = _mm256_setzero_si256();
+  int64_t k = 0;
+  for (; k + 8 <= len; k += 8) {
+    const __m128i cb = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mq + k));
+    const __m128i ub = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(vq + k));
+    const __m256 cq = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(cb));
+    const __m256 uq = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(ub));
+    __m256 mi = _mm256_mul_ps(_mm256_mul_ps(cq, _mm256_and_ps(cq, abs_mask)), m_unit);
+    const __m256 uu = _mm256_mul_ps(uq, uq);
+    __m256 vi = _mm256_mul_ps(_mm256_mul_ps(uu, uu), v_unit_b2);  // beta2 * v
+    __m256 pi = load8<T, kHalf>(p + k);
+    __m256 gi = load8<T, kHalf>(g + k);
+    if constexpr (kScaled) gi = _mm256_mul_ps(gi, sis);
+    if constexpr (kDecoupled) pi = _mm256_mul_ps(pi, decay);
+    else gi = _mm256_fmadd_ps(pi, wd, gi);
+    mi = _mm256_fmadd_ps(one_m_b1, _mm256_sub_ps(gi, mi), mi);
+    vi = _mm256_add_ps(vi, _mm256_mul_ps(_mm256_mul_ps(one_m_b2, gi), gi));
+    const __m256 rv = _mm256_sqrt_ps(vi);
+    const __m256 denom = _mm256_add_ps(_mm256_mul_ps(rv, inv_bc2), eps);
+    const __m256 pn = _mm256_add_ps(pi, _mm256_mul_ps(neg_step, _mm256_div_ps(mi, denom)));
+    store8<T, kHalf>(p + k, pn);
+    _mm256_storeu_ps(m + k, mi);
+    _mm256_storeu_ps(root_v + k, rv);
+    mmax = _mm256_max_epu32(mmax, _mm256_castps_si256(_mm256_and_ps(mi, abs_mask)));
+    vmax = _mm256_max_epu32(vmax, _mm256_castps_si256(_mm256_and_ps(vi, abs_mask)));
+  }
+  alignas(32) uint32_t lanes[16];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), mmax);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes + 8), vmax);
+  for (int i = 0; i < 8; ++i) {
+    m_bits = std::max(m_bits, lanes[i]);
+    v_bits = std::max(v_bits, lanes[8 + i]);
+  }
+  return k;
+}
+#endif
+
 template <class T, bool kHalf, bool kDecoupled, bool kScaled>
 void adam8bit_loop(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int64_t b1) {
   T* p = static_cast<T*>(t.param.data);
@@ -496,16 +583,27 @@ void adam8bit_loop(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int6
     block_update_avx512<T, kHalf, kDecoupled, kScaled>(consts, p + base, g + base, mq + base,
                                                        vq + base, len, m, root_v, m_bits, v_bits);
 #else
-    if constexpr (kBlockF16) {
+    int64_t k0 = 0;
+#if defined(__AVX2__)
+    const BlockConsts consts{m_unit, v_unit_b2, signed_inv_scale, decay, wd, one_m_b1,
+                             one_m_b2, inv_bc2, eps, step_size};
+    k0 = block_update_avx2<T, kHalf, kDecoupled, kScaled>(consts, p + base, g + base, mq + base,
+                                                          vq + base, len, m, root_v, m_bits,
+                                                          v_bits);
+    constexpr bool kBufferF16 = false;  // the rest (under 8 values) converts element-wise
+#else
+    constexpr bool kBufferF16 = kBlockF16;
+#endif
+    if constexpr (kBufferF16) {
       load_f16(t.param.data, base, pf, len);
       load_f16(t.grad.data, base, gf, len);
     }
-    for (int64_t k = 0; k < len; ++k) {
+    for (int64_t k = k0; k < len; ++k) {
       const int64_t i = base + k;
       const float c = float(mq[i]), u = float(vq[i]);
       float mi = (c * std::fabs(c)) * m_unit, vi = ((u * u) * (u * u)) * v_unit_b2;
-      float pi = kBlockF16 ? pf[k] : get(p, i);
-      float gi = kBlockF16 ? gf[k] : get(g, i);
+      float pi = kBufferF16 ? pf[k] : get(p, i);
+      float gi = kBufferF16 ? gf[k] : get(g, i);
       if constexpr (kScaled) gi *= signed_inv_scale;
       if (kDecoupled) pi *= decay;
       else gi = std::fma(pi, wd, gi);
@@ -514,14 +612,14 @@ void adam8bit_loop(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int6
       const float rv = std::sqrt(vi);
       const float denom = rv * inv_bc2 + eps;
       const float pn = pi + (-step_size) * (mi / denom);
-      if constexpr (kBlockF16) pf[k] = pn;
+      if constexpr (kBufferF16) pf[k] = pn;
       else put(p, i, pn);
       m[k] = mi;
       root_v[k] = rv;
       m_bits = std::max(m_bits, f32_to_bits(mi) & 0x7fffffffu);
       v_bits = std::max(v_bits, f32_to_bits(vi) & 0x7fffffffu);
     }
-    if constexpr (kBlockF16) store_f16(pf, t.param.data, base, len);
+    if constexpr (kBufferF16) store_f16(pf, t.param.data, base, len);
 #endif
     flush();  // the previous block's codes (its buffers are not this block's)
     const float m_max = bits_to_f32(m_bits), v_max = bits_to_f32(v_bits);
