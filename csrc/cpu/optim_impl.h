@@ -227,6 +227,43 @@ inline void store16(T* a, __m512 x, __mmask16 k) {
 
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// AVX2 loads and stores of 8 values as float32 (bfloat16: to_bf16's rounding).
+template <class T, bool kHalf>
+inline __m256 load8(const T* a) {
+  if constexpr (std::is_same_v<T, float>) return _mm256_loadu_ps(a);
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
+  if constexpr (kHalf) return _mm256_cvtph_ps(h);
+  else return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+template <class T, bool kHalf>
+inline void store8(T* a, __m256 x) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_storeu_ps(a, x);
+    return;
+  } else {
+    __m128i h;
+    if constexpr (kHalf) {
+      h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {  // to_bf16: round to nearest even, NaN kept quiet
+      const __m256i u = _mm256_castps_si256(x);
+      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
+      // NaN: |u| > 0x7f800000 as signed integers (|u| < 2^31)
+      const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                             _mm256_set1_epi32(0x7f800000));
+      const __m256i q = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
+      const __m256i bits = _mm256_srli_epi32(_mm256_blendv_epi8(r, q, nan), 16);
+      // 8 x 16 bits, in lane order: packus keeps them (< 2^16), permute4x64 joins the halves
+      h = _mm256_castsi256_si128(
+          _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), _MM_SHUFFLE(3, 1, 2, 0)));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(a), h);
+  }
+}
+
+#endif
+
 template <class T, bool kHalf, bool kMomentum, bool kFirst, bool kNesterov, bool kSR = false>
 void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
   if constexpr (kHalf && kF16C && !kSR) {
@@ -273,6 +310,26 @@ void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
         d = kNesterov ? _mm512_fmadd_ps(bi, v_mom, d) : bi;
       }
       store16<T, false, false>(p + i, _mm512_fmadd_ps(d, v_nlr, pi), 0);
+    }
+  }
+#elif defined(__AVX2__)
+  // The same on AVX2, 8 values per vector (one thread, 1M values: 0.66 -> 0.48 ns each).
+  if constexpr (std::is_same_v<T, uint16_t> && !kHalf && !kSR) {
+    const __m256 v_inv = _mm256_set1_ps(inv_scale), v_sign = _mm256_set1_ps(sign);
+    const __m256 v_wd = _mm256_set1_ps(wd), v_mom = _mm256_set1_ps(mom);
+    const __m256 v_damp = _mm256_set1_ps(damp), v_nlr = _mm256_set1_ps(-lr);
+    for (; i + 8 <= e; i += 8) {
+      const __m256 pi = load8<T, false>(p + i);
+      __m256 d = _mm256_mul_ps(_mm256_mul_ps(load8<T, false>(g + i), v_inv), v_sign);
+      d = _mm256_fmadd_ps(pi, v_wd, d);
+      if constexpr (kMomentum) {
+        const __m256 bi = kFirst ? d
+                                 : _mm256_fmadd_ps(d, v_damp,
+                                                   _mm256_mul_ps(load8<T, false>(buf + i), v_mom));
+        store8<T, false>(buf + i, bi);
+        d = kNesterov ? _mm256_fmadd_ps(bi, v_mom, d) : bi;
+      }
+      store8<T, false>(p + i, _mm256_fmadd_ps(d, v_nlr, pi));
     }
   }
 #endif
@@ -452,39 +509,6 @@ inline void block_update_avx512(const BlockConsts& c, T* p, const T* g, const in
 // AVX2: the block update of block_update_avx512, 8 values per vector, whole vectors only (the
 // caller runs the scalar loop on the rest: masked AVX2 stores are slow on AMD). Returns the
 // number of values done; m_bits / v_bits as there.
-template <class T, bool kHalf>
-inline __m256 load8(const T* a) {
-  if constexpr (std::is_same_v<T, float>) return _mm256_loadu_ps(a);
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
-  if constexpr (kHalf) return _mm256_cvtph_ps(h);
-  else return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-template <class T, bool kHalf>
-inline void store8(T* a, __m256 x) {
-  if constexpr (std::is_same_v<T, float>) {
-    _mm256_storeu_ps(a, x);
-    return;
-  } else {
-    __m128i h;
-    if constexpr (kHalf) {
-      h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    } else {  // to_bf16: round to nearest even, NaN kept quiet
-      const __m256i u = _mm256_castps_si256(x);
-      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-      const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
-      // NaN: |u| > 0x7f800000 as signed integers (|u| < 2^31)
-      const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                             _mm256_set1_epi32(0x7f800000));
-      const __m256i q = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
-      const __m256i bits = _mm256_srli_epi32(_mm256_blendv_epi8(r, q, nan), 16);
-      // 8 x 16 bits, in lane order: packus keeps them (< 2^16), permute4x64 joins the halves
-      h = _mm256_castsi256_si128(
-          _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), _MM_SHUFFLE(3, 1, 2, 0)));
-    }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(a), h);
-  }
-}
-
 template <class T, bool kHalf, bool kDecoupled, bool kScaled>
 inline int64_t block_update_avx2(const BlockConsts& c, T* p, const T* g, const int8_t* mq,
                                  const uint8_t* vq, int64_t len, float* m, float* root_v,
