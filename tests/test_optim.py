@@ -289,6 +289,8 @@ def test_branch_free_float16_conversions_match():
 
 
 @pytest.mark.parametrize("make,kw", [(optim.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+                                     (optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+                                     (optim.Adam, dict(lr=1e-2, weight_decay=0.01, maximize=True)),
                                      (optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True)),
                                      (optim.SGD, dict(lr=1e-2, momentum=0.9, dampening=0.3,
                                                       weight_decay=0.01, maximize=True)),
