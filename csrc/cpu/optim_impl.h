@@ -123,37 +123,28 @@ inline __m256i to_bf16x16(__m512 x) {
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
-// Masked memory operations cost ~10% of the loop on Zen 4: kMasked only for a tensor's last,
-// partial vector.
-template <class T, bool kHalf, bool kMasked>
-inline __m512 load16(const T* a, __mmask16 k) {
+// 16 values as float32 (16-bit ones converted) and back. Unmasked: masked memory operations
+// cost ~10% of the 8-bit loop on Zen 4, so partial vectors go to the scalar loops.
+template <class T, bool kHalf>
+inline __m512 load16(const T* a) {
   if constexpr (std::is_same_v<T, float>) {
-    return kMasked ? _mm512_maskz_loadu_ps(k, a) : _mm512_loadu_ps(a);
+    return _mm512_loadu_ps(a);
   } else {
-    const __m256i h = kMasked ? _mm256_maskz_loadu_epi16(k, a)
-                              : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
     if constexpr (kHalf) return _mm512_cvtph_ps(h);
     else return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
 }
-template <class T, bool kHalf, bool kMasked>
-inline void store16(T* a, __m512 x, __mmask16 k) {
+template <class T, bool kHalf>
+inline void store16(T* a, __m512 x) {
   if constexpr (std::is_same_v<T, float>) {
-    if constexpr (kMasked) _mm512_mask_storeu_ps(a, k, x);
-    else _mm512_storeu_ps(a, x);
-    return;
+    _mm512_storeu_ps(a, x);
   } else {
-    __m256i h;
-    if constexpr (kHalf) {
-      h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    } else {
-      h = to_bf16x16(x);
-    }
-    if constexpr (kMasked) _mm256_mask_storeu_epi16(a, k, h);
-    else _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), h);
+    const __m256i h = kHalf ? _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                            : to_bf16x16(x);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), h);
   }
 }
-
 #endif
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
@@ -199,83 +190,109 @@ inline void store8(T* a, __m256 x) {
 // (one thread, 1M bf16 values: 0.79 ns each on AVX-512, 1.36 on AVX2). The same operations in
 // the same order as the scalar loop below; max as std::max (the first operand unless the
 // second is larger).
+#if defined(__AVX512F__) || defined(__AVX2__)
+// The float vector of the tier and the few operations the intrinsics loops share, so that one
+// loop body serves AVX-512 and AVX2 (each wrapper is one instruction).
+struct Simd {
 #if defined(__AVX512F__)
-template <class T, bool kHalf, bool kDecoupled, bool kAmsgrad>
-int64_t adam_vec(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
-  T* p = static_cast<T*>(t.param.data);
-  const T* g = static_cast<const T*>(t.grad.data);
-  T* m = static_cast<T*>(t.exp_avg.data);
-  T* v = static_cast<T*>(t.exp_avg_sq.data);
-  T* vmax = static_cast<T*>(t.max_exp_avg_sq.data);
-  const __m512 inv_scale = _mm512_set1_ps(h.inv_grad_scale);
-  const __m512 sign = _mm512_set1_ps(h.maximize ? -1.f : 1.f);
-  const __m512 wd = _mm512_set1_ps(h.weight_decay), decay = _mm512_set1_ps(h.decay);
-  const __m512 b2 = _mm512_set1_ps(h.beta2), eps = _mm512_set1_ps(h.eps);
-  const __m512 one_m_b1 = _mm512_set1_ps(h.one_minus_beta1);
-  const __m512 one_m_b2 = _mm512_set1_ps(h.one_minus_beta2);
-  const __m512 neg_step = _mm512_set1_ps(-t.step_size);
-  const __m512 bc2 = _mm512_set1_ps(t.bias_correction2_sqrt);
-  int64_t i = b;
-  for (; i + 16 <= e; i += 16) {
-    __m512 pi = load16<T, kHalf, false>(p + i, 0);
-    __m512 gi = _mm512_mul_ps(_mm512_mul_ps(load16<T, kHalf, false>(g + i, 0), inv_scale), sign);
-    if constexpr (kDecoupled) pi = _mm512_mul_ps(pi, decay);
-    else gi = _mm512_fmadd_ps(pi, wd, gi);
-    __m512 mi = load16<T, kHalf, false>(m + i, 0);
-    mi = _mm512_fmadd_ps(one_m_b1, _mm512_sub_ps(gi, mi), mi);
-    __m512 vi = _mm512_mul_ps(load16<T, kHalf, false>(v + i, 0), b2);
-    vi = _mm512_add_ps(vi, _mm512_mul_ps(_mm512_mul_ps(one_m_b2, gi), gi));
-    __m512 vd = vi;
-    if constexpr (kAmsgrad) {
-      const __m512 old = load16<T, kHalf, false>(vmax + i, 0);
-      vd = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(old, vi, _CMP_LT_OQ), old, vi);
-      store16<T, kHalf, false>(vmax + i, vd, 0);
-    }
-    const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vd), bc2), eps);
-    pi = _mm512_add_ps(pi, _mm512_mul_ps(neg_step, _mm512_div_ps(mi, denom)));
-    store16<T, kHalf, false>(p + i, pi, 0);
-    store16<T, kHalf, false>(m + i, mi, 0);
-    store16<T, kHalf, false>(v + i, vi, 0);
+  using V = __m512;
+  static constexpr int kW = 16;
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V sqrt(V a) { return _mm512_sqrt_ps(a); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  // std::max(a, b): b if a < b, else a (NaN: a)
+  static V max_as_std(V a, V b) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), a, b);
   }
-  return i;
-}
-#elif defined(__AVX2__)
+  template <class T, bool kHalf> static V load(const T* p) { return load16<T, kHalf>(p); }
+  template <class T, bool kHalf> static void store(T* p, V x) { store16<T, kHalf>(p, x); }
+  static void storeu(float* p, V x) { _mm512_storeu_ps(p, x); }
+  static V abs(V a) { return _mm512_abs_ps(a); }
+  // kW byte codes as floats
+  static V from_i8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static V from_u8(const uint8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  // running maxima of |x|'s bit patterns (for non-negative floats, the values' order)
+  using I = __m512i;
+  static I izero() { return _mm512_setzero_si512(); }
+  static I max_abs_bits(I acc, V x) {
+    return _mm512_max_epu32(acc, _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff)));
+  }
+  static uint32_t hmax_bits(I acc) { return uint32_t(_mm512_reduce_max_epu32(acc)); }
+#else
+  using V = __m256;
+  static constexpr int kW = 8;
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static V sqrt(V a) { return _mm256_sqrt_ps(a); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V max_as_std(V a, V b) { return _mm256_blendv_ps(a, b, _mm256_cmp_ps(a, b, _CMP_LT_OQ)); }
+  template <class T, bool kHalf> static V load(const T* p) { return load8<T, kHalf>(p); }
+  template <class T, bool kHalf> static void store(T* p, V x) { store8<T, kHalf>(p, x); }
+  static void storeu(float* p, V x) { _mm256_storeu_ps(p, x); }
+  static V abs(V a) { return _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
+  static V from_i8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static V from_u8(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  using I = __m256i;
+  static I izero() { return _mm256_setzero_si256(); }
+  static I max_abs_bits(I acc, V x) { return _mm256_max_epu32(acc, _mm256_castps_si256(abs(x))); }
+  static uint32_t hmax_bits(I acc) {
+    alignas(32) uint32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
+    uint32_t r = lanes[0];
+    for (int i = 1; i < 8; ++i) r = std::max(r, lanes[i]);
+    return r;
+  }
+#endif
+};
+
 template <class T, bool kHalf, bool kDecoupled, bool kAmsgrad>
 int64_t adam_vec(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
+  using S = Simd;
   T* p = static_cast<T*>(t.param.data);
   const T* g = static_cast<const T*>(t.grad.data);
   T* m = static_cast<T*>(t.exp_avg.data);
   T* v = static_cast<T*>(t.exp_avg_sq.data);
   T* vmax = static_cast<T*>(t.max_exp_avg_sq.data);
-  const __m256 inv_scale = _mm256_set1_ps(h.inv_grad_scale);
-  const __m256 sign = _mm256_set1_ps(h.maximize ? -1.f : 1.f);
-  const __m256 wd = _mm256_set1_ps(h.weight_decay), decay = _mm256_set1_ps(h.decay);
-  const __m256 b2 = _mm256_set1_ps(h.beta2), eps = _mm256_set1_ps(h.eps);
-  const __m256 one_m_b1 = _mm256_set1_ps(h.one_minus_beta1);
-  const __m256 one_m_b2 = _mm256_set1_ps(h.one_minus_beta2);
-  const __m256 neg_step = _mm256_set1_ps(-t.step_size);
-  const __m256 bc2 = _mm256_set1_ps(t.bias_correction2_sqrt);
+  const S::V inv_scale = S::set1(h.inv_grad_scale), sign = S::set1(h.maximize ? -1.f : 1.f);
+  const S::V wd = S::set1(h.weight_decay), decay = S::set1(h.decay);
+  const S::V b2 = S::set1(h.beta2), eps = S::set1(h.eps);
+  const S::V one_m_b1 = S::set1(h.one_minus_beta1), one_m_b2 = S::set1(h.one_minus_beta2);
+  const S::V neg_step = S::set1(-t.step_size), bc2 = S::set1(t.bias_correction2_sqrt);
   int64_t i = b;
-  for (; i + 8 <= e; i += 8) {
-    __m256 pi = load8<T, kHalf>(p + i);
-    __m256 gi = _mm256_mul_ps(_mm256_mul_ps(load8<T, kHalf>(g + i), inv_scale), sign);
-    if constexpr (kDecoupled) pi = _mm256_mul_ps(pi, decay);
-    else gi = _mm256_fmadd_ps(pi, wd, gi);
-    __m256 mi = load8<T, kHalf>(m + i);
-    mi = _mm256_fmadd_ps(one_m_b1, _mm256_sub_ps(gi, mi), mi);
-    __m256 vi = _mm256_mul_ps(load8<T, kHalf>(v + i), b2);
-    vi = _mm256_add_ps(vi, _mm256_mul_ps(_mm256_mul_ps(one_m_b2, gi), gi));
-    __m256 vd = vi;
+  for (; i + S::kW <= e; i += S::kW) {
+    S::V pi = S::load<T, kHalf>(p + i);
+    S::V gi = S::mul(S::mul(S::load<T, kHalf>(g + i), inv_scale), sign);
+    if constexpr (kDecoupled) pi = S::mul(pi, decay);
+    else gi = S::fmadd(pi, wd, gi);
+    S::V mi = S::load<T, kHalf>(m + i);
+    mi = S::fmadd(one_m_b1, S::sub(gi, mi), mi);
+    S::V vi = S::mul(S::load<T, kHalf>(v + i), b2);
+    vi = S::add(vi, S::mul(S::mul(one_m_b2, gi), gi));
+    S::V vd = vi;
     if constexpr (kAmsgrad) {
-      const __m256 old = load8<T, kHalf>(vmax + i);
-      vd = _mm256_blendv_ps(old, vi, _mm256_cmp_ps(old, vi, _CMP_LT_OQ));
-      store8<T, kHalf>(vmax + i, vd);
+      vd = S::max_as_std(S::load<T, kHalf>(vmax + i), vi);
+      S::store<T, kHalf>(vmax + i, vd);
     }
-    const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vd), bc2), eps);
-    pi = _mm256_add_ps(pi, _mm256_mul_ps(neg_step, _mm256_div_ps(mi, denom)));
-    store8<T, kHalf>(p + i, pi);
-    store8<T, kHalf>(m + i, mi);
-    store8<T, kHalf>(v + i, vi);
+    const S::V denom = S::add(S::div(S::sqrt(vd), bc2), eps);
+    pi = S::add(pi, S::mul(neg_step, S::div(mi, denom)));
+    S::store<T, kHalf>(p + i, pi);
+    S::store<T, kHalf>(m + i, mi);
+    S::store<T, kHalf>(v + i, vi);
   }
   return i;
 }
@@ -387,45 +404,25 @@ void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
   auto get = [](const T* a, int64_t i) { return ld<T, kHalf>(a, i); };
   auto put = [](T* a, int64_t i, float x) { st<T, kHalf>(a, i, x); };
   int64_t i = b;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
   // bfloat16 in intrinsics: the compiler's vectorization of the conversions left this loop
-  // compute-bound at 0.63x torch's fused SGD. The same operations as the scalar loop.
+  // compute-bound (0.63x torch's fused SGD with AVX-512; one thread, 1M values, AVX2:
+  // 0.66 -> 0.48 ns each). The same operations as the scalar loop.
   if constexpr (std::is_same_v<T, uint16_t> && !kHalf && !kSR) {
-    const __m512 v_inv = _mm512_set1_ps(inv_scale), v_sign = _mm512_set1_ps(sign);
-    const __m512 v_wd = _mm512_set1_ps(wd), v_mom = _mm512_set1_ps(mom);
-    const __m512 v_damp = _mm512_set1_ps(damp), v_nlr = _mm512_set1_ps(-lr);
-    for (; i + 16 <= e; i += 16) {
-      const __m512 pi = load16<T, false, false>(p + i, 0);
-      __m512 d = _mm512_mul_ps(_mm512_mul_ps(load16<T, false, false>(g + i, 0), v_inv), v_sign);
-      d = _mm512_fmadd_ps(pi, v_wd, d);
+    using S = Simd;
+    const S::V v_inv = S::set1(inv_scale), v_sign = S::set1(sign), v_wd = S::set1(wd);
+    const S::V v_mom = S::set1(mom), v_damp = S::set1(damp), v_nlr = S::set1(-lr);
+    for (; i + S::kW <= e; i += S::kW) {
+      const S::V pi = S::load<T, false>(p + i);
+      S::V d = S::mul(S::mul(S::load<T, false>(g + i), v_inv), v_sign);
+      d = S::fmadd(pi, v_wd, d);
       if constexpr (kMomentum) {
-        const __m512 bi = kFirst ? d
-                                 : _mm512_fmadd_ps(d, v_damp, _mm512_mul_ps(
-                                       load16<T, false, false>(buf + i, 0), v_mom));
-        store16<T, false, false>(buf + i, bi, 0);
-        d = kNesterov ? _mm512_fmadd_ps(bi, v_mom, d) : bi;
+        const S::V bi =
+            kFirst ? d : S::fmadd(d, v_damp, S::mul(S::load<T, false>(buf + i), v_mom));
+        S::store<T, false>(buf + i, bi);
+        d = kNesterov ? S::fmadd(bi, v_mom, d) : bi;
       }
-      store16<T, false, false>(p + i, _mm512_fmadd_ps(d, v_nlr, pi), 0);
-    }
-  }
-#elif defined(__AVX2__)
-  // The same on AVX2, 8 values per vector (one thread, 1M values: 0.66 -> 0.48 ns each).
-  if constexpr (std::is_same_v<T, uint16_t> && !kHalf && !kSR) {
-    const __m256 v_inv = _mm256_set1_ps(inv_scale), v_sign = _mm256_set1_ps(sign);
-    const __m256 v_wd = _mm256_set1_ps(wd), v_mom = _mm256_set1_ps(mom);
-    const __m256 v_damp = _mm256_set1_ps(damp), v_nlr = _mm256_set1_ps(-lr);
-    for (; i + 8 <= e; i += 8) {
-      const __m256 pi = load8<T, false>(p + i);
-      __m256 d = _mm256_mul_ps(_mm256_mul_ps(load8<T, false>(g + i), v_inv), v_sign);
-      d = _mm256_fmadd_ps(pi, v_wd, d);
-      if constexpr (kMomentum) {
-        const __m256 bi = kFirst ? d
-                                 : _mm256_fmadd_ps(d, v_damp,
-                                                   _mm256_mul_ps(load8<T, false>(buf + i), v_mom));
-        store8<T, false>(buf + i, bi);
-        d = kNesterov ? _mm256_fmadd_ps(bi, v_mom, d) : bi;
-      }
-      store8<T, false>(p + i, _mm256_fmadd_ps(d, v_nlr, pi));
+      S::store<T, false>(p + i, S::fmadd(d, v_nlr, pi));
     }
   }
 #endif
@@ -543,112 +540,47 @@ struct BlockConsts {
       step_size;
 };
 
-#if defined(__AVX512F__)
-// AVX-512: one block's update in intrinsics, 16 values per vector, the same float32
-// operations in the same order as the scalar loop below (so the same bits as every other
-// tier). Written out because the compiler's vectorization of the scalar loop spends ~15% more
-// instructions (byte codes widened in steps, float16 converted through a buffer).
-
-// Updates len <= kBlock8 values at p, g, mq, vq; m and root_v receive the new m and sqrt(v);
-// returns the bit patterns of max |m| and max v.
+#if defined(__AVX512F__) || defined(__AVX2__)
+// One block's update in intrinsics, whole vectors only (the caller's scalar loop does the
+// rest: masked stores are slow on AMD), with the same float32 operations in the same order as
+// that loop (so the same bits as every other tier); the compiler's vectorization of it spent
+// ~15% more instructions (byte codes widened in steps, 16-bit values converted through
+// buffers). m and root_v receive the new m and sqrt(v); m_bits / v_bits the running maxima of
+// |m| and v as bit patterns. Returns the number of values done.
 template <class T, bool kHalf, bool kDecoupled, bool kScaled>
-inline void block_update_avx512(const BlockConsts& c, T* p, const T* g, const int8_t* mq,
+inline int64_t block_update_vec(const BlockConsts& c, T* p, const T* g, const int8_t* mq,
                                 const uint8_t* vq, int64_t len, float* m, float* root_v,
                                 uint32_t& m_bits, uint32_t& v_bits) {
-  const __m512 m_unit = _mm512_set1_ps(c.m_unit), v_unit_b2 = _mm512_set1_ps(c.v_unit_b2);
-  const __m512 sis = _mm512_set1_ps(c.signed_inv_scale), decay = _mm512_set1_ps(c.decay);
-  const __m512 wd = _mm512_set1_ps(c.wd), one_m_b1 = _mm512_set1_ps(c.one_m_b1);
-  const __m512 one_m_b2 = _mm512_set1_ps(c.one_m_b2);
-  const __m512 inv_bc2 = _mm512_set1_ps(c.inv_bc2), eps = _mm512_set1_ps(c.eps);
-  const __m512 neg_step = _mm512_set1_ps(-c.step_size);
-  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
-  __m512i mmax = _mm512_setzero_si512(), vmax = _mm512_setzero_si512();
-  auto step = [&](int64_t k, auto masked, __mmask16 live) {
-    constexpr bool kMasked = decltype(masked)::value;
-    const __m128i cb = kMasked ? _mm_maskz_loadu_epi8(live, mq + k)
-                               : _mm_loadu_si128(reinterpret_cast<const __m128i*>(mq + k));
-    const __m128i ub = kMasked ? _mm_maskz_loadu_epi8(live, vq + k)
-                               : _mm_loadu_si128(reinterpret_cast<const __m128i*>(vq + k));
-    const __m512 cq = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(cb));
-    const __m512 uq = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(ub));
-    __m512 mi = _mm512_mul_ps(_mm512_mul_ps(cq, _mm512_abs_ps(cq)), m_unit);
-    const __m512 uu = _mm512_mul_ps(uq, uq);
-    __m512 vi = _mm512_mul_ps(_mm512_mul_ps(uu, uu), v_unit_b2);  // beta2 * v
-    __m512 pi = load16<T, kHalf, kMasked>(p + k, live);
-    __m512 gi = load16<T, kHalf, kMasked>(g + k, live);
-    if constexpr (kScaled) gi = _mm512_mul_ps(gi, sis);
-    if constexpr (kDecoupled) pi = _mm512_mul_ps(pi, decay);
-    else gi = _mm512_fmadd_ps(pi, wd, gi);
-    mi = _mm512_fmadd_ps(one_m_b1, _mm512_sub_ps(gi, mi), mi);
-    vi = _mm512_add_ps(vi, _mm512_mul_ps(_mm512_mul_ps(one_m_b2, gi), gi));
-    const __m512 rv = _mm512_sqrt_ps(vi);
-    const __m512 denom = _mm512_add_ps(_mm512_mul_ps(rv, inv_bc2), eps);
-    const __m512 pn = _mm512_add_ps(pi, _mm512_mul_ps(neg_step, _mm512_div_ps(mi, denom)));
-    store16<T, kHalf, kMasked>(p + k, pn, live);
-    _mm512_storeu_ps(m + k, mi);  // the arrays hold kBlock8 values: the full vector fits
-    _mm512_storeu_ps(root_v + k, rv);
-    // masked-off lanes computed from zeros: m = 0, v = 0, no effect on the maxima
-    mmax = _mm512_max_epu32(mmax, _mm512_and_si512(_mm512_castps_si512(mi), abs_mask));
-    vmax = _mm512_max_epu32(vmax, _mm512_and_si512(_mm512_castps_si512(vi), abs_mask));
-  };
+  using S = Simd;
+  const S::V m_unit = S::set1(c.m_unit), v_unit_b2 = S::set1(c.v_unit_b2);
+  const S::V sis = S::set1(c.signed_inv_scale), decay = S::set1(c.decay), wd = S::set1(c.wd);
+  const S::V one_m_b1 = S::set1(c.one_m_b1), one_m_b2 = S::set1(c.one_m_b2);
+  const S::V inv_bc2 = S::set1(c.inv_bc2), eps = S::set1(c.eps);
+  const S::V neg_step = S::set1(-c.step_size);
+  S::I mmax = S::izero(), vmax = S::izero();
   int64_t k = 0;
-  for (; k + 16 <= len; k += 16) step(k, std::false_type{}, __mmask16(0xffff));
-  if (k < len) step(k, std::true_type{}, __mmask16((1u << (len - k)) - 1));
-  m_bits = std::max(m_bits, uint32_t(_mm512_reduce_max_epu32(mmax)));
-  v_bits = std::max(v_bits, uint32_t(_mm512_reduce_max_epu32(vmax)));
-}
-#endif
-
-// One AdamW step over 8-bit blocks [b0, b1) of a tensor. kScaled: gradients multiplied by
-// inv_grad_scale * (maximize ? -1 : 1); without it that factor is 1 (the same bits: x * 1 = x).
-#if defined(__AVX2__) && !defined(__AVX512F__)
-// AVX2: the block update of block_update_avx512, 8 values per vector, whole vectors only (the
-// caller runs the scalar loop on the rest: masked AVX2 stores are slow on AMD). Returns the
-// number of values done; m_bits / v_bits as there.
-template <class T, bool kHalf, bool kDecoupled, bool kScaled>
-inline int64_t block_update_avx2(const BlockConsts& c, T* p, const T* g, const int8_t* mq,
-                                 const uint8_t* vq, int64_t len, float* m, float* root_v,
-                                 uint32_t& m_bits, uint32_t& v_bits) {
-  const __m256 m_unit = _mm256_set1_ps(c.m_unit), v_unit_b2 = _mm256_set1_ps(c.v_unit_b2);
-  const __m256 sis = _mm256_set1_ps(c.signed_inv_scale), decay = _mm256_set1_ps(c.decay);
-  const __m256 wd = _mm256_set1_ps(c.wd), one_m_b1 = _mm256_set1_ps(c.one_m_b1);
-  const __m256 one_m_b2 = _mm256_set1_ps(c.one_m_b2);
-  const __m256 inv_bc2 = _mm256_set1_ps(c.inv_bc2), eps = _mm256_set1_ps(c.eps);
-  const __m256 neg_step = _mm256_set1_ps(-c.step_size);
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  __m256i mmax = _mm256_setzero_si256(), vmax = _mm256_setzero_si256();
-  int64_t k = 0;
-  for (; k + 8 <= len; k += 8) {
-    const __m128i cb = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mq + k));
-    const __m128i ub = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(vq + k));
-    const __m256 cq = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(cb));
-    const __m256 uq = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(ub));
-    __m256 mi = _mm256_mul_ps(_mm256_mul_ps(cq, _mm256_and_ps(cq, abs_mask)), m_unit);
-    const __m256 uu = _mm256_mul_ps(uq, uq);
-    __m256 vi = _mm256_mul_ps(_mm256_mul_ps(uu, uu), v_unit_b2);  // beta2 * v
-    __m256 pi = load8<T, kHalf>(p + k);
-    __m256 gi = load8<T, kHalf>(g + k);
-    if constexpr (kScaled) gi = _mm256_mul_ps(gi, sis);
-    if constexpr (kDecoupled) pi = _mm256_mul_ps(pi, decay);
-    else gi = _mm256_fmadd_ps(pi, wd, gi);
-    mi = _mm256_fmadd_ps(one_m_b1, _mm256_sub_ps(gi, mi), mi);
-    vi = _mm256_add_ps(vi, _mm256_mul_ps(_mm256_mul_ps(one_m_b2, gi), gi));
-    const __m256 rv = _mm256_sqrt_ps(vi);
-    const __m256 denom = _mm256_add_ps(_mm256_mul_ps(rv, inv_bc2), eps);
-    const __m256 pn = _mm256_add_ps(pi, _mm256_mul_ps(neg_step, _mm256_div_ps(mi, denom)));
-    store8<T, kHalf>(p + k, pn);
-    _mm256_storeu_ps(m + k, mi);
-    _mm256_storeu_ps(root_v + k, rv);
-    mmax = _mm256_max_epu32(mmax, _mm256_castps_si256(_mm256_and_ps(mi, abs_mask)));
-    vmax = _mm256_max_epu32(vmax, _mm256_castps_si256(_mm256_and_ps(vi, abs_mask)));
+  for (; k + S::kW <= len; k += S::kW) {
+    const S::V cq = S::from_i8(mq + k), uq = S::from_u8(vq + k);
+    S::V mi = S::mul(S::mul(cq, S::abs(cq)), m_unit);
+    const S::V uu = S::mul(uq, uq);
+    S::V vi = S::mul(S::mul(uu, uu), v_unit_b2);  // beta2 * v
+    S::V pi = S::load<T, kHalf>(p + k);
+    S::V gi = S::load<T, kHalf>(g + k);
+    if constexpr (kScaled) gi = S::mul(gi, sis);
+    if constexpr (kDecoupled) pi = S::mul(pi, decay);
+    else gi = S::fmadd(pi, wd, gi);
+    mi = S::fmadd(one_m_b1, S::sub(gi, mi), mi);
+    vi = S::add(vi, S::mul(S::mul(one_m_b2, gi), gi));
+    const S::V rv = S::sqrt(vi);
+    const S::V denom = S::add(S::mul(rv, inv_bc2), eps);
+    S::store<T, kHalf>(p + k, S::add(pi, S::mul(neg_step, S::div(mi, denom))));
+    S::storeu(m + k, mi);
+    S::storeu(root_v + k, rv);
+    mmax = S::max_abs_bits(mmax, mi);
+    vmax = S::max_abs_bits(vmax, vi);
   }
-  alignas(32) uint32_t lanes[16];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), mmax);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes + 8), vmax);
-  for (int i = 0; i < 8; ++i) {
-    m_bits = std::max(m_bits, lanes[i]);
-    v_bits = std::max(v_bits, lanes[8 + i]);
-  }
+  m_bits = std::max(m_bits, S::hmax_bits(mmax));
+  v_bits = std::max(v_bits, S::hmax_bits(vmax));
   return k;
 }
 #endif
@@ -697,20 +629,14 @@ void adam8bit_loop(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int6
     // order, and integer max reductions vectorize (float ones need -ffinite-math-only).
     const float m_unit = ms[blk] * kMUnit, v_unit_b2 = ((vs[blk] * kVUnit) * kVUnit) * b2;
     uint32_t m_bits = 0, v_bits = 0;
-#if defined(__AVX512F__)
-    const BlockConsts consts{m_unit, v_unit_b2, signed_inv_scale, decay, wd, one_m_b1,
-                             one_m_b2, inv_bc2, eps, step_size};
-    block_update_avx512<T, kHalf, kDecoupled, kScaled>(consts, p + base, g + base, mq + base,
-                                                       vq + base, len, m, root_v, m_bits, v_bits);
-#else
     int64_t k0 = 0;
-#if defined(__AVX2__)
+#if defined(__AVX512F__) || defined(__AVX2__)
     const BlockConsts consts{m_unit, v_unit_b2, signed_inv_scale, decay, wd, one_m_b1,
                              one_m_b2, inv_bc2, eps, step_size};
-    k0 = block_update_avx2<T, kHalf, kDecoupled, kScaled>(consts, p + base, g + base, mq + base,
-                                                          vq + base, len, m, root_v, m_bits,
-                                                          v_bits);
-    constexpr bool kBufferF16 = false;  // the rest (under 8 values) converts element-wise
+    k0 = block_update_vec<T, kHalf, kDecoupled, kScaled>(consts, p + base, g + base, mq + base,
+                                                         vq + base, len, m, root_v, m_bits,
+                                                         v_bits);
+    constexpr bool kBufferF16 = false;  // the rest (under a vector) converts element-wise
 #else
     constexpr bool kBufferF16 = kBlockF16;
 #endif
@@ -740,7 +666,6 @@ void adam8bit_loop(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int6
       v_bits = std::max(v_bits, f32_to_bits(vi) & 0x7fffffffu);
     }
     if constexpr (kBufferF16) store_f16(pf, t.param.data, base, len);
-#endif
     flush();  // the previous block's codes (its buffers are not this block's)
     const float m_max = bits_to_f32(m_bits), v_max = bits_to_f32(v_bits);
     // Requantize against the block's new absmax: codes are the square root of m / m_max and
