@@ -144,8 +144,9 @@ void adam8bit_step(CpuTier tier, const AdamHyper& h, const std::vector<Adam8bitT
   const int64_t n = int64_t(job.tensor.size());
   int64_t values = 0;
   for (const auto& t : ts) values += t.param.sizes[0];
-  const int threads = threads_for(values * 16, int(std::min<int64_t>(h.num_threads, n)),
-                                  kBytesPerThread);
+  // parameter read and written, gradient read; two 1-byte codes read and written
+  const int threads = threads_for(bytes_moved(ts, 3) + 4 * values,
+                                  int(std::min<int64_t>(h.num_threads, n)), kBytesPerThread);
   if (n) parallel_for(n, threads, adam8bit_item, &job);
 }
 

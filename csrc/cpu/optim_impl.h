@@ -103,8 +103,6 @@ inline uint16_t sr_bf16(float f, uint32_t bits) {
   return uint16_t(((u & 0x7fffffffu) > 0x7f800000u ? quiet : noisy) >> 16);
 }
 
-// The flags are template arguments so that each loop body is branch-free (vectorizable).
-// kF32State: 16-bit parameters with float32 moments (AdamW8bit's small tensors).
 #if defined(__AVX512F__)
 // to_bf16 of 16 values: round to nearest even, NaN kept quiet.
 inline __m256i to_bf16x16(__m512 x) {
@@ -184,12 +182,6 @@ inline void store8(T* a, __m256 x) {
 
 #endif
 
-// 16-bit parameters with moments of their dtype, rounded to nearest: the element loop in
-// intrinsics, whole vectors from b on; returns where it stopped (the scalar loop does the
-// rest). The compiler's vectorization of the 16-bit conversions left this loop compute-bound
-// (one thread, 1M bf16 values: 0.79 ns each on AVX-512, 1.36 on AVX2). The same operations in
-// the same order as the scalar loop below; max as std::max (the first operand unless the
-// second is larger).
 #if defined(__AVX512F__) || defined(__AVX2__)
 // The float vector of the tier and the few operations the intrinsics loops share, so that one
 // loop body serves AVX-512 and AVX2 (each wrapper is one instruction).
@@ -260,6 +252,12 @@ struct Simd {
 #endif
 };
 
+// 16-bit parameters with moments of their dtype, rounded to nearest: the element loop in
+// intrinsics, whole vectors from b on; returns where it stopped (the scalar loop does the
+// rest). The compiler's vectorization of the 16-bit conversions left this loop compute-bound
+// (one thread, 1M bf16 values: 0.79 ns each on AVX-512, 1.36 on AVX2). The same operations in
+// the same order as the scalar loop below; max as std::max (the first operand unless the
+// second is larger).
 template <class T, bool kHalf, bool kDecoupled, bool kAmsgrad>
 int64_t adam_vec(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
   using S = Simd;
@@ -268,7 +266,7 @@ int64_t adam_vec(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) 
   T* m = static_cast<T*>(t.exp_avg.data);
   T* v = static_cast<T*>(t.exp_avg_sq.data);
   T* vmax = static_cast<T*>(t.max_exp_avg_sq.data);
-  const S::V inv_scale = S::set1(h.inv_grad_scale), sign = S::set1(h.maximize ? -1.f : 1.f);
+  const S::V signed_inv_scale = S::set1(h.maximize ? -h.inv_grad_scale : h.inv_grad_scale);
   const S::V wd = S::set1(h.weight_decay), decay = S::set1(h.decay);
   const S::V b2 = S::set1(h.beta2), eps = S::set1(h.eps);
   const S::V one_m_b1 = S::set1(h.one_minus_beta1), one_m_b2 = S::set1(h.one_minus_beta2);
@@ -276,7 +274,7 @@ int64_t adam_vec(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) 
   int64_t i = b;
   for (; i + S::kW <= e; i += S::kW) {
     S::V pi = S::load<T, kHalf>(p + i);
-    S::V gi = S::mul(S::mul(S::load<T, kHalf>(g + i), inv_scale), sign);
+    S::V gi = S::mul(S::load<T, kHalf>(g + i), signed_inv_scale);
     if constexpr (kDecoupled) pi = S::mul(pi, decay);
     else gi = S::fmadd(pi, wd, gi);
     S::V mi = S::load<T, kHalf>(m + i);
@@ -298,6 +296,8 @@ int64_t adam_vec(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) 
 }
 #endif
 
+// The flags are template arguments so that each loop body is branch-free (vectorizable).
+// kF32State: 16-bit parameters with float32 moments (AdamW8bit's small tensors).
 template <class T, bool kHalf, bool kDecoupled, bool kAmsgrad, bool kSR = false,
           bool kF32State = false>
 void adam_loop(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
@@ -347,14 +347,15 @@ void adam_loop(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
   const float wd = h.weight_decay, b2 = h.beta2, eps = h.eps;
   const float one_m_b1 = h.one_minus_beta1, one_m_b2 = h.one_minus_beta2, decay = h.decay;
   const float step_size = t.step_size, bc2 = t.bias_correction2_sqrt;
-  const float sign = h.maximize ? -1.f : 1.f, inv_scale = h.inv_grad_scale;
+  // g * inv_scale * sign in one multiply: negation commutes with rounding, same bits.
+  const float signed_inv_scale = h.maximize ? -h.inv_grad_scale : h.inv_grad_scale;
   auto get = [](const T* a, int64_t i) { return ld<T, kHalf>(a, i); };
   auto put = [](T* a, int64_t i, float x) { st<T, kHalf>(a, i, x); };
   auto sget = [](const S* a, int64_t i) { return ld<S, kHalf && !kF32State>(a, i); };
   auto sput = [](S* a, int64_t i, float x) { st<S, kHalf && !kF32State>(a, i, x); };
   for (int64_t i = b; i < e; ++i) {
     float pi = get(p, i);
-    float gi = get(g, i) * inv_scale * sign;
+    float gi = get(g, i) * signed_inv_scale;
     if (kDecoupled) pi *= decay;
     else gi = std::fma(pi, wd, gi);  // grad.add(param, alpha=wd)
     float mi = sget(m, i);
@@ -374,8 +375,6 @@ void adam_loop(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
     sput(v, i, vi);
   }
 }
-
-
 
 template <class T, bool kHalf, bool kMomentum, bool kFirst, bool kNesterov, bool kSR = false>
 void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
@@ -400,7 +399,8 @@ void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
   const T* g = static_cast<const T*>(t.grad.data);
   T* buf = static_cast<T*>(t.momentum_buffer.data);
   const float lr = h.lr, wd = h.weight_decay, mom = h.momentum, damp = h.one_minus_dampening;
-  const float sign = h.maximize ? -1.f : 1.f, inv_scale = h.inv_grad_scale;
+  // g * inv_scale * sign in one multiply: negation commutes with rounding, same bits.
+  const float signed_inv_scale = h.maximize ? -h.inv_grad_scale : h.inv_grad_scale;
   auto get = [](const T* a, int64_t i) { return ld<T, kHalf>(a, i); };
   auto put = [](T* a, int64_t i, float x) { st<T, kHalf>(a, i, x); };
   int64_t i = b;
@@ -410,11 +410,11 @@ void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
   // 0.66 -> 0.48 ns each). The same operations as the scalar loop.
   if constexpr (std::is_same_v<T, uint16_t> && !kHalf && !kSR) {
     using S = Simd;
-    const S::V v_inv = S::set1(inv_scale), v_sign = S::set1(sign), v_wd = S::set1(wd);
+    const S::V v_sis = S::set1(signed_inv_scale), v_wd = S::set1(wd);
     const S::V v_mom = S::set1(mom), v_damp = S::set1(damp), v_nlr = S::set1(-lr);
     for (; i + S::kW <= e; i += S::kW) {
       const S::V pi = S::load<T, false>(p + i);
-      S::V d = S::mul(S::mul(S::load<T, false>(g + i), v_inv), v_sign);
+      S::V d = S::mul(S::load<T, false>(g + i), v_sis);
       d = S::fmadd(pi, v_wd, d);
       if constexpr (kMomentum) {
         const S::V bi =
@@ -428,7 +428,7 @@ void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
 #endif
   for (; i < e; ++i) {
     const float pi = get(p, i);
-    float d = get(g, i) * inv_scale * sign;
+    float d = get(g, i) * signed_inv_scale;
     d = std::fma(pi, wd, d);  // grad.add(param, alpha=wd); exact when wd = 0
     if (kMomentum) {
       // buf.mul_(momentum).add_(grad, alpha=1 - dampening)

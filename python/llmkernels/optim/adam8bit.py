@@ -9,8 +9,8 @@ fine steps near zero, where most of a block's values are (v spans decades within
 code is the integer nearest the scaled root (a square root for m, for v the square root of
 sqrt(v)); m's codes are computed exactly from any square root estimate, which lets the CPU
 kernel use its cheapest one, v's from the correctly rounded square root: every path agrees bit
-for bit. Smaller tensors keep float32 moments. State:
-~2.03 bytes per parameter against AdamW's 8 (25%).
+for bit. Smaller tensors keep float32 moments. State: ~2.03 bytes per parameter against
+AdamW's 8 (25%).
 
 Checkpoints of llmkernels 0.1.0 before this format (m ~ scale * (c/127)^3: param groups without
 "codes_version") are converted when loaded.
@@ -36,7 +36,8 @@ def dequantize_moments(state) -> tuple:
     m = c|c| * scale / 127^2, v = (u^2)^2 * scale / 255^4, in the kernels' float32 operations."""
     n = state["exp_avg_codes"].numel()
     m_unit = (state["exp_avg_scales"] * (1.0 / 16129.0)).repeat_interleave(BLOCK)[:n]
-    v_unit = ((state["exp_avg_sq_scales"] * (1.0 / 65025.0)) * (1.0 / 65025.0)).repeat_interleave(BLOCK)[:n]
+    v_unit = ((state["exp_avg_sq_scales"] * (1.0 / 65025.0)) * (1.0 / 65025.0))
+    v_unit = v_unit.repeat_interleave(BLOCK)[:n]
     c = state["exp_avg_codes"].float()
     u = state["exp_avg_sq_codes"].float()
     return (c * c.abs()) * m_unit, ((u * u) * (u * u)) * v_unit
