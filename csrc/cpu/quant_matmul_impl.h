@@ -42,6 +42,7 @@ namespace {
 constexpr int64_t kChunkRows = 64;       // rows of x per work item
 constexpr int64_t kChunkChannels = 64;   // output channels per work item
 constexpr int64_t kChunkK = 512;         // multiple of every group size and vector width
+constexpr int64_t kLaneRowsAll = 16;     // rows per vector of packed x (quant_matmul_packed_x.h)
 constexpr int64_t kPrefetch = 1024;      // bytes ahead in a weight row (one line per 64 B)
 
 // Widening W bytes to W floats. GCC 12 turns __builtin_convertvector from int8 to float
@@ -210,6 +211,7 @@ struct Ctx {
   int64_t groups;             // int4: K / group_size
   const float* xf;            // int8/int4: prepared float rows
   const uint16_t* xb;         // int8 with bf16 x on BF16 CPUs: the rows as bf16 (Kx wide)
+  const uint32_t* xp;         // many rows: x packed 16 rows per vector (quant_matmul_packed_x.h)
   const float* xsum;          // int4: (M, groups) sums of x over each group
   const int8_t* xq;           // w8a8: quantized rows (biased when kBiasedX)
   const float* xscale;        // w8a8: per-row scales
@@ -248,8 +250,11 @@ int64_t padded_k(const QuantMatmulParams& p) {
 }
 
 constexpr int kMaxNB = 4;
-// Per thread: the tile's partial sums, then a dequantized weight panel (kMaxNB x kChunkK).
-int64_t scratch_bytes() { return kChunkRows * kChunkChannels * 4 + kMaxNB * kChunkK * 4 + 128; }
+constexpr int kMaxPackedNB = 16;  // quant_matmul_packed_x.h: bf16 or int8 panel rows
+constexpr int64_t kPanelBytes = std::max<int64_t>(kMaxNB * kChunkK * 4, kMaxPackedNB * kChunkK * 2);
+constexpr int64_t kWsumBytes = kChunkChannels * 4;
+// Per thread: the tile's partial sums, a weight panel, w8a8's channel weight sums.
+int64_t scratch_bytes() { return kChunkRows * kChunkChannels * 4 + kPanelBytes + kWsumBytes + 128; }
 
 // Output (m, n) = value + bias, in out's dtype.
 void store(const Ctx& c, int64_t m, int64_t n, float v) {
@@ -543,11 +548,11 @@ constexpr bool kBf16Dot = true;
 
 template <int NB>
 void fill_int8_bf16(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1,
-                    uint16_t* panel) {
+                    uint16_t* panel, int64_t ld = kChunkK) {
   const int64_t len = k1 - k0, lenv = round_up(len, 32);
   for (int j = 0; j < NB; ++j) {
     const int8_t* w = c.p->qdata.ptr<int8_t>() + chans[j] * c.K + k0;
-    uint16_t* dst = panel + j * kChunkK;
+    uint16_t* dst = panel + j * ld;
     int64_t k = 0;
     for (; k + 32 <= len; k += 32) {
       const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
@@ -590,22 +595,25 @@ void panel_block_bf16(const Ctx& c, const int64_t* rows, const uint16_t* panel, 
 // rounding, at twice the products per instruction).
 template <int NB>
 void fill_int4_bf16(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1,
-                    uint16_t* panel) {
+                    uint16_t* panel, int64_t ld = kChunkK) {
   const int64_t g = c.p->group_size;
   const __m128i low4 = _mm_set1_epi8(15);
   for (int j = 0; j < NB; ++j) {
     const uint8_t* w = c.p->qdata.ptr<uint8_t>() + chans[j] * (c.K / 2);
     const uint8_t* zp = c.p->zeros.ptr<uint8_t>() + chans[j] * c.groups;
-    uint16_t* dst = panel + j * kChunkK - k0;
-    for (int64_t kb = k0; kb < k1; kb += 32) {  // 16 bytes: 16 low nibbles, 16 high ones
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kb / 2));
-      const __m512 z = _mm512_set1_ps(float(zp[kb / g]));
-      const __m512 lo = _mm512_sub_ps(
-          _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low4))), z);
-      const __m512 hi = _mm512_sub_ps(
-          _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low4))), z);
-      const __m512bh v = _mm512_cvtne2ps_pbh(hi, lo);
-      std::memcpy(dst + kb, &v, 64);
+    uint16_t* dst = panel + j * ld - k0;
+    for (int64_t kg = k0; kg < k1; kg += g) {  // k0, k1: multiples of the group size
+      const __m512 z = _mm512_set1_ps(float(zp[kg / g]));
+      for (int64_t kb = kg; kb < kg + g; kb += 32) {  // 16 bytes: 16 low nibbles, 16 high ones
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kb / 2));
+        const __m512 lo = _mm512_sub_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low4))), z);
+        const __m512 hi = _mm512_sub_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low4))),
+            z);
+        const __m512bh v = _mm512_cvtne2ps_pbh(hi, lo);
+        std::memcpy(dst + kb, &v, 64);
+      }
     }
   }
 }
@@ -680,6 +688,19 @@ void run_tile_panel_bf16(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64
 constexpr bool kBf16Dot = false;
 #endif
 
+#include "quant_matmul_packed_x.h"
+
+// Rows from which x packed into vector lanes beats the K-in-lanes panels (a 16-row vector
+// computes zeros for the rows a group lacks).
+constexpr int64_t kPackedMinRows = 12;
+
+bool use_packed_x(const QuantMatmulParams& p) {
+  return kPackedX && p.x.sizes[0] >= kPackedMinRows &&
+         (p.scheme == QuantScheme::w8a8 ||
+          (kBf16Dot && p.x.dtype == DType::bf16 &&
+           (p.scheme == QuantScheme::int8 || p.scheme == QuantScheme::int4)));
+}
+
 // int4: x is also kept as bf16 in the permuted order of its float rows (the panel's).
 bool use_bf16_dot(const QuantMatmulParams& p) {
   return kBf16Dot && p.x.dtype == DType::bf16 &&
@@ -730,6 +751,67 @@ void run_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1, Acc*
   }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+// A tile on the packed-x path: sums over every chunk, then scales and stores.
+void packed_tile_item(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                      char* scratch, void* panel) {
+  const QuantMatmulParams& p = *c.p;
+  const float* sc = p.scales.ptr<float>();
+  auto each = [&](auto* acc, auto lane, auto out) {  // out(m, n, sum); lane: float or int32_t
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t v = 0; v * kLaneRows < m1 - m0; ++v) {
+        decltype(lane) lanes[kLaneRows];
+        std::memcpy(lanes, &acc[(n - n0) * kTileVecs + v], sizeof lanes);
+        for (int64_t r = 0; r < kLaneRows && m0 + v * kLaneRows + r < m1; ++r)
+          out(m0 + v * kLaneRows + r, n, lanes[r]);
+      }
+  };
+  if (p.scheme == QuantScheme::w8a8) {
+    __m512i* acc = reinterpret_cast<__m512i*>(scratch);
+    int32_t* wsum = reinterpret_cast<int32_t*>(static_cast<char*>(panel) + kPanelBytes);
+    std::fill(wsum, wsum + kChunkChannels, 0);
+    packed_tile_any<U8S8Dots>(
+        c, m0, m1, n0, n1, acc, panel, kPanelWords,
+        [&](auto nb, const int64_t* chans, int64_t n, int64_t k0, int64_t k1) {
+          fill_w8a8<decltype(nb)::value>(c, chans, n1 - n, k0, k1, static_cast<int8_t*>(panel),
+                                         wsum + (n - n0));
+        },
+        [&](auto& part, __m512i* a, const int64_t*, int64_t n, int64_t) {
+          flush_plain(part, a, n1 - n);
+        });
+    each(acc, int32_t{}, [&](int64_t m, int64_t n, int32_t s) {  // the reference's (acc * x_scale) * w_scale
+      store(c, m, n, float(s - 128 * wsum[n - n0]) * c.xscale[m] * sc[n]);
+    });
+    return;
+  }
+  __m512* acc = reinterpret_cast<__m512*>(scratch);
+  uint16_t* pan = static_cast<uint16_t*>(panel);
+  if (p.scheme == QuantScheme::int8) {
+    packed_tile_any<Bf16Dots>(
+        c, m0, m1, n0, n1, acc, panel, kPanelWords,
+        [&](auto nb, const int64_t* chans, int64_t, int64_t k0, int64_t k1) {
+          fill_int8_bf16<decltype(nb)::value>(c, chans, k0, k1, pan, kPanelRowBytes / 2);
+        },
+        [&](auto& part, __m512* a, const int64_t*, int64_t n, int64_t) {
+          flush_plain(part, a, n1 - n);
+        });
+    each(acc, float{}, [&](int64_t m, int64_t n, float s) { store(c, m, n, s * sc[n]); });
+    return;
+  }
+  const int64_t g = p.group_size;  // int4: each group's sums times its scale
+  packed_tile_any<Bf16Dots>(
+      c, m0, m1, n0, n1, acc, panel, g / 2,
+      [&](auto nb, const int64_t* chans, int64_t, int64_t k0, int64_t k1) {
+        fill_int4_bf16<decltype(nb)::value>(c, chans, k0, k1, pan, kPanelRowBytes / 2);
+      },
+      [&](auto& part, __m512* a, const int64_t* chans, int64_t n, int64_t k) {
+        flush_scaled(part, a, n1 - n,
+                     [&](int j) { return _mm512_set1_ps(sc[chans[j] * c.groups + k / g]); });
+      });
+  each(acc, float{}, [&](int64_t m, int64_t n, float s) { store(c, m, n, s); });
+}
+#endif
+
 void tile_item(void* ctx, int64_t item, int thread) {
   const Ctx& c = *static_cast<const Ctx*>(ctx);
   const int64_t m0 = item / c.chunks_n * kChunkRows, n0 = item % c.chunks_n * kChunkChannels;
@@ -738,6 +820,9 @@ void tile_item(void* ctx, int64_t item, int thread) {
   float* panel = reinterpret_cast<float*>(
       round_up(reinterpret_cast<int64_t>(scratch + kChunkRows * kChunkChannels * 4), 64));
   const int64_t ld = kChunkChannels;
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+  if (c.xp != nullptr) return packed_tile_item(c, m0, m1, n0, n1, scratch, panel);
+#endif
   switch (c.p->scheme) {
     case QuantScheme::int8: {
       float* acc = reinterpret_cast<float*>(scratch);
@@ -854,6 +939,76 @@ void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
   }
 }
 
+#if defined(__AVX512F__) && LLMK_VEC_BYTES == 64
+// 16 consecutive values of a contiguous row as float32 (exact conversions).
+LLMK_INLINE __m512 load16_float(DType t, const void* base, int64_t off) {
+  if (t == DType::bf16)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + off))), 16));
+  if (t == DType::f16)
+    return _mm512_cvtph_ps(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + off)));
+  return _mm512_loadu_ps(static_cast<const float*>(base) + off);
+}
+#endif
+
+// w8a8's row quantization, as the reference: scale = max|x| * (1/127) (1 for an all-zero
+// row), x / scale rounded half to even (nearbyint in the default rounding mode), clamped to
+// [-127, 127]. A NaN or infinity in the row: NaN outputs (the reference's), never finite
+// numbers. Stored + 128 where kBiasedX.
+void prep_row_w8a8(const PrepCtx& pc, int64_t m) {
+  const QuantMatmulParams& p = *pc.p;
+  const Ctx& c = *pc.c;
+  const int64_t K = c.K;
+  const int64_t base = m * p.x.strides[0], ks = p.x.strides[1];
+  int64_t kv = 0;  // the part done 16 at a time (contiguous rows on AVX-512)
+  float amax = 0.f;
+  bool finite = true;
+#if defined(__AVX512F__) && LLMK_VEC_BYTES == 64
+  if (ks == 1) {
+    kv = K / 16 * 16;
+    __m512 vmax = _mm512_setzero_ps();
+    __mmask16 ok = 0xffff;
+    for (int64_t k = 0; k < kv; k += 16) {
+      const __m512 a = _mm512_abs_ps(load16_float(p.x.dtype, p.x.data, base + k));
+      ok &= _mm512_cmp_ps_mask(a, _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_LE_OQ);
+      vmax = _mm512_max_ps(vmax, a);
+    }
+    amax = _mm512_reduce_max_ps(vmax);
+    finite = ok == 0xffff;
+  }
+#endif
+  for (int64_t k = kv; k < K; ++k) {
+    const float a = std::fabs(read_float(p.x.dtype, p.x.data, base + k * ks));
+    amax = std::max(amax, a);
+    finite &= a <= std::numeric_limits<float>::max();
+  }
+  float s = amax * (1.0f / 127.0f);  // a reciprocal multiply, as the reference
+  if (!(s > 0.f)) s = 1.0f;
+  if (!finite) s = std::numeric_limits<float>::quiet_NaN();
+  pc.xscale[m] = s;
+  int8_t* row = pc.xq + m * c.Kx;
+#if defined(__AVX512F__) && LLMK_VEC_BYTES == 64
+  const __m512 vs = _mm512_set1_ps(s);
+  for (int64_t k = 0; k < kv; k += 16) {
+    __m512 q = _mm512_roundscale_ps(
+        _mm512_div_ps(load16_float(p.x.dtype, p.x.data, base + k), vs),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm512_min_ps(_mm512_max_ps(q, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f));  // NaN: -127
+    __m512i v = _mm512_cvtps_epi32(q);
+    if (kBiasedX) v = _mm512_add_epi32(v, _mm512_set1_epi32(128));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(row + k), _mm512_cvtepi32_epi8(v));
+  }
+#endif
+  for (int64_t k = kv; k < K; ++k) {
+    float q = std::nearbyint(read_float(p.x.dtype, p.x.data, base + k * ks) / s);
+    q = std::min(127.f, std::max(-127.f, q));
+    const int v = int(q);
+    row[k] = kBiasedX ? int8_t(uint8_t(v + 128)) : int8_t(v);
+  }
+  for (int64_t k = K; k < c.Kx; ++k) row[k] = kBiasedX ? int8_t(uint8_t(128)) : 0;
+}
+
 void prep_row(void* ctx, int64_t m, int) {
   const PrepCtx& pc = *static_cast<const PrepCtx*>(ctx);
   const QuantMatmulParams& p = *pc.p;
@@ -861,32 +1016,8 @@ void prep_row(void* ctx, int64_t m, int) {
   const int64_t K = c.K;
   const int64_t base = m * p.x.strides[0], ks = p.x.strides[1];
   if (pc.x4q != nullptr) return prep_row_int4_q8(pc, m);
-  if (p.scheme == QuantScheme::w8a8) {
-    // As the reference: scale = max|x| * (1/127) (1 for an all-zero row), x / scale rounded
-    // half to even (nearbyint in the default rounding mode), clamped to [-127, 127].
-    float amax = 0.f;
-    bool finite = true;
-    for (int64_t k = 0; k < K; ++k) {
-      const float a = std::fabs(read_float(p.x.dtype, p.x.data, base + k * ks));
-      amax = std::max(amax, a);
-      finite &= a <= std::numeric_limits<float>::max();
-    }
-    float s = amax * (1.0f / 127.0f);  // a reciprocal multiply, as the reference
-    if (!(s > 0.f)) s = 1.0f;
-    // A NaN or infinity in the row: NaN outputs (the reference's), never finite numbers.
-    if (!finite) s = std::numeric_limits<float>::quiet_NaN();
-    pc.xscale[m] = s;
-    int8_t* row = pc.xq + m * c.Kx;
-    for (int64_t k = 0; k < K; ++k) {
-      float q = std::nearbyint(read_float(p.x.dtype, p.x.data, base + k * ks) / s);
-      q = std::min(127.f, std::max(-127.f, q));
-      const int v = int(q);
-      row[k] = kBiasedX ? int8_t(uint8_t(v + 128)) : int8_t(v);
-    }
-    for (int64_t k = K; k < c.Kx; ++k) row[k] = kBiasedX ? int8_t(uint8_t(128)) : 0;
-    return;
-  }
-  float* row = pc.xf + m * c.Kx;
+  if (p.scheme == QuantScheme::w8a8) return prep_row_w8a8(pc, m);
+  float* row = pc.xf != nullptr ? pc.xf + m * c.Kx : nullptr;
   if (pc.xb != nullptr) {  // bf16 x for the dot-product panel path: copied as is (int4: permuted)
     uint16_t* brow = pc.xb + m * c.Kx;
     const uint16_t* src = static_cast<const uint16_t*>(p.x.data);
@@ -899,6 +1030,7 @@ void prep_row(void* ctx, int64_t m, int) {
     }
     for (int64_t k = K; k < c.Kx; ++k) brow[k] = 0;
   }
+  if (row == nullptr) return;  // the packed-x path reads xb alone
   if (p.scheme == QuantScheme::int4) {
     const int64_t g = p.group_size;
     for (int64_t kb = 0; kb < K; kb += 32)
@@ -918,8 +1050,11 @@ void prep_row(void* ctx, int64_t m, int) {
 }
 
 struct Layout {
-  int64_t xf, xsum, xq, xscale, xb, x4q, x4s, x4sum, scratch, total;
+  int64_t xf, xsum, xq, xscale, xb, x4q, x4s, x4sum, xp, scratch, total;
 };
+
+// Bytes of each prepared element of x: bf16 (2) or w8a8's int8 (1).
+int64_t packed_elem_bytes(const QuantMatmulParams& p) { return p.scheme == QuantScheme::w8a8 ? 1 : 2; }
 
 Layout layout(const QuantMatmulParams& p) {
   const int64_t M = p.x.sizes[0], K = p.x.sizes[1], Kx = padded_k(p);
@@ -937,11 +1072,14 @@ Layout layout(const QuantMatmulParams& p) {
     l.x4q = take(M * Kx);
     l.x4s = take(M * (Kx / 4) * 4);
     l.x4sum = take(M * (K / p.group_size) * 4);
+  } else if (use_packed_x(p)) {
+    l.xb = take(M * Kx * 2);
   } else {
     l.xf = take(M * Kx * 4);
     if (p.scheme == QuantScheme::int4) l.xsum = take(M * (K / p.group_size) * 4);
     if (use_bf16_dot(p)) l.xb = take(M * Kx * 2);
   }
+  if (use_packed_x(p)) l.xp = take(round_up(M, kLaneRowsAll) * Kx * packed_elem_bytes(p));
   l.scratch = take(scratch_bytes() * int64_t(p.num_threads));
   l.total = off + 64;  // room to align the base
   return l;
@@ -969,11 +1107,14 @@ void run(const QuantMatmulParams& p, void* workspace) {
     pc.x4q = reinterpret_cast<int8_t*>(base + l.x4q);
     pc.x4s = reinterpret_cast<float*>(base + l.x4s);
     pc.x4sum = reinterpret_cast<float*>(base + l.x4sum);
+  } else if (use_packed_x(p)) {
+    pc.xb = reinterpret_cast<uint16_t*>(base + l.xb);
   } else {
     pc.xf = reinterpret_cast<float*>(base + l.xf);
     if (p.scheme == QuantScheme::int4) pc.xsum = reinterpret_cast<float*>(base + l.xsum);
     if (use_bf16_dot(p)) pc.xb = reinterpret_cast<uint16_t*>(base + l.xb);
   }
+  if (use_packed_x(p)) c.xp = reinterpret_cast<const uint32_t*>(base + l.xp);
   c.xb = pc.xb;
   c.xf = pc.xf;
   c.xsum = pc.xsum;
@@ -991,6 +1132,16 @@ void run(const QuantMatmulParams& p, void* workspace) {
   // 2 threads 39-48 us; AMD EPYC Zen 4 VM, 2026-11-26).
   const int threads = threads_for(p.qdata.numel() * c.M, p.num_threads, int64_t(512) << 10);
   parallel_for(c.M, std::min<int64_t>(threads, c.M), prep_row, &pc);
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+  if (c.xp != nullptr) {  // the prepared rows, 16 to a vector
+    const int64_t words = c.Kx * packed_elem_bytes(p) / 4;
+    const void* rows = p.scheme == QuantScheme::w8a8 ? static_cast<const void*>(pc.xq) : pc.xb;
+    PackCtx pk{&c, static_cast<const uint32_t*>(rows), words, (words + kPackWords - 1) / kPackWords,
+               const_cast<uint32_t*>(c.xp)};
+    const int64_t items = (c.M + kLaneRows - 1) / kLaneRows * pk.chunks;
+    parallel_for(items, std::min<int64_t>(threads, items), pack_item, &pk);
+  }
+#endif
   const int64_t chunks_m = (c.M + kChunkRows - 1) / kChunkRows;
   parallel_for(chunks_m * c.chunks_n, threads, tile_item, &c);
 }

@@ -1,0 +1,70 @@
+"""The CPU kernels for many rows of x (prefill-sized batches): on AVX512-BF16 CPUs, x packed
+16 rows to a vector (csrc/cpu/quant_matmul_packed_x.h); on the other tiers the K-in-lanes
+panels. Every tier against the reference, on shapes that leave partial 16-row vectors, partial
+channel blocks, partial K chunks and every int4 group size."""
+import pytest
+import torch
+
+import llmkernels
+from llmkernels.reference.quant_matmul import quant_matmul_reference
+from test_quant_matmul import check_against_reference
+
+SCHEMES = ["int8", "int4", "w8a8"]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("M", [12, 16, 33, 64, 65, 130])
+@pytest.mark.parametrize("K,N", [(1152, 37), (2048, 16), (1001, 70)])
+def test_many_rows_match_reference(cpu_tier, scheme, M, K, N):
+    groups = (32, 64, 128) if scheme == "int4" else (128,)
+    for group in groups:
+        if scheme == "int4" and K % group:
+            continue
+        big = torch.randn(M, K + 40, dtype=torch.bfloat16)
+        x = big[:, 5:5 + K]  # rows K + 40 apart
+        qw = llmkernels.quantize_weight(torch.randn(N, K), scheme, group)
+        bias = torch.randn(N, dtype=torch.bfloat16) if M % 2 else None
+        out = llmkernels.quant_matmul(x, qw, bias, backend="cpu")
+        check_against_reference(x, qw, bias, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_w8a8_many_rows_exact(cpu_tier, dtype, layout):
+    """w8a8 sums integers: the result is the reference's up to float32 rounding of the two scale
+    products, whether x's rows are contiguous (quantized 16 at a time) or not."""
+    M, K, N = 40, 777, 50
+    x = torch.randn(M, K, dtype=dtype) * 3
+    x[3] = 0.0  # an all-zero row: scale 1
+    x[7, ::5] *= 100.0  # one row with large values
+    if layout == "columns":
+        x = x.t().contiguous().t()
+    qw = llmkernels.quantize_weight(torch.randn(N, K), "w8a8")
+    out = llmkernels.quant_matmul(x, qw, backend="cpu")
+    ref = quant_matmul_reference(x, "w8a8", qw.qdata, qw.scales, None, 0)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2 ** -7 if dtype != torch.float32
+                               else 1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "int8", "int4"])
+def test_many_rows_non_finite_x_stays_in_its_row(cpu_tier, scheme):
+    """A NaN in one row makes that row's outputs NaN (w8a8: its scale) and leaves the others."""
+    x = torch.randn(32, 256, dtype=torch.bfloat16)
+    x[5, 17] = float("nan")
+    qw = llmkernels.quantize_weight(torch.randn(24, 256), scheme, 64)
+    out = llmkernels.quant_matmul(x, qw, backend="cpu")
+    assert torch.isnan(out[5]).all()
+    keep = torch.ones(32, dtype=torch.bool)
+    keep[5] = False
+    assert torch.isfinite(out[keep]).all()
+    check_against_reference(x[keep], qw, None, out[keep])
+
+
+def test_int8_weights_of_minus_128(cpu_tier):
+    """-128 is outside the quantizer's range but a valid int8: every path multiplies it as is."""
+    K, N = 512, 20
+    qw = llmkernels.quantize_weight(torch.randn(N, K), "int8")
+    qw.qdata[:, ::3] = -128
+    x = torch.randn(16, K, dtype=torch.bfloat16)
+    out = llmkernels.quant_matmul(x, qw, backend="cpu")
+    check_against_reference(x, qw, None, out)
