@@ -284,3 +284,67 @@ def test_cpu_result_does_not_depend_on_thread_count(scheme, M, K, N):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, many)
+
+
+def test_validation_is_remembered_only_for_the_same_tensors():
+    """QuantizedWeight.validate remembers its last pass by tensor identity: a replaced tensor
+    of the wrong shape is still refused, and the memo is not saved with the weight."""
+    qw = llmkernels.quantize_weight(torch.randn(16, 64), "int4", 32)
+    x = torch.randn(2, 64)
+    llmkernels.quant_matmul(x, qw)
+    good = qw.scales
+    qw.scales = torch.ones(16, 3)
+    with pytest.raises(ValueError, match="scales must have shape"):
+        llmkernels.quant_matmul(x, qw)
+    qw.scales = good
+    llmkernels.quant_matmul(x, qw)
+    buf = io.BytesIO()
+    torch.save(qw, buf)
+    buf.seek(0)
+    back = torch.load(buf)
+    assert "_validated" not in back.__dict__
+    torch.testing.assert_close(llmkernels.quant_matmul(x, back), llmkernels.quant_matmul(x, qw))
+
+
+def test_quantlinear_follows_replaced_buffers_and_parameter_bias():
+    """QuantLinear keeps one QuantizedWeight while its buffers stay the same tensors and builds
+    a new one when they are replaced (.to, a new weight); a Parameter bias takes the direct path
+    under no_grad and autograd otherwise, with the same result."""
+    lin = torch.nn.Linear(64, 24)
+    q = llmkernels.nn.QuantLinear.from_linear(lin, "int8")
+    assert q.qweight is q.qweight
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        fast = q(x)
+    slow = q(x)
+    assert slow.requires_grad
+    torch.testing.assert_close(fast, slow.detach())
+    (g,) = torch.autograd.grad(slow.sum(), q.bias)
+    torch.testing.assert_close(g, torch.full((24,), 3.0))
+    before = q.qweight
+    q.set_weight(llmkernels.quantize_weight(2 * lin.weight.detach(), "int8"))
+    assert q.qweight is not before
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), F_linear_of(q, x))
+    q.to(torch.float64)
+    assert q.qweight.qdata is q.qdata
+
+
+def F_linear_of(q, x):
+    return torch.nn.functional.linear(x, q.qweight.dequantize().to(x.dtype), q.bias)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantlinear_cast_keeps_float32_scales(scheme):
+    """model.to(torch.bfloat16) after quantize_: the bias and the layer's float dtype follow
+    the cast, the scales stay float32 and exact, and bf16 activations run."""
+    model = _model()
+    llmkernels.quantize_(model, scheme, group_size=32)
+    q = model[0]
+    scales = q.scales.clone()
+    model.to(torch.bfloat16)
+    assert q.scales.dtype == torch.float32 and torch.equal(q.scales, scales)
+    assert q.bias.dtype == torch.bfloat16 and q.weight_dtype == torch.bfloat16
+    assert q.dequantize().dtype == torch.bfloat16
+    out = model(torch.randn(3, 64, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

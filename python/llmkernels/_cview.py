@@ -18,4 +18,5 @@ def cview(t: Optional[torch.Tensor]) -> Optional[View]:
     """(data_ptr, dtype code, sizes, strides) of a tensor, or None."""
     if t is None:
         return None
-    return (t.data_ptr(), DTYPE_CODES[t.dtype], tuple(t.shape), tuple(t.stride()))
+    # torch.Size is a tuple (the extension reads tuples, subclasses included); stride() is one.
+    return (t.data_ptr(), DTYPE_CODES[t.dtype], t.shape, t.stride())

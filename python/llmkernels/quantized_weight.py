@@ -61,7 +61,26 @@ class QuantizedWeight:
 
     def validate(self, where: str = "QuantizedWeight") -> None:
         """Raises ValueError/TypeError if the tensors do not match the scheme and shape (e.g.
-        a corrupted or hand-edited checkpoint): never let a kernel read out of bounds."""
+        a corrupted or hand-edited checkpoint): never let a kernel read out of bounds.
+
+        Remembers the last fields it passed (the tensors by identity): a decoding step calls
+        it once per layer, and the checks cost ~2.5 us. Tensors resized in place are still
+        caught by the kernels' own bounds checks."""
+        fields = (self.scheme, self.shape, self.group_size, self.qdata, self.scales, self.zeros,
+                  self.qdata.dtype if isinstance(self.qdata, torch.Tensor) else None)
+        passed = self.__dict__.get("_validated")
+        if passed is not None and all(a is b or (not isinstance(a, torch.Tensor) and a == b)
+                                      for a, b in zip(passed, fields)):
+            return
+        self._check(where)
+        self.__dict__["_validated"] = fields
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_validated", None)
+        return state
+
+    def _check(self, where: str) -> None:
         if self.scheme not in SCHEMES:
             raise ValueError(f"{where}: unknown scheme {self.scheme!r}; expected one of {SCHEMES}")
         if len(self.shape) != 2 or min(self.shape) < 0:

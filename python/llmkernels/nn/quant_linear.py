@@ -55,9 +55,18 @@ class QuantLinear(nn.Module):
 
     @property
     def qweight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.scheme, (self.out_features, self.in_features),
-                               self.group_size, self.qdata, self.scales, self.zeros,
-                               self.weight_dtype)
+        # One QuantizedWeight while the buffers stay the same tensors (its checks are then
+        # remembered: see QuantizedWeight.validate); rebuilt when any is replaced.
+        buffers = self._buffers
+        qdata, scales = buffers["qdata"], buffers["scales"]
+        zeros = buffers.get("zeros")
+        qw = self.__dict__.get("_qweight")
+        if (qw is None or qw.qdata is not qdata or qw.scales is not scales
+                or qw.zeros is not zeros or qw.dtype != self.weight_dtype):
+            qw = QuantizedWeight(self.scheme, (self.out_features, self.in_features),
+                                 self.group_size, qdata, scales, zeros, self.weight_dtype)
+            self.__dict__["_qweight"] = qw
+        return qw
 
     def set_weight(self, qweight: QuantizedWeight) -> None:
         qweight.validate("QuantLinear.set_weight")
@@ -89,6 +98,18 @@ class QuantLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         return self.qweight.dequantize()
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() cast every floating buffer, scales included; the
+        # format keeps float32 scales, so they only move (from the uncast tensor: exact), and
+        # the float weight's dtype follows the cast as nn.Linear's weight would.
+        scales = self._buffers["scales"]
+        super()._apply(fn, recurse)
+        moved = self._buffers["scales"]
+        if moved.dtype != scales.dtype:
+            self.weight_dtype = moved.dtype
+            self._buffers["scales"] = scales.to(device=moved.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias

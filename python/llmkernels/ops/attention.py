@@ -96,7 +96,9 @@ def _needs_dispatcher(*tensors: Optional[torch.Tensor]) -> bool:
     if torch.compiler.is_compiling():
         return True
     present = [t for t in tensors if t is not None]
-    if any(type(t) is not torch.Tensor for t in present):
+    # nn.Parameter (a layer's bias) behaves as a plain tensor here (its __torch_function__ is
+    # the default one); other subclasses may override anything.
+    if any(type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter for t in present):
         return True
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return True
