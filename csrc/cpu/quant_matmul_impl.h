@@ -174,6 +174,8 @@ LLMK_INLINE n8 nibble_bytes(const uint8_t* p) {
   return _mm512_and_si512(z, _mm512_set1_epi8(15));
 }
 LLMK_INLINE n8 load_x8(const int8_t* p) { return _mm512_loadu_si512(p); }
+// acc + a * b in one rounding (the int4 decoding loop is bound by its vector instructions).
+LLMK_INLINE vf fma_(vf a, vf b, vf acc) { return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc); }
 LLMK_INLINE vf dot_u4_s8(n8 w, n8 x) {
 #if defined(__AVX512VNNI__)
   return (vf)_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x));
@@ -194,6 +196,7 @@ LLMK_INLINE n8 nibble_bytes(const uint8_t* p) {
 LLMK_INLINE n8 load_x8(const int8_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
+LLMK_INLINE vf fma_(vf a, vf b, vf acc) { return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc); }
 LLMK_INLINE vf dot_u4_s8(n8 w, n8 x) {
   return (vf)_mm256_cvtepi32_ps(
       _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
@@ -392,7 +395,7 @@ void int4_q8_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int6
       }
       for (int j = 0; j < NB; ++j) {
         const n8 wv = nibble_bytes(w[j] + kb / 2);
-        for (int i = 0; i < MB; ++i) part[i][j] += dot_u4_s8(wv, xv[i]) * sv[i];
+        for (int i = 0; i < MB; ++i) part[i][j] = fma_(dot_u4_s8(wv, xv[i]), sv[i], part[i][j]);
       }
     }
   });
@@ -891,6 +894,19 @@ struct PrepCtx {
   float* x4sum;
 };
 
+#if defined(__AVX512F__) && LLMK_VEC_BYTES == 64
+// 16 consecutive values of a contiguous row as float32 (exact conversions).
+LLMK_INLINE __m512 load16_float(DType t, const void* base, int64_t off) {
+  if (t == DType::bf16)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + off))), 16));
+  if (t == DType::f16)
+    return _mm512_cvtph_ps(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + off)));
+  return _mm512_loadu_ps(static_cast<const float*>(base) + off);
+}
+#endif
+
 // One row of x for the int8-x int4 path: per 32-block, scale = max|x| / 127 and
 // q = x / scale rounded to nearest even (an all-zero block has scale 0), in the order of
 // nibble_bytes: per 32-block its 16 even elements, then its 16 odd ones; with paired nibbles
@@ -906,6 +922,43 @@ void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
   float* gsum = pc.x4sum + m * c.groups;
   for (int64_t grp = 0; grp < c.groups; ++grp) gsum[grp] = 0.f;
   for (int64_t kb = 0; kb < K; kb += 32) {
+    // where this block's evens (e < 16) and odds go
+    int64_t even_at = kb, odd_at = kb + 16;
+    if constexpr (kPairedNibbles) {
+      const int64_t pair = kb & ~int64_t(63), second = (kb & 32) ? 16 : 0;
+      even_at = pair + second;
+      odd_at = pair + 32 + second;
+    }
+#if defined(__AVX512F__) && LLMK_VEC_BYTES == 64
+    if (ks == 1) {  // the same arithmetic, 16 values at a time
+      const __m512 a = load16_float(p.x.dtype, p.x.data, base + kb);
+      const __m512 b = load16_float(p.x.dtype, p.x.data, base + kb + 16);
+      const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+      const __m512 ev = _mm512_permutex2var_ps(a, even, b);
+      const __m512 od = _mm512_permutex2var_ps(a, _mm512_add_epi32(even, _mm512_set1_epi32(1)), b);
+      const __m512 big = _mm512_set1_ps(std::numeric_limits<float>::max());
+      const __m512 aa = _mm512_abs_ps(a), ab = _mm512_abs_ps(b);
+      const bool finite = (_mm512_cmp_ps_mask(aa, big, _CMP_LE_OQ) &
+                           _mm512_cmp_ps_mask(ab, big, _CMP_LE_OQ)) == 0xffff;
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(aa, ab));
+      const float s = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
+      __m512i qe = _mm512_setzero_si512(), qo = _mm512_setzero_si512();
+      if (s > 0.f) {
+        const __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+        const int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        qe = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_div_ps(ev, vs), r), lo), hi));
+        qo = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_div_ps(od, vs), r), lo), hi));
+      }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + even_at), _mm512_cvtepi32_epi8(qe));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + odd_at), _mm512_cvtepi32_epi8(qo));
+      for (int l = 0; l < 4; ++l) {
+        lanes[even_at / 4 + l] = s;
+        lanes[odd_at / 4 + l] = s;
+      }
+      gsum[kb / g] += s * float(_mm512_reduce_add_epi32(_mm512_add_epi32(qe, qo)));
+      continue;
+    }
+#endif
     float v[32];
     float amax = 0.f;
     bool finite = true;
@@ -919,13 +972,6 @@ void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
     // made of the other values.
     const float s = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
     int32_t qsum = 0;
-    // where this block's evens (e < 16) and odds go
-    int64_t even_at = kb, odd_at = kb + 16;
-    if constexpr (kPairedNibbles) {
-      const int64_t pair = kb & ~int64_t(63), second = (kb & 32) ? 16 : 0;
-      even_at = pair + second;
-      odd_at = pair + 32 + second;
-    }
     for (int e = 0; e < 32; ++e) {
       const int qi = s > 0.f ? int(std::min(127.f, std::max(-127.f, std::nearbyint(v[e] / s)))) : 0;
       q[(e < 16 ? even_at + e : odd_at + e - 16)] = int8_t(qi);
@@ -939,18 +985,6 @@ void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
   }
 }
 
-#if defined(__AVX512F__) && LLMK_VEC_BYTES == 64
-// 16 consecutive values of a contiguous row as float32 (exact conversions).
-LLMK_INLINE __m512 load16_float(DType t, const void* base, int64_t off) {
-  if (t == DType::bf16)
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + off))), 16));
-  if (t == DType::f16)
-    return _mm512_cvtph_ps(_mm256_loadu_si256(
-        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + off)));
-  return _mm512_loadu_ps(static_cast<const float*>(base) + off);
-}
-#endif
 
 // w8a8's row quantization, as the reference: scale = max|x| * (1/127) (1 for an all-zero
 // row), x / scale rounded half to even (nearbyint in the default rounding mode), clamped to
