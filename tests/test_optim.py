@@ -318,3 +318,42 @@ def test_every_cpu_tier_gives_the_same_bits(make, kw, dtype):
                                                     if isinstance(t, torch.Tensor) and t.dim()])
     for tier, got in zip(tiers[1:], results[1:]):
         assert all(torch.equal(a, b) for a, b in zip(results[0], got)), tier
+
+
+def test_kernel_views_rules():
+    """_fused.kernel_views: flat views when the kernels can take every row, else None."""
+    from llmkernels.optim import _fused
+    f32, bf16 = torch.float32, torch.bfloat16
+    p, g, m = torch.randn(5), torch.randn(5), torch.zeros(5)
+    views = _fused.kernel_views([[p, g, m, None]])
+    assert views == [[(p.data_ptr(), 0, (5,), (1,)), (g.data_ptr(), 0, (5,), (1,)),
+                      (m.data_ptr(), 0, (5,), (1,)), None]]
+    pb, gb = torch.randn(3, dtype=bf16), torch.randn(3, dtype=bf16)
+    states16, states32 = [torch.zeros(3, dtype=bf16)] * 2, [torch.zeros(3, dtype=f32)] * 2
+    assert _fused.kernel_views([[pb, gb, *states32]]) is None  # float32 states not allowed
+    assert _fused.kernel_views([[pb, gb, *states32]], f32_state=True) is not None
+    assert _fused.kernel_views([[pb, gb, *states16]], f32_state=True) is not None
+    # one row with 16-bit states, another with float32 ones: not one kernel call
+    assert _fused.kernel_views([[pb, gb, *states16], [pb, gb, *states32]], True) is None
+    assert _fused.kernel_views([[pb, gb.float(), *states16]], True) is None  # grad dtype
+    t = torch.randn(4, 6).t()
+    assert _fused.kernel_views([[t, torch.randn(6, 4).t(), None]]) is None  # not contiguous
+    d = torch.randn(3, dtype=torch.float64)
+    assert _fused.kernel_views([[d, d]]) is None
+    assert _fused.kernel_views([[p, g], [pb, gb]]) is not None  # one dtype per row is enough
+
+
+def test_non_contiguous_parameter_steps_like_torch():
+    """A parameter the kernels cannot take goes to the reference path, same result."""
+    base = torch.randn(6, 4)
+    ours = torch.nn.Parameter(base.clone().t())
+    theirs = torch.nn.Parameter(base.clone().t())
+    assert not ours.is_contiguous()
+    opt_ours = llmkernels.optim.AdamW([ours], lr=0.01)
+    opt_theirs = torch.optim.AdamW([theirs], lr=0.01)
+    for _ in range(5):
+        g = torch.randn(4, 6)
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)

@@ -52,22 +52,42 @@ def grads_of(group, owner: str) -> List[torch.Tensor]:
     return out
 
 
-def _kernel_ready(params: List[torch.Tensor], tensors_per_param, f32_state: bool = False) -> bool:
-    """One dtype per parameter (a kernel dtype), one device for all, every tensor contiguous.
-    f32_state: the state tensors (after parameter and gradient) must be float32 instead.
-    This runs every step over every tensor, so it compares cheap attributes (get_device()
-    is an int; .device builds an object per call)."""
-    device = params[0].get_device()
-    for p, ts in zip(params, tensors_per_param):
-        dtype = p.dtype
+def kernel_views(rows, f32_state: bool = False):
+    """Per row ([parameter, gradient, state...], None for an absent tensor) its tensors' flat()
+    views, in one pass; None if the kernels cannot take the rows: a parameter dtype outside
+    KERNEL_DTYPES, a gradient or state of another dtype than its parameter (with f32_state,
+    float32 states are fine too when every row has them), tensors on several devices, a
+    non-contiguous one. This runs every step over every tensor (hundreds of tensors, a few
+    attribute reads each: most of a small model's step), so it reads each attribute once."""
+    if not rows:
+        return []
+    device = rows[0][0].get_device()
+    f32 = torch.float32
+    own = f32_state  # every state so far in its parameter's dtype / float32 (if allowed)
+    same = True
+    codes = DTYPE_CODES
+    out = []
+    for row in rows:
+        dtype = row[0].dtype
         if dtype not in KERNEL_DTYPES:
-            return False
-        for j, t in enumerate(ts):
-            want = torch.float32 if f32_state and j >= 2 else dtype
-            if t is not None and (t.dtype != want or t.get_device() != device
-                                  or not t.is_contiguous()):
-                return False
-    return True
+            return None
+        views = []
+        for j, t in enumerate(row):
+            if t is None:
+                views.append(None)
+                continue
+            tdt = t.dtype
+            if tdt is not dtype:
+                if j < 2 or tdt is not f32:
+                    return None
+                same = False
+            elif j >= 2 and tdt is not f32:
+                own = False
+            if not (same or own) or t.get_device() != device or not t.is_contiguous():
+                return None
+            views.append((t.data_ptr(), codes[tdt], (t.numel(),), (1,)))
+        out.append(views)
+    return out
 
 
 def _triton_optim():
@@ -84,8 +104,7 @@ def choose_path(params: List[torch.Tensor], tensors_per_param, stochastic_roundi
     from ..ops.attention_gpu import triton_interpreting
     forced = backends.forced_backend()
     if ready is None:
-        ready = (_kernel_ready(params, tensors_per_param)
-                 or (f32_state and _kernel_ready(params, tensors_per_param, True)))
+        ready = kernel_views(tensors_per_param, f32_state) is not None
     device = params[0].device.type
     native = backends.native_module()
     cpu_ok = ready and device == "cpu" and native is not None

@@ -97,7 +97,8 @@ def adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, correctio
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
     rows = [[p, g, m, v, vm] for p, g, m, v, vm
             in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)]
-    path = _fused.choose_path(params, rows, sr, f32_state=True)
+    views = _fused.kernel_views(rows, f32_state=True)
+    path = _fused.choose_path(params, None, sr, ready=views is not None)
     if path == "triton":
         _fused.triton_optim().adam_step(
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
@@ -107,9 +108,8 @@ def adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, correctio
             one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
             check=False, sr_keys=keys if sr else None)  # choose_path checked the tensors
     elif path in ("cpu", "cuda"):
-        items = [(_fused.flat(p), _fused.flat(g), _fused.flat(m), _fused.flat(v), _fused.flat(vm),
-                  step_size, bc2, key)
-                 for (p, g, m, v, vm), (step_size, bc2), key in zip(rows, corrections, keys)]
+        items = [(*views_of, step_size, bc2, key)
+                 for views_of, (step_size, bc2), key in zip(views, corrections, keys)]
         native = backends.native_module()
         if path == "cpu":
             native.adam_step(backends.cpu_tier_code(), items, lr, beta1, beta2, eps, wd,

@@ -234,12 +234,8 @@ class AdamW8bit(torch.optim.Optimizer):
             # each rank's shards; anything else as it is.
             eight = [(*_local_eight_bit(p, s), c) for p, s, c in eight]
             ps8 = [p for p, _, _, _ in eight]
-            device = ps8[0].get_device()
-            ready = all(p.dtype in _fused.KERNEL_DTYPES and p.is_contiguous()
-                        and g.is_contiguous() and g.dtype == p.dtype
-                        and p.get_device() == device and g.get_device() == device
-                        for p, g, _, _ in eight)
-            path = _fused.choose_path(ps8, None, False, ready=ready)
+            pg_views = _fused.kernel_views([[p, g] for p, g, _, _ in eight])
+            path = _fused.choose_path(ps8, None, False, ready=pg_views is not None)
             if path == "triton":
                 _fused.triton_optim().adam8bit_step(
                     ps8, [g for _, g, _, _ in eight], [s["exp_avg_codes"] for _, _, s, _ in eight],
@@ -251,10 +247,11 @@ class AdamW8bit(torch.optim.Optimizer):
                     decay=1.0 - lr * wd, one_minus_beta1=1.0 - beta1,
                     one_minus_beta2=1.0 - beta2, check=False)
             elif path in ("cpu", "cuda"):
-                items = [(_fused.flat(p), _fused.flat(g), _fused.flat(s["exp_avg_codes"]),
-                          _fused.flat(s["exp_avg_scales"]), _fused.flat(s["exp_avg_sq_codes"]),
-                          _fused.flat(s["exp_avg_sq_scales"]), step_size, bc2)
-                         for p, g, s, (step_size, bc2) in eight]
+                flat = _fused.flat
+                items = [(vp, vg, flat(s["exp_avg_codes"]), flat(s["exp_avg_scales"]),
+                          flat(s["exp_avg_sq_codes"]), flat(s["exp_avg_sq_scales"]), step_size,
+                          bc2)
+                         for (vp, vg), (_, _, s, (step_size, bc2)) in zip(pg_views, eight)]
                 if path == "cpu":
                     backends.native_module().adam8bit_step(
                         backends.cpu_tier_code(), items, eps, wd, beta2, True, group["maximize"],

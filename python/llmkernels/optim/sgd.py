@@ -74,8 +74,8 @@ class SGD(torch.optim.Optimizer):
                 bufs.append(buf if momentum != 0.0 else None)
                 firsts.append(first)
             params, grads, bufs = _fused.locals_of(params, [p.grad for p in params], bufs)
-            path = _fused.choose_path(params, [[p, g, b] for p, g, b in zip(params, grads, bufs)],
-                                      sr)
+            views = _fused.kernel_views([[p, g, b] for p, g, b in zip(params, grads, bufs)])
+            path = _fused.choose_path(params, None, sr, ready=views is not None)
             if path == "triton":
                 _fused.triton_optim().sgd_step(
                     params, grads, bufs, firsts, lr=lr, momentum=momentum,
@@ -84,8 +84,7 @@ class SGD(torch.optim.Optimizer):
                     one_minus_dampening=1.0 - dampening, check=False,  # choose_path checked them
                     sr_keys=keys if sr else None)
             elif path in ("cpu", "cuda"):
-                items = [(_fused.flat(p), _fused.flat(g), _fused.flat(b), f, key)
-                         for p, g, b, f, key in zip(params, grads, bufs, firsts, keys)]
+                items = [(*views_of, f, key) for views_of, f, key in zip(views, firsts, keys)]
                 if path == "cpu":
                     backends.native_module().sgd_step(
                         backends.cpu_tier_code(), items, lr, momentum, dampening, wd,
