@@ -1,7 +1,8 @@
-"""The CPU kernels for many rows of x (prefill-sized batches): on AVX512-BF16 CPUs, x packed
-16 rows to a vector (csrc/cpu/quant_matmul_packed_x.h); on the other tiers the K-in-lanes
-panels. Every tier against the reference, on shapes that leave partial 16-row vectors, partial
-channel blocks, partial K chunks and every int4 group size."""
+"""The CPU kernels for many rows of x (prefill-sized batches): on AVX2 / AVX-512 tiers x packed
+8 or 16 rows to a vector (csrc/cpu/quant_matmul_packed_x.h: bf16 or int8 dot products where
+the CPU has them, float FMA otherwise); on the portable tier the K-in-lanes panels. Every tier
+against the reference, on shapes that leave partial row vectors, partial channel blocks,
+partial K chunks and every int4 group size."""
 import pytest
 import torch
 
@@ -12,18 +13,19 @@ from test_quant_matmul import check_against_reference
 SCHEMES = ["int8", "int4", "w8a8"]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("M", [12, 16, 33, 64, 65, 130])
 @pytest.mark.parametrize("K,N", [(1152, 37), (2048, 16), (1001, 70)])
-def test_many_rows_match_reference(cpu_tier, scheme, M, K, N):
+def test_many_rows_match_reference(cpu_tier, scheme, M, K, N, dtype):
     groups = (32, 64, 128) if scheme == "int4" else (128,)
     for group in groups:
         if scheme == "int4" and K % group:
             continue
-        big = torch.randn(M, K + 40, dtype=torch.bfloat16)
+        big = torch.randn(M, K + 40, dtype=dtype)
         x = big[:, 5:5 + K]  # rows K + 40 apart
         qw = llmkernels.quantize_weight(torch.randn(N, K), scheme, group)
-        bias = torch.randn(N, dtype=torch.bfloat16) if M % 2 else None
+        bias = torch.randn(N, dtype=dtype) if M % 2 else None
         out = llmkernels.quant_matmul(x, qw, bias, backend="cpu")
         check_against_reference(x, qw, bias, out)
 
@@ -47,9 +49,10 @@ def test_w8a8_many_rows_exact(cpu_tier, dtype, layout):
 
 
 @pytest.mark.parametrize("scheme", ["w8a8", "int8", "int4"])
-def test_many_rows_non_finite_x_stays_in_its_row(cpu_tier, scheme):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_many_rows_non_finite_x_stays_in_its_row(cpu_tier, scheme, dtype):
     """A NaN in one row makes that row's outputs NaN (w8a8: its scale) and leaves the others."""
-    x = torch.randn(32, 256, dtype=torch.bfloat16)
+    x = torch.randn(32, 256, dtype=dtype)
     x[5, 17] = float("nan")
     qw = llmkernels.quantize_weight(torch.randn(24, 256), scheme, 64)
     out = llmkernels.quant_matmul(x, qw, backend="cpu")
@@ -65,6 +68,7 @@ def test_int8_weights_of_minus_128(cpu_tier):
     K, N = 512, 20
     qw = llmkernels.quantize_weight(torch.randn(N, K), "int8")
     qw.qdata[:, ::3] = -128
-    x = torch.randn(16, K, dtype=torch.bfloat16)
-    out = llmkernels.quant_matmul(x, qw, backend="cpu")
-    check_against_reference(x, qw, None, out)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(16, K, dtype=dtype)
+        out = llmkernels.quant_matmul(x, qw, backend="cpu")
+        check_against_reference(x, qw, None, out)

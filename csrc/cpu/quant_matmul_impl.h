@@ -42,7 +42,7 @@ namespace {
 constexpr int64_t kChunkRows = 64;       // rows of x per work item
 constexpr int64_t kChunkChannels = 64;   // output channels per work item
 constexpr int64_t kChunkK = 512;         // multiple of every group size and vector width
-constexpr int64_t kLaneRowsAll = 16;     // rows per vector of packed x (quant_matmul_packed_x.h)
+constexpr int64_t kLaneRowsAll = W;      // rows per vector of packed x (quant_matmul_packed_x.h)
 constexpr int64_t kPrefetch = 1024;      // bytes ahead in a weight row (one line per 64 B)
 
 // Widening W bytes to W floats. GCC 12 turns __builtin_convertvector from int8 to float
@@ -461,11 +461,12 @@ constexpr int kNBq = W >= 16 ? 4 : 2;
 // row block runs plain FMA against it.
 
 template <int NB>
-void fill_int8(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1, float* panel) {
+void fill_int8(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1, float* panel,
+               int64_t ld = kChunkK) {
   const int64_t len = k1 - k0, lenv = round_up(len, W);
   for (int j = 0; j < NB; ++j) {
     const int8_t* w = c.p->qdata.ptr<int8_t>() + chans[j] * c.K + k0;
-    float* dst = panel + j * kChunkK;
+    float* dst = panel + j * ld;
     int64_t k = 0;
     for (; k + W <= len; k += W) storeu(dst + k, widen_i8(w + k));
     for (; k < len; ++k) dst[k] = float(w[k]);
@@ -474,20 +475,22 @@ void fill_int8(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1, float
 }
 
 template <int NB>
-void fill_int4(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1, float* panel) {
+void fill_int4(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1, float* panel,
+               int64_t ld = kChunkK) {
   const int64_t g = c.p->group_size;
   for (int j = 0; j < NB; ++j) {
     const uint8_t* w = c.p->qdata.ptr<uint8_t>() + chans[j] * (c.K / 2);
     const float* sc = c.p->scales.ptr<float>() + chans[j] * c.groups;
     const uint8_t* zp = c.p->zeros.ptr<uint8_t>() + chans[j] * c.groups;
-    float* dst = panel + j * kChunkK - k0;
-    for (int64_t kb = k0; kb < k1; kb += 32) {
-      const vf s = splat(sc[kb / g]), z = splat(float(zp[kb / g]));
-      for (int sv = 0; sv < 32 / W; ++sv) {
-        const bool high = sv >= 16 / W;
-        const int64_t byte0 = kb / 2 + (high ? sv - 16 / W : sv) * W;
-        storeu(dst + kb + sv * W, (nibbles(w + byte0, high) - z) * s);
-      }
+    float* dst = panel + j * ld - k0;
+    for (int64_t kg = k0; kg < k1; kg += g) {  // k0, k1: multiples of the group size
+      const vf s = splat(sc[kg / g]), z = splat(float(zp[kg / g]));
+      for (int64_t kb = kg; kb < kg + g; kb += 32)
+        for (int sv = 0; sv < 32 / W; ++sv) {
+          const bool high = sv >= 16 / W;
+          const int64_t byte0 = kb / 2 + (high ? sv - 16 / W : sv) * W;
+          storeu(dst + kb + sv * W, (nibbles(w + byte0, high) - z) * s);
+        }
     }
   }
 }
@@ -523,7 +526,7 @@ void run_tile_panel(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1
     for (int64_t n = n0; n < n1; n += NB) {
       int64_t chans[NB];
       for (int j = 0; j < NB; ++j) chans[j] = std::min(n + j, n1 - 1);
-      fill(c, chans, k0, k1, panel);
+      fill(c, chans, k0, k1, panel, kChunkK);
       int64_t m = m0;
       for (; m + MB <= m1; m += MB) {
         int64_t rows[MB];
@@ -693,16 +696,19 @@ constexpr bool kBf16Dot = false;
 
 #include "quant_matmul_packed_x.h"
 
-// Rows from which x packed into vector lanes beats the K-in-lanes panels (a 16-row vector
+// Rows from which x packed into vector lanes beats the K-in-lanes panels (a vector of rows
 // computes zeros for the rows a group lacks).
 constexpr int64_t kPackedMinRows = 12;
 
-bool use_packed_x(const QuantMatmulParams& p) {
-  return kPackedX && p.x.sizes[0] >= kPackedMinRows &&
-         (p.scheme == QuantScheme::w8a8 ||
-          (kBf16Dot && p.x.dtype == DType::bf16 &&
-           (p.scheme == QuantScheme::int8 || p.scheme == QuantScheme::int4)));
+// The packed-x path's bytes per element of x (quant_matmul_packed_x.h), 0 where it does not
+// serve: w8a8's int8 (1, VNNI CPUs), int8 / int4 weights with bf16 x on AVX512-BF16 CPUs (2),
+// with any other x on AVX2 / AVX-512 (float, 4).
+int64_t packed_elem_bytes(const QuantMatmulParams& p) {
+  if (!kPackedX || p.x.sizes[0] < kPackedMinRows) return 0;
+  if (p.scheme == QuantScheme::w8a8) return kPackedBf16 ? 1 : 0;
+  return kPackedBf16 && p.x.dtype == DType::bf16 ? 2 : 4;
 }
+bool use_packed_x(const QuantMatmulParams& p) { return packed_elem_bytes(p) != 0; }
 
 // int4: x is also kept as bf16 in the permuted order of its float rows (the panel's).
 bool use_bf16_dot(const QuantMatmulParams& p) {
@@ -754,7 +760,7 @@ void run_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1, Acc*
   }
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && LLMK_VEC_BYTES == 64 || defined(__AVX2__) && LLMK_VEC_BYTES == 32
 // A tile on the packed-x path: sums over every chunk, then scales and stores.
 void packed_tile_item(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                       char* scratch, void* panel) {
@@ -769,19 +775,41 @@ void packed_tile_item(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t 
           out(m0 + v * kLaneRows + r, n, lanes[r]);
       }
   };
+  auto plain = [&](auto& part, auto* a, const int64_t*, int64_t n, int64_t) {
+    flush_plain(part, a, n1 - n);
+  };
+  if (packed_elem_bytes(p) == 4) {  // float products: int4's panel holds (q - zero) * scale
+    vf* acc = reinterpret_cast<vf*>(scratch);
+    float* pan = static_cast<float*>(panel);
+    constexpr int64_t ld = FloatDots::kPanelWords;
+    if (p.scheme == QuantScheme::int8) {
+      packed_tile_any<FloatDots>(
+          c, m0, m1, n0, n1, acc, panel, ld,
+          [&](auto nb, const int64_t* chans, int64_t, int64_t k0, int64_t k1) {
+            fill_int8<decltype(nb)::value>(c, chans, k0, k1, pan, ld);
+          }, plain);
+      each(acc, float{}, [&](int64_t m, int64_t n, float s) { store(c, m, n, s * sc[n]); });
+    } else {
+      packed_tile_any<FloatDots>(
+          c, m0, m1, n0, n1, acc, panel, ld,
+          [&](auto nb, const int64_t* chans, int64_t, int64_t k0, int64_t k1) {
+            fill_int4<decltype(nb)::value>(c, chans, k0, k1, pan, ld);
+          }, plain);
+      each(acc, float{}, [&](int64_t m, int64_t n, float s) { store(c, m, n, s); });
+    }
+    return;
+  }
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
   if (p.scheme == QuantScheme::w8a8) {
     __m512i* acc = reinterpret_cast<__m512i*>(scratch);
     int32_t* wsum = reinterpret_cast<int32_t*>(static_cast<char*>(panel) + kPanelBytes);
     std::fill(wsum, wsum + kChunkChannels, 0);
     packed_tile_any<U8S8Dots>(
-        c, m0, m1, n0, n1, acc, panel, kPanelWords,
+        c, m0, m1, n0, n1, acc, panel, U8S8Dots::kPanelWords,
         [&](auto nb, const int64_t* chans, int64_t n, int64_t k0, int64_t k1) {
           fill_w8a8<decltype(nb)::value>(c, chans, n1 - n, k0, k1, static_cast<int8_t*>(panel),
                                          wsum + (n - n0));
-        },
-        [&](auto& part, __m512i* a, const int64_t*, int64_t n, int64_t) {
-          flush_plain(part, a, n1 - n);
-        });
+        }, plain);
     each(acc, int32_t{}, [&](int64_t m, int64_t n, int32_t s) {  // the reference's (acc * x_scale) * w_scale
       store(c, m, n, float(s - 128 * wsum[n - n0]) * c.xscale[m] * sc[n]);
     });
@@ -789,15 +817,13 @@ void packed_tile_item(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t 
   }
   __m512* acc = reinterpret_cast<__m512*>(scratch);
   uint16_t* pan = static_cast<uint16_t*>(panel);
+  constexpr int64_t ld = Bf16Dots::kChunk;  // bf16 values per panel row
   if (p.scheme == QuantScheme::int8) {
     packed_tile_any<Bf16Dots>(
-        c, m0, m1, n0, n1, acc, panel, kPanelWords,
+        c, m0, m1, n0, n1, acc, panel, Bf16Dots::kPanelWords,
         [&](auto nb, const int64_t* chans, int64_t, int64_t k0, int64_t k1) {
-          fill_int8_bf16<decltype(nb)::value>(c, chans, k0, k1, pan, kPanelRowBytes / 2);
-        },
-        [&](auto& part, __m512* a, const int64_t*, int64_t n, int64_t) {
-          flush_plain(part, a, n1 - n);
-        });
+          fill_int8_bf16<decltype(nb)::value>(c, chans, k0, k1, pan, ld);
+        }, plain);
     each(acc, float{}, [&](int64_t m, int64_t n, float s) { store(c, m, n, s * sc[n]); });
     return;
   }
@@ -805,13 +831,14 @@ void packed_tile_item(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t 
   packed_tile_any<Bf16Dots>(
       c, m0, m1, n0, n1, acc, panel, g / 2,
       [&](auto nb, const int64_t* chans, int64_t, int64_t k0, int64_t k1) {
-        fill_int4_bf16<decltype(nb)::value>(c, chans, k0, k1, pan, kPanelRowBytes / 2);
+        fill_int4_bf16<decltype(nb)::value>(c, chans, k0, k1, pan, ld);
       },
       [&](auto& part, __m512* a, const int64_t* chans, int64_t n, int64_t k) {
         flush_scaled(part, a, n1 - n,
                      [&](int j) { return _mm512_set1_ps(sc[chans[j] * c.groups + k / g]); });
       });
   each(acc, float{}, [&](int64_t m, int64_t n, float s) { store(c, m, n, s); });
+#endif
 }
 #endif
 
@@ -823,7 +850,7 @@ void tile_item(void* ctx, int64_t item, int thread) {
   float* panel = reinterpret_cast<float*>(
       round_up(reinterpret_cast<int64_t>(scratch + kChunkRows * kChunkChannels * 4), 64));
   const int64_t ld = kChunkChannels;
-#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && LLMK_VEC_BYTES == 64 || defined(__AVX2__) && LLMK_VEC_BYTES == 32
   if (c.xp != nullptr) return packed_tile_item(c, m0, m1, n0, n1, scratch, panel);
 #endif
   switch (c.p->scheme) {
@@ -1072,7 +1099,7 @@ void prep_row(void* ctx, int64_t m, int) {
         const int64_t k = kb + (e < 16 ? 2 * e : 2 * (e - 16) + 1);
         row[kb + e] = read_float(p.x.dtype, p.x.data, base + k * ks);
       }
-    for (int64_t grp = 0; grp < K / g; ++grp) {
+    for (int64_t grp = 0; pc.xsum != nullptr && grp < K / g; ++grp) {
       float s = 0.f;
       for (int64_t k = grp * g; k < (grp + 1) * g; ++k) s += row[k];  // any order: a sum
       pc.xsum[m * (K / g) + grp] = s;
@@ -1087,8 +1114,6 @@ struct Layout {
   int64_t xf, xsum, xq, xscale, xb, x4q, x4s, x4sum, xp, scratch, total;
 };
 
-// Bytes of each prepared element of x: bf16 (2) or w8a8's int8 (1).
-int64_t packed_elem_bytes(const QuantMatmulParams& p) { return p.scheme == QuantScheme::w8a8 ? 1 : 2; }
 
 Layout layout(const QuantMatmulParams& p) {
   const int64_t M = p.x.sizes[0], K = p.x.sizes[1], Kx = padded_k(p);
@@ -1106,8 +1131,10 @@ Layout layout(const QuantMatmulParams& p) {
     l.x4q = take(M * Kx);
     l.x4s = take(M * (Kx / 4) * 4);
     l.x4sum = take(M * (K / p.group_size) * 4);
-  } else if (use_packed_x(p)) {
+  } else if (packed_elem_bytes(p) == 2) {
     l.xb = take(M * Kx * 2);
+  } else if (use_packed_x(p)) {  // float rows (int4: permuted), its panels hold scaled weights
+    l.xf = take(M * Kx * 4);
   } else {
     l.xf = take(M * Kx * 4);
     if (p.scheme == QuantScheme::int4) l.xsum = take(M * (K / p.group_size) * 4);
@@ -1141,8 +1168,10 @@ void run(const QuantMatmulParams& p, void* workspace) {
     pc.x4q = reinterpret_cast<int8_t*>(base + l.x4q);
     pc.x4s = reinterpret_cast<float*>(base + l.x4s);
     pc.x4sum = reinterpret_cast<float*>(base + l.x4sum);
-  } else if (use_packed_x(p)) {
+  } else if (packed_elem_bytes(p) == 2) {
     pc.xb = reinterpret_cast<uint16_t*>(base + l.xb);
+  } else if (use_packed_x(p)) {
+    pc.xf = reinterpret_cast<float*>(base + l.xf);
   } else {
     pc.xf = reinterpret_cast<float*>(base + l.xf);
     if (p.scheme == QuantScheme::int4) pc.xsum = reinterpret_cast<float*>(base + l.xsum);
@@ -1166,10 +1195,11 @@ void run(const QuantMatmulParams& p, void* workspace) {
   // 2 threads 39-48 us; AMD EPYC Zen 4 VM, 2026-11-26).
   const int threads = threads_for(p.qdata.numel() * c.M, p.num_threads, int64_t(512) << 10);
   parallel_for(c.M, std::min<int64_t>(threads, c.M), prep_row, &pc);
-#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
-  if (c.xp != nullptr) {  // the prepared rows, 16 to a vector
-    const int64_t words = c.Kx * packed_elem_bytes(p) / 4;
-    const void* rows = p.scheme == QuantScheme::w8a8 ? static_cast<const void*>(pc.xq) : pc.xb;
+#if defined(__AVX512F__) && LLMK_VEC_BYTES == 64 || defined(__AVX2__) && LLMK_VEC_BYTES == 32
+  if (c.xp != nullptr) {  // the prepared rows, W to a vector
+    const int64_t bytes = packed_elem_bytes(p), words = c.Kx * bytes / 4;
+    const void* rows = bytes == 1 ? static_cast<const void*>(pc.xq)
+                       : bytes == 2 ? static_cast<const void*>(pc.xb) : pc.xf;
     PackCtx pk{&c, static_cast<const uint32_t*>(rows), words, (words + kPackWords - 1) / kPackWords,
                const_cast<uint32_t*>(c.xp)};
     const int64_t items = (c.M + kLaneRows - 1) / kLaneRows * pk.chunks;

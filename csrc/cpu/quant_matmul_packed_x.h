@@ -1,4 +1,4 @@
-// Many rows of x on AVX512-BF16 + VNNI CPUs: sixteen rows of x in the lanes of a vector.
+// Many rows of x on AVX2 / AVX-512 CPUs: rows of x in the lanes of a vector (8 or 16).
 // Included by quant_matmul_impl.h inside its tier namespace (it uses Ctx and the fills).
 //
 // The K-in-lanes panels of quant_matmul_impl.h end every (row, channel) pair in a horizontal
@@ -7,37 +7,74 @@
 // per call so that one 64-byte load holds one 32-bit word of K (2 bf16 or 4 int8 values) of 16
 // rows; each weight word of the panel is broadcast, and one vdpbf16ps (vpdpbusd) adds the
 // products of 16 rows with one channel: no sums across lanes, one load per instruction.
-//   xp[(group * words + q) * 16 + r] = 32-bit word q of row 16 * group + r (rows past M: 0)
+//   xp[(group * words + q) * W + r] = 32-bit word q of row W * group + r (rows past M: 0)
 // words = Kx * element bytes / 4. The panel holds NB weight rows of one K chunk (the same
-// element order as x: int4's permuted order), kPanelRowBytes apart, zero-padded to Kx.
+// element order as x: int4's permuted order), D::kPanelWords words apart, zero-padded to Kx.
+// Where the CPU lacks AVX512-BF16, the products are float32 FMAs: W = 8 (AVX2) or 16 rows
+// to a vector, float x and a float panel (int8: q; int4: (q - zero) * scale), which also
+// serve float32 / float16 x on AVX512-BF16 CPUs.
 #pragma once
 
-#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && LLMK_VEC_BYTES == 64 || defined(__AVX2__) && LLMK_VEC_BYTES == 32
 constexpr bool kPackedX = true;
-constexpr int64_t kLaneRows = kLaneRowsAll;
+constexpr int64_t kLaneRows = kLaneRowsAll;             // = W: rows per vector
 constexpr int64_t kTileVecs = kChunkRows / kLaneRows;  // vectors of rows in one tile
-constexpr int64_t kPanelRowBytes = kChunkK * 2;  // one chunk: 512 bf16 or 1024 int8 values
-constexpr int64_t kPanelWords = kPanelRowBytes / 4;
 
-// The two products: bf16 x with the weights as exact bf16 values (int8 q; int4 q - zero),
-// and w8a8's x + 128 (unsigned) with int8 weights.
+// The products. kChunk: K values per panel row (a chunk); kPanelWords: 32-bit words per panel
+// row. FloatDots: float32 x (any x dtype, converted once) with the weights as float (int8 q;
+// int4 (q - zero) * scale), FMA; every AVX2 / AVX-512 tier.
+struct FloatDots {
+  using V = vf;
+  using X = vf;
+  static constexpr int64_t kElemBytes = 4;
+  static constexpr int64_t kChunk = 256;  // panel and x's chunk: 16 KiB each at 16 rows
+  static constexpr int64_t kPanelWords = kChunk;
+  static V zero() { return vf{}; }
+  static LLMK_INLINE X load(const uint32_t* p) { X v; std::memcpy(&v, p, sizeof v); return v; }
+  static LLMK_INLINE X bcast(const uint32_t* p) { float f; std::memcpy(&f, p, 4); return splat(f); }
+#if LLMK_VEC_BYTES == 64
+  static LLMK_INLINE V dot(V acc, X x, X w) { return (V)_mm512_fmadd_ps((__m512)x, (__m512)w, (__m512)acc); }
+#else
+  static LLMK_INLINE V dot(V acc, X x, X w) { return (V)_mm256_fmadd_ps((__m256)x, (__m256)w, (__m256)acc); }
+#endif
+};
+
+static_assert(kMaxPackedNB * FloatDots::kPanelWords * 4 <= kPanelBytes, "panel too small");
+
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+constexpr bool kPackedBf16 = true;
+// bf16 x with the weights as exact bf16 values (int8 q; int4 q - zero), and w8a8's x + 128
+// (unsigned) with int8 weights.
 struct Bf16Dots {
   using V = __m512;
+  using X = __m512i;
   static constexpr int64_t kElemBytes = 2;
+  static constexpr int64_t kChunk = 512;
+  static constexpr int64_t kPanelWords = kChunk * kElemBytes / 4;
   static V zero() { return _mm512_setzero_ps(); }
-  static LLMK_INLINE V dot(V acc, __m512i x, __m512i w) {
+  static LLMK_INLINE X load(const uint32_t* p) { return _mm512_load_si512(p); }
+  static LLMK_INLINE X bcast(const uint32_t* p) { return _mm512_set1_epi32(int(*p)); }
+  static LLMK_INLINE V dot(V acc, X x, X w) {
     return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
   }
 };
 struct U8S8Dots {
   using V = __m512i;
+  using X = __m512i;
   static constexpr int64_t kElemBytes = 1;
+  static constexpr int64_t kChunk = 1024;
+  static constexpr int64_t kPanelWords = kChunk * kElemBytes / 4;
   static V zero() { return _mm512_setzero_si512(); }
-  static LLMK_INLINE V dot(V acc, __m512i x, __m512i w) { return _mm512_dpbusd_epi32(acc, x, w); }
+  static LLMK_INLINE X load(const uint32_t* p) { return _mm512_load_si512(p); }
+  static LLMK_INLINE X bcast(const uint32_t* p) { return _mm512_set1_epi32(int(*p)); }
+  static LLMK_INLINE V dot(V acc, X x, X w) { return _mm512_dpbusd_epi32(acc, x, w); }
 };
+static_assert(kMaxPackedNB * Bf16Dots::kPanelWords * 4 <= kPanelBytes, "panel too small");
+static_assert(kMaxPackedNB * U8S8Dots::kPanelWords * 4 <= kPanelBytes, "panel too small");
+#else
+constexpr bool kPackedBf16 = false;
+#endif
 
-// part[j][v] += the products of row vector v (x: its words, vec_stride words apart) with panel
-// row j over the words [q0, q1) of the chunk.
 // The sums of row vector v (x: its words, vec_stride words apart) with panel row j over the
 // words [q0, q1) of the chunk, to part[j * MV + v]. With ahead: while it computes, line q of
 // the NB rows' next chunk (ahead[j] + 64 * line, row j = q >> log2_lines) goes to L2 (all at
@@ -54,10 +91,10 @@ __attribute__((noinline)) void packed_dots(const uint32_t* x, int64_t vec_stride
   for (int64_t q = q0; q < q1; ++q) {
     if (ahead != nullptr && (q >> log2_lines) < NB)
       prefetch_l2(ahead[q >> log2_lines] + ((q & ((int64_t(1) << log2_lines) - 1)) << 6));
-    __m512i xv[MV];
-    for (int v = 0; v < MV; ++v) xv[v] = _mm512_load_si512(x + v * vec_stride + q * kLaneRows);
+    typename D::X xv[MV];
+    for (int v = 0; v < MV; ++v) xv[v] = D::load(x + v * vec_stride + q * kLaneRows);
     for (int j = 0; j < NB; ++j) {
-      const __m512i w = _mm512_set1_epi32(int(panel[j * kPanelWords + q]));
+      const typename D::X w = D::bcast(panel + j * D::kPanelWords + q);
       for (int v = 0; v < MV; ++v) acc[j][v] = D::dot(acc[j][v], xv[v], w);
     }
   }
@@ -75,7 +112,7 @@ void packed_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
   using V = typename D::V;
   const int64_t vecs = (m1 - m0 + kLaneRows - 1) / kLaneRows;  // a multiple of MV
   std::fill(acc, acc + kChunkChannels * kTileVecs, D::zero());
-  const int64_t kc = kPanelRowBytes / D::kElemBytes;
+  const int64_t kc = D::kChunk;
   const int64_t vec_stride = c.Kx * D::kElemBytes / 4 * kLaneRows;
   const uint32_t* xt = c.xp + m0 / kLaneRows * vec_stride;
   const uint32_t* pw = static_cast<const uint32_t*>(panel);
@@ -112,22 +149,43 @@ void packed_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
   }
 }
 
-// The tile's register blocks: 16 sums each (rows x channels), as many rows as the tile has.
+// The tile's register blocks, as many rows as the tile has: 16 sums (rows x channels) in
+// AVX-512's 32 registers; 12 in AVX2's 16 (8 left the FMAs waiting on their latency: int8
+// M = 64, AVX2 tier on a Zen 4, 48% of the FMA peak).
 template <class D, class Fill, class Flush>
 void packed_tile_any(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                      typename D::V* acc, void* panel, int64_t seg_words, Fill fill,
                      Flush flush) {
   const int64_t vecs = (m1 - m0 + kLaneRows - 1) / kLaneRows;
-  if (vecs == 4)
-    packed_tile<D, 4, 4>(c, m0, m1, n0, n1, acc, panel, seg_words, fill, flush);
-  else if (vecs == 2)
-    packed_tile<D, 2, 8>(c, m0, m1, n0, n1, acc, panel, seg_words, fill, flush);
-  else
-    packed_tile<D, 1, 16>(c, m0, m1, n0, n1, acc, panel, seg_words, fill, flush);
+  if constexpr (W == 16) {
+    if (vecs % 4 == 0)
+      packed_tile<D, 4, 4>(c, m0, m1, n0, n1, acc, panel, seg_words, fill, flush);
+    else if (vecs % 2 == 0)
+      packed_tile<D, 2, 8>(c, m0, m1, n0, n1, acc, panel, seg_words, fill, flush);
+    else
+      packed_tile<D, 1, 16>(c, m0, m1, n0, n1, acc, panel, seg_words, fill, flush);
+  } else {
+    if (vecs % 2 == 0)
+      packed_tile<D, 2, 6>(c, m0, m1, n0, n1, acc, panel, seg_words, fill, flush);
+    else
+      packed_tile<D, 1, 12>(c, m0, m1, n0, n1, acc, panel, seg_words, fill, flush);
+  }
 }
 
-// Adds part to the valid channels' sums (channels n + j < n1), times scale(j) (a float
-// vector) for the bf16 products; exact int32 sums for w8a8.
+// Adds part to the valid channels' sums (channels n + j < n1); flush_scaled: times scale(j),
+// a vector (int4's group scales on the bf16 products).
+template <int MV, int NB, class V>
+LLMK_INLINE void flush_plain(V (&part)[NB][MV], V* a, int64_t valid) {  // float vectors
+  for (int j = 0; j < NB && j < valid; ++j)
+    for (int v = 0; v < MV; ++v) a[j * kTileVecs + v] += part[j][v];
+}
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+template <int MV, int NB>
+LLMK_INLINE void flush_plain(__m512i (&part)[NB][MV], __m512i* a, int64_t valid) {  // int32
+  for (int j = 0; j < NB && j < valid; ++j)
+    for (int v = 0; v < MV; ++v)
+      a[j * kTileVecs + v] = _mm512_add_epi32(a[j * kTileVecs + v], part[j][v]);
+}
 template <int MV, int NB, class Scale>
 LLMK_INLINE void flush_scaled(__m512 (&part)[NB][MV], __m512* a, int64_t valid, Scale scale) {
   for (int j = 0; j < NB && j < valid; ++j) {
@@ -135,17 +193,6 @@ LLMK_INLINE void flush_scaled(__m512 (&part)[NB][MV], __m512* a, int64_t valid, 
     for (int v = 0; v < MV; ++v)
       a[j * kTileVecs + v] = _mm512_fmadd_ps(part[j][v], s, a[j * kTileVecs + v]);
   }
-}
-template <int MV, int NB>
-LLMK_INLINE void flush_plain(__m512 (&part)[NB][MV], __m512* a, int64_t valid) {
-  for (int j = 0; j < NB && j < valid; ++j)
-    for (int v = 0; v < MV; ++v) a[j * kTileVecs + v] = _mm512_add_ps(a[j * kTileVecs + v], part[j][v]);
-}
-template <int MV, int NB>
-LLMK_INLINE void flush_plain(__m512i (&part)[NB][MV], __m512i* a, int64_t valid) {
-  for (int j = 0; j < NB && j < valid; ++j)
-    for (int v = 0; v < MV; ++v)
-      a[j * kTileVecs + v] = _mm512_add_epi32(a[j * kTileVecs + v], part[j][v]);
 }
 
 // w8a8's panel: the weight rows' bytes [k0, k1), zero-padded to a multiple of 64; the sums of
@@ -157,7 +204,7 @@ void fill_w8a8(const Ctx& c, const int64_t* chans, int64_t valid, int64_t k0, in
   const __m512i ones = _mm512_set1_epi8(1);
   for (int j = 0; j < NB && j < valid; ++j) {
     const int8_t* w = c.p->qdata.ptr<int8_t>() + chans[j] * c.K + k0;
-    int8_t* dst = panel + j * kPanelRowBytes;
+    int8_t* dst = panel + j * U8S8Dots::kPanelWords * 4;
     __m512i s = _mm512_setzero_si512();
     int64_t k = 0;
     for (; k + 64 <= len; k += 64) {
@@ -174,6 +221,7 @@ void fill_w8a8(const Ctx& c, const int64_t* chans, int64_t valid, int64_t k0, in
     wsum[j] += _mm512_reduce_add_epi32(s) + tail;
   }
 }
+#endif
 
 struct PackCtx {
   const Ctx* c;
@@ -201,4 +249,5 @@ void pack_item(void* ctx, int64_t item, int) {
 }
 #else
 constexpr bool kPackedX = false;
+constexpr bool kPackedBf16 = false;
 #endif
