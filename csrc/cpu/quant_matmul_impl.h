@@ -604,20 +604,21 @@ void fill_int4_bf16(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1,
                     uint16_t* panel, int64_t ld = kChunkK) {
   const int64_t g = c.p->group_size;
   const __m128i low4 = _mm_set1_epi8(15);
+  const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   for (int j = 0; j < NB; ++j) {
     const uint8_t* w = c.p->qdata.ptr<uint8_t>() + chans[j] * (c.K / 2);
     const uint8_t* zp = c.p->zeros.ptr<uint8_t>() + chans[j] * c.groups;
     uint16_t* dst = panel + j * ld - k0;
     for (int64_t kg = k0; kg < k1; kg += g) {  // k0, k1: multiples of the group size
-      const __m512 z = _mm512_set1_ps(float(zp[kg / g]));
+      // The group's 16 values q - zero as bf16 (exact), looked up by q: one vpermw per 32.
+      const __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(
+          _mm512_sub_ps(iota, _mm512_set1_ps(float(zp[kg / g])))));
       for (int64_t kb = kg; kb < kg + g; kb += 32) {  // 16 bytes: 16 low nibbles, 16 high ones
         const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kb / 2));
-        const __m512 lo = _mm512_sub_ps(
-            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low4))), z);
-        const __m512 hi = _mm512_sub_ps(
-            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low4))),
-            z);
-        const __m512bh v = _mm512_cvtne2ps_pbh(hi, lo);
+        const __m256i q = _mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_and_si128(b, low4)),
+            _mm_and_si128(_mm_srli_epi16(b, 4), low4), 1);
+        const __m512i v = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(q), table);
         std::memcpy(dst + kb, &v, 64);
       }
     }
