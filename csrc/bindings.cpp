@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <string>
+
 #include "common/attention_band.h"
 #include "common/checks.h"
 #include "common/half.h"
@@ -318,6 +320,20 @@ PYBIND11_MODULE(_C, m) {
         sgd_step(ct, h, ts);
       },
       "Fused SGD step over a list of tensors (see csrc/cpu/optim.h).");
+  m.def(
+      "quant_matmul_kernel_name",
+      [](int tier, int scheme, int64_t rows, int x_dtype, int64_t group_size) {
+        LLMK_CHECK(scheme >= 0 && scheme <= 2, "unknown scheme code " << scheme);
+        LLMK_CHECK(x_dtype >= 0 && x_dtype <= int(DType::i64), "unknown dtype code " << x_dtype);
+        QuantMatmulParams p;
+        p.scheme = QuantScheme(scheme);
+        p.group_size = group_size;
+        p.x.dtype = DType(x_dtype);
+        p.x.ndim = 2;
+        p.x.sizes[0] = rows;
+        return std::string(quant_matmul_kernel_name(to_tier(tier), p));
+      },
+      "Which CPU kernel layout serves a call of this scheme, row count, x dtype and group.");
   m.def(
       "quant_matmul_workspace_bytes",
       [](int tier, int scheme, py::object x, py::object qdata, py::object scales,

@@ -72,3 +72,23 @@ def test_int8_weights_of_minus_128(cpu_tier):
         x = torch.randn(16, K, dtype=dtype)
         out = llmkernels.quant_matmul(x, qw, backend="cpu")
         check_against_reference(x, qw, None, out)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_explain_names_the_cpu_kernel(cpu_tier, scheme):
+    """explain() reports the layout the C++ kernel runs (its own rule, from the extension), and
+    that rule agrees with the int8-activation rule the tests use."""
+    from llmkernels.ops.quant_matmul import cpu_int4_int8_activations
+    qw = llmkernels.quantize_weight(torch.randn(32, 256), scheme, 64)
+    for M in (1, 2, 3, 11, 12, 40):
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(M, 256, dtype=dtype)
+            text = str(llmkernels.explain(llmkernels.quant_matmul, x, qw))
+            packed = "x packed" in text
+            if cpu_tier == "generic" or M < 12 or (scheme == "w8a8" and cpu_tier != "avx512_bf16"):
+                assert not packed, text
+            else:
+                assert packed, text
+                lanes = 8 if cpu_tier == "avx2" else 16
+                assert f"{lanes} rows to a vector" in text
+            assert ("quantized to int8 per 32" in text) == cpu_int4_int8_activations(x, qw), text

@@ -78,6 +78,11 @@ void check_quant_matmul(const QuantMatmulParams& p) {
     default: return qmm_generic::call;                               \
   }
 
+const char* quant_matmul_kernel_name(CpuTier tier, const QuantMatmulParams& p) {
+  LLMK_CHECK(tier_supported(tier), "CPU tier " << tier_name(tier) << " is not supported here");
+  LLMK_QMM_DISPATCH(describe(p));
+}
+
 int64_t quant_matmul_workspace_bytes(CpuTier tier, const QuantMatmulParams& p) {
   check_quant_matmul(p);
   LLMK_CHECK(tier_supported(tier), "CPU tier " << tier_name(tier) << " is not supported here");

@@ -22,6 +22,9 @@ struct QuantMatmulParams {
 };
 
 void check_quant_matmul(const QuantMatmulParams& p);  // throws on anything memory-unsafe
+// Which kernel layout a tier runs for this call, in words (for llmkernels.explain); reads only
+// scheme, group_size and x's rows (sizes[0]) and dtype.
+const char* quant_matmul_kernel_name(CpuTier tier, const QuantMatmulParams& p);
 int64_t quant_matmul_workspace_bytes(CpuTier tier, const QuantMatmulParams& p);
 void quant_matmul(CpuTier tier, const QuantMatmulParams& p, void* workspace,
                   int64_t workspace_bytes);
@@ -29,6 +32,7 @@ void quant_matmul(CpuTier tier, const QuantMatmulParams& p, void* workspace,
 #define LLMK_DECLARE_QUANT_TIER(ns)                                        \
   namespace ns {                                                           \
   int64_t workspace_bytes(const QuantMatmulParams& p);                     \
+  const char* describe(const QuantMatmulParams& p);                        \
   void run(const QuantMatmulParams& p, void* workspace);                   \
   }
 LLMK_DECLARE_QUANT_TIER(qmm_generic)

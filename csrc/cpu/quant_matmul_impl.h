@@ -1151,6 +1151,25 @@ Layout layout(const QuantMatmulParams& p) {
 
 int64_t workspace_bytes(const QuantMatmulParams& p) { return layout(p).total; }
 
+const char* describe(const QuantMatmulParams& p) {
+  if (use_int4_q8(p))
+    return "decoding GEMV (row blocks), x quantized to int8 per 32 values for integer dot "
+           "products";
+  switch (packed_elem_bytes(p)) {
+    case 1: return "x packed 16 rows to a vector, int8 dot products (vpdpbusd)";
+    case 2: return "x packed 16 rows to a vector, bf16 dot products (vdpbf16ps)";
+    case 4: return W == 16 ? "x packed 16 rows to a vector, float32 FMA"
+                           : "x packed 8 rows to a vector, float32 FMA";
+    default: break;
+  }
+  const int64_t block = p.scheme == QuantScheme::w8a8 ? kMBq
+                        : p.scheme == QuantScheme::int4 ? kMB4 : kMB;
+  if (p.scheme == QuantScheme::w8a8 || p.x.sizes[0] <= block)
+    return "row blocks streaming the weights, K in vector lanes";
+  return use_bf16_dot(p) ? "weights converted to bf16 panels, K in vector lanes"
+                         : "dequantized float panels, K in vector lanes";
+}
+
 void run(const QuantMatmulParams& p, void* workspace) {
   const Layout l = layout(p);
   char* base = reinterpret_cast<char*>(round_up(reinterpret_cast<int64_t>(workspace), 64));

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from .. import backends
-from .._cview import cview
+from .._cview import DTYPE_CODES, cview
 from ..quantized_weight import SCHEME_CODES, QuantizedWeight
 from ..reference.quant_matmul import dequantize_reference, quant_matmul_reference
 from .attention import _needs_dispatcher
@@ -233,11 +233,16 @@ def cpu_int4_int8_activations(x: torch.Tensor, qweight: QuantizedWeight) -> bool
 
 
 def _decide(x, qweight, backend) -> backends.Decision:
-    cpu_detail = f"C++ kernels ({qweight.scheme}), CPU tier {backends.cpu_tier()}" \
-        if backends.native_module() is not None else ""
+    native = backends.native_module()
+    cpu_detail = ""
+    if native is not None:
+        rows = x.numel() // max(x.shape[-1], 1)
+        kernel = native.quant_matmul_kernel_name(
+            backends.cpu_tier_code(), SCHEME_CODES[qweight.scheme], rows,
+            DTYPE_CODES.get(x.dtype, 0), int(qweight.group_size))
+        cpu_detail = f"C++ kernels ({qweight.scheme}), CPU tier {backends.cpu_tier()}: {kernel}"
     if cpu_detail and cpu_int4_int8_activations(x, qweight):
-        cpu_detail += ("; x quantized to int8 per 32 values for integer dot products "
-                       "(decoding rows, bfloat16 x)")
+        cpu_detail += " (decoding rows, bfloat16 x)"
     detail = {"cpu": cpu_detail,
               "triton": "Triton kernels (dequantize in registers)",
               "cuda": "CUDA kernels (GEMV for up to 8 rows, tensor cores beyond)",
