@@ -92,3 +92,25 @@ def test_explain_names_the_cpu_kernel(cpu_tier, scheme):
                 lanes = 8 if cpu_tier == "avx2" else 16
                 assert f"{lanes} rows to a vector" in text
             assert ("quantized to int8 per 32" in text) == cpu_int4_int8_activations(x, qw), text
+
+
+def test_stale_panel_bytes_never_reach_the_output(cpu_tier):
+    """The per-thread scratch is reused across calls: a w8a8 panel of bytes that read as float32
+    NaNs, then a float-x int8 call whose last K chunk is partial (its panel's zero padding must
+    be written, not left over)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        K, N = 1024, 64
+        nan_bytes = torch.tensor([-1, -1, -1, 127], dtype=torch.int8).repeat(N, K // 4)
+        poison = llmkernels.QuantizedWeight("w8a8", (N, K), 0, nan_bytes, torch.ones(N), None,
+                                            torch.float32)
+        llmkernels.quant_matmul(torch.randn(16, K, dtype=torch.bfloat16), poison, backend="cpu")
+        llmkernels.quant_matmul(torch.randn(16, K), poison, backend="cpu")
+        qw = llmkernels.quantize_weight(torch.randn(N, 233), "int8")  # one chunk, partial
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(16, 233, dtype=dtype)
+            out = llmkernels.quant_matmul(x, qw, backend="cpu")
+            check_against_reference(x, qw, None, out)
+    finally:
+        torch.set_num_threads(before)

@@ -460,10 +460,12 @@ constexpr int kNBq = W >= 16 ? 4 : 2;
 // float panel in L1 (int8: q; int4: (q - zero) * scale, in x's permuted order) and every
 // row block runs plain FMA against it.
 
+// Rows zero-padded to a multiple of 32 values: the panels read to a multiple of W, the
+// packed-x path to Kx (K rounded up to 32); stale values there could be NaN.
 template <int NB>
 void fill_int8(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1, float* panel,
                int64_t ld = kChunkK) {
-  const int64_t len = k1 - k0, lenv = round_up(len, W);
+  const int64_t len = k1 - k0, lenv = round_up(len, 32);
   for (int j = 0; j < NB; ++j) {
     const int8_t* w = c.p->qdata.ptr<int8_t>() + chans[j] * c.K + k0;
     float* dst = panel + j * ld;
