@@ -357,3 +357,11 @@ def test_non_contiguous_parameter_steps_like_torch():
         opt_ours.step()
         opt_theirs.step()
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_views_check_only():
+    """build=False checks the rows the same way and builds no views (Triton's path)."""
+    from llmkernels.optim import _fused
+    p, g = torch.randn(5), torch.randn(5)
+    assert _fused.kernel_views([[p, g]], build=False) == [[]]
+    assert _fused.kernel_views([[p, torch.randn(10).view(5, 2).t()]], build=False) is None

@@ -52,13 +52,14 @@ def grads_of(group, owner: str) -> List[torch.Tensor]:
     return out
 
 
-def kernel_views(rows, f32_state: bool = False):
+def kernel_views(rows, f32_state: bool = False, build: bool = True):
     """Per row ([parameter, gradient, state...], None for an absent tensor) its tensors' flat()
     views, in one pass; None if the kernels cannot take the rows: a parameter dtype outside
     KERNEL_DTYPES, a gradient or state of another dtype than its parameter (with f32_state,
     float32 states are fine too when every row has them), tensors on several devices, a
     non-contiguous one. This runs every step over every tensor (hundreds of tensors, a few
-    attribute reads each: most of a small model's step), so it reads each attribute once."""
+    attribute reads each: most of a small model's step), so it reads each attribute once.
+    build=False: the check alone (empty rows), for paths that take tensors (Triton)."""
     if not rows:
         return []
     device = rows[0][0].get_device()
@@ -85,7 +86,8 @@ def kernel_views(rows, f32_state: bool = False):
                 own = False
             if not (same or own) or t.get_device() != device or not t.is_contiguous():
                 return None
-            views.append((t.data_ptr(), codes[tdt], (t.numel(),), (1,)))
+            if build:
+                views.append((t.data_ptr(), codes[tdt], (t.numel(),), (1,)))
         out.append(views)
     return out
 

@@ -74,7 +74,9 @@ class SGD(torch.optim.Optimizer):
                 bufs.append(buf if momentum != 0.0 else None)
                 firsts.append(first)
             params, grads, bufs = _fused.locals_of(params, [p.grad for p in params], bufs)
-            views = _fused.kernel_views([[p, g, b] for p, g, b in zip(params, grads, bufs)])
+            rows = [[p, g, b] for p, g, b in zip(params, grads, bufs)]
+            on_cpu = params[0].device.type == "cpu"  # CUDA: Triton takes tensors, no views
+            views = _fused.kernel_views(rows, build=on_cpu)
             path = _fused.choose_path(params, None, sr, ready=views is not None)
             if path == "triton":
                 _fused.triton_optim().sgd_step(
@@ -84,6 +86,8 @@ class SGD(torch.optim.Optimizer):
                     one_minus_dampening=1.0 - dampening, check=False,  # choose_path checked them
                     sr_keys=keys if sr else None)
             elif path in ("cpu", "cuda"):
+                if not on_cpu:
+                    views = _fused.kernel_views(rows)
                 items = [(*views_of, f, key) for views_of, f, key in zip(views, firsts, keys)]
                 if path == "cpu":
                     backends.native_module().sgd_step(
