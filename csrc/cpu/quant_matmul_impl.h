@@ -786,8 +786,12 @@ void packed_tile_item(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t 
     };
     switch (p.out.dtype) {
       case DType::f32: columns(static_cast<float*>(p.out.data), [](float v) { return v; }); break;
-      case DType::bf16: columns(static_cast<uint16_t*>(p.out.data), f32_to_bf16); break;
-      default: columns(static_cast<uint16_t*>(p.out.data), f32_to_f16); break;
+      case DType::bf16:  // lambdas, not function pointers: inlined
+        columns(static_cast<uint16_t*>(p.out.data), [](float v) { return f32_to_bf16(v); });
+        break;
+      default:
+        columns(static_cast<uint16_t*>(p.out.data), [](float v) { return f32_to_f16(v); });
+        break;
     }
   };
   auto plain = [&](auto& part, auto* a, const int64_t*, int64_t n, int64_t) {
