@@ -1134,6 +1134,11 @@ void prep_row(void* ctx, int64_t m, int) {
       for (int64_t k = grp * g; k < (grp + 1) * g; ++k) s += row[k];  // any order: a sum
       pc.xsum[m * (K / g) + grp] = s;
     }
+  } else if (ks == 1 && p.x.dtype == DType::f32) {  // contiguous rows: no per-value switch
+    std::memcpy(row, static_cast<const float*>(p.x.data) + base, size_t(K) * 4);
+  } else if (ks == 1 && p.x.dtype == DType::bf16) {
+    const uint16_t* src = static_cast<const uint16_t*>(p.x.data) + base;
+    for (int64_t k = 0; k < K; ++k) row[k] = bf16_to_f32(src[k]);
   } else {
     for (int64_t k = 0; k < K; ++k) row[k] = read_float(p.x.dtype, p.x.data, base + k * ks);
   }
