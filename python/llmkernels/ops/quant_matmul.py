@@ -232,7 +232,11 @@ def cpu_int4_int8_activations(x: torch.Tensor, qweight: QuantizedWeight) -> bool
             and rows <= 2 and qweight.group_size % (4 * lanes) == 0)
 
 
-def _decide(x, qweight, backend) -> backends.Decision:
+def _decide(x, qweight, backend, explain: bool = False) -> backends.Decision:
+    """The path that serves the call; with explain, each path's description too (built only
+    then: forced-backend calls take this on every matmul)."""
+    if not explain:
+        return backends.select(OP_NAME, x.device.type, _checks(x, qweight, backend), backend)
     native = backends.native_module()
     cpu_detail = ""
     if native is not None:
@@ -284,7 +288,7 @@ def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[torch
 
 def _explain(x, qweight, bias=None, backend=None):
     _validate(x, qweight, bias)
-    return _decide(x, qweight, backend)
+    return _decide(x, qweight, backend, explain=True)
 
 
 quant_matmul.__llmk_explain__ = _explain
