@@ -121,18 +121,9 @@ inline __m256i to_bf16x16(__m512 x) {
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
-// 16 values as float32 (16-bit ones converted) and back. Unmasked: masked memory operations
-// cost ~10% of the 8-bit loop on Zen 4, so partial vectors go to the scalar loops.
-template <class T, bool kHalf>
-inline __m512 load16(const T* a) {
-  if constexpr (std::is_same_v<T, float>) {
-    return _mm512_loadu_ps(a);
-  } else {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
-    if constexpr (kHalf) return _mm512_cvtph_ps(h);
-    else return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-}
+// 16 values as float32 (load16.h) and back. Unmasked: masked memory operations cost ~10% of
+// the 8-bit loop on Zen 4, so partial vectors go to the scalar loops.
+#include "load16.h"
 template <class T, bool kHalf>
 inline void store16(T* a, __m512 x) {
   if constexpr (std::is_same_v<T, float>) {

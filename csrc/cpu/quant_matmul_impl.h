@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "../common/checks.h"
 #include "../common/thread_pool.h"
@@ -941,15 +942,13 @@ struct PrepCtx {
 };
 
 #if defined(__AVX512F__) && LLMK_VEC_BYTES == 64
-// 16 consecutive values of a contiguous row as float32 (exact conversions).
+#include "load16.h"
+// 16 consecutive values of a contiguous row of x (its dtype known at run time) as float32.
 LLMK_INLINE __m512 load16_float(DType t, const void* base, int64_t off) {
-  if (t == DType::bf16)
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + off))), 16));
-  if (t == DType::f16)
-    return _mm512_cvtph_ps(_mm256_loadu_si256(
-        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + off)));
-  return _mm512_loadu_ps(static_cast<const float*>(base) + off);
+  const uint16_t* h = static_cast<const uint16_t*>(base) + off;
+  if (t == DType::bf16) return load16<uint16_t, false>(h);
+  if (t == DType::f16) return load16<uint16_t, true>(h);
+  return load16<float, false>(static_cast<const float*>(base) + off);
 }
 #endif
 
