@@ -162,7 +162,8 @@ def _adam_block(P, G, M, V, VMAX, offs, mask, step_size, bc2, key, beta2, eps, w
     if DECOUPLED:
         p = p * decay
     else:
-        g = tl.fma(p, wd, g)  # grad.add(param, alpha=wd)
+        # grad.add(param, alpha=wd), only for wd != 0 as torch (p * 0: NaN for infinite p)
+        g = tl.where(wd != 0.0, tl.fma(p, wd, g), g)
     m = _ld(M, offs, mask, MASKED)
     m = tl.fma(one_m_b1, g - m, m)  # torch's lerp
     v = _ld(V, offs, mask, MASKED) * beta2
@@ -220,7 +221,7 @@ def _sgd_block(P, G, B, offs, mask, key, lr, wd, mom, damp, inv_scale, sign,
                MASKED: tl.constexpr, SR: tl.constexpr):
     p = _ld(P, offs, mask, MASKED)
     d = _ld(G, offs, mask, MASKED) * inv_scale * sign
-    d = tl.fma(p, wd, d)  # grad.add(param, alpha=wd); exact when wd = 0
+    d = tl.where(wd != 0.0, tl.fma(p, wd, d), d)  # grad.add(param, alpha=wd) if wd != 0
     if MOMENTUM:
         if FIRST:
             b = d

@@ -248,6 +248,45 @@ def test_triton_path_trajectory(ours, theirs, kw):
     assert max_rel(ps, qs) <= 1e-5
 
 
+@pytest.mark.parametrize("ours,theirs,kw", [
+    (optim.SGD, torch.optim.SGD, dict(lr=1e-2, momentum=0.9)),
+    (optim.SGD, torch.optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True)),
+    (optim.Adam, torch.optim.Adam, dict(lr=1e-2)),
+    (optim.Adam, torch.optim.Adam, dict(lr=1e-2, amsgrad=True)),
+], ids=["SGD", "SGD-nesterov", "Adam", "Adam-amsgrad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_no_weight_decay_term_without_weight_decay(ours, theirs, kw, dtype, backend):
+    """weight_decay=0: torch adds no decay term at all, so infinite parameters stay infinite
+    (p * 0 would make their updates NaN) and -0 gradients keep their sign in the state."""
+    from llmkernels.ops.attention_gpu import triton_interpreting
+    if backend == "triton" and not triton_interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    torch.manual_seed(3)
+    base = torch.randn(53)
+    base[[0, 7, 16, 31, 52]] = torch.tensor([float("inf"), -float("inf"), float("inf"),
+                                             -float("inf"), float("inf")])
+    ps, qs = [base.to(dtype).requires_grad_()], [base.to(dtype).requires_grad_()]
+    a, b = ours(ps, **kw), theirs(qs, foreach=False, **kw)
+    with llmkernels.use_backend(backend):
+        for step in range(3):
+            grad = torch.randn(53).to(dtype)
+            grad[::4] = -0.0
+            ps[0].grad, qs[0].grad = grad.clone(), grad.clone()
+            a.step()
+            b.step()
+
+    p, q = ps[0].detach().float(), qs[0].detach().float()
+    assert not p.isnan().any()
+    assert torch.equal(p.isinf(), q.isinf()) and torch.equal(p[p.isinf()], q[q.isinf()])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # torch's bf16 steps round in bf16
+    torch.testing.assert_close(p[q.isfinite()], q[q.isfinite()], rtol=tol, atol=tol)
+    for key, value in b.state[qs[0]].items():
+        if key != "step":
+            mine, zero = a.state[ps[0]][key], value == 0
+            assert torch.equal(mine[zero].signbit(), value[zero].signbit()), key
+
+
 def test_forcing_a_path_that_cannot_serve_raises():
     p = torch.randn(4, dtype=torch.float32, requires_grad=True)
     p.grad = torch.randn(4)

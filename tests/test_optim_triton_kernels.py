@@ -131,7 +131,7 @@ def _adam_emulate(p, g, m, v, vmax, *, h, step_size, bc2):
     gf = _r(_r(gf * _f(h["inv_grad_scale"])) * (-1.0 if h["maximize"] else 1.0))
     if h["decoupled"]:
         pf = _r(pf * _f(h["decay"]))
-    else:
+    elif h["weight_decay"] != 0.0:  # no L2 term at all without weight decay, as torch
         gf = _fma(pf, _f(h["weight_decay"]), gf)
     mf = _fma(_f(h["one_minus_beta1"]), _r(gf - mf), mf)
     vf = _r(vf * _f(h["beta2"]))
@@ -274,7 +274,8 @@ def test_adam_many_tensors():
 def _sgd_emulate(p, g, buf, first, *, h):
     pf = p.double()
     d = _r(_r(g.double() * _f(h["inv_grad_scale"])) * (-1.0 if h["maximize"] else 1.0))
-    d = _fma(pf, _f(h["weight_decay"]), d)
+    if h["weight_decay"] != 0.0:
+        d = _fma(pf, _f(h["weight_decay"]), d)
     if h["momentum"] != 0.0:
         mom = _f(h["momentum"])
         b = d if first else _fma(d, _f(h["one_minus_dampening"]), _r(buf.double() * mom))

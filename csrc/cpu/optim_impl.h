@@ -259,6 +259,7 @@ int64_t adam_vec(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) 
   T* vmax = static_cast<T*>(t.max_exp_avg_sq.data);
   const S::V signed_inv_scale = S::set1(h.maximize ? -h.inv_grad_scale : h.inv_grad_scale);
   const S::V wd = S::set1(h.weight_decay), decay = S::set1(h.decay);
+  const bool l2 = h.weight_decay != 0.f;  // see adam_loop
   const S::V b2 = S::set1(h.beta2), eps = S::set1(h.eps);
   const S::V one_m_b1 = S::set1(h.one_minus_beta1), one_m_b2 = S::set1(h.one_minus_beta2);
   const S::V neg_step = S::set1(-t.step_size), bc2 = S::set1(t.bias_correction2_sqrt);
@@ -267,7 +268,7 @@ int64_t adam_vec(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) 
     S::V pi = S::load<T, kHalf>(p + i);
     S::V gi = S::mul(S::load<T, kHalf>(g + i), signed_inv_scale);
     if constexpr (kDecoupled) pi = S::mul(pi, decay);
-    else gi = S::fmadd(pi, wd, gi);
+    else if (l2) gi = S::fmadd(pi, wd, gi);
     S::V mi = S::load<T, kHalf>(m + i);
     mi = S::fmadd(one_m_b1, S::sub(gi, mi), mi);
     S::V vi = S::mul(S::load<T, kHalf>(v + i), b2);
@@ -336,6 +337,9 @@ void adam_loop(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
   S* v = static_cast<S*>(t.exp_avg_sq.data);
   S* vmax = static_cast<S*>(t.max_exp_avg_sq.data);
   const float wd = h.weight_decay, b2 = h.beta2, eps = h.eps;
+  // Adam's L2 term only when weight_decay != 0, as torch: p * 0 would turn an infinite
+  // parameter's gradient into NaN (and a -0 gradient into +0).
+  const bool l2 = wd != 0.f;
   const float one_m_b1 = h.one_minus_beta1, one_m_b2 = h.one_minus_beta2, decay = h.decay;
   const float step_size = t.step_size, bc2 = t.bias_correction2_sqrt;
   // g * inv_scale * sign in one multiply: negation commutes with rounding, same bits.
@@ -348,7 +352,7 @@ void adam_loop(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) {
     float pi = get(p, i);
     float gi = get(g, i) * signed_inv_scale;
     if (kDecoupled) pi *= decay;
-    else gi = std::fma(pi, wd, gi);  // grad.add(param, alpha=wd)
+    else if (l2) gi = std::fma(pi, wd, gi);  // grad.add(param, alpha=wd)
     float mi = sget(m, i);
     mi = std::fma(one_m_b1, gi - mi, mi);  // torch's lerp (weight 1 - beta1 < 0.5)
     float vi = sget(v, i) * b2;
@@ -390,6 +394,7 @@ void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
   const T* g = static_cast<const T*>(t.grad.data);
   T* buf = static_cast<T*>(t.momentum_buffer.data);
   const float lr = h.lr, wd = h.weight_decay, mom = h.momentum, damp = h.one_minus_dampening;
+  const bool l2 = wd != 0.f;  // torch adds no decay term at all otherwise (see adam_loop)
   // g * inv_scale * sign in one multiply: negation commutes with rounding, same bits.
   const float signed_inv_scale = h.maximize ? -h.inv_grad_scale : h.inv_grad_scale;
   auto get = [](const T* a, int64_t i) { return ld<T, kHalf>(a, i); };
@@ -406,7 +411,7 @@ void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
     for (; i + S::kW <= e; i += S::kW) {
       const S::V pi = S::load<T, false>(p + i);
       S::V d = S::mul(S::load<T, false>(g + i), v_sis);
-      d = S::fmadd(pi, v_wd, d);
+      if (l2) d = S::fmadd(pi, v_wd, d);
       if constexpr (kMomentum) {
         const S::V bi =
             kFirst ? d : S::fmadd(d, v_damp, S::mul(S::load<T, false>(buf + i), v_mom));
@@ -420,7 +425,7 @@ void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
   for (; i < e; ++i) {
     const float pi = get(p, i);
     float d = get(g, i) * signed_inv_scale;
-    d = std::fma(pi, wd, d);  // grad.add(param, alpha=wd); exact when wd = 0
+    if (l2) d = std::fma(pi, wd, d);  // grad.add(param, alpha=wd)
     if (kMomentum) {
       // buf.mul_(momentum).add_(grad, alpha=1 - dampening)
       const float bi = kFirst ? d : std::fma(d, damp, get(buf, i) * mom);
@@ -559,7 +564,7 @@ inline int64_t block_update_vec(const BlockConsts& c, T* p, const T* g, const in
     S::V gi = S::load<T, kHalf>(g + k);
     if constexpr (kScaled) gi = S::mul(gi, sis);
     if constexpr (kDecoupled) pi = S::mul(pi, decay);
-    else gi = S::fmadd(pi, wd, gi);
+    else if (c.wd != 0.f) gi = S::fmadd(pi, wd, gi);
     mi = S::fmadd(one_m_b1, S::sub(gi, mi), mi);
     vi = S::add(vi, S::mul(S::mul(one_m_b2, gi), gi));
     const S::V rv = S::sqrt(vi);
@@ -643,7 +648,7 @@ void adam8bit_loop(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int6
       float gi = kBufferF16 ? gf[k] : get(g, i);
       if constexpr (kScaled) gi *= signed_inv_scale;
       if (kDecoupled) pi *= decay;
-      else gi = std::fma(pi, wd, gi);
+      else if (wd != 0.f) gi = std::fma(pi, wd, gi);
       mi = std::fma(one_m_b1, gi - mi, mi);
       vi = vi + (one_m_b2 * gi) * gi;
       const float rv = std::sqrt(vi);

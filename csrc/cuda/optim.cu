@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Tables<5> tb, AdamArgs a
     float pi = ld(p, i);
     float gi = ld(g, i) * a.inv_scale * a.sign;
     if (kDecoupled) pi *= a.decay;
-    else gi = fmaf(pi, a.wd, gi);  // grad.add(param, alpha=wd)
+    else if (a.wd != 0.f) gi = fmaf(pi, a.wd, gi);  // grad.add(param, alpha=wd), as torch
     float mi = ld(m, i);
     mi = fmaf(a.one_m_b1, gi - mi, mi);  // torch's lerp
     float vi = ld(v, i) * a.b2;
@@ -150,7 +150,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(Tables<3> tb, SgdArgs a) 
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
     const float pi = ld(p, i);
     float d = ld(g, i) * a.inv_scale * a.sign;
-    d = fmaf(pi, a.wd, d);  // grad.add(param, alpha=wd)
+    if (a.wd != 0.f) d = fmaf(pi, a.wd, d);  // grad.add(param, alpha=wd), as torch
     if (kMomentum) {
       const float bi = first ? d : fmaf(d, a.damp, ld(buf, i) * a.mom);
       st(buf, i, bi);
