@@ -332,12 +332,15 @@ def _adam8bit_kernel(META, FMETA, TYPED, n_tensors,
     m_abs = tl.abs(m)
     m_max = tl.max(m_abs, axis=1)[:, None]
     v_max = tl.max(v, axis=1)[:, None]
+    # optim_impl.h's kTinyMax / kTinyPre: blocks under 2^-64 scaled by 2^64 (no overflow)
+    m_pre = tl.where(m_max < 5.421010862427522e-20, 18446744073709551616.0, 1.0)
     m_k = tl.where(m_max > 0.0,
-                   tl.math.div_rn(1.0, tl.where(m_max > 0.0, m_max, 1.0)) * 16129.0, 0.0)
+                   tl.math.div_rn(1.0, tl.where(m_max > 0.0, m_max * m_pre, 1.0)) * 16129.0,
+                   0.0)
     v_k = tl.where(v_max > 0.0,
                    tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.where(v_max > 0.0, v_max, 1.0)))
                    * 65025.0, 0.0)
-    code_m = _sqrt_code(m_abs * m_k, 127)
+    code_m = _sqrt_code((m_abs * m_pre) * m_k, 127)
     code_m = tl.where(m < 0.0, -code_m, code_m)
     code_v = _rounded_sqrt_code(root_v * v_k)
     tl.store(MQ + offs, code_m.to(tl.int8), mask=mask)

@@ -271,6 +271,10 @@ def test_every_tier_encodes_like_the_reference(tier):
     n = 64 * 256 + 77
     g = torch.randn(n) * torch.exp(3 * torch.randn(n))
     g[256:512] = 0  # a zero block
+    # blocks of tiny moments: 1 / absmax * 127^2 would overflow float32 (normal and denormal
+    # values); the max of each still gets code 127
+    g[512:768] = torch.randn(256) * 1e-36
+    g[768:1024] = torch.randn(256) * 1e-42
     p = torch.zeros(n, requires_grad=True)
     opt = AdamW8bit([p], lr=1e-3, betas=(0.9, 0.999))
     p.grad = g.clone()
@@ -284,6 +288,7 @@ def test_every_tier_encodes_like_the_reference(tier):
     _quantize_moments(ref, m, v)
     for key, want in ref.items():
         assert torch.equal(st[key], want), key
+    assert st["exp_avg_codes"][512:1024].view(2, 256).abs().amax(1).tolist() == [127, 127]
 
 
 def test_version1_checkpoints_are_converted():

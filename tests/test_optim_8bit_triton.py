@@ -33,6 +33,10 @@ def test_triton_matches_the_cpu_kernel_bit_for_bit(dtype, maximize, monkeypatch)
     for i in range(4):
         grads = [(torch.randn(s) * torch.exp(2 * torch.randn(s))).to(dtype) for s in sizes]
         grads[1].view(-1)[256:512] = 0
+        # tiny moments (1 / absmax * 127^2 overflows float32); kept normal in bfloat16, whose
+        # denormals triton 3.9's interpreter does not convert exactly
+        tiny = (1 + torch.rand(256)) * torch.randn(256).sign() * 1e-36
+        grads[2].view(-1)[512:768] = tiny.to(dtype)
         steps.append(grads)
     a, opt_a = run_steps(AdamW8bit, dict(KW, maximize=maximize), params, steps, "cpu", "cpu")
     b, opt_b = run_steps(AdamW8bit, dict(KW, maximize=maximize), params, steps, DEVICE, "triton")

@@ -448,6 +448,12 @@ void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
 constexpr float kMCodeSq = 127.f * 127.f, kVCodeSq = 255.f * 255.f;
 constexpr float kMUnit = 1.f / kMCodeSq, kVUnit = 1.f / kVCodeSq;
 
+// m codes come from y = (|m| * pre) * m_k, m_k = (1 / (m_max * pre)) * 127^2: pre = 2^64 for
+// blocks whose absmax is below 2^-64 (else 1, an exact no-op), where 1 / m_max * 127^2 would
+// overflow (m_max < ~4.7e-35) and every path coded the infinite y its own way. Powers of two
+// scale exactly, denormals included. (v's factor cannot overflow: sqrt(v_max) >= ~3.7e-23.)
+constexpr float kTinyMax = 0x1p-64f, kTinyPre = 0x1p64f;
+
 // y below 1/4 (and NaN) gives 0; y never exceeds max_code^2 by more than a few ulps.
 inline int sqrt_code(float y, float s, int max_code) {
   if (!(y >= 0.25f)) return 0;
@@ -461,12 +467,14 @@ inline int rounded_sqrt_code(float y) {
   return std::min(int(std::sqrt(y) + 0.5f), 255);
 }
 
-// m codes (signed: m's sign) from m * m_k, v codes from sqrt(v) * v_k, for len values.
-inline void encode_moments(const float* m, const float* root_v, int64_t len, float m_k,
-                           float v_k, int8_t* mq, uint8_t* vq) {
+// m codes (signed: m's sign) from (|m| * m_pre) * m_k, v codes from sqrt(v) * v_k, for len
+// values. kPre: m_pre != 1 (tiny blocks only; otherwise the multiply is skipped, same bits).
+template <bool kPre>
+void encode_moments(const float* m, const float* root_v, int64_t len, float m_pre, float m_k,
+                    float v_k, int8_t* mq, uint8_t* vq) {
   int64_t k = 0;
 #if defined(__AVX512F__)
-  const __m512 mk = _mm512_set1_ps(m_k), vk = _mm512_set1_ps(v_k);
+  const __m512 mpre = _mm512_set1_ps(m_pre), mk = _mm512_set1_ps(m_k), vk = _mm512_set1_ps(v_k);
   const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
   // y = 0 or NaN: s is NaN, and so is f; its conversion, 0x80000000, keeps 0 as low byte: the
   // scalar code's 0. Finite y stays below (max_code + 1/2)^2: no clamp needed.
@@ -479,7 +487,8 @@ inline void encode_moments(const float* m, const float* root_v, int64_t len, flo
   };
   for (; k + 16 <= len; k += 16) {
     const __m512 mv = _mm512_loadu_ps(m + k);
-    __m512i cm = code(_mm512_mul_ps(_mm512_abs_ps(mv), mk));
+    const __m512 am = _mm512_abs_ps(mv);
+    __m512i cm = code(_mm512_mul_ps(kPre ? _mm512_mul_ps(am, mpre) : am, mk));
     cm = _mm512_mask_sub_epi32(cm, _mm512_cmp_ps_mask(mv, _mm512_setzero_ps(), _CMP_LT_OQ),
                                _mm512_setzero_si512(), cm);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(mq + k), _mm512_cvtepi32_epi8(cm));
@@ -490,14 +499,15 @@ inline void encode_moments(const float* m, const float* root_v, int64_t len, flo
 #elif defined(__AVX2__)
   // 32 values at a time, their 32-bit codes packed to bytes with saturating packs (the
   // compiler's vectorization of the scalar loop took twice the instructions).
-  const __m256 mk = _mm256_set1_ps(m_k), vk = _mm256_set1_ps(v_k);
+  const __m256 mpre = _mm256_set1_ps(m_pre), mk = _mm256_set1_ps(m_k), vk = _mm256_set1_ps(v_k);
   const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.f);
   const __m256 quarter = _mm256_set1_ps(0.25f);
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lanes
   auto m_code = [&](int64_t at) {  // 8 signed codes; 0 for y < 1/4 and NaN, as sqrt_code
     const __m256 mv = _mm256_loadu_ps(m + at);
-    const __m256 y = _mm256_mul_ps(_mm256_and_ps(mv, abs_mask), mk);
+    const __m256 am = _mm256_and_ps(mv, abs_mask);
+    const __m256 y = _mm256_mul_ps(kPre ? _mm256_mul_ps(am, mpre) : am, mk);
     __m256 f = _mm256_floor_ps(_mm256_mul_ps(y, _mm256_rsqrt_ps(y)));  // within 1/2 of sqrt(y)
     const __m256 t = _mm256_add_ps(f, half);
     f = _mm256_add_ps(f, _mm256_and_ps(_mm256_cmp_ps(y, _mm256_mul_ps(t, t), _CMP_GE_OQ), one));
@@ -523,7 +533,8 @@ inline void encode_moments(const float* m, const float* root_v, int64_t len, flo
   }
 #endif
   for (; k < len; ++k) {
-    const float ym = std::fabs(m[k]) * m_k, yv = root_v[k] * v_k;
+    const float ym = (kPre ? std::fabs(m[k]) * m_pre : std::fabs(m[k])) * m_k;
+    const float yv = root_v[k] * v_k;
     const int cm = sqrt_code(ym, std::sqrt(ym), 127);
     mq[k] = int8_t(m[k] < 0.f ? -cm : cm);
     vq[k] = uint8_t(rounded_sqrt_code(yv));
@@ -604,13 +615,14 @@ void adam8bit_loop(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int6
   float m_buf[2][kBlock8], root_v_buf[2][kBlock8];
   struct Pending {
     int64_t blk = -1, len = 0;
-    float m_k = 0.f, v_k = 0.f;
+    float m_pre = 1.f, m_k = 0.f, v_k = 0.f;
   } pending;
   auto flush = [&] {
     if (pending.blk < 0) return;
     const int64_t at = pending.blk * kBlock8;
-    encode_moments(m_buf[pending.blk & 1], root_v_buf[pending.blk & 1], pending.len, pending.m_k,
-                   pending.v_k, mq + at, vq + at);
+    (pending.m_pre != 1.f ? encode_moments<true> : encode_moments<false>)(
+        m_buf[pending.blk & 1], root_v_buf[pending.blk & 1], pending.len, pending.m_pre,
+        pending.m_k, pending.v_k, mq + at, vq + at);
   };
   // float16 on F16C tiers: the block's parameters and gradients converted 8 at a time.
   constexpr bool kBlockF16 = kHalf && kF16C;
@@ -668,7 +680,8 @@ void adam8bit_loop(const AdamHyper& h, const Adam8bitTensor& t, int64_t b0, int6
     // the fourth root of v / v_max (the square root of sqrt(v) / sqrt(v_max)), scaled.
     pending.blk = blk;
     pending.len = len;
-    pending.m_k = m_max > 0.f ? (1.f / m_max) * kMCodeSq : 0.f;
+    pending.m_pre = m_max < kTinyMax ? kTinyPre : 1.f;
+    pending.m_k = m_max > 0.f ? (1.f / (m_max * pending.m_pre)) * kMCodeSq : 0.f;
     pending.v_k = v_max > 0.f ? (1.f / std::sqrt(v_max)) * kVCodeSq : 0.f;
     ms[blk] = m_max;
     vs[blk] = v_max;

@@ -225,12 +225,14 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Tables<6> tb, Adam8A
     m_max = fmaxf(m_max, __shfl_xor_sync(0xffffffffu, m_max, o));
     v_max = fmaxf(v_max, __shfl_xor_sync(0xffffffffu, v_max, o));
   }
-  const float m_k = m_max > 0.f ? (1.f / m_max) * 16129.f : 0.f;
+  // optim_impl.h's kTinyMax / kTinyPre: no overflow of m_k for tiny blocks
+  const float m_pre = m_max < 0x1p-64f ? 0x1p64f : 1.f;
+  const float m_k = m_max > 0.f ? (1.f / (m_max * m_pre)) * 16129.f : 0.f;
   const float v_k = v_max > 0.f ? (1.f / sqrtf(v_max)) * 65025.f : 0.f;
   for (int r = 0; r < kPer; ++r) {
     const int64_t k = lane + 32 * r;
     if (k >= len) continue;
-    const int code = sqrt_code(fabsf(m[r]) * m_k, 127);
+    const int code = sqrt_code((fabsf(m[r]) * m_pre) * m_k, 127);
     mq[base + k] = int8_t(m[r] < 0.f ? -code : code);
     vq[base + k] = uint8_t(rounded_sqrt_code(root_v[r] * v_k));
   }
