@@ -8,7 +8,7 @@ import torch
 from llmkernels import backends
 from llmkernels.optim import AdamW8bit
 from llmkernels.optim.adam8bit import dequantize_moments
-from optim_utils import run_steps
+from optim_utils import run_steps, triton_fma_rounds_once
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -20,6 +20,9 @@ STATE_KEYS = ("exp_avg_codes", "exp_avg_sq_codes", "exp_avg_scales", "exp_avg_sq
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("maximize", [False, True])
 def test_triton_matches_the_cpu_kernel_bit_for_bit(dtype, maximize, monkeypatch):
+    if not triton_fma_rounds_once():
+        pytest.skip("this Triton interpreter's fma rounds twice (triton < 3.9): no bit-exact "
+                    "comparison; test_triton_step_is_close_to_adamw still runs")
     from llmkernels.kernels import optim as ko
     launches = []
     real = ko.adam8bit_step

@@ -8,7 +8,6 @@ over several steps with fresh gradients, against:
     (plus a floor of a few float32 ulps of the tensor's scale, for results that cancel).
 Odd sizes and shapes, several tensors per launch, mixed dtypes, unaligned views, empty tensors.
 Without a GPU they run in Triton's interpreter."""
-import functools
 import os
 
 import pytest
@@ -22,6 +21,7 @@ pytest.importorskip("triton")
 from llmkernels.kernels import optim as ko  # noqa: E402
 from llmkernels.optim.adam import adam_reference  # noqa: E402
 from llmkernels.optim.sgd import sgd_reference  # noqa: E402
+from optim_utils import triton_fma_rounds_once  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -62,7 +62,7 @@ def _ulps(a, b, dtype):
 
 def _assert_exact(got, want, what):
     assert got.dtype == want.dtype
-    if not _exact_fma():
+    if not triton_fma_rounds_once():
         return
     got, want = got.reshape(-1), want.reshape(-1)
     bad = (got != want) & ~(torch.isnan(got) & torch.isnan(want))
@@ -92,23 +92,6 @@ def _rand(shape, dtype, kind="normal", scale=1.0):
     return (x * scale).to(dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _exact_fma() -> bool:
-    """Whether tl.fma rounds once here: compiled, yes; triton 3.9's interpreter too, older ones
-    multiply and add in float32 (then the bit-exact checks are skipped, the reference ones
-    stay)."""
-    if not ko.INTERPRET:
-        return True
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def probe(X):
-        tl.store(X, tl.fma(tl.load(X), tl.load(X + 1), tl.load(X + 2)))
-
-    x = torch.tensor([1 + 2.0 ** -23, 1 - 2.0 ** -23, -1.0], device=DEVICE)
-    probe[(1,)](x)
-    return x[0].item() == -(2.0 ** -46)
 
 
 def _native():
