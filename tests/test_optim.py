@@ -289,6 +289,55 @@ def test_no_weight_decay_term_without_weight_decay(ours, theirs, kw, dtype, back
             assert torch.equal(mine[zero].signbit(), value[zero].signbit()), key
 
 
+@pytest.mark.parametrize("ours,theirs", [(optim.AdamW, torch.optim.AdamW),
+                                         (optim.Adam, torch.optim.Adam),
+                                         (optim.SGD, torch.optim.SGD),
+                                         (optim.AdamW8bit, torch.optim.AdamW)],
+                         ids=["AdamW", "Adam", "SGD", "AdamW8bit"])
+def test_constructors_take_torchs_arguments(ours, theirs):
+    """Code written for torch.optim runs unchanged with ours: every argument of torch's
+    constructor exists, its positional ones in the same order (e.g. nanoGPT passes fused=True,
+    some code amsgrad positionally)."""
+    import inspect
+    mine = inspect.signature(ours.__init__).parameters
+    torchs = inspect.signature(theirs.__init__).parameters
+    positional = [n for n, p in torchs.items() if p.kind == p.POSITIONAL_OR_KEYWORD]
+    assert list(mine)[:len(positional)] == positional
+    assert set(torchs) <= set(mine), set(torchs) - set(mine)
+    p = torch.randn(3, requires_grad=True)
+    opt = ours([p], foreach=False, fused=True)
+    assert opt.param_groups[0].get("fused", True) is True
+    for flag in ("differentiable", "capturable"):
+        if flag in torchs:
+            with pytest.raises(ValueError, match=flag):
+                ours([p], **{flag: True})
+
+
+def test_positional_amsgrad_and_decoupled_adam_follow_torch():
+    ps = params(sizes=(257, 4097))
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    a = optim.AdamW(ps, 1e-2, (0.9, 0.99), 1e-8, 0.1, True)
+    b = torch.optim.AdamW(qs, 1e-2, (0.9, 0.99), 1e-8, 0.1, True, foreach=False)
+    assert a.param_groups[0]["amsgrad"]
+    rs = [p.detach().clone().requires_grad_() for p in ps]
+    ss = [p.detach().clone().requires_grad_() for p in ps]
+    c = optim.Adam(rs, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)
+    import inspect
+    if "decoupled_weight_decay" in inspect.signature(torch.optim.Adam.__init__).parameters:
+        d = torch.optim.Adam(ss, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True,
+                             foreach=False)
+    else:  # older torch: the same update under AdamW's name
+        d = torch.optim.AdamW(ss, lr=1e-2, weight_decay=0.1, foreach=False)
+    for step in range(50):
+        set_grads(ps, qs, step)
+        set_grads(rs, ss, step)
+        for o in (a, b, c, d):
+            o.step()
+    assert max_rel(ps, qs) <= 1e-5 and max_rel(rs, ss) <= 1e-5
+    with pytest.raises(ValueError, match="amsgrad"):
+        optim.AdamW8bit([torch.randn(3, requires_grad=True)], 1e-3, (0.9, 0.999), 1e-8, 0.0, True)
+
+
 def test_forcing_a_path_that_cannot_serve_raises():
     p = torch.randn(4, dtype=torch.float32, requires_grad=True)
     p.grad = torch.randn(4)

@@ -40,6 +40,21 @@ def check_params(params: List[torch.Tensor], owner: str) -> None:
             raise ValueError(f"{owner}: parameters must be floating point, got {p.dtype}")
 
 
+def check_torch_flags(owner: str, differentiable, capturable=False) -> None:
+    """torch.optim's foreach / fused / capturable / differentiable arguments are accepted, so
+    that code written for torch's optimizers runs unchanged: foreach and fused only choose
+    among torch's own implementations (ours is always one fused multi-tensor step; their
+    values are kept in the param groups, as torch keeps them); a differentiable or capturable
+    step is not what ours can do, and says so."""
+    if differentiable:
+        raise ValueError(f"{owner}: differentiable=True is not supported (the fused step runs "
+                         "outside autograd)")
+    if capturable:
+        raise ValueError(f"{owner}: capturable=True is not supported (step counts and bias "
+                         "corrections are computed on the host, so the step cannot be "
+                         "captured in a CUDA graph)")
+
+
 def grads_of(group, owner: str) -> List[torch.Tensor]:
     """The parameters of a group that have a gradient; sparse gradients are refused."""
     out = []

@@ -15,16 +15,22 @@ class _FusedAdam(torch.optim.Optimizer):
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf to step()
     _llmk_fused = True  # clip_grad_norm_(..., optimizer=) may fold its factor into step()
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 amsgrad: bool = False, maximize: bool = False,
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, capturable: bool = False,
+                 differentiable: bool = False, fused: Optional[bool] = None,
+                 decoupled_weight_decay: Optional[bool] = None,
                  stochastic_rounding: bool = False, seed: int = 0):
         name = type(self).__name__
         _fused.check_adam_hyperparameters(name, lr, betas, eps, weight_decay)
+        _fused.check_torch_flags(name, differentiable, capturable)
+        decoupled = self._decoupled if decoupled_weight_decay is None else bool(
+            decoupled_weight_decay)
         # The keys of torch's Adam/AdamW defaults, so that state_dicts match theirs.
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        amsgrad=bool(amsgrad), maximize=bool(maximize), foreach=None,
-                        capturable=False, differentiable=False, fused=None,
-                        decoupled_weight_decay=self._decoupled,
+                        amsgrad=bool(amsgrad), maximize=bool(maximize), foreach=foreach,
+                        capturable=False, differentiable=False, fused=fused,
+                        decoupled_weight_decay=decoupled,
                         stochastic_rounding=bool(stochastic_rounding), seed=int(seed))
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -160,19 +166,28 @@ class AdamW(_FusedAdam):
     """torch.optim.AdamW with a fused multi-tensor step (decoupled weight decay)."""
     _decoupled = True
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
-                 amsgrad: bool = False, maximize: bool = False,
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, capturable: bool = False,
+                 differentiable: bool = False, fused: Optional[bool] = None,
                  stochastic_rounding: bool = False, seed: int = 0):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize,
-                         stochastic_rounding=stochastic_rounding, seed=seed)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                         foreach=foreach, capturable=capturable, differentiable=differentiable,
+                         fused=fused, stochastic_rounding=stochastic_rounding, seed=seed)
 
 
 class Adam(_FusedAdam):
     """torch.optim.Adam with a fused multi-tensor step (L2 weight decay on the gradient)."""
     _decoupled = False
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 amsgrad: bool = False, maximize: bool = False,
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad: bool = False, *, foreach: Optional[bool] = None,
+                 maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False, fused: Optional[bool] = None,
+                 decoupled_weight_decay: bool = False,
                  stochastic_rounding: bool = False, seed: int = 0):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize,
+        # decoupled_weight_decay=True: AdamW's update (torch.optim.Adam's own option)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                         foreach=foreach, capturable=capturable, differentiable=differentiable,
+                         fused=fused, decoupled_weight_decay=decoupled_weight_decay,
                          stochastic_rounding=stochastic_rounding, seed=seed)

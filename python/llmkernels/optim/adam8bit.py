@@ -152,9 +152,16 @@ class AdamW8bit(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
     _llmk_fused = True
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
-                 maximize: bool = False, min_8bit_size: int = 4096):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad: bool = False, *, maximize: bool = False, min_8bit_size: int = 4096,
+                 foreach: Optional[bool] = None, capturable: bool = False,
+                 differentiable: bool = False, fused: Optional[bool] = None):
         _fused.check_adam_hyperparameters("AdamW8bit", lr, betas, eps, weight_decay)
+        # torch.optim.AdamW's arguments, for code written for it (see check_torch_flags)
+        _fused.check_torch_flags("AdamW8bit", differentiable, capturable)
+        if amsgrad:
+            raise ValueError("AdamW8bit: amsgrad=True is not supported (the 8-bit state keeps "
+                             "no max of exp_avg_sq); use llmkernels.optim.AdamW")
         if int(min_8bit_size) < 1:
             raise ValueError(f"AdamW8bit: min_8bit_size must be >= 1, got {min_8bit_size}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,

@@ -16,6 +16,8 @@ class SGD(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, differentiable: bool = False,
+                 fused: Optional[bool] = None,
                  stochastic_rounding: bool = False, seed: int = 0):
         if _fused.as_float(lr, "lr", "SGD") < 0.0:
             raise ValueError(f"SGD: invalid learning rate {lr} (must be >= 0)")
@@ -26,9 +28,11 @@ class SGD(torch.optim.Optimizer):
         _fused.as_float(dampening, "dampening", "SGD")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("SGD: Nesterov momentum requires a momentum and zero dampening")
+        _fused.check_torch_flags("SGD", differentiable)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=bool(nesterov),
-                        maximize=bool(maximize), foreach=None, differentiable=False, fused=None,
+                        maximize=bool(maximize), foreach=foreach, differentiable=False,
+                        fused=fused,
                         stochastic_rounding=bool(stochastic_rounding), seed=int(seed))
         super().__init__(params, defaults)
         for group in self.param_groups:
