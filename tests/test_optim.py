@@ -362,6 +362,19 @@ def test_clip_grad_norm_matches_torch(fold, max_norm):
     assert max_rel(ps, qs) <= 1e-5
 
 
+def test_clip_grad_norm_takes_torchs_arguments():
+    import inspect
+    mine = inspect.signature(optim.clip_grad_norm_).parameters
+    torchs = inspect.signature(torch.nn.utils.clip_grad_norm_).parameters
+    assert list(mine)[:len(torchs)] == list(torchs)
+    ps = params(sizes=(5, 7))
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    set_grads(ps, qs, 0)
+    got = optim.clip_grad_norm_(ps, 0.5, 2.0, False, True)
+    want = torch.nn.utils.clip_grad_norm_(qs, 0.5, 2.0, False, True)
+    assert torch.equal(got, want) and all(torch.equal(p.grad, q.grad) for p, q in zip(ps, qs))
+
+
 def test_clip_grad_norm_rejects_foreign_optimizers():
     p = torch.randn(3, requires_grad=True)
     p.grad = torch.randn(3)

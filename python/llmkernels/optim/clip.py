@@ -10,7 +10,8 @@ _PENDING = "_llmk_pending_grad_multiplier"
 
 
 def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max_norm: float,
-                    norm_type: float = 2.0, error_if_nonfinite: bool = False, *,
+                    norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                    foreach: Optional[bool] = None, *,
                     optimizer: Optional[torch.optim.Optimizer] = None) -> torch.Tensor:
     """Clip the gradients' global norm to max_norm; returns the total norm (before clipping),
     computed as torch.nn.utils.clip_grad_norm_ computes it.
@@ -18,7 +19,8 @@ def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
     optimizer: an llmkernels.optim optimizer whose next step() should apply the clipping
     factor inside its fused update instead of rescaling the gradients now. The gradients are
     then left as they are until that step (code that reads them in between sees them
-    unclipped). Without it the gradients are scaled in place, as torch does.
+    unclipped). Without it the gradients are scaled in place, as torch does. foreach: as
+    torch's (its implementation of the norm and the scaling).
     """
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
@@ -33,8 +35,9 @@ def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
     if not grads:
         return torch.tensor(0.0)
     if optimizer is None:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
-    total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite) \
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite,
+                                              foreach)
+    total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite, foreach) \
         if hasattr(torch.nn.utils, "get_total_norm") else _total_norm(grads, norm_type,
                                                                        error_if_nonfinite)
     # torch's factor: max_norm / (total + 1e-6), clamped to at most 1.
