@@ -176,6 +176,51 @@ def time_fn(fn: Callable[[], Any], device: str = "cpu", min_run_time: float = 0.
     return Timing(m.median, m.iqr, len(m.times), "torch.utils.benchmark.blocked_autorange")
 
 
+def time_interleaved(fns: Mapping[str, Callable[[], Any]], device: str = "cpu",
+                     min_run_time: float = 0.2, block_s: float = 2e-3,
+                     min_rounds: int = 7) -> Dict[str, Timing]:
+    """Median run time of each fn, measured in alternation.
+
+    CPU: round after round, one block of calls of each function (as many calls as take about
+    block_s; the order rotates every round), until each has had min_run_time and at least
+    min_rounds rounds. On a shared machine whose memory bandwidth drifts from one minute to
+    the next (this project's VMs: 23-33 GB/s within an hour), timing one path after the other
+    puts the drift into their ratio; in alternation both see the same machine. CUDA: time_fn
+    of each (the GPU does not drift so).
+    """
+    import time
+    if torch.device(device).type == "cuda":
+        return {k: time_fn(f, device, min_run_time) for k, f in fns.items()}
+    names = list(fns)
+    calls = {}
+    for k in names:  # calls per block, from one warm call
+        fns[k]()
+        t0 = time.perf_counter()
+        fns[k]()
+        calls[k] = max(1, int(block_s / max(time.perf_counter() - t0, 1e-9)))
+    times: Dict[str, List[float]] = {k: [] for k in names}
+    spent = {k: 0.0 for k in names}
+    rounds = 0
+    while rounds < min_rounds or min(spent.values()) < min_run_time:
+        order = names[rounds % len(names):] + names[:rounds % len(names)]
+        for k in order:
+            f, n = fns[k], calls[k]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                f()
+            dt = time.perf_counter() - t0
+            times[k].append(dt / n)
+            spent[k] += dt
+        rounds += 1
+    out = {}
+    for k, ts in times.items():
+        ts = sorted(ts)
+        q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))]  # noqa: E731
+        out[k] = Timing(q(0.5), q(0.75) - q(0.25), len(ts),
+                        f"interleaved blocks of {calls[k]} call(s), median of {len(ts)}")
+    return out
+
+
 def _time_cuda(fn: Callable[[], Any], min_run_time: float) -> Timing:
     rep_ms = max(1.0, 1000.0 * min_run_time)
     try:

@@ -92,6 +92,27 @@ def test_check_close_bound():
     assert ok.ok and not bad.ok and not nan.ok
 
 
+def test_time_interleaved_alternates_and_times_each():
+    import time
+    calls = []
+
+    def short():
+        calls.append("s")
+        time.sleep(0.001)
+
+    def long():
+        calls.append("l")
+        time.sleep(0.002)
+
+    t = harness.time_interleaved({"short": short, "long": long}, "cpu", min_run_time=0.02,
+                                 block_s=0.004, min_rounds=5)
+    assert set(t) == {"short", "long"} and all(v.runs >= 5 for v in t.values())
+    assert 1.4 <= t["long"].median_s / t["short"].median_s <= 2.6
+    # blocks alternate: the calls do not come as all of one, then all of the other
+    firsts = "".join(c for i, c in enumerate(calls) if i == 0 or calls[i - 1] != c)
+    assert firsts.count("sl") + firsts.count("ls") >= 8
+
+
 def test_format_table_aligns():
     text = harness.format_table(["name", "ms"], [["a", "1.5"], ["longer", "12.25"]])
     lines = text.splitlines()
