@@ -266,6 +266,14 @@ std::vector<SgdTensor> sgd_tensors(const py::list& tensors) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "llmkernels compiled kernels (torch-free views; see python/llmkernels/_cview.py)";
   m.def("build_info", &build_info);
+  m.def("use_openmp_runtime", [](const std::string& path) { return use_openmp_runtime(path.c_str()); },
+        "Run parallel loops on the OpenMP runtime loaded from path ('' = our own pool)");
+  m.def("threading_runtime", [] { return std::string(threading_runtime()); });
+  m.def("parallel_for_selftest", [](int64_t n, int nthreads, int64_t throw_at) {
+    LLMK_CHECK(n >= 0 && nthreads >= 1 && nthreads <= kMaxThreads, "bad selftest arguments");
+    py::gil_scoped_release release;
+    return parallel_for_selftest(n, nthreads, throw_at);
+  });
   m.def("tier_code", [](const std::string& name) {
     for (CpuTier t : kAllTiers)
       if (name == tier_name(t)) return int(t);

@@ -45,6 +45,8 @@ def build_info() -> Dict[str, Any]:
         "tiers_built": raw["cpu_tiers_built"],
         "tiers_supported": raw["cpu_tiers_supported"],
         "tier_in_use": backends.cpu_tier(),
+        # parallel loops: "openmp:<torch's runtime>" or "pool" (our own threads)
+        "threading": native.threading_runtime(),
     }
     info["compiler"] = raw["compiler"]
     info["triton"] = _triton_status()
