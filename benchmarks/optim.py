@@ -70,12 +70,10 @@ def other_8bit_adamw() -> Dict[str, object]:
     return makers
 
 
-def step_path(name: str, params: List[torch.Tensor]) -> str:
+def step_path(params: List[torch.Tensor]) -> str:
     """The path our optimizer's step takes (the optimizers pick it per group, as here)."""
     from llmkernels.optim import _fused
-    if name == "adamw8bit":  # its own readiness check (int8 codes, float32 scales)
-        return _fused.choose_path(params, None, False, ready=True)
-    return _fused.choose_path(params, [[q, q.grad] for q in params], False)
+    return _fused.route(params, [[q, q.grad] for q in params], False)[0]
 
 
 def main(argv=None) -> int:
@@ -134,7 +132,7 @@ def main(argv=None) -> int:
                     for _ in range(3):
                         opt.step()
                     if label == "ours":
-                        path = step_path(name, ps)
+                        path = step_path(ps)
                     finals[label] = [q.detach().clone() for q in ps[:4]]
                     if label in ("ours", "torch-fused", "torch"):
                         steps[label] = opt.step  # timed below, in alternation

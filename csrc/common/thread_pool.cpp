@@ -116,9 +116,9 @@ Pool& pool() {
 using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
 using OmpThreadNum = int (*)();
 struct OpenMp {
-  GompParallel parallel = nullptr;
-  OmpThreadNum thread_num = nullptr;
-  std::string name = "pool";
+  GompParallel parallel;
+  OmpThreadNum thread_num;
+  std::string name;  // "openmp:<path>"
 };
 // One parallel_for on the OpenMP team: the same dynamic hand-out of items as the pool's.
 struct OmpJob {

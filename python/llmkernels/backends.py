@@ -29,28 +29,30 @@ CPU_TIERS = ("avx512_bf16", "avx512", "avx2", "generic")
 # torch.compile traces (and guards on) reads of module globals, not ContextVar.get.
 _forced = {"backend": None, "tier": None}
 
+
 def _openmp_runtime_of_torch() -> Optional[str]:
     """Path of the OpenMP runtime torch loaded (its wheels ship torch/lib/libgomp.so.1), from
     this process's memory map; None if there is none or LLMKERNELS_OPENMP=0."""
     if os.environ.get("LLMKERNELS_OPENMP", "1").strip() == "0":
         return None
+    import torch
     try:
-        import torch
         with open("/proc/self/maps") as f:
-            mapped = {line.split()[-1] for line in f if line.rstrip().endswith((".so", ".so.1", ".so.5"))}
-    except (ImportError, OSError, IndexError):
+            mapped = {line.split()[-1] for line in f
+                      if line.rstrip().endswith((".so", ".so.1", ".so.5"))}
+    except OSError:  # no /proc (not Linux): our pool
         return None
     names = ("libgomp", "libiomp5", "libomp")
     found = sorted(p for p in mapped if os.path.basename(p).startswith(names))
     torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
-    ours = [p for p in found if p.startswith(torch_dir)]  # torch's own, if several
-    return (ours or found or [None])[0]
+    torchs = [p for p in found if p.startswith(torch_dir)]  # torch's own, if several
+    return (torchs or found or [None])[0]
 
 
 def _use_torchs_threads() -> None:
     # The C++ parallel loops run on torch's OpenMP threads when torch has them (see
     # csrc/common/thread_pool.h: a pool of our own shared cores with their spinning).
-    if _native is not None and hasattr(_native, "use_openmp_runtime"):
+    if _native is not None:
         path = _openmp_runtime_of_torch()
         if path:
             _native.use_openmp_runtime(path)

@@ -111,17 +111,28 @@ def _triton_optim():
     return backends.triton_kernels_or_error("optim")[0]
 
 
-def choose_path(params: List[torch.Tensor], tensors_per_param, stochastic_rounding: bool,
-                ready: Optional[bool] = None, f32_state: bool = False) -> str:
+def route(params: List[torch.Tensor], rows, stochastic_rounding: bool,
+          f32_state: bool = False):
+    """(path, views) of one fused step over rows ([parameter, gradient, state...] per
+    parameter): the path choose_path picks, and for the C++ paths the rows' kernel_views.
+    CUDA tensors build no views unless the CUDA kernels serve (Triton takes tensors).
+    f32_state: float32 state of 16-bit parameters is fine too (Adam's kernels take it on
+    every path)."""
+    on_cpu = params[0].device.type == "cpu"
+    views = kernel_views(rows, f32_state, build=on_cpu)
+    path = choose_path(params, views is not None, stochastic_rounding)
+    if path == "cuda":
+        views = kernel_views(rows, f32_state)
+    return path, views
+
+
+def choose_path(params: List[torch.Tensor], ready: bool, stochastic_rounding: bool) -> str:
     """"cpu" (the C++ kernel), "triton" (CUDA tensors, or any under TRITON_INTERPRET=1 when
     forced), "cuda" or "reference" (PyTorch ops), by backends.py's rules; a forced path that
-    cannot serve raises BackendError. ready: the caller's own check that the kernels can take
-    the tensors (else: one dtype per parameter, one device, all contiguous). f32_state: float32
-    state of 16-bit parameters is fine too (Adam's kernels take it on every path)."""
+    cannot serve raises BackendError. ready: whether the kernels can take the tensors
+    (kernel_views)."""
     from ..ops.attention_gpu import triton_interpreting
     forced = backends.forced_backend()
-    if ready is None:
-        ready = kernel_views(tensors_per_param, f32_state) is not None
     device = params[0].device.type
     native = backends.native_module()
     cpu_ok = ready and device == "cpu" and native is not None

@@ -103,9 +103,7 @@ def adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, correctio
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
     rows = [[p, g, m, v, vm] for p, g, m, v, vm
             in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)]
-    on_cpu = params[0].device.type == "cpu"  # CUDA tensors: Triton takes tensors, no views
-    views = _fused.kernel_views(rows, f32_state=True, build=on_cpu)
-    path = _fused.choose_path(params, None, sr, ready=views is not None)
+    path, views = _fused.route(params, rows, sr, f32_state=True)
     if path == "triton":
         _fused.triton_optim().adam_step(
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
@@ -115,8 +113,6 @@ def adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, correctio
             one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
             check=False, sr_keys=keys if sr else None)  # choose_path checked the tensors
     elif path in ("cpu", "cuda"):
-        if not on_cpu:
-            views = _fused.kernel_views(rows, f32_state=True)
         items = [(*views_of, step_size, bc2, key)
                  for views_of, (step_size, bc2), key in zip(views, corrections, keys)]
         native = backends.native_module()

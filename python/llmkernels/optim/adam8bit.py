@@ -245,9 +245,7 @@ class AdamW8bit(torch.optim.Optimizer):
             eight = [(*_local_eight_bit(p, s), c) for p, s, c in eight]
             ps8 = [p for p, _, _, _ in eight]
             pg_rows = [[p, g] for p, g, _, _ in eight]
-            on_cpu = ps8[0].device.type == "cpu"  # CUDA: Triton takes tensors, no views
-            pg_views = _fused.kernel_views(pg_rows, build=on_cpu)
-            path = _fused.choose_path(ps8, None, False, ready=pg_views is not None)
+            path, pg_views = _fused.route(ps8, pg_rows, False)
             if path == "triton":
                 _fused.triton_optim().adam8bit_step(
                     ps8, [g for _, g, _, _ in eight], [s["exp_avg_codes"] for _, _, s, _ in eight],
@@ -259,8 +257,6 @@ class AdamW8bit(torch.optim.Optimizer):
                     decay=1.0 - lr * wd, one_minus_beta1=1.0 - beta1,
                     one_minus_beta2=1.0 - beta2, check=False)
             elif path in ("cpu", "cuda"):
-                if not on_cpu:
-                    pg_views = _fused.kernel_views(pg_rows)
                 flat = _fused.flat
                 items = [(vp, vg, flat(s["exp_avg_codes"]), flat(s["exp_avg_scales"]),
                           flat(s["exp_avg_sq_codes"]), flat(s["exp_avg_sq_scales"]), step_size,

@@ -79,9 +79,7 @@ class SGD(torch.optim.Optimizer):
                 firsts.append(first)
             params, grads, bufs = _fused.locals_of(params, [p.grad for p in params], bufs)
             rows = [[p, g, b] for p, g, b in zip(params, grads, bufs)]
-            on_cpu = params[0].device.type == "cpu"  # CUDA: Triton takes tensors, no views
-            views = _fused.kernel_views(rows, build=on_cpu)
-            path = _fused.choose_path(params, None, sr, ready=views is not None)
+            path, views = _fused.route(params, rows, sr)
             if path == "triton":
                 _fused.triton_optim().sgd_step(
                     params, grads, bufs, firsts, lr=lr, momentum=momentum,
@@ -90,8 +88,6 @@ class SGD(torch.optim.Optimizer):
                     one_minus_dampening=1.0 - dampening, check=False,  # choose_path checked them
                     sr_keys=keys if sr else None)
             elif path in ("cpu", "cuda"):
-                if not on_cpu:
-                    views = _fused.kernel_views(rows)
                 items = [(*views_of, f, key) for views_of, f, key in zip(views, firsts, keys)]
                 if path == "cpu":
                     backends.native_module().sgd_step(
