@@ -100,7 +100,7 @@ log "build_info: $(cut -c1-400 "$OUT/build_info.json" 2>/dev/null)"
 GPU_TESTS_ATTENTION="tests/test_attention_gpu.py tests/test_attention_varlen.py \
   tests/test_attention_kvcache.py tests/test_attention_band.py tests/test_custom_ops_gpu.py"
 GPU_TESTS_OTHER="tests/test_quant_matmul_gpu.py tests/test_quant_matmul_triton_kernels.py \
-  tests/test_optim.py tests/test_optim_triton_kernels.py tests/test_optim_8bit_triton.py \
+  tests/test_optim.py::test_triton_path_trajectory tests/test_optim_triton_kernels.py tests/test_optim_8bit_triton.py \
   tests/test_optim_sr_triton.py tests/test_optim_cuda.py tests/test_integration_transformers.py"
 # Parallel test processes when pytest-xdist is there: most of the time is Triton compiling.
 XDIST=""
@@ -129,16 +129,8 @@ if [ "$HAVE_GPU" = 1 ] && [ "$STEPS" != bench ]; then
   fi
 fi
 if [ "$HAVE_GPU" = 1 ] && [ "$STEPS" != tests ]; then
-  # Most wanted first (never timed on a GPU before), so a tight DEADLINE drops the least.
-  for path in triton cuda; do
-    # TRITON_PRINT_AUTOTUNING: the log names each shape's chosen tile (for picking defaults).
-    # One shape by default: Triton autotunes every (shape, M), and two shapes took over 60 s.
-    step "quant_bench_$path" "$BENCH_TIMEOUT" env TRITON_PRINT_AUTOTUNING=1 "$PY" \
-      benchmarks/quant_matmul.py --device cuda \
-      --backend "$path" --ms 1,16,4096 --shapes "${QUANT_SHAPES:-4096x11008}" --min-run-time 0.1 \
-      --json "$OUT/quant_gpu_$path.json"
-    show 16 "$OUT/quant_bench_$path.log"
-  done
+  # Most wanted first (changed since the last GPU run, or never timed on a GPU), so a tight
+  # DEADLINE drops the least.
   step optim_bench "$BENCH_TIMEOUT" "$PY" benchmarks/optim.py --device cuda --params 10,50,200 \
     --min-run-time 0.1 --json "$OUT/optim_gpu.json"
   show 22 "$OUT/optim_bench.log"
@@ -148,8 +140,17 @@ if [ "$HAVE_GPU" = 1 ] && [ "$STEPS" != tests ]; then
   show 16 "$OUT/optim_bench_cuda.log"
   # Whole models (issue 7's table on a GPU): training step and generation, float vs quantized.
   step model_bench "$BENCH_TIMEOUT" "$PY" benchmarks/model.py --device cuda --preset 100m \
-    --runs 3 --json "$OUT/model_gpu.json" --plot "$OUT/model_gpu.png"
+    --families llama --runs 3 --json "$OUT/model_gpu.json" --plot "$OUT/model_gpu.png"
   show 16 "$OUT/model_bench.log"
+  for path in triton cuda; do
+    # TRITON_PRINT_AUTOTUNING: the log names each shape's chosen tile (for picking defaults).
+    # One shape by default: Triton autotunes every (shape, M), and two shapes took over 60 s.
+    step "quant_bench_$path" "$BENCH_TIMEOUT" env TRITON_PRINT_AUTOTUNING=1 "$PY" \
+      benchmarks/quant_matmul.py --device cuda \
+      --backend "$path" --ms 1,16,4096 --shapes "${QUANT_SHAPES:-4096x11008}" --min-run-time 0.1 \
+      --json "$OUT/quant_gpu_$path.json"
+    show 16 "$OUT/quant_bench_$path.log"
+  done
   step attention_bench_triton "$BENCH_TIMEOUT" "$PY" benchmarks/attention.py --device cuda \
     --ours-backend triton --paths ours,sdpa --dtypes bf16 --head-dims 128 --seqlens "${BENCH_SEQLENS:-4096}" \
     --batch "${BENCH_BATCH:-4}" --heads "${BENCH_HEADS:-16}" --min-run-time 0.1 --json "$OUT/attention_gpu_triton.json"
