@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from .. import backends
-from . import _fused
+from . import _fused, _plan
 
 
 class _FusedAdam(torch.optim.Optimizer):
@@ -75,20 +75,43 @@ class _FusedAdam(torch.optim.Optimizer):
             beta1, beta2 = (_fused.as_float(b, "betas", name) for b in group["betas"])
             eps = _fused.as_float(group["eps"], "eps", name)
             wd = _fused.as_float(group["weight_decay"], "weight_decay", name)
-            states = [self._state_of(p, amsgrad) for p in params]
             sr = bool(group.get("stochastic_rounding", False))
+            hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
+                         decoupled=decoupled, amsgrad=amsgrad, maximize=group["maximize"],
+                         inv_scale=inv_scale, sr=sr)
+            state_keys = _STATE_KEYS[amsgrad]
+            served = _plan.serve(self, group, params, (state_keys,))
+            path = _fused.choose_path(params, True, sr) if served is not None else None
+            if path in ("cpu", "cuda"):  # the tensors of the last step: views kept (_plan.py)
+                plan, param_views, grad_views = served
+                states = plan.states
+                views = [(pv, gv, *sv) + (() if amsgrad else (None,)) for pv, gv, sv
+                         in zip(param_views, grad_views, plan.state_views)]
+                plan.hits += 1
+            else:
+                states = [self._state_of(p, amsgrad) for p in params]
             step_values = _fused.advance_steps(self, group, states)
             corrections = _fused.bias_corrections(step_values, lr, beta1, beta2)
             seed = group.get("seed", 0)
             keys = ([_fused.sr_key(seed, int(step), index)
                      for index, step in enumerate(step_values)] if sr else [0] * len(states))
-            adam_update(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                        [s["exp_avg_sq"] for s in states],
-                        [s.get("max_exp_avg_sq") if amsgrad else None for s in states],
-                        corrections, keys, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                        weight_decay=wd, decoupled=decoupled, amsgrad=amsgrad,
-                        maximize=group["maximize"], inv_scale=inv_scale, sr=sr)
+            if path in ("cpu", "cuda"):
+                adam_native(path, params[0].device, views, corrections, keys, **hyper)
+                continue
+            path = adam_update(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                               [s["exp_avg_sq"] for s in states],
+                               [s.get("max_exp_avg_sq") if amsgrad else None for s in states],
+                               corrections, keys, **hyper)
+            _plan.after_full_step(self, group, params, [state_keys] * len(params), {path})
         return loss
+
+    def load_state_dict(self, state_dict) -> None:
+        _plan.forget_all(self)  # plans hold the old state tensors
+        super().load_state_dict(state_dict)
+
+
+# The state tensors the kernels take, by amsgrad.
+_STATE_KEYS = {False: ("exp_avg", "exp_avg_sq"), True: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
 
 
 def adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, corrections, keys, *,
@@ -97,7 +120,7 @@ def adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, correctio
     the C++ kernel, Triton, the CUDA kernels or adam_reference tensor by tensor. corrections:
     per tensor (lr / (1 - beta1^step), sqrt(1 - beta2^step)); keys: stochastic rounding streams.
     The moments may be float32 for 16-bit parameters (AdamW8bit's small tensors): every path
-    takes those."""
+    takes those. Returns the path."""
     wd = weight_decay
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = _fused.locals_of(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
@@ -113,23 +136,34 @@ def adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, correctio
             one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
             check=False, sr_keys=keys if sr else None)  # choose_path checked the tensors
     elif path in ("cpu", "cuda"):
-        items = [(*views_of, step_size, bc2, key)
-                 for views_of, (step_size, bc2), key in zip(views, corrections, keys)]
-        native = backends.native_module()
-        if path == "cpu":
-            native.adam_step(backends.cpu_tier_code(), items, lr, beta1, beta2, eps, wd,
-                             decoupled, amsgrad, maximize, inv_scale, _fused.threads(),
-                             1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2, sr)
-        else:
-            _fused.on_cuda(params[0].device, native.adam_step_cuda, items, lr, beta1, beta2, eps,
-                           wd, decoupled, amsgrad, maximize, inv_scale, 1.0 - lr * wd,
-                           1.0 - beta1, 1.0 - beta2)
+        adam_native(path, params[0].device, views, corrections, keys, lr=lr, beta1=beta1,
+                    beta2=beta2, eps=eps, weight_decay=wd, decoupled=decoupled, amsgrad=amsgrad,
+                    maximize=maximize, inv_scale=inv_scale, sr=sr)
     else:
         for (p, g, m, v, vm), (step_size, bc2), key in zip(rows, corrections, keys):
             adam_reference(p, g, m, v, vm, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                            weight_decay=wd, decoupled=decoupled, amsgrad=amsgrad,
                            maximize=maximize, step_size=step_size, bias_correction2_sqrt=bc2,
                            inv_grad_scale=inv_scale, sr_key=key if sr else None)
+    return path
+
+
+def adam_native(path, device, views, corrections, keys, *, lr, beta1, beta2, eps, weight_decay,
+                decoupled, amsgrad, maximize, inv_scale, sr):
+    """The C++ ("cpu") or CUDA kernel's Adam step over kernel views (per tensor: parameter,
+    gradient, exp_avg, exp_avg_sq, max_exp_avg_sq or None)."""
+    wd = weight_decay
+    items = [(*views_of, step_size, bc2, key)
+             for views_of, (step_size, bc2), key in zip(views, corrections, keys)]
+    native = backends.native_module()
+    if path == "cpu":
+        native.adam_step(backends.cpu_tier_code(), items, lr, beta1, beta2, eps, wd,
+                         decoupled, amsgrad, maximize, inv_scale, _fused.threads(),
+                         1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2, sr)
+    else:
+        _fused.on_cuda(device, native.adam_step_cuda, items, lr, beta1, beta2, eps, wd,
+                       decoupled, amsgrad, maximize, inv_scale, 1.0 - lr * wd,
+                       1.0 - beta1, 1.0 - beta2)
 
 
 def adam_reference(p, g, m, v, vmax, *, lr, beta1, beta2, eps, weight_decay, decoupled,

@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 
 from .. import backends
-from . import _fused
-from .adam import adam_reference, adam_update
+from . import _fused, _plan
+from .adam import adam_native, adam_reference, adam_update
 
 BLOCK = 256
 
@@ -145,6 +145,23 @@ def _local_eight_bit(p: torch.Tensor, state: dict) -> tuple:
 
 
 _EIGHT_BIT_KEYS = ("exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes", "exp_avg_sq_scales")
+_SMALL_KEYS = ("exp_avg", "exp_avg_sq")  # float32 moments of tensors under min_8bit_size
+
+
+def _eight_bit_native(path, device, items, *, lr, beta1, beta2, eps, weight_decay, maximize,
+                      inv_scale) -> None:
+    """The C++ ("cpu") or CUDA kernel's 8-bit step over items (per tensor: parameter and
+    gradient views, the four state views in _EIGHT_BIT_KEYS' order, step size, bias
+    correction)."""
+    wd = weight_decay
+    native = backends.native_module()
+    if path == "cpu":
+        native.adam8bit_step(backends.cpu_tier_code(), items, eps, wd, beta2, True, maximize,
+                             inv_scale, _fused.threads(), 1.0 - lr * wd, 1.0 - beta1,
+                             1.0 - beta2)
+    else:
+        _fused.on_cuda(device, native.adam8bit_step_cuda, items, eps, wd, beta2, maximize,
+                       inv_scale, 1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2)
 
 
 class AdamW8bit(torch.optim.Optimizer):
@@ -186,6 +203,7 @@ class AdamW8bit(torch.optim.Optimizer):
         """torch's, except that 8-bit codes, scales and float32 moments keep their dtypes
         (torch casts every state tensor to its parameter's dtype: bf16 scales would lose bits),
         and codes of an older format are converted."""
+        _plan.forget_all(self)
         kept = {key: {k: v for k, v in st.items() if isinstance(v, torch.Tensor) and k != "step"}
                 for key, st in state_dict["state"].items()}
         # Saved keys map to parameters by position, as in torch's load_state_dict (ints from
@@ -226,60 +244,91 @@ class AdamW8bit(torch.optim.Optimizer):
             lr = _fused.as_float(group["lr"], "lr", "AdamW8bit")
             beta1, beta2 = (float(b) for b in group["betas"])
             eps, wd = float(group["eps"]), float(group["weight_decay"])
+            hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
+                         maximize=group["maximize"], inv_scale=inv_scale)
+            if self._planned_step(group, params, hyper):
+                continue
             states = [self._state_of(p, group["min_8bit_size"]) for p in params]
             corr = _fused.bias_corrections(_fused.advance_steps(self, group, states), lr,
                                            beta1, beta2)
             eight = [(p, s, c) for p, s, c in zip(params, states, corr) if "exp_avg_codes" in s]
             small = [(p, s, c) for p, s, c in zip(params, states, corr) if "exp_avg_codes" not in s]
+            paths = set()
             if small:  # float32 moments: an AdamW step on whichever path can take them
-                adam_update([p for p, _, _ in small], [p.grad for p, _, _ in small],
-                            [s["exp_avg"] for _, s, _ in small],
-                            [s["exp_avg_sq"] for _, s, _ in small], [None] * len(small),
-                            [c for _, _, c in small], [0] * len(small), lr=lr, beta1=beta1,
-                            beta2=beta2, eps=eps, weight_decay=wd, decoupled=True, amsgrad=False,
-                            maximize=group["maximize"], inv_scale=inv_scale, sr=False)
-            if not eight:
-                continue
-            # (local parameter, its gradient, local state, corrections): FSDP2's DTensors as
-            # each rank's shards; anything else as it is.
-            eight = [(*_local_eight_bit(p, s), c) for p, s, c in eight]
-            ps8 = [p for p, _, _, _ in eight]
-            pg_rows = [[p, g] for p, g, _, _ in eight]
-            path, pg_views = _fused.route(ps8, pg_rows, False)
-            if path == "triton":
-                _fused.triton_optim().adam8bit_step(
-                    ps8, [g for _, g, _, _ in eight], [s["exp_avg_codes"] for _, _, s, _ in eight],
-                    [s["exp_avg_sq_codes"] for _, _, s, _ in eight],
-                    [s["exp_avg_scales"] for _, _, s, _ in eight],
-                    [s["exp_avg_sq_scales"] for _, _, s, _ in eight],
-                    [c[0] for _, _, _, c in eight], [c[1] for _, _, _, c in eight], beta2=beta2,
-                    eps=eps, maximize=group["maximize"], inv_grad_scale=inv_scale,
-                    decay=1.0 - lr * wd, one_minus_beta1=1.0 - beta1,
-                    one_minus_beta2=1.0 - beta2, check=False)
-            elif path in ("cpu", "cuda"):
-                flat = _fused.flat
-                items = [(vp, vg, flat(s["exp_avg_codes"]), flat(s["exp_avg_scales"]),
-                          flat(s["exp_avg_sq_codes"]), flat(s["exp_avg_sq_scales"]), step_size,
-                          bc2)
-                         for (vp, vg), (_, _, s, (step_size, bc2)) in zip(pg_views, eight)]
-                if path == "cpu":
-                    backends.native_module().adam8bit_step(
-                        backends.cpu_tier_code(), items, eps, wd, beta2, True, group["maximize"],
-                        inv_scale, _fused.threads(), 1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2)
-                else:
-                    _fused.on_cuda(ps8[0].device, backends.native_module().adam8bit_step_cuda,
-                                   items, eps, wd, beta2, group["maximize"], inv_scale,
-                                   1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2)
-            else:
-                for p, g, s, (step_size, bc2) in eight:
-                    m, v = dequantize_moments(s)
-                    flat_p = p.detach().view(-1) if p.is_contiguous() else p.detach().reshape(-1)
-                    work = flat_p.clone()
-                    adam_reference(work, g.reshape(-1), m, v, None, lr=lr, beta1=beta1,
-                                   beta2=beta2, eps=eps, weight_decay=wd, decoupled=True,
-                                   amsgrad=False, maximize=group["maximize"],
-                                   step_size=step_size, bias_correction2_sqrt=bc2,
-                                   inv_grad_scale=inv_scale)
-                    p.copy_(work.view_as(p))
-                    _quantize_moments(s, m, v)
+                paths.add(adam_update(
+                    [p for p, _, _ in small], [p.grad for p, _, _ in small],
+                    [s["exp_avg"] for _, s, _ in small], [s["exp_avg_sq"] for _, s, _ in small],
+                    [None] * len(small), [c for _, _, c in small], [0] * len(small),
+                    decoupled=True, amsgrad=False, sr=False, **hyper))
+            if eight:
+                paths.add(self._eight_bit_update(group, eight, hyper))
+            _plan.after_full_step(self, group, params, [
+                _EIGHT_BIT_KEYS if "exp_avg_codes" in s else _SMALL_KEYS for s in states], paths)
         return loss
+
+    def _planned_step(self, group, params, hyper) -> bool:
+        """The step of a group whose tensors are those of its plan (_plan.py), on the C++ or
+        CUDA kernels; False (nothing done) when the plan does not serve."""
+        served = _plan.serve(self, group, params, (_SMALL_KEYS, _EIGHT_BIT_KEYS))
+        if served is None:
+            return False
+        path = _fused.choose_path(params, True, False)
+        if path not in ("cpu", "cuda"):
+            return False
+        plan, param_views, grad_views = served
+        state_views = plan.state_views
+        corr = _fused.bias_corrections(_fused.advance_steps(self, group, plan.states),
+                                       hyper["lr"], hyper["beta1"], hyper["beta2"])
+        device = params[0].device
+        small = plan.kinds.get(_SMALL_KEYS)
+        if small:
+            adam_native(path, device,
+                        [(param_views[i], grad_views[i], *state_views[i], None) for i in small],
+                        [corr[i] for i in small], [0] * len(small), decoupled=True,
+                        amsgrad=False, sr=False, **hyper)
+        eight = plan.kinds.get(_EIGHT_BIT_KEYS)
+        if eight:
+            _eight_bit_native(path, device, [(param_views[i], grad_views[i], *state_views[i],
+                                              *corr[i]) for i in eight], **hyper)
+        plan.hits += 1
+        return True
+
+    def _eight_bit_update(self, group, eight, hyper) -> str:
+        """The step of the parameters with 8-bit state ((parameter, state, corrections) each)
+        on the path backends.py's rules choose; returns the path."""
+        lr, beta1, beta2 = hyper["lr"], hyper["beta1"], hyper["beta2"]
+        eps, wd, inv_scale = hyper["eps"], hyper["weight_decay"], hyper["inv_scale"]
+        # (local parameter, its gradient, local state, corrections): FSDP2's DTensors as
+        # each rank's shards; anything else as it is.
+        eight = [(*_local_eight_bit(p, s), c) for p, s, c in eight]
+        ps8 = [p for p, _, _, _ in eight]
+        pg_rows = [[p, g] for p, g, _, _ in eight]
+        path, pg_views = _fused.route(ps8, pg_rows, False)
+        if path == "triton":
+            _fused.triton_optim().adam8bit_step(
+                ps8, [g for _, g, _, _ in eight], [s["exp_avg_codes"] for _, _, s, _ in eight],
+                [s["exp_avg_sq_codes"] for _, _, s, _ in eight],
+                [s["exp_avg_scales"] for _, _, s, _ in eight],
+                [s["exp_avg_sq_scales"] for _, _, s, _ in eight],
+                [c[0] for _, _, _, c in eight], [c[1] for _, _, _, c in eight], beta2=beta2,
+                eps=eps, maximize=hyper["maximize"], inv_grad_scale=inv_scale,
+                decay=1.0 - lr * wd, one_minus_beta1=1.0 - beta1,
+                one_minus_beta2=1.0 - beta2, check=False)
+        elif path in ("cpu", "cuda"):
+            flat = _fused.flat
+            items = [(vp, vg, *(flat(s[key]) for key in _EIGHT_BIT_KEYS), step_size, bc2)
+                     for (vp, vg), (_, _, s, (step_size, bc2)) in zip(pg_views, eight)]
+            _eight_bit_native(path, ps8[0].device, items, **hyper)
+        else:
+            for p, g, s, (step_size, bc2) in eight:
+                m, v = dequantize_moments(s)
+                flat_p = p.detach().view(-1) if p.is_contiguous() else p.detach().reshape(-1)
+                work = flat_p.clone()
+                adam_reference(work, g.reshape(-1), m, v, None, lr=lr, beta1=beta1,
+                               beta2=beta2, eps=eps, weight_decay=wd, decoupled=True,
+                               amsgrad=False, maximize=hyper["maximize"],
+                               step_size=step_size, bias_correction2_sqrt=bc2,
+                               inv_grad_scale=inv_scale)
+                p.copy_(work.view_as(p))
+                _quantize_moments(s, m, v)
+        return path

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from .. import backends
-from . import _fused
+from . import _fused, _plan
 
 
 class SGD(torch.optim.Optimizer):
@@ -47,6 +47,10 @@ class SGD(torch.optim.Optimizer):
             group.setdefault("stochastic_rounding", False)
             group.setdefault("seed", 0)
 
+    def load_state_dict(self, state_dict) -> None:
+        _plan.forget_all(self)  # plans hold the old momentum buffers
+        super().load_state_dict(state_dict)
+
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale: Optional[torch.Tensor] = None,
              found_inf: Optional[torch.Tensor] = None):
@@ -61,8 +65,23 @@ class SGD(torch.optim.Optimizer):
             momentum = _fused.as_float(group["momentum"], "momentum", "SGD")
             dampening = _fused.as_float(group["dampening"], "dampening", "SGD")
             wd = _fused.as_float(group["weight_decay"], "weight_decay", "SGD")
-            bufs, firsts, keys = [], [], []
             sr = bool(group.get("stochastic_rounding", False))
+            hyper = (lr, momentum, dampening, wd, group["nesterov"], group["maximize"], inv_scale)
+            # The tensors of the last step: views kept (_plan.py). Not with stochastic rounding,
+            # whose per-tensor step counts are state entries updated in Python anyway.
+            served = (None if sr else
+                      _plan.serve(self, group, params, (("momentum_buffer",) if momentum else (),)))
+            path = _fused.choose_path(params, True, False) if served is not None else None
+            if path in ("cpu", "cuda"):
+                plan, param_views, grad_views = served
+                plan.hits += 1
+                buf_views = ([sv[0] for sv in plan.state_views] if momentum
+                             else [None] * len(params))
+                items = [(pv, gv, bv, False, 0)
+                         for pv, gv, bv in zip(param_views, grad_views, buf_views)]
+                _sgd_native(path, params[0].device, items, *hyper, sr=False)
+                continue
+            bufs, firsts, keys = [], [], []
             for index, p in enumerate(params):
                 state = self.state[p]
                 if sr:  # SGD keeps no step count; rounding needs one for a fresh stream
@@ -77,6 +96,7 @@ class SGD(torch.optim.Optimizer):
                     state["momentum_buffer"] = buf
                 bufs.append(buf if momentum != 0.0 else None)
                 firsts.append(first)
+            group_params = params
             params, grads, bufs = _fused.locals_of(params, [p.grad for p in params], bufs)
             rows = [[p, g, b] for p, g, b in zip(params, grads, bufs)]
             path, views = _fused.route(params, rows, sr)
@@ -89,15 +109,11 @@ class SGD(torch.optim.Optimizer):
                     sr_keys=keys if sr else None)
             elif path in ("cpu", "cuda"):
                 items = [(*views_of, f, key) for views_of, f, key in zip(views, firsts, keys)]
-                if path == "cpu":
-                    backends.native_module().sgd_step(
-                        backends.cpu_tier_code(), items, lr, momentum, dampening, wd,
-                        group["nesterov"], group["maximize"], inv_scale, _fused.threads(),
-                        1.0 - dampening, sr)
-                else:
-                    _fused.on_cuda(params[0].device, backends.native_module().sgd_step_cuda,
-                                   items, lr, momentum, dampening, wd, group["nesterov"],
-                                   group["maximize"], inv_scale, 1.0 - dampening)
+                _sgd_native(path, params[0].device, items, *hyper, sr=sr)
+                if not sr:
+                    _plan.after_full_step(
+                        self, group, group_params,
+                        [("momentum_buffer",) if momentum else ()] * len(params), {path})
             else:
                 for p, g, b, f, key in zip(params, grads, bufs, firsts, keys):
                     sgd_reference(p, g, b, f, lr=lr, momentum=momentum,
@@ -105,6 +121,19 @@ class SGD(torch.optim.Optimizer):
                                   nesterov=group["nesterov"], maximize=group["maximize"],
                                   inv_grad_scale=inv_scale, sr_key=key if sr else None)
         return loss
+
+
+def _sgd_native(path, device, items, lr, momentum, dampening, wd, nesterov, maximize,
+                inv_scale, *, sr) -> None:
+    """The C++ ("cpu") or CUDA kernel's SGD step over items (per tensor: parameter, gradient
+    and momentum buffer views, whether the buffer is new, stochastic rounding key)."""
+    native = backends.native_module()
+    if path == "cpu":
+        native.sgd_step(backends.cpu_tier_code(), items, lr, momentum, dampening, wd, nesterov,
+                        maximize, inv_scale, _fused.threads(), 1.0 - dampening, sr)
+    else:
+        _fused.on_cuda(device, native.sgd_step_cuda, items, lr, momentum, dampening, wd,
+                       nesterov, maximize, inv_scale, 1.0 - dampening)
 
 
 def sgd_reference(p, g, buf, first, *, lr, momentum, dampening, weight_decay, nesterov,
