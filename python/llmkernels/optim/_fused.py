@@ -3,6 +3,7 @@ between the fused CPU kernel and the reference path, and GradScaler's (grad_scal
 from __future__ import annotations
 
 import math
+import operator
 from typing import List, Optional
 
 import torch
@@ -12,6 +13,9 @@ from .clip import take_pending_multiplier
 from .._cview import DTYPE_CODES
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_step_of = operator.itemgetter("step")
+grad_of = operator.attrgetter("grad")
+is_sparse = operator.attrgetter("is_sparse")
 
 
 def as_float(value, name: str, owner: str) -> float:
@@ -57,13 +61,11 @@ def check_torch_flags(owner: str, differentiable, capturable=False) -> None:
 
 def grads_of(group, owner: str) -> List[torch.Tensor]:
     """The parameters of a group that have a gradient; sparse gradients are refused."""
-    out = []
-    for p in group["params"]:
-        if p.grad is None:
-            continue
-        if p.grad.is_sparse:
-            raise RuntimeError(f"{owner} does not support sparse gradients")
-        out.append(p)
+    params = group["params"]
+    grads = list(map(grad_of, params))  # C-level loops: this runs every step
+    out = [p for p, g in zip(params, grads) if g is not None]
+    if any(map(is_sparse, grads if len(out) == len(grads) else [p.grad for p in out])):
+        raise RuntimeError(f"{owner} does not support sparse gradients")
     return out
 
 
@@ -228,7 +230,11 @@ def advance_steps(optimizer, group, states) -> List[float]:
     cache = optimizer.__dict__.setdefault("_llmk_step_views", {})
     key = id(group)
     buf, views = cache.get(key, (None, ()))
-    if len(views) != len(states) or any(s["step"] is not v for s, v in zip(states, views)):
+    try:
+        current = list(map(_step_of, states))
+    except KeyError:
+        current = None
+    if current is None or len(views) != len(states) or not all(map(operator.is_, current, views)):
         buf = torch.tensor([float(s["step"]) for s in states], dtype=torch.float32)
         views = buf.unbind()
         for s, v in zip(states, views):
@@ -241,6 +247,9 @@ def advance_steps(optimizer, group, states) -> List[float]:
 def bias_corrections(step_values: List[float], lr: float, beta1: float, beta2: float):
     """Per tensor (lr / (1 - beta1^step), sqrt(1 - beta2^step)), computed once per distinct
     step (a group's tensors usually share theirs)."""
+    if step_values and step_values.count(step_values[0]) == len(step_values):  # the usual case
+        step = step_values[0]
+        return [(lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step))] * len(step_values)
     memo = {}
     out = []
     for step in step_values:

@@ -13,7 +13,9 @@ load_state_dict) falls back to the full path, which builds a new plan.
 """
 from __future__ import annotations
 
+import functools
 import operator
+from itertools import repeat
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -23,6 +25,7 @@ from . import _fused
 
 _T = torch.Tensor
 _dtype_of = operator.attrgetter("dtype")
+_is_none = functools.partial(operator.is_, None)
 _ONE = (1,)
 
 
@@ -47,14 +50,22 @@ class Plan:
         self.param_views = [(ptr, DTYPE_CODES[dt], (n,), _ONE)
                             for ptr, dt, n in zip(self.ptrs, self.dtypes, self.numels)]
         self.states = [optimizer.state[p] for p in params]
+        # The whole state map's keys and values as of now, compared by identity each step:
+        # a state dict replaced or an entry removed shows there without hashing parameters
+        # (Tensor.__hash__ is Python code: ~0.2 us a call).
+        self.state_map_keys = list(optimizer.state)
+        self.state_map_values = list(optimizer.state.values())
+        self.codes = [DTYPE_CODES[dt] for dt in self.dtypes]
+        self.sizes = [(n,) for n in self.numels]
         self.state_keys = [tuple(k) for k in state_keys]
         # Per key, the parameters that have it and their state tensors, checked together.
-        self.by_key: Dict[str, Tuple[List[int], list, List[int]]] = {}
+        self.by_key: Dict[str, Tuple[List[int], list, List[int], list]] = {}
         for i, keys in enumerate(self.state_keys):
             for key in keys:
-                self.by_key.setdefault(key, ([], [], []))[0].append(i)
-        for key, (idx, tensors, ptrs) in self.by_key.items():
-            tensors.extend(self.states[i][key] for i in idx)
+                self.by_key.setdefault(key, ([], [], [], []))[0].append(i)
+        for key, (idx, tensors, ptrs, dicts) in self.by_key.items():
+            dicts.extend(self.states[i] for i in idx)
+            tensors.extend(d[key] for d in dicts)
             ptrs.extend(map(_T.data_ptr, tensors))
         self.state_views = [tuple(_flat(self.states[i][key]) for key in keys)
                             for i, keys in enumerate(self.state_keys)]
@@ -79,21 +90,26 @@ class Plan:
                 or not all(map(_T.is_contiguous, params))):
             return None
         state_map = self.state_map
-        if not _same_objects(list(map(state_map.__getitem__, params)), self.states):
+        if not (_same_objects(list(state_map.values()), self.state_map_values)
+                and _same_objects(list(state_map), self.state_map_keys)):
             return None
-        states = self.states
-        for key, (idx, tensors, ptrs) in self.by_key.items():
-            now = [states[i].get(key) for i in idx]
+        for key, (_, tensors, ptrs, dicts) in self.by_key.items():
+            try:
+                now = list(map(operator.itemgetter(key), dicts))
+            except KeyError:
+                return None
             if not _same_objects(now, tensors) or list(map(_T.data_ptr, now)) != ptrs:
                 return None
-        grads = [p.grad for p in params]
-        codes = DTYPE_CODES
-        out = []
-        for g, dtype, n, device in zip(grads, self.dtypes, self.numels, self.devices):
-            if (g is None or g.is_sparse or g.dtype is not dtype or g.numel() != n
-                    or g.get_device() != device or not g.is_contiguous()):
-                return None
-            out.append((g.data_ptr(), codes[dtype], (n,), _ONE))
+        # Gradients: new tensors every step, checked in full (C-level loops again).
+        grads = list(map(_fused.grad_of, params))
+        if any(map(_is_none, grads)) or any(map(_fused.is_sparse, grads)):
+            return None
+        if (list(map(_dtype_of, grads)) != self.dtypes
+                or list(map(_T.numel, grads)) != self.numels
+                or list(map(_T.get_device, grads)) != self.devices
+                or not all(map(_T.is_contiguous, grads))):
+            return None
+        out = list(zip(map(_T.data_ptr, grads), self.codes, self.sizes, repeat(_ONE)))
         return self.param_views, out
 
 
