@@ -27,6 +27,10 @@ Launches (one per group, not one per tensor):
     declared 16-byte aligned when all of the group's are); the tail block of each tensor is
     masked.
   - Offsets are 64-bit.
+  - adam_prepare / sgd_prepare / adam8bit_prepare build a call's tables once (Prepared);
+    adam_launch / sgd_launch / adam8bit_launch run them, writing only the gradients' pointers
+    and the per-tensor floats: llmkernels.optim's step plans keep a Prepared between steps
+    (the *_step functions are prepare + launch).
 
 Interpreter (TRITON_INTERPRET=1, how the tests run without a GPU): float32 -> bfloat16 casts
 truncate there, so _cast rounds the bits (as in quant_matmul.py, NaNs kept quiet as
@@ -36,7 +40,7 @@ twice: its results may differ by an ulp from the CPU kernel's).
 from __future__ import annotations
 
 import os
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -367,35 +371,68 @@ def _groups(keys: Sequence, numels: Sequence[int]):
             yield k, idx[s:s + MAX_TENSORS]
 
 
-def _tables(tensor_rows: List[List[torch.Tensor]], numels: List[int], floats=None,
-            block: int = BLOCK):
-    """The int64 table buffer of a group (see the module docstring) on the tensors' device,
-    its float32 view at the float rows (or None), the grid size, LOG_P and whether every
-    pointer is ALIGN-byte aligned."""
-    n = len(tensor_rows)
-    k = len(tensor_rows[0])
-    log_p = _log2_ceil(n)
-    p2 = 1 << log_p
-    nblocks = [(x + block - 1) // block for x in numels]
-    if floats is not None:  # rows of float32 (a float32 array keeps bit patterns as they are)
-        floats = np.asarray(floats, dtype=np.float32).reshape(n, -1)
-    nf = (floats.size + 1) // 2 if floats is not None else 0  # two float32 per int64 word
-    buf = np.empty(p2 + n + n * k + nf, dtype=np.int64)
-    cum = np.cumsum([0] + nblocks, dtype=np.int64)
-    buf[:n] = cum[:n]
-    buf[n:p2] = _INT64_MAX
-    buf[p2:p2 + n] = numels
-    ptrs = buf[p2 + n:p2 + n + n * k]
-    ptrs[:] = [t.data_ptr() for row in tensor_rows for t in row]
-    aligned = not (ptrs % ALIGN).any()
-    if floats is not None:
-        buf[p2 + n + n * k:].view(np.float32)[:floats.size] = floats.ravel()
-    device = tensor_rows[0][0].device
-    meta = torch.from_numpy(buf)
-    if device.type != "cpu":
-        meta = meta.to(device, non_blocking=True)
-    fmeta = meta[p2 + n + n * k:].view(torch.float32) if floats is not None else None
-    return meta, fmeta, int(cum[n]), log_p, aligned
+class _Group:
+    """One launch: the tensors idx of a call, their table buffer (see the module docstring)
+    with ptrs [n, K] and floats [n, F] as views into it, the grid, LOG_P, whether every pointer
+    but the gradients' is ALIGN-byte aligned, and tensors that carry the group's dtypes."""
+
+    def __init__(self, key, idx, rows, numels, n_floats: int, block: int):
+        n, k = len(idx), len(rows[0])
+        self.key, self.idx = key, idx
+        self.log_p = _log2_ceil(n)
+        p2 = 1 << self.log_p
+        nf = (n * n_floats + 1) // 2  # two float32 per int64 word
+        self.buf = np.empty(p2 + n + n * k + nf, dtype=np.int64)
+        cum = np.cumsum([0] + [(x + block - 1) // block for x in numels], dtype=np.int64)
+        self.buf[:n] = cum[:n]
+        self.buf[n:p2] = _INT64_MAX
+        self.buf[p2:p2 + n] = numels
+        self.ptrs = self.buf[p2 + n:p2 + n + n * k].reshape(n, k)
+        self.ptrs[:] = [[t.data_ptr() for t in row] for row in rows]
+        others = np.delete(self.ptrs, 1, axis=1)
+        self.static_aligned = not (others % ALIGN).any()
+        self.float_start = p2 + n + n * k
+        self.floats = (self.buf[self.float_start:].view(np.float32)[:n * n_floats]
+                       .reshape(n, n_floats) if n_floats else None)
+        self.grid = int(cum[n])
+        self.device = rows[0][0].device
+        # dtype carriers for the kernels (parameter, first state), not the gradient: a kept
+        # Prepared would keep that step's gradient alive
+        self.typed = [t for j, t in enumerate(rows[0]) if j != 1]
+
+
+class Prepared:
+    """The launches of one call over rows of tensors ([parameter, gradient, state...] per
+    parameter; launch groups by key), their tables filled but for the per-tensor floats. A
+    later call over the same tensors with other gradients (llmkernels.optim's step plans)
+    only writes the gradients' pointers and the floats: no tensor is read again."""
+
+    def __init__(self, rows: List[list], keys: Sequence, n_floats: int, block: int = BLOCK):
+        numels = [row[0].numel() for row in rows]
+        self.n_floats = n_floats
+        self.size = len(rows)
+        self.groups = [_Group(key, idx, [rows[i] for i in idx], [numels[i] for i in idx],
+                              n_floats, block) for key, idx in _groups(keys, numels)]
+
+    def launches(self, grad_ptrs: Optional[Sequence[int]] = None, floats=None):
+        """Per group (group, meta, fmeta, aligned): the tables on the group's device, with
+        these gradients' pointers (None: as prepared) and floats ([size, F] float32 rows, bit
+        patterns kept)."""
+        if floats is not None:
+            floats = np.asarray(floats, dtype=np.float32).reshape(self.size, self.n_floats)
+        for g in self.groups:
+            if grad_ptrs is not None:
+                g.ptrs[:, 1] = [grad_ptrs[i] for i in g.idx]
+            if floats is not None:
+                g.floats[:] = floats[g.idx]
+            aligned = g.static_aligned and not (g.ptrs[:, 1] % ALIGN).any()
+            # A host buffer reused by the next call: the copy from pageable memory is staged
+            # before .to() returns (the kernel reads the device copy).
+            meta = torch.from_numpy(g.buf)
+            if g.device.type != "cpu":
+                meta = meta.to(g.device, non_blocking=True)
+            fmeta = meta[g.float_start:].view(torch.float32) if self.n_floats else None
+            yield g, meta, fmeta, aligned
 
 
 def _check(name, rows, f32_state_from=None):
@@ -449,32 +486,52 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes,
     to choose this path) and the per-tensor checks are not repeated. sr_keys: per tensor,
     the 32-bit key of its stochastic rounding stream (bfloat16 parameters; None: round to
     nearest even)."""
+    prepared = adam_prepare(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                            amsgrad=amsgrad, check=check, sr_keys=sr_keys)
+    adam_launch(prepared, None, step_sizes, bias_correction2_sqrts, beta2=beta2, eps=eps,
+                weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad,
+                maximize=maximize, inv_grad_scale=inv_grad_scale, decay=decay,
+                one_minus_beta1=one_minus_beta1, one_minus_beta2=one_minus_beta2,
+                sr_keys=sr_keys)
+
+
+def adam_prepare(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, amsgrad,
+                 check=True, sr_keys=None) -> Prepared:
+    """adam_step's launches over these tensors (adam_launch runs them, with these or later
+    gradients)."""
     n = len(params)
-    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(step_sizes)
-            == len(bias_correction2_sqrts) == n) or (amsgrad and len(max_exp_avg_sqs) != n):
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == n) or (
+            amsgrad and len(max_exp_avg_sqs) != n):
         raise ValueError("adam_step: the tensor lists must have the same length")
     _check_sr("adam_step", params, sr_keys)
     rows = [[params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]]
             + ([max_exp_avg_sqs[i]] if amsgrad else []) for i in range(n)]
     if check:
         _check("adam_step", rows, f32_state_from=2)
-    numels = [p.numel() for p in params]
     keys = [(p.dtype, m.dtype, p.get_device()) for p, m in zip(params, exp_avgs)]
-    for _, idx in _groups(keys, numels):
-        grows = [rows[i] for i in idx]
-        floats = np.zeros((len(idx), 3), dtype=np.float32)  # step_size, bc2, key bits
-        floats[:, 0] = [step_sizes[i] for i in idx]
-        floats[:, 1] = [bias_correction2_sqrts[i] for i in idx]
-        if sr_keys is not None:
-            floats[:, 2] = _key_bits([sr_keys[i] for i in idx])
-        meta, fmeta, grid, log_p, aligned = _tables(grows, [numels[i] for i in idx], floats)
-        with _device_ctx(params[idx[0]].device):
-            _adam_kernel[(grid,)](
-                meta, fmeta, grows[0][0], grows[0][2], len(idx),
+    return Prepared(rows, keys, 3)
+
+
+def adam_launch(prepared: Prepared, grad_ptrs, step_sizes, bias_correction2_sqrts, *, beta2,
+                eps, weight_decay, decoupled, amsgrad, maximize, inv_grad_scale, decay,
+                one_minus_beta1, one_minus_beta2, sr_keys=None) -> None:
+    """The launches of adam_prepare's tensors, with the gradients at grad_ptrs (None: those
+    it was prepared with). Other arguments as adam_step's."""
+    if len(step_sizes) != prepared.size or len(bias_correction2_sqrts) != prepared.size:
+        raise ValueError("adam_step: the tensor lists must have the same length")
+    floats = np.zeros((prepared.size, 3), dtype=np.float32)  # step_size, bc2, key bits
+    floats[:, 0] = step_sizes
+    floats[:, 1] = bias_correction2_sqrts
+    if sr_keys is not None:
+        floats[:, 2] = _key_bits(sr_keys)
+    for g, meta, fmeta, aligned in prepared.launches(grad_ptrs, floats):
+        with _device_ctx(g.device):
+            _adam_kernel[(g.grid,)](
+                meta, fmeta, g.typed[0], g.typed[1], len(g.idx),
                 float(beta2), float(eps), float(weight_decay), float(decay),
                 float(one_minus_beta1), float(one_minus_beta2), float(inv_grad_scale),
                 -1.0 if maximize else 1.0,
-                LOG_P=log_p, DECOUPLED=bool(decoupled), AMSGRAD=bool(amsgrad),
+                LOG_P=g.log_p, DECOUPLED=bool(decoupled), AMSGRAD=bool(amsgrad),
                 ALIGNED=aligned, BLOCK=BLOCK, SR=sr_keys is not None, num_warps=NUM_WARPS,
                 enable_fp_fusion=False)
 
@@ -485,6 +542,16 @@ def sgd_step(params, grads, momentum_buffers, first_steps, *, lr, momentum, damp
     """One SGD step over lists of contiguous tensors (updated in place). momentum_buffers:
     None entries when momentum == 0; first_steps[i]: the buffer is written from the gradient
     (its contents are not read). check, sr_keys: as adam_step's."""
+    prepared = sgd_prepare(params, grads, momentum_buffers, first_steps, momentum=momentum,
+                           check=check, sr_keys=sr_keys)
+    sgd_launch(prepared, None, lr=lr, momentum=momentum, weight_decay=weight_decay,
+               nesterov=nesterov, maximize=maximize, inv_grad_scale=inv_grad_scale,
+               one_minus_dampening=one_minus_dampening, sr_keys=sr_keys)
+
+
+def sgd_prepare(params, grads, momentum_buffers, first_steps, *, momentum, check=True,
+                sr_keys=None) -> Prepared:
+    """sgd_step's launches over these tensors (sgd_launch runs them)."""
     n = len(params)
     use_mom = float(momentum) != 0.0
     if not (len(grads) == len(first_steps) == n) or (use_mom and len(momentum_buffers) != n):
@@ -493,18 +560,24 @@ def sgd_step(params, grads, momentum_buffers, first_steps, *, lr, momentum, damp
     rows = [[params[i], grads[i]] + ([momentum_buffers[i]] if use_mom else []) for i in range(n)]
     if check:
         _check("sgd_step", rows)
-    numels = [p.numel() for p in params]
     keys = [(p.dtype, p.get_device(), bool(f) and use_mom) for p, f in zip(params, first_steps)]
-    for (_, _, first), idx in _groups(keys, numels):
-        grows = [rows[i] for i in idx]
-        floats = _key_bits([sr_keys[i] for i in idx]) if sr_keys is not None else None
-        meta, fmeta, grid, log_p, aligned = _tables(grows, [numels[i] for i in idx], floats)
-        with _device_ctx(params[idx[0]].device):
-            _sgd_kernel[(grid,)](
-                meta, fmeta if fmeta is not None else meta, grows[0][0], len(idx), float(lr),
+    return Prepared(rows, keys, 1 if sr_keys is not None else 0)
+
+
+def sgd_launch(prepared: Prepared, grad_ptrs, *, lr, momentum, weight_decay, nesterov,
+               maximize, inv_grad_scale, one_minus_dampening, sr_keys=None) -> None:
+    """The launches of sgd_prepare's tensors, with the gradients at grad_ptrs (None: those it
+    was prepared with). Other arguments as sgd_step's."""
+    use_mom = float(momentum) != 0.0
+    floats = _key_bits(sr_keys)[:, None] if sr_keys is not None else None
+    for g, meta, fmeta, aligned in prepared.launches(grad_ptrs, floats):
+        first = g.key[2]
+        with _device_ctx(g.device):
+            _sgd_kernel[(g.grid,)](
+                meta, fmeta if fmeta is not None else meta, g.typed[0], len(g.idx), float(lr),
                 float(weight_decay), float(momentum), float(one_minus_dampening),
                 float(inv_grad_scale), -1.0 if maximize else 1.0,
-                LOG_P=log_p, MOMENTUM=use_mom, FIRST=first, NESTEROV=bool(nesterov),
+                LOG_P=g.log_p, MOMENTUM=use_mom, FIRST=first, NESTEROV=bool(nesterov),
                 ALIGNED=aligned, BLOCK=BLOCK, SR=sr_keys is not None, num_warps=NUM_WARPS,
                 enable_fp_fusion=False)
 
@@ -516,9 +589,18 @@ def adam8bit_step(params, grads, exp_avg_codes, exp_avg_sq_codes, exp_avg_scales
     """One AdamW step with 8-bit moments (llmkernels.optim.AdamW8bit's state: int8 / uint8
     codes and float32 per-256 block scales, all contiguous) over lists of tensors, updated in
     place. Other arguments as adam_step's; weight decay enters through decay = 1 - lr * wd."""
+    prepared = adam8bit_prepare(params, grads, exp_avg_codes, exp_avg_sq_codes, exp_avg_scales,
+                                exp_avg_sq_scales, check=check)
+    adam8bit_launch(prepared, None, step_sizes, bias_correction2_sqrts, beta2=beta2, eps=eps,
+                    maximize=maximize, inv_grad_scale=inv_grad_scale, decay=decay,
+                    one_minus_beta1=one_minus_beta1, one_minus_beta2=one_minus_beta2)
+
+
+def adam8bit_prepare(params, grads, exp_avg_codes, exp_avg_sq_codes, exp_avg_scales,
+                     exp_avg_sq_scales, *, check=True) -> Prepared:
+    """adam8bit_step's launches over these tensors (adam8bit_launch runs them)."""
     n = len(params)
-    lists = (grads, exp_avg_codes, exp_avg_sq_codes, exp_avg_scales, exp_avg_sq_scales,
-             step_sizes, bias_correction2_sqrts)
+    lists = (grads, exp_avg_codes, exp_avg_sq_codes, exp_avg_scales, exp_avg_sq_scales)
     if any(len(x) != n for x in lists):
         raise ValueError("adam8bit_step: the tensor lists must have the same length")
     if check:
@@ -535,16 +617,25 @@ def adam8bit_step(params, grads, exp_avg_codes, exp_avg_sq_codes, exp_avg_scales
                                      f"{dtype} of {size} elements on the parameter's device")
     rows = [[params[i], grads[i], exp_avg_codes[i], exp_avg_sq_codes[i], exp_avg_scales[i],
              exp_avg_sq_scales[i]] for i in range(n)]
-    numels = [p.numel() for p in params]
     keys = [(p.dtype, p.get_device()) for p in params]
-    for _, idx in _groups(keys, numels):
-        meta, fmeta, grid, log_p, _ = _tables(
-            [rows[i] for i in idx], [numels[i] for i in idx],
-            [(step_sizes[i], bias_correction2_sqrts[i]) for i in idx], block=ROWS8 * BLOCK8)
-        with _device_ctx(params[idx[0]].device):
-            _adam8bit_kernel[(grid,)](
-                meta, fmeta, params[idx[0]], len(idx), float(beta2), float(eps), float(decay),
+    return Prepared(rows, keys, 2, block=ROWS8 * BLOCK8)
+
+
+def adam8bit_launch(prepared: Prepared, grad_ptrs, step_sizes, bias_correction2_sqrts, *,
+                    beta2, eps, maximize, inv_grad_scale, decay, one_minus_beta1,
+                    one_minus_beta2) -> None:
+    """The launches of adam8bit_prepare's tensors, with the gradients at grad_ptrs (None:
+    those it was prepared with). Other arguments as adam8bit_step's."""
+    if len(step_sizes) != prepared.size or len(bias_correction2_sqrts) != prepared.size:
+        raise ValueError("adam8bit_step: the tensor lists must have the same length")
+    floats = np.empty((prepared.size, 2), dtype=np.float32)
+    floats[:, 0] = step_sizes
+    floats[:, 1] = bias_correction2_sqrts
+    for g, meta, fmeta, _ in prepared.launches(grad_ptrs, floats):
+        with _device_ctx(g.device):
+            _adam8bit_kernel[(g.grid,)](
+                meta, fmeta, g.typed[0], len(g.idx), float(beta2), float(eps), float(decay),
                 float(one_minus_beta1), float(one_minus_beta2),
-                -float(inv_grad_scale) if maximize else float(inv_grad_scale), LOG_P=log_p,
+                -float(inv_grad_scale) if maximize else float(inv_grad_scale), LOG_P=g.log_p,
                 ROWS=ROWS8, BLOCK8=BLOCK8,
                 num_warps=NUM_WARPS8, enable_fp_fusion=False)

@@ -25,8 +25,8 @@ def test_triton_matches_the_cpu_kernel_bit_for_bit(dtype, maximize, monkeypatch)
                     "comparison; test_triton_step_is_close_to_adamw still runs")
     from llmkernels.kernels import optim as ko
     launches = []
-    real = ko.adam8bit_step
-    monkeypatch.setattr(ko, "adam8bit_step", lambda *a, **k: launches.append(1) or real(*a, **k))
+    real = ko.adam8bit_launch  # every step's launches, full or planned (optim/_plan.py)
+    monkeypatch.setattr(ko, "adam8bit_launch", lambda *a, **k: launches.append(1) or real(*a, **k))
     # one block, a partial block, several programs with a ragged end, a 2-D tensor, and two
     # under min_8bit_size (float32 moments, also for 16-bit parameters: Triton's Adam kernel)
     sizes = [(256,), (700,), (8 * 256 * 2 + 300,), (33, 65), (100,), (7, 3)]

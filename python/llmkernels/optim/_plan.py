@@ -72,6 +72,7 @@ class Plan:
         self.kinds: Dict[Tuple[str, ...], List[int]] = {}  # parameters by their state keys
         for i, keys in enumerate(self.state_keys):
             self.kinds.setdefault(keys, []).append(i)
+        self.triton = {}  # kernels.optim Prepared launches, by the optimizer's name for them
         self.hits = 0  # steps served
         self.misses = 0  # steps since it stopped serving (see worth_building)
 
@@ -117,6 +118,9 @@ def _flat(t: torch.Tensor):
     return (t.data_ptr(), DTYPE_CODES[t.dtype], (t.numel(),), _ONE)
 
 
+KERNEL_PATHS = {"cpu", "cuda", "triton"}
+
+
 def serve(optimizer: torch.optim.Optimizer, group: dict, params: List[torch.Tensor],
           kinds: Sequence[Tuple[str, ...]]) -> Optional[Tuple[Plan, list, list]]:
     """(plan, parameter views, gradient views) if the group's plan describes params and the
@@ -132,9 +136,9 @@ def serve(optimizer: torch.optim.Optimizer, group: dict, params: List[torch.Tens
 def after_full_step(optimizer: torch.optim.Optimizer, group: dict, params: List[torch.Tensor],
                     state_keys: Sequence[Tuple[str, ...]], paths: set) -> None:
     """After a full step over params on paths (every kernel call's path): a plan for the next
-    steps if one kernel, C++ or CUDA, took every tensor (plans hold no DTensor shards: those
-    are new objects every step)."""
-    if (len(paths) == 1 and paths <= {"cpu", "cuda"} and not _fused.has_dtensor(params)
+    steps if one kernel path, C++, CUDA or Triton, took every tensor (plans hold no DTensor
+    shards: those are new objects every step)."""
+    if (len(paths) == 1 and paths <= KERNEL_PATHS and not _fused.has_dtensor(params)
             and worth_building(optimizer, group)):
         remember(optimizer, group, Plan(optimizer, group, params, state_keys))
 

@@ -82,7 +82,7 @@ class _FusedAdam(torch.optim.Optimizer):
             state_keys = _STATE_KEYS[amsgrad]
             served = _plan.serve(self, group, params, (state_keys,))
             path = _fused.choose_path(params, True, sr) if served is not None else None
-            if path in ("cpu", "cuda"):  # the tensors of the last step: views kept (_plan.py)
+            if path in _plan.KERNEL_PATHS:  # the tensors of the last step: views kept (_plan.py)
                 plan, param_views, grad_views = served
                 states = plan.states
                 views = [(pv, gv, *sv) + (() if amsgrad else (None,)) for pv, gv, sv
@@ -95,6 +95,10 @@ class _FusedAdam(torch.optim.Optimizer):
             seed = group.get("seed", 0)
             keys = ([_fused.sr_key(seed, int(step), index)
                      for index, step in enumerate(step_values)] if sr else [0] * len(states))
+            if path == "triton":
+                adam_triton_planned(plan, "adam", list(range(len(params))), grad_views,
+                                    corrections, keys, **hyper)
+                continue
             if path in ("cpu", "cuda"):
                 adam_native(path, params[0].device, views, corrections, keys, **hyper)
                 continue
@@ -146,6 +150,27 @@ def adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, correctio
                            maximize=maximize, step_size=step_size, bias_correction2_sqrt=bc2,
                            inv_grad_scale=inv_scale, sr_key=key if sr else None)
     return path
+
+
+def adam_triton_planned(plan, name, idx, grad_views, corrections, keys, *, lr, beta1, beta2,
+                        eps, weight_decay, decoupled, amsgrad, maximize, inv_scale, sr):
+    """The Triton Adam step of a plan's parameters idx (their tables kept in the plan under
+    name: only the gradients' pointers and the floats are written)."""
+    kernels = _fused.triton_optim()
+    prepared = plan.triton.get(name)
+    if prepared is None:
+        states = [plan.states[i] for i in idx]
+        prepared = plan.triton[name] = kernels.adam_prepare(
+            [plan.params[i] for i in idx], [plan.params[i].grad for i in idx],
+            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s.get("max_exp_avg_sq") for s in states], amsgrad=amsgrad, check=False,
+            sr_keys=[keys[i] for i in idx] if sr else None)
+    kernels.adam_launch(
+        prepared, [grad_views[i][0] for i in idx], [corrections[i][0] for i in idx],
+        [corrections[i][1] for i in idx], beta2=beta2, eps=eps, weight_decay=weight_decay,
+        decoupled=decoupled, amsgrad=amsgrad, maximize=maximize, inv_grad_scale=inv_scale,
+        decay=1.0 - lr * weight_decay, one_minus_beta1=1.0 - beta1,
+        one_minus_beta2=1.0 - beta2, sr_keys=[keys[i] for i in idx] if sr else None)
 
 
 def adam_native(path, device, views, corrections, keys, *, lr, beta1, beta2, eps, weight_decay,

@@ -23,7 +23,7 @@ import torch
 
 from .. import backends
 from . import _fused, _plan
-from .adam import adam_native, adam_reference, adam_update
+from .adam import adam_native, adam_reference, adam_triton_planned, adam_update
 
 BLOCK = 256
 
@@ -164,6 +164,25 @@ def _eight_bit_native(path, device, items, *, lr, beta1, beta2, eps, weight_deca
                        inv_scale, 1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2)
 
 
+def _eight_bit_triton_planned(plan, idx, grad_views, corrections, *, lr, beta1, beta2, eps,
+                              weight_decay, maximize, inv_scale) -> None:
+    """The Triton 8-bit step of a plan's parameters idx (tables kept in the plan)."""
+    kernels = _fused.triton_optim()
+    prepared = plan.triton.get("eight")
+    if prepared is None:
+        params = [plan.params[i] for i in idx]
+        states = [plan.states[i] for i in idx]
+        prepared = plan.triton["eight"] = kernels.adam8bit_prepare(
+            params, [p.grad for p in params], *([s[key] for s in states] for key in (
+                "exp_avg_codes", "exp_avg_sq_codes", "exp_avg_scales", "exp_avg_sq_scales")),
+            check=False)
+    kernels.adam8bit_launch(
+        prepared, [grad_views[i][0] for i in idx], [corrections[i][0] for i in idx],
+        [corrections[i][1] for i in idx], beta2=beta2, eps=eps, maximize=maximize,
+        inv_grad_scale=inv_scale, decay=1.0 - lr * weight_decay, one_minus_beta1=1.0 - beta1,
+        one_minus_beta2=1.0 - beta2)
+
+
 class AdamW8bit(torch.optim.Optimizer):
     """torch.optim.AdamW's arguments and update, with 8-bit block-wise moments."""
     _step_supports_amp_scaling = True
@@ -273,7 +292,7 @@ class AdamW8bit(torch.optim.Optimizer):
         if served is None:
             return False
         path = _fused.choose_path(params, True, False)
-        if path not in ("cpu", "cuda"):
+        if path not in _plan.KERNEL_PATHS:
             return False
         plan, param_views, grad_views = served
         state_views = plan.state_views
@@ -281,12 +300,20 @@ class AdamW8bit(torch.optim.Optimizer):
                                        hyper["lr"], hyper["beta1"], hyper["beta2"])
         device = params[0].device
         small = plan.kinds.get(_SMALL_KEYS)
+        eight = plan.kinds.get(_EIGHT_BIT_KEYS)
+        if path == "triton":
+            if small:
+                adam_triton_planned(plan, "small", small, grad_views, corr, [0] * len(corr),
+                                    decoupled=True, amsgrad=False, sr=False, **hyper)
+            if eight:
+                _eight_bit_triton_planned(plan, eight, grad_views, corr, **hyper)
+            plan.hits += 1
+            return True
         if small:
             adam_native(path, device,
                         [(param_views[i], grad_views[i], *state_views[i], None) for i in small],
                         [corr[i] for i in small], [0] * len(small), decoupled=True,
                         amsgrad=False, sr=False, **hyper)
-        eight = plan.kinds.get(_EIGHT_BIT_KEYS)
         if eight:
             _eight_bit_native(path, device, [(param_views[i], grad_views[i], *state_views[i],
                                               *corr[i]) for i in eight], **hyper)

@@ -72,9 +72,12 @@ class SGD(torch.optim.Optimizer):
             served = (None if sr else
                       _plan.serve(self, group, params, (("momentum_buffer",) if momentum else (),)))
             path = _fused.choose_path(params, True, False) if served is not None else None
-            if path in ("cpu", "cuda"):
+            if path in _plan.KERNEL_PATHS:
                 plan, param_views, grad_views = served
                 plan.hits += 1
+                if path == "triton":
+                    _sgd_triton_planned(plan, grad_views, *hyper)
+                    continue
                 buf_views = ([sv[0] for sv in plan.state_views] if momentum
                              else [None] * len(params))
                 items = [(pv, gv, bv, False, 0)
@@ -110,6 +113,7 @@ class SGD(torch.optim.Optimizer):
             elif path in ("cpu", "cuda"):
                 items = [(*views_of, f, key) for views_of, f, key in zip(views, firsts, keys)]
                 _sgd_native(path, params[0].device, items, *hyper, sr=sr)
+            if path in _plan.KERNEL_PATHS:
                 if not sr:
                     _plan.after_full_step(
                         self, group, group_params,
@@ -121,6 +125,23 @@ class SGD(torch.optim.Optimizer):
                                   nesterov=group["nesterov"], maximize=group["maximize"],
                                   inv_grad_scale=inv_scale, sr_key=key if sr else None)
         return loss
+
+
+def _sgd_triton_planned(plan, grad_views, lr, momentum, dampening, wd, nesterov, maximize,
+                        inv_scale) -> None:
+    """The Triton SGD step of a plan's parameters (tables kept in the plan; every momentum
+    buffer exists, so no first step)."""
+    kernels = _fused.triton_optim()
+    prepared = plan.triton.get("sgd")
+    if prepared is None:
+        params = plan.params
+        bufs = [s["momentum_buffer"] for s in plan.states] if momentum else [None] * len(params)
+        prepared = plan.triton["sgd"] = kernels.sgd_prepare(
+            list(params), [p.grad for p in params], bufs, [False] * len(params),
+            momentum=momentum, check=False)
+    kernels.sgd_launch(prepared, [view[0] for view in grad_views], lr=lr, momentum=momentum,
+                       weight_decay=wd, nesterov=nesterov, maximize=maximize,
+                       inv_grad_scale=inv_scale, one_minus_dampening=1.0 - dampening)
 
 
 def _sgd_native(path, device, items, lr, momentum, dampening, wd, nesterov, maximize,
