@@ -166,3 +166,37 @@ def test_bfloat16_parameters(backend, monkeypatch):
         step_both(opt, opt_ref, monkeypatch)
         assert_same(ours, opt, ref, opt_ref)
     assert hits(opt) == 2
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adamw8bit", "sgd_momentum"])
+def test_two_param_groups(kind, monkeypatch):
+    """The usual decay / no-decay split: each group's plan serves from the third step on (the
+    first group's first plan saw only its own state)."""
+    ours, opt, ref, opt_ref = make_pair(kind)
+    for o, params in ((opt, ours), (opt_ref, ref)):
+        o.param_groups.clear()
+        o.state.clear()
+        o.add_param_group({"params": params[:2]})
+        o.add_param_group({"params": params[2:], "weight_decay": 0.0})
+    for step in range(5):
+        set_grads(ours, ref, step)
+        step_both(opt, opt_ref, monkeypatch)
+        assert_same(ours, opt, ref, opt_ref)
+    for group in opt.param_groups:
+        assert _plan.cached(opt, group).hits >= 2
+
+
+def test_plans_back_off_when_they_never_serve(monkeypatch):
+    """A group whose parameters get new storage every step builds few plans."""
+    ours, opt, ref, opt_ref = make_pair("adamw")
+    built = []
+    real = _plan.Plan
+    monkeypatch.setattr(_plan, "Plan", lambda *a: built.append(1) or real(*a))
+    kept = []  # old storage kept alive: no address comes back
+    for step in range(20):
+        kept.append(ours[0].data)
+        ours[0].data = ours[0].data.clone()
+        set_grads(ours, ref, step)
+        opt.step()
+    assert len(built) == 3  # the first step's, then two more (see worth_building)
+    assert _plan.cached(opt, opt.param_groups[0]).hits == 0

@@ -140,7 +140,11 @@ def after_full_step(optimizer: torch.optim.Optimizer, group: dict, params: List[
     shards: those are new objects every step)."""
     if (len(paths) == 1 and paths <= KERNEL_PATHS and not _fused.has_dtensor(params)
             and worth_building(optimizer, group)):
-        remember(optimizer, group, Plan(optimizer, group, params, state_keys))
+        old = cached(optimizer, group)
+        plan = Plan(optimizer, group, params, state_keys)
+        if old is not None and old.hits == 0:
+            plan.misses = old.misses  # the back-off goes on
+        remember(optimizer, group, plan)
 
 
 def cached(optimizer: torch.optim.Optimizer, group: dict) -> Optional[Plan]:
@@ -149,13 +153,15 @@ def cached(optimizer: torch.optim.Optimizer, group: dict) -> Optional[Plan]:
 
 def worth_building(optimizer: torch.optim.Optimizer, group: dict) -> bool:
     """Whether a full step should build a new plan: always if the group's last plan served a
-    step (or there is none), else once in 64 steps (a group whose tensors change every step,
-    e.g. FSDP2's shards, would pay for a plan it never uses)."""
+    step (or there is none); for plans that never served, twice more (a plan made at the
+    first step of the first of several groups sees a state map that the other groups' first
+    steps then extend), then once in 64 steps (a group whose tensors change every step would
+    pay for a plan it never uses)."""
     old = cached(optimizer, group)
     if old is None or old.hits > 0:
         return True
     old.misses += 1
-    return old.misses % 64 == 0
+    return old.misses <= 2 or old.misses % 64 == 0
 
 
 def remember(optimizer: torch.optim.Optimizer, group: dict, plan: Optional[Plan]) -> None:
