@@ -1,4 +1,5 @@
-"""A group's tensors as the C++ kernels take them (flat views), kept from one step to the next.
+"""A group's tensors as the kernels take them (flat views for the C++ and CUDA kernels, launch
+tables for Triton's), kept from one step to the next.
 
 A fused step's host work is reading tensor attributes: ~4 us a parameter in Python loops
 (pointer, dtype, size, contiguity and device of the parameter, its gradient and each state
@@ -9,7 +10,8 @@ parameters and of their state tensors; each step re-checks them with C-level loo
 tensor methods: no Python bytecode per tensor) and checks every gradient in full, so a step
 whose tensors changed in any way the kernels depend on (another parameter set, a parameter
 given new storage, dtype, size or layout, a state tensor replaced or given new storage, a
-load_state_dict) falls back to the full path, which builds a new plan.
+load_state_dict) falls back to the full path, which builds a new plan. The path itself is
+chosen every step (backends.py's rules: a forced backend is followed).
 """
 from __future__ import annotations
 
@@ -47,16 +49,15 @@ class Plan:
         self.numels = list(map(_T.numel, params))
         self.ptrs = list(map(_T.data_ptr, params))
         self.devices = list(map(_T.get_device, params))
-        self.param_views = [(ptr, DTYPE_CODES[dt], (n,), _ONE)
-                            for ptr, dt, n in zip(self.ptrs, self.dtypes, self.numels)]
+        self.codes = [DTYPE_CODES[dt] for dt in self.dtypes]
+        self.sizes = [(n,) for n in self.numels]
+        self.param_views = list(zip(self.ptrs, self.codes, self.sizes, repeat(_ONE)))
         self.states = [optimizer.state[p] for p in params]
         # The whole state map's keys and values as of now, compared by identity each step:
         # a state dict replaced or an entry removed shows there without hashing parameters
         # (Tensor.__hash__ is Python code: ~0.2 us a call).
         self.state_map_keys = list(optimizer.state)
         self.state_map_values = list(optimizer.state.values())
-        self.codes = [DTYPE_CODES[dt] for dt in self.dtypes]
-        self.sizes = [(n,) for n in self.numels]
         self.state_keys = [tuple(k) for k in state_keys]
         # Per key, the parameters that have it and their state tensors, checked together.
         self.by_key: Dict[str, Tuple[List[int], list, List[int], list]] = {}
