@@ -72,11 +72,6 @@ def read_sum(device: str):
     return lambda: x.sum()
 
 
-def read_bandwidth(device: str, min_run_time: float) -> float:
-    """GB/s of read_sum."""
-    return READ_BYTES / harness.time_fn(read_sum(device), device, min_run_time).median_s / 1e9
-
-
 def torch_int4pack(w: torch.Tensor, group: int, x: torch.Tensor, rotate_bytes: int):
     """torch's CPU int4 path for the same scheme (its own packing): a callable, or None."""
     try:
@@ -138,10 +133,10 @@ def main(argv=None) -> int:
 
     info = harness.machine_info(dev)
     print(harness.format_machine(info))
-    bw = read_bandwidth(dev, mrt)
+    reader = read_sum(dev)
+    bw = READ_BYTES / harness.time_fn(reader, dev, mrt).median_s / 1e9
     print(f"read bandwidth (float32 sum of 256 MiB): {bw:.1f} GB/s; each case's '% read bw' "
           "uses the sum timed in alternation with it\n", flush=True)
-    reader = read_sum(dev)
     torch.manual_seed(0)
     records: List[Dict] = []
     rows = []

@@ -123,15 +123,23 @@ KERNEL_PATHS = {"cpu", "cuda", "triton"}
 
 
 def serve(optimizer: torch.optim.Optimizer, group: dict, params: List[torch.Tensor],
-          kinds: Sequence[Tuple[str, ...]]) -> Optional[Tuple[Plan, list, list]]:
-    """(plan, parameter views, gradient views) if the group's plan describes params and the
-    state keys of its parameters are among kinds (the keys this step's settings use), else
-    None: the caller takes its full path."""
+          kinds: Sequence[Tuple[str, ...]], stochastic_rounding: bool = False
+          ) -> Optional[Tuple[str, Plan, list, list]]:
+    """(path, plan, parameter views, gradient views) for this step if the group's plan
+    describes params, the state keys of its parameters are among kinds (the keys this step's
+    settings use) and backends.py's rules pick a kernel path (counted as a hit), else None:
+    the caller takes its full path."""
     plan = cached(optimizer, group)
     if plan is None or not set(plan.kinds) <= set(kinds):
         return None
     views = plan.views(optimizer, group, params)
-    return None if views is None else (plan, *views)
+    if views is None:
+        return None
+    path = _fused.choose_path(params, True, stochastic_rounding)
+    if path not in KERNEL_PATHS:
+        return None
+    plan.hits += 1
+    return (path, plan, *views)
 
 
 def after_full_step(optimizer: torch.optim.Optimizer, group: dict, params: List[torch.Tensor],
@@ -165,15 +173,15 @@ def worth_building(optimizer: torch.optim.Optimizer, group: dict) -> bool:
     return old.misses <= 2 or old.misses % 64 == 0
 
 
-def remember(optimizer: torch.optim.Optimizer, group: dict, plan: Optional[Plan]) -> None:
-    plans = optimizer.__dict__.setdefault("_llmk_plans", {})
-    if plan is None:
-        plans.pop(id(group), None)
-    else:
-        plans[id(group)] = plan
+def remember(optimizer: torch.optim.Optimizer, group: dict, plan: Plan) -> None:
+    plans = optimizer.__dict__.get("_llmk_plans")
+    if plans is None:
+        plans = optimizer.__dict__["_llmk_plans"] = {}
+        # Plans hold the tensors they describe: after a load_state_dict the old state would
+        # stay alive until the next step. The hook goes with the plans (neither is pickled).
+        optimizer.register_load_state_dict_pre_hook(_forget_all)
+    plans[id(group)] = plan
 
 
-def forget_all(optimizer: torch.optim.Optimizer) -> None:
-    """Drops every plan (they hold the tensors they describe: after a load_state_dict the old
-    state would stay alive until the next step)."""
-    optimizer.__dict__.pop("_llmk_plans", None)
+def _forget_all(optimizer: torch.optim.Optimizer, state_dict) -> None:
+    optimizer.__dict__.get("_llmk_plans", {}).clear()

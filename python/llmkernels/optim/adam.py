@@ -80,14 +80,11 @@ class _FusedAdam(torch.optim.Optimizer):
                          decoupled=decoupled, amsgrad=amsgrad, maximize=group["maximize"],
                          inv_scale=inv_scale, sr=sr)
             state_keys = _STATE_KEYS[amsgrad]
-            served = _plan.serve(self, group, params, (state_keys,))
-            path = _fused.choose_path(params, True, sr) if served is not None else None
-            if path in _plan.KERNEL_PATHS:  # the tensors of the last step: views kept (_plan.py)
-                plan, param_views, grad_views = served
+            # the tensors of the last step: their views kept (_plan.py)
+            served = _plan.serve(self, group, params, (state_keys,), sr)
+            if served is not None:
+                path, plan, param_views, grad_views = served
                 states = plan.states
-                views = [(pv, gv, *sv) + (() if amsgrad else (None,)) for pv, gv, sv
-                         in zip(param_views, grad_views, plan.state_views)]
-                plan.hits += 1
             else:
                 states = [self._state_of(p, amsgrad) for p in params]
             step_values = _fused.advance_steps(self, group, states)
@@ -95,11 +92,13 @@ class _FusedAdam(torch.optim.Optimizer):
             seed = group.get("seed", 0)
             keys = ([_fused.sr_key(seed, int(step), index)
                      for index, step in enumerate(step_values)] if sr else [0] * len(states))
-            if path == "triton":
+            if served is not None and path == "triton":
                 adam_triton_planned(plan, "adam", list(range(len(params))), grad_views,
                                     corrections, keys, **hyper)
                 continue
-            if path in ("cpu", "cuda"):
+            if served is not None:
+                views = [(pv, gv, *sv) + (() if amsgrad else (None,)) for pv, gv, sv
+                         in zip(param_views, grad_views, plan.state_views)]
                 adam_native(path, params[0].device, views, corrections, keys, **hyper)
                 continue
             path = adam_update(params, [p.grad for p in params], [s["exp_avg"] for s in states],
@@ -108,10 +107,6 @@ class _FusedAdam(torch.optim.Optimizer):
                                corrections, keys, **hyper)
             _plan.after_full_step(self, group, params, [state_keys] * len(params), {path})
         return loss
-
-    def load_state_dict(self, state_dict) -> None:
-        _plan.forget_all(self)  # plans hold the old state tensors
-        super().load_state_dict(state_dict)
 
 
 # The state tensors the kernels take, by amsgrad.

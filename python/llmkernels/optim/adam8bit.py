@@ -222,7 +222,6 @@ class AdamW8bit(torch.optim.Optimizer):
         """torch's, except that 8-bit codes, scales and float32 moments keep their dtypes
         (torch casts every state tensor to its parameter's dtype: bf16 scales would lose bits),
         and codes of an older format are converted."""
-        _plan.forget_all(self)
         kept = {key: {k: v for k, v in st.items() if isinstance(v, torch.Tensor) and k != "step"}
                 for key, st in state_dict["state"].items()}
         # Saved keys map to parameters by position, as in torch's load_state_dict (ints from
@@ -286,15 +285,12 @@ class AdamW8bit(torch.optim.Optimizer):
         return loss
 
     def _planned_step(self, group, params, hyper) -> bool:
-        """The step of a group whose tensors are those of its plan (_plan.py), on the C++ or
-        CUDA kernels; False (nothing done) when the plan does not serve."""
+        """The step of a group whose tensors are those of its plan (_plan.py), on the C++, CUDA
+        or Triton kernels; False (nothing done) when the plan does not serve."""
         served = _plan.serve(self, group, params, (_SMALL_KEYS, _EIGHT_BIT_KEYS))
         if served is None:
             return False
-        path = _fused.choose_path(params, True, False)
-        if path not in _plan.KERNEL_PATHS:
-            return False
-        plan, param_views, grad_views = served
+        path, plan, param_views, grad_views = served
         state_views = plan.state_views
         corr = _fused.bias_corrections(_fused.advance_steps(self, group, plan.states),
                                        hyper["lr"], hyper["beta1"], hyper["beta2"])
@@ -307,7 +303,6 @@ class AdamW8bit(torch.optim.Optimizer):
                                     decoupled=True, amsgrad=False, sr=False, **hyper)
             if eight:
                 _eight_bit_triton_planned(plan, eight, grad_views, corr, **hyper)
-            plan.hits += 1
             return True
         if small:
             adam_native(path, device,
@@ -317,7 +312,6 @@ class AdamW8bit(torch.optim.Optimizer):
         if eight:
             _eight_bit_native(path, device, [(param_views[i], grad_views[i], *state_views[i],
                                               *corr[i]) for i in eight], **hyper)
-        plan.hits += 1
         return True
 
     def _eight_bit_update(self, group, eight, hyper) -> str:

@@ -47,10 +47,6 @@ class SGD(torch.optim.Optimizer):
             group.setdefault("stochastic_rounding", False)
             group.setdefault("seed", 0)
 
-    def load_state_dict(self, state_dict) -> None:
-        _plan.forget_all(self)  # plans hold the old momentum buffers
-        super().load_state_dict(state_dict)
-
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale: Optional[torch.Tensor] = None,
              found_inf: Optional[torch.Tensor] = None):
@@ -69,12 +65,10 @@ class SGD(torch.optim.Optimizer):
             hyper = (lr, momentum, dampening, wd, group["nesterov"], group["maximize"], inv_scale)
             # The tensors of the last step: views kept (_plan.py). Not with stochastic rounding,
             # whose per-tensor step counts are state entries updated in Python anyway.
-            served = (None if sr else
-                      _plan.serve(self, group, params, (("momentum_buffer",) if momentum else (),)))
-            path = _fused.choose_path(params, True, False) if served is not None else None
-            if path in _plan.KERNEL_PATHS:
-                plan, param_views, grad_views = served
-                plan.hits += 1
+            state_keys = ("momentum_buffer",) if momentum else ()
+            served = None if sr else _plan.serve(self, group, params, (state_keys,))
+            if served is not None:
+                path, plan, param_views, grad_views = served
                 if path == "triton":
                     _sgd_triton_planned(plan, grad_views, *hyper)
                     continue
@@ -113,17 +107,15 @@ class SGD(torch.optim.Optimizer):
             elif path in ("cpu", "cuda"):
                 items = [(*views_of, f, key) for views_of, f, key in zip(views, firsts, keys)]
                 _sgd_native(path, params[0].device, items, *hyper, sr=sr)
-            if path in _plan.KERNEL_PATHS:
-                if not sr:
-                    _plan.after_full_step(
-                        self, group, group_params,
-                        [("momentum_buffer",) if momentum else ()] * len(params), {path})
             else:
                 for p, g, b, f, key in zip(params, grads, bufs, firsts, keys):
                     sgd_reference(p, g, b, f, lr=lr, momentum=momentum,
                                   dampening=dampening, weight_decay=wd,
                                   nesterov=group["nesterov"], maximize=group["maximize"],
                                   inv_grad_scale=inv_scale, sr_key=key if sr else None)
+            if not sr:
+                _plan.after_full_step(self, group, group_params,
+                                      [state_keys] * len(params), {path})
         return loss
 
 
