@@ -96,6 +96,15 @@ fi
   > "$OUT/build_info.json" 2> "$OUT/build_info.err" || log "build_info FAILED: see $OUT/build_info.err"
 log "build_info: $(cut -c1-400 "$OUT/build_info.json" 2>/dev/null)"
 
+# The host CPU first (seconds): the GPU machines' Xeons have AMX, the amx tier's only hardware
+# so far. Without AMX the same tests run the tiles' software model.
+HOST_AMX=0
+grep -qw amx_bf16 /proc/cpuinfo 2>/dev/null && HOST_AMX=1
+log "host CPU: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2-) (amx_bf16: $HOST_AMX)"
+step cpu_amx_tests "$TEST_TIMEOUT" "$PY" -m pytest tests/test_attention.py tests/test_backends.py \
+  -k amx -q -p no:cacheprovider -rfEs
+show 3 "$OUT/cpu_amx_tests.log"
+
 # Two groups, each its own step, so that one timing out keeps the other's results.
 GPU_TESTS_ATTENTION="tests/test_attention_gpu.py tests/test_attention_varlen.py \
   tests/test_attention_kvcache.py tests/test_attention_band.py tests/test_custom_ops_gpu.py"
@@ -164,6 +173,15 @@ if [ "$HAVE_GPU" = 1 ] && [ "$STEPS" != tests ]; then
     --ours-backend cuda --paths ours,sdpa --dtypes bf16 --head-dims 128 --seqlens "${BENCH_SEQLENS:-4096}" \
     --batch "${BENCH_BATCH:-4}" --heads "${BENCH_HEADS:-16}" --min-run-time 0.1 --json "$OUT/attention_gpu_cuda.json"
   show 12 "$OUT/attention_bench_cuda.log"
+fi
+if [ "$HOST_AMX" = 1 ]; then
+  # Issue 3's bf16 target on two cores of the host (tiers alternate: amx, then avx512_bf16).
+  for tier in amx avx512_bf16; do
+    step "cpu_attention_$tier" "$BENCH_TIMEOUT" env OMP_NUM_THREADS=2 taskset -c 0,1 "$PY" \
+      benchmarks/attention.py --device cpu --cpu-tier "$tier" --dtypes bf16 --head-dims 64 \
+      --seqlens 2048 --heads 16 --paths ours,sdpa --min-run-time 0.2 --json "$OUT/attention_cpu_$tier.json"
+    show 8 "$OUT/cpu_attention_$tier.log"
+  done
 fi
 if [ "$HAVE_GPU" = 0 ]; then
   log "gpu_tests, sanitizer: skipped (no GPU); GPU test files run on the CPU (Triton interpreted)"

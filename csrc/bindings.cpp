@@ -12,6 +12,7 @@
 #include "common/cpu_features.h"
 #include "common/tensor_view.h"
 #include "common/thread_pool.h"
+#include "cpu/amx_tiles.h"
 #include "cpu/attention.h"
 #include "cpu/optim.h"
 #include "cpu/quant_matmul.h"
@@ -68,7 +69,7 @@ TensorView to_view(const py::handle& obj, const char* name) {
 }
 
 CpuTier to_tier(int tier) {
-  LLMK_CHECK(tier >= 0 && tier <= int(CpuTier::avx512_bf16), "unknown CPU tier " << tier);
+  LLMK_CHECK(tier >= 0 && tier <= int(CpuTier::amx), "unknown CPU tier " << tier);
   return CpuTier(tier);
 }
 
@@ -128,6 +129,10 @@ py::dict build_info() {
   info["cpu_tiers_built"] = built;
   info["cpu_tiers_supported"] = supported_tiers();
   info["cpu_tier_best"] = tier_name(best_tier());
+  std::string amx_why;
+  info["amx_hardware"] = amx::hardware_usable(&amx_why);
+  info["amx_hardware_why_not"] = amx_why;
+  info["amx_emulated"] = tier_supported(CpuTier::amx) && amx::emulated();
 #ifdef LLMK_WITH_CUDA
   info["cuda_built"] = true;
   info["cuda_archs"] = std::string(LLMK_CUDA_ARCHS);
@@ -266,6 +271,11 @@ std::vector<SgdTensor> sgd_tensors(const py::list& tensors) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "llmkernels compiled kernels (torch-free views; see python/llmkernels/_cview.py)";
   m.def("build_info", &build_info);
+  m.def("amx_forked_self_check", [](bool request_permission) {
+    std::string why;
+    const bool ok = amx::forked_self_check(request_permission, &why);
+    return py::make_tuple(ok, why);
+  }, "Run the AMX tile self-check in a forked child: (passed, why not).");
   m.def("use_openmp_runtime", [](const std::string& path) { return use_openmp_runtime(path.c_str()); },
         "Run parallel loops on the OpenMP runtime loaded from path ('' = our own pool)");
   m.def("threading_runtime", [] { return std::string(threading_runtime()); });

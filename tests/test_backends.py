@@ -1,6 +1,7 @@
 """Path selection: automatic choice, forcing (keyword, context manager, environment),
 explain(), build_info(), CPU tiers."""
 import json
+import sys
 
 import pytest
 import torch
@@ -86,7 +87,7 @@ def test_build_info_is_complete_and_serializable():
     json.dumps(info)
     assert info["version"] == llmkernels.__version__
     assert info["paths"]["cpu"] is True and info["paths"]["reference"] is True
-    assert set(info["cpu"]["tiers_built"]) == {"avx512_bf16", "avx512", "avx2", "generic"}
+    assert set(info["cpu"]["tiers_built"]) == {"amx", "avx512_bf16", "avx512", "avx2", "generic"}
     assert info["cpu"]["tier_in_use"] in info["cpu"]["tiers_supported"]
     assert "available" in info["triton"]
     if info["paths"]["cuda"]:
@@ -103,3 +104,35 @@ def test_empty_cache_frees_and_kernel_still_runs():
     a = sdpa(q, k, v, backend="cpu")
     llmkernels.empty_cache()
     torch.testing.assert_close(sdpa(q, k, v, backend="cpu"), a, atol=0, rtol=0)
+
+
+def test_amx_tier_is_hardware_where_the_cpu_has_it_and_never_best_when_emulated():
+    info = llmkernels.build_info()["cpu"]
+    feats = info["features"]
+    if feats.get("amx_tile") and feats.get("amx_bf16") and sys.platform == "linux":
+        # The hardware passed the self-check (a tile product against the software model).
+        assert info["amx"] == "hardware"
+        assert backends.supported_cpu_tiers()[0] == "amx"
+    elif "amx" in info["tiers_supported"]:
+        assert info["amx"].startswith("emulated")
+        assert backends.cpu_tier() != "amx"  # the software model is never chosen by default
+        with llmkernels.use_cpu_tier("amx"):
+            q, k, v = qkv()
+            assert "emulated" in str(llmkernels.explain(sdpa, q, k, v))
+    else:
+        assert info["amx"].startswith("unavailable")
+
+
+@pytest.mark.skipif(sys.platform != "linux" or backends.native_module() is None,
+                    reason="the self-check forks on Linux only")
+def test_amx_self_check_survives_a_cpu_that_faults():
+    """The tile instructions first run in a forked child: where they fault (no AMX), the child
+    dies of SIGILL and the caller gets the reason instead of crashing."""
+    import signal
+    feats = llmkernels.build_info()["cpu"]["features"]
+    passed, why = backends.native_module().amx_forked_self_check(False)
+    if feats.get("amx_tile") and feats.get("amx_bf16"):
+        # Tiles need the permission first; without it Linux faults them like a missing unit.
+        assert passed or f"signal {int(signal.SIGILL)}" in why, why
+    else:
+        assert not passed and f"signal {int(signal.SIGILL)}" in why, why

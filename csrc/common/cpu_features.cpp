@@ -1,5 +1,7 @@
 #include "cpu_features.h"
 
+#include "../cpu/amx_tiles.h"
+
 #include <cstdint>
 #include <cstring>
 
@@ -82,6 +84,7 @@ const CpuFeatures& cpu_features() {
 
 const char* tier_name(CpuTier t) {
   switch (t) {
+    case CpuTier::amx: return "amx";
     case CpuTier::avx512_bf16: return "avx512_bf16";
     case CpuTier::avx512: return "avx512";
     case CpuTier::avx2: return "avx2";
@@ -99,6 +102,9 @@ bool tier_supported(CpuTier t) {
       return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.fma && f.f16c;
     case CpuTier::avx512_bf16:  // its files also use AVX512-VNNI (all BF16 CPUs have it)
       return tier_supported(CpuTier::avx512) && f.avx512_bf16 && f.avx512_vnni;
+    case CpuTier::amx:
+      return tier_supported(CpuTier::avx512_bf16) &&
+             (amx::hardware_usable(nullptr) || amx::emulation_requested());
 #endif
     default: return false;
   }
@@ -106,7 +112,7 @@ bool tier_supported(CpuTier t) {
 
 CpuTier best_tier() {
   for (CpuTier t : kAllTiers)
-    if (tier_supported(t)) return t;
+    if (tier_supported(t) && !(t == CpuTier::amx && amx::emulated())) return t;
   return CpuTier::generic;
 }
 

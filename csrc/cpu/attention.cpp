@@ -121,6 +121,7 @@ void set_attention_round_bytes(int64_t bytes) { g_round_bytes.store(bytes > 0 ? 
 int64_t attention_forward_workspace_bytes(CpuTier tier, const AttentionParams& p0) {
   const AttentionParams p = with_round(p0);
   switch (checked(tier)) {
+    case CpuTier::amx: return attn_amx::forward_workspace_bytes(p);
     case CpuTier::avx512_bf16: return attn_avx512bf16::forward_workspace_bytes(p);
     case CpuTier::avx512: return attn_avx512::forward_workspace_bytes(p);
     case CpuTier::avx2: return attn_avx2::forward_workspace_bytes(p);
@@ -131,6 +132,7 @@ int64_t attention_forward_workspace_bytes(CpuTier tier, const AttentionParams& p
 int64_t attention_backward_workspace_bytes(CpuTier tier, const AttentionParams& p0) {
   const AttentionParams p = with_round(p0);
   switch (checked(tier)) {
+    case CpuTier::amx: return attn_amx::backward_workspace_bytes(p);
     case CpuTier::avx512_bf16: return attn_avx512bf16::backward_workspace_bytes(p);
     case CpuTier::avx512: return attn_avx512::backward_workspace_bytes(p);
     case CpuTier::avx2: return attn_avx2::backward_workspace_bytes(p);
@@ -142,6 +144,7 @@ int64_t attention_forward(CpuTier tier, const AttentionParams& p0, const Forward
   const AttentionParams p = with_round(p0);
   check_attention_forward(p, io);
   switch (checked(tier)) {
+    case CpuTier::amx: return attn_amx::forward(p, io);
     case CpuTier::avx512_bf16: return attn_avx512bf16::forward(p, io);
     case CpuTier::avx512: return attn_avx512::forward(p, io);
     case CpuTier::avx2: return attn_avx2::forward(p, io);
@@ -153,6 +156,7 @@ void attention_backward(CpuTier tier, const AttentionParams& p0, const BackwardI
   const AttentionParams p = with_round(p0);
   check_attention_backward(p, io);
   switch (checked(tier)) {
+    case CpuTier::amx: attn_amx::backward(p, io); break;
     case CpuTier::avx512_bf16: attn_avx512bf16::backward(p, io); break;
     case CpuTier::avx512: attn_avx512::backward(p, io); break;
     case CpuTier::avx2: attn_avx2::backward(p, io); break;

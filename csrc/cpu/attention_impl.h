@@ -25,6 +25,8 @@ namespace LLMK_ISA_NS {
 constexpr int64_t kBQ = 64;              // queries per tile
 constexpr int64_t kBK = 64;              // keys per tile (a multiple of every W)
 constexpr int64_t kDiagChunk = 4 * kMR;  // rows per product on tiles the causal diagonal cuts
+// ... and with bf16 products on AMX tiles (16 rows each).
+constexpr int64_t kDiagChunkBf16 = kHasAmx ? 32 : kDiagChunk;
 constexpr float kNegInf = -INFINITY;
 // The forward works in base 2 (scores times log2 e, weights 2^(s - m)): exp2 is cheaper.
 constexpr float kLog2e = 1.4426950408889634f;
@@ -285,6 +287,7 @@ void forward_item(void* vctx, int64_t item, int tid) {
   float* inv = alpha + kBQ;
   uint16_t* Pb = reinterpret_cast<uint16_t*>(inv + kBQ);  // P in bf16 (BF only)
   uint32_t* Q2 = reinterpret_cast<uint32_t*>(Q);          // Q as bf16 pairs, unscaled (BF only)
+  const TileScope tiles(BF && kHasAmx);
 
   if constexpr (BF) {
     const Bf16Rows Qr(p.q, b, h, i0, mq, g.D);
@@ -309,7 +312,7 @@ void forward_item(void* vctx, int64_t item, int tid) {
       // A tile the band cuts on the right (the causal diagonal) is multiplied in row chunks,
       // each only as wide as the keys its last row may see; transform_scores masks the rest.
       const bool cut = p.window_right >= 0 && (j0 + nk - 1) > i0 + p.diag_offset + p.window_right;
-      const int64_t chunk = cut ? kDiagChunk : mq;
+      const int64_t chunk = cut ? (BF ? kDiagChunkBf16 : kDiagChunk) : mq;
       auto chunk_cols = [&](int64_t r_end) {
         if (!cut) return nkp;
         const int64_t seen = i0 + r_end - 1 + p.diag_offset + p.window_right + 1 - j0;
@@ -321,7 +324,7 @@ void forward_item(void* vctx, int64_t item, int tid) {
         if constexpr (BF) {
           gemm_bf16(rows, cols, g.D2 / 2, Q2 + r0 * (g.D2 / 2), g.D2 / 2, 1,
                     reinterpret_cast<const uint32_t*>(c.kt_tile(local, kt)), kBK, S + r0 * kBK,
-                    kBK, false);
+                    kBK, false, tiles);
         } else {
           gemm(rows, cols, g.D, Q + r0 * g.Dp, g.Dp, 1, c.kt_tile(local, kt), kBK, S + r0 * kBK,
                kBK, false);
@@ -366,7 +369,7 @@ void forward_item(void* vctx, int64_t item, int tid) {
           for (int64_t r = r0; r < r0 + rows; ++r) row_to_bf16(S + r * kBK, Pb + r * kBK, cols);
           gemm_bf16(rows, g.Dvp, cols / 2, reinterpret_cast<const uint32_t*>(Pb + r0 * kBK),
                     kBK / 2, 1, reinterpret_cast<const uint32_t*>(c.v_tile(local, kt)), g.Dvp,
-                    O + r0 * g.Dvp, g.Dvp, true);
+                    O + r0 * g.Dvp, g.Dvp, true, tiles);
         } else {
           gemm(rows, g.Dvp, min_(nk, cols), S + r0 * kBK, kBK, 1, c.v_tile(local, kt), g.Dvp,
                O + r0 * g.Dvp, g.Dvp, true);
@@ -779,6 +782,7 @@ void backward_item(void* vctx, int64_t item, int tid) {
   uint32_t* PT2 = reinterpret_cast<uint32_t*>(dV + kBK * g.Dvp);
   const bool cap = p.softcap > 0.f;
   const TensorView& lv = c.io->lse;
+  const TileScope tiles(BF && kHasAmx);
   const float* lse_base = static_cast<const float*>(lv.data);
 
   const int64_t kt_end = min_(g.nkt, (ch + 1) * c.lay.tiles_per_chunk);
@@ -810,7 +814,7 @@ void backward_item(void* vctx, int64_t item, int tid) {
         const Bf16Tile t = BF ? bf16_tile(c, local, gi, qt) : Bf16Tile{};
         const float* delta = c.f(c.lay.delta) + r0;
         if constexpr (BF)
-          gemm_bf16(mq, nkp, g.D2 / 2, t.Q2, g.D2 / 2, 1, Kt2, kBK, S, kBK, false);
+          gemm_bf16(mq, nkp, g.D2 / 2, t.Q2, g.D2 / 2, 1, Kt2, kBK, S, kBK, false, tiles);
         else
           gemm(mq, nkp, g.D, Q, g.Dp, 1, Kt, kBK, S, kBK, false);
         transform_scores(p, b, h, S, kBK, i0, mq, j0, nk, nkp, cap ? T : nullptr,
@@ -823,8 +827,9 @@ void backward_item(void* vctx, int64_t item, int tid) {
         }
         if constexpr (BF) {
           rows_to_bf16_pairs(S, kBK, mq, nkp, PT2, kBK);
-          gemm_bf16(nk, g.Dvp, mq2, PT2, 1, kBK, t.dOv, g.Dvp, dV, g.Dvp, true);       // dV += P^T dO
-          gemm_bf16(mq, nkp, g.Dv2 / 2, t.dO2, g.Dv2 / 2, 1, Vt2, kBK, dP, kBK, false);  // dP = dO V^T
+          gemm_bf16(nk, g.Dvp, mq2, PT2, 1, kBK, t.dOv, g.Dvp, dV, g.Dvp, true, tiles);  // dV += P^T dO
+          gemm_bf16(mq, nkp, g.Dv2 / 2, t.dO2, g.Dv2 / 2, 1, Vt2, kBK, dP, kBK, false,  // dP = dO V^T
+                    tiles);
         } else {
           gemm(nk, g.Dvp, mq, S, 1, kBK, dO, g.Dvp, dV, g.Dvp, true);       // dV += P^T dO
           gemm(mq, nkp, g.Dv, dO, g.Dvp, 1, Vt, kBK, dP, kBK, false);        // dP = dO V^T

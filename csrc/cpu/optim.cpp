@@ -90,6 +90,7 @@ void adam_item(void* ctx, int64_t item, int) {
   const AdamTensor& t = (*j.ts)[j.items.tensor[item]];
   const int64_t b = j.items.begin[item], e = std::min(t.param.sizes[0], b + j.items.len);
   switch (j.tier) {
+    case CpuTier::amx:  // memory-bound: no tile products to make
     case CpuTier::avx512_bf16: return optim_avx512bf16::adam_range(*j.h, t, b, e);
     case CpuTier::avx512: return optim_avx512::adam_range(*j.h, t, b, e);
     case CpuTier::avx2: return optim_avx2::adam_range(*j.h, t, b, e);
@@ -102,6 +103,7 @@ void sgd_item(void* ctx, int64_t item, int) {
   const SgdTensor& t = (*j.ts)[j.items.tensor[item]];
   const int64_t b = j.items.begin[item], e = std::min(t.param.sizes[0], b + j.items.len);
   switch (j.tier) {
+    case CpuTier::amx:  // memory-bound: no tile products to make
     case CpuTier::avx512_bf16: return optim_avx512bf16::sgd_range(*j.h, t, b, e);
     case CpuTier::avx512: return optim_avx512::sgd_range(*j.h, t, b, e);
     case CpuTier::avx2: return optim_avx2::sgd_range(*j.h, t, b, e);
@@ -123,6 +125,7 @@ void adam8bit_item(void* ctx, int64_t item, int) {
   const int64_t nblocks = (t.param.sizes[0] + kBlock8 - 1) / kBlock8;
   const int64_t b0 = j.block[item], b1 = std::min(nblocks, b0 + j.blocks_per_item);
   switch (j.tier) {
+    case CpuTier::amx:  // memory-bound: no tile products to make
     case CpuTier::avx512_bf16: return optim_avx512bf16::adam8bit_blocks(*j.h, t, b0, b1);
     case CpuTier::avx512: return optim_avx512::adam8bit_blocks(*j.h, t, b0, b1);
     case CpuTier::avx2: return optim_avx2::adam8bit_blocks(*j.h, t, b0, b1);

@@ -45,6 +45,10 @@ def build_info() -> Dict[str, Any]:
         "tiers_built": raw["cpu_tiers_built"],
         "tiers_supported": raw["cpu_tiers_supported"],
         "tier_in_use": backends.cpu_tier(),
+        # the amx tier: AMX tiles in hardware, or their software model (forced tiers only)
+        "amx": ("hardware" if raw["amx_hardware"] else
+                "emulated (LLMKERNELS_AMX_EMULATE=1)" if raw["amx_emulated"] else
+                f"unavailable: {raw['amx_hardware_why_not']}"),
         # parallel loops: "openmp:<torch's runtime>" or "pool" (our own threads)
         "threading": native.threading_runtime(),
     }

@@ -23,7 +23,7 @@ CANDIDATES: Mapping[str, Sequence[str]] = {
     "cuda": ("cuda", "triton", "reference"),
     "cpu": ("cpu", "reference"),
 }
-CPU_TIERS = ("avx512_bf16", "avx512", "avx2", "generic")
+CPU_TIERS = ("amx", "avx512_bf16", "avx512", "avx2", "generic")
 
 # What use_backend / use_cpu_tier forced. Plain module state rather than a ContextVar:
 # torch.compile traces (and guards on) reads of module globals, not ContextVar.get.
@@ -65,7 +65,8 @@ _use_torchs_threads()
 _BUILD = _native.build_info() if _native is not None else None
 _TIERS_SUPPORTED: List[str] = list(_BUILD["cpu_tiers_supported"]) if _BUILD else []
 _TIER_BEST: str = _BUILD["cpu_tier_best"] if _BUILD else "none"
-_TIER_CODES = {name: i for i, name in enumerate(("generic", "avx2", "avx512", "avx512_bf16"))}
+_AMX_EMULATED: bool = bool(_BUILD and _BUILD["amx_emulated"])
+_TIER_CODES = {name: i for i, name in enumerate(("generic", "avx2", "avx512", "avx512_bf16", "amx"))}
 
 
 # The Triton kernel modules by name: (module, None), or (None, why they cannot be used).
@@ -194,6 +195,15 @@ def cpu_tier() -> str:
     if env and env.lower() != "auto":
         return _check_tier(env, "LLMKERNELS_CPU_TIER")
     return _TIER_BEST
+
+
+def cpu_tier_label() -> str:
+    """cpu_tier() for explain(): says when the amx tier's tiles run on their software model."""
+    tier = cpu_tier()
+    if tier == "amx":
+        return ("amx (AMX tiles emulated in software, LLMKERNELS_AMX_EMULATE=1)" if _AMX_EMULATED
+                else "amx (bf16 products on AMX tiles)")
+    return tier
 
 
 def cpu_tier_code() -> int:

@@ -395,7 +395,7 @@ def _decide(call: _Call, backend: Optional[str]) -> backends.Decision:
     detail = {"cuda": "CUDA kernels (tensor cores, csrc/cuda/attention.cu)",
               "triton": "Triton kernels (kernels/attention.py)"}
     if backends.native_module() is not None:
-        detail["cpu"] = f"fused C++ kernel, CPU tier {backends.cpu_tier()}"
+        detail["cpu"] = f"fused C++ kernel, CPU tier {backends.cpu_tier_label()}"
     return backends.select(OP_NAME, call.q.device.type, checks, backend, detail)
 
 

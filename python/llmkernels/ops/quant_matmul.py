@@ -219,7 +219,7 @@ def _checks(x: torch.Tensor, qweight: QuantizedWeight, backend: Optional[str]):
 
 
 # CPU tiers whose int4 kernel quantizes bfloat16 x to int8 for few rows, and their float lanes.
-_INT8X_TIER_LANES = {"avx512_bf16": 16, "avx512": 16, "avx2": 8}
+_INT8X_TIER_LANES = {"amx": 16, "avx512_bf16": 16, "avx512": 16, "avx2": 8}
 
 
 def cpu_int4_int8_activations(x: torch.Tensor, qweight: QuantizedWeight) -> bool:
@@ -244,7 +244,7 @@ def _decide(x, qweight, backend, explain: bool = False) -> backends.Decision:
         kernel = native.quant_matmul_kernel_name(
             backends.cpu_tier_code(), SCHEME_CODES[qweight.scheme], rows,
             DTYPE_CODES.get(x.dtype, 0), int(qweight.group_size))
-        cpu_detail = f"C++ kernels ({qweight.scheme}), CPU tier {backends.cpu_tier()}: {kernel}"
+        cpu_detail = f"C++ kernels ({qweight.scheme}), CPU tier {backends.cpu_tier_label()}: {kernel}"
     if cpu_detail and cpu_int4_int8_activations(x, qweight):
         cpu_detail += " (decoding rows, bfloat16 x)"
     detail = {"cpu": cpu_detail,

@@ -1,0 +1,251 @@
+// The software model of the AMX tile instructions, and whether the hardware ones can run.
+// Built with the baseline flags: plain scalar code, any x86-64 CPU runs it.
+#include "amx_tiles.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#include "../common/checks.h"
+#include "../common/cpu_features.h"
+
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#endif
+
+namespace llmk {
+namespace amx {
+
+TileConfig full_tiles() {
+  TileConfig c;
+  c.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = kTileRows;
+    c.colsb[t] = kTileWords * 4;
+  }
+  return c;
+}
+
+namespace {
+
+struct EmuState {
+  bool configured = false;
+  TileConfig cfg;
+  alignas(64) uint8_t data[8][kTileRows * 64];
+};
+thread_local EmuState emu;
+
+void check_tile(int t, const char* op) {
+  LLMK_CHECK(emu.configured, "AMX emulator: " << op << " before ldtilecfg (the hardware faults)");
+  LLMK_CHECK(t >= 0 && t < 8 && emu.cfg.rows[t] > 0 && emu.cfg.colsb[t] > 0,
+             "AMX emulator: " << op << " on unconfigured tile " << t);
+}
+
+float bf16_daz(uint16_t h) {  // tdpbf16ps treats denormal inputs as zero
+  if ((h & 0x7f80u) == 0) h &= 0x8000u;
+  const uint32_t bits = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+uint32_t word_at(int t, int row, int col) {
+  uint32_t w;
+  std::memcpy(&w, emu.data[t] + row * 64 + col * 4, 4);
+  return w;
+}
+
+}  // namespace
+
+void emu_configure(const TileConfig& cfg) {
+  LLMK_CHECK(cfg.palette == 1, "AMX emulator: palette must be 1");
+  LLMK_CHECK(cfg.start_row == 0, "AMX emulator: start_row must be 0");
+  for (uint8_t r : cfg.reserved) LLMK_CHECK(r == 0, "AMX emulator: reserved bytes must be 0");
+  for (int t = 0; t < 16; ++t) {
+    const bool used = cfg.rows[t] > 0 || cfg.colsb[t] > 0;
+    if (t >= 8) {
+      LLMK_CHECK(!used, "AMX emulator: palette 1 has 8 tiles, tile " << t << " configured");
+      continue;
+    }
+    LLMK_CHECK(cfg.rows[t] <= kTileRows && cfg.colsb[t] <= 64,
+               "AMX emulator: tile " << t << " larger than 16 rows x 64 bytes");
+  }
+  emu.cfg = cfg;
+  emu.configured = true;
+  std::memset(emu.data, 0, sizeof emu.data);
+}
+
+void emu_release() {
+  emu.configured = false;
+  std::memset(emu.data, 0, sizeof emu.data);
+}
+
+void emu_zero(int t) {
+  check_tile(t, "tilezero");
+  std::memset(emu.data[t], 0, sizeof emu.data[t]);
+}
+
+void emu_load(int t, const void* base, int64_t stride) {
+  check_tile(t, "tileloadd");
+  std::memset(emu.data[t], 0, sizeof emu.data[t]);  // bytes past the configured shape read 0
+  const auto* src = static_cast<const uint8_t*>(base);
+  for (int r = 0; r < emu.cfg.rows[t]; ++r)
+    std::memcpy(emu.data[t] + r * 64, src + r * stride, emu.cfg.colsb[t]);
+}
+
+void emu_store(int t, void* base, int64_t stride) {
+  check_tile(t, "tilestored");
+  auto* dst = static_cast<uint8_t*>(base);
+  for (int r = 0; r < emu.cfg.rows[t]; ++r)
+    std::memcpy(dst + r * stride, emu.data[t] + r * 64, emu.cfg.colsb[t]);
+}
+
+void emu_dpbf16ps(int c, int a, int b) {
+  check_tile(c, "tdpbf16ps (C)");
+  check_tile(a, "tdpbf16ps (A)");
+  check_tile(b, "tdpbf16ps (B)");
+  LLMK_CHECK(c != a && c != b && a != b, "AMX emulator: tdpbf16ps needs three distinct tiles");
+  const TileConfig& g = emu.cfg;
+  const int M = g.rows[c], N = g.colsb[c] / 4, K = g.colsb[a] / 4;
+  LLMK_CHECK(g.colsb[c] % 4 == 0 && g.colsb[a] % 4 == 0 && g.rows[a] == M && g.rows[b] == K &&
+                 g.colsb[b] == g.colsb[c],
+             "AMX emulator: tdpbf16ps shapes do not match (C " << M << "x" << g.colsb[c] << "B, A "
+                 << int(g.rows[a]) << "x" << g.colsb[a] << "B, B " << int(g.rows[b]) << "x"
+                 << g.colsb[b] << "B)");
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) {
+      float acc;
+      std::memcpy(&acc, emu.data[c] + m * 64 + n * 4, 4);
+      for (int k = 0; k < K; ++k) {
+        const uint32_t x = word_at(a, m, k), y = word_at(b, k, n);
+        acc += bf16_daz(uint16_t(x)) * bf16_daz(uint16_t(y));
+        acc += bf16_daz(uint16_t(x >> 16)) * bf16_daz(uint16_t(y >> 16));
+      }
+      std::memcpy(emu.data[c] + m * 64 + n * 4, &acc, 4);
+    }
+}
+
+bool emulation_requested() {
+  static const bool on = [] {
+    const char* v = std::getenv("LLMKERNELS_AMX_EMULATE");
+    return v && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
+
+namespace {
+
+// C = A B (+ a nonzero C) through ops O on small integers: every product and sum is exact,
+// so the hardware and the model must agree bit for bit. Distinct A and B catch swapped
+// operands; the nonzero C catches a lost accumulation; A's rows 128 bytes apart, a stride
+// taken for the base or lost.
+template <class O>
+void self_check_product(float* out) {
+  alignas(64) uint32_t A[kTileRows * 2 * kTileWords], B[kTileRows * kTileWords];
+  alignas(64) float C[kTileRows * kTileWords];
+  auto bf = [](int v) { float f = float(v); uint32_t u; std::memcpy(&u, &f, 4); return u >> 16; };
+  for (int i = 0; i < kTileRows * 2 * kTileWords; ++i)
+    A[i] = bf((i * 7) % 11 - 5) | (bf((i * 3) % 7 - 3) << 16);
+  for (int i = 0; i < kTileRows * kTileWords; ++i) {
+    B[i] = bf((i * 5) % 13 - 6) | (bf((i * 11) % 5 - 2) << 16);
+    C[i] = float(i % 9 - 4);
+  }
+  const TileConfig cfg = full_tiles();
+  O::configure(cfg);
+  O::template load<1>(C, 64);
+  O::template load<4>(A, 128);
+  O::template load<6>(B, 64);
+  O::template dp<1, 4, 6>();
+  O::template store<1>(out, 64);
+  O::release();
+}
+
+#if LLMK_HAS_AMX_ASM && defined(__linux__)
+bool request_tile_permission(std::string* why) {
+  constexpr long kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023, kXtiledata = 18;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXtiledata) != 0) {
+    *why = "Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM; kernel < 5.16?)";
+    return false;
+  }
+  unsigned long bits = 0;
+  if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &bits) != 0 || !(bits & (1ul << kXtiledata))) {
+    *why = "Linux did not grant the AMX tile state (arch_prctl ARCH_GET_XCOMP_PERM)";
+    return false;
+  }
+  return true;
+}
+#endif
+
+}  // namespace
+
+bool forked_self_check(bool request_permission, std::string* why) {
+#if LLMK_HAS_AMX_ASM && defined(__linux__)
+  // The first tile instructions run in a forked child: if they fault (a kernel or hypervisor
+  // that hides the state, or a mistake of ours), the child dies and the tier is disabled,
+  // instead of `import llmkernels` crashing. The child only makes system calls, runs the
+  // product and compares memory.
+  alignas(64) float model[kTileRows * kTileWords];
+  self_check_product<Emulated>(model);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    std::string ignored;
+    if (request_permission && !request_tile_permission(&ignored)) _exit(2);
+    alignas(64) float hw[kTileRows * kTileWords];
+    self_check_product<Hardware>(hw);
+    _exit(std::memcmp(hw, model, sizeof hw) == 0 ? 0 : 1);
+  }
+  int status = 0;
+  if (pid < 0 || waitpid(pid, &status, 0) != pid) {
+    *why = "could not fork to run the AMX self-check";
+    return false;
+  }
+  if (WIFSIGNALED(status)) {
+    *why = "the AMX self-check died of signal " + std::to_string(WTERMSIG(status)) + " (tier disabled)";
+    return false;
+  }
+  if (WEXITSTATUS(status) == 1) {
+    *why = "the AMX self-check product differs from the software model (tier disabled)";
+    return false;
+  }
+  if (WEXITSTATUS(status) != 0) {
+    *why = "Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM; kernel < 5.16?)";
+    return false;
+  }
+  return true;
+#else
+  (void)request_permission;
+  *why = "AMX tiles are only used on Linux x86-64";
+  return false;
+#endif
+}
+
+namespace {
+
+bool check_hardware(std::string* why) {
+  const CpuFeatures& f = cpu_features();
+  if (!(f.amx_tile && f.amx_bf16)) {
+    *why = "the CPU (or the OS, XCR0) has no AMX-BF16 tiles";
+    return false;
+  }
+  if (!forked_self_check(true, why)) return false;
+#if LLMK_HAS_AMX_ASM && defined(__linux__)
+  return request_tile_permission(why);  // for this process (the child's grant died with it)
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+bool hardware_usable(std::string* why) {
+  static std::string reason;
+  static const bool ok = check_hardware(&reason);
+  if (why) *why = reason;
+  return ok;
+}
+
+bool emulated() { return !hardware_usable(nullptr) && emulation_requested(); }
+
+}  // namespace amx
+}  // namespace llmk
