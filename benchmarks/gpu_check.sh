@@ -102,7 +102,7 @@ HOST_AMX=0
 grep -qw amx_bf16 /proc/cpuinfo 2>/dev/null && HOST_AMX=1
 log "host CPU: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2-) (amx_bf16: $HOST_AMX)"
 step cpu_amx_tests "$TEST_TIMEOUT" "$PY" -m pytest tests/test_attention.py tests/test_backends.py \
-  -k amx -q -p no:cacheprovider -rfEs
+  tests/test_quant_matmul.py tests/test_quant_matmul_many_rows.py -k amx -q -p no:cacheprovider -rfEs
 show 3 "$OUT/cpu_amx_tests.log"
 
 # Two groups, each its own step, so that one timing out keeps the other's results.
@@ -181,6 +181,11 @@ if [ "$HOST_AMX" = 1 ]; then
       benchmarks/attention.py --device cpu --cpu-tier "$tier" --dtypes bf16 --head-dims 64 \
       --seqlens 2048 --heads 16 --paths ours,sdpa --min-run-time 0.2 --json "$OUT/attention_cpu_$tier.json"
     show 8 "$OUT/cpu_attention_$tier.log"
+    # Issue 5's M = 16 / 64 targets (int8 vs int8pack, w8a8 vs dense bf16) on the same cores.
+    step "cpu_quant_$tier" "$BENCH_TIMEOUT" env OMP_NUM_THREADS=2 LLMKERNELS_CPU_TIER="$tier" \
+      taskset -c 0,1 "$PY" benchmarks/quant_matmul.py --device cpu --ms 16,64 --shapes 4096x4096 \
+      --schemes int8,w8a8 --min-run-time 0.2 --json "$OUT/quant_cpu_$tier.json"
+    show 8 "$OUT/cpu_quant_$tier.log"
   done
 fi
 if [ "$HAVE_GPU" = 0 ]; then

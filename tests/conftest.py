@@ -17,7 +17,7 @@ from llmkernels import backends
 CPU_TIERS = backends.supported_cpu_tiers()
 # Test modules whose kernels have amx-tier code of their own; elsewhere the amx tier runs
 # the avx512_bf16 kernels, which their own parametrization tests.
-AMX_KERNEL_MODULES = {"test_attention"}
+AMX_KERNEL_MODULES = {"test_attention", "test_quant_matmul", "test_quant_matmul_many_rows"}
 
 
 def pytest_generate_tests(metafunc):

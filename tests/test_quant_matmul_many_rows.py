@@ -85,7 +85,12 @@ def test_explain_names_the_cpu_kernel(cpu_tier, scheme):
             x = torch.randn(M, 256, dtype=dtype)
             text = str(llmkernels.explain(llmkernels.quant_matmul, x, qw))
             packed = "x packed" in text
-            if cpu_tier == "generic" or M < 12 or (scheme == "w8a8" and cpu_tier != "avx512_bf16"):
+            tiles = cpu_tier == "amx" and M >= 12 and (
+                scheme == "w8a8" or scheme == "int8" and dtype == torch.bfloat16)
+            assert ("AMX bf16 tiles:" in text or "AMX int8 tiles:" in text) == tiles, text
+            if tiles:
+                assert ("AMX int8 tiles" if scheme == "w8a8" else "AMX bf16 tiles") in text
+            elif cpu_tier == "generic" or M < 12 or (scheme == "w8a8" and cpu_tier not in ("avx512_bf16", "amx")):
                 assert not packed, text
             else:
                 assert packed, text

@@ -101,29 +101,48 @@ void emu_store(int t, void* base, int64_t stride) {
     std::memcpy(dst + r * stride, emu.data[t] + r * 64, emu.cfg.colsb[t]);
 }
 
-void emu_dpbf16ps(int c, int a, int b) {
-  check_tile(c, "tdpbf16ps (C)");
-  check_tile(a, "tdpbf16ps (A)");
-  check_tile(b, "tdpbf16ps (B)");
-  LLMK_CHECK(c != a && c != b && a != b, "AMX emulator: tdpbf16ps needs three distinct tiles");
+namespace {
+
+// C[m][n] = word_dot(C[m][n], A[m][k], B[k][n]) over k, with the shape checks the hardware
+// faults on: C is M x N words, A M x K words, B K x N words.
+template <class Acc, class WordDot>
+void emu_dot(int c, int a, int b, const char* op, WordDot word_dot) {
+  check_tile(c, op);
+  check_tile(a, op);
+  check_tile(b, op);
+  LLMK_CHECK(c != a && c != b && a != b, "AMX emulator: " << op << " needs three distinct tiles");
   const TileConfig& g = emu.cfg;
   const int M = g.rows[c], N = g.colsb[c] / 4, K = g.colsb[a] / 4;
   LLMK_CHECK(g.colsb[c] % 4 == 0 && g.colsb[a] % 4 == 0 && g.rows[a] == M && g.rows[b] == K &&
                  g.colsb[b] == g.colsb[c],
-             "AMX emulator: tdpbf16ps shapes do not match (C " << M << "x" << g.colsb[c] << "B, A "
-                 << int(g.rows[a]) << "x" << g.colsb[a] << "B, B " << int(g.rows[b]) << "x"
-                 << g.colsb[b] << "B)");
+             "AMX emulator: " << op << " shapes do not match (C " << M << "x" << g.colsb[c]
+                 << "B, A " << int(g.rows[a]) << "x" << g.colsb[a] << "B, B " << int(g.rows[b])
+                 << "x" << g.colsb[b] << "B)");
   for (int m = 0; m < M; ++m)
     for (int n = 0; n < N; ++n) {
-      float acc;
+      Acc acc;
       std::memcpy(&acc, emu.data[c] + m * 64 + n * 4, 4);
-      for (int k = 0; k < K; ++k) {
-        const uint32_t x = word_at(a, m, k), y = word_at(b, k, n);
-        acc += bf16_daz(uint16_t(x)) * bf16_daz(uint16_t(y));
-        acc += bf16_daz(uint16_t(x >> 16)) * bf16_daz(uint16_t(y >> 16));
-      }
+      for (int k = 0; k < K; ++k) acc = word_dot(acc, word_at(a, m, k), word_at(b, k, n));
       std::memcpy(emu.data[c] + m * 64 + n * 4, &acc, 4);
     }
+}
+
+}  // namespace
+
+void emu_dpbf16ps(int c, int a, int b) {
+  emu_dot<float>(c, a, b, "tdpbf16ps", [](float acc, uint32_t x, uint32_t y) {
+    acc += bf16_daz(uint16_t(x)) * bf16_daz(uint16_t(y));
+    return acc + bf16_daz(uint16_t(x >> 16)) * bf16_daz(uint16_t(y >> 16));
+  });
+}
+
+void emu_dpbsud(int c, int a, int b) {
+  emu_dot<int32_t>(c, a, b, "tdpbsud", [](int32_t acc, uint32_t x, uint32_t y) {
+    uint32_t sum = uint32_t(acc);  // int32 sums wrap, as the instruction's do
+    for (int i = 0; i < 4; ++i)
+      sum += uint32_t(int32_t(int8_t(x >> (8 * i))) * int32_t(uint8_t(y >> (8 * i))));
+    return int32_t(sum);
+  });
 }
 
 bool emulation_requested() {
@@ -158,6 +177,10 @@ void self_check_product(float* out) {
   O::template load<6>(B, 64);
   O::template dp<1, 4, 6>();
   O::template store<1>(out, 64);
+  // The same tiles as bytes: int32 sums of signed A bytes times unsigned B bytes.
+  O::template zero<2>();
+  O::template dp_s8u8<2, 4, 6>();
+  O::template store<2>(out + kTileRows * kTileWords, 64);
   O::release();
 }
 
@@ -185,13 +208,13 @@ bool forked_self_check(bool request_permission, std::string* why) {
   // that hides the state, or a mistake of ours), the child dies and the tier is disabled,
   // instead of `import llmkernels` crashing. The child only makes system calls, runs the
   // product and compares memory.
-  alignas(64) float model[kTileRows * kTileWords];
+  alignas(64) float model[2 * kTileRows * kTileWords];  // the bf16 and the byte products
   self_check_product<Emulated>(model);
   const pid_t pid = fork();
   if (pid == 0) {
     std::string ignored;
     if (request_permission && !request_tile_permission(&ignored)) _exit(2);
-    alignas(64) float hw[kTileRows * kTileWords];
+    alignas(64) float hw[2 * kTileRows * kTileWords];
     self_check_product<Hardware>(hw);
     _exit(std::memcmp(hw, model, sizeof hw) == 0 ? 0 : 1);
   }
@@ -224,8 +247,8 @@ namespace {
 
 bool check_hardware(std::string* why) {
   const CpuFeatures& f = cpu_features();
-  if (!(f.amx_tile && f.amx_bf16)) {
-    *why = "the CPU (or the OS, XCR0) has no AMX-BF16 tiles";
+  if (!(f.amx_tile && f.amx_bf16 && f.amx_int8)) {
+    *why = "the CPU (or the OS, XCR0) has no AMX-BF16 and AMX-INT8 tiles";
     return false;
   }
   if (!forked_self_check(true, why)) return false;

@@ -5,7 +5,8 @@
 // Both follow the Intel SDM: a 64-byte tile configuration (palette 1: eight tiles of up to
 // 16 rows x 64 bytes), tileloadd / tilestored with a row stride in bytes, tilezero, and
 // tdpbf16ps C += A B where A holds M rows of K bf16 pairs (32-bit words), B holds K rows of
-// N pairs (the VNNI layout: B2[k][n] = (B[2k][n], B[2k+1][n])) and C holds M x N float32.
+// N pairs (the VNNI layout: B2[k][n] = (B[2k][n], B[2k+1][n])) and C holds M x N float32;
+// tdpbsud is the same with quads of bytes (A signed, B unsigned) and int32 C.
 // The emulator also checks what the hardware would fault on (unconfigured tiles, shapes that
 // do not match), so a kernel bug shows up as an exception in tests, not as SIGILL later.
 #pragma once
@@ -36,6 +37,7 @@ void emu_zero(int t);
 void emu_load(int t, const void* base, int64_t stride);
 void emu_store(int t, void* base, int64_t stride);
 void emu_dpbf16ps(int c, int a, int b);
+void emu_dpbsud(int c, int a, int b);
 
 struct Emulated {
   static void configure(const TileConfig& cfg) { emu_configure(cfg); }
@@ -44,6 +46,7 @@ struct Emulated {
   template <int T> static void load(const void* base, int64_t stride) { emu_load(T, base, stride); }
   template <int T> static void store(void* base, int64_t stride) { emu_store(T, base, stride); }
   template <int C, int A, int B> static void dp() { emu_dpbf16ps(C, A, B); }
+  template <int C, int A, int B> static void dp_s8u8() { emu_dpbsud(C, A, B); }
 };
 
 // ---------------------------------------------------------------- the instructions
@@ -67,6 +70,9 @@ struct Hardware {
   template <int C, int A, int B> static void dp() {  // AT&T order: B, A, C
     asm volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(C), "i"(A), "i"(B));
   }
+  template <int C, int A, int B> static void dp_s8u8() {
+    asm volatile("tdpbsud %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(C), "i"(A), "i"(B));
+  }
 };
 #else
 #define LLMK_HAS_AMX_ASM 0
@@ -76,7 +82,7 @@ struct Hardware {
 // True when LLMKERNELS_AMX_EMULATE=1 asks for the software model on a CPU without usable
 // AMX tiles (the amx tier can then be forced, never chosen automatically).
 bool emulation_requested();
-// Whether the hardware path can run here: CPUID/XCR0 say AMX-BF16, Linux granted the tile
+// Whether the hardware path can run here: CPUID/XCR0 say AMX-BF16 and AMX-INT8, Linux granted the tile
 // data state (arch_prctl ARCH_REQ_XCOMP_PERM), and a small product on the tiles gave the
 // emulator's bits. `why` says what failed.
 bool hardware_usable(std::string* why);

@@ -168,11 +168,18 @@ inline void gemm_bf16_dot(int64_t M, int64_t N, int64_t K2, const uint32_t* A, i
 #if LLMK_AMX
 // ---------------------------------------------------------------- AMX tiles (amx tier)
 // The same product on tiles: blocks of 32 x 32 of C in tiles 0-3 (tile 2i + j holds rows
-// 16i.., columns 16j..), A in tiles 4-5, B in tiles 6-7, K in steps of 16 pairs. Operands
-// that do not fill a tile (M, K edges) are copied into zero-padded buffers: the tiles never
-// read or write past the caller's data. Like micro_bf16, C's products start from zero and
-// are added to C once.
+// 16i.., columns 16j..), A in tiles 4-5, B in tiles 6-7, K in steps of 16 words (pairs of
+// bf16, or quads of bytes for TileDot::s8u8: signed A, unsigned B, int32 C). Operands that
+// do not fill a tile (M, K edges) are copied into zero-padded buffers: the tiles never read
+// or write past the caller's data. Like micro_bf16, C's products start from zero and are
+// added to C once (float32 C only).
 constexpr bool kHasAmx = true;
+enum class TileDot { bf16, s8u8 };
+
+template <class O, TileDot D, int C, int A, int B>
+LLMK_INLINE void tile_dot() {
+  if constexpr (D == TileDot::bf16) O::template dp<C, A, B>(); else O::template dp_s8u8<C, A, B>();
+}
 
 template <class O>
 LLMK_INLINE void tile_load_a(int i, const void* p, int64_t stride) {
@@ -192,10 +199,10 @@ LLMK_INLINE void tile_store_c(int t, void* p, int64_t stride) {
   }
 }
 
-// rows in [1, 32] of C, nb (1 or 2) tiles of 16 columns, all K2 pairs.
-template <class O>
-void tile_block_bf16(int64_t rows, int nb, int64_t K2, const uint32_t* A, int64_t sam,
-                     const uint32_t* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+// rows in [1, 32] of C, nb (1 or 2) tiles of 16 columns, all K2 words.
+template <class O, TileDot D>
+void tile_block(int64_t rows, int nb, int64_t K2, const uint32_t* A, int64_t sam,
+                const uint32_t* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   constexpr int TR = amx::kTileRows, TW = amx::kTileWords;
   const int mb = rows > TR ? 2 : 1;
   alignas(64) uint32_t pad[TR * TW];
@@ -228,11 +235,11 @@ void tile_block_bf16(int64_t rows, int nb, int64_t K2, const uint32_t* A, int64_
         tile_load_b<O>(j, pad, TW * 4);
       }
     }
-    O::template dp<0, 4, 6>();
-    if (nb > 1) O::template dp<1, 4, 7>();
+    tile_dot<O, D, 0, 4, 6>();
+    if (nb > 1) tile_dot<O, D, 1, 4, 7>();
     if (mb > 1) {
-      O::template dp<2, 5, 6>();
-      if (nb > 1) O::template dp<3, 5, 7>();
+      tile_dot<O, D, 2, 5, 6>();
+      if (nb > 1) tile_dot<O, D, 3, 5, 7>();
     }
   }
   alignas(64) float out[TR * TW];
@@ -253,15 +260,15 @@ void tile_block_bf16(int64_t rows, int nb, int64_t K2, const uint32_t* A, int64_
   }
 }
 
-template <class O>
-void tile_gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t sam,
-                    const uint32_t* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+template <class O, TileDot D>
+void tile_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t sam,
+               const uint32_t* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   constexpr int64_t TR = amx::kTileRows, TW = amx::kTileWords;
   for (int64_t n0 = 0; n0 < N; n0 += 2 * TW) {
     const int nb = int(min_<int64_t>(2, (N - n0) / TW));
     for (int64_t m0 = 0; m0 < M; m0 += 2 * TR)
-      tile_block_bf16<O>(min_<int64_t>(2 * TR, M - m0), nb, K2, A + m0 * sam, sam, B + n0, ldb,
-                         C + m0 * ldc + n0, ldc, accumulate);
+      tile_block<O, D>(min_<int64_t>(2 * TR, M - m0), nb, K2, A + m0 * sam, sam, B + n0, ldb,
+                       C + m0 * ldc + n0, ldc, accumulate);
   }
 }
 
@@ -292,9 +299,21 @@ inline void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64
                       bool accumulate, const TileScope& tiles) {
   if (sak != 1) return gemm_bf16_dot(M, N, K2, A, sam, sak, B, ldb, C, ldc, accumulate);
   if (tiles.emulated())
-    tile_gemm_bf16<amx::Emulated>(M, N, K2, A, sam, B, ldb, C, ldc, accumulate);
+    tile_gemm<amx::Emulated, TileDot::bf16>(M, N, K2, A, sam, B, ldb, C, ldc, accumulate);
   else
-    tile_gemm_bf16<amx::Hardware>(M, N, K2, A, sam, B, ldb, C, ldc, accumulate);
+    tile_gemm<amx::Hardware, TileDot::bf16>(M, N, K2, A, sam, B, ldb, C, ldc, accumulate);
+}
+
+// C[M x N] = A B over K4 words of four bytes (A signed, B unsigned), int32 sums; A row-major
+// (K4 words per row at stride sam), B as K4 rows of N words; N a multiple of 16.
+inline void gemm_s8u8(int64_t M, int64_t N, int64_t K4, const uint32_t* A, int64_t sam,
+                      const uint32_t* B, int64_t ldb, int32_t* C, int64_t ldc,
+                      const TileScope& tiles) {
+  float* Cf = reinterpret_cast<float*>(C);  // the tiles store the int32 bits as they are
+  if (tiles.emulated())
+    tile_gemm<amx::Emulated, TileDot::s8u8>(M, N, K4, A, sam, B, ldb, Cf, ldc, false);
+  else
+    tile_gemm<amx::Hardware, TileDot::s8u8>(M, N, K4, A, sam, B, ldb, Cf, ldc, false);
 }
 #else
 constexpr bool kHasAmx = false;

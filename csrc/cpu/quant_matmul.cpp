@@ -72,7 +72,7 @@ void check_quant_matmul(const QuantMatmulParams& p) {
 
 #define LLMK_QMM_DISPATCH(call)                                      \
   switch (tier) {                                                    \
-    case CpuTier::amx: /* no AMX kernels here yet */                \
+    case CpuTier::amx: return qmm_amx::call;                         \
     case CpuTier::avx512_bf16: return qmm_avx512bf16::call;          \
     case CpuTier::avx512: return qmm_avx512::call;                   \
     case CpuTier::avx2: return qmm_avx2::call;                       \

@@ -39,6 +39,14 @@ LLMK_DECLARE_QUANT_TIER(qmm_generic)
 LLMK_DECLARE_QUANT_TIER(qmm_avx2)
 LLMK_DECLARE_QUANT_TIER(qmm_avx512)
 LLMK_DECLARE_QUANT_TIER(qmm_avx512bf16)
+LLMK_DECLARE_QUANT_TIER(qmm_amx)
 #undef LLMK_DECLARE_QUANT_TIER
+
+namespace qmm_avx512bf16 {
+// w8a8's x quantized per row exactly as this tier's kernels do (the amx tier's tiles reuse
+// it): rows of Kx >= K bytes, padded with quantized zeros; returns whether stored + 128.
+bool quantize_rows_w8a8(const QuantMatmulParams& p, int8_t* xq, float* xscale, int64_t Kx,
+                        int nthreads);
+}  // namespace qmm_avx512bf16
 
 }  // namespace llmk

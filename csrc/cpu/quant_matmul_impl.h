@@ -1198,6 +1198,20 @@ Layout layout(const QuantMatmulParams& p) {
 
 int64_t workspace_bytes(const QuantMatmulParams& p) { return layout(p).total; }
 
+bool quantize_rows_w8a8(const QuantMatmulParams& p, int8_t* xq, float* xscale, int64_t Kx,
+                        int nthreads) {
+  Ctx c{};
+  c.p = &p;
+  c.M = p.x.sizes[0];
+  c.N = p.qdata.sizes[0];
+  c.K = p.x.sizes[1];
+  c.Kx = Kx;
+  PrepCtx pc{&p, &c, nullptr, nullptr, xq, xscale, nullptr, nullptr, nullptr, nullptr};
+  parallel_for(c.M, int(std::min<int64_t>(std::max(nthreads, 1), std::max<int64_t>(c.M, 1))),
+               prep_row, &pc);
+  return kBiasedX;
+}
+
 const char* describe(const QuantMatmulParams& p) {
   if (use_int4_q8(p))
     return "decoding GEMV (row blocks), x quantized to int8 per 32 values for integer dot "
