@@ -276,6 +276,8 @@ PYBIND11_MODULE(_C, m) {
     const bool ok = amx::forked_self_check(request_permission, &why);
     return py::make_tuple(ok, why);
   }, "Run the AMX tile self-check in a forked child: (passed, why not).");
+  m.def("amx_scope_selftest", &amx::scope_selftest,
+        "Tile scopes on the software model keep the caller's configuration: '' or what failed.");
   m.def("use_openmp_runtime", [](const std::string& path) { return use_openmp_runtime(path.c_str()); },
         "Run parallel loops on the OpenMP runtime loaded from path ('' = our own pool)");
   m.def("threading_runtime", [] { return std::string(threading_runtime()); });

@@ -136,3 +136,11 @@ def test_amx_self_check_survives_a_cpu_that_faults():
         assert passed or f"signal {int(signal.SIGILL)}" in why, why
     else:
         assert not passed and f"signal {int(signal.SIGILL)}" in why, why
+
+
+@pytest.mark.skipif(backends.native_module() is None, reason="compiled extension not available")
+def test_amx_kernels_put_back_the_threads_tile_configuration():
+    """Our kernels share threads with torch's AMX code, which may keep its tile configuration
+    loaded between calls: a kernel's tile scope must restore it (checked on the software
+    model, where the configuration can be read back)."""
+    assert backends.native_module().amx_scope_selftest() == ""

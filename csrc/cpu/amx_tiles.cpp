@@ -76,6 +76,10 @@ void emu_configure(const TileConfig& cfg) {
   std::memset(emu.data, 0, sizeof emu.data);
 }
 
+void emu_store_config(TileConfig* cfg) {
+  *cfg = emu.configured ? emu.cfg : TileConfig{};
+}
+
 void emu_release() {
   emu.configured = false;
   std::memset(emu.data, 0, sizeof emu.data);
@@ -143,6 +147,55 @@ void emu_dpbsud(int c, int a, int b) {
       sum += uint32_t(int32_t(int8_t(x >> (8 * i))) * int32_t(uint8_t(y >> (8 * i))));
     return int32_t(sum);
   });
+}
+
+TileConfig scope_begin(bool emulated) {
+  static const TileConfig full = full_tiles();
+  TileConfig saved;
+#if LLMK_HAS_AMX_ASM
+  if (!emulated) {
+    Hardware::store_config(&saved);
+    Hardware::configure(full);
+    return saved;
+  }
+#endif
+  Emulated::store_config(&saved);
+  Emulated::configure(full);
+  return saved;
+}
+
+void scope_end(bool emulated, const TileConfig& saved) {
+  const bool had = saved.palette != 0;
+#if LLMK_HAS_AMX_ASM
+  if (!emulated) {
+    if (had) Hardware::configure(saved); else Hardware::release();
+    return;
+  }
+#endif
+  if (had) Emulated::configure(saved); else Emulated::release();
+}
+
+std::string scope_selftest() {
+  TileConfig theirs;
+  theirs.palette = 1;
+  theirs.rows[0] = 4;
+  theirs.colsb[0] = 32;
+  theirs.rows[3] = 16;
+  theirs.colsb[3] = 16;
+  emu_configure(theirs);
+  TileConfig seen;
+  const TileConfig saved = scope_begin(true);
+  emu_store_config(&seen);
+  const TileConfig full = full_tiles();
+  if (std::memcmp(&seen, &full, sizeof seen) != 0) return "the scope did not load full_tiles()";
+  scope_end(true, saved);
+  emu_store_config(&seen);
+  if (std::memcmp(&seen, &theirs, sizeof seen) != 0) return "the caller's configuration was lost";
+  emu_release();
+  scope_end(true, scope_begin(true));
+  emu_store_config(&seen);
+  if (seen.palette != 0) return "a thread without tiles was left configured";
+  return "";
 }
 
 bool emulation_requested() {

@@ -32,6 +32,7 @@ TileConfig full_tiles();
 
 // ---------------------------------------------------------------- the software model
 void emu_configure(const TileConfig& cfg);
+void emu_store_config(TileConfig* cfg);  // all zeros while unconfigured, as sttilecfg
 void emu_release();
 void emu_zero(int t);
 void emu_load(int t, const void* base, int64_t stride);
@@ -41,6 +42,7 @@ void emu_dpbsud(int c, int a, int b);
 
 struct Emulated {
   static void configure(const TileConfig& cfg) { emu_configure(cfg); }
+  static void store_config(TileConfig* cfg) { emu_store_config(cfg); }
   static void release() { emu_release(); }
   template <int T> static void zero() { emu_zero(T); }
   template <int T> static void load(const void* base, int64_t stride) { emu_load(T, base, stride); }
@@ -58,6 +60,9 @@ struct Emulated {
 struct Hardware {
   static void configure(const TileConfig& cfg) {
     asm volatile("ldtilecfg %0" ::"m"(cfg) : "memory");
+  }
+  static void store_config(TileConfig* cfg) {
+    asm volatile("sttilecfg %0" : "=m"(*cfg)::"memory");
   }
   static void release() { asm volatile("tilerelease" ::: "memory"); }
   template <int T> static void zero() { asm volatile("tilezero %%tmm%c0" ::"i"(T)); }
@@ -77,6 +82,15 @@ struct Hardware {
 #else
 #define LLMK_HAS_AMX_ASM 0
 #endif
+
+// ---------------------------------------------------------------- a kernel's tiles
+// scope_begin saves the thread's tile configuration and loads full_tiles(); scope_end puts
+// the saved one back, or releases the tiles if none was loaded (see TileScope).
+TileConfig scope_begin(bool emulated);
+void scope_end(bool emulated, const TileConfig& saved);
+// On the software model: a configuration of the caller's survives a scope, and a thread
+// without one is left without one. Returns what went wrong, or "" (tests).
+std::string scope_selftest();
 
 // ---------------------------------------------------------------- availability
 // True when LLMKERNELS_AMX_EMULATE=1 asks for the software model on a CPU without usable

@@ -272,18 +272,17 @@ void tile_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t sam,
   }
 }
 
-// Configures the tiles for one work item of a kernel and releases them at its end (other
-// code on the thread, oneDNN's kernels say, may configure them differently in between).
+// The tiles of one work item of a kernel: configured at its start, and at its end the
+// thread's previous configuration is put back (or the tiles released if there was none):
+// code that shares the thread may keep its own configuration across calls (torch's
+// cpublas::brgemm skips ldtilecfg while its thread-local "current" kernel is unchanged).
 class TileScope {
  public:
   explicit TileScope(bool use) : on_(use), emulated_(use && amx::emulated()) {
-    static const amx::TileConfig cfg = amx::full_tiles();
-    if (!on_) return;
-    if (emulated_) amx::Emulated::configure(cfg); else amx::Hardware::configure(cfg);
+    if (on_) saved_ = amx::scope_begin(emulated_);
   }
   ~TileScope() {
-    if (!on_) return;
-    if (emulated_) amx::Emulated::release(); else amx::Hardware::release();
+    if (on_) amx::scope_end(emulated_, saved_);
   }
   TileScope(const TileScope&) = delete;
   TileScope& operator=(const TileScope&) = delete;
@@ -291,6 +290,7 @@ class TileScope {
 
  private:
   bool on_, emulated_;
+  amx::TileConfig saved_;
 };
 
 // Tiles when A's pairs are contiguous along K (the tiles load rows); inside a TileScope.
