@@ -86,7 +86,7 @@ def test_explain_names_the_cpu_kernel(cpu_tier, scheme):
             text = str(llmkernels.explain(llmkernels.quant_matmul, x, qw))
             packed = "x packed" in text
             tiles = cpu_tier == "amx" and M >= 12 and (
-                scheme == "w8a8" or scheme == "int8" and dtype == torch.bfloat16)
+                scheme == "w8a8" or dtype == torch.bfloat16)  # int8, int4 (group 64)
             assert ("AMX bf16 tiles:" in text or "AMX int8 tiles:" in text) == tiles, text
             if tiles:
                 assert ("AMX int8 tiles" if scheme == "w8a8" else "AMX bf16 tiles") in text

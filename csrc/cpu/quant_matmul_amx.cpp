@@ -1,14 +1,16 @@
-// The amx tier's quantized matmul: int8 weights over a prefill-sized number of rows of x
-// multiply on AMX tiles, bf16 tiles for int8 weight-only with bfloat16 x, int8 tiles for
-// w8a8; every other call runs the avx512_bf16 kernels.
+// The amx tier's quantized matmul: over a prefill-sized number of rows of x, int8 and int4
+// weights with bfloat16 x multiply on AMX bf16 tiles and w8a8 on int8 tiles; every other
+// call runs the avx512_bf16 kernels.
 //
 // The product is taken transposed, out^T = W x^T, so that the weight needs no transposing: a
-// block of 32 channels is copied into tile rows once per item (int8: widened to bf16, pairs
-// along K, exact; w8a8: the bytes as they are, quads along K), x is packed once per call as
-// x^T words (XT[k][m] holds word k of row m: two bf16 values, or four bytes of x quantized per
-// row by the avx512_bf16 tier's own code, stored + 128), and the scales and bias are applied
-// when the block's sums are written out. int8: bf16 products with float32 sums, as the
-// avx512_bf16 tier's bf16 panels, summed in another order; w8a8: the same integers.
+// block of 32 channels is copied into tile rows once per item (int8: widened to bf16; int4:
+// q - zero widened to bf16; both exact, pairs along K; w8a8: the bytes as they are, quads
+// along K), x is packed once per call as x^T words (XT[k][m] holds word k of row m: two bf16
+// values, or four bytes of x quantized per row by the avx512_bf16 tier's own code, stored +
+// 128), and the scales and bias are applied when the block's sums are written out (int4: each
+// group's sums times the group's scale, added up in float32). The same arithmetic as the
+// avx512_bf16 tier's bf16 panels (bf16 products, float32 sums), summed in another order;
+// w8a8: the same integers.
 #define LLMK_VEC_BYTES 64
 #define LLMK_ISA_NS qmm_amx_isa
 #if defined(__x86_64__) && defined(__AVX512BF16__)
@@ -37,13 +39,16 @@ constexpr int64_t kBlockChannels = 32;   // channels per work item (two tile row
 constexpr int64_t kBlockRows = 256;      // x rows per product inside an item
 constexpr int64_t kPackWords = 64;       // words of K per x-packing item
 
-enum class Path { none, int8_bf16, w8a8 };
+enum class Path { none, int8_bf16, int4_bf16, w8a8 };
 
 Path path_for(const QuantMatmulParams& p) {
   const int64_t M = p.x.sizes[0];
   if (M < kMinRows || M > kMaxRows) return Path::none;
-  if (p.scheme == QuantScheme::int8 && p.x.dtype == DType::bf16) return Path::int8_bf16;
   if (p.scheme == QuantScheme::w8a8) return Path::w8a8;
+  if (p.x.dtype != DType::bf16) return Path::none;  // float32 / float16 x: not rounded to bf16
+  if (p.scheme == QuantScheme::int8) return Path::int8_bf16;
+  // int4 groups (multiples of 32 values) fill whole tile rows of K
+  if (p.scheme == QuantScheme::int4 && p.group_size % 32 == 0) return Path::int4_bf16;
   return Path::none;
 }
 
@@ -60,9 +65,9 @@ struct Geometry {
 };
 
 // x^T (and w8a8's quantized rows and their scales), then per thread: the item's weight rows,
-// the channels' weight sums (w8a8), and its block of out^T sums.
+// the channels' weight sums (w8a8), its block of out^T sums, and (int4) one group's sums.
 struct Layout {
-  int64_t xt, xq, xscale, scratch, wsum, sums, per_thread, total;  // wsum, sums: in a thread's
+  int64_t xt, xq, xscale, scratch, wsum, sums, group_sums, per_thread, total;  // in a thread's
   Layout(const Geometry& g, int nthreads) {
     int64_t off = 0;
     auto take = [&](int64_t bytes) { const int64_t at = off; off += round_up(bytes, 64); return at; };
@@ -72,7 +77,9 @@ struct Layout {
     scratch = off;
     wsum = round_up(kBlockChannels * g.Kw * 4, 64);
     sums = wsum + round_up(kBlockChannels * 4, 64);
-    per_thread = sums + round_up(kBlockChannels * std::min(g.Mp, kBlockRows) * 4, 64);
+    const int64_t block = round_up(kBlockChannels * std::min(g.Mp, kBlockRows) * 4, 64);
+    group_sums = sums + block;
+    per_thread = group_sums + (g.path == Path::int4_bf16 ? block : 0);
     total = scratch + per_thread * nthreads + 64;  // room to align the base
   }
 };
@@ -142,6 +149,34 @@ void widen_weights(const Ctx& c, int64_t n0, int64_t nc, uint16_t* wb) {
   }
 }
 
+// Channels [n0, n0 + nc) of an int4 W as bf16 rows of q - zero (K a multiple of 32): 16
+// bytes hold 16 pairs; a small integer's float32 bits end in 16 zeros, so its bf16 is the
+// top half, exactly.
+void widen_int4_weights(const Ctx& c, int64_t n0, int64_t nc, uint32_t* wb) {
+  const Geometry& g = c.g;
+  const QuantMatmulParams& p = *c.p;
+  const int64_t gs = p.group_size, groups = g.K / gs;
+  const uint8_t* q = p.qdata.ptr<uint8_t>();
+  const uint8_t* zeros = p.zeros.ptr<uint8_t>();
+  const __m512i nibble = _mm512_set1_epi32(15), top = _mm512_set1_epi32(int(0xffff0000u));
+  for (int64_t r = 0; r < nc; ++r) {
+    const uint8_t* src = q + (n0 + r) * (g.K / 2);
+    uint32_t* dst = wb + r * g.Kw;
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      const __m512i z = _mm512_set1_epi32(zeros[(n0 + r) * groups + grp]);
+      for (int64_t j = grp * gs / 2; j < (grp + 1) * gs / 2; j += 16) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, nibble), z));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), z));
+        const __m512i w = _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(lo), 16),
+                                          _mm512_and_si512(_mm512_castps_si512(hi), top));
+        _mm512_storeu_si512(dst + j, w);
+      }
+    }
+    for (int64_t j = g.K / 2; j < g.Kw; ++j) dst[j] = 0;
+  }
+}
+
 // Channels [n0, n0 + nc) of W as rows of 4 Kw bytes (zeros past K), and each row's sum.
 void copy_weights(const Ctx& c, int64_t n0, int64_t nc, int8_t* wb, int32_t* wsum) {
   const Geometry& g = c.g;
@@ -163,11 +198,15 @@ void channel_block_item(void* vctx, int64_t item, int tid) {
   const QuantMatmulParams& p = *c.p;
   const int64_t n0 = item * kBlockChannels, nc = std::min(kBlockChannels, g.N - n0);
   const bool w8a8 = g.path == Path::w8a8;
+  const bool int4 = g.path == Path::int4_bf16;
   char* scratch = c.scratch(tid);
   int32_t* wsum = reinterpret_cast<int32_t*>(scratch + c.lay.wsum);
   float* sums = reinterpret_cast<float*>(scratch + c.lay.sums);
+  float* group_sums = reinterpret_cast<float*>(scratch + c.lay.group_sums);
   if (w8a8)
     copy_weights(c, n0, nc, reinterpret_cast<int8_t*>(scratch), wsum);
+  else if (int4)
+    widen_int4_weights(c, n0, nc, reinterpret_cast<uint32_t*>(scratch));
   else
     widen_weights(c, n0, nc, reinterpret_cast<uint16_t*>(scratch));
   const uint32_t* wrows = reinterpret_cast<const uint32_t*>(scratch);
@@ -176,11 +215,26 @@ void channel_block_item(void* vctx, int64_t item, int tid) {
   for (int64_t m0 = 0; m0 < g.M; m0 += kBlockRows) {
     const int64_t mc = std::min(kBlockRows, g.M - m0), mcp = round_up(mc, amx::kTileWords);
     // out^T [nc x mcp] = W [nc x K] x^T [K x mcp]
-    if (w8a8)
+    if (w8a8) {
       gemm_s8u8(nc, mcp, g.Kw, wrows, g.Kw, c.xt() + m0, g.Mp, reinterpret_cast<int32_t*>(sums),
                 mcp, tiles);
-    else
+    } else if (int4) {  // per group: its sums times the channel's group scale
+      const int64_t gw = p.group_size / 2, groups = g.K / p.group_size;
+      for (int64_t x = 0; x < nc * mcp; ++x) sums[x] = 0.f;
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        gemm_bf16(nc, mcp, gw, wrows + grp * gw, g.Kw, 1, c.xt() + grp * gw * g.Mp + m0, g.Mp,
+                  group_sums, mcp, false, tiles);
+        for (int64_t r = 0; r < nc; ++r) {
+          const __m512 s = _mm512_set1_ps(scale[(n0 + r) * groups + grp]);
+          for (int64_t m = 0; m < mcp; m += 16)
+            _mm512_storeu_ps(sums + r * mcp + m,
+                             _mm512_fmadd_ps(s, _mm512_loadu_ps(group_sums + r * mcp + m),
+                                             _mm512_loadu_ps(sums + r * mcp + m)));
+        }
+      }
+    } else {
       gemm_bf16(nc, mcp, g.Kw, wrows, g.Kw, 1, c.xt() + m0, g.Mp, sums, mcp, false, tiles);
+    }
     with_float_type(p.out.dtype, [&](auto tag) {
       using T = decltype(tag);
       T* out = static_cast<T*>(p.out.data);
@@ -194,7 +248,7 @@ void channel_block_item(void* vctx, int64_t item, int tid) {
             const int32_t s = reinterpret_cast<const int32_t*>(sums)[r * mcp + m];
             v = float(s - 128 * wsum[r]) * c.xscale()[m0 + m] * scale[n];
           } else {
-            v = sums[r * mcp + m] * scale[n];
+            v = int4 ? sums[r * mcp + m] : sums[r * mcp + m] * scale[n];
           }
           from_f32(out + (m0 + m) * p.out.strides[0] + n * p.out.strides[1], v + b);
         }
@@ -215,6 +269,9 @@ const char* describe(const QuantMatmulParams& p) {
     case Path::int8_bf16:
       return "AMX bf16 tiles: out^T = W x^T, weights widened to bf16 per 32 channels, x packed "
              "as x^T pairs";
+    case Path::int4_bf16:
+      return "AMX bf16 tiles: out^T = W x^T, q - zero widened to bf16 per 32 channels, group "
+             "sums scaled, x packed as x^T pairs";
     case Path::w8a8:
       return "AMX int8 tiles: out^T = W x^T, x quantized per row and packed as x^T quads";
     default: return qmm_avx512bf16::describe(p);
