@@ -234,8 +234,17 @@ void self_check_product(float* out) {
   O::template zero<2>();
   O::template dp_s8u8<2, 4, 6>();
   O::template store<2>(out + kTileRows * kTileWords, 64);
+  // The configuration reads back as loaded, and as zeros once released (TileScope relies on
+  // both to put a caller's configuration back).
+  TileConfig seen;
+  O::store_config(&seen);
+  std::memcpy(out + 2 * kTileRows * kTileWords, &seen, sizeof seen);
   O::release();
+  O::store_config(&seen);
+  std::memcpy(out + 2 * kTileRows * kTileWords + 16, &seen, sizeof seen);
 }
+
+constexpr int kSelfCheckFloats = 2 * kTileRows * kTileWords + 32;  // two products, two configs
 
 #if LLMK_HAS_AMX_ASM && defined(__linux__)
 bool request_tile_permission(std::string* why) {
@@ -261,13 +270,13 @@ bool forked_self_check(bool request_permission, std::string* why) {
   // that hides the state, or a mistake of ours), the child dies and the tier is disabled,
   // instead of `import llmkernels` crashing. The child only makes system calls, runs the
   // product and compares memory.
-  alignas(64) float model[2 * kTileRows * kTileWords];  // the bf16 and the byte products
+  alignas(64) float model[kSelfCheckFloats];
   self_check_product<Emulated>(model);
   const pid_t pid = fork();
   if (pid == 0) {
     std::string ignored;
     if (request_permission && !request_tile_permission(&ignored)) _exit(2);
-    alignas(64) float hw[2 * kTileRows * kTileWords];
+    alignas(64) float hw[kSelfCheckFloats];
     self_check_product<Hardware>(hw);
     _exit(std::memcmp(hw, model, sizeof hw) == 0 ? 0 : 1);
   }
