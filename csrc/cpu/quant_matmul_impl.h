@@ -178,13 +178,28 @@ LLMK_INLINE qv qwsum(qv acc, q8) { return acc; }
 constexpr bool kInt4Q8 = true;
 typedef __m512i n8;
 // Two 32-blocks A, B: [lo A, lo B, hi A, hi B] (16 bytes each; x is prepared in this order):
-// the 32 bytes broadcast to both halves, the upper half shifted right by a nibble, masked.
+// the 32 bytes broadcast to both halves, the lower half masked to its low nibbles. With VNNI
+// the upper half is masked to its high nibbles in place (16 times the value, one instruction
+// fewer than shifting: int4 decoding from cache 10% faster): vpdpbusd sums exactly (4 x 240 x
+// 127 fits int32), and the high lanes' x scales carry the 1/16 (kHighNibbleScale), so each
+// lane's float product is the same number (scales of 2^-122 or more: s / 16 stays normal).
+// Without it, maddubs' int16 sums would saturate:
+// the upper half is shifted down.
 constexpr bool kPairedNibbles = true;
+#if defined(__AVX512VNNI__)
+constexpr float kHighNibbleScale = 1.f / 16.f;
+LLMK_INLINE n8 nibble_bytes(const uint8_t* p) {
+  const __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_and_si512(b, _mm512_inserti64x4(_mm512_set1_epi8(0x0f), _mm256_set1_epi8(char(0xf0)), 1));
+}
+#else
+constexpr float kHighNibbleScale = 1.f;
 LLMK_INLINE n8 nibble_bytes(const uint8_t* p) {
   const __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   const __m512i z = _mm512_srlv_epi64(b, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0));
   return _mm512_and_si512(z, _mm512_set1_epi8(15));
 }
+#endif
 LLMK_INLINE n8 load_x8(const int8_t* p) { return _mm512_loadu_si512(p); }
 // acc + a * b in one rounding (the int4 decoding loop is bound by its vector instructions).
 LLMK_INLINE vf fma_(vf a, vf b, vf acc) { return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc); }
@@ -199,6 +214,7 @@ LLMK_INLINE vf dot_u4_s8(n8 w, n8 x) {
 #elif defined(__AVX2__) && LLMK_VEC_BYTES == 32
 constexpr bool kInt4Q8 = true;
 constexpr bool kPairedNibbles = false;  // one 32-block per vector: [lo, hi]
+constexpr float kHighNibbleScale = 1.f;
 typedef __m256i n8;
 LLMK_INLINE n8 nibble_bytes(const uint8_t* p) {
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -216,6 +232,7 @@ LLMK_INLINE vf dot_u4_s8(n8 w, n8 x) {
 #else
 constexpr bool kInt4Q8 = false;
 constexpr bool kPairedNibbles = false;
+constexpr float kHighNibbleScale = 1.f;
 LLMK_INLINE vf fma_(vf a, vf b, vf acc) { return a * b + acc; }
 #endif
 
@@ -1012,7 +1029,7 @@ void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q + odd_at), _mm512_cvtepi32_epi8(qo));
       for (int l = 0; l < 4; ++l) {
         lanes[even_at / 4 + l] = s;
-        lanes[odd_at / 4 + l] = s;
+        lanes[odd_at / 4 + l] = s * kHighNibbleScale;
       }
       gsum[kb / g] += s * float(_mm512_reduce_add_epi32(_mm512_add_epi32(qe, qo)));
       continue;
@@ -1038,7 +1055,7 @@ void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
     }
     for (int l = 0; l < 4; ++l) {
       lanes[even_at / 4 + l] = s;
-      lanes[odd_at / 4 + l] = s;
+      lanes[odd_at / 4 + l] = s * kHighNibbleScale;
     }
     gsum[kb / g] += s * float(qsum);
   }
