@@ -247,18 +247,27 @@ void self_check_product(float* out) {
 constexpr int kSelfCheckFloats = 2 * kTileRows * kTileWords + 32;  // two products, two configs
 
 #if LLMK_HAS_AMX_ASM && defined(__linux__)
-bool request_tile_permission(std::string* why) {
+// 0: granted; 1: refused; 2: not granted after all. System calls only (the forked child of
+// a multithreaded process must not allocate).
+int tile_permission() {
   constexpr long kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023, kXtiledata = 18;
-  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXtiledata) != 0) {
-    *why = "Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM; kernel < 5.16?)";
-    return false;
-  }
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXtiledata) != 0) return 1;
   unsigned long bits = 0;
-  if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &bits) != 0 || !(bits & (1ul << kXtiledata))) {
-    *why = "Linux did not grant the AMX tile state (arch_prctl ARCH_GET_XCOMP_PERM)";
-    return false;
+  if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &bits) != 0 || !(bits & (1ul << kXtiledata)))
+    return 2;
+  return 0;
+}
+
+bool request_tile_permission(std::string* why) {
+  switch (tile_permission()) {
+    case 0: return true;
+    case 1:
+      *why = "Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM; kernel < 5.16?)";
+      return false;
+    default:
+      *why = "Linux did not grant the AMX tile state (arch_prctl ARCH_GET_XCOMP_PERM)";
+      return false;
   }
-  return true;
 }
 #endif
 
@@ -274,8 +283,7 @@ bool forked_self_check(bool request_permission, std::string* why) {
   self_check_product<Emulated>(model);
   const pid_t pid = fork();
   if (pid == 0) {
-    std::string ignored;
-    if (request_permission && !request_tile_permission(&ignored)) _exit(2);
+    if (request_permission && tile_permission() != 0) _exit(2);
     alignas(64) float hw[kSelfCheckFloats];
     self_check_product<Hardware>(hw);
     _exit(std::memcmp(hw, model, sizeof hw) == 0 ? 0 : 1);
