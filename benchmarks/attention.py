@@ -508,9 +508,10 @@ def main(argv=None) -> int:
                     notes.append(f"{p} {mode} {_label(r)}: {res['error']}")
     backends_used = sorted({r["ours_backend"] for r in records if r["ours_backend"]})
     if backends_used:
+        with llmkernels.use_cpu_tier(args.cpu_tier):  # says so when AMX tiles are emulated
+            tier = llmkernels.backends.cpu_tier_label()
         notes.append(f"'ours' was served by: {', '.join(backends_used)}"
-                     + (f" (cpu tier {args.cpu_tier or llmkernels.backends.cpu_tier()})"
-                        if "cpu" in backends_used else ""))
+                     + (f" (cpu tier {tier})" if "cpu" in backends_used else ""))
     notes.append("speedup = baseline time / ours time; GF/s counts unmasked work only; "
                  "%mm = ours GF/s over the matmul ceiling; err/pt = ours' max error over "
                  "PyTorch's same-precision error (vs float64; the check allows 2x + a floor)")

@@ -103,6 +103,7 @@ def _llmkernels_summary() -> Dict[str, Any]:
         out["cpu_brand"] = info["cpu"]["brand"]
         out["cpu_tier_in_use"] = info["cpu"]["tier_in_use"]
         out["cpu_tiers_supported"] = info["cpu"]["tiers_supported"]
+        out["cpu_amx"] = info["cpu"].get("amx")  # hardware, emulated, or why unavailable
     if "cuda" in info:
         out["cuda_archs"] = info["cuda"]["archs"]
     if "native_error" in info:
@@ -134,7 +135,8 @@ def format_machine(info: Mapping[str, Any]) -> str:
         line = f"llmkernels {lk.get('version')}: paths built {paths}"
         if "cpu_tier_in_use" in lk:
             line += (f"; cpu tier {lk['cpu_tier_in_use']} "
-                     f"(supported: {','.join(lk['cpu_tiers_supported'])})")
+                     f"(supported: {','.join(lk['cpu_tiers_supported'])}; "
+                     f"amx: {lk.get('cpu_amx')})")
         if lk.get("cuda_archs"):
             line += f"; cuda archs {','.join(lk['cuda_archs'])}"
         lines.append(line)
