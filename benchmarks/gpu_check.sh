@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU check: build, run the GPU tests (plain and under compute-sanitizer) and the GPU attention
-# benchmark on a GPU machine, recording everything under "${OUT:-/tmp/gpu_out}".
+# benchmark on a GPU machine, recording everything under "${OUT:-/tmp/gpu_out}". The host CPU's
+# steps come first (cpu_amx_tests) and last (cpu_attention_*, cpu_quant_* where it has AMX):
+# the GPU machines' Xeons are the only AMX CPUs the project has met.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 #
