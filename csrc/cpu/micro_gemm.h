@@ -9,9 +9,6 @@
 #include "../common/checks.h"
 #include "../common/tensor_view.h"
 #include "vec.h"
-#if LLMK_AMX
-#include "amx_tiles.h"
-#endif
 
 namespace llmk {
 namespace LLMK_ISA_NS {
@@ -165,168 +162,6 @@ inline void gemm_bf16_dot(int64_t M, int64_t N, int64_t K2, const uint32_t* A, i
   }
 }
 
-#if LLMK_AMX
-// ---------------------------------------------------------------- AMX tiles (amx tier)
-// The same product on tiles: blocks of 32 x 32 of C in tiles 0-3 (tile 2i + j holds rows
-// 16i.., columns 16j..), A in tiles 4-5, B in tiles 6-7, K in steps of 16 words (pairs of
-// bf16, or quads of bytes for TileDot::s8u8: signed A, unsigned B, int32 C). Operands that
-// do not fill a tile (M, K edges) are copied into zero-padded buffers: the tiles never read
-// or write past the caller's data. Like micro_bf16, C's products start from zero and are
-// added to C once (float32 C only).
-constexpr bool kHasAmx = true;
-enum class TileDot { bf16, s8u8 };
-
-template <class O, TileDot D, int C, int A, int B>
-LLMK_INLINE void tile_dot() {
-  if constexpr (D == TileDot::bf16) O::template dp<C, A, B>(); else O::template dp_s8u8<C, A, B>();
-}
-
-template <class O>
-LLMK_INLINE void tile_load_a(int i, const void* p, int64_t stride) {
-  if (i == 0) O::template load<4>(p, stride); else O::template load<5>(p, stride);
-}
-template <class O>
-LLMK_INLINE void tile_load_b(int j, const void* p, int64_t stride) {
-  if (j == 0) O::template load<6>(p, stride); else O::template load<7>(p, stride);
-}
-template <class O>
-LLMK_INLINE void tile_store_c(int t, void* p, int64_t stride) {
-  switch (t) {
-    case 0: O::template store<0>(p, stride); break;
-    case 1: O::template store<1>(p, stride); break;
-    case 2: O::template store<2>(p, stride); break;
-    default: O::template store<3>(p, stride); break;
-  }
-}
-
-// rows in [1, 32] of C, nb (1 or 2) tiles of 16 columns, all K2 words.
-template <class O, TileDot D>
-void tile_block(int64_t rows, int nb, int64_t K2, const uint32_t* A, int64_t sam,
-                const uint32_t* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  constexpr int TR = amx::kTileRows, TW = amx::kTileWords;
-  const int mb = rows > TR ? 2 : 1;
-  alignas(64) uint32_t pad[TR * TW];
-  O::template zero<0>();
-  if (nb > 1) O::template zero<1>();
-  if (mb > 1) {
-    O::template zero<2>();
-    if (nb > 1) O::template zero<3>();
-  }
-  for (int64_t k0 = 0; k0 < K2; k0 += TW) {
-    const int64_t kk = min_<int64_t>(TW, K2 - k0);
-    for (int i = 0; i < mb; ++i) {
-      const uint32_t* a = A + i * TR * sam + k0;
-      const int64_t ri = min_<int64_t>(TR, rows - i * TR);
-      if (ri == TR && kk == TW) {
-        tile_load_a<O>(i, a, sam * 4);
-      } else {
-        for (int64_t r = 0; r < TR; ++r)
-          for (int64_t w = 0; w < TW; ++w) pad[r * TW + w] = r < ri && w < kk ? a[r * sam + w] : 0u;
-        tile_load_a<O>(i, pad, TW * 4);
-      }
-    }
-    for (int j = 0; j < nb; ++j) {
-      const uint32_t* b = B + k0 * ldb + j * TW;
-      if (kk == TW) {
-        tile_load_b<O>(j, b, ldb * 4);
-      } else {
-        for (int64_t r = 0; r < TR; ++r)
-          for (int64_t w = 0; w < TW; ++w) pad[r * TW + w] = r < kk ? b[r * ldb + w] : 0u;
-        tile_load_b<O>(j, pad, TW * 4);
-      }
-    }
-    tile_dot<O, D, 0, 4, 6>();
-    if (nb > 1) tile_dot<O, D, 1, 4, 7>();
-    if (mb > 1) {
-      tile_dot<O, D, 2, 5, 6>();
-      if (nb > 1) tile_dot<O, D, 3, 5, 7>();
-    }
-  }
-  alignas(64) float out[TR * TW];
-  for (int i = 0; i < mb; ++i) {
-    const int64_t ri = min_<int64_t>(TR, rows - i * TR);
-    for (int j = 0; j < nb; ++j) {
-      float* c = C + i * TR * ldc + j * TW;
-      if (!accumulate && ri == TR) {
-        tile_store_c<O>(2 * i + j, c, ldc * 4);
-        continue;
-      }
-      tile_store_c<O>(2 * i + j, out, TW * 4);
-      for (int64_t r = 0; r < ri; ++r) {
-        const __m512 v = _mm512_load_ps(out + r * TW);
-        _mm512_storeu_ps(c + r * ldc, accumulate ? _mm512_add_ps(v, _mm512_loadu_ps(c + r * ldc)) : v);
-      }
-    }
-  }
-}
-
-template <class O, TileDot D>
-void tile_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t sam,
-               const uint32_t* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  constexpr int64_t TR = amx::kTileRows, TW = amx::kTileWords;
-  for (int64_t n0 = 0; n0 < N; n0 += 2 * TW) {
-    const int nb = int(min_<int64_t>(2, (N - n0) / TW));
-    for (int64_t m0 = 0; m0 < M; m0 += 2 * TR)
-      tile_block<O, D>(min_<int64_t>(2 * TR, M - m0), nb, K2, A + m0 * sam, sam, B + n0, ldb,
-                       C + m0 * ldc + n0, ldc, accumulate);
-  }
-}
-
-// The tiles of one work item of a kernel: configured at its start, and at its end the
-// thread's previous configuration is put back (or the tiles released if there was none):
-// code that shares the thread may keep its own configuration across calls (torch's
-// cpublas::brgemm skips ldtilecfg while its thread-local "current" kernel is unchanged).
-class TileScope {
- public:
-  explicit TileScope(bool use) : on_(use), emulated_(use && amx::emulated()) {
-    if (on_) saved_ = amx::scope_begin(emulated_);
-  }
-  ~TileScope() {
-    if (on_) amx::scope_end(emulated_, saved_);
-  }
-  TileScope(const TileScope&) = delete;
-  TileScope& operator=(const TileScope&) = delete;
-  bool emulated() const { return emulated_; }
-
- private:
-  bool on_, emulated_;
-  amx::TileConfig saved_;
-};
-
-// Tiles when A's pairs are contiguous along K (the tiles load rows); inside a TileScope.
-inline void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t sam,
-                      int64_t sak, const uint32_t* B, int64_t ldb, float* C, int64_t ldc,
-                      bool accumulate, const TileScope& tiles) {
-  if (sak != 1) return gemm_bf16_dot(M, N, K2, A, sam, sak, B, ldb, C, ldc, accumulate);
-  if (tiles.emulated())
-    tile_gemm<amx::Emulated, TileDot::bf16>(M, N, K2, A, sam, B, ldb, C, ldc, accumulate);
-  else
-    tile_gemm<amx::Hardware, TileDot::bf16>(M, N, K2, A, sam, B, ldb, C, ldc, accumulate);
-}
-
-// C[M x N] = A B over K4 words of four bytes (A signed, B unsigned), int32 sums; A row-major
-// (K4 words per row at stride sam), B as K4 rows of N words; N a multiple of 16.
-inline void gemm_s8u8(int64_t M, int64_t N, int64_t K4, const uint32_t* A, int64_t sam,
-                      const uint32_t* B, int64_t ldb, int32_t* C, int64_t ldc,
-                      const TileScope& tiles) {
-  float* Cf = reinterpret_cast<float*>(C);  // the tiles store the int32 bits as they are
-  if (tiles.emulated())
-    tile_gemm<amx::Emulated, TileDot::s8u8>(M, N, K4, A, sam, B, ldb, Cf, ldc, false);
-  else
-    tile_gemm<amx::Hardware, TileDot::s8u8>(M, N, K4, A, sam, B, ldb, Cf, ldc, false);
-}
-#else
-constexpr bool kHasAmx = false;
-class TileScope {
- public:
-  explicit TileScope(bool) {}
-};
-inline void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t sam,
-                      int64_t sak, const uint32_t* B, int64_t ldb, float* C, int64_t ldc,
-                      bool accumulate, const TileScope&) {
-  gemm_bf16_dot(M, N, K2, A, sam, sak, B, ldb, C, ldc, accumulate);
-}
-#endif
 
 // float32 row -> bf16 (round to nearest even), n a multiple of 16.
 LLMK_INLINE void row_to_bf16(const float* src, uint16_t* dst, int64_t n) {
@@ -355,13 +190,8 @@ inline void rows_to_bf16_pairs(const float* src, int64_t ld, int64_t m, int64_t 
 }
 #else
 constexpr bool kHasBf16Dot = false;
-constexpr bool kHasAmx = false;
-class TileScope {
- public:
-  explicit TileScope(bool) {}
-};
-inline void gemm_bf16(int64_t, int64_t, int64_t, const uint32_t*, int64_t, int64_t,
-                      const uint32_t*, int64_t, float*, int64_t, bool, const TileScope&) {
+inline void gemm_bf16_dot(int64_t, int64_t, int64_t, const uint32_t*, int64_t, int64_t,
+                          const uint32_t*, int64_t, float*, int64_t, bool) {
   LLMK_CHECK(false, "bf16 dot products are not built into this tier");
 }
 inline void rows_to_bf16_pairs(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {
@@ -376,3 +206,23 @@ LLMK_INLINE uint32_t pair(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uin
 
 }  // namespace LLMK_ISA_NS
 }  // namespace llmk
+
+// gemm_bf16: the products the kernels call, with the tiles of a TileScope on the amx tier.
+#if LLMK_AMX
+#include "amx_gemm.h"
+#else
+namespace llmk {
+namespace LLMK_ISA_NS {
+constexpr bool kHasAmx = false;
+class TileScope {
+ public:
+  explicit TileScope(bool) {}
+};
+inline void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t sam,
+                      int64_t sak, const uint32_t* B, int64_t ldb, float* C, int64_t ldc,
+                      bool accumulate, const TileScope&) {
+  gemm_bf16_dot(M, N, K2, A, sam, sak, B, ldb, C, ldc, accumulate);
+}
+}  // namespace LLMK_ISA_NS
+}  // namespace llmk
+#endif
