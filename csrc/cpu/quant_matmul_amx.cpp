@@ -54,7 +54,7 @@ Path path_for(const QuantMatmulParams& p) {
 
 struct Geometry {
   Path path;
-  int64_t M, N, K, Mp, Kw;  // Mp: rows rounded to a tile; Kw: words of K, rounded to a tile row
+  int64_t M, N, K, Mp, Kw;  // Mp: rows of x rounded to a tile row's 16 words; Kw: words of K, too
   int64_t per_word;         // values of K per word: 2 (bf16) or 4 (bytes)
   explicit Geometry(const QuantMatmulParams& p)
       : path(path_for(p)), M(p.x.sizes[0]), N(p.qdata.sizes[0]), K(p.x.sizes[1]),
@@ -67,7 +67,8 @@ struct Geometry {
 // x^T (and w8a8's quantized rows and their scales), then per thread: the item's weight rows,
 // the channels' weight sums (w8a8), its block of out^T sums, and (int4) one group's sums.
 struct Layout {
-  int64_t xt, xq, xscale, scratch, wsum, sums, group_sums, per_thread, total;  // in a thread's
+  int64_t xt, xq, xscale, scratch, per_thread, total;
+  int64_t wsum, sums, group_sums;  // offsets inside a thread's scratch (its weight rows at 0)
   Layout(const Geometry& g, int nthreads) {
     int64_t off = 0;
     auto take = [&](int64_t bytes) { const int64_t at = off; off += round_up(bytes, 64); return at; };
