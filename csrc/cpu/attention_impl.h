@@ -197,8 +197,10 @@ struct BackwardLayout {
     dop = a.take_floats(g.bf16dot ? tiles * (kBQ * g.Dv2 / 2 + kBQ / 2 * g.Dvp) : rows * g.Dvp);
     delta = a.take_floats(rows);
     dq_acc = a.take_floats(nchunks * rows * g.Dp);
+    // amx: dV is summed transposed on the tiles, and turned into rows before its store
     per_thread = round_up((g.D * kBK + kBK * g.Dp + g.Dv * kBK + 3 * kBQ * kBK + kBK * g.Dp +
-                           kBK * g.Dvp + (g.bf16dot ? kBQ / 2 * kBK : 0)) * 4, 64);
+                           kBK * g.Dvp + (g.bf16dot ? kBQ / 2 * kBK : 0) +
+                           (g.bf16dot && kHasAmx ? kBK * g.Dvp : 0)) * 4, 64);
     scratch = a.take_floats(0);
     a.bytes = scratch + per_thread * nthreads;
     total = a.bytes;
@@ -687,7 +689,7 @@ struct BackwardCtx {
 // dU: rounding dU to bf16 loses too much where its terms cancel (found by fuzzing: head
 // dim 1, where PyTorch falls back to float32 math).
 struct Bf16Tile {  // one query tile's Q and dO in the layouts the bf16 products read
-  uint32_t *Q2, *dO2, *dOv;
+  uint32_t *Q2, *dO2, *dOv;  // dOv: pairs along queries, [q2][e] (amx tier: [e][q2], dO^T)
 };
 
 LLMK_INLINE Bf16Tile bf16_tile(const BackwardCtx& c, int64_t local, int64_t gi, int64_t qt) {
@@ -706,11 +708,14 @@ LLMK_INLINE void pairs_along_cols(const X& x, int64_t rows, int64_t cols2, uint3
     for (int64_t c2 = 0; c2 < cols2; ++c2) dst[r * cols2 + c2] = pair(x(r, 2 * c2), x(r, 2 * c2 + 1));
 }
 
-// Pairs of x(r, c) along rows: dst[r2][c] = (x(2 r2, c), x(2 r2 + 1, c)).
+// Pairs of x(r, c) along rows: dst[r2][c] = (x(2 r2, c), x(2 r2 + 1, c)), or transposed
+// (dst[c][r2]) for the tiles, which read A row-major.
 template <class X>
-LLMK_INLINE void pairs_along_rows(const X& x, int64_t rows2, int64_t cols, uint32_t* dst) {
+LLMK_INLINE void pairs_along_rows(const X& x, int64_t rows2, int64_t cols, uint32_t* dst,
+                                  bool transposed = false) {
   for (int64_t r2 = 0; r2 < rows2; ++r2)
-    for (int64_t c = 0; c < cols; ++c) dst[r2 * cols + c] = pair(x(2 * r2, c), x(2 * r2 + 1, c));
+    for (int64_t c = 0; c < cols; ++c)
+      dst[transposed ? c * rows2 + r2 : r2 * cols + c] = pair(x(2 * r2, c), x(2 * r2 + 1, c));
 }
 
 // Per (batch, head, query tile): delta = rowsum(dO * O); scaled Q as float32 rows, and Q, dO
@@ -730,7 +735,7 @@ void backward_prep_item(void* vctx, int64_t item, int) {
     const Bf16Rows Q(p.q, b, h, i0, mq, g.D), dO(c.io->dout, b, h, i0, mq, g.Dv);
     pairs_along_cols(Q, kBQ, g.D2 / 2, t.Q2);
     pairs_along_cols(dO, kBQ, g.Dv2 / 2, t.dO2);
-    pairs_along_rows(dO, kBQ / 2, g.Dvp, t.dOv);
+    pairs_along_rows(dO, kBQ / 2, g.Dvp, t.dOv, kHasAmx);
   } else {
     load_rows_any(c.io->dout, b, h, i0, mq, g.Dv, 1.f, c.f(c.lay.dop) + r0 * g.Dvp, g.Dvp, g.Dvp);
   }
@@ -780,6 +785,9 @@ void backward_item(void* vctx, int64_t item, int tid) {
   uint32_t* Kt2 = reinterpret_cast<uint32_t*>(Kt);
   uint32_t* Vt2 = reinterpret_cast<uint32_t*>(Vt);
   uint32_t* PT2 = reinterpret_cast<uint32_t*>(dV + kBK * g.Dvp);
+  // amx: dV^T [Dvp][kBK] sums here (dV^T += dO^T P on the tiles), dV's rows made at the end
+  float* dV_rows = reinterpret_cast<float*>(PT2 + kBQ / 2 * kBK);
+  constexpr bool kTransposedDV = BF && kHasAmx;
   const bool cap = p.softcap > 0.f;
   const TensorView& lv = c.io->lse;
   const TileScope tiles(BF && kHasAmx);
@@ -800,7 +808,7 @@ void backward_item(void* vctx, int64_t item, int tid) {
     }
     load_rows_any(p.k, b, hk, j0, nk, g.D, 1.f, Kr, g.Dp, g.Dp);
     for (int64_t x = 0; x < nk * g.Dp; ++x) dK[x] = 0.f;
-    for (int64_t x = 0; x < nk * g.Dvp; ++x) dV[x] = 0.f;
+    for (int64_t x = 0; x < (kTransposedDV ? g.Dvp * kBK : nk * g.Dvp); ++x) dV[x] = 0.f;
 
     int64_t qlo, qhi;
     query_range(p, g.L, j0, nk, &qlo, &qhi);
@@ -827,7 +835,10 @@ void backward_item(void* vctx, int64_t item, int tid) {
         }
         if constexpr (BF) {
           rows_to_bf16_pairs(S, kBK, mq, nkp, PT2, kBK);
-          gemm_bf16(nk, g.Dvp, mq2, PT2, 1, kBK, t.dOv, g.Dvp, dV, g.Dvp, true, tiles);  // dV += P^T dO
+          if constexpr (kTransposedDV)  // dV^T += dO^T P
+            gemm_bf16(g.Dvp, nkp, mq2, t.dOv, kBQ / 2, 1, PT2, kBK, dV, kBK, true, tiles);
+          else  // dV += P^T dO
+            gemm_bf16(nk, g.Dvp, mq2, PT2, 1, kBK, t.dOv, g.Dvp, dV, g.Dvp, true, tiles);
           gemm_bf16(mq, nkp, g.Dv2 / 2, t.dO2, g.Dv2 / 2, 1, Vt2, kBK, dP, kBK, false,  // dP = dO V^T
                     tiles);
         } else {
@@ -853,7 +864,12 @@ void backward_item(void* vctx, int64_t item, int tid) {
       }
     }
     store_rows_any(c.io->dk, b, hk, j0, nk, g.D, dK, g.Dp, 1.f, nullptr);
-    store_rows_any(c.io->dv, b, hk, j0, nk, g.Dv, dV, g.Dvp, 1.f, nullptr);
+    if constexpr (kTransposedDV) {
+      for (int64_t j = 0; j < nk; ++j)
+        for (int64_t e = 0; e < g.Dvp; ++e) dV_rows[j * g.Dvp + e] = dV[e * kBK + j];
+    }
+    store_rows_any(c.io->dv, b, hk, j0, nk, g.Dv, kTransposedDV ? dV_rows : dV, g.Dvp, 1.f,
+                   nullptr);
   }
 }
 
