@@ -271,9 +271,9 @@ std::vector<SgdTensor> sgd_tensors(const py::list& tensors) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "llmkernels compiled kernels (torch-free views; see python/llmkernels/_cview.py)";
   m.def("build_info", &build_info);
-  m.def("amx_forked_self_check", [](bool request_permission) {
+  m.def("amx_forked_self_check", [] {
     std::string why;
-    const bool ok = amx::forked_self_check(request_permission, &why);
+    const bool ok = amx::forked_self_check(&why);
     return py::make_tuple(ok, why);
   }, "Run the AMX tile self-check in a forked child: (passed, why not).");
   m.def("amx_scope_selftest", &amx::scope_selftest,

@@ -130,7 +130,7 @@ def test_amx_self_check_survives_a_cpu_that_faults():
     dies of SIGILL and the caller gets the reason instead of crashing."""
     import signal
     feats = llmkernels.build_info()["cpu"]["features"]
-    passed, why = backends.native_module().amx_forked_self_check(False)
+    passed, why = backends.native_module().amx_forked_self_check()
     if feats.get("amx_tile") and feats.get("amx_bf16"):
         # Tiles need the permission first; without it Linux faults them like a missing unit.
         assert passed or f"signal {int(signal.SIGILL)}" in why, why

@@ -247,43 +247,34 @@ void self_check_product(float* out) {
 constexpr int kSelfCheckFloats = 2 * kTileRows * kTileWords + 32;  // two products, two configs
 
 #if LLMK_HAS_AMX_ASM && defined(__linux__)
-// 0: granted; 1: refused; 2: not granted after all. System calls only (the forked child of
-// a multithreaded process must not allocate).
-int tile_permission() {
-  constexpr long kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023, kXtiledata = 18;
-  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXtiledata) != 0) return 1;
-  unsigned long bits = 0;
-  if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &bits) != 0 || !(bits & (1ul << kXtiledata)))
-    return 2;
-  return 0;
-}
-
+// The tile data state for this process (process-wide, and inherited by forked children).
 bool request_tile_permission(std::string* why) {
-  switch (tile_permission()) {
-    case 0: return true;
-    case 1:
-      *why = "Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM; kernel < 5.16?)";
-      return false;
-    default:
-      *why = "Linux did not grant the AMX tile state (arch_prctl ARCH_GET_XCOMP_PERM)";
-      return false;
+  constexpr long kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023, kXtiledata = 18;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXtiledata) != 0) {
+    *why = "Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM; kernel < 5.16?)";
+    return false;
   }
+  unsigned long bits = 0;
+  if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &bits) != 0 || !(bits & (1ul << kXtiledata))) {
+    *why = "Linux did not grant the AMX tile state (arch_prctl ARCH_GET_XCOMP_PERM)";
+    return false;
+  }
+  return true;
 }
 #endif
 
 }  // namespace
 
-bool forked_self_check(bool request_permission, std::string* why) {
+bool forked_self_check(std::string* why) {
 #if LLMK_HAS_AMX_ASM && defined(__linux__)
   // The first tile instructions run in a forked child: if they fault (a kernel or hypervisor
   // that hides the state, or a mistake of ours), the child dies and the tier is disabled,
-  // instead of `import llmkernels` crashing. The child only makes system calls, runs the
-  // product and compares memory.
+  // instead of `import llmkernels` crashing. The child only runs the product and compares
+  // memory (no allocation after fork in a multithreaded process).
   alignas(64) float model[kSelfCheckFloats];
   self_check_product<Emulated>(model);
   const pid_t pid = fork();
   if (pid == 0) {
-    if (request_permission && tile_permission() != 0) _exit(2);
     alignas(64) float hw[kSelfCheckFloats];
     self_check_product<Hardware>(hw);
     _exit(std::memcmp(hw, model, sizeof hw) == 0 ? 0 : 1);
@@ -297,17 +288,12 @@ bool forked_self_check(bool request_permission, std::string* why) {
     *why = "the AMX self-check died of signal " + std::to_string(WTERMSIG(status)) + " (tier disabled)";
     return false;
   }
-  if (WEXITSTATUS(status) == 1) {
-    *why = "the AMX self-check product differs from the software model (tier disabled)";
-    return false;
-  }
   if (WEXITSTATUS(status) != 0) {
-    *why = "Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM; kernel < 5.16?)";
+    *why = "the AMX self-check product differs from the software model (tier disabled)";
     return false;
   }
   return true;
 #else
-  (void)request_permission;
   *why = "AMX tiles are only used on Linux x86-64";
   return false;
 #endif
@@ -321,12 +307,10 @@ bool check_hardware(std::string* why) {
     *why = "the CPU (or the OS, XCR0) has no AMX-BF16 and AMX-INT8 tiles";
     return false;
   }
-  if (!forked_self_check(true, why)) return false;
 #if LLMK_HAS_AMX_ASM && defined(__linux__)
-  return request_tile_permission(why);  // for this process (the child's grant died with it)
-#else
-  return false;
+  if (!request_tile_permission(why)) return false;
 #endif
+  return forked_self_check(why);
 }
 
 }  // namespace

@@ -96,15 +96,16 @@ std::string scope_selftest();
 // True when LLMKERNELS_AMX_EMULATE=1 asks for the software model on a CPU without usable
 // AMX tiles (the amx tier can then be forced, never chosen automatically).
 bool emulation_requested();
-// Whether the hardware path can run here: CPUID/XCR0 say AMX-BF16 and AMX-INT8, Linux granted the tile
-// data state (arch_prctl ARCH_REQ_XCOMP_PERM), and a small product on the tiles gave the
-// emulator's bits. `why` says what failed.
+// Whether the hardware path can run here: CPUID/XCR0 say AMX-BF16 and AMX-INT8, Linux
+// granted the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM), and a small product on the
+// tiles gave the emulator's bits. `why` says what failed.
 bool hardware_usable(std::string* why);
 // The amx tier runs on the software model (no usable hardware, emulation requested).
 bool emulated();
-// The self-check product on the tiles, run in a forked child (hardware_usable's first step);
-// tests call it on CPUs without AMX to see a faulting child reported, not crash the caller.
-bool forked_self_check(bool request_permission, std::string* why);
+// The self-check product on the tiles, run in a forked child (hardware_usable's last step,
+// after the tile permission); tests call it on CPUs without AMX to see a faulting child
+// reported, not crash the caller.
+bool forked_self_check(std::string* why);
 
 }  // namespace amx
 }  // namespace llmk
