@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: build, run the GPU tests (plain and under compute-sanitizer) and the GPU attention
 # benchmark on a GPU machine, recording everything under "${OUT:-/tmp/gpu_out}". The host CPU's
-# steps come first (cpu_amx_tests) and last (cpu_attention_*, cpu_quant_* where it has AMX):
+# steps come first (cpu_amx_tests, then cpu_attention_*, cpu_quant_* where it has AMX):
 # the GPU machines' Xeons are the only AMX CPUs the project has met.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
@@ -15,6 +15,7 @@
 # that would start with under 20 s left are skipped, so the logs are always complete in time.
 # SKIP_BUILD=1 reuses the installed build (e.g. a dry run in a tree someone is building).
 # STEPS=tests|bench|all (default all) picks the GPU steps; GPU_ARCHS overrides the CUDA archs.
+# SKIP_STEPS="name ..." skips those steps; CPU_BENCH=1 times the host CPU's tiers without AMX too.
 set -euo pipefail
 
 OUT="${OUT:-/tmp/gpu_out}"
@@ -36,6 +37,7 @@ log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$SUMMARY"; }
 # output in $OUT/NAME.log; record (don't propagate) its status.
 step() {
   local name="$1" limit="$2"; shift 2
+  case " ${SKIP_STEPS:-} " in *" $name "*) log "$name: skipped (SKIP_STEPS)"; return 0 ;; esac
   local left=$(( DEADLINE - ($(date +%s) - STARTED_AT) - 10 ))
   if [ "$left" -lt 20 ]; then log "$name: skipped (deadline)"; return 0; fi
   [ "$limit" -gt "$left" ] && limit="$left"
@@ -98,7 +100,7 @@ fi
   > "$OUT/build_info.json" 2> "$OUT/build_info.err" || log "build_info FAILED: see $OUT/build_info.err"
 log "build_info: $(cut -c1-400 "$OUT/build_info.json" 2>/dev/null)"
 
-# The host CPU first (seconds): the GPU machines' Xeons have AMX, the amx tier's only hardware
+# The host CPU first (about a minute): the GPU machines' Xeons have AMX, the amx tier's only hardware
 # so far. Without AMX the same tests run the tiles' software model.
 HOST_AMX=0
 grep -qw amx_bf16 /proc/cpuinfo 2>/dev/null && HOST_AMX=1
@@ -106,6 +108,20 @@ log "host CPU: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2-)
 step cpu_amx_tests "$TEST_TIMEOUT" "$PY" -m pytest tests/test_attention.py tests/test_backends.py \
   tests/test_quant_matmul.py tests/test_quant_matmul_many_rows.py -k amx -q -p no:cacheprovider -rfEs
 show 3 "$OUT/cpu_amx_tests.log"
+if [ "$HOST_AMX" = 1 ] || [ "${CPU_BENCH:-0}" = 1 ]; then
+  # Issue 3's bf16 target on two cores of the host (tiers alternate: amx, then avx512_bf16).
+  for tier in amx avx512_bf16; do
+    step "cpu_attention_$tier" "$BENCH_TIMEOUT" env OMP_NUM_THREADS=2 taskset -c 0,1 "$PY" \
+      benchmarks/attention.py --device cpu --cpu-tier "$tier" --dtypes bf16 --head-dims 64 \
+      --seqlens 2048 --heads 16 --paths ours,sdpa --min-run-time 0.2 --json "$OUT/attention_cpu_$tier.json"
+    show 8 "$OUT/cpu_attention_$tier.log"
+    # Issue 5's M = 16 / 64 targets (int8 vs int8pack, w8a8 vs dense bf16) on the same cores.
+    step "cpu_quant_$tier" "$BENCH_TIMEOUT" env OMP_NUM_THREADS=2 LLMKERNELS_CPU_TIER="$tier" \
+      taskset -c 0,1 "$PY" benchmarks/quant_matmul.py --device cpu --ms 16,64 --shapes 4096x4096 \
+      --schemes int8,w8a8 --min-run-time 0.2 --json "$OUT/quant_cpu_$tier.json"
+    show 8 "$OUT/cpu_quant_$tier.log"
+  done
+fi
 
 # Two groups, each its own step, so that one timing out keeps the other's results.
 GPU_TESTS_ATTENTION="tests/test_attention_gpu.py tests/test_attention_varlen.py \
@@ -175,20 +191,6 @@ if [ "$HAVE_GPU" = 1 ] && [ "$STEPS" != tests ]; then
     --ours-backend cuda --paths ours,sdpa --dtypes bf16 --head-dims 128 --seqlens "${BENCH_SEQLENS:-4096}" \
     --batch "${BENCH_BATCH:-4}" --heads "${BENCH_HEADS:-16}" --min-run-time 0.1 --json "$OUT/attention_gpu_cuda.json"
   show 12 "$OUT/attention_bench_cuda.log"
-fi
-if [ "$HOST_AMX" = 1 ]; then
-  # Issue 3's bf16 target on two cores of the host (tiers alternate: amx, then avx512_bf16).
-  for tier in amx avx512_bf16; do
-    step "cpu_attention_$tier" "$BENCH_TIMEOUT" env OMP_NUM_THREADS=2 taskset -c 0,1 "$PY" \
-      benchmarks/attention.py --device cpu --cpu-tier "$tier" --dtypes bf16 --head-dims 64 \
-      --seqlens 2048 --heads 16 --paths ours,sdpa --min-run-time 0.2 --json "$OUT/attention_cpu_$tier.json"
-    show 8 "$OUT/cpu_attention_$tier.log"
-    # Issue 5's M = 16 / 64 targets (int8 vs int8pack, w8a8 vs dense bf16) on the same cores.
-    step "cpu_quant_$tier" "$BENCH_TIMEOUT" env OMP_NUM_THREADS=2 LLMKERNELS_CPU_TIER="$tier" \
-      taskset -c 0,1 "$PY" benchmarks/quant_matmul.py --device cpu --ms 16,64 --shapes 4096x4096 \
-      --schemes int8,w8a8 --min-run-time 0.2 --json "$OUT/quant_cpu_$tier.json"
-    show 8 "$OUT/cpu_quant_$tier.log"
-  done
 fi
 if [ "$HAVE_GPU" = 0 ]; then
   log "gpu_tests, sanitizer: skipped (no GPU); GPU test files run on the CPU (Triton interpreted)"
