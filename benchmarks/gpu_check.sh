@@ -14,9 +14,11 @@
 # DEADLINE (whole script, default 3000): each step gets at most what is left of it, and steps
 # that would start with under 20 s left are skipped, so the logs are always complete in time.
 # SKIP_BUILD=1 reuses the installed build (e.g. a dry run in a tree someone is building).
-# STEPS=tests|bench|all (default all) picks the GPU steps; GPU_ARCHS overrides the CUDA archs.
+# STEPS=tests|bench|all|cpu (default all) picks the GPU steps (cpu: none, the host CPU's
+# alone); GPU_ARCHS overrides the CUDA archs.
 # SKIP_STEPS="name ..." skips those steps; CPU_BENCH=1 times the host CPU's tiers without AMX too.
 set -euo pipefail
+STEPS="${STEPS:-all}"
 
 OUT="${OUT:-/tmp/gpu_out}"
 mkdir -p "$OUT"
@@ -118,8 +120,8 @@ if [ "$HOST_AMX" = 1 ] || [ "${CPU_BENCH:-0}" = 1 ]; then
     # Issue 5's M = 16 / 64 targets (int8 vs int8pack, w8a8 vs dense bf16) on the same cores.
     step "cpu_quant_$tier" "$BENCH_TIMEOUT" env OMP_NUM_THREADS=2 LLMKERNELS_CPU_TIER="$tier" \
       taskset -c 0,1 "$PY" benchmarks/quant_matmul.py --device cpu --ms 16,64 --shapes 4096x4096 \
-      --schemes int8,w8a8 --min-run-time 0.2 --json "$OUT/quant_cpu_$tier.json"
-    show 8 "$OUT/cpu_quant_$tier.log"
+      --schemes int8,int4,w8a8 --min-run-time 0.2 --json "$OUT/quant_cpu_$tier.json"
+    show 10 "$OUT/cpu_quant_$tier.log"
   done
 fi
 
@@ -134,8 +136,7 @@ GPU_TESTS_OTHER="tests/test_quant_matmul_gpu.py tests/test_quant_matmul_triton_k
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_PROCS:-8}"
 # STEPS=tests or STEPS=bench runs half of the GPU steps (two short calls instead of one long).
-STEPS="${STEPS:-all}"
-if [ "$HAVE_GPU" = 1 ] && [ "$STEPS" != bench ]; then
+if [ "$HAVE_GPU" = 1 ] && { [ "$STEPS" = all ] || [ "$STEPS" = tests ]; }; then
   for group in OTHER ATTENTION; do
     files_var="GPU_TESTS_$group"
     step "gpu_tests_${group,,}" "$TEST_TIMEOUT" env LLMKERNELS_TRITON_AUTOTUNE=0 "$PY" -m pytest \
@@ -156,7 +157,7 @@ if [ "$HAVE_GPU" = 1 ] && [ "$STEPS" != bench ]; then
     log "compute-sanitizer not found: memcheck skipped"
   fi
 fi
-if [ "$HAVE_GPU" = 1 ] && [ "$STEPS" != tests ]; then
+if [ "$HAVE_GPU" = 1 ] && { [ "$STEPS" = all ] || [ "$STEPS" = bench ]; }; then
   # Most wanted first (changed since the last GPU run, or never timed on a GPU), so a tight
   # DEADLINE drops the least.
   step optim_bench "$BENCH_TIMEOUT" "$PY" benchmarks/optim.py --device cuda --params 10,50,200 \

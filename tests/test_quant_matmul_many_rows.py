@@ -30,6 +30,19 @@ def test_many_rows_match_reference(cpu_tier, scheme, M, K, N, dtype):
         check_against_reference(x, qw, bias, out)
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("M", [16, 40])
+def test_many_rows_long_k(cpu_tier, scheme, M):
+    # K long enough for several staged chunks on every path (the amx tier stages 128 words of K
+    # at a time with out^T in the tiles, 512 otherwise; w8a8 words are 4 bytes), the last one
+    # partial, and int4 groups that straddle no chunk.
+    K, N = 4224, 35
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    qw = llmkernels.quantize_weight(torch.randn(N, K), scheme, 64)
+    bias = torch.randn(N, dtype=torch.bfloat16)
+    check_against_reference(x, qw, bias, llmkernels.quant_matmul(x, qw, bias, backend="cpu"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["rows", "columns"])
 def test_w8a8_many_rows_exact(cpu_tier, dtype, layout):

@@ -42,19 +42,26 @@ LLMK_INLINE void tile_store_c(int t, void* p, int64_t stride) {
   }
 }
 
-// rows in [1, 32] of C, nb (1 or 2) tiles of 16 columns, all K2 words.
-template <class O, TileDot D>
-void tile_block(int64_t rows, int nb, int64_t K2, const uint32_t* A, int64_t sam,
-                const uint32_t* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  constexpr int TR = amx::kTileRows, TW = amx::kTileWords;
-  const int mb = rows > TR ? 2 : 1;
-  alignas(64) uint32_t pad[TR * TW];
+// tile_block in three pieces, for a product summed over several calls: a kernel that stages
+// an operand in chunks of K keeps C in the tiles from tile_zero_c to tile_store_c_block.
+// mb, nb: tiles of 16 rows / columns of C (1 or 2 each).
+template <class O>
+LLMK_INLINE void tile_zero_c(int mb, int nb) {
   O::template zero<0>();
   if (nb > 1) O::template zero<1>();
   if (mb > 1) {
     O::template zero<2>();
     if (nb > 1) O::template zero<3>();
   }
+}
+
+// C's tiles += A B over K2 words (a multiple of 16, or padded): rows in [1, 32] of A.
+template <class O, TileDot D>
+void tile_dots(int64_t rows, int nb, int64_t K2, const uint32_t* A, int64_t sam,
+               const uint32_t* B, int64_t ldb) {
+  constexpr int TR = amx::kTileRows, TW = amx::kTileWords;
+  const int mb = rows > TR ? 2 : 1;
+  alignas(64) uint32_t pad[TR * TW];
   for (int64_t k0 = 0; k0 < K2; k0 += TW) {
     const int64_t kk = min_<int64_t>(TW, K2 - k0);
     for (int i = 0; i < mb; ++i) {
@@ -85,6 +92,14 @@ void tile_block(int64_t rows, int nb, int64_t K2, const uint32_t* A, int64_t sam
       if (nb > 1) tile_dot<O, D, 3, 5, 7>();
     }
   }
+}
+
+// C (rows in [1, 32], nb tiles of columns) = or += C's tiles (int32 sums: added as integers).
+template <class O>
+void tile_store_c_block(int64_t rows, int nb, float* C, int64_t ldc, bool accumulate,
+                        bool int32 = false) {
+  constexpr int TR = amx::kTileRows, TW = amx::kTileWords;
+  const int mb = rows > TR ? 2 : 1;
   alignas(64) float out[TR * TW];
   for (int i = 0; i < mb; ++i) {
     const int64_t ri = min_<int64_t>(TR, rows - i * TR);
@@ -96,11 +111,25 @@ void tile_block(int64_t rows, int nb, int64_t K2, const uint32_t* A, int64_t sam
       }
       tile_store_c<O>(2 * i + j, out, TW * 4);
       for (int64_t r = 0; r < ri; ++r) {
-        const __m512 v = _mm512_load_ps(out + r * TW);
-        _mm512_storeu_ps(c + r * ldc, accumulate ? _mm512_add_ps(v, _mm512_loadu_ps(c + r * ldc)) : v);
+        __m512 v = _mm512_load_ps(out + r * TW);
+        if (accumulate) {
+          const __m512 old = _mm512_loadu_ps(c + r * ldc);
+          v = int32 ? _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(v), _mm512_castps_si512(old)))
+                    : _mm512_add_ps(v, old);
+        }
+        _mm512_storeu_ps(c + r * ldc, v);
       }
     }
   }
+}
+
+// rows in [1, 32] of C, nb (1 or 2) tiles of 16 columns, all K2 words.
+template <class O, TileDot D>
+void tile_block(int64_t rows, int nb, int64_t K2, const uint32_t* A, int64_t sam,
+                const uint32_t* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  tile_zero_c<O>(rows > amx::kTileRows ? 2 : 1, nb);
+  tile_dots<O, D>(rows, nb, K2, A, sam, B, ldb);
+  tile_store_c_block<O>(rows, nb, C, ldc, accumulate);
 }
 
 template <class O, TileDot D>
