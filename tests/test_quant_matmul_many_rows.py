@@ -31,7 +31,7 @@ def test_many_rows_match_reference(cpu_tier, scheme, M, K, N, dtype):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("M", [16, 40])
+@pytest.mark.parametrize("M", [16, 24, 40])
 def test_many_rows_long_k(cpu_tier, scheme, M):
     # K long enough for several staged chunks on every path (the amx tier stages 128 words of K
     # at a time with out^T in the tiles, 512 otherwise; w8a8 words are 4 bytes), the last one
