@@ -2,7 +2,7 @@
 8 or 16 rows to a vector (csrc/cpu/quant_matmul_packed_x.h: bf16 or int8 dot products where
 the CPU has them, float FMA otherwise); on the portable tier the K-in-lanes panels. Every tier
 against the reference, on shapes that leave partial row vectors, partial channel blocks,
-partial K chunks and every int4 group size."""
+partial K chunks and every int4 group size; on the amx tier, slabs of rows past 512."""
 import pytest
 import torch
 
@@ -28,6 +28,19 @@ def test_many_rows_match_reference(cpu_tier, scheme, M, K, N, dtype):
         bias = torch.randn(N, dtype=dtype) if M % 2 else None
         out = llmkernels.quant_matmul(x, qw, bias, backend="cpu")
         check_against_reference(x, qw, bias, out)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("M", [513, 1100])
+def test_many_rows_in_slabs(cpu_tier, scheme, M):
+    # The amx tier runs more than 512 rows in slabs of equal size (513: 257 + 256; 1100: three
+    # of 367 and a last of 366), each with its own packed x, into its own rows of out.
+    K, N = 320, 40
+    big = torch.randn(M, K + 8, dtype=torch.bfloat16)
+    x = big[:, 3:3 + K]
+    qw = llmkernels.quantize_weight(torch.randn(N, K), scheme, 64)
+    bias = torch.randn(N, dtype=torch.bfloat16)
+    check_against_reference(x, qw, bias, llmkernels.quant_matmul(x, qw, bias, backend="cpu"))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

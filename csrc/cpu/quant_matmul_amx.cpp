@@ -37,7 +37,9 @@ using namespace qmm_amx_isa;
 namespace {
 
 constexpr int64_t kMinRows = 12;         // as the other tiers' many-rows kernels
-constexpr int64_t kMaxRows = 512;        // x^T stays a few MiB; larger M: the avx512_bf16 path
+// Rows of x per slab: a slab's x^T stays a few MiB; more rows run in slabs of equal size, each
+// reading the weight again (by 512 rows the tile products, not those reads, take the time).
+constexpr int64_t kSlabRows = 512;
 constexpr int64_t kBlockChannels = 32;   // channels per work item (two tile rows of out^T)
 constexpr int64_t kPackWords = 64;       // words of K per x-packing item
 // Words of K per staged chunk: while all of out^T's block stays in the tiles (x rows <= 32), a
@@ -50,7 +52,7 @@ enum class Path { none, int8_bf16, int4_bf16, w8a8 };
 
 Path path_for(const QuantMatmulParams& p) {
   const int64_t M = p.x.sizes[0];
-  if (M < kMinRows || M > kMaxRows) return Path::none;
+  if (M < kMinRows) return Path::none;
   if (p.scheme == QuantScheme::w8a8) return Path::w8a8;
   if (p.x.dtype != DType::bf16) return Path::none;  // float32 / float16 x: not rounded to bf16
   if (p.scheme == QuantScheme::int8) return Path::int8_bf16;
@@ -65,8 +67,9 @@ struct Geometry {
   int64_t per_word;         // values of K per word: 2 (bf16) or 4 (bytes)
   int64_t chunk;            // words of K staged at a time (int4: whole groups)
   bool in_tiles;            // out^T's block stays in the tiles over all of K
-  explicit Geometry(const QuantMatmulParams& p)
-      : path(path_for(p)), M(p.x.sizes[0]), N(p.qdata.sizes[0]), K(p.x.sizes[1]),
+  // p: one slab of the call's rows; path: the whole call's
+  Geometry(const QuantMatmulParams& p, Path path_)
+      : path(path_), M(p.x.sizes[0]), N(p.qdata.sizes[0]), K(p.x.sizes[1]),
         Mp(round_up(M, amx::kTileRows)), per_word(path == Path::w8a8 ? 4 : 2) {
     Kw = round_up((K + per_word - 1) / per_word, amx::kTileWords);
     // int4: each group's sums are scaled on their own, so they leave the tiles per group
@@ -337,11 +340,28 @@ void channel_block_item(void* vctx, int64_t item, int tid) {
   });
 }
 
+int64_t slab_rows(int64_t M) {
+  const int64_t slabs = (M + kSlabRows - 1) / kSlabRows;
+  return (M + slabs - 1) / slabs;
+}
+
+// Rows [m0, m0 + rows) of the call: x and out offset, everything else as it is.
+QuantMatmulParams slab(const QuantMatmulParams& p, int64_t m0, int64_t rows) {
+  QuantMatmulParams s = p;
+  s.x.data = static_cast<char*>(p.x.data) + m0 * p.x.strides[0] * dtype_bytes(p.x.dtype);
+  s.x.sizes[0] = rows;
+  s.out.data = static_cast<char*>(p.out.data) + m0 * p.out.strides[0] * dtype_bytes(p.out.dtype);
+  s.out.sizes[0] = rows;
+  return s;
+}
+
 }  // namespace
 
 int64_t workspace_bytes(const QuantMatmulParams& p) {
-  if (path_for(p) == Path::none) return qmm_avx512bf16::workspace_bytes(p);
-  return Layout(Geometry(p), std::max(p.num_threads, 1)).total;
+  const Path path = path_for(p);
+  if (path == Path::none) return qmm_avx512bf16::workspace_bytes(p);
+  const QuantMatmulParams first = slab(p, 0, slab_rows(p.x.sizes[0]));
+  return Layout(Geometry(first, path), std::max(p.num_threads, 1)).total;
 }
 
 const char* describe(const QuantMatmulParams& p) {
@@ -358,10 +378,12 @@ const char* describe(const QuantMatmulParams& p) {
   }
 }
 
-void run(const QuantMatmulParams& p, void* workspace) {
-  if (path_for(p) == Path::none) return qmm_avx512bf16::run(p, workspace);
+namespace {
+
+// One slab of rows (its own x^T, w8a8's quantized rows), all channels.
+void run_slab(const QuantMatmulParams& p, Path path, void* workspace) {
   const int nthreads = std::max(p.num_threads, 1);
-  Ctx c{&p, Geometry(p), Layout(Geometry(p), nthreads),
+  Ctx c{&p, Geometry(p, path), Layout(Geometry(p, path), nthreads),
         reinterpret_cast<char*>(round_up(reinterpret_cast<int64_t>(workspace), 64))};
   // Weight bytes times rows stands for the work, as in the other tiers (512 KiB per thread).
   const int threads = threads_for(p.qdata.numel() * c.g.M, nthreads, int64_t(512) << 10);
@@ -374,6 +396,15 @@ void run(const QuantMatmulParams& p, void* workspace) {
   parallel_for(pack_items, int(std::min<int64_t>(threads, pack_items)), pack_x_item, &c);
   const int64_t blocks = (c.g.N + kBlockChannels - 1) / kBlockChannels;
   parallel_for(blocks, int(std::min<int64_t>(threads, blocks)), channel_block_item, &c);
+}
+
+}  // namespace
+
+void run(const QuantMatmulParams& p, void* workspace) {
+  const Path path = path_for(p);
+  if (path == Path::none) return qmm_avx512bf16::run(p, workspace);
+  const int64_t M = p.x.sizes[0], rows = slab_rows(M);
+  for (int64_t m0 = 0; m0 < M; m0 += rows) run_slab(slab(p, m0, std::min(rows, M - m0)), path, workspace);
 }
 
 #else  // no AVX512-BF16 in this build (not x86-64): the tier is never supported
