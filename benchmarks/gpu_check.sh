@@ -119,11 +119,12 @@ if [ "$HOST_AMX" = 1 ] || [ "${CPU_BENCH:-0}" = 1 ]; then
       benchmarks/attention.py --device cpu --cpu-tier "$tier" --dtypes "$dtypes" --head-dims 64 \
       --seqlens 2048 --heads 16 --paths ours,sdpa --min-run-time 0.2 --json "$OUT/attention_cpu_$tier.json"
     show 12 "$OUT/cpu_attention_$tier.log"
-    # Issue 5's M = 16 / 64 targets (int8 vs int8pack, w8a8 vs dense bf16) on the same cores.
+    # Issue 5's M = 16 / 64 targets (int8 vs int8pack, w8a8 vs dense bf16) on the same cores, and
+    # M = 1024 (the amx tier in slabs of 512 rows).
     step "cpu_quant_$tier" "$BENCH_TIMEOUT" env OMP_NUM_THREADS=2 LLMKERNELS_CPU_TIER="$tier" \
-      taskset -c 0,1 "$PY" benchmarks/quant_matmul.py --device cpu --ms 16,64 --shapes 4096x4096 \
+      taskset -c 0,1 "$PY" benchmarks/quant_matmul.py --device cpu --ms 16,64,1024 --shapes 4096x4096 \
       --schemes int8,int4,w8a8 --min-run-time 0.2 --json "$OUT/quant_cpu_$tier.json"
-    show 10 "$OUT/cpu_quant_$tier.log"
+    show 14 "$OUT/cpu_quant_$tier.log"
   done
 fi
 
