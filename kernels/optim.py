@@ -296,42 +296,34 @@ def _sqrt_code(y, MAX_CODE: tl.constexpr):
 
 
 @triton.jit
-def _adam8bit_kernel(META, FMETA, TYPED, n_tensors,
-                     beta2, eps, decay, one_m_b1, one_m_b2, signed_inv_scale,
-                     LOG_P: tl.constexpr, ROWS: tl.constexpr, BLOCK8: tl.constexpr):
-    """ROWS 8-bit blocks of one tensor (AdamW: decoupled weight decay). META: cum [2**LOG_P]
-    (in programs), numel [n], ptrs [n, 6] (param, grad, exp_avg codes int8, exp_avg_sq codes
-    uint8, their float32 block scales); FMETA: float32 [n, 2] (step_size, bc2)."""
-    ELEM: tl.constexpr = TYPED.dtype.element_ty
-    t, numel, rows, local = _locate(META, n_tensors, LOG_P, 6)
-    P = _ptr(rows, 0, ELEM, False)
-    G = _ptr(rows, 1, ELEM, False)
-    MQ = _ptr(rows, 2, tl.int8, False)
-    VQ = _ptr(rows, 3, tl.uint8, False)
-    MS = _ptr(rows, 4, tl.float32, False)
-    VS = _ptr(rows, 5, tl.float32, False)
-    step_size = tl.load(FMETA + 2 * t)
-    inv_bc2 = tl.math.div_rn(1.0, tl.load(FMETA + 2 * t + 1))
-    block = local * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
-    offs = block * BLOCK8 + tl.arange(0, BLOCK8)[None, :]  # [ROWS, BLOCK8]
-    mask = offs < numel
-    has_block = block * BLOCK8 < numel
+def _adam8bit_rows(P, G, MQ, VQ, MS, VS, block, offs, mask, has_block, step_size, inv_bc2,
+                   beta2, eps, decay, one_m_b1, one_m_b2, signed_inv_scale,
+                   ELEM: tl.constexpr, MASKED: tl.constexpr):
+    """_adam8bit_kernel's blocks [ROWS, 1] at offs [ROWS, BLOCK8]; MASKED: some lie past the
+    tensor's end (mask, has_block), else every load and store is whole (vectorized)."""
     # m = c|c| * scale / 127^2, beta2 v = (u^2)^2 * (scale / 255^4 * beta2), as optim_impl.h
     # decodes them
-    m_unit = tl.load(MS + block, mask=has_block, other=0.0) * (1.0 / 16129.0)
-    v_unit_b2 = ((tl.load(VS + block, mask=has_block, other=0.0) * (1.0 / 65025.0))
-                 * (1.0 / 65025.0)) * beta2
-    c = tl.load(MQ + offs, mask=mask, other=0).to(tl.float32)
-    u = tl.load(VQ + offs, mask=mask, other=0).to(tl.float32)
+    if MASKED:
+        ms = tl.load(MS + block, mask=has_block, other=0.0)
+        vs = tl.load(VS + block, mask=has_block, other=0.0)
+        c = tl.load(MQ + offs, mask=mask, other=0).to(tl.float32)
+        u = tl.load(VQ + offs, mask=mask, other=0).to(tl.float32)
+    else:
+        ms = tl.load(MS + block)
+        vs = tl.load(VS + block)
+        c = tl.load(MQ + offs).to(tl.float32)
+        u = tl.load(VQ + offs).to(tl.float32)
+    m_unit = ms * (1.0 / 16129.0)
+    v_unit_b2 = ((vs * (1.0 / 65025.0)) * (1.0 / 65025.0)) * beta2
     m = (c * tl.abs(c)) * m_unit
     v = ((u * u) * (u * u)) * v_unit_b2
-    p = tl.load(P + offs, mask=mask, other=0.0).to(tl.float32) * decay
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32) * signed_inv_scale
+    p = _ld(P, offs, mask, MASKED) * decay
+    g = _ld(G, offs, mask, MASKED) * signed_inv_scale
     m = tl.fma(one_m_b1, g - m, m)
     v = v + (one_m_b2 * g) * g
     root_v = tl.math.sqrt_rn(v)
     p = p + (-step_size) * tl.math.div_rn(m, root_v * inv_bc2 + eps)
-    tl.store(P + offs, _cast(p, ELEM), mask=mask)
+    _st(P, offs, p, mask, MASKED)
     # Requantize against the blocks' new absmax (masked lanes hold 0).
     m_abs = tl.abs(m)
     m_max = tl.max(m_abs, axis=1)[:, None]
@@ -345,12 +337,50 @@ def _adam8bit_kernel(META, FMETA, TYPED, n_tensors,
                    tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.where(v_max > 0.0, v_max, 1.0)))
                    * 65025.0, 0.0)
     code_m = _sqrt_code((m_abs * m_pre) * m_k, 127)
-    code_m = tl.where(m < 0.0, -code_m, code_m)
-    code_v = _rounded_sqrt_code(root_v * v_k)
-    tl.store(MQ + offs, code_m.to(tl.int8), mask=mask)
-    tl.store(VQ + offs, code_v.to(tl.uint8), mask=mask)
-    tl.store(MS + block, m_max, mask=has_block)
-    tl.store(VS + block, v_max, mask=has_block)
+    code_m = tl.where(m < 0.0, -code_m, code_m).to(tl.int8)
+    code_v = _rounded_sqrt_code(root_v * v_k).to(tl.uint8)
+    if MASKED:
+        tl.store(MQ + offs, code_m, mask=mask)
+        tl.store(VQ + offs, code_v, mask=mask)
+        tl.store(MS + block, m_max, mask=has_block)
+        tl.store(VS + block, v_max, mask=has_block)
+    else:
+        tl.store(MQ + offs, code_m)
+        tl.store(VQ + offs, code_v)
+        tl.store(MS + block, m_max)
+        tl.store(VS + block, v_max)
+
+
+@triton.jit
+def _adam8bit_kernel(META, FMETA, TYPED, n_tensors,
+                     beta2, eps, decay, one_m_b1, one_m_b2, signed_inv_scale,
+                     LOG_P: tl.constexpr, ROWS: tl.constexpr, BLOCK8: tl.constexpr,
+                     ALIGNED: tl.constexpr):
+    """ROWS 8-bit blocks of one tensor (AdamW: decoupled weight decay). META: cum [2**LOG_P]
+    (in programs), numel [n], ptrs [n, 6] (param, grad, exp_avg codes int8, exp_avg_sq codes
+    uint8, their float32 block scales); FMETA: float32 [n, 2] (step_size, bc2). As the Adam
+    kernel: programs wholly inside their tensor load and store without masks, and ALIGNED
+    (every pointer 16-byte aligned) lets those be vector accesses; the last program of a
+    ragged tensor is masked."""
+    ELEM: tl.constexpr = TYPED.dtype.element_ty
+    t, numel, rows, local = _locate(META, n_tensors, LOG_P, 6)
+    P = _ptr(rows, 0, ELEM, ALIGNED)
+    G = _ptr(rows, 1, ELEM, ALIGNED)
+    MQ = _ptr(rows, 2, tl.int8, ALIGNED)
+    VQ = _ptr(rows, 3, tl.uint8, ALIGNED)
+    MS = _ptr(rows, 4, tl.float32, ALIGNED)
+    VS = _ptr(rows, 5, tl.float32, ALIGNED)
+    step_size = tl.load(FMETA + 2 * t)
+    inv_bc2 = tl.math.div_rn(1.0, tl.load(FMETA + 2 * t + 1))
+    block = local * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
+    offs = block * BLOCK8 + tl.arange(0, BLOCK8)[None, :]  # [ROWS, BLOCK8]
+    if (local + 1) * (ROWS * BLOCK8) <= numel:
+        _adam8bit_rows(P, G, MQ, VQ, MS, VS, block, offs, None, None, step_size, inv_bc2,
+                       beta2, eps, decay, one_m_b1, one_m_b2, signed_inv_scale, ELEM, False)
+    else:
+        _adam8bit_rows(P, G, MQ, VQ, MS, VS, block, offs, offs < numel, block * BLOCK8 < numel,
+                       step_size, inv_bc2, beta2, eps, decay, one_m_b1, one_m_b2,
+                       signed_inv_scale, ELEM, True)
 
 
 # ------------------------------------------------------------------------------ launchers
@@ -631,11 +661,11 @@ def adam8bit_launch(prepared: Prepared, grad_ptrs, step_sizes, bias_correction2_
     floats = np.empty((prepared.size, 2), dtype=np.float32)
     floats[:, 0] = step_sizes
     floats[:, 1] = bias_correction2_sqrts
-    for g, meta, fmeta, _ in prepared.launches(grad_ptrs, floats):
+    for g, meta, fmeta, aligned in prepared.launches(grad_ptrs, floats):
         with _device_ctx(g.device):
             _adam8bit_kernel[(g.grid,)](
                 meta, fmeta, g.typed[0], len(g.idx), float(beta2), float(eps), float(decay),
                 float(one_minus_beta1), float(one_minus_beta2),
                 -float(inv_grad_scale) if maximize else float(inv_grad_scale), LOG_P=g.log_p,
-                ROWS=ROWS8, BLOCK8=BLOCK8,
+                ROWS=ROWS8, BLOCK8=BLOCK8, ALIGNED=aligned,
                 num_warps=NUM_WARPS8, enable_fp_fusion=False)
