@@ -15,7 +15,7 @@ SCHEMES = ["int8", "int4", "w8a8"]
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("M", [12, 16, 33, 64, 65, 130])
+@pytest.mark.parametrize("M", [8, 11, 16, 33, 64, 65, 130])
 @pytest.mark.parametrize("K,N", [(1152, 37), (2048, 16), (1001, 70)])
 def test_many_rows_match_reference(cpu_tier, scheme, M, K, N, dtype):
     groups = (32, 64, 128) if scheme == "int4" else (128,)
@@ -106,17 +106,17 @@ def test_explain_names_the_cpu_kernel(cpu_tier, scheme):
     that rule agrees with the int8-activation rule the tests use."""
     from llmkernels.ops.quant_matmul import cpu_int4_int8_activations
     qw = llmkernels.quantize_weight(torch.randn(32, 256), scheme, 64)
-    for M in (1, 2, 3, 11, 12, 40):
+    for M in (1, 2, 3, 7, 8, 11, 12, 40):
         for dtype in (torch.bfloat16, torch.float32):
             x = torch.randn(M, 256, dtype=dtype)
             text = str(llmkernels.explain(llmkernels.quant_matmul, x, qw))
             packed = "x packed" in text
-            tiles = cpu_tier == "amx" and M >= 12 and (
+            tiles = cpu_tier == "amx" and M >= 8 and (
                 scheme == "w8a8" or dtype == torch.bfloat16)  # int8, int4 (group 64)
             assert ("AMX bf16 tiles:" in text or "AMX int8 tiles:" in text) == tiles, text
             if tiles:
                 assert ("AMX int8 tiles" if scheme == "w8a8" else "AMX bf16 tiles") in text
-            elif cpu_tier == "generic" or M < 12 or (scheme == "w8a8" and cpu_tier not in ("avx512_bf16", "amx")):
+            elif cpu_tier == "generic" or M < 8 or (scheme == "w8a8" and cpu_tier not in ("avx512_bf16", "amx")):
                 assert not packed, text
             else:
                 assert packed, text

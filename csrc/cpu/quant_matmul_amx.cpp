@@ -36,7 +36,7 @@ using namespace qmm_amx_isa;
 
 namespace {
 
-constexpr int64_t kMinRows = 12;         // as the other tiers' many-rows kernels
+constexpr int64_t kMinRows = 8;          // as the other tiers' many-rows kernels
 // Rows of x per slab: a slab's x^T stays a few MiB; more rows run in slabs of equal size, each
 // reading the weight again (by 512 rows the tile products, not those reads, take the time).
 constexpr int64_t kSlabRows = 512;

@@ -731,9 +731,13 @@ constexpr bool kBf16Dot = false;
 
 #include "quant_matmul_packed_x.h"
 
-// Rows from which x packed into vector lanes beats the K-in-lanes panels (a vector of rows
-// computes zeros for the rows a group lacks).
-constexpr int64_t kPackedMinRows = 12;
+// Rows from which x packed into vector lanes beats the K-in-lanes panels and register blocks
+// (a vector of rows computes zeros for the rows a group lacks). 4096 x 4096, two Zen 4 threads,
+// alternated, 2026-11-27: at M = 8 packed vs not, avx512_bf16 tier int8 1.97-2.00 vs
+// 2.11-2.28 ms, int4 2.11-2.18 vs 2.14-2.35, w8a8 1.04-1.16 vs 1.39-1.51; avx2 tier int8
+// 2.75-3.00 vs 3.42-3.55; M = 11 w8a8 1.08-1.21 vs 1.67-1.88; at M = 6 about even (avx2 int4:
+// 10% slower packed), at M = 3-4 the blocks win.
+constexpr int64_t kPackedMinRows = 8;
 
 // The packed-x path's bytes per element of x (quant_matmul_packed_x.h), 0 where it does not
 // serve: w8a8's int8 (1, VNNI CPUs), int8 / int4 weights with bf16 x on AVX512-BF16 CPUs (2),
