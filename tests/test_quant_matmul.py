@@ -53,7 +53,8 @@ def int8_activation_error_bound(x, qw):
     return (half_step @ w.t()) * (1 + 2 ** -8)
 
 
-SHAPES = [(1, 256, 64), (3, 100, 33), (17, 96, 257), (300, 1024, 20), (2, 64, 1)]
+SHAPES = [(1, 256, 64), (3, 100, 33), (17, 96, 257), (300, 1024, 20), (2, 64, 1),
+          (5, 256, 9), (6, 320, 37), (7, 2112, 19)]  # 5-7: a block of 4 rows and the rest
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

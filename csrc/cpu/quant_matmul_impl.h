@@ -763,11 +763,26 @@ bool use_int4_q8(const QuantMatmulParams& p) {
          p.x.sizes[0] <= kMB4 && p.group_size % (4 * W) == 0;
 }
 
-// block: the MB-row kernel; block1: its one-row instance, for the rows left over (M = 1
-// decoding must not pay for MB rows).
-template <class Acc, int MB, int NB, class Block, class Block1>
+// blocks(std::integral_constant<int, R>{}, c, rows, chans, k0, k1, out, ld): the R-row kernel
+// (R = 1..MB). Rows go MB at a time, those left over in one block of their own (M = 1
+// decoding must not pay for MB rows, and 2 or 3 rows read the weight once, not per row).
+template <class Acc, int MB, int NB, int R, class Blocks>
+LLMK_INLINE void tile_rows(const Ctx& c, Blocks& blocks, int64_t m, int64_t m0, int64_t n,
+                           int64_t n0, int64_t n1, const int64_t* chans, int64_t k0, int64_t k1,
+                           Acc* acc) {
+  const int64_t ld = kChunkChannels;
+  int64_t rows[R];
+  for (int i = 0; i < R; ++i) rows[i] = m + i;
+  Acc tmp[R * NB] = {};
+  blocks(std::integral_constant<int, R>{}, c, rows, chans, k0, k1, tmp, int64_t(NB));
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NB && n + j < n1; ++j) acc[(m + i - m0) * ld + (n + j - n0)] += tmp[i * NB + j];
+}
+
+template <class Acc, int MB, int NB, class Blocks>
 void run_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1, Acc* acc,
-              Block block, Block1 block1) {
+              Blocks blocks) {
+  static_assert(MB >= 1 && MB <= 4, "left-over rows are dispatched up to 3");
   const int64_t ld = kChunkChannels;
   std::fill(acc, acc + (m1 - m0) * ld, Acc(0));  // the tile's rows only (decoding: one)
   // Few rows: x fits in L1 whole, and walking each weight row end to end streams best.
@@ -781,19 +796,18 @@ void run_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1, Acc*
       int64_t chans[NB];
       for (int j = 0; j < NB; ++j) chans[j] = std::min(n + j, n1 - 1);  // repeats: discarded
       int64_t m = m0;
-      for (; m + MB <= m1; m += MB) {
-        int64_t rows[MB];
-        for (int i = 0; i < MB; ++i) rows[i] = m + i;
-        Acc tmp[MB * NB] = {};
-        block(c, rows, chans, k0, k1, tmp, int64_t(NB));
-        for (int i = 0; i < MB; ++i)
-          for (int j = 0; j < NB && n + j < n1; ++j)
-            acc[(m + i - m0) * ld + (n + j - n0)] += tmp[i * NB + j];
-      }
-      for (; m < m1; ++m) {
-        Acc tmp[NB] = {};
-        block1(c, &m, chans, k0, k1, tmp, int64_t(NB));
-        for (int j = 0; j < NB && n + j < n1; ++j) acc[(m - m0) * ld + (n + j - n0)] += tmp[j];
+      for (; m + MB <= m1; m += MB) tile_rows<Acc, MB, NB, MB>(c, blocks, m, m0, n, n0, n1, chans, k0, k1, acc);
+      switch (m1 - m) {
+        case 3:
+          if constexpr (MB > 3) tile_rows<Acc, MB, NB, 3>(c, blocks, m, m0, n, n0, n1, chans, k0, k1, acc);
+          break;
+        case 2:
+          if constexpr (MB > 2) tile_rows<Acc, MB, NB, 2>(c, blocks, m, m0, n, n0, n1, chans, k0, k1, acc);
+          break;
+        case 1:
+          if constexpr (MB > 1) tile_rows<Acc, MB, NB, 1>(c, blocks, m, m0, n, n0, n1, chans, k0, k1, acc);
+          break;
+        default: break;
       }
     }
   }
@@ -919,8 +933,9 @@ void tile_item(void* ctx, int64_t item, int thread) {
       } else if (m1 - m0 > kMB) {
         run_tile_panel<kMB, kNB>(c, m0, m1, n0, n1, acc, panel, fill_int8<kNB>);
       } else
-        run_tile<float, kMB, kNB>(c, m0, m1, n0, n1, acc, int8_block<kMB, kNB>,
-                                  int8_block<1, kNB>);
+        run_tile<float, kMB, kNB>(c, m0, m1, n0, n1, acc, [](auto r, auto&&... a) {
+          int8_block<decltype(r)::value, kNB>(a...);
+        });
       const float* sc = c.p->scales.ptr<float>();
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t n = n0; n < n1; ++n) store(c, m, n, acc[(m - m0) * ld + (n - n0)] * sc[n]);
@@ -930,8 +945,9 @@ void tile_item(void* ctx, int64_t item, int thread) {
       float* acc = reinterpret_cast<float*>(scratch);
 #if defined(__AVX512BW__) && LLMK_VEC_BYTES == 64 || defined(__AVX2__) && LLMK_VEC_BYTES == 32
       if (c.x4q != nullptr)
-        run_tile<float, kMB4, kNB4>(c, m0, m1, n0, n1, acc, int4_q8_block<kMB4, kNB4>,
-                                    int4_q8_block<1, kNB4>);
+        run_tile<float, kMB4, kNB4>(c, m0, m1, n0, n1, acc, [](auto r, auto&&... a) {
+          int4_q8_block<decltype(r)::value, kNB4>(a...);
+        });
       else
 #endif
       if (m1 - m0 > kMB4 && c.xb != nullptr) {
@@ -942,16 +958,18 @@ void tile_item(void* ctx, int64_t item, int thread) {
       } else if (m1 - m0 > kMB4)
         run_tile_panel<kMB, kNB>(c, m0, m1, n0, n1, acc, panel, fill_int4<kNB>);
       else
-        run_tile<float, kMB4, kNB4>(c, m0, m1, n0, n1, acc, int4_block<kMB4, kNB4>,
-                                    int4_block<1, kNB4>);
+        run_tile<float, kMB4, kNB4>(c, m0, m1, n0, n1, acc, [](auto r, auto&&... a) {
+          int4_block<decltype(r)::value, kNB4>(a...);
+        });
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t n = n0; n < n1; ++n) store(c, m, n, acc[(m - m0) * ld + (n - n0)]);
       break;
     }
     case QuantScheme::w8a8: {
       int32_t* acc = reinterpret_cast<int32_t*>(scratch);
-      run_tile<int32_t, kMBq, kNBq>(c, m0, m1, n0, n1, acc, w8a8_block<kMBq, kNBq>,
-                                    w8a8_block<1, kNBq>);
+      run_tile<int32_t, kMBq, kNBq>(c, m0, m1, n0, n1, acc, [](auto r, auto&&... a) {
+        w8a8_block<decltype(r)::value, kNBq>(a...);
+      });
       const float* sc = c.p->scales.ptr<float>();
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t n = n0; n < n1; ++n)  // the reference's order: (acc * x_scale) * w_scale
