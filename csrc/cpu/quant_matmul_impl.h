@@ -581,9 +581,10 @@ void run_tile_panel(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1
 }
 
 #if defined(__AVX512BF16__)
-// bf16 activations times int8 weights: q is exact in bf16, and vdpbf16ps multiplies pairs
-// exactly and accumulates in float32, so this computes what the float panel computes (up to
-// summation order) at twice the products per instruction.
+// bf16 activations times int8 / int4 weights: q (or q - zero) is exact in bf16, and vdpbf16ps
+// multiplies pairs exactly and accumulates in float32, so this computes what the float
+// panels compute (up to summation order) at twice the products per instruction.
+// fill_int8_bf16 fills the packed-x path's panels (quant_matmul_packed_x.h).
 constexpr bool kBf16Dot = true;
 
 template <int NB>
@@ -607,30 +608,8 @@ void fill_int8_bf16(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1,
   }
 }
 
-template <int MB, int NB>
-void panel_block_bf16(const Ctx& c, const int64_t* rows, const uint16_t* panel, int64_t k0,
-                      int64_t len, float* out) {
-  const uint16_t* x[MB];
-  for (int i = 0; i < MB; ++i) x[i] = c.xb + rows[i] * c.Kx + k0;
-  __m512 a[MB][NB];
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) a[i][j] = _mm512_setzero_ps();
-  const int64_t lenv = round_up(len, 32);  // panel and rows are zero-padded that far
-  for (int64_t k = 0; k < lenv; k += 32) {
-    __m512bh xv[MB];
-    for (int i = 0; i < MB; ++i) std::memcpy(&xv[i], x[i] + k, 64);
-    for (int j = 0; j < NB; ++j) {
-      __m512bh wv;
-      std::memcpy(&wv, panel + j * kChunkK + k, 64);
-      for (int i = 0; i < MB; ++i) a[i][j] = _mm512_dpbf16_ps(a[i][j], xv[i], wv);
-    }
-  }
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) out[i * NB + j] = _mm512_reduce_add_ps(a[i][j]);
-}
-
 // bf16 activations times int4 weights: the panel holds q - zero (exact in bf16, in x's
-// permuted order), each group's dot products are summed exactly as above and then scaled by
+// permuted order), each group's dot products are summed exactly and then scaled by
 // the group's float32 scale (the float panel scales each weight first: same result up to
 // rounding, at twice the products per instruction).
 template <int NB>
@@ -692,9 +671,9 @@ void panel_block_int4_bf16(const Ctx& c, const int64_t* rows, const int64_t* cha
     for (int j = 0; j < NB; ++j) out[i * NB + j] = _mm512_reduce_add_ps(a[i][j]);
 }
 
-// Int4: each group's sums scaled by its scale; int8: the channel scale applied by the caller.
-template <int MB, int NB, bool kInt4>
-void run_tile_panel_bf16(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+// int4 weights, bf16 x, panels of q - zero: each group's sums scaled by its scale.
+template <int MB, int NB>
+void run_tile_panel_int4_bf16(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                          float* acc, uint16_t* panel) {
   const int64_t ld = kChunkChannels;
   std::fill(acc, acc + (m1 - m0) * ld, 0.f);  // the tile's rows only (decoding: one)
@@ -703,23 +682,20 @@ void run_tile_panel_bf16(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64
     for (int64_t n = n0; n < n1; n += NB) {
       int64_t chans[NB];
       for (int j = 0; j < NB; ++j) chans[j] = std::min(n + j, n1 - 1);
-      if constexpr (kInt4) fill_int4_bf16<NB>(c, chans, k0, k1, panel);
-      else fill_int8_bf16<NB>(c, chans, k0, k1, panel);
+      fill_int4_bf16<NB>(c, chans, k0, k1, panel);
       int64_t m = m0;
       for (; m + MB <= m1; m += MB) {
         int64_t rows[MB];
         for (int i = 0; i < MB; ++i) rows[i] = m + i;
         float tmp[MB * NB];
-        if constexpr (kInt4) panel_block_int4_bf16<MB, NB>(c, rows, chans, panel, k0, k1 - k0, tmp);
-        else panel_block_bf16<MB, NB>(c, rows, panel, k0, k1 - k0, tmp);
+        panel_block_int4_bf16<MB, NB>(c, rows, chans, panel, k0, k1 - k0, tmp);
         for (int i = 0; i < MB; ++i)
           for (int j = 0; j < NB && n + j < n1; ++j)
             acc[(m + i - m0) * ld + (n + j - n0)] += tmp[i * NB + j];
       }
       for (; m < m1; ++m) {
         float tmp[NB];
-        if constexpr (kInt4) panel_block_int4_bf16<1, NB>(c, &m, chans, panel, k0, k1 - k0, tmp);
-        else panel_block_bf16<1, NB>(c, &m, panel, k0, k1 - k0, tmp);
+        panel_block_int4_bf16<1, NB>(c, &m, chans, panel, k0, k1 - k0, tmp);
         for (int j = 0; j < NB && n + j < n1; ++j) acc[(m - m0) * ld + (n + j - n0)] += tmp[j];
       }
     }
@@ -749,10 +725,11 @@ int64_t packed_elem_bytes(const QuantMatmulParams& p) {
 }
 bool use_packed_x(const QuantMatmulParams& p) { return packed_elem_bytes(p) != 0; }
 
-// int4: x is also kept as bf16 in the permuted order of its float rows (the panel's).
+// int4: x is also kept as bf16 in the permuted order of its float rows (the panel's). int8
+// weights with few rows multiply in register blocks (8+ rows: the packed path): their bf16
+// panels took 1.75-2.3 ms at 5-7 rows, the blocks 1.22-1.57 (4096 x 4096, 2 Zen 4 threads).
 bool use_bf16_dot(const QuantMatmulParams& p) {
-  return kBf16Dot && p.x.dtype == DType::bf16 &&
-         (p.scheme == QuantScheme::int8 || p.scheme == QuantScheme::int4);
+  return kBf16Dot && p.x.dtype == DType::bf16 && p.scheme == QuantScheme::int4;
 }
 
 // The int8-x int4 path: bfloat16 x (its tolerance; float16 and float32 x keep float
@@ -927,12 +904,11 @@ void tile_item(void* ctx, int64_t item, int thread) {
   switch (c.p->scheme) {
     case QuantScheme::int8: {
       float* acc = reinterpret_cast<float*>(scratch);
-      if (m1 - m0 > kMB && c.xb != nullptr) {
-#if defined(__AVX512BF16__)
-        run_tile_panel_bf16<kMB, kNB, false>(c, m0, m1, n0, n1, acc,
-                                             reinterpret_cast<uint16_t*>(panel));
-#endif
-      } else if (m1 - m0 > kMB) {
+      // More rows than a block, fewer than the packed path's: AVX-512 keeps to register
+      // blocks (4096 x 4096, 5-7 rows, 2 Zen 4 threads: bf16 x 1.18-1.54 ms against 1.35-1.67
+      // in float panels and 1.75-2.3 in bf16 panels; float32 x 2.5-2.9 against 2.9-3.4); AVX2's
+      // 2-row blocks lose to the panels (5 rows: 3.3 against 2.8 ms).
+      if (m1 - m0 > kMB && W < 16) {
         run_tile_panel<kMB, kNB>(c, m0, m1, n0, n1, acc, panel, fill_int8<kNB>);
       } else
         run_tile<float, kMB, kNB>(c, m0, m1, n0, n1, acc, [](auto r, auto&&... a) {
@@ -954,8 +930,8 @@ void tile_item(void* ctx, int64_t item, int thread) {
 #endif
       if (m1 - m0 > kMB4 && c.xb != nullptr) {
 #if defined(__AVX512BF16__)
-        run_tile_panel_bf16<kMB, 2, true>(c, m0, m1, n0, n1, acc,
-                                          reinterpret_cast<uint16_t*>(panel));
+        run_tile_panel_int4_bf16<kMB, 2>(c, m0, m1, n0, n1, acc,
+                                         reinterpret_cast<uint16_t*>(panel));
 #endif
       } else if (m1 - m0 > kMB4)
         run_tile_panel<kMB, kNB>(c, m0, m1, n0, n1, acc, panel, fill_int4<kNB>);
