@@ -82,15 +82,17 @@ def test_int4_group_sizes_and_batched_noncontiguous_input(cpu_tier, scheme):
         check_against_reference(x, qw, None, out)
 
 
-@pytest.mark.parametrize("M", [3, 5, 7])
+@pytest.mark.parametrize("M", [3, 5, 7, 8, 11])
 def test_int4_few_rows_with_int8_activations(cpu_tier, M):
-    # Batched decoding (up to 7 rows) takes the int8-activation int4 kernel on AVX2 / AVX-512
-    # tiers: blocks of 2 rows and one left over, whole weight rows per block.
+    # Batched decoding (up to 11 rows) takes the int8-activation int4 kernel on AVX2 / AVX-512
+    # tiers: blocks of 2 rows and one left over, whole weight rows per block (the amx tier's
+    # tiles take 8 rows and more).
     for group in (64, 128):
         x = torch.randn(M, 1024, dtype=torch.bfloat16)
         qw = llmkernels.quantize_weight(torch.randn(37, 1024), "int4", group)
         bias = torch.randn(37, dtype=torch.bfloat16)
-        assert cpu_int4_int8_activations(x, qw) == (cpu_tier not in ("generic", "none"))
+        int8_x = cpu_tier not in ("generic", "none") and not (cpu_tier == "amx" and M >= 8)
+        assert cpu_int4_int8_activations(x, qw) == int8_x
         check_against_reference(x, qw, bias, llmkernels.quant_matmul(x, qw, bias, backend="cpu"))
 
 

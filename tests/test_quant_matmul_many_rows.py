@@ -116,7 +116,8 @@ def test_explain_names_the_cpu_kernel(cpu_tier, scheme):
             assert ("AMX bf16 tiles:" in text or "AMX int8 tiles:" in text) == tiles, text
             if tiles:
                 assert ("AMX int8 tiles" if scheme == "w8a8" else "AMX bf16 tiles") in text
-            elif cpu_tier == "generic" or M < 8 or (scheme == "w8a8" and cpu_tier not in ("avx512_bf16", "amx")):
+            elif (cpu_tier == "generic" or M < 8 or cpu_int4_int8_activations(x, qw)
+                  or (scheme == "w8a8" and cpu_tier not in ("avx512_bf16", "amx"))):
                 assert not packed, text
             else:
                 assert packed, text

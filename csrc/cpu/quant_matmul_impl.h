@@ -715,11 +715,22 @@ constexpr bool kBf16Dot = false;
 // 10% slower packed), at M = 3-4 the blocks win.
 constexpr int64_t kPackedMinRows = 8;
 
+// The int8-x int4 path: bfloat16 x (its tolerance; float16 and float32 x keep float
+// products), few rows (decoding, batched too: fewer than kInt4Q8Rows, taken from the packed
+// path's bf16 x as well; 4096 x 4096, 2 Zen 4 threads, 2026-11-27: 3-7 rows took 1.2-2.2 ms in
+// bf16 panels and 0.55-1.2 here, 8-11 rows 2.0-2.3 packed and 1.3-1.9 here), groups that hold
+// whole vectors of 4W values.
+constexpr int64_t kInt4Q8Rows = 12;
+bool use_int4_q8(const QuantMatmulParams& p) {
+  return kInt4Q8 && p.scheme == QuantScheme::int4 && p.x.dtype == DType::bf16 &&
+         p.x.sizes[0] < kInt4Q8Rows && p.group_size % (4 * W) == 0;
+}
+
 // The packed-x path's bytes per element of x (quant_matmul_packed_x.h), 0 where it does not
 // serve: w8a8's int8 (1, VNNI CPUs), int8 / int4 weights with bf16 x on AVX512-BF16 CPUs (2),
 // with any other x on AVX2 / AVX-512 (float, 4).
 int64_t packed_elem_bytes(const QuantMatmulParams& p) {
-  if (!kPackedX || p.x.sizes[0] < kPackedMinRows) return 0;
+  if (!kPackedX || p.x.sizes[0] < kPackedMinRows || use_int4_q8(p)) return 0;
   if (p.scheme == QuantScheme::w8a8) return kPackedBf16 ? 1 : 0;
   return kPackedBf16 && p.x.dtype == DType::bf16 ? 2 : 4;
 }
@@ -732,14 +743,6 @@ bool use_bf16_dot(const QuantMatmulParams& p) {
   return kBf16Dot && p.x.dtype == DType::bf16 && p.scheme == QuantScheme::int4;
 }
 
-// The int8-x int4 path: bfloat16 x (its tolerance; float16 and float32 x keep float
-// products), few rows (decoding, batched too: up to the packed path's first row count; 3-7
-// rows took 1.2-2.2 ms in bf16 panels, 0.55-1.2 ms here: 4096 x 4096, 2 Zen 4 threads,
-// 2026-11-27), groups that hold whole vectors of 4W values.
-bool use_int4_q8(const QuantMatmulParams& p) {
-  return kInt4Q8 && p.scheme == QuantScheme::int4 && p.x.dtype == DType::bf16 &&
-         p.x.sizes[0] < kPackedMinRows && p.group_size % (4 * W) == 0;
-}
 
 // blocks(std::integral_constant<int, R>{}, c, rows, chans, k0, k1, out, ld): the R-row kernel
 // (R = 1..MB). Rows go MB at a time, those left over in one block of their own (M = 1
@@ -763,12 +766,14 @@ void run_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1, Acc*
   static_assert(MB >= 1 && MB <= 4, "left-over rows are dispatched up to 3");
   const int64_t ld = kChunkChannels;
   std::fill(acc, acc + (m1 - m0) * ld, Acc(0));  // the tile's rows only (decoding: one)
-  // Few rows (fewer than the packed path takes): x fits in L1 whole, and walking each weight
-  // row end to end streams best (int4, 3-7 rows: twice as fast as chunks of K).
+  // Few rows (fewer than the packed path takes, or int4's int8-x rows): x fits in L1 whole,
+  // and walking each weight row end to end streams best (int4, 3-7 rows: twice as fast as
+  // chunks of K).
   // int8 dot products reduce 64 lanes per instruction: longer chunks amortize the
   // horizontal sums (x's 64 rows x 2048 bytes still fit L2).
   const int64_t chunk = c.p->scheme == QuantScheme::w8a8 ? 4 * kChunkK : kChunkK;
-  const int64_t kstep = m1 - m0 < kPackedMinRows ? round_up(c.K, kChunkK) : chunk;
+  const int64_t kstep =
+      m1 - m0 < kPackedMinRows || c.x4q != nullptr ? round_up(c.K, kChunkK) : chunk;
   for (int64_t k0 = 0; k0 < c.K; k0 += kstep) {
     const int64_t k1 = std::min(c.K, k0 + kstep);
     for (int64_t n = n0; n < n1; n += NB) {

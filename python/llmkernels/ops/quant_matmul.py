@@ -224,12 +224,13 @@ _INT8X_TIER_LANES = {"amx": 16, "avx512_bf16": 16, "avx512": 16, "avx2": 8}
 
 def cpu_int4_int8_activations(x: torch.Tensor, qweight: QuantizedWeight) -> bool:
     """Whether the CPU kernel serves this call with x quantized to int8 per 32 values
-    (csrc/cpu/quant_matmul_impl.h, use_int4_q8): int4, bfloat16 x, at most 7 rows (below
-    kPackedMinRows), groups of whole vectors."""
-    lanes = _INT8X_TIER_LANES.get(backends.cpu_tier()) if backends.native_module() else None
+    (csrc/cpu/quant_matmul_impl.h, use_int4_q8): int4, bfloat16 x, at most 11 rows (below
+    kInt4Q8Rows; the amx tier's tiles take 8 rows and more), groups of whole vectors."""
+    tier = backends.cpu_tier() if backends.native_module() else None
+    lanes = _INT8X_TIER_LANES.get(tier)
     rows = x.numel() // max(x.shape[-1], 1)
     return (lanes is not None and qweight.scheme == "int4" and x.dtype == torch.bfloat16
-            and rows < 8 and qweight.group_size % (4 * lanes) == 0)
+            and rows < (8 if tier == "amx" else 12) and qweight.group_size % (4 * lanes) == 0)
 
 
 def _decide(x, qweight, backend, explain: bool = False) -> backends.Decision:
