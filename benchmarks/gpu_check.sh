@@ -120,11 +120,12 @@ if [ "$HOST_AMX" = 1 ] || [ "${CPU_BENCH:-0}" = 1 ]; then
       --seqlens 2048 --heads 16 --paths ours,sdpa --min-run-time 0.2 --json "$OUT/attention_cpu_$tier.json"
     show 12 "$OUT/cpu_attention_$tier.log"
     # Issue 5's M = 16 / 64 targets (int8 vs int8pack, w8a8 vs dense bf16) on the same cores, and
-    # M = 1024 (the amx tier in slabs of 512 rows).
+    # M = 1024 (the amx tier in slabs of 512 rows), 1 and 8 (decoding; int4 at 8 rows: tiles on the
+    # amx tier, the int8-activation kernel on avx512_bf16, which is faster there is unmeasured).
     step "cpu_quant_$tier" "$BENCH_TIMEOUT" env OMP_NUM_THREADS=2 LLMKERNELS_CPU_TIER="$tier" \
-      taskset -c 0,1 "$PY" benchmarks/quant_matmul.py --device cpu --ms 16,64,1024 --shapes 4096x4096 \
+      taskset -c 0,1 "$PY" benchmarks/quant_matmul.py --device cpu --ms 1,8,16,64,1024 --shapes 4096x4096 \
       --schemes int8,int4,w8a8 --min-run-time 0.2 --json "$OUT/quant_cpu_$tier.json"
-    show 14 "$OUT/cpu_quant_$tier.log"
+    show 20 "$OUT/cpu_quant_$tier.log"
   done
 fi
 
