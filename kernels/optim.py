@@ -303,16 +303,10 @@ def _adam8bit_rows(P, G, MQ, VQ, MS, VS, block, offs, mask, has_block, step_size
     tensor's end (mask, has_block), else every load and store is whole (vectorized)."""
     # m = c|c| * scale / 127^2, beta2 v = (u^2)^2 * (scale / 255^4 * beta2), as optim_impl.h
     # decodes them
-    if MASKED:
-        ms = tl.load(MS + block, mask=has_block, other=0.0)
-        vs = tl.load(VS + block, mask=has_block, other=0.0)
-        c = tl.load(MQ + offs, mask=mask, other=0).to(tl.float32)
-        u = tl.load(VQ + offs, mask=mask, other=0).to(tl.float32)
-    else:
-        ms = tl.load(MS + block)
-        vs = tl.load(VS + block)
-        c = tl.load(MQ + offs).to(tl.float32)
-        u = tl.load(VQ + offs).to(tl.float32)
+    ms = _ld(MS, block, has_block, MASKED)
+    vs = _ld(VS, block, has_block, MASKED)
+    c = _ld(MQ, offs, mask, MASKED)
+    u = _ld(VQ, offs, mask, MASKED)
     m_unit = ms * (1.0 / 16129.0)
     v_unit_b2 = ((vs * (1.0 / 65025.0)) * (1.0 / 65025.0)) * beta2
     m = (c * tl.abs(c)) * m_unit
@@ -339,16 +333,10 @@ def _adam8bit_rows(P, G, MQ, VQ, MS, VS, block, offs, mask, has_block, step_size
     code_m = _sqrt_code((m_abs * m_pre) * m_k, 127)
     code_m = tl.where(m < 0.0, -code_m, code_m).to(tl.int8)
     code_v = _rounded_sqrt_code(root_v * v_k).to(tl.uint8)
-    if MASKED:
-        tl.store(MQ + offs, code_m, mask=mask)
-        tl.store(VQ + offs, code_v, mask=mask)
-        tl.store(MS + block, m_max, mask=has_block)
-        tl.store(VS + block, v_max, mask=has_block)
-    else:
-        tl.store(MQ + offs, code_m)
-        tl.store(VQ + offs, code_v)
-        tl.store(MS + block, m_max)
-        tl.store(VS + block, v_max)
+    _st(MQ, offs, code_m, mask, MASKED)
+    _st(VQ, offs, code_v, mask, MASKED)
+    _st(MS, block, m_max, has_block, MASKED)
+    _st(VS, block, v_max, has_block, MASKED)
 
 
 @triton.jit

@@ -1,6 +1,7 @@
 // The amx tier's matrix products on AMX tiles (included by micro_gemm.h where LLMK_AMX is
-// defined, after gemm_bf16_dot): tile_gemm for bf16 pairs and for bytes, the TileScope that
-// configures the tiles for a work item, and gemm_bf16 / gemm_s8u8 for the kernels.
+// defined, after gemm_bf16_dot): tile products of bf16 pairs or of bytes (tile_zero_c /
+// tile_dots / tile_store_c_block, and tile_gemm over whole operands), the TileScope that
+// configures the tiles for a work item, and gemm_bf16 for the attention kernels.
 #pragma once
 #include <cstdint>
 
@@ -174,18 +175,6 @@ inline void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64
     tile_gemm<amx::Emulated, TileDot::bf16>(M, N, K2, A, sam, B, ldb, C, ldc, accumulate);
   else
     tile_gemm<amx::Hardware, TileDot::bf16>(M, N, K2, A, sam, B, ldb, C, ldc, accumulate);
-}
-
-// C[M x N] = A B over K4 words of four bytes (A signed, B unsigned), int32 sums; A row-major
-// (K4 words per row at stride sam), B as K4 rows of N words; N a multiple of 16.
-inline void gemm_s8u8(int64_t M, int64_t N, int64_t K4, const uint32_t* A, int64_t sam,
-                      const uint32_t* B, int64_t ldb, int32_t* C, int64_t ldc,
-                      const TileScope& tiles) {
-  float* Cf = reinterpret_cast<float*>(C);  // the tiles store the int32 bits as they are
-  if (tiles.emulated())
-    tile_gemm<amx::Emulated, TileDot::s8u8>(M, N, K4, A, sam, B, ldb, Cf, ldc, false);
-  else
-    tile_gemm<amx::Hardware, TileDot::s8u8>(M, N, K4, A, sam, B, ldb, Cf, ldc, false);
 }
 
 }  // namespace LLMK_ISA_NS

@@ -8,10 +8,11 @@
 // chunk of K at a time, just before the tiles use it, while the next chunk's bytes are
 // prefetched: the weights' reads from memory run alongside the tile products (a block staged
 // whole first left memory idle during them: M = 16, 4096 x 4096 w8a8 took 1.6x the VNNI
-// kernel's time on a Xeon, 2026-11-27). x is packed once per call as x^T words (XT[k][m] holds word k of row m: two bf16
-// values, or four bytes of x quantized per row by the avx512_bf16 tier's own code, stored +
-// 128), and the scales and bias are applied when the block's sums are written out (int4: each
-// group's sums times the group's scale, added up in float32). The same arithmetic as the
+// kernel's time on a Xeon, 2026-11-27). x is packed once per call (per slab of up to 512
+// rows) as x^T words (XT[k][m] holds word k of row m: two bf16 values, or four bytes of x
+// quantized per row by the avx512_bf16 tier's own code, stored + 128), and the scales and bias
+// are applied when the block's sums are written out (int4: each group's sums times the
+// group's scale, added up in float32). The same arithmetic as the
 // avx512_bf16 tier's bf16 panels (bf16 products, float32 sums), summed in another order;
 // w8a8: the same integers.
 #define LLMK_VEC_BYTES 64
@@ -254,6 +255,13 @@ void block_sums(const Ctx& c, int64_t n0, int64_t nc, char* scratch, int32_t* ws
   const float* scale = p.scales.ptr<float>();
   if (g.path == Path::w8a8) std::memset(wsum, 0, sizeof(int32_t) * size_t(nc));
   if (g.path == Path::int4_bf16) std::memset(sums, 0, sizeof(float) * size_t(nc * g.Mp));
+  // C's tiles += the staged rows' words [ks, ks + len) times x^T's from k, columns from m0
+  auto dots = [&](int nb, int64_t len, int64_t ks, int64_t k, int64_t m0, int64_t ld) {
+    if (g.path == Path::w8a8)
+      tile_dots<O, TileDot::s8u8>(nc, nb, len, wrows + ks, ld, xt + k * g.Mp + m0, g.Mp);
+    else
+      tile_dots<O, TileDot::bf16>(nc, nb, len, wrows + ks, ld, xt + k * g.Mp + m0, g.Mp);
+  };
   if (g.in_tiles) tile_zero_c<O>(mb, int(g.Mp / TW));
   for (int64_t k0 = 0; k0 < g.Kw; k0 += g.chunk) {
     const int64_t kc = std::min(g.chunk, g.Kw - k0);
@@ -265,10 +273,7 @@ void block_sums(const Ctx& c, int64_t n0, int64_t nc, char* scratch, int32_t* ws
       stage_int8(c, n0, nc, k0, kc, reinterpret_cast<uint16_t*>(scratch));
     }
     if (g.in_tiles) {
-      if (g.path == Path::w8a8)
-        tile_dots<O, TileDot::s8u8>(nc, int(g.Mp / TW), kc, wrows, kc, xt + k0 * g.Mp, g.Mp);
-      else
-        tile_dots<O, TileDot::bf16>(nc, int(g.Mp / TW), kc, wrows, kc, xt + k0 * g.Mp, g.Mp);
+      dots(int(g.Mp / TW), kc, 0, k0, 0, kc);
       continue;
     }
     // the sums over this chunk (int4: over each of its groups, scaled) added to the block's
@@ -277,10 +282,7 @@ void block_sums(const Ctx& c, int64_t n0, int64_t nc, char* scratch, int32_t* ws
       for (int64_t m0 = 0; m0 < g.Mp; m0 += 2 * TW) {
         const int nb = int(std::min<int64_t>(2, (g.Mp - m0) / TW));
         tile_zero_c<O>(mb, nb);
-        if (g.path == Path::w8a8)
-          tile_dots<O, TileDot::s8u8>(nc, nb, step, wrows + ks, kc, xt + (k0 + ks) * g.Mp + m0, g.Mp);
-        else
-          tile_dots<O, TileDot::bf16>(nc, nb, step, wrows + ks, kc, xt + (k0 + ks) * g.Mp + m0, g.Mp);
+        dots(nb, step, ks, k0 + ks, m0, kc);
         if (g.path == Path::int4_bf16)
           tile_store_c_block<O>(nc, nb, group_sums + m0, g.Mp, false);
         else  // w8a8's int32 sums added as integers

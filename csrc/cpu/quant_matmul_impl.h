@@ -736,9 +736,8 @@ int64_t packed_elem_bytes(const QuantMatmulParams& p) {
 }
 bool use_packed_x(const QuantMatmulParams& p) { return packed_elem_bytes(p) != 0; }
 
-// int4: x is also kept as bf16 in the permuted order of its float rows (the panel's). int8
-// weights with few rows multiply in register blocks (8+ rows: the packed path): their bf16
-// panels took 1.75-2.3 ms at 5-7 rows, the blocks 1.22-1.57 (4096 x 4096, 2 Zen 4 threads).
+// int4: x is also kept as bf16 in the permuted order of its float rows (the panel's); int8
+// weights with few rows multiply in register blocks instead (see tile_item).
 bool use_bf16_dot(const QuantMatmulParams& p) {
   return kBf16Dot && p.x.dtype == DType::bf16 && p.scheme == QuantScheme::int4;
 }

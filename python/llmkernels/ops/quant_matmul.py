@@ -218,19 +218,18 @@ def _checks(x: torch.Tensor, qweight: QuantizedWeight, backend: Optional[str]):
     return {"cpu": cpu, "triton": triton, "cuda": cuda}
 
 
-# CPU tiers whose int4 kernel quantizes bfloat16 x to int8 for few rows, and their float lanes.
-_INT8X_TIER_LANES = {"amx": 16, "avx512_bf16": 16, "avx512": 16, "avx2": 8}
-
-
 def cpu_int4_int8_activations(x: torch.Tensor, qweight: QuantizedWeight) -> bool:
-    """Whether the CPU kernel serves this call with x quantized to int8 per 32 values
-    (csrc/cpu/quant_matmul_impl.h, use_int4_q8): int4, bfloat16 x, at most 11 rows (below
-    kInt4Q8Rows; the amx tier's tiles take 8 rows and more), groups of whole vectors."""
-    tier = backends.cpu_tier() if backends.native_module() else None
-    lanes = _INT8X_TIER_LANES.get(tier)
+    """Whether the CPU kernel serves this call with x quantized to int8 per 32 values (int4,
+    bfloat16 x, few rows, groups of whole vectors): the extension's own rule
+    (csrc/cpu/quant_matmul_impl.h, use_int4_q8, under the amx tier's tiles), read off the name
+    of the kernel it runs for the call."""
+    native = backends.native_module()
+    if native is None or qweight.scheme != "int4" or x.dtype != torch.bfloat16:
+        return False
     rows = x.numel() // max(x.shape[-1], 1)
-    return (lanes is not None and qweight.scheme == "int4" and x.dtype == torch.bfloat16
-            and rows < (8 if tier == "amx" else 12) and qweight.group_size % (4 * lanes) == 0)
+    kernel = native.quant_matmul_kernel_name(backends.cpu_tier_code(), SCHEME_CODES["int4"],
+                                             rows, DTYPE_CODES[x.dtype], int(qweight.group_size))
+    return "x quantized to int8 per 32" in kernel
 
 
 def _decide(x, qweight, backend, explain: bool = False) -> backends.Decision:
