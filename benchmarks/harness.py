@@ -179,7 +179,7 @@ def time_fn(fn: Callable[[], Any], device: str = "cpu", min_run_time: float = 0.
 
 
 def time_interleaved(fns: Mapping[str, Callable[[], Any]], device: str = "cpu",
-                     min_run_time: float = 0.2, block_s: float = 2e-3,
+                     min_run_time: float = 0.2, block_s: float = 20e-3,
                      min_rounds: int = 7) -> Dict[str, Timing]:
     """Median run time of each fn, measured in alternation.
 
@@ -189,6 +189,13 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], device: str = "cpu",
     the next (this project's VMs: 23-33 GB/s within an hour), timing one path after the other
     puts the drift into their ratio; in alternation both see the same machine. CUDA: time_fn
     of each (the GPU does not drift so).
+
+    Blocks of 20 ms, not 2: the first call after another function's block pays for the
+    interpreter's and torch's state that the other one's memory stream pushed out of the
+    caches (after a 256 MiB read, any eager op took 100-250 us longer once, a quant_matmul of
+    64 channels 278 us against 24; Zen 4 VM, 2026-11-27). In 2 ms blocks that was a tenth of
+    a one-token GEMV's time (int4 4096x4096: 49-68% of the read bandwidth with 2 ms blocks,
+    75-94% with 20 ms, alternated runs).
     """
     import time
     if torch.device(device).type == "cuda":
