@@ -66,14 +66,16 @@ class QuantizedWeight:
         Remembers the last fields it passed (the tensors by identity): a decoding step calls
         it once per layer, and the checks cost ~2.5 us. Tensors resized in place are still
         caught by the kernels' own bounds checks."""
-        fields = (self.scheme, self.shape, self.group_size, self.qdata, self.scales, self.zeros,
-                  self.qdata.dtype if isinstance(self.qdata, torch.Tensor) else None)
         passed = self.__dict__.get("_validated")
-        if passed is not None and all(a is b or (not isinstance(a, torch.Tensor) and a == b)
-                                      for a, b in zip(passed, fields)):
+        # Straight-line comparisons (a zip over the fields took ~1.5 us of a ~20 us call).
+        if (passed is not None and passed[3] is self.qdata and passed[4] is self.scales
+                and passed[5] is self.zeros and passed[6] == self.qdata.dtype
+                and passed[0] == self.scheme and passed[1] == self.shape
+                and passed[2] == self.group_size):
             return
         self._check(where)
-        self.__dict__["_validated"] = fields
+        self.__dict__["_validated"] = (self.scheme, self.shape, self.group_size, self.qdata,
+                                       self.scales, self.zeros, self.qdata.dtype)
 
     def __getstate__(self):
         state = dict(self.__dict__)

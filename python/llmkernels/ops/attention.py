@@ -95,22 +95,31 @@ def _needs_dispatcher(*tensors: Optional[torch.Tensor]) -> bool:
     dispatcher costs ~25 us a call, as much as the whole kernel for one decoding token."""
     if torch.compiler.is_compiling():
         return True
-    present = [t for t in tensors if t is not None]
-    # nn.Parameter (a layer's bias) behaves as a plain tensor here (its __torch_function__ is
-    # the default one); other subclasses may override anything.
-    if any(type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter for t in present):
-        return True
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-        return True
+    grad = torch.is_grad_enabled()
+    present = []
+    for t in tensors:  # one loop, no generators: this runs at every decoding call
+        if t is None:
+            continue
+        # nn.Parameter (a layer's bias) behaves as a plain tensor here (its
+        # __torch_function__ is the default one); other subclasses may override anything.
+        if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            return True
+        if grad and t.requires_grad:
+            return True
+        present.append(t)
     if torch.overrides.has_torch_function(present):  # also true inside a TorchFunctionMode
         return True
     return _dispatch_mode_active()
 
 
+try:  # imported once: an import statement in the function cost ~1 us a call
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # pragma: no cover - be safe on other torch versions
+    _get_current_dispatch_mode = None
+
+
 def _dispatch_mode_active() -> bool:
-    try:
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
-    except ImportError:  # pragma: no cover - be safe on other torch versions
+    if _get_current_dispatch_mode is None:  # pragma: no cover
         return True
     return _get_current_dispatch_mode() is not None
 

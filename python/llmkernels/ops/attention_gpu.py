@@ -8,7 +8,6 @@ batches, seqused_k for KV caches, diag_offset and bottom_right for the causal/wi
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -24,7 +23,7 @@ MIN_TRITON_HEAD_DIM = 1
 
 def triton_interpreting() -> bool:
     """TRITON_INTERPRET=1 runs Triton kernels on the CPU (how the tests check them)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return backends.env("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_kernels():
