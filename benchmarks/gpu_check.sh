@@ -184,6 +184,13 @@ if [ "$HAVE_GPU" = 1 ] && { [ "$STEPS" = all ] || [ "$STEPS" = bench ]; }; then
       --json "$OUT/quant_gpu_$path.json"
     show 16 "$OUT/quant_bench_$path.log"
   done
+  # The one-row Triton GEMV (opt-in until timed; compare its graph times with the decode
+  # variant's above, then make the faster one the default for M = 1).
+  step quant_bench_triton_gemv "$BENCH_TIMEOUT" env TRITON_PRINT_AUTOTUNING=1 "$PY" \
+    benchmarks/quant_matmul.py --device cuda --backend triton --triton-variant gemv --ms 1 \
+    --schemes int8,int4 --shapes "${QUANT_SHAPES:-4096x11008}" --min-run-time 0.1 \
+    --json "$OUT/quant_gpu_triton_gemv.json"
+  show 8 "$OUT/quant_bench_triton_gemv.log"
   step attention_bench_triton "$BENCH_TIMEOUT" "$PY" benchmarks/attention.py --device cuda \
     --ours-backend triton --paths ours,sdpa --dtypes bf16 --head-dims 128 --seqlens "${BENCH_SEQLENS:-4096}" \
     --batch "${BENCH_BATCH:-4}" --heads "${BENCH_HEADS:-16}" --min-run-time 0.1 --json "$OUT/attention_gpu_triton.json"

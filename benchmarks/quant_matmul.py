@@ -112,10 +112,18 @@ def main(argv=None) -> int:
     p.add_argument("--no-graph", dest="graph", action="store_false",
                    help="CUDA: skip the CUDA-graph timings of M <= 16 (kernels without host "
                    "launch costs)")
+    p.add_argument("--triton-variant", choices=("auto", "tiled", "decode", "gemv"),
+                   default="auto", help="the Triton kernel variant (with --backend triton): "
+                   "gemv is the one-row kernel, opt-in until a GPU has timed it")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     dev = args.device
+    if args.triton_variant != "auto":
+        if args.backend != "triton":
+            p.error("--triton-variant needs --backend triton")
+        from llmkernels.kernels import quant_matmul as triton_qmm
+        triton_qmm.FORCE_VARIANT = args.triton_variant
     if dev == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     if args.quick:
@@ -231,7 +239,8 @@ def main(argv=None) -> int:
     if args.json:
         harness.write_json(args.json, {"benchmark": "quant_matmul", "machine": info,
                                        "read_bandwidth_gbs": bw, "activation_dtype": args.dtype,
-                                       "group_size": args.group_size, "cases": records})
+                                       "group_size": args.group_size,
+                                       "triton_variant": args.triton_variant, "cases": records})
     if failed:
         print(f"CORRECTNESS FAILED for {failed} case(s)", file=sys.stderr)
     return 1 if failed else 0

@@ -24,6 +24,12 @@ Design:
     When N alone gives too few programs to fill the GPU, K is split across programs, each writes
     a float32 (int32 for w8a8) partial, and a small kernel sums the splits in order and applies
     the epilogue (deterministic: no atomics).
+  - GEMV variant (one row of x, int8 / int4; opt-in with FORCE_VARIANT = "gemv" until a GPU
+    has timed it against the decode variant): no tensor-core tile (M = 1 fills one of its 16
+    rows, and the dequantized weight must be converted to bf16 and to the MMA layout first);
+    BLOCK_N weight rows are multiplied elementwise with x in float32 and summed along K. int4
+    factors each group: scale * (sum q * x - zero * sum x), so a nibble costs an and/shift, a
+    conversion and one FMA. K splits and their combine are the decode variant's.
   - w8a8 activations are quantized by a per-row kernel (two passes over the row: max|x|, then
     round half to even with floor arithmetic, exact in the interpreter and compiled alike;
     x_scale = max|x| * float32(1/127) as the spec; x / x_scale is an IEEE division via
@@ -73,6 +79,21 @@ else:
 _K_GRANULE = max(c.kwargs["BLOCK_K"] for c in _DECODE_CONFIGS)
 
 
+def _gemv_cfg(n, k, w, s):
+    return triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+
+
+if INTERPRET:
+    _GEMV_CONFIGS = [_gemv_cfg(16, 128, 4, 1)]
+else:
+    _GEMV_CONFIGS = [_gemv_cfg(*c) for c in (
+        (32, 256, 4, 2), (16, 512, 4, 2), (32, 512, 4, 2), (64, 256, 8, 2), (64, 128, 4, 3),
+        (128, 128, 8, 2), (8, 512, 2, 3))]
+# The GEMV's split boundaries: multiples of every BLOCK_K it may take (powers of two; int4's
+# raised to the group size), so that its tiles hold whole groups.
+_GEMV_GRANULE = max(c.kwargs["BLOCK_K"] for c in _GEMV_CONFIGS)
+
+
 def _prune(configs, named_args, **kwargs):
     """int4: BLOCK_K at most the group size (one scale/zero per column per K tile); float32 x:
     no 256-wide tiles, 128 x 128 or 512-deep float32 stages (a 16x64x512 3-stage decode tile
@@ -97,6 +118,22 @@ def _prune(configs, named_args, **kwargs):
         seen.add(key)
         kept.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
     kept = kept or configs[-1:]
+    return kept if AUTOTUNE else kept[:1]
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    """int4: BLOCK_K at least the group size (whole groups per tile). Without autotuning, one."""
+    scheme = kwargs.get("SCHEME", named_args.get("SCHEME"))
+    group = kwargs.get("GROUP", named_args.get("GROUP", 1))
+    kept, seen = [], set()
+    for c in configs:
+        kw = dict(c.kwargs)
+        if scheme == SCHEME_INT4 and kw["BLOCK_K"] < group:
+            kw["BLOCK_K"] = group
+        key = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
+        if key not in seen:
+            seen.add(key)
+            kept.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
     return kept if AUTOTUNE else kept[:1]
 
 
@@ -256,6 +293,67 @@ def _combine_kernel(PART, S, XS, BIAS, OUT, M, N, stride_om, SPLITS,
 
 
 @triton.jit
+def _gemv_kernel(X, W, S, Z, BIAS, OUT, PART, N, K, K_SPLIT, stride_om,
+                 SCHEME: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row of x: out[n] = sum_k x[k] * w[n, k] over [pid_k * K_SPLIT, +K_SPLIT), products
+    in float32 (see the module's design notes). int4 tiles hold BLOCK_K // GROUP whole groups
+    (K, and so every split boundary, is a multiple of the group). SPLIT: the sums to PART
+    (splits, 1, N), int4's already scaled, int8's not (the combine applies its scale)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    n64 = offs_n.to(tl.int64)
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(K, k_lo + K_SPLIT)
+    if SCHEME == 1:
+        GPT: tl.constexpr = BLOCK_K // GROUP  # groups per tile
+        HG: tl.constexpr = GROUP // 2  # packed bytes per group
+        offs_g = tl.arange(0, GPT)
+        offs_j = tl.arange(0, HG)
+        n_groups = K // GROUP
+        w_rows = W + n64 * (K // 2)
+        sz_rows = n64 * n_groups
+        acc = tl.zeros((BLOCK_N, GPT), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            g_idx = k0 // GROUP + offs_g
+            g_ok = g_idx * GROUP < k_hi
+            byte = k0 // 2 + offs_g[:, None] * HG + offs_j[None, :]  # (GPT, HG) in the row
+            packed = tl.load(w_rows[:, None, None] + byte[None, :, :],
+                             mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
+            # byte b holds k = 2b (low nibble) and 2b + 1 (high)
+            x_even = tl.load(X + 2 * byte, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            x_odd = tl.load(X + 2 * byte + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            qx = ((packed & 0xF).to(tl.float32) * x_even[None, :, :]
+                  + (packed >> 4).to(tl.float32) * x_odd[None, :, :])
+            dot = tl.sum(qx, axis=2)  # (BLOCK_N, GPT): sum of q * x per group
+            x_sum = tl.sum(x_even + x_odd, axis=1)  # (GPT,)
+            sz_ok = n_ok[:, None] & g_ok[None, :]
+            s = tl.load(S + sz_rows[:, None] + g_idx[None, :], mask=sz_ok, other=0.0)
+            z = tl.load(Z + sz_rows[:, None] + g_idx[None, :], mask=sz_ok, other=0).to(tl.float32)
+            acc += s * (dot - z * x_sum[None, :])
+        total = tl.sum(acc, axis=1)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        w_rows = W + n64 * K
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + offs_k
+            k_ok = k < k_hi
+            wq = tl.load(w_rows[:, None] + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                         other=0)
+            xv = tl.load(X + k, mask=k_ok, other=0.0).to(tl.float32)
+            acc += wq.to(tl.float32) * xv[None, :]
+        total = tl.sum(acc, axis=1)
+    if SPLIT:
+        tl.store(PART + pid_k.to(tl.int64) * N + offs_n, total, mask=n_ok)
+    else:
+        _epilogue(total[None, :], tl.arange(0, 1), offs_n, 1, N, S, S, BIAS, OUT, stride_om,
+                  SCHEME, HAS_BIAS)
+
+
+@triton.jit
 def _round_half_even(v):
     """torch.round on float32 (|v| < 2^23): v - floor(v) is exact, ties go to the even side."""
     r = tl.floor(v)
@@ -303,6 +401,11 @@ _decode = triton.autotune(configs=_DECODE_CONFIGS, key=_KEY + ["K_SPLIT"],
                               triton.heuristics(_HEURISTICS)(_gemm_kernel))
 
 
+_gemv = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SCHEME", "GROUP", "HAS_BIAS",
+                                                    "SPLIT", "K_SPLIT"],
+                        prune_configs_by={"early_config_prune": _prune_gemv})(_gemv_kernel)
+
+
 # ------------------------------------------------------------------------------ launchers
 
 @functools.lru_cache(maxsize=None)
@@ -318,12 +421,26 @@ def _precision(dtype: torch.dtype, scheme: int) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+VARIANTS = ("tiled", "decode", "gemv")
+
+
+def _check_variant() -> None:
+    if FORCE_VARIANT is not None and FORCE_VARIANT not in VARIANTS:
+        raise ValueError(f"FORCE_VARIANT must be one of {VARIANTS}, got {FORCE_VARIANT!r}")
+
+
 def _use_decode(M: int) -> bool:
+    _check_variant()
     if FORCE_VARIANT is not None:
-        if FORCE_VARIANT not in ("tiled", "decode"):
-            raise ValueError(f"FORCE_VARIANT must be 'tiled' or 'decode', got {FORCE_VARIANT!r}")
-        return FORCE_VARIANT == "decode" and M <= DECODE_MAX_M
+        return FORCE_VARIANT in ("decode", "gemv") and M <= DECODE_MAX_M
     return M <= DECODE_MAX_M
+
+
+def _use_gemv(M: int, scheme: int) -> bool:
+    """The GEMV variant: forced only (FORCE_VARIANT = "gemv"), for one row of a weight-only
+    scheme; other calls take the variant they would take anyway (decode for M <= 16)."""
+    _check_variant()
+    return FORCE_VARIANT == "gemv" and M == 1 and scheme != SCHEME_W8A8
 
 
 def decode_splits(x2d: torch.Tensor, N: int, K: int) -> int:
@@ -369,6 +486,19 @@ def _launch(scheme: int, x2d, qdata, scales, zeros, group: int, bias, out, xs=No
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), splits)
+    if _use_gemv(M, scheme):
+        granule = max(_GEMV_GRANULE, group)
+        k_split = triton.cdiv(triton.cdiv(K, splits), granule) * granule
+        splits = triton.cdiv(K, k_split)
+        part = out if splits == 1 else torch.empty((splits, 1, N), device=x2d.device,
+                                                   dtype=torch.float32)
+        _gemv[grid](x2d, qdata, scales, zeros_, bias_, out, part, N, K,
+                    K if splits == 1 else k_split, out.stride(0), SCHEME=scheme, GROUP=group,
+                    HAS_BIAS=has_bias, SPLIT=splits > 1)
+        if splits > 1:
+            _combine(part, scales, xs_, bias_, out, M, N, splits,
+                     SCHEME_INT8 if scheme == SCHEME_INT8 else SCHEME_INT4, has_bias)
+        return
     if splits == 1:
         _decode[grid](x2d, qdata, scales, zeros_, bias_, xs_, out, out,
                       M, N, K, x2d.stride(0), out.stride(0), K, m_bucket, SPLIT=False, **flags)
@@ -377,9 +507,15 @@ def _launch(scheme: int, x2d, qdata, scales, zeros, group: int, bias, out, xs=No
                        dtype=torch.int32 if scheme == SCHEME_W8A8 else torch.float32)
     _decode[grid](x2d, qdata, scales, zeros_, bias_, xs_, out, part,
                   M, N, K, x2d.stride(0), out.stride(0), k_split, m_bucket, SPLIT=True, **flags)
+    _combine(part, scales, xs_, bias_, out, M, N, splits, scheme, has_bias)
+
+
+def _combine(part, scales, xs, bias, out, M: int, N: int, splits: int, scheme: int,
+             has_bias: bool) -> None:
+    """The K splits' partials (splits, M, N) summed in order, then the epilogue, into out."""
     block_n = 64 if INTERPRET else 128
     _combine_kernel[(triton.cdiv(N, block_n),)](
-        part, scales, xs_, bias_, out, M, N, out.stride(0), splits,
+        part, scales, xs, bias, out, M, N, out.stride(0), splits,
         SCHEME=scheme, HAS_BIAS=has_bias, BLOCK_M=DECODE_MAX_M, BLOCK_N=block_n, num_warps=4)
 
 

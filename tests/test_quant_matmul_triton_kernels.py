@@ -19,8 +19,9 @@ from llmkernels.reference.quant_matmul import (  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
-# "split": the decode variant with its K range split over 3 programs (+ the combine kernel).
-VARIANTS = ["tiled", "decode", "split"]
+# "split": the decode variant with its K range split over 3 programs (+ the combine kernel);
+# "gemv", "gemv_split": the GEMV variant (one row of x, weight-only schemes), likewise.
+VARIANTS = ["tiled", "decode", "split", "gemv", "gemv_split"]
 G = qm._K_GRANULE  # split boundaries are multiples of it
 
 
@@ -31,11 +32,14 @@ def _reset_knobs():
     qm.FORCE_SPLITS = None
 
 
-def _set_variant(variant, M):
+def _set_variant(variant, M, scheme="int8"):
     if variant != "tiled" and M > qm.DECODE_MAX_M:
         pytest.skip("the decode variant serves M <= 16")
-    qm.FORCE_VARIANT = "tiled" if variant == "tiled" else "decode"
-    qm.FORCE_SPLITS = 3 if variant == "split" else 1 if variant == "decode" else None
+    if variant.startswith("gemv") and (M != 1 or scheme == "w8a8"):
+        pytest.skip("the GEMV variant serves one row of a weight-only scheme")
+    qm.FORCE_VARIANT = "tiled" if variant == "tiled" else "gemv" if variant.startswith("gemv") \
+        else "decode"
+    qm.FORCE_SPLITS = 3 if variant.endswith("split") else None if variant == "tiled" else 1
 
 
 def _inputs(M, N, K, dtype, with_bias, contiguous=False):
@@ -110,6 +114,21 @@ def test_int4(variant, M, N, K, group_size, dtype, with_bias):
     _check_weight_only("int4", x, out, q, s, z, group_size, bias)
 
 
+@pytest.mark.parametrize("scheme,K,group_size", [("int8", 1064, 0), ("int4", 704, 64),
+                                                 ("int4", 1408, 128)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_splits_hold_whole_groups(scheme, K, group_size, dtype):
+    """The GEMV variant split over K: boundaries at multiples of its tile (int4: of whole
+    groups), the last split ragged, partials combined in order."""
+    qm.FORCE_VARIANT, qm.FORCE_SPLITS = "gemv", 3
+    granule = max(qm._GEMV_GRANULE, group_size)
+    k_split = -(-(-(-K // 3)) // granule) * granule
+    assert -(-K // k_split) == 3 and K % k_split  # three splits, a ragged last one
+    x, w, bias, out = _inputs(1, 33, K, dtype, True)
+    q, s, z = _run(scheme, x, w, bias, out, group_size or 64)
+    _check_weight_only(scheme, x, out, q, s, z, group_size, bias)
+
+
 def _check_w8a8(x, out, q, s, bias):
     """The int32 accumulation is exact and the epilogue is the reference's own float32 ops:
     without bias the outputs agree exactly; with it, to the rounding of one fused add."""
@@ -127,7 +146,7 @@ def _check_w8a8(x, out, q, s, bias):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_w8a8(variant, M, N, K, dtype, with_bias):
-    _set_variant(variant, M)
+    _set_variant(variant, M, "w8a8")
     x, w, bias, out = _inputs(M, N, K, dtype, with_bias)
     q, s, _ = _run("w8a8", x, w, bias, out)
     _check_w8a8(x, out, q, s, bias)
@@ -200,6 +219,15 @@ def test_automatic_variant_and_splits():
         assert qm.decode_splits(x, 64, 4096) == 1
     qm.FORCE_SPLITS = 5
     assert qm.decode_splits(x, 64, G) == 1  # never more splits than K granules
+    # the GEMV variant only when forced, and then for one row of a weight-only scheme
+    assert not qm._use_gemv(1, qm.SCHEME_INT4)
+    qm.FORCE_VARIANT = "gemv"
+    assert qm._use_gemv(1, qm.SCHEME_INT8) and qm._use_gemv(1, qm.SCHEME_INT4)
+    assert not qm._use_gemv(2, qm.SCHEME_INT8) and not qm._use_gemv(1, qm.SCHEME_W8A8)
+    assert qm._use_decode(2) and not qm._use_decode(17)
+    qm.FORCE_VARIANT = "fast"
+    with pytest.raises(ValueError, match="FORCE_VARIANT"):
+        qm._use_decode(1)
 
 
 def test_empty_and_zero_k():
