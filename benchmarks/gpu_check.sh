@@ -191,6 +191,17 @@ if [ "$HAVE_GPU" = 1 ] && { [ "$STEPS" = all ] || [ "$STEPS" = bench ]; }; then
     --schemes int8,int4 --shapes "${QUANT_SHAPES:-4096x11008}" --min-run-time 0.1 \
     --json "$OUT/quant_gpu_triton_gemv.json"
   show 8 "$OUT/quant_bench_triton_gemv.log"
+  # Why the one-row kernels are slower than bf16 cuBLAS (CUDA GEMV int4 0.71x on the H200):
+  # occupancy, memory throughput and warp stalls from the hardware counters, where ncu reads
+  # them (Firecracker machines; not gVisor).
+  if command -v ncu >/dev/null; then
+    step ncu_quant_gemv "$BENCH_TIMEOUT" env LLMKERNELS_TRITON_AUTOTUNE=0 ncu --clock-control none \
+      --kernel-name regex:"gemv|gemm_kernel|combine" --section SpeedOfLight --section Occupancy \
+      --section LaunchStats --section WarpStateStats "$PY" benchmarks/quant_gemv_profile.py
+    show 40 "$OUT/ncu_quant_gemv.log"
+  else
+    log "ncu_quant_gemv: skipped (no ncu on PATH)"
+  fi
   step attention_bench_triton "$BENCH_TIMEOUT" "$PY" benchmarks/attention.py --device cuda \
     --ours-backend triton --paths ours,sdpa --dtypes bf16 --head-dims 128 --seqlens "${BENCH_SEQLENS:-4096}" \
     --batch "${BENCH_BATCH:-4}" --heads "${BENCH_HEADS:-16}" --min-run-time 0.1 --json "$OUT/attention_gpu_triton.json"

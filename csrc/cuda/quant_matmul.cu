@@ -6,9 +6,10 @@
 // alignment, and no code depends on the unspecified layout of WMMA fragments.
 //
 // Kernels (T = half or bf16; M, N, K and the group size are run-time values):
-//   gemv_wa16_kernel<T, S>  M <= 8, S = int8 or int4. Block of 4 warps; each warp owns 4 output
-//                           channels (16 per block). x rows are staged in shared memory as float
-//                           in K-slices (padded against bank conflicts); every lane streams
+//   gemv_wa16_kernel<T, S, MR>  M <= MR (1, 2, 4 or 8), S = int8 or int4. Block of 4 warps;
+//                           each warp owns 4 output channels (16 per block). x rows are
+//                           staged in shared memory as float in K-slices (padded against bank
+//                           conflicts); every lane streams
 //                           16-byte weight chunks (32 int4 or 16 int8 values), one chunk ahead,
 //                           dequantizes in registers, FMAs against all M rows; warp-shuffle sums.
 //   gemm_wa16_kernel<T, S>  M > 8. 64x64 output tile per block of 4 warps (32x32 each, 2x2
@@ -20,7 +21,7 @@
 //   quantize_rows_kernel<T> w8a8, one block per row: x_scale = max|x| * float(1/127) (1 for an
 //                           all-zero row; see the kernel for why not / 127), xq =
 //                           clamp(rint(x / x_scale), -127, 127) into the workspace.
-//   gemv_w8a8_kernel<T>     M <= 8: as gemv_wa16 but dp4a against the quantized rows (int32).
+//   gemv_w8a8_kernel<T, MR> M <= MR: as gemv_wa16 but dp4a against the quantized rows (int32).
 //   gemm_w8a8_kernel<T>     M > 8: 64x64 tile, int8 WMMA 16x16x16 with int32 accumulate, K-step 64.
 // w8a8 epilogue: out = float(acc) * x_scale[m] * scale[n] (+ bias), each step rounded like the
 // reference (no FMA contraction), so the result matches it exactly.
@@ -250,7 +251,7 @@ __device__ __forceinline__ void gemv_load_chunk(const Params& p, const uint8_t* 
   }
 }
 
-template <class T, int S>
+template <class T, int S, int MR>
 __global__ void __launch_bounds__(kGemvThreads) gemv_wa16_kernel(const Params p) {
   constexpr int VPC = S == kQuantInt4 ? 32 : 16;  // values per 16-byte chunk
   constexpr int VPW = VPC / 4;                    // values per 32-bit word
@@ -270,11 +271,11 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_wa16_kernel(const Params p)
     if (!valid[ch]) n[ch] = 0;
     qrow[ch] = p.q + n[ch] * p.q_row_bytes;
   }
-  float acc[kGemvCpw][kGemvMaxM];
+  float acc[kGemvCpw][MR];
 #pragma unroll
   for (int ch = 0; ch < kGemvCpw; ++ch)
 #pragma unroll
-    for (int m = 0; m < kGemvMaxM; ++m) acc[ch][m] = 0.f;
+    for (int m = 0; m < MR; ++m) acc[ch][m] = 0.f;
 
   for (int64_t k0 = 0; k0 < K; k0 += kc) {
     const int klen = int(K - k0 < kc ? K - k0 : kc);
@@ -326,7 +327,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_wa16_kernel(const Params p)
             }
           }
 #pragma unroll
-          for (int m = 0; m < kGemvMaxM; ++m) {
+          for (int m = 0; m < MR; ++m) {
             if (m < M) {
               const float4 xv = *reinterpret_cast<const float4*>(xs + m * ldx + xpad(kk));
 #pragma unroll
@@ -348,7 +349,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_wa16_kernel(const Params p)
 #pragma unroll
   for (int ch = 0; ch < kGemvCpw; ++ch)
 #pragma unroll
-    for (int m = 0; m < kGemvMaxM; ++m)
+    for (int m = 0; m < MR; ++m)
       if (m < M) {
         const float v = warp_sum(acc[ch][m]);
         if (valid[ch] && lane == ch * kGemvMaxM + m) store_wa16<T, S>(p, m, n[ch], v);
@@ -390,7 +391,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const Para
 
 // ------------------------------------------------------------------ GEMV, w8a8 (M <= 8)
 
-template <class T>
+template <class T, int MR>
 __global__ void __launch_bounds__(kGemvThreads) gemv_w8a8_kernel(const Params p) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int M = int(p.M);
@@ -404,11 +405,11 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_w8a8_kernel(const Params p)
     if (!valid[ch]) n[ch] = 0;
     qrow[ch] = p.q + n[ch] * p.q_row_bytes;
   }
-  int acc[kGemvCpw][kGemvMaxM];
+  int acc[kGemvCpw][MR];
 #pragma unroll
   for (int ch = 0; ch < kGemvCpw; ++ch)
 #pragma unroll
-    for (int m = 0; m < kGemvMaxM; ++m) acc[ch][m] = 0;
+    for (int m = 0; m < MR; ++m) acc[ch][m] = 0;
 
   const int64_t nchunks = p.kp / 16;  // the quantized rows are zero-padded to kp, weights read 0 past K
   uint4 w[kGemvCpw];
@@ -427,7 +428,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_w8a8_kernel(const Params p)
                           : make_uint4(0u, 0u, 0u, 0u);
     }
 #pragma unroll
-    for (int m = 0; m < kGemvMaxM; ++m) {
+    for (int m = 0; m < MR; ++m) {
       if (m < M) {
         const uint4 a = __ldg(reinterpret_cast<const uint4*>(p.xq + m * p.kp + c * 16));
 #pragma unroll
@@ -446,7 +447,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_w8a8_kernel(const Params p)
 #pragma unroll
   for (int ch = 0; ch < kGemvCpw; ++ch)
 #pragma unroll
-    for (int m = 0; m < kGemvMaxM; ++m)
+    for (int m = 0; m < MR; ++m)
       if (m < M) {
         const int v = warp_sum(acc[ch][m]);
         if (valid[ch] && lane == ch * kGemvMaxM + m) store_w8a8<T>(p, m, n[ch], v);
@@ -724,6 +725,17 @@ void check_contiguous(const TensorView& t, const char* name) {
   }
 }
 
+// The GEMV with room for MR rows of x (M <= MR): its sums and loops sized at compile time, so
+// that decoding's one row does not hold eight rows' registers nor test seven empty ones per
+// quad (ptxas -v, sm_90, bf16: int4 128 -> 96 registers, int8 126 -> 85, w8a8 103 -> 72;
+// 4 -> 5 blocks of 128 threads per multiprocessor). Not yet timed on a GPU.
+template <class T, int MR>
+void launch_gemv(int scheme, const Params& p, dim3 grid, cudaStream_t stream) {
+  if (scheme == kQuantInt8) gemv_wa16_kernel<T, kQuantInt8, MR><<<grid, kGemvThreads, 0, stream>>>(p);
+  else if (scheme == kQuantInt4) gemv_wa16_kernel<T, kQuantInt4, MR><<<grid, kGemvThreads, 0, stream>>>(p);
+  else gemv_w8a8_kernel<T, MR><<<grid, kGemvThreads, 0, stream>>>(p);
+}
+
 template <class T>
 void launch_all(int scheme, Params& p, cudaStream_t stream) {
   const bool gemv = p.M <= kGemvMaxM;
@@ -733,9 +745,10 @@ void launch_all(int scheme, Params& p, cudaStream_t stream) {
   }
   if (gemv) {
     const dim3 grid(unsigned((p.N + kGemvChannels - 1) / kGemvChannels));
-    if (scheme == kQuantInt8) gemv_wa16_kernel<T, kQuantInt8><<<grid, kGemvThreads, 0, stream>>>(p);
-    else if (scheme == kQuantInt4) gemv_wa16_kernel<T, kQuantInt4><<<grid, kGemvThreads, 0, stream>>>(p);
-    else gemv_w8a8_kernel<T><<<grid, kGemvThreads, 0, stream>>>(p);
+    if (p.M == 1) launch_gemv<T, 1>(scheme, p, grid, stream);
+    else if (p.M == 2) launch_gemv<T, 2>(scheme, p, grid, stream);
+    else if (p.M <= 4) launch_gemv<T, 4>(scheme, p, grid, stream);
+    else launch_gemv<T, kGemvMaxM>(scheme, p, grid, stream);
     cuda_check(cudaGetLastError(), "quant_matmul GEMV kernel launch");
   } else {
     const dim3 grid(unsigned((p.M + kBM - 1) / kBM), unsigned((p.N + kBN - 1) / kBN));
