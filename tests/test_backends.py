@@ -1,6 +1,7 @@
 """Path selection: automatic choice, forcing (keyword, context manager, environment),
 explain(), build_info(), CPU tiers."""
 import json
+import os
 import sys
 
 import pytest
@@ -50,6 +51,22 @@ def test_keyword_beats_context_beats_env(monkeypatch):
     with llmkernels.use_backend("cpu"):
         assert llmkernels.explain(sdpa, q, k, v).backend == "cpu"
         assert llmkernels.explain(sdpa, q, k, v, backend="reference").backend == "reference"
+
+
+def test_settings_are_read_from_the_environment_at_every_call(monkeypatch):
+    """backends.env reads os.environ's own dict: a variable set, changed or removed after
+    import takes effect at the next call, also when os.environ is replaced wholesale."""
+    monkeypatch.delenv("LLMKERNELS_BACKEND", raising=False)
+    assert backends.env("LLMKERNELS_BACKEND") == "" and backends.forced_backend() is None
+    assert backends.env("LLMKERNELS_BACKEND", "x") == "x"
+    monkeypatch.setenv("LLMKERNELS_BACKEND", "reference")
+    assert backends.forced_backend() == "reference"
+    monkeypatch.setenv("LLMKERNELS_BACKEND", "cpu")
+    assert backends.forced_backend() == "cpu"
+    monkeypatch.delenv("LLMKERNELS_BACKEND")
+    assert backends.forced_backend() is None
+    monkeypatch.setattr(os, "environ", {"LLMKERNELS_BACKEND": "reference"})
+    assert backends.forced_backend() == "reference"
 
 
 def test_forcing_a_path_that_cannot_serve_is_an_error():

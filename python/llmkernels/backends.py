@@ -25,19 +25,23 @@ CANDIDATES: Mapping[str, Sequence[str]] = {
 }
 CPU_TIERS = ("amx", "avx512_bf16", "avx512", "avx2", "generic")
 
+
 def _environ_reader() -> Callable[[str, str], str]:
     """A reader of os.environ for the per-call settings: os.environ.get costs ~1 us (a key
     that is not set raises and catches a KeyError inside it), twice in every call of a
     one-token GEMV; the mapping's own dict of encoded keys answers in ~0.05 us. Read at every
     call all the same, so that a change takes effect at once."""
-    data = getattr(os.environ, "_data", None)
-    encode = getattr(os.environ, "encodekey", None)
-    decode = getattr(os.environ, "decodevalue", None)
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    encode = getattr(environ, "encodekey", None)
+    decode = getattr(environ, "decodevalue", None)
     if not isinstance(data, dict) or encode is None or decode is None:
-        return os.environ.get
+        return lambda name, default="": os.environ.get(name, default)
     keys: Dict[str, object] = {}
 
     def get(name: str, default: str = "") -> str:
+        if os.environ is not environ:  # replaced wholesale: read the new one
+            return os.environ.get(name, default)
         key = keys.get(name)
         if key is None:
             key = keys[name] = encode(name)
