@@ -251,8 +251,14 @@ __device__ __forceinline__ void gemv_load_chunk(const Params& p, const uint8_t* 
   }
 }
 
+// Blocks per multiprocessor the A16 GEMV is compiled for: 6 at one row (sm_90: the 36 KiB of
+// staged x allow 6, and ptxas then fits the registers in 80: int4 128 -> 80, int8 -> 79), so
+// that a 7B layer's 11008 channels (688 blocks) run in one wave of 132 x 6, not two of 4 or 5
+// a multiprocessor; 0 (unstated, ptxas's own choice) for more rows. Not yet timed on a GPU.
+constexpr int gemv_min_blocks(int mr) { return mr == 1 ? 6 : 0; }
+
 template <class T, int S, int MR>
-__global__ void __launch_bounds__(kGemvThreads) gemv_wa16_kernel(const Params p) {
+__global__ void __launch_bounds__(kGemvThreads, gemv_min_blocks(MR)) gemv_wa16_kernel(const Params p) {
   constexpr int VPC = S == kQuantInt4 ? 32 : 16;  // values per 16-byte chunk
   constexpr int VPW = VPC / 4;                    // values per 32-bit word
   __shared__ __align__(16) float xs[kGemvSmemFloats];
