@@ -733,8 +733,8 @@ void check_contiguous(const TensorView& t, const char* name) {
 
 // The GEMV with room for MR rows of x (M <= MR): its sums and loops sized at compile time, so
 // that decoding's one row does not hold eight rows' registers nor test seven empty ones per
-// quad (ptxas -v, sm_90, bf16: int4 128 -> 96 registers, int8 126 -> 85, w8a8 103 -> 72;
-// 4 -> 5 blocks of 128 threads per multiprocessor). Not yet timed on a GPU.
+// quad (ptxas -v, sm_90, bf16, one row: w8a8 103 -> 72 registers; the A16 kernels see
+// gemv_min_blocks). Not yet timed on a GPU.
 template <class T, int MR>
 void launch_gemv(int scheme, const Params& p, dim3 grid, cudaStream_t stream) {
   if (scheme == kQuantInt8) gemv_wa16_kernel<T, kQuantInt8, MR><<<grid, kGemvThreads, 0, stream>>>(p);
