@@ -58,3 +58,26 @@ def test_w8a8_non_finite_rows_give_non_finite_outputs(gpu_path, bad):
     out = llmkernels.quant_matmul(x, qw, backend=gpu_path)
     assert not torch.isfinite(out[1]).any()
     assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_launches_go_to_the_current_stream():
+    """The extension's CUDA kernels are queued on the caller's current stream (its handle read
+    without building a Stream), and a side stream's work is ordered by it: a matmul on a side
+    stream gives the same result as on the default one."""
+    from llmkernels._cuda_launch import device_guard, stream_handle
+    dev = torch.device("cuda", torch.cuda.current_device())
+    assert stream_handle(dev) == torch.cuda.current_stream(dev).cuda_stream
+    side = torch.cuda.Stream(dev)
+    with torch.cuda.stream(side):
+        assert stream_handle(dev) == side.cuda_stream
+    with device_guard(dev):
+        assert torch.cuda.current_device() == dev.index
+    x = torch.randn(1, 512, dtype=torch.bfloat16, device=dev)
+    qw = llmkernels.quantize_weight(torch.randn(256, 512, device=dev), "int4", 128)
+    want = llmkernels.quant_matmul(x, qw, backend="cuda")
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        got = llmkernels.quant_matmul(x, qw, backend="cuda")
+    torch.cuda.current_stream(dev).wait_stream(side)
+    assert torch.equal(got, want)

@@ -7,12 +7,12 @@ batches, seqused_k for KV caches, diag_offset and bottom_right for the causal/wi
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
 
 from .. import backends
+from .._cuda_launch import device_guard, stream_handle
 from .._cview import cview
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -98,12 +98,12 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 
 def _stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+    return stream_handle(t.device)
 
 
 def _on_device(t: torch.Tensor):
     """The kernels launch on the current CUDA device: make it the tensors' one."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    return device_guard(t.device)
 
 
 def _i32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

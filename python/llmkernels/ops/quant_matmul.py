@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from .. import backends
+from .._cuda_launch import device_guard, stream_handle
 from .._cview import DTYPE_CODES, cview
 from ..quantized_weight import SCHEME_CODES, QuantizedWeight
 from ..reference.quant_matmul import dequantize_reference, quant_matmul_reference
@@ -59,30 +60,21 @@ def _run_kernel(impl: str, x2d, qdata, scales, zeros, bias, out, scheme: str, gr
         M, K = x2d.shape
         nbytes = native.quant_matmul_cuda_workspace_bytes(code, M, K)
         ws = _workspace(nbytes, x2d.device) if nbytes else None
-        with torch.cuda.device(x2d.device):
+        with device_guard(x2d.device):
             native.quant_matmul_cuda(code, cview(x2d), cview(qdata), cview(scales), cview(zeros),
                                      cview(bias), cview(out), ws.data_ptr() if ws is not None else 0,
-                                     group_size, torch.cuda.current_stream(x2d.device).cuda_stream)
+                                     group_size, stream_handle(x2d.device))
     else:
         kernels, error = backends.triton_kernels_or_error("quant_matmul")
         if kernels is None:
             raise backends.BackendError(f"{OP_NAME}: Triton is unavailable: {error}")
-        ctx = torch.cuda.device(x2d.device) if x2d.is_cuda else _nullcontext()
-        with ctx:
+        with device_guard(x2d.device):
             if scheme == "int8":
                 kernels.int8_matmul(x2d, qdata, scales, bias, out)
             elif scheme == "int4":
                 kernels.int4_matmul(x2d, qdata, scales, zeros, group_size, bias, out)
             else:
                 kernels.w8a8_matmul(x2d, qdata, scales, bias, out)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _quant_matmul_kernel(x2d: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor,

@@ -10,6 +10,7 @@ import torch
 
 from .. import backends
 from .clip import take_pending_multiplier
+from .._cuda_launch import device_guard, stream_handle
 from .._cview import DTYPE_CODES
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -163,8 +164,8 @@ def choose_path(params: List[torch.Tensor], ready: bool, stochastic_rounding: bo
 
 def on_cuda(device: torch.device, kernel, *args) -> None:
     """kernel(*args, stream) on device's current CUDA stream (the extension's CUDA steps)."""
-    with torch.cuda.device(device):
-        kernel(*args, torch.cuda.current_stream(device).cuda_stream)
+    with device_guard(device):
+        kernel(*args, stream_handle(device))
 
 
 def triton_optim():
