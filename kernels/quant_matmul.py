@@ -102,7 +102,7 @@ def _prune(configs, named_args, **kwargs):
     group = kwargs.get("GROUP", named_args.get("GROUP", 1))
     x = named_args.get("X")
     elem = x.element_size() if hasattr(x, "element_size") else 2
-    kept, seen = [], set()
+    kept = []
     for c in configs:
         kw = dict(c.kwargs)
         if scheme == SCHEME_INT4 and kw["BLOCK_K"] > group:
@@ -112,24 +112,28 @@ def _prune(configs, named_args, **kwargs):
             continue
         if scheme != SCHEME_W8A8 and elem == 2 and kw["BLOCK_N"] > 128:
             continue
-        key = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
-        if key in seen:
-            continue
-        seen.add(key)
-        kept.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
-    kept = kept or configs[-1:]
-    return kept if AUTOTUNE else kept[:1]
+        kept.append((kw, c))
+    return _distinct(kept) or configs[-1:]
 
 
 def _prune_gemv(configs, named_args, **kwargs):
     """int4: BLOCK_K at least the group size (whole groups per tile). Without autotuning, one."""
     scheme = kwargs.get("SCHEME", named_args.get("SCHEME"))
     group = kwargs.get("GROUP", named_args.get("GROUP", 1))
-    kept, seen = [], set()
+    kept = []
     for c in configs:
         kw = dict(c.kwargs)
         if scheme == SCHEME_INT4 and kw["BLOCK_K"] < group:
             kw["BLOCK_K"] = group
+        kept.append((kw, c))
+    return _distinct(kept)
+
+
+def _distinct(adjusted):
+    """Configs from (block sizes, original config) pairs, duplicates dropped (the prunes'
+    adjustments make some equal); without autotuning, the first."""
+    kept, seen = [], set()
+    for kw, c in adjusted:
         key = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
         if key not in seen:
             seen.add(key)
@@ -455,6 +459,13 @@ def decode_splits(x2d: torch.Tensor, N: int, K: int) -> int:
     return int(max(1, min(want, K // 1024, 32)))
 
 
+def _split_k(K: int, splits: int, granule: int):
+    """(split length, number of splits) for about `splits` K ranges whose boundaries are
+    multiples of granule (only the last one is ragged)."""
+    k_split = triton.cdiv(triton.cdiv(K, splits), granule) * granule
+    return k_split, triton.cdiv(K, k_split)
+
+
 def _launch(scheme: int, x2d, qdata, scales, zeros, group: int, bias, out, xs=None) -> None:
     M, K = x2d.shape
     N = qdata.shape[0]
@@ -480,24 +491,20 @@ def _launch(scheme: int, x2d, qdata, scales, zeros, group: int, bias, out, xs=No
         _tiled[grid](x2d, qdata, scales, zeros_, bias_, xs_, out, out,
                      M, N, K, x2d.stride(0), out.stride(0), K, m_bucket, SPLIT=False, **flags)
         return
-    splits = decode_splits(x2d, N, K)
-    k_split = triton.cdiv(triton.cdiv(K, splits), _K_GRANULE) * _K_GRANULE
-    splits = triton.cdiv(K, k_split)
+    gemv = _use_gemv(M, scheme)
+    k_split, splits = _split_k(K, decode_splits(x2d, N, K),
+                               max(_GEMV_GRANULE, group) if gemv else _K_GRANULE)
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), splits)
-    if _use_gemv(M, scheme):
-        granule = max(_GEMV_GRANULE, group)
-        k_split = triton.cdiv(triton.cdiv(K, splits), granule) * granule
-        splits = triton.cdiv(K, k_split)
+    if gemv:
         part = out if splits == 1 else torch.empty((splits, 1, N), device=x2d.device,
                                                    dtype=torch.float32)
         _gemv[grid](x2d, qdata, scales, zeros_, bias_, out, part, N, K,
                     K if splits == 1 else k_split, out.stride(0), SCHEME=scheme, GROUP=group,
                     HAS_BIAS=has_bias, SPLIT=splits > 1)
         if splits > 1:
-            _combine(part, scales, xs_, bias_, out, M, N, splits,
-                     SCHEME_INT8 if scheme == SCHEME_INT8 else SCHEME_INT4, has_bias)
+            _combine(part, scales, xs_, bias_, out, M, N, splits, scheme, has_bias)
         return
     if splits == 1:
         _decode[grid](x2d, qdata, scales, zeros_, bias_, xs_, out, out,

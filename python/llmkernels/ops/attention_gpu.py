@@ -97,15 +97,6 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _stream(t: torch.Tensor) -> int:
-    return stream_handle(t.device)
-
-
-def _on_device(t: torch.Tensor):
-    """The kernels launch on the current CUDA device: make it the tensors' one."""
-    return device_guard(t.device)
-
-
 def _i32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.to(torch.int32).contiguous()
 
@@ -125,7 +116,7 @@ def attention_forward_gpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out, lse
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     cu_q, cu_k, used = _i32(cu_seqlens_q), _i32(cu_seqlens_k), _i32(seqused_k)
-    with _on_device(q):
+    with device_guard(q.device):
         _launch_forward(impl, q, k, v, out, lse, cu_q, cu_k, used, max_seqlen_q, max_seqlen_k, scale,
                  softcap, window_left, window_right, diag_offset, bottom_right)
     return out, lse
@@ -137,7 +128,7 @@ def _launch_forward(impl, q, k, v, out, lse, cu_q, cu_k, used, max_seqlen_q, max
         backends.native_module().attention_forward_cuda(
             cview(q), cview(k), cview(v), cview(out), cview(lse), cview(cu_q), cview(cu_k),
             cview(used), max_seqlen_q, scale, softcap, window_left, window_right, diag_offset,
-            bottom_right, _stream(q))
+            bottom_right, stream_handle(q.device))
     else:
         triton_kernels().forward(q, k, v, out, lse, cu_q, cu_k, used, max_seqlen_q, max_seqlen_k,
                                  scale, softcap, window_left, window_right, diag_offset,
@@ -170,7 +161,7 @@ def attention_backward_gpu(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     q, k, v, out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out)
     grad_out = _unit_last(grad_out)
     cu_q, cu_k, used = _i32(cu_seqlens_q), _i32(cu_seqlens_k), _i32(seqused_k)
-    with _on_device(q):
+    with device_guard(q.device):
         _launch_backward(impl, grad_out, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, used, max_seqlen_q,
                   max_seqlen_k, scale, softcap, window_left, window_right, diag_offset,
                   bottom_right)
@@ -186,7 +177,7 @@ def _launch_backward(impl, grad_out, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, 
             cview(q), cview(k), cview(v), cview(out), cview(grad_out), cview(lse), cview(delta),
             cview(dq), cview(dk), cview(dv), cview(cu_q), cview(cu_k), cview(used),
             max_seqlen_q, max_seqlen_k, scale, softcap, window_left, window_right, diag_offset,
-            bottom_right, _stream(q))
+            bottom_right, stream_handle(q.device))
     else:
         triton_kernels().backward(q, k, v, out, grad_out, lse, dq, dk, dv, cu_q, cu_k, used,
                                   max_seqlen_q, max_seqlen_k, scale, softcap, window_left,
