@@ -135,7 +135,7 @@ GPU_TESTS_ATTENTION="tests/test_attention_gpu.py tests/test_attention_varlen.py 
 GPU_TESTS_OTHER="tests/test_quant_matmul_gpu.py tests/test_quant_matmul_triton_kernels.py \
   tests/test_optim.py::test_triton_path_trajectory tests/test_optim_triton_kernels.py tests/test_optim_8bit_triton.py \
   tests/test_optim_sr_triton.py tests/test_optim_cuda.py tests/test_optim_plan.py \
-  tests/test_integration_transformers.py"
+  tests/test_optim_capturable.py tests/test_integration_transformers.py"
 # Parallel test processes when pytest-xdist is there: most of the time is Triton compiling.
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_PROCS:-8}"
@@ -167,6 +167,11 @@ if [ "$HAVE_GPU" = 1 ] && { [ "$STEPS" = all ] || [ "$STEPS" = bench ]; }; then
   step optim_bench "$BENCH_TIMEOUT" "$PY" benchmarks/optim.py --device cuda --params 10,50,200 \
     --min-run-time 0.1 --json "$OUT/optim_gpu.json"
   show 22 "$OUT/optim_bench.log"
+  # capturable=True steps replayed from a CUDA graph (never run on a GPU yet), its own step.
+  step optim_bench_graphs "$BENCH_TIMEOUT" "$PY" benchmarks/optim.py --device cuda \
+    --params 10,200 --optimizers adamw,adamw8bit --min-run-time 0.1 --cuda-graphs \
+    --json "$OUT/optim_gpu_graphs.json"
+  show 12 "$OUT/optim_bench_graphs.log"
   # The CUDA optimizer kernels (served only when forced until timed).
   step optim_bench_cuda "$BENCH_TIMEOUT" env LLMKERNELS_BACKEND=cuda "$PY" benchmarks/optim.py \
     --device cuda --params 10,200 --min-run-time 0.1 --json "$OUT/optim_gpu_cuda.json"

@@ -76,6 +76,26 @@ def step_path(params: List[torch.Tensor]) -> str:
     return _fused.route(params, [[q, q.grad] for q in params], False)[0]
 
 
+def graphed(make, params, device: str):
+    """A capturable optimizer of params made by make(params, lr_tensor), stepped twice eagerly
+    (warm-up, on a side stream as torch's CUDA graph guide does), then its step captured in a
+    CUDA graph and replayed once (three steps in all, as the eager optimizers take): the
+    replay, to time."""
+    opt = make(params, torch.tensor(1e-3, device=device))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    graph.replay()
+    graph.opt = opt  # the graph's tensors stay alive with it
+    return graph.replay
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--params", default="10,50", help="model sizes in millions (default 10,50)")
@@ -85,8 +105,13 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time AdamW / AdamW8bit steps with capturable=True replayed from a "
+                        "CUDA graph, against torch's fused capturable AdamW replayed the same way")
     args = p.parse_args(argv)
     dev = args.device
+    if args.cuda_graphs and dev != "cuda":
+        p.error("--cuda-graphs needs --device cuda")
     sizes = [0.3] if args.quick else [float(s) for s in args.params.split(",")]
     mrt = args.min_run_time or (0.05 if args.quick else 0.5)
     info = harness.machine_info(dev)
@@ -106,11 +131,21 @@ def main(argv=None) -> int:
                               "torch-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
                               "torch": lambda ps: torch.optim.AdamW(ps, lr=1e-3)}
                     bytes_per = 7 * torch.tensor([], dtype=dtype).element_size()
+                    if args.cuda_graphs:
+                        makers["ours-graph"] = lambda ps, lr: llmkernels.optim.AdamW(
+                            ps, lr=lr, capturable=True)
+                        makers["torch-fused-graph"] = lambda ps, lr: torch.optim.AdamW(
+                            ps, lr=lr, fused=True, capturable=True)
                 elif name == "adamw8bit":
                     makers = {"ours": lambda ps: llmkernels.optim.AdamW8bit(ps, lr=1e-3),
                               "torch-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
                               "torch": lambda ps: torch.optim.AdamW(ps, lr=1e-3)}
                     makers.update(other_8bit_adamw())
+                    if args.cuda_graphs:
+                        makers["ours-graph"] = lambda ps, lr: llmkernels.optim.AdamW8bit(
+                            ps, lr=lr, capturable=True)
+                        makers["torch-fused-graph"] = lambda ps, lr: torch.optim.AdamW(
+                            ps, lr=lr, fused=True, capturable=True)
                     # param read + write, grad read, two 1-byte moments read + written
                     bytes_per = 3 * torch.tensor([], dtype=dtype).element_size() + 4
                 else:
@@ -128,6 +163,12 @@ def main(argv=None) -> int:
                     ps = [b.clone().requires_grad_() for b in base]
                     for q, g in zip(ps, grads):
                         q.grad = g.clone()
+                    if label.endswith("-graph"):
+                        replay = graphed(make, ps, dev)
+                        finals[label] = [q.detach().clone() for q in ps[:4]]
+                        steps[label] = replay
+                        del ps
+                        continue
                     opt = make(ps)
                     for _ in range(3):
                         opt.step()
@@ -151,6 +192,11 @@ def main(argv=None) -> int:
                 if name == "adamw8bit":  # 8-bit moments: close to AdamW, not equal
                     tol = 2e-2
                 ok = err <= tol
+                if "ours-graph" in finals:  # the replayed step is the eager one's
+                    graph_err = max((a.float() - b.float()).abs().max().item() /
+                                    (b.float().abs().max().item() + 1e-12)
+                                    for a, b in zip(finals["ours-graph"], finals["ours"]))
+                    ok = ok and graph_err <= (1e-6 if dtype == torch.float32 else 1e-2)
                 failed += not ok
                 t = times["ours"]
                 gbs = n * bytes_per / t / 1e9
@@ -158,18 +204,24 @@ def main(argv=None) -> int:
                            correct=ok, rel_err=err, gbs=gbs, pct_copy_bw=100 * gbs / bw,
                            **{f"{k}_ms": v * 1e3 for k, v in times.items()},
                            **{f"vs_{k}": v / t for k, v in times.items() if k != "ours"})
+                if "ours-graph" in times:
+                    rec["graph_vs_torch_fused_graph"] = (times["torch-fused-graph"]
+                                                         / times["ours-graph"])
                 records.append(rec)
                 rows.append([f"{n / 1e6:.1f}M", str(len(shapes)), dt, name, path, "ok" if ok else "FAIL",
                              f"{t * 1e3:.2f}", f"{times['torch-fused'] * 1e3:.2f}",
                              f"{times['torch'] * 1e3:.2f}", f"{times['torch-fused'] / t:.2f}x",
                              f"{times['torch'] / t:.2f}x", f"{gbs:.1f}", f"{100 * gbs / bw:.0f}%",
                              " ".join(f"{times[k] / t:.1f}x {k}" for k in times
-                                      if k.endswith("-8bit")) or "-"])
+                                      if k.endswith("-8bit")) or "-",
+                             (f"{times['ours-graph'] * 1e3:.2f} ms, "
+                              f"{times['torch-fused-graph'] / times['ours-graph']:.2f}x fused-graph"
+                              if "ours-graph" in times else "-")])
                 print(" ".join(rows[-1]), flush=True)
     print()
     print(harness.format_table(["params", "tensors", "dtype", "optimizer", "path", "check", "ours ms",
                                 "torch-fused ms", "torch ms", "vs fused", "vs torch", "GB/s",
-                                "% copy bw", "vs other 8-bit AdamW"], rows))
+                                "% copy bw", "vs other 8-bit AdamW", "CUDA graph"], rows))
     if args.json:
         harness.write_json(args.json, {"benchmark": "optim", "machine": info,
                                        "copy_bandwidth_gbs": bw, "cases": records})

@@ -18,10 +18,15 @@ Launches (one per group, not one per tensor):
         cum    [P]          first global block of tensor t (P = next power of two >= n;
                             padding entries = INT64_MAX)
         numel  [n]
-        ptrs   [n, K]       data_ptr() of the tensors of parameter t (K = 2..5)
-        floats [n, F] f32   read through a float32 view: Adam step_size, bias_correction2_sqrt
-                            and the stochastic rounding key's bits (F = 3); SGD with
-                            stochastic rounding the key's bits (F = 1); AdamW8bit F = 2
+        ptrs   [n, K + 1]   data_ptr() of the tensors of parameter t (K = 2..6), then the
+                            index of t's row in the float table
+        floats [n, F] f32   read through a float32 view: Adam step_size, bias_correction2_sqrt,
+                            the stochastic rounding key's bits, decay, the gradients'
+                            multiplier and skip (F = 6); SGD with stochastic rounding the
+                            key's bits (F = 1); AdamW8bit F = 5 (see its kernel)
+    Capturable steps keep the int64 table on the device between launches and give each launch
+    a float table computed on the device (Prepared's table_rows): nothing is copied from the
+    host while the tensors stay the same, so the step can be captured in a CUDA graph.
     A program finds its tensor by a log2(P)-step binary search over cum (static loop).
   - Full blocks take an unmasked path (so loads and stores vectorize: the table pointers are
     declared 16-byte aligned when all of the group's are); the tail block of each tensor is
@@ -61,6 +66,9 @@ MAX_TENSORS = 1024  # per launch (binary search depth <= 10)
 ALIGN = 16  # bytes
 
 _INTERP = tl.constexpr(INTERPRET)
+# Floats per tensor in the Adam and 8-bit AdamW kernels' tables (see the kernels).
+ADAM_FLOATS = tl.constexpr(6)
+ADAM8_FLOATS = tl.constexpr(5)
 _INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -121,13 +129,14 @@ def _find_tensor(CUM, blk, LOG_P: tl.constexpr):
 
 @triton.jit
 def _locate(META, n_tensors, LOG_P: tl.constexpr, K: tl.constexpr):
-    """This program's tensor t, its numel, its row of K pointers in META, and the program's
-    index among the tensor's programs."""
+    """This program's tensor's row of K pointers in META, its numel, the index of its row of
+    floats in FMETA (the column after the pointers), and the program's index among the
+    tensor's programs."""
     blk = tl.program_id(0).to(tl.int64)
     t = _find_tensor(META, blk, LOG_P)
     numel = tl.load(META + (1 << LOG_P) + t)
-    rows = META + (1 << LOG_P) + n_tensors + t * K
-    return t, numel, rows, blk - tl.load(META + t)
+    rows = META + (1 << LOG_P) + n_tensors + t * (K + 1)
+    return rows, numel, tl.load(rows + K), blk - tl.load(META + t)
 
 
 @triton.jit
@@ -186,16 +195,18 @@ def _adam_block(P, G, M, V, VMAX, offs, mask, step_size, bc2, key, beta2, eps, w
 
 @triton.jit
 def _adam_kernel(META, FMETA, TYPED, STATE_TYPED, n_tensors,
-                 beta2, eps, wd, decay, one_m_b1, one_m_b2, inv_scale, sign,
+                 beta2, eps, wd, one_m_b1, one_m_b2, sign,
                  LOG_P: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
                  ALIGNED: tl.constexpr, BLOCK: tl.constexpr, SR: tl.constexpr):
     """One BLOCK of one tensor. META: cum [2**LOG_P], numel [n], ptrs [n, 4 or 5] (int64);
-    FMETA: float32 [n, 3] (step_size, bc2, the stochastic rounding key's bits). TYPED /
-    STATE_TYPED: any pointer of the group's parameter / moment dtype (type only; the moments
-    may be float32 for 16-bit parameters). SR: bfloat16 parameters stochastically rounded."""
+    FMETA: float32 [n, ADAM_FLOATS] (step_size, bc2, the stochastic rounding key's bits,
+    decay = 1 - lr * wd, the gradients' multiplier, skip: nonzero leaves the tensor as it is).
+    TYPED / STATE_TYPED: any pointer of the group's parameter / moment dtype (type only; the
+    moments may be float32 for 16-bit parameters). SR: bfloat16 parameters stochastically
+    rounded."""
     ELEM: tl.constexpr = TYPED.dtype.element_ty
     SELEM: tl.constexpr = STATE_TYPED.dtype.element_ty
-    t, numel, rows, local = _locate(META, n_tensors, LOG_P, 5 if AMSGRAD else 4)
+    rows, numel, frow, local = _locate(META, n_tensors, LOG_P, 5 if AMSGRAD else 4)
     P = _ptr(rows, 0, ELEM, ALIGNED)
     G = _ptr(rows, 1, ELEM, ALIGNED)
     M = _ptr(rows, 2, SELEM, ALIGNED)
@@ -203,18 +214,24 @@ def _adam_kernel(META, FMETA, TYPED, STATE_TYPED, n_tensors,
     VMAX = M
     if AMSGRAD:
         VMAX = _ptr(rows, 4, SELEM, ALIGNED)
-    step_size = tl.load(FMETA + 3 * t)
-    bc2 = tl.load(FMETA + 3 * t + 1)
-    key = tl.load(FMETA + 3 * t + 2).to(tl.uint32, bitcast=True)
+    row = FMETA + ADAM_FLOATS * frow
+    step_size = tl.load(row)
+    bc2 = tl.load(row + 1)
+    key = tl.load(row + 2).to(tl.uint32, bitcast=True)
+    decay = tl.load(row + 3)
+    inv_scale = tl.load(row + 4)
     start = local * BLOCK
     offs = start + tl.arange(0, BLOCK)
-    if start + BLOCK <= numel:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-        _adam_block(P, G, M, V, VMAX, offs, None, step_size, bc2, key, beta2, eps, wd, decay,
-                    one_m_b1, one_m_b2, inv_scale, sign, DECOUPLED, AMSGRAD, False, SR)
-    else:
-        _adam_block(P, G, M, V, VMAX, offs, offs < numel, step_size, bc2, key, beta2, eps, wd,
-                    decay, one_m_b1, one_m_b2, inv_scale, sign, DECOUPLED, AMSGRAD, True, SR)
+    if tl.load(row + 5) == 0.0:
+        if start + BLOCK <= numel:
+            offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+            _adam_block(P, G, M, V, VMAX, offs, None, step_size, bc2, key, beta2, eps, wd,
+                        decay, one_m_b1, one_m_b2, inv_scale, sign, DECOUPLED, AMSGRAD, False,
+                        SR)
+        else:
+            _adam_block(P, G, M, V, VMAX, offs, offs < numel, step_size, bc2, key, beta2, eps,
+                        wd, decay, one_m_b1, one_m_b2, inv_scale, sign, DECOUPLED, AMSGRAD,
+                        True, SR)
 
 
 # ------------------------------------------------------------------------------ SGD
@@ -247,7 +264,7 @@ def _sgd_kernel(META, FMETA, TYPED, n_tensors, lr, wd, mom, damp, inv_scale, sig
     """One BLOCK of one tensor. META: cum [2**LOG_P], numel [n], ptrs [n, 2 or 3] (int64);
     FMETA (SR only): float32 [n, 1], the stochastic rounding key's bits."""
     ELEM: tl.constexpr = TYPED.dtype.element_ty
-    t, numel, rows, local = _locate(META, n_tensors, LOG_P, 3 if MOMENTUM else 2)
+    rows, numel, frow, local = _locate(META, n_tensors, LOG_P, 3 if MOMENTUM else 2)
     P = _ptr(rows, 0, ELEM, ALIGNED)
     G = _ptr(rows, 1, ELEM, ALIGNED)
     B = P
@@ -255,7 +272,7 @@ def _sgd_kernel(META, FMETA, TYPED, n_tensors, lr, wd, mom, damp, inv_scale, sig
         B = _ptr(rows, 2, ELEM, ALIGNED)
     key = 0
     if SR:
-        key = tl.load(FMETA + t).to(tl.uint32, bitcast=True)
+        key = tl.load(FMETA + frow).to(tl.uint32, bitcast=True)
     start = local * BLOCK
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
@@ -340,35 +357,39 @@ def _adam8bit_rows(P, G, MQ, VQ, MS, VS, block, offs, mask, has_block, step_size
 
 
 @triton.jit
-def _adam8bit_kernel(META, FMETA, TYPED, n_tensors,
-                     beta2, eps, decay, one_m_b1, one_m_b2, signed_inv_scale,
+def _adam8bit_kernel(META, FMETA, TYPED, n_tensors, beta2, eps, one_m_b1, one_m_b2,
                      LOG_P: tl.constexpr, ROWS: tl.constexpr, BLOCK8: tl.constexpr,
                      ALIGNED: tl.constexpr):
     """ROWS 8-bit blocks of one tensor (AdamW: decoupled weight decay). META: cum [2**LOG_P]
     (in programs), numel [n], ptrs [n, 6] (param, grad, exp_avg codes int8, exp_avg_sq codes
-    uint8, their float32 block scales); FMETA: float32 [n, 2] (step_size, bc2). As the Adam
+    uint8, their float32 block scales); FMETA: float32 [n, ADAM8_FLOATS] (step_size, bc2,
+    decay = 1 - lr * wd, the gradients' multiplier with maximize's sign, skip). As the Adam
     kernel: programs wholly inside their tensor load and store without masks, and ALIGNED
     (every pointer 16-byte aligned) lets those be vector accesses; the last program of a
     ragged tensor is masked."""
     ELEM: tl.constexpr = TYPED.dtype.element_ty
-    t, numel, rows, local = _locate(META, n_tensors, LOG_P, 6)
+    rows, numel, frow, local = _locate(META, n_tensors, LOG_P, 6)
     P = _ptr(rows, 0, ELEM, ALIGNED)
     G = _ptr(rows, 1, ELEM, ALIGNED)
     MQ = _ptr(rows, 2, tl.int8, ALIGNED)
     VQ = _ptr(rows, 3, tl.uint8, ALIGNED)
     MS = _ptr(rows, 4, tl.float32, ALIGNED)
     VS = _ptr(rows, 5, tl.float32, ALIGNED)
-    step_size = tl.load(FMETA + 2 * t)
-    inv_bc2 = tl.math.div_rn(1.0, tl.load(FMETA + 2 * t + 1))
+    row = FMETA + ADAM8_FLOATS * frow
+    step_size = tl.load(row)
+    inv_bc2 = tl.math.div_rn(1.0, tl.load(row + 1))
+    decay = tl.load(row + 2)
+    signed_inv_scale = tl.load(row + 3)
     block = local * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
     offs = block * BLOCK8 + tl.arange(0, BLOCK8)[None, :]  # [ROWS, BLOCK8]
-    if (local + 1) * (ROWS * BLOCK8) <= numel:
-        _adam8bit_rows(P, G, MQ, VQ, MS, VS, block, offs, None, None, step_size, inv_bc2,
-                       beta2, eps, decay, one_m_b1, one_m_b2, signed_inv_scale, ELEM, False)
-    else:
-        _adam8bit_rows(P, G, MQ, VQ, MS, VS, block, offs, offs < numel, block * BLOCK8 < numel,
-                       step_size, inv_bc2, beta2, eps, decay, one_m_b1, one_m_b2,
-                       signed_inv_scale, ELEM, True)
+    if tl.load(row + 4) == 0.0:
+        if (local + 1) * (ROWS * BLOCK8) <= numel:
+            _adam8bit_rows(P, G, MQ, VQ, MS, VS, block, offs, None, None, step_size, inv_bc2,
+                           beta2, eps, decay, one_m_b1, one_m_b2, signed_inv_scale, ELEM, False)
+        else:
+            _adam8bit_rows(P, G, MQ, VQ, MS, VS, block, offs, offs < numel,
+                           block * BLOCK8 < numel, step_size, inv_bc2, beta2, eps, decay,
+                           one_m_b1, one_m_b2, signed_inv_scale, ELEM, True)
 
 
 # ------------------------------------------------------------------------------ launchers
@@ -391,64 +412,123 @@ def _groups(keys: Sequence, numels: Sequence[int]):
 
 class _Group:
     """One launch: the tensors idx of a call, their table buffer (see the module docstring)
-    with ptrs [n, K] and floats [n, F] as views into it, the grid, LOG_P, whether every pointer
-    but the gradients' is ALIGN-byte aligned, and tensors that carry the group's dtypes."""
+    with ptrs [n, K] (and each tensor's row of floats after them) and floats [n, F] as views
+    into it, the grid, LOG_P, whether every pointer but the gradients' is ALIGN-byte aligned,
+    and tensors that carry the group's dtypes. table_rows: the rows of a float table on the
+    device (capturable steps; the buffer then holds no floats), else row t of its own."""
 
-    def __init__(self, key, idx, rows, numels, n_floats: int, block: int):
+    def __init__(self, key, idx, rows, numels, n_floats: int, block: int, table_rows=None):
         n, k = len(idx), len(rows[0])
         self.key, self.idx = key, idx
         self.log_p = _log2_ceil(n)
         p2 = 1 << self.log_p
-        nf = (n * n_floats + 1) // 2  # two float32 per int64 word
-        self.buf = np.empty(p2 + n + n * k + nf, dtype=np.int64)
+        own_floats = n_floats if table_rows is None else 0
+        nf = (n * own_floats + 1) // 2  # two float32 per int64 word
+        self.buf = np.empty(p2 + n + n * (k + 1) + nf, dtype=np.int64)
         cum = np.cumsum([0] + [(x + block - 1) // block for x in numels], dtype=np.int64)
         self.buf[:n] = cum[:n]
         self.buf[n:p2] = _INT64_MAX
         self.buf[p2:p2 + n] = numels
-        self.ptrs = self.buf[p2 + n:p2 + n + n * k].reshape(n, k)
+        columns = self.buf[p2 + n:p2 + n + n * (k + 1)].reshape(n, k + 1)
+        self.ptrs = columns[:, :k]
         self.ptrs[:] = [[t.data_ptr() for t in row] for row in rows]
+        columns[:, k] = np.arange(n) if table_rows is None else [table_rows[i] for i in idx]
         others = np.delete(self.ptrs, 1, axis=1)
         self.static_aligned = not (others % ALIGN).any()
-        self.float_start = p2 + n + n * k
-        self.floats = (self.buf[self.float_start:].view(np.float32)[:n * n_floats]
-                       .reshape(n, n_floats) if n_floats else None)
+        self.float_start = p2 + n + n * (k + 1)
+        self.floats = (self.buf[self.float_start:].view(np.float32)[:n * own_floats]
+                       .reshape(n, own_floats) if own_floats else None)
         self.grid = int(cum[n])
         self.device = rows[0][0].device
         # dtype carriers for the kernels (parameter, first state), not the gradient: a kept
         # Prepared would keep that step's gradient alive
         self.typed = [t for j, t in enumerate(rows[0]) if j != 1]
+        self.resident = None  # the table on the device, and the gradient pointers it holds
+        self.staging = None  # a pinned copy of buf made ready for a capture
+        self.captured = []  # (staging, table) of captured copies: graphs replay them
+
+    def upload(self) -> torch.Tensor:
+        """The table on the group's device, copied from the host buffer for this launch (a host
+        buffer reused by the next call: the copy from pageable memory is staged before .to()
+        returns, and the kernel reads the device copy)."""
+        meta = torch.from_numpy(self.buf)
+        return meta if self.device.type == "cpu" else meta.to(self.device, non_blocking=True)
+
+    def resident_table(self) -> torch.Tensor:
+        """The table kept on the device between launches (capturable steps), copied again only
+        when the gradients' pointers changed, from pinned memory (a pageable copy waits for
+        the stream; the caching host allocator keeps a pinned buffer until its copy is
+        done). Inside a CUDA graph capture the copy comes from a pinned buffer allocated at an
+        eager launch before and never written again, so that every replay copies the
+        pointers the capture saw."""
+        if self.device.type != "cuda":  # the interpreter reads host memory
+            return torch.from_numpy(self.buf)
+        grads = self.ptrs[:, 1].copy()
+        if self.resident is not None and np.array_equal(self.resident[1], grads):
+            return self.resident[0]
+        capturing = torch.cuda.is_current_stream_capturing()
+        if capturing:
+            if self.staging is None:
+                raise RuntimeError(
+                    "capturable optimizer step: the gradients are new tensors inside this CUDA "
+                    "graph capture and no eager step has run since the last capture; run one "
+                    "eager step (warm-up) before each capture")
+            staging, self.staging = self.staging, None
+        else:
+            staging = torch.empty(self.buf.shape, dtype=torch.int64, pin_memory=True)
+        staging.numpy()[:] = self.buf
+        table = torch.empty(self.buf.shape, dtype=torch.int64, device=self.device)
+        table.copy_(staging, non_blocking=True)
+        if capturing:
+            self.captured.append((staging, table))  # replays read both
+        elif self.staging is None:
+            self.staging = torch.empty(self.buf.shape, dtype=torch.int64, pin_memory=True)
+        self.resident = (table, grads)
+        return table
 
 
 class Prepared:
     """The launches of one call over rows of tensors ([parameter, gradient, state...] per
     parameter; launch groups by key), their tables filled but for the per-tensor floats. A
     later call over the same tensors with other gradients (llmkernels.optim's step plans)
-    only writes the gradients' pointers and the floats: no tensor is read again."""
+    only writes the gradients' pointers and the floats: no tensor is read again.
 
-    def __init__(self, rows: List[list], keys: Sequence, n_floats: int, block: int = BLOCK):
+    table_rows (capturable steps): per tensor, its row in a float32 table on the device that
+    each launch is given (computed there from device-resident steps and learning rates: no
+    host value changes between steps); the pointer tables then stay on the device too."""
+
+    def __init__(self, rows: List[list], keys: Sequence, n_floats: int, block: int = BLOCK,
+                 table_rows: Optional[Sequence[int]] = None):
         numels = [row[0].numel() for row in rows]
         self.n_floats = n_floats
         self.size = len(rows)
+        self.device_table = table_rows is not None
         self.groups = [_Group(key, idx, [rows[i] for i in idx], [numels[i] for i in idx],
-                              n_floats, block) for key, idx in _groups(keys, numels)]
+                              n_floats, block, table_rows)
+                       for key, idx in _groups(keys, numels)]
 
     def launches(self, grad_ptrs: Optional[Sequence[int]] = None, floats=None):
         """Per group (group, meta, fmeta, aligned): the tables on the group's device, with
         these gradients' pointers (None: as prepared) and floats ([size, F] float32 rows, bit
-        patterns kept)."""
-        if floats is not None:
+        patterns kept; with table_rows, the device table itself)."""
+        if self.device_table:
+            if not isinstance(floats, torch.Tensor) or floats.dtype != torch.float32 \
+                    or floats.dim() != 2 or floats.shape[1] != self.n_floats \
+                    or not floats.is_contiguous():
+                raise ValueError(f"optimizer launch: floats must be a contiguous float32 table "
+                                 f"of {self.n_floats} columns on the device")
+        elif floats is not None:
             floats = np.asarray(floats, dtype=np.float32).reshape(self.size, self.n_floats)
         for g in self.groups:
             if grad_ptrs is not None:
                 g.ptrs[:, 1] = [grad_ptrs[i] for i in g.idx]
+            aligned = g.static_aligned and not (g.ptrs[:, 1] % ALIGN).any()
+            if self.device_table:
+                yield g, g.resident_table(), floats, aligned
+                continue
             if floats is not None:
                 g.floats[:] = floats[g.idx]
-            aligned = g.static_aligned and not (g.ptrs[:, 1] % ALIGN).any()
-            # A host buffer reused by the next call: the copy from pageable memory is staged
-            # before .to() returns (the kernel reads the device copy).
-            meta = torch.from_numpy(g.buf)
-            if g.device.type != "cpu":
-                meta = meta.to(g.device, non_blocking=True)
+            meta = g.upload()
             fmeta = meta[g.float_start:].view(torch.float32) if self.n_floats else None
             yield g, meta, fmeta, aligned
 
@@ -514,9 +594,9 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes,
 
 
 def adam_prepare(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, amsgrad,
-                 check=True, sr_keys=None) -> Prepared:
+                 check=True, sr_keys=None, table_rows=None) -> Prepared:
     """adam_step's launches over these tensors (adam_launch runs them, with these or later
-    gradients)."""
+    gradients; with table_rows, adam_launch_table: see Prepared)."""
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == n) or (
             amsgrad and len(max_exp_avg_sqs) != n):
@@ -527,7 +607,7 @@ def adam_prepare(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, amsgr
     if check:
         _check("adam_step", rows, f32_state_from=2)
     keys = [(p.dtype, m.dtype, p.get_device()) for p, m in zip(params, exp_avgs)]
-    return Prepared(rows, keys, 3)
+    return Prepared(rows, keys, ADAM_FLOATS.value, table_rows=table_rows)
 
 
 def adam_launch(prepared: Prepared, grad_ptrs, step_sizes, bias_correction2_sqrts, *, beta2,
@@ -537,20 +617,40 @@ def adam_launch(prepared: Prepared, grad_ptrs, step_sizes, bias_correction2_sqrt
     it was prepared with). Other arguments as adam_step's."""
     if len(step_sizes) != prepared.size or len(bias_correction2_sqrts) != prepared.size:
         raise ValueError("adam_step: the tensor lists must have the same length")
-    floats = np.zeros((prepared.size, 3), dtype=np.float32)  # step_size, bc2, key bits
+    floats = np.zeros((prepared.size, ADAM_FLOATS.value), dtype=np.float32)
     floats[:, 0] = step_sizes
     floats[:, 1] = bias_correction2_sqrts
     if sr_keys is not None:
         floats[:, 2] = _key_bits(sr_keys)
+    floats[:, 3] = decay
+    floats[:, 4] = inv_grad_scale  # column 5, skip: 0
+    _adam_launches(prepared, grad_ptrs, floats, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                   decoupled=decoupled, amsgrad=amsgrad, maximize=maximize,
+                   one_minus_beta1=one_minus_beta1, one_minus_beta2=one_minus_beta2,
+                   sr=sr_keys is not None)
+
+
+def adam_launch_table(prepared: Prepared, grad_ptrs, table: torch.Tensor, *, beta2, eps,
+                      weight_decay, decoupled, amsgrad, maximize, one_minus_beta1,
+                      one_minus_beta2, sr) -> None:
+    """The launches of adam_prepare(..., table_rows=)'s tensors with their floats read from
+    table (float32 [rows, ADAM_FLOATS] on the device: step_size, bias_correction2_sqrt, the
+    stochastic rounding key's bits, decay, the gradients' multiplier, skip)."""
+    _adam_launches(prepared, grad_ptrs, table, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                   decoupled=decoupled, amsgrad=amsgrad, maximize=maximize,
+                   one_minus_beta1=one_minus_beta1, one_minus_beta2=one_minus_beta2, sr=sr)
+
+
+def _adam_launches(prepared, grad_ptrs, floats, *, beta2, eps, weight_decay, decoupled,
+                   amsgrad, maximize, one_minus_beta1, one_minus_beta2, sr):
     for g, meta, fmeta, aligned in prepared.launches(grad_ptrs, floats):
         with _device_ctx(g.device):
             _adam_kernel[(g.grid,)](
                 meta, fmeta, g.typed[0], g.typed[1], len(g.idx),
-                float(beta2), float(eps), float(weight_decay), float(decay),
-                float(one_minus_beta1), float(one_minus_beta2), float(inv_grad_scale),
-                -1.0 if maximize else 1.0,
+                float(beta2), float(eps), float(weight_decay), float(one_minus_beta1),
+                float(one_minus_beta2), -1.0 if maximize else 1.0,
                 LOG_P=g.log_p, DECOUPLED=bool(decoupled), AMSGRAD=bool(amsgrad),
-                ALIGNED=aligned, BLOCK=BLOCK, SR=sr_keys is not None, num_warps=NUM_WARPS,
+                ALIGNED=aligned, BLOCK=BLOCK, SR=bool(sr), num_warps=NUM_WARPS,
                 enable_fp_fusion=False)
 
 
@@ -615,8 +715,9 @@ def adam8bit_step(params, grads, exp_avg_codes, exp_avg_sq_codes, exp_avg_scales
 
 
 def adam8bit_prepare(params, grads, exp_avg_codes, exp_avg_sq_codes, exp_avg_scales,
-                     exp_avg_sq_scales, *, check=True) -> Prepared:
-    """adam8bit_step's launches over these tensors (adam8bit_launch runs them)."""
+                     exp_avg_sq_scales, *, check=True, table_rows=None) -> Prepared:
+    """adam8bit_step's launches over these tensors (adam8bit_launch runs them; with
+    table_rows, adam8bit_launch_table: see Prepared)."""
     n = len(params)
     lists = (grads, exp_avg_codes, exp_avg_sq_codes, exp_avg_scales, exp_avg_sq_scales)
     if any(len(x) != n for x in lists):
@@ -636,7 +737,7 @@ def adam8bit_prepare(params, grads, exp_avg_codes, exp_avg_sq_codes, exp_avg_sca
     rows = [[params[i], grads[i], exp_avg_codes[i], exp_avg_sq_codes[i], exp_avg_scales[i],
              exp_avg_sq_scales[i]] for i in range(n)]
     keys = [(p.dtype, p.get_device()) for p in params]
-    return Prepared(rows, keys, 2, block=ROWS8 * BLOCK8)
+    return Prepared(rows, keys, ADAM8_FLOATS.value, block=ROWS8 * BLOCK8, table_rows=table_rows)
 
 
 def adam8bit_launch(prepared: Prepared, grad_ptrs, step_sizes, bias_correction2_sqrts, *,
@@ -646,14 +747,24 @@ def adam8bit_launch(prepared: Prepared, grad_ptrs, step_sizes, bias_correction2_
     those it was prepared with). Other arguments as adam8bit_step's."""
     if len(step_sizes) != prepared.size or len(bias_correction2_sqrts) != prepared.size:
         raise ValueError("adam8bit_step: the tensor lists must have the same length")
-    floats = np.empty((prepared.size, 2), dtype=np.float32)
+    floats = np.zeros((prepared.size, ADAM8_FLOATS.value), dtype=np.float32)
     floats[:, 0] = step_sizes
     floats[:, 1] = bias_correction2_sqrts
-    for g, meta, fmeta, aligned in prepared.launches(grad_ptrs, floats):
+    floats[:, 2] = decay
+    floats[:, 3] = -float(inv_grad_scale) if maximize else float(inv_grad_scale)  # 4: skip
+    adam8bit_launch_table(prepared, grad_ptrs, floats, beta2=beta2, eps=eps,
+                          one_minus_beta1=one_minus_beta1, one_minus_beta2=one_minus_beta2)
+
+
+def adam8bit_launch_table(prepared: Prepared, grad_ptrs, table, *, beta2, eps, one_minus_beta1,
+                          one_minus_beta2) -> None:
+    """The launches of adam8bit_prepare's tensors with their floats from table ([size,
+    ADAM8_FLOATS] float32 rows: step_size, bias_correction2_sqrt, decay, the gradients'
+    multiplier with maximize's sign, skip; with table_rows, the device table itself)."""
+    for g, meta, fmeta, aligned in prepared.launches(grad_ptrs, table):
         with _device_ctx(g.device):
             _adam8bit_kernel[(g.grid,)](
-                meta, fmeta, g.typed[0], len(g.idx), float(beta2), float(eps), float(decay),
-                float(one_minus_beta1), float(one_minus_beta2),
-                -float(inv_grad_scale) if maximize else float(inv_grad_scale), LOG_P=g.log_p,
+                meta, fmeta, g.typed[0], len(g.idx), float(beta2), float(eps),
+                float(one_minus_beta1), float(one_minus_beta2), LOG_P=g.log_p,
                 ROWS=ROWS8, BLOCK8=BLOCK8, ALIGNED=aligned,
                 num_warps=NUM_WARPS8, enable_fp_fusion=False)

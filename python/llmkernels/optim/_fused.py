@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import List, Optional
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -14,6 +14,7 @@ from .._cuda_launch import device_guard, stream_handle
 from .._cview import DTYPE_CODES
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+Scalar = Union[float, torch.Tensor]
 _step_of = operator.itemgetter("step")
 grad_of = operator.attrgetter("grad")
 is_sparse = operator.attrgetter("is_sparse")
@@ -45,19 +46,15 @@ def check_params(params: List[torch.Tensor], owner: str) -> None:
             raise ValueError(f"{owner}: parameters must be floating point, got {p.dtype}")
 
 
-def check_torch_flags(owner: str, differentiable, capturable=False) -> None:
-    """torch.optim's foreach / fused / capturable / differentiable arguments are accepted, so
-    that code written for torch's optimizers runs unchanged: foreach and fused only choose
-    among torch's own implementations (ours is always one fused multi-tensor step; their
-    values are kept in the param groups, as torch keeps them); a differentiable or capturable
-    step is not what ours can do, and says so."""
+def check_torch_flags(owner: str, differentiable) -> None:
+    """torch.optim's foreach / fused / differentiable arguments are accepted, so that code
+    written for torch's optimizers runs unchanged: foreach and fused only choose among torch's
+    own implementations (ours is always one fused multi-tensor step; their values are kept in
+    the param groups, as torch keeps them); a differentiable step is not what ours can do, and
+    says so. (capturable is taken: _capturable.py.)"""
     if differentiable:
         raise ValueError(f"{owner}: differentiable=True is not supported (the fused step runs "
                          "outside autograd)")
-    if capturable:
-        raise ValueError(f"{owner}: capturable=True is not supported (step counts and bias "
-                         "corrections are computed on the host, so the step cannot be "
-                         "captured in a CUDA graph)")
 
 
 def grads_of(group, owner: str) -> List[torch.Tensor]:
@@ -115,7 +112,7 @@ def _triton_optim():
 
 
 def route(params: List[torch.Tensor], rows, stochastic_rounding: bool,
-          f32_state: bool = False):
+          f32_state: bool = False, capturable: bool = False):
     """(path, views) of one fused step over rows ([parameter, gradient, state...] per
     parameter): the path choose_path picks, and for the C++ paths the rows' kernel_views.
     CUDA tensors build no views unless the CUDA kernels serve (Triton takes tensors).
@@ -123,17 +120,19 @@ def route(params: List[torch.Tensor], rows, stochastic_rounding: bool,
     every path)."""
     on_cpu = params[0].device.type == "cpu"
     views = kernel_views(rows, f32_state, build=on_cpu)
-    path = choose_path(params, views is not None, stochastic_rounding)
+    path = choose_path(params, views is not None, stochastic_rounding, capturable)
     if path == "cuda":
         views = kernel_views(rows, f32_state)
     return path, views
 
 
-def choose_path(params: List[torch.Tensor], ready: bool, stochastic_rounding: bool) -> str:
+def choose_path(params: List[torch.Tensor], ready: bool, stochastic_rounding: bool,
+                capturable: bool = False) -> str:
     """"cpu" (the C++ kernel), "triton" (CUDA tensors, or any under TRITON_INTERPRET=1 when
     forced), "cuda" or "reference" (PyTorch ops), by backends.py's rules; a forced path that
     cannot serve raises BackendError. ready: whether the kernels can take the tensors
-    (kernel_views)."""
+    (kernel_views). capturable: a capturable step, which the CUDA kernels cannot take (they
+    take their floats from the host)."""
     from ..ops.attention_gpu import triton_interpreting
     forced = backends.forced_backend()
     device = params[0].device.type
@@ -141,7 +140,7 @@ def choose_path(params: List[torch.Tensor], ready: bool, stochastic_rounding: bo
     cpu_ok = ready and device == "cpu" and native is not None
     triton_ok = (ready and _triton_optim() is not None
                  and (device == "cuda" or triton_interpreting()))
-    cuda_ok = (ready and not stochastic_rounding and device == "cuda"
+    cuda_ok = (ready and not stochastic_rounding and not capturable and device == "cuda"
                and hasattr(native, "adam_step_cuda"))
     if forced == "reference":
         return "reference"
@@ -150,7 +149,8 @@ def choose_path(params: List[torch.Tensor], ready: bool, stochastic_rounding: bo
             return forced
         raise backends.BackendError(
             f"optimizer step: forced backend {forced!r} cannot serve these tensors ({device}, "
-            f"{params[0].dtype}{', stochastic rounding' if stochastic_rounding else ''})")
+            f"{params[0].dtype}{', stochastic rounding' if stochastic_rounding else ''}"
+            f"{', capturable' if capturable else ''})")
     if cpu_ok:
         return "cpu"
     # CUDA tensors: Triton first; the CUDA kernels (the same update) serve only when forced or
@@ -337,11 +337,50 @@ def check_adam_hyperparameters(name: str, lr, betas, eps, weight_decay) -> None:
 
 
 def begin_step(opt, closure, grad_scale, found_inf):
-    """(loss, gradient multiplier) for a step, or (loss, None) when it must be skipped.
+    """(loss, gradient multiplier) for a step, or (loss, None) when it must be skipped."""
+    loss, amp = begin_step_amp(opt, closure, grad_scale, found_inf)
+    return loss, amp.host()
 
-    Runs the closure; takes GradScaler's scale and inf flag (given, or set as attributes
-    around step() for optimizers that declare _step_supports_amp_scaling, as torch's fused
-    ones do) and the factor clip_grad_norm_(..., optimizer=opt) left for this step."""
+
+class Amp:
+    """A step's gradient multiplier inputs: GradScaler's scale and inf flag (tensors or None)
+    and the factor clip_grad_norm_(..., optimizer=) left (a float, or a tensor when the
+    optimizer is capturable). host(): the multiplier as a float, None if the step is skipped
+    (reads the tensors: a device sync). device(device): (multiplier, found_inf) as tensors
+    on device where they were tensors (no sync)."""
+
+    def __init__(self, grad_scale, found_inf, clip):
+        self.grad_scale, self.found_inf, self.clip = grad_scale, found_inf, clip
+        self._host = False  # not computed yet
+
+    def host(self) -> Optional[float]:
+        if self._host is False:
+            inv = amp_scale(self.grad_scale, self.found_inf)
+            self._host = None if inv is None else inv * float(self.clip)
+        return self._host
+
+    def device(self, device: torch.device) -> Tuple[Scalar, Optional[torch.Tensor]]:
+        inv: Scalar = 1.0
+        if self.grad_scale is not None:
+            inv = torch.reciprocal(scalar_on(self.grad_scale, device).double())
+        if isinstance(self.clip, torch.Tensor):
+            inv = scalar_on(self.clip, device).double() * inv
+        elif self.clip != 1.0:
+            inv = inv * float(self.clip)
+        found = None if self.found_inf is None else scalar_on(self.found_inf, device).float()
+        return inv, found
+
+
+def scalar_on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A one-element tensor as a 0-d tensor on device (no host read)."""
+    return t.reshape(()).to(device=device, non_blocking=True)
+
+
+def begin_step_amp(opt, closure, grad_scale, found_inf) -> Tuple[object, Amp]:
+    """(loss, Amp) for a step. Runs the closure; takes GradScaler's scale and inf flag (given,
+    or set as attributes around step() for optimizers that declare
+    _step_supports_amp_scaling, as torch's fused ones do) and the factor
+    clip_grad_norm_(..., optimizer=opt) left for this step, without reading them."""
     loss = None
     if closure is not None:
         with torch.enable_grad():
@@ -350,6 +389,4 @@ def begin_step(opt, closure, grad_scale, found_inf):
         grad_scale = getattr(opt, "grad_scale", None)
     if found_inf is None:
         found_inf = getattr(opt, "found_inf", None)
-    inv_scale = amp_scale(grad_scale, found_inf)
-    clip = take_pending_multiplier(opt)
-    return loss, (None if inv_scale is None else inv_scale * clip)
+    return loss, Amp(grad_scale, found_inf, take_pending_multiplier(opt))

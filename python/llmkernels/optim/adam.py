@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from .. import backends
-from . import _fused, _plan
+from . import _capturable, _fused, _plan
 
 
 class _FusedAdam(torch.optim.Optimizer):
@@ -23,13 +23,13 @@ class _FusedAdam(torch.optim.Optimizer):
                  stochastic_rounding: bool = False, seed: int = 0):
         name = type(self).__name__
         _fused.check_adam_hyperparameters(name, lr, betas, eps, weight_decay)
-        _fused.check_torch_flags(name, differentiable, capturable)
+        _fused.check_torch_flags(name, differentiable)
         decoupled = self._decoupled if decoupled_weight_decay is None else bool(
             decoupled_weight_decay)
         # The keys of torch's Adam/AdamW defaults, so that state_dicts match theirs.
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         amsgrad=bool(amsgrad), maximize=bool(maximize), foreach=foreach,
-                        capturable=False, differentiable=False, fused=fused,
+                        capturable=bool(capturable), differentiable=False, fused=fused,
                         decoupled_weight_decay=decoupled,
                         stochastic_rounding=bool(stochastic_rounding), seed=int(seed))
         super().__init__(params, defaults)
@@ -45,11 +45,14 @@ class _FusedAdam(torch.optim.Optimizer):
             group.setdefault("decoupled_weight_decay", self._decoupled)
             group.setdefault("stochastic_rounding", False)
             group.setdefault("seed", 0)
+            group.setdefault("capturable", False)
 
-    def _state_of(self, p, amsgrad: bool):
+    def _state_of(self, p, amsgrad: bool, capturable: bool = False):
         state = self.state[p]
         if len(state) == 0:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            # torch's layout: capturable steps on the parameter's device, others on the CPU
+            state["step"] = torch.zeros((), dtype=torch.float32,
+                                        device=p.device if capturable else None)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if amsgrad and "max_exp_avg_sq" not in state:
@@ -61,13 +64,16 @@ class _FusedAdam(torch.optim.Optimizer):
              found_inf: Optional[torch.Tensor] = None):
         """One update of every parameter that has a gradient. grad_scale / found_inf come from
         torch.amp.GradScaler (gradients are still scaled; a step with inf/NaN is skipped)."""
-        loss, inv_scale = _fused.begin_step(self, closure, grad_scale, found_inf)
-        if inv_scale is None:
-            return loss
+        loss, amp = _fused.begin_step_amp(self, closure, grad_scale, found_inf)
         name = type(self).__name__
         for group in self.param_groups:
             params = _fused.grads_of(group, name)
             if not params:
+                continue
+            if group["capturable"] and self._capturable_step(group, params, amp):
+                continue
+            inv_scale = amp.host()
+            if inv_scale is None:  # GradScaler found inf/NaN gradients: no update
                 continue
             amsgrad = group["amsgrad"]
             decoupled = group.get("decoupled_weight_decay", self._decoupled)
@@ -107,6 +113,68 @@ class _FusedAdam(torch.optim.Optimizer):
                                corrections, keys, **hyper)
             _plan.after_full_step(self, group, params, [state_keys] * len(params), {path})
         return loss
+
+    def _capturable_step(self, group, params, amp: _fused.Amp) -> bool:
+        """A capturable group's step with its scalars on the device (_capturable.py), on the
+        Triton kernel or the reference; False (nothing done) when the host path serves it."""
+        name = type(self).__name__
+        amsgrad = group["amsgrad"]
+        sr = bool(group.get("stochastic_rounding", False))
+        state_keys = _STATE_KEYS[amsgrad]
+        states = [self._state_of(p, amsgrad, capturable=True) for p in params]
+        rows = [[p, p.grad, *(s[k] for k in state_keys)] for p, s in zip(params, states)]
+        path = _capturable.device_path(params, rows, sr, f32_state=True)
+        if path is None:
+            return False
+        device = params[0].device
+        beta1, beta2 = (_fused.as_float(b, "betas", name) for b in group["betas"])
+        eps = _fused.as_float(group["eps"], "eps", name)
+        wd = _fused.as_float(group["weight_decay"], "weight_decay", name)
+        decoupled = group.get("decoupled_weight_decay", self._decoupled)
+        inv, found = amp.device(device)
+        steps = _capturable.advance(self, group, states, device)
+        table = _capturable.adam_table(steps, group, beta1=beta1, beta2=beta2,
+                                       weight_decay=wd if decoupled else 0.0, inv=inv,
+                                       found=found, seed=group.get("seed", 0) if sr else None)
+        hyper = dict(beta2=beta2, eps=eps, weight_decay=wd, decoupled=decoupled,
+                     amsgrad=amsgrad, maximize=group["maximize"],
+                     one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2, sr=sr)
+        if path == "triton":
+            served = _plan.serve(self, group, params, (state_keys,), sr, capturable=True)
+            if served is not None:
+                plan, grad_views = served[1], served[3]
+                prepared = plan.triton.get("adam_table")
+                if prepared is None:
+                    prepared = plan.triton["adam_table"] = _adam_table_prepare(
+                        plan.params, plan.states, amsgrad, sr)
+                _fused.triton_optim().adam_launch_table(
+                    prepared, [v[0] for v in grad_views], table, **hyper)
+            else:
+                _fused.triton_optim().adam_launch_table(
+                    _adam_table_prepare(params, states, amsgrad, sr), None, table, **hyper)
+                _plan.after_full_step(self, group, params, [state_keys] * len(params),
+                                      {"triton"})
+        else:
+            for i, (p, s) in enumerate(zip(params, states)):
+                adam_reference(p, p.grad, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq"),
+                               lr=0.0, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
+                               decoupled=decoupled, amsgrad=amsgrad, maximize=group["maximize"],
+                               step_size=table[i, 0], bias_correction2_sqrt=table[i, 1],
+                               inv_grad_scale=table[i, 4], decay=table[i, 3],
+                               skip=table[i, 5] if found is not None else None,
+                               sr_key=table.view(torch.int32)[i, 2] if sr else None)
+        _capturable.finish(steps, found)
+        return True
+
+
+def _adam_table_prepare(params, states, amsgrad: bool, sr: bool):
+    """kernels.optim's launches of a capturable Adam step over params: row i of the device
+    table for parameter i."""
+    return _fused.triton_optim().adam_prepare(
+        params, [p.grad for p in params], [s["exp_avg"] for s in states],
+        [s["exp_avg_sq"] for s in states], [s.get("max_exp_avg_sq") for s in states],
+        amsgrad=amsgrad, check=False, sr_keys=[0] * len(params) if sr else None,
+        table_rows=range(len(params)))
 
 
 # The state tensors the kernels take, by amsgrad.
@@ -188,28 +256,30 @@ def adam_native(path, device, views, corrections, keys, *, lr, beta1, beta2, eps
 
 def adam_reference(p, g, m, v, vmax, *, lr, beta1, beta2, eps, weight_decay, decoupled,
                    amsgrad, maximize, step_size, bias_correction2_sqrt, inv_grad_scale=1.0,
-                   sr_key=None):
+                   sr_key=None, decay=None, skip=None):
     """One tensor's update in float32, stored back in the tensors' dtypes (the specification
-    the fused kernel follows; torch.optim's single-tensor Adam/AdamW math)."""
+    the fused kernel follows; torch.optim's single-tensor Adam/AdamW math). Capturable steps
+    give step_size, bias_correction2_sqrt, inv_grad_scale, decay (else 1 - lr * wd) and
+    sr_key as 0-d tensors, and skip: a 0-d tensor, nonzero to leave every tensor as it is."""
     pf, gf = p.float(), g.float() * inv_grad_scale
     if maximize:
         gf = -gf
     if decoupled:
-        pf = pf * (1.0 - lr * weight_decay)
+        pf = pf * ((1.0 - lr * weight_decay) if decay is None else decay)
     elif weight_decay != 0.0:
         gf = gf + weight_decay * pf
     mf = m.float()
     mf = mf + (1.0 - beta1) * (gf - mf)
     vf = v.float() * beta2 + (1.0 - beta2) * (gf * gf)
-    vd = vf
-    if amsgrad:
-        vd = torch.maximum(vmax.float(), vf)
-        vmax.copy_(vd)
+    vd = torch.maximum(vmax.float(), vf) if amsgrad else vf
     denom = vd.sqrt() / bias_correction2_sqrt + eps
     pf = pf - step_size * (mf / denom)
-    p.copy_(pf if sr_key is None else _fused.sr_round_bf16(pf, sr_key))
-    m.copy_(mf)
-    v.copy_(vf)
+    pf = pf if sr_key is None else _fused.sr_round_bf16(pf, sr_key)
+    outs = [(p, pf), (m, mf), (v, vf)] + ([(vmax, vd)] if amsgrad else [])
+    if skip is not None:  # the old values kept where skip is set (no host read)
+        outs = [(old, torch.where(skip != 0, old, new)) for old, new in outs]
+    for old, new in outs:
+        old.copy_(new)
 
 
 class AdamW(_FusedAdam):

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .. import backends
-from . import _fused, _plan
+from . import _capturable, _fused, _plan
 from .adam import adam_native, adam_reference, adam_triton_planned, adam_update
 
 BLOCK = 256
@@ -183,6 +183,26 @@ def _eight_bit_triton_planned(plan, idx, grad_views, corrections, *, lr, beta1, 
         one_minus_beta2=1.0 - beta2)
 
 
+def _eight_bit_reference(p, state, row, *, beta1, beta2, eps, skip: bool) -> None:
+    """One 8-bit tensor's capturable update in PyTorch ops: row, its float32 table row on the
+    device (adam8bit_table); skip: whether row[4] may be set (the old state then kept)."""
+    m, v = dequantize_moments(state)
+    flat_p = p.detach().view(-1) if p.is_contiguous() else p.detach().reshape(-1)
+    work = flat_p.clone()
+    adam_reference(work, p.grad.reshape(-1), m, v, None, lr=0.0, beta1=beta1, beta2=beta2,
+                   eps=eps, weight_decay=0.0, decoupled=True, amsgrad=False, maximize=False,
+                   step_size=row[0], bias_correction2_sqrt=row[1], inv_grad_scale=row[3],
+                   decay=row[2])
+    new = {key: state[key].clone() for key in _EIGHT_BIT_KEYS} if skip else state
+    _quantize_moments(new, m, v)
+    if skip:
+        keep = row[4] != 0
+        work = torch.where(keep, flat_p, work)
+        for key in _EIGHT_BIT_KEYS:
+            state[key].copy_(torch.where(keep, state[key], new[key]))
+    p.copy_(work.view_as(p))
+
+
 class AdamW8bit(torch.optim.Optimizer):
     """torch.optim.AdamW's arguments and update, with 8-bit block-wise moments."""
     _step_supports_amp_scaling = True
@@ -194,7 +214,7 @@ class AdamW8bit(torch.optim.Optimizer):
                  differentiable: bool = False, fused: Optional[bool] = None):
         _fused.check_adam_hyperparameters("AdamW8bit", lr, betas, eps, weight_decay)
         # torch.optim.AdamW's arguments, for code written for it (see check_torch_flags)
-        _fused.check_torch_flags("AdamW8bit", differentiable, capturable)
+        _fused.check_torch_flags("AdamW8bit", differentiable)
         if amsgrad:
             raise ValueError("AdamW8bit: amsgrad=True is not supported (the 8-bit state keeps "
                              "no max of exp_avg_sq); use llmkernels.optim.AdamW")
@@ -202,15 +222,17 @@ class AdamW8bit(torch.optim.Optimizer):
             raise ValueError(f"AdamW8bit: min_8bit_size must be >= 1, got {min_8bit_size}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         maximize=bool(maximize), min_8bit_size=int(min_8bit_size),
-                        codes_version=CODES_VERSION)
+                        capturable=bool(capturable), codes_version=CODES_VERSION)
         super().__init__(params, defaults)
         for group in self.param_groups:
             _fused.check_params(group["params"], "AdamW8bit")
 
-    def _state_of(self, p, min_size: int):
+    def _state_of(self, p, min_size: int, capturable: bool = False):
         state = self.state[p]
         if len(state) == 0:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            # torch's layout: capturable steps on the parameter's device, others on the CPU
+            state["step"] = torch.zeros((), dtype=torch.float32,
+                                        device=p.device if capturable else None)
             if p.numel() >= min_size:  # the global size: every rank makes the same choice
                 state.update(_eight_bit_state(p))
             else:
@@ -252,12 +274,15 @@ class AdamW8bit(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale: Optional[torch.Tensor] = None,
              found_inf: Optional[torch.Tensor] = None):
-        loss, inv_scale = _fused.begin_step(self, closure, grad_scale, found_inf)
-        if inv_scale is None:
-            return loss
+        loss, amp = _fused.begin_step_amp(self, closure, grad_scale, found_inf)
         for group in self.param_groups:
             params = _fused.grads_of(group, "AdamW8bit")
             if not params:
+                continue
+            if group.get("capturable", False) and self._capturable_step(group, params, amp):
+                continue
+            inv_scale = amp.host()
+            if inv_scale is None:  # GradScaler found inf/NaN gradients: no update
                 continue
             lr = _fused.as_float(group["lr"], "lr", "AdamW8bit")
             beta1, beta2 = (float(b) for b in group["betas"])
@@ -283,6 +308,88 @@ class AdamW8bit(torch.optim.Optimizer):
             _plan.after_full_step(self, group, params, [
                 _EIGHT_BIT_KEYS if "exp_avg_codes" in s else _SMALL_KEYS for s in states], paths)
         return loss
+
+    def _capturable_step(self, group, params, amp: _fused.Amp) -> bool:
+        """A capturable group's step with its scalars on the device (_capturable.py), on the
+        Triton kernels or the reference; False (nothing done) when the host path serves it."""
+        states = [self._state_of(p, group["min_8bit_size"], capturable=True) for p in params]
+        path = _capturable.device_path(params, [[p, p.grad] for p in params], False)
+        if path is None:
+            return False
+        device = params[0].device
+        beta1, beta2 = (float(b) for b in group["betas"])
+        eps, wd, maximize = float(group["eps"]), float(group["weight_decay"]), group["maximize"]
+        inv, found = amp.device(device)
+        steps = _capturable.advance(self, group, states, device)
+        eight = [i for i, s in enumerate(states) if "exp_avg_codes" in s]
+        small = [i for i, s in enumerate(states) if "exp_avg_codes" not in s]
+        scalars = dict(beta1=beta1, beta2=beta2, weight_decay=wd, inv=inv, found=found)
+        small_table = (_capturable.adam_table(steps, group, seed=None, **scalars)
+                       if small else None)
+        eight_table = (_capturable.adam8bit_table(steps, group, maximize=maximize, **scalars)
+                       if eight else None)
+        if path == "triton":
+            self._capturable_triton(group, params, states, small, eight, small_table,
+                                    eight_table, beta1=beta1, beta2=beta2, eps=eps,
+                                    weight_decay=wd, maximize=maximize)
+        else:
+            skip = None if found is None else eight_table[:, 4] if eight else small_table[:, 5]
+            for i in small:
+                s = states[i]
+                adam_reference(params[i], params[i].grad, s["exp_avg"], s["exp_avg_sq"], None,
+                               lr=0.0, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
+                               decoupled=True, amsgrad=False, maximize=maximize,
+                               step_size=small_table[i, 0],
+                               bias_correction2_sqrt=small_table[i, 1],
+                               inv_grad_scale=small_table[i, 4], decay=small_table[i, 3],
+                               skip=None if skip is None else skip[i])
+            for i in eight:
+                _eight_bit_reference(params[i], states[i], eight_table[i], beta1=beta1,
+                                     beta2=beta2, eps=eps, skip=found is not None)
+        _capturable.finish(steps, found)
+        return True
+
+    def _capturable_triton(self, group, params, states, small, eight, small_table,
+                           eight_table, *, beta1, beta2, eps, weight_decay, maximize) -> None:
+        """The Triton launches of a capturable step: the plan's kept tables when it serves
+        (the pointer tables then stay on the device), else new ones (and a plan)."""
+        kernels = _fused.triton_optim()
+        served = _plan.serve(self, group, params, (_SMALL_KEYS, _EIGHT_BIT_KEYS),
+                             capturable=True)
+        kept = served[1].triton if served is not None else {}
+        grad_ptrs = [v[0] for v in served[3]] if served is not None else None
+        consts = dict(beta2=beta2, eps=eps, one_minus_beta1=1.0 - beta1,
+                      one_minus_beta2=1.0 - beta2)
+        if small:
+            prepared = kept.get("small_table")
+            if prepared is None:
+                prepared = kernels.adam_prepare(
+                    [params[i] for i in small], [params[i].grad for i in small],
+                    [states[i]["exp_avg"] for i in small],
+                    [states[i]["exp_avg_sq"] for i in small], [None] * len(small),
+                    amsgrad=False, check=False, table_rows=small)
+                if served is not None:
+                    kept["small_table"] = prepared
+            kernels.adam_launch_table(
+                prepared, grad_ptrs and [grad_ptrs[i] for i in small], small_table,
+                weight_decay=weight_decay, decoupled=True, amsgrad=False, maximize=maximize,
+                sr=False, **consts)
+        if eight:
+            prepared = kept.get("eight_table")
+            if prepared is None:
+                prepared = kernels.adam8bit_prepare(
+                    [params[i] for i in eight], [params[i].grad for i in eight],
+                    *([states[i][key] for i in eight] for key in (
+                        "exp_avg_codes", "exp_avg_sq_codes", "exp_avg_scales",
+                        "exp_avg_sq_scales")), check=False, table_rows=eight)
+                if served is not None:
+                    kept["eight_table"] = prepared
+            kernels.adam8bit_launch_table(
+                prepared, grad_ptrs and [grad_ptrs[i] for i in eight], eight_table, **consts)
+        if served is None:
+            _plan.after_full_step(self, group, params, [
+                _EIGHT_BIT_KEYS if "exp_avg_codes" in s else _SMALL_KEYS for s in states],
+                {"triton"})
 
     def _planned_step(self, group, params, hyper) -> bool:
         """The step of a group whose tensors are those of its plan (_plan.py), on the C++, CUDA

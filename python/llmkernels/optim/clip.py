@@ -42,7 +42,11 @@ def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
                                                                        error_if_nonfinite)
     # torch's factor: max_norm / (total + 1e-6), clamped to at most 1.
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    setattr(optimizer, _PENDING, float(coef) * getattr(optimizer, _PENDING, 1.0))
+    pending = getattr(optimizer, _PENDING, 1.0)
+    if any(group.get("capturable", False) for group in optimizer.param_groups):
+        setattr(optimizer, _PENDING, coef * pending)  # kept on the device: no host read
+    else:
+        setattr(optimizer, _PENDING, float(coef) * pending)
     return total
 
 
@@ -54,9 +58,10 @@ def _total_norm(grads, norm_type, error_if_nonfinite):
     return total
 
 
-def take_pending_multiplier(optimizer) -> float:
-    """The clipping factor clip_grad_norm_(..., optimizer=) left for this step (1 if none)."""
+def take_pending_multiplier(optimizer):
+    """The clipping factor clip_grad_norm_(..., optimizer=) left for this step (1 if none; a
+    0-d tensor for capturable optimizers)."""
     m = getattr(optimizer, _PENDING, 1.0)
-    if m != 1.0:
+    if isinstance(m, torch.Tensor) or m != 1.0:
         setattr(optimizer, _PENDING, 1.0)
     return m

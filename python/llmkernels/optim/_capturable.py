@@ -1,0 +1,135 @@
+"""Capturable steps (capturable=True): the numbers that change from one step to the next (step
+counts, bias corrections, a tensor learning rate, GradScaler's scale and inf flag, a pending
+clipping factor) stay tensors on the parameters' device and the kernels read them there, so a
+step reads nothing back to the host and can be captured in a CUDA graph.
+
+Per param group, the steps are views of one float32 tensor on the device (one add advances
+them all); each step computes, with a few tensor ops on that tensor, the float table the
+Triton kernels read per tensor (kernels/optim.py: Adam's ADAM_FLOATS columns, AdamW8bit's
+ADAM8_FLOATS), in float64 before rounding to float32, as the host path computes them in
+Python floats. A step skipped for inf/NaN gradients (found_inf) writes nothing and takes its
+step count back, as torch's fused optimizers do.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+
+from . import _fused
+from ._fused import Scalar
+
+_MASK = 0xFFFFFFFF
+
+
+def device_path(params, rows, sr: bool, f32_state: bool = False) -> Optional[str]:
+    """The path of a capturable group's step if it takes device-resident scalars ("triton",
+    or "reference" for tensors off the CPU); None when the host floats' path serves it: the
+    C++ kernel and the reference on the CPU (where reading a tensor is no device sync), and
+    FSDP2's DTensor shards (not supported here: their steps read the host)."""
+    if _fused.has_dtensor(params):
+        return None
+    views = _fused.kernel_views(rows, f32_state, build=False)
+    path = _fused.choose_path(params, views is not None, sr, capturable=True)
+    if path == "triton" or (path == "reference" and params[0].device.type != "cpu"):
+        return path
+    return None
+
+
+def advance(optimizer, group, states, device: torch.device) -> torch.Tensor:
+    """Adds 1 to every state's "step" and returns them as one float32 tensor on device, whose
+    views the states' "step" entries are (torch's capturable layout: steps on the parameter's
+    device). States whose steps are not those views (new ones, after a load_state_dict) are
+    first moved into a new tensor, values kept, without reading them on the host."""
+    cache = optimizer.__dict__.setdefault("_llmk_device_steps", {})
+    buf, views = cache.get(id(group), (None, ()))
+    current = [s.get("step") for s in states]
+    if len(views) != len(states) or not all(map(operator.is_, current, views)):
+        buf = torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()).to(device)
+                           for v in current]) if states else torch.zeros(0, device=device)
+        views = buf.unbind()
+        for s, v in zip(states, views):
+            s["step"] = v
+        cache[id(group)] = (buf, views)
+    buf.add_(1.0)
+    return buf
+
+
+def finish(steps: torch.Tensor, found: Optional[torch.Tensor]) -> None:
+    """A skipped step (found_inf) takes its step count back."""
+    if found is not None:
+        steps.sub_(found)
+
+
+def _bias_corrections(steps: torch.Tensor, lr: Scalar, beta1: float, beta2: float):
+    s = steps.double()
+    lr = lr.double() if isinstance(lr, torch.Tensor) else lr
+    step_size = lr / (1.0 - torch.pow(beta1, s))
+    bc2 = torch.sqrt(1.0 - torch.pow(beta2, s))
+    return lr, step_size, bc2
+
+
+def _lr_on(group, device: torch.device) -> Scalar:
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr must be a scalar, got shape {tuple(lr.shape)}")
+        return _fused.scalar_on(lr, device)
+    return float(lr)
+
+
+def adam_table(steps: torch.Tensor, group, *, beta1: float, beta2: float, weight_decay: float,
+               inv: Scalar, found: Optional[torch.Tensor], seed: Optional[int]) -> torch.Tensor:
+    """float32 [n, ADAM_FLOATS] on the steps' device: per tensor step_size, bias correction 2's
+    square root, the stochastic rounding key's bits (seed given), decay = 1 - lr * wd, the
+    gradients' multiplier, skip."""
+    device = steps.device
+    lr, step_size, bc2 = _bias_corrections(steps, _lr_on(group, device), beta1, beta2)
+    table = torch.zeros(steps.numel(), 6, dtype=torch.float32, device=device)
+    table[:, 0] = step_size
+    table[:, 1] = bc2
+    if seed is not None:
+        table.view(torch.int32)[:, 2] = _sr_key_bits(seed, steps)
+    table[:, 3] = 1.0 - lr * weight_decay
+    table[:, 4] = inv
+    if found is not None:
+        table[:, 5] = found
+    return table
+
+
+def adam8bit_table(steps: torch.Tensor, group, *, beta1: float, beta2: float,
+                   weight_decay: float, inv: Scalar, found: Optional[torch.Tensor],
+                   maximize: bool) -> torch.Tensor:
+    """float32 [n, ADAM8_FLOATS]: step_size, bias correction 2's square root, decay, the
+    gradients' multiplier with maximize's sign, skip."""
+    device = steps.device
+    lr, step_size, bc2 = _bias_corrections(steps, _lr_on(group, device), beta1, beta2)
+    table = torch.zeros(steps.numel(), 5, dtype=torch.float32, device=device)
+    table[:, 0] = step_size
+    table[:, 1] = bc2
+    table[:, 2] = 1.0 - lr * weight_decay
+    table[:, 3] = -inv if maximize else inv
+    if found is not None:
+        table[:, 4] = found
+    return table
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """_fused._fmix32 on int64 tensors of values below 2^32 (products wrap; their low 32
+    bits are right)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK
+    return h ^ (h >> 16)
+
+
+def _sr_key_bits(seed: int, steps: torch.Tensor) -> torch.Tensor:
+    """_fused.sr_key(seed, step, index) of each tensor (index: its position in the group's
+    parameters with gradients), as int32 bit patterns, computed on the device."""
+    index = torch.arange(steps.numel(), dtype=torch.int64, device=steps.device)
+    first = _fmix32((index + ((seed * 0x9E3779B1) & _MASK)) & _MASK)
+    second = _fmix32((steps.to(torch.int64) * 0x85EBCA77 + 0x632BE5AB) & _MASK)
+    key = _fmix32(first ^ second)
+    return torch.where(key >= 1 << 31, key - (1 << 32), key).to(torch.int32)
