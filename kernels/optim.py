@@ -198,9 +198,10 @@ def _adam_kernel(META, FMETA, TYPED, STATE_TYPED, n_tensors,
                  beta2, eps, wd, one_m_b1, one_m_b2, sign,
                  LOG_P: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
                  ALIGNED: tl.constexpr, BLOCK: tl.constexpr, SR: tl.constexpr):
-    """One BLOCK of one tensor. META: cum [2**LOG_P], numel [n], ptrs [n, 4 or 5] (int64);
-    FMETA: float32 [n, ADAM_FLOATS] (step_size, bc2, the stochastic rounding key's bits,
-    decay = 1 - lr * wd, the gradients' multiplier, skip: nonzero leaves the tensor as it is).
+    """One BLOCK of one tensor. META: cum [2**LOG_P], numel [n], ptrs [n, 4 or 5] and the
+    float row (int64); FMETA: float32 [n, ADAM_FLOATS] (step_size, bc2, the stochastic
+    rounding key's bits, decay = 1 - lr * wd, the gradients' multiplier, skip: nonzero leaves
+    the tensor as it is).
     TYPED / STATE_TYPED: any pointer of the group's parameter / moment dtype (type only; the
     moments may be float32 for 16-bit parameters). SR: bfloat16 parameters stochastically
     rounded."""
@@ -261,8 +262,8 @@ def _sgd_kernel(META, FMETA, TYPED, n_tensors, lr, wd, mom, damp, inv_scale, sig
                 LOG_P: tl.constexpr, MOMENTUM: tl.constexpr, FIRST: tl.constexpr,
                 NESTEROV: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
                 SR: tl.constexpr):
-    """One BLOCK of one tensor. META: cum [2**LOG_P], numel [n], ptrs [n, 2 or 3] (int64);
-    FMETA (SR only): float32 [n, 1], the stochastic rounding key's bits."""
+    """One BLOCK of one tensor. META: cum [2**LOG_P], numel [n], ptrs [n, 2 or 3] and the
+    float row (int64); FMETA (SR only): float32 [n, 1], the stochastic rounding key's bits."""
     ELEM: tl.constexpr = TYPED.dtype.element_ty
     rows, numel, frow, local = _locate(META, n_tensors, LOG_P, 3 if MOMENTUM else 2)
     P = _ptr(rows, 0, ELEM, ALIGNED)
@@ -362,9 +363,9 @@ def _adam8bit_kernel(META, FMETA, TYPED, n_tensors, beta2, eps, one_m_b1, one_m_
                      ALIGNED: tl.constexpr):
     """ROWS 8-bit blocks of one tensor (AdamW: decoupled weight decay). META: cum [2**LOG_P]
     (in programs), numel [n], ptrs [n, 6] (param, grad, exp_avg codes int8, exp_avg_sq codes
-    uint8, their float32 block scales); FMETA: float32 [n, ADAM8_FLOATS] (step_size, bc2,
-    decay = 1 - lr * wd, the gradients' multiplier with maximize's sign, skip). As the Adam
-    kernel: programs wholly inside their tensor load and store without masks, and ALIGNED
+    uint8, their float32 block scales) and the float row; FMETA: float32 [n, ADAM8_FLOATS]
+    (step_size, bc2, decay = 1 - lr * wd, the gradients' multiplier with maximize's sign,
+    skip). As the Adam kernel: programs wholly inside their tensor load and store without masks, and ALIGNED
     (every pointer 16-byte aligned) lets those be vector accesses; the last program of a
     ragged tensor is masked."""
     ELEM: tl.constexpr = TYPED.dtype.element_ty
@@ -476,7 +477,7 @@ class _Group:
             staging, self.staging = self.staging, None
         else:
             staging = torch.empty(self.buf.shape, dtype=torch.int64, pin_memory=True)
-        staging.numpy()[:] = self.buf
+        staging.copy_(torch.from_numpy(self.buf))
         table = torch.empty(self.buf.shape, dtype=torch.int64, device=self.device)
         table.copy_(staging, non_blocking=True)
         if capturing:

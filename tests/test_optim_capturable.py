@@ -390,3 +390,16 @@ def test_the_capturable_reference_path_matches_the_host_path(make, kw, reference
                     **kw)
     _close(a, b, torch.float32)
     assert float(opt_b.state[b[0]]["step"]) == STEPS
+
+
+@cuda
+@pytest.mark.parametrize("make", [optim.AdamW, optim.AdamW8bit, optim.SGD])
+def test_capturing_a_host_step_raises_a_clear_error(make):
+    p = torch.randn(300, device="cuda", requires_grad=True)
+    p.grad = torch.randn_like(p)
+    opt = make([p], lr=1e-3)
+    opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="capturable|CUDA graph"):
+        with torch.cuda.graph(graph):
+            opt.step()

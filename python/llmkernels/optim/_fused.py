@@ -336,6 +336,14 @@ def check_adam_hyperparameters(name: str, lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"{name}: invalid weight_decay {weight_decay} (must be >= 0)")
 
 
+def refuse_capture(owner: str, params, hint: str) -> None:
+    """A step that reads values on the host cannot be captured in a CUDA graph: this error
+    instead of CUDA's, before any such read."""
+    if params and params[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{owner}: this step reads values on the host, which a CUDA graph "
+                           f"capture does not allow; {hint}")
+
+
 def begin_step(opt, closure, grad_scale, found_inf):
     """(loss, gradient multiplier) for a step, or (loss, None) when it must be skipped."""
     loss, amp = begin_step_amp(opt, closure, grad_scale, found_inf)

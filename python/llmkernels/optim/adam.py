@@ -72,6 +72,7 @@ class _FusedAdam(torch.optim.Optimizer):
                 continue
             if group["capturable"] and self._capturable_step(group, params, amp):
                 continue
+            _fused.refuse_capture(name, params, "construct the optimizer with capturable=True")
             inv_scale = amp.host()
             if inv_scale is None:  # GradScaler found inf/NaN gradients: no update
                 continue

@@ -281,6 +281,8 @@ class AdamW8bit(torch.optim.Optimizer):
                 continue
             if group.get("capturable", False) and self._capturable_step(group, params, amp):
                 continue
+            _fused.refuse_capture("AdamW8bit", params,
+                                  "construct the optimizer with capturable=True")
             inv_scale = amp.host()
             if inv_scale is None:  # GradScaler found inf/NaN gradients: no update
                 continue
