@@ -449,15 +449,21 @@ class _Group:
         self.captured = []  # (staging, table) of captured copies: graphs replay them
 
     def upload(self) -> torch.Tensor:
-        """The table on the group's device, copied from the host buffer for this launch (a host
-        buffer reused by the next call: the copy from pageable memory is staged before .to()
-        returns, and the kernel reads the device copy)."""
+        """The table on the group's device, copied for this launch (the host buffer is reused
+        by the next call) through pinned memory: for a copy from pageable memory the driver
+        may make the host wait for the stream (CUDA's API synchronization notes), for one from
+        the caching host allocator's pinned blocks it does not (a block is reused only once
+        its copy is done). Not yet timed on a GPU against the pageable copy."""
         meta = torch.from_numpy(self.buf)
-        return meta if self.device.type == "cpu" else meta.to(self.device, non_blocking=True)
+        if self.device.type == "cpu":
+            return meta
+        staging = torch.empty(self.buf.shape, dtype=torch.int64, pin_memory=True)
+        staging.copy_(meta)
+        return staging.to(self.device, non_blocking=True)
 
     def resident_table(self) -> torch.Tensor:
         """The table kept on the device between launches (capturable steps), copied again only
-        when the gradients' pointers changed, from pinned memory (a pageable copy waits for
+        when the gradients' pointers changed, from pinned memory (a pageable copy may wait for
         the stream; the caching host allocator keeps a pinned buffer until its copy is
         done). Inside a CUDA graph capture the copy comes from a pinned buffer allocated at an
         eager launch before and never written again, so that every replay copies the
@@ -467,23 +473,21 @@ class _Group:
         grads = self.ptrs[:, 1].copy()
         if self.resident is not None and np.array_equal(self.resident[1], grads):
             return self.resident[0]
-        capturing = torch.cuda.is_current_stream_capturing()
-        if capturing:
+        if torch.cuda.is_current_stream_capturing():
             if self.staging is None:
                 raise RuntimeError(
                     "capturable optimizer step: the gradients are new tensors inside this CUDA "
                     "graph capture and no eager step has run since the last capture; run one "
                     "eager step (warm-up) before each capture")
             staging, self.staging = self.staging, None
-        else:
-            staging = torch.empty(self.buf.shape, dtype=torch.int64, pin_memory=True)
-        staging.copy_(torch.from_numpy(self.buf))
-        table = torch.empty(self.buf.shape, dtype=torch.int64, device=self.device)
-        table.copy_(staging, non_blocking=True)
-        if capturing:
+            staging.copy_(torch.from_numpy(self.buf))
+            table = torch.empty(self.buf.shape, dtype=torch.int64, device=self.device)
+            table.copy_(staging, non_blocking=True)
             self.captured.append((staging, table))  # replays read both
-        elif self.staging is None:
-            self.staging = torch.empty(self.buf.shape, dtype=torch.int64, pin_memory=True)
+        else:
+            table = self.upload()
+            if self.staging is None:
+                self.staging = torch.empty(self.buf.shape, dtype=torch.int64, pin_memory=True)
         self.resident = (table, grads)
         return table
 
