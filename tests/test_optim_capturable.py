@@ -403,3 +403,34 @@ def test_capturing_a_host_step_raises_a_clear_error(make):
     with pytest.raises(RuntimeError, match="capturable|CUDA graph"):
         with torch.cuda.graph(graph):
             opt.step()
+
+
+@cuda
+@pytest.mark.parametrize("capturable", [False, True])
+@pytest.mark.parametrize("make", [optim.AdamW, optim.AdamW8bit, optim.SGD])
+def test_cuda_steps_do_not_synchronize(make, capturable):
+    """torch's sync debug mode raises on any operation that makes the host wait for the GPU:
+    the Triton steps (tables through pinned memory) have none, capturable or not; a
+    capturable step's tensor lr and GradScaler tensors included."""
+    if make is optim.SGD and capturable:
+        pytest.skip("SGD has no capturable mode")
+    ps = [torch.randn(s, device="cuda", requires_grad=True) for s in [(300,), (64, 65), (7,)]]
+    kw = {"min_8bit_size": 256} if make is optim.AdamW8bit else {}
+    kw["lr"] = torch.tensor(1e-3, device="cuda") if capturable else 1e-3
+    opt = make(ps, capturable=True, **kw) if capturable else make(ps, **kw)
+    step_kw = {}
+    if capturable:
+        step_kw = dict(grad_scale=torch.tensor(2.0, device="cuda"),
+                       found_inf=torch.tensor(0.0, device="cuda"))
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step(**step_kw)  # first step: states created, kernels compiled
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step(**step_kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
