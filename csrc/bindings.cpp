@@ -547,28 +547,32 @@ PYBIND11_MODULE(_C, m) {
       "adam_step_cuda",
       [](py::list tensors, float lr, float beta1, float beta2, float eps, float weight_decay,
          bool decoupled, bool amsgrad, bool maximize, float inv_grad_scale, double decay,
-         double one_minus_beta1, double one_minus_beta2, uintptr_t stream) {
+         double one_minus_beta1, double one_minus_beta2, uintptr_t stream,
+         uintptr_t device_floats, std::vector<int32_t> rows) {
         const AdamHyper h = adam_hyper(lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
                                        maximize, inv_grad_scale, 1, decay, one_minus_beta1,
                                        one_minus_beta2, false);
         const std::vector<AdamTensor> ts = adam_tensors(tensors);
         py::gil_scoped_release release;
-        cuda::adam_step_cuda(h, ts, stream);
+        cuda::adam_step_cuda(h, ts, stream, reinterpret_cast<const float*>(device_floats), rows);
       },
-      "CUDA fused Adam/AdamW step (the CPU kernel's math; see csrc/cuda/optim.h).");
+      "CUDA fused Adam/AdamW step (the CPU kernel's math; see csrc/cuda/optim.h). "
+      "device_floats (0: none) and rows: a capturable step's per-step floats in device memory.");
   m.def(
       "adam8bit_step_cuda",
       [](py::list tensors, float eps, float weight_decay, float beta2, bool maximize,
          float inv_grad_scale, double decay, double one_minus_beta1, double one_minus_beta2,
-         uintptr_t stream) {
+         uintptr_t stream, uintptr_t device_floats, std::vector<int32_t> rows) {
         const AdamHyper h = adam_hyper(0.f, 0.f, beta2, eps, weight_decay, true, false, maximize,
                                        inv_grad_scale, 1, decay, one_minus_beta1,
                                        one_minus_beta2, false);
         const std::vector<Adam8bitTensor> ts = adam8bit_tensors(tensors);
         py::gil_scoped_release release;
-        cuda::adam8bit_step_cuda(h, ts, stream);
+        cuda::adam8bit_step_cuda(h, ts, stream, reinterpret_cast<const float*>(device_floats),
+                                 rows);
       },
-      "CUDA fused 8-bit AdamW step (the CPU kernel's math; see csrc/cuda/optim.h).");
+      "CUDA fused 8-bit AdamW step (the CPU kernel's math; see csrc/cuda/optim.h). "
+      "device_floats (0: none) and rows: a capturable step's per-step floats in device memory.");
   m.def(
       "sgd_step_cuda",
       [](py::list tensors, float lr, float momentum, float dampening, float weight_decay,

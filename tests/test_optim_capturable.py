@@ -309,8 +309,9 @@ def _tiny_model(seed=0):
 
 
 @cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("make", [optim.AdamW, optim.AdamW8bit])
-def test_a_cuda_graph_replays_the_step(make):
+def test_a_cuda_graph_replays_the_step(make, backend):
     """Whole-iteration capture (forward, backward, step) after eager warm-up steps, as in
     torch's CUDA graph docs; replays with a new lr and new inputs follow the eager run."""
     kw = dict(weight_decay=0.1, capturable=True)
@@ -351,8 +352,9 @@ def test_a_cuda_graph_replays_the_step(make):
                 opt.step()
         torch.cuda.synchronize()
         return [p.detach().clone() for p in model.parameters()], opt
-    eager, _ = train(False)
-    graphed, opt = train(True)
+    with llmkernels.use_backend(backend):
+        eager, _ = train(False)
+        graphed, opt = train(True)
     for a, b in zip(eager, graphed):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # 3 warm-up steps and 5 replays (a capture records the step without running it)
@@ -361,35 +363,30 @@ def test_a_cuda_graph_replays_the_step(make):
 
 
 @cuda
-def test_forced_cuda_kernels_refuse_capturable_steps():
-    p = torch.randn(300, device="cuda", requires_grad=True)
-    p.grad = torch.randn_like(p)
-    opt = optim.AdamW([p], capturable=True)
-    with llmkernels.use_backend("cuda"), pytest.raises(llmkernels.backends.BackendError,
-                                                        match="capturable"):
-        opt.step()
-
-
-@pytest.mark.parametrize("make,kw", ADAM_CASES + [(optim.AdamW8bit, dict(min_8bit_size=256)),
-                                                  (optim.AdamW8bit, dict(maximize=True))])
-def test_the_capturable_reference_path_matches_the_host_path(make, kw, reference_device_path):
-    params, grads = _data(sizes=[(700,), (33, 65), (4,)])
-    kw = dict(dict(lr=1e-2, weight_decay=0.1), **kw)
-    a, opt_a = _run(make, params, grads, "reference", **kw)
-    scale = torch.tensor(2.0, device=DEVICE)
+@pytest.mark.parametrize("make,kw", [(optim.AdamW, dict(weight_decay=0.1)),
+                                     (optim.Adam, dict(amsgrad=True, maximize=True)),
+                                     (optim.AdamW8bit, dict(min_8bit_size=256, maximize=True))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernels_take_capturable_steps_as_triton_does(make, kw, dtype):
+    """The CUDA kernels read the same device table (rows by parameter; AdamW8bit's small
+    tensors through the Adam kernel): bit for bit the Triton kernels' capturable steps (both
+    are the C++ kernel's update), a skipped step included."""
+    params, grads = _data(dtype, sizes=[(700,), (2 * 2048 + 3,), (33, 65), (100,)])
+    kw = dict(dict(lr=1e-2), **kw)
 
     def skip_one(i, opt):
-        for p in opt.param_groups[0]["params"]:
-            p.grad = p.grad * 2.0
         if i == 1:
-            before = [p.detach().clone() for p in opt.param_groups[0]["params"]]
-            opt.step(grad_scale=scale, found_inf=torch.tensor(1.0, device=DEVICE))
-            assert all(torch.equal(x, y) for x, y in zip(before, opt.param_groups[0]["params"]))
-    b, opt_b = _run(make, params, grads, "reference", capturable=True, between=skip_one,
-                    step_kw=dict(grad_scale=scale, found_inf=torch.tensor(0.0, device=DEVICE)),
-                    **kw)
-    _close(a, b, torch.float32)
-    assert float(opt_b.state[b[0]]["step"]) == STEPS
+            opt.step(grad_scale=torch.tensor(2.0, device=DEVICE),
+                     found_inf=torch.tensor(1.0, device=DEVICE))
+    runs = {}
+    for backend in ("triton", "cuda"):
+        runs[backend] = _run(make, params, grads, backend, capturable=True, between=skip_one,
+                             **kw)
+    (a, opt_a), (b, opt_b) = runs["triton"], runs["cuda"]
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa, pb)
+        for key, value in opt_a.state[pa].items():
+            assert torch.equal(value, opt_b.state[pb][key]), key
 
 
 @cuda
@@ -406,12 +403,14 @@ def test_capturing_a_host_step_raises_a_clear_error(make):
 
 
 @cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("capturable", [False, True])
 @pytest.mark.parametrize("make", [optim.AdamW, optim.AdamW8bit, optim.SGD])
-def test_cuda_steps_do_not_synchronize(make, capturable):
+def test_cuda_steps_do_not_synchronize(make, capturable, backend):
     """torch's sync debug mode raises on any operation that makes the host wait for the GPU:
-    the Triton steps (tables through pinned memory) have none, capturable or not; a
-    capturable step's tensor lr and GradScaler tensors included."""
+    the Triton steps (tables through pinned memory) and the CUDA kernels' (tables as kernel
+    parameters) have none, capturable or not; a capturable step's tensor lr and GradScaler
+    tensors included."""
     if make is optim.SGD and capturable:
         pytest.skip("SGD has no capturable mode")
     ps = [torch.randn(s, device="cuda", requires_grad=True) for s in [(300,), (64, 65), (7,)]]
@@ -424,13 +423,14 @@ def test_cuda_steps_do_not_synchronize(make, capturable):
                        found_inf=torch.tensor(0.0, device="cuda"))
     for p in ps:
         p.grad = torch.randn_like(p)
-    opt.step(**step_kw)  # first step: states created, kernels compiled
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            for p in ps:
-                p.grad = torch.randn_like(p)
-            opt.step(**step_kw)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    with llmkernels.use_backend(backend):
+        opt.step(**step_kw)  # first step: states created, kernels compiled
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                for p in ps:
+                    p.grad = torch.randn_like(p)
+                opt.step(**step_kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

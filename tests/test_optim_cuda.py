@@ -34,6 +34,20 @@ def test_launch_plan_covers_every_chunk_once():
     assert native.optim_cuda_host_selftest() == ""
 
 
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="the extension was built without CUDA")
+def test_capturable_rows_are_checked_before_any_launch():
+    """The capturable steps' table rows (one per tensor, >= 0, only with a table): refused
+    with a clear error, on the host (an empty tensor list launches nothing)."""
+    hyper = (0.0, 0.9, 0.99, 1e-8, 0.0, True, False, False, 1.0, 1.0, 0.1, 0.01, 0)
+    native.adam_step_cuda([], *hyper, 0, [])
+    with pytest.raises(RuntimeError, match="one row per tensor"):
+        native.adam_step_cuda([], *hyper, 0, [3])
+    eight = (1e-8, 0.0, 0.99, False, 1.0, 1.0, 0.1, 0.01, 0)
+    native.adam8bit_step_cuda([], *eight, 0, [])
+    with pytest.raises(RuntimeError, match="one row per tensor"):
+        native.adam8bit_step_cuda([], *eight, 0, [1])
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("make,kw", CASES, ids=lambda v: getattr(v, "__name__", str(v)))

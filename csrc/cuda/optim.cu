@@ -62,13 +62,15 @@ Plan plan_launches(const std::vector<int64_t>& numels) {
 }
 
 // Kernel parameters: K pointers per tensor, its length, two floats (Adam: step_size and
-// bias_correction2_sqrt), a flag (SGD: first step), and each block's tensor slot and chunk.
+// bias_correction2_sqrt), its row in a device table of floats (capturable steps), a flag (SGD:
+// first step), and each block's tensor slot and chunk.
 template <int K>
 struct Tables {
   void* ptr[K][kMaxTensors];
   int64_t numel[kMaxTensors];
   float f0[kMaxTensors];
   float f1[kMaxTensors];
+  int32_t row[kMaxTensors];
   uint8_t flag[kMaxTensors];
   uint8_t slot[kMaxBlocks];
   int32_t chunk[kMaxBlocks];
@@ -98,6 +100,7 @@ template <> __device__ __forceinline__ void st<__nv_bfloat16>(__nv_bfloat16* p, 
 
 struct AdamArgs {
   float wd, b2, eps, one_m_b1, one_m_b2, decay, sign, inv_scale;
+  const float* table;  // capturable steps: per-step floats by row (optim.h), else null
 };
 
 // T: the parameter's (and gradient's) type; S: the moments' (T, or float for 16-bit T).
@@ -111,11 +114,19 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Tables<5> tb, AdamArgs a
   S* m = static_cast<S*>(tb.ptr[2][s]);
   S* v = static_cast<S*>(tb.ptr[3][s]);
   S* vmax = static_cast<S*>(tb.ptr[4][s]);
-  const float step_size = tb.f0[s], bc2 = tb.f1[s];
+  float step_size = tb.f0[s], bc2 = tb.f1[s], decay = a.decay, inv_scale = a.inv_scale;
+  if (a.table != nullptr) {
+    const float* r = a.table + int64_t(tb.row[s]) * kAdamFloats;
+    if (r[5] != 0.f) return;  // skipped step (inf/NaN gradients): the whole block
+    step_size = r[0];
+    bc2 = r[1];
+    decay = r[3];
+    inv_scale = r[4];
+  }
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
     float pi = ld(p, i);
-    float gi = ld(g, i) * a.inv_scale * a.sign;
-    if (kDecoupled) pi *= a.decay;
+    float gi = ld(g, i) * inv_scale * a.sign;
+    if (kDecoupled) pi *= decay;
     else if (a.wd != 0.f) gi = fmaf(pi, a.wd, gi);  // grad.add(param, alpha=wd), as torch
     float mi = ld(m, i);
     mi = fmaf(a.one_m_b1, gi - mi, mi);  // torch's lerp
@@ -162,6 +173,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(Tables<3> tb, SgdArgs a) 
 
 struct Adam8Args {
   float b2, eps, one_m_b1, one_m_b2, decay, signed_inv_scale;  // inv_scale, negated to maximize
+  const float* table;  // capturable steps: per-step floats by row (optim.h), else null
 };
 
 // optim_impl.h's sqrt_code: the integer nearest sqrt(y), halves up, exactly (floor of any
@@ -196,7 +208,16 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Tables<6> tb, Adam8A
   uint8_t* vq = static_cast<uint8_t*>(tb.ptr[3][s]);
   float* ms = static_cast<float*>(tb.ptr[4][s]);
   float* vs = static_cast<float*>(tb.ptr[5][s]);
-  const float step_size = tb.f0[s], inv_bc2 = 1.f / tb.f1[s];
+  float step_size = tb.f0[s], bc2 = tb.f1[s], decay = a.decay, sis = a.signed_inv_scale;
+  if (a.table != nullptr) {
+    const float* r = a.table + int64_t(tb.row[s]) * kAdam8Floats;
+    if (r[4] != 0.f) return;  // skipped step: every warp of the block
+    step_size = r[0];
+    bc2 = r[1];
+    decay = r[2];
+    sis = r[3];
+  }
+  const float inv_bc2 = 1.f / bc2;
   // m = c|c| * scale / 127^2, v = (u^2)^2 * scale / 255^4, as optim_impl.h decodes them
   const float m_unit = ms[blk] * (1.f / 16129.f);
   const float v_unit_b2 = ((vs[blk] * (1.f / 65025.f)) * (1.f / 65025.f)) * a.b2;  // beta2 v
@@ -210,8 +231,8 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Tables<6> tb, Adam8A
     const int64_t i = base + k;
     const float c = float(mq[i]), u = float(vq[i]);
     float mi = (c * fabsf(c)) * m_unit, vi = ((u * u) * (u * u)) * v_unit_b2;
-    const float pi = ld(p, i) * a.decay;
-    const float gi = ld(g, i) * a.signed_inv_scale;
+    const float pi = ld(p, i) * decay;
+    const float gi = ld(g, i) * sis;
     mi = fmaf(a.one_m_b1, gi - mi, mi);
     vi = vi + (a.one_m_b2 * gi) * gi;
     const float rv = sqrtf(vi);
@@ -307,7 +328,8 @@ constexpr int64_t kMaxChunks = int64_t(INT32_MAX);
 // The Adam launches of the tensors idx, parameters of type T and moments of type S.
 template <class T, class S>
 void launch_adam(const AdamHyper& h, const AdamArgs& a, cudaStream_t st,
-                 const std::vector<AdamTensor>& ts, const std::vector<int>& idx) {
+                 const std::vector<AdamTensor>& ts, const std::vector<int>& idx,
+                 const std::vector<int32_t>& rows) {
   auto kernel = h.decoupled
                     ? (h.amsgrad ? adam_kernel<T, S, true, true> : adam_kernel<T, S, true, false>)
                     : (h.amsgrad ? adam_kernel<T, S, false, true> : adam_kernel<T, S, false, false>);
@@ -324,6 +346,7 @@ void launch_adam(const AdamHyper& h, const AdamArgs& a, cudaStream_t st,
         tb.ptr[4][slot] = h.amsgrad ? t.max_exp_avg_sq.data : nullptr;
         tb.f0[slot] = t.step_size;
         tb.f1[slot] = t.bias_correction2_sqrt;
+        tb.row[slot] = rows.empty() ? idx[j] : rows[idx[j]];
       },
       [&](const Tables<5>& tb, int blocks) {
         kernel<<<blocks, kThreads, 0, st>>>(tb, a);
@@ -335,10 +358,19 @@ bool float_moments_of_16bit(const AdamTensor& t) {
   return t.param.dtype != DType::f32 && t.exp_avg.dtype == DType::f32;
 }
 
+void check_rows(const std::vector<int32_t>& rows, size_t n, const float* table, const char* what) {
+  LLMK_CHECK(rows.empty() || rows.size() == n,
+             std::string(what) + ": rows must be empty or give one row per tensor");
+  for (int32_t r : rows) LLMK_CHECK(r >= 0, std::string(what) + ": rows must be >= 0");
+  LLMK_CHECK(table != nullptr || rows.empty(), std::string(what) + ": rows without a table");
+}
+
 }  // namespace
 
-void adam_step_cuda(const AdamHyper& h, const std::vector<AdamTensor>& ts, uintptr_t stream) {
+void adam_step_cuda(const AdamHyper& h, const std::vector<AdamTensor>& ts, uintptr_t stream,
+                    const float* device_floats, const std::vector<int32_t>& rows) {
   LLMK_CHECK(!h.stochastic_rounding, "adam_step_cuda: stochastic rounding is not supported");
+  check_rows(rows, ts.size(), device_floats, "adam_step_cuda");
   for (const AdamTensor& t : ts) {
     const int64_t n = t.param.numel();
     LLMK_CHECK(n / kChunk < kMaxChunks, "adam_step_cuda: tensor too large");
@@ -352,14 +384,14 @@ void adam_step_cuda(const AdamHyper& h, const std::vector<AdamTensor>& ts, uintp
     if (h.amsgrad) check_flat(t.max_exp_avg_sq, sd, n, "max_exp_avg_sq");
   }
   const AdamArgs a{h.weight_decay, h.beta2, h.eps, h.one_minus_beta1, h.one_minus_beta2,
-                   h.decay, h.maximize ? -1.f : 1.f, h.inv_grad_scale};
+                   h.decay, h.maximize ? -1.f : 1.f, h.inv_grad_scale, device_floats};
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   by_dtype_groups(ts, [&](auto tag, const std::vector<int>& idx) {
     using T = decltype(tag);
     std::vector<int> same, f32;  // moments in T / in float (16-bit T only)
     for (int i : idx) (float_moments_of_16bit(ts[i]) ? f32 : same).push_back(i);
-    if (!same.empty()) launch_adam<T, T>(h, a, st, ts, same);
-    if (!f32.empty()) launch_adam<T, float>(h, a, st, ts, f32);
+    if (!same.empty()) launch_adam<T, T>(h, a, st, ts, same, rows);
+    if (!f32.empty()) launch_adam<T, float>(h, a, st, ts, f32, rows);
   });
 }
 
@@ -399,8 +431,10 @@ void sgd_step_cuda(const SgdHyper& h, const std::vector<SgdTensor>& ts, uintptr_
 }
 
 void adam8bit_step_cuda(const AdamHyper& h, const std::vector<Adam8bitTensor>& ts,
-                        uintptr_t stream) {
+                        uintptr_t stream, const float* device_floats,
+                        const std::vector<int32_t>& rows) {
   LLMK_CHECK(h.decoupled, "adam8bit_step_cuda: AdamW only (decoupled weight decay)");
+  check_rows(rows, ts.size(), device_floats, "adam8bit_step_cuda");
   for (const Adam8bitTensor& t : ts) {
     const int64_t n = t.param.numel(), nb = (n + kBlock8 - 1) / kBlock8;
     LLMK_CHECK(n / kChunk < kMaxChunks, "adam8bit_step_cuda: tensor too large");
@@ -412,7 +446,7 @@ void adam8bit_step_cuda(const AdamHyper& h, const std::vector<Adam8bitTensor>& t
     check_flat(t.v_scales, DType::f32, nb, "v_scales");
   }
   const Adam8Args a{h.beta2, h.eps, h.one_minus_beta1, h.one_minus_beta2, h.decay,
-                    h.maximize ? -h.inv_grad_scale : h.inv_grad_scale};
+                    h.maximize ? -h.inv_grad_scale : h.inv_grad_scale, device_floats};
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   by_dtype_groups(ts, [&](auto tag, const std::vector<int>& idx) {
     using T = decltype(tag);
@@ -430,6 +464,7 @@ void adam8bit_step_cuda(const AdamHyper& h, const std::vector<Adam8bitTensor>& t
           tb.ptr[5][slot] = t.v_scales.data;
           tb.f0[slot] = t.step_size;
           tb.f1[slot] = t.bias_correction2_sqrt;
+          tb.row[slot] = rows.empty() ? idx[j] : rows[idx[j]];
         },
         [&](const Tables<6>& tb, int blocks) {
           adam8bit_kernel<T><<<blocks, kThreads, 0, st>>>(tb, a);

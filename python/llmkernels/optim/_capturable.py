@@ -25,14 +25,14 @@ _MASK = 0xFFFFFFFF
 
 def device_path(params, rows, sr: bool, f32_state: bool = False) -> Optional[str]:
     """The path of a capturable group's step if it takes device-resident scalars ("triton",
-    or "reference" for tensors off the CPU); None when the host floats' path serves it: the
-    C++ kernel and the reference on the CPU (where reading a tensor is no device sync), and
-    FSDP2's DTensor shards (not supported here: their steps read the host)."""
+    "cuda", or "reference" for tensors off the CPU); None when the host floats' path serves
+    it: the C++ kernel and the reference on the CPU (where reading a tensor is no device
+    sync), and FSDP2's DTensor shards (not supported here: their steps read the host)."""
     if _fused.has_dtensor(params):
         return None
     views = _fused.kernel_views(rows, f32_state, build=False)
-    path = _fused.choose_path(params, views is not None, sr, capturable=True)
-    if path == "triton" or (path == "reference" and params[0].device.type != "cpu"):
+    path = _fused.choose_path(params, views is not None, sr)
+    if path in ("triton", "cuda") or (path == "reference" and params[0].device.type != "cpu"):
         return path
     return None
 

@@ -112,7 +112,7 @@ def _triton_optim():
 
 
 def route(params: List[torch.Tensor], rows, stochastic_rounding: bool,
-          f32_state: bool = False, capturable: bool = False):
+          f32_state: bool = False):
     """(path, views) of one fused step over rows ([parameter, gradient, state...] per
     parameter): the path choose_path picks, and for the C++ paths the rows' kernel_views.
     CUDA tensors build no views unless the CUDA kernels serve (Triton takes tensors).
@@ -120,19 +120,17 @@ def route(params: List[torch.Tensor], rows, stochastic_rounding: bool,
     every path)."""
     on_cpu = params[0].device.type == "cpu"
     views = kernel_views(rows, f32_state, build=on_cpu)
-    path = choose_path(params, views is not None, stochastic_rounding, capturable)
+    path = choose_path(params, views is not None, stochastic_rounding)
     if path == "cuda":
         views = kernel_views(rows, f32_state)
     return path, views
 
 
-def choose_path(params: List[torch.Tensor], ready: bool, stochastic_rounding: bool,
-                capturable: bool = False) -> str:
+def choose_path(params: List[torch.Tensor], ready: bool, stochastic_rounding: bool) -> str:
     """"cpu" (the C++ kernel), "triton" (CUDA tensors, or any under TRITON_INTERPRET=1 when
     forced), "cuda" or "reference" (PyTorch ops), by backends.py's rules; a forced path that
     cannot serve raises BackendError. ready: whether the kernels can take the tensors
-    (kernel_views). capturable: a capturable step, which the CUDA kernels cannot take (they
-    take their floats from the host)."""
+    (kernel_views)."""
     from ..ops.attention_gpu import triton_interpreting
     forced = backends.forced_backend()
     device = params[0].device.type
@@ -140,7 +138,7 @@ def choose_path(params: List[torch.Tensor], ready: bool, stochastic_rounding: bo
     cpu_ok = ready and device == "cpu" and native is not None
     triton_ok = (ready and _triton_optim() is not None
                  and (device == "cuda" or triton_interpreting()))
-    cuda_ok = (ready and not stochastic_rounding and not capturable and device == "cuda"
+    cuda_ok = (ready and not stochastic_rounding and device == "cuda"
                and hasattr(native, "adam_step_cuda"))
     if forced == "reference":
         return "reference"
@@ -149,8 +147,7 @@ def choose_path(params: List[torch.Tensor], ready: bool, stochastic_rounding: bo
             return forced
         raise backends.BackendError(
             f"optimizer step: forced backend {forced!r} cannot serve these tensors ({device}, "
-            f"{params[0].dtype}{', stochastic rounding' if stochastic_rounding else ''}"
-            f"{', capturable' if capturable else ''})")
+            f"{params[0].dtype}{', stochastic rounding' if stochastic_rounding else ''})")
     if cpu_ok:
         return "cpu"
     # CUDA tensors: Triton first; the CUDA kernels (the same update) serve only when forced or
@@ -162,10 +159,11 @@ def choose_path(params: List[torch.Tensor], ready: bool, stochastic_rounding: bo
     return "reference"
 
 
-def on_cuda(device: torch.device, kernel, *args) -> None:
-    """kernel(*args, stream) on device's current CUDA stream (the extension's CUDA steps)."""
+def on_cuda(device: torch.device, kernel, *args, after=()) -> None:
+    """kernel(*args, stream, *after) on device's current CUDA stream (the extension's CUDA
+    steps)."""
     with device_guard(device):
-        kernel(*args, stream_handle(device))
+        kernel(*args, stream_handle(device), *after)
 
 
 def triton_optim():

@@ -123,8 +123,8 @@ KERNEL_PATHS = {"cpu", "cuda", "triton"}
 
 
 def serve(optimizer: torch.optim.Optimizer, group: dict, params: List[torch.Tensor],
-          kinds: Sequence[Tuple[str, ...]], stochastic_rounding: bool = False,
-          capturable: bool = False) -> Optional[Tuple[str, Plan, list, list]]:
+          kinds: Sequence[Tuple[str, ...]], stochastic_rounding: bool = False
+          ) -> Optional[Tuple[str, Plan, list, list]]:
     """(path, plan, parameter views, gradient views) for this step if the group's plan
     describes params, the state keys of its parameters are among kinds (the keys this step's
     settings use) and backends.py's rules pick a kernel path (counted as a hit), else None:
@@ -135,7 +135,7 @@ def serve(optimizer: torch.optim.Optimizer, group: dict, params: List[torch.Tens
     views = plan.views(optimizer, group, params)
     if views is None:
         return None
-    path = _fused.choose_path(params, True, stochastic_rounding, capturable)
+    path = _fused.choose_path(params, True, stochastic_rounding)
     if path not in KERNEL_PATHS:
         return None
     plan.hits += 1

@@ -141,7 +141,7 @@ class _FusedAdam(torch.optim.Optimizer):
                      amsgrad=amsgrad, maximize=group["maximize"],
                      one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2, sr=sr)
         if path == "triton":
-            served = _plan.serve(self, group, params, (state_keys,), sr, capturable=True)
+            served = _plan.serve(self, group, params, (state_keys,), sr)
             if served is not None:
                 plan, grad_views = served[1], served[3]
                 prepared = plan.triton.get("adam_table")
@@ -155,6 +155,13 @@ class _FusedAdam(torch.optim.Optimizer):
                     _adam_table_prepare(params, states, amsgrad, sr), None, table, **hyper)
                 _plan.after_full_step(self, group, params, [state_keys] * len(params),
                                       {"triton"})
+        elif path == "cuda":  # the table's row i for parameter i
+            views = [(*v, None) if not amsgrad else tuple(v)
+                     for v in _fused.kernel_views(rows, f32_state=True)]
+            adam_native("cuda", device, views, [(0.0, 1.0)] * len(params), [0] * len(params),
+                        lr=0.0, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
+                        decoupled=decoupled, amsgrad=amsgrad, maximize=group["maximize"],
+                        inv_scale=1.0, sr=False, table=table)
         else:
             for i, (p, s) in enumerate(zip(params, states)):
                 adam_reference(p, p.grad, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq"),
@@ -238,9 +245,11 @@ def adam_triton_planned(plan, name, idx, grad_views, corrections, keys, *, lr, b
 
 
 def adam_native(path, device, views, corrections, keys, *, lr, beta1, beta2, eps, weight_decay,
-                decoupled, amsgrad, maximize, inv_scale, sr):
+                decoupled, amsgrad, maximize, inv_scale, sr, table=None, rows=()):
     """The C++ ("cpu") or CUDA kernel's Adam step over kernel views (per tensor: parameter,
-    gradient, exp_avg, exp_avg_sq, max_exp_avg_sq or None)."""
+    gradient, exp_avg, exp_avg_sq, max_exp_avg_sq or None). table (CUDA, capturable steps):
+    the device table of _capturable.adam_table, read at rows[i] (or i) for tensor i instead
+    of the corrections, lr, inv_scale."""
     wd = weight_decay
     items = [(*views_of, step_size, bc2, key)
              for views_of, (step_size, bc2), key in zip(views, corrections, keys)]
@@ -252,7 +261,8 @@ def adam_native(path, device, views, corrections, keys, *, lr, beta1, beta2, eps
     else:
         _fused.on_cuda(device, native.adam_step_cuda, items, lr, beta1, beta2, eps, wd,
                        decoupled, amsgrad, maximize, inv_scale, 1.0 - lr * wd,
-                       1.0 - beta1, 1.0 - beta2)
+                       1.0 - beta1, 1.0 - beta2,
+                       after=(0 if table is None else table.data_ptr(), list(rows)))
 
 
 def adam_reference(p, g, m, v, vmax, *, lr, beta1, beta2, eps, weight_decay, decoupled,

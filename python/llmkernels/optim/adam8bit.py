@@ -149,10 +149,10 @@ _SMALL_KEYS = ("exp_avg", "exp_avg_sq")  # float32 moments of tensors under min_
 
 
 def _eight_bit_native(path, device, items, *, lr, beta1, beta2, eps, weight_decay, maximize,
-                      inv_scale) -> None:
+                      inv_scale, table=None, rows=()) -> None:
     """The C++ ("cpu") or CUDA kernel's 8-bit step over items (per tensor: parameter and
     gradient views, the four state views in _EIGHT_BIT_KEYS' order, step size, bias
-    correction)."""
+    correction). table, rows: as adam_native's (_capturable.adam8bit_table)."""
     wd = weight_decay
     native = backends.native_module()
     if path == "cpu":
@@ -161,7 +161,8 @@ def _eight_bit_native(path, device, items, *, lr, beta1, beta2, eps, weight_deca
                              1.0 - beta2)
     else:
         _fused.on_cuda(device, native.adam8bit_step_cuda, items, eps, wd, beta2, maximize,
-                       inv_scale, 1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2)
+                       inv_scale, 1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2,
+                       after=(0 if table is None else table.data_ptr(), list(rows)))
 
 
 def _eight_bit_triton_planned(plan, idx, grad_views, corrections, *, lr, beta1, beta2, eps,
@@ -334,6 +335,21 @@ class AdamW8bit(torch.optim.Optimizer):
             self._capturable_triton(group, params, states, small, eight, small_table,
                                     eight_table, beta1=beta1, beta2=beta2, eps=eps,
                                     weight_decay=wd, maximize=maximize)
+        elif path == "cuda":  # the tables' rows by parameter index
+            pg = _fused.kernel_views([[p, p.grad] for p in params])
+            flat = _fused.flat
+            hyper = dict(lr=0.0, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
+                         maximize=maximize, inv_scale=1.0)
+            if small:
+                adam_native("cuda", device, [(*pg[i], flat(states[i]["exp_avg"]),
+                                              flat(states[i]["exp_avg_sq"]), None)
+                                             for i in small],
+                            [(0.0, 1.0)] * len(small), [0] * len(small), decoupled=True,
+                            amsgrad=False, sr=False, table=small_table, rows=small, **hyper)
+            if eight:
+                _eight_bit_native("cuda", device, [
+                    (*pg[i], *(flat(states[i][key]) for key in _EIGHT_BIT_KEYS), 0.0, 1.0)
+                    for i in eight], table=eight_table, rows=eight, **hyper)
         else:
             skip = None if found is None else eight_table[:, 4] if eight else small_table[:, 5]
             for i in small:
@@ -356,8 +372,7 @@ class AdamW8bit(torch.optim.Optimizer):
         """The Triton launches of a capturable step: the plan's kept tables when it serves
         (the pointer tables then stay on the device), else new ones (and a plan)."""
         kernels = _fused.triton_optim()
-        served = _plan.serve(self, group, params, (_SMALL_KEYS, _EIGHT_BIT_KEYS),
-                             capturable=True)
+        served = _plan.serve(self, group, params, (_SMALL_KEYS, _EIGHT_BIT_KEYS))
         kept = served[1].triton if served is not None else {}
         grad_ptrs = [v[0] for v in served[3]] if served is not None else None
         consts = dict(beta2=beta2, eps=eps, one_minus_beta1=1.0 - beta1,
