@@ -5,9 +5,9 @@ step reads nothing back to the host and can be captured in a CUDA graph.
 
 Per param group, the steps are views of one float32 tensor on the device (one add advances
 them all); each step computes, with a few tensor ops on that tensor, the float table the
-Triton kernels read per tensor (kernels/optim.py: Adam's ADAM_FLOATS columns, AdamW8bit's
-ADAM8_FLOATS), in float64 before rounding to float32, as the host path computes them in
-Python floats. A step skipped for inf/NaN gradients (found_inf) writes nothing and takes its
+Triton and CUDA kernels read per tensor (kernels/optim.py: Adam's ADAM_FLOATS columns,
+AdamW8bit's ADAM8_FLOATS; csrc/cuda/optim.h, the same), in float64 before rounding to float32,
+as the host path computes them in Python floats. A step skipped for inf/NaN gradients (found_inf) writes nothing and takes its
 step count back, as torch's fused optimizers do.
 """
 from __future__ import annotations

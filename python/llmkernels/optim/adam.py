@@ -117,7 +117,8 @@ class _FusedAdam(torch.optim.Optimizer):
 
     def _capturable_step(self, group, params, amp: _fused.Amp) -> bool:
         """A capturable group's step with its scalars on the device (_capturable.py), on the
-        Triton kernel or the reference; False (nothing done) when the host path serves it."""
+        Triton or CUDA kernel or the reference; False (nothing done) when the host path
+        serves it."""
         name = type(self).__name__
         amsgrad = group["amsgrad"]
         sr = bool(group.get("stochastic_rounding", False))

@@ -314,7 +314,8 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def _capturable_step(self, group, params, amp: _fused.Amp) -> bool:
         """A capturable group's step with its scalars on the device (_capturable.py), on the
-        Triton kernels or the reference; False (nothing done) when the host path serves it."""
+        Triton or CUDA kernels or the reference; False (nothing done) when the host path
+        serves it."""
         states = [self._state_of(p, group["min_8bit_size"], capturable=True) for p in params]
         path = _capturable.device_path(params, [[p, p.grad] for p in params], False)
         if path is None:
