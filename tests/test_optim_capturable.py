@@ -297,6 +297,28 @@ def test_the_cpu_kernel_takes_capturable_groups_with_host_reads():
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("make,kw", ADAM_CASES + [(optim.AdamW8bit, dict(min_8bit_size=256)),
+                                                  (optim.AdamW8bit, dict(maximize=True))])
+def test_the_capturable_reference_path_matches_the_host_path(make, kw, reference_device_path):
+    params, grads = _data(sizes=[(700,), (33, 65), (4,)])
+    kw = dict(dict(lr=1e-2, weight_decay=0.1), **kw)
+    a, opt_a = _run(make, params, grads, "reference", **kw)
+    scale = torch.tensor(2.0, device=DEVICE)
+
+    def skip_one(i, opt):
+        for p in opt.param_groups[0]["params"]:
+            p.grad = p.grad * 2.0
+        if i == 1:
+            before = [p.detach().clone() for p in opt.param_groups[0]["params"]]
+            opt.step(grad_scale=scale, found_inf=torch.tensor(1.0, device=DEVICE))
+            assert all(torch.equal(x, y) for x, y in zip(before, opt.param_groups[0]["params"]))
+    b, opt_b = _run(make, params, grads, "reference", capturable=True, between=skip_one,
+                    step_kw=dict(grad_scale=scale, found_inf=torch.tensor(0.0, device=DEVICE)),
+                    **kw)
+    _close(a, b, torch.float32)
+    assert float(opt_b.state[b[0]]["step"]) == STEPS
+
+
 # ------------------------------------------------------------------------------ CUDA graphs
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
