@@ -27,8 +27,9 @@ def device_path(params, rows, sr: bool, f32_state: bool = False) -> Optional[str
     """The path of a capturable group's step if it takes device-resident scalars ("triton",
     "cuda", or "reference" for tensors off the CPU); None when the host floats' path serves
     it: the C++ kernel and the reference on the CPU (where reading a tensor is no device
-    sync), and FSDP2's DTensor shards (not supported here: their steps read the host)."""
-    if _fused.has_dtensor(params):
+    sync), FSDP2's DTensor shards and groups spread over several devices (not supported
+    here: their steps read the host)."""
+    if _fused.has_dtensor(params) or len({p.device for p in params}) > 1:
         return None
     views = _fused.kernel_views(rows, f32_state, build=False)
     path = _fused.choose_path(params, views is not None, sr)
