@@ -17,10 +17,17 @@ from typing import Optional
 
 import torch
 
+from .. import backends
 from . import _fused
 from ._fused import Scalar
 
 _MASK = 0xFFFFFFFF
+
+
+def may_take_device_path(params) -> bool:
+    """False when the host path surely serves a capturable group (read before any per-tensor
+    work): CPU tensors, unless Triton is forced on them (its interpreter, in tests)."""
+    return params[0].device.type != "cpu" or backends.forced_backend() == "triton"
 
 
 def device_path(params, rows, sr: bool, f32_state: bool = False) -> Optional[str]:

@@ -123,11 +123,18 @@ class _FusedAdam(torch.optim.Optimizer):
         amsgrad = group["amsgrad"]
         sr = bool(group.get("stochastic_rounding", False))
         state_keys = _STATE_KEYS[amsgrad]
-        states = [self._state_of(p, amsgrad, capturable=True) for p in params]
-        rows = [[p, p.grad, *(s[k] for k in state_keys)] for p, s in zip(params, states)]
-        path = _capturable.device_path(params, rows, sr, f32_state=True)
-        if path is None:
+        if not _capturable.may_take_device_path(params):
             return False
+        served = _plan.serve(self, group, params, (state_keys,), sr)  # its checks: cheaper
+        if served is not None:
+            path, plan = served[0], served[1]
+            states = plan.states
+        else:
+            states = [self._state_of(p, amsgrad, capturable=True) for p in params]
+            rows = [[p, p.grad, *(s[k] for k in state_keys)] for p, s in zip(params, states)]
+            path = _capturable.device_path(params, rows, sr, f32_state=True)
+            if path is None:
+                return False
         device = params[0].device
         beta1, beta2 = (_fused.as_float(b, "betas", name) for b in group["betas"])
         eps = _fused.as_float(group["eps"], "eps", name)
@@ -142,23 +149,23 @@ class _FusedAdam(torch.optim.Optimizer):
                      amsgrad=amsgrad, maximize=group["maximize"],
                      one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2, sr=sr)
         if path == "triton":
-            served = _plan.serve(self, group, params, (state_keys,), sr)
             if served is not None:
-                plan, grad_views = served[1], served[3]
                 prepared = plan.triton.get("adam_table")
                 if prepared is None:
                     prepared = plan.triton["adam_table"] = _adam_table_prepare(
-                        plan.params, plan.states, amsgrad, sr)
+                        plan.params, states, amsgrad, sr)
                 _fused.triton_optim().adam_launch_table(
-                    prepared, [v[0] for v in grad_views], table, **hyper)
+                    prepared, [v[0] for v in served[3]], table, **hyper)
             else:
                 _fused.triton_optim().adam_launch_table(
                     _adam_table_prepare(params, states, amsgrad, sr), None, table, **hyper)
-                _plan.after_full_step(self, group, params, [state_keys] * len(params),
-                                      {"triton"})
         elif path == "cuda":  # the table's row i for parameter i
-            views = [(*v, None) if not amsgrad else tuple(v)
-                     for v in _fused.kernel_views(rows, f32_state=True)]
+            if served is not None:
+                views = [(pv, gv, *sv) + (() if amsgrad else (None,)) for pv, gv, sv
+                         in zip(served[2], served[3], plan.state_views)]
+            else:
+                views = [(*v, None) if not amsgrad else tuple(v)
+                         for v in _fused.kernel_views(rows, f32_state=True)]
             adam_native("cuda", device, views, [(0.0, 1.0)] * len(params), [0] * len(params),
                         lr=0.0, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
                         decoupled=decoupled, amsgrad=amsgrad, maximize=group["maximize"],
@@ -172,6 +179,8 @@ class _FusedAdam(torch.optim.Optimizer):
                                inv_grad_scale=table[i, 4], decay=table[i, 3],
                                skip=table[i, 5] if found is not None else None,
                                sr_key=table.view(torch.int32)[i, 2] if sr else None)
+        if served is None and path in _plan.KERNEL_PATHS:  # a plan for the next steps
+            _plan.after_full_step(self, group, params, [state_keys] * len(params), {path})
         _capturable.finish(steps, found)
         return True
 

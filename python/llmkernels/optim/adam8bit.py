@@ -316,10 +316,18 @@ class AdamW8bit(torch.optim.Optimizer):
         """A capturable group's step with its scalars on the device (_capturable.py), on the
         Triton or CUDA kernels or the reference; False (nothing done) when the host path
         serves it."""
-        states = [self._state_of(p, group["min_8bit_size"], capturable=True) for p in params]
-        path = _capturable.device_path(params, [[p, p.grad] for p in params], False)
-        if path is None:
+        if not _capturable.may_take_device_path(params):
             return False
+        served = _plan.serve(self, group, params, (_SMALL_KEYS, _EIGHT_BIT_KEYS))
+        if served is not None:
+            path, plan = served[0], served[1]
+            states = plan.states
+        else:
+            states = [self._state_of(p, group["min_8bit_size"], capturable=True)
+                      for p in params]
+            path = _capturable.device_path(params, [[p, p.grad] for p in params], False)
+            if path is None:
+                return False
         device = params[0].device
         beta1, beta2 = (float(b) for b in group["betas"])
         eps, wd, maximize = float(group["eps"]), float(group["weight_decay"]), group["maximize"]
@@ -333,24 +341,28 @@ class AdamW8bit(torch.optim.Optimizer):
         eight_table = (_capturable.adam8bit_table(steps, group, maximize=maximize, **scalars)
                        if eight else None)
         if path == "triton":
-            self._capturable_triton(group, params, states, small, eight, small_table,
+            self._capturable_triton(served, params, states, small, eight, small_table,
                                     eight_table, beta1=beta1, beta2=beta2, eps=eps,
                                     weight_decay=wd, maximize=maximize)
         elif path == "cuda":  # the tables' rows by parameter index
-            pg = _fused.kernel_views([[p, p.grad] for p in params])
-            flat = _fused.flat
+            if served is not None:
+                pg = list(zip(served[2], served[3]))
+                state_views = plan.state_views
+            else:
+                pg = _fused.kernel_views([[p, p.grad] for p in params])
+                keys = {i: _SMALL_KEYS for i in small} | {i: _EIGHT_BIT_KEYS for i in eight}
+                state_views = [tuple(_fused.flat(states[i][k]) for k in keys[i])
+                               for i in range(len(params))]
             hyper = dict(lr=0.0, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
                          maximize=maximize, inv_scale=1.0)
             if small:
-                adam_native("cuda", device, [(*pg[i], flat(states[i]["exp_avg"]),
-                                              flat(states[i]["exp_avg_sq"]), None)
-                                             for i in small],
+                adam_native("cuda", device, [(*pg[i], *state_views[i], None) for i in small],
                             [(0.0, 1.0)] * len(small), [0] * len(small), decoupled=True,
                             amsgrad=False, sr=False, table=small_table, rows=small, **hyper)
             if eight:
-                _eight_bit_native("cuda", device, [
-                    (*pg[i], *(flat(states[i][key]) for key in _EIGHT_BIT_KEYS), 0.0, 1.0)
-                    for i in eight], table=eight_table, rows=eight, **hyper)
+                _eight_bit_native("cuda", device,
+                                  [(*pg[i], *state_views[i], 0.0, 1.0) for i in eight],
+                                  table=eight_table, rows=eight, **hyper)
         else:
             skip = None if found is None else eight_table[:, 4] if eight else small_table[:, 5]
             for i in small:
@@ -365,15 +377,18 @@ class AdamW8bit(torch.optim.Optimizer):
             for i in eight:
                 _eight_bit_reference(params[i], states[i], eight_table[i], beta1=beta1,
                                      beta2=beta2, eps=eps, skip=found is not None)
+        if served is None and path in _plan.KERNEL_PATHS:  # a plan for the next steps
+            _plan.after_full_step(self, group, params, [
+                _EIGHT_BIT_KEYS if "exp_avg_codes" in s else _SMALL_KEYS for s in states],
+                {path})
         _capturable.finish(steps, found)
         return True
 
-    def _capturable_triton(self, group, params, states, small, eight, small_table,
+    def _capturable_triton(self, served, params, states, small, eight, small_table,
                            eight_table, *, beta1, beta2, eps, weight_decay, maximize) -> None:
         """The Triton launches of a capturable step: the plan's kept tables when it serves
-        (the pointer tables then stay on the device), else new ones (and a plan)."""
+        (the pointer tables then stay on the device), else new ones."""
         kernels = _fused.triton_optim()
-        served = _plan.serve(self, group, params, (_SMALL_KEYS, _EIGHT_BIT_KEYS))
         kept = served[1].triton if served is not None else {}
         grad_ptrs = [v[0] for v in served[3]] if served is not None else None
         consts = dict(beta2=beta2, eps=eps, one_minus_beta1=1.0 - beta1,
@@ -404,10 +419,6 @@ class AdamW8bit(torch.optim.Optimizer):
                     kept["eight_table"] = prepared
             kernels.adam8bit_launch_table(
                 prepared, grad_ptrs and [grad_ptrs[i] for i in eight], eight_table, **consts)
-        if served is None:
-            _plan.after_full_step(self, group, params, [
-                _EIGHT_BIT_KEYS if "exp_avg_codes" in s else _SMALL_KEYS for s in states],
-                {"triton"})
 
     def _planned_step(self, group, params, hyper) -> bool:
         """The step of a group whose tensors are those of its plan (_plan.py), on the C++, CUDA
