@@ -15,7 +15,6 @@ chosen every step (backends.py's rules: a forced backend is followed).
 """
 from __future__ import annotations
 
-import functools
 import operator
 from itertools import repeat
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -27,7 +26,6 @@ from . import _fused
 
 _T = torch.Tensor
 _dtype_of = operator.attrgetter("dtype")
-_is_none = functools.partial(operator.is_, None)
 _ONE = (1,)
 
 
@@ -80,15 +78,17 @@ class Plan:
     def views(self, optimizer: torch.optim.Optimizer, group: dict,
               params: List[torch.Tensor]) -> Optional[Tuple[list, list]]:
         """(parameter views, gradient views) of params (the group's parameters with gradients,
-        in order) if this plan still describes them, else None. State views: state_views."""
+        in order, as _fused.grads_of returns them: no gradient None or sparse) if this plan
+        still describes them, else None. State views: state_views."""
         if group is not self.group or optimizer.state is not self.state_map:
             return None
         if not _same_objects(params, self.params):
             return None
+        # A parameter's device is not read again: one whose storage moved has another
+        # data_ptr (host and devices share one address space under CUDA's unified addressing).
         if (list(map(_T.data_ptr, params)) != self.ptrs
                 or list(map(_dtype_of, params)) != self.dtypes
                 or list(map(_T.numel, params)) != self.numels
-                or list(map(_T.get_device, params)) != self.devices
                 or not all(map(_T.is_contiguous, params))):
             return None
         state_map = self.state_map
@@ -102,10 +102,9 @@ class Plan:
                 return None
             if not _same_objects(now, tensors) or list(map(_T.data_ptr, now)) != ptrs:
                 return None
-        # Gradients: new tensors every step, checked in full (C-level loops again).
+        # Gradients: new tensors every step, checked in full (C-level loops again; grads_of
+        # refused sparse ones).
         grads = list(map(_fused.grad_of, params))
-        if any(map(_is_none, grads)) or any(map(_fused.is_sparse, grads)):
-            return None
         if (list(map(_dtype_of, grads)) != self.dtypes
                 or list(map(_T.numel, grads)) != self.numels
                 or list(map(_T.get_device, grads)) != self.devices
