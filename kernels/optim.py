@@ -52,6 +52,10 @@ import torch
 import triton
 import triton.language as tl
 
+# device_guard: a device context only when another device is current (llmkernels.kernels is a
+# subpackage of llmkernels)
+from .._cuda_launch import device_guard
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Elements per program. The interpreter runs programs one by one in Python: smaller blocks
@@ -557,13 +561,6 @@ def _check(name, rows, f32_state_from=None):
             raise ValueError(f"{name}: unsupported dtype {p.dtype}")
 
 
-def _device_ctx(device: torch.device):
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    import contextlib
-    return contextlib.nullcontext()
-
-
 def _key_bits(keys) -> np.ndarray:
     """32-bit stochastic rounding keys as float32 bit patterns (for a kernel's float table)."""
     return np.asarray([int(k) & 0xFFFFFFFF for k in keys], dtype=np.uint32).view(np.float32)
@@ -649,7 +646,7 @@ def adam_launch_table(prepared: Prepared, grad_ptrs, table: torch.Tensor, *, bet
 def _adam_launches(prepared, grad_ptrs, floats, *, beta2, eps, weight_decay, decoupled,
                    amsgrad, maximize, one_minus_beta1, one_minus_beta2, sr):
     for g, meta, fmeta, aligned in prepared.launches(grad_ptrs, floats):
-        with _device_ctx(g.device):
+        with device_guard(g.device):
             _adam_kernel[(g.grid,)](
                 meta, fmeta, g.typed[0], g.typed[1], len(g.idx),
                 float(beta2), float(eps), float(weight_decay), float(one_minus_beta1),
@@ -695,7 +692,7 @@ def sgd_launch(prepared: Prepared, grad_ptrs, *, lr, momentum, weight_decay, nes
     floats = _key_bits(sr_keys)[:, None] if sr_keys is not None else None
     for g, meta, fmeta, aligned in prepared.launches(grad_ptrs, floats):
         first = g.key[2]
-        with _device_ctx(g.device):
+        with device_guard(g.device):
             _sgd_kernel[(g.grid,)](
                 meta, fmeta if fmeta is not None else meta, g.typed[0], len(g.idx), float(lr),
                 float(weight_decay), float(momentum), float(one_minus_dampening),
@@ -767,7 +764,7 @@ def adam8bit_launch_table(prepared: Prepared, grad_ptrs, table, *, beta2, eps, o
     ADAM8_FLOATS] float32 rows: step_size, bias_correction2_sqrt, decay, the gradients'
     multiplier with maximize's sign, skip; with table_rows, the device table itself)."""
     for g, meta, fmeta, aligned in prepared.launches(grad_ptrs, table):
-        with _device_ctx(g.device):
+        with device_guard(g.device):
             _adam8bit_kernel[(g.grid,)](
                 meta, fmeta, g.typed[0], len(g.idx), float(beta2), float(eps),
                 float(one_minus_beta1), float(one_minus_beta2), LOG_P=g.log_p,
