@@ -98,6 +98,38 @@ def test_triton_capturable_matches_the_host_path(make, kw, dtype, device_launche
         assert float(step) == STEPS
 
 
+@pytest.mark.parametrize("make", [optim.AdamW, optim.AdamW8bit])
+def test_mixed_dtypes_and_steps_read_their_own_table_rows(make, device_launches):
+    """One group of float32 and bfloat16 parameters (several launches, each tensor's row
+    given in the pointer table) whose step counts differ (a parameter without a gradient at
+    first): every tensor reads its own row."""
+    g = torch.Generator().manual_seed(5)
+    specs = [((300,), torch.float32), ((257,), torch.bfloat16), ((5,), torch.float32),
+             ((1000,), torch.bfloat16), ((2, 300), torch.float32)]
+    params = [torch.randn(s, generator=g).to(dt) for s, dt in specs]
+    grads = [[torch.randn(s, generator=g).to(dt) for s, dt in specs] for _ in range(STEPS)]
+    for i in range(2):  # the third parameter gets its first gradient at step 2
+        grads[i][2] = None
+    kw = dict(lr=1e-2, weight_decay=0.1)
+    if make is optim.AdamW8bit:
+        kw["min_8bit_size"] = 256
+    results = []
+    for capturable in (False, True):
+        ps = [p.clone().requires_grad_() for p in params]
+        opt = make(ps, capturable=capturable, **kw)
+        with llmkernels.use_backend("triton"):
+            for gs in grads:
+                for p, gr in zip(ps, gs):
+                    p.grad = gr
+                opt.step()
+        results.append((ps, opt))
+    (a, opt_a), (b, opt_b) = results
+    assert len(device_launches) == STEPS
+    for (shape, dtype), pa, pb in zip(specs, a, b):
+        _close([pa], [pb], dtype)
+    assert [float(opt_b.state[p]["step"]) for p in b] == [STEPS, STEPS, STEPS - 2, STEPS, STEPS]
+
+
 def test_capturable_adamw_follows_torch_with_a_tensor_lr_changed_in_place():
     """A graph replays with the lr tensor's new value: the step reads it on the device."""
     params, grads = _data()
