@@ -523,9 +523,10 @@ class Prepared:
         if self.device_table:
             if not isinstance(floats, torch.Tensor) or floats.dtype != torch.float32 \
                     or floats.dim() != 2 or floats.shape[1] != self.n_floats \
-                    or not floats.is_contiguous():
+                    or not floats.is_contiguous() \
+                    or any(floats.device != g.device for g in self.groups):
                 raise ValueError(f"optimizer launch: floats must be a contiguous float32 table "
-                                 f"of {self.n_floats} columns on the device")
+                                 f"of {self.n_floats} columns on the tensors' device")
         elif floats is not None:
             floats = np.asarray(floats, dtype=np.float32).reshape(self.size, self.n_floats)
         for g in self.groups:

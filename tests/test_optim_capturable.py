@@ -488,3 +488,18 @@ def test_cuda_steps_do_not_synchronize(make, capturable, backend):
                 opt.step(**step_kw)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_device_table_of_the_wrong_shape_is_refused():
+    from llmkernels.kernels import optim as ko
+    p = torch.randn(300, device=DEVICE)
+    g, m, v = torch.randn_like(p), torch.zeros_like(p), torch.zeros_like(p)
+    prepared = ko.adam_prepare([p], [g], [m], [v], [None], amsgrad=False, table_rows=[0])
+    consts = dict(beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True, amsgrad=False,
+                  maximize=False, one_minus_beta1=0.1, one_minus_beta2=0.001, sr=False)
+    for bad in (torch.zeros(1, 5, device=DEVICE), torch.zeros(1, 6, dtype=torch.float64,
+                                                               device=DEVICE),
+                torch.zeros(2, 12, device=DEVICE)[:, ::2], [[0.0] * 6]):
+        with pytest.raises(ValueError, match="float32 table"):
+            ko.adam_launch_table(prepared, None, bad, **consts)
+    assert torch.equal(m, torch.zeros_like(p))  # nothing launched
