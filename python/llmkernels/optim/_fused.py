@@ -342,12 +342,6 @@ def refuse_capture(owner: str, params, hint: str) -> None:
                            f"capture does not allow; {hint}")
 
 
-def begin_step(opt, closure, grad_scale, found_inf):
-    """(loss, gradient multiplier) for a step, or (loss, None) when it must be skipped."""
-    loss, amp = begin_step_amp(opt, closure, grad_scale, found_inf)
-    return loss, amp.host()
-
-
 class Amp:
     """A step's gradient multiplier inputs: GradScaler's scale and inf flag (tensors or None)
     and the factor clip_grad_norm_(..., optimizer=) left (a float, or a tensor when the
@@ -382,7 +376,7 @@ def scalar_on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.reshape(()).to(device=device, non_blocking=True)
 
 
-def begin_step_amp(opt, closure, grad_scale, found_inf) -> Tuple[object, Amp]:
+def begin_step(opt, closure, grad_scale, found_inf) -> Tuple[object, Amp]:
     """(loss, Amp) for a step. Runs the closure; takes GradScaler's scale and inf flag (given,
     or set as attributes around step() for optimizers that declare
     _step_supports_amp_scaling, as torch's fused ones do) and the factor

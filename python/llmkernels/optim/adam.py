@@ -64,7 +64,7 @@ class _FusedAdam(torch.optim.Optimizer):
              found_inf: Optional[torch.Tensor] = None):
         """One update of every parameter that has a gradient. grad_scale / found_inf come from
         torch.amp.GradScaler (gradients are still scaled; a step with inf/NaN is skipped)."""
-        loss, amp = _fused.begin_step_amp(self, closure, grad_scale, found_inf)
+        loss, amp = _fused.begin_step(self, closure, grad_scale, found_inf)
         name = type(self).__name__
         for group in self.param_groups:
             params = _fused.grads_of(group, name)

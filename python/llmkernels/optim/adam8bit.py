@@ -275,7 +275,7 @@ class AdamW8bit(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale: Optional[torch.Tensor] = None,
              found_inf: Optional[torch.Tensor] = None):
-        loss, amp = _fused.begin_step_amp(self, closure, grad_scale, found_inf)
+        loss, amp = _fused.begin_step(self, closure, grad_scale, found_inf)
         for group in self.param_groups:
             params = _fused.grads_of(group, "AdamW8bit")
             if not params:

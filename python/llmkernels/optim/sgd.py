@@ -50,7 +50,7 @@ class SGD(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale: Optional[torch.Tensor] = None,
              found_inf: Optional[torch.Tensor] = None):
-        loss, amp = _fused.begin_step_amp(self, closure, grad_scale, found_inf)
+        loss, amp = _fused.begin_step(self, closure, grad_scale, found_inf)
         _fused.refuse_capture("SGD", self.param_groups[0]["params"],
                               "SGD has no capturable mode (nor has torch.optim.SGD)")
         inv_scale = amp.host()
