@@ -72,3 +72,37 @@ def test_stochastic_rounding_cannot_be_forced_on_cuda():
     opt = optim.AdamW([p], stochastic_rounding=True)
     with llmkernels.use_backend("cuda"), pytest.raises(llmkernels.BackendError, match="cuda"):
         opt.step()
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("make,kw", [(optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+                                     (optim.SGD, dict(lr=1e-2, momentum=0.9)),
+                                     (optim.AdamW8bit, dict(lr=1e-2, min_8bit_size=256))])
+def test_clipping_folded_into_gpu_steps_is_the_cpu_kernels(make, kw, backend):
+    """clip_grad_norm_(..., optimizer=) folds its factor into the step's gradient multiplier
+    on the GPU paths as on the CPU: the CPU kernel's parameters, bit for bit (the norms are
+    torch's on each device, so equal factors are checked first)."""
+    torch.manual_seed(1)
+    params = [torch.randn(s) for s in SIZES[:8]]
+    grads = [[torch.randn(p.shape) for p in params] for _ in range(3)]
+    runs = {}
+    for device, path in (("cpu", "cpu"), ("cuda", backend)):
+        ps = [p.clone().to(device).requires_grad_() for p in params]
+        opt = make(ps, **kw)
+        norms = []
+        with llmkernels.use_backend(path):
+            for gs in grads:
+                for p, g in zip(ps, gs):
+                    p.grad = g.to(device)
+                norms.append(float(optim.clip_grad_norm_(ps, 0.5, optimizer=opt)))
+                opt.step()
+        runs[device] = ps, norms
+    (a, na), (b, nb) = runs["cpu"], runs["cuda"]
+    torch.testing.assert_close(na, nb, rtol=1e-6, atol=0)
+    if na == nb:
+        for pa, pb in zip(a, b):
+            assert torch.equal(pa.detach(), pb.detach().cpu())
+    else:  # the norms' last bits differ between devices: the factors too
+        for pa, pb in zip(a, b):
+            torch.testing.assert_close(pa.detach(), pb.detach().cpu(), rtol=1e-5, atol=1e-6)
