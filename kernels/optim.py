@@ -369,9 +369,9 @@ def _adam8bit_kernel(META, FMETA, TYPED, n_tensors, beta2, eps, one_m_b1, one_m_
     (in programs), numel [n], ptrs [n, 6] (param, grad, exp_avg codes int8, exp_avg_sq codes
     uint8, their float32 block scales) and the float row; FMETA: float32 [n, ADAM8_FLOATS]
     (step_size, bc2, decay = 1 - lr * wd, the gradients' multiplier with maximize's sign,
-    skip). As the Adam kernel: programs wholly inside their tensor load and store without masks, and ALIGNED
-    (every pointer 16-byte aligned) lets those be vector accesses; the last program of a
-    ragged tensor is masked."""
+    skip). As the Adam kernel: programs wholly inside their tensor load and store without
+    masks, and ALIGNED (every pointer 16-byte aligned) lets those be vector accesses; the last
+    program of a ragged tensor is masked."""
     ELEM: tl.constexpr = TYPED.dtype.element_ty
     rows, numel, frow, local = _locate(META, n_tensors, LOG_P, 6)
     P = _ptr(rows, 0, ELEM, ALIGNED)

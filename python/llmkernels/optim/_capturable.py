@@ -7,12 +7,11 @@ Per param group, the steps are views of one float32 tensor on the device (one ad
 them all); each step computes, with a few tensor ops on that tensor, the float table the
 Triton and CUDA kernels read per tensor (kernels/optim.py: Adam's ADAM_FLOATS columns,
 AdamW8bit's ADAM8_FLOATS; csrc/cuda/optim.h, the same), in float64 before rounding to float32,
-as the host path computes them in Python floats. A step skipped for inf/NaN gradients (found_inf) writes nothing and takes its
-step count back, as torch's fused optimizers do.
+as the host path computes them in Python floats. A step skipped for inf/NaN gradients
+(found_inf) writes nothing and takes its step count back, as torch's fused optimizers do.
 """
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
 import torch
@@ -46,22 +45,11 @@ def device_path(params, rows, sr: bool, f32_state: bool = False) -> Optional[str
 
 
 def advance(optimizer, group, states, device: torch.device) -> torch.Tensor:
-    """Adds 1 to every state's "step" and returns them as one float32 tensor on device, whose
-    views the states' "step" entries are (torch's capturable layout: steps on the parameter's
-    device). States whose steps are not those views (new ones, after a load_state_dict) are
-    first moved into a new tensor, values kept, without reading them on the host."""
-    cache = optimizer.__dict__.setdefault("_llmk_device_steps", {})
-    buf, views = cache.get(id(group), (None, ()))
-    current = [s.get("step") for s in states]
-    if len(views) != len(states) or not all(map(operator.is_, current, views)):
-        buf = torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()).to(device)
-                           for v in current]) if states else torch.zeros(0, device=device)
-        views = buf.unbind()
-        for s, v in zip(states, views):
-            s["step"] = v
-        cache[id(group)] = (buf, views)
-    buf.add_(1.0)
-    return buf
+    """Adds 1 to every state's "step", kept on device (torch's capturable layout), and returns
+    the steps as one float32 tensor there (_fused.step_buffer)."""
+    steps = _fused.step_buffer(optimizer, group, states, device)[0]
+    steps.add_(1.0)
+    return steps
 
 
 def finish(steps: torch.Tensor, found: Optional[torch.Tensor]) -> None:
@@ -70,7 +58,10 @@ def finish(steps: torch.Tensor, found: Optional[torch.Tensor]) -> None:
         steps.sub_(found)
 
 
-def _bias_corrections(steps: torch.Tensor, lr: Scalar, beta1: float, beta2: float):
+def corrections(steps: torch.Tensor, group, beta1: float, beta2: float):
+    """(lr, step_size, bc2) on the steps' device in float64: the group's learning rate,
+    lr / (1 - beta1^step) and sqrt(1 - beta2^step) per tensor (the tables' inputs)."""
+    lr = _lr_on(group, steps.device)
     s = steps.double()
     lr = lr.double() if isinstance(lr, torch.Tensor) else lr
     step_size = lr / (1.0 - torch.pow(beta1, s))
@@ -87,14 +78,13 @@ def _lr_on(group, device: torch.device) -> Scalar:
     return float(lr)
 
 
-def adam_table(steps: torch.Tensor, group, *, beta1: float, beta2: float, weight_decay: float,
-               inv: Scalar, found: Optional[torch.Tensor], seed: Optional[int]) -> torch.Tensor:
+def adam_table(steps: torch.Tensor, corr, *, weight_decay: float, inv: Scalar,
+               found: Optional[torch.Tensor], seed: Optional[int]) -> torch.Tensor:
     """float32 [n, ADAM_FLOATS] on the steps' device: per tensor step_size, bias correction 2's
     square root, the stochastic rounding key's bits (seed given), decay = 1 - lr * wd, the
-    gradients' multiplier, skip."""
-    device = steps.device
-    lr, step_size, bc2 = _bias_corrections(steps, _lr_on(group, device), beta1, beta2)
-    table = torch.zeros(steps.numel(), 6, dtype=torch.float32, device=device)
+    gradients' multiplier, skip. corr: corrections(steps, ...)."""
+    lr, step_size, bc2 = corr
+    table = torch.zeros(steps.numel(), 6, dtype=torch.float32, device=steps.device)
     table[:, 0] = step_size
     table[:, 1] = bc2
     if seed is not None:
@@ -106,14 +96,12 @@ def adam_table(steps: torch.Tensor, group, *, beta1: float, beta2: float, weight
     return table
 
 
-def adam8bit_table(steps: torch.Tensor, group, *, beta1: float, beta2: float,
-                   weight_decay: float, inv: Scalar, found: Optional[torch.Tensor],
-                   maximize: bool) -> torch.Tensor:
+def adam8bit_table(steps: torch.Tensor, corr, *, weight_decay: float, inv: Scalar,
+                   found: Optional[torch.Tensor], maximize: bool) -> torch.Tensor:
     """float32 [n, ADAM8_FLOATS]: step_size, bias correction 2's square root, decay, the
-    gradients' multiplier with maximize's sign, skip."""
-    device = steps.device
-    lr, step_size, bc2 = _bias_corrections(steps, _lr_on(group, device), beta1, beta2)
-    table = torch.zeros(steps.numel(), 5, dtype=torch.float32, device=device)
+    gradients' multiplier with maximize's sign, skip. corr: corrections(steps, ...)."""
+    lr, step_size, bc2 = corr
+    table = torch.zeros(steps.numel(), 5, dtype=torch.float32, device=steps.device)
     table[:, 0] = step_size
     table[:, 1] = bc2
     table[:, 2] = 1.0 - lr * weight_decay

@@ -217,31 +217,47 @@ def threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def advance_steps(optimizer, group, states) -> List[float]:
-    """Adds 1 to the "step" tensor of each state and returns the new values.
+def step_buffer(optimizer, group, states, device: torch.device, numpy: bool = False):
+    """(buf, counts): the states' "step" entries as views of one float32 tensor buf on device,
+    and with numpy (a CPU buf) counts, buf's numpy view, else None.
 
     torch.optim keeps one float32 0-d step tensor per parameter (its state_dict layout, kept
-    here); incrementing them costs ~2 us each even with torch._foreach_add_ (0.3 ms a step for
-    156 parameters). So a group's steps are kept as views of one tensor, cached on the
-    optimizer, and a step is one add. Steps that are not those views (new states, a
-    load_state_dict, another subset of parameters with gradients) are first moved into a new
-    shared tensor, values kept."""
+    here; on the parameters' device for capturable steps); incrementing them costs ~2 us each
+    even with torch._foreach_add_ (0.3 ms a step for 156 parameters). So a group's steps are
+    kept as views of one tensor, cached on the optimizer, and a step is one add. Steps that
+    are not those views (new states, a load_state_dict, another subset of parameters with
+    gradients, another device) are first moved into a new shared tensor, values kept, without
+    reading them on the host."""
     cache = optimizer.__dict__.setdefault("_llmk_step_views", {})
-    key = id(group)
-    buf, views, counts = cache.get(key, (None, (), None))
+    buf, views, counts = cache.get(id(group), (None, (), None))
     try:
         current = list(map(_step_of, states))
     except KeyError:
         current = None
-    if current is None or len(views) != len(states) or not all(map(operator.is_, current, views)):
-        buf = torch.tensor([float(s["step"]) for s in states], dtype=torch.float32)
+    if (current is None or buf is None or buf.device != device or len(views) != len(states)
+            or not all(map(operator.is_, current, views))):
+        buf = torch.stack([torch.as_tensor(s["step"], dtype=torch.float32).reshape(()).to(device)
+                           for s in states]) if states else torch.zeros(0, device=device)
         views = buf.unbind()
         for s, v in zip(states, views):
             s["step"] = v
-        # The add through numpy's view of the same memory: a torch op right after a step
-        # that streamed the model through the caches took ~80 us (cold dispatcher), numpy's ~5.
+        counts = None
+    if numpy and counts is None:
+        # The host path's add goes through numpy's view of the same memory: a torch op right
+        # after a step that streamed the model through the caches took ~80 us (cold
+        # dispatcher), numpy's ~5.
         counts = buf.numpy()
-        cache[key] = (buf, views, counts)
+    cache[id(group)] = (buf, views, counts)
+    return buf, counts
+
+
+_CPU = torch.device("cpu")
+
+
+def advance_steps(optimizer, group, states) -> List[float]:
+    """Adds 1 to the "step" of each state (kept on the CPU: step_buffer) and returns the new
+    values."""
+    counts = step_buffer(optimizer, group, states, _CPU, numpy=True)[1]
     counts += 1
     return counts.tolist()
 

@@ -142,7 +142,7 @@ class _FusedAdam(torch.optim.Optimizer):
         decoupled = group.get("decoupled_weight_decay", self._decoupled)
         inv, found = amp.device(device)
         steps = _capturable.advance(self, group, states, device)
-        table = _capturable.adam_table(steps, group, beta1=beta1, beta2=beta2,
+        table = _capturable.adam_table(steps, _capturable.corrections(steps, group, beta1, beta2),
                                        weight_decay=wd if decoupled else 0.0, inv=inv,
                                        found=found, seed=group.get("seed", 0) if sr else None)
         hyper = dict(beta2=beta2, eps=eps, weight_decay=wd, decoupled=decoupled,
@@ -176,8 +176,7 @@ class _FusedAdam(torch.optim.Optimizer):
                                lr=0.0, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
                                decoupled=decoupled, amsgrad=amsgrad, maximize=group["maximize"],
                                step_size=table[i, 0], bias_correction2_sqrt=table[i, 1],
-                               inv_grad_scale=table[i, 4], decay=table[i, 3],
-                               skip=table[i, 5] if found is not None else None,
+                               inv_grad_scale=table[i, 4], decay=table[i, 3], skip=found,
                                sr_key=table.view(torch.int32)[i, 2] if sr else None)
         if served is None and path in _plan.KERNEL_PATHS:  # a plan for the next steps
             _plan.after_full_step(self, group, params, [state_keys] * len(params), {path})

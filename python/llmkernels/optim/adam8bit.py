@@ -184,9 +184,9 @@ def _eight_bit_triton_planned(plan, idx, grad_views, corrections, *, lr, beta1, 
         one_minus_beta2=1.0 - beta2)
 
 
-def _eight_bit_reference(p, state, row, *, beta1, beta2, eps, skip: bool) -> None:
+def _eight_bit_reference(p, state, row, *, beta1, beta2, eps, skip) -> None:
     """One 8-bit tensor's capturable update in PyTorch ops: row, its float32 table row on the
-    device (adam8bit_table); skip: whether row[4] may be set (the old state then kept)."""
+    device (adam8bit_table); skip: None, or a 0-d tensor, nonzero to keep the old state."""
     m, v = dequantize_moments(state)
     flat_p = p.detach().view(-1) if p.is_contiguous() else p.detach().reshape(-1)
     work = flat_p.clone()
@@ -194,10 +194,10 @@ def _eight_bit_reference(p, state, row, *, beta1, beta2, eps, skip: bool) -> Non
                    eps=eps, weight_decay=0.0, decoupled=True, amsgrad=False, maximize=False,
                    step_size=row[0], bias_correction2_sqrt=row[1], inv_grad_scale=row[3],
                    decay=row[2])
-    new = {key: state[key].clone() for key in _EIGHT_BIT_KEYS} if skip else state
+    new = state if skip is None else {key: state[key].clone() for key in _EIGHT_BIT_KEYS}
     _quantize_moments(new, m, v)
-    if skip:
-        keep = row[4] != 0
+    if skip is not None:
+        keep = skip != 0
         work = torch.where(keep, flat_p, work)
         for key in _EIGHT_BIT_KEYS:
             state[key].copy_(torch.where(keep, state[key], new[key]))
@@ -335,10 +335,11 @@ class AdamW8bit(torch.optim.Optimizer):
         steps = _capturable.advance(self, group, states, device)
         eight = [i for i, s in enumerate(states) if "exp_avg_codes" in s]
         small = [i for i, s in enumerate(states) if "exp_avg_codes" not in s]
-        scalars = dict(beta1=beta1, beta2=beta2, weight_decay=wd, inv=inv, found=found)
-        small_table = (_capturable.adam_table(steps, group, seed=None, **scalars)
+        scalars = dict(weight_decay=wd, inv=inv, found=found)
+        corr = _capturable.corrections(steps, group, beta1, beta2)  # once for both tables
+        small_table = (_capturable.adam_table(steps, corr, seed=None, **scalars)
                        if small else None)
-        eight_table = (_capturable.adam8bit_table(steps, group, maximize=maximize, **scalars)
+        eight_table = (_capturable.adam8bit_table(steps, corr, maximize=maximize, **scalars)
                        if eight else None)
         if path == "triton":
             self._capturable_triton(served, params, states, small, eight, small_table,
@@ -364,7 +365,6 @@ class AdamW8bit(torch.optim.Optimizer):
                                   [(*pg[i], *state_views[i], 0.0, 1.0) for i in eight],
                                   table=eight_table, rows=eight, **hyper)
         else:
-            skip = None if found is None else eight_table[:, 4] if eight else small_table[:, 5]
             for i in small:
                 s = states[i]
                 adam_reference(params[i], params[i].grad, s["exp_avg"], s["exp_avg_sq"], None,
@@ -373,10 +373,10 @@ class AdamW8bit(torch.optim.Optimizer):
                                step_size=small_table[i, 0],
                                bias_correction2_sqrt=small_table[i, 1],
                                inv_grad_scale=small_table[i, 4], decay=small_table[i, 3],
-                               skip=None if skip is None else skip[i])
+                               skip=found)
             for i in eight:
                 _eight_bit_reference(params[i], states[i], eight_table[i], beta1=beta1,
-                                     beta2=beta2, eps=eps, skip=found is not None)
+                                     beta2=beta2, eps=eps, skip=found)
         if served is None and path in _plan.KERNEL_PATHS:  # a plan for the next steps
             _plan.after_full_step(self, group, params, [
                 _EIGHT_BIT_KEYS if "exp_avg_codes" in s else _SMALL_KEYS for s in states],
