@@ -104,7 +104,7 @@ def test_int8_weights_of_minus_128(cpu_tier):
 def test_explain_names_the_cpu_kernel(cpu_tier, scheme):
     """explain() reports the layout the C++ kernel runs (its own rule, from the extension), and
     that rule agrees with the int8-activation rule the tests use."""
-    from llmkernels.ops.quant_matmul import cpu_int4_int8_activations
+    from llmkernels.ops.quant_matmul import cpu_int8_activations
     qw = llmkernels.quantize_weight(torch.randn(32, 256), scheme, 64)
     for M in (1, 2, 3, 7, 8, 11, 12, 40):
         for dtype in (torch.bfloat16, torch.float32):
@@ -116,14 +116,20 @@ def test_explain_names_the_cpu_kernel(cpu_tier, scheme):
             assert ("AMX bf16 tiles:" in text or "AMX int8 tiles:" in text) == tiles, text
             if tiles:
                 assert ("AMX int8 tiles" if scheme == "w8a8" else "AMX bf16 tiles") in text
-            elif (cpu_tier == "generic" or M < 8 or cpu_int4_int8_activations(x, qw)
+            elif (cpu_tier == "generic" or M < 8
+                  or (scheme == "int4" and cpu_int8_activations(x, qw))
                   or (scheme == "w8a8" and cpu_tier not in ("avx512_bf16", "amx"))):
                 assert not packed, text
             else:
                 assert packed, text
                 lanes = 8 if cpu_tier == "avx2" else 16
                 assert f"{lanes} rows to a vector" in text
-            assert ("quantized to int8 per 32" in text) == cpu_int4_int8_activations(x, qw), text
+            assert ("quantized to int8 per 32" in text) == cpu_int8_activations(x, qw), text
+            # int8 weights with bfloat16 x and 8 rows or more: int8 x on the VNNI tier
+            int8_x = (scheme == "int8" and dtype == torch.bfloat16 and M >= 8
+                      and cpu_tier == "avx512_bf16")
+            if scheme == "int8":
+                assert cpu_int8_activations(x, qw) == int8_x, text
 
 
 def test_stale_panel_bytes_never_reach_the_output(cpu_tier):

@@ -251,6 +251,8 @@ struct Ctx {
   const int8_t* x4q;          // int4 on the int8-x path: x per 32-block as int8 (permuted)
   const float* x4s;           // its block scales, each repeated for the block's 8 lanes
   const float* x4sum;         // (M, groups): sums of the dequantized x over each group
+  const float* xps;           // int8 on the int8-x packed path: xq's block scales, packed as xp
+  const float* xcorr;         // its per-row sum over blocks of scale * 128 * (sum of q)
   char* scratch;              // per-thread partial sums
   int64_t scratch_stride;
   int64_t chunks_n;
@@ -726,12 +728,21 @@ bool use_int4_q8(const QuantMatmulParams& p) {
          p.x.sizes[0] < kInt4Q8Rows && p.group_size % (4 * W) == 0;
 }
 
+// The int8-x int8 path: bfloat16 x (its tolerance, as int4's above), as many rows as the
+// packed path takes, VNNI CPUs: x quantized to int8 per 32-value block meets the int8
+// weights in vpdpbusd (Q8BlockDots) at twice vdpbf16ps's products per instruction, and the
+// weights need no widening.
+bool use_int8_q8(const QuantMatmulParams& p) {
+  return kPackedBf16 && p.scheme == QuantScheme::int8 && p.x.dtype == DType::bf16 &&
+         p.x.sizes[0] >= kPackedMinRows;
+}
+
 // The packed-x path's bytes per element of x (quant_matmul_packed_x.h), 0 where it does not
 // serve: w8a8's int8 (1, VNNI CPUs), int8 / int4 weights with bf16 x on AVX512-BF16 CPUs (2),
 // with any other x on AVX2 / AVX-512 (float, 4).
 int64_t packed_elem_bytes(const QuantMatmulParams& p) {
   if (!kPackedX || p.x.sizes[0] < kPackedMinRows || use_int4_q8(p)) return 0;
-  if (p.scheme == QuantScheme::w8a8) return kPackedBf16 ? 1 : 0;
+  if (p.scheme == QuantScheme::w8a8 || use_int8_q8(p)) return kPackedBf16 ? 1 : 0;
   return kPackedBf16 && p.x.dtype == DType::bf16 ? 2 : 4;
 }
 bool use_packed_x(const QuantMatmulParams& p) { return packed_elem_bytes(p) != 0; }
@@ -852,6 +863,16 @@ void packed_tile_item(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t 
     return;
   }
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+  if (c.xps != nullptr) {  // int8 weights, x quantized per block (use_int8_q8)
+    __m512* acc = reinterpret_cast<__m512*>(scratch);
+    packed_tile_any<Q8BlockDots>(
+        c, m0, m1, n0, n1, acc, panel, Q8BlockDots::kPanelWords,
+        [&](auto nb, const int64_t* chans, int64_t, int64_t k0, int64_t k1) {
+          fill_int8_u8<decltype(nb)::value>(c, chans, k0, k1, static_cast<uint8_t*>(panel));
+        }, plain);
+    each(acc, float{}, [&](int64_t m, int64_t n, float s) { return (s - c.xcorr[m]) * sc[n]; });
+    return;
+  }
   if (p.scheme == QuantScheme::w8a8) {
     __m512i* acc = reinterpret_cast<__m512i*>(scratch);
     int32_t* wsum = reinterpret_cast<int32_t*>(static_cast<char*>(panel) + kPanelBytes);
@@ -974,6 +995,8 @@ struct PrepCtx {
   int8_t* x4q;
   float* x4s;
   float* x4sum;
+  float* x8s;    // use_int8_q8: block scales, row-major (its q go to xq)
+  float* xcorr;
 };
 
 #if defined(__AVX512F__) && LLMK_VEC_BYTES == 64
@@ -984,6 +1007,27 @@ LLMK_INLINE __m512 load16_float(DType t, const void* base, int64_t off) {
   if (t == DType::bf16) return load16<uint16_t, false>(h);
   if (t == DType::f16) return load16<uint16_t, true>(h);
   return load16<float, false>(static_cast<const float*>(base) + off);
+}
+#endif
+
+#if defined(__AVX512F__) && LLMK_VEC_BYTES == 64
+// A 32-value block of x (halves a, b) for the int8-x paths: scale = max|x| / 127, NaN if a
+// value is not finite (its outputs are then NaN, not numbers made of the other values).
+LLMK_INLINE float block_scale(__m512 a, __m512 b) {
+  const __m512 big = _mm512_set1_ps(std::numeric_limits<float>::max());
+  const __m512 aa = _mm512_abs_ps(a), ab = _mm512_abs_ps(b);
+  const bool finite = (_mm512_cmp_ps_mask(aa, big, _CMP_LE_OQ) &
+                       _mm512_cmp_ps_mask(ab, big, _CMP_LE_OQ)) == 0xffff;
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(aa, ab));
+  return finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
+}
+// v / s rounded half to even, clamped to [-127, 127], as int32 lanes; 0 for a zero or NaN s.
+LLMK_INLINE __m512i quantize16(__m512 v, float s) {
+  if (!(s > 0.f)) return _mm512_setzero_si512();
+  const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, _mm512_set1_ps(s)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
 }
 #endif
 
@@ -1016,19 +1060,8 @@ void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
       const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
       const __m512 ev = _mm512_permutex2var_ps(a, even, b);
       const __m512 od = _mm512_permutex2var_ps(a, _mm512_add_epi32(even, _mm512_set1_epi32(1)), b);
-      const __m512 big = _mm512_set1_ps(std::numeric_limits<float>::max());
-      const __m512 aa = _mm512_abs_ps(a), ab = _mm512_abs_ps(b);
-      const bool finite = (_mm512_cmp_ps_mask(aa, big, _CMP_LE_OQ) &
-                           _mm512_cmp_ps_mask(ab, big, _CMP_LE_OQ)) == 0xffff;
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(aa, ab));
-      const float s = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
-      __m512i qe = _mm512_setzero_si512(), qo = _mm512_setzero_si512();
-      if (s > 0.f) {
-        const __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
-        const int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-        qe = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_div_ps(ev, vs), r), lo), hi));
-        qo = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_div_ps(od, vs), r), lo), hi));
-      }
+      const float s = block_scale(a, b);
+      const __m512i qe = quantize16(ev, s), qo = quantize16(od, s);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q + even_at), _mm512_cvtepi32_epi8(qe));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q + odd_at), _mm512_cvtepi32_epi8(qo));
       for (int l = 0; l < 4; ++l) {
@@ -1065,6 +1098,40 @@ void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
   }
 }
 
+
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+// One row of x for the int8-x int8 path (use_int8_q8): per 32-block (the padding to Kx
+// included: zeros) scale and q as int4's int8-x rows, in x's order; the row's correction
+// for the panel's weights + 128.
+void prep_row_int8_q8(const PrepCtx& pc, int64_t m) {
+  const QuantMatmulParams& p = *pc.p;
+  const Ctx& c = *pc.c;
+  const int64_t K = c.K, base = m * p.x.strides[0], ks = p.x.strides[1];
+  int8_t* q = pc.xq + m * c.Kx;
+  float* scales = pc.x8s + m * (c.Kx / 32);
+  float corr = 0.f;
+  for (int64_t kb = 0; kb < c.Kx; kb += 32) {
+    __m512 a, b;
+    if (ks == 1 && kb + 32 <= K) {
+      a = load16_float(p.x.dtype, p.x.data, base + kb);
+      b = load16_float(p.x.dtype, p.x.data, base + kb + 16);
+    } else {
+      alignas(64) float v[32];
+      for (int e = 0; e < 32; ++e)
+        v[e] = kb + e < K ? read_float(p.x.dtype, p.x.data, base + (kb + e) * ks) : 0.f;
+      a = _mm512_load_ps(v);
+      b = _mm512_load_ps(v + 16);
+    }
+    const float s = block_scale(a, b);
+    const __m512i qa = quantize16(a, s), qb = quantize16(b, s);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + kb), _mm512_cvtepi32_epi8(qa));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + kb + 16), _mm512_cvtepi32_epi8(qb));
+    scales[kb / 32] = s;
+    corr += s * float(128 * _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
+  }
+  pc.xcorr[m] = corr;
+}
+#endif
 
 // w8a8's row quantization, as the reference: scale = max|x| * (1/127) (1 for an all-zero
 // row), x / scale rounded half to even (nearbyint in the default rounding mode), clamped to
@@ -1130,6 +1197,9 @@ void prep_row(void* ctx, int64_t m, int) {
   const int64_t K = c.K;
   const int64_t base = m * p.x.strides[0], ks = p.x.strides[1];
   if (pc.x4q != nullptr) return prep_row_int4_q8(pc, m);
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+  if (pc.x8s != nullptr) return prep_row_int8_q8(pc, m);
+#endif
   if (p.scheme == QuantScheme::w8a8) return prep_row_w8a8(pc, m);
   float* row = pc.xf != nullptr ? pc.xf + m * c.Kx : nullptr;
   if (pc.xb != nullptr) {  // bf16 x for the dot-product panel path: copied as is (int4: permuted)
@@ -1180,7 +1250,7 @@ void prep_row(void* ctx, int64_t m, int) {
 }
 
 struct Layout {
-  int64_t xf, xsum, xq, xscale, xb, x4q, x4s, x4sum, xp, scratch, total;
+  int64_t xf, xsum, xq, xscale, xb, x4q, x4s, x4sum, x8s, xcorr, xps, xp, scratch, total;
 };
 
 
@@ -1196,6 +1266,11 @@ Layout layout(const QuantMatmulParams& p) {
   if (p.scheme == QuantScheme::w8a8) {
     l.xq = take(M * Kx);
     l.xscale = take(M * 4);
+  } else if (use_int8_q8(p)) {
+    l.xq = take(M * Kx);
+    l.x8s = take(M * (Kx / 32) * 4);
+    l.xcorr = take(M * 4);
+    l.xps = take(round_up(M, kLaneRowsAll) * (Kx / 32) * 4);
   } else if (use_int4_q8(p)) {
     l.x4q = take(M * Kx);
     l.x4s = take(M * (Kx / 4) * 4);
@@ -1237,6 +1312,9 @@ const char* describe(const QuantMatmulParams& p) {
   if (use_int4_q8(p))
     return "decoding GEMV (row blocks), x quantized to int8 per 32 values for integer dot "
            "products";
+  if (use_int8_q8(p))
+    return "x packed 16 rows to a vector, x quantized to int8 per 32 values for int8 dot "
+           "products (vpdpbusd)";
   switch (packed_elem_bytes(p)) {
     case 1: return "x packed 16 rows to a vector, int8 dot products (vpdpbusd)";
     case 2: return "x packed 16 rows to a vector, bf16 dot products (vdpbf16ps)";
@@ -1266,6 +1344,11 @@ void run(const QuantMatmulParams& p, void* workspace) {
   if (p.scheme == QuantScheme::w8a8) {
     pc.xq = reinterpret_cast<int8_t*>(base + l.xq);
     pc.xscale = reinterpret_cast<float*>(base + l.xscale);
+  } else if (use_int8_q8(p)) {
+    pc.xq = reinterpret_cast<int8_t*>(base + l.xq);
+    pc.x8s = reinterpret_cast<float*>(base + l.x8s);
+    pc.xcorr = reinterpret_cast<float*>(base + l.xcorr);
+    c.xps = reinterpret_cast<const float*>(base + l.xps);
   } else if (use_int4_q8(p)) {
     pc.x4q = reinterpret_cast<int8_t*>(base + l.x4q);
     pc.x4s = reinterpret_cast<float*>(base + l.x4s);
@@ -1288,6 +1371,7 @@ void run(const QuantMatmulParams& p, void* workspace) {
   c.x4q = pc.x4q;
   c.x4s = pc.x4s;
   c.x4sum = pc.x4sum;
+  c.xcorr = pc.xcorr;
   c.scratch = base + l.scratch;
   c.scratch_stride = scratch_bytes();
   c.chunks_n = (c.N + kChunkChannels - 1) / kChunkChannels;
@@ -1306,6 +1390,14 @@ void run(const QuantMatmulParams& p, void* workspace) {
                const_cast<uint32_t*>(c.xp)};
     const int64_t items = (c.M + kLaneRows - 1) / kLaneRows * pk.chunks;
     parallel_for(items, std::min<int64_t>(threads, items), pack_item, &pk);
+    if (c.xps != nullptr) {  // and int8's block scales, the same way (a float is a word)
+      const int64_t blocks = c.Kx / 32;
+      PackCtx ps{&c, reinterpret_cast<const uint32_t*>(pc.x8s), blocks,
+                 (blocks + kPackWords - 1) / kPackWords,
+                 reinterpret_cast<uint32_t*>(const_cast<float*>(c.xps))};
+      const int64_t scale_items = (c.M + kLaneRows - 1) / kLaneRows * ps.chunks;
+      parallel_for(scale_items, std::min<int64_t>(threads, scale_items), pack_item, &ps);
+    }
   }
 #endif
   const int64_t chunks_m = (c.M + kChunkRows - 1) / kChunkRows;

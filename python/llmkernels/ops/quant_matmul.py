@@ -210,16 +210,17 @@ def _checks(x: torch.Tensor, qweight: QuantizedWeight, backend: Optional[str]):
     return {"cpu": cpu, "triton": triton, "cuda": cuda}
 
 
-def cpu_int4_int8_activations(x: torch.Tensor, qweight: QuantizedWeight) -> bool:
-    """Whether the CPU kernel serves this call with x quantized to int8 per 32 values (int4,
-    bfloat16 x, few rows, groups of whole vectors): the extension's own rule
-    (csrc/cpu/quant_matmul_impl.h, use_int4_q8, under the amx tier's tiles), read off the name
-    of the kernel it runs for the call."""
+def cpu_int8_activations(x: torch.Tensor, qweight: QuantizedWeight) -> bool:
+    """Whether the CPU kernel serves this call with x quantized to int8 per 32 values
+    (bfloat16 x only: int4 weights with few rows, use_int4_q8; int8 weights with 8 rows or more
+    on AVX512-VNNI CPUs, use_int8_q8; both in csrc/cpu/quant_matmul_impl.h, under the amx
+    tier's tiles): the extension's own rule, read off the name of the kernel it runs for the
+    call."""
     native = backends.native_module()
-    if native is None or qweight.scheme != "int4" or x.dtype != torch.bfloat16:
+    if native is None or qweight.scheme not in ("int4", "int8") or x.dtype != torch.bfloat16:
         return False
     rows = x.numel() // max(x.shape[-1], 1)
-    kernel = native.quant_matmul_kernel_name(backends.cpu_tier_code(), SCHEME_CODES["int4"],
+    kernel = native.quant_matmul_kernel_name(backends.cpu_tier_code(), SCHEME_CODES[qweight.scheme],
                                              rows, DTYPE_CODES[x.dtype], int(qweight.group_size))
     return "x quantized to int8 per 32" in kernel
 
@@ -237,8 +238,8 @@ def _decide(x, qweight, backend, explain: bool = False) -> backends.Decision:
             backends.cpu_tier_code(), SCHEME_CODES[qweight.scheme], rows,
             DTYPE_CODES.get(x.dtype, 0), int(qweight.group_size))
         cpu_detail = f"C++ kernels ({qweight.scheme}), CPU tier {backends.cpu_tier_label()}: {kernel}"
-    if cpu_detail and cpu_int4_int8_activations(x, qweight):
-        cpu_detail += " (decoding rows, bfloat16 x)"
+    if cpu_detail and cpu_int8_activations(x, qweight):
+        cpu_detail += " (bfloat16 x only; float32 and float16 x keep float products)"
     detail = {"cpu": cpu_detail,
               "triton": "Triton kernels (dequantize in registers)",
               "cuda": "CUDA kernels (GEMV for up to 8 rows, tensor cores beyond)",
