@@ -15,7 +15,8 @@ Generation, batch 1, greedy (--prompt tokens, then --new-tokens), KV cache on:
   int8/int4  llmkernels.patch(model, quantize=...): our attention (decoding through
              attention_with_kvcache) and quantized linears (the output embedding too: untied),
              with --quant-dtype activations (bf16 by default: W8A16 / W4A16 serving, where
-             the CPU int4 kernel quantizes decoding activations to int8 per 32 values)
+             the CPU kernels quantize activations to int8 per 32 values: int4 decoding, and
+             int8 / int4 prompts on CPUs with AVX512-VNNI but no AMX)
 Peak memory: bytes torch allocated during one step / one generation over what was live
 before it (harness.peak_memory: the CUDA allocator's peak, or the profiler's CPU allocation
 events); training's total adds what stays live between steps (weights, optimizer state). Before timing, ours is checked against the baseline: the first training step's loss

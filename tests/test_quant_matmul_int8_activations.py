@@ -1,6 +1,7 @@
 """The CPU paths that quantize bfloat16 x to int8 per 32-element block and multiply with
-integer dot products (csrc/cpu/quant_matmul_impl.h): int4 weights with few rows (decoding),
-int8 weights with 8 rows or more on AVX512-VNNI CPUs (x packed 16 rows to a vector).
+integer dot products (csrc/cpu/quant_matmul_impl.h): int4 weights with few rows (decoding, row
+blocks), and on AVX512-VNNI CPUs int8 weights with 6 rows or more and int4 weights with more
+rows than the row blocks take (x packed 16 rows to a vector).
 
 Checked two ways on every CPU tier: tightly against the reference applied to the same
 int8-quantized x (so the kernel does exactly that arithmetic), and against the reference on
@@ -57,9 +58,14 @@ def check_both_ways(x, qw, out):
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("M,K,N", [(1, 128, 9), (2, 384, 33), (1, 4096, 70), (2, 1024, 1)])
+@pytest.mark.parametrize("M,K,N", [(1, 128, 9), (2, 384, 33), (1, 4096, 70), (2, 1024, 1),
+                                   (9, 128, 9), (16, 4096, 70), (17, 384, 33), (64, 1024, 130),
+                                   (300, 256, 1)])
 @pytest.mark.parametrize("kind", ["gaussian", "outliers", "zero_blocks"])
-def test_int4_int8x_path(cpu_tier, group, M, K, N, kind):
+def test_int4_int8x_paths(cpu_tier, group, M, K, N, kind):
+    """int4 weights: row blocks (decoding), and from 9 rows on VNNI CPUs x packed 16 rows to a
+    vector (1, 2 and 4 vectors per register block), each group's sums scaled and its zero
+    points applied."""
     if K % group:
         pytest.skip("K must be a multiple of the group")
     torch.manual_seed(M * 1000 + K + N + group)
@@ -68,13 +74,15 @@ def test_int4_int8x_path(cpu_tier, group, M, K, N, kind):
     out = llmkernels.quant_matmul(x, qw, backend="cpu")
     assert out.dtype == torch.bfloat16 and out.shape == (M, N)
     check_both_ways(x, qw, out)
+    if cpu_tier == "avx512_bf16" and (M >= 9 or group >= 64):  # row blocks: whole vectors of 4W
+        assert cpu_int8_activations(x, qw)
 
 
-@pytest.mark.parametrize("M,K,N", [(8, 128, 9), (16, 4096, 70), (17, 100, 33), (33, 1024, 1),
-                                   (64, 352, 130), (300, 96, 20)])
+@pytest.mark.parametrize("M,K,N", [(6, 128, 9), (7, 100, 2), (8, 128, 9), (16, 4096, 70),
+                                   (17, 100, 33), (33, 1024, 1), (64, 352, 130), (300, 96, 20)])
 @pytest.mark.parametrize("kind", ["gaussian", "outliers", "zero_blocks"])
 def test_int8_int8x_path(cpu_tier, M, K, N, kind):
-    """int8 weights, 8 rows or more: 1, 2 and 4 vectors of 16 rows per register block, rows
+    """int8 weights, 6 rows or more: 1, 2 and 4 vectors of 16 rows per register block, rows
     past M in the last vector, K not a multiple of 32 (a partial last block), one channel."""
     torch.manual_seed(M * 1000 + K + N)
     x = make_x(M, K, kind)
@@ -96,7 +104,8 @@ def test_int8_int8x_path_non_contiguous_x(cpu_tier):
                                rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("scheme,M,bound", [("int4", 1, 0.01), ("int8", 16, 0.01)])
+@pytest.mark.parametrize("scheme,M,bound", [("int4", 1, 0.01), ("int4", 16, 0.01),
+                                            ("int8", 16, 0.01)])
 def test_int8_activations_typical_error_is_small(scheme, M, bound):
     """On Gaussian x the activations' rounding costs about 0.5% of the output's RMS: small next
     to int4's own weight error (SQNR 19.5 dB, ~10%) and below int8's (40 dB, ~1%); bfloat16's
@@ -110,7 +119,7 @@ def test_int8_activations_typical_error_is_small(scheme, M, bound):
     assert rel_rms <= bound, rel_rms
 
 
-@pytest.mark.parametrize("scheme,M", [("int4", 2), ("w8a8", 2), ("int8", 18)])
+@pytest.mark.parametrize("scheme,M", [("int4", 2), ("int4", 18), ("w8a8", 2), ("int8", 18)])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_activations_give_non_finite_outputs(cpu_tier, bad, scheme, M):
     """Activations quantized to int8 (int4 decoding, int8 with many rows, w8a8): a NaN or
@@ -124,7 +133,7 @@ def test_non_finite_activations_give_non_finite_outputs(cpu_tier, bad, scheme, M
     assert torch.isfinite(out[1]).all()
 
 
-@pytest.mark.parametrize("scheme,M", [("int4", 1), ("int8", 16)])
+@pytest.mark.parametrize("scheme,M", [("int4", 1), ("int4", 16), ("int8", 16)])
 def test_float16_and_float32_x_keep_float_products(cpu_tier, scheme, M):
     torch.manual_seed(0)
     qw = llmkernels.quantize_weight(torch.randn(16, 256), scheme, 128)

@@ -106,18 +106,26 @@ def test_explain_names_the_cpu_kernel(cpu_tier, scheme):
     that rule agrees with the int8-activation rule the tests use."""
     from llmkernels.ops.quant_matmul import cpu_int8_activations
     qw = llmkernels.quantize_weight(torch.randn(32, 256), scheme, 64)
-    for M in (1, 2, 3, 7, 8, 11, 12, 40):
+    vnni = cpu_tier in ("avx512_bf16", "amx")  # (amx: below 8 rows, avx512_bf16's kernels)
+    for M in (1, 2, 3, 5, 6, 7, 8, 11, 12, 40):
         for dtype in (torch.bfloat16, torch.float32):
             x = torch.randn(M, 256, dtype=dtype)
             text = str(llmkernels.explain(llmkernels.quant_matmul, x, qw))
             packed = "x packed" in text
+            bf16 = dtype == torch.bfloat16
             tiles = cpu_tier == "amx" and M >= 8 and (
-                scheme == "w8a8" or dtype == torch.bfloat16)  # int8, int4 (group 64)
+                scheme == "w8a8" or bf16)  # int8, int4 (group 64)
+            # int8 x: int4's row blocks (decoding), and on VNNI tiers x packed as int8 for
+            # int8 weights from 6 rows and int4 from 9
+            int4_blocks = scheme == "int4" and bf16 and M < (9 if vnni else 12)
+            packed_int8_x = not tiles and vnni and bf16 and (
+                (scheme == "int8" and M >= 6) or (scheme == "int4" and M >= 9))
             assert ("AMX bf16 tiles:" in text or "AMX int8 tiles:" in text) == tiles, text
             if tiles:
                 assert ("AMX int8 tiles" if scheme == "w8a8" else "AMX bf16 tiles") in text
-            elif (cpu_tier == "generic" or M < 8
-                  or (scheme == "int4" and cpu_int8_activations(x, qw))
+            elif packed_int8_x:
+                assert packed and "16 rows to a vector" in text, text
+            elif (cpu_tier == "generic" or M < 8 or int4_blocks
                   or (scheme == "w8a8" and cpu_tier not in ("avx512_bf16", "amx"))):
                 assert not packed, text
             else:
@@ -125,11 +133,8 @@ def test_explain_names_the_cpu_kernel(cpu_tier, scheme):
                 lanes = 8 if cpu_tier == "avx2" else 16
                 assert f"{lanes} rows to a vector" in text
             assert ("quantized to int8 per 32" in text) == cpu_int8_activations(x, qw), text
-            # int8 weights with bfloat16 x and 8 rows or more: int8 x on the VNNI tier
-            int8_x = (scheme == "int8" and dtype == torch.bfloat16 and M >= 8
-                      and cpu_tier == "avx512_bf16")
-            if scheme == "int8":
-                assert cpu_int8_activations(x, qw) == int8_x, text
+            int8_x = cpu_tier != "generic" and not tiles and (int4_blocks or packed_int8_x)
+            assert cpu_int8_activations(x, qw) == int8_x, text
 
 
 def test_stale_panel_bytes_never_reach_the_output(cpu_tier):

@@ -251,8 +251,9 @@ struct Ctx {
   const int8_t* x4q;          // int4 on the int8-x path: x per 32-block as int8 (permuted)
   const float* x4s;           // its block scales, each repeated for the block's 8 lanes
   const float* x4sum;         // (M, groups): sums of the dequantized x over each group
-  const float* xps;           // int8 on the int8-x packed path: xq's block scales, packed as xp
-  const float* xcorr;         // its per-row sum over blocks of scale * 128 * (sum of q)
+  const float* xps;           // the packed int8-x path: xq's block scales, packed as xp
+  const float* xcorr;         // its int8: per row, the sum over blocks of scale * 128 * sum(q)
+  const float* xpg;           // its int4: (rows, groups) sums of the dequantized x, packed as xp
   char* scratch;              // per-thread partial sums
   int64_t scratch_stride;
   int64_t chunks_n;
@@ -721,28 +722,39 @@ constexpr int64_t kPackedMinRows = 8;
 // products), few rows (decoding, batched too: fewer than kInt4Q8Rows, taken from the packed
 // path's bf16 x as well; 4096 x 4096, 2 Zen 4 threads, 2026-11-27: 3-7 rows took 1.2-2.2 ms in
 // bf16 panels and 0.55-1.2 here, 8-11 rows 2.0-2.3 packed and 1.3-1.9 here), groups that hold
-// whole vectors of 4W values.
+// whole vectors of 4W values. VNNI CPUs pack int8 x from kInt4Q8RowsVnni rows (use_packed_q8:
+// 4096 x 4096 / 11008, 2 Zen 4 threads, 2026-11-27: 8 rows 1.14 / 3.09 ms here against 1.22 /
+// 3.23 packed, 11 rows 1.54 / 4.12 against 1.29 / 3.22; packed, 8 to 16 rows cost the same).
 constexpr int64_t kInt4Q8Rows = 12;
+constexpr int64_t kInt4Q8RowsVnni = 9;
 bool use_int4_q8(const QuantMatmulParams& p) {
   return kInt4Q8 && p.scheme == QuantScheme::int4 && p.x.dtype == DType::bf16 &&
-         p.x.sizes[0] < kInt4Q8Rows && p.group_size % (4 * W) == 0;
+         p.x.sizes[0] < (kPackedBf16 ? kInt4Q8RowsVnni : kInt4Q8Rows) &&
+         p.group_size % (4 * W) == 0;
 }
 
-// The int8-x int8 path: bfloat16 x (its tolerance, as int4's above), as many rows as the
-// packed path takes, VNNI CPUs: x quantized to int8 per 32-value block meets the int8
-// weights in vpdpbusd (Q8BlockDots) at twice vdpbf16ps's products per instruction, and the
-// weights need no widening.
-bool use_int8_q8(const QuantMatmulParams& p) {
-  return kPackedBf16 && p.scheme == QuantScheme::int8 && p.x.dtype == DType::bf16 &&
-         p.x.sizes[0] >= kPackedMinRows;
+// The packed int8-x path: bfloat16 x (its tolerance, as int4's above), the rows the packed
+// path takes (int4: beyond int4's row blocks above), VNNI CPUs: x quantized to int8 per
+// 32-value block meets int8 weights (+ 128) or int4's q in vpdpbusd (Q8BlockDots), at twice
+// vdpbf16ps's products per instruction, and the weights need no conversion to bf16.
+// int8 packs from fewer rows than the packed path's (a vector of 16 rows costs about the same
+// from 5 to 16 rows). 4096 x 4096 / 11008, 2 Zen 4 threads, 2026-11-27: packed 5-8 rows
+// 0.99-1.02 / 2.61-2.69 ms; register blocks 4 rows 0.83 / 2.15, 6 rows 1.19 (4096 x 4096).
+constexpr int64_t kPackedQ8MinRowsInt8 = 6;
+bool use_packed_q8(const QuantMatmulParams& p) {
+  const int64_t M = p.x.sizes[0];
+  return kPackedBf16 && p.x.dtype == DType::bf16 &&
+         ((p.scheme == QuantScheme::int8 && M >= kPackedQ8MinRowsInt8) ||
+          (p.scheme == QuantScheme::int4 && M >= kPackedMinRows && !use_int4_q8(p)));
 }
 
 // The packed-x path's bytes per element of x (quant_matmul_packed_x.h), 0 where it does not
 // serve: w8a8's int8 (1, VNNI CPUs), int8 / int4 weights with bf16 x on AVX512-BF16 CPUs (2),
 // with any other x on AVX2 / AVX-512 (float, 4).
 int64_t packed_elem_bytes(const QuantMatmulParams& p) {
+  if (use_packed_q8(p)) return 1;
   if (!kPackedX || p.x.sizes[0] < kPackedMinRows || use_int4_q8(p)) return 0;
-  if (p.scheme == QuantScheme::w8a8 || use_int8_q8(p)) return kPackedBf16 ? 1 : 0;
+  if (p.scheme == QuantScheme::w8a8) return kPackedBf16 ? 1 : 0;
   return kPackedBf16 && p.x.dtype == DType::bf16 ? 2 : 4;
 }
 bool use_packed_x(const QuantMatmulParams& p) { return packed_elem_bytes(p) != 0; }
@@ -838,7 +850,7 @@ void packed_tile_item(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t 
         break;
     }
   };
-  auto plain = [&](auto& part, auto* a, const int64_t*, int64_t n, int64_t) {
+  auto plain = [&](auto& part, auto* a, const int64_t*, int64_t n, int64_t, int64_t) {
     flush_plain(part, a, n1 - n);
   };
   if (packed_elem_bytes(p) == 4) {  // float products: int4's panel holds (q - zero) * scale
@@ -863,7 +875,7 @@ void packed_tile_item(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t 
     return;
   }
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
-  if (c.xps != nullptr) {  // int8 weights, x quantized per block (use_int8_q8)
+  if (c.xps != nullptr && p.scheme == QuantScheme::int8) {  // x quantized per block
     __m512* acc = reinterpret_cast<__m512*>(scratch);
     packed_tile_any<Q8BlockDots>(
         c, m0, m1, n0, n1, acc, panel, Q8BlockDots::kPanelWords,
@@ -871,6 +883,29 @@ void packed_tile_item(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t 
           fill_int8_u8<decltype(nb)::value>(c, chans, k0, k1, static_cast<uint8_t*>(panel));
         }, plain);
     each(acc, float{}, [&](int64_t m, int64_t n, float s) { return (s - c.xcorr[m]) * sc[n]; });
+    return;
+  }
+  if (c.xps != nullptr) {  // int4, x quantized per block: each group's sums scaled, zero applied
+    __m512* acc = reinterpret_cast<__m512*>(scratch);
+    const int64_t g = p.group_size, xg_stride = c.groups * kLaneRows;
+    const uint8_t* zeros = p.zeros.ptr<uint8_t>();
+    packed_tile_any<Q8BlockDots>(
+        c, m0, m1, n0, n1, acc, panel, g / 4,
+        [&](auto nb, const int64_t* chans, int64_t, int64_t k0, int64_t k1) {
+          fill_int4_u8<decltype(nb)::value>(c, chans, k0, k1, static_cast<uint8_t*>(panel));
+        },
+        [&](auto& part, __m512* a, const int64_t* chans, int64_t n, int64_t k, int64_t v) {
+          constexpr int NB = std::extent_v<std::remove_reference_t<decltype(part)>>;
+          float scale[NB], zero_scale[NB];
+          for (int j = 0; j < NB; ++j) {
+            const int64_t at = chans[j] * c.groups + k / g;
+            scale[j] = sc[at];
+            zero_scale[j] = sc[at] * float(zeros[at]);
+          }
+          flush_groups(part, a, n1 - n, scale, zero_scale,
+                       c.xpg + (m0 / kLaneRows + v) * xg_stride + k / g * kLaneRows, xg_stride);
+        });
+    each(acc, float{}, [&](int64_t, int64_t, float s) { return s; });
     return;
   }
   if (p.scheme == QuantScheme::w8a8) {
@@ -906,7 +941,7 @@ void packed_tile_item(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t 
       [&](auto nb, const int64_t* chans, int64_t, int64_t k0, int64_t k1) {
         fill_int4_bf16<decltype(nb)::value>(c, chans, k0, k1, pan, ld);
       },
-      [&](auto& part, __m512* a, const int64_t* chans, int64_t n, int64_t k) {
+      [&](auto& part, __m512* a, const int64_t* chans, int64_t n, int64_t k, int64_t) {
         flush_scaled(part, a, n1 - n,
                      [&](int j) { return _mm512_set1_ps(sc[chans[j] * c.groups + k / g]); });
       });
@@ -995,8 +1030,9 @@ struct PrepCtx {
   int8_t* x4q;
   float* x4s;
   float* x4sum;
-  float* x8s;    // use_int8_q8: block scales, row-major (its q go to xq)
-  float* xcorr;
+  float* x8s;    // use_packed_q8: block scales, row-major (its q go to xq)
+  float* xcorr;  // and per row: int8's correction
+  float* x8g;    // int4's (M, groups) group sums
 };
 
 #if defined(__AVX512F__) && LLMK_VEC_BYTES == 64
@@ -1100,16 +1136,21 @@ void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
 
 
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
-// One row of x for the int8-x int8 path (use_int8_q8): per 32-block (the padding to Kx
-// included: zeros) scale and q as int4's int8-x rows, in x's order; the row's correction
-// for the panel's weights + 128.
-void prep_row_int8_q8(const PrepCtx& pc, int64_t m) {
+// One row of x for the packed int8-x path (use_packed_q8): per 32-block (the padding to Kx
+// included: zeros) scale and q as int4's int8-x rows, in x's order (int8) or the block's 16
+// even then 16 odd elements (int4: its panel's nibble order); int8: the row's correction for
+// the panel's weights + 128; int4: the sums of the dequantized x over each group.
+void prep_row_packed_q8(const PrepCtx& pc, int64_t m) {
   const QuantMatmulParams& p = *pc.p;
   const Ctx& c = *pc.c;
   const int64_t K = c.K, base = m * p.x.strides[0], ks = p.x.strides[1];
+  const bool int4 = p.scheme == QuantScheme::int4;
   int8_t* q = pc.xq + m * c.Kx;
   float* scales = pc.x8s + m * (c.Kx / 32);
+  float* gsum = int4 ? pc.x8g + m * c.groups : nullptr;
+  for (int64_t grp = 0; grp < c.groups; ++grp) gsum[grp] = 0.f;
   float corr = 0.f;
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   for (int64_t kb = 0; kb < c.Kx; kb += 32) {
     __m512 a, b;
     if (ks == 1 && kb + 32 <= K) {
@@ -1123,11 +1164,20 @@ void prep_row_int8_q8(const PrepCtx& pc, int64_t m) {
       b = _mm512_load_ps(v + 16);
     }
     const float s = block_scale(a, b);
+    if (int4) {
+      const __m512 ev = _mm512_permutex2var_ps(a, even, b);
+      b = _mm512_permutex2var_ps(a, _mm512_add_epi32(even, _mm512_set1_epi32(1)), b);
+      a = ev;
+    }
     const __m512i qa = quantize16(a, s), qb = quantize16(b, s);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + kb), _mm512_cvtepi32_epi8(qa));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + kb + 16), _mm512_cvtepi32_epi8(qb));
     scales[kb / 32] = s;
-    corr += s * float(128 * _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
+    const float qsum = float(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
+    if (int4)
+      gsum[kb / p.group_size] += s * qsum;
+    else
+      corr += s * 128.f * qsum;
   }
   pc.xcorr[m] = corr;
 }
@@ -1198,7 +1248,7 @@ void prep_row(void* ctx, int64_t m, int) {
   const int64_t base = m * p.x.strides[0], ks = p.x.strides[1];
   if (pc.x4q != nullptr) return prep_row_int4_q8(pc, m);
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
-  if (pc.x8s != nullptr) return prep_row_int8_q8(pc, m);
+  if (pc.x8s != nullptr) return prep_row_packed_q8(pc, m);
 #endif
   if (p.scheme == QuantScheme::w8a8) return prep_row_w8a8(pc, m);
   float* row = pc.xf != nullptr ? pc.xf + m * c.Kx : nullptr;
@@ -1250,7 +1300,8 @@ void prep_row(void* ctx, int64_t m, int) {
 }
 
 struct Layout {
-  int64_t xf, xsum, xq, xscale, xb, x4q, x4s, x4sum, x8s, xcorr, xps, xp, scratch, total;
+  int64_t xf, xsum, xq, xscale, xb, x4q, x4s, x4sum, x8s, xcorr, x8g, xps, xpg, xp, scratch,
+      total;
 };
 
 
@@ -1266,11 +1317,15 @@ Layout layout(const QuantMatmulParams& p) {
   if (p.scheme == QuantScheme::w8a8) {
     l.xq = take(M * Kx);
     l.xscale = take(M * 4);
-  } else if (use_int8_q8(p)) {
+  } else if (use_packed_q8(p)) {
     l.xq = take(M * Kx);
     l.x8s = take(M * (Kx / 32) * 4);
     l.xcorr = take(M * 4);
     l.xps = take(round_up(M, kLaneRowsAll) * (Kx / 32) * 4);
+    if (p.scheme == QuantScheme::int4) {
+      l.x8g = take(M * (K / p.group_size) * 4);
+      l.xpg = take(round_up(M, kLaneRowsAll) * (K / p.group_size) * 4);
+    }
   } else if (use_int4_q8(p)) {
     l.x4q = take(M * Kx);
     l.x4s = take(M * (Kx / 4) * 4);
@@ -1312,7 +1367,7 @@ const char* describe(const QuantMatmulParams& p) {
   if (use_int4_q8(p))
     return "decoding GEMV (row blocks), x quantized to int8 per 32 values for integer dot "
            "products";
-  if (use_int8_q8(p))
+  if (use_packed_q8(p))
     return "x packed 16 rows to a vector, x quantized to int8 per 32 values for int8 dot "
            "products (vpdpbusd)";
   switch (packed_elem_bytes(p)) {
@@ -1344,11 +1399,15 @@ void run(const QuantMatmulParams& p, void* workspace) {
   if (p.scheme == QuantScheme::w8a8) {
     pc.xq = reinterpret_cast<int8_t*>(base + l.xq);
     pc.xscale = reinterpret_cast<float*>(base + l.xscale);
-  } else if (use_int8_q8(p)) {
+  } else if (use_packed_q8(p)) {
     pc.xq = reinterpret_cast<int8_t*>(base + l.xq);
     pc.x8s = reinterpret_cast<float*>(base + l.x8s);
     pc.xcorr = reinterpret_cast<float*>(base + l.xcorr);
     c.xps = reinterpret_cast<const float*>(base + l.xps);
+    if (p.scheme == QuantScheme::int4) {
+      pc.x8g = reinterpret_cast<float*>(base + l.x8g);
+      c.xpg = reinterpret_cast<const float*>(base + l.xpg);
+    }
   } else if (use_int4_q8(p)) {
     pc.x4q = reinterpret_cast<int8_t*>(base + l.x4q);
     pc.x4s = reinterpret_cast<float*>(base + l.x4s);
@@ -1390,14 +1449,17 @@ void run(const QuantMatmulParams& p, void* workspace) {
                const_cast<uint32_t*>(c.xp)};
     const int64_t items = (c.M + kLaneRows - 1) / kLaneRows * pk.chunks;
     parallel_for(items, std::min<int64_t>(threads, items), pack_item, &pk);
-    if (c.xps != nullptr) {  // and int8's block scales, the same way (a float is a word)
-      const int64_t blocks = c.Kx / 32;
-      PackCtx ps{&c, reinterpret_cast<const uint32_t*>(pc.x8s), blocks,
-                 (blocks + kPackWords - 1) / kPackWords,
-                 reinterpret_cast<uint32_t*>(const_cast<float*>(c.xps))};
-      const int64_t scale_items = (c.M + kLaneRows - 1) / kLaneRows * ps.chunks;
-      parallel_for(scale_items, std::min<int64_t>(threads, scale_items), pack_item, &ps);
-    }
+    // and the int8-x path's block scales and int4's group sums, the same way (a float is a
+    // word)
+    auto pack_floats = [&](const float* src, int64_t per_row, const float* dst) {
+      PackCtx pf{&c, reinterpret_cast<const uint32_t*>(src), per_row,
+                 (per_row + kPackWords - 1) / kPackWords,
+                 reinterpret_cast<uint32_t*>(const_cast<float*>(dst))};
+      const int64_t n = (c.M + kLaneRows - 1) / kLaneRows * pf.chunks;
+      parallel_for(n, std::min<int64_t>(threads, n), pack_item, &pf);
+    };
+    if (c.xps != nullptr) pack_floats(pc.x8s, c.Kx / 32, c.xps);
+    if (c.xpg != nullptr) pack_floats(pc.x8g, c.groups, c.xpg);
   }
 #endif
   const int64_t chunks_m = (c.M + kChunkRows - 1) / kChunkRows;

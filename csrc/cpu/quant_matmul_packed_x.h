@@ -73,20 +73,15 @@ struct U8S8Dots {
   static LLMK_INLINE X bcast(const uint32_t* p) { return _mm512_set1_epi32(int(*p)); }
   static LLMK_INLINE V dot(V acc, X x, X w) { return _mm512_dpbusd_epi32(acc, x, w); }
 };
-// int8 weights with bf16 x: x quantized per 32-value block (signed, a float scale per block
-// and row, packed like x: 16 rows' scales to a vector), the panel holds the weights + 128
-// (unsigned). Each block's int32 sums are scaled by its x scales into float sums (V); the
-// +128 adds 128 * (the block's sum of q) * scale per row, which the caller subtracts.
-struct Q8BlockDots {
+// int8 / int4 weights with bf16 x: x quantized per 32-value block (signed, a float scale per
+// block and row, packed like x: 16 rows' scales to a vector), the panel holds unsigned bytes:
+// int8 weights + 128, int4's q (in x's permuted order). Each block's int32 sums are scaled by
+// its x scales into float sums (V); int8's +128 adds 128 * (the block's sum of q) * scale per
+// row, which the caller subtracts, int4's zero points are applied per group (flush_groups).
+struct Q8BlockDots : U8S8Dots {  // its bytes, chunks, loads and broadcasts
   using V = __m512;
-  using X = __m512i;
-  static constexpr int64_t kElemBytes = 1;
-  static constexpr int64_t kChunk = 1024;
-  static constexpr int64_t kPanelWords = kChunk * kElemBytes / 4;
   static constexpr int64_t kBlockWords = 32 / 4;
   static V zero() { return _mm512_setzero_ps(); }
-  static LLMK_INLINE X load(const uint32_t* p) { return _mm512_load_si512(p); }
-  static LLMK_INLINE X bcast(const uint32_t* p) { return _mm512_set1_epi32(int(*p)); }
   static LLMK_INLINE X dot(X acc, X x, X w) { return _mm512_dpbusd_epi32(acc, w, x); }
 };
 static_assert(kMaxPackedNB * Bf16Dots::kPanelWords * 4 <= kPanelBytes, "panel too small");
@@ -163,8 +158,9 @@ __attribute__((noinline)) void packed_dots_blocks(const uint32_t* x, int64_t vec
 #endif
 
 // One tile (rows m0..m1, channels n0..n1) into acc: kChunkChannels x kTileVecs vectors,
-// channel-major. Every seg_words words of a chunk, flush(part, chans, n, k) moves the sums of
-// the panel's channels (n: the first, chans: clamped, k: the segment's first element) to acc;
+// channel-major. Every seg_words words of a chunk, flush(part, a, chans, n, k, v) moves the
+// sums of the panel's channels (n: the first, chans: clamped, k: the segment's first element,
+// v: the first of the MV row vectors) to acc (a: at channel n, vector v);
 // fill(NB as a type, chans, n, k0, k1) writes the panel of the chunk [k0, k1).
 template <class D, int MV, int NB, class Fill, class Flush>
 void packed_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
@@ -216,7 +212,7 @@ void packed_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
           packed_dots<D, MV, NB>(xk + v * vec_stride, vec_stride, pw, s, s1, &part[0][0], pre,
                                  log2_lines);
           V* a = acc + (n - n0) * kTileVecs + v;
-          flush(part, a, chans, n, k0 + s * 4 / D::kElemBytes);
+          flush(part, a, chans, n, k0 + s * 4 / D::kElemBytes, v);
         }
       }
     }
@@ -231,23 +227,17 @@ void packed_tile_any(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n
                      typename D::V* acc, void* panel, int64_t seg_words, Fill fill,
                      Flush flush) {
   const int64_t vecs = (m1 - m0 + kLaneRows - 1) / kLaneRows;
-  // Q8BlockDots keeps twice the sums (int32 per block, float over blocks): half the block.
-  // 4096 x 4096 / 11008, M = 64, 2 Zen 4 threads: 4 x 3 and 2 x 6 were no faster (4.7 / 10.9
-  // ms against 4.5 / 10.5), and their channel blocks do not divide the tile's 64.
-  if constexpr (W == 16 && D::kBlockWords > 0) {
+  if constexpr (W == 16) {
+    // Q8BlockDots keeps twice the sums (int32 per block, float over blocks): half as many.
+    // 4096 x 4096 / 11008, M = 64, 2 Zen 4 threads: 4 x 3 and 2 x 6 were no faster (4.7 / 10.9
+    // ms against 4.5 / 10.5), and their channel blocks do not divide the tile's 64.
+    constexpr int sums = D::kBlockWords > 0 ? 8 : 16;
     if (vecs % 4 == 0)
-      packed_tile<D, 4, 2>(c, m0, m1, n0, n1, acc, panel, seg_words, fill, flush);
+      packed_tile<D, 4, sums / 4>(c, m0, m1, n0, n1, acc, panel, seg_words, fill, flush);
     else if (vecs % 2 == 0)
-      packed_tile<D, 2, 4>(c, m0, m1, n0, n1, acc, panel, seg_words, fill, flush);
+      packed_tile<D, 2, sums / 2>(c, m0, m1, n0, n1, acc, panel, seg_words, fill, flush);
     else
-      packed_tile<D, 1, 8>(c, m0, m1, n0, n1, acc, panel, seg_words, fill, flush);
-  } else if constexpr (W == 16) {
-    if (vecs % 4 == 0)
-      packed_tile<D, 4, 4>(c, m0, m1, n0, n1, acc, panel, seg_words, fill, flush);
-    else if (vecs % 2 == 0)
-      packed_tile<D, 2, 8>(c, m0, m1, n0, n1, acc, panel, seg_words, fill, flush);
-    else
-      packed_tile<D, 1, 16>(c, m0, m1, n0, n1, acc, panel, seg_words, fill, flush);
+      packed_tile<D, 1, sums>(c, m0, m1, n0, n1, acc, panel, seg_words, fill, flush);
   } else {
     if (vecs % 2 == 0)
       packed_tile<D, 2, 6>(c, m0, m1, n0, n1, acc, panel, seg_words, fill, flush);
@@ -276,6 +266,22 @@ LLMK_INLINE void flush_scaled(__m512 (&part)[NB][MV], __m512* a, int64_t valid, 
     const __m512 s = scale(j);
     for (int v = 0; v < MV; ++v)
       a[j * kTileVecs + v] = _mm512_fmadd_ps(part[j][v], s, a[j * kTileVecs + v]);
+  }
+}
+
+// int4 on the int8-x path, one group's sums: a += scale * (part - zero * xg), xg: the rows'
+// sums of their dequantized x over the group (row vector v's at xg + v * xg_stride).
+template <int MV, int NB>
+LLMK_INLINE void flush_groups(__m512 (&part)[NB][MV], __m512* a, int64_t valid,
+                              const float* scale, const float* zero_scale, const float* xg,
+                              int64_t xg_stride) {
+  __m512 x[MV];
+  for (int v = 0; v < MV; ++v) x[v] = _mm512_load_ps(xg + v * xg_stride);
+  for (int j = 0; j < NB && j < valid; ++j) {
+    const __m512 s = _mm512_set1_ps(scale[j]), zs = _mm512_set1_ps(zero_scale[j]);
+    for (int v = 0; v < MV; ++v)
+      a[j * kTileVecs + v] =
+          _mm512_fmadd_ps(part[j][v], s, _mm512_fnmadd_ps(zs, x[v], a[j * kTileVecs + v]));
   }
 }
 
@@ -320,6 +326,32 @@ void fill_int8_u8(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1, ui
       _mm512_store_si512(dst + k, _mm512_xor_si512(_mm512_loadu_si512(w + k), flip));
     for (; k < len; ++k) dst[k] = uint8_t(w[k]) ^ 0x80;
     for (; k < lenv; ++k) dst[k] = 0x80;
+  }
+}
+
+// int4 on the int8-x path: the weight rows' values [k0, k1) (multiples of 32) as bytes, per
+// 32-block its 16 low nibbles (the even elements), then its 16 high ones: x's order.
+template <int NB>
+void fill_int4_u8(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1, uint8_t* panel) {
+  const int64_t len = k1 - k0, row_bytes = c.K / 2;
+  const __m256i low = _mm256_set1_epi8(15);
+  for (int j = 0; j < NB; ++j) {
+    const uint8_t* w = c.p->qdata.ptr<uint8_t>() + chans[j] * row_bytes + k0 / 2;
+    uint8_t* dst = panel + j * Q8BlockDots::kPanelWords * 4;
+    int64_t k = 0;
+    for (; k + 64 <= len; k += 64) {  // two blocks: 32 bytes
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2));
+      const __m256i lo = _mm256_and_si256(b, low);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + k), _mm256_permute2x128_si256(lo, hi, 0x20));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + k + 32), _mm256_permute2x128_si256(lo, hi, 0x31));
+    }
+    if (k < len) {  // one block left
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2));
+      const __m128i l4 = _mm_set1_epi8(15);
+      _mm_store_si128(reinterpret_cast<__m128i*>(dst + k), _mm_and_si128(b, l4));
+      _mm_store_si128(reinterpret_cast<__m128i*>(dst + k + 16), _mm_and_si128(_mm_srli_epi16(b, 4), l4));
+    }
   }
 }
 #endif
