@@ -5,6 +5,8 @@ whole batch, and a torch.distributed.checkpoint of model and optimizer resumes b
 
 Marked `distributed`: deselect with -m 'not distributed' where processes cannot be spawned."""
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -102,6 +104,7 @@ def _worker(rank, tmp, out, mode):
         # exited while the other was still talking aborted now and then ("terminate called
         # without an active exception", ~1 run in 6-10 here).
         dist.barrier()
+        open(f"{tmp}/done-{rank}", "w").close()  # every collective of this rank returned
     finally:
         dist.destroy_process_group()
 
@@ -112,8 +115,16 @@ def test_distributed_matches_single_process_and_checkpoint_resumes(tmp_path, mod
     whole number of 256-value blocks, so they are the single process's blocks."""
     import torch.multiprocessing as mp
     out = str(tmp_path / "losses.pt")
-    mp.start_processes(_worker, args=(str(tmp_path), out, mode), nprocs=WORLD,
-                       start_method="spawn", join=True)
+    try:
+        mp.start_processes(_worker, args=(str(tmp_path), out, mode), nprocs=WORLD,
+                           start_method="spawn", join=True)
+    except mp.ProcessExitedException as e:
+        # gloo's teardown still aborts a rank now and then after the barrier above (seen once
+        # in a CI run of fsdp2, torch 2.13.0; 0 in 14 runs here): harmless once that rank's
+        # collectives all returned and rank 0 saved the losses, a failure anywhere before.
+        torn_down = os.path.exists(tmp_path / f"done-{e.error_index}") and os.path.exists(out)
+        if not (e.signal_name == "SIGABRT" and torn_down):
+            raise
     got = torch.load(out)
     model = build()
     single = train(model, optimizer(model.parameters()), batches(STEPS + MORE))
