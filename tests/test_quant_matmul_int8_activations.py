@@ -78,12 +78,15 @@ def test_int4_int8x_paths(cpu_tier, group, M, K, N, kind):
         assert cpu_int8_activations(x, qw)
 
 
-@pytest.mark.parametrize("M,K,N", [(6, 128, 9), (7, 100, 2), (8, 128, 9), (16, 4096, 70),
+@pytest.mark.parametrize("M,K,N", [(1, 100, 9), (2, 4096, 70), (3, 96, 33), (5, 200, 130),
+                                   (6, 128, 9), (7, 100, 2), (8, 128, 9), (16, 4096, 70),
                                    (17, 100, 33), (33, 1024, 1), (64, 352, 130), (300, 96, 20)])
 @pytest.mark.parametrize("kind", ["gaussian", "outliers", "zero_blocks"])
 def test_int8_int8x_path(cpu_tier, M, K, N, kind):
-    """int8 weights, 6 rows or more: 1, 2 and 4 vectors of 16 rows per register block, rows
-    past M in the last vector, K not a multiple of 32 (a partial last block), one channel."""
+    """int8 weights: row blocks (decoding; 4W values a step, K not a multiple of it) and from 6
+    rows on VNNI CPUs x packed 16 rows to a vector (1, 2 and 4 vectors of 16 rows per register
+    block, rows past M in the last vector), K not a multiple of 32 (a partial last block), one
+    channel."""
     torch.manual_seed(M * 1000 + K + N)
     x = make_x(M, K, kind)
     qw = llmkernels.quantize_weight(torch.randn(N, K), "int8")
@@ -94,9 +97,21 @@ def test_int8_int8x_path(cpu_tier, M, K, N, kind):
         assert cpu_int8_activations(x, qw)
 
 
-def test_int8_int8x_path_non_contiguous_x(cpu_tier):
+@pytest.mark.parametrize("M", [1, 2, 7, 16])
+def test_int8_int8x_paths_take_weights_of_minus_128(cpu_tier, M):
+    """-128 fits int8 though the quantizer never makes it: |w| = 128 in maddubs' unsigned
+    operand, w + 128 = 0 in vpdpbusd's."""
+    torch.manual_seed(M)
+    qw = llmkernels.quantize_weight(torch.randn(24, 320), "int8")
+    qw.qdata[:, ::3] = -128
+    x = make_x(M, 320, "gaussian")
+    check_both_ways(x, qw, llmkernels.quant_matmul(x, qw, backend="cpu"))
+
+
+@pytest.mark.parametrize("M", [2, 24])
+def test_int8_int8x_path_non_contiguous_x(cpu_tier, M):
     torch.manual_seed(3)
-    x = make_x(24, 200, "gaussian").t().contiguous().t()  # column-major: strided rows
+    x = make_x(M, 200, "gaussian").t().contiguous().t()  # column-major: strided rows
     qw = llmkernels.quantize_weight(torch.randn(40, 200), "int8")
     out = llmkernels.quant_matmul(x, qw, backend="cpu")
     check_both_ways(x, qw, out)

@@ -115,9 +115,10 @@ def test_explain_names_the_cpu_kernel(cpu_tier, scheme):
             bf16 = dtype == torch.bfloat16
             tiles = cpu_tier == "amx" and M >= 8 and (
                 scheme == "w8a8" or bf16)  # int8, int4 (group 64)
-            # int8 x: int4's row blocks (decoding), and on VNNI tiers x packed as int8 for
-            # int8 weights from 6 rows and int4 from 9
+            # int8 x: int4's and int8's row blocks (decoding), and on VNNI tiers x packed as
+            # int8 from 6 rows (int8 weights) or 9 (int4)
             int4_blocks = scheme == "int4" and bf16 and M < (9 if vnni else 12)
+            int8_blocks = scheme == "int8" and bf16 and M < (6 if vnni else 12)
             packed_int8_x = not tiles and vnni and bf16 and (
                 (scheme == "int8" and M >= 6) or (scheme == "int4" and M >= 9))
             assert ("AMX bf16 tiles:" in text or "AMX int8 tiles:" in text) == tiles, text
@@ -125,7 +126,7 @@ def test_explain_names_the_cpu_kernel(cpu_tier, scheme):
                 assert ("AMX int8 tiles" if scheme == "w8a8" else "AMX bf16 tiles") in text
             elif packed_int8_x:
                 assert packed and "16 rows to a vector" in text, text
-            elif (cpu_tier == "generic" or M < 8 or int4_blocks
+            elif (cpu_tier == "generic" or M < 8 or int4_blocks or int8_blocks
                   or (scheme == "w8a8" and cpu_tier not in ("avx512_bf16", "amx"))):
                 assert not packed, text
             else:
@@ -133,7 +134,8 @@ def test_explain_names_the_cpu_kernel(cpu_tier, scheme):
                 lanes = 8 if cpu_tier == "avx2" else 16
                 assert f"{lanes} rows to a vector" in text
             assert ("quantized to int8 per 32" in text) == cpu_int8_activations(x, qw), text
-            int8_x = cpu_tier != "generic" and not tiles and (int4_blocks or packed_int8_x)
+            int8_x = cpu_tier != "generic" and not tiles and (
+                int4_blocks or packed_int8_x or int8_blocks)
             assert cpu_int8_activations(x, qw) == int8_x, text
 
 

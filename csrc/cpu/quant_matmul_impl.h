@@ -211,6 +211,34 @@ LLMK_INLINE vf dot_u4_s8(n8 w, n8 x) {
       _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), _mm512_set1_epi16(1)));
 #endif
 }
+// int8 weights: 4W bytes of a weight row (n of them, the rest 0), and their dot products with
+// 4W int8 values of x as W float lanes. VNNI: (w + 128) * x (vpdpbusd's unsigned operand; the
+// caller subtracts 128 * sum(x)); otherwise |w| * (x * sign(w)) (maddubs: |w| <= 128, |x| <=
+// 127: the pair sums fit int16, -128 weights too).
+#if defined(__AVX512VNNI__)
+constexpr bool kW8Biased = true;
+#else
+constexpr bool kW8Biased = false;
+#endif
+LLMK_INLINE n8 load_w8(const int8_t* p) { return _mm512_loadu_si512(p); }
+LLMK_INLINE n8 load_w8_part(const int8_t* p, int64_t n) {
+  return _mm512_maskz_loadu_epi8(n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1, p);
+}
+LLMK_INLINE vf dot_s8_s8(n8 w, n8 x) {
+#if defined(__AVX512VNNI__)
+  const __m512i wu = _mm512_xor_si512(w, _mm512_set1_epi8(char(0x80)));
+  return (vf)_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, x));
+#else
+  const __m512i xs = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+  return (vf)_mm512_cvtepi32_ps(_mm512_madd_epi16(
+      _mm512_maddubs_epi16(_mm512_abs_epi8(w), xs), _mm512_set1_epi16(1)));
+#endif
+}
+// The lanes' x scales for 4W values from the blocks' scales (lanes 0-7: the first block's).
+LLMK_INLINE vf block_lanes(const float* s) {
+  const __m512 two = _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s))));
+  return (vf)_mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), two);
+}
 #elif defined(__AVX2__) && LLMK_VEC_BYTES == 32
 constexpr bool kInt4Q8 = true;
 constexpr bool kPairedNibbles = false;  // one 32-block per vector: [lo, hi]
@@ -229,6 +257,18 @@ LLMK_INLINE vf dot_u4_s8(n8 w, n8 x) {
   return (vf)_mm256_cvtepi32_ps(
       _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
 }
+constexpr bool kW8Biased = false;
+LLMK_INLINE n8 load_w8(const int8_t* p) { return load_x8(p); }
+LLMK_INLINE n8 load_w8_part(const int8_t* p, int64_t n) {
+  alignas(32) int8_t b[32] = {};
+  std::memcpy(b, p, size_t(std::min<int64_t>(n, 32)));
+  return load_x8(b);
+}
+LLMK_INLINE vf dot_s8_s8(n8 w, n8 x) {
+  return (vf)_mm256_cvtepi32_ps(_mm256_madd_epi16(
+      _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1)));
+}
+LLMK_INLINE vf block_lanes(const float* s) { return (vf)_mm256_broadcast_ss(s); }
 #else
 constexpr bool kInt4Q8 = false;
 constexpr bool kPairedNibbles = false;
@@ -251,6 +291,7 @@ struct Ctx {
   const int8_t* x4q;          // int4 on the int8-x path: x per 32-block as int8 (permuted)
   const float* x4s;           // its block scales, each repeated for the block's 8 lanes
   const float* x4sum;         // (M, groups): sums of the dequantized x over each group
+  const float* x8s;           // int8 on the int8-x paths: xq's block scales, (M, Kx / 32)
   const float* xps;           // the packed int8-x path: xq's block scales, packed as xp
   const float* xcorr;         // its int8: per row, the sum over blocks of scale * 128 * sum(q)
   const float* xpg;           // its int4: (rows, groups) sums of the dequantized x, packed as xp
@@ -279,10 +320,13 @@ LLMK_INLINE int64_t prefetch_ahead(const Ctx& c, int64_t row_bytes, int64_t k0, 
   return k0 == 0 && k1 == c.K ? std::max<int64_t>(NB * row_bytes, kMinRowsAhead) : kPrefetch;
 }
 
+bool use_int8_q8_rows(const QuantMatmulParams& p);  // below
+
+// Values per prepared row of x: its int8-x row blocks step 4W values at a time.
 int64_t padded_k(const QuantMatmulParams& p) {
-  const int64_t K = p.x.sizes[1];
-  return p.scheme == QuantScheme::w8a8 ? round_up(std::max<int64_t>(K, 1), 64)
-                                       : round_up(std::max<int64_t>(K, 1), 32);
+  const int64_t K = std::max<int64_t>(p.x.sizes[1], 1);
+  if (use_int8_q8_rows(p)) return round_up(K, 4 * W);
+  return p.scheme == QuantScheme::w8a8 ? round_up(K, 64) : round_up(K, 32);
 }
 
 constexpr int kMaxNB = 4;
@@ -437,6 +481,53 @@ void int4_q8_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int6
 }
 #endif
 
+#if defined(__AVX512BW__) && LLMK_VEC_BYTES == 64 || defined(__AVX2__) && LLMK_VEC_BYTES == 32
+// int8_block on int8 x (decoding rows, use_int8_q8_rows): whole weight rows, 4W values a step
+// (the last step's weight bytes past K read as 0; x's padding is 0), each lane's int32 products
+// times its block's x scale summed in float lanes.
+template <int MB, int NB>
+void int8_q8_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t k0,
+                   int64_t k1, float* acc, int64_t ld) {
+  constexpr int64_t step = 4 * W;
+  const int8_t* w[NB];
+  for (int j = 0; j < NB; ++j) w[j] = c.p->qdata.ptr<int8_t>() + chans[j] * c.K;
+  const int8_t* x[MB];
+  const float* xs[MB];
+  for (int i = 0; i < MB; ++i) {
+    x[i] = c.xq + rows[i] * c.Kx;
+    xs[i] = c.x8s + rows[i] * (c.Kx / 32);
+  }
+  vf a[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) a[i][j] = vf{};
+  const int64_t ahead = prefetch_ahead<NB>(c, c.K, k0, k1);
+  auto body = [&](int64_t k, auto load) {
+    n8 xv[MB];
+    vf sv[MB];
+    for (int i = 0; i < MB; ++i) {
+      xv[i] = load_x8(x[i] + k);
+      sv[i] = block_lanes(xs[i] + k / 32);
+    }
+    for (int j = 0; j < NB; ++j) {
+      const n8 wv = load(w[j] + k);
+      for (int i = 0; i < MB; ++i) a[i][j] = fma_(dot_s8_s8(wv, xv[i]), sv[i], a[i][j]);
+    }
+  };
+  const int64_t kv = k0 + (k1 - k0) / step * step;
+  for (int64_t k = k0; k < kv; k += step) {
+    if ((k & 63) == 0)
+      for (int j = 0; j < NB; ++j) prefetch_l2(w[j] + k + ahead);
+    body(k, [](const int8_t* p) { return load_w8(p); });
+  }
+  // the rest (x: zeros to a multiple of 32, read in steps of 4W here; weights: k1 - kv bytes)
+  for (int64_t k = kv; k < k1; k += step)
+    body(k, [&](const int8_t* p) { return load_w8_part(p, k1 - k); });
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j)
+      acc[i * ld + j] += hsum(a[i][j]) - (kW8Biased && k0 == 0 ? c.xcorr[rows[i]] : 0.f);
+}
+#endif
+
 template <int MB, int NB>
 void w8a8_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_t k0, int64_t k1,
                 int32_t* acc, int64_t ld) {
@@ -487,6 +578,8 @@ constexpr int kNB = W >= 8 ? 4 : 2;
 constexpr int kMB4 = W >= 16 ? 2 : (W >= 8 ? 2 : 1);  // int4 keeps two sets of sums
 constexpr int kNB4 = W >= 16 ? 4 : 2;
 constexpr int kMBq = W >= 16 ? 4 : 2;
+constexpr int kMB8q = W >= 16 ? 4 : 2;  // int8_q8_block
+constexpr int kNB8q = W >= 16 ? 4 : 2;
 constexpr int kNBq = W >= 16 ? 4 : 2;
 
 // ------------------------------------------------------------------ panels (many rows)
@@ -741,6 +834,14 @@ bool use_int4_q8(const QuantMatmulParams& p) {
 // from 5 to 16 rows). 4096 x 4096 / 11008, 2 Zen 4 threads, 2026-11-27: packed 5-8 rows
 // 0.99-1.02 / 2.61-2.69 ms; register blocks 4 rows 0.83 / 2.15, 6 rows 1.19 (4096 x 4096).
 constexpr int64_t kPackedQ8MinRowsInt8 = 6;
+// int8 weights, bfloat16 x, fewer rows than the packed int8-x path takes (without VNNI: as
+// int4's decoding rows): x quantized to int8 per 32 values as int4's rows (int8_q8_block), a
+// few times fewer instructions per weight than widening it to float.
+bool use_int8_q8_rows(const QuantMatmulParams& p) {
+  return kInt4Q8 && p.scheme == QuantScheme::int8 && p.x.dtype == DType::bf16 &&
+         p.x.sizes[0] < (kPackedBf16 ? kPackedQ8MinRowsInt8 : kInt4Q8Rows);
+}
+
 bool use_packed_q8(const QuantMatmulParams& p) {
   const int64_t M = p.x.sizes[0];
   return kPackedBf16 && p.x.dtype == DType::bf16 &&
@@ -753,7 +854,8 @@ bool use_packed_q8(const QuantMatmulParams& p) {
 // with any other x on AVX2 / AVX-512 (float, 4).
 int64_t packed_elem_bytes(const QuantMatmulParams& p) {
   if (use_packed_q8(p)) return 1;
-  if (!kPackedX || p.x.sizes[0] < kPackedMinRows || use_int4_q8(p)) return 0;
+  if (!kPackedX || p.x.sizes[0] < kPackedMinRows || use_int4_q8(p) || use_int8_q8_rows(p))
+    return 0;
   if (p.scheme == QuantScheme::w8a8) return kPackedBf16 ? 1 : 0;
   return kPackedBf16 && p.x.dtype == DType::bf16 ? 2 : 4;
 }
@@ -968,6 +1070,13 @@ void tile_item(void* ctx, int64_t item, int thread) {
       // blocks (4096 x 4096, 5-7 rows, 2 Zen 4 threads: bf16 x 1.18-1.54 ms against 1.35-1.67
       // in float panels and 1.75-2.3 in bf16 panels; float32 x 2.5-2.9 against 2.9-3.4); AVX2's
       // 2-row blocks lose to the panels (5 rows: 3.3 against 2.8 ms).
+#if defined(__AVX512BW__) && LLMK_VEC_BYTES == 64 || defined(__AVX2__) && LLMK_VEC_BYTES == 32
+      if (c.x8s != nullptr)
+        run_tile<float, kMB8q, kNB8q>(c, m0, m1, n0, n1, acc, [](auto r, auto&&... a) {
+          int8_q8_block<decltype(r)::value, kNB8q>(a...);
+        });
+      else
+#endif
       if (m1 - m0 > kMB && W < 16) {
         run_tile_panel<kMB, kNB>(c, m0, m1, n0, n1, acc, panel, fill_int8<kNB>);
       } else
@@ -1135,53 +1244,78 @@ void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
 }
 
 
-#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
-// One row of x for the packed int8-x path (use_packed_q8): per 32-block (the padding to Kx
-// included: zeros) scale and q as int4's int8-x rows, in x's order (int8) or the block's 16
-// even then 16 odd elements (int4: its panel's nibble order); int8: the row's correction for
-// the panel's weights + 128; int4: the sums of the dequantized x over each group.
-void prep_row_packed_q8(const PrepCtx& pc, int64_t m) {
+// One 32-value block of x (v) to int8 as the int8-x paths take it (block_scale, quantize16:
+// scale = max|x| / 127, NaN with a non-finite value, q = v / scale rounded half to even):
+// q, the scale; returns the sum of q.
+int32_t quantize_block32(const float* v, int8_t* q, float* scale) {
+#if defined(__AVX512F__) && LLMK_VEC_BYTES == 64
+  const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+  const float s = block_scale(a, b);
+  const __m512i qa = quantize16(a, s), qb = quantize16(b, s);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qa));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qb));
+  *scale = s;
+  return _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+#else
+  float amax = 0.f;
+  bool finite = true;
+  for (int e = 0; e < 32; ++e) {
+    amax = std::max(amax, std::fabs(v[e]));
+    finite &= std::fabs(v[e]) <= std::numeric_limits<float>::max();
+  }
+  const float s = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
+  int32_t sum = 0;
+  for (int e = 0; e < 32; ++e) {
+    const int qi = s > 0.f ? int(std::min(127.f, std::max(-127.f, std::nearbyint(v[e] / s)))) : 0;
+    q[e] = int8_t(qi);
+    sum += qi;
+  }
+  *scale = s;
+  return sum;
+#endif
+}
+
+// One row of bf16 x for the int8-x paths of int8 weights (row blocks and packed) and int4's
+// packed one: per 32-block (the padding to Kx included: zeros) q and scale, in x's order
+// (int8) or the block's 16 even then 16 odd elements (int4: its panel's nibble order); int8:
+// the row's correction for weights + 128 (VNNI); int4: the sums of the dequantized x over each
+// group.
+void prep_row_q8(const PrepCtx& pc, int64_t m) {
   const QuantMatmulParams& p = *pc.p;
   const Ctx& c = *pc.c;
-  const int64_t K = c.K, base = m * p.x.strides[0], ks = p.x.strides[1];
+  const int64_t K = c.K, ks = p.x.strides[1];
+  const uint16_t* src = static_cast<const uint16_t*>(p.x.data) + m * p.x.strides[0];
   const bool int4 = p.scheme == QuantScheme::int4;
   int8_t* q = pc.xq + m * c.Kx;
   float* scales = pc.x8s + m * (c.Kx / 32);
   float* gsum = int4 ? pc.x8g + m * c.groups : nullptr;
   for (int64_t grp = 0; grp < c.groups; ++grp) gsum[grp] = 0.f;
   float corr = 0.f;
-  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   for (int64_t kb = 0; kb < c.Kx; kb += 32) {
-    __m512 a, b;
+    alignas(64) float v[32];
     if (ks == 1 && kb + 32 <= K) {
-      a = load16_float(p.x.dtype, p.x.data, base + kb);
-      b = load16_float(p.x.dtype, p.x.data, base + kb + 16);
+      for (int e = 0; e < 32; ++e) v[e] = bf16_to_f32(src[kb + e]);
     } else {
-      alignas(64) float v[32];
-      for (int e = 0; e < 32; ++e)
-        v[e] = kb + e < K ? read_float(p.x.dtype, p.x.data, base + (kb + e) * ks) : 0.f;
-      a = _mm512_load_ps(v);
-      b = _mm512_load_ps(v + 16);
+      for (int e = 0; e < 32; ++e) v[e] = kb + e < K ? bf16_to_f32(src[(kb + e) * ks]) : 0.f;
     }
-    const float s = block_scale(a, b);
     if (int4) {
-      const __m512 ev = _mm512_permutex2var_ps(a, even, b);
-      b = _mm512_permutex2var_ps(a, _mm512_add_epi32(even, _mm512_set1_epi32(1)), b);
-      a = ev;
+      alignas(64) float in[32];
+      std::memcpy(in, v, sizeof in);
+      for (int e = 0; e < 16; ++e) {
+        v[e] = in[2 * e];
+        v[16 + e] = in[2 * e + 1];
+      }
     }
-    const __m512i qa = quantize16(a, s), qb = quantize16(b, s);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + kb), _mm512_cvtepi32_epi8(qa));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + kb + 16), _mm512_cvtepi32_epi8(qb));
-    scales[kb / 32] = s;
-    const float qsum = float(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
+    float sc;
+    const float qsum = float(quantize_block32(v, q + kb, &sc));
+    scales[kb / 32] = sc;
     if (int4)
-      gsum[kb / p.group_size] += s * qsum;
+      gsum[kb / p.group_size] += sc * qsum;
     else
-      corr += s * 128.f * qsum;
+      corr += sc * 128.f * qsum;
   }
   pc.xcorr[m] = corr;
 }
-#endif
 
 // w8a8's row quantization, as the reference: scale = max|x| * (1/127) (1 for an all-zero
 // row), x / scale rounded half to even (nearbyint in the default rounding mode), clamped to
@@ -1247,9 +1381,7 @@ void prep_row(void* ctx, int64_t m, int) {
   const int64_t K = c.K;
   const int64_t base = m * p.x.strides[0], ks = p.x.strides[1];
   if (pc.x4q != nullptr) return prep_row_int4_q8(pc, m);
-#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
-  if (pc.x8s != nullptr) return prep_row_packed_q8(pc, m);
-#endif
+  if (pc.x8s != nullptr) return prep_row_q8(pc, m);
   if (p.scheme == QuantScheme::w8a8) return prep_row_w8a8(pc, m);
   float* row = pc.xf != nullptr ? pc.xf + m * c.Kx : nullptr;
   if (pc.xb != nullptr) {  // bf16 x for the dot-product panel path: copied as is (int4: permuted)
@@ -1326,6 +1458,10 @@ Layout layout(const QuantMatmulParams& p) {
       l.x8g = take(M * (K / p.group_size) * 4);
       l.xpg = take(round_up(M, kLaneRowsAll) * (K / p.group_size) * 4);
     }
+  } else if (use_int8_q8_rows(p)) {
+    l.xq = take(M * Kx);
+    l.x8s = take(M * (Kx / 32) * 4);
+    l.xcorr = take(M * 4);
   } else if (use_int4_q8(p)) {
     l.x4q = take(M * Kx);
     l.x4s = take(M * (Kx / 4) * 4);
@@ -1364,7 +1500,7 @@ bool quantize_rows_w8a8(const QuantMatmulParams& p, int8_t* xq, float* xscale, i
 }
 
 const char* describe(const QuantMatmulParams& p) {
-  if (use_int4_q8(p))
+  if (use_int4_q8(p) || use_int8_q8_rows(p))
     return "decoding GEMV (row blocks), x quantized to int8 per 32 values for integer dot "
            "products";
   if (use_packed_q8(p))
@@ -1408,6 +1544,10 @@ void run(const QuantMatmulParams& p, void* workspace) {
       pc.x8g = reinterpret_cast<float*>(base + l.x8g);
       c.xpg = reinterpret_cast<const float*>(base + l.xpg);
     }
+  } else if (use_int8_q8_rows(p)) {
+    pc.xq = reinterpret_cast<int8_t*>(base + l.xq);
+    pc.x8s = reinterpret_cast<float*>(base + l.x8s);
+    pc.xcorr = reinterpret_cast<float*>(base + l.xcorr);
   } else if (use_int4_q8(p)) {
     pc.x4q = reinterpret_cast<int8_t*>(base + l.x4q);
     pc.x4s = reinterpret_cast<float*>(base + l.x4s);
@@ -1431,6 +1571,7 @@ void run(const QuantMatmulParams& p, void* workspace) {
   c.x4s = pc.x4s;
   c.x4sum = pc.x4sum;
   c.xcorr = pc.xcorr;
+  c.x8s = pc.x8s;
   c.scratch = base + l.scratch;
   c.scratch_stride = scratch_bytes();
   c.chunks_n = (c.N + kChunkChannels - 1) / kChunkChannels;
