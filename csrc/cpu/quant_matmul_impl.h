@@ -1139,9 +1139,9 @@ struct PrepCtx {
   int8_t* x4q;
   float* x4s;
   float* x4sum;
-  float* x8s;    // use_packed_q8: block scales, row-major (its q go to xq)
+  float* x8s;    // prep_row_q8: block scales, row-major (its q go to xq)
   float* xcorr;  // and per row: int8's correction
-  float* x8g;    // int4's (M, groups) group sums
+  float* x8g;    // packed int4's (M, groups) group sums
 };
 
 #if defined(__AVX512F__) && LLMK_VEC_BYTES == 64
@@ -1175,6 +1175,37 @@ LLMK_INLINE __m512i quantize16(__m512 v, float s) {
   return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
 }
 #endif
+
+// One 32-value block of x (v) to int8 as the int8-x paths take it (block_scale, quantize16:
+// scale = max|x| / 127, NaN with a non-finite value, q = v / scale rounded half to even):
+// q, the scale; returns the sum of q.
+int32_t quantize_block32(const float* v, int8_t* q, float* scale) {
+#if defined(__AVX512F__) && LLMK_VEC_BYTES == 64
+  const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+  const float s = block_scale(a, b);
+  const __m512i qa = quantize16(a, s), qb = quantize16(b, s);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qa));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qb));
+  *scale = s;
+  return _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+#else
+  float amax = 0.f;
+  bool finite = true;
+  for (int e = 0; e < 32; ++e) {
+    amax = std::max(amax, std::fabs(v[e]));
+    finite &= std::fabs(v[e]) <= std::numeric_limits<float>::max();
+  }
+  const float s = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
+  int32_t sum = 0;
+  for (int e = 0; e < 32; ++e) {
+    const int qi = s > 0.f ? int(std::min(127.f, std::max(-127.f, std::nearbyint(v[e] / s)))) : 0;
+    q[e] = int8_t(qi);
+    sum += qi;
+  }
+  *scale = s;
+  return sum;
+#endif
+}
 
 // One row of x for the int8-x int4 path: per 32-block, scale = max|x| / 127 and
 // q = x / scale rounded to nearest even (an all-zero block has scale 0), in the order of
@@ -1218,23 +1249,15 @@ void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
     }
 #endif
     float v[32];
-    float amax = 0.f;
-    bool finite = true;
     for (int e = 0; e < 32; ++e) {  // 16 even elements, then 16 odd ones
       const int64_t k = kb + (e < 16 ? 2 * e : 2 * (e - 16) + 1);
       v[e] = read_float(p.x.dtype, p.x.data, base + k * ks);
-      amax = std::max(amax, std::fabs(v[e]));
-      finite &= std::fabs(v[e]) <= std::numeric_limits<float>::max();
     }
-    // A NaN or infinity in the block: a NaN scale, so that the outputs are NaN, not numbers
-    // made of the other values.
-    const float s = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
-    int32_t qsum = 0;
-    for (int e = 0; e < 32; ++e) {
-      const int qi = s > 0.f ? int(std::min(127.f, std::max(-127.f, std::nearbyint(v[e] / s)))) : 0;
-      q[(e < 16 ? even_at + e : odd_at + e - 16)] = int8_t(qi);
-      qsum += qi;
-    }
+    int8_t t[32];
+    float s;
+    const int32_t qsum = quantize_block32(v, t, &s);
+    std::memcpy(q + even_at, t, 16);
+    std::memcpy(q + odd_at, t + 16, 16);
     for (int l = 0; l < 4; ++l) {
       lanes[even_at / 4 + l] = s;
       lanes[odd_at / 4 + l] = s * kHighNibbleScale;
@@ -1243,37 +1266,6 @@ void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
   }
 }
 
-
-// One 32-value block of x (v) to int8 as the int8-x paths take it (block_scale, quantize16:
-// scale = max|x| / 127, NaN with a non-finite value, q = v / scale rounded half to even):
-// q, the scale; returns the sum of q.
-int32_t quantize_block32(const float* v, int8_t* q, float* scale) {
-#if defined(__AVX512F__) && LLMK_VEC_BYTES == 64
-  const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
-  const float s = block_scale(a, b);
-  const __m512i qa = quantize16(a, s), qb = quantize16(b, s);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qa));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qb));
-  *scale = s;
-  return _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
-#else
-  float amax = 0.f;
-  bool finite = true;
-  for (int e = 0; e < 32; ++e) {
-    amax = std::max(amax, std::fabs(v[e]));
-    finite &= std::fabs(v[e]) <= std::numeric_limits<float>::max();
-  }
-  const float s = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
-  int32_t sum = 0;
-  for (int e = 0; e < 32; ++e) {
-    const int qi = s > 0.f ? int(std::min(127.f, std::max(-127.f, std::nearbyint(v[e] / s)))) : 0;
-    q[e] = int8_t(qi);
-    sum += qi;
-  }
-  *scale = s;
-  return sum;
-#endif
-}
 
 // One row of bf16 x for the int8-x paths of int8 weights (row blocks and packed) and int4's
 // packed one: per 32-block (the padding to Kx included: zeros) q and scale, in x's order
