@@ -987,26 +987,13 @@ void packed_tile_item(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t 
     each(acc, float{}, [&](int64_t m, int64_t n, float s) { return (s - c.xcorr[m]) * sc[n]; });
     return;
   }
-  if (c.xps != nullptr) {  // int4, x quantized per block: each group's sums scaled, zero applied
+  if (c.xps != nullptr) {  // int4, x quantized per block: groups scaled in packed_dots_blocks
     __m512* acc = reinterpret_cast<__m512*>(scratch);
-    const int64_t g = p.group_size, xg_stride = c.groups * kLaneRows;
-    const uint8_t* zeros = p.zeros.ptr<uint8_t>();
     packed_tile_any<Q8BlockDots>(
-        c, m0, m1, n0, n1, acc, panel, g / 4,
+        c, m0, m1, n0, n1, acc, panel, Q8BlockDots::kPanelWords,
         [&](auto nb, const int64_t* chans, int64_t, int64_t k0, int64_t k1) {
           fill_int4_u8<decltype(nb)::value>(c, chans, k0, k1, static_cast<uint8_t*>(panel));
-        },
-        [&](auto& part, __m512* a, const int64_t* chans, int64_t n, int64_t k, int64_t v) {
-          constexpr int NB = std::extent_v<std::remove_reference_t<decltype(part)>>;
-          float scale[NB], zero_scale[NB];
-          for (int j = 0; j < NB; ++j) {
-            const int64_t at = chans[j] * c.groups + k / g;
-            scale[j] = sc[at];
-            zero_scale[j] = sc[at] * float(zeros[at]);
-          }
-          flush_groups(part, a, n1 - n, scale, zero_scale,
-                       c.xpg + (m0 / kLaneRows + v) * xg_stride + k / g * kLaneRows, xg_stride);
-        });
+        }, plain);
     each(acc, float{}, [&](int64_t, int64_t, float s) { return s; });
     return;
   }

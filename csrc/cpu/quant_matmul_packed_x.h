@@ -122,17 +122,32 @@ __attribute__((noinline)) void packed_dots(const uint32_t* x, int64_t vec_stride
 // packed_dots for Q8BlockDots: q0 and q1 on block boundaries; xs: the scales of row vector
 // 0's block at q0 (the next block's 16 floats on, row vector v's xs_stride floats on).
 // Registers: NB * MV int sums of the block, as many float sums, MV vectors of x.
-template <int MV, int NB>
+// Groups (int4): g.words words a group, q0 on a group boundary; each block's sums also times
+// the group's scale of the channel, and at the group's end scale * zero * (the rows' group
+// sums of x) subtracted, in registers (a call and a flush through memory per group cost int4
+// M = 16 ~20% over int8).
+struct Q8Groups {
+  const float* const* scale;   // per channel: its scales from q0's group on
+  const uint8_t* const* zero;  // and zero points
+  int64_t words;
+  const float* xg;             // row vector 0's group sums from q0's group on (16 floats each)
+  int64_t xg_stride;           // row vector v's: xg_stride floats on
+};
+template <int MV, int NB, bool Groups>
 __attribute__((noinline)) void packed_dots_blocks(const uint32_t* x, int64_t vec_stride,
                                                   const uint32_t* panel, int64_t q0, int64_t q1,
                                                   __m512* part, const uint8_t* const* ahead,
                                                   int log2_lines, const float* xs,
-                                                  int64_t xs_stride) {
+                                                  int64_t xs_stride, const Q8Groups& g) {
   using D = Q8BlockDots;
   __m512 acc[NB][MV];
   for (int j = 0; j < NB; ++j)
     for (int v = 0; v < MV; ++v) acc[j][v] = _mm512_setzero_ps();
+  __m512 gs[Groups ? NB : 1];
   for (int64_t qb = q0; qb < q1; qb += D::kBlockWords, xs += kLaneRows) {
+    const int64_t grp = Groups ? (qb - q0) / g.words : 0;
+    if (Groups && (qb - q0) % g.words == 0)
+      for (int j = 0; j < NB; ++j) gs[j] = _mm512_set1_ps(g.scale[j][grp]);
     __m512i blk[NB][MV];
     for (int j = 0; j < NB; ++j)
       for (int v = 0; v < MV; ++v) blk[j][v] = _mm512_setzero_si512();
@@ -149,7 +164,16 @@ __attribute__((noinline)) void packed_dots_blocks(const uint32_t* x, int64_t vec
     for (int v = 0; v < MV; ++v) {
       const __m512 s = _mm512_load_ps(xs + v * xs_stride);
       for (int j = 0; j < NB; ++j)
-        acc[j][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(blk[j][v]), s, acc[j][v]);
+        acc[j][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(blk[j][v]),
+                                    Groups ? _mm512_mul_ps(s, gs[j]) : s, acc[j][v]);
+    }
+    if (Groups && (qb + D::kBlockWords - q0) % g.words == 0) {
+      for (int j = 0; j < NB; ++j) {
+        const __m512 zs = _mm512_set1_ps(g.scale[j][grp] * float(g.zero[j][grp]));
+        for (int v = 0; v < MV; ++v)
+          acc[j][v] = _mm512_fnmadd_ps(
+              zs, _mm512_load_ps(g.xg + v * g.xg_stride + grp * kLaneRows), acc[j][v]);
+      }
     }
   }
   for (int j = 0; j < NB; ++j)
@@ -205,8 +229,25 @@ void packed_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
             const int64_t xs_stride = c.Kx / (D::kBlockWords * 4) * kLaneRows;
             const float* xs = c.xps + (m0 / kLaneRows + v) * xs_stride +
                               (k0 * D::kElemBytes / 4 + s) / D::kBlockWords * kLaneRows;
-            packed_dots_blocks<MV, NB>(xk + v * vec_stride, vec_stride, pw, s, s1, &part[0][0],
-                                       pre, log2_lines, xs, xs_stride);
+            if (c.xpg != nullptr) {  // int4: its groups' scales and zero points
+              const int64_t gsize = c.p->group_size, g0 = (k0 + s * 4) / gsize;
+              const float* scale[NB];
+              const uint8_t* zero[NB];
+              for (int j = 0; j < NB; ++j) {
+                scale[j] = c.p->scales.ptr<float>() + chans[j] * c.groups + g0;
+                zero[j] = c.p->zeros.ptr<uint8_t>() + chans[j] * c.groups + g0;
+              }
+              const int64_t xg_stride = c.groups * kLaneRows;
+              const Q8Groups g{scale, zero, gsize / 4,
+                               c.xpg + (m0 / kLaneRows + v) * xg_stride + g0 * kLaneRows,
+                               xg_stride};
+              packed_dots_blocks<MV, NB, true>(xk + v * vec_stride, vec_stride, pw, s, s1,
+                                               &part[0][0], pre, log2_lines, xs, xs_stride, g);
+            } else {
+              packed_dots_blocks<MV, NB, false>(xk + v * vec_stride, vec_stride, pw, s, s1,
+                                                &part[0][0], pre, log2_lines, xs, xs_stride,
+                                                Q8Groups{});
+            }
           } else
 #endif
           packed_dots<D, MV, NB>(xk + v * vec_stride, vec_stride, pw, s, s1, &part[0][0], pre,
@@ -266,22 +307,6 @@ LLMK_INLINE void flush_scaled(__m512 (&part)[NB][MV], __m512* a, int64_t valid, 
     const __m512 s = scale(j);
     for (int v = 0; v < MV; ++v)
       a[j * kTileVecs + v] = _mm512_fmadd_ps(part[j][v], s, a[j * kTileVecs + v]);
-  }
-}
-
-// int4 on the int8-x path, one group's sums: a += scale * (part - zero * xg), xg: the rows'
-// sums of their dequantized x over the group (row vector v's at xg + v * xg_stride).
-template <int MV, int NB>
-LLMK_INLINE void flush_groups(__m512 (&part)[NB][MV], __m512* a, int64_t valid,
-                              const float* scale, const float* zero_scale, const float* xg,
-                              int64_t xg_stride) {
-  __m512 x[MV];
-  for (int v = 0; v < MV; ++v) x[v] = _mm512_load_ps(xg + v * xg_stride);
-  for (int j = 0; j < NB && j < valid; ++j) {
-    const __m512 s = _mm512_set1_ps(scale[j]), zs = _mm512_set1_ps(zero_scale[j]);
-    for (int v = 0; v < MV; ++v)
-      a[j * kTileVecs + v] =
-          _mm512_fmadd_ps(part[j][v], s, _mm512_fnmadd_ps(zs, x[v], a[j * kTileVecs + v]));
   }
 }
 
