@@ -519,7 +519,7 @@ void int8_q8_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int6
       for (int j = 0; j < NB; ++j) prefetch_l2(w[j] + k + ahead);
     body(k, [](const int8_t* p) { return load_w8(p); });
   }
-  // the rest (x: zeros to a multiple of 32, read in steps of 4W here; weights: k1 - kv bytes)
+  // the rest (x: zeros up to Kx, a multiple of 4W; weights: k1 - kv bytes, the others read 0)
   for (int64_t k = kv; k < k1; k += step)
     body(k, [&](const int8_t* p) { return load_w8_part(p, k1 - k); });
   for (int i = 0; i < MB; ++i)

@@ -77,7 +77,8 @@ struct U8S8Dots {
 // block and row, packed like x: 16 rows' scales to a vector), the panel holds unsigned bytes:
 // int8 weights + 128, int4's q (in x's permuted order). Each block's int32 sums are scaled by
 // its x scales into float sums (V); int8's +128 adds 128 * (the block's sum of q) * scale per
-// row, which the caller subtracts, int4's zero points are applied per group (flush_groups).
+// row, which the caller subtracts; int4's group scales and zero points are applied per group
+// (packed_dots_blocks with Q8Groups).
 struct Q8BlockDots : U8S8Dots {  // its bytes, chunks, loads and broadcasts
   using V = __m512;
   static constexpr int64_t kBlockWords = 32 / 4;

@@ -212,10 +212,10 @@ def _checks(x: torch.Tensor, qweight: QuantizedWeight, backend: Optional[str]):
 
 def cpu_int8_activations(x: torch.Tensor, qweight: QuantizedWeight) -> bool:
     """Whether the CPU kernel serves this call with x quantized to int8 per 32 values
-    (bfloat16 x only: int4 weights with few rows, use_int4_q8; int8 weights with 8 rows or more
-    on AVX512-VNNI CPUs, use_int8_q8; both in csrc/cpu/quant_matmul_impl.h, under the amx
-    tier's tiles): the extension's own rule, read off the name of the kernel it runs for the
-    call."""
+    (bfloat16 x only, AVX2 / AVX-512 tiers: decoding rows of int4 and int8 weights, use_int4_q8
+    and use_int8_q8_rows; on AVX512-VNNI CPUs more rows packed, use_packed_q8; all in
+    csrc/cpu/quant_matmul_impl.h, below the amx tier's tiles): the extension's own rule, read
+    off the name of the kernel it runs for the call."""
     native = backends.native_module()
     if native is None or qweight.scheme not in ("int4", "int8") or x.dtype != torch.bfloat16:
         return False
