@@ -15,7 +15,8 @@ HAS_CUDA_KERNELS = native is not None and hasattr(native, "adam_step_cuda")
 needs_gpu = pytest.mark.skipif(not (HAS_CUDA_KERNELS and torch.cuda.is_available()),
                                reason="needs a GPU and the CUDA build")
 
-# 30 tensors (> 24 per launch), one of 2048 * 170 + 5 elements (> 160 blocks per launch).
+# 30 tensors (> 24 per launch), one of 2048 * 170 + 5 elements (86 chunks: blocks of 16 chunks,
+# the last one ragged). Launches of more than 320 blocks: optim_cuda_host_selftest.
 SIZES = [(1,), (255,), (2048,), (2049,), (33, 65), (2048 * 170 + 5,)] + [(7 * i + 3,) for i in range(24)]
 CASES = [
     (optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),

@@ -21,14 +21,21 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kChunk = 2048;  // elements per block: 8 per thread; 8 blocks of 8-bit state
+constexpr int64_t kChunk = 2048;  // a block's step: 8 values per thread; 8 blocks of 8-bit state
+constexpr int kPer = int(kChunk) / kThreads;
+// A block takes up to kSpan consecutive chunks of one tensor, one after the other: with one
+// chunk a block, a launch (kMaxBlocks blocks, all its tables fit in) covered 0.33M values, and
+// a 200M-parameter step took ~600 launches (4x the time of the same step in Triton, H200,
+// 2026-11-27). With 16, a launch covers up to 10.5M values.
+constexpr int kSpan = 16;
 constexpr int kMaxTensors = 24;   // per launch: the tables below stay under 4 KiB
-constexpr int kMaxBlocks = 160;
+constexpr int kMaxBlocks = 320;
 static_assert(kChunk == 8 * kBlock8 && kThreads == 8 * 32, "8-bit: one warp per state block");
 
 // ------------------------------------------------------------------ launch plan (host)
 
-// Which tensors each launch holds (slot order) and which (slot, chunk) each of its blocks takes.
+// Which tensors each launch holds (slot order) and which (slot, first chunk) each of its blocks
+// takes: chunks first .. first + kSpan - 1, those inside the tensor.
 struct Plan {
   std::vector<std::vector<int>> tensors;
   std::vector<std::vector<std::pair<int, int64_t>>> blocks;
@@ -48,7 +55,7 @@ Plan plan_launches(const std::vector<int64_t>& numels) {
   };
   for (int i = 0; i < int(numels.size()); ++i) {
     const int64_t chunks = (numels[i] + kChunk - 1) / kChunk;
-    for (int64_t c = 0; c < chunks; ++c) {
+    for (int64_t c = 0; c < chunks; c += kSpan) {
       if (ts.empty() || ts.back() != i) {  // a new tensor, or one carried into a new launch
         if (int(ts.size()) == kMaxTensors) flush();
         ts.push_back(i);
@@ -63,7 +70,7 @@ Plan plan_launches(const std::vector<int64_t>& numels) {
 
 // Kernel parameters: K pointers per tensor, its length, two floats (Adam: step_size and
 // bias_correction2_sqrt), its row in a device table of floats (capturable steps), a flag (SGD:
-// first step), and each block's tensor slot and chunk.
+// first step), and each block's tensor slot and first chunk.
 template <int K>
 struct Tables {
   void* ptr[K][kMaxTensors];
@@ -98,6 +105,22 @@ template <> __device__ __forceinline__ void st<__nv_bfloat16>(__nv_bfloat16* p, 
 
 // ------------------------------------------------------------------ kernels
 
+// The chunks of a block's span that lie inside its tensor of n values: f(begin, end) for each,
+// in order. Host code too: optim_cuda_host_selftest runs it over the launch plan.
+#pragma nv_exec_check_disable
+template <class F>
+__host__ __device__ __forceinline__ void for_each_chunk(int first_chunk, int64_t n, F f) {
+  for (int64_t c = first_chunk; c < int64_t(first_chunk) + kSpan; ++c) {
+    const int64_t begin = c * kChunk;
+    if (begin >= n) break;
+    f(begin, begin + kChunk < n ? begin + kChunk : n);
+  }
+}
+
+// In the kernels below each thread first loads all of its kPer values of a chunk, then computes
+// and stores: loads interleaved with stores could not move past them (the pointers may alias as
+// far as the compiler knows), one memory round trip per value.
+
 struct AdamArgs {
   float wd, b2, eps, one_m_b1, one_m_b2, decay, sign, inv_scale;
   const float* table;  // capturable steps: per-step floats by row (optim.h), else null
@@ -107,8 +130,6 @@ struct AdamArgs {
 template <class T, class S, bool kDecoupled, bool kAmsgrad>
 __global__ void __launch_bounds__(kThreads) adam_kernel(Tables<5> tb, AdamArgs a) {
   const int s = tb.slot[blockIdx.x];
-  const int64_t begin = int64_t(tb.chunk[blockIdx.x]) * kChunk;
-  const int64_t end = min(tb.numel[s], begin + kChunk);
   T* p = static_cast<T*>(tb.ptr[0][s]);
   const T* g = static_cast<const T*>(tb.ptr[1][s]);
   S* m = static_cast<S*>(tb.ptr[2][s]);
@@ -123,26 +144,41 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Tables<5> tb, AdamArgs a
     decay = r[3];
     inv_scale = r[4];
   }
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    float pi = ld(p, i);
-    float gi = ld(g, i) * inv_scale * a.sign;
-    if (kDecoupled) pi *= decay;
-    else if (a.wd != 0.f) gi = fmaf(pi, a.wd, gi);  // grad.add(param, alpha=wd), as torch
-    float mi = ld(m, i);
-    mi = fmaf(a.one_m_b1, gi - mi, mi);  // torch's lerp
-    float vi = ld(v, i) * a.b2;
-    vi = vi + (a.one_m_b2 * gi) * gi;  // addcmul
-    float vd = vi;
-    if (kAmsgrad) {
-      const float old = ld(vmax, i);
-      vd = old < vi ? vi : old;  // std::max(old, vi)
-      st(vmax, i, vd);
+  for_each_chunk(tb.chunk[blockIdx.x], tb.numel[s], [&](int64_t begin, int64_t end) {
+    float pr[kPer], gr[kPer], mr[kPer], vr[kPer], xr[kPer];
+#pragma unroll
+    for (int r = 0; r < kPer; ++r) {
+      const int64_t i = begin + threadIdx.x + r * kThreads;
+      pr[r] = gr[r] = mr[r] = vr[r] = xr[r] = 0.f;
+      if (i >= end) continue;
+      pr[r] = ld(p, i);
+      gr[r] = ld(g, i);
+      mr[r] = ld(m, i);
+      vr[r] = ld(v, i);
+      if (kAmsgrad) xr[r] = ld(vmax, i);
     }
-    const float denom = sqrtf(vd) / bc2 + a.eps;
-    st(p, i, pi + (-step_size) * (mi / denom));  // addcdiv
-    st(m, i, mi);
-    st(v, i, vi);
-  }
+#pragma unroll
+    for (int r = 0; r < kPer; ++r) {
+      const int64_t i = begin + threadIdx.x + r * kThreads;
+      if (i >= end) continue;
+      float pi = pr[r];
+      float gi = gr[r] * inv_scale * a.sign;
+      if (kDecoupled) pi *= decay;
+      else if (a.wd != 0.f) gi = fmaf(pi, a.wd, gi);  // grad.add(param, alpha=wd), as torch
+      const float mi = fmaf(a.one_m_b1, gi - mr[r], mr[r]);  // torch's lerp
+      float vi = vr[r] * a.b2;
+      vi = vi + (a.one_m_b2 * gi) * gi;  // addcmul
+      float vd = vi;
+      if (kAmsgrad) {
+        vd = xr[r] < vi ? vi : xr[r];  // std::max(old, vi)
+        st(vmax, i, vd);
+      }
+      const float denom = sqrtf(vd) / bc2 + a.eps;
+      st(p, i, pi + (-step_size) * (mi / denom));  // addcdiv
+      st(m, i, mi);
+      st(v, i, vi);
+    }
+  });
 }
 
 struct SgdArgs {
@@ -152,23 +188,35 @@ struct SgdArgs {
 template <class T, bool kMomentum, bool kNesterov>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(Tables<3> tb, SgdArgs a) {
   const int s = tb.slot[blockIdx.x];
-  const int64_t begin = int64_t(tb.chunk[blockIdx.x]) * kChunk;
-  const int64_t end = min(tb.numel[s], begin + kChunk);
   T* p = static_cast<T*>(tb.ptr[0][s]);
   const T* g = static_cast<const T*>(tb.ptr[1][s]);
   T* buf = static_cast<T*>(tb.ptr[2][s]);
   const bool first = tb.flag[s] != 0;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    const float pi = ld(p, i);
-    float d = ld(g, i) * a.inv_scale * a.sign;
-    if (a.wd != 0.f) d = fmaf(pi, a.wd, d);  // grad.add(param, alpha=wd), as torch
-    if (kMomentum) {
-      const float bi = first ? d : fmaf(d, a.damp, ld(buf, i) * a.mom);
-      st(buf, i, bi);
-      d = kNesterov ? fmaf(bi, a.mom, d) : bi;
+  for_each_chunk(tb.chunk[blockIdx.x], tb.numel[s], [&](int64_t begin, int64_t end) {
+    float pr[kPer], gr[kPer], br[kPer];
+#pragma unroll
+    for (int r = 0; r < kPer; ++r) {
+      const int64_t i = begin + threadIdx.x + r * kThreads;
+      pr[r] = gr[r] = br[r] = 0.f;
+      if (i >= end) continue;
+      pr[r] = ld(p, i);
+      gr[r] = ld(g, i);
+      if (kMomentum && !first) br[r] = ld(buf, i);
     }
-    st(p, i, fmaf(d, -a.lr, pi));  // param.add_(grad, alpha=-lr)
-  }
+#pragma unroll
+    for (int r = 0; r < kPer; ++r) {
+      const int64_t i = begin + threadIdx.x + r * kThreads;
+      if (i >= end) continue;
+      float d = gr[r] * a.inv_scale * a.sign;
+      if (a.wd != 0.f) d = fmaf(pr[r], a.wd, d);  // grad.add(param, alpha=wd), as torch
+      if (kMomentum) {
+        const float bi = first ? d : fmaf(d, a.damp, br[r] * a.mom);
+        st(buf, i, bi);
+        d = kNesterov ? fmaf(bi, a.mom, d) : bi;
+      }
+      st(p, i, fmaf(d, -a.lr, pr[r]));  // param.add_(grad, alpha=-lr)
+    }
+  });
 }
 
 struct Adam8Args {
@@ -194,14 +242,9 @@ __device__ __forceinline__ int rounded_sqrt_code(float y) {
 // values (8 per lane, strided by 32: coalesced), its absmax reduced with warp shuffles.
 template <class T>
 __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Tables<6> tb, Adam8Args a) {
-  constexpr int kPer = int(kBlock8) / 32;
+  constexpr int kLane = int(kBlock8) / 32;  // values per lane
   const int s = tb.slot[blockIdx.x];
-  const int64_t n = tb.numel[s];
-  const int64_t blk = int64_t(tb.chunk[blockIdx.x]) * (kChunk / kBlock8) + threadIdx.x / 32;
-  const int64_t base = blk * kBlock8;
-  if (base >= n) return;  // the whole warp: its block is past the tensor's end
   const int lane = threadIdx.x % 32;
-  const int64_t len = min(kBlock8, n - base);
   T* p = static_cast<T*>(tb.ptr[0][s]);
   const T* g = static_cast<const T*>(tb.ptr[1][s]);
   int8_t* mq = static_cast<int8_t*>(tb.ptr[2][s]);
@@ -218,49 +261,67 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Tables<6> tb, Adam8A
     sis = r[3];
   }
   const float inv_bc2 = 1.f / bc2;
-  // m = c|c| * scale / 127^2, v = (u^2)^2 * scale / 255^4, as optim_impl.h decodes them
-  const float m_unit = ms[blk] * (1.f / 16129.f);
-  const float v_unit_b2 = ((vs[blk] * (1.f / 65025.f)) * (1.f / 65025.f)) * a.b2;  // beta2 v
-  float m[kPer], root_v[kPer];
-  float m_max = 0.f, v_max = 0.f;
-  for (int r = 0; r < kPer; ++r) {
-    const int64_t k = lane + 32 * r;
-    m[r] = 0.f;
-    root_v[r] = 0.f;
-    if (k >= len) continue;
-    const int64_t i = base + k;
-    const float c = float(mq[i]), u = float(vq[i]);
-    float mi = (c * fabsf(c)) * m_unit, vi = ((u * u) * (u * u)) * v_unit_b2;
-    const float pi = ld(p, i) * decay;
-    const float gi = ld(g, i) * sis;
-    mi = fmaf(a.one_m_b1, gi - mi, mi);
-    vi = vi + (a.one_m_b2 * gi) * gi;
-    const float rv = sqrtf(vi);
-    st(p, i, pi + (-step_size) * (mi / (rv * inv_bc2 + a.eps)));
-    m[r] = mi;
-    root_v[r] = rv;
-    m_max = fmaxf(m_max, fabsf(mi));
-    v_max = fmaxf(v_max, vi);
-  }
-  for (int o = 16; o > 0; o >>= 1) {
-    m_max = fmaxf(m_max, __shfl_xor_sync(0xffffffffu, m_max, o));
-    v_max = fmaxf(v_max, __shfl_xor_sync(0xffffffffu, v_max, o));
-  }
-  // optim_impl.h's kTinyMax / kTinyPre: no overflow of m_k for tiny blocks
-  const float m_pre = m_max < 0x1p-64f ? 0x1p64f : 1.f;
-  const float m_k = m_max > 0.f ? (1.f / (m_max * m_pre)) * 16129.f : 0.f;
-  const float v_k = v_max > 0.f ? (1.f / sqrtf(v_max)) * 65025.f : 0.f;
-  for (int r = 0; r < kPer; ++r) {
-    const int64_t k = lane + 32 * r;
-    if (k >= len) continue;
-    const int code = sqrt_code((fabsf(m[r]) * m_pre) * m_k, 127);
-    mq[base + k] = int8_t(m[r] < 0.f ? -code : code);
-    vq[base + k] = uint8_t(rounded_sqrt_code(root_v[r] * v_k));
-  }
-  if (lane == 0) {
-    ms[blk] = m_max;
-    vs[blk] = v_max;
-  }
+  for_each_chunk(tb.chunk[blockIdx.x], tb.numel[s], [&](int64_t begin, int64_t end) {
+    const int64_t base = begin + int64_t(threadIdx.x / 32) * kBlock8;
+    if (base >= end) return;  // the whole warp: its block is past the tensor's end
+    const int64_t blk = base / kBlock8;
+    const int64_t len = min(kBlock8, end - base);
+    float c[kLane], u[kLane], pr[kLane], gr[kLane];
+    const float m_scale = ms[blk], v_scale = vs[blk];
+#pragma unroll
+    for (int r = 0; r < kLane; ++r) {
+      const int64_t k = lane + 32 * r, i = base + k;
+      c[r] = u[r] = pr[r] = gr[r] = 0.f;
+      if (k >= len) continue;
+      c[r] = float(mq[i]);
+      u[r] = float(vq[i]);
+      pr[r] = ld(p, i);
+      gr[r] = ld(g, i);
+    }
+    // m = c|c| * scale / 127^2, v = (u^2)^2 * scale / 255^4, as optim_impl.h decodes them
+    const float m_unit = m_scale * (1.f / 16129.f);
+    const float v_unit_b2 = ((v_scale * (1.f / 65025.f)) * (1.f / 65025.f)) * a.b2;  // beta2 v
+    float m[kLane], root_v[kLane];
+    float m_max = 0.f, v_max = 0.f;
+#pragma unroll
+    for (int r = 0; r < kLane; ++r) {
+      const int64_t k = lane + 32 * r;
+      m[r] = 0.f;
+      root_v[r] = 0.f;
+      if (k >= len) continue;
+      float mi = (c[r] * fabsf(c[r])) * m_unit, vi = ((u[r] * u[r]) * (u[r] * u[r])) * v_unit_b2;
+      const float pi = pr[r] * decay;
+      const float gi = gr[r] * sis;
+      mi = fmaf(a.one_m_b1, gi - mi, mi);
+      vi = vi + (a.one_m_b2 * gi) * gi;
+      const float rv = sqrtf(vi);
+      st(p, base + k, pi + (-step_size) * (mi / (rv * inv_bc2 + a.eps)));
+      m[r] = mi;
+      root_v[r] = rv;
+      m_max = fmaxf(m_max, fabsf(mi));
+      v_max = fmaxf(v_max, vi);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      m_max = fmaxf(m_max, __shfl_xor_sync(0xffffffffu, m_max, o));
+      v_max = fmaxf(v_max, __shfl_xor_sync(0xffffffffu, v_max, o));
+    }
+    // optim_impl.h's kTinyMax / kTinyPre: no overflow of m_k for tiny blocks
+    const float m_pre = m_max < 0x1p-64f ? 0x1p64f : 1.f;
+    const float m_k = m_max > 0.f ? (1.f / (m_max * m_pre)) * 16129.f : 0.f;
+    const float v_k = v_max > 0.f ? (1.f / sqrtf(v_max)) * 65025.f : 0.f;
+#pragma unroll
+    for (int r = 0; r < kLane; ++r) {
+      const int64_t k = lane + 32 * r;
+      if (k >= len) continue;
+      const int code = sqrt_code((fabsf(m[r]) * m_pre) * m_k, 127);
+      mq[base + k] = int8_t(m[r] < 0.f ? -code : code);
+      vq[base + k] = uint8_t(rounded_sqrt_code(root_v[r] * v_k));
+    }
+    if (lane == 0) {
+      ms[blk] = m_max;
+      vs[blk] = v_max;
+    }
+  });
 }
 
 // ------------------------------------------------------------------ host side
@@ -474,13 +535,15 @@ void adam8bit_step_cuda(const AdamHyper& h, const std::vector<Adam8bitTensor>& t
 }
 
 std::string optim_cuda_host_selftest() {
-  // Lengths around the chunk size, empty tensors, one spanning several launches, and more
-  // tensors than one launch holds.
+  // Lengths around the chunk and span sizes, empty tensors, one spanning several launches, and
+  // more tensors than one launch holds.
   std::vector<int64_t> numels = {0, 1, kChunk - 1, kChunk, kChunk + 1, 0,
-                                 kChunk * (kMaxBlocks + 3) + 5};
+                                 kChunk * kSpan - 1, kChunk * kSpan, kChunk * kSpan + 1,
+                                 kChunk * kSpan * (kMaxBlocks + 3) + 5};
   for (int i = 0; i < 3 * kMaxTensors; ++i) numels.push_back(1 + (i * 977) % (3 * kChunk));
   const Plan plan = plan_launches(numels);
-  std::vector<std::vector<int>> seen(numels.size());
+  // The ranges the kernels' blocks update, per tensor, as for_each_chunk gives them.
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> seen(numels.size());
   std::ostringstream err;
   for (size_t l = 0; l < plan.blocks.size(); ++l) {
     const auto& ts = plan.tensors[l];
@@ -490,22 +553,30 @@ std::string optim_cuda_host_selftest() {
       return err.str();
     }
     for (const auto& b : bs) {
-      if (b.first < 0 || b.first >= int(ts.size())) {
-        err << "launch " << l << ": slot " << b.first << " out of range";
+      if (b.first < 0 || b.first >= int(ts.size()) || b.second > INT32_MAX) {
+        err << "launch " << l << ": slot " << b.first << " or chunk " << b.second
+            << " out of range";
         return err.str();
       }
-      seen[ts[b.first]].push_back(int(b.second));
+      const int i = ts[b.first];
+      for_each_chunk(int(b.second), numels[i], [&](int64_t begin, int64_t end) {
+        seen[i].emplace_back(begin, end);
+      });
     }
   }
   for (size_t i = 0; i < numels.size(); ++i) {
-    const int64_t chunks = (numels[i] + kChunk - 1) / kChunk;
-    std::vector<int> c = seen[i];
-    std::sort(c.begin(), c.end());
-    bool ok = int64_t(c.size()) == chunks;
-    for (int64_t k = 0; ok && k < chunks; ++k) ok = c[k] == k;
-    if (!ok) {
-      err << "tensor " << i << " (" << numels[i] << " elements): chunks covered " << c.size()
-          << " times for " << chunks;
+    // every value of the tensor exactly once, in ranges of at most one chunk
+    std::vector<std::pair<int64_t, int64_t>> r = seen[i];
+    std::sort(r.begin(), r.end());
+    int64_t at = 0;
+    bool ok = true;
+    for (const auto& e : r) {
+      ok = ok && e.first == at && e.second > e.first && e.second - e.first <= kChunk;
+      at = e.second;
+    }
+    if (!ok || at != numels[i]) {
+      err << "tensor " << i << " (" << numels[i] << " elements): " << r.size()
+          << " ranges do not tile it";
       return err.str();
     }
   }

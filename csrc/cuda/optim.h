@@ -2,9 +2,9 @@
 // so bindings.cpp can include it. The math is csrc/cpu/optim_impl.h's, operation for operation
 // (IEEE division and square root, the same fused multiply-adds, nothing else contracted), so a
 // step on the GPU gives the CPU kernel's bits; the tensors are the CPU kernels' (cpu/optim.h)
-// with device pointers. Launches are multi_tensor_apply style: each CUDA block updates one chunk
-// of one tensor, the tensor and chunk tables travel as kernel parameters (no host sync, no
-// device buffers), as many launches as the tables need.
+// with device pointers. Launches are multi_tensor_apply style: each CUDA block updates a run of
+// consecutive chunks of one tensor, the tensor and chunk tables travel as kernel parameters (no
+// host sync, no device buffers), as many launches as the tables need.
 #pragma once
 #include <cstdint>
 #include <string>
