@@ -1,7 +1,8 @@
 """The CPU paths that quantize bfloat16 x to int8 per 32-element block and multiply with
 integer dot products (csrc/cpu/quant_matmul_impl.h): int4 weights with few rows (decoding, row
 blocks), and on AVX512-VNNI CPUs int8 weights with 6 rows or more and int4 weights with more
-rows than the row blocks take (x packed 16 rows to a vector).
+rows than the row blocks take (x packed 16 rows to a vector; int8 with 6-8 rows: 8 rows, two
+halves of K each).
 
 Checked two ways on every CPU tier: tightly against the reference applied to the same
 int8-quantized x (so the kernel does exactly that arithmetic), and against the reference on
@@ -79,14 +80,16 @@ def test_int4_int8x_paths(cpu_tier, group, M, K, N, kind):
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 100, 9), (2, 4096, 70), (3, 96, 33), (5, 200, 130),
-                                   (6, 128, 9), (7, 100, 2), (8, 128, 9), (16, 4096, 70),
+                                   (6, 128, 9), (7, 100, 2), (8, 128, 9), (6, 4160, 70),
+                                   (8, 2100, 33), (7, 40, 5), (16, 4096, 70),
                                    (17, 100, 33), (33, 1024, 1), (64, 352, 130), (300, 96, 20)])
 @pytest.mark.parametrize("kind", ["gaussian", "outliers", "zero_blocks"])
 def test_int8_int8x_path(cpu_tier, M, K, N, kind):
     """int8 weights: row blocks (decoding; 4W values a step, K not a multiple of it) and from 6
-    rows on VNNI CPUs x packed 16 rows to a vector (1, 2 and 4 vectors of 16 rows per register
-    block, rows past M in the last vector), K not a multiple of 32 (a partial last block), one
-    channel."""
+    rows on VNNI CPUs x packed to vectors: 6-8 rows as two halves of K each (halves of several
+    1024-value chunks, a second half partly or mostly past K), more rows 16 to a vector (1, 2
+    and 4 vectors of 16 rows per register block, rows past M in the last vector); K not a
+    multiple of 32 (a partial last block), one channel, channels not a multiple of 8."""
     torch.manual_seed(M * 1000 + K + N)
     x = make_x(M, K, kind)
     qw = llmkernels.quantize_weight(torch.randn(N, K), "int8")

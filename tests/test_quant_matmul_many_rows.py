@@ -125,7 +125,10 @@ def test_explain_names_the_cpu_kernel(cpu_tier, scheme):
             if tiles:
                 assert ("AMX int8 tiles" if scheme == "w8a8" else "AMX bf16 tiles") in text
             elif packed_int8_x:
-                assert packed and "16 rows to a vector" in text, text
+                # int8 with at most 8 rows: two halves of each row's K in a vector's 16 lanes
+                lanes = "8 rows to a vector (two halves of K" if (
+                    scheme == "int8" and M <= 8) else "16 rows to a vector"
+                assert packed and lanes in text, text
             elif (cpu_tier == "generic" or M < 8 or int4_blocks or int8_blocks
                   or (scheme == "w8a8" and cpu_tier not in ("avx512_bf16", "amx"))):
                 assert not packed, text

@@ -295,6 +295,7 @@ struct Ctx {
   const float* xps;           // the packed int8-x path: xq's block scales, packed as xp
   const float* xcorr;         // its int8: per row, the sum over blocks of scale * 128 * sum(q)
   const float* xpg;           // its int4: (rows, groups) sums of the dequantized x, packed as xp
+  int64_t pair_half;          // the paired int8-x path (use_paired_q8): K values of a half, else 0
   char* scratch;              // per-thread partial sums
   int64_t scratch_stride;
   int64_t chunks_n;
@@ -321,11 +322,13 @@ LLMK_INLINE int64_t prefetch_ahead(const Ctx& c, int64_t row_bytes, int64_t k0, 
 }
 
 bool use_int8_q8_rows(const QuantMatmulParams& p);  // below
+bool use_paired_q8(const QuantMatmulParams& p);
 
 // Values per prepared row of x: its int8-x row blocks step 4W values at a time.
 int64_t padded_k(const QuantMatmulParams& p) {
   const int64_t K = std::max<int64_t>(p.x.sizes[1], 1);
   if (use_int8_q8_rows(p)) return round_up(K, 4 * W);
+  if (use_paired_q8(p)) return round_up(K, 64);  // two halves of whole 32-value blocks
   return p.scheme == QuantScheme::w8a8 ? round_up(K, 64) : round_up(K, 32);
 }
 
@@ -833,6 +836,10 @@ bool use_int4_q8(const QuantMatmulParams& p) {
 // int8 packs from fewer rows than the packed path's (a vector of 16 rows costs about the same
 // from 5 to 16 rows). 4096 x 4096 / 11008, 2 Zen 4 threads, 2026-11-27: packed 5-8 rows
 // 0.99-1.02 / 2.61-2.69 ms; register blocks 4 rows 0.83 / 2.15, 6 rows 1.19 (4096 x 4096).
+// 6-8 rows take the paired layout (use_paired_q8; weights from memory, alternated with the
+// 16-lane build, 2026-11-27): 6 rows 1.05-1.43 -> 0.80-0.91 / 3.35-4.00 -> 2.24-2.50 ms, 8 rows
+// 1.11-1.34 -> 0.81-0.91 / 3.11-3.39 -> 2.12-2.40 ms; 5 rows stay in register blocks
+// (0.67-0.73 ms, 76-78% of the read bandwidth).
 constexpr int64_t kPackedQ8MinRowsInt8 = 6;
 // int8 weights, bfloat16 x, fewer rows than the packed int8-x path takes (without VNNI: as
 // int4's decoding rows): x quantized to int8 per 32 values as int4's rows (int8_q8_block), a
@@ -847,6 +854,15 @@ bool use_packed_q8(const QuantMatmulParams& p) {
   return kPackedBf16 && p.x.dtype == DType::bf16 &&
          ((p.scheme == QuantScheme::int8 && M >= kPackedQ8MinRowsInt8) ||
           (p.scheme == QuantScheme::int4 && M >= kPackedMinRows && !use_int4_q8(p)));
+}
+
+// int8 on the packed int8-x path with at most half a vector of rows: each row's two halves of
+// K (padded to 64) take two lanes of the vector (x as 2M rows of K / 2: the same bytes), the
+// panel holds the two halves' weight words side by side, one 64-bit broadcast feeds both, and
+// the two lanes' sums add up at the end. One vpdpbusd then does the products of 16 lanes, not
+// of 6-8 rows and 8-10 lanes of zeros.
+bool use_paired_q8(const QuantMatmulParams& p) {
+  return use_packed_q8(p) && p.scheme == QuantScheme::int8 && 2 * p.x.sizes[0] <= kLaneRowsAll;
 }
 
 // The packed-x path's bytes per element of x (quant_matmul_packed_x.h), 0 where it does not
@@ -930,16 +946,22 @@ void packed_tile_item(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t 
   // out(m, n) = value(m, n, sum) + bias[n], in out's dtype: the sum is lane m - m0 of the
   // channel's vectors; the dtype switch and the bias read stay out of the loops (a store()
   // per element was ~6% of int8 M = 64).
+  // Paired (c.pair_half, one tile of all rows): row m's sum is lanes 2m and 2m + 1.
   auto each = [&](auto* acc, auto lane, auto value) {  // lane: float or int32_t
     using Lane = decltype(lane);
     const Lane* sums = reinterpret_cast<const Lane*>(acc);
     const int64_t so = p.out.strides[0], sn = p.out.strides[1];
+    const bool paired = c.pair_half > 0;
+    const int64_t rows_end = paired ? p.x.sizes[0] : m1;
     auto columns = [&](auto* out, auto convert) {
       for (int64_t n = n0; n < n1; ++n) {
         const float b = p.bias.defined() ? read_float(p.bias.dtype, p.bias.data, n * p.bias.strides[0])
                                          : 0.f;
         const Lane* col = sums + (n - n0) * kTileVecs * kLaneRows;
-        for (int64_t m = m0; m < m1; ++m) out[m * so + n * sn] = convert(value(m, n, col[m - m0]) + b);
+        for (int64_t m = m0; m < rows_end; ++m) {
+          const Lane sum = paired ? col[2 * m] + col[2 * m + 1] : col[m - m0];
+          out[m * so + n * sn] = convert(value(m, n, sum) + b);
+        }
       }
     };
     switch (p.out.dtype) {
@@ -979,11 +1001,20 @@ void packed_tile_item(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t 
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
   if (c.xps != nullptr && p.scheme == QuantScheme::int8) {  // x quantized per block
     __m512* acc = reinterpret_cast<__m512*>(scratch);
-    packed_tile_any<Q8BlockDots>(
-        c, m0, m1, n0, n1, acc, panel, Q8BlockDots::kPanelWords,
-        [&](auto nb, const int64_t* chans, int64_t, int64_t k0, int64_t k1) {
-          fill_int8_u8<decltype(nb)::value>(c, chans, k0, k1, static_cast<uint8_t*>(panel));
-        }, plain);
+    uint8_t* pan = static_cast<uint8_t*>(panel);
+    auto tiles = [&](auto dots) {  // Q8BlockDots, or Q8PairDots: two halves of K to a row
+      using D = decltype(dots);
+      packed_tile_any<D>(
+          c, m0, m1, n0, n1, acc, panel, Q8BlockDots::kPanelWords,
+          [&](auto nb, const int64_t* chans, int64_t, int64_t k0, int64_t k1) {
+            if constexpr (D::kLaneWords == 2)
+              fill_int8_u8_pairs<decltype(nb)::value>(c, chans, k0, k1, pan);
+            else
+              fill_int8_u8<decltype(nb)::value>(c, chans, k0, k1, pan);
+          }, plain);
+    };
+    if (c.pair_half > 0) tiles(Q8PairDots{});
+    else tiles(Q8BlockDots{});
     each(acc, float{}, [&](int64_t m, int64_t n, float s) { return (s - c.xcorr[m]) * sc[n]; });
     return;
   }
@@ -1482,6 +1513,9 @@ const char* describe(const QuantMatmulParams& p) {
   if (use_int4_q8(p) || use_int8_q8_rows(p))
     return "decoding GEMV (row blocks), x quantized to int8 per 32 values for integer dot "
            "products";
+  if (use_paired_q8(p))
+    return "x packed 8 rows to a vector (two halves of K each), x quantized to int8 per 32 "
+           "values for int8 dot products (vpdpbusd)";
   if (use_packed_q8(p))
     return "x packed 16 rows to a vector, x quantized to int8 per 32 values for int8 dot "
            "products (vpdpbusd)";
@@ -1561,6 +1595,11 @@ void run(const QuantMatmulParams& p, void* workspace) {
   const int threads = threads_for(p.qdata.numel() * c.M, p.num_threads, int64_t(512) << 10);
   parallel_for(c.M, std::min<int64_t>(threads, c.M), prep_row, &pc);
 #if defined(__AVX512F__) && LLMK_VEC_BYTES == 64 || defined(__AVX2__) && LLMK_VEC_BYTES == 32
+  if (use_paired_q8(p)) {  // x as 2M rows of half its length (the same bytes, see the rule)
+    c.pair_half = c.Kx / 2;
+    c.M *= 2;
+    c.K = c.Kx = c.pair_half;
+  }
   if (c.xp != nullptr) {  // the prepared rows, W to a vector
     const int64_t bytes = packed_elem_bytes(p), words = c.Kx * bytes / 4;
     const void* rows = bytes == 1 ? static_cast<const void*>(pc.xq)

@@ -10,6 +10,9 @@
 //   xp[(group * words + q) * W + r] = 32-bit word q of row W * group + r (rows past M: 0)
 // words = Kx * element bytes / 4. The panel holds NB weight rows of one K chunk (the same
 // element order as x: int4's permuted order), D::kPanelWords words apart, zero-padded to Kx.
+// Paired (int8, at most 8 rows, Ctx::pair_half): x's rows are read as twice as many rows of
+// half the length (row r's halves are rows 2r and 2r + 1: the same bytes), and the panel holds
+// word q of either half of a weight row side by side (Q8PairDots).
 // Where the CPU lacks AVX512-BF16, the products are float32 FMAs: W = 8 (AVX2) or 16 rows
 // to a vector, float x and a float panel (int8: q; int4: (q - zero) * scale), which also
 // serve float32 / float16 x on AVX512-BF16 CPUs.
@@ -31,6 +34,7 @@ struct FloatDots {
   static constexpr int64_t kChunk = 256;  // panel and x's chunk: 16 KiB each at 16 rows
   static constexpr int64_t kPanelWords = kChunk;
   static constexpr int64_t kBlockWords = 0;  // one scale for every word (see Q8BlockDots)
+  static constexpr int64_t kLaneWords = 1;   // panel words per word of x (see Q8PairDots)
   static V zero() { return vf{}; }
   static LLMK_INLINE X load(const uint32_t* p) { X v; std::memcpy(&v, p, sizeof v); return v; }
   static LLMK_INLINE X bcast(const uint32_t* p) { float f; std::memcpy(&f, p, 4); return splat(f); }
@@ -54,6 +58,7 @@ struct Bf16Dots {
   static constexpr int64_t kChunk = 512;
   static constexpr int64_t kPanelWords = kChunk * kElemBytes / 4;
   static constexpr int64_t kBlockWords = 0;
+  static constexpr int64_t kLaneWords = 1;
   static V zero() { return _mm512_setzero_ps(); }
   static LLMK_INLINE X load(const uint32_t* p) { return _mm512_load_si512(p); }
   static LLMK_INLINE X bcast(const uint32_t* p) { return _mm512_set1_epi32(int(*p)); }
@@ -68,6 +73,7 @@ struct U8S8Dots {
   static constexpr int64_t kChunk = 1024;
   static constexpr int64_t kPanelWords = kChunk * kElemBytes / 4;
   static constexpr int64_t kBlockWords = 0;
+  static constexpr int64_t kLaneWords = 1;
   static V zero() { return _mm512_setzero_si512(); }
   static LLMK_INLINE X load(const uint32_t* p) { return _mm512_load_si512(p); }
   static LLMK_INLINE X bcast(const uint32_t* p) { return _mm512_set1_epi32(int(*p)); }
@@ -85,9 +91,21 @@ struct Q8BlockDots : U8S8Dots {  // its bytes, chunks, loads and broadcasts
   static V zero() { return _mm512_setzero_ps(); }
   static LLMK_INLINE X dot(X acc, X x, X w) { return _mm512_dpbusd_epi32(acc, w, x); }
 };
+// The paired layout (use_paired_q8): x's even lanes hold the first half of K, the odd lanes the
+// second; panel word pair 2q, 2q + 1 holds the weights of word q of either half.
+struct Q8PairDots : Q8BlockDots {
+  static constexpr int64_t kLaneWords = 2;
+  static constexpr int64_t kPanelWords = kLaneWords * Q8BlockDots::kPanelWords;
+  static LLMK_INLINE X bcast(const uint32_t* p) {
+    long long pair;
+    std::memcpy(&pair, p, 8);
+    return _mm512_set1_epi64(pair);
+  }
+};
 static_assert(kMaxPackedNB * Bf16Dots::kPanelWords * 4 <= kPanelBytes, "panel too small");
 static_assert(kMaxPackedNB * U8S8Dots::kPanelWords * 4 <= kPanelBytes, "panel too small");
 static_assert(kMaxPackedNB * Q8BlockDots::kPanelWords * 4 <= kPanelBytes, "panel too small");
+static_assert(8 * Q8PairDots::kPanelWords * 4 <= kPanelBytes, "panel too small");  // NB <= 8
 #else
 constexpr bool kPackedBf16 = false;
 #endif
@@ -120,7 +138,8 @@ __attribute__((noinline)) void packed_dots(const uint32_t* x, int64_t vec_stride
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
-// packed_dots for Q8BlockDots: q0 and q1 on block boundaries; xs: the scales of row vector
+// packed_dots for Q8BlockDots and Q8PairDots (D): q0 and q1 on block boundaries; n_ahead
+// prefetch rows (ahead); xs: the scales of row vector
 // 0's block at q0 (the next block's 16 floats on, row vector v's xs_stride floats on).
 // Registers: NB * MV int sums of the block, as many float sums, MV vectors of x.
 // Groups (int4): g.words words a group, q0 on a group boundary; each block's sums also times
@@ -134,13 +153,12 @@ struct Q8Groups {
   const float* xg;             // row vector 0's group sums from q0's group on (16 floats each)
   int64_t xg_stride;           // row vector v's: xg_stride floats on
 };
-template <int MV, int NB, bool Groups>
+template <class D, int MV, int NB, bool Groups>
 __attribute__((noinline)) void packed_dots_blocks(const uint32_t* x, int64_t vec_stride,
                                                   const uint32_t* panel, int64_t q0, int64_t q1,
                                                   __m512* part, const uint8_t* const* ahead,
-                                                  int log2_lines, const float* xs,
+                                                  int n_ahead, int log2_lines, const float* xs,
                                                   int64_t xs_stride, const Q8Groups& g) {
-  using D = Q8BlockDots;
   __m512 acc[NB][MV];
   for (int j = 0; j < NB; ++j)
     for (int v = 0; v < MV; ++v) acc[j][v] = _mm512_setzero_ps();
@@ -153,12 +171,12 @@ __attribute__((noinline)) void packed_dots_blocks(const uint32_t* x, int64_t vec
     for (int j = 0; j < NB; ++j)
       for (int v = 0; v < MV; ++v) blk[j][v] = _mm512_setzero_si512();
     for (int64_t q = qb; q < qb + D::kBlockWords; ++q) {
-      if (ahead != nullptr && (q >> log2_lines) < NB)
+      if (ahead != nullptr && (q >> log2_lines) < n_ahead)
         prefetch_l2(ahead[q >> log2_lines] + ((q & ((int64_t(1) << log2_lines) - 1)) << 6));
       __m512i xv[MV];
       for (int v = 0; v < MV; ++v) xv[v] = D::load(x + v * vec_stride + q * kLaneRows);
       for (int j = 0; j < NB; ++j) {
-        const __m512i w = D::bcast(panel + j * D::kPanelWords + q);
+        const __m512i w = D::bcast(panel + j * D::kPanelWords + q * D::kLaneWords);
         for (int v = 0; v < MV; ++v) blk[j][v] = D::dot(blk[j][v], xv[v], w);
       }
     }
@@ -200,8 +218,10 @@ void packed_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
   const uint8_t* w = c.p->qdata.ptr<uint8_t>();
   const int64_t row_bytes = c.p->qdata.sizes[1];
   const int64_t chunks = (c.K + kc - 1) / kc;  // per weight row
-  int log2_lines = 0;  // 64-byte lines of a weight row per chunk: 4 (int4), 8, 16 (w8a8)
-  while ((int64_t(64) << log2_lines) < kc * row_bytes / c.K) ++log2_lines;
+  // Paired (c.pair_half): both halves of each row prefetched, each half a row of its own.
+  constexpr int kHalves = int(D::kLaneWords);
+  int log2_lines = 0;  // 64-byte lines of a weight row (half) per chunk: 4 (int4), 8, 16
+  while ((int64_t(64) << log2_lines) < kc * row_bytes / c.p->x.sizes[1]) ++log2_lines;
   for (int64_t n = n0; n < n1; n += NB) {
     int64_t chans[NB];
     for (int j = 0; j < NB; ++j) chans[j] = std::min(n + j, n1 - 1);  // repeats: discarded
@@ -216,9 +236,16 @@ void packed_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
       // M = 16, two threads: int8 2.3-2.7 -> 2.0-2.2 ms, w8a8 1.85-1.98 -> 1.55 ms; Zen 4).
       const int64_t chunk = k0 / kc + kPrefetchChunks;
       const int64_t ahead_n = n + chunk / chunks * NB, ahead_k = chunk % chunks * kc;
-      const uint8_t* next[NB];
-      for (int j = 0; j < NB; ++j)
-        next[j] = w + std::min(ahead_n + j, n1 - 1) * row_bytes + ahead_k * row_bytes / c.K;
+      const uint8_t* next[NB * kHalves];
+      for (int j = 0; j < NB; ++j) {
+        const uint8_t* row = w + std::min(ahead_n + j, n1 - 1) * row_bytes;
+        if constexpr (kHalves == 2) {  // int8: a byte a value
+          next[2 * j] = row + ahead_k;
+          next[2 * j + 1] = row + c.pair_half + ahead_k;
+        } else {
+          next[j] = row + ahead_k * row_bytes / c.K;
+        }
+      }
       const bool more = ahead_n < n1;
       for (int64_t v = 0; v < vecs; v += MV) {
         for (int64_t s = 0; s < words; s += seg_words) {
@@ -242,12 +269,13 @@ void packed_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
               const Q8Groups g{scale, zero, gsize / 4,
                                c.xpg + (m0 / kLaneRows + v) * xg_stride + g0 * kLaneRows,
                                xg_stride};
-              packed_dots_blocks<MV, NB, true>(xk + v * vec_stride, vec_stride, pw, s, s1,
-                                               &part[0][0], pre, log2_lines, xs, xs_stride, g);
+              packed_dots_blocks<D, MV, NB, true>(xk + v * vec_stride, vec_stride, pw, s, s1,
+                                                  &part[0][0], pre, NB, log2_lines, xs,
+                                                  xs_stride, g);
             } else {
-              packed_dots_blocks<MV, NB, false>(xk + v * vec_stride, vec_stride, pw, s, s1,
-                                                &part[0][0], pre, log2_lines, xs, xs_stride,
-                                                Q8Groups{});
+              packed_dots_blocks<D, MV, NB, false>(xk + v * vec_stride, vec_stride, pw, s, s1,
+                                                   &part[0][0], pre, NB * kHalves, log2_lines,
+                                                   xs, xs_stride, Q8Groups{});
             }
           } else
 #endif
@@ -352,6 +380,39 @@ void fill_int8_u8(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1, ui
       _mm512_store_si512(dst + k, _mm512_xor_si512(_mm512_loadu_si512(w + k), flip));
     for (; k < len; ++k) dst[k] = uint8_t(w[k]) ^ 0x80;
     for (; k < lenv; ++k) dst[k] = 0x80;
+  }
+}
+
+// Q8PairDots' panel: words 2q and 2q + 1 of a row hold the weights + 128 of word q of the chunk
+// [k0, k1) in either half of the row (c.pair_half values apart); bytes past the row's end
+// hold 128 (a zero weight; x is 0 there).
+template <int NB>
+void fill_int8_u8_pairs(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1,
+                        uint8_t* panel) {
+  const int64_t K = c.p->qdata.sizes[1], words = round_up(k1 - k0, 32) / 4;
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+  for (int j = 0; j < NB; ++j) {
+    const int8_t* w = c.p->qdata.ptr<int8_t>() + chans[j] * K;
+    const int64_t first[2] = {k0, c.pair_half + k0};  // each half's byte at word 0
+    uint32_t* dst = reinterpret_cast<uint32_t*>(panel + j * Q8PairDots::kPanelWords * 4);
+    int64_t q = 0;
+    for (; q + 16 <= words && first[1] + 4 * q + 64 <= K; q += 16) {  // both halves whole
+      const __m512i a = _mm512_xor_si512(_mm512_loadu_si512(w + first[0] + 4 * q), flip);
+      const __m512i b = _mm512_xor_si512(_mm512_loadu_si512(w + first[1] + 4 * q), flip);
+      _mm512_store_si512(dst + 2 * q, _mm512_permutex2var_epi32(a, lo, b));
+      _mm512_store_si512(dst + 2 * q + 16, _mm512_permutex2var_epi32(a, hi, b));
+    }
+    for (; q < words; ++q)
+      for (int h = 0; h < 2; ++h) {
+        uint8_t bytes[4];
+        for (int e = 0; e < 4; ++e) {
+          const int64_t k = first[h] + 4 * q + e;
+          bytes[e] = k < K ? uint8_t(w[k]) ^ 0x80 : 0x80;
+        }
+        std::memcpy(dst + 2 * q + h, bytes, 4);
+      }
   }
 }
 
