@@ -1,8 +1,8 @@
 """The CPU paths that quantize bfloat16 x to int8 per 32-element block and multiply with
 integer dot products (csrc/cpu/quant_matmul_impl.h): int4 weights with few rows (decoding, row
 blocks), and on AVX512-VNNI CPUs int8 weights with 6 rows or more and int4 weights with more
-rows than the row blocks take (x packed 16 rows to a vector; int8 with 6-8 rows: 8 rows, two
-halves of K each).
+rows than the row blocks take (x packed 16 rows to a vector; 6-8 rows: 8 rows, two halves of K
+each, int4 where each half holds whole groups).
 
 Checked two ways on every CPU tier: tightly against the reference applied to the same
 int8-quantized x (so the kernel does exactly that arithmetic), and against the reference on
@@ -60,11 +60,13 @@ def check_both_ways(x, qw, out):
 
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("M,K,N", [(1, 128, 9), (2, 384, 33), (1, 4096, 70), (2, 1024, 1),
+                                   (6, 256, 9), (7, 384, 70), (8, 4096, 33), (8, 2304, 1),
                                    (9, 128, 9), (16, 4096, 70), (17, 384, 33), (64, 1024, 130),
                                    (300, 256, 1)])
 @pytest.mark.parametrize("kind", ["gaussian", "outliers", "zero_blocks"])
 def test_int4_int8x_paths(cpu_tier, group, M, K, N, kind):
-    """int4 weights: row blocks (decoding), and from 9 rows on VNNI CPUs x packed 16 rows to a
+    """int4 weights: row blocks (decoding), and on VNNI CPUs x packed: 6-8 rows as two halves of
+    K each where each half holds whole groups (else row blocks), from 9 rows 16 rows to a
     vector (1, 2 and 4 vectors per register block), each group's sums scaled and its zero
     points applied."""
     if K % group:
@@ -75,7 +77,8 @@ def test_int4_int8x_paths(cpu_tier, group, M, K, N, kind):
     out = llmkernels.quant_matmul(x, qw, backend="cpu")
     assert out.dtype == torch.bfloat16 and out.shape == (M, N)
     check_both_ways(x, qw, out)
-    if cpu_tier == "avx512_bf16" and (M >= 9 or group >= 64):  # row blocks: whole vectors of 4W
+    # row blocks: whole vectors of 4W; paired: whole groups in each half of K
+    if cpu_tier == "avx512_bf16" and (M >= 9 or group >= 64 or (M >= 6 and K % (2 * group) == 0)):
         assert cpu_int8_activations(x, qw)
 
 

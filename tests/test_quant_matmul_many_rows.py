@@ -116,18 +116,17 @@ def test_explain_names_the_cpu_kernel(cpu_tier, scheme):
             tiles = cpu_tier == "amx" and M >= 8 and (
                 scheme == "w8a8" or bf16)  # int8, int4 (group 64)
             # int8 x: int4's and int8's row blocks (decoding), and on VNNI tiers x packed as
-            # int8 from 6 rows (int8 weights) or 9 (int4)
-            int4_blocks = scheme == "int4" and bf16 and M < (9 if vnni else 12)
+            # int8 from 6 rows (int8 weights; int4 too where each half of K holds whole groups,
+            # as 256 does groups of 64) or 9 (int4)
+            int4_blocks = scheme == "int4" and bf16 and M < (6 if vnni else 12)
             int8_blocks = scheme == "int8" and bf16 and M < (6 if vnni else 12)
-            packed_int8_x = not tiles and vnni and bf16 and (
-                (scheme == "int8" and M >= 6) or (scheme == "int4" and M >= 9))
+            packed_int8_x = not tiles and vnni and bf16 and scheme != "w8a8" and M >= 6
             assert ("AMX bf16 tiles:" in text or "AMX int8 tiles:" in text) == tiles, text
             if tiles:
                 assert ("AMX int8 tiles" if scheme == "w8a8" else "AMX bf16 tiles") in text
             elif packed_int8_x:
                 # int8 with at most 8 rows: two halves of each row's K in a vector's 16 lanes
-                lanes = "8 rows to a vector (two halves of K" if (
-                    scheme == "int8" and M <= 8) else "16 rows to a vector"
+                lanes = "8 rows to a vector (two halves of K" if M <= 8 else "16 rows to a vector"
                 assert packed and lanes in text, text
             elif (cpu_tier == "generic" or M < 8 or int4_blocks or int8_blocks
                   or (scheme == "w8a8" and cpu_tier not in ("avx512_bf16", "amx"))):

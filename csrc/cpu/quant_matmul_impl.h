@@ -823,10 +823,11 @@ constexpr int64_t kPackedMinRows = 8;
 // 3.23 packed, 11 rows 1.54 / 4.12 against 1.29 / 3.22; packed, 8 to 16 rows cost the same).
 constexpr int64_t kInt4Q8Rows = 12;
 constexpr int64_t kInt4Q8RowsVnni = 9;
+bool paired_int4(const QuantMatmulParams& p);  // below
 bool use_int4_q8(const QuantMatmulParams& p) {
   return kInt4Q8 && p.scheme == QuantScheme::int4 && p.x.dtype == DType::bf16 &&
          p.x.sizes[0] < (kPackedBf16 ? kInt4Q8RowsVnni : kInt4Q8Rows) &&
-         p.group_size % (4 * W) == 0;
+         p.group_size % (4 * W) == 0 && !paired_int4(p);
 }
 
 // The packed int8-x path: bfloat16 x (its tolerance, as int4's above), the rows the packed
@@ -853,7 +854,20 @@ bool use_packed_q8(const QuantMatmulParams& p) {
   const int64_t M = p.x.sizes[0];
   return kPackedBf16 && p.x.dtype == DType::bf16 &&
          ((p.scheme == QuantScheme::int8 && M >= kPackedQ8MinRowsInt8) ||
-          (p.scheme == QuantScheme::int4 && M >= kPackedMinRows && !use_int4_q8(p)));
+          (p.scheme == QuantScheme::int4 &&
+           ((M >= kPackedMinRows && !use_int4_q8(p)) || paired_int4(p))));
+}
+
+// int4 from 6 rows to 8 in the paired layout below, where each half of K holds whole groups
+// (else row blocks). 4096 x 4096, g128, bf16 x, 2 Zen 4 threads, weights from memory, three
+// runs alternating with the row blocks, 2026-11-27, against int4pack in the same runs: 6 rows
+// 1.45-1.60x -> 1.60-1.68x, 7 rows 1.31-1.38x -> 1.52-1.53x, 8 rows 1.22-1.31x -> 1.63-1.70x
+// (8 rows 1.24-1.56 -> 1.03-1.17 ms).
+bool paired_int4(const QuantMatmulParams& p) {
+  const int64_t M = p.x.sizes[0];
+  return kPackedBf16 && p.scheme == QuantScheme::int4 && p.x.dtype == DType::bf16 &&
+         M >= kPackedQ8MinRowsInt8 && 2 * M <= kLaneRowsAll &&
+         p.x.sizes[1] % (2 * p.group_size) == 0;
 }
 
 // int8 on the packed int8-x path with at most half a vector of rows: each row's two halves of
@@ -862,7 +876,8 @@ bool use_packed_q8(const QuantMatmulParams& p) {
 // the two lanes' sums add up at the end. One vpdpbusd then does the products of 16 lanes, not
 // of 6-8 rows and 8-10 lanes of zeros.
 bool use_paired_q8(const QuantMatmulParams& p) {
-  return use_packed_q8(p) && p.scheme == QuantScheme::int8 && 2 * p.x.sizes[0] <= kLaneRowsAll;
+  return use_packed_q8(p) && 2 * p.x.sizes[0] <= kLaneRowsAll &&
+         (p.scheme == QuantScheme::int8 || paired_int4(p));
 }
 
 // The packed-x path's bytes per element of x (quant_matmul_packed_x.h), 0 where it does not
@@ -999,33 +1014,31 @@ void packed_tile_item(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t 
     return;
   }
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
-  if (c.xps != nullptr && p.scheme == QuantScheme::int8) {  // x quantized per block
+  if (c.xps != nullptr) {  // x quantized per block (int4: groups scaled in packed_dots_blocks)
     __m512* acc = reinterpret_cast<__m512*>(scratch);
     uint8_t* pan = static_cast<uint8_t*>(panel);
+    const bool int8 = p.scheme == QuantScheme::int8;
     auto tiles = [&](auto dots) {  // Q8BlockDots, or Q8PairDots: two halves of K to a row
       using D = decltype(dots);
       packed_tile_any<D>(
           c, m0, m1, n0, n1, acc, panel, Q8BlockDots::kPanelWords,
           [&](auto nb, const int64_t* chans, int64_t, int64_t k0, int64_t k1) {
-            if constexpr (D::kLaneWords == 2)
-              fill_int8_u8_pairs<decltype(nb)::value>(c, chans, k0, k1, pan);
-            else
-              fill_int8_u8<decltype(nb)::value>(c, chans, k0, k1, pan);
+            constexpr int NB = decltype(nb)::value;
+            if constexpr (D::kLaneWords == 2) {
+              if (int8) fill_int8_u8_pairs<NB>(c, chans, k0, k1, pan);
+              else fill_int4_u8_pairs<NB>(c, chans, k0, k1, pan);
+            } else {
+              if (int8) fill_int8_u8<NB>(c, chans, k0, k1, pan);
+              else fill_int4_u8<NB>(c, chans, k0, k1, pan);
+            }
           }, plain);
     };
     if (c.pair_half > 0) tiles(Q8PairDots{});
     else tiles(Q8BlockDots{});
-    each(acc, float{}, [&](int64_t m, int64_t n, float s) { return (s - c.xcorr[m]) * sc[n]; });
-    return;
-  }
-  if (c.xps != nullptr) {  // int4, x quantized per block: groups scaled in packed_dots_blocks
-    __m512* acc = reinterpret_cast<__m512*>(scratch);
-    packed_tile_any<Q8BlockDots>(
-        c, m0, m1, n0, n1, acc, panel, Q8BlockDots::kPanelWords,
-        [&](auto nb, const int64_t* chans, int64_t, int64_t k0, int64_t k1) {
-          fill_int4_u8<decltype(nb)::value>(c, chans, k0, k1, static_cast<uint8_t*>(panel));
-        }, plain);
-    each(acc, float{}, [&](int64_t, int64_t, float s) { return s; });
+    if (int8)
+      each(acc, float{}, [&](int64_t m, int64_t n, float s) { return (s - c.xcorr[m]) * sc[n]; });
+    else
+      each(acc, float{}, [&](int64_t, int64_t, float s) { return s; });
     return;
   }
   if (p.scheme == QuantScheme::w8a8) {
@@ -1599,6 +1612,7 @@ void run(const QuantMatmulParams& p, void* workspace) {
     c.pair_half = c.Kx / 2;
     c.M *= 2;
     c.K = c.Kx = c.pair_half;
+    c.groups /= 2;  // int4: groups of a half (whole ones: paired_int4)
   }
   if (c.xp != nullptr) {  // the prepared rows, W to a vector
     const int64_t bytes = packed_elem_bytes(p), words = c.Kx * bytes / 4;

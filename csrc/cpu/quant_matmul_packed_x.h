@@ -152,7 +152,22 @@ struct Q8Groups {
   int64_t words;
   const float* xg;             // row vector 0's group sums from q0's group on (16 floats each)
   int64_t xg_stride;           // row vector v's: xg_stride floats on
+  int64_t pair;                // Q8PairDots: the second half's groups, this many on
 };
+
+// A float for every lane: first; Q8PairDots: first in the even lanes (the first half of K),
+// second in the odd ones.
+template <class D>
+LLMK_INLINE __m512 lane_floats(float first, float second) {
+  if constexpr (D::kLaneWords == 2) {
+    uint32_t a, b;
+    std::memcpy(&a, &first, 4);
+    std::memcpy(&b, &second, 4);
+    return _mm512_castsi512_ps(_mm512_set1_epi64((long long)((uint64_t(b) << 32) | a)));
+  } else {
+    return _mm512_set1_ps(first);
+  }
+}
 template <class D, int MV, int NB, bool Groups>
 __attribute__((noinline)) void packed_dots_blocks(const uint32_t* x, int64_t vec_stride,
                                                   const uint32_t* panel, int64_t q0, int64_t q1,
@@ -166,7 +181,7 @@ __attribute__((noinline)) void packed_dots_blocks(const uint32_t* x, int64_t vec
   for (int64_t qb = q0; qb < q1; qb += D::kBlockWords, xs += kLaneRows) {
     const int64_t grp = Groups ? (qb - q0) / g.words : 0;
     if (Groups && (qb - q0) % g.words == 0)
-      for (int j = 0; j < NB; ++j) gs[j] = _mm512_set1_ps(g.scale[j][grp]);
+      for (int j = 0; j < NB; ++j) gs[j] = lane_floats<D>(g.scale[j][grp], g.scale[j][grp + g.pair]);
     __m512i blk[NB][MV];
     for (int j = 0; j < NB; ++j)
       for (int v = 0; v < MV; ++v) blk[j][v] = _mm512_setzero_si512();
@@ -188,7 +203,8 @@ __attribute__((noinline)) void packed_dots_blocks(const uint32_t* x, int64_t vec
     }
     if (Groups && (qb + D::kBlockWords - q0) % g.words == 0) {
       for (int j = 0; j < NB; ++j) {
-        const __m512 zs = _mm512_set1_ps(g.scale[j][grp] * float(g.zero[j][grp]));
+        const __m512 zs = lane_floats<D>(g.scale[j][grp] * float(g.zero[j][grp]),
+                                         g.scale[j][grp + g.pair] * float(g.zero[j][grp + g.pair]));
         for (int v = 0; v < MV; ++v)
           acc[j][v] = _mm512_fnmadd_ps(
               zs, _mm512_load_ps(g.xg + v * g.xg_stride + grp * kLaneRows), acc[j][v]);
@@ -239,9 +255,9 @@ void packed_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
       const uint8_t* next[NB * kHalves];
       for (int j = 0; j < NB; ++j) {
         const uint8_t* row = w + std::min(ahead_n + j, n1 - 1) * row_bytes;
-        if constexpr (kHalves == 2) {  // int8: a byte a value
-          next[2 * j] = row + ahead_k;
-          next[2 * j + 1] = row + c.pair_half + ahead_k;
+        if constexpr (kHalves == 2) {
+          next[2 * j] = row + ahead_k * row_bytes / c.p->x.sizes[1];
+          next[2 * j + 1] = row + (c.pair_half + ahead_k) * row_bytes / c.p->x.sizes[1];
         } else {
           next[j] = row + ahead_k * row_bytes / c.K;
         }
@@ -261,17 +277,17 @@ void packed_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
               const int64_t gsize = c.p->group_size, g0 = (k0 + s * 4) / gsize;
               const float* scale[NB];
               const uint8_t* zero[NB];
-              for (int j = 0; j < NB; ++j) {
-                scale[j] = c.p->scales.ptr<float>() + chans[j] * c.groups + g0;
-                zero[j] = c.p->zeros.ptr<uint8_t>() + chans[j] * c.groups + g0;
+              for (int j = 0; j < NB; ++j) {  // rows of kHalves * c.groups (paired: a half's)
+                scale[j] = c.p->scales.ptr<float>() + chans[j] * kHalves * c.groups + g0;
+                zero[j] = c.p->zeros.ptr<uint8_t>() + chans[j] * kHalves * c.groups + g0;
               }
               const int64_t xg_stride = c.groups * kLaneRows;
               const Q8Groups g{scale, zero, gsize / 4,
                                c.xpg + (m0 / kLaneRows + v) * xg_stride + g0 * kLaneRows,
-                               xg_stride};
+                               xg_stride, kHalves == 2 ? c.groups : 0};
               packed_dots_blocks<D, MV, NB, true>(xk + v * vec_stride, vec_stride, pw, s, s1,
-                                                  &part[0][0], pre, NB, log2_lines, xs,
-                                                  xs_stride, g);
+                                                  &part[0][0], pre, NB * kHalves, log2_lines,
+                                                  xs, xs_stride, g);
             } else {
               packed_dots_blocks<D, MV, NB, false>(xk + v * vec_stride, vec_stride, pw, s, s1,
                                                    &part[0][0], pre, NB * kHalves, log2_lines,
@@ -420,7 +436,7 @@ void fill_int8_u8_pairs(const Ctx& c, const int64_t* chans, int64_t k0, int64_t 
 // 32-block its 16 low nibbles (the even elements), then its 16 high ones: x's order.
 template <int NB>
 void fill_int4_u8(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1, uint8_t* panel) {
-  const int64_t len = k1 - k0, row_bytes = c.K / 2;
+  const int64_t len = k1 - k0, row_bytes = c.p->qdata.sizes[1];
   const __m256i low = _mm256_set1_epi8(15);
   for (int j = 0; j < NB; ++j) {
     const uint8_t* w = c.p->qdata.ptr<uint8_t>() + chans[j] * row_bytes + k0 / 2;
@@ -438,6 +454,29 @@ void fill_int4_u8(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1, ui
       const __m128i l4 = _mm_set1_epi8(15);
       _mm_store_si128(reinterpret_cast<__m128i*>(dst + k), _mm_and_si128(b, l4));
       _mm_store_si128(reinterpret_cast<__m128i*>(dst + k + 16), _mm_and_si128(_mm_srli_epi16(b, 4), l4));
+    }
+  }
+}
+
+// fill_int4_u8 for Q8PairDots: both halves (whole groups each: paired_int4) filled as
+// fill_int4_u8 fills a chunk, their words then interleaved as fill_int8_u8_pairs's.
+template <int NB>
+void fill_int4_u8_pairs(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1,
+                        uint8_t* panel) {
+  constexpr int64_t kRow = Q8BlockDots::kPanelWords * 4;  // bytes of a half's panel row
+  alignas(64) uint8_t halves[2][NB * kRow];
+  fill_int4_u8<NB>(c, chans, k0, k1, halves[0]);
+  fill_int4_u8<NB>(c, chans, c.pair_half + k0, c.pair_half + k1, halves[1]);
+  const int64_t words = (k1 - k0) / 4;  // a multiple of 8 (whole 32-value blocks)
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+  for (int j = 0; j < NB; ++j) {
+    uint32_t* dst = reinterpret_cast<uint32_t*>(panel + j * Q8PairDots::kPanelWords * 4);
+    for (int64_t q = 0; q < words; q += 16) {  // the last 8 words: the low half only
+      const __m512i a = _mm512_load_si512(halves[0] + j * kRow + 4 * q);
+      const __m512i b = _mm512_load_si512(halves[1] + j * kRow + 4 * q);
+      _mm512_store_si512(dst + 2 * q, _mm512_permutex2var_epi32(a, lo, b));
+      if (q + 16 <= words) _mm512_store_si512(dst + 2 * q + 16, _mm512_permutex2var_epi32(a, hi, b));
     }
   }
 }
