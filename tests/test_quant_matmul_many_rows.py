@@ -15,9 +15,11 @@ SCHEMES = ["int8", "int4", "w8a8"]
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("M", [8, 11, 16, 33, 64, 65, 130])
+@pytest.mark.parametrize("M", [6, 7, 8, 11, 16, 33, 64, 65, 130])
 @pytest.mark.parametrize("K,N", [(1152, 37), (2048, 16), (1001, 70)])
 def test_many_rows_match_reference(cpu_tier, scheme, M, K, N, dtype):
+    # 6-8 rows with bf16 x (w8a8: any x) on VNNI tiers: the paired layout, whose halves of K
+    # are here shorter than a chunk (1152), one chunk (2048) and partly past K (1001).
     groups = (32, 64, 128) if scheme == "int4" else (128,)
     for group in groups:
         if scheme == "int4" and K % group:
@@ -58,13 +60,15 @@ def test_many_rows_long_k(cpu_tier, scheme, M):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["rows", "columns"])
-def test_w8a8_many_rows_exact(cpu_tier, dtype, layout):
+@pytest.mark.parametrize("M", [7, 40])
+def test_w8a8_many_rows_exact(cpu_tier, dtype, layout, M):
     """w8a8 sums integers: the result is the reference's up to float32 rounding of the two scale
-    products, whether x's rows are contiguous (quantized 16 at a time) or not."""
-    M, K, N = 40, 777, 50
+    products, whether x's rows are contiguous (quantized 16 at a time) or not; 7 rows: the
+    paired layout on VNNI tiers (two lanes' integer sums per row)."""
+    K, N = 777, 50
     x = torch.randn(M, K, dtype=dtype) * 3
     x[3] = 0.0  # an all-zero row: scale 1
-    x[7, ::5] *= 100.0  # one row with large values
+    x[min(7, M - 1), ::5] *= 100.0  # one row with large values
     if layout == "columns":
         x = x.t().contiguous().t()
     qw = llmkernels.quantize_weight(torch.randn(N, K), "w8a8")
@@ -121,9 +125,13 @@ def test_explain_names_the_cpu_kernel(cpu_tier, scheme):
             int4_blocks = scheme == "int4" and bf16 and M < (6 if vnni else 12)
             int8_blocks = scheme == "int8" and bf16 and M < (6 if vnni else 12)
             packed_int8_x = not tiles and vnni and bf16 and scheme != "w8a8" and M >= 6
+            # w8a8 (any x) packs from 6 rows on VNNI tiers, the paired layout up to 8
+            paired_w8a8 = not tiles and vnni and scheme == "w8a8" and 6 <= M <= 8
             assert ("AMX bf16 tiles:" in text or "AMX int8 tiles:" in text) == tiles, text
             if tiles:
                 assert ("AMX int8 tiles" if scheme == "w8a8" else "AMX bf16 tiles") in text
+            elif paired_w8a8:
+                assert packed and "8 rows to a vector (two halves of K" in text, text
             elif packed_int8_x:
                 # int8 with at most 8 rows: two halves of each row's K in a vector's 16 lanes
                 lanes = "8 rows to a vector (two halves of K" if M <= 8 else "16 rows to a vector"

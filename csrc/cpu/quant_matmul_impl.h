@@ -295,7 +295,7 @@ struct Ctx {
   const float* xps;           // the packed int8-x path: xq's block scales, packed as xp
   const float* xcorr;         // its int8: per row, the sum over blocks of scale * 128 * sum(q)
   const float* xpg;           // its int4: (rows, groups) sums of the dequantized x, packed as xp
-  int64_t pair_half;          // the paired int8-x path (use_paired_q8): K values of a half, else 0
+  int64_t pair_half;          // the paired int8-x path (use_paired_x): K values of a half, else 0
   char* scratch;              // per-thread partial sums
   int64_t scratch_stride;
   int64_t chunks_n;
@@ -322,13 +322,13 @@ LLMK_INLINE int64_t prefetch_ahead(const Ctx& c, int64_t row_bytes, int64_t k0, 
 }
 
 bool use_int8_q8_rows(const QuantMatmulParams& p);  // below
-bool use_paired_q8(const QuantMatmulParams& p);
+bool use_paired_x(const QuantMatmulParams& p);
 
 // Values per prepared row of x: its int8-x row blocks step 4W values at a time.
 int64_t padded_k(const QuantMatmulParams& p) {
   const int64_t K = std::max<int64_t>(p.x.sizes[1], 1);
   if (use_int8_q8_rows(p)) return round_up(K, 4 * W);
-  if (use_paired_q8(p)) return round_up(K, 64);  // two halves of whole 32-value blocks
+  if (use_paired_x(p)) return round_up(K, 64);  // two halves of whole 32-value blocks
   return p.scheme == QuantScheme::w8a8 ? round_up(K, 64) : round_up(K, 32);
 }
 
@@ -837,7 +837,7 @@ bool use_int4_q8(const QuantMatmulParams& p) {
 // int8 packs from fewer rows than the packed path's (a vector of 16 rows costs about the same
 // from 5 to 16 rows). 4096 x 4096 / 11008, 2 Zen 4 threads, 2026-11-27: packed 5-8 rows
 // 0.99-1.02 / 2.61-2.69 ms; register blocks 4 rows 0.83 / 2.15, 6 rows 1.19 (4096 x 4096).
-// 6-8 rows take the paired layout (use_paired_q8; weights from memory, alternated with the
+// 6-8 rows take the paired layout (use_paired_x; weights from memory, alternated with the
 // 16-lane build, 2026-11-27): 6 rows 1.05-1.43 -> 0.80-0.91 / 3.35-4.00 -> 2.24-2.50 ms, 8 rows
 // 1.11-1.34 -> 0.81-0.91 / 3.11-3.39 -> 2.12-2.40 ms; 5 rows stay in register blocks
 // (0.67-0.73 ms, 76-78% of the read bandwidth).
@@ -870,21 +870,32 @@ bool paired_int4(const QuantMatmulParams& p) {
          p.x.sizes[1] % (2 * p.group_size) == 0;
 }
 
-// int8 on the packed int8-x path with at most half a vector of rows: each row's two halves of
-// K (padded to 64) take two lanes of the vector (x as 2M rows of K / 2: the same bytes), the
-// panel holds the two halves' weight words side by side, one 64-bit broadcast feeds both, and
-// the two lanes' sums add up at the end. One vpdpbusd then does the products of 16 lanes, not
-// of 6-8 rows and 8-10 lanes of zeros.
-bool use_paired_q8(const QuantMatmulParams& p) {
-  return use_packed_q8(p) && 2 * p.x.sizes[0] <= kLaneRowsAll &&
-         (p.scheme == QuantScheme::int8 || paired_int4(p));
+// w8a8 from 6 rows to 8 in the paired layout below (before: row blocks up to 7 rows, 16 rows
+// to a vector from 8). 4096 x 4096, bf16 x, 2 Zen 4 threads, weights from memory, three runs
+// alternating with the previous build, 2026-11-27: 6-8 rows 1.01-1.18 -> 0.74-0.80 ms
+// (1.80-2.00x -> 2.40-2.98x the bf16 F.linear of the same runs).
+bool paired_w8a8(const QuantMatmulParams& p) {
+  const int64_t M = p.x.sizes[0];
+  return kPackedBf16 && p.scheme == QuantScheme::w8a8 && M >= kPackedQ8MinRowsInt8 &&
+         2 * M <= kLaneRowsAll;
+}
+
+// The paired layout, on the packed int8 paths with at most half a vector of rows: each row's
+// two halves of K (padded to 64) take two lanes of the vector (x as 2M rows of K / 2: the same
+// bytes), the panel holds the two halves' weight words side by side, one 64-bit broadcast
+// feeds both, and the two lanes' sums add up at the end. One vpdpbusd then does the products of
+// 16 lanes, not of 6-8 rows and 8-10 lanes of zeros.
+bool use_paired_x(const QuantMatmulParams& p) {
+  return (use_packed_q8(p) && 2 * p.x.sizes[0] <= kLaneRowsAll &&
+          (p.scheme == QuantScheme::int8 || paired_int4(p))) ||
+         paired_w8a8(p);
 }
 
 // The packed-x path's bytes per element of x (quant_matmul_packed_x.h), 0 where it does not
 // serve: w8a8's int8 (1, VNNI CPUs), int8 / int4 weights with bf16 x on AVX512-BF16 CPUs (2),
 // with any other x on AVX2 / AVX-512 (float, 4).
 int64_t packed_elem_bytes(const QuantMatmulParams& p) {
-  if (use_packed_q8(p)) return 1;
+  if (use_packed_q8(p) || paired_w8a8(p)) return 1;
   if (!kPackedX || p.x.sizes[0] < kPackedMinRows || use_int4_q8(p) || use_int8_q8_rows(p))
     return 0;
   if (p.scheme == QuantScheme::w8a8) return kPackedBf16 ? 1 : 0;
@@ -1025,7 +1036,7 @@ void packed_tile_item(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t 
           [&](auto nb, const int64_t* chans, int64_t, int64_t k0, int64_t k1) {
             constexpr int NB = decltype(nb)::value;
             if constexpr (D::kLaneWords == 2) {
-              if (int8) fill_int8_u8_pairs<NB>(c, chans, k0, k1, pan);
+              if (int8) fill_bytes_pairs<NB>(c, chans, k0, k1, pan, 0x80);
               else fill_int4_u8_pairs<NB>(c, chans, k0, k1, pan);
             } else {
               if (int8) fill_int8_u8<NB>(c, chans, k0, k1, pan);
@@ -1045,12 +1056,22 @@ void packed_tile_item(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t 
     __m512i* acc = reinterpret_cast<__m512i*>(scratch);
     int32_t* wsum = reinterpret_cast<int32_t*>(static_cast<char*>(panel) + kPanelBytes);
     std::fill(wsum, wsum + kChunkChannels, 0);
-    packed_tile_any<U8S8Dots>(
-        c, m0, m1, n0, n1, acc, panel, U8S8Dots::kPanelWords,
-        [&](auto nb, const int64_t* chans, int64_t n, int64_t k0, int64_t k1) {
-          fill_w8a8<decltype(nb)::value>(c, chans, n1 - n, k0, k1, static_cast<int8_t*>(panel),
-                                         wsum + (n - n0));
-        }, plain);
+    auto tiles = [&](auto dots) {  // U8S8Dots, or U8S8PairDots: two halves of K to a row
+      using D = decltype(dots);
+      packed_tile_any<D>(
+          c, m0, m1, n0, n1, acc, panel, U8S8Dots::kPanelWords,
+          [&](auto nb, const int64_t* chans, int64_t n, int64_t k0, int64_t k1) {
+            constexpr int NB = decltype(nb)::value;
+            if constexpr (D::kLaneWords == 2)
+              fill_bytes_pairs<NB>(c, chans, k0, k1, static_cast<uint8_t*>(panel), 0,
+                                   n1 - n, wsum + (n - n0));
+            else
+              fill_w8a8<NB>(c, chans, n1 - n, k0, k1, static_cast<int8_t*>(panel),
+                            wsum + (n - n0));
+          }, plain);
+    };
+    if (c.pair_half > 0) tiles(U8S8PairDots{});
+    else tiles(U8S8Dots{});
     each(acc, int32_t{}, [&](int64_t m, int64_t n, int32_t s) {  // the reference's (acc * x_scale) * w_scale
       return float(s - 128 * wsum[n - n0]) * c.xscale[m] * sc[n];
     });
@@ -1526,9 +1547,12 @@ const char* describe(const QuantMatmulParams& p) {
   if (use_int4_q8(p) || use_int8_q8_rows(p))
     return "decoding GEMV (row blocks), x quantized to int8 per 32 values for integer dot "
            "products";
-  if (use_paired_q8(p))
-    return "x packed 8 rows to a vector (two halves of K each), x quantized to int8 per 32 "
-           "values for int8 dot products (vpdpbusd)";
+  if (use_paired_x(p))
+    return p.scheme == QuantScheme::w8a8
+               ? "x packed 8 rows to a vector (two halves of K each), int8 dot products "
+                 "(vpdpbusd)"
+               : "x packed 8 rows to a vector (two halves of K each), x quantized to int8 per "
+                 "32 values for int8 dot products (vpdpbusd)";
   if (use_packed_q8(p))
     return "x packed 16 rows to a vector, x quantized to int8 per 32 values for int8 dot "
            "products (vpdpbusd)";
@@ -1608,7 +1632,7 @@ void run(const QuantMatmulParams& p, void* workspace) {
   const int threads = threads_for(p.qdata.numel() * c.M, p.num_threads, int64_t(512) << 10);
   parallel_for(c.M, std::min<int64_t>(threads, c.M), prep_row, &pc);
 #if defined(__AVX512F__) && LLMK_VEC_BYTES == 64 || defined(__AVX2__) && LLMK_VEC_BYTES == 32
-  if (use_paired_q8(p)) {  // x as 2M rows of half its length (the same bytes, see the rule)
+  if (use_paired_x(p)) {  // x as 2M rows of half its length (the same bytes, see the rule)
     c.pair_half = c.Kx / 2;
     c.M *= 2;
     c.K = c.Kx = c.pair_half;

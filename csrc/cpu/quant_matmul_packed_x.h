@@ -91,21 +91,27 @@ struct Q8BlockDots : U8S8Dots {  // its bytes, chunks, loads and broadcasts
   static V zero() { return _mm512_setzero_ps(); }
   static LLMK_INLINE X dot(X acc, X x, X w) { return _mm512_dpbusd_epi32(acc, w, x); }
 };
-// The paired layout (use_paired_q8): x's even lanes hold the first half of K, the odd lanes the
-// second; panel word pair 2q, 2q + 1 holds the weights of word q of either half.
-struct Q8PairDots : Q8BlockDots {
+// The paired layout (use_paired_x) of Base's products: x's even lanes hold the first half of K,
+// the odd lanes the second; panel word pair 2q, 2q + 1 holds the weights of word q of either
+// half.
+template <class Base>
+struct Paired : Base {
+  using X = typename Base::X;
   static constexpr int64_t kLaneWords = 2;
-  static constexpr int64_t kPanelWords = kLaneWords * Q8BlockDots::kPanelWords;
+  static constexpr int64_t kPanelWords = kLaneWords * Base::kPanelWords;
   static LLMK_INLINE X bcast(const uint32_t* p) {
     long long pair;
     std::memcpy(&pair, p, 8);
     return _mm512_set1_epi64(pair);
   }
 };
+using Q8PairDots = Paired<Q8BlockDots>;
+using U8S8PairDots = Paired<U8S8Dots>;
 static_assert(kMaxPackedNB * Bf16Dots::kPanelWords * 4 <= kPanelBytes, "panel too small");
 static_assert(kMaxPackedNB * U8S8Dots::kPanelWords * 4 <= kPanelBytes, "panel too small");
 static_assert(kMaxPackedNB * Q8BlockDots::kPanelWords * 4 <= kPanelBytes, "panel too small");
 static_assert(8 * Q8PairDots::kPanelWords * 4 <= kPanelBytes, "panel too small");  // NB <= 8
+static_assert(8 * U8S8PairDots::kPanelWords * 4 <= kPanelBytes, "panel too small");
 #else
 constexpr bool kPackedBf16 = false;
 #endif
@@ -119,17 +125,17 @@ template <class D, int MV, int NB>
 __attribute__((noinline)) void packed_dots(const uint32_t* x, int64_t vec_stride,
                                            const uint32_t* panel, int64_t q0, int64_t q1,
                                            typename D::V* part, const uint8_t* const* ahead,
-                                           int log2_lines) {
+                                           int n_ahead, int log2_lines) {
   typename D::V acc[NB][MV];
   for (int j = 0; j < NB; ++j)
     for (int v = 0; v < MV; ++v) acc[j][v] = D::zero();
   for (int64_t q = q0; q < q1; ++q) {
-    if (ahead != nullptr && (q >> log2_lines) < NB)
+    if (ahead != nullptr && (q >> log2_lines) < n_ahead)
       prefetch_l2(ahead[q >> log2_lines] + ((q & ((int64_t(1) << log2_lines) - 1)) << 6));
     typename D::X xv[MV];
     for (int v = 0; v < MV; ++v) xv[v] = D::load(x + v * vec_stride + q * kLaneRows);
     for (int j = 0; j < NB; ++j) {
-      const typename D::X w = D::bcast(panel + j * D::kPanelWords + q);
+      const typename D::X w = D::bcast(panel + j * D::kPanelWords + q * D::kLaneWords);
       for (int v = 0; v < MV; ++v) acc[j][v] = D::dot(acc[j][v], xv[v], w);
     }
   }
@@ -225,6 +231,7 @@ template <class D, int MV, int NB, class Fill, class Flush>
 void packed_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                  typename D::V* acc, void* panel, int64_t seg_words, Fill fill, Flush flush) {
   using V = typename D::V;
+  static_assert(NB * D::kPanelWords * 4 <= kPanelBytes, "the panel overflows");
   const int64_t vecs = (m1 - m0 + kLaneRows - 1) / kLaneRows;  // a multiple of MV
   std::fill(acc, acc + kChunkChannels * kTileVecs, D::zero());
   const int64_t kc = D::kChunk;
@@ -296,7 +303,7 @@ void packed_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
           } else
 #endif
           packed_dots<D, MV, NB>(xk + v * vec_stride, vec_stride, pw, s, s1, &part[0][0], pre,
-                                 log2_lines);
+                                 NB * kHalves, log2_lines);
           V* a = acc + (n - n0) * kTileVecs + v;
           flush(part, a, chans, n, k0 + s * 4 / D::kElemBytes, v);
         }
@@ -316,8 +323,9 @@ void packed_tile_any(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n
   if constexpr (W == 16) {
     // Q8BlockDots keeps twice the sums (int32 per block, float over blocks): half as many.
     // 4096 x 4096 / 11008, M = 64, 2 Zen 4 threads: 4 x 3 and 2 x 6 were no faster (4.7 / 10.9
-    // ms against 4.5 / 10.5), and their channel blocks do not divide the tile's 64.
-    constexpr int sums = D::kBlockWords > 0 ? 8 : 16;
+    // ms against 4.5 / 10.5), and their channel blocks do not divide the tile's 64. Paired
+    // panels are twice as long: 8 channels fill the panel.
+    constexpr int sums = D::kBlockWords > 0 || D::kLaneWords == 2 ? 8 : 16;
     if (vecs % 4 == 0)
       packed_tile<D, 4, sums / 4>(c, m0, m1, n0, n1, acc, panel, seg_words, fill, flush);
     else if (vecs % 2 == 0)
@@ -399,36 +407,45 @@ void fill_int8_u8(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1, ui
   }
 }
 
-// Q8PairDots' panel: words 2q and 2q + 1 of a row hold the weights + 128 of word q of the chunk
-// [k0, k1) in either half of the row (c.pair_half values apart); bytes past the row's end
-// hold 128 (a zero weight; x is 0 there).
+// The paired panels of byte weights (Q8PairDots' int8 + 128: flip 0x80; U8S8PairDots' w8a8:
+// flip 0): words 2q and 2q + 1 of a row hold the bytes (xor flip) of word q of the chunk
+// [k0, k1) in either half of the weight row (c.pair_half values apart); bytes past the row's
+// end hold flip (a zero weight; x is 0 there). wsum (w8a8): += the sums of the first valid
+// channels' weights.
 template <int NB>
-void fill_int8_u8_pairs(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1,
-                        uint8_t* panel) {
+void fill_bytes_pairs(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1,
+                      uint8_t* panel, uint8_t flip, int64_t valid = 0, int32_t* wsum = nullptr) {
   const int64_t K = c.p->qdata.sizes[1], words = round_up(k1 - k0, 32) / 4;
-  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  const __m512i flips = _mm512_set1_epi8(char(flip)), ones = _mm512_set1_epi8(1);
   const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
   for (int j = 0; j < NB; ++j) {
     const int8_t* w = c.p->qdata.ptr<int8_t>() + chans[j] * K;
     const int64_t first[2] = {k0, c.pair_half + k0};  // each half's byte at word 0
-    uint32_t* dst = reinterpret_cast<uint32_t*>(panel + j * Q8PairDots::kPanelWords * 4);
+    uint32_t* dst = reinterpret_cast<uint32_t*>(panel + j * 2 * U8S8Dots::kPanelWords * 4);
+    __m512i sums = _mm512_setzero_si512();
+    int32_t tail = 0;
     int64_t q = 0;
     for (; q + 16 <= words && first[1] + 4 * q + 64 <= K; q += 16) {  // both halves whole
-      const __m512i a = _mm512_xor_si512(_mm512_loadu_si512(w + first[0] + 4 * q), flip);
-      const __m512i b = _mm512_xor_si512(_mm512_loadu_si512(w + first[1] + 4 * q), flip);
-      _mm512_store_si512(dst + 2 * q, _mm512_permutex2var_epi32(a, lo, b));
-      _mm512_store_si512(dst + 2 * q + 16, _mm512_permutex2var_epi32(a, hi, b));
+      const __m512i a = _mm512_loadu_si512(w + first[0] + 4 * q);
+      const __m512i b = _mm512_loadu_si512(w + first[1] + 4 * q);
+      if (wsum != nullptr) sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sums, ones, a), ones, b);
+      _mm512_store_si512(dst + 2 * q, _mm512_permutex2var_epi32(_mm512_xor_si512(a, flips), lo,
+                                                                _mm512_xor_si512(b, flips)));
+      _mm512_store_si512(dst + 2 * q + 16, _mm512_permutex2var_epi32(_mm512_xor_si512(a, flips),
+                                                                     hi, _mm512_xor_si512(b, flips)));
     }
     for (; q < words; ++q)
       for (int h = 0; h < 2; ++h) {
         uint8_t bytes[4];
         for (int e = 0; e < 4; ++e) {
           const int64_t k = first[h] + 4 * q + e;
-          bytes[e] = k < K ? uint8_t(w[k]) ^ 0x80 : 0x80;
+          bytes[e] = k < K ? uint8_t(w[k]) ^ flip : flip;
+          if (k < K) tail += w[k];
         }
         std::memcpy(dst + 2 * q + h, bytes, 4);
       }
+    if (wsum != nullptr && j < valid) wsum[j] += _mm512_reduce_add_epi32(sums) + tail;
   }
 }
 
@@ -459,7 +476,7 @@ void fill_int4_u8(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1, ui
 }
 
 // fill_int4_u8 for Q8PairDots: both halves (whole groups each: paired_int4) filled as
-// fill_int4_u8 fills a chunk, their words then interleaved as fill_int8_u8_pairs's.
+// fill_int4_u8 fills a chunk, their words then interleaved as fill_bytes_pairs's.
 template <int NB>
 void fill_int4_u8_pairs(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1,
                         uint8_t* panel) {
