@@ -10,9 +10,9 @@
 //   xp[(group * words + q) * W + r] = 32-bit word q of row W * group + r (rows past M: 0)
 // words = Kx * element bytes / 4. The panel holds NB weight rows of one K chunk (the same
 // element order as x: int4's permuted order), D::kPanelWords words apart, zero-padded to Kx.
-// Paired (int8, at most 8 rows, Ctx::pair_half): x's rows are read as twice as many rows of
-// half the length (row r's halves are rows 2r and 2r + 1: the same bytes), and the panel holds
-// word q of either half of a weight row side by side (Q8PairDots).
+// Paired (the int8 paths with 6-8 rows, Ctx::pair_half): x's rows are read as twice as many
+// rows of half the length (row r's halves are rows 2r and 2r + 1: the same bytes), and the
+// panel holds word q of either half of a weight row side by side (Paired<D>).
 // Where the CPU lacks AVX512-BF16, the products are float32 FMAs: W = 8 (AVX2) or 16 rows
 // to a vector, float x and a float panel (int8: q; int4: (q - zero) * scale), which also
 // serve float32 / float16 x on AVX512-BF16 CPUs.
@@ -187,7 +187,8 @@ __attribute__((noinline)) void packed_dots_blocks(const uint32_t* x, int64_t vec
   for (int64_t qb = q0; qb < q1; qb += D::kBlockWords, xs += kLaneRows) {
     const int64_t grp = Groups ? (qb - q0) / g.words : 0;
     if (Groups && (qb - q0) % g.words == 0)
-      for (int j = 0; j < NB; ++j) gs[j] = lane_floats<D>(g.scale[j][grp], g.scale[j][grp + g.pair]);
+      for (int j = 0; j < NB; ++j)
+        gs[j] = lane_floats<D>(g.scale[j][grp], g.scale[j][grp + g.pair]);
     __m512i blk[NB][MV];
     for (int j = 0; j < NB; ++j)
       for (int v = 0; v < MV; ++v) blk[j][v] = _mm512_setzero_si512();
@@ -241,10 +242,12 @@ void packed_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
   const uint8_t* w = c.p->qdata.ptr<uint8_t>();
   const int64_t row_bytes = c.p->qdata.sizes[1];
   const int64_t chunks = (c.K + kc - 1) / kc;  // per weight row
-  // Paired (c.pair_half): both halves of each row prefetched, each half a row of its own.
+  // Paired (c.pair_half): both halves of each row prefetched, each half a row of its own. K
+  // here: the weight rows' (c.K is a half's when paired).
   constexpr int kHalves = int(D::kLaneWords);
+  const int64_t K = c.p->x.sizes[1];
   int log2_lines = 0;  // 64-byte lines of a weight row (half) per chunk: 4 (int4), 8, 16
-  while ((int64_t(64) << log2_lines) < kc * row_bytes / c.p->x.sizes[1]) ++log2_lines;
+  while ((int64_t(64) << log2_lines) < kc * row_bytes / K) ++log2_lines;
   for (int64_t n = n0; n < n1; n += NB) {
     int64_t chans[NB];
     for (int j = 0; j < NB; ++j) chans[j] = std::min(n + j, n1 - 1);  // repeats: discarded
@@ -262,12 +265,8 @@ void packed_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
       const uint8_t* next[NB * kHalves];
       for (int j = 0; j < NB; ++j) {
         const uint8_t* row = w + std::min(ahead_n + j, n1 - 1) * row_bytes;
-        if constexpr (kHalves == 2) {
-          next[2 * j] = row + ahead_k * row_bytes / c.p->x.sizes[1];
-          next[2 * j + 1] = row + (c.pair_half + ahead_k) * row_bytes / c.p->x.sizes[1];
-        } else {
-          next[j] = row + ahead_k * row_bytes / c.K;
-        }
+        for (int h = 0; h < kHalves; ++h)
+          next[kHalves * j + h] = row + (h * c.pair_half + ahead_k) * row_bytes / K;
       }
       const bool more = ahead_n < n1;
       for (int64_t v = 0; v < vecs; v += MV) {
@@ -407,6 +406,16 @@ void fill_int8_u8(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1, ui
   }
 }
 
+// Paired panels: words 2q and 2q + 1 from word q of a and of b (16 of each; both = false: the
+// first 8 only).
+LLMK_INLINE void store_word_pairs(uint32_t* dst, __m512i a, __m512i b, bool both = true) {
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  _mm512_store_si512(dst, _mm512_permutex2var_epi32(a, lo, b));
+  if (both)
+    _mm512_store_si512(dst + 16, _mm512_permutex2var_epi32(
+                                     a, _mm512_add_epi32(lo, _mm512_set1_epi32(8)), b));
+}
+
 // The paired panels of byte weights (Q8PairDots' int8 + 128: flip 0x80; U8S8PairDots' w8a8:
 // flip 0): words 2q and 2q + 1 of a row hold the bytes (xor flip) of word q of the chunk
 // [k0, k1) in either half of the weight row (c.pair_half values apart); bytes past the row's
@@ -417,8 +426,6 @@ void fill_bytes_pairs(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1
                       uint8_t* panel, uint8_t flip, int64_t valid = 0, int32_t* wsum = nullptr) {
   const int64_t K = c.p->qdata.sizes[1], words = round_up(k1 - k0, 32) / 4;
   const __m512i flips = _mm512_set1_epi8(char(flip)), ones = _mm512_set1_epi8(1);
-  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
   for (int j = 0; j < NB; ++j) {
     const int8_t* w = c.p->qdata.ptr<int8_t>() + chans[j] * K;
     const int64_t first[2] = {k0, c.pair_half + k0};  // each half's byte at word 0
@@ -429,11 +436,9 @@ void fill_bytes_pairs(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1
     for (; q + 16 <= words && first[1] + 4 * q + 64 <= K; q += 16) {  // both halves whole
       const __m512i a = _mm512_loadu_si512(w + first[0] + 4 * q);
       const __m512i b = _mm512_loadu_si512(w + first[1] + 4 * q);
-      if (wsum != nullptr) sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sums, ones, a), ones, b);
-      _mm512_store_si512(dst + 2 * q, _mm512_permutex2var_epi32(_mm512_xor_si512(a, flips), lo,
-                                                                _mm512_xor_si512(b, flips)));
-      _mm512_store_si512(dst + 2 * q + 16, _mm512_permutex2var_epi32(_mm512_xor_si512(a, flips),
-                                                                     hi, _mm512_xor_si512(b, flips)));
+      if (wsum != nullptr)
+        sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sums, ones, a), ones, b);
+      store_word_pairs(dst + 2 * q, _mm512_xor_si512(a, flips), _mm512_xor_si512(b, flips));
     }
     for (; q < words; ++q)
       for (int h = 0; h < 2; ++h) {
@@ -485,16 +490,11 @@ void fill_int4_u8_pairs(const Ctx& c, const int64_t* chans, int64_t k0, int64_t 
   fill_int4_u8<NB>(c, chans, k0, k1, halves[0]);
   fill_int4_u8<NB>(c, chans, c.pair_half + k0, c.pair_half + k1, halves[1]);
   const int64_t words = (k1 - k0) / 4;  // a multiple of 8 (whole 32-value blocks)
-  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
   for (int j = 0; j < NB; ++j) {
     uint32_t* dst = reinterpret_cast<uint32_t*>(panel + j * Q8PairDots::kPanelWords * 4);
-    for (int64_t q = 0; q < words; q += 16) {  // the last 8 words: the low half only
-      const __m512i a = _mm512_load_si512(halves[0] + j * kRow + 4 * q);
-      const __m512i b = _mm512_load_si512(halves[1] + j * kRow + 4 * q);
-      _mm512_store_si512(dst + 2 * q, _mm512_permutex2var_epi32(a, lo, b));
-      if (q + 16 <= words) _mm512_store_si512(dst + 2 * q + 16, _mm512_permutex2var_epi32(a, hi, b));
-    }
+    for (int64_t q = 0; q < words; q += 16)  // the last 8 words: the low half only
+      store_word_pairs(dst + 2 * q, _mm512_load_si512(halves[0] + j * kRow + 4 * q),
+                       _mm512_load_si512(halves[1] + j * kRow + 4 * q), q + 16 <= words);
   }
 }
 #endif
