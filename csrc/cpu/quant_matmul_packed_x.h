@@ -454,47 +454,54 @@ void fill_bytes_pairs(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1
   }
 }
 
-// int4 on the int8-x path: the weight rows' values [k0, k1) (multiples of 32) as bytes, per
-// 32-block its 16 low nibbles (the even elements), then its 16 high ones: x's order.
+// int4 on the int8-x path, as bytes in x's order: per 32-value block its 16 low nibbles (the
+// even elements), then its 16 high ones. expand_int4_64: the 64 values of 32 packed bytes;
+// expand_int4_32: the 32 of 16 (the upper half of the vector undefined).
+LLMK_INLINE __m512i expand_int4_64(const uint8_t* src) {
+  const __m256i low = _mm256_set1_epi8(15);
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_permute2x128_si256(lo, hi, 0x20)),
+                            _mm256_permute2x128_si256(lo, hi, 0x31), 1);
+}
+LLMK_INLINE __m512i expand_int4_32(const uint8_t* src) {
+  const __m128i low = _mm_set1_epi8(15);
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  return _mm512_castsi256_si512(
+      _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low), _mm_and_si128(b, low)));
+}
+
+// The weight rows' values [k0, k1) (multiples of 32) as bytes (expand_int4_64).
 template <int NB>
 void fill_int4_u8(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1, uint8_t* panel) {
   const int64_t len = k1 - k0, row_bytes = c.p->qdata.sizes[1];
-  const __m256i low = _mm256_set1_epi8(15);
   for (int j = 0; j < NB; ++j) {
     const uint8_t* w = c.p->qdata.ptr<uint8_t>() + chans[j] * row_bytes + k0 / 2;
     uint8_t* dst = panel + j * Q8BlockDots::kPanelWords * 4;
     int64_t k = 0;
-    for (; k + 64 <= len; k += 64) {  // two blocks: 32 bytes
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2));
-      const __m256i lo = _mm256_and_si256(b, low);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + k), _mm256_permute2x128_si256(lo, hi, 0x20));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + k + 32), _mm256_permute2x128_si256(lo, hi, 0x31));
-    }
-    if (k < len) {  // one block left
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2));
-      const __m128i l4 = _mm_set1_epi8(15);
-      _mm_store_si128(reinterpret_cast<__m128i*>(dst + k), _mm_and_si128(b, l4));
-      _mm_store_si128(reinterpret_cast<__m128i*>(dst + k + 16), _mm_and_si128(_mm_srli_epi16(b, 4), l4));
-    }
+    for (; k + 64 <= len; k += 64) _mm512_store_si512(dst + k, expand_int4_64(w + k / 2));
+    if (k < len)  // one block left
+      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + k),
+                         _mm512_castsi512_si256(expand_int4_32(w + k / 2)));
   }
 }
 
-// fill_int4_u8 for Q8PairDots: both halves (whole groups each: paired_int4) filled as
-// fill_int4_u8 fills a chunk, their words then interleaved as fill_bytes_pairs's.
+// fill_int4_u8 for Q8PairDots: both halves (whole groups each: paired_int4) expanded and their
+// words interleaved (store_word_pairs).
 template <int NB>
 void fill_int4_u8_pairs(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1,
                         uint8_t* panel) {
-  constexpr int64_t kRow = Q8BlockDots::kPanelWords * 4;  // bytes of a half's panel row
-  alignas(64) uint8_t halves[2][NB * kRow];
-  fill_int4_u8<NB>(c, chans, k0, k1, halves[0]);
-  fill_int4_u8<NB>(c, chans, c.pair_half + k0, c.pair_half + k1, halves[1]);
-  const int64_t words = (k1 - k0) / 4;  // a multiple of 8 (whole 32-value blocks)
+  const int64_t len = k1 - k0, row_bytes = c.p->qdata.sizes[1];
   for (int j = 0; j < NB; ++j) {
+    const uint8_t* w = c.p->qdata.ptr<uint8_t>() + chans[j] * row_bytes;
+    const uint8_t* a = w + k0 / 2;                  // the first half's chunk
+    const uint8_t* b = w + (c.pair_half + k0) / 2;  // the second's
     uint32_t* dst = reinterpret_cast<uint32_t*>(panel + j * Q8PairDots::kPanelWords * 4);
-    for (int64_t q = 0; q < words; q += 16)  // the last 8 words: the low half only
-      store_word_pairs(dst + 2 * q, _mm512_load_si512(halves[0] + j * kRow + 4 * q),
-                       _mm512_load_si512(halves[1] + j * kRow + 4 * q), q + 16 <= words);
+    int64_t k = 0;  // 4 values a word: word pair k / 4 at dst + k / 2
+    for (; k + 64 <= len; k += 64)
+      store_word_pairs(dst + k / 2, expand_int4_64(a + k / 2), expand_int4_64(b + k / 2));
+    if (k < len)
+      store_word_pairs(dst + k / 2, expand_int4_32(a + k / 2), expand_int4_32(b + k / 2), false);
   }
 }
 #endif
