@@ -823,11 +823,10 @@ constexpr int64_t kPackedMinRows = 8;
 // 3.23 packed, 11 rows 1.54 / 4.12 against 1.29 / 3.22; packed, 8 to 16 rows cost the same).
 constexpr int64_t kInt4Q8Rows = 12;
 constexpr int64_t kInt4Q8RowsVnni = 9;
-bool paired_int4(const QuantMatmulParams& p);  // below
 bool use_int4_q8(const QuantMatmulParams& p) {
   return kInt4Q8 && p.scheme == QuantScheme::int4 && p.x.dtype == DType::bf16 &&
          p.x.sizes[0] < (kPackedBf16 ? kInt4Q8RowsVnni : kInt4Q8Rows) &&
-         p.group_size % (4 * W) == 0 && !paired_int4(p);
+         p.group_size % (4 * W) == 0 && !use_paired_x(p);
 }
 
 // The packed int8-x path: bfloat16 x (its tolerance, as int4's above), the rows the packed
@@ -855,47 +854,36 @@ bool use_packed_q8(const QuantMatmulParams& p) {
   return kPackedBf16 && p.x.dtype == DType::bf16 &&
          ((p.scheme == QuantScheme::int8 && M >= kPackedQ8MinRowsInt8) ||
           (p.scheme == QuantScheme::int4 &&
-           ((M >= kPackedMinRows && !use_int4_q8(p)) || paired_int4(p))));
+           ((M >= kPackedMinRows && !use_int4_q8(p)) || use_paired_x(p))));
 }
 
-// int4 from 6 rows to 8 in the paired layout below, where each half of K holds whole groups
-// (else row blocks). 4096 x 4096, g128, bf16 x, 2 Zen 4 threads, weights from memory, three
-// runs alternating with the row blocks, 2026-11-27, against int4pack in the same runs: 6 rows
-// 1.45-1.60x -> 1.60-1.68x, 7 rows 1.31-1.38x -> 1.52-1.53x, 8 rows 1.22-1.31x -> 1.63-1.70x
-// (8 rows 1.24-1.56 -> 1.03-1.17 ms).
-bool paired_int4(const QuantMatmulParams& p) {
-  const int64_t M = p.x.sizes[0];
-  return kPackedBf16 && p.scheme == QuantScheme::int4 && p.x.dtype == DType::bf16 &&
-         M >= kPackedQ8MinRowsInt8 && 2 * M <= kLaneRowsAll &&
-         p.x.sizes[1] % (2 * p.group_size) == 0;
-}
-
-// w8a8 from 6 rows to 8 in the paired layout below (before: row blocks up to 7 rows, 16 rows
-// to a vector from 8). 4096 x 4096, bf16 x, 2 Zen 4 threads, weights from memory, three runs
-// alternating with the previous build, 2026-11-27: 6-8 rows 1.01-1.18 -> 0.74-0.80 ms
-// (1.80-2.00x -> 2.40-2.98x the bf16 F.linear of the same runs).
-bool paired_w8a8(const QuantMatmulParams& p) {
-  const int64_t M = p.x.sizes[0];
-  return kPackedBf16 && p.scheme == QuantScheme::w8a8 && M >= kPackedQ8MinRowsInt8 &&
-         2 * M <= kLaneRowsAll;
-}
-
-// The paired layout, on the packed int8 paths with at most half a vector of rows: each row's
+// The paired layout, on VNNI CPUs' packed int8 paths from 6 rows to half a vector: each row's
 // two halves of K (padded to 64) take two lanes of the vector (x as 2M rows of K / 2: the same
 // bytes), the panel holds the two halves' weight words side by side, one 64-bit broadcast
 // feeds both, and the two lanes' sums add up at the end. One vpdpbusd then does the products of
-// 16 lanes, not of 6-8 rows and 8-10 lanes of zeros.
+// 16 lanes, not of 6-8 rows and 8-10 lanes of zeros. int8 and int4 with bf16 x (int4 where
+// each half of K holds whole groups, else its row blocks), w8a8 with any x. 4096 x 4096, 2 Zen
+// 4 threads, weights from memory, runs alternating with the previous builds, 2026-11-27: int4
+// g128 against int4pack in the same runs, 6 rows 1.45-1.60x -> 1.60-1.68x, 7 rows 1.31-1.38x
+// -> 1.52-1.53x, 8 rows 1.22-1.31x -> 1.63-1.70x (its row blocks before); w8a8 6-8 rows
+// 1.01-1.18 -> 0.74-0.80 ms (row blocks up to 7 rows, 16 rows to a vector from 8 before); int8:
+// see kPackedQ8MinRowsInt8.
 bool use_paired_x(const QuantMatmulParams& p) {
-  return (use_packed_q8(p) && 2 * p.x.sizes[0] <= kLaneRowsAll &&
-          (p.scheme == QuantScheme::int8 || paired_int4(p))) ||
-         paired_w8a8(p);
+  const int64_t M = p.x.sizes[0];
+  if (!kPackedBf16 || M < kPackedQ8MinRowsInt8 || 2 * M > kLaneRowsAll) return false;
+  const bool bf16 = p.x.dtype == DType::bf16;
+  switch (p.scheme) {
+    case QuantScheme::w8a8: return true;
+    case QuantScheme::int8: return bf16;
+    default: return bf16 && p.x.sizes[1] % (2 * p.group_size) == 0;  // int4
+  }
 }
 
 // The packed-x path's bytes per element of x (quant_matmul_packed_x.h), 0 where it does not
 // serve: w8a8's int8 (1, VNNI CPUs), int8 / int4 weights with bf16 x on AVX512-BF16 CPUs (2),
 // with any other x on AVX2 / AVX-512 (float, 4).
 int64_t packed_elem_bytes(const QuantMatmulParams& p) {
-  if (use_packed_q8(p) || paired_w8a8(p)) return 1;
+  if (use_packed_q8(p) || use_paired_x(p)) return 1;
   if (!kPackedX || p.x.sizes[0] < kPackedMinRows || use_int4_q8(p) || use_int8_q8_rows(p))
     return 0;
   if (p.scheme == QuantScheme::w8a8) return kPackedBf16 ? 1 : 0;
@@ -1643,7 +1631,7 @@ void run(const QuantMatmulParams& p, void* workspace) {
     c.pair_half = c.Kx / 2;
     c.M *= 2;
     c.K = c.Kx = c.pair_half;
-    c.groups /= 2;  // int4: groups of a half (whole ones: paired_int4)
+    c.groups /= 2;  // int4: groups of a half (whole ones: use_paired_x)
   }
   if (c.xp != nullptr) {  // the prepared rows, W to a vector
     const int64_t bytes = packed_elem_bytes(p), words = c.Kx * bytes / 4;

@@ -486,7 +486,7 @@ void fill_int4_u8(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1, ui
   }
 }
 
-// fill_int4_u8 for Q8PairDots: both halves (whole groups each: paired_int4) expanded and their
+// fill_int4_u8 for Q8PairDots: both halves (whole groups each: use_paired_x) expanded and their
 // words interleaved (store_word_pairs).
 template <int NB>
 void fill_int4_u8_pairs(const Ctx& c, const int64_t* chans, int64_t k0, int64_t k1,
