@@ -232,6 +232,31 @@ def test_every_cpu_tier_rounds_denormal_bf16_parameters_alike():
         assert torch.equal(results[0], got), tier
 
 
+@pytest.mark.parametrize("make", [AdamW8bit, llmkernels.optim.AdamW])
+@pytest.mark.parametrize("where", [5, 21, 4096 + 7, 4096 + 17])
+def test_every_cpu_tier_keeps_a_lone_denormal_bf16_parameter(make, where):
+    """One denormal among normal bfloat16 parameters, in the first or the second vector of a
+    pair the AVX512-BF16 tier converts together (5, 21), in the lone vector after the pairs
+    (4096 + 7) or in the scalar tail (4096 + 17): every tier keeps it, as above."""
+    tiers = llmkernels.backends.supported_cpu_tiers()
+    if len(tiers) < 2:
+        pytest.skip("one CPU tier here")
+    base = torch.ones(4096 + 16 + 3).to(torch.bfloat16)
+    base[where] = 3e-39
+    grad = torch.full(base.shape, 1e-30).to(torch.bfloat16)
+    results = []
+    for tier in tiers:
+        p = base.clone().requires_grad_()
+        opt = make([p], lr=1e-40, weight_decay=0.0)
+        with llmkernels.use_cpu_tier(tier):
+            p.grad = grad.clone()
+            opt.step()
+        results.append(p.detach().view(torch.int16))
+    assert results[0][where] != 0  # still denormal, not flushed
+    for tier, got in zip(tiers[1:], results[1:]):
+        assert torch.equal(results[0], got), tier
+
+
 def test_every_cpu_tier_codes_non_finite_moments_alike():
     """NaN and infinite gradients (a step GradScaler would skip) still give the same codes and
     parameters on every tier: the vector code paths map NaN to code 0 through conversions and
