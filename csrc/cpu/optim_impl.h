@@ -159,6 +159,15 @@ inline __m256 load8(const T* a) {
   if constexpr (kHalf) return _mm256_cvtph_ps(h);
   else return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+// to_bf16 of 8 values, in the low 16 bits of each lane: round to nearest even, NaN kept quiet.
+inline __m256i bf16_bits8(__m256 x) {
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  const __m256i q = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
+  return _mm256_srli_epi32(_mm256_blendv_epi8(r, q, nan), 16);
+}
 template <class T, bool kHalf>
 inline void store8(T* a, __m256 x) {
   if constexpr (std::is_same_v<T, float>) {
@@ -168,21 +177,23 @@ inline void store8(T* a, __m256 x) {
     __m128i h;
     if constexpr (kHalf) {
       h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    } else {  // to_bf16: round to nearest even, NaN kept quiet
-      const __m256i u = _mm256_castps_si256(x);
-      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-      const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
-      // NaN: |u| > 0x7f800000 as signed integers (|u| < 2^31)
-      const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                             _mm256_set1_epi32(0x7f800000));
-      const __m256i q = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
-      const __m256i bits = _mm256_srli_epi32(_mm256_blendv_epi8(r, q, nan), 16);
+    } else {
+      const __m256i bits = bf16_bits8(x);
       // 8 x 16 bits, in lane order: packus keeps them (< 2^16), permute4x64 joins the halves
       h = _mm256_castsi256_si128(
           _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), _MM_SHUFFLE(3, 1, 2, 0)));
     }
     _mm_storeu_si128(reinterpret_cast<__m128i*>(a), h);
   }
+}
+
+// 16 values as bfloat16, lo's first: one pack and one permute for both (AVX2 bfloat16 AdamW8bit,
+// one thread, in cache: with bf16_bits8's NaN test, 0.99 -> 0.95 ns a value on a Zen 4).
+inline void store_bf16x16(uint16_t* a, __m256 lo, __m256 hi) {
+  // lanes: lo 0-3, hi 0-3, lo 4-7, hi 4-7; the permute puts lo's halves first
+  const __m256i words = _mm256_packus_epi32(bf16_bits8(lo), bf16_bits8(hi));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(a),
+                      _mm256_permute4x64_epi64(words, _MM_SHUFFLE(3, 1, 2, 0)));
 }
 
 #endif
@@ -245,6 +256,7 @@ struct Simd {
   template <class T, bool kHalf> static V load(const T* p) { return load8<T, kHalf>(p); }
   template <class T, bool kHalf> static void store(T* p, V x) { store8<T, kHalf>(p, x); }
   template <class T, bool kHalf> static void store2(T* p, V lo, V hi) {
+    if constexpr (std::is_same_v<T, uint16_t> && !kHalf) return store_bf16x16(p, lo, hi);
     store8<T, kHalf>(p, lo);
     store8<T, kHalf>(p + kW, hi);
   }
