@@ -208,42 +208,12 @@ def test_sqrt_codes_are_exact():
     assert sqrt_codes(torch.tensor([float("nan")]), 255).item() == 0
 
 
-def test_every_cpu_tier_rounds_denormal_bf16_parameters_alike():
-    """bfloat16 parameters whose updated float32 values are denormal: the AVX512-BF16 tier's
-    conversion instruction flushes those, so such vectors must take the rounding path that
-    keeps them (as every other tier's conversion does)."""
+def _bf16_step_on_every_tier(make, base, grad):
+    """The parameter bits after one tiny step (lr 1e-40: values barely move) from base on each
+    CPU tier; every tier's must be the first's."""
     tiers = llmkernels.backends.supported_cpu_tiers()
     if len(tiers) < 2:
         pytest.skip("one CPU tier here")
-    base = torch.full((4096,), 3e-39).to(torch.bfloat16)
-    base[::7] = 0.0
-    base[::11] = 1.0
-    grad = torch.full((4096,), 1e-30).to(torch.bfloat16)
-    results = []
-    for tier in tiers:
-        p = base.clone().requires_grad_()
-        opt = AdamW8bit([p], lr=1e-40, weight_decay=0.0)
-        with llmkernels.use_cpu_tier(tier):
-            p.grad = grad.clone()
-            opt.step()
-        results.append(p.detach().view(torch.int16))
-    assert (results[0][1:7] != 0).all()  # still denormal, not flushed
-    for tier, got in zip(tiers[1:], results[1:]):
-        assert torch.equal(results[0], got), tier
-
-
-@pytest.mark.parametrize("make", [AdamW8bit, llmkernels.optim.AdamW])
-@pytest.mark.parametrize("where", [5, 21, 4096 + 7, 4096 + 17])
-def test_every_cpu_tier_keeps_a_lone_denormal_bf16_parameter(make, where):
-    """One denormal among normal bfloat16 parameters, in the first or the second vector of a
-    pair the AVX512-BF16 tier converts together (5, 21), in the lone vector after the pairs
-    (4096 + 7) or in the scalar tail (4096 + 17): every tier keeps it, as above."""
-    tiers = llmkernels.backends.supported_cpu_tiers()
-    if len(tiers) < 2:
-        pytest.skip("one CPU tier here")
-    base = torch.ones(4096 + 16 + 3).to(torch.bfloat16)
-    base[where] = 3e-39
-    grad = torch.full(base.shape, 1e-30).to(torch.bfloat16)
     results = []
     for tier in tiers:
         p = base.clone().requires_grad_()
@@ -252,9 +222,32 @@ def test_every_cpu_tier_keeps_a_lone_denormal_bf16_parameter(make, where):
             p.grad = grad.clone()
             opt.step()
         results.append(p.detach().view(torch.int16))
-    assert results[0][where] != 0  # still denormal, not flushed
     for tier, got in zip(tiers[1:], results[1:]):
         assert torch.equal(results[0], got), tier
+    return results[0]
+
+
+def test_every_cpu_tier_rounds_denormal_bf16_parameters_alike():
+    """bfloat16 parameters whose updated float32 values are denormal: the AVX512-BF16 tier's
+    conversion instruction flushes those, so such vectors must take the rounding path that
+    keeps them (as every other tier's conversion does)."""
+    base = torch.full((4096,), 3e-39).to(torch.bfloat16)
+    base[::7] = 0.0
+    base[::11] = 1.0
+    got = _bf16_step_on_every_tier(AdamW8bit, base, torch.full((4096,), 1e-30).to(torch.bfloat16))
+    assert (got[1:7] != 0).all()  # still denormal, not flushed
+
+
+@pytest.mark.parametrize("make", [AdamW8bit, llmkernels.optim.AdamW])
+@pytest.mark.parametrize("where", [5, 21, 4096 + 7, 4096 + 17])
+def test_every_cpu_tier_keeps_a_lone_denormal_bf16_parameter(make, where):
+    """One denormal among normal bfloat16 parameters, in the first or the second vector of a
+    pair the AVX512-BF16 tier converts together (5, 21), in the lone vector after the pairs
+    (4096 + 7) or in the scalar tail (4096 + 17): every tier keeps it, as above."""
+    base = torch.ones(4096 + 16 + 3).to(torch.bfloat16)
+    base[where] = 3e-39
+    got = _bf16_step_on_every_tier(make, base, torch.full(base.shape, 1e-30).to(torch.bfloat16))
+    assert got[where] != 0  # still denormal, not flushed
 
 
 def test_every_cpu_tier_codes_non_finite_moments_alike():
