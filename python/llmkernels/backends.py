@@ -260,6 +260,13 @@ class Decision:
         return "\n".join(lines)
 
 
+class Decisions(tuple):
+    """Several Decisions (an optimizer step: one per param group and kind of state)."""
+
+    def __str__(self) -> str:
+        return "\n".join(map(str, self)) if self else "no parameters: nothing to serve"
+
+
 # A support check returns None when the path can serve the call, else the reason it cannot.
 SupportCheck = Callable[[], Optional[str]]
 
@@ -294,7 +301,12 @@ def explain(op: Callable, *args, **kwargs) -> Decision:
     """Which path would serve `op(*args, **kwargs)` and why the others would not.
 
     Example: print(llmkernels.explain(llmkernels.scaled_dot_product_attention, q, k, v))
+    An llmkernels optimizer's step (explain(opt.step)) gives Decisions: one per param group
+    (AdamW8bit: per kind of state), for the tensors as they are now.
     """
+    owner = getattr(op, "__self__", None)
+    if getattr(op, "__name__", None) == "step" and hasattr(owner, "_llmk_explain_step"):
+        return owner._llmk_explain_step(*args, **kwargs)
     explainer = getattr(op, "__llmk_explain__", None)
     if explainer is None:
         raise TypeError(f"explain: {getattr(op, '__name__', op)!r} is not an llmkernels op")

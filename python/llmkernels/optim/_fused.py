@@ -67,14 +67,16 @@ def grads_of(group, owner: str) -> List[torch.Tensor]:
     return out
 
 
-def kernel_views(rows, f32_state: bool = False, build: bool = True):
+def kernel_views(rows, f32_state: bool = False, build: bool = True,
+                 why: Optional[list] = None):
     """Per row ([parameter, gradient, state...], None for an absent tensor) its tensors' flat()
     views, in one pass; None if the kernels cannot take the rows: a parameter dtype outside
     KERNEL_DTYPES, a gradient or state of another dtype than its parameter (with f32_state,
     float32 states are fine too when every row has them), tensors on several devices, a
     non-contiguous one. This runs every step over every tensor (hundreds of tensors, a few
     attribute reads each: most of a small model's step), so it reads each attribute once.
-    build=False: the check alone (empty rows), for paths that take tensors (Triton)."""
+    build=False: the check alone (empty rows), for paths that take tensors (Triton).
+    why: a list that receives the reason when the answer is None (explain)."""
     if not rows:
         return []
     device = rows[0][0].get_device()
@@ -83,9 +85,12 @@ def kernel_views(rows, f32_state: bool = False, build: bool = True):
     same = True
     codes = DTYPE_CODES
     out = []
-    for row in rows:
+    for i, row in enumerate(rows):
         dtype = row[0].dtype
         if dtype not in KERNEL_DTYPES:
+            if why is not None:
+                why.append(f"parameter {i} is {dtype} (the kernels take float32, bfloat16 and "
+                           "float16)")
             return None
         views = []
         for j, t in enumerate(row):
@@ -95,16 +100,27 @@ def kernel_views(rows, f32_state: bool = False, build: bool = True):
             tdt = t.dtype
             if tdt is not dtype:
                 if j < 2 or tdt is not f32:
+                    if why is not None:
+                        why.append(f"{_ROLES[min(j, 2)]} {i} is {tdt}, the parameter {dtype}")
                     return None
                 same = False
             elif j >= 2 and tdt is not f32:
                 own = False
             if not (same or own) or t.get_device() != device or not t.is_contiguous():
+                if why is not None:
+                    why.append(
+                        "16-bit parameters' states are neither all float32 nor all in their "
+                        "parameters' dtypes" if not (same or own) else
+                        "the tensors are on several devices" if t.get_device() != device else
+                        f"{_ROLES[min(j, 2)]} {i} is not contiguous")
                 return None
             if build:
                 views.append((t.data_ptr(), codes[tdt], (t.numel(),), (1,)))
         out.append(views)
     return out
+
+
+_ROLES = ("parameter", "the gradient of parameter", "a state tensor of parameter")
 
 
 def _triton_optim():
@@ -124,6 +140,71 @@ def route(params: List[torch.Tensor], rows, stochastic_rounding: bool,
     if path == "cuda":
         views = kernel_views(rows, f32_state)
     return path, views
+
+
+def explain_step(optimizer: torch.optim.Optimizer, rows_of) -> "backends.Decisions":
+    """explain(optimizer.step): per param group, route()'s choice for each kind of rows that
+    rows_of(group, params, grads) gives ((label, params, rows, stochastic_rounding, f32_state)
+    tuples). params: the group's parameters with gradients; before any has one, all of them,
+    each standing in for its own gradient (said in the detail)."""
+    name = type(optimizer).__name__
+    out = []
+    for index, group in enumerate(optimizer.param_groups):
+        params = [p for p in group["params"] if p.grad is not None]
+        no_grads = not params
+        if no_grads:
+            params = list(group["params"])
+        grads = params if no_grads else [p.grad for p in params]
+        for label, ps, rows, sr, f32 in rows_of(group, params, grads):
+            if not ps:
+                continue
+            decision = explain_route(f"{name}.step, param group {index}{label}", ps, rows, sr,
+                                     f32)
+            if no_grads:
+                decision.detail = "no gradients yet: judged on the parameters and their state"
+            out.append(decision)
+    return backends.Decisions(out)
+
+
+def explain_route(op: str, params: List[torch.Tensor], rows, stochastic_rounding: bool,
+                  f32_state: bool = False) -> "backends.Decision":
+    """route()'s choice for these rows (choose_path itself decides) and why each other path
+    would not serve them (llmkernels.explain of an optimizer's step)."""
+    why: list = []
+    ready = kernel_views(rows, f32_state, build=False, why=why) is not None
+    path = choose_path(params, ready, stochastic_rounding)
+    forced = backends.forced_backend()
+    device = params[0].device.type
+    native = backends.native_module()
+    from ..ops.attention_gpu import triton_interpreting
+    no_triton = backends.triton_unavailable("optim")
+    reasons = {
+        "cpu": (f"the parameters are {device} tensors" if device != "cpu" else
+                "the compiled extension is not available" if native is None else
+                None if ready else why[0]),
+        "triton": (no_triton if no_triton else
+                   "CPU tensors (Triton serves CUDA tensors, and CPU ones only when forced "
+                   "under TRITON_INTERPRET=1)" if device != "cuda" and not triton_interpreting()
+                   else None if ready else why[0]),
+        "cuda": (f"the parameters are {device} tensors" if device != "cuda" else
+                 "stochastic rounding is not in the CUDA kernels" if stochastic_rounding else
+                 "the extension was built without CUDA" if not hasattr(native, "adam_step_cuda")
+                 else None if ready else why[0]),
+    }
+    rejected = {}
+    for name in ("cpu", "triton", "cuda"):
+        if name == path:
+            continue
+        if reasons[name] is None:  # could serve: another path comes first or was forced
+            reasons[name] = ("another path was forced" if forced else
+                             "Triton serves CUDA tensors first (the CUDA kernels when forced)"
+                             if name == "cuda" else "another path comes first")
+        if name in backends.CANDIDATES.get(device, ()) or name == "triton":
+            rejected[name] = reasons[name]
+    if path != "reference":
+        rejected["reference"] = ("another path was forced" if forced else
+                                 "a kernel path serves (the reference path is PyTorch ops)")
+    return backends.Decision(op, device, path, forced if path == forced else None, rejected)
 
 
 def choose_path(params: List[torch.Tensor], ready: bool, stochastic_rounding: bool) -> str:

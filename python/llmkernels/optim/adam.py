@@ -115,6 +115,17 @@ class _FusedAdam(torch.optim.Optimizer):
             _plan.after_full_step(self, group, params, [state_keys] * len(params), {path})
         return loss
 
+    def _llmk_explain_step(self) -> "backends.Decisions":
+        """llmkernels.explain(optimizer.step)."""
+        def rows_of(group, params, grads):
+            amsgrad = group["amsgrad"]
+            states = [self.state.get(p, {}) for p in params]
+            rows = [[p, g, s.get("exp_avg"), s.get("exp_avg_sq"),
+                     s.get("max_exp_avg_sq") if amsgrad else None]
+                    for p, g, s in zip(params, grads, states)]
+            return [("", params, rows, bool(group.get("stochastic_rounding", False)), True)]
+        return _fused.explain_step(self, rows_of)
+
     def _capturable_step(self, group, params, amp: _fused.Amp) -> bool:
         """A capturable group's step with its scalars on the device (_capturable.py), on the
         Triton or CUDA kernel or the reference; False (nothing done) when the host path

@@ -272,6 +272,20 @@ class AdamW8bit(torch.optim.Optimizer):
         return sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values()
                    if isinstance(t, torch.Tensor))
 
+    def _llmk_explain_step(self) -> "backends.Decisions":
+        """llmkernels.explain(optimizer.step): the small tensors (float32 moments) and the
+        8-bit ones of each group apart, in the order step() routes them."""
+        def rows_of(group, params, grads):
+            small = [p.numel() < group["min_8bit_size"] for p in params]
+            big = [(p, g) for p, g, s in zip(params, grads, small) if not s]
+            few = [(p, g, self.state.get(p, {})) for p, g, s in zip(params, grads, small) if s]
+            return [(" (float32 state: tensors under min_8bit_size)", [p for p, _, _ in few],
+                     [[p, g, s.get("exp_avg"), s.get("exp_avg_sq")] for p, g, s in few],
+                     False, True),
+                    (" (8-bit state)", [p for p, _ in big], [[p, g] for p, g in big], False,
+                     False)]
+        return _fused.explain_step(self, rows_of)
+
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale: Optional[torch.Tensor] = None,
              found_inf: Optional[torch.Tensor] = None):

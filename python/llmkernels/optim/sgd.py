@@ -47,6 +47,15 @@ class SGD(torch.optim.Optimizer):
             group.setdefault("stochastic_rounding", False)
             group.setdefault("seed", 0)
 
+    def _llmk_explain_step(self) -> "backends.Decisions":
+        """llmkernels.explain(optimizer.step)."""
+        def rows_of(group, params, grads):
+            momentum = group["momentum"] != 0.0
+            rows = [[p, g, self.state.get(p, {}).get("momentum_buffer") if momentum else None]
+                    for p, g in zip(params, grads)]
+            return [("", params, rows, bool(group.get("stochastic_rounding", False)), False)]
+        return _fused.explain_step(self, rows_of)
+
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale: Optional[torch.Tensor] = None,
              found_inf: Optional[torch.Tensor] = None):
