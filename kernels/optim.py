@@ -340,10 +340,14 @@ def _adam8bit_rows(P, G, MQ, VQ, MS, VS, block, offs, mask, has_block, step_size
     root_v = tl.math.sqrt_rn(v)
     p = p + (-step_size) * tl.math.div_rn(m, root_v * inv_bc2 + eps)
     _st(P, offs, p, mask, MASKED)
-    # Requantize against the blocks' new absmax (masked lanes hold 0).
+    # Requantize against the blocks' new absmax (masked lanes hold 0), taken on the bit
+    # patterns as optim_impl.h takes it: a NaN makes the block's scale NaN there, where a
+    # float max (the GPU's max.f32) would drop it.
     m_abs = tl.abs(m)
-    m_max = tl.max(m_abs, axis=1)[:, None]
-    v_max = tl.max(v, axis=1)[:, None]
+    m_bits = m.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+    m_max = tl.max(m_bits, axis=1)[:, None].to(tl.float32, bitcast=True)
+    v_bits = v.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+    v_max = tl.max(v_bits, axis=1)[:, None].to(tl.float32, bitcast=True)
     # optim_impl.h's kTinyMax / kTinyPre: blocks under 2^-64 scaled by 2^64 (no overflow)
     m_pre = tl.where(m_max < 5.421010862427522e-20, 18446744073709551616.0, 1.0)
     m_k = tl.where(m_max > 0.0,

@@ -37,3 +37,24 @@ def triton_fma_rounds_once() -> bool:
     x = torch.tensor([1 + 2.0 ** -23, 1 - 2.0 ** -23, -1.0])
     probe[(1,)](x)
     return x[0].item() == -(2.0 ** -46)
+
+
+def non_finite_8bit_run(device, backend):
+    """AdamW8bit over two steps whose gradients hold a NaN in one 256-value block and an
+    infinity in another (no GradScaler to skip them): (parameters, optimizer). On every path a
+    block's scale is the bit-pattern maximum of its |m| and v (optim_impl.h), so NaN wins and
+    the block's codes become 0, as the CPU kernel and the reference make them."""
+    torch.manual_seed(4)
+    params = [torch.randn(3 * 256 + 40)]
+    steps = [[torch.randn(3 * 256 + 40)] for _ in range(2)]
+    steps[0][0][300] = float("nan")
+    steps[0][0][600] = float("inf")
+    return run_steps(llmkernels.optim.AdamW8bit, dict(lr=1e-2, min_8bit_size=256), params,
+                     steps, device, backend)
+
+
+def assert_same_but_nan_payloads(a, b):
+    """a == b, NaN where NaN: NaN payloads differ between x86 and GPUs (canonical NaN)."""
+    b = b.cpu()
+    assert torch.equal(a.isnan(), b.isnan())
+    assert torch.equal(a[~a.isnan()], b[~b.isnan()])

@@ -8,7 +8,8 @@ import torch
 from llmkernels import backends
 from llmkernels.optim import AdamW8bit
 from llmkernels.optim.adam8bit import dequantize_moments
-from optim_utils import run_steps, triton_fma_rounds_once
+from optim_utils import (assert_same_but_nan_payloads, non_finite_8bit_run, run_steps,
+                         triton_fma_rounds_once)
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -49,6 +50,20 @@ def test_triton_matches_the_cpu_kernel_bit_for_bit(dtype, maximize, monkeypatch)
         keys = STATE_KEYS if pa.numel() >= 256 else ("exp_avg", "exp_avg_sq")
         for key in keys:
             assert torch.equal(opt_a.state[pa][key], opt_b.state[pb][key].cpu()), key
+
+
+@pytest.mark.skipif(backends.native_module() is None, reason="needs the compiled CPU kernel")
+def test_triton_codes_non_finite_gradients_as_the_cpu_kernel():
+    """A NaN and an infinity in two blocks' gradients: the same codes, scales (NaN where NaN:
+    the GPU's float max would have dropped the NaN) and parameters as the CPU kernel."""
+    if not triton_fma_rounds_once():
+        pytest.skip("this Triton interpreter's fma rounds twice (triton < 3.9)")
+    (a,), opt_a = non_finite_8bit_run("cpu", "cpu")
+    (b,), opt_b = non_finite_8bit_run(DEVICE, "triton")
+    assert opt_a.state[a]["exp_avg_scales"].isnan().any()
+    assert_same_but_nan_payloads(a.detach(), b.detach())
+    for key in STATE_KEYS:
+        assert_same_but_nan_payloads(opt_a.state[a][key], opt_b.state[b][key])
 
 
 def test_triton_step_is_close_to_adamw():

@@ -8,7 +8,7 @@ import torch
 
 import llmkernels
 from llmkernels import backends, optim
-from optim_utils import run_steps
+from optim_utils import assert_same_but_nan_payloads, non_finite_8bit_run, run_steps
 
 native = backends.native_module()
 HAS_CUDA_KERNELS = native is not None and hasattr(native, "adam_step_cuda")
@@ -64,6 +64,18 @@ def test_cuda_kernels_match_the_cpu_kernels_bit_for_bit(make, kw, dtype):
         for key, value in opt_a.state[pa].items():
             if isinstance(value, torch.Tensor) and key != "step":
                 assert torch.equal(value, opt_b.state[pb][key].cpu()), key
+
+
+@needs_gpu
+def test_cuda_8bit_kernel_codes_non_finite_gradients_as_the_cpu_kernel():
+    """Block scales are bit-pattern maxima on every path: a NaN gradient makes its block's scale
+    NaN on the GPU too (fmaxf would have dropped it), and an infinity's block NaN a step on."""
+    (a,), opt_a = non_finite_8bit_run("cpu", "cpu")
+    (b,), opt_b = non_finite_8bit_run("cuda", "cuda")
+    assert opt_a.state[a]["exp_avg_scales"].isnan().any()
+    assert_same_but_nan_payloads(a.detach(), b.detach())
+    for key in ("exp_avg_codes", "exp_avg_sq_codes", "exp_avg_scales", "exp_avg_sq_scales"):
+        assert_same_but_nan_payloads(opt_a.state[a][key], opt_b.state[b][key])
 
 
 @needs_gpu

@@ -282,7 +282,9 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Tables<6> tb, Adam8A
     const float m_unit = m_scale * (1.f / 16129.f);
     const float v_unit_b2 = ((v_scale * (1.f / 65025.f)) * (1.f / 65025.f)) * a.b2;  // beta2 v
     float m[kLane], root_v[kLane];
-    float m_max = 0.f, v_max = 0.f;
+    // Block maxima of |m| and v on their bit patterns, as the CPU kernel takes them: a NaN
+    // (above every finite pattern) makes the block's scale NaN there, which fmaxf would drop.
+    uint32_t m_bits = 0, v_bits = 0;
 #pragma unroll
     for (int r = 0; r < kLane; ++r) {
       const int64_t k = lane + 32 * r;
@@ -298,13 +300,14 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Tables<6> tb, Adam8A
       st(p, base + k, pi + (-step_size) * (mi / (rv * inv_bc2 + a.eps)));
       m[r] = mi;
       root_v[r] = rv;
-      m_max = fmaxf(m_max, fabsf(mi));
-      v_max = fmaxf(v_max, vi);
+      m_bits = max(m_bits, __float_as_uint(mi) & 0x7fffffffu);
+      v_bits = max(v_bits, __float_as_uint(vi) & 0x7fffffffu);
     }
     for (int o = 16; o > 0; o >>= 1) {
-      m_max = fmaxf(m_max, __shfl_xor_sync(0xffffffffu, m_max, o));
-      v_max = fmaxf(v_max, __shfl_xor_sync(0xffffffffu, v_max, o));
+      m_bits = max(m_bits, __shfl_xor_sync(0xffffffffu, m_bits, o));
+      v_bits = max(v_bits, __shfl_xor_sync(0xffffffffu, v_bits, o));
     }
+    const float m_max = __uint_as_float(m_bits), v_max = __uint_as_float(v_bits);
     // optim_impl.h's kTinyMax / kTinyPre: no overflow of m_k for tiny blocks
     const float m_pre = m_max < 0x1p-64f ? 0x1p64f : 1.f;
     const float m_k = m_max > 0.f ? (1.f / (m_max * m_pre)) * 16129.f : 0.f;
