@@ -104,36 +104,42 @@ inline uint16_t sr_bf16(float f, uint32_t bits) {
 }
 
 #if defined(__AVX512F__)
-// to_bf16 of 16 values: round to nearest even, NaN kept quiet.
-inline __m256i to_bf16x16(__m512 x) {
+// to_bf16 of 16 values by integer rounding, in the low 16 bits of each lane: round to nearest
+// even, NaN kept quiet.
+inline __m512i bf16_bits16(__m512 x) {
   const __m512i u = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  return _mm512_srli_epi32(_mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000))), 16);
+}
+
+// to_bf16 of 16 values.
+inline __m256i to_bf16x16(__m512 x) {
 #if defined(__AVX512BF16__)
   // The instruction rounds and quiets NaN as to_bf16 does, but flushes float32 denormals to
   // zero: vectors holding one (rare) take the integer path.
   if (_mm512_fpclass_ps_mask(x, 0x20) == 0)  // class 0x20: denormal
     return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
 #endif
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                _mm512_set1_epi32(0x7f800000));
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+  return _mm512_cvtepi32_epi16(bf16_bits16(x));
 }
 
-#if defined(__AVX512BF16__)
-// 32 values as bfloat16 (to_bf16), lo's first: one two-source conversion costs what one
-// 16-value conversion does on Zen 4 (bfloat16 AdamW8bit, one thread, in cache: 0.69 -> 0.66
-// ns a value). Either vector holding a denormal: to_bf16x16 (its integer path) for both.
+// 32 values as bfloat16 (to_bf16), lo's first. AVX512-BF16: one two-source conversion, which
+// costs what one 16-value conversion does on Zen 4 (bfloat16 AdamW8bit, one thread, in cache:
+// 0.69 -> 0.66 ns a value); either vector holding a denormal takes the integer path. That
+// path packs both vectors' words at once (one pack and one permute for two narrowing moves).
 inline void store_bf16x32(uint16_t* a, __m512 lo, __m512 hi) {
+#if defined(__AVX512BF16__)
   if (_kortestz_mask16_u8(_mm512_fpclass_ps_mask(lo, 0x20), _mm512_fpclass_ps_mask(hi, 0x20))) {
     _mm512_storeu_si512(a, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
-  } else {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), to_bf16x16(lo));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + 16), to_bf16x16(hi));
+    return;
   }
-}
 #endif
+  // per 128-bit lane: lo's 4 words, hi's 4; the permute puts lo's quads first
+  const __m512i words = _mm512_packus_epi32(bf16_bits16(lo), bf16_bits16(hi));
+  _mm512_storeu_si512(a, _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), words));
+}
 
 // 16 values as float32 (load16.h) and back. Unmasked: masked memory operations cost ~10% of
 // the 8-bit loop on Zen 4, so partial vectors go to the scalar loops.
@@ -220,9 +226,7 @@ struct Simd {
   template <class T, bool kHalf> static void store(T* p, V x) { store16<T, kHalf>(p, x); }
   // two vectors to p and p + kW
   template <class T, bool kHalf> static void store2(T* p, V lo, V hi) {
-#if defined(__AVX512BF16__)
     if constexpr (std::is_same_v<T, uint16_t> && !kHalf) return store_bf16x32(p, lo, hi);
-#endif
     store16<T, kHalf>(p, lo);
     store16<T, kHalf>(p + kW, hi);
   }
