@@ -230,6 +230,12 @@ struct Simd {
     store16<T, kHalf>(p, lo);
     store16<T, kHalf>(p + kW, hi);
   }
+  // 2 kW values at p in pair order (see the AVX2 ones): here the natural one
+  template <class T, bool kHalf> static void load_pair(const T* p, V& lo, V& hi) {
+    lo = load16<T, kHalf>(p);
+    hi = load16<T, kHalf>(p + kW);
+  }
+  template <class T, bool kHalf> static void store_pair(T* p, V lo, V hi) { store2<T, kHalf>(p, lo, hi); }
   static void storeu(float* p, V x) { _mm512_storeu_ps(p, x); }
   static V abs(V a) { return _mm512_abs_ps(a); }
   // kW byte codes as floats
@@ -263,6 +269,29 @@ struct Simd {
     if constexpr (std::is_same_v<T, uint16_t> && !kHalf) return store_bf16x16(p, lo, hi);
     store8<T, kHalf>(p, lo);
     store8<T, kHalf>(p + kW, hi);
+  }
+  // 2 kW values at p in pair order, the same for loads and stores (elementwise loops only).
+  // bfloat16: lo holds elements 0-3 and 8-11, hi 4-7 and 12-15, what one unpack of the
+  // 16 values each gives, and the store's pack puts them back in place: 1 instruction a
+  // vector each way instead of 2 (widen + shift, narrow + permute): see adam_vec, sgd_loop.
+  template <class T, bool kHalf> static void load_pair(const T* p, V& lo, V& hi) {
+    if constexpr (std::is_same_v<T, uint16_t> && !kHalf) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), h));
+      hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), h));
+    } else {
+      lo = load8<T, kHalf>(p);
+      hi = load8<T, kHalf>(p + kW);
+    }
+  }
+  template <class T, bool kHalf> static void store_pair(T* p, V lo, V hi) {
+    if constexpr (std::is_same_v<T, uint16_t> && !kHalf) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                          _mm256_packus_epi32(bf16_bits8(lo), bf16_bits8(hi)));
+    } else {
+      store8<T, kHalf>(p, lo);
+      store8<T, kHalf>(p + kW, hi);
+    }
   }
   static void storeu(float* p, V x) { _mm256_storeu_ps(p, x); }
   static V abs(V a) { return _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
@@ -305,36 +334,46 @@ int64_t adam_vec(const AdamHyper& h, const AdamTensor& t, int64_t b, int64_t e) 
   const S::V b2 = S::set1(h.beta2), eps = S::set1(h.eps);
   const S::V one_m_b1 = S::set1(h.one_minus_beta1), one_m_b2 = S::set1(h.one_minus_beta2);
   const S::V neg_step = S::set1(-t.step_size), bc2 = S::set1(t.bias_correction2_sqrt);
-  struct New { S::V p, m, v; };
-  auto update = [&](int64_t i) {  // the kW values at i (amsgrad's maximum stored)
-    S::V pi = S::load<T, kHalf>(p + i);
-    S::V gi = S::mul(S::load<T, kHalf>(g + i), signed_inv_scale);
+  struct Vals { S::V p, g, m, v, vmax; };  // p, m, v, vmax: the new ones after update
+  auto update = [&](Vals& a) {  // (vmax read only with amsgrad)
+    S::V pi = a.p;
+    S::V gi = S::mul(a.g, signed_inv_scale);
     if constexpr (kDecoupled) pi = S::mul(pi, decay);
     else if (l2) gi = S::fmadd(pi, wd, gi);
-    S::V mi = S::load<T, kHalf>(m + i);
+    S::V mi = a.m;
     mi = S::fmadd(one_m_b1, S::sub(gi, mi), mi);
-    S::V vi = S::mul(S::load<T, kHalf>(v + i), b2);
+    S::V vi = S::mul(a.v, b2);
     vi = S::add(vi, S::mul(S::mul(one_m_b2, gi), gi));
     S::V vd = vi;
-    if constexpr (kAmsgrad) {
-      vd = S::max_as_std(S::load<T, kHalf>(vmax + i), vi);
-      S::store<T, kHalf>(vmax + i, vd);
-    }
+    if constexpr (kAmsgrad) vd = S::max_as_std(a.vmax, vi);
     const S::V denom = S::add(S::div(S::sqrt(vd), bc2), eps);
-    return New{S::add(pi, S::mul(neg_step, S::div(mi, denom))), mi, vi};
+    a = Vals{S::add(pi, S::mul(neg_step, S::div(mi, denom))), a.g, mi, vi, vd};
   };
+  // Pairs of vectors in pair order (load_pair; AVX2 bf16, one thread, 64K values in cache on
+  // a Zen 4: 0.86 -> 0.69 ns each), then a lone vector; the caller's scalar loop does the rest.
   int64_t i = b;
-  for (; i + 2 * S::kW <= e; i += 2 * S::kW) {  // pairs: see store2
-    const New lo = update(i), hi = update(i + S::kW);
-    S::store2<T, kHalf>(p + i, lo.p, hi.p);
-    S::store2<T, kHalf>(m + i, lo.m, hi.m);
-    S::store2<T, kHalf>(v + i, lo.v, hi.v);
+  for (; i + 2 * S::kW <= e; i += 2 * S::kW) {
+    Vals lo, hi;
+    S::load_pair<T, kHalf>(p + i, lo.p, hi.p);
+    S::load_pair<T, kHalf>(g + i, lo.g, hi.g);
+    S::load_pair<T, kHalf>(m + i, lo.m, hi.m);
+    S::load_pair<T, kHalf>(v + i, lo.v, hi.v);
+    if constexpr (kAmsgrad) S::load_pair<T, kHalf>(vmax + i, lo.vmax, hi.vmax);
+    update(lo);
+    update(hi);
+    S::store_pair<T, kHalf>(p + i, lo.p, hi.p);
+    S::store_pair<T, kHalf>(m + i, lo.m, hi.m);
+    S::store_pair<T, kHalf>(v + i, lo.v, hi.v);
+    if constexpr (kAmsgrad) S::store_pair<T, kHalf>(vmax + i, lo.vmax, hi.vmax);
   }
   for (; i + S::kW <= e; i += S::kW) {
-    const New r = update(i);
-    S::store<T, kHalf>(p + i, r.p);
-    S::store<T, kHalf>(m + i, r.m);
-    S::store<T, kHalf>(v + i, r.v);
+    Vals a{S::load<T, kHalf>(p + i), S::load<T, kHalf>(g + i), S::load<T, kHalf>(m + i),
+           S::load<T, kHalf>(v + i), kAmsgrad ? S::load<T, kHalf>(vmax + i) : S::V{}};
+    update(a);
+    S::store<T, kHalf>(p + i, a.p);
+    S::store<T, kHalf>(m + i, a.m);
+    S::store<T, kHalf>(v + i, a.v);
+    if constexpr (kAmsgrad) S::store<T, kHalf>(vmax + i, a.vmax);
   }
   return i;
 }
@@ -460,17 +499,33 @@ void sgd_loop(const SgdHyper& h, const SgdTensor& t, int64_t b, int64_t e) {
     using S = Simd;
     const S::V v_sis = S::set1(signed_inv_scale), v_wd = S::set1(wd);
     const S::V v_mom = S::set1(mom), v_damp = S::set1(damp), v_nlr = S::set1(-lr);
-    for (; i + S::kW <= e; i += S::kW) {
-      const S::V pi = S::load<T, false>(p + i);
-      S::V d = S::mul(S::load<T, false>(g + i), v_sis);
+    // new parameter of pi, gi (and the buffer's bi, replaced by its new value)
+    auto update = [&](S::V pi, S::V gi, S::V& bi) {
+      S::V d = S::mul(gi, v_sis);
       if (l2) d = S::fmadd(pi, v_wd, d);
       if constexpr (kMomentum) {
-        const S::V bi =
-            kFirst ? d : S::fmadd(d, v_damp, S::mul(S::load<T, false>(buf + i), v_mom));
-        S::store<T, false>(buf + i, bi);
+        bi = kFirst ? d : S::fmadd(d, v_damp, S::mul(bi, v_mom));
         d = kNesterov ? S::fmadd(bi, v_mom, d) : bi;
       }
-      S::store<T, false>(p + i, S::fmadd(d, v_nlr, pi));
+      return S::fmadd(d, v_nlr, pi);
+    };
+    // pairs of vectors in pair order (load_pair; one thread, 64K values with momentum in cache
+    // on a Zen 4: AVX2 0.35 -> 0.25 ns each, AVX512-BF16 0.19 -> 0.16), then a lone vector
+    for (; i + 2 * S::kW <= e; i += 2 * S::kW) {
+      S::V p0, p1, g0, g1, b0{}, b1{};
+      S::load_pair<T, false>(p + i, p0, p1);
+      S::load_pair<T, false>(g + i, g0, g1);
+      if (kMomentum && !kFirst) S::load_pair<T, false>(buf + i, b0, b1);
+      p0 = update(p0, g0, b0);
+      p1 = update(p1, g1, b1);
+      if constexpr (kMomentum) S::store_pair<T, false>(buf + i, b0, b1);
+      S::store_pair<T, false>(p + i, p0, p1);
+    }
+    for (; i + S::kW <= e; i += S::kW) {
+      S::V bi = kMomentum && !kFirst ? S::load<T, false>(buf + i) : S::V{};
+      const S::V pn = update(S::load<T, false>(p + i), S::load<T, false>(g + i), bi);
+      if constexpr (kMomentum) S::store<T, false>(buf + i, bi);
+      S::store<T, false>(p + i, pn);
     }
   }
 #endif
