@@ -111,7 +111,8 @@ inline __m512i bf16_bits16(__m512 x) {
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd);
   const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  return _mm512_srli_epi32(_mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000))), 16);
+  const __m512i q = _mm512_or_si512(u, _mm512_set1_epi32(0x400000));
+  return _mm512_srli_epi32(_mm512_mask_mov_epi32(r, nan, q), 16);
 }
 
 // to_bf16 of 16 values.
@@ -138,7 +139,8 @@ inline void store_bf16x32(uint16_t* a, __m512 lo, __m512 hi) {
 #endif
   // per 128-bit lane: lo's 4 words, hi's 4; the permute puts lo's quads first
   const __m512i words = _mm512_packus_epi32(bf16_bits16(lo), bf16_bits16(hi));
-  _mm512_storeu_si512(a, _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), words));
+  const __m512i quads = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
+  _mm512_storeu_si512(a, _mm512_permutexvar_epi64(quads, words));
 }
 
 // 16 values as float32 (load16.h) and back. Unmasked: masked memory operations cost ~10% of
@@ -235,7 +237,9 @@ struct Simd {
     lo = load16<T, kHalf>(p);
     hi = load16<T, kHalf>(p + kW);
   }
-  template <class T, bool kHalf> static void store_pair(T* p, V lo, V hi) { store2<T, kHalf>(p, lo, hi); }
+  template <class T, bool kHalf> static void store_pair(T* p, V lo, V hi) {
+    store2<T, kHalf>(p, lo, hi);
+  }
   static void storeu(float* p, V x) { _mm512_storeu_ps(p, x); }
   static V abs(V a) { return _mm512_abs_ps(a); }
   // kW byte codes as floats
