@@ -81,3 +81,24 @@ def test_explain_step_follows_a_forced_backend_and_refuses_what_cannot_serve():
 def test_explain_refuses_other_optimizers():
     with pytest.raises(TypeError, match="not an llmkernels op"):
         llmkernels.explain(torch.optim.AdamW(_params(torch.float32)).step)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("sr", [False, True])
+def test_explain_on_cuda_tensors(monkeypatch, sr):
+    """CUDA tensors: Triton first, the CUDA kernels only when forced (and never with stochastic
+    rounding), the CPU kernel not at all; explain says so, and the step takes that path."""
+    ps = [p.detach().cuda().requires_grad_() for p in _params(torch.bfloat16)]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt = optim.AdamW(ps, stochastic_rounding=sr)
+    (decision,) = llmkernels.explain(opt.step)
+    taken = _routes(monkeypatch)
+    opt.step()
+    assert [decision.backend] == taken
+    assert "cuda tensors" in decision.rejected["cpu"]
+    if llmkernels.backends.triton_unavailable("optim") is None:
+        assert decision.backend == "triton"
+        if hasattr(llmkernels.backends.native_module(), "adam_step_cuda"):
+            why = "stochastic rounding" if sr else "Triton serves"
+            assert why in decision.rejected["cuda"]
