@@ -175,36 +175,42 @@ def explain_route(op: str, params: List[torch.Tensor], rows, stochastic_rounding
     path = choose_path(params, ready, stochastic_rounding)
     forced = backends.forced_backend()
     device = params[0].device.type
-    native = backends.native_module()
-    from ..ops.attention_gpu import triton_interpreting
-    no_triton = backends.triton_unavailable("optim")
-    reasons = {
-        "cpu": (f"the parameters are {device} tensors" if device != "cpu" else
-                "the compiled extension is not available" if native is None else
-                None if ready else why[0]),
-        "triton": (no_triton if no_triton else
-                   "CPU tensors (Triton serves CUDA tensors, and CPU ones only when forced "
-                   "under TRITON_INTERPRET=1)" if device != "cuda" and not triton_interpreting()
-                   else None if ready else why[0]),
-        "cuda": (f"the parameters are {device} tensors" if device != "cuda" else
-                 "stochastic rounding is not in the CUDA kernels" if stochastic_rounding else
-                 "the extension was built without CUDA" if not hasattr(native, "adam_step_cuda")
-                 else None if ready else why[0]),
-    }
+    refusals = path_refusals(params, None if ready else why[0], stochastic_rounding)
     rejected = {}
-    for name in ("cpu", "triton", "cuda"):
-        if name == path:
+    for name, reason in refusals.items():
+        if name == path or (name == "cuda" and device != "cuda"):
             continue
-        if reasons[name] is None:  # could serve: another path comes first or was forced
-            reasons[name] = ("another path was forced" if forced else
-                             "Triton serves CUDA tensors first (the CUDA kernels when forced)"
-                             if name == "cuda" else "another path comes first")
-        if name in backends.CANDIDATES.get(device, ()) or name == "triton":
-            rejected[name] = reasons[name]
+        rejected[name] = reason or (  # could serve: another path was forced or comes first
+            "another path was forced" if forced else
+            "Triton serves CUDA tensors first (the CUDA kernels when forced)" if name == "cuda"
+            else "another path comes first")
     if path != "reference":
         rejected["reference"] = ("another path was forced" if forced else
                                  "a kernel path serves (the reference path is PyTorch ops)")
     return backends.Decision(op, device, path, forced if path == forced else None, rejected)
+
+
+def path_refusals(params: List[torch.Tensor], unready: Optional[str],
+                  stochastic_rounding: bool) -> dict:
+    """Why each kernel path ("cpu", "triton", "cuda") cannot serve a step over params, None
+    where it can. unready: None if the kernels can take the tensors (kernel_views), else why
+    not."""
+    from ..ops.attention_gpu import triton_interpreting
+    device = params[0].device.type
+    native = backends.native_module()
+    no_triton = None if _triton_optim() is not None else backends.triton_unavailable("optim")
+    return {
+        "cpu": (f"the parameters are {device} tensors" if device != "cpu" else
+                "the compiled extension is not available" if native is None else unready),
+        "triton": (no_triton if no_triton else
+                   "CPU tensors (Triton serves CUDA tensors, and CPU ones only when forced "
+                   "under TRITON_INTERPRET=1)" if device != "cuda" and not triton_interpreting()
+                   else unready),
+        "cuda": (f"the parameters are {device} tensors" if device != "cuda" else
+                 "stochastic rounding is not in the CUDA kernels" if stochastic_rounding else
+                 "the extension was built without CUDA" if not hasattr(native, "adam_step_cuda")
+                 else unready),
+    }
 
 
 def choose_path(params: List[torch.Tensor], ready: bool, stochastic_rounding: bool) -> str:
@@ -212,30 +218,26 @@ def choose_path(params: List[torch.Tensor], ready: bool, stochastic_rounding: bo
     forced), "cuda" or "reference" (PyTorch ops), by backends.py's rules; a forced path that
     cannot serve raises BackendError. ready: whether the kernels can take the tensors
     (kernel_views)."""
-    from ..ops.attention_gpu import triton_interpreting
     forced = backends.forced_backend()
-    device = params[0].device.type
-    native = backends.native_module()
-    cpu_ok = ready and device == "cpu" and native is not None
-    triton_ok = (ready and _triton_optim() is not None
-                 and (device == "cuda" or triton_interpreting()))
-    cuda_ok = (ready and not stochastic_rounding and device == "cuda"
-               and hasattr(native, "adam_step_cuda"))
     if forced == "reference":
         return "reference"
-    if forced in ("cpu", "triton", "cuda"):
-        if {"cpu": cpu_ok, "triton": triton_ok, "cuda": cuda_ok}[forced]:
+    refusals = path_refusals(params, None if ready else "the kernels cannot take the tensors",
+                             stochastic_rounding)
+    if forced in refusals:
+        if refusals[forced] is None:
             return forced
+        device = params[0].device.type
         raise backends.BackendError(
             f"optimizer step: forced backend {forced!r} cannot serve these tensors ({device}, "
-            f"{params[0].dtype}{', stochastic rounding' if stochastic_rounding else ''})")
-    if cpu_ok:
+            f"{params[0].dtype}{', stochastic rounding' if stochastic_rounding else ''}): "
+            f"{refusals[forced]}")
+    if refusals["cpu"] is None:
         return "cpu"
     # CUDA tensors: Triton first; the CUDA kernels (the same update) serve only when forced or
     # when Triton is missing (H100, 10M parameters: 0.46x torch fused against Triton's 0.89x).
-    if triton_ok and device == "cuda":
+    if refusals["triton"] is None and params[0].device.type == "cuda":
         return "triton"
-    if cuda_ok:
+    if refusals["cuda"] is None:
         return "cuda"
     return "reference"
 
