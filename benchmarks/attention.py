@@ -401,18 +401,7 @@ def plot(records: Sequence[Dict[str, Any]], paths: Sequence[str], filename: str)
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 
-    def ints(s):
-        return [int(x) for x in s.split(",") if x]
-
-    def names(allowed):
-        def parse(s):
-            out = [x for x in s.split(",") if x]
-            bad = [x for x in out if x not in allowed]
-            if bad or not out:
-                raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}; got {s!r}")
-            return out
-        return parse
-
+    ints, names = harness.comma_ints, harness.comma_names
     p.add_argument("--seqlens", type=ints, help="comma list (default 512,1024,2048,4096)")
     p.add_argument("--head-dims", type=ints, help="comma list (default 64,128)")
     p.add_argument("--dtypes", type=names(tuple(DTYPES)), help="comma list of fp32,bf16,fp16 "

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -32,18 +31,15 @@ from llmkernels.reference import attention_kvcache_reference  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def ints(s: str) -> List[int]:
-    return [int(x) for x in s.split(",") if x]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default=harness.default_device())
-    p.add_argument("--batch", type=ints, default=[1, 8])
-    p.add_argument("--cache-lens", type=ints, default=[2048, 8192])
+    p.add_argument("--batch", type=harness.comma_ints, default=[1, 8])
+    p.add_argument("--cache-lens", type=harness.comma_ints, default=[2048, 8192])
     p.add_argument("--heads", default="32/8", help="query/kv heads (default 32/8)")
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--dtypes", default="bf16")
+    p.add_argument("--dtypes", type=harness.comma_names(tuple(DTYPES)), default=["bf16"],
+                   help="comma list of fp32,bf16,fp16 (default bf16)")
     p.add_argument("--ours-backend", default=None, help="force cpu, cuda, triton or reference")
     p.add_argument("--min-run-time", type=float, default=0.2)
     p.add_argument("--json", metavar="FILE")
@@ -54,7 +50,7 @@ def main(argv=None) -> int:
     print(harness.format_machine(info))
     rows, records, failed = [], [], 0
     torch.manual_seed(0)
-    for dt_name in args.dtypes.split(","):
+    for dt_name in args.dtypes:
         dtype = DTYPES[dt_name]
         for B in args.batch:
             for S in args.cache_lens:

@@ -153,6 +153,29 @@ class Timing:
     method: str
 
 
+def comma_ints(text: str) -> List[int]:
+    """argparse type: a comma list of integers."""
+    import argparse
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers; got {text!r}")
+
+
+def comma_names(allowed: Sequence[str]) -> Callable[[str], List[str]]:
+    """argparse type: a non-empty comma list of names from allowed (a typo is an error, not a
+    case silently skipped or run as another)."""
+    import argparse
+
+    def parse(text: str) -> List[str]:
+        out = [x for x in text.split(",") if x]
+        bad = [x for x in out if x not in allowed]
+        if bad or not out:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}; got {text!r}")
+        return out
+    return parse
+
+
 def run_timed(main: Callable[[], int]) -> None:
     """A benchmark script's entry point: main(), its wall time, its exit status."""
     import time

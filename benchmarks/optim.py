@@ -99,8 +99,11 @@ def graphed(make, params, device: str):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--params", default="10,50", help="model sizes in millions (default 10,50)")
-    p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--optimizers", default="adamw,adamw8bit,sgd")
+    p.add_argument("--dtypes", type=harness.comma_names(("fp32", "bf16", "fp16")),
+                   default=["fp32", "bf16"], help="comma list (default fp32,bf16)")
+    p.add_argument("--optimizers", type=harness.comma_names(("adamw", "adamw8bit", "sgd")),
+                   default=["adamw", "adamw8bit", "sgd"],
+                   help="comma list (default adamw,adamw8bit,sgd)")
     p.add_argument("--min-run-time", type=float, default=None)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", metavar="FILE")
@@ -123,9 +126,9 @@ def main(argv=None) -> int:
     for millions in sizes:
         shapes = model_shapes(millions)
         n = sum(int(torch.tensor(s).prod()) for s in shapes)
-        for dt in args.dtypes.split(","):
+        for dt in args.dtypes:
             dtype = dtypes[dt]
-            for name in args.optimizers.split(","):
+            for name in args.optimizers:
                 if name == "adamw":
                     makers = {"ours": lambda ps: llmkernels.optim.AdamW(ps, lr=1e-3),
                               "torch-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
@@ -148,7 +151,7 @@ def main(argv=None) -> int:
                             ps, lr=lr, fused=True, capturable=True)
                     # param read + write, grad read, two 1-byte moments read + written
                     bytes_per = 3 * torch.tensor([], dtype=dtype).element_size() + 4
-                else:
+                else:  # sgd
                     makers = {"ours": lambda ps: llmkernels.optim.SGD(ps, lr=1e-2, momentum=0.9),
                               "torch-fused": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9,
                                                                         fused=True),

@@ -97,10 +97,11 @@ def torch_int4pack(w: torch.Tensor, group: int, x: torch.Tensor, rotate_bytes: i
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default=harness.default_device())
-    p.add_argument("--ms", default=None, help="comma list of M (default 1,16,64; +4096 on CUDA)")
+    p.add_argument("--ms", type=harness.comma_ints, default=None, help="comma list of M (default 1,16,64; +4096 on CUDA)")
     p.add_argument("--shapes", default=None,
                    help="comma list of KxN (default 4096x4096 and a 7B layer's shapes)")
-    p.add_argument("--schemes", default=",".join(SCHEMES))
+    p.add_argument("--schemes", type=harness.comma_names(SCHEMES), default=list(SCHEMES),
+                   help="comma list (default int8,int4,w8a8)")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                    help="activation dtype for ours (default bf16)")
@@ -133,11 +134,11 @@ def main(argv=None) -> int:
         shapes = [(4096, 4096)] + MODEL_SHAPES[1:]
         mrt = args.min_run_time or 0.2
     if args.ms:
-        ms = [int(m) for m in args.ms.split(",")]
+        ms = args.ms
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     xdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    schemes = [s for s in args.schemes.split(",") if s]
+    schemes = args.schemes
 
     info = harness.machine_info(dev)
     print(harness.format_machine(info))

@@ -165,3 +165,26 @@ def test_model_quick(tmp_path):
         "float32", "bf16", "int8 (bf16 x)", "int4 (bf16 x)"]
     assert not plotting or (tmp_path / "model.png").stat().st_size > 0
     assert "greedy tokens = float32" in out
+
+
+def test_comma_lists_reject_unknown_names():
+    """A typo in a benchmark's list is an argparse error, not a case skipped or run as another
+    (optim.py ran every unknown optimizer name as SGD)."""
+    import argparse
+    parse = harness.comma_names(("adamw", "sgd"))
+    assert parse("sgd,adamw,") == ["sgd", "adamw"]
+    for bad in ("adam", "sgd,adam", ",", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="choose from adamw,sgd"):
+            parse(bad)
+    assert harness.comma_ints("1,16,") == [1, 16]
+    with pytest.raises(argparse.ArgumentTypeError, match="integers"):
+        harness.comma_ints("1,x")
+
+
+@pytest.mark.parametrize("script,args", [("optim.py", ["--optimizers", "adam"]),
+                                         ("optim.py", ["--dtypes", "bfloat16"]),
+                                         ("quant_matmul.py", ["--schemes", "int3"])])
+def test_benchmarks_refuse_unknown_names(script, args):
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *args],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "choose from" in proc.stderr, proc.stderr[-2000:]
