@@ -122,16 +122,40 @@ def test_w8a8_rounding_matches_reference_exactly():
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", [None, "reference"])
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_gradient_wrt_input_and_bias(scheme):
+def test_gradient_wrt_input_and_bias(scheme, backend):
+    """Every path's gradient is the dequantized weight's (w8a8: straight through the activation
+    rounding; the reference path's own ops reached x only through its per-row absmax)."""
     x = torch.randn(4, 64, requires_grad=True)
     qw = llmkernels.quantize_weight(torch.randn(16, 64), scheme, 32)
     bias = torch.randn(16, requires_grad=True)
-    out = llmkernels.quant_matmul(x, qw, bias)
+    out = llmkernels.quant_matmul(x, qw, bias, backend=backend)
     g = torch.randn_like(out)
     gx, gb = torch.autograd.grad(out, (x, bias), g)
     torch.testing.assert_close(gx, g @ qw.dequantize())
     torch.testing.assert_close(gb, g.sum(0))
+
+
+def _paths_here():
+    paths = ["reference"]
+    if llmkernels.backends.native_module() is not None:
+        paths.append("cpu")
+    if llmkernels.backends.triton_unavailable("quant_matmul") is None:
+        paths.append("triton")  # the interpreter (conftest) without a GPU
+    return paths
+
+
+@pytest.mark.parametrize("path", _paths_here())
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_strided_bias(scheme, path):
+    """A bias that is a strided view: Triton's launcher read it as dense (wrong outputs)."""
+    qw = llmkernels.quantize_weight(torch.randn(5, 64), scheme, 32)
+    x, wide = torch.randn(3, 64), torch.randn(10)
+    out = llmkernels.quant_matmul(x, qw, wide[::2], backend=path)
+    expected = quant_matmul_reference(x, scheme, qw.qdata, qw.scales, qw.zeros, qw.group_size,
+                                      wide[::2].contiguous())
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -27,3 +27,18 @@ def replace_layers(model: nn.Module, matches: Callable[[nn.Module], bool],
         set_submodule(model, name, converted[id(m)])
         names.append(name)
     return names
+
+
+def _keep_submodule_calls(module, args):
+    """A no-op forward pre-hook; its presence is what matters (see keep_submodule_calls)."""
+    return None
+
+
+def keep_submodule_calls(module: nn.Module) -> None:
+    """Give module a no-op forward pre-hook (once). torch.nn.TransformerEncoderLayer, in eval
+    mode without autograd, may run a fused C++ layer (torch._transformer_encoder_layer_fwd)
+    that reads its submodules' weights and never calls their forward; it skips that shortcut
+    when any of its submodules has forward (pre-)hooks, so the hook keeps our layers' forward
+    in use inside it. (Costs ~1 us a call: Module.__call__ takes its hook path.)"""
+    if _keep_submodule_calls not in module._forward_pre_hooks.values():
+        module.register_forward_pre_hook(_keep_submodule_calls)

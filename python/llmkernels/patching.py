@@ -5,8 +5,8 @@
   touched, and unpatch sets the previous implementation back.
 - other PyTorch models: every torch.nn.MultiheadAttention becomes llmkernels.nn's drop-in
   (swap_attention); unpatch turns them back into torch's class.
-- quantize="int8" | "int4" | "w8a8": quantize_ on the model's linears (for transformers
-  models, not an output embedding tied to the input embedding: that would untie them). unpatch
+- quantize="int8" | "int4" | "w8a8": quantize_ on the model's linears (not one whose weight
+  another module holds, such as an output embedding tied to the input embedding). unpatch
   replaces each QuantLinear with an nn.Linear holding its dequantized weight (the float
   weights are gone once quantized).
 
@@ -47,16 +47,6 @@ class PatchReport:
         return "\n".join(lines)
 
 
-def _tied_output_filter(model: nn.Module) -> Callable[[nn.Module, str], bool]:
-    """Leaves out the output embedding when its weight is the input embedding's (quantizing
-    it would untie them and keep both)."""
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    tied = (out is not None and inp is not None
-            and getattr(out, "weight", None) is getattr(inp, "weight", False))
-    return lambda module, name: not (tied and module is out)
-
-
 def patch(model: nn.Module, attention: bool = True, quantize: Optional[str] = None,
           group_size: int = 128,
           filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> PatchReport:
@@ -64,8 +54,7 @@ def patch(model: nn.Module, attention: bool = True, quantize: Optional[str] = No
 
     attention: swap the attention (see the module docstring); quantize: None or a scheme of
     quantize_ ("int8", "int4", "w8a8"), with group_size (int4) and filter_fn(module, name)
-    choosing the linears (default: all but a transformers model's output embedding when it is
-    tied to the input embedding). Raises ValueError for a scheme quantize_ does not know and for a model whose
+    choosing the linears (default: all that quantize_ can take; it keeps tied ones in float). Raises ValueError for a scheme quantize_ does not know and for a model whose
     attention llmkernels cannot route (nothing is changed then)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: model must be an nn.Module, got {type(model).__name__}")
@@ -98,8 +87,6 @@ def patch(model: nn.Module, attention: bool = True, quantize: Optional[str] = No
                                     "llmkernels.nn.MultiheadAttention" for name in names)
             state["swapped_attention"] = True
     if quantize is not None:
-        if filter_fn is None and is_hf:
-            filter_fn = _tied_output_filter(model)
         report.quantize = quantize_(model, quantize, group_size=group_size, filter_fn=filter_fn)
     object.__setattr__(model, _STATE, state)  # a plain attribute: not a submodule or buffer
     return report

@@ -2,22 +2,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
+import torch
 from torch import nn
 
-from ._modules import set_submodule
+from ._modules import keep_submodule_calls, set_submodule
 from .nn.quant_linear import QuantLinear, scheme_fits
-from .reference.quant_matmul import SCHEMES
+from .reference.quant_matmul import INT4_GROUP_SIZES, SCHEMES, is_int4_group_size
 
 
 @dataclass
 class QuantizeReport:
-    """What quantize_ did: replaced (name, bytes before, bytes after) and skipped (name, why)."""
+    """What quantize_ did: replaced (name, bytes before, bytes after), skipped (name, why) and
+    shared (name, first name) for a replaced layer reachable under another name too."""
     scheme: str
     group_size: int
     replaced: List[Tuple[str, int, int]] = field(default_factory=list)
     skipped: List[Tuple[str, str]] = field(default_factory=list)
+    shared: List[Tuple[str, str]] = field(default_factory=list)
 
     @property
     def bytes_before(self) -> int:
@@ -34,6 +37,8 @@ class QuantizeReport:
                  f"{self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB of weights"]
         for name, before, after in self.replaced:
             lines.append(f"  {name}: {before} -> {after} bytes")
+        for name, first in self.shared:
+            lines.append(f"  {name}: the same layer as {first}")
         for name, why in self.skipped:
             lines.append(f"  {name}: kept in float: {why}")
         return "\n".join(lines)
@@ -44,39 +49,96 @@ def _weight_bytes(layer: nn.Module) -> int:
                if hasattr(t, "numel"))
 
 
+def _weight_holders(model: nn.Module) -> Dict[int, List[str]]:
+    """id(parameter) -> the names of the modules holding it (a module reachable under several
+    names counts once)."""
+    holders: Dict[int, List[str]] = {}
+    for name, module in model.named_modules():
+        for p in module._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), []).append(name)
+    return holders
+
+
+def _keep_transformer_layers_off_fused_paths(model: nn.Module) -> None:
+    """nn.TransformerEncoderLayer's eval-mode fused path reads linear1.weight / linear2.weight
+    (a QuantLinear has none): the no-op hook keeps it on the path that calls them; and an
+    nn.TransformerEncoder whose first layer holds one stops packing padded batches into
+    NestedTensors (its check reads those weights, hooks or not)."""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer):
+            for child in (module.linear1, module.linear2):
+                if isinstance(child, QuantLinear):
+                    keep_submodule_calls(child)
+        if isinstance(module, nn.TransformerEncoder) and len(module.layers) > 0:
+            first = module.layers[0]
+            if any(isinstance(getattr(first, n, None), QuantLinear) for n in ("linear1", "linear2")):
+                module.use_nested_tensor = False
+
+
 def quantize_(model: nn.Module, scheme: str, group_size: int = 128,
               filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> QuantizeReport:
     """Replace every nn.Linear of `model` (where filter_fn(module, name) is true, if given)
     with a QuantLinear holding its weight in `scheme` ("int8", "int4", "w8a8"). In place;
-    returns a QuantizeReport. Layers a scheme cannot store (e.g. in_features not a multiple of
-    the int4 group) and subclasses of nn.Linear (their owners may read .weight, as
-    nn.MultiheadAttention does) stay in float and are listed in report.skipped."""
+    returns a QuantizeReport. Kept in float and listed in report.skipped: layers a scheme
+    cannot store (e.g. in_features not a multiple of the int4 group, empty weights),
+    subclasses of nn.Linear (their owners may read .weight, as nn.MultiheadAttention does),
+    and layers whose weight another module also holds (a tied output embedding: quantizing
+    it would untie them and keep the float copy). A layer reachable under several names is
+    quantized once and replaced under each. A weight holding NaN or Inf raises ValueError
+    naming the layer before anything is replaced. Layers on the meta device become QuantLinear
+    frames without values (for load_state_dict(..., assign=True) of a quantized checkpoint)."""
     if scheme not in SCHEMES:
         raise ValueError(f"quantize_: scheme must be one of {SCHEMES}, got {scheme!r}")
+    if scheme == "int4" and not is_int4_group_size(group_size):
+        raise ValueError(f"quantize_: int4 group_size must be one of {INT4_GROUP_SIZES} (an int), "
+                         f"got {group_size!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_: model must be an nn.Module, got {type(model).__name__}")
-    report = QuantizeReport(scheme, group_size if scheme == "int4" else 0)
-    targets = []
-    for name, module in model.named_modules():
+    report = QuantizeReport(scheme, int(group_size) if scheme == "int4" else 0)
+    holders = _weight_holders(model)
+    decided: Dict[int, bool] = {}  # id(module) -> quantized (decided at its first name)
+    targets: List[Tuple[str, nn.Linear]] = []
+    aliases: Dict[int, List[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
         if not isinstance(module, nn.Linear) or isinstance(module, QuantLinear):
             continue
+        if id(module) in decided:
+            if decided[id(module)]:
+                aliases[id(module)].append(name)
+            continue
+        decided[id(module)] = False
         if filter_fn is not None and not filter_fn(module, name):
             continue
         if type(module) is not nn.Linear:
             report.skipped.append((name, f"{type(module).__name__} is a subclass of nn.Linear "
                                          "(its owner may read .weight)"))
             continue
-        why = scheme_fits(scheme, module.in_features, group_size)
+        why = scheme_fits(scheme, module.in_features, group_size, module.out_features)
         if why is not None:
             report.skipped.append((name, why))
             continue
-        targets.append((name, module))
-    for name, module in targets:
+        others = [h for h in holders.get(id(module.weight), ()) if h != name]
+        if others:
+            report.skipped.append((name, f"its weight is also {others[0]}'s (tied): quantizing "
+                                         "it would untie them and keep the float copy"))
+            continue
         if not name:  # the model itself is a Linear
             raise ValueError("quantize_: model is itself an nn.Linear; use "
                              "QuantLinear.from_linear(model, scheme)")
+        decided[id(module)] = True
+        targets.append((name, module))
+        aliases[id(module)] = []
+    for name, module in targets:  # before any layer is replaced
+        w = module.weight
+        if not w.is_meta and not bool(torch.isfinite(w).all()):
+            raise ValueError(f"quantize_: {name}.weight holds NaN or Inf (no layer was replaced)")
+    for name, module in targets:
         new = QuantLinear.from_linear(module, scheme, group_size)
-        before = _weight_bytes(module)
         set_submodule(model, name, new)
-        report.replaced.append((name, before, _weight_bytes(new)))
+        report.replaced.append((name, _weight_bytes(module), _weight_bytes(new)))
+        for alias in aliases[id(module)]:
+            set_submodule(model, alias, new)
+            report.shared.append((alias, name))
+    _keep_transformer_layers_off_fused_paths(model)
     return report

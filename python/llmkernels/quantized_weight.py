@@ -8,7 +8,8 @@ from typing import Optional, Tuple
 import torch
 
 from .reference.quant_matmul import (INT4_GROUP_SIZES, SCHEMES, dequantize_reference,
-                                     quantize_int4_reference, quantize_int8_reference)
+                                     is_int4_group_size, quantize_int4_reference,
+                                     quantize_int8_reference)
 
 SCHEME_CODES = {"int8": 0, "int4": 1, "w8a8": 2}
 
@@ -55,6 +56,11 @@ class QuantizedWeight:
                                     self.group_size).to(self.dtype)
 
     def to(self, device) -> "QuantizedWeight":
+        """The same weight on another device (its dtypes are the format's, fixed)."""
+        if isinstance(device, torch.dtype):
+            raise TypeError("QuantizedWeight.to takes a device; the packed data, scales and "
+                            "zero points keep the format's dtypes (dequantize() returns "
+                            f"the weight in {self.dtype}), got dtype {device}")
         move = (lambda t: None if t is None else t.to(device))
         return QuantizedWeight(self.scheme, self.shape, self.group_size, move(self.qdata),
                                move(self.scales), move(self.zeros), self.dtype)
@@ -107,7 +113,7 @@ class QuantizedWeight:
                 raise ValueError(f"{where}: scheme {self.scheme!r} has no zero points")
         else:
             g = self.group_size
-            if g not in INT4_GROUP_SIZES or K % g:
+            if not is_int4_group_size(g) or K % g:
                 raise ValueError(f"{where}: int4 needs group_size in {INT4_GROUP_SIZES} dividing "
                                  f"in_features={K}, got {g}")
             expect("qdata", self.qdata, torch.uint8, (N, K // 2))
@@ -136,9 +142,10 @@ def quantize_weight(weight: torch.Tensor, scheme: str, group_size: int = 128) ->
         raise ValueError(f"quantize_weight: weight of shape {tuple(weight.shape)} is empty")
     w = weight.detach()
     if scheme == "int4":
-        if group_size not in INT4_GROUP_SIZES:
+        if not is_int4_group_size(group_size):
             raise ValueError(f"quantize_weight: int4 group_size must be one of "
-                             f"{INT4_GROUP_SIZES}, got {group_size!r}")
+                             f"{INT4_GROUP_SIZES} (an int), got {group_size!r}")
+        group_size = int(group_size)
         if K % group_size:
             raise ValueError(f"quantize_weight: in_features={K} is not a multiple of "
                              f"group_size={group_size}")

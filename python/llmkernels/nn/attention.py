@@ -12,18 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _modules
+from .._modules import keep_submodule_calls, replace_layers
 # Called through this module's global so tests (and users) can patch it in one place.
-from .._modules import replace_layers
 from ..ops import scaled_dot_product_attention
 
 __all__ = ["MultiheadAttention", "swap_attention"]
 
 _NAME = "MultiheadAttention"
-
-
-def _keep_submodule_calls(module, args):
-    """A no-op forward pre-hook; its presence is what matters (see MultiheadAttention)."""
-    return None
+# Layers pickled whole before the hook moved to _modules name it here.
+_keep_submodule_calls = _modules._keep_submodule_calls
 
 
 def _check_mask(name: str, mask: Optional[Tensor], shapes: Tuple[tuple, ...], device) -> None:
@@ -101,7 +99,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias,
                          add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn, kdim=kdim,
                          vdim=vdim, batch_first=batch_first, device=device, dtype=dtype)
-        self.register_forward_pre_hook(_keep_submodule_calls)
+        keep_submodule_calls(self)
 
     # ------------------------------------------------------------ conversion
 

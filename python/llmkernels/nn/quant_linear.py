@@ -8,16 +8,19 @@ from torch import nn
 
 from ..ops.quant_matmul import quant_matmul
 from ..quantized_weight import QuantizedWeight, quantize_weight
-from ..reference.quant_matmul import INT4_GROUP_SIZES, SCHEMES
+from ..reference.quant_matmul import INT4_GROUP_SIZES, SCHEMES, is_int4_group_size
 
 
-def scheme_fits(scheme: str, in_features: int, group_size: int) -> Optional[str]:
-    """None if `scheme` can store a weight with in_features columns, else why not."""
+def scheme_fits(scheme: str, in_features: int, group_size: int,
+                out_features: Optional[int] = None) -> Optional[str]:
+    """None if `scheme` can store a weight of (out_features, in_features), else why not."""
     if scheme not in SCHEMES:
         return f"unknown scheme {scheme!r}"
+    if in_features == 0 or out_features == 0:
+        return f"the weight ({out_features} x {in_features}) is empty"
     if scheme == "int4":
-        if group_size not in INT4_GROUP_SIZES:
-            return f"int4 group_size must be one of {INT4_GROUP_SIZES}"
+        if not is_int4_group_size(group_size):
+            return f"int4 group_size must be one of {INT4_GROUP_SIZES} (an int), got {group_size!r}"
         if in_features % group_size:
             return f"in_features={in_features} is not a multiple of group_size={group_size}"
     return None
@@ -31,16 +34,16 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  scheme: str = "int8", group_size: int = 128, dtype=None, device=None):
         super().__init__()
-        why = scheme_fits(scheme, in_features, group_size)
+        why = scheme_fits(scheme, in_features, group_size, out_features)
         if why is not None:
             raise ValueError(f"QuantLinear: {why}")
         self.in_features, self.out_features = in_features, out_features
         self.scheme = scheme
-        self.group_size = group_size if scheme == "int4" else 0
+        self.group_size = int(group_size) if scheme == "int4" else 0
         self.weight_dtype = dtype or torch.get_default_dtype()
         N, K = out_features, in_features
         if scheme == "int4":
-            g = group_size
+            g = self.group_size
             self.register_buffer("qdata", torch.zeros(N, K // 2, dtype=torch.uint8, device=device))
             self.register_buffer("scales", torch.ones(N, K // g, dtype=torch.float32, device=device))
             self.register_buffer("zeros", torch.zeros(N, K // g, dtype=torch.uint8, device=device))
@@ -90,7 +93,8 @@ class QuantLinear(nn.Module):
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme,
                     group_size, dtype=w.dtype, device=w.device)
-        layer.set_weight(quantize_weight(w.detach(), scheme, group_size))
+        if not w.is_meta:  # a meta layer (no values) stays an empty frame for load_state_dict
+            layer.set_weight(quantize_weight(w.detach(), scheme, group_size))
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(),
                                       requires_grad=linear.bias.requires_grad)
@@ -100,14 +104,19 @@ class QuantLinear(nn.Module):
         return self.qweight.dequantize()
 
     def _apply(self, fn, recurse=True):
-        # model.to(torch.bfloat16) / .half() cast every floating buffer, scales included; the
-        # format keeps float32 scales, so they only move (from the uncast tensor: exact), and
-        # the float weight's dtype follows the cast as nn.Linear's weight would.
+        # model.to(torch.bfloat16) / .half() / .float() cast every floating tensor, scales
+        # included; the format keeps float32 scales, so they only move (from the uncast
+        # tensor: exact), and the float weight's dtype follows the cast as nn.Linear's weight
+        # would. Whether fn casts, and to what, is read off two probes of different dtypes
+        # (the scales alone cannot tell .float() from a plain move: they are float32 already).
         scales = self._buffers["scales"]
+        probes = [fn(torch.empty(0, dtype=dt, device=scales.device))
+                  for dt in (torch.float16, torch.bfloat16)]
         super()._apply(fn, recurse)
         moved = self._buffers["scales"]
+        if probes[0].dtype == probes[1].dtype:  # a cast to one floating dtype
+            self.weight_dtype = probes[0].dtype
         if moved.dtype != scales.dtype:
-            self.weight_dtype = moved.dtype
             self._buffers["scales"] = scales.to(device=moved.device)
         return self
 

@@ -38,7 +38,9 @@ def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
 
 
 def _run_kernel(impl: str, x2d, qdata, scales, zeros, bias, out, scheme: str, group_size: int):
-    if impl == "cpu":
+    if impl == "reference":
+        out.copy_(quant_matmul_reference(x2d, scheme, qdata, scales, zeros, group_size, bias))
+    elif impl == "cpu":
         native = backends.native_module()
         tier, threads = backends.cpu_tier_code(), max(1, torch.get_num_threads())
         views = (cview(x2d), cview(qdata), cview(scales), cview(zeros), cview(bias), cview(out))
@@ -80,7 +82,8 @@ def _run_kernel(impl: str, x2d, qdata, scales, zeros, bias, out, scheme: str, gr
 def _quant_matmul_kernel(x2d: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor,
                          zeros: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                          scheme_code: int, group_size: int, impl: str) -> torch.Tensor:
-    """out (M, N) = x2d (M, K) @ dequantize(W)^T (+ bias) on path impl (cpu, triton, cuda)."""
+    """out (M, N) = x2d (M, K) @ dequantize(W)^T (+ bias) on path impl (cpu, triton, cuda,
+    reference)."""
     out = x2d.new_empty((x2d.shape[0], qdata.shape[0]))
     if out.numel() == 0:
         return out
@@ -89,9 +92,11 @@ def _quant_matmul_kernel(x2d: torch.Tensor, qdata: torch.Tensor, scales: torch.T
         return out if bias is None else out.add_(bias)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    # The kernels read packed weights as dense rows (no-ops for the usual contiguous ones).
+    # The kernels read packed weights and the bias as dense rows (no-ops for the usual
+    # contiguous ones; Triton's launcher took a strided bias's stride as 1).
     qdata, scales = qdata.contiguous(), scales.contiguous()
     zeros = None if zeros is None else zeros.contiguous()
+    bias = None if bias is None else bias.contiguous()
     _run_kernel(impl, x2d, qdata, scales, zeros, bias, out, _SCHEMES_BY_CODE[scheme_code],
                 group_size)
     return out
@@ -243,7 +248,9 @@ def _decide(x, qweight, backend, explain: bool = False) -> backends.Decision:
     detail = {"cpu": cpu_detail,
               "triton": "Triton kernels (dequantize in registers)",
               "cuda": "CUDA kernels (GEMV for up to 8 rows, tensor cores beyond)",
-              "reference": "dequantize, then a float matmul"}
+              "reference": ("x quantized per row, int8 products summed exactly (float64), "
+                            "scaled" if qweight.scheme == "w8a8"
+                            else "dequantize, then a float matmul")}
     return backends.select(OP_NAME, x.device.type, _checks(x, qweight, backend), backend, detail)
 
 
@@ -267,9 +274,9 @@ def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[torch
                         if name == "reference" or checks[name]() is None)
     else:
         path = _decide(x, qweight, backend).backend
-    if path == "reference":
-        return quant_matmul_reference(x, qweight.scheme, qweight.qdata, qweight.scales,
-                                      qweight.zeros, qweight.group_size, bias)
+    # The reference path goes through the op too: its backward is the kernels' (w8a8: straight
+    # through the activation rounding; autograd through the reference's own ops would only
+    # reach x through the per-row absmax of its scales).
     flat = x.dim() == 2  # (a reshape costs ~1 us a call; a decoding step makes hundreds)
     x2d = x if flat else x.reshape(-1, x.shape[-1])
     # Plain eager calls skip the dispatcher (~25 us, a tenth of a one-token GEMV).

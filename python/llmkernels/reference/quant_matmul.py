@@ -22,12 +22,20 @@ returned in x's dtype (int8, int4); w8a8 as above.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple
 
 import torch
 
 SCHEMES = ("int8", "int4", "w8a8")
 INT4_GROUP_SIZES = (32, 64, 128)
+
+
+def is_int4_group_size(group_size) -> bool:
+    """group_size is one of INT4_GROUP_SIZES as an integer (32.0 would pass `in` and then
+    break every shape computed from it)."""
+    return (isinstance(group_size, numbers.Integral) and not isinstance(group_size, bool)
+            and int(group_size) in INT4_GROUP_SIZES)
 
 
 def quantize_int8_reference(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
