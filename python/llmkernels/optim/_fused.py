@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 
 from .. import backends
-from .clip import take_pending_multiplier
+from .clip import drop_pending_multiplier, take_pending_multiplier
 from .._cuda_launch import device_guard, stream_handle
 from .._cview import DTYPE_CODES
 
@@ -22,6 +22,8 @@ is_sparse = operator.attrgetter("is_sparse")
 
 def as_float(value, name: str, owner: str) -> float:
     """A hyperparameter (float or 0-d tensor) as a finite Python float."""
+    if isinstance(value, (str, bytes)):  # float("0.1") would take it; torch's checks refuse it
+        raise TypeError(f"{owner}: {name} must be a number, got {type(value).__name__}")
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{owner}: {name} must be a scalar, got shape {tuple(value.shape)}")
@@ -46,12 +48,15 @@ def check_params(params: List[torch.Tensor], owner: str) -> None:
             raise ValueError(f"{owner}: parameters must be floating point, got {p.dtype}")
 
 
-def check_torch_flags(owner: str, differentiable) -> None:
+def check_torch_flags(owner: str, differentiable, foreach=None, fused=None) -> None:
     """torch.optim's foreach / fused / differentiable arguments are accepted, so that code
     written for torch's optimizers runs unchanged: foreach and fused only choose among torch's
     own implementations (ours is always one fused multi-tensor step; their values are kept in
-    the param groups, as torch keeps them); a differentiable step is not what ours can do, and
-    says so. (capturable is taken: _capturable.py.)"""
+    the param groups, as torch keeps them), and both True is refused as torch refuses it; a
+    differentiable step is not what ours can do, and says so. (capturable is taken:
+    _capturable.py.)"""
+    if foreach and fused:
+        raise RuntimeError(f"{owner}: `fused` and `foreach` cannot be `True` together.")
     if differentiable:
         raise ValueError(f"{owner}: differentiable=True is not supported (the fused step runs "
                          "outside autograd)")
@@ -413,6 +418,30 @@ def check_stochastic_rounding(groups, owner: str) -> None:
                 if p.dtype != torch.bfloat16:
                     raise ValueError(f"{owner}: stochastic_rounding needs bfloat16 parameters, "
                                      f"got {p.dtype}")
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """The torch.optim.Optimizer behaviour the fused optimizers share."""
+    _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf to step()
+    _llmk_fused = True  # clip_grad_norm_(..., optimizer=) may fold its factor into step()
+
+    def add_param_group(self, param_group) -> None:
+        """torch's, with the constructor's checks on the new group's parameters (a group
+        added later is refused as one given at construction would be, and not kept)."""
+        super().add_param_group(param_group)
+        owner = type(self).__name__
+        try:
+            check_params(self.param_groups[-1]["params"], owner)
+            check_stochastic_rounding(self.param_groups[-1:], owner)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # A clipping factor left by clip_grad_norm_(..., optimizer=) was for these gradients
+        # (a step skipped after a non-finite norm must not pass it to the next one).
+        drop_pending_multiplier(self)
+        super().zero_grad(set_to_none)
 
 
 # ---------------------------------------------------------------- what every step() does

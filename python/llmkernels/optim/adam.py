@@ -10,10 +10,8 @@ from .. import backends
 from . import _capturable, _fused, _plan
 
 
-class _FusedAdam(torch.optim.Optimizer):
+class _FusedAdam(_fused.FusedOptimizer):
     _decoupled: bool = True
-    _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf to step()
-    _llmk_fused = True  # clip_grad_norm_(..., optimizer=) may fold its factor into step()
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad: bool = False, *, maximize: bool = False,
@@ -23,7 +21,7 @@ class _FusedAdam(torch.optim.Optimizer):
                  stochastic_rounding: bool = False, seed: int = 0):
         name = type(self).__name__
         _fused.check_adam_hyperparameters(name, lr, betas, eps, weight_decay)
-        _fused.check_torch_flags(name, differentiable)
+        _fused.check_torch_flags(name, differentiable, foreach, fused)
         decoupled = self._decoupled if decoupled_weight_decay is None else bool(
             decoupled_weight_decay)
         # The keys of torch's Adam/AdamW defaults, so that state_dicts match theirs.
@@ -33,9 +31,6 @@ class _FusedAdam(torch.optim.Optimizer):
                         decoupled_weight_decay=decoupled,
                         stochastic_rounding=bool(stochastic_rounding), seed=int(seed))
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            _fused.check_params(group["params"], name)
-        _fused.check_stochastic_rounding(self.param_groups, name)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -288,21 +283,23 @@ def adam_native(path, device, views, corrections, keys, *, lr, beta1, beta2, eps
 def adam_reference(p, g, m, v, vmax, *, lr, beta1, beta2, eps, weight_decay, decoupled,
                    amsgrad, maximize, step_size, bias_correction2_sqrt, inv_grad_scale=1.0,
                    sr_key=None, decay=None, skip=None):
-    """One tensor's update in float32, stored back in the tensors' dtypes (the specification
-    the fused kernel follows; torch.optim's single-tensor Adam/AdamW math). Capturable steps
+    """One tensor's update in float32 (float64 for float64 parameters, which no kernel takes),
+    stored back in the tensors' dtypes (the specification the fused kernel follows;
+    torch.optim's single-tensor Adam/AdamW math). Capturable steps
     give step_size, bias_correction2_sqrt, inv_grad_scale, decay (else 1 - lr * wd) and
     sr_key as 0-d tensors, and skip: a 0-d tensor, nonzero to leave every tensor as it is."""
-    pf, gf = p.float(), g.float() * inv_grad_scale
+    work = torch.promote_types(p.dtype, torch.float32)
+    pf, gf = p.to(work), g.to(work) * inv_grad_scale
     if maximize:
         gf = -gf
     if decoupled:
         pf = pf * ((1.0 - lr * weight_decay) if decay is None else decay)
     elif weight_decay != 0.0:
         gf = gf + weight_decay * pf
-    mf = m.float()
+    mf = m.to(work)
     mf = mf + (1.0 - beta1) * (gf - mf)
-    vf = v.float() * beta2 + (1.0 - beta2) * (gf * gf)
-    vd = torch.maximum(vmax.float(), vf) if amsgrad else vf
+    vf = v.to(work) * beta2 + (1.0 - beta2) * (gf * gf)
+    vd = torch.maximum(vmax.to(work), vf) if amsgrad else vf
     denom = vd.sqrt() / bias_correction2_sqrt + eps
     pf = pf - step_size * (mf / denom)
     pf = pf if sr_key is None else _fused.sr_round_bf16(pf, sr_key)

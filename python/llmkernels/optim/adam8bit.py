@@ -204,10 +204,8 @@ def _eight_bit_reference(p, state, row, *, beta1, beta2, eps, skip) -> None:
     p.copy_(work.view_as(p))
 
 
-class AdamW8bit(torch.optim.Optimizer):
+class AdamW8bit(_fused.FusedOptimizer):
     """torch.optim.AdamW's arguments and update, with 8-bit block-wise moments."""
-    _step_supports_amp_scaling = True
-    _llmk_fused = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad: bool = False, *, maximize: bool = False, min_8bit_size: int = 4096,
@@ -215,7 +213,7 @@ class AdamW8bit(torch.optim.Optimizer):
                  differentiable: bool = False, fused: Optional[bool] = None):
         _fused.check_adam_hyperparameters("AdamW8bit", lr, betas, eps, weight_decay)
         # torch.optim.AdamW's arguments, for code written for it (see check_torch_flags)
-        _fused.check_torch_flags("AdamW8bit", differentiable)
+        _fused.check_torch_flags("AdamW8bit", differentiable, foreach, fused)
         if amsgrad:
             raise ValueError("AdamW8bit: amsgrad=True is not supported (the 8-bit state keeps "
                              "no max of exp_avg_sq); use llmkernels.optim.AdamW")
@@ -225,8 +223,6 @@ class AdamW8bit(torch.optim.Optimizer):
                         maximize=bool(maximize), min_8bit_size=int(min_8bit_size),
                         capturable=bool(capturable), codes_version=CODES_VERSION)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            _fused.check_params(group["params"], "AdamW8bit")
 
     def _state_of(self, p, min_size: int, capturable: bool = False):
         state = self.state[p]
@@ -241,10 +237,23 @@ class AdamW8bit(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
         return state
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # e.g. the groups of a torch.optim.AdamW checkpoint
+            group.setdefault("maximize", False)
+            group.setdefault("capturable", False)
+            group.setdefault("min_8bit_size", self.defaults["min_8bit_size"])
+
     def load_state_dict(self, state_dict) -> None:
         """torch's, except that 8-bit codes, scales and float32 moments keep their dtypes
         (torch casts every state tensor to its parameter's dtype: bf16 scales would lose bits),
-        and codes of an older format are converted."""
+        and codes of an older format are converted. A torch.optim.AdamW checkpoint loads too:
+        its moments become 8-bit state (float32 for tensors under min_8bit_size)."""
+        for group in state_dict["param_groups"]:
+            if group.get("amsgrad"):
+                raise ValueError("AdamW8bit: this checkpoint's param groups use amsgrad=True, "
+                                 "whose max of exp_avg_sq AdamW8bit does not keep; load it into "
+                                 "llmkernels.optim.AdamW")
         kept = {key: {k: v for k, v in st.items() if isinstance(v, torch.Tensor) and k != "step"}
                 for key, st in state_dict["state"].items()}
         # Saved keys map to parameters by position, as in torch's load_state_dict (ints from
@@ -266,6 +275,25 @@ class AdamW8bit(torch.optim.Optimizer):
                                  f"{group['codes_version']} is newer than this llmkernels "
                                  f"reads ({CODES_VERSION})")
             group["codes_version"] = CODES_VERSION
+            for p in group["params"]:
+                if "exp_avg" in self.state.get(p, {}):
+                    self._from_float_moments(p, self.state[p], group["min_8bit_size"])
+
+    @staticmethod
+    def _from_float_moments(p, state: dict, min_size: int) -> None:
+        """Moments of a torch.optim.AdamW checkpoint (the parameter's dtype) as this
+        optimizer's state for p: 8-bit codes from min_size elements, else float32."""
+        if p.numel() < min_size:
+            for key in _SMALL_KEYS:
+                state[key] = state[key].float()
+            return
+        if _fused.has_dtensor([p]):
+            raise ValueError("AdamW8bit: converting float moments of sharded (DTensor) "
+                             "parameters is not supported; load the torch.optim.AdamW "
+                             "checkpoint unsharded first")
+        m, v = (state.pop(key).detach().float().reshape(-1) for key in _SMALL_KEYS)
+        state.update(_eight_bit_state(p))
+        _quantize_moments(state, m, v)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state (moments, scales, steps)."""

@@ -19,8 +19,12 @@ def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
     optimizer: an llmkernels.optim optimizer whose next step() should apply the clipping
     factor inside its fused update instead of rescaling the gradients now. The gradients are
     then left as they are until that step (code that reads them in between sees them
-    unclipped). Without it the gradients are scaled in place, as torch does. foreach: as
-    torch's (its implementation of the norm and the scaling).
+    unclipped); the optimizer's zero_grad() drops the factor with them (a step skipped after
+    a non-finite norm). The factor applies to every gradient the optimizer steps, so it is
+    folded only when `parameters` are those (the ones with gradients); otherwise, and without
+    optimizer, the gradients are scaled in place, as torch does. A second call before the
+    step measures the gradients as the first call's factor left them. foreach: as torch's
+    (its implementation of the norm and the scaling).
     """
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
@@ -34,15 +38,19 @@ def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
                         f"(got {type(optimizer).__name__}); call it without optimizer= instead")
     if not grads:
         return torch.tensor(0.0)
+    if optimizer is not None and not _steps_exactly(optimizer, params):
+        optimizer = None  # its factor would reach other gradients: these are scaled now
     if optimizer is None:
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite,
                                               foreach)
     total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite, foreach) \
         if hasattr(torch.nn.utils, "get_total_norm") else _total_norm(grads, norm_type,
                                                                        error_if_nonfinite)
+    pending = getattr(optimizer, _PENDING, 1.0)
+    if isinstance(pending, torch.Tensor) or pending != 1.0:
+        total = total * pending  # the norm of the gradients as the pending factor leaves them
     # torch's factor: max_norm / (total + 1e-6), clamped to at most 1.
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    pending = getattr(optimizer, _PENDING, 1.0)
     if any(group.get("capturable", False) for group in optimizer.param_groups):
         setattr(optimizer, _PENDING, coef * pending)  # kept on the device: no host read
     else:
@@ -56,6 +64,18 @@ def _total_norm(grads, norm_type, error_if_nonfinite):
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(f"The total norm of order {norm_type} for gradients is non-finite")
     return total
+
+
+def _steps_exactly(optimizer, params) -> bool:
+    """Whether params with gradients are the very tensors optimizer steps (those of its
+    parameters that have gradients)."""
+    mine = {id(p) for p in params if p.grad is not None}
+    theirs = {id(p) for g in optimizer.param_groups for p in g["params"] if p.grad is not None}
+    return mine == theirs
+
+
+def drop_pending_multiplier(optimizer) -> None:
+    setattr(optimizer, _PENDING, 1.0)
 
 
 def take_pending_multiplier(optimizer):

@@ -9,10 +9,8 @@ from .. import backends
 from . import _fused, _plan
 
 
-class SGD(torch.optim.Optimizer):
+class SGD(_fused.FusedOptimizer):
     """torch.optim.SGD (momentum, dampening, Nesterov, weight decay, maximize), fused."""
-    _step_supports_amp_scaling = True
-    _llmk_fused = True  # clip_grad_norm_(..., optimizer=) may fold its factor into step()
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov: bool = False, *, maximize: bool = False,
@@ -28,16 +26,13 @@ class SGD(torch.optim.Optimizer):
         _fused.as_float(dampening, "dampening", "SGD")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("SGD: Nesterov momentum requires a momentum and zero dampening")
-        _fused.check_torch_flags("SGD", differentiable)
+        _fused.check_torch_flags("SGD", differentiable, foreach, fused)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=bool(nesterov),
                         maximize=bool(maximize), foreach=foreach, differentiable=False,
                         fused=fused,
                         stochastic_rounding=bool(stochastic_rounding), seed=int(seed))
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            _fused.check_params(group["params"], "SGD")
-        _fused.check_stochastic_rounding(self.param_groups, "SGD")
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -163,15 +158,17 @@ def _sgd_native(path, device, items, lr, momentum, dampening, wd, nesterov, maxi
 
 def sgd_reference(p, g, buf, first, *, lr, momentum, dampening, weight_decay, nesterov,
                   maximize, inv_grad_scale=1.0, sr_key=None):
-    """One tensor's SGD update in float32 (torch.optim.SGD's single-tensor math)."""
-    pf = p.float()
-    d = g.float() * inv_grad_scale
+    """One tensor's SGD update in float32 (float64 for float64 parameters, which no kernel
+    takes; torch.optim.SGD's single-tensor math)."""
+    work = torch.promote_types(p.dtype, torch.float32)
+    pf = p.to(work)
+    d = g.to(work) * inv_grad_scale
     if maximize:
         d = -d
     if weight_decay != 0.0:
         d = d + weight_decay * pf
     if momentum != 0.0:
-        bf = d.clone() if first else momentum * buf.float() + (1.0 - dampening) * d
+        bf = d.clone() if first else momentum * buf.to(work) + (1.0 - dampening) * d
         buf.copy_(bf)
         d = d + momentum * bf if nesterov else bf
     pf = pf + (-lr) * d

@@ -1,0 +1,155 @@
+"""The fused optimizers in the ways training code uses torch's: clipping folded into a step
+that is then skipped or covers part of the parameters, groups added later, float64
+parameters, a torch.optim.AdamW checkpoint moved to AdamW8bit, torch's argument checks."""
+import pytest
+import torch
+
+from llmkernels import optim
+
+OPTIMIZERS = [(optim.AdamW, torch.optim.AdamW, dict(lr=0.1)),
+              (optim.Adam, torch.optim.Adam, dict(lr=0.1)),
+              (optim.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+              (optim.AdamW8bit, torch.optim.AdamW, dict(lr=0.1))]
+IDS = [o[0].__name__ for o in OPTIMIZERS]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("ours,theirs,kw", OPTIMIZERS, ids=IDS)
+def test_a_skipped_step_drops_its_clipping_factor(ours, theirs, kw, bad):
+    """clip, see a non-finite norm, zero_grad and skip the step: the next step is torch's
+    (the factor left for the skipped step made every parameter NaN, or froze them)."""
+    def run(opt_class, fold):
+        p = torch.linspace(-1, 1, 100).requires_grad_()
+        opt = opt_class([p], **kw)
+        clip = ((lambda ps: optim.clip_grad_norm_(ps, 1.0, optimizer=opt)) if fold
+                else (lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0)))
+        p.grad = torch.full_like(p, bad)
+        if not torch.isfinite(clip([p])):
+            opt.zero_grad()
+        p.grad = torch.ones_like(p)
+        clip([p])
+        opt.step()
+        return p.detach()
+
+    expected = run(theirs, fold=False)
+    torch.testing.assert_close(run(ours, fold=True), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ours,theirs,kw", OPTIMIZERS[:3], ids=IDS[:3])
+def test_clipping_part_of_the_parameters_scales_only_those(ours, theirs, kw):
+    def run(opt_class, fold):
+        a, b = torch.zeros(100, requires_grad=True), torch.zeros(100, requires_grad=True)
+        opt = opt_class([a, b], **kw)
+        a.grad, b.grad = torch.full_like(a, 10.0), torch.full_like(b, 10.0)
+        if fold:
+            optim.clip_grad_norm_([a], 1.0, optimizer=opt)
+        else:
+            torch.nn.utils.clip_grad_norm_([a], 1.0)
+        opt.step()
+        return torch.cat([a.detach(), b.detach()])
+
+    torch.testing.assert_close(run(ours, True), run(theirs, False), rtol=1e-6, atol=1e-7)
+
+
+def test_clipping_twice_before_a_step_matches_torch():
+    def run(opt_class, fold):
+        torch.manual_seed(0)
+        p = torch.randn(1000, requires_grad=True)
+        opt = opt_class([p], lr=0.1)
+        p.grad = torch.randn_like(p) * 10
+        norms = []
+        for max_norm in (5.0, 2.0):
+            norms.append(float(optim.clip_grad_norm_([p], max_norm, optimizer=opt) if fold
+                               else torch.nn.utils.clip_grad_norm_([p], max_norm)))
+        opt.step()
+        return p.detach(), norms
+
+    (got, got_norms), (want, want_norms) = run(optim.AdamW, True), run(torch.optim.AdamW, False)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert got_norms == pytest.approx(want_norms, rel=1e-5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: optim.AdamW(ps), lambda ps: optim.SGD(ps, lr=0.1), lambda ps: optim.AdamW8bit(ps),
+    lambda ps: optim.AdamW(ps, stochastic_rounding=True)])
+@pytest.mark.parametrize("param", [torch.tensor([1 + 1j, 2 - 2j], requires_grad=True),
+                                   torch.tensor([1, 2], dtype=torch.float32, requires_grad=True)])
+def test_a_group_added_later_is_checked_as_at_construction(make, param):
+    opt = make([torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)])
+    if not param.is_complex() and not opt.defaults.get("stochastic_rounding"):
+        opt.add_param_group({"params": [param]})  # a float32 parameter is fine there
+        assert len(opt.param_groups) == 2
+        return
+    with pytest.raises(ValueError, match="complex|stochastic_rounding needs bfloat16"):
+        opt.add_param_group({"params": [param]})
+    assert len(opt.param_groups) == 1  # not kept
+
+
+@pytest.mark.parametrize("ours,theirs,kw", OPTIMIZERS[:3], ids=IDS[:3])
+def test_float64_parameters_step_in_float64(ours, theirs, kw):
+    def run(opt_class):
+        torch.manual_seed(0)
+        p = (torch.randn(5000, dtype=torch.float64) + 1e-12).requires_grad_()
+        opt = opt_class([p], **kw)
+        for i in range(5):
+            p.grad = torch.randn_like(p)
+            opt.step()
+        return p.detach()
+
+    torch.testing.assert_close(run(ours), run(theirs), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("ours,theirs,kw", OPTIMIZERS, ids=IDS)
+def test_float64_parameters_keep_their_bits_at_lr_zero(ours, theirs, kw):
+    p = torch.tensor([1.0 + 1e-12, 3.141592653589793] * 3000, dtype=torch.float64,
+                     requires_grad=True)
+    before = p.detach().clone()
+    opt = ours([p], **{**kw, "lr": 0.0})
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_adamw_checkpoint_loads_into_adamw8bit(dtype):
+    """The moments become 8-bit state (float32 under min_8bit_size) and training goes on as if
+    AdamW8bit had taken those moments; torch's groups lack AdamW8bit's keys."""
+    torch.manual_seed(0)
+    ps = [torch.randn(100, 50, dtype=dtype, requires_grad=True),
+          torch.randn(10, dtype=dtype, requires_grad=True)]
+    theirs = torch.optim.AdamW(ps, lr=1e-3)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        theirs.step()
+    ours = optim.AdamW8bit(ps, lr=1e-3)
+    ours.load_state_dict(theirs.state_dict())
+    big, small = ours.state[ps[0]], ours.state[ps[1]]
+    assert big["exp_avg_codes"].dtype == torch.int8 and "exp_avg" not in big
+    assert small["exp_avg"].dtype == torch.float32
+    m, v = optim.adam8bit.dequantize_moments(big)
+    m_ref = theirs.state[ps[0]]["exp_avg"].float().reshape(-1)
+    assert (m - m_ref).abs().max() <= 0.02 * m_ref.abs().max()
+    assert float(big["step"]) == 3.0
+    ours.step()  # a step on the converted state
+    assert float(ours.state[ps[0]]["step"]) == 4.0 and torch.isfinite(ps[0]).all()
+
+
+def test_amsgrad_checkpoint_is_refused_by_adamw8bit():
+    p = torch.randn(10, requires_grad=True)
+    theirs = torch.optim.AdamW([p], amsgrad=True)
+    p.grad = torch.randn_like(p)
+    theirs.step()
+    with pytest.raises(ValueError, match="amsgrad"):
+        optim.AdamW8bit([p]).load_state_dict(theirs.state_dict())
+
+
+@pytest.mark.parametrize("make", [lambda ps, **kw: optim.AdamW(ps, **kw),
+                                  lambda ps, **kw: optim.SGD(ps, **{"lr": 0.1, **kw}),
+                                  lambda ps, **kw: optim.AdamW8bit(ps, **kw)])
+def test_torchs_argument_checks(make):
+    p = [torch.zeros(3, requires_grad=True)]
+    with pytest.raises(RuntimeError, match="cannot be `True` together"):
+        make(p, foreach=True, fused=True)
+    with pytest.raises(TypeError, match="lr must be a number"):
+        make(p, lr="0.1")
