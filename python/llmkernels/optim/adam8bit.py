@@ -8,8 +8,9 @@ with c's sign (c int8), exp_avg_sq v ~ scale * (u/255)^4 (u uint8). The power ma
 fine steps near zero, where most of a block's values are (v spans decades within a block); a
 code is the integer nearest the scaled root (a square root for m, for v the square root of
 sqrt(v)); m's codes are computed exactly from any square root estimate, which lets the CPU
-kernel use its cheapest one, v's from the correctly rounded square root: every path agrees bit
-for bit. Smaller tensors keep float32 moments. State: ~2.03 bytes per parameter against
+kernel use its cheapest one, v's from the correctly rounded square root: every kernel agrees
+bit for bit (the reference path's float32 update rounds in its own order; its codes are
+theirs, exactly). Smaller tensors keep float32 moments. State: ~2.03 bytes per parameter against
 AdamW's 8 (25%).
 
 Checkpoints of llmkernels 0.1.0 before this format (m ~ scale * (c/127)^3: param groups without
