@@ -150,3 +150,11 @@ def test_quantized_weight_to_a_dtype_is_refused():
     with pytest.raises(TypeError, match="takes a device"):
         qw.to(torch.bfloat16)
     assert qw.to("cpu").qdata.dtype == torch.int8
+
+
+def test_int4_range_past_float32_is_an_error():
+    w = torch.randn(4, 64)
+    w[1, 3], w[1, 5] = 3e38, -3e38
+    with pytest.raises(ValueError, match="max - min"):
+        llmkernels.quantize_weight(w, "int4", 32)
+    llmkernels.quantize_weight(w, "int8")  # symmetric: fine

@@ -150,6 +150,9 @@ def quantize_weight(weight: torch.Tensor, scheme: str, group_size: int = 128) ->
             raise ValueError(f"quantize_weight: in_features={K} is not a multiple of "
                              f"group_size={group_size}")
         qdata, scales, zeros = quantize_int4_reference(w, group_size)
+        if not bool(torch.isfinite(scales).all()):  # max - min overflowed (|w| near 3.4e38)
+            raise ValueError("quantize_weight: int4 needs each group's max - min within "
+                             "float32's range; this weight's values span more")
         return QuantizedWeight(scheme, (N, K), group_size, qdata, scales, zeros, weight.dtype)
     qdata, scales = quantize_int8_reference(w)
     return QuantizedWeight(scheme, (N, K), 0, qdata, scales, None, weight.dtype)
