@@ -1,6 +1,8 @@
 """Shared helpers for the attention tests: inputs and the numerics rule of DESIGN.md."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -57,7 +59,7 @@ def _torch_same_precision(q, k, v, attn_mask=None, is_causal=False, scale=None,
     the call (windows become a bool mask), else the unfused reference in that dtype."""
     if softcap is not None:
         return attention_reference(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa,
-                                   window_size=window_size, softcap=softcap)
+                                   window_size=window_size, softcap=softcap, work_dtype=q.dtype)
     band = attention_mask_tensor(q.shape[-2], k.shape[-2], is_causal=is_causal,
                                  window_size=window_size, device=q.device)
     if band is not None:
@@ -86,8 +88,9 @@ def reference_pair(q, k, v, grad_out=None, same_precision="sdpa", **kw):
         mask = kw.get("attn_mask")
         if mask is not None and mask.dtype != torch.bool:
             kw2["attn_mask"] = mask.to(cast)
-        fn = (attention_reference if exact or same_precision == "math"
-              else _torch_same_precision)
+        fn = (attention_reference if exact
+              else functools.partial(attention_reference, work_dtype=cast)
+              if same_precision == "math" else _torch_same_precision)
         out = fn(*leaves, **kw2)
         grads = None
         if grad_out is not None:

@@ -38,7 +38,7 @@ def run_kvcache(path, B, Lq, Lnew, Hq, Hk, S, E, dtype, cached, check_lengths=Tr
     assert torch.equal(k_cache, k_expect) and torch.equal(v_cache, v_expect)
     total = [n + Lnew for n in cached]
     exact = attention_kvcache_reference(q.double(), k_cache.double(), v_cache.double(), total, **kw)
-    same = attention_kvcache_reference(q, k_cache, v_cache, total, **kw)
+    same = attention_kvcache_reference(q, k_cache, v_cache, total, work_dtype=q.dtype, **kw)
     judge("out", out, same, exact, dtype)
 
 

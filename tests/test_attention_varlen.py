@@ -37,7 +37,8 @@ def run_varlen(path, len_q, len_k, Hq, Hk, E, Ev, dtype, backward=True, **kw):
     results = []
     for cast in (torch.float64, dtype):
         leaves = [t.detach().to(cast).requires_grad_(backward) for t in (q, k, v)]
-        ref = attention_varlen_reference(*leaves, cq, ck, **kw)
+        # the same-precision baseline: the unfused math in the inputs' dtype, as on a GPU
+        ref = attention_varlen_reference(*leaves, cq, ck, work_dtype=cast, **kw)
         grads = torch.autograd.grad(ref, leaves, grad_out.to(cast)) if backward else None
         results.append((ref.detach(), grads))
     (exact, exact_g), (same, same_g) = results

@@ -77,3 +77,22 @@ def test_bad_configurations():
         llmkernels.patch("model")
     with pytest.raises(ValueError, match="not patched"):
         llmkernels.unpatch(nn.Linear(2, 2))
+
+
+def test_unpatch_undoes_only_what_patch_made():
+    """A user's own llmkernels layers, there before patch, stay after unpatch."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mine = MultiheadAttention(16, 2, batch_first=True)
+            self.theirs = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.q = QuantLinear.from_linear(nn.Linear(16, 16), "int8")
+            self.lin = nn.Linear(16, 16)
+
+    net = Net()
+    llmkernels.patch(net, quantize="int8")
+    assert type(net.theirs) is MultiheadAttention and type(net.lin) is QuantLinear
+    report = llmkernels.unpatch(net)
+    assert type(net.mine) is MultiheadAttention and type(net.q) is QuantLinear
+    assert type(net.theirs) is nn.MultiheadAttention and type(net.lin) is nn.Linear
+    assert report.restored_linears == ["lin"]

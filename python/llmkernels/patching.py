@@ -22,12 +22,26 @@ from torch import nn
 
 from ._modules import replace_layers
 from .integrations import transformers as hf
-from .nn.attention import MultiheadAttention, restore_attention, swap_attention
+from .nn.attention import MultiheadAttention, swap_attention
 from .nn.quant_linear import QuantLinear
 from .quantize import QuantizeReport, quantize_
 from .reference.quant_matmul import SCHEMES
 
 _STATE = "_llmkernels_patch"  # attribute on a patched model: what unpatch must undo
+_MADE = "_llmkernels_made_by_patch"  # attribute on the modules patch made: unpatch's to undo
+
+
+def _mark(model: nn.Module, names) -> None:
+    for name in names:
+        object.__setattr__(model.get_submodule(name), _MADE, True)
+
+
+def _made_by_patch(state: dict, kind: type):
+    """Which modules of `kind` unpatch turns back: those patch made (a user's own llmkernels
+    layers stay), or, for a model patched before patch marked them, every one."""
+    if state.get("marked"):
+        return lambda m: isinstance(m, kind) and getattr(m, _MADE, False)
+    return lambda m: isinstance(m, kind)
 
 
 @dataclass
@@ -73,7 +87,8 @@ def patch(model: nn.Module, attention: bool = True, quantize: Optional[str] = No
                              "(supported: transformers models and torch.nn.MultiheadAttention "
                              "layers); pass attention=False to quantize only")
     report = PatchReport()
-    state = getattr(model, _STATE, {})
+    # "marked": patch marks what it makes (a model patched by an earlier version has no marks)
+    state = getattr(model, _STATE, None) or {"marked": True}
     if attention:
         if is_hf:
             previous = hf.attn_implementation(model)
@@ -83,11 +98,13 @@ def patch(model: nn.Module, attention: bool = True, quantize: Optional[str] = No
             report.attention.append(f"attn_implementation {previous!r} -> {hf.NAME!r}")
         else:
             names = swap_attention(model)
+            _mark(model, names)
             report.attention.extend(f"{name}: torch.nn.MultiheadAttention -> "
                                     "llmkernels.nn.MultiheadAttention" for name in names)
             state["swapped_attention"] = True
     if quantize is not None:
         report.quantize = quantize_(model, quantize, group_size=group_size, filter_fn=filter_fn)
+        _mark(model, [name for name, _, _ in report.quantize.replaced])
     object.__setattr__(model, _STATE, state)  # a plain attribute: not a submodule or buffer
     return report
 
@@ -106,7 +123,8 @@ def _dequantized_linear(q: QuantLinear) -> nn.Linear:
 
 def unpatch(model: nn.Module) -> PatchReport:
     """Undo patch(model) in place: the previous attn_implementation (transformers) or torch's
-    MultiheadAttention, and nn.Linear layers (dequantized weights) for QuantLinear ones.
+    MultiheadAttention, and nn.Linear layers (dequantized weights) for QuantLinear ones, each
+    only where patch made it (llmkernels layers the model held before stay).
     Returns a PatchReport of what changed; raises ValueError if the model was not patched."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"unpatch: model must be an nn.Module, got {type(model).__name__}")
@@ -119,9 +137,11 @@ def unpatch(model: nn.Module) -> PatchReport:
         hf.set_attn_implementation(model, previous)
         report.attention.append(f"attn_implementation {hf.NAME!r} -> {previous!r}")
     if state.get("swapped_attention"):
+        restored = replace_layers(model, _made_by_patch(state, MultiheadAttention),
+                                  MultiheadAttention.to_torch)
         report.attention.extend(f"{name}: llmkernels.nn.MultiheadAttention -> "
-                                "torch.nn.MultiheadAttention" for name in restore_attention(model))
-    report.restored_linears = replace_layers(model, lambda m: isinstance(m, QuantLinear),
+                                "torch.nn.MultiheadAttention" for name in restored)
+    report.restored_linears = replace_layers(model, _made_by_patch(state, QuantLinear),
                                              _dequantized_linear)
     object.__delattr__(model, _STATE)
     return report

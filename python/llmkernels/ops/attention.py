@@ -356,6 +356,8 @@ def cpu_kernel_support(q: torch.Tensor, head_dim: int, value_head_dim: int) -> O
         return f"{q.dtype} is not a kernel dtype (float32, bfloat16, float16)"
     if max(head_dim, value_head_dim) > MAX_CPU_HEAD_DIM:
         return f"head dim {max(head_dim, value_head_dim)} > {MAX_CPU_HEAD_DIM}"
+    if min(head_dim, value_head_dim) == 0:
+        return "a head dim of 0 (an empty output)"
     return None
 
 
@@ -420,7 +422,8 @@ def _reference(call: _Call) -> torch.Tensor:
     out = attention_reference(call.q, call.k, call.v, call.mask, call.dropout_p, call.is_causal,
                               call.scale, call.enable_gqa, window_size=call.window_size,
                               softcap=call.softcap)
-    if not torch.compiler.is_compiling() and not torch.isfinite(out).all():
+    if (not torch.compiler.is_compiling() and not out.is_meta
+            and not torch.isfinite(out).all()):
         raise ValueError(f"{OP_NAME}: the output holds NaN or Inf: query, key, value or attn_mask "
                          "holds NaN/Inf (or values too large for the dtype)")
     return out
@@ -452,6 +455,18 @@ def _gpu(call: _Call, path: str) -> torch.Tensor:
     return out.reshape(*call.batch, L, out.shape[-1])
 
 
+def _autocast(query, key, value, attn_mask):
+    """Under torch.autocast, SDPA's inputs as autocast gives them to torch's (SDPA is on its
+    lower-precision list: float32 tensors, a float mask included, in the autocast dtype)."""
+    kind = query.device.type if isinstance(query, torch.Tensor) else "cpu"
+    if kind not in ("cpu", "cuda") or not torch.is_autocast_enabled(kind):
+        return query, key, value, attn_mask
+    dt = torch.get_autocast_dtype(kind)
+    cast = (lambda t: t.to(dt) if isinstance(t, torch.Tensor) and t.dtype == torch.float32
+            else t)
+    return cast(query), cast(key), cast(value), cast(attn_mask)
+
+
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: Optional[float] = None,
@@ -470,6 +485,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     is_causal aligns the diagonal top-left, as SDPA does: query i sees keys j <= i.
     Rows whose every key is masked give zeros, never NaN. NaN/Inf inputs raise ValueError.
     """
+    query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     call = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                     window_size, softcap)
     path = _serving_path(call, backend)

@@ -46,6 +46,8 @@ def triton_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optiona
     big = max(q.shape[-1], v.shape[-1])
     if big > MAX_TRITON_HEAD_DIM:
         return f"head dim {big} > {MAX_TRITON_HEAD_DIM}"
+    if v.shape[-1] == 0:
+        return "value head dim 0 (an empty output)"
     return None
 
 

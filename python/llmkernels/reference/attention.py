@@ -55,13 +55,21 @@ def attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
                         attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                         is_causal: bool = False, scale: Optional[float] = None,
                         enable_gqa: bool = False, *, window_size=None, softcap: Optional[float] = None,
-                        diag_offset: int = 0, return_lse: bool = False):
-    """Attention computed with unfused PyTorch ops, in the inputs' dtype.
+                        diag_offset: int = 0, return_lse: bool = False,
+                        work_dtype: Optional[torch.dtype] = None):
+    """Attention computed with unfused PyTorch ops: in float32 for 16-bit inputs (as the
+    fused kernels and torch's math backend on the CPU compute them: scores in half precision
+    lost 3-4x the accuracy and overflowed), else in the inputs' dtype; out in the inputs'
+    dtype. work_dtype overrides that (the inputs' own 16-bit dtype: the unfused math as a GPU
+    computes it, a baseline the tests hold the GPU kernels to).
 
     Differentiable with respect to query, key, value and a float attn_mask.
     Returns out, or (out, lse) with lse = logsumexp of the scores per query row
-    (-inf for fully masked rows) when return_lse is True.
+    (-inf for fully masked rows; float32 for 16-bit inputs) when return_lse is True.
     """
+    out_dtype = query.dtype
+    work = torch.promote_types(out_dtype, torch.float32) if work_dtype is None else work_dtype
+    query, key, value = query.to(work), key.to(work), value.to(work)
     L, S = query.shape[-2], key.shape[-2]
     E = query.shape[-1]
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
@@ -94,22 +102,27 @@ def attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         row_max = scores.amax(dim=-1, keepdim=True)
     dead = torch.isneginf(row_max)
     scores = scores.masked_fill(dead, 0.0)
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(dead, 0.0)
-    lse = lse.masked_fill(dead.squeeze(-1), float("-inf"))
+    # softmax subtracts the row max: exp(s - logsumexp(s)) lost logsumexp's log(S) to rounding
+    # when the row's scores were huge and negative (a -1e9 padding mask: weights summing to S)
+    probs = torch.softmax(scores, dim=-1).masked_fill(dead, 0.0)
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
-    out = probs @ value
-    return (out, lse) if return_lse else out
+    out = (probs @ value).to(out_dtype)
+    if not return_lse:
+        return out
+    lse = torch.logsumexp(scores, dim=-1).masked_fill(dead.squeeze(-1), float("-inf"))
+    return out, lse
 
 
 def attention_varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                cu_seqlens_q, cu_seqlens_k, *, is_causal: bool = False,
                                scale: Optional[float] = None, window_size=None,
-                               softcap: Optional[float] = None) -> torch.Tensor:
+                               softcap: Optional[float] = None,
+                               work_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Packed variable-length attention, one sequence at a time: q (total_q, Hq, D), k and v
     (total_k, Hk, D/Dv); sequence b owns rows cu_seqlens[b] .. cu_seqlens[b+1]-1. Causal and
-    window bands are aligned top-left per sequence, as SDPA's is_causal."""
+    window bands are aligned top-left per sequence, as SDPA's is_causal. work_dtype: as
+    attention_reference's."""
     cu_q = [int(x) for x in cu_seqlens_q.tolist()]
     cu_k = [int(x) for x in cu_seqlens_k.tolist()]
     outs = []
@@ -118,7 +131,8 @@ def attention_varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         kb = k[cu_k[b]:cu_k[b + 1]].transpose(0, 1)
         vb = v[cu_k[b]:cu_k[b + 1]].transpose(0, 1)
         ob = attention_reference(qb, kb, vb, None, 0.0, is_causal, scale, True,
-                                 window_size=window_size, softcap=softcap)
+                                 window_size=window_size, softcap=softcap,
+                                 work_dtype=work_dtype)
         outs.append(ob.transpose(0, 1))
     if not outs:
         return q.new_empty((0, q.shape[1], v.shape[-1]))
@@ -128,10 +142,12 @@ def attention_varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 def attention_kvcache_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 cache_seqlens, *, is_causal: bool = False,
                                 scale: Optional[float] = None, window_size=None,
-                                softcap: Optional[float] = None) -> torch.Tensor:
+                                softcap: Optional[float] = None,
+                                work_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Decoding attention over a cache (no update): q (B, Lq, Hq, D), caches (B, S, Hk, D/Dv);
     sequence b attends to its first cache_seqlens[b] keys, the band aligned bottom-right
-    (query Lq-1 is the newest token and sees key cache_seqlens[b]-1)."""
+    (query Lq-1 is the newest token and sees key cache_seqlens[b]-1). work_dtype: as
+    attention_reference's."""
     lens = [int(x) for x in torch.as_tensor(cache_seqlens).reshape(-1).tolist()]
     Lq = q.shape[1]
     outs = []
@@ -140,7 +156,8 @@ def attention_kvcache_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
         kb = k_cache[b, :n].transpose(0, 1)
         vb = v_cache[b, :n].transpose(0, 1)
         ob = attention_reference(qb, kb, vb, None, 0.0, is_causal, scale, True,
-                                 window_size=window_size, softcap=softcap, diag_offset=n - Lq)
+                                 window_size=window_size, softcap=softcap, diag_offset=n - Lq,
+                                 work_dtype=work_dtype)
         outs.append(ob.transpose(0, 1))
     if not outs:
         return q.new_empty((0, Lq, q.shape[2], v_cache.shape[-1]))

@@ -1,0 +1,66 @@
+"""The PyTorch reference path of scaled_dot_product_attention, which serves calls the fused
+kernel does not take (dropout, float64, a float mask that requires grad, head dims over 256),
+against torch's SDPA: rows masked with huge finite values, 16-bit inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmkernels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fill", ["finfo_min", -1e9])
+def test_rows_masked_with_huge_finite_values(dtype, fill):
+    """A padded query row masked with finfo.min or -1e9 on every key: torch's result (the mean
+    of v). exp(s - logsumexp(s)) lost logsumexp's log(S) to rounding: weights summing to S."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 8, dtype=dtype) for _ in range(3))
+    mask = torch.zeros(5, 5, dtype=dtype)
+    mask[0] = torch.finfo(dtype).min if fill == "finfo_min" else fill
+    mask[3, :2] = -1e9
+    ours = llmkernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="reference")
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(ours, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_inputs_are_computed_in_float32(dtype):
+    """Scores of 16-bit inputs in their own precision overflowed (an fp16 dropout call raised
+    "NaN or Inf") and lost 3-4x torch's accuracy."""
+    torch.manual_seed(0)
+    q = (torch.randn(1, 2, 5, 64) * 100).to(dtype)
+    k = (torch.randn(1, 2, 7, 64) * 100).to(dtype)
+    v = torch.randn(1, 2, 7, 64).to(dtype)
+    out = llmkernels.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    q, k = torch.randn(1, 2, 33, 64).to(dtype), torch.randn(1, 2, 40, 64).to(dtype)
+    v = torch.randn(1, 2, 40, 64).to(dtype)
+    bias = torch.randn(33, 40, dtype=dtype, requires_grad=True)  # a learned bias: reference path
+    d = llmkernels.explain(llmkernels.scaled_dot_product_attention, q, k, v, attn_mask=bias)
+    assert d.backend == "reference"
+    ours = llmkernels.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                           attn_mask=bias.double())
+    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    err = (ours.double() - exact).abs().max().item()
+    assert err <= 2 * (theirs.double() - exact).abs().max().item() + 1e-3
+
+
+def test_autocast_casts_like_torch():
+    """SDPA is on autocast's lower-precision list: float32 inputs (a float mask too) run, and
+    come back, in the autocast dtype."""
+    q = torch.randn(1, 2, 5, 16)
+    mask = torch.zeros(5, 5)
+    with torch.autocast("cpu", torch.bfloat16):
+        ours = llmkernels.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+        theirs = F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_value_head_dim_zero_and_meta_inputs():
+    q = torch.randn(1, 2, 5, 16)
+    empty = llmkernels.scaled_dot_product_attention(q, q, torch.randn(1, 2, 5, 0))
+    assert empty.shape == (1, 2, 5, 0)
+    m = q.to("meta")
+    assert llmkernels.scaled_dot_product_attention(m, m, m).shape == (1, 2, 5, 16)
