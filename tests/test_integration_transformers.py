@@ -264,3 +264,22 @@ def test_gpu_patched_model_follows_sdpa(dtype, kvcache_calls):
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
     out = greedy(model, ids[:1], n=8)
     assert out.shape == (1, 48) and len(kvcache_calls) == 7 * model.config.num_hidden_layers
+
+
+def test_whole_patched_model_pickled_runs_in_a_new_process(tmp_path):
+    """torch.save of the whole patched model, torch.load in a process that never imported
+    llmkernels: unpickling registers our attention with transformers again."""
+    import subprocess
+    import sys
+    model = tiny()
+    llmkernels.patch(model)
+    ids = prompt()
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.save({"model": model, "ids": ids, "expected": expected}, tmp_path / "m.pt")
+    code = ("import torch; d = torch.load(r'%s', weights_only=False); m = d['model']\n"
+            "with torch.no_grad(): out = m(d['ids']).logits\n"
+            "torch.testing.assert_close(out, d['expected']); print('ok')" % (tmp_path / "m.pt"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]

@@ -31,6 +31,21 @@ _STATE = "_llmkernels_patch"  # attribute on a patched model: what unpatch must 
 _MADE = "_llmkernels_made_by_patch"  # attribute on the modules patch made: unpatch's to undo
 
 
+class _PatchState(dict):
+    """What unpatch must undo, kept on the model. Unpickled with the model (torch.save of a
+    whole patched transformers model), it registers llmkernels' attention with transformers
+    again, which a new process has not: its forward would not find "llmkernels"."""
+
+    def __reduce__(self):
+        return _patch_state, (dict(self),)
+
+
+def _patch_state(state: dict) -> _PatchState:
+    if "attn_implementation" in state:
+        hf.register()
+    return _PatchState(state)
+
+
 def _mark(model: nn.Module, names) -> None:
     for name in names:
         object.__setattr__(model.get_submodule(name), _MADE, True)
@@ -88,7 +103,7 @@ def patch(model: nn.Module, attention: bool = True, quantize: Optional[str] = No
                              "layers); pass attention=False to quantize only")
     report = PatchReport()
     # "marked": patch marks what it makes (a model patched by an earlier version has no marks)
-    state = getattr(model, _STATE, None) or {"marked": True}
+    state = _PatchState(getattr(model, _STATE, None) or {"marked": True})
     if attention:
         if is_hf:
             previous = hf.attn_implementation(model)
