@@ -64,3 +64,17 @@ def test_value_head_dim_zero_and_meta_inputs():
     assert empty.shape == (1, 2, 5, 0)
     m = q.to("meta")
     assert llmkernels.scaled_dot_product_attention(m, m, m).shape == (1, 2, 5, 16)
+
+
+def test_lazily_negated_views_as_inputs():
+    """conj().imag of a complex tensor is a view whose memory holds the values before its
+    negation: the kernels read memory, so such inputs are resolved first."""
+    a, b = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    q = torch.complex(a, b).conj().imag
+    assert q.is_neg()
+    torch.testing.assert_close(llmkernels.scaled_dot_product_attention(q, a, a),
+                               F.scaled_dot_product_attention(q, a, a))
+    qw = llmkernels.quantize_weight(torch.randn(8, 16), "int8")
+    x = torch.complex(torch.randn(1, 16), torch.randn(1, 16)).conj().imag
+    torch.testing.assert_close(llmkernels.quant_matmul(x, qw), x @ qw.dequantize().T,
+                               rtol=1e-5, atol=1e-5)

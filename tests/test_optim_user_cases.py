@@ -153,3 +153,67 @@ def test_torchs_argument_checks(make):
         make(p, foreach=True, fused=True)
     with pytest.raises(TypeError, match="lr must be a number"):
         make(p, lr="0.1")
+
+
+def _negated_view_grad(p):
+    """A one-element parameter used in complex math: autograd leaves its gradient a lazily
+    negated view (is_neg()), whose memory holds -g."""
+    z = torch.complex(torch.ones(p.shape), p)
+    w = torch.complex(torch.ones(p.shape), torch.ones(p.shape)) * 0.5
+    (z.conj() * w).real.sum().backward()
+
+
+@pytest.mark.parametrize("ours,theirs,kw", OPTIMIZERS, ids=IDS)
+def test_lazily_negated_gradients(ours, theirs, kw):
+    out = []
+    for cls in (ours, theirs):
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = cls([p], **kw)
+        for _ in range(2):  # the second step is served by the step plan
+            opt.zero_grad()
+            _negated_view_grad(p)
+            assert p.grad.is_neg()
+            opt.step()
+        out.append(p.detach().clone())
+    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-7)
+
+
+def test_a_removed_group_is_freed():
+    import gc
+    import weakref
+    small, big = torch.nn.Parameter(torch.zeros(10)), torch.nn.Parameter(torch.zeros(100_000))
+    opt = optim.AdamW([{"params": [small]}, {"params": [big]}])
+    for _ in range(3):
+        small.grad, big.grad = torch.ones(10), torch.ones(100_000)
+        opt.step()
+    alive = weakref.ref(opt.state[big]["exp_avg"])
+    opt.param_groups.pop()
+    del opt.state[big], big
+    for _ in range(2):
+        small.grad = torch.ones(10)
+        opt.step()
+    gc.collect()
+    assert alive() is None
+
+
+def test_a_state_tensor_resized_in_place_is_noticed():
+    p = torch.nn.Parameter(torch.zeros(64))
+    opt = optim.AdamW([p])
+    for _ in range(2):
+        p.grad = torch.ones(64)
+        opt.step()
+    opt.state[p]["exp_avg"].resize_(16)
+    p.grad = torch.ones(64)
+    with pytest.raises(RuntimeError, match="16 elements"):  # the kernel's size check
+        opt.step()
+
+
+def test_explain_names_the_state_a_step_uses_after_min_8bit_size_changes():
+    import llmkernels
+    p = torch.nn.Parameter(torch.zeros(5000))
+    opt = optim.AdamW8bit([p])
+    p.grad = torch.ones(5000)
+    opt.step()
+    opt.param_groups[0]["min_8bit_size"] = 10_000  # the 8-bit state stays 8-bit
+    text = str(llmkernels.explain(opt.step))
+    assert "(8-bit state)" in text and "float32 state" not in text

@@ -455,6 +455,13 @@ def _gpu(call: _Call, path: str) -> torch.Tensor:
     return out.reshape(*call.batch, L, out.shape[-1])
 
 
+def resolved(*tensors):
+    """The tensors with a lazy negation applied (conj().imag of a complex tensor is such a
+    view): the kernels read memory, which holds the values before it."""
+    return tuple(t.resolve_neg() if isinstance(t, torch.Tensor) and t.is_neg() else t
+                 for t in tensors)
+
+
 def _autocast(query, key, value, attn_mask):
     """Under torch.autocast, SDPA's inputs as autocast gives them to torch's (SDPA is on its
     lower-precision list: float32 tensors, a float mask included, in the autocast dtype)."""
@@ -485,7 +492,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     is_causal aligns the diagonal top-left, as SDPA does: query i sees keys j <= i.
     Rows whose every key is masked give zeros, never NaN. NaN/Inf inputs raise ValueError.
     """
-    query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
+    query, key, value, attn_mask = _autocast(*resolved(query, key, value, attn_mask))
     call = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                     window_size, softcap)
     path = _serving_path(call, backend)

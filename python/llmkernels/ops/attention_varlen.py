@@ -14,7 +14,7 @@ import torch
 from .. import backends
 from ..reference.attention import attention_varlen_reference
 from . import attention_gpu
-from .attention import (_check_tensor, _scale_softcap, _window, cpu_forward, cpu_kernel_support,
+from .attention import (_check_tensor, resolved, _scale_softcap, _window, cpu_forward, cpu_kernel_support,
                         select_path)
 
 OP_NAME = "attention_varlen"
@@ -141,6 +141,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     least). Returns (total_q, Hq, Dv). Differentiable. is_causal / window_size / softcap as in
     scaled_dot_product_attention, the band aligned top-left in each sequence.
     """
+    q, k, v = resolved(q, k, v)
     call = _Varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
                    scale, window_size, softcap)
     path = call.decide(backend).backend

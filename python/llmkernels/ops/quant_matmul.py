@@ -90,8 +90,8 @@ def _quant_matmul_kernel(x2d: torch.Tensor, qdata: torch.Tensor, scales: torch.T
     if x2d.shape[1] == 0:
         out.zero_()
         return out if bias is None else out.add_(bias)
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
+    if x2d.stride(-1) != 1 or x2d.is_neg():
+        x2d = x2d.resolve_neg().contiguous()
     # The kernels read packed weights and the bias as dense rows (no-ops for the usual
     # contiguous ones; Triton's launcher took a strided bias's stride as 1).
     qdata, scales = qdata.contiguous(), scales.contiguous()

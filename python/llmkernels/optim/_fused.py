@@ -111,13 +111,16 @@ def kernel_views(rows, f32_state: bool = False, build: bool = True,
                 same = False
             elif j >= 2 and tdt is not f32:
                 own = False
-            if not (same or own) or t.get_device() != device or not t.is_contiguous():
+            if (not (same or own) or t.get_device() != device or not t.is_contiguous()
+                    or t.is_neg()):
                 if why is not None:
                     why.append(
                         "16-bit parameters' states are neither all float32 nor all in their "
                         "parameters' dtypes" if not (same or own) else
                         "the tensors are on several devices" if t.get_device() != device else
-                        f"{_ROLES[min(j, 2)]} {i} is not contiguous")
+                        f"{_ROLES[min(j, 2)]} {i} is not contiguous" if not t.is_contiguous()
+                        else f"{_ROLES[min(j, 2)]} {i} is a lazily negated view (its memory "
+                        "holds the negated values)")
                 return None
             if build:
                 views.append((t.data_ptr(), codes[tdt], (t.numel(),), (1,)))

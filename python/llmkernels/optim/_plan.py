@@ -66,6 +66,8 @@ class Plan:
             dicts.extend(self.states[i] for i in idx)
             tensors.extend(d[key] for d in dicts)
             ptrs.extend(map(_T.data_ptr, tensors))
+        self.state_numels = {key: list(map(_T.numel, tensors))
+                             for key, (_, tensors, _, _) in self.by_key.items()}
         self.state_views = [tuple(_flat(self.states[i][key]) for key in keys)
                             for i, keys in enumerate(self.state_keys)]
         self.kinds: Dict[Tuple[str, ...], List[int]] = {}  # parameters by their state keys
@@ -100,15 +102,17 @@ class Plan:
                 now = list(map(operator.itemgetter(key), dicts))
             except KeyError:
                 return None
-            if not _same_objects(now, tensors) or list(map(_T.data_ptr, now)) != ptrs:
+            if (not _same_objects(now, tensors) or list(map(_T.data_ptr, now)) != ptrs
+                    or list(map(_T.numel, now)) != self.state_numels[key]):  # resize_ in place
                 return None
         # Gradients: new tensors every step, checked in full (C-level loops again; grads_of
-        # refused sparse ones).
+        # refused sparse ones). A lazily negated one (autograd leaves conj().real's gradient
+        # of a one-element parameter so) holds -g in memory.
         grads = list(map(_fused.grad_of, params))
         if (list(map(_dtype_of, grads)) != self.dtypes
                 or list(map(_T.numel, grads)) != self.numels
                 or list(map(_T.get_device, grads)) != self.devices
-                or not all(map(_T.is_contiguous, grads))):
+                or not all(map(_T.is_contiguous, grads)) or any(map(_T.is_neg, grads))):
             return None
         out = list(zip(map(_T.data_ptr, grads), self.codes, self.sizes, repeat(_ONE)))
         return self.param_views, out
@@ -128,6 +132,9 @@ def serve(optimizer: torch.optim.Optimizer, group: dict, params: List[torch.Tens
     describes params, the state keys of its parameters are among kinds (the keys this step's
     settings use) and backends.py's rules pick a kernel path (counted as a hit), else None:
     the caller takes its full path."""
+    plans = optimizer.__dict__.get("_llmk_plans")
+    if plans and len(plans) > len(optimizer.param_groups):
+        _forget_removed_groups(optimizer, plans)
     plan = cached(optimizer, group)
     if plan is None or not set(plan.kinds) <= set(kinds):
         return None
@@ -180,6 +187,14 @@ def remember(optimizer: torch.optim.Optimizer, group: dict, plan: Plan) -> None:
         # stay alive until the next step. The hook goes with the plans (neither is pickled).
         optimizer.register_load_state_dict_pre_hook(_forget_all)
     plans[id(group)] = plan
+
+
+def _forget_removed_groups(optimizer: torch.optim.Optimizer, plans: dict) -> None:
+    """Drops the plans of groups no longer in param_groups (they hold the groups' parameters
+    and state: a removed group's memory would never be freed)."""
+    live = set(map(id, optimizer.param_groups))
+    for key in [k for k in plans if k not in live]:
+        del plans[key]
 
 
 def _forget_all(optimizer: torch.optim.Optimizer, state_dict) -> None:

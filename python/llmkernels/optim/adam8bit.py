@@ -305,10 +305,15 @@ class AdamW8bit(_fused.FusedOptimizer):
         """llmkernels.explain(optimizer.step): the small tensors (float32 moments) and the
         8-bit ones of each group apart, in the order step() routes them."""
         def rows_of(group, params, grads):
-            small = [p.numel() < group["min_8bit_size"] for p in params]
+            def has_float_state(p):  # as step() decides: by the state's keys once it has one
+                state = self.state.get(p)
+                if state:
+                    return "exp_avg_codes" not in state
+                return p.numel() < group["min_8bit_size"]
+            small = [has_float_state(p) for p in params]
             big = [(p, g) for p, g, s in zip(params, grads, small) if not s]
             few = [(p, g, self.state.get(p, {})) for p, g, s in zip(params, grads, small) if s]
-            return [(" (float32 state: tensors under min_8bit_size)", [p for p, _, _ in few],
+            return [(" (float32 state: tensors under min_8bit_size, or loaded so)", [p for p, _, _ in few],
                      [[p, g, s.get("exp_avg"), s.get("exp_avg_sq")] for p, g, s in few],
                      False, True),
                     (" (8-bit state)", [p for p, _ in big], [[p, g] for p, g in big], False,
