@@ -119,8 +119,14 @@ def _scores(qk, scale, softcap, HAS_SOFTCAP: tl.constexpr):
     """Scores in base 2 (times log2 e) from raw dot products; also the tanh of the softcap."""
     if HAS_SOFTCAP:
         u = qk * (scale / softcap)
-        # tanh(u) = 1 - 2 / (exp(2u) + 1): exact at both tails (exp overflow gives 1).
+        # tanh(u) = 1 - 2 / (exp(2u) + 1): exact at both tails (exp overflow gives 1); below
+        # |u| = 0.625, where that form cancels (an absolute error ~1e-7, which softcap then
+        # multiplies), Cephes' tanhf polynomial u + u^3 P(u^2), as the CPU kernel's vtanh.
         t = 1.0 - 2.0 / (tl.exp2(u * (2.0 * 1.4426950408889634)) + 1.0)
+        z = u * u
+        p = (((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z
+             + 1.33314422036e-1) * z - 3.33332819422e-1
+        t = tl.where(tl.abs(u) < 0.625, p * z * u + u, t)
         return t * (softcap * 1.4426950408889634), t
     return qk * (scale * 1.4426950408889634), qk
 

@@ -77,9 +77,10 @@ def reference_pair(q, k, v, grad_out=None, same_precision="sdpa", **kw):
     """(float64 reference, PyTorch at the inputs' precision), each as (out, input grads or None).
 
     same_precision="sdpa": torch's fused SDPA on the inputs' device. "math": the unfused math
-    in the inputs' dtype, as SDPA's math backend computes it; the baseline for GPU kernels run
-    in Triton's interpreter on the CPU, where torch's fused CPU kernel keeps the probabilities in
-    float32 while every GPU flash kernel (torch's own included) rounds them to 16 bits."""
+    in float32 with the probabilities rounded to the inputs' dtype before their product with v,
+    as a GPU flash kernel computes it; the baseline for GPU kernels run in Triton's interpreter
+    on the CPU, where torch's fused CPU kernel keeps the probabilities in float32 while every
+    GPU flash kernel (torch's own included) rounds them to 16 bits."""
     results = []
     for exact in (True, False):
         cast = torch.float64 if exact else q.dtype
@@ -89,7 +90,7 @@ def reference_pair(q, k, v, grad_out=None, same_precision="sdpa", **kw):
         if mask is not None and mask.dtype != torch.bool:
             kw2["attn_mask"] = mask.to(cast)
         fn = (attention_reference if exact
-              else functools.partial(attention_reference, work_dtype=cast)
+              else functools.partial(attention_reference, probs_dtype=cast)
               if same_precision == "math" else _torch_same_precision)
         out = fn(*leaves, **kw2)
         grads = None

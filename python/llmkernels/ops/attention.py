@@ -457,7 +457,10 @@ def _gpu(call: _Call, path: str) -> torch.Tensor:
 
 def resolved(*tensors):
     """The tensors with a lazy negation applied (conj().imag of a complex tensor is such a
-    view): the kernels read memory, which holds the values before it."""
+    view): the kernels read memory, which holds the values before it. (Compiled graphs hand
+    the ops functionalized tensors: nothing to resolve there.)"""
+    if torch.compiler.is_compiling():
+        return tensors
     return tuple(t.resolve_neg() if isinstance(t, torch.Tensor) and t.is_neg() else t
                  for t in tensors)
 

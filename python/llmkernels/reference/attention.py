@@ -56,12 +56,15 @@ def attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
                         is_causal: bool = False, scale: Optional[float] = None,
                         enable_gqa: bool = False, *, window_size=None, softcap: Optional[float] = None,
                         diag_offset: int = 0, return_lse: bool = False,
-                        work_dtype: Optional[torch.dtype] = None):
+                        work_dtype: Optional[torch.dtype] = None,
+                        probs_dtype: Optional[torch.dtype] = None):
     """Attention computed with unfused PyTorch ops: in float32 for 16-bit inputs (as the
     fused kernels and torch's math backend on the CPU compute them: scores in half precision
     lost 3-4x the accuracy and overflowed), else in the inputs' dtype; out in the inputs'
     dtype. work_dtype overrides that (the inputs' own 16-bit dtype: the unfused math as a GPU
-    computes it, a baseline the tests hold the GPU kernels to).
+    computes it); probs_dtype rounds the probabilities to it before their product with v, as
+    every GPU flash kernel (torch's own included) does: baselines the tests hold the GPU
+    kernels to.
 
     Differentiable with respect to query, key, value and a float attn_mask.
     Returns out, or (out, lse) with lse = logsumexp of the scores per query row
@@ -107,6 +110,8 @@ def attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     probs = torch.softmax(scores, dim=-1).masked_fill(dead, 0.0)
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
+    if probs_dtype is not None:
+        probs = probs.to(probs_dtype).to(work)
     out = (probs @ value).to(out_dtype)
     if not return_lse:
         return out
