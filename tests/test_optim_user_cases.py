@@ -217,3 +217,20 @@ def test_explain_names_the_state_a_step_uses_after_min_8bit_size_changes():
     opt.param_groups[0]["min_8bit_size"] = 10_000  # the 8-bit state stays 8-bit
     text = str(llmkernels.explain(opt.step))
     assert "(8-bit state)" in text and "float32 state" not in text
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_denormal_second_moments_follow_torch(backend):
+    """Gradients ~1e-20, eps=0: v = beta2 v + ((1 - beta2) g) g underflows into denormals; the
+    reference path squared g first and differed from torch (and the kernel) by up to 1e-2."""
+    import llmkernels
+    g = torch.tensor([7.941741169205033e-22, 3e-22, 1e-21, 5e-21, 2e-20, 1.3e-21, 5e-23])
+    out = []
+    for cls in (optim.Adam, torch.optim.Adam):
+        p = torch.nn.Parameter(torch.full_like(g, -1.6237856149673462))
+        opt = cls([p], lr=0.1, betas=(0.0, 0.99), eps=0.0, weight_decay=0.0)
+        with llmkernels.use_backend(backend if cls is optim.Adam else None):
+            p.grad = g.clone()
+            opt.step()
+        out.append((p.detach().clone(), opt.state[p]["exp_avg_sq"].clone()))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])

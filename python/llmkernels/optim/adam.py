@@ -296,9 +296,10 @@ def adam_reference(p, g, m, v, vmax, *, lr, beta1, beta2, eps, weight_decay, dec
         pf = pf * ((1.0 - lr * weight_decay) if decay is None else decay)
     elif weight_decay != 0.0:
         gf = gf + weight_decay * pf
-    mf = m.to(work)
-    mf = mf + (1.0 - beta1) * (gf - mf)
-    vf = v.to(work) * beta2 + (1.0 - beta2) * (gf * gf)
+    # torch's operations and their order (lerp; addcmul's value * t1 * t2), as the kernels:
+    # (g * g) first underflowed differently for denormal second moments
+    mf = torch.lerp(m.to(work), gf, 1.0 - beta1)
+    vf = v.to(work) * beta2 + ((1.0 - beta2) * gf) * gf
     vd = torch.maximum(vmax.to(work), vf) if amsgrad else vf
     denom = vd.sqrt() / bias_correction2_sqrt + eps
     pf = pf - step_size * (mf / denom)
