@@ -34,7 +34,7 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .rounding import INTERPRET, cast as _cast
 FORCE_SPLITS = None  # tests set it to run flash-decoding splits at small sizes
 
 
@@ -266,7 +266,7 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PART, LSE_PART,
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + cols[:, None].to(tl.int64) * s_vn + offs_dv[None, :],
                     mask=(cols[:, None] < len_k) & (offs_dv[None, :] < DV), other=0.0)
-        acc = _dot(p.to(v.dtype), v, PRECISION, acc * alpha[:, None])
+        acc = _dot(_cast(p, v.dtype), v, PRECISION, acc * alpha[:, None])
         m_i = m_new
 
     alive = l_i > 0.0
@@ -282,7 +282,7 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PART, LSE_PART,
         tl.store(LSE_PART + prow, lse, mask=row_ok)
     else:
         o_rows = bq * s_ob + h.to(tl.int64) * s_oh + (q_start + i).to(tl.int64) * s_om
-        tl.store(O + o_rows[:, None] + offs_dv[None, :], out.to(O.dtype.element_ty),
+        tl.store(O + o_rows[:, None] + offs_dv[None, :], _cast(out, O.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV))
         l_rows = bq * s_lb + h.to(tl.int64) * s_lh + (q_start + i).to(tl.int64) * s_lm
         tl.store(LSE + l_rows, lse, mask=row_ok)
@@ -334,7 +334,7 @@ def _combine_kernel(O_PART, LSE_PART, O, LSE, s_ob, s_oh, s_om, s_lb, s_lh, s_lm
     h = (rows // Lq) % Hq
     i = rows % Lq
     o_rows = b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + i.to(tl.int64) * s_om
-    tl.store(O + o_rows[:, None] + offs_dv[None, :], out.to(O.dtype.element_ty),
+    tl.store(O + o_rows[:, None] + offs_dv[None, :], _cast(out, O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + b.to(tl.int64) * s_lb + h.to(tl.int64) * s_lh + i.to(tl.int64) * s_lm, lse,
              mask=row_ok)
@@ -440,18 +440,18 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_,
             keep = _visible_t(offs_n, rows, len_k, off, window_left, window_right,
                               HAS_LEFT, HAS_RIGHT) & row_ok[None, :]
             pt = tl.where(keep, tl.exp2(st - lse2[None, :]), 0.0)
-            dv = _dot(pt.to(do.dtype), do, PRECISION, dv)
+            dv = _dot(_cast(pt, do.dtype), do, PRECISION, dv)
             dpt = _dot(v, tl.trans(do), PRECISION)
             dst = pt * (dpt - delta[None, :])
             if HAS_SOFTCAP:
                 dst = dst * (1.0 - tt * tt)
-            dk = _dot(dst.to(qt.dtype), tl.trans(qt), PRECISION, dk)
+            dk = _dot(_cast(dst, qt.dtype), tl.trans(qt), PRECISION, dk)
     dk = dk * scale
     mk = (offs_n[:, None] < full_k)
     tl.store(DK + bk * s_dkb + hk.to(tl.int64) * s_dkh + n64[:, None] * s_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=mk & (offs_d[None, :] < D))
+             _cast(dk, DK.dtype.element_ty), mask=mk & (offs_d[None, :] < D))
     tl.store(DV_ + bk * s_dvb + hk.to(tl.int64) * s_dvh + n64[:, None] * s_dvn + offs_dv[None, :],
-             dv.to(DV_.dtype.element_ty), mask=mk & (offs_dv[None, :] < DV))
+             _cast(dv, DV_.dtype.element_ty), mask=mk & (offs_dv[None, :] < DV))
 
 
 @triton.jit
@@ -520,10 +520,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq = _dot(ds.to(kt.dtype), tl.trans(kt), PRECISION, dq)
+        dq = _dot(_cast(ds, kt.dtype), tl.trans(kt), PRECISION, dq)
     dq = dq * scale
     tl.store(DQ + bq * s_dqb + h * s_dqh + r64[:, None] * s_dqm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+             _cast(dq, DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
 _dkdv_tuned = triton.autotune(configs=_BWD_CONFIGS, key=["BLOCK_D", "BLOCK_DV", "PRECISION",

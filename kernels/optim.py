@@ -44,7 +44,6 @@ twice: its results may differ by an ulp from the CPU kernel's).
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -56,7 +55,7 @@ import triton.language as tl
 # subpackage of llmkernels)
 from .._cuda_launch import device_guard
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .rounding import INTERPRET, cast as _cast
 
 # Elements per program. The interpreter runs programs one by one in Python: smaller blocks
 # there exercise multi-block tensors with small test sizes. On the GPU, 2048 with 8 warps
@@ -69,7 +68,6 @@ NUM_WARPS = 8
 MAX_TENSORS = 1024  # per launch (binary search depth <= 10)
 ALIGN = 16  # bytes
 
-_INTERP = tl.constexpr(INTERPRET)
 # Floats per tensor in the Adam and 8-bit AdamW kernels' tables (see the kernels).
 ADAM_FLOATS = tl.constexpr(6)
 ADAM8_FLOATS = tl.constexpr(5)
@@ -77,20 +75,6 @@ _INT64_MAX = np.iinfo(np.int64).max
 
 
 # ------------------------------------------------------------------------------ helpers
-
-@triton.jit
-def _cast(v, DTYPE: tl.constexpr):
-    """v (float32).to(DTYPE), rounding to nearest even. The interpreter (triton 3.6 and 3.9)
-    truncates float32 -> bfloat16, so it rounds the bits here (NaN stays a quiet NaN)."""
-    if _INTERP and DTYPE == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
-        quiet = bits | 0x400000
-        bits = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, quiet, rounded)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(DTYPE)
-
 
 @triton.jit
 def _sr_bf16(v, idx, key):

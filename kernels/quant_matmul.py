@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .rounding import INTERPRET, cast as _cast
 
 # LLMKERNELS_TRITON_AUTOTUNE=0: the first config of each list, no tuning.
 AUTOTUNE = os.environ.get("LLMKERNELS_TRITON_AUTOTUNE", "1") != "0"
@@ -143,19 +143,6 @@ def _distinct(adjusted):
 
 # ------------------------------------------------------------------------------ kernels
 
-_INTERP = tl.constexpr(INTERPRET)
-
-
-@triton.jit
-def _cast(v, DTYPE: tl.constexpr):
-    """v.to(DTYPE), rounding to nearest even. The interpreter (triton 3.6 and 3.9) truncates
-    float32 -> bfloat16 (even with fp_downcast_rounding="rtne"), so it rounds the bits here."""
-    if _INTERP and DTYPE == tl.bfloat16:
-        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(DTYPE)
 
 
 @triton.jit

@@ -59,15 +59,7 @@ def test_sliding_window(gpu_path, window, causal):
 
 
 @pytest.mark.parametrize("softcap", [0.5, 20.0])
-def test_softcap(gpu_path, softcap, request):
-    if softcap == 0.5 and gpu_path == "triton" and not ON_GPU:
-        # Scores squeezed into +-0.5: the interpreter's baseline (float32 math with 16-bit
-        # probabilities) is then unusually exact, 5e-3, and Triton's forward, at 1.2-1.6e-2 as
-        # at every softcap (2x that baseline without one), exceeds twice it. Passed before only
-        # against a sloppier baseline (half-precision logsumexp); to investigate with a GPU,
-        # where the baseline is torch's own kernel. strict: a fix shows as a failure here.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="Triton bf16 forward error "
-                                              "2-3x a flash emulation's (see comment)"))
+def test_softcap(gpu_path, softcap):
     run_case(gpu_path, 1, 2, 2, 45, 50, 64, 64, torch.bfloat16, is_causal=True, softcap=softcap,
              scale=0.3)
 
