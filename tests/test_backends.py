@@ -161,3 +161,27 @@ def test_amx_kernels_put_back_the_threads_tile_configuration():
     loaded between calls: a kernel's tile scope must restore it (checked on the software
     model, where the configuration can be read back)."""
     assert backends.native_module().amx_scope_selftest() == ""
+
+
+def test_use_backend_none_is_automatic_over_the_environment(monkeypatch):
+    monkeypatch.setenv("LLMKERNELS_BACKEND", "Reference")  # names are case-insensitive
+    q = torch.randn(1, 2, 4, 16)
+    assert llmkernels.explain(llmkernels.scaled_dot_product_attention, q, q, q).backend == \
+        "reference"
+    with llmkernels.use_backend(None):
+        assert llmkernels.backends.forced_backend() is None
+    assert llmkernels.backends.forced_backend() == "reference"
+
+
+def test_build_info_reports_a_bad_tier_setting(monkeypatch):
+    monkeypatch.setenv("LLMKERNELS_CPU_TIER", "garbage")
+    assert llmkernels.build_info()["cpu"]["tier_in_use"].startswith("error: ")
+    monkeypatch.setenv("LLMKERNELS_CPU_TIER", "AVX2")
+    if "avx2" in llmkernels.backends.supported_cpu_tiers():
+        assert llmkernels.backends.cpu_tier() == "avx2"
+
+
+def test_explain_of_a_step_takes_its_closure():
+    p = torch.zeros(3, requires_grad=True)
+    opt = llmkernels.optim.AdamW([p])
+    assert llmkernels.explain(opt.step, lambda: 0.0) == llmkernels.explain(opt.step)

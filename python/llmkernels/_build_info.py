@@ -44,7 +44,7 @@ def build_info() -> Dict[str, Any]:
         "features": {k: v for k, v in raw["cpu_features"].items() if v},
         "tiers_built": raw["cpu_tiers_built"],
         "tiers_supported": raw["cpu_tiers_supported"],
-        "tier_in_use": backends.cpu_tier(),
+        "tier_in_use": _tier_in_use(),
         # the amx tier: AMX tiles in hardware, or their software model (forced tiers only)
         "amx": ("hardware" if raw["amx_hardware"] else
                 "emulated (LLMKERNELS_AMX_EMULATE=1)" if raw["amx_emulated"] else
@@ -55,3 +55,11 @@ def build_info() -> Dict[str, Any]:
     info["compiler"] = raw["compiler"]
     info["triton"] = _triton_status()
     return info
+
+
+def _tier_in_use() -> str:
+    # build_info() is what a bug report quotes: a bad LLMKERNELS_CPU_TIER is reported, not raised
+    try:
+        return backends.cpu_tier()
+    except (ValueError, backends.BackendError) as exc:
+        return f"error: {exc}"

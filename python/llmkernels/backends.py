@@ -53,8 +53,11 @@ def _environ_reader() -> Callable[[str, str], str]:
 env = _environ_reader()
 
 # What use_backend / use_cpu_tier forced. Plain module state rather than a ContextVar:
-# torch.compile traces (and guards on) reads of module globals, not ContextVar.get.
+# torch.compile traces (and guards on) reads of module globals, not ContextVar.get. So the
+# setting is process-wide: blocks in concurrent threads or asyncio tasks see each other's
+# (README says so). _AUTO: use_backend(None), automatic even where LLMKERNELS_BACKEND is set.
 _forced = {"backend": None, "tier": None}
+_AUTO = "auto"
 
 
 def _openmp_runtime_of_torch() -> Optional[str]:
@@ -150,11 +153,12 @@ def _check_backend_name(name: str, where: str) -> str:
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
-    """Force a path for the llmkernels ops called inside the block (None: automatic)."""
+    """Force a path for the llmkernels ops called inside the block (None: automatic, whatever
+    LLMKERNELS_BACKEND says). Process-wide while the block runs (not per thread or task)."""
     if name is not None:
         _check_backend_name(name, "use_backend")
     previous = _forced["backend"]
-    _forced["backend"] = name
+    _forced["backend"] = _AUTO if name is None else name
     try:
         yield
     finally:
@@ -167,9 +171,9 @@ def forced_backend(backend: Optional[str] = None) -> Optional[str]:
         return _check_backend_name(backend, "backend")
     ctx = _forced["backend"]
     if ctx is not None:
-        return ctx
-    name = env("LLMKERNELS_BACKEND").strip()
-    if name and name.lower() not in ("auto", "none"):
+        return None if ctx == _AUTO else ctx
+    name = env("LLMKERNELS_BACKEND").strip().lower()
+    if name and name not in ("auto", "none"):
         return _check_backend_name(name, "LLMKERNELS_BACKEND")
     return None
 
@@ -191,7 +195,8 @@ def supported_cpu_tiers() -> List[str]:
 
 @contextlib.contextmanager
 def use_cpu_tier(name: Optional[str]) -> Iterator[None]:
-    """Run the CPU kernels with a lower instruction-set tier (tests force each one)."""
+    """Run the CPU kernels with a lower instruction-set tier (tests force each one; None: the
+    best, or LLMKERNELS_CPU_TIER's). Process-wide while the block runs, as use_backend."""
     if name is not None:
         _check_tier(name, "use_cpu_tier")
     previous = _forced["tier"]
@@ -218,8 +223,8 @@ def cpu_tier() -> str:
     forced = _forced["tier"]
     if forced is not None:
         return forced
-    name = env("LLMKERNELS_CPU_TIER").strip()
-    if name and name.lower() != "auto":
+    name = env("LLMKERNELS_CPU_TIER").strip().lower()
+    if name and name not in ("auto", "none"):
         return _check_tier(name, "LLMKERNELS_CPU_TIER")
     return _TIER_BEST
 
@@ -306,7 +311,7 @@ def explain(op: Callable, *args, **kwargs) -> Decision:
     """
     owner = getattr(op, "__self__", None)
     if getattr(op, "__name__", None) == "step" and hasattr(owner, "_llmk_explain_step"):
-        return owner._llmk_explain_step(*args, **kwargs)
+        return owner._llmk_explain_step()  # a closure or amp arguments do not change the path
     explainer = getattr(op, "__llmk_explain__", None)
     if explainer is None:
         raise TypeError(f"explain: {getattr(op, '__name__', op)!r} is not an llmkernels op")
