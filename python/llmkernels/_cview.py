@@ -18,8 +18,5 @@ def cview(t: Optional[torch.Tensor]) -> Optional[View]:
     """(data_ptr, dtype code, sizes, strides) of a tensor, or None."""
     if t is None:
         return None
-    if t.is_neg() or t.is_conj():  # the memory holds what the view negates or conjugates
-        raise ValueError("llmkernels: a lazily negated or conjugated view reached a kernel; "
-                         "pass t.resolve_neg() / t.resolve_conj()")
     # torch.Size is a tuple (the extension reads tuples, subclasses included); stride() is one.
     return (t.data_ptr(), DTYPE_CODES[t.dtype], t.shape, t.stride())

@@ -17,7 +17,7 @@ from .. import backends
 from ..reference.attention import attention_kvcache_reference
 from . import attention_gpu
 from .attention import (_check_tensor, _scale_softcap, _window, cpu_forward, cpu_kernel_support,
-                        select_path)
+                        resolved, select_path)
 
 OP_NAME = "attention_with_kvcache"
 
@@ -203,6 +203,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     and the append clamps positions, so bad lengths give wrong numbers, never bad memory
     accesses. The CPU and reference paths read the lengths anyway and raise after the append.
     """
+    q, k_new, v_new = resolved(q, k_new, v_new)  # (the caches are written in place: as given)
     call = _KVCall(q, k_cache, v_cache, cache_seqlens, k_new, v_new, is_causal, scale,
                    window_size, softcap, check_lengths)
     path = call.decide(backend).backend  # chosen before the cache changes: errors leave it intact

@@ -14,8 +14,8 @@ import torch
 from .. import backends
 from ..reference.attention import attention_varlen_reference
 from . import attention_gpu
-from .attention import (_check_tensor, resolved, _scale_softcap, _window, cpu_forward, cpu_kernel_support,
-                        select_path)
+from .attention import (_check_tensor, _scale_softcap, _window, cpu_forward, cpu_kernel_support,
+                        resolved, select_path)
 
 OP_NAME = "attention_varlen"
 

@@ -2,11 +2,15 @@
 into the next step of an llmkernels optimizer (saving a read and a write of every gradient)."""
 from __future__ import annotations
 
+from functools import partial
+from itertools import chain
+from operator import attrgetter, is_not
 from typing import Iterable, Optional, Union
 
 import torch
 
 _PENDING = "_llmk_pending_grad_multiplier"
+_grad_of = attrgetter("grad")
 
 
 def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max_norm: float,
@@ -38,7 +42,7 @@ def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
                         f"(got {type(optimizer).__name__}); call it without optimizer= instead")
     if not grads:
         return torch.tensor(0.0)
-    if optimizer is not None and not _steps_exactly(optimizer, params):
+    if optimizer is not None and not _steps_exactly(optimizer, grads):
         optimizer = None  # its factor would reach other gradients: these are scaled now
     if optimizer is None:
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite,
@@ -66,12 +70,11 @@ def _total_norm(grads, norm_type, error_if_nonfinite):
     return total
 
 
-def _steps_exactly(optimizer, params) -> bool:
-    """Whether params with gradients are the very tensors optimizer steps (those of its
-    parameters that have gradients)."""
-    mine = {id(p) for p in params if p.grad is not None}
-    theirs = {id(p) for g in optimizer.param_groups for p in g["params"] if p.grad is not None}
-    return mine == theirs
+def _steps_exactly(optimizer, grads) -> bool:
+    """Whether grads (of the clipped parameters that have one) are those of the parameters
+    optimizer steps. C-level loops: this runs every step over every parameter."""
+    theirs = map(_grad_of, chain.from_iterable(g["params"] for g in optimizer.param_groups))
+    return set(map(id, grads)) == set(map(id, filter(partial(is_not, None), theirs)))
 
 
 def drop_pending_multiplier(optimizer) -> None:
