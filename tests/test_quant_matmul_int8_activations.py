@@ -115,6 +115,23 @@ def test_int8_int8x_paths_take_weights_of_minus_128(cpu_tier, M):
     check_both_ways(x, qw, llmkernels.quant_matmul(x, qw, backend="cpu"))
 
 
+@pytest.mark.parametrize("M", [1, 3, 5, 6, 8, 16, 17, 64])
+@pytest.mark.parametrize("K", [4096, 4000])
+def test_int8_int8x_paths_give_zero_weight_rows_exact_zeros(cpu_tier, M, K):
+    """A pruned (all-zero) weight row multiplies to exactly 0, and its output is exactly the
+    bias: on VNNI the products are of w + 128, and taking 128 * sum(x) back out in float after
+    the block scales left ~1e-3 (M = 300: 1e-2) there and as much error on every output."""
+    torch.manual_seed(M + K)
+    w = torch.randn(40, K) * 0.02
+    w[[0, 7, 39]] = 0.0
+    qw = llmkernels.quantize_weight(w, "int8")
+    x = make_x(M, K, "gaussian")
+    bias = torch.randn(40).to(torch.bfloat16)
+    out = llmkernels.quant_matmul(x, qw, bias=bias, backend="cpu")
+    assert torch.equal(out[:, [0, 7, 39]], bias[[0, 7, 39]].expand(M, 3))
+    check_both_ways(x, qw, llmkernels.quant_matmul(x, qw, backend="cpu"))
+
+
 @pytest.mark.parametrize("M", [2, 24])
 def test_int8_int8x_path_non_contiguous_x(cpu_tier, M):
     torch.manual_seed(3)

@@ -212,9 +212,10 @@ LLMK_INLINE vf dot_u4_s8(n8 w, n8 x) {
 #endif
 }
 // int8 weights: 4W bytes of a weight row (n of them, the rest 0), and their dot products with
-// 4W int8 values of x as W float lanes. VNNI: (w + 128) * x (vpdpbusd's unsigned operand; the
-// caller subtracts 128 * sum(x)); otherwise |w| * (x * sign(w)) (maddubs: |w| <= 128, |x| <=
-// 127: the pair sums fit int16, -128 weights too).
+// 4W int8 values of x as W float lanes. VNNI: (w + 128) * x (vpdpbusd's unsigned operand)
+// added to start, which holds -128 * (the lane's sum of x): exact int32 sums; otherwise |w| *
+// (x * sign(w)) (maddubs: |w| <= 128, |x| <= 127: the pair sums fit int16, -128 weights too)
+// and start is not read.
 #if defined(__AVX512VNNI__)
 constexpr bool kW8Biased = true;
 #else
@@ -224,11 +225,12 @@ LLMK_INLINE n8 load_w8(const int8_t* p) { return _mm512_loadu_si512(p); }
 LLMK_INLINE n8 load_w8_part(const int8_t* p, int64_t n) {
   return _mm512_maskz_loadu_epi8(n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1, p);
 }
-LLMK_INLINE vf dot_s8_s8(n8 w, n8 x) {
+LLMK_INLINE vf dot_s8_s8(n8 w, n8 x, n8 start) {
 #if defined(__AVX512VNNI__)
   const __m512i wu = _mm512_xor_si512(w, _mm512_set1_epi8(char(0x80)));
-  return (vf)_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, x));
+  return (vf)_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, wu, x));
 #else
+  (void)start;
   const __m512i xs = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
   return (vf)_mm512_cvtepi32_ps(_mm512_madd_epi16(
       _mm512_maddubs_epi16(_mm512_abs_epi8(w), xs), _mm512_set1_epi16(1)));
@@ -264,7 +266,7 @@ LLMK_INLINE n8 load_w8_part(const int8_t* p, int64_t n) {
   std::memcpy(b, p, size_t(std::min<int64_t>(n, 32)));
   return load_x8(b);
 }
-LLMK_INLINE vf dot_s8_s8(n8 w, n8 x) {
+LLMK_INLINE vf dot_s8_s8(n8 w, n8 x, n8) {
   return (vf)_mm256_cvtepi32_ps(_mm256_madd_epi16(
       _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1)));
 }
@@ -273,6 +275,7 @@ LLMK_INLINE vf block_lanes(const float* s) { return (vf)_mm256_broadcast_ss(s); 
 constexpr bool kInt4Q8 = false;
 constexpr bool kPairedNibbles = false;
 constexpr float kHighNibbleScale = 1.f;
+constexpr bool kW8Biased = false;
 LLMK_INLINE vf fma_(vf a, vf b, vf acc) { return a * b + acc; }
 #endif
 
@@ -293,7 +296,13 @@ struct Ctx {
   const float* x4sum;         // (M, groups): sums of the dequantized x over each group
   const float* x8s;           // int8 on the int8-x paths: xq's block scales, (M, Kx / 32)
   const float* xps;           // the packed int8-x path: xq's block scales, packed as xp
-  const float* xcorr;         // its int8: per row, the sum over blocks of scale * 128 * sum(q)
+  // int8 weights on VNNI (kW8Biased): -128 * sums of xq where vpdpbusd's sums start, so that
+  // the (weights + 128) * x products come out exact (a float correction afterwards left a
+  // zero weight row at ~1e-3 and every output that far off): int8_q8_block's per lane (4
+  // values, (M, Kx / 4)), the packed path's per block, packed as xps. Cost: 2048 x 256 in
+  // cache, one Zen 4 thread, 1-16 rows the same, 64 rows 342-349 -> 352-356 us (2026-11-28).
+  const int32_t* x8lane;
+  const int32_t* xpb;
   const float* xpg;           // its int4: (rows, groups) sums of the dequantized x, packed as xp
   int64_t pair_half;          // the paired int8-x path (use_paired_x): K values of a half, else 0
   char* scratch;              // per-thread partial sums
@@ -496,24 +505,27 @@ void int8_q8_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int6
   for (int j = 0; j < NB; ++j) w[j] = c.p->qdata.ptr<int8_t>() + chans[j] * c.K;
   const int8_t* x[MB];
   const float* xs[MB];
+  const int32_t* xl[MB];  // VNNI: the lanes' starting sums
   for (int i = 0; i < MB; ++i) {
     x[i] = c.xq + rows[i] * c.Kx;
     xs[i] = c.x8s + rows[i] * (c.Kx / 32);
+    xl[i] = kW8Biased ? c.x8lane + rows[i] * (c.Kx / 4) : nullptr;
   }
   vf a[MB][NB];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) a[i][j] = vf{};
   const int64_t ahead = prefetch_ahead<NB>(c, c.K, k0, k1);
   auto body = [&](int64_t k, auto load) {
-    n8 xv[MB];
+    n8 xv[MB], start[MB];
     vf sv[MB];
     for (int i = 0; i < MB; ++i) {
       xv[i] = load_x8(x[i] + k);
       sv[i] = block_lanes(xs[i] + k / 32);
+      start[i] = kW8Biased ? load_x8(reinterpret_cast<const int8_t*>(xl[i] + k / 4)) : n8{};
     }
     for (int j = 0; j < NB; ++j) {
       const n8 wv = load(w[j] + k);
-      for (int i = 0; i < MB; ++i) a[i][j] = fma_(dot_s8_s8(wv, xv[i]), sv[i], a[i][j]);
+      for (int i = 0; i < MB; ++i) a[i][j] = fma_(dot_s8_s8(wv, xv[i], start[i]), sv[i], a[i][j]);
     }
   };
   const int64_t kv = k0 + (k1 - k0) / step * step;
@@ -527,7 +539,7 @@ void int8_q8_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int6
     body(k, [&](const int8_t* p) { return load_w8_part(p, k1 - k); });
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j)
-      acc[i * ld + j] += hsum(a[i][j]) - (kW8Biased && k0 == 0 ? c.xcorr[rows[i]] : 0.f);
+      acc[i * ld + j] += hsum(a[i][j]);
 }
 #endif
 
@@ -1042,7 +1054,7 @@ void packed_tile_item(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t 
     if (c.pair_half > 0) tiles(Q8PairDots{});
     else tiles(Q8BlockDots{});
     if (int8)
-      each(acc, float{}, [&](int64_t m, int64_t n, float s) { return (s - c.xcorr[m]) * sc[n]; });
+      each(acc, float{}, [&](int64_t, int64_t n, float s) { return s * sc[n]; });
     else
       each(acc, float{}, [&](int64_t, int64_t, float s) { return s; });
     return;
@@ -1186,8 +1198,9 @@ struct PrepCtx {
   int8_t* x4q;
   float* x4s;
   float* x4sum;
-  float* x8s;    // prep_row_q8: block scales, row-major (its q go to xq)
-  float* xcorr;  // and per row: int8's correction
+  float* x8s;      // prep_row_q8: block scales, row-major (its q go to xq)
+  int32_t* x8lane; // and int8's starting sums (Ctx::x8lane) per lane of 4 values
+  int32_t* x8blk;  // or per block of 32, (M, Kx / 32), row-major (packed to Ctx::xpb)
   float* x8g;    // packed int4's (M, groups) group sums
 };
 
@@ -1317,7 +1330,7 @@ void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
 // One row of bf16 x for the int8-x paths of int8 weights (row blocks and packed) and int4's
 // packed one: per 32-block (the padding to Kx included: zeros) q and scale, in x's order
 // (int8) or the block's 16 even then 16 odd elements (int4: its panel's nibble order); int8:
-// the row's correction for weights + 128 (VNNI); int4: the sums of the dequantized x over each
+// the sums where the (weights + 128) products start (VNNI, Ctx::x8lane / xpb); int4: the sums of the dequantized x over each
 // group.
 void prep_row_q8(const PrepCtx& pc, int64_t m) {
   const QuantMatmulParams& p = *pc.p;
@@ -1329,7 +1342,6 @@ void prep_row_q8(const PrepCtx& pc, int64_t m) {
   float* scales = pc.x8s + m * (c.Kx / 32);
   float* gsum = int4 ? pc.x8g + m * c.groups : nullptr;
   for (int64_t grp = 0; grp < c.groups; ++grp) gsum[grp] = 0.f;
-  float corr = 0.f;
   for (int64_t kb = 0; kb < c.Kx; kb += 32) {
     alignas(64) float v[32];
     if (ks == 1 && kb + 32 <= K) {
@@ -1346,14 +1358,20 @@ void prep_row_q8(const PrepCtx& pc, int64_t m) {
       }
     }
     float sc;
-    const float qsum = float(quantize_block32(v, q + kb, &sc));
+    const int32_t qsum = quantize_block32(v, q + kb, &sc);
     scales[kb / 32] = sc;
-    if (int4)
-      gsum[kb / p.group_size] += sc * qsum;
-    else
-      corr += sc * 128.f * qsum;
+    if (int4) {
+      gsum[kb / p.group_size] += sc * float(qsum);
+    } else if (pc.x8blk != nullptr) {
+      pc.x8blk[m * (c.Kx / 32) + kb / 32] = -128 * qsum;
+    } else if (pc.x8lane != nullptr) {
+      int32_t* lane = pc.x8lane + m * (c.Kx / 4) + kb / 4;
+      for (int l = 0; l < 8; ++l) {
+        const int8_t* b = q + kb + 4 * l;
+        lane[l] = -128 * (int32_t(b[0]) + b[1] + b[2] + b[3]);
+      }
+    }
   }
-  pc.xcorr[m] = corr;
 }
 
 // w8a8's row quantization, as the reference: scale = max|x| * (1/127) (1 for an all-zero
@@ -1471,8 +1489,8 @@ void prep_row(void* ctx, int64_t m, int) {
 }
 
 struct Layout {
-  int64_t xf, xsum, xq, xscale, xb, x4q, x4s, x4sum, x8s, xcorr, x8g, xps, xpg, xp, scratch,
-      total;
+  int64_t xf, xsum, xq, xscale, xb, x4q, x4s, x4sum, x8s, x8lane, x8blk, x8g, xps, xpb, xpg,
+      xp, scratch, total;
 };
 
 
@@ -1491,8 +1509,11 @@ Layout layout(const QuantMatmulParams& p) {
   } else if (use_packed_q8(p)) {
     l.xq = take(M * Kx);
     l.x8s = take(M * (Kx / 32) * 4);
-    l.xcorr = take(M * 4);
     l.xps = take(round_up(M, kLaneRowsAll) * (Kx / 32) * 4);
+    if (p.scheme == QuantScheme::int8 && kW8Biased) {
+      l.x8blk = take(M * (Kx / 32) * 4);
+      l.xpb = take(round_up(M, kLaneRowsAll) * (Kx / 32) * 4);
+    }
     if (p.scheme == QuantScheme::int4) {
       l.x8g = take(M * (K / p.group_size) * 4);
       l.xpg = take(round_up(M, kLaneRowsAll) * (K / p.group_size) * 4);
@@ -1500,7 +1521,7 @@ Layout layout(const QuantMatmulParams& p) {
   } else if (use_int8_q8_rows(p)) {
     l.xq = take(M * Kx);
     l.x8s = take(M * (Kx / 32) * 4);
-    l.xcorr = take(M * 4);
+    if (kW8Biased) l.x8lane = take(M * (Kx / 4) * 4);
   } else if (use_int4_q8(p)) {
     l.x4q = take(M * Kx);
     l.x4s = take(M * (Kx / 4) * 4);
@@ -1583,8 +1604,11 @@ void run(const QuantMatmulParams& p, void* workspace) {
   } else if (use_packed_q8(p)) {
     pc.xq = reinterpret_cast<int8_t*>(base + l.xq);
     pc.x8s = reinterpret_cast<float*>(base + l.x8s);
-    pc.xcorr = reinterpret_cast<float*>(base + l.xcorr);
     c.xps = reinterpret_cast<const float*>(base + l.xps);
+    if (p.scheme == QuantScheme::int8 && kW8Biased) {
+      pc.x8blk = reinterpret_cast<int32_t*>(base + l.x8blk);
+      c.xpb = reinterpret_cast<const int32_t*>(base + l.xpb);
+    }
     if (p.scheme == QuantScheme::int4) {
       pc.x8g = reinterpret_cast<float*>(base + l.x8g);
       c.xpg = reinterpret_cast<const float*>(base + l.xpg);
@@ -1592,7 +1616,7 @@ void run(const QuantMatmulParams& p, void* workspace) {
   } else if (use_int8_q8_rows(p)) {
     pc.xq = reinterpret_cast<int8_t*>(base + l.xq);
     pc.x8s = reinterpret_cast<float*>(base + l.x8s);
-    pc.xcorr = reinterpret_cast<float*>(base + l.xcorr);
+    if (kW8Biased) pc.x8lane = reinterpret_cast<int32_t*>(base + l.x8lane);
   } else if (use_int4_q8(p)) {
     pc.x4q = reinterpret_cast<int8_t*>(base + l.x4q);
     pc.x4s = reinterpret_cast<float*>(base + l.x4s);
@@ -1615,7 +1639,7 @@ void run(const QuantMatmulParams& p, void* workspace) {
   c.x4q = pc.x4q;
   c.x4s = pc.x4s;
   c.x4sum = pc.x4sum;
-  c.xcorr = pc.xcorr;
+  c.x8lane = pc.x8lane;
   c.x8s = pc.x8s;
   c.scratch = base + l.scratch;
   c.scratch_stride = scratch_bytes();
@@ -1651,6 +1675,9 @@ void run(const QuantMatmulParams& p, void* workspace) {
       parallel_for(n, std::min<int64_t>(threads, n), pack_item, &pf);
     };
     if (c.xps != nullptr) pack_floats(pc.x8s, c.Kx / 32, c.xps);
+    if (c.xpb != nullptr)  // int32s: words as the floats
+      pack_floats(reinterpret_cast<const float*>(pc.x8blk), c.Kx / 32,
+                  reinterpret_cast<const float*>(c.xpb));
     if (c.xpg != nullptr) pack_floats(pc.x8g, c.groups, c.xpg);
   }
 #endif

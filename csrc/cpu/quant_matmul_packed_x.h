@@ -82,9 +82,9 @@ struct U8S8Dots {
 // int8 / int4 weights with bf16 x: x quantized per 32-value block (signed, a float scale per
 // block and row, packed like x: 16 rows' scales to a vector), the panel holds unsigned bytes:
 // int8 weights + 128, int4's q (in x's permuted order). Each block's int32 sums are scaled by
-// its x scales into float sums (V); int8's +128 adds 128 * (the block's sum of q) * scale per
-// row, which the caller subtracts; int4's group scales and zero points are applied per group
-// (packed_dots_blocks with Q8Groups).
+// its x scales into float sums (V); int8's start at -128 * (the block's sum of q) per row
+// (Ctx::xpb), which takes the +128 out exactly; int4's group scales and zero points are
+// applied per group (packed_dots_blocks with Q8Groups).
 struct Q8BlockDots : U8S8Dots {  // its bytes, chunks, loads and broadcasts
   using V = __m512;
   static constexpr int64_t kBlockWords = 32 / 4;
@@ -146,7 +146,8 @@ __attribute__((noinline)) void packed_dots(const uint32_t* x, int64_t vec_stride
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
 // packed_dots for Q8BlockDots and Q8PairDots (D): q0 and q1 on block boundaries; n_ahead
 // prefetch rows (ahead); xs: the scales of row vector
-// 0's block at q0 (the next block's 16 floats on, row vector v's xs_stride floats on).
+// 0's block at q0 (the next block's 16 floats on, row vector v's xs_stride floats on); xb
+// (int8, else null): the blocks' starting sums, laid out as xs.
 // Registers: NB * MV int sums of the block, as many float sums, MV vectors of x.
 // Groups (int4): g.words words a group, q0 on a group boundary; each block's sums also times
 // the group's scale of the channel, and at the group's end scale * zero * (the rows' group
@@ -179,19 +180,22 @@ __attribute__((noinline)) void packed_dots_blocks(const uint32_t* x, int64_t vec
                                                   const uint32_t* panel, int64_t q0, int64_t q1,
                                                   __m512* part, const uint8_t* const* ahead,
                                                   int n_ahead, int log2_lines, const float* xs,
-                                                  int64_t xs_stride, const Q8Groups& g) {
+                                                  const int32_t* xb, int64_t xs_stride,
+                                                  const Q8Groups& g) {
   __m512 acc[NB][MV];
   for (int j = 0; j < NB; ++j)
     for (int v = 0; v < MV; ++v) acc[j][v] = _mm512_setzero_ps();
   __m512 gs[Groups ? NB : 1];
-  for (int64_t qb = q0; qb < q1; qb += D::kBlockWords, xs += kLaneRows) {
+  for (int64_t qb = q0; qb < q1; qb += D::kBlockWords, xs += kLaneRows, xb += xb ? kLaneRows : 0) {
     const int64_t grp = Groups ? (qb - q0) / g.words : 0;
     if (Groups && (qb - q0) % g.words == 0)
       for (int j = 0; j < NB; ++j)
         gs[j] = lane_floats<D>(g.scale[j][grp], g.scale[j][grp + g.pair]);
     __m512i blk[NB][MV];
-    for (int j = 0; j < NB; ++j)
-      for (int v = 0; v < MV; ++v) blk[j][v] = _mm512_setzero_si512();
+    for (int v = 0; v < MV; ++v) {
+      const __m512i start = xb ? _mm512_load_si512(xb + v * xs_stride) : _mm512_setzero_si512();
+      for (int j = 0; j < NB; ++j) blk[j][v] = start;
+    }
     for (int64_t q = qb; q < qb + D::kBlockWords; ++q) {
       if (ahead != nullptr && (q >> log2_lines) < n_ahead)
         prefetch_l2(ahead[q >> log2_lines] + ((q & ((int64_t(1) << log2_lines) - 1)) << 6));
@@ -277,8 +281,9 @@ void packed_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
           if constexpr (D::kBlockWords > 0) {
             const int64_t xs_stride = c.Kx / (D::kBlockWords * 4) * kLaneRows;
-            const float* xs = c.xps + (m0 / kLaneRows + v) * xs_stride +
-                              (k0 * D::kElemBytes / 4 + s) / D::kBlockWords * kLaneRows;
+            const int64_t xs_at = (m0 / kLaneRows + v) * xs_stride +
+                                  (k0 * D::kElemBytes / 4 + s) / D::kBlockWords * kLaneRows;
+            const float* xs = c.xps + xs_at;
             if (c.xpg != nullptr) {  // int4: its groups' scales and zero points
               const int64_t gsize = c.p->group_size, g0 = (k0 + s * 4) / gsize;
               const float* scale[NB];
@@ -293,11 +298,12 @@ void packed_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                                xg_stride, kHalves == 2 ? c.groups : 0};
               packed_dots_blocks<D, MV, NB, true>(xk + v * vec_stride, vec_stride, pw, s, s1,
                                                   &part[0][0], pre, NB * kHalves, log2_lines,
-                                                  xs, xs_stride, g);
+                                                  xs, nullptr, xs_stride, g);
             } else {
               packed_dots_blocks<D, MV, NB, false>(xk + v * vec_stride, vec_stride, pw, s, s1,
                                                    &part[0][0], pre, NB * kHalves, log2_lines,
-                                                   xs, xs_stride, Q8Groups{});
+                                                   xs, c.xpb ? c.xpb + xs_at : nullptr,
+                                                   xs_stride, Q8Groups{});
             }
           } else
 #endif
