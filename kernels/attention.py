@@ -36,6 +36,9 @@ LN2 = 0.6931471805599453
 
 from .rounding import INTERPRET, cast as _cast
 FORCE_SPLITS = None  # tests set it to run flash-decoding splits at small sizes
+# CUDA's limit on a grid's y dimension, which holds (sequence, head) pairs: more of them (e.g.
+# 4096 sequences x 16 heads) go in several launches, bh0 the first pair of each. Tests lower it.
+MAX_GRID_Y = 65535
 
 
 # LLMKERNELS_TRITON_AUTOTUNE=0: one config per kernel, no tuning (GPU test runs compile
@@ -187,7 +190,7 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PART, LSE_PART,
                 s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
                 CU_Q, CU_K, SEQUSED_K,
                 Hq, Hk, Lq, Sk, D, DV,
-                scale, softcap, window_left, window_right, diag_offset,
+                scale, softcap, window_left, window_right, diag_offset, bh0,
                 VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
                 BOTTOM_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -195,7 +198,7 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PART, LSE_PART,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1) + bh0
     split = tl.program_id(2)
     group = Hq // Hk
     if PACK_GQA:  # rows are (query head of this kv head, query): K/V read once per kv head
@@ -344,9 +347,9 @@ def _combine_kernel(O_PART, LSE_PART, O, LSE, s_ob, s_oh, s_om, s_lb, s_lh, s_lm
 
 @triton.jit
 def _delta_kernel(O, DO, DELTA, s_ob, s_oh, s_om, s_db, s_dh, s_dm, s_lb, s_lh, s_lm,
-                  Hq, Lq, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+                  Hq, Lq, DV, bh0, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     """delta_i = rowsum(dO_i * O_i) in float32 (B, Hq, Lq): the softmax backward's row term."""
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1) + bh0
     b = (pid_bh // Hq).to(tl.int64)
     h = (pid_bh % Hq).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -367,14 +370,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_,
                      s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
                      CU_Q, CU_K, SEQUSED_K,
                      Hq, Hk, Lq, Sk, D, DV,
-                     scale, softcap, window_left, window_right, diag_offset,
+                     scale, softcap, window_left, window_right, diag_offset, bh0,
                      VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
                      BOTTOM_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1) + bh0
     b = pid_bh // Hk
     hk = pid_bh % Hk
     group = Hq // Hk
@@ -460,14 +463,14 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    s_dob, s_doh, s_dom, s_lb, s_lh, s_lm, s_dqb, s_dqh, s_dqm,
                    CU_Q, CU_K, SEQUSED_K,
                    Hq, Hk, Lq, Sk, D, DV,
-                   scale, softcap, window_left, window_right, diag_offset,
+                   scale, softcap, window_left, window_right, diag_offset, bh0,
                    VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
                    BOTTOM_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1) + bh0
     b = pid_bh // Hq
     h = (pid_bh % Hq).to(tl.int64)
     hk = (pid_bh % Hq) // (Hq // Hk)
@@ -593,6 +596,11 @@ def decode_splits(q, k, cu_seqlens_q, max_seqlen_k: int, num_splits=None) -> int
     return int(max(1, min(want, triton.cdiv(max_seqlen_k, 256), 64)))
 
 
+def _bh_launches(pairs: int):
+    """(bh0, count) for each launch over `pairs` (sequence, head) programs in grid y."""
+    return [(bh0, min(MAX_GRID_Y, pairs - bh0)) for bh0 in range(0, pairs, MAX_GRID_Y)]
+
+
 def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q: int,
             max_seqlen_k: int, scale: float, softcap: float, window_left: int,
             window_right: int, diag_offset: int, bottom_right: bool, num_splits=None) -> None:
@@ -601,6 +609,8 @@ def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen
     Hk, Sk = k.shape[1], k.shape[2]
     DV = v.shape[-1]
     nseq = _num_sequences(q, cu_seqlens_q)
+    # a generous varlen bound would size the grid (2^40: past its x limit); no sequence is longer
+    max_seqlen_q, max_seqlen_k = min(max_seqlen_q, Lq), min(max_seqlen_k, Sk)
     meta = _meta(q, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softcap, window_left,
                  window_right, bottom_right)
     args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -619,12 +629,13 @@ def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen
             lse_part = torch.empty((splits, B, Hq, Lq), device=q.device, dtype=torch.float32)
         else:
             o_part = lse_part = lse
-        grid = (triton.cdiv(rows, block_m), nseq * Hk, splits)
-        _decode_tuned[grid](q, k, v, out, lse, o_part, lse_part, *args,
-                            out.stride(0), out.stride(1), out.stride(2),
-                            lse.stride(0), lse.stride(1), lse.stride(2), *_seq_ptrs(meta),
-                            *scalars, **_flags(meta), PACK_GQA=True, NUM_SPLITS=splits,
-                            BLOCK_M=block_m)
+        for bh0, count in _bh_launches(nseq * Hk):
+            _decode_tuned[(triton.cdiv(rows, block_m), count, splits)](
+                q, k, v, out, lse, o_part, lse_part, *args,
+                out.stride(0), out.stride(1), out.stride(2),
+                lse.stride(0), lse.stride(1), lse.stride(2), *_seq_ptrs(meta),
+                *scalars, bh0, **_flags(meta), PACK_GQA=True, NUM_SPLITS=splits,
+                BLOCK_M=block_m)
         if splits > 1:
             n_rows = B * Hq * Lq
             block_r = 16
@@ -634,12 +645,13 @@ def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen
                 NUM_SPLITS=splits, BLOCK_R=block_r, BLOCK_DV=meta["BLOCK_DV"], num_warps=4)
         return
 
-    def grid(m):
-        return (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), nseq * Hq, 1)
-    _fwd_tuned[grid](q, k, v, out, lse, lse, lse, *args,
-                     out.stride(0), out.stride(1), out.stride(2),
-                     lse.stride(0), lse.stride(1), lse.stride(2), *_seq_ptrs(meta),
-                     *scalars, **_flags(meta), PACK_GQA=False, NUM_SPLITS=1)
+    for bh0, count in _bh_launches(nseq * Hq):
+        def grid(m, count=count):
+            return (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), count, 1)
+        _fwd_tuned[grid](q, k, v, out, lse, lse, lse, *args,
+                         out.stride(0), out.stride(1), out.stride(2),
+                         lse.stride(0), lse.stride(1), lse.stride(2), *_seq_ptrs(meta),
+                         *scalars, bh0, **_flags(meta), PACK_GQA=False, NUM_SPLITS=1)
 
 
 def _seq_ptrs(meta):
@@ -658,15 +670,18 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, se
     Hk, Sk = k.shape[1], k.shape[2]
     DV = v.shape[-1]
     nseq = _num_sequences(q, cu_seqlens_q)
+    # a generous varlen bound would size the grid (2^40: past its x limit); no sequence is longer
+    max_seqlen_q, max_seqlen_k = min(max_seqlen_q, Lq), min(max_seqlen_k, Sk)
     meta = _meta(q, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softcap, window_left,
                  window_right, bottom_right)
     delta = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
     block = 16 if INTERPRET else 64
-    _delta_kernel[(triton.cdiv(Lq, block), B * Hq)](
-        out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        delta.stride(0), delta.stride(1), delta.stride(2), Hq, Lq, DV,
-        BLOCK_M=block, BLOCK_DV=meta["BLOCK_DV"])
+    for bh0, count in _bh_launches(B * Hq):
+        _delta_kernel[(triton.cdiv(Lq, block), count)](
+            out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            delta.stride(0), delta.stride(1), delta.stride(2), Hq, Lq, DV, bh0,
+            BLOCK_M=block, BLOCK_DV=meta["BLOCK_DV"])
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1),
                dout.stride(2), lse.stride(0), lse.stride(1), lse.stride(2))
@@ -674,15 +689,17 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, se
                int(window_left), int(window_right), int(diag_offset))
     flags = _flags(meta)
 
-    def grid_kv(m):
-        return (triton.cdiv(max(max_seqlen_k, 1), m["BLOCK_N"]), nseq * Hk)
-    _dkdv_tuned[grid_kv](q, k, v, dout, lse, delta, dk, dv, *strides,
-                         dk.stride(0), dk.stride(1), dk.stride(2),
-                         dv.stride(0), dv.stride(1), dv.stride(2), *_seq_ptrs(meta),
-                         *scalars, **flags)
+    for bh0, count in _bh_launches(nseq * Hk):
+        def grid_kv(m, count=count):
+            return (triton.cdiv(max(max_seqlen_k, 1), m["BLOCK_N"]), count)
+        _dkdv_tuned[grid_kv](q, k, v, dout, lse, delta, dk, dv, *strides,
+                             dk.stride(0), dk.stride(1), dk.stride(2),
+                             dv.stride(0), dv.stride(1), dv.stride(2), *_seq_ptrs(meta),
+                             *scalars, bh0, **flags)
 
-    def grid_q(m):
-        return (triton.cdiv(max(max_seqlen_q, 1), m["BLOCK_M"]), nseq * Hq)
-    _dq_tuned[grid_q](q, k, v, dout, lse, delta, dq, *strides,
-                      dq.stride(0), dq.stride(1), dq.stride(2), *_seq_ptrs(meta),
-                      *scalars, **flags)
+    for bh0, count in _bh_launches(nseq * Hq):
+        def grid_q(m, count=count):
+            return (triton.cdiv(max(max_seqlen_q, 1), m["BLOCK_M"]), count)
+        _dq_tuned[grid_q](q, k, v, dout, lse, delta, dq, *strides,
+                          dq.stride(0), dq.stride(1), dq.stride(2), *_seq_ptrs(meta),
+                          *scalars, bh0, **flags)

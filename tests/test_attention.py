@@ -59,6 +59,17 @@ def test_sliding_window(cpu_tier, window, causal):
     run_case(1, 2, 2, 150, 170, 32, 32, torch.float32, is_causal=causal, window_size=window)
 
 
+@pytest.mark.parametrize("path", ["cpu", "reference"])
+@pytest.mark.parametrize("window", [(None, 2**63 - 1), (2**63 - 1, 2**62), (2**42 + 1, None)])
+def test_windows_past_any_sequence_are_unbounded(path, window):
+    """A side near int64's end is no window at all: i + offset + side overflowed (the kernel
+    gave zeros, the reference other numbers); every path clamps it as the CUDA band does."""
+    q, k, v = make_qkv(1, 2, 2, 5, 7, 16, 16, torch.float32)
+    whole = llmkernels.scaled_dot_product_attention(q, k, v, backend="reference")
+    out = llmkernels.scaled_dot_product_attention(q, k, v, window_size=window, backend=path)
+    torch.testing.assert_close(out, whole, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("softcap", [0.5, 20.0, 1e4])
 def test_softcap(cpu_tier, dtype, softcap):

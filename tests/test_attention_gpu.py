@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import llmkernels
+from llmkernels.ops import attention_gpu
 from attention_utils import grad_scale, judge, make_qkv, reference_pair
 from gpu_paths import DEVICE, ON_GPU, gpu_path, skip_unless_runs, force_splits  # noqa: F401
 
@@ -46,13 +47,20 @@ def test_head_dims(gpu_path, E, Ev):
     run_case(gpu_path, 1, 2, 2, 40, 50, E, Ev, torch.bfloat16, is_causal=True)
 
 
+def test_float32_large_head_dim(gpu_path):
+    """float32 keeps twice the bytes of the 16-bit dtypes in shared memory: the largest head
+    dim's tiles must still fit (an H100 has 227 KiB a block)."""
+    run_case(gpu_path, 1, 2, 1, 70, 90, 256, 256, torch.float32, is_causal=True)
+
+
 @pytest.mark.parametrize("Hq,Hk", [(4, 2), (6, 1)])
 def test_gqa_mqa(gpu_path, Hq, Hk):
     run_case(gpu_path, 2, Hq, Hk, 33, 47, 64, 64, torch.float16, is_causal=True)
 
 
 @pytest.mark.parametrize("window,causal", [((0, 0), False), ((5, None), True), ((None, 7), False),
-                                           ((16, 4), False), ((80, 0), True)])
+                                           ((16, 4), False), ((80, 0), True),
+                                           ((2**63 - 1, 2**63 - 1), False)])
 def test_sliding_window(gpu_path, window, causal):
     run_case(gpu_path, 1, 2, 1, 60, 75, 64, 64, torch.bfloat16, is_causal=causal,
              window_size=window)
@@ -124,3 +132,37 @@ def test_cuda_cannot_be_forced_on_cpu_tensors():
     q, k, v = make_qkv(1, 1, 1, 4, 4, 64, 64, torch.bfloat16)
     with pytest.raises(llmkernels.BackendError):
         llmkernels.scaled_dot_product_attention(q, k, v, backend="cuda")
+
+
+@pytest.mark.parametrize("kind", ["prefill", "decode", "varlen"])
+def test_triton_launches_past_the_grid_y_limit(monkeypatch, kind):
+    """More (sequence, head) pairs than a CUDA grid's y holds (65535, e.g. 4096 sequences x 16
+    heads) go in several launches: here the limit is lowered to 3 and the results, forward and
+    backward, must be those of one launch."""
+    torch.manual_seed(0)
+    if kind == "varlen":
+        cu = torch.tensor([0, 3, 8, 9], dtype=torch.int32, device=DEVICE)
+        q, k, v = (torch.randn(9, h, 32, device=DEVICE, requires_grad=True) for h in (4, 2, 2))
+        skip_unless_runs("triton", q, k, v)
+
+        def call():
+            return llmkernels.attention_varlen(q, k, v, cu, cu, 5, 5, is_causal=True,
+                                               backend="triton")
+    else:
+        L = 1 if kind == "decode" else 20
+        q, k, v = make_qkv(3, 4, 2, L, 30, 32, 32, torch.float32, requires_grad=True,
+                           device=DEVICE)
+        skip_unless_runs("triton", q, k, v)
+
+        def call():
+            return llmkernels.scaled_dot_product_attention(q, k, v, enable_gqa=True,
+                                                           backend="triton")
+
+    def run():
+        out = call()
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        return (out,) + grads
+    whole = run()
+    monkeypatch.setattr(attention_gpu.triton_kernels(), "MAX_GRID_Y", 3)
+    for a, b in zip(run(), whole):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -107,3 +107,26 @@ class TestBadInput:
     def test_errors(self, over, err, match):
         with pytest.raises(err, match=match):
             llmkernels.attention_varlen(**self.args(**over))
+
+
+def test_triton_grids_follow_the_packed_rows_not_max_seqlen(monkeypatch):
+    """max_seqlen_q / _k may be any bound on the longest sequence; the Triton grids take at most
+    the packed tensors' rows (2^40 made a grid past CUDA's 2^31 - 1 programs in x; a merely
+    generous bound launched thousands of empty programs). The launches are recorded, not run."""
+    from llmkernels.ops import attention_gpu
+    c = cu([3, 5], DEVICE)
+    q, k, v = (ragged([3, 5], 2, 32, torch.float32, DEVICE) for _ in range(3))
+    skip_unless_runs("triton", q, k, v)
+    kernels = attention_gpu.triton_kernels()
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                grids.append(tuple(grid({"BLOCK_M": 16, "BLOCK_N": 16}) if callable(grid) else grid))
+            return launch
+    for name in ("_fwd_tuned", "_decode_tuned", "_dkdv_tuned", "_dq_tuned", "_delta_kernel"):
+        monkeypatch.setattr(kernels, name, Recorder())
+    out = llmkernels.attention_varlen(q, k, v, c, c, 2**40, 2**40, backend="triton")
+    out.sum().backward()
+    assert grids and all(g[0] <= 1 for g in grids), grids  # 8 rows: one block of 16

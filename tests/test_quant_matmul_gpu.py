@@ -1,5 +1,7 @@
 """quant_matmul on the GPU paths (Triton; CUDA where a GPU exists) against the reference on the
 same quantized weights. Without a GPU, Triton runs in its interpreter at small shapes."""
+import importlib
+
 import pytest
 import torch
 
@@ -81,3 +83,26 @@ def test_cuda_launches_go_to_the_current_stream():
         got = llmkernels.quant_matmul(x, qw, backend="cuda")
     torch.cuda.current_stream(dev).wait_stream(side)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("M", [1, 8, 9])
+def test_cuda_check_limits_n_only_where_the_gemm_serves(M):
+    """The CUDA GEMM (more than 8 rows) has N / 64 blocks in its grid's y, at most 65535; its
+    GEMV (up to 8 rows, a 1-D grid) has no such limit. The selection check for CUDA tensors
+    (faked here: no GPU needed) refuses exactly the GEMM's case, so automatic selection falls
+    to Triton there instead of the C++ entry raising."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    qmo = importlib.import_module("llmkernels.ops.quant_matmul")  # the package exports the op
+    from llmkernels.quantized_weight import QuantizedWeight
+    N = qmo.CUDA_GEMM_MAX_N + 1
+    qw = QuantizedWeight("int8", (N, 32), 0, torch.empty(N, 32, dtype=torch.int8, device="meta"),
+                         torch.empty(N, device="meta"), None, torch.bfloat16)
+    with FakeTensorMode():
+        x = torch.empty(M, 32, dtype=torch.bfloat16, device="cuda")
+        why = qmo._checks(x, qw, "cuda")["cuda"]()
+    if why is not None and "no CUDA kernels" in why:
+        pytest.skip(why)
+    if M > 8:
+        assert why is not None and "grid" in why, why
+    else:
+        assert why is None, why

@@ -796,8 +796,10 @@ void quant_matmul_cuda(int scheme, const TensorView& x, const TensorView& qdata,
   // qdata: contiguous int8 (N, K) or uint8 (N, K / 2).
   check_view(qdata, "qdata", 2, int4 ? DType::u8 : DType::i8);
   const int64_t N = qdata.sizes[0];
-  LLMK_CHECK(N <= int64_t(kBN) * 65535, "quant_matmul_cuda: N = " << N << " is too large (at most "
-                                                                   << int64_t(kBN) * 65535 << ")");
+  // the GEMM's grid has N / kBN blocks in y (at most 65535); the GEMV's are in x
+  LLMK_CHECK(M <= kGemvMaxM || N <= int64_t(kBN) * 65535,
+             "quant_matmul_cuda: N = " << N << " is too large for more than " << kGemvMaxM
+                                      << " rows (at most " << int64_t(kBN) * 65535 << ")");
   int64_t groups = 0;
   int group_shift = 0;
   if (int4) {

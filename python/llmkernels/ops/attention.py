@@ -13,7 +13,7 @@ import torch
 
 from .. import backends
 from .._cview import cview
-from ..reference.attention import attention_reference
+from ..reference.attention import WINDOW_LIMIT, attention_reference
 from . import attention_gpu
 
 OP_NAME = "scaled_dot_product_attention"
@@ -247,7 +247,7 @@ def _window(window_size, is_causal: bool, op: str = OP_NAME) -> Tuple[int, int]:
             if isinstance(side, bool) or not isinstance(side, int) or side < -1:
                 raise ValueError(f"{op}: window_size entries must be ints >= 0 "
                                  f"(or -1/None for unbounded), got {window_size!r}")
-            sides.append(int(side))
+            sides.append(min(int(side), WINDOW_LIMIT))  # as the reference: no overflow
         left, right = sides
     if is_causal:
         right = 0 if right < 0 else min(right, 0)

@@ -159,6 +159,8 @@ def _validate(x, qweight, bias) -> None:
 # timed at M = 1 on an H100, 2026-11-26, eager calls: 55-67 us against Triton's 95-135 us for
 # a 4096x11008 weight), Triton beyond (its tiled GEMM is 3.5x the CUDA WMMA GEMM at M = 4096).
 CUDA_AUTO_MAX_ROWS = 8
+# The CUDA GEMM (more rows than its GEMV's 8) has N / 64 blocks in its grid's y: at most 65535.
+CUDA_GEMM_MAX_N = 64 * 65535
 
 # w8a8 sums int8 x int8 products in int32: exact while K * 127^2 < 2^31.
 MAX_W8A8_K = (2**31 - 1) // (127 * 127)
@@ -207,6 +209,9 @@ def _checks(x: torch.Tensor, qweight: QuantizedWeight, backend: Optional[str]):
         if x.dtype == torch.float32:
             return "float32 activations are not a CUDA kernel dtype (bf16, fp16; Triton takes fp32)"
         rows = x.numel() // max(x.shape[-1], 1)
+        if rows > CUDA_AUTO_MAX_ROWS and qweight.out_features > CUDA_GEMM_MAX_N:
+            return (f"N = {qweight.out_features} > {CUDA_GEMM_MAX_N} with more than "
+                    f"{CUDA_AUTO_MAX_ROWS} rows (the CUDA GEMM's grid)")
         if (backends.forced_backend(backend) != "cuda" and triton() is None
                 and rows > CUDA_AUTO_MAX_ROWS):
             return (f"more than {CUDA_AUTO_MAX_ROWS} rows: Triton's tiled GEMM is faster there "

@@ -41,11 +41,16 @@ def attention_mask_tensor(L: int, S: int, *, is_causal: bool = False, window_siz
     return _band(L, S, left, right, diag_offset, device)
 
 
+# A window side past this is unbounded for any sequence; clamped to it, i + offset + side stays
+# far from int64's end (as csrc/common/attention_band.h's kBandLimit, which the kernels use).
+WINDOW_LIMIT = 1 << 42
+
+
 def _window_sides(window_size, is_causal: bool) -> Tuple[int, int]:
     left, right = -1, -1
     if window_size is not None:
-        left = -1 if window_size[0] is None else int(window_size[0])
-        right = -1 if window_size[1] is None else int(window_size[1])
+        left = -1 if window_size[0] is None else min(int(window_size[0]), WINDOW_LIMIT)
+        right = -1 if window_size[1] is None else min(int(window_size[1]), WINDOW_LIMIT)
     if is_causal:
         right = 0 if right < 0 else min(right, 0)
     return left, right
