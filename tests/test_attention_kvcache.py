@@ -82,6 +82,20 @@ def test_unchecked_bad_lengths_stay_in_bounds():
     assert out.shape == (2, 1, 2, 16) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("path", ["cpu", "reference"])
+def test_unchecked_bad_lengths_leave_the_cache_intact_where_lengths_are_read(path):
+    """The CPU and reference paths read the lengths anyway: check_lengths=False there still
+    raises before k_new / v_new are written (they went into a clamped slot, then it raised)."""
+    q = torch.randn(2, 1, 1, 4)
+    kc, vc = torch.zeros(2, 8, 1, 4), torch.zeros(2, 8, 1, 4)
+    new = torch.ones(2, 1, 1, 4)
+    with pytest.raises(ValueError, match="outside the cache"):
+        llmkernels.attention_with_kvcache(q, kc, vc, torch.tensor([8, 0], dtype=torch.int32),
+                                          k_new=new, v_new=new, check_lengths=False,
+                                          backend=path)
+    assert kc.abs().max() == 0 and vc.abs().max() == 0
+
+
 def test_same_length_batch_on_cpu_uses_one_call():
     run_kvcache("cpu", 3, 1, 1, 4, 2, 40, 32, torch.float32, [20, 20, 20], is_causal=True)
 

@@ -185,3 +185,42 @@ def test_explain_of_a_step_takes_its_closure():
     p = torch.zeros(3, requires_grad=True)
     opt = llmkernels.optim.AdamW([p])
     assert llmkernels.explain(opt.step, lambda: 0.0) == llmkernels.explain(opt.step)
+
+
+def test_names_are_case_insensitive_in_every_spelling():
+    q = torch.randn(1, 2, 4, 16)
+    out = llmkernels.scaled_dot_product_attention(q, q, q, backend="Reference")
+    torch.testing.assert_close(out, llmkernels.scaled_dot_product_attention(q, q, q,
+                                                                           backend="reference"))
+    with llmkernels.use_backend("REFERENCE"):
+        assert llmkernels.backends.forced_backend() == "reference"
+        assert llmkernels.explain(llmkernels.scaled_dot_product_attention, q, q, q).backend == \
+            "reference"
+    tiers = llmkernels.backends.supported_cpu_tiers()
+    if tiers:
+        with llmkernels.use_cpu_tier(tiers[-1].upper()):
+            assert llmkernels.backends.cpu_tier() == tiers[-1]
+    with pytest.raises(ValueError, match="unknown backend 'Refrence'"):
+        llmkernels.scaled_dot_product_attention(q, q, q, backend="Refrence")
+
+
+def test_explain_takes_llmkernels_layers_with_their_forward_arguments():
+    layer = llmkernels.nn.QuantLinear.from_linear(torch.nn.Linear(64, 32), "int8")
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    d = llmkernels.explain(layer, x)
+    op = llmkernels.explain(llmkernels.quant_matmul, x, layer.qweight, layer.bias.bfloat16())
+    assert (d.op, d.backend, d.detail) == (op.op, op.backend, op.detail)
+    with llmkernels.use_backend("reference"):
+        assert llmkernels.explain(layer, x).backend == "reference"
+
+    mha = llmkernels.nn.MultiheadAttention(64, 4, dropout=0.5, batch_first=True)
+    x = torch.randn(2, 5, 64)
+    d = llmkernels.explain(mha, x, x, x)  # need_weights=True, torch's default
+    assert d.backend == "torch" and "need_weights" in str(d)
+    mha.eval()
+    d = llmkernels.explain(mha, x, x, x, need_weights=False)
+    assert (d.op, d.backend) == ("scaled_dot_product_attention", "cpu"), str(d)
+    mha.train()  # dropout: the reference path
+    assert llmkernels.explain(mha, x, x, x, need_weights=False).backend == "reference"
+    with pytest.raises(TypeError, match="a Linear layer does not run llmkernels ops"):
+        llmkernels.explain(torch.nn.Linear(3, 3), x)

@@ -146,9 +146,11 @@ class BackendError(RuntimeError):
 
 
 def _check_backend_name(name: str, where: str) -> str:
-    if name not in BACKENDS:
+    """The path's name in lower case (names are case-insensitive everywhere)."""
+    key = name.lower() if isinstance(name, str) else name
+    if key not in BACKENDS:
         raise ValueError(f"{where}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
-    return name
+    return key
 
 
 @contextlib.contextmanager
@@ -156,7 +158,7 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
     """Force a path for the llmkernels ops called inside the block (None: automatic, whatever
     LLMKERNELS_BACKEND says). Process-wide while the block runs (not per thread or task)."""
     if name is not None:
-        _check_backend_name(name, "use_backend")
+        name = _check_backend_name(name, "use_backend")
     previous = _forced["backend"]
     _forced["backend"] = _AUTO if name is None else name
     try:
@@ -198,7 +200,7 @@ def use_cpu_tier(name: Optional[str]) -> Iterator[None]:
     """Run the CPU kernels with a lower instruction-set tier (tests force each one; None: the
     best, or LLMKERNELS_CPU_TIER's). Process-wide while the block runs, as use_backend."""
     if name is not None:
-        _check_tier(name, "use_cpu_tier")
+        name = _check_tier(name, "use_cpu_tier")
     previous = _forced["tier"]
     _forced["tier"] = name
     try:
@@ -208,8 +210,10 @@ def use_cpu_tier(name: Optional[str]) -> Iterator[None]:
 
 
 def _check_tier(name: str, where: str) -> str:
+    """The tier's name in lower case, if this CPU and build can run it."""
+    original, name = name, name.lower() if isinstance(name, str) else name
     if name not in CPU_TIERS:
-        raise ValueError(f"{where}: unknown CPU tier {name!r}; expected one of {', '.join(CPU_TIERS)}")
+        raise ValueError(f"{where}: unknown CPU tier {original!r}; expected one of {', '.join(CPU_TIERS)}")
     if _native is None:
         raise BackendError(f"{where}: the compiled extension is not available ({_native_error})")
     if name not in _TIERS_SUPPORTED:
@@ -307,8 +311,18 @@ def explain(op: Callable, *args, **kwargs) -> Decision:
 
     Example: print(llmkernels.explain(llmkernels.scaled_dot_product_attention, q, k, v))
     An llmkernels optimizer's step (explain(opt.step)) gives Decisions: one per param group
-    (AdamW8bit: per kind of state), for the tensors as they are now.
+    (AdamW8bit: per kind of state), for the tensors as they are now. A layer of
+    llmkernels.nn with its forward's arguments (explain(layer, x)) gives its op's Decision.
+    A forced path that cannot serve the call raises BackendError, as the call would.
     """
+    import torch
+    if isinstance(op, torch.nn.Module):
+        explainer = getattr(op, "_llmk_explain", None)
+        if explainer is None:
+            raise TypeError(f"explain: a {type(op).__name__} layer does not run llmkernels ops "
+                            "(explain takes an llmkernels op, an optimizer's step, or a "
+                            "llmkernels.nn layer such as QuantLinear or MultiheadAttention)")
+        return explainer(*args, **kwargs)
     owner = getattr(op, "__self__", None)
     if getattr(op, "__name__", None) == "step" and hasattr(owner, "_llmk_explain_step"):
         return owner._llmk_explain_step()  # a closure or amp arguments do not change the path

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _modules
+from ..backends import Decision, explain
 from .._modules import keep_submodule_calls, replace_layers
 # Called through this module's global so tests (and users) can patch it in one place.
 from ..ops import scaled_dot_product_attention
@@ -232,6 +233,42 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def _fused_forward(self, query: Tensor, key: Tensor, value: Tensor,
                        key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
                        is_causal: bool) -> Tensor:
+        q, k, v, sdpa_kwargs, batched = self._attention_inputs(query, key, value,
+                                                               key_padding_mask, attn_mask,
+                                                               is_causal)
+        N, _, L, _ = q.shape
+        out = scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
+        # (N, H, L, D) -> the caller's layout, made contiguous once, before the out projection.
+        if not batched:
+            out = out[0].transpose(0, 1).reshape(L, self.embed_dim)
+        elif self.batch_first:
+            out = out.transpose(1, 2).reshape(N, L, self.embed_dim)
+        else:
+            out = out.permute(2, 0, 1, 3).reshape(L, N, self.embed_dim)
+        return F.linear(out, self.out_proj.weight, self.out_proj.bias)
+
+    def _llmk_explain(self, query: Tensor, key: Tensor, value: Tensor,
+                      key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
+                      attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                      is_causal: bool = False):
+        """explain(layer, query, key, value, ...): the path forward would take (it runs the
+        input projections to have the kernel's q, k, v)."""
+        if need_weights or any(isinstance(t, Tensor) and t.is_nested for t in (query, key, value)):
+            why = ("need_weights=True: only torch's implementation returns the weights (pass "
+                   "need_weights=False)" if need_weights else "NestedTensor inputs")
+            return Decision(_NAME, query.device.type, "torch", None,
+                            {"llmkernels": why})
+        with torch.no_grad():
+            q, k, v, sdpa_kwargs, _ = self._attention_inputs(query, key, value,
+                                                             key_padding_mask, attn_mask,
+                                                             bool(is_causal))
+            return explain(scaled_dot_product_attention, q, k, v, **sdpa_kwargs)
+
+    def _attention_inputs(self, query: Tensor, key: Tensor, value: Tensor,
+                          key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
+                          is_causal: bool):
+        """The kernel's (N, H, L, D) q, k, v and its keyword arguments, and whether the input
+        is batched."""
         batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         q, k, v = (self._heads(t, batched) for t in self._project(query, key, value))
         N, H, L, D = q.shape
@@ -261,18 +298,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         elif is_causal and key_padding_mask is None:
             use_causal, attn_mask = True, None
         mask = self._merged_mask(key_padding_mask, attn_mask, batched, N, L, S, extra, q.dtype)
-
-        out = scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=use_causal)
-        # (N, H, L, D) -> the caller's layout, made contiguous once, before the out projection.
-        if not batched:
-            out = out[0].transpose(0, 1).reshape(L, self.embed_dim)
-        elif self.batch_first:
-            out = out.transpose(1, 2).reshape(N, L, self.embed_dim)
-        else:
-            out = out.permute(2, 0, 1, 3).reshape(L, N, self.embed_dim)
-        return F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        return q, k, v, dict(attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                             is_causal=use_causal), batched
 
 
 def _is_torch_mha(m: torch.nn.Module) -> bool:

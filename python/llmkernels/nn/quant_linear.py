@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..backends import explain
 from ..ops.quant_matmul import quant_matmul
 from ..quantized_weight import QuantizedWeight, quantize_weight
 from ..reference.quant_matmul import INT4_GROUP_SIZES, SCHEMES, is_int4_group_size
@@ -121,10 +122,15 @@ class QuantLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_matmul(x, self.qweight, self._bias_for(x))
+
+    def _bias_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         bias = self.bias
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
-        return quant_matmul(x, self.qweight, bias)
+        return bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
+
+    def _llmk_explain(self, x: torch.Tensor):
+        """explain(layer, x): the path quant_matmul takes for forward(x)."""
+        return explain(quant_matmul, x, self.qweight, self._bias_for(x))
 
     def get_extra_state(self):
         return {"scheme": self.scheme, "group_size": self.group_size,

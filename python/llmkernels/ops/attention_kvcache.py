@@ -201,12 +201,15 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     cache: on a GPU that is a device sync per call. False skips it (no sync, so the call can
     be captured in a CUDA graph): the GPU kernels then clamp lengths into [0, cache size]
     and the append clamps positions, so bad lengths give wrong numbers, never bad memory
-    accesses. The CPU and reference paths read the lengths anyway and raise after the append.
+    accesses. The CPU and reference paths read the lengths anyway, so there bad lengths
+    raise before the append whatever check_lengths says.
     """
     q, k_new, v_new = resolved(q, k_new, v_new)  # (the caches are written in place: as given)
     call = _KVCall(q, k_cache, v_cache, cache_seqlens, k_new, v_new, is_causal, scale,
                    window_size, softcap, check_lengths)
     path = call.decide(backend).backend  # chosen before the cache changes: errors leave it intact
+    if path in ("cpu", "reference") and call.cached is None:
+        call._read_lengths()  # they read them anyway: bad ones raise before the cache changes
     call.append()
     if path == "cpu":
         return call.run_cpu()
