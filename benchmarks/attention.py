@@ -401,9 +401,10 @@ def plot(records: Sequence[Dict[str, Any]], paths: Sequence[str], filename: str)
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 
-    ints, names = harness.comma_ints, harness.comma_names
+    ints, names = harness.positive_ints, harness.comma_names
     p.add_argument("--seqlens", type=ints, help="comma list (default 512,1024,2048,4096)")
-    p.add_argument("--head-dims", type=ints, help="comma list (default 64,128)")
+    p.add_argument("--head-dims", type=ints, help="comma list (default 64,128; on CPU 'ours' "
+                   "is the fused kernel, up to 256)")
     p.add_argument("--dtypes", type=names(tuple(DTYPES)), help="comma list of fp32,bf16,fp16 "
                    "(default fp32,bf16)")
     p.add_argument("--causal", choices=("both", "yes", "no"), default="both")
@@ -425,11 +426,11 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sweep for smoke tests (seconds)")
     p.add_argument("--csv", metavar="FILE")
     p.add_argument("--json", metavar="FILE")
-    p.add_argument("--plot", metavar="FILE.png")
+    p.add_argument("--plot", metavar="FILE.png", type=harness.plot_file,
+                   help="save a plot there (needs matplotlib)")
     args = p.parse_args(argv)
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible")
+    harness.check_device(p, args.device)
     quick = args.quick
     args.seqlens = args.seqlens or ([131] if quick else [512, 1024, 2048, 4096])
     args.head_dims = args.head_dims or ([64] if quick else [64, 128])
@@ -444,7 +445,27 @@ def parse_args(argv=None):
         args.math_max_scores = MATH_MAX_SCORES[args.device]
     if args.batch < 1 or (args.heads is not None and args.heads < 1):
         p.error("--batch and --heads must be >= 1")
+    check_cases(p, args)
     return args
+
+
+def check_cases(p, args) -> None:
+    """Ask the library, before anything is timed, whether the CPU tier and the path 'ours'
+    uses can serve every case: a tier this CPU lacks, a Triton path without a GPU (or
+    TRITON_INTERPRET), a head dim the fused CPU kernel does not take, end the run here with
+    one line, not in a traceback (or a case timed on another path) after the matmul ceiling."""
+    with contextlib.ExitStack() as stack:
+        if args.cpu_tier:
+            with harness.usage_errors(p, f"--cpu-tier {args.cpu_tier}"):
+                stack.enter_context(llmkernels.use_cpu_tier(args.cpu_tier))
+        if "ours" not in args.paths:
+            return
+        backend = ours_backend_for(args.device, args.ours_backend)
+        for case in cases(args):
+            option = (f"--ours-backend {args.ours_backend}" if args.ours_backend != "auto"
+                      else f"'ours' (the {backend or 'automatic'} path)")
+            with harness.usage_errors(p, f"{option}, (B, H, S, D) = {case.shape()}"):
+                served_by(case, args.device, backend)
 
 
 def cases(args) -> List[Case]:

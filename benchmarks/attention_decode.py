@@ -8,10 +8,12 @@ ours  llmkernels.attention_with_kvcache over (batch, seq, heads, dim) caches (no
 sdpa  torch SDPA over contiguous (batch, heads, seq, dim) caches, enable_gqa: the call a
       model without a fused decode kernel makes, in its best layout
 
-Both read the whole cache once: GB/s = (K + V bytes) / time, against the device's copy rate.
-Each case is checked against the float64 reference before it is timed. On CUDA both are also
-timed as CUDA-graph replays (ours with check_lengths=False, which needs no device sync), the
-way decode loops run in serving engines: that measures the kernels without Python overhead.
+Both read the whole cache once: GB/s = (K + V bytes) / time, against the device's read
+bandwidth (harness.read_sum: a float32 sum of 256 MiB, timed in alternation with each case,
+as quant_matmul.py does). Each case is checked against the float64 reference before it is
+timed; exit status 1 if a check fails. On CUDA both are also timed as CUDA-graph replays
+(ours with check_lengths=False, which needs no device sync), the way decode loops run in
+serving engines: that measures the kernels without Python overhead.
 """
 from __future__ import annotations
 
@@ -31,23 +33,61 @@ from llmkernels.reference import attention_kvcache_reference  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def heads_pair(text: str) -> tuple:
+    """argparse type of --heads: "Hq/Hk", query heads a multiple of the cache's (GQA)."""
+    parts = text.split("/")
+    try:
+        hq, hk = (harness.positive_int(x) for x in parts)
+    except (argparse.ArgumentTypeError, ValueError):  # not two integers >= 1
+        raise argparse.ArgumentTypeError(f"expected Hq/Hk, query and kv heads (e.g. 32/8); "
+                                         f"got {text!r}")
+    if hq % hk:
+        raise argparse.ArgumentTypeError(f"query heads must be a multiple of kv heads; got {text!r}")
+    return hq, hk
+
+
+def check_cases(p, args, hq: int, hk: int) -> None:
+    """Ask the library which path serves each case before anything is timed: a --ours-backend
+    that cannot serve it here (triton without a GPU, cuda on the CPU, a name it does not know)
+    ends the run with one line, not a traceback. Empty (unwritten) caches of the real shapes."""
+    for dt_name in args.dtypes:
+        for B in args.batch:
+            for S in args.cache_lens:
+                def empty(L, H):
+                    return torch.empty(B, L, H, args.head_dim, dtype=DTYPES[dt_name],
+                                       device=args.device)
+                lens = torch.full((B,), S, dtype=torch.int32, device=args.device)
+                with harness.usage_errors(p, f"--ours-backend {args.ours_backend}"
+                                          if args.ours_backend else None):
+                    llmkernels.explain(llmkernels.attention_with_kvcache, empty(1, hq),
+                                       empty(S, hk), empty(S, hk), lens,
+                                       backend=args.ours_backend)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default=harness.default_device())
-    p.add_argument("--batch", type=harness.comma_ints, default=[1, 8])
-    p.add_argument("--cache-lens", type=harness.comma_ints, default=[2048, 8192])
-    p.add_argument("--heads", default="32/8", help="query/kv heads (default 32/8)")
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--batch", type=harness.positive_ints, default=[1, 8])
+    p.add_argument("--cache-lens", type=harness.positive_ints, default=[2048, 8192])
+    p.add_argument("--heads", type=heads_pair, default=(32, 8),
+                   help="query/kv heads, query a multiple of kv (default 32/8)")
+    p.add_argument("--head-dim", type=harness.positive_int, default=128)
     p.add_argument("--dtypes", type=harness.comma_names(tuple(DTYPES)), default=["bf16"],
                    help="comma list of fp32,bf16,fp16 (default bf16)")
     p.add_argument("--ours-backend", default=None, help="force cpu, cuda, triton or reference")
     p.add_argument("--min-run-time", type=float, default=0.2)
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
-    hq, hk = (int(x) for x in args.heads.split("/"))
+    hq, hk = args.heads
     dev = args.device
+    harness.check_device(p, dev)
+    check_cases(p, args, hq, hk)
     info = harness.machine_info(dev)
     print(harness.format_machine(info))
+    reader = harness.read_sum(dev)
+    bw = harness.READ_BYTES / harness.time_fn(reader, dev, args.min_run_time).median_s / 1e9
+    print(f"read bandwidth (float32 sum of 256 MiB): {bw:.3g} GB/s; each case's '% read bw' "
+          "uses the sum timed in alternation with it\n", flush=True)
     rows, records, failed = [], [], 0
     torch.manual_seed(0)
     for dt_name in args.dtypes:
@@ -78,8 +118,12 @@ def main(argv=None) -> int:
                     e_base = (base.double() - exact).abs().max().item()
                     ok = e_ours <= 2 * e_base + 2.0 ** -7
                     failed += not ok
-                    t_ours = harness.time_fn(ours, dev, args.min_run_time).median_s
-                    t_sdpa = harness.time_fn(sdpa, dev, args.min_run_time).median_s
+                    # in alternation with the read-bandwidth sum: the machine's memory speed
+                    # drifts, and the GB/s are read against the same minutes' bandwidth
+                    timed = harness.time_interleaved({"ours": ours, "sdpa": sdpa,
+                                                      "_read": reader}, dev, args.min_run_time)
+                    t_ours, t_sdpa = timed["ours"].median_s, timed["sdpa"].median_s
+                    case_bw = harness.READ_BYTES / timed["_read"].median_s / 1e9
                     g_ours = g_sdpa = None
                     if dev == "cuda":
                         def ours_unchecked():
@@ -93,27 +137,34 @@ def main(argv=None) -> int:
                            head_dim=args.head_dim, served_by=served, correct=ok,
                            err_ours=e_ours, err_sdpa=e_base, ours_us=t_ours * 1e6,
                            sdpa_us=t_sdpa * 1e6, ours_gbs=gbytes / t_ours,
-                           sdpa_gbs=gbytes / t_sdpa, speedup=t_sdpa / t_ours)
+                           sdpa_gbs=gbytes / t_sdpa, speedup=t_sdpa / t_ours,
+                           read_bandwidth_gbs=case_bw,
+                           pct_bandwidth=100 * gbytes / t_ours / case_bw)
                 if g_ours:
                     rec.update(graph_ours_us=g_ours * 1e6, graph_sdpa_us=g_sdpa * 1e6,
                                graph_ours_gbs=gbytes / g_ours, graph_speedup=g_sdpa / g_ours)
                 records.append(rec)
                 graph_cells = ([f"{g_ours * 1e6:.1f}", f"{g_sdpa * 1e6:.1f}",
-                                f"{gbytes / g_ours:.0f}", f"{g_sdpa / g_ours:.2f}x"]
+                                f"{gbytes / g_ours:.3g}", f"{g_sdpa / g_ours:.2f}x"]
                                if g_ours else ["-"] * 4)
                 rows.append([dt_name, B, str(S), f"{hq}/{hk}", args.head_dim, served,
                              "ok" if ok else "FAIL", f"{t_ours * 1e6:.1f}", f"{t_sdpa * 1e6:.1f}",
-                             f"{gbytes / t_ours:.0f}", f"{gbytes / t_sdpa:.0f}",
+                             # 3 significant digits: a CPU's few GB/s would show as 0 or 1
+                             f"{gbytes / t_ours:.3g}", f"{gbytes / t_sdpa:.3g}",
+                             f"{100 * gbytes / t_ours / case_bw:.0f}%",
                              f"{t_sdpa / t_ours:.2f}x"] + graph_cells)
                 print(" ".join(str(c) for c in rows[-1]), flush=True)
     print()
     print(harness.format_table(["dtype", "B", "cache", "Hq/Hk", "D", "ours path", "check",
-                                "ours us", "sdpa us", "ours GB/s", "sdpa GB/s", "vs sdpa",
+                                "ours us", "sdpa us", "ours GB/s", "sdpa GB/s", "% read bw",
+                                "vs sdpa",
                                 "graph ours us", "graph sdpa us", "graph ours GB/s",
                                 "graph vs sdpa"], rows))
     if args.json:
         harness.write_json(args.json, {"benchmark": "attention_decode", "machine": info,
-                                       "cases": records})
+                                       "read_bandwidth_gbs": bw, "cases": records})
+    if failed:
+        print(f"CORRECTNESS FAILED for {failed} case(s)", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -11,6 +11,7 @@ imported when a CUDA timing is asked for and matplotlib only when a plot is.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -18,7 +19,7 @@ import os
 import platform
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -162,6 +163,62 @@ def comma_ints(text: str) -> List[int]:
         raise argparse.ArgumentTypeError(f"expected a comma list of integers; got {text!r}")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 must not quietly mean "the default")."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}")
+    return value
+
+
+def positive_ints(text: str) -> List[int]:
+    """argparse type: a non-empty comma list of integers >= 1 (an empty list would time
+    nothing, a 0 an empty tensor)."""
+    import argparse
+    try:
+        out = [positive_int(x) for x in text.split(",") if x]
+    except argparse.ArgumentTypeError:
+        out = []
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers >= 1; got {text!r}")
+    return out
+
+
+def comma_floats(text: str) -> List[float]:
+    """argparse type: a non-empty comma list of finite numbers."""
+    import argparse
+    try:
+        out = [float(x) for x in text.split(",") if x]
+    except ValueError:
+        out = []
+    if not out or not all(math.isfinite(x) for x in out):
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers; got {text!r}")
+    return out
+
+
+def comma_shapes(text: str) -> List[tuple]:
+    """argparse type: a non-empty comma list of AxB shapes of integers >= 1 ("4096x11008")."""
+    import argparse
+    out = []
+    for item in (x for x in text.split(",") if x):
+        dims = item.split("x")
+        try:
+            shape = tuple(positive_int(d) for d in dims)
+        except argparse.ArgumentTypeError:
+            shape = ()
+        if len(shape) != 2:
+            raise argparse.ArgumentTypeError(f"expected a comma list of KxN shapes (integers "
+                                             f">= 1, e.g. 4096x4096); got {item!r}")
+        out.append(shape)
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected a comma list of KxN shapes; got {text!r}")
+    return out
+
+
 def comma_names(allowed: Sequence[str]) -> Callable[[str], List[str]]:
     """argparse type: a non-empty comma list of names from allowed (a typo is an error, not a
     case silently skipped or run as another)."""
@@ -174,6 +231,29 @@ def comma_names(allowed: Sequence[str]) -> Callable[[str], List[str]]:
             raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}; got {text!r}")
         return out
     return parse
+
+
+def check_device(parser, device: str) -> None:
+    """--device cuda refused at argument time when torch sees no GPU (a CPU-only torch
+    would fail later with an AssertionError traceback from its first CUDA tensor)."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {device}: no CUDA device is visible")
+
+
+@contextlib.contextmanager
+def usage_errors(parser, option: Optional[str] = None) -> Iterator[None]:
+    """llmkernels' refusals inside the block as parser.error (one line, exit status 2).
+
+    Scripts ask the library (explain, use_cpu_tier, quantize_weight) about every case before
+    timing starts: a forced path or CPU tier this machine cannot serve (BackendError), or a
+    name or shape the library does not take (ValueError, TypeError), then ends the run at
+    once, not in a traceback minutes into it."""
+    from llmkernels.backends import BackendError
+    try:
+        yield
+    except (BackendError, ValueError, TypeError) as exc:
+        message = " ".join(str(exc).split())  # one line
+        parser.error(f"{option}: {message}" if option else message)
 
 
 def run_timed(main: Callable[[], int]) -> None:
@@ -298,6 +378,17 @@ def graphed(fn: Callable[[], Any], calls: int = 1) -> Callable[[], None]:
         for _ in range(calls):
             fn()
     return graph.replay
+
+
+READ_BYTES = 256 << 20
+
+
+def read_sum(device: str) -> Callable[[], Any]:
+    """A large float32 reduction (reads only): the memory-bound ceiling, READ_BYTES a call.
+    Time it in alternation with a memory-bound case (time_interleaved), so that the case's
+    GB/s is read against the bandwidth of the same minutes."""
+    x = torch.randn(READ_BYTES // 4, device=device)
+    return lambda: x.sum()
 
 
 def matmul_ceiling(dtype: torch.dtype, device: str = "cpu", n: int = 2048,
@@ -476,9 +567,28 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+PLOT_NEEDS = ("plotting needs matplotlib, which is not installed: pip install matplotlib "
+              "(or pip install .[bench])")
+
+
 def plt_module():
     """matplotlib.pyplot with a file-only backend, imported only when a plot is asked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # an optional dependency (the [bench] extra): say how to get it
+        raise SystemExit(PLOT_NEEDS) from None
     return plt
+
+
+def plot_file(text: str) -> str:
+    """argparse type of --plot FILE.png ('' for none): matplotlib is imported here, so that
+    its absence ends the run at argument time, not after minutes of timing."""
+    import argparse
+    if text:
+        try:
+            plt_module()
+        except SystemExit as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return text

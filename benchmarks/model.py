@@ -4,7 +4,7 @@ built from configs: nothing is downloaded), with and without llmkernels, side by
     python benchmarks/model.py                  # ~20M parameters, seq 512: minutes on 2 cores
     python benchmarks/model.py --preset 100m    # ~120M parameters at seq 2048 (issue 7's case)
     python benchmarks/model.py --quick          # seconds: a smoke test
-    python benchmarks/model.py --device cuda --json out.json --plot out.png
+    python benchmarks/model.py --device cuda --json out.json --plot out.png   # plot: matplotlib
 
 Training, one step = forward + backward + optimizer step on --batch x --seq tokens:
   baseline   attn_implementation="sdpa" + torch.optim.AdamW(fused=True)
@@ -47,6 +47,8 @@ PRESETS = {
     "100m": dict(hidden=768, layers=12, heads=12, kv_heads=4, inter=2048, vocab=32000,
                  seq=2048, batch=1, prompt=64, new_tokens=32),
 }
+FAMILIES = ("llama", "mistral")  # build() makes these; any other name would be built as mistral
+SCHEMES = ("int8", "int4", "w8a8")  # llmkernels.patch(quantize=...); others would run dense
 
 
 def build(family: str, p: Dict[str, int], device: str, seed: int = 0):
@@ -163,28 +165,37 @@ def plot(train: List[Dict[str, Any]], gen: List[Dict[str, Any]], filename: str) 
     print(f"plot: {filename}")
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=tuple(PRESETS), default="small")
     ap.add_argument("--quick", action="store_true", help="the 'quick' preset, fewest runs")
-    ap.add_argument("--families", default="llama,mistral", help="comma list of llama,mistral")
-    ap.add_argument("--schemes", default="int8,int4", help="quantized generation schemes")
+    ap.add_argument("--families", type=harness.comma_names(FAMILIES), default=list(FAMILIES),
+                    help="comma list of llama,mistral (default both)")
+    ap.add_argument("--schemes", type=harness.comma_names(SCHEMES), default=["int8", "int4"],
+                    help="quantized generation schemes, comma list of int8,int4,w8a8 "
+                    "(default int8,int4)")
     ap.add_argument("--quant-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                     help="activation dtype of the quantized models (default %(default)s)")
-    ap.add_argument("--seq", type=int, help="training sequence length (default: the preset's)")
-    ap.add_argument("--batch", type=int, help="training batch (default: the preset's)")
-    ap.add_argument("--runs", type=int, help="timed repetitions (median; default 3, quick 1)")
+    ap.add_argument("--seq", type=harness.positive_int,
+                    help="training sequence length (default: the preset's)")
+    ap.add_argument("--batch", type=harness.positive_int,
+                    help="training batch (default: the preset's)")
+    ap.add_argument("--runs", type=harness.positive_int,
+                    help="timed repetitions (median; default 3, quick 1)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=harness.default_device())
     ap.add_argument("--json", metavar="FILE")
-    ap.add_argument("--plot", metavar="FILE.png", default="model_benchmark.png",
-                    help="where to save the plot ('' for none; default %(default)s)")
-    args = ap.parse_args()
+    # opt-in: matplotlib is only in the [bench] extra (checked here, before the run)
+    ap.add_argument("--plot", metavar="FILE.png", type=harness.plot_file, default=None,
+                    help="save a plot there (needs matplotlib; default none)")
+    args = ap.parse_args(argv)
+    harness.check_device(ap, args.device)
     if args.quick:
         args.preset = "quick"
     p = dict(PRESETS[args.preset])
-    p["seq"] = args.seq or p["seq"]
-    p["batch"] = args.batch or p["batch"]
-    runs = args.runs or (1 if args.preset == "quick" else 3)
+    # None is "not given" (0 is refused by the type, not taken as the preset's)
+    p["seq"] = args.seq if args.seq is not None else p["seq"]
+    p["batch"] = args.batch if args.batch is not None else p["batch"]
+    runs = args.runs if args.runs is not None else (1 if args.preset == "quick" else 3)
     device = args.device
     info = harness.machine_info(device)
     print(harness.format_machine(info))
@@ -197,7 +208,7 @@ def main() -> int:
 
     gen_len = 1 + runs + 2  # warm-up, timed runs, peak-memory run, a spare
     train_rows: List[Dict[str, Any]] = []
-    for family in [f for f in args.families.split(",") if f]:
+    for family in args.families:
         g = torch.Generator().manual_seed(7)
         batches = [torch.randint(0, p["vocab"], (p["batch"], p["seq"]), generator=g).to(device)
                    for _ in range(gen_len)]
@@ -226,7 +237,7 @@ def main() -> int:
     qdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.quant_dtype]
     variants = [("float32", torch.float32), ("bf16", torch.bfloat16)] + [
-        (s, qdtype) for s in args.schemes.split(",") if s]
+        (s, qdtype) for s in args.schemes]
     for scheme, dtype in variants:
         r = generate_case(p, device, scheme, dtype, prompt, runs)
         if float_row is None:

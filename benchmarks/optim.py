@@ -29,6 +29,11 @@ import harness  # noqa: E402
 import llmkernels  # noqa: E402
 
 
+# The smallest model model_shapes builds: one layer of width 256 (0.79M parameters). A smaller
+# --params would be rounded up to it, so it is refused instead.
+MIN_MILLIONS = (12 * 256 * 256 + 13 * 256) / 1e6
+
+
 def model_shapes(millions: float) -> List[tuple]:
     """Parameter shapes of a decoder-only transformer with about `millions` M parameters:
     per layer qkv, out, up, down projections, their biases and two layer norms."""
@@ -98,24 +103,34 @@ def graphed(make, params, device: str):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--params", default="10,50", help="model sizes in millions (default 10,50)")
+    p.add_argument("--params", type=harness.comma_floats, default=None,
+                   help=f"comma list of model sizes in millions, each >= {MIN_MILLIONS:.2f} "
+                   "(default 10,50; with --quick the smallest model, unless --params is given: "
+                   "--params wins)")
     p.add_argument("--dtypes", type=harness.comma_names(("fp32", "bf16", "fp16")),
                    default=["fp32", "bf16"], help="comma list (default fp32,bf16)")
     p.add_argument("--optimizers", type=harness.comma_names(("adamw", "adamw8bit", "sgd")),
                    default=["adamw", "adamw8bit", "sgd"],
                    help="comma list (default adamw,adamw8bit,sgd)")
     p.add_argument("--min-run-time", type=float, default=None)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="short timings of the smallest model (--params, if given, sets the sizes)")
     p.add_argument("--json", metavar="FILE")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (default) or cuda")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also time AdamW / AdamW8bit steps with capturable=True replayed from a "
                         "CUDA graph, against torch's fused capturable AdamW replayed the same way")
     args = p.parse_args(argv)
     dev = args.device
+    harness.check_device(p, dev)
     if args.cuda_graphs and dev != "cuda":
         p.error("--cuda-graphs needs --device cuda")
-    sizes = [0.3] if args.quick else [float(s) for s in args.params.split(",")]
+    small = [m for m in args.params or () if m < MIN_MILLIONS]
+    if small:
+        p.error(f"--params {','.join(f'{m:g}' for m in small)}: the smallest model is "
+                f"{MIN_MILLIONS:.2f}M parameters (one layer of width 256)")
+    sizes = args.params or ([MIN_MILLIONS] if args.quick else [10.0, 50.0])
     mrt = args.min_run_time or (0.05 if args.quick else 0.5)
     info = harness.machine_info(dev)
     print(harness.format_machine(info))

@@ -145,18 +145,27 @@ def test_optim_quick(tmp_path):
 
 
 def test_attention_decode_quick(tmp_path):
-    result, _ = _run_quick("attention_decode.py", tmp_path,
-                           ["--device", "cpu", "--batch", "1", "--cache-lens", "256",
-                            "--head-dim", "64", "--min-run-time", "0.01"])
+    result, out = _run_quick("attention_decode.py", tmp_path,
+                             ["--device", "cpu", "--batch", "1", "--cache-lens", "256",
+                              "--head-dim", "64", "--min-run-time", "0.01"])
     assert result["benchmark"] == "attention_decode"
     assert all(c["correct"] for c in result["cases"])
+    # the read bandwidth the docstring compares with is measured, per case too
+    assert result["read_bandwidth_gbs"] > 0
+    assert all(c["read_bandwidth_gbs"] > 0 and c["pct_bandwidth"] > 0 for c in result["cases"])
+    # GB/s with significant digits: a CPU's few GB/s (sdpa's small fraction of one) must not
+    # print as 0 (the progress line: dtype B S Hq/Hk D path check us us GB/s GB/s ...)
+    line = next(l for l in out.splitlines() if l.startswith("bf16 1 256 "))
+    cells = line.split()
+    assert float(cells[9]) > 0 and float(cells[10]) > 0, line
 
 
 def test_model_quick(tmp_path):
     pytest.importorskip("transformers")
     plotting = importlib.util.find_spec("matplotlib") is not None
-    plot = str(tmp_path / "model.png") if plotting else ""
-    result, out = _run_quick("model.py", tmp_path, ["--quick", "--device", "cpu", "--plot", plot])
+    plot = ["--plot", str(tmp_path / "model.png")] if plotting else []
+    result, out = _run_quick("model.py", tmp_path, ["--quick", "--device", "cpu", *plot])
+    assert plotting or "plot:" not in out  # plots are opt-in (matplotlib is an extra)
     assert result["benchmark"] == "model"
     assert {(r["family"], r["variant"]) for r in result["training"]} == {
         (f, v) for f in ("llama", "mistral") for v in ("baseline", "ours")}
@@ -188,3 +197,231 @@ def test_benchmarks_refuse_unknown_names(script, args):
     proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *args],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "choose from" in proc.stderr, proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- argument errors
+# Bad arguments end in argparse's one-line error (exit status 2, no traceback) before the run
+# starts (no machine description printed, nothing timed), not in a traceback or a benchmark of
+# something else. In-process (the scripts' main(argv) / parse_args(argv)): a subprocess would
+# spend seconds importing torch for each.
+
+_SCRIPTS = {}
+
+
+def _script(name):
+    if name not in _SCRIPTS:
+        spec = importlib.util.spec_from_file_location(f"bench_args_{name[:-3]}",
+                                                      os.path.join(BENCH, name))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
+        _SCRIPTS[name] = mod
+    return _SCRIPTS[name]
+
+
+def _usage_error(script, args, capsys, monkeypatch):
+    """The last stderr line of script's argument error (attention.py checks in parse_args)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # Triton then cannot serve the CPU
+    mod = _script(script)
+    with pytest.raises(SystemExit) as info:
+        getattr(mod, "parse_args", mod.main)(args)
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and "error:" in err, err[-2000:]
+    assert "cpu flags" not in out, "the run started before the error"
+    return err.strip().splitlines()[-1]
+
+
+def _usage_error_or_run(script, args):
+    """Arguments whose fate depends on the library (names case-insensitive or not): a clean
+    run or a clean usage error, never a traceback (a short run, in a subprocess)."""
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *args],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode in (0, 2) and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def _needs_no_gpu(args):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+
+
+def test_harness_argument_types():
+    import argparse
+    assert harness.positive_int("3") == 3
+    assert harness.positive_ints("1,16,") == [1, 16]
+    assert harness.comma_floats("10,0.5") == [10.0, 0.5]
+    assert harness.comma_shapes("4096x11008,64x32") == [(4096, 11008), (64, 32)]
+    for parse, bad in [(harness.positive_int, "0"), (harness.positive_int, "-2"),
+                       (harness.positive_int, "1.5"), (harness.positive_ints, "1,0"),
+                       (harness.positive_ints, ","), (harness.comma_floats, "abc"),
+                       (harness.comma_floats, "nan"), (harness.comma_floats, ""),
+                       (harness.comma_shapes, "4096"), (harness.comma_shapes, "4096x0"),
+                       (harness.comma_shapes, "1x2x3"), (harness.comma_shapes, "axb")]:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(bad)
+
+
+def test_usage_errors_turn_library_refusals_into_parser_errors(capsys):
+    import argparse
+    from llmkernels.backends import BackendError
+    parser = argparse.ArgumentParser(prog="bench")
+    for exc in (BackendError("cannot\nserve"), ValueError("unknown name")):
+        with pytest.raises(SystemExit) as info:
+            with harness.usage_errors(parser, "--opt x"):
+                raise exc
+        assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "bench: error: --opt x: cannot serve" in err and "--opt x: unknown name" in err
+    with pytest.raises(KeyError):  # anything else is a bug, not a usage error
+        with harness.usage_errors(parser):
+            raise KeyError("x")
+
+
+def test_plt_module_without_matplotlib_names_pip_install(monkeypatch):
+    import argparse
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
+    with pytest.raises(SystemExit, match=r"pip install matplotlib"):
+        harness.plt_module()
+    with pytest.raises(argparse.ArgumentTypeError, match=r"pip install \.\[bench\]"):
+        harness.plot_file("out.png")
+    assert harness.plot_file("") == ""  # '' is no plot: nothing to import
+
+
+@pytest.mark.parametrize("script", ["model.py", "attention.py"])
+def test_plot_without_matplotlib_fails_before_the_run(script, tmp_path, capsys, monkeypatch):
+    # hidden whether or not it is installed (model.py wrote a plot by default: no more)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    last = _usage_error(script, ["--quick", "--device", "cpu", "--plot", str(tmp_path / "x.png")],
+                        capsys, monkeypatch)
+    assert "pip install matplotlib" in last
+
+
+def test_quant_matmul_leaves_out_int8pack_where_it_crashes(tmp_path):
+    """aten._weight_int8pack_mm segfaults on torch's CPU build for K % 16 != 0 with M > 1:
+    that baseline is left out (and said so), the run completes."""
+    result, out = _run_quick("quant_matmul.py", tmp_path,
+                             ["--quick", "--device", "cpu", "--shapes", "100x384", "--schemes",
+                              "int8", "--rotate-mib", "0"])
+    assert result["int8pack_left_out_k"] == [100]
+    assert [c["M"] for c in result["cases"]] == [1, 5] and all(c["correct"] for c in result["cases"])
+    assert not any("int8pack_us" in c for c in result["cases"])
+    assert "- int8pack*" in out and "crashes the process" in out
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--backend", "triton"], "--backend triton"),
+    (["--backend", "bogus"], "unknown backend"),
+    (["--shapes", "100x384", "--schemes", "int4"], "not a multiple of group_size"),
+    (["--group-size", "100"], "group_size"),
+    (["--shapes", "4096"], "KxN"),
+    (["--ms", "0"], "--ms"),
+    (["--device", "cuda"], "--device cuda"),
+])
+def test_quant_matmul_bad_arguments(args, expect, capsys, monkeypatch):
+    _needs_no_gpu(args)
+    last = _usage_error("quant_matmul.py", ["--quick", *args], capsys, monkeypatch)
+    assert expect in last, last
+
+
+def test_quant_matmul_backend_name_case():
+    _usage_error_or_run("quant_matmul.py", ["--quick", "--device", "cpu", "--backend", "CPU",
+                                            "--ms", "1", "--schemes", "int8",
+                                            "--rotate-mib", "0"])
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--families", "gpt2"], "choose from llama,mistral"),
+    (["--schemes", "int2"], "choose from int8,int4,w8a8"),
+    (["--seq", "0"], "--seq"),
+    (["--runs", "0"], "--runs"),
+    (["--batch", "0"], "--batch"),
+    (["--device", "cuda"], "--device cuda"),
+])
+def test_model_bad_arguments(args, expect, capsys, monkeypatch):
+    _needs_no_gpu(args)
+    last = _usage_error("model.py", ["--quick", *args], capsys, monkeypatch)
+    assert expect in last, last
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--params", "0"], "smallest model"),
+    (["--params", "0.3"], "smallest model"),
+    (["--quick", "--params", "10,0.3"], "smallest model"),
+    (["--params", "abc"], "--params"),
+    (["--device", "tpu"], "invalid choice"),
+    (["--device", "cuda"], "--device cuda"),
+])
+def test_optim_bad_arguments(args, expect, capsys, monkeypatch):
+    _needs_no_gpu(args)
+    last = _usage_error("optim.py", args, capsys, monkeypatch)
+    assert expect in last, last
+
+
+def test_optim_params_win_over_quick(tmp_path):
+    result, _ = _run_quick("optim.py", tmp_path, ["--quick", "--params", "2", "--dtypes", "fp32",
+                                                   "--optimizers", "sgd"])
+    assert [round(c["params_m"], 2) for c in result["cases"]] == [2.37]  # 3 layers, not 1
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--ours-backend", "triton"], "--ours-backend triton"),
+    (["--cpu-tier", "bogus"], "unknown CPU tier"),
+    (["--cpu-tier", "amx"], "cannot run tier 'amx'"),
+    (["--head-dims", "300"], "head dim 300"),
+    (["--head-dims", "0"], "--head-dims"),
+    (["--device", "cuda"], "--device cuda"),
+])
+def test_attention_bad_arguments(args, expect, capsys, monkeypatch):
+    import llmkernels
+    _needs_no_gpu(args)
+    if "amx" in args:  # a tier this CPU lacks (conftest emulates AMX tiles where it has none)
+        monkeypatch.setattr(llmkernels.backends, "_TIERS_SUPPORTED",
+                            [t for t in llmkernels.backends.supported_cpu_tiers() if t != "amx"])
+    if "300" in args and llmkernels.backends.native_module() is None:
+        pytest.skip("no compiled extension: 'ours' is the reference, which takes any head dim")
+    device = [] if "--device" in args else ["--device", "cpu"]
+    last = _usage_error("attention.py", ["--quick", *device, *args], capsys, monkeypatch)
+    assert expect in last, last
+
+
+def test_attention_cpu_tier_name_case():
+    _usage_error_or_run("attention.py", ["--quick", "--device", "cpu", "--cpu-tier", "AVX2",
+                                         "--paths", "ours", "--no-backward", "--dtypes", "fp32",
+                                         "--causal", "no"])
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--heads", "32"], "Hq/Hk"),
+    (["--heads", "32/5"], "multiple of kv heads"),
+    (["--ours-backend", "triton"], "--ours-backend triton"),
+    (["--ours-backend", "bogus"], "unknown backend"),
+    (["--head-dim", "0"], "--head-dim"),
+    (["--device", "cuda"], "--device cuda"),
+])
+def test_attention_decode_bad_arguments(args, expect, capsys, monkeypatch):
+    _needs_no_gpu(args)
+    device = [] if "--device" in args else ["--device", "cpu"]
+    last = _usage_error("attention_decode.py", ["--batch", "1", "--cache-lens", "256", *device,
+                                                *args], capsys, monkeypatch)
+    assert expect in last, last
+
+
+def test_attention_decode_backend_name_case():
+    _usage_error_or_run("attention_decode.py", ["--device", "cpu", "--batch", "1", "--cache-lens",
+                                                "64", "--head-dim", "64", "--min-run-time",
+                                                "0.01", "--ours-backend", "Reference"])
+
+
+def test_attention_decode_says_correctness_failed(monkeypatch, capsys):
+    """A failed check exits 1 with the message the other benchmarks print."""
+    import llmkernels
+    mod = _script("attention_decode.py")
+    real = llmkernels.attention_with_kvcache
+
+    def wrong(q, *args, **kwargs):
+        return real(q, *args, **kwargs) + 1.0
+    wrong.__llmk_explain__ = real.__llmk_explain__
+    monkeypatch.setattr(mod.llmkernels, "attention_with_kvcache", wrong)
+    monkeypatch.setattr(mod.harness, "READ_BYTES", 1 << 20)  # a small bandwidth sum: fast
+    rc = mod.main(["--device", "cpu", "--batch", "1", "--cache-lens", "64", "--head-dim", "64",
+                   "--min-run-time", "0.001"])
+    assert rc == 1 and "CORRECTNESS FAILED for 1 case(s)" in capsys.readouterr().err
