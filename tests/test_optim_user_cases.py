@@ -1,9 +1,12 @@
 """The fused optimizers in the ways training code uses torch's: clipping folded into a step
 that is then skipped or covers part of the parameters, groups added later, float64
 parameters, a torch.optim.AdamW checkpoint moved to AdamW8bit, torch's argument checks."""
+import copy
+
 import pytest
 import torch
 
+import llmkernels
 from llmkernels import optim
 
 OPTIMIZERS = [(optim.AdamW, torch.optim.AdamW, dict(lr=0.1)),
@@ -234,3 +237,67 @@ def test_denormal_second_moments_follow_torch(backend):
             opt.step()
         out.append((p.detach().clone(), opt.state[p]["exp_avg_sq"].clone()))
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+def _trained_adamw8bit():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 300)
+    opt = llmkernels.optim.AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=1000)
+    for _ in range(2):
+        model(torch.randn(4, 64)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def test_adamw8bit_checkpoint_loads_into_adamw():
+    """AdamW takes an AdamW8bit checkpoint with its moments dequantized (it loaded, then the
+    first step raised KeyError: 'exp_avg')."""
+    from llmkernels.optim.adam8bit import dequantize_moments
+    model, opt = _trained_adamw8bit()
+    full = llmkernels.optim.AdamW(model.parameters(), lr=1e-2)
+    full.load_state_dict(opt.state_dict())
+    w = model.weight
+    m, v = dequantize_moments(opt.state[w])
+    assert torch.equal(full.state[w]["exp_avg"], m.view_as(w))
+    assert torch.equal(full.state[w]["exp_avg_sq"], v.view_as(w))
+    assert torch.equal(full.state[model.bias]["exp_avg"], opt.state[model.bias]["exp_avg"])
+    assert "codes_version" not in full.param_groups[0]
+    model(torch.randn(4, 64)).square().mean().backward()
+    full.step()  # runs
+    assert float(full.state[w]["step"]) == 3
+
+
+def test_adamw8bit_load_state_dict_keeps_what_the_hooks_do():
+    """Pre-hooks may return a changed state_dict and post-hooks edit the state, as with
+    torch's optimizers (AdamW8bit put back the tensors of the dict as given)."""
+    model, opt = _trained_adamw8bit()
+    saved = opt.state_dict()
+    fresh = llmkernels.optim.AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=1000)
+
+    def zero_scales(optimizer, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        for st in state_dict["state"].values():
+            if "exp_avg_scales" in st:
+                st["exp_avg_scales"].zero_()
+        return state_dict
+    fresh.register_load_state_dict_pre_hook(zero_scales)
+    fresh.register_load_state_dict_post_hook(
+        lambda optimizer: optimizer.state[model.weight]["exp_avg_sq_scales"].fill_(2.0))
+    fresh.load_state_dict(saved)
+    assert fresh.state[model.weight]["exp_avg_scales"].abs().max() == 0
+    assert (fresh.state[model.weight]["exp_avg_sq_scales"] == 2.0).all()
+    assert saved["state"][0]["exp_avg_scales"].abs().max() > 0  # the caller's dict untouched
+
+
+def test_adamw8bit_refuses_8bit_state_of_another_sharding():
+    """Scales with the right number of values in another shape (a gathered full state dict of
+    two ranks: (2, blocks)) put the block boundaries elsewhere: refused, not stepped."""
+    model, opt = _trained_adamw8bit()
+    saved = opt.state_dict()
+    scales = saved["state"][0]["exp_avg_scales"]
+    saved["state"][0]["exp_avg_scales"] = torch.cat([scales, scales.new_zeros(1)]).view(2, -1)
+    saved["state"][0]["exp_avg_sq_scales"] = saved["state"][0]["exp_avg_sq_scales"].clone()
+    fresh = llmkernels.optim.AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=1000)
+    with pytest.raises(ValueError, match="does not move between shardings"):
+        fresh.load_state_dict(saved)

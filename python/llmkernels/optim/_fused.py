@@ -297,6 +297,20 @@ def local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.to_local() if kind and isinstance(t, kind) else t
 
 
+def placed_grads(params, grads) -> list:
+    """The gradients placed as their parameters: a DTensor gradient with other placements
+    (tensor parallelism leaves Partial sums; a Replicate parameter can get a Shard gradient)
+    is redistributed first, as torch's optimizers' DTensor arithmetic does, so that each rank
+    steps its shard with the reduced gradient (stepping the unreduced local part let replicas
+    drift apart). A collective where it happens: every rank steps the same tensors."""
+    kind = _dtensor_type()
+    if not kind or not any(isinstance(p, kind) for p in params):
+        return grads
+    return [g.redistribute(p.device_mesh, p.placements)
+            if isinstance(g, kind) and isinstance(p, kind) and g.placements != p.placements
+            else g for p, g in zip(params, grads)]
+
+
 def locals_of(*lists):
     """local() of every tensor of each list (the lists as they are when none is a DTensor)."""
     if not has_dtensor(lists[0]):

@@ -42,6 +42,20 @@ class _FusedAdam(_fused.FusedOptimizer):
             group.setdefault("seed", 0)
             group.setdefault("capturable", False)
 
+    def load_state_dict(self, state_dict) -> None:
+        """torch's; an AdamW8bit checkpoint loads too (its 8-bit moments dequantized to the
+        parameters' dtype: the same values as the 8-bit step reads), so training can go on
+        with full moments. The conversion runs after the user's load-state-dict pre-hooks."""
+        def from_eight_bit(optimizer, loaded):
+            if not any("exp_avg_codes" in st for st in loaded["state"].values()):
+                return None
+            return _from_eight_bit_checkpoint(self, loaded)
+        hook = self.register_load_state_dict_pre_hook(from_eight_bit)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            hook.remove()
+
     def _state_of(self, p, amsgrad: bool, capturable: bool = False):
         state = self.state[p]
         if len(state) == 0:
@@ -213,7 +227,7 @@ def adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, correctio
     takes those. Returns the path."""
     wd = weight_decay
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = _fused.locals_of(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+        params, _fused.placed_grads(params, grads), exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
     rows = [[p, g, m, v, vm] for p, g, m, v, vm
             in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)]
     path, views = _fused.route(params, rows, sr, f32_state=True)
@@ -309,6 +323,43 @@ def adam_reference(p, g, m, v, vmax, *, lr, beta1, beta2, eps, weight_decay, dec
         outs = [(old, torch.where(skip != 0, old, new)) for old, new in outs]
     for old, new in outs:
         old.copy_(new)
+
+
+def _from_eight_bit_checkpoint(optimizer, loaded: dict) -> dict:
+    """A copy of an AdamW8bit state_dict with float moments (the parameters' dtypes and shapes)
+    in place of its 8-bit codes and scales, and without its own group keys."""
+    from .adam8bit import CODES_VERSION, _convert_version1_codes, dequantize_moments
+    saved = [key for g in loaded["param_groups"] for key in g["params"]]
+    params = dict(zip(saved, (p for g in optimizer.param_groups for p in g["params"])))
+    versions = {key: g.get("codes_version", 1) for g in loaded["param_groups"] for key in g["params"]}
+    state = {}
+    for key, st in loaded["state"].items():
+        st = dict(st)
+        if "exp_avg_codes" in st:
+            p = params[key]
+            if _fused.has_dtensor([p, *st.values()]):
+                raise ValueError(f"{type(optimizer).__name__}: converting the 8-bit state of "
+                                 "sharded (DTensor) parameters is not supported; load the "
+                                 "AdamW8bit checkpoint into AdamW8bit")
+            if versions[key] not in (1, CODES_VERSION):
+                raise ValueError(f"{type(optimizer).__name__}: this checkpoint's codes_version "
+                                 f"{versions[key]} is newer than this llmkernels reads "
+                                 f"({CODES_VERSION})")
+            codes = {k: st.pop(k).detach().reshape(-1).cpu().clone()
+                     for k in ("exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes",
+                               "exp_avg_sq_scales")}
+            if codes["exp_avg_codes"].numel() != p.numel():
+                raise ValueError(f"{type(optimizer).__name__}: the checkpoint's 8-bit state of "
+                                 f"parameter {key} holds {codes['exp_avg_codes'].numel()} "
+                                 f"values, the parameter {p.numel()}")
+            if versions[key] == 1:
+                _convert_version1_codes(codes["exp_avg_codes"])
+            m, v = dequantize_moments(codes)
+            st["exp_avg"], st["exp_avg_sq"] = (t.view(p.shape).to(p.dtype) for t in (m, v))
+        state[key] = st
+    groups = [{k: v for k, v in g.items() if k not in ("codes_version", "min_8bit_size")}
+              for g in loaded["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 class AdamW(_FusedAdam):

@@ -112,13 +112,7 @@ def _eight_bit_state(p: torch.Tensor) -> dict:
                 "exp_avg_sq_scales": torch.zeros(nb, dtype=torch.float32, device=p.device)}
     from torch.distributed.tensor import DTensor, Shard
     mesh, placements = p.device_mesh, p.placements
-    longest, rows = list(p.shape), 1
-    for mesh_dim, placement in enumerate(placements):
-        if isinstance(placement, Shard):
-            size = mesh.size(mesh_dim)
-            longest[placement.dim] = -(-longest[placement.dim] // size)
-            rows *= size
-    nb_max = -(-max(1, torch.Size(longest).numel()) // BLOCK)
+    _, (rows, nb_max) = _eight_bit_shapes(p)
     row_placements = [Shard(0) if isinstance(pl, Shard) else pl for pl in placements]
 
     def codes(dtype):
@@ -133,6 +127,44 @@ def _eight_bit_state(p: torch.Tensor) -> dict:
             "exp_avg_sq_codes": codes(torch.uint8), "exp_avg_sq_scales": scales()}
 
 
+def _eight_bit_shapes(p: torch.Tensor) -> tuple:
+    """(codes, scales) shapes of p's 8-bit state as _eight_bit_state makes it (a DTensor p:
+    the DTensors' global shapes)."""
+    lp = _fused.local(p)
+    if lp is p:
+        return (p.numel(),), (-(-p.numel() // BLOCK),)
+    from torch.distributed.tensor import Shard
+    longest, rows = list(p.shape), 1
+    for mesh_dim, placement in enumerate(p.placements):
+        if isinstance(placement, Shard):
+            size = p.device_mesh.size(mesh_dim)
+            longest[placement.dim] = -(-longest[placement.dim] // size)
+            rows *= size
+    return tuple(p.shape), (rows, -(-max(1, torch.Size(longest).numel()) // BLOCK))
+
+
+def _check_eight_bit_layout(p: torch.Tensor, state: dict, index: int) -> None:
+    """Loaded 8-bit state must have the layout this parameter's would: scales of the same
+    number of values but another shape (a gathered full state dict of several ranks, state
+    resharded to another number of ranks) put block boundaries where they were not, and the
+    moments came out silently wrong."""
+    codes, scales = _eight_bit_shapes(p)
+    sharded = _fused.local(p) is not p
+    for key, want in (("exp_avg_codes", codes), ("exp_avg_sq_codes", codes),
+                      ("exp_avg_scales", scales), ("exp_avg_sq_scales", scales)):
+        value = state.get(key)
+        shape = None if value is None else tuple(value.shape)
+        ok = shape == want or (key.endswith("codes") and not sharded and value.numel() == want[0])
+        if not ok or sharded != (_fused.local(value) is not value):
+            raise ValueError(
+                f"AdamW8bit: the loaded {key} of parameter {index} of its group has shape "
+                f"{shape}{' (sharded)' if value is not None and _fused.local(value) is not value else ''}; "
+                f"this parameter's needs {want}{' (sharded)' if sharded else ''}. 8-bit state "
+                "does not move between shardings (another number of ranks, a gathered full "
+                "state dict): its 256-value blocks follow the shards it was saved from. Resume "
+                "on the mesh it was saved on, or from a torch.optim.AdamW-style checkpoint")
+
+
 def _local_eight_bit(p: torch.Tensor, state: dict) -> tuple:
     """(parameter, gradient, state) on this rank: flat codes and the local shard's scales."""
     lp = _fused.local(p)
@@ -142,7 +174,7 @@ def _local_eight_bit(p: torch.Tensor, state: dict) -> tuple:
     local = {key: _fused.local(state[key]).view(-1) for key in _EIGHT_BIT_KEYS}
     for key in ("exp_avg_scales", "exp_avg_sq_scales"):
         local[key] = local[key][:nb]
-    return lp, _fused.local(p.grad), local
+    return lp, _fused.local(_fused.placed_grads([p], [p.grad])[0]), local
 
 
 _EIGHT_BIT_KEYS = ("exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes", "exp_avg_sq_scales")
@@ -249,36 +281,55 @@ class AdamW8bit(_fused.FusedOptimizer):
         """torch's, except that 8-bit codes, scales and float32 moments keep their dtypes
         (torch casts every state tensor to its parameter's dtype: bf16 scales would lose bits),
         and codes of an older format are converted. A torch.optim.AdamW checkpoint loads too:
-        its moments become 8-bit state (float32 for tensors under min_8bit_size)."""
-        for group in state_dict["param_groups"]:
-            if group.get("amsgrad"):
-                raise ValueError("AdamW8bit: this checkpoint's param groups use amsgrad=True, "
-                                 "whose max of exp_avg_sq AdamW8bit does not keep; load it into "
-                                 "llmkernels.optim.AdamW")
-        kept = {key: {k: v for k, v in st.items() if isinstance(v, torch.Tensor) and k != "step"}
-                for key, st in state_dict["state"].items()}
-        # Saved keys map to parameters by position, as in torch's load_state_dict (ints from
-        # state_dict(), parameter names from torch.distributed.checkpoint's get_state_dict).
-        saved = [key for g in state_dict["param_groups"] for key in g["params"]]
-        super().load_state_dict(state_dict)
-        params = dict(zip(saved, (p for g in self.param_groups for p in g["params"])))
-        for key, tensors in kept.items():
-            p = params[key]
-            for name, value in tensors.items():
-                self.state[p][name] = value.to(device=p.device).clone()
-        for group in self.param_groups:
-            if group.get("codes_version", 1) == 1:
-                for p in group["params"]:
-                    if "exp_avg_codes" in self.state.get(p, {}):
-                        _convert_version1_codes(self.state[p]["exp_avg_codes"])
-            elif group["codes_version"] != CODES_VERSION:
-                raise ValueError(f"AdamW8bit: this checkpoint's codes_version "
-                                 f"{group['codes_version']} is newer than this llmkernels "
-                                 f"reads ({CODES_VERSION})")
-            group["codes_version"] = CODES_VERSION
-            for p in group["params"]:
-                if "exp_avg" in self.state.get(p, {}):
-                    self._from_float_moments(p, self.state[p], group["min_8bit_size"])
+        its moments become 8-bit state (float32 for tensors under min_8bit_size). 8-bit state
+        saved with another sharding (another number of ranks, a gathered full state dict) is
+        refused: its blocks follow the shards it was saved from. The load-state-dict hooks see
+        and change what they do with torch's optimizers: the pre-hooks run before the state
+        is read here, the post-hooks after it is in place."""
+        kept = {}
+
+        def read(optimizer, loaded):  # registered last: after the user's pre-hooks
+            for group in loaded["param_groups"]:
+                if group.get("amsgrad"):
+                    raise ValueError("AdamW8bit: this checkpoint's param groups use "
+                                     "amsgrad=True, whose max of exp_avg_sq AdamW8bit does not "
+                                     "keep; load it into llmkernels.optim.AdamW")
+            # Saved keys map to parameters by position, as in torch's load_state_dict (ints
+            # from state_dict(), parameter names from torch.distributed.checkpoint).
+            saved = [key for g in loaded["param_groups"] for key in g["params"]]
+            params = dict(zip(saved, (p for g in self.param_groups for p in g["params"])))
+            for key, st in loaded["state"].items():
+                kept[params[key]] = {k: v for k, v in st.items()
+                                     if isinstance(v, torch.Tensor) and k != "step"}
+
+        def place(optimizer):  # registered first: before the user's post-hooks
+            for p, tensors in kept.items():
+                for name, value in tensors.items():
+                    self.state[p][name] = value.to(device=p.device).clone()
+            for group in self.param_groups:
+                if group.get("codes_version", 1) == 1:
+                    for p in group["params"]:
+                        if "exp_avg_codes" in self.state.get(p, {}):
+                            _convert_version1_codes(self.state[p]["exp_avg_codes"])
+                elif group["codes_version"] != CODES_VERSION:
+                    raise ValueError(f"AdamW8bit: this checkpoint's codes_version "
+                                     f"{group['codes_version']} is newer than this llmkernels "
+                                     f"reads ({CODES_VERSION})")
+                group["codes_version"] = CODES_VERSION
+                for i, p in enumerate(group["params"]):
+                    state = self.state.get(p, {})
+                    if "exp_avg" in state:
+                        self._from_float_moments(p, state, group["min_8bit_size"])
+                    elif "exp_avg_codes" in state:
+                        _check_eight_bit_layout(p, state, i)
+
+        pre = self.register_load_state_dict_pre_hook(read)
+        post = self.register_load_state_dict_post_hook(place, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
 
     @staticmethod
     def _from_float_moments(p, state: dict, min_size: int) -> None:

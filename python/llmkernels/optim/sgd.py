@@ -101,7 +101,8 @@ class SGD(_fused.FusedOptimizer):
                 bufs.append(buf if momentum != 0.0 else None)
                 firsts.append(first)
             group_params = params
-            params, grads, bufs = _fused.locals_of(params, [p.grad for p in params], bufs)
+            params, grads, bufs = _fused.locals_of(
+                params, _fused.placed_grads(params, [p.grad for p in params]), bufs)
             rows = [[p, g, b] for p, g, b in zip(params, grads, bufs)]
             path, views = _fused.route(params, rows, sr)
             if path == "triton":
