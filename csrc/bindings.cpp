@@ -342,7 +342,7 @@ PYBIND11_MODULE(_C, m) {
       "Fused SGD step over a list of tensors (see csrc/cpu/optim.h).");
   m.def(
       "quant_matmul_kernel_name",
-      [](int tier, int scheme, int64_t rows, int x_dtype, int64_t group_size) {
+      [](int tier, int scheme, int64_t rows, int64_t k, int x_dtype, int64_t group_size) {
         LLMK_CHECK(scheme >= 0 && scheme <= 2, "unknown scheme code " << scheme);
         LLMK_CHECK(x_dtype >= 0 && x_dtype <= int(DType::i64), "unknown dtype code " << x_dtype);
         QuantMatmulParams p;
@@ -351,9 +351,10 @@ PYBIND11_MODULE(_C, m) {
         p.x.dtype = DType(x_dtype);
         p.x.ndim = 2;
         p.x.sizes[0] = rows;
+        p.x.sizes[1] = k;  // int4's paired layout needs whole groups in each half of K
         return std::string(quant_matmul_kernel_name(to_tier(tier), p));
       },
-      "Which CPU kernel layout serves a call of this scheme, row count, x dtype and group.");
+      "Which CPU kernel layout serves a call of this scheme, row count, K, x dtype and group.");
   m.def(
       "quant_matmul_workspace_bytes",
       [](int tier, int scheme, py::object x, py::object qdata, py::object scales,

@@ -182,3 +182,20 @@ def test_float16_and_float32_x_keep_float_products(cpu_tier, scheme, M):
         ref = reference64(x.double(), qw)
         out = llmkernels.quant_matmul(x, qw, backend="cpu")
         assert (out.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("K,paired", [(96, False), (160, False), (128, True)])
+def test_explain_names_int4s_paired_layout_only_where_halves_hold_whole_groups(K, paired):
+    """7 rows of bf16 x, int4 group 32: the paired layout (x quantized to int8) serves only
+    where each half of K holds whole groups; explain's rule was read without K and named it
+    (and cpu_int8_activations said True) for K = 96 and 160 too, where x stays bf16."""
+    if llmkernels.backends.cpu_tier() != "avx512_bf16":
+        pytest.skip("the paired layout is the avx512_bf16 tier's")
+    torch.manual_seed(K)
+    x = make_x(7, K, "gaussian")
+    qw = llmkernels.quantize_weight(torch.randn(24, K), "int4", group_size=32)
+    detail = llmkernels.explain(llmkernels.quant_matmul, x, qw).detail
+    assert ("two halves of K" in detail) == paired, detail
+    assert cpu_int8_activations(x, qw) == paired
+    out = llmkernels.quant_matmul(x, qw, backend="cpu")
+    check_both_ways(x, qw, out)  # the tight check applies where int8 x is claimed

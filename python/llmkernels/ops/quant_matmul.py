@@ -231,7 +231,8 @@ def cpu_int8_activations(x: torch.Tensor, qweight: QuantizedWeight) -> bool:
         return False
     rows = x.numel() // max(x.shape[-1], 1)
     kernel = native.quant_matmul_kernel_name(backends.cpu_tier_code(), SCHEME_CODES[qweight.scheme],
-                                             rows, DTYPE_CODES[x.dtype], int(qweight.group_size))
+                                             rows, x.shape[-1], DTYPE_CODES[x.dtype],
+                                             int(qweight.group_size))
     return "x quantized to int8 per 32" in kernel
 
 
@@ -245,7 +246,7 @@ def _decide(x, qweight, backend, explain: bool = False) -> backends.Decision:
     if native is not None:
         rows = x.numel() // max(x.shape[-1], 1)
         kernel = native.quant_matmul_kernel_name(
-            backends.cpu_tier_code(), SCHEME_CODES[qweight.scheme], rows,
+            backends.cpu_tier_code(), SCHEME_CODES[qweight.scheme], rows, x.shape[-1],
             DTYPE_CODES.get(x.dtype, 0), int(qweight.group_size))
         cpu_detail = f"C++ kernels ({qweight.scheme}), CPU tier {backends.cpu_tier_label()}: {kernel}"
     if cpu_detail and cpu_int8_activations(x, qweight):
