@@ -301,3 +301,13 @@ def test_adamw8bit_refuses_8bit_state_of_another_sharding():
     fresh = llmkernels.optim.AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=1000)
     with pytest.raises(ValueError, match="does not move between shardings"):
         fresh.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("make", [lambda ps: optim.AdamW8bit(ps, min_8bit_size=1000),
+                                  lambda ps: optim.AdamW(ps)])
+def test_8bit_checkpoint_of_other_parameters_gets_torchs_error(make):
+    """A checkpoint of more parameters than the optimizer has: torch's clear ValueError, not a
+    KeyError from the 8-bit reading (which runs before torch's checks)."""
+    model, opt = _trained_adamw8bit()
+    with pytest.raises(ValueError, match="doesn't match the size"):
+        make([model.weight]).load_state_dict(opt.state_dict())

@@ -335,7 +335,7 @@ def _from_eight_bit_checkpoint(optimizer, loaded: dict) -> dict:
     state = {}
     for key, st in loaded["state"].items():
         st = dict(st)
-        if "exp_avg_codes" in st:
+        if "exp_avg_codes" in st and key in params:  # (else torch's checks raise next)
             p = params[key]
             if _fused.has_dtensor([p, *st.values()]):
                 raise ValueError(f"{type(optimizer).__name__}: converting the 8-bit state of "

@@ -299,8 +299,9 @@ class AdamW8bit(_fused.FusedOptimizer):
             saved = [key for g in loaded["param_groups"] for key in g["params"]]
             params = dict(zip(saved, (p for g in self.param_groups for p in g["params"])))
             for key, st in loaded["state"].items():
-                kept[params[key]] = {k: v for k, v in st.items()
-                                     if isinstance(v, torch.Tensor) and k != "step"}
+                if key in params:  # else torch's own checks raise next (group sizes)
+                    kept[params[key]] = {k: v for k, v in st.items()
+                                         if isinstance(v, torch.Tensor) and k != "step"}
 
         def place(optimizer):  # registered first: before the user's post-hooks
             for p, tensors in kept.items():
