@@ -307,18 +307,42 @@ def test_quant_matmul_leaves_out_int8pack_where_it_crashes(tmp_path):
     assert "- int8pack*" in out and "crashes the process" in out
 
 
-@pytest.mark.parametrize("args,expect", [
-    (["--backend", "triton"], "--backend triton"),
-    (["--backend", "bogus"], "unknown backend"),
-    (["--shapes", "100x384", "--schemes", "int4"], "not a multiple of group_size"),
-    (["--group-size", "100"], "group_size"),
-    (["--shapes", "4096"], "KxN"),
-    (["--ms", "0"], "--ms"),
-    (["--device", "cuda"], "--device cuda"),
+_DECODE = ["--batch", "1", "--cache-lens", "256", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("script,args,expect", [
+    ("quant_matmul.py", ["--quick", "--backend", "triton"], "--backend triton"),
+    ("quant_matmul.py", ["--quick", "--backend", "bogus"], "unknown backend"),
+    ("quant_matmul.py", ["--quick", "--shapes", "100x384", "--schemes", "int4"],
+     "not a multiple of group_size"),
+    ("quant_matmul.py", ["--quick", "--group-size", "100"], "group_size"),
+    ("quant_matmul.py", ["--quick", "--shapes", "4096"], "KxN"),
+    ("quant_matmul.py", ["--quick", "--ms", "0"], "--ms"),
+    ("quant_matmul.py", ["--quick", "--device", "cuda"], "--device cuda"),
+    ("model.py", ["--quick", "--families", "gpt2"], "choose from llama,mistral"),
+    ("model.py", ["--quick", "--schemes", "int2"], "choose from int8,int4,w8a8"),
+    ("model.py", ["--quick", "--seq", "0"], "--seq"),
+    ("model.py", ["--quick", "--runs", "0"], "--runs"),
+    ("model.py", ["--quick", "--batch", "0"], "--batch"),
+    ("model.py", ["--quick", "--device", "cuda"], "--device cuda"),
+    ("optim.py", ["--params", "0"], "smallest model"),
+    ("optim.py", ["--params", "0.3"], "smallest model"),
+    ("optim.py", ["--quick", "--params", "10,0.3"], "smallest model"),
+    ("optim.py", ["--params", "abc"], "--params"),
+    ("optim.py", ["--device", "tpu"], "invalid choice"),
+    ("optim.py", ["--device", "cuda"], "--device cuda"),
+    ("attention_decode.py", [*_DECODE, "--heads", "32"], "Hq/Hk"),
+    ("attention_decode.py", [*_DECODE, "--heads", "32/5"], "multiple of kv heads"),
+    ("attention_decode.py", [*_DECODE, "--ours-backend", "triton"], "--ours-backend triton"),
+    ("attention_decode.py", [*_DECODE, "--ours-backend", "bogus"], "unknown backend"),
+    ("attention_decode.py", [*_DECODE, "--head-dim", "0"], "--head-dim"),
+    ("attention_decode.py", ["--batch", "1", "--cache-lens", "256", "--device", "cuda"],
+     "--device cuda"),
 ])
-def test_quant_matmul_bad_arguments(args, expect, capsys, monkeypatch):
+def test_bad_arguments(script, args, expect, capsys, monkeypatch):
+    """A usage error naming the argument, before any work."""
     _needs_no_gpu(args)
-    last = _usage_error("quant_matmul.py", ["--quick", *args], capsys, monkeypatch)
+    last = _usage_error(script, args, capsys, monkeypatch)
     assert expect in last, last
 
 
@@ -326,34 +350,6 @@ def test_quant_matmul_backend_name_case():
     _usage_error_or_run("quant_matmul.py", ["--quick", "--device", "cpu", "--backend", "CPU",
                                             "--ms", "1", "--schemes", "int8",
                                             "--rotate-mib", "0"])
-
-
-@pytest.mark.parametrize("args,expect", [
-    (["--families", "gpt2"], "choose from llama,mistral"),
-    (["--schemes", "int2"], "choose from int8,int4,w8a8"),
-    (["--seq", "0"], "--seq"),
-    (["--runs", "0"], "--runs"),
-    (["--batch", "0"], "--batch"),
-    (["--device", "cuda"], "--device cuda"),
-])
-def test_model_bad_arguments(args, expect, capsys, monkeypatch):
-    _needs_no_gpu(args)
-    last = _usage_error("model.py", ["--quick", *args], capsys, monkeypatch)
-    assert expect in last, last
-
-
-@pytest.mark.parametrize("args,expect", [
-    (["--params", "0"], "smallest model"),
-    (["--params", "0.3"], "smallest model"),
-    (["--quick", "--params", "10,0.3"], "smallest model"),
-    (["--params", "abc"], "--params"),
-    (["--device", "tpu"], "invalid choice"),
-    (["--device", "cuda"], "--device cuda"),
-])
-def test_optim_bad_arguments(args, expect, capsys, monkeypatch):
-    _needs_no_gpu(args)
-    last = _usage_error("optim.py", args, capsys, monkeypatch)
-    assert expect in last, last
 
 
 def test_optim_params_win_over_quick(tmp_path):
@@ -387,22 +383,6 @@ def test_attention_cpu_tier_name_case():
     _usage_error_or_run("attention.py", ["--quick", "--device", "cpu", "--cpu-tier", "AVX2",
                                          "--paths", "ours", "--no-backward", "--dtypes", "fp32",
                                          "--causal", "no"])
-
-
-@pytest.mark.parametrize("args,expect", [
-    (["--heads", "32"], "Hq/Hk"),
-    (["--heads", "32/5"], "multiple of kv heads"),
-    (["--ours-backend", "triton"], "--ours-backend triton"),
-    (["--ours-backend", "bogus"], "unknown backend"),
-    (["--head-dim", "0"], "--head-dim"),
-    (["--device", "cuda"], "--device cuda"),
-])
-def test_attention_decode_bad_arguments(args, expect, capsys, monkeypatch):
-    _needs_no_gpu(args)
-    device = [] if "--device" in args else ["--device", "cpu"]
-    last = _usage_error("attention_decode.py", ["--batch", "1", "--cache-lens", "256", *device,
-                                                *args], capsys, monkeypatch)
-    assert expect in last, last
 
 
 def test_attention_decode_backend_name_case():

@@ -304,18 +304,27 @@ def placed_grads(params, grads) -> list:
     steps its shard with the reduced gradient (stepping the unreduced local part let replicas
     drift apart). A collective where it happens: every rank steps the same tensors."""
     kind = _dtensor_type()
-    if not kind or not any(isinstance(p, kind) for p in params):
-        return grads
     return [g.redistribute(p.device_mesh, p.placements)
             if isinstance(g, kind) and isinstance(p, kind) and g.placements != p.placements
             else g for p, g in zip(params, grads)]
 
 
-def locals_of(*lists):
-    """local() of every tensor of each list (the lists as they are when none is a DTensor)."""
-    if not has_dtensor(lists[0]):
-        return lists
-    return tuple([local(t) for t in ts] for ts in lists)
+def locals_of(params, grads, *states):
+    """The step's lists on this rank: the gradients placed as their parameters (placed_grads),
+    then local() of every tensor; the lists as they are when no parameter is a DTensor."""
+    if not has_dtensor(params):
+        return (params, grads) + states
+    grads = placed_grads(params, grads)
+    return tuple([local(t) for t in ts] for ts in (params, grads) + states)
+
+
+def saved_params(optimizer, loaded: dict) -> dict:
+    """A loaded optimizer state_dict's keys mapped to this optimizer's parameters by position,
+    as torch's load_state_dict maps them (ints from state_dict(), parameter names from
+    torch.distributed.checkpoint). Keys past the optimizer's parameters are left out: torch's
+    own checks (group sizes) raise for those next."""
+    saved = [key for g in loaded["param_groups"] for key in g["params"]]
+    return dict(zip(saved, (p for g in optimizer.param_groups for p in g["params"])))
 
 
 def threads() -> int:

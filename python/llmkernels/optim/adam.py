@@ -227,7 +227,7 @@ def adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, correctio
     takes those. Returns the path."""
     wd = weight_decay
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = _fused.locals_of(
-        params, _fused.placed_grads(params, grads), exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
     rows = [[p, g, m, v, vm] for p, g, m, v, vm
             in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)]
     path, views = _fused.route(params, rows, sr, f32_state=True)
@@ -329,8 +329,7 @@ def _from_eight_bit_checkpoint(optimizer, loaded: dict) -> dict:
     """A copy of an AdamW8bit state_dict with float moments (the parameters' dtypes and shapes)
     in place of its 8-bit codes and scales, and without its own group keys."""
     from .adam8bit import CODES_VERSION, _convert_version1_codes, dequantize_moments
-    saved = [key for g in loaded["param_groups"] for key in g["params"]]
-    params = dict(zip(saved, (p for g in optimizer.param_groups for p in g["params"])))
+    params = _fused.saved_params(optimizer, loaded)
     versions = {key: g.get("codes_version", 1) for g in loaded["param_groups"] for key in g["params"]}
     state = {}
     for key, st in loaded["state"].items():

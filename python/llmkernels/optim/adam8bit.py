@@ -294,12 +294,9 @@ class AdamW8bit(_fused.FusedOptimizer):
                     raise ValueError("AdamW8bit: this checkpoint's param groups use "
                                      "amsgrad=True, whose max of exp_avg_sq AdamW8bit does not "
                                      "keep; load it into llmkernels.optim.AdamW")
-            # Saved keys map to parameters by position, as in torch's load_state_dict (ints
-            # from state_dict(), parameter names from torch.distributed.checkpoint).
-            saved = [key for g in loaded["param_groups"] for key in g["params"]]
-            params = dict(zip(saved, (p for g in self.param_groups for p in g["params"])))
+            params = _fused.saved_params(self, loaded)
             for key, st in loaded["state"].items():
-                if key in params:  # else torch's own checks raise next (group sizes)
+                if key in params:
                     kept[params[key]] = {k: v for k, v in st.items()
                                          if isinstance(v, torch.Tensor) and k != "step"}
 

@@ -102,7 +102,7 @@ class SGD(_fused.FusedOptimizer):
                 firsts.append(first)
             group_params = params
             params, grads, bufs = _fused.locals_of(
-                params, _fused.placed_grads(params, [p.grad for p in params]), bufs)
+                params, [p.grad for p in params], bufs)
             rows = [[p, g, b] for p, g, b in zip(params, grads, bufs)]
             path, views = _fused.route(params, rows, sr)
             if path == "triton":
