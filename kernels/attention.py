@@ -582,6 +582,8 @@ def decode_splits(q, k, cu_seqlens_q, max_seqlen_k: int, num_splits=None) -> int
     """How many key splits a decode-shaped call gets (1: the ordinary forward)."""
     if cu_seqlens_q is not None:  # the partial results are indexed by (batch, head, query)
         return 1
+    if _num_sequences(q, cu_seqlens_q) * k.shape[1] > MAX_GRID_Y:
+        return 1  # the kernel finds its partials' rows from grid y: one launch must hold them all
     if num_splits is None:
         num_splits = FORCE_SPLITS
     if num_splits is not None:

@@ -283,3 +283,152 @@ def test_whole_patched_model_pickled_runs_in_a_new_process(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def _tiny_from(config_name: str, model_name: str, **fields):
+    config_cls = getattr(transformers, config_name, None)
+    if config_cls is None:
+        pytest.skip(f"this transformers has no {config_name}")
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config_cls(**fields)).eval()
+
+
+def _gpt_oss():
+    return _tiny_from("GptOssConfig", "GptOssForCausalLM", vocab_size=VOCAB, hidden_size=64,
+                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                      num_experts_per_tok=2, sliding_window=8)
+
+
+def _deepseek_v32():
+    return _tiny_from("DeepseekV32Config", "DeepseekV32ForCausalLM", vocab_size=VOCAB,
+                      hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                      n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                      topk_group=1, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8,
+                      v_head_dim=16, qk_nope_head_dim=16, index_topk=4, index_head_dim=16,
+                      index_n_heads=2, first_k_dense_replace=1, max_position_embeddings=128)
+
+
+@pytest.mark.parametrize("build,why", [(_gpt_oss, "sinks"), (_deepseek_v32, "top-k keys")])
+def test_attention_that_is_not_sdpas_is_refused_with_nothing_changed(build, why):
+    """Attention sinks (GPT-OSS) and indexer-picked sparse keys (DeepSeek-V3.2): patch used to
+    accept them; the sparse model then ran dense attention (its logits differed from sdpa's
+    from the fifth token on), the sinks model raised at every forward."""
+    model = build()
+    before = model.config._attn_implementation
+    with pytest.raises(ValueError, match=why):
+        llmkernels.patch(model, quantize="int8")
+    assert model.config._attn_implementation == before
+    assert not any(isinstance(m, llmkernels.nn.QuantLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("key", ["indices", "block_indices", "sinks", "s_aux", "topk_mask"])
+def test_attention_function_refuses_tensor_inputs_it_would_not_read(key):
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(NotImplementedError, match=key):
+        lt.attention_forward(torch.nn.Module(), q, q, q, None, **{key: torch.zeros(1, 3, 2)})
+
+
+def test_attention_function_reads_past_position_inputs():
+    """Positions and packed-sequence offsets: the mask already holds what they imply."""
+    q = torch.randn(1, 2, 3, 8)
+    expected, _ = lt.attention_forward(torch.nn.Module(), q, q, q, None)
+    got, _ = lt.attention_forward(torch.nn.Module(), q, q, q, None,
+                                  position_ids=torch.arange(3)[None],
+                                  cache_position=torch.arange(3), use_cache=True,
+                                  cu_seq_lens_q=torch.tensor([0, 3]), max_length_q=3)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_output_attentions_warns_that_none_come_back():
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.warns(UserWarning, match="attention weights"):
+        lt.attention_forward(torch.nn.Module(), q, q, q, None, output_attentions=True)
+
+
+def test_unpatch_gives_each_submodel_its_own_implementation_back():
+    """A composite model (vision tower eager, language model sdpa): unpatch used to set the
+    top-level name everywhere, so the vision tower came back as sdpa."""
+    cfg_cls = getattr(transformers, "LlavaConfig", None)
+    if cfg_cls is None:
+        pytest.skip("this transformers has no Llava")
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=1, num_attention_heads=2,
+                                           image_size=16, patch_size=8, projection_dim=32)
+    text = LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=128, vocab_size=120)
+    cfg = cfg_cls(vision_config=vision, text_config=text, image_token_index=110,
+                  vision_feature_layer=-1, image_seq_length=4)
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration._from_config(
+        cfg, attn_implementation={"": "sdpa", "text_config": "sdpa", "vision_config": "eager"})
+
+    def names(m):
+        return (m.config._attn_implementation, m.config.text_config._attn_implementation,
+                m.config.vision_config._attn_implementation)
+    assert names(model) == ("sdpa", "sdpa", "eager")
+    llmkernels.patch(model)
+    assert names(model) == ("llmkernels",) * 3
+    llmkernels.unpatch(model)
+    assert names(model) == ("sdpa", "sdpa", "eager")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_save_pretrained_of_a_quantized_model_loads_back(scheme, tmp_path):
+    """save_pretrained used to fail inside huggingface_hub ('dict' object has no attribute
+    'device'): QuantLinear's format record was a dict, which safetensors cannot hold."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    model = tiny()
+    llmkernels.quantize_(model, scheme, group_size=32)
+    model.save_pretrained(tmp_path)
+    loaded = {}
+    for f in sorted(tmp_path.glob("*.safetensors")):
+        loaded.update(safetensors.load_file(f))
+    fresh = tiny(seed=5)
+    llmkernels.quantize_(fresh, scheme, group_size=32)
+    fresh.load_state_dict(loaded, strict=False)  # (save_pretrained may drop tied copies)
+    ids = prompt()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_quantize_leaves_what_the_model_keeps_in_float32():
+    """T5 keeps 'wo' in float32 and its feed-forward reads wo.weight: quantizing it made every
+    forward raise AttributeError."""
+    model = _tiny_from("T5Config", "T5ForConditionalGeneration", vocab_size=VOCAB, d_model=64,
+                       d_kv=16, d_ff=128, num_layers=1, num_decoder_layers=1, num_heads=4)
+    report = llmkernels.quantize_(model, "int8")
+    kept = {name for name, why in report.skipped if "_keep_in_fp32_modules" in why}
+    assert kept and all(name.endswith(".wo") for name in kept)
+    assert any(name.endswith(".wi") for name, _, _ in report.replaced)
+    ids = prompt(length=6)
+    with torch.no_grad():
+        out = model(input_ids=ids, decoder_input_ids=ids).logits
+    assert torch.isfinite(out).all()
+
+
+def test_quantize_lists_weight_matrices_it_does_not_take():
+    """GPT-2's Conv1D projections and Mixtral's stacked experts stayed float without a word."""
+    gpt2 = _tiny_from("GPT2Config", "GPT2LMHeadModel", vocab_size=VOCAB, n_embd=64, n_layer=1,
+                      n_head=4, n_positions=64)
+    report = llmkernels.quantize_(gpt2, "int8")
+    conv = [name for name, why in report.skipped if "Conv1D" in why]
+    assert sorted(conv) == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                            "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    mixtral = _tiny_from("MixtralConfig", "MixtralForCausalLM", vocab_size=VOCAB,
+                         hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    held = [m for m in mixtral.modules() if not isinstance(m, torch.nn.Linear)
+            and any(p.dim() == 3 for p in m.parameters(recurse=False))]
+    report = llmkernels.quantize_(mixtral, "int8")
+    stacked = [name for name, why in report.skipped if "stacked" in why]
+    assert len(stacked) == len(held)
+
+
+def test_explain_on_a_patched_model_says_how_to_ask():
+    model = tiny()
+    llmkernels.patch(model)
+    for module in (model, model.model.layers[0].self_attn):
+        with pytest.raises(TypeError, match="scaled_dot_product_attention, q, k, v"):
+            llmkernels.explain(module, torch.randn(1, 5, 64))

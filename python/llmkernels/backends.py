@@ -306,6 +306,13 @@ def select(op: str, device_type: str, checks: Mapping[str, SupportCheck],
     raise AssertionError("the reference path always serves")  # pragma: no cover
 
 
+def _routes_hf_attention(module) -> bool:
+    """Whether a transformers module (a model, or one of its layers holding the config) runs
+    with attn_implementation "llmkernels"."""
+    config = getattr(module, "config", None)
+    return getattr(config, "_attn_implementation", None) == "llmkernels"
+
+
 def explain(op: Callable, *args, **kwargs) -> Decision:
     """Which path would serve `op(*args, **kwargs)` and why the others would not.
 
@@ -318,6 +325,14 @@ def explain(op: Callable, *args, **kwargs) -> Decision:
     import torch
     if isinstance(op, torch.nn.Module):
         explainer = getattr(op, "_llmk_explain", None)
+        if explainer is None and _routes_hf_attention(op):
+            raise TypeError(f"explain: a {type(op).__name__} calls llmkernels' attention "
+                            "inside its forward (transformers' attn_implementation "
+                            "'llmkernels'), on query/key/value it builds there; explain the "
+                            "op with those: explain(llmkernels.scaled_dot_product_attention, "
+                            "q, k, v, attn_mask=..., is_causal=...), or for one decoding step "
+                            "explain(llmkernels.attention_with_kvcache, ...). Its QuantLinear "
+                            "layers take explain(layer, x)")
         if explainer is None:
             raise TypeError(f"explain: a {type(op).__name__} layer does not run llmkernels ops "
                             "(explain takes an llmkernels op, an optimizer's step, or a "

@@ -96,6 +96,11 @@ def patch(model: nn.Module, attention: bool = True, quantize: Optional[str] = No
                              "through transformers' attention registry (its attention code is "
                              "its own), so llmkernels cannot swap it; pass attention=False to "
                              "quantize only")
+        why = hf.unsupported_attention(model) if is_hf else None
+        if why is not None:
+            raise ValueError(f"patch: llmkernels' attention cannot serve "
+                             f"{type(model).__name__}: {why}; pass attention=False to "
+                             "quantize only")
         if not is_hf and not any(type(m) in (nn.MultiheadAttention, MultiheadAttention)
                                  for m in model.modules()):
             raise ValueError(f"patch: found no attention to swap in {type(model).__name__} "
@@ -106,8 +111,8 @@ def patch(model: nn.Module, attention: bool = True, quantize: Optional[str] = No
     state = _PatchState(getattr(model, _STATE, None) or {"marked": True})
     if attention:
         if is_hf:
-            previous = hf.attn_implementation(model)
-            if previous != hf.NAME:
+            previous = hf.attn_implementations(model)  # a dict for a composite model
+            if hf.implementation_names(previous) != {hf.NAME}:
                 hf.set_attn_implementation(model, hf.register())
                 state.setdefault("attn_implementation", previous)
             report.attention.append(f"attn_implementation {previous!r} -> {hf.NAME!r}")

@@ -40,13 +40,13 @@ class QuantizeReport:
         for name, first in self.shared:
             lines.append(f"  {name}: the same layer as {first}")
         for name, why in self.skipped:
-            lines.append(f"  {name}: kept in float: {why}")
+            lines.append(f"  {name}: not quantized: {why}")
         return "\n".join(lines)
 
 
 def _weight_bytes(layer: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in layer.state_dict().values()
-               if hasattr(t, "numel"))
+    return sum(t.numel() * t.element_size() for key, t in layer.state_dict().items()
+               if hasattr(t, "numel") and not key.endswith("_extra_state"))
 
 
 def _weight_holders(model: nn.Module) -> Dict[int, List[str]]:
@@ -58,6 +58,38 @@ def _weight_holders(model: nn.Module) -> Dict[int, List[str]]:
             if p is not None:
                 holders.setdefault(id(p), []).append(name)
     return holders
+
+
+def _kept_in_float32(model: nn.Module) -> Tuple[str, ...]:
+    """transformers' names of modules and weights a model keeps in float32 (T5's "wo", MoE
+    routers' "gate.weight"): its code reads them (T5 casts its input to wo.weight's dtype),
+    and transformers' own quantizers leave them in float."""
+    names = set()
+    for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+        names.update(getattr(model, attr, None) or ())
+    return tuple(sorted(str(n) for n in names))
+
+
+def _matches(name: str, patterns: Tuple[str, ...]) -> Optional[str]:
+    """The first pattern naming a whole run of name's (or its weight's) dotted parts."""
+    dotted = f".{name}.weight."
+    return next((p for p in patterns if f".{p}." in dotted), None)
+
+
+def _other_weight_matrix(module: nn.Module) -> Optional[str]:
+    """Why a module quantize_ does not take still holds a linear layer's weights, so that the
+    report names it rather than leave it out: transformers' Conv1D (GPT-2's projections, the
+    weight stored transposed) and stacked expert weights of mixture-of-experts layers."""
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        return None
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return ("transformers' Conv1D (a linear layer with its weight stored transposed) is "
+                "not an nn.Linear")
+    stacked = [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
+    if stacked:
+        return (f"{type(module).__name__}'s stacked weights ({', '.join(stacked)}: one matrix "
+                "per expert) are not nn.Linear layers")
+    return None
 
 
 def _keep_transformer_layers_off_fused_paths(model: nn.Module) -> None:
@@ -83,8 +115,11 @@ def quantize_(model: nn.Module, scheme: str, group_size: int = 128,
     returns a QuantizeReport. Kept in float and listed in report.skipped: layers a scheme
     cannot store (e.g. in_features not a multiple of the int4 group, empty weights),
     subclasses of nn.Linear (their owners may read .weight, as nn.MultiheadAttention does),
-    and layers whose weight another module also holds (a tied output embedding: quantizing
-    it would untie them and keep the float copy). A layer reachable under several names is
+    layers whose weight another module also holds (a tied output embedding: quantizing
+    it would untie them and keep the float copy) and those a transformers model keeps in
+    float32 (_keep_in_fp32_modules). Listed there too: QuantLinear layers already there, and
+    weight matrices of other modules (transformers' Conv1D, stacked expert weights), which
+    stay in float. A layer reachable under several names is
     quantized once and replaced under each. A weight holding NaN or Inf raises ValueError
     naming the layer before anything is replaced. Layers on the meta device become QuantLinear
     frames without values (for load_state_dict(..., assign=True) of a quantized checkpoint)."""
@@ -100,8 +135,16 @@ def quantize_(model: nn.Module, scheme: str, group_size: int = 128,
     decided: Dict[int, bool] = {}  # id(module) -> quantized (decided at its first name)
     targets: List[Tuple[str, nn.Linear]] = []
     aliases: Dict[int, List[str]] = {}
+    kept_float32 = _kept_in_float32(model)
     for name, module in model.named_modules(remove_duplicate=False):
-        if not isinstance(module, nn.Linear) or isinstance(module, QuantLinear):
+        if not isinstance(module, nn.Linear):
+            # (filter_fn is for nn.Linear layers: it may read their attributes)
+            if id(module) not in decided:
+                why = (f"already a QuantLinear ({module.scheme})"
+                       if isinstance(module, QuantLinear) else _other_weight_matrix(module))
+                if why is not None:
+                    report.skipped.append((name, why))
+            decided.setdefault(id(module), False)
             continue
         if id(module) in decided:
             if decided[id(module)]:
@@ -109,6 +152,12 @@ def quantize_(model: nn.Module, scheme: str, group_size: int = 128,
             continue
         decided[id(module)] = False
         if filter_fn is not None and not filter_fn(module, name):
+            continue
+        pattern = _matches(name, kept_float32)
+        if pattern is not None:
+            report.skipped.append((name, f"the model keeps {pattern!r} in float32 "
+                                         "(transformers' _keep_in_fp32_modules: its code reads "
+                                         "the weight)"))
             continue
         if type(module) is not nn.Linear:
             report.skipped.append((name, f"{type(module).__name__} is a subclass of nn.Linear "

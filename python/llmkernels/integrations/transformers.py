@@ -16,7 +16,8 @@ attention_with_kvcache over the cache transformers passes in.
 """
 from __future__ import annotations
 
-from typing import Optional
+import warnings
+from typing import Optional, Union
 
 import torch
 
@@ -41,12 +42,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     whenever it can cut anything (SDPA's mask is None only when the keys fit in it)."""
     from .. import attention_with_kvcache, scaled_dot_product_attention
 
-    if kwargs.get("position_bias") is not None:
-        raise NotImplementedError(f"attn_implementation={NAME!r} does not take position_bias "
-                                  "(T5-style relative attention); use 'sdpa' or 'eager'")
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError(f"attn_implementation={NAME!r} does not take attention "
-                                  "sinks (s_aux); use 'eager'")
+    _check_inputs(kwargs)
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # As sdpa_attention_forward: without a mask, L > 1 is causal (top-left, which is also
@@ -65,6 +61,48 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                                        dropout_p=dropout, is_causal=causal, scale=scaling,
                                        enable_gqa=gqa, softcap=softcap)
     return out.transpose(1, 2).contiguous(), None
+
+
+# Tensors transformers passes every attention function that do not change what it computes:
+# positions (the mask already holds what they imply: packed sequences, the cache offset) and
+# the loss's token count.
+_IGNORED_TENSORS = frozenset({"position_ids", "cache_position", "cu_seq_lens_q",
+                              "cu_seq_lens_k", "seq_idx", "num_items_in_batch"})
+_INPUT_NAMES = {"position_bias": "T5-style relative attention bias",
+                "s_aux": "attention sinks", "sinks": "attention sinks",
+                "indices": "sparse attention indices (the keys an indexer picked)",
+                "block_indices": "block-sparse attention indices"}
+
+
+def _check_inputs(kwargs: dict) -> None:
+    """Refuse any tensor input this function would not read: a model passes one (sinks, the
+    top-k keys of sparse attention) where its attention is not plain SDPA, and dropping it
+    would give dense attention's output without a word."""
+    for key, value in kwargs.items():
+        if key in _IGNORED_TENSORS or value is None:
+            continue
+        if key in _INPUT_NAMES or isinstance(value, torch.Tensor):
+            raise NotImplementedError(
+                f"attn_implementation={NAME!r} does not take {key!r} "
+                f"({_INPUT_NAMES.get(key, 'a tensor input it would not read')}); use 'sdpa' "
+                "or 'eager' for this model")
+    if kwargs.get("output_attentions"):
+        warnings.warn(f"attn_implementation={NAME!r} does not return attention weights "
+                      "(output_attentions=True gives None for them); use 'eager' for those",
+                      stacklevel=3)
+
+
+def unsupported_attention(model: torch.nn.Module) -> Optional[str]:
+    """Why the model's attention is not what attention_forward computes (None if it is): the
+    attention functions of these models get inputs it refuses at every call."""
+    for module in model.modules():
+        if isinstance(getattr(module, "sinks", None), torch.Tensor):
+            return f"its attention has learned sinks ({type(module).__name__}.sinks)"
+        config = getattr(module, "config", None)
+        if getattr(config, "index_topk", None) is not None:
+            return ("its attention is sparse: each query attends to the top-k keys an indexer "
+                    "picks (config.index_topk)")
+    return None
 
 
 def register() -> str:
@@ -102,8 +140,28 @@ def attn_implementation(model: torch.nn.Module) -> Optional[str]:
     return getattr(model.config, "_attn_implementation", None)
 
 
-def set_attn_implementation(model: torch.nn.Module, name: str) -> None:
+def attn_implementations(model: torch.nn.Module) -> Union[str, dict, None]:
+    """The model's attention implementation: its config's name, or for a composite model (a
+    vision tower and a language model, each with its own sub-config) a dict in the form
+    set_attn_implementation takes back: {"": the top config's, sub-config key: its own, ...}."""
+    def walk(config):
+        subs = {key: walk(getattr(config, key)) for key in getattr(config, "sub_configs", {})
+                if getattr(config, key, None) is not None}
+        own = getattr(config, "_attn_implementation", None)
+        return {"": own, **subs} if subs else own
+    return walk(model.config)
+
+
+def implementation_names(implementation: Union[str, dict, None]) -> set:
+    """The names in attn_implementations' answer."""
+    if isinstance(implementation, dict):
+        return set().union(*(implementation_names(v) for v in implementation.values()))
+    return {implementation}
+
+
+def set_attn_implementation(model: torch.nn.Module, name: Union[str, dict]) -> None:
+    """name: one implementation for every sub-model, or attn_implementations' dict."""
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(name)
     else:  # transformers before set_attn_implementation: the config field is what layers read
-        model.config._attn_implementation = name
+        model.config._attn_implementation = name[""] if isinstance(name, dict) else name

@@ -1,6 +1,7 @@
 """QuantLinear: nn.Linear with its weight stored in 8 or 4 bits (llmkernels.quantize_weight)."""
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 import torch
@@ -132,11 +133,23 @@ class QuantLinear(nn.Module):
         """explain(layer, x): the path quant_matmul takes for forward(x)."""
         return explain(quant_matmul, x, self.qweight, self._bias_for(x))
 
-    def get_extra_state(self):
-        return {"scheme": self.scheme, "group_size": self.group_size,
-                "weight_dtype": str(self.weight_dtype).replace("torch.", "")}
+    def get_extra_state(self) -> torch.Tensor:
+        """The layer's format as a uint8 tensor of JSON text: state_dict savers that take only
+        tensors (safetensors, transformers' save_pretrained) keep it."""
+        text = json.dumps({"scheme": self.scheme, "group_size": self.group_size,
+                           "weight_dtype": str(self.weight_dtype).replace("torch.", "")})
+        return torch.tensor(list(text.encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state) -> None:
+        if isinstance(state, torch.Tensor):  # get_extra_state's; a dict before that
+            try:
+                state = json.loads(bytes(state.detach().cpu().to(torch.uint8).tolist()))
+            except ValueError as exc:
+                raise ValueError(f"QuantLinear: the state_dict's _extra_state is not this "
+                                 f"layer's format record: {exc}") from exc
+        if not isinstance(state, dict):
+            raise ValueError("QuantLinear: the state_dict's _extra_state is not this layer's "
+                             f"format record (got {type(state).__name__})")
         if state.get("scheme") != self.scheme or state.get("group_size") != self.group_size:
             raise ValueError(f"QuantLinear: the state_dict holds a {state.get('scheme')} weight "
                              f"(group {state.get('group_size')}), this layer is {self.scheme} "
