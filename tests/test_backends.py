@@ -123,6 +123,25 @@ def test_empty_cache_frees_and_kernel_still_runs():
     torch.testing.assert_close(sdpa(q, k, v, backend="cpu"), a, atol=0, rtol=0)
 
 
+@pytest.mark.skipif(backends.native_module() is None, reason="no compiled extension")
+def test_quant_matmul_workspace_is_the_one_empty_cache_frees(monkeypatch):
+    """The quantized matmul kept its own workspace (up to 64 MiB) that empty_cache missed."""
+    from llmkernels.ops import workspace
+    x = torch.randn(40, 256)
+    qw = llmkernels.quantize_weight(torch.randn(64, 256), "int8")
+    llmkernels.empty_cache()
+    expected = llmkernels.quant_matmul(x, qw, backend="reference")
+    torch.testing.assert_close(llmkernels.quant_matmul(x, qw, backend="cpu"), expected,
+                               rtol=1e-4, atol=1e-4)
+    assert workspace._local.workspace is not None
+    llmkernels.empty_cache()
+    assert workspace._local.workspace is None
+    monkeypatch.setattr(workspace, "KEPT_BYTES", 0)  # every workspace now counts as large
+    torch.testing.assert_close(llmkernels.quant_matmul(x, qw, backend="cpu"), expected,
+                               rtol=1e-4, atol=1e-4)
+    assert workspace._local.workspace is None
+
+
 def test_amx_tier_is_hardware_where_the_cpu_has_it_and_never_best_when_emulated():
     info = llmkernels.build_info()["cpu"]
     feats = info["features"]

@@ -67,6 +67,24 @@ def test_compile_inductor_fullgraph():
     torch.testing.assert_close(compiled(x, w), block(x, w), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["scale", "softcap"])
+def test_compile_fullgraph_with_a_changing_scale_or_softcap(name):
+    """A second value makes it a SymFloat (dynamic=True: from the first call), which
+    math.isfinite could not take: fullgraph raised where torch's SDPA compiles."""
+    torch._dynamo.reset()
+
+    def block(q, k, v, value):
+        return llmkernels.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                       **{name: value})
+
+    compiled = torch.compile(block, fullgraph=True, dynamic=True, backend="aot_eager")
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    for value in (5.0, 7.5):
+        torch.testing.assert_close(compiled(q, k, v, value), block(q, k, v, value))
+    with pytest.raises(Exception, match=f"{name} must be"):
+        compiled(q, k, v, float("nan"))
+
+
 def test_dispatch_modes_see_the_custom_op():
     """Plain eager calls skip the dispatcher for speed; a dispatch mode (as used by fake
     tensors, export or FlopCounter-style tools) must still see the custom op."""

@@ -335,3 +335,31 @@ def test_version1_checkpoints_are_converted():
     sd["param_groups"][0]["codes_version"] = 3
     with pytest.raises(ValueError, match="codes_version"):
         AdamW8bit([p.detach().clone().requires_grad_()]).load_state_dict(sd)
+
+
+def test_loading_never_casts_the_8bit_state_to_the_parameters_dtype(monkeypatch):
+    """torch's load_state_dict casts every state tensor to its parameter's dtype, all at once:
+    uint8 codes as float32 took 4x the 8-bit state (1 GiB for a 134M-parameter model) before
+    being dropped. Only the step goes through torch's cast now; the state loads the same."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 128))
+    opt = AdamW8bit([p])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    cast = []
+    real = torch.optim.Optimizer._process_value_according_to_param_policy
+
+    def spy(param, value, param_id, param_groups, key=None):
+        cast.append(key)
+        return real(param, value, param_id, param_groups, key)
+    monkeypatch.setattr(torch.optim.Optimizer, "_process_value_according_to_param_policy",
+                        staticmethod(spy))
+    fresh = AdamW8bit([torch.nn.Parameter(p.detach().clone())])
+    fresh.load_state_dict(saved)
+    assert cast == ["step"]
+    for key, value in opt.state[p].items():
+        got = fresh.state[fresh.param_groups[0]["params"][0]][key]
+        assert got.dtype == value.dtype and torch.equal(got, value), key
+        if key != "step":  # (torch's own cast keeps a CPU step as it is)
+            assert got.data_ptr() != saved["state"][0][key].data_ptr()  # a copy

@@ -137,6 +137,26 @@ def test_gradient_wrt_input_and_bias(scheme, backend):
     torch.testing.assert_close(gb, g.sum(0))
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_gradient_never_forms_the_whole_float_weight(scheme, monkeypatch):
+    """The backward dequantizes slices of output rows (it formed the whole float32 weight:
+    512-778 MiB for an 8192x8192 layer stored in 34-64 MiB); the gradient is the same."""
+    import sys
+    ops = sys.modules["llmkernels.ops.quant_matmul"]  # (the package exports the function too)
+    sizes = []
+    real = ops.dequantize_reference
+    monkeypatch.setattr(ops, "dequantize_reference",
+                        lambda *a: sizes.append(a[1].shape[0]) or real(*a))
+    monkeypatch.setattr(ops, "BACKWARD_SLICE_BYTES", 4 * 64 * 7)  # 7 rows of K = 64
+    x = torch.randn(3, 2, 64, requires_grad=True)
+    qw = llmkernels.quantize_weight(torch.randn(30, 64), scheme, 32)
+    out = llmkernels.quant_matmul(x, qw)
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, (x,), g)
+    assert sizes == [7, 7, 7, 7, 2]
+    torch.testing.assert_close(gx, g @ qw.dequantize(), rtol=1e-5, atol=1e-5)
+
+
 def _paths_here():
     paths = ["reference"]
     if llmkernels.backends.native_module() is not None:

@@ -12,7 +12,7 @@ from ._build_info import build_info
 from .backends import BackendError, explain, use_backend, use_cpu_tier
 from .ops import (attention_varlen, attention_with_kvcache, quant_matmul,
                   scaled_dot_product_attention)
-from .ops.attention import empty_cache
+from .ops.workspace import empty_cache
 from .quantized_weight import QuantizedWeight, quantize_weight
 from .quantize import QuantizeReport, quantize_
 from .patching import PatchReport, patch, unpatch

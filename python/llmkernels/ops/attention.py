@@ -5,7 +5,6 @@ kernel as torch custom ops (forward, backward) so torch.compile and opcheck see 
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -15,6 +14,7 @@ from .. import backends
 from .._cview import cview
 from ..reference.attention import WINDOW_LIMIT, attention_reference
 from . import attention_gpu
+from .workspace import workspace as _workspace
 
 OP_NAME = "scaled_dot_product_attention"
 MAX_CPU_HEAD_DIM = 256  # the fused CPU kernel's limit; larger heads use the reference path
@@ -26,28 +26,6 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _threads() -> int:
     return max(1, torch.get_num_threads())
-
-
-_SMALL_WORKSPACE = 16 << 20
-_local = threading.local()
-
-
-def empty_cache() -> None:
-    """Free the calling thread's reusable kernel workspace (at most 16 MiB)."""
-    _local.workspace = None
-
-
-def _workspace(nbytes: int) -> torch.Tensor:
-    """Scratch memory for one kernel call. Small workspaces are kept per thread and reused:
-    a fresh allocation of a few MiB costs page faults on every call, as much as the whole
-    kernel when decoding one token. Large ones come and go with the call."""
-    if nbytes > _SMALL_WORKSPACE:
-        return torch.empty(nbytes, dtype=torch.uint8)
-    ws = getattr(_local, "workspace", None)
-    if ws is None or ws.numel() < nbytes:
-        ws = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8)
-        _local.workspace = ws
-    return ws
 
 
 def _residual_like(out: torch.Tensor, with_residual: bool) -> torch.Tensor:
@@ -256,15 +234,16 @@ def _window(window_size, is_causal: bool, op: str = OP_NAME) -> Tuple[int, int]:
 
 def _scale_softcap(scale, softcap, head_dim: int, op: str = OP_NAME):
     """(scale as float, defaulting to 1/sqrt(head_dim); softcap as float or None), validated."""
+    # comparisons, not math.isfinite: under torch.compile a changing scale is a SymFloat
     if scale is None:
         scale_f = 1.0 / math.sqrt(head_dim)
     else:
         scale_f = float(scale)
-        if not math.isfinite(scale_f):
+        if not -math.inf < scale_f < math.inf:  # (false for NaN)
             raise ValueError(f"{op}: scale must be finite, got {scale!r}")
     if softcap is not None:
         softcap = float(softcap)
-        if not (softcap > 0.0 and math.isfinite(softcap)):
+        if not 0.0 < softcap < math.inf:
             raise ValueError(f"{op}: softcap must be a positive finite number, got {softcap!r}")
     return scale_f, softcap
 

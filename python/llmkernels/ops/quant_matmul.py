@@ -4,7 +4,6 @@ registered as torch custom ops (with a backward for x, so quantized base layers 
 fine-tuned around, QLoRA style)."""
 from __future__ import annotations
 
-import threading
 from typing import Optional
 
 import torch
@@ -16,11 +15,11 @@ from ..quantized_weight import SCHEME_CODES, QuantizedWeight
 from ..reference.quant_matmul import dequantize_reference, quant_matmul_reference
 from .attention import _needs_dispatcher
 from .attention_gpu import triton_interpreting
+from .workspace import workspace
 
 OP_NAME = "quant_matmul"
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SCHEMES_BY_CODE = {v: k for k, v in SCHEME_CODES.items()}
-_local = threading.local()
 _WORKSPACE_BYTES: dict = {}  # CPU kernel workspace sizes by call shape (a query costs ~3 us)
 
 
@@ -29,12 +28,7 @@ _WORKSPACE_BYTES: dict = {}  # CPU kernel workspace sizes by call shape (a query
 def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
     if device.type != "cpu":
         return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
-    ws = getattr(_local, "workspace", None)  # reused: page faults cost as much as a GEMV
-    if ws is None or ws.numel() < nbytes:
-        ws = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8)
-        if nbytes <= (64 << 20):
-            _local.workspace = ws
-    return ws
+    return workspace(nbytes)
 
 
 def _run_kernel(impl: str, x2d, qdata, scales, zeros, bias, out, scheme: str, group_size: int):
@@ -117,12 +111,27 @@ def _setup(ctx, inputs, output):
     ctx.meta = (scheme_code, group_size, x2d.dtype, bias is not None)
 
 
+# The backward dequantizes the weight a slice of output rows at a time, this many bytes of
+# float32 at most: training through a quantized layer (QLoRA style) never forms the whole
+# float weight, which would cost 4-8x the quantized one.
+BACKWARD_SLICE_BYTES = 16 << 20
+
+
 def _backward(ctx, grad_out):
     # d out / d x = dequantized W (for w8a8: straight through the activation rounding).
     qdata, scales, zeros = ctx.saved_tensors
     scheme_code, group_size, dtype, has_bias = ctx.meta
-    w = dequantize_reference(_SCHEMES_BY_CODE[scheme_code], qdata, scales, zeros, group_size)
-    grad_x = (grad_out.float() @ w).to(dtype)
+    scheme = _SCHEMES_BY_CODE[scheme_code]
+    N, K = scales.shape[0], qdata.shape[1] * (2 if scheme == "int4" else 1)
+    g = grad_out.float()
+    grad_x = g.new_zeros((g.shape[0], K))
+    rows = max(1, BACKWARD_SLICE_BYTES // (4 * max(K, 1)))
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        w = dequantize_reference(scheme, qdata[n0:n1], scales[n0:n1],
+                                 None if zeros is None else zeros[n0:n1], group_size)
+        grad_x.addmm_(g[:, n0:n1], w)
+    grad_x = grad_x.to(dtype)
     grad_bias = grad_out.sum(0) if has_bias else None
     return grad_x, None, None, None, grad_bias, None, None, None
 

@@ -295,15 +295,21 @@ class AdamW8bit(_fused.FusedOptimizer):
                                      "amsgrad=True, whose max of exp_avg_sq AdamW8bit does not "
                                      "keep; load it into llmkernels.optim.AdamW")
             params = _fused.saved_params(self, loaded)
+            state = {}
             for key, st in loaded["state"].items():
                 if key in params:
                     kept[params[key]] = {k: v for k, v in st.items()
                                          if isinstance(v, torch.Tensor) and k != "step"}
+                    # torch would cast these to the parameter's dtype, all at once (uint8
+                    # codes as float32: 4x the 8-bit state), only for place to drop them
+                    st = {k: v for k, v in st.items() if k not in kept[params[key]]}
+                state[key] = st
+            return {**loaded, "state": state}
 
         def place(optimizer):  # registered first: before the user's post-hooks
             for p, tensors in kept.items():
                 for name, value in tensors.items():
-                    self.state[p][name] = value.to(device=p.device).clone()
+                    self.state[p][name] = value.to(device=p.device, copy=True)
             for group in self.param_groups:
                 if group.get("codes_version", 1) == 1:
                     for p in group["params"]:

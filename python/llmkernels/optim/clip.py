@@ -25,8 +25,8 @@ def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
     then left as they are until that step (code that reads them in between sees them
     unclipped); the optimizer's zero_grad() drops the factor with them (a step skipped after
     a non-finite norm). The factor applies to every gradient the optimizer steps, so it is
-    folded only when `parameters` are those (the ones with gradients); otherwise, and without
-    optimizer, the gradients are scaled in place, as torch does. A second call before the
+    folded only when `parameters` are those (the ones with gradients); otherwise, inside
+    torch.compile, and without optimizer, the gradients are scaled in place, as torch does. A second call before the
     step measures the gradients as the first call's factor left them. foreach: as torch's
     (its implementation of the norm and the scaling).
     """
@@ -40,6 +40,10 @@ def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
     if optimizer is not None and not hasattr(type(optimizer), "_llmk_fused"):
         raise TypeError("clip_grad_norm_: optimizer must be an llmkernels.optim optimizer "
                         f"(got {type(optimizer).__name__}); call it without optimizer= instead")
+    if optimizer is not None and torch.compiler.is_compiling():
+        # a compiled region drops attribute writes on optimizers (the factor would be lost,
+        # the step unclipped): the gradients are scaled now, inside the graph
+        optimizer = None
     if not grads:
         return torch.tensor(0.0)
     if optimizer is not None and not _steps_exactly(optimizer, grads):
