@@ -111,3 +111,41 @@ def test_fast_path_and_autograd_path_agree():
         fast = llmkernels.scaled_dot_product_attention(q, k, v, is_causal=True)
     slow = llmkernels.scaled_dot_product_attention(q.requires_grad_(), k, v, is_causal=True)
     torch.testing.assert_close(fast, slow.detach(), atol=0, rtol=0)
+
+
+def test_varlen_under_compile_runs_between_graphs():
+    """attention_varlen reads its lengths on the host: traced, a recompile for a batch with
+    an empty sequence failed inside torch (a value-range assertion). It runs eagerly between
+    graphs now, with eager's results; fullgraph=True names the reason."""
+    torch._dynamo.reset()
+    T = 10
+
+    def f(q, cu):
+        return llmkernels.attention_varlen(q * 2, q, q, cu, cu, T, T, is_causal=True) + 1
+
+    compiled = torch.compile(f, backend="aot_eager")
+    for lengths in ([0, 4, 10], [0, 10, 10], [0, 3, 7, 10], [0, 10, 10, 10], [0, 0, 10, 10]):
+        q = torch.randn(T, 2, 8)
+        cu = torch.tensor(lengths, dtype=torch.int32)
+        torch.testing.assert_close(compiled(q, cu), f(q, cu), rtol=0, atol=0)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="reads cu_seqlens on the host"):
+        torch.compile(f, fullgraph=True, backend="aot_eager")(q, cu)
+
+
+def test_kvcache_with_tensor_lengths_under_compile_says_why_not_fullgraph():
+    torch._dynamo.reset()
+    q, cache = torch.randn(2, 1, 2, 8), torch.randn(2, 16, 2, 8)
+    lengths = torch.tensor([5, 16], dtype=torch.int32)
+
+    def f(q, lengths):
+        return llmkernels.attention_with_kvcache(q, cache, cache, lengths)
+
+    torch.testing.assert_close(torch.compile(f, backend="aot_eager")(q, lengths), f(q, lengths))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="reads a cache_seqlens tensor on the host"):
+        torch.compile(f, fullgraph=True, backend="aot_eager")(q, lengths)
+    torch._dynamo.reset()
+    g = torch.compile(lambda q: llmkernels.attention_with_kvcache(q, cache, cache, 7),
+                      fullgraph=True, backend="aot_eager")  # int lengths trace
+    torch.testing.assert_close(g(q), llmkernels.attention_with_kvcache(q, cache, cache, 7))

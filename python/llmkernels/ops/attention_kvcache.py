@@ -204,6 +204,12 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     accesses. The CPU and reference paths read the lengths anyway, so there bad lengths
     raise before the append whatever check_lengths says.
     """
+    if (torch.compiler.is_compiling() and isinstance(cache_seqlens, torch.Tensor)
+            and (check_lengths or not q.is_cuda)):
+        return _kvcache_outside_graphs(q, k_cache, v_cache, cache_seqlens, k_new=k_new,
+                                       v_new=v_new, is_causal=is_causal, scale=scale,
+                                       window_size=window_size, softcap=softcap,
+                                       check_lengths=check_lengths, backend=backend)
     q, k_new, v_new = resolved(q, k_new, v_new)  # (the caches are written in place: as given)
     call = _KVCall(q, k_cache, v_cache, cache_seqlens, k_new, v_new, is_causal, scale,
                    window_size, softcap, check_lengths)
@@ -216,6 +222,15 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if path in ("cuda", "triton"):
         return call.run_gpu(path)
     return call.run_reference()
+
+
+# A tensor of lengths is read on the host (checked; the CPU kernel needs them there): under
+# torch.compile the call runs eagerly between graphs, and fullgraph=True says why. (Int
+# lengths, or a GPU call with check_lengths=False, which reads nothing, trace as they are.)
+_kvcache_outside_graphs = torch.compiler.disable(
+    attention_with_kvcache, reason="attention_with_kvcache reads a cache_seqlens tensor on "
+    "the host: it runs between graphs, not inside fullgraph=True (pass an int, or on a GPU "
+    "check_lengths=False)")
 
 
 def _explain(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, is_causal=False,

@@ -141,6 +141,10 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     least). Returns (total_q, Hq, Dv). Differentiable. is_causal / window_size / softcap as in
     scaled_dot_product_attention, the band aligned top-left in each sequence.
     """
+    if torch.compiler.is_compiling():
+        return _varlen_outside_graphs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                      max_seqlen_k, is_causal=is_causal, scale=scale,
+                                      window_size=window_size, softcap=softcap, backend=backend)
     q, k, v = resolved(q, k, v)
     call = _Varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
                    scale, window_size, softcap)
@@ -150,6 +154,15 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if path in ("cuda", "triton"):
         return call.run_gpu(path)
     return call.run_reference()
+
+
+# The sequence lengths are read from cu_seqlens on the host (to check them, and to cut the
+# packed batch per sequence on the CPU): values a graph cannot hold (traced, a recompile with
+# an empty sequence failed inside torch). Under torch.compile the call runs eagerly between
+# graphs, and fullgraph=True says why.
+_varlen_outside_graphs = torch.compiler.disable(
+    attention_varlen, reason="attention_varlen reads cu_seqlens on the host (data-dependent "
+    "sequence lengths): it runs between graphs, not inside fullgraph=True")
 
 
 def _explain(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, is_causal=False,
