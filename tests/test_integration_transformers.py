@@ -331,13 +331,15 @@ def test_attention_function_refuses_tensor_inputs_it_would_not_read(key):
 
 
 def test_attention_function_reads_past_position_inputs():
-    """Positions and packed-sequence offsets: the mask already holds what they imply."""
+    """Positions and packed-sequence offsets: the mask already holds what they imply
+    (token_type_ids, which collators pass along, mean nothing to attention)."""
     q = torch.randn(1, 2, 3, 8)
     expected, _ = lt.attention_forward(torch.nn.Module(), q, q, q, None)
     got, _ = lt.attention_forward(torch.nn.Module(), q, q, q, None,
                                   position_ids=torch.arange(3)[None],
                                   cache_position=torch.arange(3), use_cache=True,
-                                  cu_seq_lens_q=torch.tensor([0, 3]), max_length_q=3)
+                                  cu_seq_lens_q=torch.tensor([0, 3]), max_length_q=3,
+                                  token_type_ids=torch.zeros(1, 3, dtype=torch.long))
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
@@ -424,6 +426,10 @@ def test_quantize_lists_weight_matrices_it_does_not_take():
     report = llmkernels.quantize_(mixtral, "int8")
     stacked = [name for name, why in report.skipped if "stacked" in why]
     assert len(stacked) == len(held)
+    vit = _tiny_from("ViTConfig", "ViTModel", hidden_size=32, num_hidden_layers=1,
+                     num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=8)
+    report = llmkernels.quantize_(vit, "int8")  # its (1, n, d) position embeddings: no experts
+    assert not [name for name, why in report.skipped if "stacked" in why]
 
 
 def test_explain_on_a_patched_model_says_how_to_ask():
@@ -432,3 +438,5 @@ def test_explain_on_a_patched_model_says_how_to_ask():
     for module in (model, model.model.layers[0].self_attn):
         with pytest.raises(TypeError, match="scaled_dot_product_attention, q, k, v"):
             llmkernels.explain(module, torch.randn(1, 5, 64))
+    with pytest.raises(TypeError, match="does not run llmkernels ops"):  # not attention
+        llmkernels.explain(model.model.layers[0].mlp, torch.randn(1, 5, 64))

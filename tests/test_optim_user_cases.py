@@ -72,6 +72,97 @@ def test_clipping_twice_before_a_step_matches_torch():
     assert got_norms == pytest.approx(want_norms, rel=1e-5)
 
 
+@pytest.mark.parametrize("clear", ["model.zero_grad", "zero in place"])
+@pytest.mark.parametrize("bad", [float("nan"), 1e4])
+@pytest.mark.parametrize("ours,theirs,kw", OPTIMIZERS, ids=IDS)
+def test_a_clipping_factor_never_outlives_its_gradients(ours, theirs, kw, bad, clear):
+    """A loop that skips a bad batch and clears the gradients without optimizer.zero_grad():
+    the factor left for that batch reached the next one (a NaN factor made every later norm
+    NaN; a spike's 1e-4 factor shrank the next step 10^4 times)."""
+    def run(opt_class, fold):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        opt = opt_class(model.parameters(), **kw)
+        norms = []
+        for i in range(5):
+            x = torch.randn(16, 8) * (bad if i == 2 else 1.0)
+            if clear == "zero in place":
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.zero_()
+            else:
+                model.zero_grad()
+            (model(x) ** 2).mean().backward()
+            norm = (optim.clip_grad_norm_(model.parameters(), 1.0, optimizer=opt) if fold
+                    else torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+            norms.append(float(norm))
+            if norm.isfinite() and norm < 100:
+                opt.step()
+        return norms, [p.detach() for p in model.parameters()]
+
+    (got_norms, got), (want_norms, want) = run(ours, True), run(theirs, False)
+    assert got_norms == pytest.approx(want_norms, rel=1e-5, nan_ok=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_changed_between_clip_and_step_warn_and_go_unclipped():
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = optim.SGD([p], lr=1.0)
+    p.grad = torch.full((4,), 10.0)
+    optim.clip_grad_norm_([p], 1.0, optimizer=opt)
+    p.grad.add_(1.0)  # accumulated into after the clip call
+    with pytest.warns(UserWarning, match="this step is not clipped"):
+        opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((4,), -11.0))
+
+
+def test_views_of_one_buffer_and_repeated_parameters_are_clipped_as_torch_does():
+    """Gradients that are views of one bucket (DDP's gradient_as_bucket_view) share a version
+    counter, and a parameter listed twice has one gradient: both made the check drop the
+    factor, so the step went unclipped."""
+    def run(fold):
+        a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+        bucket = torch.full((8,), 10.0)
+        a.grad, b.grad = bucket[:4], bucket[4:]
+        opt_a, opt_b = optim.SGD([a, a], lr=1.0), optim.SGD([b], lr=1.0)
+        for p, opt in ((a, opt_a), (b, opt_b)):
+            (optim.clip_grad_norm_([p], 1.0, optimizer=opt) if fold
+             else torch.nn.utils.clip_grad_norm_([p], 1.0))
+        opt_a.step()
+        opt_b.step()
+        return a.detach(), b.detach()
+    with pytest.warns(UserWarning, match="duplicate parameters"):  # torch's, for [a, a]
+        got, want = run(True), run(False)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("ours,theirs,kw", OPTIMIZERS[:3], ids=IDS[:3])
+def test_step_pre_hooks_see_and_add_to_clipped_gradients(ours, theirs, kw):
+    """With a step pre-hook the gradients are clipped at the call, as torch's function does:
+    folded into the step, the hook saw them unclipped and its change was clipped too."""
+    def run(opt_class, fold):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.zeros(4))
+        opt = opt_class([p], **kw)
+        seen = []
+
+        def hook(opt, args, kwargs):
+            seen.append(float(p.grad.norm()))
+            p.grad.add_(1.0)
+        opt.register_step_pre_hook(hook)
+        p.grad = torch.full((4,), 10.0)
+        (optim.clip_grad_norm_([p], 1.0, optimizer=opt) if fold
+         else torch.nn.utils.clip_grad_norm_([p], 1.0))
+        opt.step()
+        return seen, p.detach()
+
+    (got_seen, got), (want_seen, want) = run(ours, True), run(theirs, False)
+    assert got_seen == pytest.approx(want_seen, rel=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("ours,theirs,kw", OPTIMIZERS, ids=IDS)
 def test_clipping_inside_torch_compile_clips(ours, theirs, kw):
     """Inside a compiled region the factor used to be lost (dynamo drops attribute writes on
@@ -336,3 +427,35 @@ def test_8bit_checkpoint_of_other_parameters_gets_torchs_error(make):
     model, opt = _trained_adamw8bit()
     with pytest.raises(ValueError, match="doesn't match the size"):
         make([model.weight]).load_state_dict(opt.state_dict())
+
+
+def test_sgd_without_momentum_keeps_no_state():
+    """torch's SGD makes no state entry without momentum; ours left one empty dict a
+    parameter (state_dict()['state'] == {0: {}, 1: {}}), also once its step plan was built."""
+    model = torch.nn.Linear(4, 3)
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(12):  # past the steps after which the plan serves
+        opt.zero_grad()
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+    assert len(opt.state) == 0 and opt.state_dict()["state"] == {}
+
+
+def test_adamw8bit_groups_have_torch_adamw_keys():
+    """Code written for torch.optim.AdamW reads its group keys (group["foreach"] raised)."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    ours = optim.AdamW8bit([p], foreach=True).param_groups[0]
+    theirs = torch.optim.AdamW([p], foreach=True).param_groups[0]
+    assert set(theirs) <= set(ours)
+    assert ours["foreach"] is True and ours["amsgrad"] is False
+
+
+def test_adamw8bit_checkpoints_from_before_the_torch_keys_get_them():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = optim.AdamW8bit([p])
+    saved = opt.state_dict()
+    for key in ("amsgrad", "foreach", "differentiable", "fused", "decoupled_weight_decay"):
+        del saved["param_groups"][0][key]
+    fresh = optim.AdamW8bit([p])
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["foreach"] is None and fresh.param_groups[0]["amsgrad"] is False

@@ -409,3 +409,20 @@ def test_quantlinear_cast_keeps_float32_scales(scheme):
     assert q.dequantize().dtype == torch.bfloat16
     out = model(torch.randn(3, 64, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_autocast_casts_x_as_for_linear(dtype, compiled):
+    """Under torch.autocast an nn.Linear gives the autocast dtype; its QuantLinear gave float32."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    layer = llmkernels.nn.QuantLinear.from_linear(linear, "int8")
+    run = torch.compile(layer, fullgraph=True, backend="aot_eager") if compiled else layer
+    x = torch.randn(3, 64)
+    with torch.autocast("cpu", dtype=dtype):
+        expected_dtype = linear(x).dtype
+        out = run(x)
+    assert out.dtype == expected_dtype == dtype
+    torch.testing.assert_close(out, layer(x.to(dtype)), rtol=0, atol=0)
+    assert layer(x).dtype == torch.float32  # outside autocast, x's dtype

@@ -188,3 +188,24 @@ def test_format_record_is_a_tensor_and_old_dict_records_still_load():
     state["_extra_state"] = "int4"
     with pytest.raises(ValueError, match="_extra_state"):
         fresh.load_state_dict(state)
+
+
+def test_format_record_has_one_size_and_lives_on_the_cpu():
+    """torch.distributed.checkpoint loads into tensors of the saved size: a bf16 layer's record
+    was one byte longer than a float32 one's. A state_dict taken under a meta device context
+    made a meta record that could not load."""
+    a = llmkernels.nn.QuantLinear.from_linear(nn.Linear(64, 8), "int8")
+    b = llmkernels.nn.QuantLinear.from_linear(nn.Linear(64, 8), "int4", group_size=32)
+    b.to(torch.bfloat16)
+    with torch.device("meta"):
+        records = [a.get_extra_state(), b.get_extra_state()]
+    assert {r.shape for r in records} == {(128,)} and {r.device.type for r in records} == {"cpu"}
+    fresh = llmkernels.nn.QuantLinear.from_linear(nn.Linear(64, 8), "int4", group_size=32)
+    fresh.load_state_dict(b.state_dict())
+    assert fresh.weight_dtype == torch.bfloat16
+
+
+def test_meta_layers_run_forward_on_meta():
+    layer = llmkernels.nn.QuantLinear.from_linear(nn.Linear(64, 32, device="meta"), "int8")
+    out = layer(torch.empty(3, 64, device="meta"))
+    assert out.shape == (3, 32) and out.is_meta

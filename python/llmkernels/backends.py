@@ -307,10 +307,12 @@ def select(op: str, device_type: str, checks: Mapping[str, SupportCheck],
 
 
 def _routes_hf_attention(module) -> bool:
-    """Whether a transformers module (a model, or one of its layers holding the config) runs
-    with attn_implementation "llmkernels"."""
+    """Whether a transformers model, or an attention layer of one, runs with
+    attn_implementation "llmkernels"."""
+    from .integrations.transformers import NAME, is_transformers_model
     config = getattr(module, "config", None)
-    return getattr(config, "_attn_implementation", None) == "llmkernels"
+    return (getattr(config, "_attn_implementation", None) == NAME
+            and (is_transformers_model(module) or "attention" in type(module).__name__.lower()))
 
 
 def explain(op: Callable, *args, **kwargs) -> Decision:

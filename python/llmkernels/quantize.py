@@ -85,7 +85,10 @@ def _other_weight_matrix(module: nn.Module) -> Optional[str]:
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         return ("transformers' Conv1D (a linear layer with its weight stored transposed) is "
                 "not an nn.Linear")
-    stacked = [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
+    if "expert" not in type(module).__name__.lower():
+        return None
+    stacked = [n for n, p in module.named_parameters(recurse=False)
+               if p.dim() == 3 and min(p.shape) > 1]
     if stacked:
         return (f"{type(module).__name__}'s stacked weights ({', '.join(stacked)}: one matrix "
                 "per expert) are not nn.Linear layers")

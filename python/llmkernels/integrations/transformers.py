@@ -67,7 +67,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 # positions (the mask already holds what they imply: packed sequences, the cache offset) and
 # the loss's token count.
 _IGNORED_TENSORS = frozenset({"position_ids", "cache_position", "cu_seq_lens_q",
-                              "cu_seq_lens_k", "seq_idx", "num_items_in_batch"})
+                              "cu_seq_lens_k", "seq_idx", "num_items_in_batch",
+                              "token_type_ids"})
 _INPUT_NAMES = {"position_bias": "T5-style relative attention bias",
                 "s_aux": "attention sinks", "sinks": "attention sinks",
                 "indices": "sparse attention indices (the keys an indexer picked)",
@@ -99,7 +100,8 @@ def unsupported_attention(model: torch.nn.Module) -> Optional[str]:
         if isinstance(getattr(module, "sinks", None), torch.Tensor):
             return f"its attention has learned sinks ({type(module).__name__}.sinks)"
         config = getattr(module, "config", None)
-        if getattr(config, "index_topk", None) is not None:
+        if any(getattr(config, name, None) is not None
+               for name in ("index_topk", "index_topk_blocks")):
             return ("its attention is sparse: each query attends to the top-k keys an indexer "
                     "picks (config.index_topk)")
     return None

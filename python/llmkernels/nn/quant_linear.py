@@ -13,6 +13,9 @@ from ..quantized_weight import QuantizedWeight, quantize_weight
 from ..reference.quant_matmul import INT4_GROUP_SIZES, SCHEMES, is_int4_group_size
 
 
+_RECORD_BYTES = 128  # QuantLinear's format record (get_extra_state): far more than it needs
+
+
 def scheme_fits(scheme: str, in_features: int, group_size: int,
                 out_features: Optional[int] = None) -> Optional[str]:
     """None if `scheme` can store a weight of (out_features, in_features), else why not."""
@@ -134,11 +137,14 @@ class QuantLinear(nn.Module):
         return explain(quant_matmul, x, self.qweight, self._bias_for(x))
 
     def get_extra_state(self) -> torch.Tensor:
-        """The layer's format as a uint8 tensor of JSON text: state_dict savers that take only
-        tensors (safetensors, transformers' save_pretrained) keep it."""
+        """The layer's format as a uint8 CPU tensor of JSON text, padded with spaces to a fixed
+        length: state_dict savers that take only tensors (safetensors, transformers'
+        save_pretrained) keep it, and torch.distributed.checkpoint, which loads into tensors
+        of the saved size, finds the same size in every layer."""
         text = json.dumps({"scheme": self.scheme, "group_size": self.group_size,
                            "weight_dtype": str(self.weight_dtype).replace("torch.", "")})
-        return torch.tensor(list(text.encode()), dtype=torch.uint8)
+        return torch.tensor(list(text.ljust(_RECORD_BYTES).encode()), dtype=torch.uint8,
+                            device="cpu")
 
     def set_extra_state(self, state) -> None:
         if isinstance(state, torch.Tensor):  # get_extra_state's; a dict before that

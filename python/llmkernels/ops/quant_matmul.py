@@ -275,7 +275,9 @@ def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[torch
 
     The float weight is never materialized on the kernel paths. Differentiable with respect to
     x and bias (the weight is frozen). backend: force "cpu", "triton", "cuda" or "reference".
+    Under torch.autocast, x and bias are cast to its dtype first, as for F.linear.
     """
+    x, bias = _autocast(x, bias)
     _validate(x, qweight, bias)
     if backend is None and backends.forced_backend() is None:
         # The automatic choice, in select()'s order, without building an explanation (a
@@ -301,7 +303,23 @@ def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[torch
     return out if flat else out.reshape(*x.shape[:-1], qweight.out_features)
 
 
+def _autocast(x, bias):
+    """x and bias as F.linear takes them under torch.autocast: in its dtype (an nn.Linear
+    gives bf16 there; a QuantLinear in its place must too)."""
+    if (not isinstance(x, torch.Tensor) or not torch.amp.is_autocast_available(x.device.type)
+            or not torch.is_autocast_enabled(x.device.type)):  # (meta has no autocast)
+        return x, bias
+    dtype = torch.get_autocast_dtype(x.device.type)
+    if dtype not in _X_DTYPES or x.dtype not in _X_DTYPES:
+        return x, bias
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _X_DTYPES else t
+    return cast(x), cast(bias)
+
+
 def _explain(x, qweight, bias=None, backend=None):
+    x, bias = _autocast(x, bias)
     _validate(x, qweight, bias)
     return _decide(x, qweight, backend, explain=True)
 

@@ -50,7 +50,8 @@ class Plan:
         self.codes = [DTYPE_CODES[dt] for dt in self.dtypes]
         self.sizes = [(n,) for n in self.numels]
         self.param_views = list(zip(self.ptrs, self.codes, self.sizes, repeat(_ONE)))
-        self.states = [optimizer.state[p] for p in params]
+        # (a parameter without state, as SGD's without momentum, gets no entry made for it)
+        self.states = [optimizer.state[p] if p in optimizer.state else {} for p in params]
         # The whole state map's keys and values as of now, compared by identity each step:
         # a state dict replaced or an entry removed shows there without hashing parameters
         # (Tensor.__hash__ is Python code: ~0.2 us a call).

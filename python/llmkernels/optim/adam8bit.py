@@ -237,6 +237,11 @@ def _eight_bit_reference(p, state, row, *, beta1, beta2, eps, skip) -> None:
     p.copy_(work.view_as(p))
 
 
+# torch.optim.AdamW's group keys that AdamW8bit's arguments do not set (as AdamW's defaults)
+_TORCH_ADAMW_KEYS = dict(amsgrad=False, foreach=None, differentiable=False, fused=None,
+                         decoupled_weight_decay=True)
+
+
 class AdamW8bit(_fused.FusedOptimizer):
     """torch.optim.AdamW's arguments and update, with 8-bit block-wise moments."""
 
@@ -252,9 +257,11 @@ class AdamW8bit(_fused.FusedOptimizer):
                              "no max of exp_avg_sq); use llmkernels.optim.AdamW")
         if int(min_8bit_size) < 1:
             raise ValueError(f"AdamW8bit: min_8bit_size must be >= 1, got {min_8bit_size}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        maximize=bool(maximize), min_8bit_size=int(min_8bit_size),
-                        capturable=bool(capturable), codes_version=CODES_VERSION)
+        # torch.optim.AdamW's group keys (code reads them, e.g. group["foreach"]), and ours
+        defaults = dict(_TORCH_ADAMW_KEYS, lr=lr, betas=tuple(betas), eps=eps,
+                        weight_decay=weight_decay, maximize=bool(maximize), foreach=foreach,
+                        capturable=bool(capturable), fused=fused,
+                        min_8bit_size=int(min_8bit_size), codes_version=CODES_VERSION)
         super().__init__(params, defaults)
 
     def _state_of(self, p, min_size: int, capturable: bool = False):
@@ -276,6 +283,8 @@ class AdamW8bit(_fused.FusedOptimizer):
             group.setdefault("maximize", False)
             group.setdefault("capturable", False)
             group.setdefault("min_8bit_size", self.defaults["min_8bit_size"])
+            for key, value in _TORCH_ADAMW_KEYS.items():  # checkpoints made before them
+                group.setdefault(key, value)
 
     def load_state_dict(self, state_dict) -> None:
         """torch's, except that 8-bit codes, scales and float32 moments keep their dtypes

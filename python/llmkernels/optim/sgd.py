@@ -86,8 +86,9 @@ class SGD(_fused.FusedOptimizer):
                 _sgd_native(path, params[0].device, items, *hyper, sr=False)
                 continue
             bufs, firsts, keys = [], [], []
+            keeps_state = sr or momentum != 0.0  # else no entry at all, as torch's SGD
             for index, p in enumerate(params):
-                state = self.state[p]
+                state = self.state[p] if keeps_state else {}
                 if sr:  # SGD keeps no step count; rounding needs one for a fresh stream
                     state["sr_step"] = state.get("sr_step", 0) + 1
                     keys.append(_fused.sr_key(group.get("seed", 0), state["sr_step"], index))
