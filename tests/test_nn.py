@@ -442,3 +442,39 @@ def test_exports():
     assert llmkernels.nn.MultiheadAttention is MultiheadAttention
     assert set(llmkernels.nn.__all__) == {"MultiheadAttention", "swap_attention", "restore_attention",
                                          "QuantLinear"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float32_masks_keep_their_precision_with_16_bit_layers(dtype):
+    """torch's layer adds a float32 mask at float32 precision; ours rounded it to the layer's
+    dtype first (a -1e9 row became -inf: zeros instead of torch's uniform weights; a
+    -1000 + noise bias lost its noise in bf16)."""
+    torch.manual_seed(0)
+    theirs = torch.nn.MultiheadAttention(16, 4, batch_first=True).to(dtype)
+    ours = llmkernels.nn.MultiheadAttention.from_module(theirs)
+    x = torch.randn(2, 5, 16).to(dtype)
+    mask = -1000 + 2 * torch.randn(5, 5)
+    mask[0, :] = -1e9
+    expected = theirs(x, x, x, need_weights=False, attn_mask=mask)[0]
+    got = ours(x, x, x, need_weights=False, attn_mask=mask)[0]
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_dropout_one_drops_every_weight_as_torchs_layer():
+    torch.manual_seed(0)
+    theirs = torch.nn.MultiheadAttention(16, 4, dropout=1.0, batch_first=True)
+    ours = llmkernels.nn.MultiheadAttention.from_module(theirs).train()
+    x = torch.randn(2, 5, 16)
+    expected = theirs.train()(x, x, x, need_weights=False)[0]
+    torch.testing.assert_close(ours(x, x, x, need_weights=False)[0], expected)
+    assert llmkernels.explain(ours, x, x, x, need_weights=False).backend == "reference"
+
+
+def test_explain_names_the_reference_path_for_a_mask_that_requires_grad():
+    """forward takes the reference path (the mask's gradient exists only there); explain ran
+    its check under no_grad and said cpu."""
+    layer = llmkernels.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    mask = torch.zeros(5, 5, requires_grad=True)
+    decision = llmkernels.explain(layer, x, x, x, need_weights=False, attn_mask=mask)
+    assert decision.backend == "reference"

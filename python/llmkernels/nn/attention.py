@@ -42,10 +42,12 @@ def _check_mask(name: str, mask: Optional[Tensor], shapes: Tuple[tuple, ...], de
 
 def _to_sdpa(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """torch's MHA mask (bool True = hidden, or additive float) in SDPA's convention
-    (bool True = attend, or additive float). Float masks are cast to the query dtype: torch
-    rejects other float dtypes except float32, and llmkernels' reference path (dropout)
-    cannot mix a float32 mask with bfloat16/float16 scores."""
-    return ~mask if mask.dtype == torch.bool else mask.to(dtype)
+    (bool True = attend, or additive float). A float32 mask stays float32 with 16-bit
+    queries, as torch's layer keeps it (rounded to bf16, -1e9 or float32's min became -inf and
+    hid whole rows); other float dtypes are cast to the query's."""
+    if mask.dtype == torch.bool:
+        return ~mask
+    return mask if mask.dtype in (dtype, torch.float32) else mask.to(dtype)
 
 
 def _as_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -221,7 +223,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if len(parts) == 2:
             if all(p.dtype == torch.bool for p in parts):
                 mask = parts[0] & parts[1]
-            else:
+            else:  # (a float32 part makes the sum float32)
                 mask = _as_bias(parts[0], dtype) + _as_bias(parts[1], dtype)
         else:
             mask = parts[0]
@@ -237,7 +239,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                                                                key_padding_mask, attn_mask,
                                                                is_causal)
         N, _, L, _ = q.shape
-        out = scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
+        if sdpa_kwargs["dropout_p"] >= 1.0:  # torch's layer takes it: every weight dropped
+            out = v.new_zeros((N, self.num_heads, L, v.shape[-1]))
+        else:
+            out = scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
         # (N, H, L, D) -> the caller's layout, made contiguous once, before the out projection.
         if not batched:
             out = out[0].transpose(0, 1).reshape(L, self.embed_dim)
@@ -262,7 +267,17 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             q, k, v, sdpa_kwargs, _ = self._attention_inputs(query, key, value,
                                                              key_padding_mask, attn_mask,
                                                              bool(is_causal))
-            return explain(scaled_dot_product_attention, q, k, v, **sdpa_kwargs)
+        if sdpa_kwargs["dropout_p"] >= 1.0:
+            return Decision(_NAME, query.device.type, "reference", None, {},
+                            "dropout=1.0 in training: every weight is dropped, the attention "
+                            "output is zeros (no kernel runs)")
+        mask = sdpa_kwargs["attn_mask"]
+        if (torch.is_grad_enabled() and mask is not None and mask.is_floating_point()
+                and any(isinstance(m, Tensor) and m.requires_grad
+                        for m in (attn_mask, key_padding_mask))):
+            # forward's merged mask would require grad (made under no_grad here, it does not)
+            sdpa_kwargs["attn_mask"] = mask.detach().requires_grad_()
+        return explain(scaled_dot_product_attention, q, k, v, **sdpa_kwargs)
 
     def _attention_inputs(self, query: Tensor, key: Tensor, value: Tensor,
                           key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
