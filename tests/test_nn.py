@@ -478,3 +478,15 @@ def test_explain_names_the_reference_path_for_a_mask_that_requires_grad():
     mask = torch.zeros(5, 5, requires_grad=True)
     decision = llmkernels.explain(layer, x, x, x, need_weights=False, attn_mask=mask)
     assert decision.backend == "reference"
+
+
+def test_torchscript_says_what_to_do_instead():
+    """Scripting a patched model failed with "'Tensor' object has no attribute or method
+    'forward'"; unpatched, it scripts."""
+    model = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 4), 1,
+                                        enable_nested_tensor=False)
+    llmkernels.patch(model)
+    with pytest.raises(RuntimeError, match="unpatch"):
+        torch.jit.script(model)
+    llmkernels.unpatch(model)
+    torch.jit.script(model)

@@ -232,6 +232,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             mask = F.pad(mask, (0, extra), value=True if mask.dtype == torch.bool else 0.0)
         return mask
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule first: a clear error in place of
+        # TorchScript's "'Tensor' object has no attribute or method 'forward'"
+        raise RuntimeError("torch.jit.script: llmkernels.nn.MultiheadAttention cannot be "
+                           "scripted (its forward calls llmkernels ops from Python); script "
+                           "the model after llmkernels.unpatch(model), or use torch.compile "
+                           "or torch.export")
+
     def _fused_forward(self, query: Tensor, key: Tensor, value: Tensor,
                        key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
                        is_causal: bool) -> Tensor:
