@@ -410,14 +410,43 @@ def test_quantize_leaves_what_the_model_keeps_in_float32():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4", "w8a8"])
+def test_quantize_takes_gpt2s_conv1d_projections(scheme):
+    """GPT-2's projections are transformers' Conv1D (x @ W + b, W stored (in, out)): they
+    stayed float, so quantize_(gpt2) quantized nothing (its lm_head is tied)."""
+    def gpt2():
+        return _tiny_from("GPT2Config", "GPT2LMHeadModel", vocab_size=VOCAB, n_embd=128,
+                          n_layer=1, n_head=4, n_positions=64).eval()
+    model = gpt2()
+    ids = prompt(batch=2, length=9)
+    with torch.no_grad():
+        expected = model(ids).logits
+    convs = {name: m for name, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+    report = llmkernels.quantize_(model, scheme, group_size=64)
+    assert sorted(name for name, _, _ in report.replaced) == sorted(convs)
+    assert [name for name, _ in report.skipped] == ["lm_head"]  # tied to the embedding
+    for name, conv in convs.items():  # the same weight as an nn.Linear holding W^T
+        linear = torch.nn.Linear(conv.nx, conv.nf)
+        with torch.no_grad():
+            linear.weight.copy_(conv.weight.t())
+            linear.bias.copy_(conv.bias)
+        twin = llmkernels.nn.QuantLinear.from_linear(linear, scheme, 64)
+        layer = model.get_submodule(name)
+        assert torch.equal(layer.qdata, twin.qdata) and torch.equal(layer.bias, twin.bias)
+        x = torch.randn(3, conv.nx)
+        torch.testing.assert_close(layer(x), conv(x), rtol=0.1, atol=0.1 if scheme == "int4" else 0.02)
+    with torch.no_grad():
+        got = model(ids).logits
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+    fresh = gpt2()
+    llmkernels.quantize_(fresh, scheme, group_size=64)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, got, rtol=0, atol=0)
+
+
 def test_quantize_lists_weight_matrices_it_does_not_take():
-    """GPT-2's Conv1D projections and Mixtral's stacked experts stayed float without a word."""
-    gpt2 = _tiny_from("GPT2Config", "GPT2LMHeadModel", vocab_size=VOCAB, n_embd=64, n_layer=1,
-                      n_head=4, n_positions=64)
-    report = llmkernels.quantize_(gpt2, "int8")
-    conv = [name for name, why in report.skipped if "Conv1D" in why]
-    assert sorted(conv) == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
-                            "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    """Mixtral's stacked experts stayed float without a word."""
     mixtral = _tiny_from("MixtralConfig", "MixtralForCausalLM", vocab_size=VOCAB,
                          hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ._modules import keep_submodule_calls, set_submodule
-from .nn.quant_linear import QuantLinear, scheme_fits
+from .nn.quant_linear import QuantLinear, is_transformers_conv1d, scheme_fits
 from .reference.quant_matmul import INT4_GROUP_SIZES, SCHEMES, is_int4_group_size
 
 
@@ -45,8 +46,7 @@ class QuantizeReport:
 
 
 def _weight_bytes(layer: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for key, t in layer.state_dict().items()
-               if hasattr(t, "numel") and not key.endswith("_extra_state"))
+    return sum(t.numel() * t.element_size() for t in chain(layer.parameters(), layer.buffers()))
 
 
 def _weight_holders(model: nn.Module) -> Dict[int, List[str]]:
@@ -78,13 +78,13 @@ def _matches(name: str, patterns: Tuple[str, ...]) -> Optional[str]:
 
 def _other_weight_matrix(module: nn.Module) -> Optional[str]:
     """Why a module quantize_ does not take still holds a linear layer's weights, so that the
-    report names it rather than leave it out: transformers' Conv1D (GPT-2's projections, the
-    weight stored transposed) and stacked expert weights of mixture-of-experts layers."""
+    report names it rather than leave it out: a Conv1D quantize_ does not know (transformers'
+    own is taken) and stacked expert weights of mixture-of-experts layers."""
     if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
         return None
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return ("transformers' Conv1D (a linear layer with its weight stored transposed) is "
-                "not an nn.Linear")
+        return ("a Conv1D that is not transformers' (or has no bias): its forward is not known "
+                "to be x @ weight + bias")
     if "expert" not in type(module).__name__.lower():
         return None
     stacked = [n for n, p in module.named_parameters(recurse=False)
@@ -113,16 +113,16 @@ def _keep_transformer_layers_off_fused_paths(model: nn.Module) -> None:
 
 def quantize_(model: nn.Module, scheme: str, group_size: int = 128,
               filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> QuantizeReport:
-    """Replace every nn.Linear of `model` (where filter_fn(module, name) is true, if given)
-    with a QuantLinear holding its weight in `scheme` ("int8", "int4", "w8a8"). In place;
+    """Replace every nn.Linear of `model`, and every transformers Conv1D (GPT-2's projections),
+    where filter_fn(module, name) is true if given, with a QuantLinear holding its weight in
+    `scheme` ("int8", "int4", "w8a8"). In place;
     returns a QuantizeReport. Kept in float and listed in report.skipped: layers a scheme
     cannot store (e.g. in_features not a multiple of the int4 group, empty weights),
     subclasses of nn.Linear (their owners may read .weight, as nn.MultiheadAttention does),
     layers whose weight another module also holds (a tied output embedding: quantizing
     it would untie them and keep the float copy) and those a transformers model keeps in
     float32 (_keep_in_fp32_modules). Listed there too: QuantLinear layers already there, and
-    weight matrices of other modules (transformers' Conv1D, stacked expert weights), which
-    stay in float. A layer reachable under several names is
+    weight matrices of other modules (stacked expert weights), which stay in float. A layer reachable under several names is
     quantized once and replaced under each. A weight holding NaN or Inf raises ValueError
     naming the layer before anything is replaced. Layers on the meta device become QuantLinear
     frames without values (for load_state_dict(..., assign=True) of a quantized checkpoint)."""
@@ -140,8 +140,9 @@ def quantize_(model: nn.Module, scheme: str, group_size: int = 128,
     aliases: Dict[int, List[str]] = {}
     kept_float32 = _kept_in_float32(model)
     for name, module in model.named_modules(remove_duplicate=False):
-        if not isinstance(module, nn.Linear):
-            # (filter_fn is for nn.Linear layers: it may read their attributes)
+        conv1d = is_transformers_conv1d(module)
+        if not (isinstance(module, nn.Linear) or conv1d):
+            # (filter_fn is for linear layers: it may read their attributes)
             if id(module) not in decided:
                 why = (f"already a QuantLinear ({module.scheme})"
                        if isinstance(module, QuantLinear) else _other_weight_matrix(module))
@@ -162,11 +163,13 @@ def quantize_(model: nn.Module, scheme: str, group_size: int = 128,
                                          "(transformers' _keep_in_fp32_modules: its code reads "
                                          "the weight)"))
             continue
-        if type(module) is not nn.Linear:
+        if type(module) is not nn.Linear and not conv1d:
             report.skipped.append((name, f"{type(module).__name__} is a subclass of nn.Linear "
                                          "(its owner may read .weight)"))
             continue
-        why = scheme_fits(scheme, module.in_features, group_size, module.out_features)
+        in_features, out_features = ((module.nx, module.nf) if conv1d
+                                     else (module.in_features, module.out_features))
+        why = scheme_fits(scheme, in_features, group_size, out_features)
         if why is not None:
             report.skipped.append((name, why))
             continue

@@ -31,6 +31,17 @@ def scheme_fits(scheme: str, in_features: int, group_size: int,
     return None
 
 
+def is_transformers_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2, GPT, ImageGPT, Decision Transformer): a linear layer whose
+    (in_features, out_features) weight its forward multiplies as x @ weight + bias."""
+    cls = type(module)
+    weight = getattr(module, "weight", None)
+    return (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+            and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and tuple(weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None))
+            and isinstance(getattr(module, "bias", None), torch.Tensor))
+
+
 class QuantLinear(nn.Module):
     """y = x @ W^T + b with W quantized ("int8", "int4" or "w8a8"); the float weight is never
     formed. Buffers qdata, scales (and zeros for int4) hold W; bias stays in float.
@@ -92,14 +103,21 @@ class QuantLinear(nn.Module):
         self.weight_dtype = qweight.dtype
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int = 128) -> "QuantLinear":
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"QuantLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
-        w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme,
+    def from_linear(cls, linear: nn.Module, scheme: str, group_size: int = 128) -> "QuantLinear":
+        """linear: an nn.Linear, or transformers' Conv1D (GPT-2's projections: y = x W + b
+        with W stored as (in_features, out_features))."""
+        if isinstance(linear, nn.Linear):
+            w = linear.weight
+        elif is_transformers_conv1d(linear):
+            w = linear.weight.t()
+        else:
+            raise TypeError("QuantLinear.from_linear: expected nn.Linear or transformers' "
+                            f"Conv1D, got {type(linear).__name__}")
+        out_features, in_features = w.shape
+        layer = cls(in_features, out_features, linear.bias is not None, scheme,
                     group_size, dtype=w.dtype, device=w.device)
         if not w.is_meta:  # a meta layer (no values) stays an empty frame for load_state_dict
-            layer.set_weight(quantize_weight(w.detach(), scheme, group_size))
+            layer.set_weight(quantize_weight(w.detach().contiguous(), scheme, group_size))
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(),
                                       requires_grad=linear.bias.requires_grad)

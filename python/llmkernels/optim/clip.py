@@ -55,7 +55,9 @@ def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
         optimizer = None  # a pre-hook must see (and add to) the gradients clipped, as torch's
     if not grads:
         return torch.tensor(0.0)
-    if optimizer is not None and not _steps_exactly(optimizer, grads):
+    measured = {id(g): (weakref.ref(g), _versions(g)) for g in grads} \
+        if optimizer is not None else None
+    if optimizer is not None and measured.keys() != _gradient_ids(optimizer):
         optimizer = None  # its factor would reach other gradients: these are scaled now
     if optimizer is not None and any(map(torch.Tensor._is_view, grads)):
         # views of one buffer (DDP's gradient_as_bucket_view) share a version counter: a
@@ -76,7 +78,7 @@ def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
         setattr(optimizer, _PENDING, coef * pending)  # kept on the device: no host read
     else:
         setattr(optimizer, _PENDING, float(coef) * pending)
-    setattr(optimizer, _PENDING_FOR, {id(g): (weakref.ref(g), _versions(g)) for g in grads})
+    setattr(optimizer, _PENDING_FOR, measured)
     return total
 
 
@@ -88,11 +90,11 @@ def _total_norm(grads, norm_type, error_if_nonfinite):
     return total
 
 
-def _steps_exactly(optimizer, grads) -> bool:
-    """Whether grads (of the clipped parameters that have one) are those of the parameters
-    optimizer steps. C-level loops: this runs every step over every parameter."""
+def _gradient_ids(optimizer) -> set:
+    """The ids of the gradients optimizer steps (compared with the clipped ones). C-level
+    loops: this runs every step over every parameter."""
     theirs = map(_grad_of, chain.from_iterable(g["params"] for g in optimizer.param_groups))
-    return set(map(id, grads)) == set(map(id, filter(partial(is_not, None), theirs)))
+    return set(map(id, filter(partial(is_not, None), theirs)))
 
 
 def _has_step_pre_hooks(optimizer) -> bool:
