@@ -9,7 +9,7 @@ Every launcher takes 4-D views and the same sequence metadata as the CUDA path:
   query i iff j < len_k, j >= i + off - window_left (if window_left >= 0) and
   j <= i + off + window_right (if window_right >= 0). Causal is window_right = 0.
   Scores are scale * q.k, softcapped to softcap * tanh(score / softcap) when softcap > 0.
-  Rows with no visible key give out = 0 and lse = -inf.
+  Rows with no visible key give out = 0 and lse = -inf; NaN scores make the row and its lse NaN.
 
 Design:
   - Forward: online softmax in base 2 over the key blocks the band allows; masks are built only
@@ -185,6 +185,14 @@ def _block_needs_mask(start_n, i_lo, i_hi, len_k, off, window_left, window_right
 # ------------------------------------------------------------------------------ forward
 
 @triton.jit
+def _dead_or_nan(l):
+    """The lse of a row whose sum of probabilities l is not positive: -inf where no key was
+    visible (l = 0), NaN where l is NaN (NaN scores): -inf would tell the backward the row saw
+    no key, and its NaN would become zero gradients."""
+    return tl.where(l == 0.0, float("-inf"), float("nan"))
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, O_PART, LSE_PART,
                 s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                 s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
@@ -273,9 +281,9 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PART, LSE_PART,
         m_i = m_new
 
     alive = l_i > 0.0
-    out = acc / tl.where(alive, l_i, 1.0)[:, None]
+    out = acc / tl.where(alive, l_i, 1.0)[:, None]  # a NaN row's acc is NaN already
     lse = tl.where(alive, (m_i + tl.log2(tl.where(alive, l_i, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
+                   _dead_or_nan(l_i))
     if NUM_SPLITS > 1:
         # partials: (NUM_SPLITS, B, Hq, Lq, DV) and (NUM_SPLITS, B, Hq, Lq), contiguous
         prow = ((split * (tl.num_programs(1) // Hk) + b) * Hq + h) * Lq + i  # splits imply PACK_GQA
@@ -332,7 +340,7 @@ def _combine_kernel(O_PART, LSE_PART, O, LSE, s_ob, s_oh, s_om, s_lb, s_lh, s_lm
         total += w
     alive = total > 0.0
     out = acc / tl.where(alive, total, 1.0)[:, None]
-    lse = tl.where(alive, m_safe + tl.log(tl.where(alive, total, 1.0)), float("-inf"))
+    lse = tl.where(alive, m_safe + tl.log(tl.where(alive, total, 1.0)), _dead_or_nan(total))
     b = rows // (Hq * Lq)
     h = (rows // Lq) % Hq
     i = rows % Lq
@@ -598,6 +606,16 @@ def decode_splits(q, k, cu_seqlens_q, max_seqlen_k: int, num_splits=None) -> int
     return int(max(1, min(want, triton.cdiv(max_seqlen_k, 256), 64)))
 
 
+def _unbounded_past_reach(window_left: int, window_right: int, diag_offset: int, Lq: int,
+                          Sk: int):
+    """The window sides as the kernels take them: a side reaching past every key (each
+    sequence's offset is within Lq + Sk, or diag_offset) is no window (-1). The kernels' band
+    arithmetic is int32 for sides under 2^31: a "no window" sentinel such as 2^31 - 1 wrapped
+    (zero outputs, or wrong dK/dV)."""
+    reach = Lq + Sk + abs(int(diag_offset))
+    return tuple(-1 if side >= reach else int(side) for side in (window_left, window_right))
+
+
 def _bh_launches(pairs: int):
     """(bh0, count) for each launch over `pairs` (sequence, head) programs in grid y."""
     return [(bh0, min(MAX_GRID_Y, pairs - bh0)) for bh0 in range(0, pairs, MAX_GRID_Y)]
@@ -613,6 +631,8 @@ def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen
     nseq = _num_sequences(q, cu_seqlens_q)
     # a generous varlen bound would size the grid (2^40: past its x limit); no sequence is longer
     max_seqlen_q, max_seqlen_k = min(max_seqlen_q, Lq), min(max_seqlen_k, Sk)
+    window_left, window_right = _unbounded_past_reach(window_left, window_right, diag_offset,
+                                                      Lq, Sk)
     meta = _meta(q, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softcap, window_left,
                  window_right, bottom_right)
     args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -674,6 +694,8 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, se
     nseq = _num_sequences(q, cu_seqlens_q)
     # a generous varlen bound would size the grid (2^40: past its x limit); no sequence is longer
     max_seqlen_q, max_seqlen_k = min(max_seqlen_q, Lq), min(max_seqlen_k, Sk)
+    window_left, window_right = _unbounded_past_reach(window_left, window_right, diag_offset,
+                                                      Lq, Sk)
     meta = _meta(q, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softcap, window_left,
                  window_right, bottom_right)
     delta = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)

@@ -1,6 +1,8 @@
 """scaled_dot_product_attention on the GPU paths (Triton, CUDA) against the float64 reference
 (DESIGN.md numerics rule), forward and backward. Without a GPU, Triton runs in its interpreter
 at small shapes and the CUDA cases skip."""
+from functools import partial
+
 import pytest
 import torch
 
@@ -64,6 +66,40 @@ def test_gqa_mqa(gpu_path, Hq, Hk):
 def test_sliding_window(gpu_path, window, causal):
     run_case(gpu_path, 1, 2, 1, 60, 75, 64, 64, torch.bfloat16, is_causal=causal,
              window_size=window)
+
+
+@pytest.mark.parametrize("window,causal", [((None, 2**31 - 1), False), ((2**31 - 1, None), False),
+                                           ((2**31 - 1, None), True), ((2**31 - 60, 2**31 - 2), False)])
+def test_windows_near_int32s_end_are_unbounded(gpu_path, window, causal):
+    """A side just under 2^31 (a "no window" sentinel): the Triton band arithmetic is int32
+    there and wrapped (every output row zero, or dK/dV wrong)."""
+    run_case(gpu_path, 1, 2, 1, 37, 53, 32, 32, torch.float32, is_causal=causal,
+             window_size=window)
+
+
+@pytest.mark.parametrize("where,L", [("query_row", 70), ("first_key_block", 70),
+                                     ("query_row", 1), ("first_key_block", 1)])
+def test_nan_inputs_give_nan_where_the_reference_does(gpu_path, where, L):
+    """NaN scores were dropped: CUDA's forward turned a key block of all-NaN scores into zero
+    probabilities (finite outputs that ignore those keys, or a zero row), and both GPU paths
+    wrote lse = -inf for a NaN row, which the backward reads as "no visible key" (zero
+    gradients where the reference has NaN)."""
+    q, k, v = make_qkv(1, 2, 2, L, 130, 64, 64, torch.bfloat16, device=DEVICE)
+    skip_unless_runs(gpu_path, q, k, v)
+    if where == "query_row":
+        q[0, 0, L // 2] = float("nan")
+    else:
+        k[0, 0, :64] = float("nan")
+    grads = []
+    for attend, dtype in ((partial(llmkernels.scaled_dot_product_attention, backend=gpu_path),
+                           q.dtype),
+                          (torch.nn.functional.scaled_dot_product_attention, torch.float64)):
+        qkv = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = attend(*qkv)
+        grads.append((out,) + torch.autograd.grad(out, qkv, torch.ones_like(out)))
+    for name, got, want in zip(("out", "dq", "dk", "dv"), *grads):
+        assert want.isnan().any(), name
+        assert torch.equal(got.isnan(), want.isnan()), name
 
 
 @pytest.mark.parametrize("softcap", [0.5, 20.0])

@@ -60,6 +60,14 @@ def test_sliding_window_without_append(path):
                 window_size=(16, 0), softcap=10.0)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_window_sides_near_int32s_end_are_unbounded(path):
+    """A "no window" sentinel of 2^31 - 1: the Triton band arithmetic is int32 there and
+    wrapped (wrong rows)."""
+    run_kvcache(path, 2, 1, 0, 4, 2, 48, 16, torch.float32, [40, 17],
+                window_size=(2**31 - 1, 2**31 - 1))
+
+
 def test_flash_decoding_splits(force_splits):
     for splits in (2, 5):
         force_splits(splits)

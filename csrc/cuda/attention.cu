@@ -281,11 +281,15 @@ attn_fwd_kernel(const Params p) {
     }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
     const float m_new = fmaxf(m_run, mx);
-    const float alpha = m_run == -INFINITY ? 0.f : exp2f(m_run - m_new);
+    // fmaxf skips NaN: a block whose visible scores are all NaN leaves m_new = -inf. Subtract
+    // 0 then (as the CPU and Triton kernels do), so those NaN reach P and the row, where a
+    // "P = 0 while m_new = -inf" rule turned them into zeros.
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    const float alpha = exp2f(m_run - m_use);  // 0 while m_run = -inf
     T* prow = sP + row * LDP + half_idx * (BN / 2);
     float sum = 0.f;
     for (int c = 0; c < BN / 2; ++c) {
-      const float pr = m_new == -INFINITY ? 0.f : exp2f(srow[c] - m_new);
+      const float pr = exp2f(srow[c] - m_use);  // masked: exp2(-inf) = 0
       prow[c] = from_float<T>(pr);
       sum += pr;
     }
@@ -316,13 +320,14 @@ attn_fwd_kernel(const Params p) {
     __syncwarp();
   }
 
-  // Normalize; dead rows (l = 0) give out = 0 and lse = -inf.
-  const float inv_l = l_run > 0.f ? 1.f / l_run : 0.f;
+  // Normalize; dead rows (l = 0) give out = 0 and lse = -inf; NaN rows stay NaN (lse too,
+  // so the backward's "no visible key" rule does not zero their gradients).
+  const float inv_l = l_run > 0.f ? 1.f / l_run : (l_run == 0.f ? 0.f : NAN);
   float* orow = sO + row * LDO + half_idx * (D / 2);
   for (int c = 0; c < D / 2; ++c) orow[c] *= inv_l;
   if (half_idx == 0 && row < rows_q) {
     float* lse = p.lse.p + sq.q_batch * p.lse.s0 + h * p.lse.s1 + (sq.q_row0 + i) * p.lse.s2;
-    *lse = l_run > 0.f ? (m_run + log2f(l_run)) * kLn2 : -INFINITY;
+    *lse = l_run > 0.f ? (m_run + log2f(l_run)) * kLn2 : (l_run == 0.f ? -INFINITY : NAN);
   }
   __syncthreads();
   T* gO = static_cast<T*>(p.out.p) + sq.q_batch * p.out.s0 + h * p.out.s1 + (sq.q_row0 + m0) * p.out.s2;

@@ -62,6 +62,14 @@ def check_torch_flags(owner: str, differentiable, foreach=None, fused=None) -> N
                          "outside autograd)")
 
 
+# step() reads host-side state (step counts, cached plans) and calls our own kernels: dynamo
+# cannot trace it (torch.compile(opt.step, fullgraph=True) failed on an internal attrgetter
+# call). It runs eagerly between graphs, and fullgraph=True says why.
+step_outside_graphs = torch.compiler.disable(reason=(
+    "llmkernels optimizers run their own fused kernels: step() runs eagerly between graphs "
+    "(compile the model's forward and backward; the step is already one fused call per group)"))
+
+
 def grads_of(group, owner: str) -> List[torch.Tensor]:
     """The parameters of a group that have a gradient; sparse gradients are refused."""
     params = group["params"]
