@@ -125,6 +125,13 @@ class TestBadInput:
         a.update(over)
         return a
 
+    def test_caches_past_int32_slots_are_refused(self):
+        """An append at slot 2**31 raised torch's int32 conversion error from inside the call
+        (the kernels' lengths and positions are int32)."""
+        cache = torch.zeros(2, 1, 2, 16).expand(2, 2**31 + 2, 2, 16)  # no memory
+        with pytest.raises(ValueError, match="slots per sequence"):
+            llmkernels.attention_with_kvcache(torch.randn(2, 1, 4, 16), cache, cache, 2**31)
+
     @pytest.mark.parametrize("over,err,match", [
         (dict(cache_seqlens=torch.tensor([3, 10], dtype=torch.int32)), ValueError,
          "outside the cache"),

@@ -108,6 +108,15 @@ class TestBadInput:
         with pytest.raises(err, match=match):
             llmkernels.attention_varlen(**self.args(**over))
 
+    def test_more_packed_rows_than_int32_offsets_hold_are_refused(self):
+        """int64 cu_seqlens past 2**31 were cut to int32 (wrapped): the reference path then
+        sliced with negative offsets and returned 2 rows for 2**31 + 1."""
+        rows = 2**31 + 1
+        q = torch.zeros(1, 1, 4, dtype=torch.float64).expand(rows, 1, 4)  # no memory
+        cu = torch.tensor([0, 1, rows])
+        with pytest.raises(ValueError, match="at most 2\\*\\*31 - 1"):
+            llmkernels.attention_varlen(q, q, q, cu, cu, rows - 1, rows - 1)
+
 
 def test_triton_grids_follow_the_packed_rows_not_max_seqlen(monkeypatch):
     """max_seqlen_q / _k may be any bound on the longest sequence; the Triton grids take at most

@@ -3,6 +3,8 @@
 the CPU has them, float FMA otherwise); on the portable tier the K-in-lanes panels. Every tier
 against the reference, on shapes that leave partial row vectors, partial channel blocks,
 partial K chunks and every int4 group size; on the amx tier, slabs of rows past 512."""
+import importlib
+
 import pytest
 import torch
 
@@ -30,6 +32,35 @@ def test_many_rows_match_reference(cpu_tier, scheme, M, K, N, dtype):
         bias = torch.randn(N, dtype=dtype) if M % 2 else None
         out = llmkernels.quant_matmul(x, qw, bias, backend="cpu")
         check_against_reference(x, qw, bias, out)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_workspace_stays_bounded_for_many_rows(monkeypatch, cpu_tier, scheme, dtype):
+    """The workspace grew with the rows (8 bytes a value of x: 16 GiB for 524k rows of 4096):
+    calls past CPU_SLAB_BYTES run in equal slabs of at least CPU_SLAB_MIN_ROWS rows, here
+    lowered here (a third of the whole call's workspace), each into its own rows of out."""
+    qm = importlib.import_module("llmkernels.ops.quant_matmul")
+    K, N, M = 256, 24, 3000
+    x = torch.randn(M, K, dtype=dtype)
+    qw = llmkernels.quantize_weight(torch.randn(N, K), scheme, 64)
+    native = llmkernels.backends.native_module()
+    asked, calls = [], []
+    workspace, kernel = qm._workspace, native.quant_matmul
+    monkeypatch.setattr(qm, "_workspace", lambda n, d: asked.append(n) or workspace(n, d))
+    monkeypatch.setattr(native, "quant_matmul",
+                        lambda *a: calls.append(a[2][2][0]) or kernel(*a))
+    whole = llmkernels.quant_matmul(x, qw, backend="cpu")
+    assert calls == [M]
+    monkeypatch.setattr(qm, "CPU_SLAB_BYTES", asked[0] // 3)
+    monkeypatch.setattr(qm, "CPU_SLAB_MIN_ROWS", 100)
+    asked.clear(), calls.clear()
+    out = llmkernels.quant_matmul(x, qw, backend="cpu")
+    check_against_reference(x, qw, None, out)
+    torch.testing.assert_close(out, whole, rtol=0, atol=0)
+    assert len(calls) >= 3 and sum(calls) == M and len(set(calls[:-1])) == 1, calls
+    if cpu_tier != "amx":  # (amx packs x in slabs of 512 rows itself: little grows with M)
+        assert asked[0] <= 1.05 * qm.CPU_SLAB_BYTES
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

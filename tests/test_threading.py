@@ -71,6 +71,32 @@ native = backends.native_module()
 needs_native = pytest.mark.skipif(native is None, reason="needs the compiled extension")
 
 
+_MANY_THREADS = """
+import torch, llmkernels
+q = k = v = torch.ones(1, 1, 3, 8)
+x, qw = torch.ones(2, 64), llmkernels.quantize_weight(torch.ones(4, 64), "int8")
+p = torch.nn.Parameter(torch.ones(3))
+p.grad = torch.ones(3)
+opt = llmkernels.optim.AdamW([p], lr=0.5)
+torch.set_num_threads(1100)
+out = llmkernels.scaled_dot_product_attention(q, k, v, backend="cpu")
+y = llmkernels.quant_matmul(x, qw, backend="cpu")
+opt.step()
+print(float(out.sum()), float(y.sum()), p.tolist())
+"""
+
+
+@needs_native
+def test_more_torch_threads_than_the_kernels_take():
+    """torch.set_num_threads above 1024 (the parallel loops' limit) made every kernel call
+    raise 'num_threads out of range'; they now use 1024 at most. (In a child process: the
+    1100 threads stay out of this one.)"""
+    out = subprocess.run([sys.executable, "-c", _MANY_THREADS], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[:2] == ["24.0", "512.0"]
+
+
 @pytest.fixture(params=["openmp", "pool"])
 def runtime(request):
     """Each test on torch's OpenMP runtime (when this process has one) and on our pool."""

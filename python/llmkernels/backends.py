@@ -247,6 +247,16 @@ def cpu_tier_code() -> int:
     return _TIER_CODES[cpu_tier()]
 
 
+MAX_CPU_THREADS = 1024  # the extension's parallel loops take at most this many (kMaxThreads)
+
+
+def cpu_threads() -> int:
+    """Threads for a CPU kernel call: torch's count (torch.set_num_threads), at most
+    MAX_CPU_THREADS (a larger count made every kernel call raise)."""
+    import torch
+    return min(max(1, torch.get_num_threads()), MAX_CPU_THREADS)
+
+
 # ---------------------------------------------------------------- selection
 
 @dataclass

@@ -24,10 +24,6 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # ---------------------------------------------------------------- the CPU kernel as custom ops
 
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
-
-
 def _residual_like(out: torch.Tensor, with_residual: bool) -> torch.Tensor:
     # Only 16-bit outputs lose enough in rounding for the backward to care.
     wanted = with_residual and out.dtype in (torch.bfloat16, torch.float16)
@@ -50,7 +46,7 @@ def _forward_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     residual = _residual_like(out, with_residual)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse, residual
-    tier, threads = backends.cpu_tier_code(), _threads()
+    tier, threads = backends.cpu_tier_code(), backends.cpu_threads()
     views = (cview(q), cview(k), cview(v), cview(mask))
     nbytes = native.attention_forward_workspace_bytes(tier, *views, threads)
     ws = _workspace(nbytes)
@@ -122,7 +118,7 @@ def attention_backward_cpu(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     dv = torch.empty(v.shape, dtype=v.dtype)
     if dq.numel() + dk.numel() + dv.numel() == 0:
         return dq, dk, dv
-    tier, threads = backends.cpu_tier_code(), _threads()
+    tier, threads = backends.cpu_tier_code(), backends.cpu_threads()
     views = (cview(q), cview(k), cview(v), cview(mask))
     nbytes = native.attention_backward_workspace_bytes(tier, *views, threads)
     ws = _workspace(nbytes)

@@ -22,6 +22,9 @@ from .attention import (_check_tensor, _scale_softcap, _window, cpu_forward, cpu
 OP_NAME = "attention_with_kvcache"
 
 
+_INT32_MAX = 2**31 - 1
+
+
 def _check_seqlens(cache_seqlens, batch: int, device: torch.device) -> None:
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
         return
@@ -72,6 +75,9 @@ class _KVCall:
             raise ValueError(f"{OP_NAME}: q heads ({Hq}) must be a multiple of cache heads ({Hk})")
         if D == 0:
             raise ValueError(f"{OP_NAME}: head dim must be > 0")
+        if S > _INT32_MAX:  # lengths and append positions are int32 on the kernels' side
+            raise ValueError(f"{OP_NAME}: the caches hold {S} slots per sequence; at most "
+                             f"{_INT32_MAX} are supported")
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache, k_new,
                                                                      v_new) if t is not None):
             raise ValueError(f"{OP_NAME}: is for inference and has no backward; call it under "

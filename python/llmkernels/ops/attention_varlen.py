@@ -42,6 +42,9 @@ def check_cu_seqlens(name: str, cu, total: int, device: torch.device,
         raise ValueError(f"{op}: {name} must be non-decreasing, got {host}")
     if host[-1] != total:
         raise ValueError(f"{op}: {name} ends at {host[-1]} but the packed tensor has {total} rows")
+    if total > 2**31 - 1:  # offsets are int32 (as flash-attention's): int64 ones would wrap
+        raise ValueError(f"{op}: the packed tensor has {total} rows; at most 2**31 - 1 are "
+                         "supported")
     return cu.to(torch.int32), lengths
 
 

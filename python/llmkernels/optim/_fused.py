@@ -335,10 +335,6 @@ def saved_params(optimizer, loaded: dict) -> dict:
     return dict(zip(saved, (p for g in optimizer.param_groups for p in g["params"])))
 
 
-def threads() -> int:
-    return max(1, torch.get_num_threads())
-
-
 def step_buffer(optimizer, group, states, device: torch.device, numpy: bool = False):
     """(buf, counts): the states' "step" entries as views of one float32 tensor buf on device,
     and with numpy (a CPU buf) counts, buf's numpy view, else None.

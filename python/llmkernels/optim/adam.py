@@ -286,7 +286,7 @@ def adam_native(path, device, views, corrections, keys, *, lr, beta1, beta2, eps
     native = backends.native_module()
     if path == "cpu":
         native.adam_step(backends.cpu_tier_code(), items, lr, beta1, beta2, eps, wd,
-                         decoupled, amsgrad, maximize, inv_scale, _fused.threads(),
+                         decoupled, amsgrad, maximize, inv_scale, backends.cpu_threads(),
                          1.0 - lr * wd, 1.0 - beta1, 1.0 - beta2, sr)
     else:
         _fused.on_cuda(device, native.adam_step_cuda, items, lr, beta1, beta2, eps, wd,

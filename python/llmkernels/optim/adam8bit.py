@@ -190,7 +190,7 @@ def _eight_bit_native(path, device, items, *, lr, beta1, beta2, eps, weight_deca
     native = backends.native_module()
     if path == "cpu":
         native.adam8bit_step(backends.cpu_tier_code(), items, eps, wd, beta2, True, maximize,
-                             inv_scale, _fused.threads(), 1.0 - lr * wd, 1.0 - beta1,
+                             inv_scale, backends.cpu_threads(), 1.0 - lr * wd, 1.0 - beta1,
                              1.0 - beta2)
     else:
         _fused.on_cuda(device, native.adam8bit_step_cuda, items, eps, wd, beta2, maximize,

@@ -153,7 +153,7 @@ def _sgd_native(path, device, items, lr, momentum, dampening, wd, nesterov, maxi
     native = backends.native_module()
     if path == "cpu":
         native.sgd_step(backends.cpu_tier_code(), items, lr, momentum, dampening, wd, nesterov,
-                        maximize, inv_scale, _fused.threads(), 1.0 - dampening, sr)
+                        maximize, inv_scale, backends.cpu_threads(), 1.0 - dampening, sr)
     else:
         _fused.on_cuda(device, native.sgd_step_cuda, items, lr, momentum, dampening, wd,
                        nesterov, maximize, inv_scale, 1.0 - dampening)
