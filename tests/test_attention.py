@@ -259,6 +259,36 @@ def test_many_rounds_of_heads(cpu_tier, dtype, one_head_per_round):
     run_case(3, 4, 2, 70, 90, 32, 24, dtype, is_causal=True, mask_kind="additive")
 
 
+def _forward_workspace_bytes(B, Hq, Hk, L, S, D, dtype=torch.float32):
+    from llmkernels._cview import cview
+    from llmkernels.backends import cpu_tier_code, native_module
+    q = torch.empty(1, 1, 1, D, dtype=dtype).expand(B, Hq, L, D)  # no memory
+    k = torch.empty(1, 1, 1, D, dtype=dtype).expand(B, Hk, S, D)
+    return native_module().attention_forward_workspace_bytes(cpu_tier_code(), cview(q), cview(k),
+                                                             cview(k), None, 2)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("L", [5, 70, 130])
+def test_keys_in_segments(cpu_tier, dtype, L, one_head_per_round):
+    """Queries beyond the decode schedule against many keys pack the keys a segment at a time
+    (here one tile: the budget is forced down) and carry each query tile's softmax state
+    between segments."""
+    assert _forward_workspace_bytes(1, 2, 1, L, 1500, 64) < 1500 * 128 * 4  # not all keys
+    run_case(2, 4, 2, L, 700, 32, 24, dtype, is_causal=True, mask_kind="additive")
+    run_case(1, 2, 1, L, 1500, 64, 64, dtype, window_size=(300, 40), softcap=5.0)
+    run_case(1, 3, 3, L, 200, 40, 40, dtype, mask_kind="bool")
+
+
+def test_few_queries_against_long_keys_take_a_bounded_workspace():
+    """A 64-query chunk against a 64K-key cache packed whole-length K and V in float32 for 2
+    heads a thread (257 MiB on 2 threads, where SDPA takes 3 MiB): the keys now come in
+    segments and the workspace stays near the 8 MiB round budget."""
+    assert _forward_workspace_bytes(1, 32, 8, 64, 65536, 128, torch.float16) < 16 << 20
+    # a prompt (queries as many as keys) still packs its keys once: no state to carry
+    assert _forward_workspace_bytes(1, 8, 8, 4096, 4096, 64) > 8 << 20
+
+
 @pytest.mark.parametrize("L", [1, 2, 4])
 @pytest.mark.parametrize("S", [1, 70, 1500])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)

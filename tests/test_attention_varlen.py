@@ -114,7 +114,7 @@ class TestBadInput:
         rows = 2**31 + 1
         q = torch.zeros(1, 1, 4, dtype=torch.float64).expand(rows, 1, 4)  # no memory
         cu = torch.tensor([0, 1, rows])
-        with pytest.raises(ValueError, match="at most 2\\*\\*31 - 1"):
+        with pytest.raises(ValueError, match="cu_seqlens_q indexes has 2147483649 rows"):
             llmkernels.attention_varlen(q, q, q, cu, cu, rows - 1, rows - 1)
 
 

@@ -445,6 +445,46 @@ def test_quantize_takes_gpt2s_conv1d_projections(scheme):
         torch.testing.assert_close(fresh(ids).logits, got, rtol=0, atol=0)
 
 
+def test_unpatch_gives_gpt2_its_conv1d_projections_back():
+    """unpatch rebuilt GPT-2's quantized Conv1D projections as nn.Linear holding W^T: another
+    module type, and a state_dict a fresh GPT-2 refused (c_attn.weight (192, 64), not (64, 192);
+    the square attn.c_proj loaded silently transposed)."""
+    model = _tiny_from("GPT2Config", "GPT2LMHeadModel", vocab_size=VOCAB, n_embd=64, n_layer=1,
+                       n_head=4, n_positions=64)
+    before = {k: v.shape for k, v in model.state_dict().items()}
+    kinds = {name: type(m) for name, m in model.named_modules()}
+    llmkernels.patch(model, attention=False, quantize="int8")
+    ids = prompt(length=7)
+    with torch.no_grad():
+        quantized = model(ids).logits
+    llmkernels.unpatch(model)
+    assert {name: type(m) for name, m in model.named_modules()} == kinds
+    assert {k: v.shape for k, v in model.state_dict().items()} == before
+    with torch.no_grad():  # the dequantized weights: the quantized model's outputs
+        torch.testing.assert_close(model(ids).logits, quantized, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_asks_filter_fn_about_conv1d_too():
+    gpt2 = _tiny_from("GPT2Config", "GPT2LMHeadModel", vocab_size=VOCAB, n_embd=64, n_layer=1,
+                      n_head=4, n_positions=64)
+    asked = []
+    report = llmkernels.quantize_(gpt2, "int8",
+                                  filter_fn=lambda m, name: asked.append(name) or "mlp" in name)
+    assert {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"} <= set(asked)
+    assert sorted(n for n, _, _ in report.replaced) == ["transformer.h.0.mlp.c_fc",
+                                                         "transformer.h.0.mlp.c_proj"]
+
+
+def test_quantize_lists_a_conv1d_it_does_not_know():
+    """A module named Conv1D outside transformers (its forward unknown) stays float, listed."""
+    Conv1D = type("Conv1D", (torch.nn.Module,), {})
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), Conv1D())
+    model[1].nf, model[1].weight = 64, torch.nn.Parameter(torch.zeros(64, 64))
+    report = llmkernels.quantize_(model, "int8")
+    assert [name for name, _, _ in report.replaced] == ["0"]
+    assert [name for name, why in report.skipped if "not transformers'" in why] == ["1"]
+
+
 def test_quantize_lists_weight_matrices_it_does_not_take():
     """Mixtral's stacked experts stayed float without a word."""
     mixtral = _tiny_from("MixtralConfig", "MixtralForCausalLM", vocab_size=VOCAB,

@@ -155,15 +155,32 @@ LLMK_INLINE int64_t heads_per_round(const AttentionParams& p, int64_t heads,
   return max_<int64_t>(1, min_<int64_t>(heads, max_<int64_t>(by_memory, min_heads)));
 }
 
+// A query tile's running softmax state: O rows, W partial row sums and the row max.
+LLMK_INLINE int64_t carried_words(const Geometry& g) { return kBQ * (g.Dvp + W + 1); }
+
 struct ForwardLayout {
-  int64_t hpr;  // kv heads per round
-  int64_t kt_all, v_all, scratch, per_thread, bad_rows, total;
+  int64_t hpr;        // kv heads per round
+  int64_t seg_tiles;  // key tiles packed at a time: all of them, or a segment
+  int64_t kt_all, v_all, carried, scratch, per_thread, bad_rows, total;
   ForwardLayout(const AttentionParams& p, const Geometry& g, int nthreads) {
-    hpr = heads_per_round(p, g.B * g.Hk, g.nkt * (kt_tile_words(g) + v_tile_words(g)) * 4, nthreads);
+    const int64_t tile_bytes = (kt_tile_words(g) + v_tile_words(g)) * 4;
+    hpr = heads_per_round(p, g.B * g.Hk, g.nkt * tile_bytes, nthreads);
+    // Few queries against many keys (a chunk of a prompt against a long cache): packing the
+    // round's whole K and V (a 64-query chunk against 64K keys: 268 MB on 2 threads) far
+    // outgrows the budget while the queries' softmax state is small. Then the keys are packed
+    // a segment at a time and each query tile's state is carried between segments.
+    const int64_t budget = p.round_bytes > 0 ? p.round_bytes : kRoundBytes;
+    const int64_t whole = hpr * g.nkt * tile_bytes;
+    const int64_t state = hpr * g.group * g.nqt * carried_words(g) * 4;
+    seg_tiles = max_<int64_t>(g.nkt, 1);
+    if (whole > budget && 2 * state <= whole)
+      seg_tiles = min_<int64_t>(seg_tiles, max_<int64_t>(1, (budget - min_(state, budget / 2)) /
+                                                                (hpr * tile_bytes)));
     Bump a;
     // float32 tiles, or bf16 pairs (half the words) on the bf16 dot-product path
-    kt_all = a.take_floats(hpr * g.nkt * kt_tile_words(g));
-    v_all = a.take_floats(hpr * g.nkt * v_tile_words(g));
+    kt_all = a.take_floats(hpr * seg_tiles * kt_tile_words(g));
+    v_all = a.take_floats(hpr * seg_tiles * v_tile_words(g));
+    carried = a.take_floats(seg_tiles < g.nkt ? hpr * g.group * g.nqt * carried_words(g) : 0);
     per_thread = round_up((kBQ * g.Dp + kBQ * kBK + kBQ * g.Dvp + kBQ * W + 5 * kBQ) * 4 +
                           (g.bf16dot ? kBQ * kBK * 2 : 0), 64);
     scratch = a.take_floats(0);
@@ -229,13 +246,21 @@ struct ForwardCtx {
   ForwardLayout lay;
   char* ws;
   int64_t h0 = 0;  // first flat (batch x kv-head) index of the current round
-  // Packed tiles of the round's kv head `local`.
+  int64_t seg_lo = 0, seg_hi = 0;  // key tiles of the current segment
+  // Packed tiles of the round's kv head `local` (kt in the current segment).
   float* kt_tile(int64_t local, int64_t kt) const {
-    return reinterpret_cast<float*>(ws + lay.kt_all) + (local * g.nkt + kt) * kt_tile_words(g);
+    return reinterpret_cast<float*>(ws + lay.kt_all) +
+           (local * lay.seg_tiles + kt - seg_lo) * kt_tile_words(g);
   }
   float* v_tile(int64_t local, int64_t kt) const {
-    return reinterpret_cast<float*>(ws + lay.v_all) + (local * g.nkt + kt) * v_tile_words(g);
+    return reinterpret_cast<float*>(ws + lay.v_all) +
+           (local * lay.seg_tiles + kt - seg_lo) * v_tile_words(g);
   }
+  // The carried softmax state of a round's item, when keys come in segments.
+  float* carried(int64_t item) const {
+    return reinterpret_cast<float*>(ws + lay.carried) + item * carried_words(g);
+  }
+  bool segmented() const { return lay.seg_tiles < g.nkt; }
 };
 
 
@@ -257,7 +282,8 @@ void forward_pack_bf16(const ForwardCtx& c, int64_t b, int64_t hk, int64_t local
 void forward_pack_item(void* vctx, int64_t item, int) {
   const ForwardCtx& c = *static_cast<const ForwardCtx*>(vctx);
   const Geometry& g = c.g;
-  const int64_t kt = item % g.nkt, local = item / g.nkt, flat = c.h0 + local;
+  const int64_t n = c.seg_hi - c.seg_lo;
+  const int64_t kt = c.seg_lo + item % n, local = item / n, flat = c.h0 + local;
   const int64_t b = flat / g.Hk, hk = flat % g.Hk;
   const int64_t j0 = kt * kBK, nk = min_(kBK, g.S - j0);
   if (g.bf16dot) return forward_pack_bf16(c, b, hk, local, kt, j0, nk);
@@ -284,6 +310,12 @@ void forward_item(void* vctx, int64_t item, int tid) {
   float* lsum = O + kBQ * g.Dvp;  // per row, W partial sums: one horizontal add at the end
   float* m = lsum + kBQ * W;      // running max
   float* m_new = m + kBQ;
+  const bool segmented = c.segmented(), first = c.seg_lo == 0, last = c.seg_hi >= g.nkt;
+  if (segmented) {  // O, lsum and m live on between the segments of keys
+    O = c.carried(item);
+    lsum = O + kBQ * g.Dvp;
+    m = lsum + kBQ * W;
+  }
   float* m_use = m_new + kBQ;     // m_new, or 0 while every key so far is masked (P = 0)
   float* alpha = m_use + kBQ;     // exp(m - m_use): rescales O and lsum when the max grows
   float* inv = alpha + kBQ;
@@ -300,16 +332,19 @@ void forward_item(void* vctx, int64_t item, int tid) {
     load_rows_any(p.q, b, h, i0, mq, g.D, p.scale * kLog2e, Q, g.Dp, g.Dp);
   }
   for (int64_t r = 0; r < round_up(mq, W); ++r) {  // the vector passes read whole vectors
-    m[r] = kNegInf;
     m_use[r] = 0.f;
+    if (!first) continue;
+    m[r] = kNegInf;
     storeu(lsum + r * W, vf{});
   }
-  for (int64_t x = 0; x < mq * g.Dvp; ++x) O[x] = 0.f;
+  if (first)
+    for (int64_t x = 0; x < mq * g.Dvp; ++x) O[x] = 0.f;
 
   int64_t klo, khi;
   key_range(p, g.S, i0, mq, &klo, &khi);
   if (klo <= khi) {
-    for (int64_t kt = klo / kBK; kt <= khi / kBK; ++kt) {
+    const int64_t kt_end = min_(khi / kBK, c.seg_hi - 1);
+    for (int64_t kt = max_(klo / kBK, c.seg_lo); kt <= kt_end; ++kt) {
       const int64_t j0 = kt * kBK, nk = min_(kBK, g.S - j0), nkp = round_up(nk, W);
       // A tile the band cuts on the right (the causal diagonal) is multiplied in row chunks,
       // each only as wide as the keys its last row may see; transform_scores masks the rest.
@@ -379,6 +414,7 @@ void forward_item(void* vctx, int64_t item, int tid) {
       }
     }
   }
+  if (!last) return;  // the state waits for the next segment of keys
 
   float* lse = at4<float>(c.io->lse, b, h, i0);
   const int64_t lse_stride = c.io->lse.strides[2];
@@ -652,9 +688,14 @@ int64_t forward(const AttentionParams& p, const ForwardIO& io) {
   const int64_t* bad = reset_bad_rows(c.ws, c.lay.bad_rows, nthreads);
   for (c.h0 = 0; c.h0 < g.B * g.Hk; c.h0 += c.lay.hpr) {
     const int64_t heads = min_(c.lay.hpr, g.B * g.Hk - c.h0);
-    parallel_for(heads * g.nkt, run, forward_pack_item, &c);
-    parallel_for(heads * g.group * g.nqt, run,
-                 g.bf16dot ? forward_item<true> : forward_item<false>, &c);
+    for (c.seg_lo = 0;;) {  // once, unless the keys come in segments (and once for no keys)
+      c.seg_hi = min_(c.seg_lo + c.lay.seg_tiles, g.nkt);
+      parallel_for(heads * (c.seg_hi - c.seg_lo), run, forward_pack_item, &c);
+      parallel_for(heads * g.group * g.nqt, run,
+                   g.bf16dot ? forward_item<true> : forward_item<false>, &c);
+      c.seg_lo = c.seg_hi;
+      if (c.seg_lo >= g.nkt) break;
+    }
   }
   return total_bad_rows(bad, nthreads);
 }

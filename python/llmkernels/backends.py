@@ -129,6 +129,16 @@ def triton_unavailable(name: str) -> Optional[str]:
     return triton_kernels_or_error(name)[1]
 
 
+def outside_graphs(fn, reason: str):
+    """fn run eagerly between graphs under torch.compile (torch.compiler.disable), with the
+    reason fullgraph=True's error gives where torch takes one (2.8 and later)."""
+    import torch
+    try:
+        return torch.compiler.disable(fn, reason=reason)
+    except TypeError:  # torch before 2.8: no reason
+        return torch.compiler.disable(fn)
+
+
 def _compile_constant(fn):
     # Under torch.compile the answer is computed once while tracing and kept as a constant.
     try:

@@ -83,8 +83,9 @@ def patch(model: nn.Module, attention: bool = True, quantize: Optional[str] = No
 
     attention: swap the attention (see the module docstring); quantize: None or a scheme of
     quantize_ ("int8", "int4", "w8a8"), with group_size (int4) and filter_fn(module, name)
-    choosing the linears (default: all that quantize_ can take; it keeps tied ones in float). Raises ValueError for a scheme quantize_ does not know and for a model whose
-    attention llmkernels cannot route (nothing is changed then)."""
+    choosing the linears, transformers Conv1D layers included (default: all that quantize_
+    can take; it keeps tied ones in float). Raises ValueError for a scheme quantize_ does not
+    know and for a model whose attention llmkernels cannot route (nothing is changed then)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: model must be an nn.Module, got {type(model).__name__}")
     if quantize is not None and quantize not in SCHEMES:
@@ -129,10 +130,16 @@ def patch(model: nn.Module, attention: bool = True, quantize: Optional[str] = No
     return report
 
 
-def _dequantized_linear(q: QuantLinear) -> nn.Linear:
+def _dequantized_linear(q: QuantLinear) -> nn.Module:
+    """The float layer a QuantLinear was made from: an nn.Linear, or a transformers Conv1D
+    (GPT-2's projections: weight stored (in, out), as its state_dict and code expect)."""
     weight = q.dequantize().to(q.weight_dtype)
-    new = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None,
-                    device=weight.device, dtype=weight.dtype)
+    if q.transposed_from is not None:
+        new = q.transposed_from(q.out_features, q.in_features).to(weight.device, weight.dtype)
+        weight = weight.t()
+    else:
+        new = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None,
+                        device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         new.weight.copy_(weight)
         if q.bias is not None:

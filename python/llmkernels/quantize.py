@@ -115,17 +115,19 @@ def quantize_(model: nn.Module, scheme: str, group_size: int = 128,
               filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> QuantizeReport:
     """Replace every nn.Linear of `model`, and every transformers Conv1D (GPT-2's projections),
     where filter_fn(module, name) is true if given, with a QuantLinear holding its weight in
-    `scheme` ("int8", "int4", "w8a8"). In place;
-    returns a QuantizeReport. Kept in float and listed in report.skipped: layers a scheme
-    cannot store (e.g. in_features not a multiple of the int4 group, empty weights),
-    subclasses of nn.Linear (their owners may read .weight, as nn.MultiheadAttention does),
-    layers whose weight another module also holds (a tied output embedding: quantizing
-    it would untie them and keep the float copy) and those a transformers model keeps in
-    float32 (_keep_in_fp32_modules). Listed there too: QuantLinear layers already there, and
-    weight matrices of other modules (stacked expert weights), which stay in float. A layer reachable under several names is
-    quantized once and replaced under each. A weight holding NaN or Inf raises ValueError
-    naming the layer before anything is replaced. Layers on the meta device become QuantLinear
-    frames without values (for load_state_dict(..., assign=True) of a quantized checkpoint)."""
+    `scheme` ("int8", "int4", "w8a8"). In place; returns a QuantizeReport. filter_fn sees
+    Conv1D layers too: they have nx / nf, not in_features / out_features, and store their
+    weight as (in, out). Kept in float and listed in report.skipped: layers a scheme cannot
+    store (e.g. in_features not a multiple of the int4 group, empty weights), subclasses of
+    nn.Linear (their owners may read .weight, as nn.MultiheadAttention does), layers whose
+    weight another module also holds (a tied output embedding: quantizing it would untie them
+    and keep the float copy) and those a transformers model keeps in float32
+    (_keep_in_fp32_modules). Listed there too: QuantLinear layers already there, and weight
+    matrices of other modules (stacked expert weights), which stay in float. A layer
+    reachable under several names is quantized once and replaced under each. A weight holding
+    NaN or Inf raises ValueError naming the layer before anything is replaced. Layers on the
+    meta device become QuantLinear frames without values (for load_state_dict(...,
+    assign=True) of a quantized checkpoint)."""
     if scheme not in SCHEMES:
         raise ValueError(f"quantize_: scheme must be one of {SCHEMES}, got {scheme!r}")
     if scheme == "int4" and not is_int4_group_size(group_size):
@@ -136,7 +138,7 @@ def quantize_(model: nn.Module, scheme: str, group_size: int = 128,
     report = QuantizeReport(scheme, int(group_size) if scheme == "int4" else 0)
     holders = _weight_holders(model)
     decided: Dict[int, bool] = {}  # id(module) -> quantized (decided at its first name)
-    targets: List[Tuple[str, nn.Linear]] = []
+    targets: List[Tuple[str, nn.Module]] = []  # nn.Linear or Conv1D layers
     aliases: Dict[int, List[str]] = {}
     kept_float32 = _kept_in_float32(model)
     for name, module in model.named_modules(remove_duplicate=False):

@@ -47,6 +47,8 @@ class QuantLinear(nn.Module):
     formed. Buffers qdata, scales (and zeros for int4) hold W; bias stays in float.
     Build from an existing layer with QuantLinear.from_linear(linear, scheme)."""
 
+    transposed_from = None  # the Conv1D class of a layer made from one (from_linear)
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  scheme: str = "int8", group_size: int = 128, dtype=None, device=None):
         super().__init__()
@@ -118,6 +120,8 @@ class QuantLinear(nn.Module):
                     group_size, dtype=w.dtype, device=w.device)
         if not w.is_meta:  # a meta layer (no values) stays an empty frame for load_state_dict
             layer.set_weight(quantize_weight(w.detach().contiguous(), scheme, group_size))
+        if not isinstance(linear, nn.Linear):
+            layer.transposed_from = type(linear)  # what llmkernels.unpatch rebuilds
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(),
                                       requires_grad=linear.bias.requires_grad)

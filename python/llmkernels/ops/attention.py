@@ -18,6 +18,7 @@ from .workspace import workspace as _workspace
 
 OP_NAME = "scaled_dot_product_attention"
 MAX_CPU_HEAD_DIM = 256  # the fused CPU kernel's limit; larger heads use the reference path
+INT32_MAX = 2**31 - 1  # varlen offsets, cache lengths and positions are int32 in the kernels
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -16,13 +16,10 @@ import torch
 from .. import backends
 from ..reference.attention import attention_kvcache_reference
 from . import attention_gpu
-from .attention import (_check_tensor, _scale_softcap, _window, cpu_forward, cpu_kernel_support,
-                        resolved, select_path)
+from .attention import (INT32_MAX, _check_tensor, _scale_softcap, _window, cpu_forward,
+                        cpu_kernel_support, resolved, select_path)
 
 OP_NAME = "attention_with_kvcache"
-
-
-_INT32_MAX = 2**31 - 1
 
 
 def _check_seqlens(cache_seqlens, batch: int, device: torch.device) -> None:
@@ -75,9 +72,9 @@ class _KVCall:
             raise ValueError(f"{OP_NAME}: q heads ({Hq}) must be a multiple of cache heads ({Hk})")
         if D == 0:
             raise ValueError(f"{OP_NAME}: head dim must be > 0")
-        if S > _INT32_MAX:  # lengths and append positions are int32 on the kernels' side
+        if S > INT32_MAX:  # lengths and append positions are int32 on the kernels' side
             raise ValueError(f"{OP_NAME}: the caches hold {S} slots per sequence; at most "
-                             f"{_INT32_MAX} are supported")
+                             f"{INT32_MAX} are supported")
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache, k_new,
                                                                      v_new) if t is not None):
             raise ValueError(f"{OP_NAME}: is for inference and has no backward; call it under "
@@ -233,7 +230,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 # A tensor of lengths is read on the host (checked; the CPU kernel needs them there): under
 # torch.compile the call runs eagerly between graphs, and fullgraph=True says why. (Int
 # lengths, or a GPU call with check_lengths=False, which reads nothing, trace as they are.)
-_kvcache_outside_graphs = torch.compiler.disable(
+_kvcache_outside_graphs = backends.outside_graphs(
     attention_with_kvcache, reason="attention_with_kvcache reads a cache_seqlens tensor on "
     "the host: it runs between graphs, not inside fullgraph=True (pass an int, or on a GPU "
     "check_lengths=False)")

@@ -14,12 +14,10 @@ import torch
 from .. import backends
 from ..reference.attention import attention_varlen_reference
 from . import attention_gpu
-from .attention import (_check_tensor, _scale_softcap, _window, cpu_forward, cpu_kernel_support,
-                        resolved, select_path)
+from .attention import (INT32_MAX, _check_tensor, _scale_softcap, _window, cpu_forward,
+                        cpu_kernel_support, resolved, select_path)
 
 OP_NAME = "attention_varlen"
-
-
 def check_cu_seqlens(name: str, cu, total: int, device: torch.device,
                      op: str = OP_NAME) -> Tuple[torch.Tensor, List[int]]:
     """Validates cumulative sequence lengths; returns them as int32 and the lengths on the host.
@@ -34,6 +32,9 @@ def check_cu_seqlens(name: str, cu, total: int, device: torch.device,
                          f"{tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{op}: {name} is on {cu.device}, the tensors on {device}")
+    if total > INT32_MAX:  # offsets are int32 (as flash-attention's): larger ones would wrap
+        raise ValueError(f"{op}: the tensor {name} indexes has {total} rows; at most "
+                         f"{INT32_MAX} are supported")
     host = [int(x) for x in cu.tolist()]
     if host[0] != 0:
         raise ValueError(f"{op}: {name} must start at 0, got {host[0]}")
@@ -42,9 +43,6 @@ def check_cu_seqlens(name: str, cu, total: int, device: torch.device,
         raise ValueError(f"{op}: {name} must be non-decreasing, got {host}")
     if host[-1] != total:
         raise ValueError(f"{op}: {name} ends at {host[-1]} but the packed tensor has {total} rows")
-    if total > 2**31 - 1:  # offsets are int32 (as flash-attention's): int64 ones would wrap
-        raise ValueError(f"{op}: the packed tensor has {total} rows; at most 2**31 - 1 are "
-                         "supported")
     return cu.to(torch.int32), lengths
 
 
@@ -163,7 +161,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # packed batch per sequence on the CPU): values a graph cannot hold (traced, a recompile with
 # an empty sequence failed inside torch). Under torch.compile the call runs eagerly between
 # graphs, and fullgraph=True says why.
-_varlen_outside_graphs = torch.compiler.disable(
+_varlen_outside_graphs = backends.outside_graphs(
     attention_varlen, reason="attention_varlen reads cu_seqlens on the host (data-dependent "
     "sequence lengths): it runs between graphs, not inside fullgraph=True")
 

@@ -33,7 +33,7 @@ def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
 
 # The CPU kernels' workspace holds x's rows converted (up to 8 bytes a value): a call with many
 # rows runs in slabs of rows whose workspace stays near CPU_SLAB_BYTES (524k rows of K = 4096
-# asked for 16 GiB at once). Slabs of CPU_SLAB_MIN_ROWS rows or more cost nothing measurable
+# asked for 16 GiB at once), of at least CPU_SLAB_MIN_ROWS rows: those cost nothing measurable
 # (4096 x 4096, bf16 x, M = 4096 in slabs of 256-1024 rows ran at 0.92-1.05x the whole call's
 # speed, noise, on the Zen 4 here): each slab re-reads the weights, hundreds of multiply-adds
 # a byte.
@@ -43,21 +43,16 @@ CPU_SLAB_MIN_ROWS = 256
 
 def _run_cpu(x2d, qdata, scales, zeros, bias, out, scheme: str, group_size: int) -> None:
     native = backends.native_module()
-    tier, threads = backends.cpu_tier_code(), backends.cpu_threads()
-    code = SCHEME_CODES[scheme]
+    tier, threads, code = backends.cpu_tier_code(), backends.cpu_threads(), SCHEME_CODES[scheme]
+    weight = (cview(qdata), cview(scales), cview(zeros), cview(bias))
 
-    def views(r0: int, r1: int):
-        whole = r0 == 0 and r1 == x2d.shape[0]  # (no slicing on the one-call path: decode)
-        return (cview(x2d if whole else x2d[r0:r1]), cview(qdata), cview(scales), cview(zeros),
-                cview(bias), cview(out if whole else out[r0:r1]))
-
-    def workspace_bytes(rows: int) -> int:
+    def workspace_bytes(x, y) -> int:
         # The size depends on these alone; the kernel checks it again (a stale entry raises).
-        key = (tier, code, rows, x2d.shape[1], qdata.shape[0], x2d.dtype, group_size, threads,
+        key = (tier, code, x.shape[0], x.shape[1], qdata.shape[0], x.dtype, group_size, threads,
                bias is not None)
         nbytes = _WORKSPACE_BYTES.get(key)
         if nbytes is None:
-            nbytes = native.quant_matmul_workspace_bytes(tier, code, *views(0, rows),
+            nbytes = native.quant_matmul_workspace_bytes(tier, code, cview(x), *weight, cview(y),
                                                          group_size, threads)
             if len(_WORKSPACE_BYTES) >= 4096:
                 _WORKSPACE_BYTES.clear()
@@ -65,20 +60,24 @@ def _run_cpu(x2d, qdata, scales, zeros, bias, out, scheme: str, group_size: int)
         return nbytes
 
     M = x2d.shape[0]
-    nbytes = workspace_bytes(M)
-    rows = M
-    if nbytes > CPU_SLAB_BYTES and M > CPU_SLAB_MIN_ROWS:
-        # bytes = fixed + rows x per_row (per-thread scratch and the rows' buffers)
-        least = workspace_bytes(CPU_SLAB_MIN_ROWS)
-        per_row = max(1, (nbytes - least) // (M - CPU_SLAB_MIN_ROWS))
-        rows = CPU_SLAB_MIN_ROWS + max(0, CPU_SLAB_BYTES - least) // per_row
-        slabs = -(-M // rows)
-        rows = -(-M // slabs)  # equal slabs (the last one may be shorter)
-        nbytes = max(workspace_bytes(rows), workspace_bytes(M - (slabs - 1) * rows))
+    nbytes = workspace_bytes(x2d, out)
+    if nbytes <= CPU_SLAB_BYTES or M < 2 * CPU_SLAB_MIN_ROWS:  # one call (decoding: always)
+        ws = _workspace(nbytes, x2d.device)
+        native.quant_matmul(tier, code, cview(x2d), *weight, cview(out), group_size, threads,
+                            ws.data_ptr(), nbytes)
+        return
+    # bytes = fixed + rows x per_row (per-thread scratch, then the rows' buffers)
+    least = workspace_bytes(x2d[:CPU_SLAB_MIN_ROWS], out[:CPU_SLAB_MIN_ROWS])
+    per_row = max(1, (nbytes - least) // (M - CPU_SLAB_MIN_ROWS))
+    rows = CPU_SLAB_MIN_ROWS + max(0, CPU_SLAB_BYTES - least) // per_row
+    slabs = max(1, M // rows)
+    rows = -(-M // slabs)  # equal slabs of at least the rows above (the last may be shorter)
+    last = M - (slabs - 1) * rows
+    nbytes = max(workspace_bytes(x2d[:rows], out[:rows]), workspace_bytes(x2d[:last], out[:last]))
     ws = _workspace(nbytes, x2d.device)
     for r0 in range(0, M, rows):
-        native.quant_matmul(tier, code, *views(r0, min(r0 + rows, M)), group_size, threads,
-                            ws.data_ptr(), nbytes)
+        native.quant_matmul(tier, code, cview(x2d[r0:r0 + rows]), *weight,
+                            cview(out[r0:r0 + rows]), group_size, threads, ws.data_ptr(), nbytes)
 
 
 def _run_kernel(impl: str, x2d, qdata, scales, zeros, bias, out, scheme: str, group_size: int):

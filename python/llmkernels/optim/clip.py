@@ -55,8 +55,8 @@ def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
         optimizer = None  # a pre-hook must see (and add to) the gradients clipped, as torch's
     if not grads:
         return torch.tensor(0.0)
-    measured = {id(g): (weakref.ref(g), _versions(g)) for g in grads} \
-        if optimizer is not None else None
+    measured = None if optimizer is None else {
+        id(g): (weakref.ref(g), _versions(g)) for g in grads}
     if optimizer is not None and measured.keys() != _gradient_ids(optimizer):
         optimizer = None  # its factor would reach other gradients: these are scaled now
     if optimizer is not None and any(map(torch.Tensor._is_view, grads)):
