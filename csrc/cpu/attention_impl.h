@@ -4,7 +4,8 @@
 // Forward, per (batch, head, tile of kBQ queries): S = Q K^T for one tile of kBK keys at a
 // time, online softmax in base 2 (running max m, running sum l), O += P V; the log-sum-exp
 // (natural units) is saved for the backward. K^T and V are packed once per round of heads
-// (float32, or bf16 pairs on the avx512_bf16 tier), so the inner loop only multiplies.
+// (float32, or bf16 pairs on the avx512_bf16 tier), so the inner loop only multiplies; few
+// queries against many keys pack them a segment at a time, carrying each tile's state.
 // Backward, per (batch, kv head, chunk of key tiles): recompute P from the log-sum-exp,
 // accumulate dK, dV for the tile in scratch and dQ into a float32 buffer per chunk (summed
 // at the end), so no two threads ever write the same memory. Tiles the causal/window band

@@ -130,6 +130,17 @@ class QuantLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return self.qweight.dequantize()
 
+    def __getattr__(self, name: str):
+        # (only for names not found otherwise: parameters, buffers, and missing ones) Code
+        # written for nn.Linear (resize_token_embeddings, peft's merge_and_unload) read .weight
+        # and got a bare "no attribute 'weight'"; hasattr(layer, "weight") stays False.
+        if name == "weight":
+            raise AttributeError(
+                f"QuantLinear has no float weight: it is stored quantized ({self.scheme}: "
+                "qdata, scales); layer.dequantize() gives it as a float tensor, and "
+                "llmkernels.unpatch (after patch) turns the layers back into float ones")
+        return super().__getattr__(name)
+
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) / .half() / .float() cast every floating tensor, scales
         # included; the format keeps float32 scales, so they only move (from the uncast

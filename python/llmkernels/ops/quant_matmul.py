@@ -156,6 +156,9 @@ def _backward(ctx, grad_out):
     # d out / d x = dequantized W (for w8a8: straight through the activation rounding).
     qdata, scales, zeros = ctx.saved_tensors
     scheme_code, group_size, dtype, has_bias = ctx.meta
+    grad_bias = grad_out.sum(0) if has_bias and ctx.needs_input_grad[4] else None
+    if not ctx.needs_input_grad[0]:  # (a frozen input, a trained bias: no weight needed)
+        return None, None, None, None, grad_bias, None, None, None
     scheme = _SCHEMES_BY_CODE[scheme_code]
     N, K = scales.shape[0], qdata.shape[1] * (2 if scheme == "int4" else 1)
     g = grad_out.float()
@@ -166,9 +169,8 @@ def _backward(ctx, grad_out):
         w = dequantize_reference(scheme, qdata[n0:n1], scales[n0:n1],
                                  None if zeros is None else zeros[n0:n1], group_size)
         grad_x.addmm_(g[:, n0:n1], w)
-    grad_x = grad_x.to(dtype)
-    grad_bias = grad_out.sum(0) if has_bias else None
-    return grad_x, None, None, None, grad_bias, None, None, None
+        del w  # before the next slice is made: one slice alive at a time
+    return grad_x.to(dtype), None, None, None, grad_bias, None, None, None
 
 
 quant_matmul_op.register_autograd(_backward, setup_context=_setup)

@@ -70,14 +70,17 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def dequantize_reference(scheme: str, qdata: torch.Tensor, scales: torch.Tensor,
                          zeros: Optional[torch.Tensor], group_size: int) -> torch.Tensor:
-    """The float32 (N, K) weight the quantized data stands for."""
+    """The float32 (N, K) weight the quantized data stands for. (One float32 buffer, computed
+    in place: the backward dequantizes slices of it under a memory budget.)"""
     if scheme in ("int8", "w8a8"):
-        return qdata.float() * scales[:, None]
-    q = unpack_int4(qdata).float()
-    N, K = q.shape
-    q = q.reshape(N, K // group_size, group_size)
-    w = (q - zeros.float()[..., None]) * scales[..., None]
-    return w.reshape(N, K)
+        return qdata.float().mul_(scales[:, None])
+    N, K = qdata.shape[0], qdata.shape[1] * 2
+    w = torch.empty((N, K // 2, 2), dtype=torch.float32, device=qdata.device)
+    w[..., 0] = qdata & 0x0F  # low nibble first, as unpack_int4
+    w[..., 1] = qdata >> 4
+    w = w.view(N, K // group_size, group_size)
+    w.sub_(zeros.float()[..., None]).mul_(scales[..., None])
+    return w.view(N, K)
 
 
 def quantize_activations_reference(x2d: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
