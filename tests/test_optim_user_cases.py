@@ -188,30 +188,6 @@ def test_clipping_inside_torch_compile_clips(ours, theirs, kw):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("ours,theirs,kw", OPTIMIZERS, ids=IDS)
-def test_compiled_step_runs_eagerly_and_fullgraph_says_why(ours, theirs, kw):
-    """torch.compile(opt.step) (torch's recipe for its own optimizers): fullgraph=True failed
-    on an internal attrgetter call; the step now runs between graphs, and fullgraph says so."""
-    def run(opt_class, compile_step):
-        torch.manual_seed(0)
-        model = torch.nn.Linear(8, 4)
-        opt = opt_class(model.parameters(), **kw)
-        step = torch.compile(opt.step) if compile_step else opt.step
-        for _ in range(3):
-            opt.zero_grad()
-            (model(torch.randn(16, 8)) ** 2).mean().backward()
-            step()
-        return [p.detach() for p in model.parameters()]
-
-    torch._dynamo.reset()
-    for a, b in zip(run(ours, True), run(theirs, False)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    opt = ours([torch.nn.Parameter(torch.ones(3))], **kw)
-    opt.param_groups[0]["params"][0].grad = torch.ones(3)
-    with pytest.raises(Exception, match="llmkernels optimizers run their own fused kernels"):
-        torch.compile(opt.step, fullgraph=True)()
-
-
 @pytest.mark.parametrize("make", [
     lambda ps: optim.AdamW(ps), lambda ps: optim.SGD(ps, lr=0.1), lambda ps: optim.AdamW8bit(ps),
     lambda ps: optim.AdamW(ps, stochastic_rounding=True)])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import operator
-from functools import partial
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -61,14 +60,6 @@ def check_torch_flags(owner: str, differentiable, foreach=None, fused=None) -> N
     if differentiable:
         raise ValueError(f"{owner}: differentiable=True is not supported (the fused step runs "
                          "outside autograd)")
-
-
-# step() reads host-side state (step counts, cached plans) and calls our own kernels: dynamo
-# cannot trace it (torch.compile(opt.step, fullgraph=True) failed on an internal attrgetter
-# call). It runs eagerly between graphs, and fullgraph=True says why.
-step_outside_graphs = partial(backends.outside_graphs, reason=(
-    "llmkernels optimizers run their own fused kernels: step() runs eagerly between graphs "
-    "(compile the model's forward and backward; the step is already one fused call per group)"))
 
 
 def grads_of(group, owner: str) -> List[torch.Tensor]:

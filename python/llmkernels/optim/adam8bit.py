@@ -384,7 +384,6 @@ class AdamW8bit(_fused.FusedOptimizer):
                      False)]
         return _fused.explain_step(self, rows_of)
 
-    @_fused.step_outside_graphs
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale: Optional[torch.Tensor] = None,
              found_inf: Optional[torch.Tensor] = None):

@@ -51,7 +51,6 @@ class SGD(_fused.FusedOptimizer):
             return [("", params, rows, bool(group.get("stochastic_rounding", False)), False)]
         return _fused.explain_step(self, rows_of)
 
-    @_fused.step_outside_graphs
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale: Optional[torch.Tensor] = None,
              found_inf: Optional[torch.Tensor] = None):
