@@ -189,6 +189,12 @@ if [ "$HAVE_GPU" = 1 ] && { [ "$STEPS" = all ] || [ "$STEPS" = bench ]; }; then
       --json "$OUT/quant_gpu_$path.json"
     show 16 "$OUT/quant_bench_$path.log"
   done
+  # Training through quantized layers: d x of QuantLinear (sliced dequantization on the GPU)
+  # against nn.Linear with a frozen weight.
+  step quant_backward_bench "$BENCH_TIMEOUT" "$PY" benchmarks/quant_matmul_backward.py \
+    --device cuda --ms 16,4096 --shape 4096x4096 --min-run-time 0.1 \
+    --json "$OUT/quant_backward_gpu.json"
+  show 10 "$OUT/quant_backward_bench.log"
   # The one-row Triton GEMV (opt-in until timed; compare its graph times with the decode
   # variant's above, then make the faster one the default for M = 1).
   step quant_bench_triton_gemv "$BENCH_TIMEOUT" env TRITON_PRINT_AUTOTUNING=1 "$PY" \
@@ -233,6 +239,9 @@ if [ "$HAVE_GPU" = 0 ]; then
   show 4 "$OUT/decode_bench.log"
   step quant_bench "$BENCH_TIMEOUT" "$PY" benchmarks/quant_matmul.py --device cpu --quick
   show 10 "$OUT/quant_bench.log"
+  step quant_backward_bench "$BENCH_TIMEOUT" "$PY" benchmarks/quant_matmul_backward.py \
+    --device cpu --ms 1,16 --shape 1024x1024 --min-run-time 0.05
+  show 8 "$OUT/quant_backward_bench.log"
   step optim_bench "$BENCH_TIMEOUT" "$PY" benchmarks/optim.py --quick
   show 10 "$OUT/optim_bench.log"
 fi

@@ -368,6 +368,33 @@ PYBIND11_MODULE(_C, m) {
       py::arg("zeros"), py::arg("bias"), py::arg("out"), py::arg("group_size"),
       py::arg("num_threads"));
   m.def(
+      "quant_matmul_grad_x_workspace_bytes",
+      [](int tier, int scheme, py::object grad_out, py::object qdata, py::object scales,
+         py::object zeros, py::object grad_x, int64_t group_size, int num_threads) {
+        QuantMatmulParams p = make_quant_params(scheme, grad_out, qdata, scales, zeros,
+                                                py::none(), grad_x, group_size, num_threads);
+        return quant_matmul_grad_x_workspace_bytes(to_tier(tier), p);
+      },
+      py::arg("tier"), py::arg("scheme"), py::arg("grad_out"), py::arg("qdata"),
+      py::arg("scales"), py::arg("zeros"), py::arg("grad_x"), py::arg("group_size"),
+      py::arg("num_threads"));
+  m.def(
+      "quant_matmul_grad_x",
+      [](int tier, int scheme, py::object grad_out, py::object qdata, py::object scales,
+         py::object zeros, py::object grad_x, int64_t group_size, int num_threads,
+         uintptr_t workspace, int64_t workspace_bytes) {
+        QuantMatmulParams p = make_quant_params(scheme, grad_out, qdata, scales, zeros,
+                                                py::none(), grad_x, group_size, num_threads);
+        const CpuTier t = to_tier(tier);
+        py::gil_scoped_release release;
+        quant_matmul_grad_x(t, p, reinterpret_cast<void*>(workspace), workspace_bytes);
+      },
+      py::arg("tier"), py::arg("scheme"), py::arg("grad_out"), py::arg("qdata"),
+      py::arg("scales"), py::arg("zeros"), py::arg("grad_x"), py::arg("group_size"),
+      py::arg("num_threads"), py::arg("workspace"), py::arg("workspace_bytes"),
+      "The quantized matmul's input gradient on the CPU: grad_x = grad_out @ dequantize(W), "
+      "float32.");
+  m.def(
       "quant_matmul",
       [](int tier, int scheme, py::object x, py::object qdata, py::object scales,
          py::object zeros, py::object bias, py::object out, int64_t group_size,

@@ -136,6 +136,17 @@ def test_quant_matmul_quick(tmp_path):
     assert "vs baselines" in out or "speedup vs baselines" in out
 
 
+def test_quant_matmul_backward_quick(tmp_path):
+    result, out = _run_quick("quant_matmul_backward.py", tmp_path,
+                             ["--device", "cpu", "--ms", "1,3", "--shape", "256x96",
+                              "--schemes", "int8,int4,w8a8", "--min-run-time", "0.01"])
+    assert result["benchmark"] == "quant_matmul_backward" and result["all_correct"] is True
+    assert {(c["scheme"], c["m"]) for c in result["cases"]} == {
+        (s, m) for s in ("int8", "int4", "w8a8") for m in (1, 3)}
+    assert all(c["error"] <= c["bound"] and c["vs_sliced"] > 0 for c in result["cases"])
+    assert "vs sliced" in out
+
+
 def test_optim_quick(tmp_path):
     result, _ = _run_quick("optim.py", tmp_path, ["--quick"])
     assert result["benchmark"] == "optim"

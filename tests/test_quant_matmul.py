@@ -6,9 +6,13 @@ import pytest
 import torch
 
 import llmkernels
+from llmkernels._cview import cview
 from llmkernels.ops.quant_matmul import cpu_int8_activations, quant_matmul_op
 from llmkernels.quantized_weight import SCHEME_CODES
 from llmkernels.reference.quant_matmul import quant_matmul_reference
+
+needs_native = pytest.mark.skipif(llmkernels.backends.native_module() is None,
+                                  reason="needs the compiled CPU kernels")
 
 SCHEMES = ["int8", "int4", "w8a8"]
 
@@ -139,8 +143,9 @@ def test_gradient_wrt_input_and_bias(scheme, backend):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_gradient_never_forms_the_whole_float_weight(scheme, monkeypatch):
-    """The backward dequantizes slices of output rows (it formed the whole float32 weight:
-    512-778 MiB for an 8192x8192 layer stored in 34-64 MiB); the gradient is the same."""
+    """Off the CPU kernel's path, the backward dequantizes slices of output rows (it formed the
+    whole float32 weight: 512-778 MiB for an 8192x8192 layer stored in 34-64 MiB); the
+    gradient is the same."""
     import sys
     ops = sys.modules["llmkernels.ops.quant_matmul"]  # (the package exports the function too)
     sizes = []
@@ -150,7 +155,7 @@ def test_gradient_never_forms_the_whole_float_weight(scheme, monkeypatch):
     monkeypatch.setattr(ops, "BACKWARD_SLICE_BYTES", 4 * 64 * 7)  # 7 rows of K = 64
     x = torch.randn(3, 2, 64, requires_grad=True)
     qw = llmkernels.quantize_weight(torch.randn(30, 64), scheme, 32)
-    out = llmkernels.quant_matmul(x, qw)
+    out = llmkernels.quant_matmul(x, qw, backend="reference")
     g = torch.randn_like(out)
     (gx,) = torch.autograd.grad(out, (x,), g)
     assert sizes == [7, 7, 7, 7, 2]
@@ -177,9 +182,62 @@ def test_gradient_keeps_one_slice_of_the_weight_alive(scheme, monkeypatch):
     monkeypatch.setattr(ops, "BACKWARD_SLICE_BYTES", 4 * 64 * 7)
     x = torch.randn(5, 64, requires_grad=True)
     qw = llmkernels.quantize_weight(torch.randn(30, 64), scheme, 32)
-    (gx,) = torch.autograd.grad(llmkernels.quant_matmul(x, qw), (x,), torch.ones(5, 30))
+    out = llmkernels.quant_matmul(x, qw, backend="reference")
+    (gx,) = torch.autograd.grad(out, (x,), torch.ones(5, 30))
     assert len(made) == 5
     torch.testing.assert_close(gx, torch.ones(5, 30) @ qw.dequantize(), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_cpu_gradient_kernel_on_every_tier(scheme, dtype, monkeypatch):
+    """The CPU path's input gradient is a kernel (dequantized panels in cache, float32 FMA: the
+    Python slices took 4-10x its time); shapes across its blocks of 96 rows, 256 columns and
+    256 weight rows, K not a multiple of a vector (int8), grad_out expanded (a sum's)."""
+    import sys
+    ops = sys.modules["llmkernels.ops.quant_matmul"]
+    monkeypatch.setattr(ops, "dequantize_reference", lambda *a: pytest.fail("sliced path"))
+    shapes = [(1, 1, 32), (3, 17, 96), (200, 300, 640)] + ([(5, 9, 70)] if scheme != "int4" else [])
+    for tier in llmkernels.backends.supported_cpu_tiers():
+        for M, N, K in shapes:
+            qw = llmkernels.quantize_weight(torch.randn(N, K), scheme, 32)
+            w = qw.dequantize().double()
+            x = torch.randn(M, K, dtype=dtype, requires_grad=True)
+            with llmkernels.backends.use_cpu_tier(tier):
+                out = llmkernels.quant_matmul(x, qw)
+                g = torch.randn_like(out)
+                (gx,) = torch.autograd.grad(out, (x,), g)
+                (gx_sum,) = torch.autograd.grad(llmkernels.quant_matmul(x, qw).sum(), (x,))
+            assert gx.dtype == dtype
+            for got, grad in ((gx, g), (gx_sum, torch.ones_like(g))):
+                want = grad.double() @ w
+                # DESIGN.md's rule: at most 2x torch's own error in x's dtype (+ a floor)
+                torch_err = (grad @ w.to(dtype) - want).abs().max().item()
+                tol = 2 * torch_err + 1e-5 * want.abs().max().item() + 1e-6
+                err = (got.double() - want).abs().max().item()
+                assert err <= tol, (tier, M, N, K, err, tol)
+
+
+@needs_native
+def test_cpu_gradient_kernel_checks_its_arguments():
+    native = llmkernels.backends.native_module()
+    tier = llmkernels.backends.cpu_tier_code()
+    qw = llmkernels.quantize_weight(torch.randn(8, 64), "int4", 32)
+    code = 1
+    views = [cview(t) for t in (qw.qdata, qw.scales, qw.zeros)]
+    for g, gx, why in ((torch.ones(3, 8), torch.empty(3, 32), "grad_x must be"),
+                       (torch.ones(3, 7), torch.empty(3, 64), "grad_out must be"),
+                       (torch.ones(3, 8, dtype=torch.float16), torch.empty(3, 64),
+                        "grad_out must be float32 or bfloat16"),
+                       (torch.ones(3, 8), torch.empty(3, 64, dtype=torch.bfloat16),
+                        "grad_x must be float32")):
+        with pytest.raises(RuntimeError, match=why):
+            native.quant_matmul_grad_x_workspace_bytes(tier, code, cview(g), *views, cview(gx),
+                                                       32, 1)
+    with pytest.raises(RuntimeError, match="workspace too small"):
+        native.quant_matmul_grad_x(tier, code, cview(torch.ones(3, 8)), *views,
+                                   cview(torch.empty(3, 64)), 32, 1, 0, 0)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -223,6 +281,11 @@ def test_opcheck(scheme):
         x = torch.randn(5, 64, requires_grad=requires_grad)
         torch.library.opcheck(quant_matmul_op, (x, qw.qdata, qw.scales, qw.zeros, torch.randn(24),
                                                 SCHEME_CODES[scheme], qw.group_size, "cpu"))
+    if llmkernels.backends.native_module() is not None:  # the CPU path's input gradient
+        for dtype in (torch.float32, torch.bfloat16):
+            torch.library.opcheck(torch.ops.llmkernels.quant_matmul_grad_x.default,
+                                  (torch.randn(5, 24, dtype=dtype), qw.qdata, qw.scales, qw.zeros,
+                                   SCHEME_CODES[scheme], qw.group_size, 64))
 
 
 def test_compile_fullgraph_quantlinear():

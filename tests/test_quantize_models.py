@@ -180,7 +180,7 @@ def test_format_record_is_a_tensor_and_old_dict_records_still_load():
     x = torch.randn(3, 64)
     torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
     state["_extra_state"] = {"scheme": "int4", "group_size": 32, "weight_dtype": "bfloat16"}
-    fresh.load_state_dict(state)
+    fresh.load_state_dict(state, assign=True)
     assert fresh.weight_dtype == torch.bfloat16
     state["_extra_state"] = torch.tensor([1, 2, 3], dtype=torch.uint8)
     with pytest.raises(ValueError, match="_extra_state"):
@@ -201,8 +201,41 @@ def test_format_record_has_one_size_and_lives_on_the_cpu():
         records = [a.get_extra_state(), b.get_extra_state()]
     assert {r.shape for r in records} == {(128,)} and {r.device.type for r in records} == {"cpu"}
     fresh = llmkernels.nn.QuantLinear.from_linear(nn.Linear(64, 8), "int4", group_size=32)
-    fresh.load_state_dict(b.state_dict())
+    fresh.load_state_dict(b.state_dict(), assign=True)
     assert fresh.weight_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "w8a8"])
+def test_a_bfloat16_checkpoint_into_a_float32_model_stays_float32(scheme):
+    """As nn.Linear: loading copies into the layer's tensors (the bias stays float32), so the
+    weight's dtype stays too; it took the record's bfloat16, and unpatch then left a bfloat16
+    layer in a float32 model. assign=True takes the checkpoint's dtype, bias and weight."""
+    saved = nn.Sequential(nn.Linear(64, 32)).to(torch.bfloat16)
+    llmkernels.patch(saved, attention=False, quantize=scheme, group_size=32)
+    models = [nn.Sequential(nn.Linear(64, 32)) for _ in range(2)]
+    for model, assign in zip(models, (False, True)):
+        llmkernels.patch(model, attention=False, quantize=scheme, group_size=32)
+        model.load_state_dict(saved.state_dict(), assign=assign)
+        dtype = torch.bfloat16 if assign else torch.float32
+        assert model[0].weight_dtype == dtype and model[0].bias.dtype == dtype
+        x = torch.randn(3, 64, dtype=dtype)
+        quantized = model(x)
+        llmkernels.unpatch(model)
+        assert model[0].weight.dtype == dtype
+        torch.testing.assert_close(model(x), quantized, rtol=2e-2, atol=2e-2)
+
+
+def test_a_parametrized_bias_is_used():
+    layer = llmkernels.nn.QuantLinear.from_linear(nn.Linear(64, 8), "int8")
+
+    class Doubled(nn.Module):
+        def forward(self, bias):
+            return 2 * bias
+
+    torch.nn.utils.parametrize.register_parametrization(layer, "bias", Doubled())
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), x @ layer.dequantize().t() + layer.bias)
+    assert torch.equal(layer.bias, 2 * layer.parametrizations.bias.original)
 
 
 def test_meta_layers_run_forward_on_meta():

@@ -28,13 +28,10 @@ void check_contiguous(const TensorView& t, const char* name) {
 
 }  // namespace
 
-void check_quant_matmul(const QuantMatmulParams& p) {
-  LLMK_CHECK(p.x.ndim == 2, "x must be 2-D (M, K)");
-  const int64_t M = p.x.sizes[0], K = p.x.sizes[1];
-  LLMK_CHECK(is_float(p.x.dtype), "x must be float32, bfloat16 or float16");
-  check_2d(p.x, "x", M, K);
-  LLMK_CHECK(p.qdata.ndim == 2, "qdata must be 2-D");
-  const int64_t N = p.qdata.sizes[0];
+namespace {
+
+// The packed weight of an (N, K) matrix.
+void check_weight(const QuantMatmulParams& p, int64_t N, int64_t K) {
   LLMK_CHECK(p.scales.dtype == DType::f32, "scales must be float32");
   switch (p.scheme) {
     case QuantScheme::int8:
@@ -60,6 +57,18 @@ void check_quant_matmul(const QuantMatmulParams& p) {
   }
   check_contiguous(p.qdata, "qdata");
   check_contiguous(p.scales, "scales");
+}
+
+}  // namespace
+
+void check_quant_matmul(const QuantMatmulParams& p) {
+  LLMK_CHECK(p.x.ndim == 2, "x must be 2-D (M, K)");
+  const int64_t M = p.x.sizes[0], K = p.x.sizes[1];
+  LLMK_CHECK(is_float(p.x.dtype), "x must be float32, bfloat16 or float16");
+  check_2d(p.x, "x", M, K);
+  LLMK_CHECK(p.qdata.ndim == 2, "qdata must be 2-D");
+  const int64_t N = p.qdata.sizes[0];
+  check_weight(p, N, K);
   if (p.bias.defined()) {
     LLMK_CHECK(p.bias.ndim == 1 && p.bias.sizes[0] == N, "bias must be (N,)");
     LLMK_CHECK(p.bias.dtype == p.x.dtype, "bias must have x's dtype");
@@ -67,6 +76,21 @@ void check_quant_matmul(const QuantMatmulParams& p) {
   }
   LLMK_CHECK(p.out.dtype == p.x.dtype, "out must have x's dtype");
   check_2d(p.out, "out", M, N);
+  LLMK_CHECK(p.num_threads >= 1, "num_threads must be >= 1");
+}
+
+void check_quant_matmul_grad_x(const QuantMatmulParams& p) {
+  LLMK_CHECK(p.x.ndim == 2 && p.out.ndim == 2, "grad_out and grad_x must be 2-D");
+  LLMK_CHECK(p.x.dtype == DType::f32 || p.x.dtype == DType::bf16,
+             "grad_out must be float32 or bfloat16");
+  LLMK_CHECK(p.out.dtype == DType::f32, "grad_x must be float32");
+  LLMK_CHECK(p.qdata.ndim == 2, "qdata must be 2-D");
+  const int64_t M = p.x.sizes[0], N = p.qdata.sizes[0];
+  const int64_t K = p.qdata.sizes[1] * (p.scheme == QuantScheme::int4 ? 2 : 1);
+  check_weight(p, N, K);
+  check_2d(p.x, "grad_out", M, N);
+  check_2d(p.out, "grad_x", M, K);
+  LLMK_CHECK(!p.bias.defined(), "the input gradient takes no bias");
   LLMK_CHECK(p.num_threads >= 1, "num_threads must be >= 1");
 }
 
@@ -88,6 +112,30 @@ int64_t quant_matmul_workspace_bytes(CpuTier tier, const QuantMatmulParams& p) {
   check_quant_matmul(p);
   LLMK_CHECK(tier_supported(tier), "CPU tier " << tier_name(tier) << " is not supported here");
   LLMK_QMM_DISPATCH(workspace_bytes(p));
+}
+
+// The amx tier's tiles serve the forward; the gradient's float32 products are avx512bf16's.
+#define LLMK_QMM_GRAD_DISPATCH(call)                                 \
+  switch (tier) {                                                    \
+    case CpuTier::amx:                                               \
+    case CpuTier::avx512_bf16: return qmm_avx512bf16::call;          \
+    case CpuTier::avx512: return qmm_avx512::call;                   \
+    case CpuTier::avx2: return qmm_avx2::call;                       \
+    default: return qmm_generic::call;                               \
+  }
+
+int64_t quant_matmul_grad_x_workspace_bytes(CpuTier tier, const QuantMatmulParams& p) {
+  check_quant_matmul_grad_x(p);
+  LLMK_CHECK(tier_supported(tier), "CPU tier " << tier_name(tier) << " is not supported here");
+  LLMK_QMM_GRAD_DISPATCH(grad_x_workspace_bytes(p));
+}
+
+void quant_matmul_grad_x(CpuTier tier, const QuantMatmulParams& p, void* workspace,
+                         int64_t workspace_bytes) {
+  const int64_t need = quant_matmul_grad_x_workspace_bytes(tier, p);
+  LLMK_CHECK(workspace_bytes >= need && (workspace != nullptr || need == 0),
+             "workspace too small: " << workspace_bytes << " < " << need);
+  LLMK_QMM_GRAD_DISPATCH(run_grad_x(p, workspace));
 }
 
 void quant_matmul(CpuTier tier, const QuantMatmulParams& p, void* workspace,

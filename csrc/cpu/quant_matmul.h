@@ -29,6 +29,14 @@ int64_t quant_matmul_workspace_bytes(CpuTier tier, const QuantMatmulParams& p);
 void quant_matmul(CpuTier tier, const QuantMatmulParams& p, void* workspace,
                   int64_t workspace_bytes);
 
+// The input gradient, grad_x (M, K) = grad_out (M, N) @ dequantize(W) (N, K) (w8a8: straight
+// through its activation rounding), in the same params: x holds grad_out (float32 or
+// bfloat16), out grad_x (float32), any strides; no bias.
+void check_quant_matmul_grad_x(const QuantMatmulParams& p);
+int64_t quant_matmul_grad_x_workspace_bytes(CpuTier tier, const QuantMatmulParams& p);
+void quant_matmul_grad_x(CpuTier tier, const QuantMatmulParams& p, void* workspace,
+                         int64_t workspace_bytes);
+
 #define LLMK_DECLARE_QUANT_TIER(ns)                                        \
   namespace ns {                                                           \
   int64_t workspace_bytes(const QuantMatmulParams& p);                     \
@@ -41,6 +49,17 @@ LLMK_DECLARE_QUANT_TIER(qmm_avx512)
 LLMK_DECLARE_QUANT_TIER(qmm_avx512bf16)
 LLMK_DECLARE_QUANT_TIER(qmm_amx)
 #undef LLMK_DECLARE_QUANT_TIER
+// (the amx tier's gradient is avx512bf16's: float32 products)
+#define LLMK_DECLARE_QUANT_GRAD_TIER(ns)                                   \
+  namespace ns {                                                           \
+  int64_t grad_x_workspace_bytes(const QuantMatmulParams& p);              \
+  void run_grad_x(const QuantMatmulParams& p, void* workspace);            \
+  }
+LLMK_DECLARE_QUANT_GRAD_TIER(qmm_generic)
+LLMK_DECLARE_QUANT_GRAD_TIER(qmm_avx2)
+LLMK_DECLARE_QUANT_GRAD_TIER(qmm_avx512)
+LLMK_DECLARE_QUANT_GRAD_TIER(qmm_avx512bf16)
+#undef LLMK_DECLARE_QUANT_GRAD_TIER
 
 namespace qmm_avx512bf16 {
 // w8a8's x quantized per row exactly as this tier's kernels do (the amx tier's tiles reuse

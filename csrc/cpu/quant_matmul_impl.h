@@ -1687,3 +1687,5 @@ void run(const QuantMatmulParams& p, void* workspace) {
 
 }  // namespace LLMK_ISA_NS
 }  // namespace llmk
+
+#include "quant_matmul_grad.h"  // the input gradient, on this tier's fillers

@@ -162,7 +162,10 @@ class QuantLinear(nn.Module):
         return quant_matmul(x, self.qweight, self._bias_for(x))
 
     def _bias_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        bias = self.bias
+        # (the parameter itself skips a trip through __getattr__; a parametrized bias, moved
+        # out of _parameters by torch.nn.utils.parametrize, is a property)
+        params = self._parameters
+        bias = params["bias"] if "bias" in params else self.bias
         return bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
 
     def _llmk_explain(self, x: torch.Tensor):
@@ -178,6 +181,16 @@ class QuantLinear(nn.Module):
                            "weight_dtype": str(self.weight_dtype).replace("torch.", "")})
         return torch.tensor(list(text.ljust(_RECORD_BYTES).encode()), dtype=torch.uint8,
                             device="cpu")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        # As nn.Linear's weight: a load copies values into the layer's tensors, whose dtype
+        # stays (a bfloat16 checkpoint into a float32 model gives float32 layers, bias
+        # included; taking the record's dtype left unpatch a bfloat16 layer in a float32
+        # model); load_state_dict(assign=True) takes the checkpoint's tensors, and its dtype.
+        dtype = self.weight_dtype
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+        if not local_metadata.get("assign_to_params_buffers", False):
+            self.weight_dtype = dtype
 
     def set_extra_state(self, state) -> None:
         if isinstance(state, torch.Tensor):  # get_extra_state's; a dict before that

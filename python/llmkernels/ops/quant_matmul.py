@@ -41,31 +41,38 @@ CPU_SLAB_BYTES = 64 << 20
 CPU_SLAB_MIN_ROWS = 256
 
 
+def _cpu_workspace_bytes(native, tier: str, code: int, x, weight, y, group_size: int,
+                         threads: int) -> int:
+    # The size depends on the key's items alone; the kernel checks it again (a stale entry
+    # raises).
+    key = (tier, code, x.shape[0], x.shape[1], y.shape[1], x.dtype, group_size, threads,
+           weight[3] is not None)
+    nbytes = _WORKSPACE_BYTES.get(key)
+    if nbytes is None:
+        nbytes = native.quant_matmul_workspace_bytes(tier, code, cview(x), *weight, cview(y),
+                                                     group_size, threads)
+        if len(_WORKSPACE_BYTES) >= 4096:
+            _WORKSPACE_BYTES.clear()
+        _WORKSPACE_BYTES[key] = nbytes
+    return nbytes
+
+
 def _run_cpu(x2d, qdata, scales, zeros, bias, out, scheme: str, group_size: int) -> None:
     native = backends.native_module()
     tier, threads, code = backends.cpu_tier_code(), backends.cpu_threads(), SCHEME_CODES[scheme]
     weight = (cview(qdata), cview(scales), cview(zeros), cview(bias))
 
-    def workspace_bytes(x, y) -> int:
-        # The size depends on these alone; the kernel checks it again (a stale entry raises).
-        key = (tier, code, x.shape[0], x.shape[1], qdata.shape[0], x.dtype, group_size, threads,
-               bias is not None)
-        nbytes = _WORKSPACE_BYTES.get(key)
-        if nbytes is None:
-            nbytes = native.quant_matmul_workspace_bytes(tier, code, cview(x), *weight, cview(y),
-                                                         group_size, threads)
-            if len(_WORKSPACE_BYTES) >= 4096:
-                _WORKSPACE_BYTES.clear()
-            _WORKSPACE_BYTES[key] = nbytes
-        return nbytes
-
     M = x2d.shape[0]
-    nbytes = workspace_bytes(x2d, out)
+    nbytes = _cpu_workspace_bytes(native, tier, code, x2d, weight, out, group_size, threads)
     if nbytes <= CPU_SLAB_BYTES or M < 2 * CPU_SLAB_MIN_ROWS:  # one call (decoding: always)
         ws = _workspace(nbytes, x2d.device)
         native.quant_matmul(tier, code, cview(x2d), *weight, cview(out), group_size, threads,
                             ws.data_ptr(), nbytes)
         return
+
+    def workspace_bytes(x, y) -> int:
+        return _cpu_workspace_bytes(native, tier, code, x, weight, y, group_size, threads)
+
     # bytes = fixed + rows x per_row (per-thread scratch, then the rows' buffers)
     least = workspace_bytes(x2d[:CPU_SLAB_MIN_ROWS], out[:CPU_SLAB_MIN_ROWS])
     per_row = max(1, (nbytes - least) // (M - CPU_SLAB_MIN_ROWS))
@@ -143,25 +150,46 @@ def _(x2d, qdata, scales, zeros, bias, scheme_code, group_size, impl):
 def _setup(ctx, inputs, output):
     x2d, qdata, scales, zeros, bias, scheme_code, group_size, _ = inputs
     ctx.save_for_backward(qdata, scales, zeros)
-    ctx.meta = (scheme_code, group_size, x2d.dtype, bias is not None)
+    ctx.meta = (scheme_code, group_size, x2d.dtype, bias is not None, inputs[-1])
 
 
-# The backward dequantizes the weight a slice of output rows at a time, this many bytes of
-# float32 at most: training through a quantized layer (QLoRA style) never forms the whole
-# float weight, which would cost 4-8x the quantized one.
+# Off the CPU kernels' path, the backward dequantizes the weight a slice of output rows at a
+# time, this many bytes of float32 at most: training through a quantized layer (QLoRA style)
+# never forms the whole float weight, which would cost 4-8x the quantized one. The CPU kernel
+# (csrc/cpu/quant_matmul_grad.h) dequantizes panels that stay in its cache instead.
 BACKWARD_SLICE_BYTES = 16 << 20
 
 
-def _backward(ctx, grad_out):
-    # d out / d x = dequantized W (for w8a8: straight through the activation rounding).
-    qdata, scales, zeros = ctx.saved_tensors
-    scheme_code, group_size, dtype, has_bias = ctx.meta
-    grad_bias = grad_out.sum(0) if has_bias and ctx.needs_input_grad[4] else None
-    if not ctx.needs_input_grad[0]:  # (a frozen input, a trained bias: no weight needed)
-        return None, None, None, None, grad_bias, None, None, None
-    scheme = _SCHEMES_BY_CODE[scheme_code]
-    N, K = scales.shape[0], qdata.shape[1] * (2 if scheme == "int4" else 1)
-    g = grad_out.float()
+@torch.library.custom_op("llmkernels::quant_matmul_grad_x", mutates_args=())
+def _grad_x_cpu_op(g: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor,
+                   zeros: Optional[torch.Tensor], scheme_code: int, group_size: int,
+                   K: int) -> torch.Tensor:
+    """grad_x (M, K) float32 = g (M, N) (float32 or bfloat16) @ dequantize(W), on the CPU
+    kernel."""
+    native = backends.native_module()
+    tier, threads = backends.cpu_tier_code(), backends.cpu_threads()
+    grad_x = g.new_empty((g.shape[0], K), dtype=torch.float32)
+    args = (cview(g), cview(qdata), cview(scales), cview(zeros), cview(grad_x), group_size,
+            threads)
+    nbytes = native.quant_matmul_grad_x_workspace_bytes(tier, scheme_code, *args)
+    ws = _workspace(nbytes, g.device)
+    native.quant_matmul_grad_x(tier, scheme_code, *args, ws.data_ptr(), nbytes)
+    return grad_x
+
+
+@_grad_x_cpu_op.register_fake
+def _(g, qdata, scales, zeros, scheme_code, group_size, K):
+    return g.new_empty((g.shape[0], K), dtype=torch.float32)
+
+
+def _grad_x_cpu(g: torch.Tensor, qdata, scales, zeros, scheme: str, group_size: int,
+                K: int) -> torch.Tensor:
+    return _grad_x_cpu_op(g, qdata, scales, zeros, SCHEME_CODES[scheme], group_size, K)
+
+
+def _grad_x_sliced(g: torch.Tensor, qdata, scales, zeros, scheme: str, group_size: int,
+                   K: int) -> torch.Tensor:
+    N, g = scales.shape[0], g.float()
     grad_x = g.new_zeros((g.shape[0], K))
     rows = max(1, BACKWARD_SLICE_BYTES // (4 * max(K, 1)))
     for n0 in range(0, N, rows):
@@ -170,6 +198,24 @@ def _backward(ctx, grad_out):
                                  None if zeros is None else zeros[n0:n1], group_size)
         grad_x.addmm_(g[:, n0:n1], w)
         del w  # before the next slice is made: one slice alive at a time
+    return grad_x
+
+
+def _backward(ctx, grad_out):
+    # d out / d x = dequantized W (for w8a8: straight through the activation rounding).
+    qdata, scales, zeros = ctx.saved_tensors
+    scheme_code, group_size, dtype, has_bias, impl = ctx.meta
+    grad_bias = grad_out.sum(0) if has_bias and ctx.needs_input_grad[4] else None
+    if not ctx.needs_input_grad[0]:  # (a frozen input, a trained bias: no weight needed)
+        return None, None, None, None, grad_bias, None, None, None
+    scheme = _SCHEMES_BY_CODE[scheme_code]
+    K = qdata.shape[1] * (2 if scheme == "int4" else 1)
+    if impl == "cpu" and grad_out.device.type == "cpu":  # (bf16 products where the CPU has them)
+        g = grad_out if grad_out.dtype in (torch.float32, torch.bfloat16) else grad_out.float()
+        grad_x = _grad_x_cpu(g.resolve_neg(), qdata, scales, zeros, scheme, group_size, K)
+    else:
+        grad_x = _grad_x_sliced(grad_out.resolve_neg(), qdata, scales, zeros, scheme,
+                                group_size, K)
     return grad_x.to(dtype), None, None, None, grad_bias, None, None, None
 
 
