@@ -468,4 +468,4 @@ def test_kernel_views_check_only():
     from llmkernels.optim import _fused
     p, g = torch.randn(5), torch.randn(5)
     assert _fused.kernel_views([[p, g]], build=False) == [[]]
-    assert _fused.kernel_views([[p, torch.randn(10).view(5, 2).t()]], build=False) is None
+    assert _fused.kernel_views([[p, torch.randn(5, 2)[:, 0]]], build=False) is None

@@ -240,6 +240,28 @@ def test_cpu_gradient_kernel_checks_its_arguments():
                                    cview(torch.empty(3, 64)), 32, 1, 0, 0)
 
 
+@needs_native
+@pytest.mark.parametrize("scheme", ["int8", "w8a8"])
+def test_full_range_int8_codes_on_every_tier(scheme):
+    """-128 codes (int8 checkpoints of other quantizers; ours stop at -127): the avx2 and
+    avx512 tiers' w8a8 products moved x's sign onto w, and -(-128) wraps to -128, so -128
+    times a negative x came out positive (4-20x relative error, no error raised)."""
+    torch.manual_seed(0)
+    base = llmkernels.quantize_weight(torch.randn(40, 96), scheme)
+    qdata = base.qdata.clone()
+    qdata[:, ::3] = -128
+    qw = llmkernels.QuantizedWeight(scheme, (40, 96), 0, qdata, base.scales, None, torch.float32)
+    for M in (1, 3, 17, 300):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(M, 96, dtype=dtype)
+            ref = quant_matmul_reference(x.float(), scheme, qdata, base.scales, None, 0)
+            for tier in llmkernels.backends.supported_cpu_tiers():
+                with llmkernels.backends.use_cpu_tier(tier):
+                    out = llmkernels.quant_matmul(x, qw).float()
+                err = ((out - ref).norm() / ref.norm()).item()
+                assert err < (2e-2 if dtype == torch.bfloat16 else 1e-5), (tier, M, dtype, err)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_a_trained_bias_alone_needs_no_weight(scheme, monkeypatch):
     """A frozen input with a trained bias (bias tuning) ran the whole dequantizing backward."""

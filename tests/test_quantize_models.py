@@ -182,6 +182,10 @@ def test_format_record_is_a_tensor_and_old_dict_records_still_load():
     state["_extra_state"] = {"scheme": "int4", "group_size": 32, "weight_dtype": "bfloat16"}
     fresh.load_state_dict(state, assign=True)
     assert fresh.weight_dtype == torch.bfloat16
+    for name in ("bool", "int32", "load", 7):  # a record naming a non-float dtype: refused
+        state["_extra_state"] = {"scheme": "int4", "group_size": 32, "weight_dtype": name}
+        with pytest.raises(ValueError, match="expected a floating dtype"):
+            fresh.load_state_dict(state, assign=True)
     state["_extra_state"] = torch.tensor([1, 2, 3], dtype=torch.uint8)
     with pytest.raises(ValueError, match="_extra_state"):
         fresh.load_state_dict(state)

@@ -124,10 +124,13 @@ LLMK_INLINE qv qdot(qv acc, qv xu, qv w) { return _mm512_dpbusd_epi32(acc, xu, w
 LLMK_INLINE qv qwsum(qv acc, qv w) { return _mm512_dpbusd_epi32(acc, _mm512_set1_epi8(1), w); }
 #else
 constexpr bool kBiasedX = false;
+// |w| (unsigned) times x with w's sign: x is within +-127 (quantize_rows_w8a8), w may be
+// -128 (int8 checkpoints of other quantizers), whose negation wraps to -128 again: taking x's
+// sign onto w turned -128 * (negative x) positive. |w| * |x| <= 128 * 127: pairs fit int16.
 LLMK_INLINE qv qdot(qv acc, qv x, qv w) {
-  const qv ax = _mm512_abs_epi8(x);
-  const qv sw = _mm512_mask_sub_epi8(w, _mm512_movepi8_mask(x), _mm512_setzero_si512(), w);
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(ax, sw),
+  const qv aw = _mm512_abs_epi8(w);
+  const qv sx = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(aw, sx),
                                                  _mm512_set1_epi16(1)));
 }
 LLMK_INLINE qv qwsum(qv acc, qv) { return acc; }
@@ -144,11 +147,9 @@ LLMK_INLINE int32_t qsum(qv v) {
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
   return _mm_cvtsi128_si32(s);
 }
-LLMK_INLINE qv qdot(qv acc, qv x, qv w) {
-  const qv ax = _mm256_sign_epi8(x, x);
-  const qv sw = _mm256_sign_epi8(w, x);
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sw),
-                                                 _mm256_set1_epi16(1)));
+LLMK_INLINE qv qdot(qv acc, qv x, qv w) {  // as the AVX-512BW one: |w| times x with w's sign
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(
+      _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1)));
 }
 LLMK_INLINE qv qwsum(qv acc, qv) { return acc; }
 #else

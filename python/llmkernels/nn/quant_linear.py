@@ -206,7 +206,12 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear: the state_dict holds a {state.get('scheme')} weight "
                              f"(group {state.get('group_size')}), this layer is {self.scheme} "
                              f"(group {self.group_size}); quantize the model the same way first")
-        self.weight_dtype = getattr(torch, state.get("weight_dtype", "float32"))
+        name = state.get("weight_dtype", "float32")
+        dtype = getattr(torch, name, None) if isinstance(name, str) else None
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"QuantLinear: the state_dict's format record names weight_dtype "
+                             f"{name!r}; expected a floating dtype such as 'bfloat16'")
+        self.weight_dtype = dtype
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.scheme == "int4" else ""

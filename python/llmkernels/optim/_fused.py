@@ -37,6 +37,20 @@ def as_float(value, name: str, owner: str) -> float:
     return value
 
 
+def as_betas(betas, owner: str) -> tuple:
+    """A param group's betas as two finite floats in [0, 1) (a group edited after
+    construction: beta1 = 1 divided by zero in the bias correction, after the step counts
+    had moved)."""
+    try:
+        beta1, beta2 = betas
+    except (TypeError, ValueError):
+        raise ValueError(f"{owner}: betas must be a pair (beta1, beta2), got {betas!r}") from None
+    beta1, beta2 = as_float(beta1, "betas[0]", owner), as_float(beta2, "betas[1]", owner)
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"{owner}: betas must be in [0, 1), got ({beta1}, {beta2})")
+    return beta1, beta2
+
+
 def check_params(params: List[torch.Tensor], owner: str) -> None:
     for p in params:
         if not isinstance(p, torch.Tensor):
@@ -81,7 +95,10 @@ def kernel_views(rows, f32_state: bool = False, build: bool = True,
     non-contiguous one. This runs every step over every tensor (hundreds of tensors, a few
     attribute reads each: most of a small model's step), so it reads each attribute once.
     build=False: the check alone (empty rows), for paths that take tensors (Triton).
-    why: a list that receives the reason when the answer is None (explain)."""
+    why: a list that receives the reason when the answer is None (explain).
+    A gradient or state tensor of another size than its parameter (a checkpoint of another
+    model) is an error on every path: ValueError (Triton's kernels would write past its end,
+    the reference path would update the parameter first)."""
     if not rows:
         return []
     device = rows[0][0].get_device()
@@ -91,12 +108,13 @@ def kernel_views(rows, f32_state: bool = False, build: bool = True,
     codes = DTYPE_CODES
     out = []
     for i, row in enumerate(rows):
+        _check_sizes(row, i)
         dtype = row[0].dtype
         if dtype not in KERNEL_DTYPES:
             if why is not None:
                 why.append(f"parameter {i} is {dtype} (the kernels take float32, bfloat16 and "
                            "float16)")
-            return None
+            return _refused(rows, i)
         views = []
         for j, t in enumerate(row):
             if t is None:
@@ -107,7 +125,7 @@ def kernel_views(rows, f32_state: bool = False, build: bool = True,
                 if j < 2 or tdt is not f32:
                     if why is not None:
                         why.append(f"{_ROLES[min(j, 2)]} {i} is {tdt}, the parameter {dtype}")
-                    return None
+                    return _refused(rows, i)
                 same = False
             elif j >= 2 and tdt is not f32:
                 own = False
@@ -121,7 +139,7 @@ def kernel_views(rows, f32_state: bool = False, build: bool = True,
                         f"{_ROLES[min(j, 2)]} {i} is not contiguous" if not t.is_contiguous()
                         else f"{_ROLES[min(j, 2)]} {i} is a lazily negated view (its memory "
                         "holds the negated values)")
-                return None
+                return _refused(rows, i)
             if build:
                 views.append((t.data_ptr(), codes[tdt], (t.numel(),), (1,)))
         out.append(views)
@@ -129,6 +147,22 @@ def kernel_views(rows, f32_state: bool = False, build: bool = True,
 
 
 _ROLES = ("parameter", "the gradient of parameter", "a state tensor of parameter")
+
+
+def _check_sizes(row, i: int) -> None:
+    n = row[0].numel()
+    for j, t in enumerate(row):
+        if j and t is not None and t.numel() != n:
+            raise ValueError(f"optimizer step: {_ROLES[min(j, 2)]} {i} holds {t.numel()} "
+                             f"values, the parameter {n} (state from another model?)")
+
+
+def _refused(rows, i: int) -> None:
+    """kernel_views' None once row i is refused: the later rows' sizes are still checked (the
+    reference path would update parameters before it met a wrong-sized state)."""
+    for k in range(i + 1, len(rows)):
+        _check_sizes(rows[k], k)
+    return None
 
 
 def _triton_optim():
@@ -370,6 +404,12 @@ def advance_steps(optimizer, group, states) -> List[float]:
     counts = step_buffer(optimizer, group, states, _CPU, numpy=True)[1]
     counts += 1
     return counts.tolist()
+
+
+def retreat_steps(optimizer, group, states) -> None:
+    """Undoes advance_steps: a step that raised (a bad state tensor, a kernel's refusal) must
+    not leave the step counts (and so the bias corrections of every later step) moved."""
+    step_buffer(optimizer, group, states, _CPU, numpy=True)[1][:] -= 1
 
 
 def bias_corrections(step_values: List[float], lr: float, beta1: float, beta2: float):

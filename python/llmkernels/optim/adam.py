@@ -88,7 +88,7 @@ class _FusedAdam(_fused.FusedOptimizer):
             amsgrad = group["amsgrad"]
             decoupled = group.get("decoupled_weight_decay", self._decoupled)
             lr = _fused.as_float(group["lr"], "lr", name)
-            beta1, beta2 = (_fused.as_float(b, "betas", name) for b in group["betas"])
+            beta1, beta2 = _fused.as_betas(group["betas"], name)
             eps = _fused.as_float(group["eps"], "eps", name)
             wd = _fused.as_float(group["weight_decay"], "weight_decay", name)
             sr = bool(group.get("stochastic_rounding", False))
@@ -104,24 +104,29 @@ class _FusedAdam(_fused.FusedOptimizer):
             else:
                 states = [self._state_of(p, amsgrad) for p in params]
             step_values = _fused.advance_steps(self, group, states)
-            corrections = _fused.bias_corrections(step_values, lr, beta1, beta2)
-            seed = group.get("seed", 0)
-            keys = ([_fused.sr_key(seed, int(step), index)
-                     for index, step in enumerate(step_values)] if sr else [0] * len(states))
-            if served is not None and path == "triton":
-                adam_triton_planned(plan, "adam", list(range(len(params))), grad_views,
-                                    corrections, keys, **hyper)
-                continue
-            if served is not None:
-                views = [(pv, gv, *sv) + (() if amsgrad else (None,)) for pv, gv, sv
-                         in zip(param_views, grad_views, plan.state_views)]
-                adam_native(path, params[0].device, views, corrections, keys, **hyper)
-                continue
-            path = adam_update(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                               [s["exp_avg_sq"] for s in states],
-                               [s.get("max_exp_avg_sq") if amsgrad else None for s in states],
-                               corrections, keys, **hyper)
-            _plan.after_full_step(self, group, params, [state_keys] * len(params), {path})
+            try:
+                corrections = _fused.bias_corrections(step_values, lr, beta1, beta2)
+                seed = group.get("seed", 0)
+                keys = ([_fused.sr_key(seed, int(step), index)
+                         for index, step in enumerate(step_values)] if sr else [0] * len(states))
+                if served is not None and path == "triton":
+                    adam_triton_planned(plan, "adam", list(range(len(params))), grad_views,
+                                        corrections, keys, **hyper)
+                    continue
+                if served is not None:
+                    views = [(pv, gv, *sv) + (() if amsgrad else (None,)) for pv, gv, sv
+                             in zip(param_views, grad_views, plan.state_views)]
+                    adam_native(path, params[0].device, views, corrections, keys, **hyper)
+                    continue
+                path = adam_update(params, [p.grad for p in params],
+                                   [s["exp_avg"] for s in states],
+                                   [s["exp_avg_sq"] for s in states],
+                                   [s.get("max_exp_avg_sq") if amsgrad else None for s in states],
+                                   corrections, keys, **hyper)
+                _plan.after_full_step(self, group, params, [state_keys] * len(params), {path})
+            except BaseException:  # the paths check before they write: undo the count
+                _fused.retreat_steps(self, group, states)
+                raise
         return loss
 
     def _llmk_explain_step(self) -> "backends.Decisions":
@@ -156,7 +161,7 @@ class _FusedAdam(_fused.FusedOptimizer):
             if path is None:
                 return False
         device = params[0].device
-        beta1, beta2 = (_fused.as_float(b, "betas", name) for b in group["betas"])
+        beta1, beta2 = _fused.as_betas(group["betas"], name)
         eps = _fused.as_float(group["eps"], "eps", name)
         wd = _fused.as_float(group["weight_decay"], "weight_decay", name)
         decoupled = group.get("decoupled_weight_decay", self._decoupled)

@@ -165,6 +165,32 @@ def _check_eight_bit_layout(p: torch.Tensor, state: dict, index: int) -> None:
                 "on the mesh it was saved on, or from a torch.optim.AdamW-style checkpoint")
 
 
+def _check_eight_bit_state(group: dict, p: torch.Tensor, state: dict) -> None:
+    """p's 8-bit state as the kernels read it, checked before a step changes anything: codes
+    or scales of another size (a checkpoint of another model; torch's load_state_dict does
+    not compare shapes) were written past their end by the Triton kernels, and a
+    non-contiguous tensor was read as if it were contiguous."""
+    lp = _fused.local(p)
+    n = lp.numel()
+    for key, dtype, size in (("exp_avg_codes", torch.int8, n), ("exp_avg_sq_codes", torch.uint8, n),
+                             ("exp_avg_scales", torch.float32, -(-n // BLOCK)),
+                             ("exp_avg_sq_scales", torch.float32, -(-n // BLOCK))):
+        t = state.get(key)
+        local = None if t is None else _fused.local(t)
+        # (a shard's scales: its row of the longest shard's blocks)
+        fits = local is not None and (local.numel() == size or (
+            local is not t and key.endswith("scales") and local.numel() >= size))
+        if (not fits or local.dtype != dtype or local.device != lp.device
+                or not local.is_contiguous()):
+            index = next(i for i, q in enumerate(group["params"]) if q is p)
+            got = ("missing" if local is None else
+                   f"{local.numel()} {local.dtype} values on {local.device}"
+                   f"{'' if local.is_contiguous() else ', not contiguous'}")
+            raise ValueError(f"AdamW8bit: {key} of parameter {index} of its group must be a "
+                             f"contiguous tensor of {size} {dtype} values on {lp.device} (its "
+                             f"parameter holds {n}); got {got}")
+
+
 def _local_eight_bit(p: torch.Tensor, state: dict) -> tuple:
     """(parameter, gradient, state) on this rank: flat codes and the local shard's scales."""
     lp = _fused.local(p)
@@ -317,17 +343,19 @@ class AdamW8bit(_fused.FusedOptimizer):
 
         def place(optimizer):  # registered first: before the user's post-hooks
             for p, tensors in kept.items():
-                for name, value in tensors.items():
-                    self.state[p][name] = value.to(device=p.device, copy=True)
+                for name, value in tensors.items():  # (the kernels read them as flat arrays)
+                    self.state[p][name] = value.to(device=p.device, copy=True,
+                                                   memory_format=torch.contiguous_format)
             for group in self.param_groups:
                 if group.get("codes_version", 1) == 1:
                     for p in group["params"]:
                         if "exp_avg_codes" in self.state.get(p, {}):
                             _convert_version1_codes(self.state[p]["exp_avg_codes"])
-                elif group["codes_version"] != CODES_VERSION:
+                elif group["codes_version"] != CODES_VERSION or type(
+                        group["codes_version"]) is not int:
                     raise ValueError(f"AdamW8bit: this checkpoint's codes_version "
-                                     f"{group['codes_version']} is newer than this llmkernels "
-                                     f"reads ({CODES_VERSION})")
+                                     f"{group['codes_version']!r} is not one this llmkernels "
+                                     f"reads (1 or {CODES_VERSION}; a newer release wrote it?)")
                 group["codes_version"] = CODES_VERSION
                 for i, p in enumerate(group["params"]):
                     state = self.state.get(p, {})
@@ -338,8 +366,14 @@ class AdamW8bit(_fused.FusedOptimizer):
 
         pre = self.register_load_state_dict_pre_hook(read)
         post = self.register_load_state_dict_post_hook(place, prepend=True)
+        # torch puts new state and param group objects in place before the post-hooks check
+        # them: a refused checkpoint must leave the optimizer as it was, not half loaded.
+        before = (self.state, self.param_groups)
         try:
             super().load_state_dict(state_dict)
+        except BaseException:
+            self.state, self.param_groups = before
+            raise
         finally:
             pre.remove()
             post.remove()
@@ -348,6 +382,11 @@ class AdamW8bit(_fused.FusedOptimizer):
     def _from_float_moments(p, state: dict, min_size: int) -> None:
         """Moments of a torch.optim.AdamW checkpoint (the parameter's dtype) as this
         optimizer's state for p: 8-bit codes from min_size elements, else float32."""
+        for key in _SMALL_KEYS:
+            if state[key].numel() != p.numel():
+                raise ValueError(f"AdamW8bit: the checkpoint's {key} holds "
+                                 f"{state[key].numel()} values, its parameter {p.numel()} "
+                                 "(state from another model?)")
         if p.numel() < min_size:
             for key in _SMALL_KEYS:
                 state[key] = state[key].float()
@@ -400,28 +439,39 @@ class AdamW8bit(_fused.FusedOptimizer):
             if inv_scale is None:  # GradScaler found inf/NaN gradients: no update
                 continue
             lr = _fused.as_float(group["lr"], "lr", "AdamW8bit")
-            beta1, beta2 = (float(b) for b in group["betas"])
-            eps, wd = float(group["eps"]), float(group["weight_decay"])
+            beta1, beta2 = _fused.as_betas(group["betas"], "AdamW8bit")
+            eps = _fused.as_float(group["eps"], "eps", "AdamW8bit")
+            wd = _fused.as_float(group["weight_decay"], "weight_decay", "AdamW8bit")
             hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
                          maximize=group["maximize"], inv_scale=inv_scale)
             if self._planned_step(group, params, hyper):
                 continue
             states = [self._state_of(p, group["min_8bit_size"]) for p in params]
-            corr = _fused.bias_corrections(_fused.advance_steps(self, group, states), lr,
-                                           beta1, beta2)
-            eight = [(p, s, c) for p, s, c in zip(params, states, corr) if "exp_avg_codes" in s]
-            small = [(p, s, c) for p, s, c in zip(params, states, corr) if "exp_avg_codes" not in s]
-            paths = set()
-            if small:  # float32 moments: an AdamW step on whichever path can take them
-                paths.add(adam_update(
-                    [p for p, _, _ in small], [p.grad for p, _, _ in small],
-                    [s["exp_avg"] for _, s, _ in small], [s["exp_avg_sq"] for _, s, _ in small],
-                    [None] * len(small), [c for _, _, c in small], [0] * len(small),
-                    decoupled=True, amsgrad=False, sr=False, **hyper))
-            if eight:
-                paths.add(self._eight_bit_update(group, eight, hyper))
-            _plan.after_full_step(self, group, params, [
-                _EIGHT_BIT_KEYS if "exp_avg_codes" in s else _SMALL_KEYS for s in states], paths)
+            for p, st in zip(params, states):
+                if "exp_avg_codes" in st:
+                    _check_eight_bit_state(group, p, st)
+            step_values = _fused.advance_steps(self, group, states)
+            try:
+                corr = _fused.bias_corrections(step_values, lr, beta1, beta2)
+                rows = list(zip(params, states, corr))
+                eight = [(p, s, c) for p, s, c in rows if "exp_avg_codes" in s]
+                small = [(p, s, c) for p, s, c in rows if "exp_avg_codes" not in s]
+                paths = set()
+                if small:  # float32 moments: an AdamW step on whichever path can take them
+                    paths.add(adam_update(
+                        [p for p, _, _ in small], [p.grad for p, _, _ in small],
+                        [s["exp_avg"] for _, s, _ in small],
+                        [s["exp_avg_sq"] for _, s, _ in small],
+                        [None] * len(small), [c for _, _, c in small], [0] * len(small),
+                        decoupled=True, amsgrad=False, sr=False, **hyper))
+                if eight:
+                    paths.add(self._eight_bit_update(group, eight, hyper))
+                _plan.after_full_step(self, group, params, [
+                    _EIGHT_BIT_KEYS if "exp_avg_codes" in s else _SMALL_KEYS for s in states],
+                    paths)
+            except BaseException:  # the paths check before they write: undo the count
+                _fused.retreat_steps(self, group, states)
+                raise
         return loss
 
     def _capturable_step(self, group, params, amp: _fused.Amp) -> bool:
@@ -440,9 +490,14 @@ class AdamW8bit(_fused.FusedOptimizer):
             path = _capturable.device_path(params, [[p, p.grad] for p in params], False)
             if path is None:
                 return False
+            for p, st in zip(params, states):
+                if "exp_avg_codes" in st:
+                    _check_eight_bit_state(group, p, st)
         device = params[0].device
-        beta1, beta2 = (float(b) for b in group["betas"])
-        eps, wd, maximize = float(group["eps"]), float(group["weight_decay"]), group["maximize"]
+        beta1, beta2 = _fused.as_betas(group["betas"], "AdamW8bit")
+        eps = _fused.as_float(group["eps"], "eps", "AdamW8bit")
+        wd = _fused.as_float(group["weight_decay"], "weight_decay", "AdamW8bit")
+        maximize = group["maximize"]
         inv, found = amp.device(device)
         steps = _capturable.advance(self, group, states, device)
         eight = [i for i, s in enumerate(states) if "exp_avg_codes" in s]
