@@ -6,9 +6,9 @@
         --json out.json --csv out.csv --plot out.png
 
 For every shape it first checks correctness (output and, unless --no-backward, the three
-gradients against a float64 reference; the bound is DESIGN.md's: 2x PyTorch's own
-same-precision error plus a small floor) and then, side by side in the same run, times
-forward and forward+backward for each path:
+gradients and the no-grad forward's output, against a float64 reference of every head; the
+bound is DESIGN.md's: 2x PyTorch's own same-precision error plus a small floor) and then,
+side by side in the same run, times forward and forward+backward for each path:
 
   ours  llmkernels.scaled_dot_product_attention: the fused C++ kernel on CPU; on CUDA the
         path our selection picks (named in the output, since it may be the reference)
@@ -49,7 +49,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 MODEL_WIDTH = 1024      # default heads = MODEL_WIDTH / head_dim, as in a 1024-wide model ...
 FULL_HEADS_UP_TO = 2048  # ... with heads cut by (2048/S)^2 beyond, so a case's work stays bounded
-CHECK_SCORES = 1 << 24  # at most this many score elements in the float64 reference check
+CHECK_SCORES = 1 << 24  # score elements per slice of heads of the float64 reference check
 MATH_MAX_SCORES = {"cpu": 1 << 24, "cuda": 1 << 30}  # B*H*L*S above which math is skipped
 MODES = ("fwd", "fwd+bwd")
 
@@ -154,10 +154,12 @@ def mode_call(fn: Callable, mode: str, inputs) -> Callable[[], Any]:
     return call
 
 
-def check_heads(case: Case) -> List[int]:
-    """First and last head, or only the first when the float64 reference would be large."""
-    per_head = case.seqlen * case.seqlen
-    return [0, case.heads - 1] if case.heads > 1 and 2 * per_head <= CHECK_SCORES else [0]
+def head_slices(case: Case) -> List[tuple]:
+    """(batch element, heads) slices covering the whole call, each with at most CHECK_SCORES
+    score elements (one head at least), so that the float64 reference stays small."""
+    step = max(1, CHECK_SCORES // (case.seqlen * case.seqlen))
+    return [(b, slice(h, h + step)) for b in range(case.batch)
+            for h in range(0, case.heads, step)]
 
 
 @contextlib.contextmanager
@@ -181,44 +183,53 @@ def check_baseline(ours_backend: Optional[str]) -> str:
 
 
 def check_outputs(case: Case, mode: str, inputs, got, baseline_name: str,
-                  baseline: Optional[Sequence[torch.Tensor]]) -> List[harness.Check]:
-    """Compare our outputs (out, and dq, dk, dv for fwd+bwd) of the full timed call with a
-    float64 reference of a few heads.
+                  baseline: Optional[Sequence[torch.Tensor]],
+                  nograd_out: Optional[torch.Tensor] = None) -> List[harness.Check]:
+    """Compare our outputs (out, and dq, dk, dv for fwd+bwd) of the full timed call, and the
+    output of the no-grad forward call when given, with a float64 reference, every batch
+    element and head (a bug may hit one head only), slice by slice (head_slices).
 
-    Heads are independent, so the last batch element's first and last heads stand for the
-    whole call while keeping the float64 reference cheap. The bound is 2x the error of
-    `baseline` (PyTorch's same-precision result: sdpa for a fused kernel, low-precision
-    math for our unfused reference path) plus a floor; the baseline is computed on the
-    heads alone when the full-shape run is not at hand.
+    The bound is 2x the error of `baseline` (PyTorch's same-precision result: sdpa for a
+    fused kernel, low-precision math for our unfused reference path) in the same slice plus
+    a floor; the baseline is computed on the slice alone when the full-shape run is not at
+    hand. Each returned Check is the tightest slice's (largest error over bound).
     """
-    heads = check_heads(case)
-
-    def pick(t):
-        return t.detach()[case.batch - 1:, heads]
-
-    def run(name, dtype):
-        sliced = [pick(t).to(dtype) for t in inputs]
-        return mode_call(path_fn(name, case.causal, None), mode, sliced)()
-
-    ref = run("math", torch.float64)
-    if baseline is not None:
-        base = [pick(t) for t in baseline]
-    elif baseline_name == "math-lowp":
-        with low_precision_math():
-            base = run("math", DTYPES[case.dtype])
-    else:
-        base = run(baseline_name, DTYPES[case.dtype])
+    names = ["out", "dq", "dk", "dv"][:len(got)]
+    if nograd_out is not None:  # the 'fwd' rows' call: the same output, without autograd
+        names, got = names + ["no-grad out"], list(got) + [nograd_out]
     atol = ATOL[DTYPES[case.dtype]]
-    return [harness.check_close(n, pick(x), r, atol=atol, baseline=b)
-            for n, x, r, b in zip(("out", "dq", "dk", "dv"), got, ref, base)]
+    worst: Dict[str, harness.Check] = {}
+    for b, heads in head_slices(case):
+        def pick(t):
+            return t.detach()[b:b + 1, heads]
+
+        def run(name, dtype):
+            sliced = [pick(t).to(dtype) for t in inputs]
+            return mode_call(path_fn(name, case.causal, None), mode, sliced)()
+
+        ref = run("math", torch.float64)
+        if baseline is not None:
+            base = [pick(t) for t in baseline]
+        elif baseline_name == "math-lowp":
+            with low_precision_math():
+                base = run("math", DTYPES[case.dtype])
+        else:
+            base = run(baseline_name, DTYPES[case.dtype])
+        ref, base = list(ref) + [ref[0]], list(base) + [base[0]]  # no-grad out's: out's
+        for n, x, r, bl in zip(names, got, ref, base):
+            c = harness.check_close(n, pick(x), r, atol=atol, baseline=bl)
+            if n not in worst or c.error / c.bound > worst[n].error / worst[n].bound:
+                worst[n] = c
+    return list(worst.values())
 
 
 def measure_case(case: Case, args, ours_backend: Optional[str]) -> Dict[str, Any]:
     """Check, then time, one shape.
 
-    The first full-shape call of each path (fwd+bwd, or fwd with --no-backward) runs under
-    the memory profiler: it gives that mode's peak memory, warms the path up, and its
-    outputs are what the correctness check compares, so no extra call is spent on them.
+    The first full-shape call of each path in each mode runs under the memory profiler: it
+    gives that mode's peak memory, warms the path up, and its outputs are what the
+    correctness check compares (ours' fwd+bwd outputs, and its no-grad forward output that
+    the fwd rows time), so no extra call is spent on them.
     """
     device, started = args.device, time.perf_counter()
     inputs = make_inputs(case, device)
@@ -229,7 +240,7 @@ def measure_case(case: Case, args, ours_backend: Optional[str]) -> Dict[str, Any
     baseline = check_baseline(record["ours_backend"])
     scores = case.batch * case.heads * case.seqlen * case.seqlen
     results: Dict[str, Dict[str, Dict[str, Any]]] = {m: {} for m in modes}
-    outputs: Dict[str, Sequence[torch.Tensor]] = {}
+    outputs: Dict[tuple, Sequence[torch.Tensor]] = {}  # (mode, path): the call's outputs
 
     def profiled(name: str, mode: str) -> None:
         call, kept = mode_call(path_fn(name, case.causal, ours_backend), mode, inputs), []
@@ -240,8 +251,7 @@ def measure_case(case: Case, args, ours_backend: Optional[str]) -> Dict[str, Any
             results[mode][name] = {"error": f"{type(exc).__name__}: {exc}"}
             return
         results[mode][name] = {"peak_mib": peak / 2**20}
-        if mode == check_mode:
-            outputs[name] = kept[0]
+        outputs[mode, name] = kept[0]
 
     for name in args.paths:
         if name == "math" and scores > args.math_max_scores:
@@ -249,16 +259,19 @@ def measure_case(case: Case, args, ours_backend: Optional[str]) -> Dict[str, Any
                 results[mode][name] = {"skipped": f"B*H*L*S = {scores:,} > --math-max-scores "
                                                   f"{args.math_max_scores:,}"}
             continue
-        profiled(name, check_mode)
+        for mode in modes:
+            profiled(name, mode)
 
     record["checks"], record["correct"] = [], None
     if "ours" in args.paths:
         record["check_baseline"] = baseline
         try:
-            if "ours" not in outputs:
-                raise RuntimeError(results[check_mode]["ours"]["error"])
-            checks = check_outputs(case, check_mode, inputs, outputs["ours"], baseline,
-                                   outputs.get(baseline))
+            for mode in modes:
+                if (mode, "ours") not in outputs:
+                    raise RuntimeError(results[mode]["ours"]["error"])
+            nograd = outputs["fwd", "ours"][0] if check_mode != "fwd" else None
+            checks = check_outputs(case, check_mode, inputs, outputs[check_mode, "ours"],
+                                   baseline, outputs.get((check_mode, baseline)), nograd)
             record["checks"] = [asdict(c) for c in checks]
             record["correct"] = all(c.ok for c in checks)
             ratios = [c.error / c.baseline_error for c in checks if c.baseline_error]
@@ -273,8 +286,6 @@ def measure_case(case: Case, args, ours_backend: Optional[str]) -> Dict[str, Any
     for mode in modes:
         gflop = mode_flops(case, mode) / 1e9
         for name in args.paths:
-            if name not in results[mode]:
-                profiled(name, mode)
             res = results[mode][name]
             if "skipped" in res or "error" in res:
                 continue

@@ -80,9 +80,42 @@ def machine_info(device: Optional[str] = None) -> Dict[str, Any]:
         "triton": _triton_version(),
         # other processes' load: timings on a busy machine are noisy, ratios less so
         "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        # the same, measured now (the load average still counts a benchmark run just before)
+        "others_busy_cores": _others_busy_cores(),
     }
+    # Other processes on more cores than torch's threads leave free: they take turns with ours,
+    # and a thread descheduled inside a parallel region stalls the whole op (here: ms-long
+    # stalls of 10-us calls, some calls and not others), so ratios are as unreliable as times.
+    # Half a core of slack: daemons and this process' own start.
+    busy = info["others_busy_cores"]
+    info["busy"] = busy is not None and busy > usable_cores - info["torch_threads"] + 0.5
     info["llmkernels"] = _llmkernels_summary()
     return info
+
+
+def _others_busy_cores(seconds: float = 0.5) -> Optional[float]:
+    """How many of this process's usable cores were busy (including time stolen by the
+    hypervisor) over `seconds` while this process slept: other processes' load, from
+    /proc/stat. None where there is no /proc/stat."""
+    try:
+        cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+
+        def busy_total():
+            busy = total = 0
+            with open("/proc/stat") as f:
+                for line in f:
+                    name, *ticks = line.split()
+                    if name in cpus:  # user nice system idle iowait irq softirq steal
+                        t = [int(x) for x in ticks[:8]]
+                        busy, total = busy + sum(t) - t[3] - t[4], total + sum(t)
+            return busy, total
+        import time
+        b0, t0 = busy_total()
+        time.sleep(seconds)
+        b1, t1 = busy_total()
+    except (OSError, AttributeError, ValueError):
+        return None
+    return len(cpus) * (b1 - b0) / max(t1 - t0, 1)
 
 
 def _triton_version() -> Optional[str]:
@@ -129,6 +162,11 @@ def format_machine(info: Mapping[str, Any]) -> str:
         + f", triton {info['triton'] or 'not installed'}, python {info['python']}",
         f"gpu: {info['gpu'] or 'none visible'}",
     ]
+    if info.get("busy"):
+        lines.append(f"WARNING: busy machine: other processes kept "
+                     f"{info['others_busy_cores']:.1f} of the {info['usable_cores']} usable "
+                     f"cores busy, {info['torch_threads']} torch threads need them: timings and "
+                     "ratios are unreliable")
     if "error" in lk:
         lines.append(f"llmkernels: not importable: {lk['error']}")
     else:
@@ -434,6 +472,12 @@ def peak_memory(fn: Callable[[], Any], device: str = "cpu") -> int:
         live += e.nbytes()  # frees of blocks allocated before profiling report 0 bytes
         peak = max(peak, live)
     return peak
+
+
+def optimizer_state_bytes(opt) -> int:
+    """Bytes of the tensors an optimizer keeps in opt.state (moments, their scales, steps)."""
+    return sum(t.numel() * t.element_size() for s in opt.state.values()
+               for t in s.values() if isinstance(t, torch.Tensor))
 
 
 class _quiet_stderr:

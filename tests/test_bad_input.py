@@ -29,6 +29,13 @@ def qkv(L=8, S=8, E=16, Ev=16, H=2, Hk=None, dtype=torch.float32):
     (lambda q, k, v: sdpa(q, k, v, dropout_p=1.5), ValueError, "dropout_p"),
     (lambda q, k, v: sdpa(q, k, v, scale=float("nan")), ValueError, "scale"),
     (lambda q, k, v: sdpa(q, k, v, softcap=-1.0), ValueError, "softcap"),
+    # float32 kernels: a softcap of 1e-46 became 0 there (no cap); 3e38 overflowed into a
+    # "holds NaN/Inf" error about finite inputs
+    (lambda q, k, v: sdpa(q, k, v, softcap=1e-46), ValueError, "softcap must be a positive "
+                                                                "number from 1.2e-38"),
+    (lambda q, k, v: sdpa(q, k, v, softcap=3e38), ValueError, "softcap .* float32"),
+    (lambda q, k, v: sdpa(q, k, v, scale=3e38), ValueError, "scale must be finite and within"),
+    (lambda q, k, v: sdpa(q, k, v, softcap="x"), TypeError, "softcap must be a number"),
     (lambda q, k, v: sdpa(q, k, v, window_size=(3,)), ValueError, "window_size"),
     (lambda q, k, v: sdpa(q, k, v, window_size=(-5, 2)), ValueError, "window_size"),
     (lambda q, k, v: sdpa(q, k, v, backend="fast"), ValueError, "backend"),

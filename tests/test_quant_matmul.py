@@ -117,6 +117,27 @@ def test_non_contiguous_packed_weights():
     torch.testing.assert_close(llmkernels.quant_matmul(x, odd), llmkernels.quant_matmul(x, qw))
 
 
+def test_a_tensor_swapped_under_a_validated_weight_is_checked_again():
+    """validate() remembers a pass by tensor identity; `t.data = other` keeps the object (the
+    Triton kernels, which have no bounds checks of their own, then read past the new
+    tensor), and a file's own record of a pass skipped every check."""
+    x = torch.randn(3, 128)
+    qw = llmkernels.quantize_weight(torch.randn(64, 128), "int8")
+    llmkernels.quant_matmul(x, qw, backend="reference")
+    qw.scales.data = torch.ones(1)
+    with pytest.raises(ValueError, match="scales must have shape"):
+        llmkernels.quant_matmul(x, qw, backend="reference")
+    bad = llmkernels.QuantizedWeight("int8", (64, 128), 0, torch.zeros(1, 1, dtype=torch.int8),
+                                     torch.ones(64), None, torch.float32)
+    bad.__dict__["_validated"] = ("int8", (64, 128), 0, bad.qdata, bad.scales, None, torch.int8)
+    buf = io.BytesIO()
+    torch.save(dict(bad.__dict__), buf)  # a file made with the record kept
+    loaded = llmkernels.QuantizedWeight.__new__(llmkernels.QuantizedWeight)
+    loaded.__setstate__(torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
+    with pytest.raises(ValueError, match="qdata must have shape"):
+        loaded.validate()
+
+
 def test_w8a8_rounding_matches_reference_exactly():
     # Values at exact .5 multiples of the scale: round half to even, as torch.round.
     x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5] + [0.0] * 58])

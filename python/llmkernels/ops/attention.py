@@ -232,17 +232,38 @@ def _window(window_size, is_causal: bool, op: str = OP_NAME) -> Tuple[int, int]:
 def _scale_softcap(scale, softcap, head_dim: int, op: str = OP_NAME):
     """(scale as float, defaulting to 1/sqrt(head_dim); softcap as float or None), validated."""
     # comparisons, not math.isfinite: under torch.compile a changing scale is a SymFloat
+    # The kernels take both as float32 and multiply them by log2(e): a softcap under float32's
+    # smallest normal became 0 there ("no softcap"), and one or a scale past ~2.4e38
+    # overflowed (reported as NaN/Inf inputs).
     if scale is None:
         scale_f = 1.0 / math.sqrt(head_dim)
     else:
-        scale_f = float(scale)
-        if not -math.inf < scale_f < math.inf:  # (false for NaN)
-            raise ValueError(f"{op}: scale must be finite, got {scale!r}")
+        scale_f = _number(scale, "scale", op)
+        # NaN first, against infinities: dynamo compares a NaN SymFloat with those, and
+        # raises its own error comparing it with any other number
+        if not -math.inf < scale_f < math.inf or not -_FLOAT32_SAFE < scale_f < _FLOAT32_SAFE:
+            raise ValueError(f"{op}: scale must be finite and within +-{_FLOAT32_SAFE:g} (the "
+                             f"kernels compute in float32), got {scale!r}")
     if softcap is not None:
-        softcap = float(softcap)
-        if not 0.0 < softcap < math.inf:
-            raise ValueError(f"{op}: softcap must be a positive finite number, got {softcap!r}")
+        softcap = _number(softcap, "softcap", op)
+        if not 0.0 < softcap < math.inf or not _FLOAT32_TINY < softcap < _FLOAT32_SAFE:
+            raise ValueError(f"{op}: softcap must be a positive number from {_FLOAT32_TINY:g} to "
+                             f"{_FLOAT32_SAFE:g} (the kernels compute in float32), got "
+                             f"{softcap!r}")
     return scale_f, softcap
+
+
+_FLOAT32_SAFE = 1e38
+_FLOAT32_TINY = 1.2e-38  # about float32's smallest normal number
+
+
+def _number(value, name: str, op: str) -> float:
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}") from None
 
 
 def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,

@@ -389,10 +389,16 @@ def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[torch
 def _autocast(x, bias):
     """x and bias as F.linear takes them under torch.autocast: in its dtype (an nn.Linear
     gives bf16 there; a QuantLinear in its place must too)."""
-    if (not isinstance(x, torch.Tensor) or not torch.amp.is_autocast_available(x.device.type)
-            or not torch.is_autocast_enabled(x.device.type)):  # (meta has no autocast)
+    if not isinstance(x, torch.Tensor):
         return x, bias
-    dtype = torch.get_autocast_dtype(x.device.type)
+    device = x.device.type
+    # (meta has no autocast; dynamo of torch 2.11 cannot trace is_autocast_available, which
+    # failed torch.compile(fullgraph=True) of quantized models on an H200, 2026-11-28)
+    if (device == "meta" or not (torch.compiler.is_compiling()
+                                 or torch.amp.is_autocast_available(device))
+            or not torch.is_autocast_enabled(device)):
+        return x, bias
+    dtype = torch.get_autocast_dtype(device)
     if dtype not in _X_DTYPES or x.dtype not in _X_DTYPES:
         return x, bias
 

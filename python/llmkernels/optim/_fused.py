@@ -60,6 +60,10 @@ def check_params(params: List[torch.Tensor], owner: str) -> None:
                              "torch.view_as_real first)")
         if not p.dtype.is_floating_point:
             raise ValueError(f"{owner}: parameters must be floating point, got {p.dtype}")
+    if len(set(map(id, params))) != len(params):
+        # torch.optim warns (deprecated) and steps such a parameter twice; the fused step
+        # would update it once per listing on one memory, not as torch's two steps
+        raise ValueError(f"{owner}: a parameter appears more than once in a param group")
 
 
 def check_torch_flags(owner: str, differentiable, foreach=None, fused=None) -> None:
