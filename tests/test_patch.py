@@ -96,3 +96,16 @@ def test_unpatch_undoes_only_what_patch_made():
     assert type(net.mine) is MultiheadAttention and type(net.q) is QuantLinear
     assert type(net.theirs) is nn.MultiheadAttention and type(net.lin) is nn.Linear
     assert report.restored_linears == ["lin"]
+
+
+def test_a_failed_quantize_leaves_a_model_unpatch_can_restore():
+    """patch swaps the attention, then quantize_ raised for a NaN weight: nothing was recorded,
+    so unpatch refused ("not patched") and the swapped layers stayed."""
+    model = torch.nn.Sequential(torch.nn.MultiheadAttention(16, 4), torch.nn.Linear(16, 16))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="holds NaN or Inf"):
+        llmkernels.patch(model, quantize="int8")
+    assert type(model[0]) is llmkernels.nn.MultiheadAttention
+    llmkernels.unpatch(model)
+    assert type(model[0]) is torch.nn.MultiheadAttention and type(model[1]) is torch.nn.Linear

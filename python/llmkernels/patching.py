@@ -123,10 +123,17 @@ def patch(model: nn.Module, attention: bool = True, quantize: Optional[str] = No
             report.attention.extend(f"{name}: torch.nn.MultiheadAttention -> "
                                     "llmkernels.nn.MultiheadAttention" for name in names)
             state["swapped_attention"] = True
-    if quantize is not None:
-        report.quantize = quantize_(model, quantize, group_size=group_size, filter_fn=filter_fn)
-        _mark(model, [name for name, _, _ in report.quantize.replaced])
     object.__setattr__(model, _STATE, state)  # a plain attribute: not a submodule or buffer
+    if quantize is not None:
+        try:
+            report.quantize = quantize_(model, quantize, group_size=group_size,
+                                        filter_fn=filter_fn)
+        except Exception as exc:
+            if attention and hasattr(exc, "add_note"):  # (python >= 3.11)
+                exc.add_note("patch: the attention was swapped before quantize_ raised (and "
+                             "recorded): llmkernels.unpatch(model) restores it")
+            raise
+        _mark(model, [name for name, _, _ in report.quantize.replaced])
     return report
 
 

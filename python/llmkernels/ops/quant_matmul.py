@@ -187,16 +187,29 @@ def _grad_x_cpu(g: torch.Tensor, qdata, scales, zeros, scheme: str, group_size: 
     return _grad_x_cpu_op(g, qdata, scales, zeros, SCHEME_CODES[scheme], group_size, K)
 
 
+# Devices whose sliced backward multiplies 16-bit gradients in their own dtype, as nn.Linear's
+# backward does (tensor cores), each slice's product added into float32: float32 products of
+# a 4096 x 4096 layer's gradient for 4096 tokens took 3.1 ms on an H200 against nn.Linear's
+# 0.18 ms (2026-11-28).
+LOW_PRECISION_PRODUCTS = ("cuda",)
+
+
 def _grad_x_sliced(g: torch.Tensor, qdata, scales, zeros, scheme: str, group_size: int,
                    K: int) -> torch.Tensor:
-    N, g = scales.shape[0], g.float()
-    grad_x = g.new_zeros((g.shape[0], K))
+    N = scales.shape[0]
+    low = g.dtype in (torch.bfloat16, torch.float16) and g.device.type in LOW_PRECISION_PRODUCTS
+    if not low:
+        g = g.float()
+    grad_x = g.new_zeros((g.shape[0], K), dtype=torch.float32)
     rows = max(1, BACKWARD_SLICE_BYTES // (4 * max(K, 1)))
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)
         w = dequantize_reference(scheme, qdata[n0:n1], scales[n0:n1],
                                  None if zeros is None else zeros[n0:n1], group_size)
-        grad_x.addmm_(g[:, n0:n1], w)
+        if low:
+            grad_x.add_(g[:, n0:n1] @ w.to(g.dtype))
+        else:
+            grad_x.addmm_(g[:, n0:n1], w)
         del w  # before the next slice is made: one slice alive at a time
     return grad_x
 
