@@ -562,6 +562,11 @@ void decode_item(void* vctx, int64_t item, int tid) {
   khi = min_(khi, (ch + 1) * c.lay.chunk_len - 1);
   for (int64_t j0 = klo; j0 <= khi; j0 += kBK) {
     const int64_t nb = min_(kBK, khi + 1 - j0);
+    if (j0 + kBK <= khi) {  // the next block's keys and values, while this one computes
+      const int64_t next = min_(kBK, khi + 1 - j0 - kBK);
+      prefetch_rows_any(p.k, b, hk, j0 + kBK, next, g.D);
+      prefetch_rows_any(p.v, b, hk, j0 + kBK, next, g.Dv);
+    }
     load_rows_any(p.k, b, hk, j0, nb, g.D, 1.f, Kb, g.Dp, g.Dp);
     load_rows_any(p.v, b, hk, j0, nb, g.Dv, 1.f, Vb, g.Dvp, g.Dvp);
     if (R <= kDecodeDotRows) {  // few rows: dot products along the head dim

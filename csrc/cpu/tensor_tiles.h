@@ -97,6 +97,22 @@ LLMK_INLINE void load_rows_any(const TensorView& t, int64_t b, int64_t h, int64_
   });
 }
 
+// Prefetches rows [row0, row0 + nrows) of t's (b, h) slice into L2 (rows of contiguous values
+// only). A KV cache laid out (B, S, H, D) puts one head's consecutive keys H * D values apart:
+// each row on another 4 KiB page, a stride the hardware prefetchers do not follow, so a
+// decoding step that streams one head's keys waited on memory row after row.
+LLMK_INLINE void prefetch_rows_any(const TensorView& t, int64_t b, int64_t h, int64_t row0,
+                                   int64_t nrows, int64_t ncols) {
+  if (t.strides[3] != 1) return;
+  with_float_type(t.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const char* src = reinterpret_cast<const char*>(at4<const T>(t, b, h, row0));
+    const int64_t rs = t.strides[2] * int64_t(sizeof(T)), bytes = ncols * int64_t(sizeof(T));
+    for (int64_t r = 0; r < nrows; ++r)
+      for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(src + r * rs + o, 0, 2);
+  });
+}
+
 LLMK_INLINE void load_rows_transposed_any(const TensorView& t, int64_t b, int64_t h, int64_t row0,
                                           int64_t nrows, int64_t ncols, float* dst, int64_t ld,
                                           int64_t pad_to) {
