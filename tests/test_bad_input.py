@@ -107,3 +107,19 @@ def test_native_rechecks_memory_safety():
     with pytest.raises(RuntimeError, match="tier"):
         native.attention_forward(7, cview(q), cview(k), cview(v), None, cview(out), cview(lse),
                                  0, 0, 0.25, 0.0, -1, -1, 0, 1)
+
+
+@pytest.mark.skipif(llmkernels.backends.native_module() is None, reason="needs the CPU kernels")
+def test_nan_errors_name_the_function_called():
+    """attention_varlen and attention_with_kvcache run the CPU attention kernel, whose NaN/Inf
+    error named scaled_dot_product_attention."""
+    q = torch.randn(5, 2, 8)
+    q[1, 0, 0] = float("nan")
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="^attention_varlen: 1 output row"):
+        llmkernels.attention_varlen(q, torch.randn(5, 2, 8), torch.randn(5, 2, 8), cu, cu, 5, 5,
+                                    backend="cpu")
+    with pytest.raises(ValueError, match="^attention_with_kvcache: 2 output row"):
+        llmkernels.attention_with_kvcache(torch.full((1, 1, 2, 8), float("nan")),
+                                          torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), 3,
+                                          backend="cpu")

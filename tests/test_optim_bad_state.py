@@ -148,3 +148,20 @@ def test_hyperparameters_edited_after_construction_are_checked_at_step(make):
         _assert_unchanged(ps, opt, snap)
         opt.param_groups[0][key] = old
         opt.step()
+
+
+@pytest.mark.parametrize("make", [lambda ps: O.AdamW(ps, lr=1e-3),
+                                  lambda ps: O.AdamW8bit(ps, lr=1e-3)])
+def test_a_step_that_raises_on_the_planned_path_does_not_count(make):
+    """After the first steps, a group's step takes its plan (_plan.py); AdamW8bit's moved the
+    step counts before its kernels refused a bad value."""
+    ps = [torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(10))]
+    opt = make(ps)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    opt.param_groups[0]["maximize"] = "yes"  # refused by the kernel call
+    with pytest.raises(TypeError):
+        opt.step()
+    assert [float(opt.state[p]["step"]) for p in ps] == [3.0, 3.0]

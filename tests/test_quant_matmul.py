@@ -262,6 +262,25 @@ def test_sliced_gradient_in_16_bit_products(scheme, dtype, monkeypatch):
     assert (gx.double() - want).abs().max().item() <= 2 * torch_err + 1e-6
 
 
+@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_second_order_gradients(scheme, backend):
+    """Gradient penalties / Hessian-vector products through a quantized layer: the CPU
+    kernel's gradient op had no autograd formula of its own (the sliced path, plain torch ops,
+    had). y = x W^T: d/dx sum((d sum(y^2)/dx)^2) = 8 x (W^T W)^2 (w8a8: straight through)."""
+    qw = llmkernels.quantize_weight(torch.randn(24, 64), scheme, 32)
+    x = torch.randn(4, 64, dtype=torch.float64).float().requires_grad_()
+    y = llmkernels.quant_matmul(x, qw, backend=backend)
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    (ggx,) = torch.autograd.grad(gx.pow(2).sum(), x)
+    w = qw.dequantize().double()
+    a = w.t() @ w
+    if scheme != "w8a8":  # (w8a8's first gradient uses the rounded activations' output)
+        want = 8 * x.detach().double() @ a @ a  # (float32 sums: ~1e-5 of the largest value)
+        assert (ggx.double() - want).abs().max() <= 1e-4 * want.abs().max()
+    assert torch.isfinite(ggx).all() and ggx.abs().sum() > 0
+
+
 @needs_native
 def test_cpu_gradient_kernel_checks_its_arguments():
     native = llmkernels.backends.native_module()

@@ -4,6 +4,7 @@ kernel as torch custom ops (forward, backward) so torch.compile and opcheck see 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
@@ -413,6 +414,19 @@ def _serving_path(call: _Call, backend: Optional[str]) -> str:
             and _cpu_support(call)() is None):
         return "cpu"
     return _decide(call, backend).backend
+
+
+@contextlib.contextmanager
+def errors_named(op: str):
+    """Within the block, the shared kernels' errors (which name scaled_dot_product_attention)
+    name op instead: attention_varlen and attention_with_kvcache run them."""
+    try:
+        yield
+    except ValueError as exc:
+        text = str(exc)
+        if not text.startswith(OP_NAME + ":"):
+            raise
+        raise ValueError(op + text[len(OP_NAME):]) from None
 
 
 def _reference(call: _Call) -> torch.Tensor:

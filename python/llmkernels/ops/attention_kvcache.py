@@ -17,7 +17,7 @@ from .. import backends
 from ..reference.attention import attention_kvcache_reference
 from . import attention_gpu
 from .attention import (INT32_MAX, _check_tensor, _scale_softcap, _window, cpu_forward,
-                        cpu_kernel_support, resolved, select_path)
+                        cpu_kernel_support, errors_named, resolved, select_path)
 
 OP_NAME = "attention_with_kvcache"
 
@@ -220,11 +220,10 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if path in ("cpu", "reference") and call.cached is None:
         call._read_lengths()  # they read them anyway: bad ones raise before the cache changes
     call.append()
-    if path == "cpu":
-        return call.run_cpu()
     if path in ("cuda", "triton"):
         return call.run_gpu(path)
-    return call.run_reference()
+    with errors_named(OP_NAME):  # (the CPU and reference paths raise for NaN/Inf outputs)
+        return call.run_cpu() if path == "cpu" else call.run_reference()
 
 
 # A tensor of lengths is read on the host (checked; the CPU kernel needs them there): under

@@ -15,7 +15,7 @@ from .. import backends
 from ..reference.attention import attention_varlen_reference
 from . import attention_gpu
 from .attention import (INT32_MAX, _check_tensor, _scale_softcap, _window, cpu_forward,
-                        cpu_kernel_support, resolved, select_path)
+                        cpu_kernel_support, errors_named, resolved, select_path)
 
 OP_NAME = "attention_varlen"
 def check_cu_seqlens(name: str, cu, total: int, device: torch.device,
@@ -150,11 +150,10 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     call = _Varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
                    scale, window_size, softcap)
     path = call.decide(backend).backend
-    if path == "cpu":
-        return call.run_cpu()
     if path in ("cuda", "triton"):
         return call.run_gpu(path)
-    return call.run_reference()
+    with errors_named(OP_NAME):  # (the CPU and reference paths raise for NaN/Inf outputs)
+        return call.run_cpu() if path == "cpu" else call.run_reference()
 
 
 # The sequence lengths are read from cu_seqlens on the host (to check them, and to cut the

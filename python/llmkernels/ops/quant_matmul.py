@@ -182,6 +182,29 @@ def _(g, qdata, scales, zeros, scheme_code, group_size, K):
     return g.new_empty((g.shape[0], K), dtype=torch.float32)
 
 
+def _grad_x_setup(ctx, inputs, output):
+    g, qdata, scales, zeros, scheme_code, group_size, _ = inputs
+    ctx.save_for_backward(qdata, scales, zeros)
+    ctx.meta = (scheme_code, group_size, g.dtype)
+
+
+def _grad_x_backward(ctx, grad):
+    # Second-order gradients (gradient penalties, Hessian-vector products): the gradient is
+    # linear in g, g @ W, so its own is grad @ W^T: the forward product, with w8a8's weight
+    # as int8 (float products; the activation rounding is straight through).
+    qdata, scales, zeros = ctx.saved_tensors
+    scheme_code, group_size, dtype = ctx.meta
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None, None, None
+    code = SCHEME_CODES["int8"] if scheme_code == SCHEME_CODES["w8a8"] else scheme_code
+    out = quant_matmul_op(grad.float().contiguous(), qdata, scales, zeros, None, code,
+                          group_size, "cpu")
+    return out.to(dtype), None, None, None, None, None, None
+
+
+_grad_x_cpu_op.register_autograd(_grad_x_backward, setup_context=_grad_x_setup)
+
+
 def _grad_x_cpu(g: torch.Tensor, qdata, scales, zeros, scheme: str, group_size: int,
                 K: int) -> torch.Tensor:
     return _grad_x_cpu_op(g, qdata, scales, zeros, SCHEME_CODES[scheme], group_size, K)

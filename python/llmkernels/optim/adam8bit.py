@@ -594,9 +594,20 @@ class AdamW8bit(_fused.FusedOptimizer):
         if served is None:
             return False
         path, plan, param_views, grad_views = served
+        step_values = _fused.advance_steps(self, group, plan.states)
+        try:
+            self._planned_update(path, plan, params, param_views, grad_views, step_values,
+                                 hyper)
+        except BaseException:  # the kernels check before they write: undo the count
+            _fused.retreat_steps(self, group, plan.states)
+            raise
+        return True
+
+    @staticmethod
+    def _planned_update(path, plan, params, param_views, grad_views, step_values,
+                        hyper) -> None:
         state_views = plan.state_views
-        corr = _fused.bias_corrections(_fused.advance_steps(self, group, plan.states),
-                                       hyper["lr"], hyper["beta1"], hyper["beta2"])
+        corr = _fused.bias_corrections(step_values, hyper["lr"], hyper["beta1"], hyper["beta2"])
         device = params[0].device
         small = plan.kinds.get(_SMALL_KEYS)
         eight = plan.kinds.get(_EIGHT_BIT_KEYS)
@@ -606,7 +617,7 @@ class AdamW8bit(_fused.FusedOptimizer):
                                     decoupled=True, amsgrad=False, sr=False, **hyper)
             if eight:
                 _eight_bit_triton_planned(plan, eight, grad_views, corr, **hyper)
-            return True
+            return
         if small:
             adam_native(path, device,
                         [(param_views[i], grad_views[i], *state_views[i], None) for i in small],
@@ -615,7 +626,6 @@ class AdamW8bit(_fused.FusedOptimizer):
         if eight:
             _eight_bit_native(path, device, [(param_views[i], grad_views[i], *state_views[i],
                                               *corr[i]) for i in eight], **hyper)
-        return True
 
     def _eight_bit_update(self, group, eight, hyper) -> str:
         """The step of the parameters with 8-bit state ((parameter, state, corrections) each)
