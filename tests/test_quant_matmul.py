@@ -113,8 +113,11 @@ def test_non_contiguous_packed_weights():
     qw = llmkernels.quantize_weight(torch.randn(64, 32), "int8")
     t = qw.qdata.t().contiguous().t()  # same values, column-major storage
     odd = llmkernels.QuantizedWeight("int8", qw.shape, 0, t, qw.scales, None, qw.dtype)
-    x = torch.randn(3, 32)
+    x = torch.randn(3, 32, requires_grad=True)
     torch.testing.assert_close(llmkernels.quant_matmul(x, odd), llmkernels.quant_matmul(x, qw))
+    # and the backward (the CPU gradient kernel raised "qdata must be contiguous")
+    (gx,) = torch.autograd.grad(llmkernels.quant_matmul(x, odd).sum(), (x,))
+    torch.testing.assert_close(gx, torch.ones(3, 64) @ qw.dequantize())
 
 
 def test_a_tensor_swapped_under_a_validated_weight_is_checked_again():

@@ -168,6 +168,9 @@ def _grad_x_cpu_op(g: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor,
     kernel."""
     native = backends.native_module()
     tier, threads = backends.cpu_tier_code(), backends.cpu_threads()
+    # dense packed rows, as the forward reads them (saved as given: a column-major qdata)
+    qdata, scales = qdata.contiguous(), scales.contiguous()
+    zeros = None if zeros is None else zeros.contiguous()
     grad_x = g.new_empty((g.shape[0], K), dtype=torch.float32)
     args = (cview(g), cview(qdata), cview(scales), cview(zeros), cview(grad_x), group_size,
             threads)
