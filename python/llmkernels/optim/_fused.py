@@ -2,9 +2,10 @@
 between the fused CPU kernel and the reference path, and GradScaler's (grad_scale, found_inf)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
-from typing import List, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -402,18 +403,18 @@ def step_buffer(optimizer, group, states, device: torch.device, numpy: bool = Fa
 _CPU = torch.device("cpu")
 
 
-def advance_steps(optimizer, group, states) -> List[float]:
-    """Adds 1 to the "step" of each state (kept on the CPU: step_buffer) and returns the new
-    values."""
+@contextlib.contextmanager
+def counted_step(optimizer, group, states) -> Iterator[List[float]]:
+    """Adds 1 to the "step" of each state (kept on the CPU: step_buffer) and yields the new
+    values for the block's update; if the block raises, the counts go back (the paths check
+    before they write: a failed step must not move every later bias correction)."""
     counts = step_buffer(optimizer, group, states, _CPU, numpy=True)[1]
     counts += 1
-    return counts.tolist()
-
-
-def retreat_steps(optimizer, group, states) -> None:
-    """Undoes advance_steps: a step that raised (a bad state tensor, a kernel's refusal) must
-    not leave the step counts (and so the bias corrections of every later step) moved."""
-    step_buffer(optimizer, group, states, _CPU, numpy=True)[1][:] -= 1
+    try:
+        yield counts.tolist()
+    except BaseException:
+        step_buffer(optimizer, group, states, _CPU, numpy=True)[1][:] -= 1
+        raise
 
 
 def bias_corrections(step_values: List[float], lr: float, beta1: float, beta2: float):

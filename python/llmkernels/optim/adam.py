@@ -103,8 +103,7 @@ class _FusedAdam(_fused.FusedOptimizer):
                 states = plan.states
             else:
                 states = [self._state_of(p, amsgrad) for p in params]
-            step_values = _fused.advance_steps(self, group, states)
-            try:
+            with _fused.counted_step(self, group, states) as step_values:
                 corrections = _fused.bias_corrections(step_values, lr, beta1, beta2)
                 seed = group.get("seed", 0)
                 keys = ([_fused.sr_key(seed, int(step), index)
@@ -124,9 +123,6 @@ class _FusedAdam(_fused.FusedOptimizer):
                                    [s.get("max_exp_avg_sq") if amsgrad else None for s in states],
                                    corrections, keys, **hyper)
                 _plan.after_full_step(self, group, params, [state_keys] * len(params), {path})
-            except BaseException:  # the paths check before they write: undo the count
-                _fused.retreat_steps(self, group, states)
-                raise
         return loss
 
     def _llmk_explain_step(self) -> "backends.Decisions":

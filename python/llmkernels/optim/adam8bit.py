@@ -450,8 +450,7 @@ class AdamW8bit(_fused.FusedOptimizer):
             for p, st in zip(params, states):
                 if "exp_avg_codes" in st:
                     _check_eight_bit_state(group, p, st)
-            step_values = _fused.advance_steps(self, group, states)
-            try:
+            with _fused.counted_step(self, group, states) as step_values:
                 corr = _fused.bias_corrections(step_values, lr, beta1, beta2)
                 rows = list(zip(params, states, corr))
                 eight = [(p, s, c) for p, s, c in rows if "exp_avg_codes" in s]
@@ -469,9 +468,6 @@ class AdamW8bit(_fused.FusedOptimizer):
                 _plan.after_full_step(self, group, params, [
                     _EIGHT_BIT_KEYS if "exp_avg_codes" in s else _SMALL_KEYS for s in states],
                     paths)
-            except BaseException:  # the paths check before they write: undo the count
-                _fused.retreat_steps(self, group, states)
-                raise
         return loss
 
     def _capturable_step(self, group, params, amp: _fused.Amp) -> bool:
@@ -594,13 +590,9 @@ class AdamW8bit(_fused.FusedOptimizer):
         if served is None:
             return False
         path, plan, param_views, grad_views = served
-        step_values = _fused.advance_steps(self, group, plan.states)
-        try:
+        with _fused.counted_step(self, group, plan.states) as step_values:
             self._planned_update(path, plan, params, param_views, grad_views, step_values,
                                  hyper)
-        except BaseException:  # the kernels check before they write: undo the count
-            _fused.retreat_steps(self, group, plan.states)
-            raise
         return True
 
     @staticmethod
