@@ -48,14 +48,20 @@ def test_16bit_inputs_are_computed_in_float32(dtype):
 
 def test_autocast_casts_like_torch():
     """SDPA is on autocast's lower-precision list: float32 inputs (a float mask too) run, and
-    come back, in the autocast dtype."""
+    come back, in the autocast dtype. Their values are judged as every 16-bit result is: error
+    against float64 at most twice torch's (on an AVX2-only Zen 3 the two differed by one bf16
+    ulp in 2 of 160 values, past assert_close's bf16 tolerance)."""
+    torch.manual_seed(0)
     q = torch.randn(1, 2, 5, 16)
     mask = torch.zeros(5, 5)
     with torch.autocast("cpu", torch.bfloat16):
         ours = llmkernels.scaled_dot_product_attention(q, q, q, attn_mask=mask)
         theirs = F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
     assert ours.dtype == theirs.dtype == torch.bfloat16
-    torch.testing.assert_close(ours, theirs)
+    q16 = q.bfloat16().double()
+    exact = F.scaled_dot_product_attention(q16, q16, q16, attn_mask=mask.double())
+    err = (ours.double() - exact).abs().max().item()
+    assert err <= 2 * (theirs.double() - exact).abs().max().item() + 1e-3
 
 
 def test_value_head_dim_zero_and_meta_inputs():
