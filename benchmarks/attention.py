@@ -497,8 +497,9 @@ def main(argv=None) -> int:
         notes.append("the compiled extension is missing: 'ours' is the reference path")
 
     ceiling_n = 512 if args.quick else 2048
-    ceilings = {dt: harness.matmul_ceiling(DTYPES[dt], args.device, ceiling_n, args.min_run_time)
-                for dt in args.dtypes}
+    ceilings, ceiling_notes = harness.matmul_ceilings({dt: DTYPES[dt] for dt in args.dtypes},
+                                                      args.device, ceiling_n, args.min_run_time)
+    notes += ceiling_notes
     print("matmul ceiling (torch.mm %d^3): %s" % (ceiling_n, ", ".join(
         f"{dt} {gf:.0f} GFLOP/s" for dt, gf in ceilings.items())))
     print(f"paths: {', '.join(args.paths)}; timing: "

@@ -19,7 +19,8 @@ import os
 import platform
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
+                    Tuple)
 
 import torch
 
@@ -437,6 +438,36 @@ def matmul_ceiling(dtype: torch.dtype, device: str = "cpu", n: int = 2048,
     b = torch.randn(n, n, device=device).to(dtype)
     t = time_fn(lambda: torch.mm(a, b), device, min_run_time)
     return 2.0 * n ** 3 / t.median_s / 1e9
+
+
+def matmul_ceilings(dtypes: Dict[str, torch.dtype], device: str = "cpu", n: int = 2048,
+                    min_run_time: float = 0.2) -> Tuple[Dict[str, float], List[str]]:
+    """matmul_ceiling per dtype name, and notes. On the CPU a 16-bit dtype's ceiling is the
+    better of its own GEMM and float32's: kernels compute 16-bit inputs in float32 where the
+    CPU lacks 16-bit dot products, and torch's bf16 GEMM there can be ~100x slower than its
+    float32 one (1.3 GFLOP/s on an AVX2-only Zen 3: the ceiling read 0 and "%mm" 48000%).
+    A quick 256^3 probe decides whether the 16-bit GEMM is worth timing at n (at 1 GFLOP/s a
+    2048^3 product takes 13 s a call)."""
+    fp32 = matmul_ceiling(torch.float32, device, n, min_run_time)
+    ceilings: Dict[str, float] = {}
+    notes: List[str] = []
+    for name, dtype in dtypes.items():
+        if dtype == torch.float32:
+            ceilings[name] = fp32
+            continue
+        own = None
+        if device == "cpu":
+            probe = matmul_ceiling(dtype, device, min(n, 256), min_run_time)
+            if probe < 0.1 * fp32:
+                own = probe
+        if own is None:
+            own = matmul_ceiling(dtype, device, n, min_run_time)
+        ceilings[name] = own
+        if device == "cpu" and own < fp32:
+            ceilings[name] = fp32
+            notes.append(f"torch's {name} GEMM reaches {own:.1f} GFLOP/s here, float32's "
+                         f"{fp32:.0f}: the {name} ceiling is float32's")
+    return ceilings, notes
 
 
 # ---------------------------------------------------------------- memory
