@@ -187,6 +187,7 @@ typedef __m512i n8;
 // Without it, maddubs' int16 sums would saturate:
 // the upper half is shifted down.
 constexpr bool kPairedNibbles = true;
+constexpr bool kPairableNibbles = false;  // (always paired)
 #if defined(__AVX512VNNI__)
 constexpr float kHighNibbleScale = 1.f / 16.f;
 LLMK_INLINE n8 nibble_bytes(const uint8_t* p) {
@@ -244,13 +245,27 @@ LLMK_INLINE vf block_lanes(const float* s) {
 }
 #elif defined(__AVX2__) && LLMK_VEC_BYTES == 32
 constexpr bool kInt4Q8 = true;
-constexpr bool kPairedNibbles = false;  // one 32-block per vector: [lo, hi]
+constexpr bool kPairedNibbles = false;  // one 32-block per vector: [lo, hi] ...
+// ... unless the group holds whole pairs of blocks (pair_nibbles): then x is laid out as on
+// AVX-512 and one 32-byte load of nibbles gives [lo A, lo B] and [hi A, hi B], whose maddubs
+// sums (each |15 * 127| * 2, two of them 7620) add in int16 before one madd, one conversion
+// and one FMA: 10 instructions per 64 weights instead of 16 (int4_q8_block).
+constexpr bool kPairableNibbles = true;
 constexpr float kHighNibbleScale = 1.f;
 typedef __m256i n8;
 LLMK_INLINE n8 nibble_bytes(const uint8_t* p) {
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   const __m256i z = _mm256_inserti128_si256(_mm256_castsi128_si256(b), _mm_srli_epi16(b, 4), 1);
   return _mm256_and_si256(z, _mm256_set1_epi8(15));  // [lo, hi] of one 32-block
+}
+// 64 values (two 32-blocks A, B; x paired): the int32 lanes of [A's 4 lanes, B's 4 lanes]
+LLMK_INLINE __m256i dot_u4_s8_pair(const uint8_t* p, n8 xlo, n8 xhi) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i m = _mm256_set1_epi8(15);
+  const __m256i lo = _mm256_and_si256(b, m), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
+  return _mm256_madd_epi16(
+      _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi)),
+      _mm256_set1_epi16(1));
 }
 LLMK_INLINE n8 load_x8(const int8_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -275,10 +290,16 @@ LLMK_INLINE vf block_lanes(const float* s) { return (vf)_mm256_broadcast_ss(s); 
 #else
 constexpr bool kInt4Q8 = false;
 constexpr bool kPairedNibbles = false;
+constexpr bool kPairableNibbles = false;
 constexpr float kHighNibbleScale = 1.f;
 constexpr bool kW8Biased = false;
 LLMK_INLINE vf fma_(vf a, vf b, vf acc) { return a * b + acc; }
 #endif
+
+// Whether int4's int8-x rows are laid out in pairs of 32-blocks (see nibble_bytes).
+LLMK_INLINE bool pair_nibbles(int64_t group_size) {
+  return kPairedNibbles || (kPairableNibbles && group_size % 64 == 0);
+}
 
 // ------------------------------------------------------------------ the call's shared state
 
@@ -474,6 +495,29 @@ void int4_q8_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int6
     x[i] = c.x4q + rows[i] * c.Kx;
     xl[i] = c.x4s + rows[i] * (c.Kx / 4);
   }
+#if defined(__AVX2__) && LLMK_VEC_BYTES == 32
+  if (pair_nibbles(g)) {
+    int4_groups<MB, NB>(c, rows, chans, k0, k1, acc, ld, c.x4sum,
+                        [&](const uint8_t* const* w, int64_t kg, int64_t ahead, vf (*part)[NB]) {
+      for (int64_t kb = kg; kb < kg + g; kb += 64) {
+        if ((kb & 127) == 0)
+          for (int j = 0; j < NB; ++j) prefetch_l2(w[j] + kb / 2 + ahead);
+        n8 xlo[MB], xhi[MB];
+        vf sv[MB];
+        for (int i = 0; i < MB; ++i) {
+          xlo[i] = load_x8(x[i] + kb);
+          xhi[i] = load_x8(x[i] + kb + 32);
+          sv[i] = loadu(xl[i] + kb / 4);  // [A's scale x 4, B's x 4]
+        }
+        for (int j = 0; j < NB; ++j)
+          for (int i = 0; i < MB; ++i)
+            part[i][j] = fma_((vf)_mm256_cvtepi32_ps(dot_u4_s8_pair(w[j] + kb / 2, xlo[i], xhi[i])),
+                              sv[i], part[i][j]);
+      }
+    });
+    return;
+  }
+#endif
   int4_groups<MB, NB>(c, rows, chans, k0, k1, acc, ld, c.x4sum,
                       [&](const uint8_t* const* w, int64_t kg, int64_t ahead, vf (*part)[NB]) {
     for (int64_t kb = kg; kb < kg + g; kb += 4 * W) {
@@ -1271,7 +1315,7 @@ int32_t quantize_block32(const float* v, int8_t* q, float* scale) {
 // One row of x for the int8-x int4 path: per 32-block, scale = max|x| / 127 and
 // q = x / scale rounded to nearest even (an all-zero block has scale 0), in the order of
 // nibble_bytes: per 32-block its 16 even elements, then its 16 odd ones; with paired nibbles
-// (AVX-512) per two blocks A, B: A's even, B's even, A's odd, B's odd. lanes: the scale of
+// (AVX-512; AVX2 where a group holds whole pairs) per two blocks A, B: A's even, B's even, A's odd, B's odd. lanes: the scale of
 // each 4 values (an int32 lane of the dot products).
 void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
   const QuantMatmulParams& p = *pc.p;
@@ -1285,7 +1329,7 @@ void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
   for (int64_t kb = 0; kb < K; kb += 32) {
     // where this block's evens (e < 16) and odds go
     int64_t even_at = kb, odd_at = kb + 16;
-    if constexpr (kPairedNibbles) {
+    if (pair_nibbles(g)) {
       const int64_t pair = kb & ~int64_t(63), second = (kb & 32) ? 16 : 0;
       even_at = pair + second;
       odd_at = pair + 32 + second;
