@@ -448,25 +448,27 @@ def matmul_ceilings(dtypes: Dict[str, torch.dtype], device: str = "cpu", n: int 
     float32 one (1.3 GFLOP/s on an AVX2-only Zen 3: the ceiling read 0 and "%mm" 48000%).
     A quick 256^3 probe decides whether the 16-bit GEMM is worth timing at n (at 1 GFLOP/s a
     2048^3 product takes 13 s a call)."""
-    fp32 = matmul_ceiling(torch.float32, device, n, min_run_time)
+    on_cpu = device == "cpu"
+    fp32 = (matmul_ceiling(torch.float32, device, n, min_run_time)
+            if on_cpu or torch.float32 in dtypes.values() else None)
     ceilings: Dict[str, float] = {}
     notes: List[str] = []
     for name, dtype in dtypes.items():
         if dtype == torch.float32:
             ceilings[name] = fp32
             continue
-        own = None
-        if device == "cpu":
+        own, size = None, n
+        if on_cpu:
             probe = matmul_ceiling(dtype, device, min(n, 256), min_run_time)
             if probe < 0.1 * fp32:
-                own = probe
+                own, size = probe, min(n, 256)
         if own is None:
             own = matmul_ceiling(dtype, device, n, min_run_time)
         ceilings[name] = own
-        if device == "cpu" and own < fp32:
+        if on_cpu and own < fp32:
             ceilings[name] = fp32
-            notes.append(f"torch's {name} GEMM reaches {own:.1f} GFLOP/s here, float32's "
-                         f"{fp32:.0f}: the {name} ceiling is float32's")
+            notes.append(f"torch's {name} GEMM reaches {own:.1f} GFLOP/s here ({size}^3), "
+                         f"float32's {fp32:.0f} ({n}^3): the {name} ceiling is float32's")
     return ceilings, notes
 
 

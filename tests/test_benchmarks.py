@@ -20,6 +20,27 @@ sys.path.insert(0, BENCH)
 import harness  # noqa: E402
 
 
+def test_matmul_ceilings_take_float32s_where_a_16bit_gemm_is_slower(monkeypatch):
+    """On a CPU whose bf16 GEMM crawls (1.3 GFLOP/s on an AVX2-only Zen 3, float32 169), the
+    bf16 ceiling is float32's, said in a note, and the slow GEMM is timed only at 256^3;
+    where the 16-bit GEMM is the faster, it is its own ceiling; CUDA keeps each dtype's."""
+    rates = {torch.float32: 100.0, torch.bfloat16: 1.0, torch.float16: 400.0}
+    sizes = []
+
+    def fake(dtype, device="cpu", n=2048, min_run_time=0.2):
+        sizes.append((dtype, n))
+        return rates[dtype]
+    monkeypatch.setattr(harness, "matmul_ceiling", fake)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    ceilings, notes = harness.matmul_ceilings(dtypes, "cpu", 2048)
+    assert ceilings == {"fp32": 100.0, "bf16": 100.0, "fp16": 400.0}
+    assert (torch.bfloat16, 2048) not in sizes and (torch.float16, 2048) in sizes
+    assert len(notes) == 1 and "bf16" in notes[0] and "float32" in notes[0]
+    sizes.clear()
+    ceilings, notes = harness.matmul_ceilings({"bf16": torch.bfloat16}, "cuda", 2048)
+    assert ceilings == {"bf16": 1.0} and not notes and sizes == [(torch.bfloat16, 2048)]
+
+
 def test_attention_quick(tmp_path):
     """One --quick run (a few seconds) exercising every output: table, JSON, CSV, plot."""
     out_json, out_csv, png = tmp_path / "a.json", tmp_path / "a.csv", tmp_path / "a.png"

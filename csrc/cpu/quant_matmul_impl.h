@@ -1315,8 +1315,8 @@ int32_t quantize_block32(const float* v, int8_t* q, float* scale) {
 // One row of x for the int8-x int4 path: per 32-block, scale = max|x| / 127 and
 // q = x / scale rounded to nearest even (an all-zero block has scale 0), in the order of
 // nibble_bytes: per 32-block its 16 even elements, then its 16 odd ones; with paired nibbles
-// (AVX-512; AVX2 where a group holds whole pairs) per two blocks A, B: A's even, B's even, A's odd, B's odd. lanes: the scale of
-// each 4 values (an int32 lane of the dot products).
+// (AVX-512; AVX2 where a group holds whole pairs) per two blocks A, B: A's even, B's even,
+// A's odd, B's odd. lanes: the scale of each 4 values (an int32 lane of the dot products).
 void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
   const QuantMatmulParams& p = *pc.p;
   const Ctx& c = *pc.c;
