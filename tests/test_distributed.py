@@ -109,22 +109,28 @@ def _worker(rank, tmp, out, mode):
         dist.destroy_process_group()
 
 
+def _spawn(worker, args, tmp_path, out: str) -> None:
+    """WORLD spawned ranks of worker(rank, *args), which writes out (rank 0) and a done-{rank}
+    marker once its collectives all returned. gloo's teardown still aborts a rank now and then
+    after the final barrier (SIGABRT, "terminate called without an active exception": once in
+    a CI run of fsdp2, once in one of the placements test, torch 2.13.0; 0 in 14 runs here):
+    harmless once that rank's collectives all returned and rank 0 saved its results, a failure
+    anywhere before."""
+    import torch.multiprocessing as mp
+    try:
+        mp.start_processes(worker, args=args, nprocs=WORLD, start_method="spawn", join=True)
+    except mp.ProcessExitedException as e:
+        torn_down = os.path.exists(tmp_path / f"done-{e.error_index}") and os.path.exists(out)
+        if not (e.signal_name == "SIGABRT" and torn_down):
+            raise
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_distributed_matches_single_process_and_checkpoint_resumes(tmp_path, mode):
     """FSDP2: each rank's 8-bit blocks cover its own shard; every weight shard here holds a
     whole number of 256-value blocks, so they are the single process's blocks."""
-    import torch.multiprocessing as mp
     out = str(tmp_path / "losses.pt")
-    try:
-        mp.start_processes(_worker, args=(str(tmp_path), out, mode), nprocs=WORLD,
-                           start_method="spawn", join=True)
-    except mp.ProcessExitedException as e:
-        # gloo's teardown still aborts a rank now and then after the barrier above (seen once
-        # in a CI run of fsdp2, torch 2.13.0; 0 in 14 runs here): harmless once that rank's
-        # collectives all returned and rank 0 saved the losses, a failure anywhere before.
-        torn_down = os.path.exists(tmp_path / f"done-{e.error_index}") and os.path.exists(out)
-        if not (e.signal_name == "SIGABRT" and torn_down):
-            raise
+    _spawn(_worker, (str(tmp_path), out, mode), tmp_path, out)
     got = torch.load(out)
     model = build()
     single = train(model, optimizer(model.parameters()), batches(STEPS + MORE))
@@ -162,6 +168,7 @@ def _placements_worker(rank, tmp, out):
         if rank == 0:
             torch.save(errors, out)
         dist.barrier()
+        open(f"{tmp}/done-{rank}", "w").close()  # every collective of this rank returned
     finally:
         dist.destroy_process_group()
 
@@ -171,9 +178,7 @@ def test_dtensor_gradients_placed_otherwise_than_their_parameters(tmp_path):
     Replicate parameter can get a Shard gradient: the step must use the reduced / gathered
     gradient, as torch's optimizers do (the local part made replicas drift apart; a Shard
     gradient raised an unclear size error)."""
-    import torch.multiprocessing as mp
     out = str(tmp_path / "errors.pt")
-    mp.start_processes(_placements_worker, args=(str(tmp_path), out), nprocs=WORLD,
-                       start_method="spawn", join=True)
+    _spawn(_placements_worker, (str(tmp_path), out), tmp_path, out)
     errors = torch.load(out)
     assert len(errors) == 6 and max(errors.values()) <= 1e-6, errors
