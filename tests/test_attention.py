@@ -300,6 +300,19 @@ def test_decode_shaped_calls(cpu_tier, L, S, dtype):
              window_size=(None, 600))
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_decode_shaped_calls_in_head_groups(cpu_tier, dtype):
+    """The streaming schedule takes several kv heads per item, key block by key block (up to
+    256 KiB of K and V a block): wide heads make groups of 2-4, the last one shorter. Float32
+    rows whose head dim fills whole vectors are read in place; others go through a tile."""
+    for layout in ("bhsd", "bshd"):
+        run_case(1, 6, 3, 1, 700, 256, 256, dtype, layout=layout, backward=False)
+        run_case(1, 10, 5, 2, 1300, 256, 200, dtype, layout=layout, backward=False,
+                 mask_kind="additive", softcap=6.0)
+        run_case(2, 8, 2, 1, 300, 36, 20, dtype, layout=layout, backward=False,
+                 window_size=(100, None))
+
+
 def test_decode_shaped_calls_with_masks_and_windows(cpu_tier):
     run_case(1, 4, 4, 3, 1100, 32, 32, torch.float32, mask_kind="bool", window_size=(700, 5))
     run_case(1, 2, 2, 1, 1300, 64, 64, torch.bfloat16, is_causal=True)  # top-left: key 0 only

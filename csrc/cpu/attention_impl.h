@@ -440,15 +440,17 @@ void forward_item(void* vctx, int64_t item, int tid) {
 // ---------------------------------------------------------------- decode-shaped forward
 // A few queries (decoding one token, or a few speculative ones) against many keys: packing
 // K and V into tiles would cost more than the attention. Instead each (batch, kv head,
-// chunk of keys) item streams its keys once in blocks of kBK, computes S^T = K Q^T with the
-// queries (all heads of the group) as the columns, and runs the online softmax with one
-// vector lane per query row. Chunks of keys (flash-decoding) keep every thread busy when
+// chunk of keys) item streams its keys once in blocks of kBK, reading float32 rows in place,
+// and keeps the keys in the vector lanes throughout: scores of W keys at a time (one
+// accumulator per key, so no FMA waits on the one before, then one transposing sum), the
+// online softmax on whole vectors of keys, and P V with enough accumulators to keep the FMA
+// units busy for one query row. Chunks of keys (flash-decoding) keep every thread busy when
 // batch x heads is small; their partial results are merged at the end.
 
 constexpr int64_t kDecodeMaxL = 4;       // queries per head served this way
 constexpr int64_t kDecodeMaxRows = 32;   // query rows per kv head (group x L)
 constexpr int64_t kDecodeMinChunk = 512; // keys per chunk, at least
-constexpr int64_t kDecodeDotRows = 4;    // up to this many rows, scores as dot products
+constexpr int kDecodeAcc = 8;            // independent accumulators in P V (FMA latency x ports)
 
 LLMK_INLINE bool use_decode(const Geometry& g) {
   return g.L <= kDecodeMaxL && g.group * g.L <= kDecodeMaxRows;
@@ -467,23 +469,34 @@ LLMK_INLINE int64_t total_bad_rows(const int64_t* bad, int nthreads) {
   return total;
 }
 
+// Heads of one item are taken together, key block by key block: a cache laid out (B, S, H, D)
+// keeps a key's heads side by side, so the item reads nh heads' rows where one head's row
+// alone (a few hundred bytes of each 4 KiB page) cost a page walk and a DRAM row each.
+constexpr int64_t kDecodeGroupBytes = int64_t(256) << 10;  // K and V of one block, all heads
+
 struct DecodeLayout {
-  int64_t R, RP;               // query rows per kv head, padded to whole vectors
+  int64_t R;                   // query rows per kv head
+  int64_t nh, ngroups;         // kv heads per item, and groups of them per batch entry
   int64_t nchunks, chunk_len;  // key chunks per kv head
+  int64_t head_state;          // floats of one head's state: Q rows, O rows, m, l, alpha, inv
   int64_t partial, scratch, per_thread, bad_rows, total;
-  DecodeLayout(const Geometry& g, int nthreads) {
+  DecodeLayout(const Geometry& g, int elem_bytes, int nthreads) {
     R = g.group * g.L;
-    RP = round_up(max_<int64_t>(R, 1), W);
-    const int64_t heads = max_<int64_t>(g.B * g.Hk, 1);
+    const int64_t block_bytes = max_<int64_t>(kBK * (g.D + g.Dv) * elem_bytes, 1);
+    nh = max_<int64_t>(1, min_<int64_t>(g.Hk, kDecodeGroupBytes / block_bytes));
+    ngroups = (g.Hk + nh - 1) / max_<int64_t>(nh, 1);
+    nh = (g.Hk + ngroups - 1) / max_<int64_t>(ngroups, 1);  // groups of equal size
+    const int64_t items = max_<int64_t>(g.B * ngroups, 1);
     const int64_t max_chunks = max_<int64_t>(1, g.S / kDecodeMinChunk);
-    nchunks = min_<int64_t>(max_chunks, max_<int64_t>(1, (4 * nthreads + heads - 1) / heads));
+    nchunks = min_<int64_t>(max_chunks, max_<int64_t>(1, (4 * nthreads + items - 1) / items));
     chunk_len = round_up((g.S + nchunks - 1) / nchunks, kBK);
     nchunks = max_<int64_t>(1, (g.S + chunk_len - 1) / max_<int64_t>(chunk_len, 1));
+    head_state = round_up(R * g.Dp + R * g.Dvp + 4 * R, 16);
     Bump a;
     // per (kv head, chunk): O rows, then m and l per row
-    partial = a.take_floats(nchunks > 1 ? g.B * g.Hk * nchunks * RP * (g.Dvp + 2) : 0);
-    per_thread = round_up((g.D * RP + RP * g.Dp + kBK * g.Dp + kBK * g.Dvp + kBK * RP + RP * g.Dvp +
-                           6 * RP) * 4, 64);
+    partial = a.take_floats(nchunks > 1 ? g.B * g.Hk * nchunks * R * (g.Dvp + 2) : 0);
+    per_thread = round_up((kBK * g.Dp + kBK * g.Dvp + kBK * R + max_<int64_t>(nh, 1) * head_state) * 4,
+                          64);
     scratch = a.take_floats(0);
     a.bytes = scratch + per_thread * nthreads;
     bad_rows = a.take_floats(2 * int64_t(nthreads));
@@ -498,134 +511,236 @@ struct DecodeCtx {
   DecodeLayout lay;
   char* ws;
   float* partial(int64_t bh, int64_t ch) const {
-    return reinterpret_cast<float*>(ws + lay.partial) + (bh * lay.nchunks + ch) * lay.RP * (g.Dvp + 2);
+    return reinterpret_cast<float*>(ws + lay.partial) + (bh * lay.nchunks + ch) * lay.R * (g.Dvp + 2);
   }
 };
 
-// Scores of one key block, as columns of query rows (st[j * RP + r]): softcap, mask, band.
-void decode_transform(const DecodeCtx& c, int64_t b, int64_t hk, float* st, int64_t j0,
-                      int64_t nb) {
+// Rows [j0, j0 + nb) of a (b, h) slice of K or V as float32 rows of `pad` values: read in
+// place when they are float32 rows whose head dim fills whole vectors (the products then
+// read nothing past a row), otherwise converted into `tile`. Returns the rows; *ld their stride.
+LLMK_INLINE const float* decode_rows(const TensorView& t, int64_t b, int64_t h, int64_t j0,
+                                     int64_t nb, int64_t ncols, int64_t pad, float* tile,
+                                     int64_t* ld) {
+  if (t.dtype == DType::f32 && t.strides[3] == 1 && ncols == pad) {
+    *ld = t.strides[2];
+    return at4<const float>(t, b, h, j0);
+  }
+  load_rows_any(t, b, h, j0, nb, ncols, 1.f, tile, pad, pad);
+  *ld = pad;
+  return tile;
+}
+
+// ST[r * ld + j] = Q[r] . K[j] for r < R and j < nb, rounded up to whole vectors of keys (the
+// extra lanes repeat the last key; the caller masks them). W keys at a time, one accumulator
+// each, summed across lanes by one transposition: lane j of the result is key j.
+void decode_scores(const float* Q, int64_t ldq, int64_t R, const float* K, int64_t ldk, int64_t nb,
+                   int64_t Dp, float* ST, int64_t ld) {
+  for (int64_t j0 = 0; j0 < nb; j0 += W) {
+    int64_t off[W];
+    for (int jj = 0; jj < W; ++jj) off[jj] = min_<int64_t>(j0 + jj, nb - 1) * ldk;
+    for (int64_t r = 0; r < R; ++r) {
+      const float* q = Q + r * ldq;
+      vf acc[W];
+#pragma GCC unroll 16
+      for (int jj = 0; jj < W; ++jj) acc[jj] = vf{};
+      for (int64_t d = 0; d < Dp; d += W) {
+        const vf qv = loadu(q + d);
+#pragma GCC unroll 16
+        for (int jj = 0; jj < W; ++jj) acc[jj] += loadu(K + off[jj] + d) * qv;
+      }
+      storeu(ST + r * ld + j0, transpose_sums(acc));
+    }
+  }
+}
+
+// O[r][e] = alpha[r] O[r][e] + sum_j P[r][j] V[j][e] for RB rows and EV vectors of e: the
+// block's products are summed from zero and added once (a blocked sum, as micro() does).
+template <int RB, int EV>
+__attribute__((noinline)) void decode_pv(int64_t nb, const float* P, int64_t ldp, const float* V,
+                                         int64_t ldv, float* O, int64_t ldo, const float* alpha) {
+  vf acc[RB][EV];
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < EV; ++v) acc[r][v] = vf{};
+  for (int64_t j = 0; j < nb; ++j) {
+    vf pj[RB];
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) pj[r] = splat(P[r * ldp + j]);
+#pragma GCC unroll 8
+    for (int v = 0; v < EV; ++v) {
+      const vf x = loadu(V + j * ldv + v * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < RB; ++r) acc[r][v] += pj[r] * x;
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < EV; ++v)
+      storeu(O + r * ldo + v * W, loadu(O + r * ldo + v * W) * splat(alpha[r]) + acc[r][v]);
+}
+
+using DecodePvFn = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t,
+                            const float*);
+
+// The widest kernel of RB rows that fits `left` vectors of e (powers of two up to the
+// accumulator budget).
+template <int RB>
+DecodePvFn decode_pv_for(int64_t left, int* ev) {
+  constexpr int kMax = kDecodeAcc / RB;
+  if (kMax >= 8 && left >= 8) { *ev = 8; return decode_pv<RB, (kMax >= 8 ? 8 : 1)>; }
+  if (kMax >= 4 && left >= 4) { *ev = 4; return decode_pv<RB, (kMax >= 4 ? 4 : 1)>; }
+  if (left >= 2) { *ev = 2; return decode_pv<RB, 2>; }
+  *ev = 1;
+  return decode_pv<RB, 1>;
+}
+
+void decode_pv_rows(int64_t R, int64_t Dvp, int64_t nb, const float* P, int64_t ldp,
+                    const float* V, int64_t ldv, float* O, const float* alpha) {
+  for (int64_t r0 = 0; r0 < R;) {
+    const int64_t rows = R - r0 >= 4 ? 4 : (R - r0 >= 2 ? 2 : 1);
+    for (int64_t e0 = 0; e0 < Dvp;) {
+      int ev = 1;
+      const int64_t left = (Dvp - e0) / W;
+      const DecodePvFn fn = rows == 4 ? decode_pv_for<4>(left, &ev)
+                          : rows == 2 ? decode_pv_for<2>(left, &ev) : decode_pv_for<1>(left, &ev);
+      fn(nb, P + r0 * ldp, ldp, V + e0, ldv, O + r0 * Dvp + e0, Dvp, alpha + r0);
+      e0 += int64_t(ev) * W;
+    }
+    r0 += rows;
+  }
+}
+
+// Scores of one key block, a row of keys per query row (st[r * ld + j]): softcap, mask,
+// band, and -inf for the lanes past the block's nb keys (up to nbp).
+void decode_transform(const DecodeCtx& c, int64_t b, int64_t hk, float* st, int64_t ld,
+                      int64_t j0, int64_t nb, int64_t nbp) {
   const AttentionParams& p = *c.p;
   const Geometry& g = c.g;
-  const int64_t RP = c.lay.RP, R = c.lay.R;
-  if (p.softcap > 0.f) {
-    const vf vcap = splat(p.softcap * kLog2e), vinv = splat(1.f / (p.softcap * kLog2e));
-    for (int64_t x = 0; x < nb * RP; x += W) storeu(st + x, vcap * vtanh(loadu(st + x) * vinv));
-  }
+  const int64_t R = c.lay.R;
   const bool band = p.window_left >= 0 || p.window_right >= 0;
-  if (!band && !p.mask.data) return;
+  const vf vcap = splat(p.softcap * kLog2e), vinv = splat(1.f / (p.softcap * kLog2e));
   for (int64_t r = 0; r < R; ++r) {
+    float* row = st + r * ld;
     const int64_t h = hk * g.group + r / g.L, i = r % g.L;
-    if (p.mask.data) apply_mask_row(p.mask, b, h, i, j0, nb, st + r, RP, kLog2e);
+    if (p.softcap > 0.f)
+      for (int64_t x = 0; x < nbp; x += W) storeu(row + x, vcap * vtanh(loadu(row + x) * vinv));
+    if (p.mask.data) apply_mask_row(p.mask, b, h, i, j0, nb, row, 1, kLog2e);
     if (band) {
       const int64_t lo = p.window_left >= 0 ? i + p.diag_offset - p.window_left : INT64_MIN;
       const int64_t hi = p.window_right >= 0 ? i + p.diag_offset + p.window_right : INT64_MAX;
       for (int64_t j = 0; j < nb; ++j)
-        if (j0 + j < lo || j0 + j > hi) st[j * RP + r] = kNegInf;
+        if (j0 + j < lo || j0 + j > hi) row[j] = kNegInf;
     }
+    for (int64_t j = nb; j < nbp; ++j) row[j] = kNegInf;
   }
 }
+
+// Online softmax over one block for each query row, in place: st becomes 2^(s - m_new),
+// l and m are updated and alpha[r] = 2^(m_old - m_new) rescales the row's O.
+LLMK_INLINE void decode_softmax(int64_t R, float* st, int64_t ld, int64_t nbp, float* m, float* l,
+                                float* alpha) {
+  for (int64_t r = 0; r < R; ++r) {
+    float* row = st + r * ld;
+    vf mx = loadu(row);
+    for (int64_t x = W; x < nbp; x += W) mx = vmax(mx, loadu(row + x));
+    const float m_new = max_(m[r], hmax(mx));
+    const vf mu = splat(m_new == kNegInf ? 0.f : m_new);
+    vf sum = vf{};
+    for (int64_t x = 0; x < nbp; x += W) {
+      const vf e = vexp2_nonpos(loadu(row + x) - mu);
+      storeu(row + x, e);
+      sum += e;
+    }
+    const float a = vexp2_nonpos(splat(m[r]) - mu)[0];
+    l[r] = l[r] * a + hsum(sum);
+    m[r] = m_new;
+    alpha[r] = a;
+  }
+}
+
+// One head's running state in an item: its query rows (scaled into base-2 units: row r holds
+// query r % L of head hk * group + r / L), O rows, and per row m, l, alpha and 1 / l.
+struct DecodeHead {
+  float *Q, *O, *m, *l, *alpha, *inv;
+  DecodeHead(float* base, const Geometry& g, int64_t R)
+      : Q(base), O(Q + R * g.Dp), m(O + R * g.Dvp), l(m + R), alpha(l + R), inv(alpha + R) {}
+};
 
 void decode_item(void* vctx, int64_t item, int tid) {
   const DecodeCtx& c = *static_cast<const DecodeCtx*>(vctx);
   const AttentionParams& p = *c.p;
   const Geometry& g = c.g;
-  const int64_t R = c.lay.R, RP = c.lay.RP;
-  const int64_t ch = item % c.lay.nchunks, bh = item / c.lay.nchunks;
-  const int64_t b = bh / g.Hk, hk = bh % g.Hk;
+  const int64_t R = c.lay.R;
+  const int64_t ch = item % c.lay.nchunks, bg = item / c.lay.nchunks;
+  const int64_t b = bg / c.lay.ngroups, hk0 = (bg % c.lay.ngroups) * c.lay.nh;
+  const int64_t nh = min_(c.lay.nh, g.Hk - hk0);
 
-  float* QT = reinterpret_cast<float*>(c.ws + c.lay.scratch + c.lay.per_thread * tid);
-  float* Qr = QT + g.D * RP;  // the same queries as rows
-  float* Kb = Qr + RP * g.Dp;
+  float* Kb = reinterpret_cast<float*>(c.ws + c.lay.scratch + c.lay.per_thread * tid);
   float* Vb = Kb + kBK * g.Dp;
   float* ST = Vb + kBK * g.Dvp;
-  float* O = ST + kBK * RP;
-  float* m = O + RP * g.Dvp;
-  float* l = m + RP;
-  float* m_use = l + RP;
-  float* alpha = m_use + RP;
-  float* inv = alpha + RP;
+  float* states = ST + kBK * R;
+  auto head = [&](int64_t x) { return DecodeHead(states + x * c.lay.head_state, g, R); };
 
-  // Q^T, scaled into base-2 units: column r holds query i of head hk * group + gi.
-  for (int64_t x = 0; x < g.D * RP; ++x) QT[x] = 0.f;
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t h = hk * g.group + r / g.L, i = r % g.L;
-    load_rows_any(p.q, b, h, i, 1, g.D, p.scale * kLog2e, Qr + r * g.Dp, g.Dp, g.Dp);
-    for (int64_t d = 0; d < g.D; ++d) QT[d * RP + r] = Qr[r * g.Dp + d];
+  for (int64_t x = 0; x < nh; ++x) {
+    const DecodeHead s = head(x);
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t h = (hk0 + x) * g.group + r / g.L, i = r % g.L;
+      load_rows_any(p.q, b, h, i, 1, g.D, p.scale * kLog2e, s.Q + r * g.Dp, g.Dp, g.Dp);
+      s.m[r] = kNegInf;
+      s.l[r] = 0.f;
+    }
+    for (int64_t e = 0; e < R * g.Dvp; ++e) s.O[e] = 0.f;
   }
-  for (int64_t r = 0; r < RP; ++r) { m[r] = kNegInf; l[r] = 0.f; }
-  for (int64_t x = 0; x < RP * g.Dvp; ++x) O[x] = 0.f;
 
   int64_t klo, khi;  // keys any of the rows may see, within this chunk
   key_range(p, g.S, 0, g.L, &klo, &khi);
   klo = max_(klo, ch * c.lay.chunk_len);
   khi = min_(khi, (ch + 1) * c.lay.chunk_len - 1);
   for (int64_t j0 = klo; j0 <= khi; j0 += kBK) {
-    const int64_t nb = min_(kBK, khi + 1 - j0);
-    if (j0 + kBK <= khi) {  // the next block's keys and values, while this one computes
-      const int64_t next = min_(kBK, khi + 1 - j0 - kBK);
-      prefetch_rows_any(p.k, b, hk, j0 + kBK, next, g.D);
-      prefetch_rows_any(p.v, b, hk, j0 + kBK, next, g.Dv);
-    }
-    load_rows_any(p.k, b, hk, j0, nb, g.D, 1.f, Kb, g.Dp, g.Dp);
-    load_rows_any(p.v, b, hk, j0, nb, g.Dv, 1.f, Vb, g.Dvp, g.Dvp);
-    if (R <= kDecodeDotRows) {  // few rows: dot products along the head dim
-      for (int64_t j = 0; j < nb; ++j) {
-        for (int64_t r = 0; r < R; ++r) {
-          vf acc = vf{};
-          for (int64_t d = 0; d < g.Dp; d += W) acc += loadu(Kb + j * g.Dp + d) * loadu(Qr + r * g.Dp + d);
-          ST[j * RP + r] = hsum(acc);
-        }
-        for (int64_t r = R; r < RP; ++r) ST[j * RP + r] = 0.f;
+    const int64_t nb = min_(kBK, khi + 1 - j0), nbp = round_up(nb, W);
+    for (int64_t x = 0; x < nh; ++x) {
+      const int64_t hk = hk0 + x;
+      const DecodeHead s = head(x);
+      if (j0 + kBK <= khi) {  // this head's next keys and values, while this block computes
+        const int64_t next = min_(kBK, khi + 1 - j0 - kBK);
+        prefetch_rows_any(p.k, b, hk, j0 + kBK, next, g.D);
+        prefetch_rows_any(p.v, b, hk, j0 + kBK, next, g.Dv);
       }
-    } else {  // many rows (grouped heads): one vector lane per row
-      gemm(nb, RP, g.D, Kb, g.Dp, 1, QT, RP, ST, RP, false);  // ST[j][r] = k_j . q_r
+      int64_t ldk, ldv;
+      const float* K = decode_rows(p.k, b, hk, j0, nb, g.D, g.Dp, Kb, &ldk);
+      const float* V = decode_rows(p.v, b, hk, j0, nb, g.Dv, g.Dvp, Vb, &ldv);
+      decode_scores(s.Q, g.Dp, R, K, ldk, nb, g.Dp, ST, kBK);
+      decode_transform(c, b, hk, ST, kBK, j0, nb, nbp);
+      decode_softmax(R, ST, kBK, nbp, s.m, s.l, s.alpha);
+      decode_pv_rows(R, g.Dvp, nb, ST, kBK, V, ldv, s.O, s.alpha);
     }
-    decode_transform(c, b, hk, ST, j0, nb);
-    bool rescale = false;
-    for (int64_t r = 0; r < RP; r += W) {  // one lane per query row
-      vf mx = loadu(ST + r);
-      for (int64_t j = 1; j < nb; ++j) mx = vmax(mx, loadu(ST + j * RP + r));
-      const vf m_old = loadu(m + r), m_new = vmax(m_old, mx);
-      const vf mu = select(m_new == splat(kNegInf), vf{}, m_new);
-      const vf a = vexp2_nonpos(m_old - mu);
-      vf sum = vf{};
-      for (int64_t j = 0; j < nb; ++j) {
-        const vf e = vexp2_nonpos(loadu(ST + j * RP + r) - mu);
-        storeu(ST + j * RP + r, e);
-        sum += e;
-      }
-      storeu(l + r, loadu(l + r) * a + sum);
-      storeu(m + r, m_new);
-      storeu(alpha + r, a);
-      for (int i = 0; i < W; ++i) rescale |= a[i] != 1.f;
-    }
-    if (rescale)
-      for (int64_t r = 0; r < R; ++r)
-        if (alpha[r] != 1.f)
-          for (int64_t e = 0; e < g.Dvp; e += W) storeu(O + r * g.Dvp + e, loadu(O + r * g.Dvp + e) * splat(alpha[r]));
-    gemm(R, g.Dvp, nb, ST, 1, RP, Vb, g.Dvp, O, g.Dvp, true);  // O[r] += sum_j P[j][r] v_j
   }
 
-  if (c.lay.nchunks > 1) {
-    float* part = c.partial(bh, ch);
-    for (int64_t r = 0; r < R; ++r) {
-      for (int64_t e = 0; e < g.Dvp; ++e) part[r * (g.Dvp + 2) + e] = O[r * g.Dvp + e];
-      part[r * (g.Dvp + 2) + g.Dvp] = m[r];
-      part[r * (g.Dvp + 2) + g.Dvp + 1] = l[r];
-    }
-    return;
-  }
   int64_t* bad = reinterpret_cast<int64_t*>(c.ws + c.lay.bad_rows);
   const TensorView* residual = c.io->out_residual.data ? &c.io->out_residual : nullptr;
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t h = hk * g.group + r / g.L, i = r % g.L;
-    float* lse = at4<float>(c.io->lse, b, h, i);
-    const float lr = l[r];
-    inv[r] = lr > 0.f ? 1.f / lr : (lr == 0.f ? 0.f : NAN);
-    *lse = lr > 0.f ? (m[r] + std::log2(lr)) * kLn2 : (lr == 0.f ? kNegInf : NAN);
-    bad[tid] += store_rows_any(c.io->out, b, h, i, 1, g.Dv, O + r * g.Dvp, g.Dvp, 1.f, inv + r,
-                               residual);
+  for (int64_t x = 0; x < nh; ++x) {
+    const int64_t hk = hk0 + x;
+    const DecodeHead s = head(x);
+    if (c.lay.nchunks > 1) {
+      float* part = c.partial(b * g.Hk + hk, ch);
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t e = 0; e < g.Dvp; ++e) part[r * (g.Dvp + 2) + e] = s.O[r * g.Dvp + e];
+        part[r * (g.Dvp + 2) + g.Dvp] = s.m[r];
+        part[r * (g.Dvp + 2) + g.Dvp + 1] = s.l[r];
+      }
+      continue;
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t h = hk * g.group + r / g.L, i = r % g.L;
+      float* lse = at4<float>(c.io->lse, b, h, i);
+      const float lr = s.l[r];
+      s.inv[r] = lr > 0.f ? 1.f / lr : (lr == 0.f ? 0.f : NAN);
+      *lse = lr > 0.f ? (s.m[r] + std::log2(lr)) * kLn2 : (lr == 0.f ? kNegInf : NAN);
+      bad[tid] += store_rows_any(c.io->out, b, h, i, 1, g.Dv, s.O + r * g.Dvp, g.Dvp, 1.f,
+                                 s.inv + r, residual);
+    }
   }
 }
 
@@ -664,12 +779,13 @@ void decode_combine_item(void* vctx, int64_t bh, int tid) {
 
 int64_t forward_decode(const AttentionParams& p, const ForwardIO& io, const Geometry& g,
                        int nthreads) {
-  DecodeCtx c{&p, &io, g, DecodeLayout(g, nthreads), static_cast<char*>(io.workspace)};
+  DecodeCtx c{&p, &io, g, DecodeLayout(g, dtype_bytes(p.k.dtype), nthreads),
+              static_cast<char*>(io.workspace)};
   LLMK_CHECK(io.workspace_bytes >= c.lay.total, "attention forward workspace too small: "
                                                     << io.workspace_bytes << " < " << c.lay.total);
   const int run = threads_for_work(g, nthreads);
   const int64_t* bad = reset_bad_rows(c.ws, c.lay.bad_rows, nthreads);
-  parallel_for(g.B * g.Hk * c.lay.nchunks, run, decode_item, &c);
+  parallel_for(g.B * c.lay.ngroups * c.lay.nchunks, run, decode_item, &c);
   if (c.lay.nchunks > 1) parallel_for(g.B * g.Hk, run, decode_combine_item, &c);
   return total_bad_rows(bad, nthreads);
 }
@@ -677,7 +793,7 @@ int64_t forward_decode(const AttentionParams& p, const ForwardIO& io, const Geom
 int64_t forward_workspace_bytes(const AttentionParams& p) {
   const Geometry g(p);
   const int nthreads = max_(p.num_threads, 1);
-  return use_decode(g) ? DecodeLayout(g, nthreads).total : ForwardLayout(p, g, nthreads).total;
+  return use_decode(g) ? DecodeLayout(g, dtype_bytes(p.k.dtype), nthreads).total : ForwardLayout(p, g, nthreads).total;
 }
 
 int64_t forward(const AttentionParams& p, const ForwardIO& io) {

@@ -73,6 +73,36 @@ LLMK_INLINE float hsum(vf v) {
   return a[0] + a[1];
 }
 
+// out[j] = the sum of v[j]'s lanes for the W vectors v[0..W): W horizontal sums as one
+// vector, by halving (each level adds the even and the odd lanes of two vectors side by side,
+// so lane order is kept). Overwrites v.
+LLMK_INLINE vf even_lanes(vf a, vf b) {
+#if LLMK_VEC_BYTES == 64
+  return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+#elif LLMK_VEC_BYTES == 32
+  return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14);
+#else
+  return __builtin_shufflevector(a, b, 0, 2, 4, 6);
+#endif
+}
+LLMK_INLINE vf odd_lanes(vf a, vf b) {
+#if LLMK_VEC_BYTES == 64
+  return __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#elif LLMK_VEC_BYTES == 32
+  return __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+#else
+  return __builtin_shufflevector(a, b, 1, 3, 5, 7);
+#endif
+}
+LLMK_INLINE vf transpose_sums(vf* v) {
+#pragma GCC unroll 8
+  for (int n = W; n > 1; n /= 2)
+#pragma GCC unroll 8
+    for (int i = 0; i < n / 2; ++i)
+      v[i] = even_lanes(v[2 * i], v[2 * i + 1]) + odd_lanes(v[2 * i], v[2 * i + 1]);
+  return v[0];
+}
+
 // e^x, relative error ~2e-7 over the float range; exactly 0 below -87.3 (masked scores
 // are -inf), NaN in gives NaN out.
 LLMK_INLINE vf vexp(vf x) {
