@@ -313,6 +313,22 @@ def test_decode_shaped_calls_in_head_groups(cpu_tier, dtype):
                  window_size=(100, None))
 
 
+@pytest.mark.parametrize("threads", [1, 3, 16])
+def test_decode_shaped_calls_under_thread_counts(threads):
+    """How many kv heads an item takes and how many key chunks a head's keys split into follow
+    the thread count (at least 4 items a thread where the keys allow); results stay right
+    however the work is split, for short caches (one chunk) and long ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for S in (300, 2100):
+            run_case(1, 16, 8, 1, S, 64, 64, torch.bfloat16, layout="bshd", backward=False)
+            run_case(2, 6, 6, 1, S, 128, 128, torch.float32, layout="bshd", backward=False,
+                     mask_kind="additive")
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_decode_shaped_calls_with_masks_and_windows(cpu_tier):
     run_case(1, 4, 4, 3, 1100, 32, 32, torch.float32, mask_kind="bool", window_size=(700, 5))
     run_case(1, 2, 2, 1, 1300, 64, 64, torch.bfloat16, is_causal=True)  # top-left: key 0 only
