@@ -472,8 +472,9 @@ LLMK_INLINE int64_t total_bad_rows(const int64_t* bad, int nthreads) {
 }
 
 // Heads of one item are taken together, key block by key block: a cache laid out (B, S, H, D)
-// keeps a key's heads side by side, so the item reads nh heads' rows where one head's row
-// alone (a few hundred bytes of each 4 KiB page) cost a page walk and a DRAM row each.
+// keeps a key's heads side by side, so the item reads nh heads' rows of each 4 KiB page where
+// it read one head's few hundred bytes (Zen 3, 2 threads, bf16, 32 heads, 2K / 8K keys: 4.2 /
+// 23 ms one head an item, 2.2 / 10 ms in groups of 8).
 constexpr int64_t kDecodeGroupBytes = int64_t(256) << 10;  // K and V of one block, all heads
 
 struct DecodeLayout {
