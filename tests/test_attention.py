@@ -268,6 +268,14 @@ def _forward_workspace_bytes(B, Hq, Hk, L, S, D, dtype=torch.float32):
                                                              cview(k), None, 2)
 
 
+@pytest.mark.parametrize("L,Hq", [(0, 8), (1, 8), (4, 32)])
+def test_decode_workspace_for_empty_and_wide_calls(cpu_tier, L, Hq):
+    """The decode schedule's workspace size: no query rows (L 0) once divided by zero in the
+    native call (SIGFPE); many tiny heads keep the per-thread state bounded."""
+    assert _forward_workspace_bytes(1, Hq, 8, L, 300, 64) >= 0
+    assert _forward_workspace_bytes(1, 1024, 1024, 1, 300, 1) < 8 << 20
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("L", [5, 70, 130])
 def test_keys_in_segments(cpu_tier, dtype, L, one_head_per_round):

@@ -473,8 +473,8 @@ LLMK_INLINE int64_t total_bad_rows(const int64_t* bad, int nthreads) {
 
 // Heads of one item are taken together, key block by key block: a cache laid out (B, S, H, D)
 // keeps a key's heads side by side, so the item reads nh heads' rows of each 4 KiB page where
-// it read one head's few hundred bytes (Zen 3, 2 threads, bf16, 32 heads, 2K / 8K keys: 4.2 /
-// 23 ms one head an item, 2.2 / 10 ms in groups of 8).
+// it read one head's few hundred bytes (Zen 3, 2 threads, bf16, 32 heads, 2K / 8K keys, these
+// same products: one head an item 4.2 / 23 ms, groups of 8 heads 2.2 / 10 ms).
 constexpr int64_t kDecodeGroupBytes = int64_t(256) << 10;  // K and V of one block, all heads
 
 struct DecodeLayout {
@@ -486,13 +486,14 @@ struct DecodeLayout {
   DecodeLayout(const Geometry& g, int elem_bytes, int nthreads) {
     R = g.group * g.L;
     head_state = round_up(R * g.Dp + R * g.Dvp + 4 * R, 16);
-    // As many heads as fit the block budget (and their state the same), but never so many
-    // that the items (batch x groups x key chunks) fall short of 4 a thread.
+    // As many heads as fit the block budget (and their state the same), but so few that
+    // batch x groups x key chunks can still give each thread 2 items (then chunks aim at 4).
     const int64_t block_bytes = max_<int64_t>(kDecodeBK * (g.D + g.Dv) * elem_bytes, 1);
     const int64_t max_chunks = max_<int64_t>(1, g.S / kDecodeMinChunk);
-    const int64_t want = 4 * int64_t(nthreads);
-    const int64_t min_groups = (want + g.B * max_chunks - 1) / max_<int64_t>(g.B * max_chunks, 1);
-    nh = min_<int64_t>(kDecodeGroupBytes / block_bytes, kDecodeGroupBytes / (head_state * 4));
+    const int64_t want = 4 * int64_t(nthreads), enough = 2 * int64_t(nthreads);
+    const int64_t min_groups = (enough + g.B * max_chunks - 1) / max_<int64_t>(g.B * max_chunks, 1);
+    nh = min_<int64_t>(kDecodeGroupBytes / block_bytes,
+                       kDecodeGroupBytes / max_<int64_t>(head_state * 4, 1));
     nh = max_<int64_t>(1, min_<int64_t>(nh, g.Hk / max_<int64_t>(min_groups, 1)));
     ngroups = (g.Hk + nh - 1) / nh;
     nh = max_<int64_t>(1, (g.Hk + ngroups - 1) / max_<int64_t>(ngroups, 1));  // equal groups
@@ -652,9 +653,15 @@ LLMK_INLINE void decode_softmax(int64_t R, float* st, int64_t ld, int64_t nbp, f
   for (int64_t r = 0; r < R; ++r) {
     float* row = st + r * ld;
     vf mx = loadu(row);
-    for (int64_t x = W; x < nbp; x += W) mx = vmax(mx, loadu(row + x));
-    const float bm = hmax(mx);  // NaN only if a score is: then every weight of the row is
-    const float m_new = bm != bm ? bm : max_(m[r], bm);
+    vi nan = mx != mx;
+    for (int64_t x = W; x < nbp; x += W) {
+      const vf y = loadu(row + x);
+      mx = vmax(mx, y);
+      nan |= y != y;
+    }
+    bool any_nan = false;  // then the row's maximum is NaN, and so is every weight of it
+    for (int i = 0; i < W; ++i) any_nan |= nan[i] != 0;
+    const float m_new = any_nan ? NAN : max_(m[r], hmax(mx));
     const vf mu = splat(m_new == kNegInf ? 0.f : m_new);
     vf sum = vf{};
     for (int64_t x = 0; x < nbp; x += W) {

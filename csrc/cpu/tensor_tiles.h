@@ -62,7 +62,7 @@ LLMK_INLINE vf load_f32(const F16* s) {
 
 // d[c] = mul * s[c] for a contiguous row, whole vectors at a time: streaming K and V rows
 // (decoding) is bound by this conversion, not by the products (fp16 converted one value at
-// a time took 2.5-2.8x as long to decode as with F16C vectors, Zen 3).
+// a time took 2.1-3.0x as long to decode as with F16C vectors, Zen 3).
 template <class T>
 LLMK_INLINE void load_contiguous(const T* s, float* d, int64_t n, float mul) {
   int64_t c = 0;
