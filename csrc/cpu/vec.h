@@ -73,9 +73,7 @@ LLMK_INLINE float hsum(vf v) {
   return a[0] + a[1];
 }
 
-// out[j] = the sum of v[j]'s lanes for the W vectors v[0..W): W horizontal sums as one
-// vector, by halving (each level adds the even and the odd lanes of two vectors side by side,
-// so lane order is kept). Overwrites v.
+// Lanes 0, 2, 4, ... (even) or 1, 3, 5, ... (odd) of a and b side by side.
 LLMK_INLINE vf even_lanes(vf a, vf b) {
 #if LLMK_VEC_BYTES == 64
   return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -94,6 +92,9 @@ LLMK_INLINE vf odd_lanes(vf a, vf b) {
   return __builtin_shufflevector(a, b, 1, 3, 5, 7);
 #endif
 }
+// out[j] = the sum of v[j]'s lanes for the W vectors v[0..W): W horizontal sums as one
+// vector, by halving (each level adds the even and the odd lanes of two vectors side by side,
+// so lane order is kept). Overwrites v.
 LLMK_INLINE vf transpose_sums(vf* v) {
 #pragma GCC unroll 8
   for (int n = W; n > 1; n /= 2)
