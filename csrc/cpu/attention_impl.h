@@ -598,8 +598,12 @@ using DecodePvFn = void (*)(int64_t, const float*, int64_t, const float*, int64_
 template <int RB>
 DecodePvFn decode_pv_for(int64_t left, int* ev) {
   constexpr int kMax = kDecodeAcc / RB;
-  if (kMax >= 8 && left >= 8) { *ev = 8; return decode_pv<RB, (kMax >= 8 ? 8 : 1)>; }
-  if (kMax >= 4 && left >= 4) { *ev = 4; return decode_pv<RB, (kMax >= 4 ? 4 : 1)>; }
+  if constexpr (kMax >= 8) {
+    if (left >= 8) { *ev = 8; return decode_pv<RB, 8>; }
+  }
+  if constexpr (kMax >= 4) {
+    if (left >= 4) { *ev = 4; return decode_pv<RB, 4>; }
+  }
   if (left >= 2) { *ev = 2; return decode_pv<RB, 2>; }
   *ev = 1;
   return decode_pv<RB, 1>;
