@@ -1,5 +1,6 @@
 """Quantized matmul: the reference quantizers' accuracy (SQNR), every CPU tier's kernel against
 the reference on the same quantized weights, the API, QuantLinear, quantize_, bad input."""
+import importlib
 import io
 
 import pytest
@@ -623,3 +624,74 @@ def test_autocast_casts_x_as_for_linear(dtype, compiled):
     assert out.dtype == expected_dtype == dtype
     torch.testing.assert_close(out, layer(x.to(dtype)), rtol=0, atol=0)
     assert layer(x).dtype == torch.float32  # outside autocast, x's dtype
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64,), (3, 64), (2, 1, 64), (2, 3, 64)])
+def test_eager_cpu_calls_skip_the_general_path(monkeypatch, scheme, dtype, shape):
+    """Plain eager CPU calls (decoding) go to the kernel from _cpu_eager, with x and the output
+    as (M, K) / (M, N) views: the same numbers as the general path, which every other call
+    still takes."""
+    qm = importlib.import_module("llmkernels.ops.quant_matmul")
+    torch.manual_seed(0)
+    qw = llmkernels.quantize_weight(torch.randn(40, 64), scheme, 32)
+    x = torch.randn(shape, dtype=dtype)
+    bias = torch.randn(40, dtype=dtype)
+    expected = [llmkernels.quant_matmul(x, qw, b, backend="cpu") for b in (None, bias)]
+
+    def general_path(*args):
+        raise AssertionError("the general path ran")
+    monkeypatch.setattr(qm, "_quant_matmul_kernel", general_path)
+    for b, want in zip((None, bias), expected):
+        with torch.no_grad():
+            out = llmkernels.quant_matmul(x, qw, b)
+        assert out.shape == (*shape[:-1], 40) and out.dtype == dtype
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        torch.testing.assert_close(llmkernels.quant_matmul(x, qw, b), want, rtol=0, atol=0)
+    layer = llmkernels.nn.QuantLinear(64, 40, True, scheme, 32, dtype=dtype)
+    layer.set_weight(qw)
+    with torch.no_grad():
+        layer.bias.copy_(bias)
+    torch.testing.assert_close(layer(x), expected[1], rtol=0, atol=0)  # (a Parameter bias)
+
+
+def test_eager_cpu_fast_path_leaves_other_calls_to_the_general_path(monkeypatch):
+    qm = importlib.import_module("llmkernels.ops.quant_matmul")
+    torch.manual_seed(0)
+    qw = llmkernels.quantize_weight(torch.randn(40, 64), "int8")
+    x = torch.randn(3, 64)
+    taken = []
+    kernel = qm._quant_matmul_kernel
+    monkeypatch.setattr(qm, "_quant_matmul_kernel", lambda *a: taken.append(1) or kernel(*a))
+    strided = torch.randn(3, 128)[:, ::2]
+    # autograd goes through the custom op (which holds the kernel function itself)
+    assert llmkernels.quant_matmul(x.clone().requires_grad_(), qw).grad_fn is not None
+    cases = {
+        "strided x": lambda: llmkernels.quant_matmul(strided, qw),
+        "negated x": lambda: llmkernels.quant_matmul(torch._neg_view(x), qw),
+        "strided bias": lambda: llmkernels.quant_matmul(x, qw, torch.randn(80)[::2]),
+        "forced": lambda: llmkernels.quant_matmul(x, qw, backend="cpu"),
+        "empty": lambda: llmkernels.quant_matmul(torch.randn(0, 64), qw),
+        "many rows": lambda: llmkernels.quant_matmul(torch.randn(600, 64), qw),
+    }
+    for name, call in cases.items():
+        taken.clear()
+        with torch.no_grad():
+            out = call()
+        assert taken, f"{name}: the fast path took a call it must leave"
+        assert torch.isfinite(out).all()
+    torch.testing.assert_close(llmkernels.quant_matmul(torch._neg_view(x), qw),
+                               -llmkernels.quant_matmul(x, qw), rtol=0, atol=0)
+    # under autocast the general path casts x (test_autocast_casts_x_as_for_linear)
+    taken.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert llmkernels.quant_matmul(x, qw).dtype == torch.bfloat16
+    assert taken
+    # the general path's errors, unchanged
+    with pytest.raises(ValueError, match="in_features=64"):
+        llmkernels.quant_matmul(torch.randn(3, 65), qw)
+    with pytest.raises(TypeError, match="bias dtype"):
+        llmkernels.quant_matmul(x, qw, torch.randn(40, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        llmkernels.quant_matmul(x.double(), qw)

@@ -13,7 +13,7 @@ from .._cuda_launch import device_guard, stream_handle
 from .._cview import DTYPE_CODES, cview
 from ..quantized_weight import SCHEME_CODES, QuantizedWeight
 from ..reference.quant_matmul import dequantize_reference, quant_matmul_reference
-from .attention import _needs_dispatcher
+from .attention import _dispatch_mode_active, _needs_dispatcher
 from .attention_gpu import triton_interpreting
 from .workspace import workspace
 
@@ -41,16 +41,17 @@ CPU_SLAB_BYTES = 64 << 20
 CPU_SLAB_MIN_ROWS = 256
 
 
-def _cpu_workspace_bytes(native, tier: str, code: int, x, weight, y, group_size: int,
+def _cpu_workspace_bytes(native, tier: str, code: int, xv, weight, yv, group_size: int,
                          threads: int) -> int:
+    """xv, yv: cviews of x (M, K) and out (M, N)."""
     # The size depends on the key's items alone; the kernel checks it again (a stale entry
     # raises).
-    key = (tier, code, x.shape[0], x.shape[1], y.shape[1], x.dtype, group_size, threads,
+    key = (tier, code, xv[2][0], xv[2][1], yv[2][1], xv[1], group_size, threads,
            weight[3] is not None)
     nbytes = _WORKSPACE_BYTES.get(key)
     if nbytes is None:
-        nbytes = native.quant_matmul_workspace_bytes(tier, code, cview(x), *weight, cview(y),
-                                                     group_size, threads)
+        nbytes = native.quant_matmul_workspace_bytes(tier, code, xv, *weight, yv, group_size,
+                                                     threads)
         if len(_WORKSPACE_BYTES) >= 4096:
             _WORKSPACE_BYTES.clear()
         _WORKSPACE_BYTES[key] = nbytes
@@ -63,15 +64,17 @@ def _run_cpu(x2d, qdata, scales, zeros, bias, out, scheme: str, group_size: int)
     weight = (cview(qdata), cview(scales), cview(zeros), cview(bias))
 
     M = x2d.shape[0]
-    nbytes = _cpu_workspace_bytes(native, tier, code, x2d, weight, out, group_size, threads)
+    xv, yv = cview(x2d), cview(out)
+    nbytes = _cpu_workspace_bytes(native, tier, code, xv, weight, yv, group_size, threads)
     if nbytes <= CPU_SLAB_BYTES or M < 2 * CPU_SLAB_MIN_ROWS:  # one call (decoding: always)
         ws = _workspace(nbytes, x2d.device)
-        native.quant_matmul(tier, code, cview(x2d), *weight, cview(out), group_size, threads,
-                            ws.data_ptr(), nbytes)
+        native.quant_matmul(tier, code, xv, *weight, yv, group_size, threads, ws.data_ptr(),
+                            nbytes)
         return
 
     def workspace_bytes(x, y) -> int:
-        return _cpu_workspace_bytes(native, tier, code, x, weight, y, group_size, threads)
+        return _cpu_workspace_bytes(native, tier, code, cview(x), weight, cview(y), group_size,
+                                    threads)
 
     # bytes = fixed + rows x per_row (per-thread scratch, then the rows' buffers)
     least = workspace_bytes(x2d[:CPU_SLAB_MIN_ROWS], out[:CPU_SLAB_MIN_ROWS])
@@ -399,6 +402,10 @@ def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[torch
     x and bias (the weight is frozen). backend: force "cpu", "triton", "cuda" or "reference".
     Under torch.autocast, x and bias are cast to its dtype first, as for F.linear.
     """
+    if backend is None:
+        out = _cpu_eager(x, qweight, bias)
+        if out is not None:
+            return out
     x, bias = _autocast(x, bias)
     _validate(x, qweight, bias)
     if backend is None and backends.forced_backend() is None:
@@ -423,6 +430,61 @@ def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[torch
     out = fn(x2d, qweight.qdata, qweight.scales, qweight.zeros, bias,
              SCHEME_CODES[qweight.scheme], int(qweight.group_size), path)
     return out if flat else out.reshape(*x.shape[:-1], qweight.out_features)
+
+
+def _cpu_eager(x, qweight, bias) -> Optional[torch.Tensor]:
+    """The call on the CPU kernel straight from here, or None where quant_matmul's general
+    path must take it: another device or path, autograd, torch.compile, tensor subclasses or
+    modes, autocast, a strided or negated x or bias, many rows or none, and anything its
+    checks would refuse (they raise there, with their messages; the weight's own check runs
+    here first, as there).
+
+    A decoding step calls each linear layer once, and between the calls the model's own
+    Python evicts the interpreter's state from the caches: there every step of the general
+    path (autocast, the reshapes of x and the output, the selection, the custom-op checks)
+    costs 2-3x what it costs in a loop (~60 us a call in a 125M model's decoding loop on the
+    Zen 3, as much as the kernels). x and the output are handed to the kernel as (M, K) and
+    (M, N) views without reshaping them."""
+    if type(x) is not torch.Tensor or not x.is_cpu or torch.compiler.is_compiling():
+        return None
+    if bias is not None and type(bias) is not torch.Tensor and type(bias) is not torch.nn.Parameter:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    if (torch.is_autocast_enabled("cpu") or backends.forced_backend() is not None
+            or not isinstance(qweight, QuantizedWeight)):
+        return None
+    if torch.overrides.has_torch_function((x,) if bias is None else (x, bias)):
+        return None
+    if _dispatch_mode_active():
+        return None
+    qweight.validate(OP_NAME)
+    native = backends.native_module()
+    qdata, scales, zeros = qweight.qdata, qweight.scales, qweight.zeros
+    N, K = qweight.shape
+    if (native is None or not qdata.is_cpu or x.dtype not in _X_DTYPES or x.dim() < 1
+            or x.shape[-1] != K or K == 0 or not x.is_contiguous() or x.is_neg()
+            or not (qdata.is_contiguous() and scales.is_contiguous())
+            or (zeros is not None and not zeros.is_contiguous())
+            or _too_long(qweight) is not None):
+        return None
+    if bias is not None and (bias.dtype != x.dtype or bias.shape != (N,) or not bias.is_cpu
+                             or not bias.is_contiguous() or bias.is_neg()):
+        return None
+    M = x.numel() // K
+    if M == 0 or M >= 2 * CPU_SLAB_MIN_ROWS or N == 0:
+        return None
+    out = x.new_empty(x.shape[:-1] + (N,))
+    dtype = DTYPE_CODES[x.dtype]
+    xv = (x.data_ptr(), dtype, (M, K), (K, 1))
+    yv = (out.data_ptr(), dtype, (M, N), (N, 1))
+    tier, threads, code = backends.cpu_tier_code(), backends.cpu_threads(), SCHEME_CODES[qweight.scheme]
+    group_size = int(qweight.group_size)
+    weight = (cview(qdata), cview(scales), cview(zeros), cview(bias))
+    nbytes = _cpu_workspace_bytes(native, tier, code, xv, weight, yv, group_size, threads)
+    ws = workspace(nbytes)
+    native.quant_matmul(tier, code, xv, *weight, yv, group_size, threads, ws.data_ptr(), nbytes)
+    return out
 
 
 def _autocast(x, bias):
