@@ -154,3 +154,47 @@ class TestBadInput:
         with pytest.raises(err, match=match):
             llmkernels.attention_with_kvcache(**a)
         assert torch.equal(a["k_cache"], k_before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Hq,Hk", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("scale,softcap", [(None, None), (0.3, None), (None, 5.0)])
+def test_decode_step_cpu_is_attention_with_kvcache(dtype, Hq, Hk, scale, softcap):
+    """transformers' decoding steps call the CPU kernel directly (decode_step_cpu): the same
+    numbers as attention_with_kvcache over the whole cache."""
+    from llmkernels.ops.attention_kvcache import decode_step_cpu
+    torch.manual_seed(0)
+    B, S, D = 2, 37, 64
+    q4 = torch.randn(B, Hq, 1, D, dtype=dtype)
+    k4 = torch.randn(B, Hk, S, D, dtype=dtype)
+    v4 = torch.randn(B, Hk, S, D, dtype=dtype)
+    with torch.no_grad():
+        got = decode_step_cpu(q4, k4, v4, scale, softcap)
+        want = llmkernels.attention_with_kvcache(q4.transpose(1, 2), k4.transpose(1, 2),
+                                                 v4.transpose(1, 2), S, scale=scale,
+                                                 softcap=softcap)
+    assert got is not None and got.shape == want.shape == (B, 1, Hq, D)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_decode_step_cpu_hands_back_what_it_does_not_serve():
+    from llmkernels.ops.attention_kvcache import decode_step_cpu
+    q4, k4, v4 = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    with torch.no_grad():
+        assert decode_step_cpu(q4, k4, v4) is not None
+        assert decode_step_cpu(torch.randn(1, 4, 2, 16), k4, v4) is None  # two query tokens
+        assert decode_step_cpu(q4.double(), k4.double(), v4.double()) is None
+        assert decode_step_cpu(q4.half(), k4, v4) is None  # mixed dtypes: the op's error
+        assert decode_step_cpu(q4, k4[:, :, :0], v4[:, :, :0]) is None  # no keys
+        assert decode_step_cpu(torch._neg_view(q4), k4, v4) is None
+        assert decode_step_cpu(torch.randn(1, 3, 1, 16), k4, v4) is None  # 3 heads over 2
+        assert decode_step_cpu(q4.to("meta"), k4.to("meta"), v4.to("meta")) is None
+        with llmkernels.use_backend("reference"):
+            assert decode_step_cpu(q4, k4, v4) is None
+    assert decode_step_cpu(q4.clone().requires_grad_(), k4, v4) is None
+    with torch.no_grad(), pytest.raises(ValueError, match="scale must be finite"):
+        decode_step_cpu(q4, k4, v4, float("inf"))
+    bad = k4.clone()
+    bad[0, 0, 3, 0] = float("nan")
+    with torch.no_grad(), pytest.raises(ValueError, match="attention_with_kvcache: .*NaN"):
+        decode_step_cpu(q4, bad, v4)

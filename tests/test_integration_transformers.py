@@ -1,6 +1,8 @@
 """llmkernels.patch on Hugging Face transformers models (tiny random Llama / Mistral / Gemma 2
 built from configs: nothing is downloaded): logits, greedy generation through the KV-cache
 kernel, training, quantized generation, torch.compile, unpatch and bad configurations."""
+import importlib
+
 import pytest
 import torch
 
@@ -34,11 +36,22 @@ def greedy(model, ids, n=20):
 
 @pytest.fixture
 def kvcache_calls(monkeypatch):
-    """Counts the decoding steps that reach attention_with_kvcache."""
+    """Counts the decoding steps that reach the KV-cache kernel: (B, L, Hq, D) of each query,
+    through attention_with_kvcache or, on the CPU, decode_step_cpu's direct call (which serves
+    every plain CPU step: it is asserted not to hand any back)."""
+    kv = importlib.import_module("llmkernels.ops.attention_kvcache")
     calls = []
-    real = llmkernels.attention_with_kvcache
+    real, step = llmkernels.attention_with_kvcache, kv.decode_step_cpu
+
+    def direct(q4, *a, **k):
+        out = step(q4, *a, **k)
+        assert out is not None or q4.device.type != "cpu", "a plain CPU step left the fast path"
+        if out is not None:
+            calls.append(q4.transpose(1, 2).shape)
+        return out
     monkeypatch.setattr(llmkernels, "attention_with_kvcache",
                         lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(kv, "decode_step_cpu", direct)
     return calls
 
 

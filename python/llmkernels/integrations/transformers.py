@@ -41,6 +41,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     sliding_window needs no handling here: transformers puts the window into the mask
     whenever it can cut anything (SDPA's mask is None only when the keys fit in it)."""
     from .. import attention_with_kvcache, scaled_dot_product_attention
+    from ..ops.attention_kvcache import decode_step_cpu
 
     _check_inputs(kwargs)
     q_len = query.shape[2]
@@ -52,10 +53,12 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if (q_len == 1 and attention_mask is None and dropout == 0.0
             and not _needs_grad(query, key, value)):
         # One decoding step: (B, 1, Hq, D) over the whole (B, S, Hkv, D) cache, in the layout
-        # transformers expects back.
-        out = attention_with_kvcache(query.transpose(1, 2), key.transpose(1, 2),
-                                     value.transpose(1, 2), key.shape[2], scale=scaling,
-                                     softcap=softcap)
+        # transformers expects back (straight to the CPU kernel where nothing else is needed).
+        out = decode_step_cpu(query, key, value, scaling, softcap)
+        if out is None:
+            out = attention_with_kvcache(query.transpose(1, 2), key.transpose(1, 2),
+                                         value.transpose(1, 2), key.shape[2], scale=scaling,
+                                         softcap=softcap)
         return out, None
     out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                        dropout_p=dropout, is_causal=causal, scale=scaling,

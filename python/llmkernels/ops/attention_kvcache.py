@@ -16,8 +16,9 @@ import torch
 from .. import backends
 from ..reference.attention import attention_kvcache_reference
 from . import attention_gpu
-from .attention import (INT32_MAX, _check_tensor, _scale_softcap, _window, cpu_forward,
-                        cpu_kernel_support, errors_named, resolved, select_path)
+from .attention import (_KERNEL_DTYPES, INT32_MAX, MAX_CPU_HEAD_DIM, _check_tensor,
+                        _dispatch_mode_active, _forward_cpu, _scale_softcap, _window,
+                        cpu_forward, cpu_kernel_support, errors_named, resolved, select_path)
 
 OP_NAME = "attention_with_kvcache"
 
@@ -224,6 +225,40 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return call.run_gpu(path)
     with errors_named(OP_NAME):  # (the CPU and reference paths raise for NaN/Inf outputs)
         return call.run_cpu() if path == "cpu" else call.run_reference()
+
+
+def decode_step_cpu(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, scale=None,
+                    softcap=None) -> Optional[torch.Tensor]:
+    """One query token of each (batch, head) over the whole of its cache, on the CPU kernel
+    straight away: q4 (B, Hq, 1, D), k4 / v4 (B, Hk, S, D / Dv), as transformers' attention
+    functions get them; returns (B, 1, Hq, Dv). What attention_with_kvcache(q4.transpose(1, 2),
+    k4.transpose(1, 2), v4.transpose(1, 2), S, scale=scale, softcap=softcap) returns, or None
+    where that call must be made (another device or path, autograd, torch.compile, tensor
+    subclasses or modes, a negated view, shapes or dtypes its checks look at; they raise there).
+
+    Its checks, the path selection and the views cost ~75 us a decoding layer in a 125M model's
+    loop (Zen 3: the model's Python between calls empties the caches), 4x the kernel's time."""
+    if torch.compiler.is_compiling() or backends.forced_backend() is not None:
+        return None
+    for t in (q4, k4, v4):
+        if type(t) is not torch.Tensor or not t.is_cpu or t.dim() != 4 or t.is_neg():
+            return None
+    if torch.is_grad_enabled() and (q4.requires_grad or k4.requires_grad or v4.requires_grad):
+        return None
+    if torch.overrides.has_torch_function((q4, k4, v4)) or _dispatch_mode_active():
+        return None
+    B, Hq, L, D = q4.shape
+    Hk, S, Dv = k4.shape[1], k4.shape[2], v4.shape[3]
+    if (L != 1 or not (q4.dtype == k4.dtype == v4.dtype) or q4.dtype not in _KERNEL_DTYPES
+            or k4.shape[0] != B or v4.shape[0] != B or k4.shape[3] != D
+            or v4.shape[1] != Hk or v4.shape[2] != S or Hk == 0 or Hq % Hk
+            or min(D, Dv) == 0 or max(D, Dv) > MAX_CPU_HEAD_DIM or B * Hq == 0
+            or S == 0 or S > INT32_MAX or backends.native_module() is None):
+        return None
+    scale, softcap = _scale_softcap(scale, softcap, D, OP_NAME)
+    with errors_named(OP_NAME):
+        out, _, _ = _forward_cpu(q4, k4, v4, None, scale, softcap or 0.0, -1, -1, S - 1, False)
+    return out.transpose(1, 2)
 
 
 # A tensor of lengths is read on the host (checked; the CPU kernel needs them there): under
