@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from .. import backends
 from .._cview import cview
@@ -466,6 +467,19 @@ def _gpu(call: _Call, path: str) -> torch.Tensor:
     return out.reshape(*call.batch, L, out.shape[-1])
 
 
+def no_forward_ad(op: str, *tensors) -> None:
+    """Raises for dual tensors (torch.autograd.forward_ad): the kernels read the primal values
+    alone, and the custom ops have no forward-mode rule, so the output came back without its
+    tangent, silently."""
+    if _forward_ad._current_level < 0:  # no dual level entered: nothing to look at
+        return
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"{op}: forward-mode AD (dual tensors, torch.autograd.forward_ad) is not "
+                "supported: the kernels have no forward-mode rule; use reverse mode (backward)")
+
+
 def resolved(*tensors):
     """The tensors with a lazy negation applied (conj().imag of a complex tensor is such a
     view): the kernels read memory, which holds the values before it. (Compiled graphs hand
@@ -506,6 +520,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     is_causal aligns the diagonal top-left, as SDPA does: query i sees keys j <= i.
     Rows whose every key is masked give zeros, never NaN. NaN/Inf inputs raise ValueError.
     """
+    no_forward_ad(OP_NAME, query, key, value, attn_mask)
     query, key, value, attn_mask = _autocast(*resolved(query, key, value, attn_mask))
     call = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                     window_size, softcap)

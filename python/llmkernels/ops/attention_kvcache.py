@@ -12,13 +12,15 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from .. import backends
 from ..reference.attention import attention_kvcache_reference
 from . import attention_gpu
 from .attention import (_KERNEL_DTYPES, INT32_MAX, MAX_CPU_HEAD_DIM, _check_tensor,
                         _dispatch_mode_active, _forward_cpu, _scale_softcap, _window,
-                        cpu_forward, cpu_kernel_support, errors_named, resolved, select_path)
+                        cpu_forward, cpu_kernel_support, errors_named, no_forward_ad, resolved,
+                        select_path)
 
 OP_NAME = "attention_with_kvcache"
 
@@ -214,6 +216,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                        v_new=v_new, is_causal=is_causal, scale=scale,
                                        window_size=window_size, softcap=softcap,
                                        check_lengths=check_lengths, backend=backend)
+    no_forward_ad(OP_NAME, q, k_cache, v_cache, k_new, v_new)
     q, k_new, v_new = resolved(q, k_new, v_new)  # (the caches are written in place: as given)
     call = _KVCall(q, k_cache, v_cache, cache_seqlens, k_new, v_new, is_causal, scale,
                    window_size, softcap, check_lengths)
@@ -238,7 +241,8 @@ def decode_step_cpu(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, scale=
 
     Its checks, the path selection and the views cost ~75 us a decoding layer in a 125M model's
     loop (Zen 3: the model's Python between calls empties the caches), 4x the kernel's time."""
-    if torch.compiler.is_compiling() or backends.forced_backend() is not None:
+    if (torch.compiler.is_compiling() or backends.forced_backend() is not None
+            or _forward_ad._current_level >= 0):
         return None
     for t in (q4, k4, v4):
         if type(t) is not torch.Tensor or not t.is_cpu or t.dim() != 4 or t.is_neg():

@@ -13,7 +13,7 @@ from .._cuda_launch import device_guard, stream_handle
 from .._cview import DTYPE_CODES, cview
 from ..quantized_weight import SCHEME_CODES, QuantizedWeight
 from ..reference.quant_matmul import dequantize_reference, quant_matmul_reference
-from .attention import _dispatch_mode_active, _needs_dispatcher
+from .attention import _dispatch_mode_active, _needs_dispatcher, no_forward_ad
 from .attention_gpu import triton_interpreting
 from .workspace import workspace
 
@@ -133,9 +133,10 @@ def _quant_matmul_kernel(x2d: torch.Tensor, qdata: torch.Tensor, scales: torch.T
         x2d = x2d.resolve_neg().contiguous()
     # The kernels read packed weights and the bias as dense rows (no-ops for the usual
     # contiguous ones; Triton's launcher took a strided bias's stride as 1).
-    qdata, scales = qdata.contiguous(), scales.contiguous()
-    zeros = None if zeros is None else zeros.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    # (resolve_neg: a negated view's memory holds the values before the negation)
+    qdata, scales = qdata.resolve_neg().contiguous(), scales.resolve_neg().contiguous()
+    zeros = None if zeros is None else zeros.resolve_neg().contiguous()
+    bias = None if bias is None else bias.resolve_neg().contiguous()
     _run_kernel(impl, x2d, qdata, scales, zeros, bias, out, _SCHEMES_BY_CODE[scheme_code],
                 group_size)
     return out
@@ -402,6 +403,7 @@ def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[torch
     x and bias (the weight is frozen). backend: force "cpu", "triton", "cuda" or "reference".
     Under torch.autocast, x and bias are cast to its dtype first, as for F.linear.
     """
+    no_forward_ad(OP_NAME, x, bias)
     if backend is None:
         out = _cpu_eager(x, qweight, bias)
         if out is not None:
@@ -465,7 +467,8 @@ def _cpu_eager(x, qweight, bias) -> Optional[torch.Tensor]:
     if (native is None or not qdata.is_cpu or x.dtype not in _X_DTYPES or x.dim() < 1
             or x.shape[-1] != K or K == 0 or not x.is_contiguous() or x.is_neg()
             or not (qdata.is_contiguous() and scales.is_contiguous())
-            or (zeros is not None and not zeros.is_contiguous())
+            or qdata.is_neg() or scales.is_neg()
+            or (zeros is not None and (not zeros.is_contiguous() or zeros.is_neg()))
             or _too_long(qweight) is not None):
         return None
     if bias is not None and (bias.dtype != x.dtype or bias.shape != (N,) or not bias.is_cpu
