@@ -498,11 +498,11 @@ void int4_q8_block(const Ctx& c, const int64_t* rows, const int64_t* chans, int6
   if (pair_nibbles(g)) {
     int4_groups<MB, NB>(c, rows, chans, k0, k1, acc, ld, c.x4sum,
                         [&](const uint8_t* const* w, int64_t kg, int64_t ahead, vf (*part)[NB]) {
-      // The group's lines (one per 128 values; g is 64 or a multiple of 128) are prefetched
-      // before its loop, which then holds the products alone: from cache, decoding is bound
-      // by the instructions issued (~3.5 a cycle on the Zen 3).
+      // The lines starting in the group (one per 128 values; g is 64 or a multiple of 128)
+      // are prefetched before its loop, which then holds the products alone: from cache,
+      // decoding is bound by the instructions issued (~3.5 a cycle on the Zen 3).
       const uint64_t kgu = uint64_t(kg);  // (k >= 0: shifts, not signed divisions)
-      for (uint64_t kp = kgu & ~uint64_t(127); kp < kgu + uint64_t(g); kp += 128)
+      for (uint64_t kp = (kgu + 127) & ~uint64_t(127); kp < kgu + uint64_t(g); kp += 128)
         for (int j = 0; j < NB; ++j) prefetch_l2(w[j] + (kp >> 1) + ahead);
       for (uint64_t kb = kgu; kb < kgu + uint64_t(g); kb += 64) {
         n8 xlo[MB], xhi[MB];
