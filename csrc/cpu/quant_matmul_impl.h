@@ -1411,7 +1411,11 @@ void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
       gsum[kb / g] += s * float(_mm512_reduce_add_epi32(_mm512_add_epi32(qe, qo)));
       continue;
     }
-#elif defined(__AVX2__) && LLMK_VEC_BYTES == 32
+#endif
+    int8_t t[32];
+    float s;
+    int32_t qsum;
+#if defined(__AVX2__) && LLMK_VEC_BYTES == 32
     if (ks == 1 && p.x.dtype == DType::bf16) {
       // A 32-bit lane of bf16 x holds an even element (low half) and an odd one (high half):
       // a shift and a mask make them float32 (as bf16_to_f32), evens and odds apart.
@@ -1423,27 +1427,17 @@ void prep_row_int4_q8(const PrepCtx& pc, int64_t m) {
                            _mm256_castsi256_ps(_mm256_slli_epi32(b, 16)),
                            _mm256_castsi256_ps(_mm256_and_si256(a, high)),
                            _mm256_castsi256_ps(_mm256_and_si256(b, high))};
-      alignas(32) int8_t t[32];
-      float s;
-      const int32_t qsum = quantize32(v, t, &s);
-      std::memcpy(q + even_at, t, 16);
-      std::memcpy(q + odd_at, t + 16, 16);
-      for (int l = 0; l < 4; ++l) {
-        lanes[even_at / 4 + l] = s;
-        lanes[odd_at / 4 + l] = s * kHighNibbleScale;
-      }
-      gsum[kb / g] += s * float(qsum);
-      continue;
-    }
+      qsum = quantize32(v, t, &s);
+    } else
 #endif
-    float v[32];
-    for (int e = 0; e < 32; ++e) {  // 16 even elements, then 16 odd ones
-      const int64_t k = kb + (e < 16 ? 2 * e : 2 * (e - 16) + 1);
-      v[e] = read_float(p.x.dtype, p.x.data, base + k * ks);
+    {
+      float v[32];
+      for (int e = 0; e < 32; ++e) {  // 16 even elements, then 16 odd ones
+        const int64_t k = kb + (e < 16 ? 2 * e : 2 * (e - 16) + 1);
+        v[e] = read_float(p.x.dtype, p.x.data, base + k * ks);
+      }
+      qsum = quantize_block32(v, t, &s);
     }
-    int8_t t[32];
-    float s;
-    const int32_t qsum = quantize_block32(v, t, &s);
     std::memcpy(q + even_at, t, 16);
     std::memcpy(q + odd_at, t + 16, 16);
     for (int l = 0; l < 4; ++l) {
