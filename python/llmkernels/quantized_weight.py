@@ -73,7 +73,9 @@ class QuantizedWeight:
         dtypes: `t.data = other` keeps the object, and the Triton kernels have no bounds
         checks of their own): a decoding step calls it once per layer, and the checks cost
         ~2.5 us."""
-        passed = self.__dict__.get("_validated")
+        # (torch.jit.trace checks its trace by tracing again: both traces must run the checks,
+        # or their graphs differ in the checks' dead size reads)
+        passed = None if torch.jit.is_tracing() else self.__dict__.get("_validated")
         qdata, scales, zeros = self.qdata, self.scales, self.zeros
         # Straight-line comparisons (a zip over the fields took ~1.5 us of a ~20 us call).
         if (passed is not None and passed[3] is qdata and passed[4] is scales

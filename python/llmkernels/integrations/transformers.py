@@ -56,9 +56,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         # transformers expects back (straight to the CPU kernel where nothing else is needed).
         out = decode_step_cpu(query, key, value, scaling, softcap)
         if out is None:
+            # (int(): torch.jit.trace hands sizes out as 0-dim tensors)
             out = attention_with_kvcache(query.transpose(1, 2), key.transpose(1, 2),
-                                         value.transpose(1, 2), key.shape[2], scale=scaling,
-                                         softcap=softcap)
+                                         value.transpose(1, 2), int(key.shape[2]),
+                                         scale=scaling, softcap=softcap)
         return out, None
     out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                        dropout_p=dropout, is_causal=causal, scale=scaling,

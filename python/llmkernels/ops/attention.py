@@ -86,7 +86,7 @@ def _needs_dispatcher(*tensors: Optional[torch.Tensor]) -> bool:
         present.append(t)
     if torch.overrides.has_torch_function(present):  # also true inside a TorchFunctionMode
         return True
-    return _dispatch_mode_active()
+    return _recorded()
 
 
 try:  # imported once: an import statement in the function cost ~1 us a call
@@ -99,6 +99,14 @@ def _dispatch_mode_active() -> bool:
     if _get_current_dispatch_mode is None:  # pragma: no cover
         return True
     return _get_current_dispatch_mode() is not None
+
+
+def _recorded() -> bool:
+    """Whether something records this call's ops: a dispatch mode (fake tensors, export,
+    FlopCounter-style tools) or torch.jit.trace. Both see only what reaches the dispatcher:
+    a kernel called straight from here, writing into a fresh tensor, was traced as that empty
+    tensor (its replays returned uninitialized memory)."""
+    return torch.jit.is_tracing() or _dispatch_mode_active()
 
 
 @attention_forward_cpu.register_fake

@@ -18,7 +18,7 @@ from .. import backends
 from ..reference.attention import attention_kvcache_reference
 from . import attention_gpu
 from .attention import (_KERNEL_DTYPES, INT32_MAX, MAX_CPU_HEAD_DIM, _check_tensor,
-                        _dispatch_mode_active, _forward_cpu, _scale_softcap, _window,
+                        _forward_cpu, _recorded, _scale_softcap, _window,
                         cpu_forward, cpu_kernel_support, errors_named, no_forward_ad, resolved,
                         select_path)
 
@@ -250,7 +250,7 @@ def decode_step_cpu(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, scale=
             return None
     if torch.is_grad_enabled() and (q4.requires_grad or k4.requires_grad or v4.requires_grad):
         return None
-    if torch.overrides.has_torch_function((q4, k4, v4)) or _dispatch_mode_active():
+    if torch.overrides.has_torch_function((q4, k4, v4)) or _recorded():
         return None
     B, Hq, L, D = q4.shape
     Hk, S, Dv = k4.shape[1], k4.shape[2], v4.shape[3]

@@ -13,7 +13,7 @@ from .._cuda_launch import device_guard, stream_handle
 from .._cview import DTYPE_CODES, cview
 from ..quantized_weight import SCHEME_CODES, QuantizedWeight
 from ..reference.quant_matmul import dequantize_reference, quant_matmul_reference
-from .attention import _dispatch_mode_active, _needs_dispatcher, no_forward_ad
+from .attention import _needs_dispatcher, _recorded, no_forward_ad
 from .attention_gpu import triton_interpreting
 from .workspace import workspace
 
@@ -458,7 +458,7 @@ def _cpu_eager(x, qweight, bias) -> Optional[torch.Tensor]:
         return None
     if torch.overrides.has_torch_function((x,) if bias is None else (x, bias)):
         return None
-    if _dispatch_mode_active():
+    if _recorded():
         return None
     qweight.validate(OP_NAME)
     native = backends.native_module()
