@@ -710,30 +710,3 @@ def test_negated_views_of_bias_and_weight_are_read_as_their_values(backend):
                                             torch._neg_view(-qw.scales), None, qw.dtype)
     torch.testing.assert_close(llmkernels.quant_matmul(x, neg_scales, backend=backend),
                                llmkernels.quant_matmul(x, qw, backend=backend), rtol=0, atol=0)
-
-
-def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
-    import torch.autograd.forward_ad as fwAD
-    torch.manual_seed(0)
-    qw = llmkernels.quantize_weight(torch.randn(8, 64), "int4", 32)
-    x = torch.randn(2, 64)
-    q, k = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16)
-    cu = torch.tensor([0, 4], dtype=torch.int32)
-    with fwAD.dual_level():
-        dx = fwAD.make_dual(x, torch.ones_like(x))
-        dq = fwAD.make_dual(q, torch.ones_like(q))
-        calls = {
-            "quant_matmul": lambda: llmkernels.quant_matmul(dx, qw),
-            "scaled_dot_product_attention":
-                lambda: llmkernels.scaled_dot_product_attention(dq, k, k),
-            "attention_varlen": lambda: llmkernels.attention_varlen(
-                dq[0].transpose(0, 1), k[0].transpose(0, 1), k[0].transpose(0, 1), cu, cu, 4, 4),
-            "attention_with_kvcache": lambda: llmkernels.attention_with_kvcache(
-                dq.transpose(1, 2)[:, :1], k.transpose(1, 2), k.transpose(1, 2), 4),
-        }
-        for name, call in calls.items():
-            with pytest.raises(NotImplementedError, match=f"{name}: forward-mode AD"):
-                call()
-        # plain tensors inside a dual level are fine
-        inside = llmkernels.quant_matmul(x, qw)
-    torch.testing.assert_close(inside, llmkernels.quant_matmul(x, qw), rtol=0, atol=0)

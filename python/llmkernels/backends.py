@@ -301,10 +301,15 @@ SupportCheck = Callable[[], Optional[str]]
 
 
 def select(op: str, device_type: str, checks: Mapping[str, SupportCheck],
-           backend: Optional[str] = None, detail: Optional[Mapping[str, str]] = None) -> Decision:
+           backend: Optional[str] = None, detail: Optional[Mapping[str, str]] = None,
+           blocked: Optional[str] = None) -> Decision:
+    """blocked: why no kernel path may serve the call whatever its inputs (a torch.func
+    transform, forward-mode AD: ops.attention.kernels_blocked), or None."""
     forced = forced_backend(backend)
     candidates = CANDIDATES.get(device_type, ("reference",))
     rejected: Dict[str, str] = {}
+    if blocked is not None:
+        checks = {name: (lambda: blocked) for name in checks}
     if forced is not None:
         # Triton may be forced on CPU tensors: under TRITON_INTERPRET=1 it runs there (tests).
         forcible = candidates + (("triton",) if device_type == "cpu" else ())

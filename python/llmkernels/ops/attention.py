@@ -369,13 +369,15 @@ def cpu_kernel_support(q: torch.Tensor, head_dim: int, value_head_dim: int) -> O
 
 
 def select_path(op: str, q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, cpu_check,
-                backend: Optional[str], detail) -> backends.Decision:
+                backend: Optional[str], detail, others=()) -> backends.Decision:
     """The path for an attention op over 4-D views without masks or dropout (varlen,
-    KV cache): the CPU kernel by cpu_check, the GPU paths by what they support."""
+    KV cache): the CPU kernel by cpu_check, the GPU paths by what they support. others: the
+    call's other tensor inputs (new keys and values), looked at for dual tensors."""
     checks = {"cpu": cpu_check,
               "cuda": attention_gpu.cuda_check(q4, k4, v4, backend),
               "triton": lambda: attention_gpu.triton_support(q4, k4, v4)}
-    return backends.select(op, q4.device.type, checks, backend, detail)
+    return backends.select(op, q4.device.type, checks, backend, detail,
+                           kernels_blocked(q4, k4, v4, *others))
 
 
 def _cpu_support(call: _Call):
@@ -414,13 +416,15 @@ def _decide(call: _Call, backend: Optional[str]) -> backends.Decision:
               "triton": "Triton kernels (kernels/attention.py)"}
     if backends.native_module() is not None:
         detail["cpu"] = f"fused C++ kernel, CPU tier {backends.cpu_tier_label()}"
-    return backends.select(OP_NAME, call.q.device.type, checks, backend, detail)
+    return backends.select(OP_NAME, call.q.device.type, checks, backend, detail,
+                           kernels_blocked(call.q, call.k, call.v, call.mask))
 
 
 def _serving_path(call: _Call, backend: Optional[str]) -> str:
     """The path for a call; the usual automatic CPU choice without building an explanation."""
     if (backend is None and call.q.device.type == "cpu" and backends.forced_backend() is None
-            and _cpu_support(call)() is None):
+            and _cpu_support(call)() is None
+            and kernels_blocked(call.q, call.k, call.v, call.mask) is None):
         return "cpu"
     return _decide(call, backend).backend
 
@@ -442,7 +446,8 @@ def _reference(call: _Call) -> torch.Tensor:
     out = attention_reference(call.q, call.k, call.v, call.mask, call.dropout_p, call.is_causal,
                               call.scale, call.enable_gqa, window_size=call.window_size,
                               softcap=call.softcap)
-    if (not torch.compiler.is_compiling() and not out.is_meta
+    # (under vmap a value cannot steer Python: NaN outputs stay NaN there, as torch's)
+    if (not torch.compiler.is_compiling() and not out.is_meta and not functorch_active()
             and not torch.isfinite(out).all()):
         raise ValueError(f"{OP_NAME}: the output holds NaN or Inf: query, key, value or attn_mask "
                          "holds NaN/Inf (or values too large for the dtype)")
@@ -475,17 +480,35 @@ def _gpu(call: _Call, path: str) -> torch.Tensor:
     return out.reshape(*call.batch, L, out.shape[-1])
 
 
-def no_forward_ad(op: str, *tensors) -> None:
-    """Raises for dual tensors (torch.autograd.forward_ad): the kernels read the primal values
-    alone, and the custom ops have no forward-mode rule, so the output came back without its
-    tangent, silently."""
+try:  # (torch >= 2.0; None: never inside a transform)
+    _peek_interpreter = torch._C._functorch.peek_interpreter_stack
+except AttributeError:  # pragma: no cover
+    _peek_interpreter = None
+
+
+def functorch_active() -> bool:
+    """Whether a torch.func transform (vmap, grad, jacrev, jvp, ...) is running this call.
+    (Not asked while torch.compile traces: its own functionalization shows up there as one,
+    and compiled graphs took the reference path.)"""
+    return (_peek_interpreter is not None and not torch.compiler.is_compiling()
+            and _peek_interpreter() is not None)
+
+
+def kernels_blocked(*tensors) -> Optional[str]:
+    """Why no kernel path may serve a call with these inputs (the reference path, PyTorch's
+    own ops, serves it), or None. The kernels have no rules for torch.func's transforms (vmap
+    handed them a batched tensor without storage; grad met torch's "autograd.Function ...
+    setup_context" error) nor a forward-mode one (the output of a dual tensor came back
+    without its tangent)."""
+    if functorch_active():
+        return ("a torch.func transform (vmap, grad, jacrev, jvp, ...) is active: the kernels' "
+                "custom ops have no rules for it")
     if _forward_ad._current_level < 0:  # no dual level entered: nothing to look at
-        return
+        return None
     for t in tensors:
         if isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None:
-            raise NotImplementedError(
-                f"{op}: forward-mode AD (dual tensors, torch.autograd.forward_ad) is not "
-                "supported: the kernels have no forward-mode rule; use reverse mode (backward)")
+            return "forward-mode AD (a dual tensor): the kernels have no forward-mode rule"
+    return None
 
 
 def resolved(*tensors):
@@ -528,7 +551,6 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     is_causal aligns the diagonal top-left, as SDPA does: query i sees keys j <= i.
     Rows whose every key is masked give zeros, never NaN. NaN/Inf inputs raise ValueError.
     """
-    no_forward_ad(OP_NAME, query, key, value, attn_mask)
     query, key, value, attn_mask = _autocast(*resolved(query, key, value, attn_mask))
     call = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                     window_size, softcap)

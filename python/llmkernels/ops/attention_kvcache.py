@@ -19,7 +19,7 @@ from ..reference.attention import attention_kvcache_reference
 from . import attention_gpu
 from .attention import (_KERNEL_DTYPES, INT32_MAX, MAX_CPU_HEAD_DIM, _check_tensor,
                         _forward_cpu, _recorded, _scale_softcap, _window,
-                        cpu_forward, cpu_kernel_support, errors_named, no_forward_ad, resolved,
+                        cpu_forward, cpu_kernel_support, errors_named, functorch_active, resolved,
                         select_path)
 
 OP_NAME = "attention_with_kvcache"
@@ -156,7 +156,8 @@ class _KVCall:
                   "cuda": "CUDA kernels over per-sequence cache lengths",
                   "triton": "Triton kernels; few-token queries split the keys (flash-decoding)",
                   "reference": "PyTorch ops, one sequence at a time"}
-        return select_path(OP_NAME, self.q4, self.k4, self.v4, cpu, backend, detail)
+        return select_path(OP_NAME, self.q4, self.k4, self.v4, cpu, backend, detail,
+                           (self.k_new, self.v_new))
 
     def run_cpu(self) -> torch.Tensor:
         Lq = self.q.shape[1]
@@ -216,7 +217,6 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                        v_new=v_new, is_causal=is_causal, scale=scale,
                                        window_size=window_size, softcap=softcap,
                                        check_lengths=check_lengths, backend=backend)
-    no_forward_ad(OP_NAME, q, k_cache, v_cache, k_new, v_new)
     q, k_new, v_new = resolved(q, k_new, v_new)  # (the caches are written in place: as given)
     call = _KVCall(q, k_cache, v_cache, cache_seqlens, k_new, v_new, is_causal, scale,
                    window_size, softcap, check_lengths)
@@ -236,14 +236,15 @@ def decode_step_cpu(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, scale=
     straight away: q4 (B, Hq, 1, D), k4 / v4 (B, Hk, S, D / Dv), as transformers' attention
     functions get them; returns (B, 1, Hq, Dv). What attention_with_kvcache(q4.transpose(1, 2),
     k4.transpose(1, 2), v4.transpose(1, 2), S, scale=scale, softcap=softcap) returns, or None
-    where that call must be made (another device or path, autograd, torch.compile, tensor
-    subclasses or modes, a negated view, shapes or dtypes its checks look at; they raise there).
+    where that call must be made (another device or path, autograd, torch.compile, torch.func
+    transforms, forward-mode AD, tensor subclasses or modes, a negated view, shapes or dtypes
+    its checks look at; they raise there).
 
     In a 125M model's decoding loop (Zen 3; the model's Python between calls empties the
     caches) the call through attention_with_kvcache took ~154 us a layer, this one 89-95 us,
     of which the kernel ~20."""
     if (torch.compiler.is_compiling() or backends.forced_backend() is not None
-            or _forward_ad._current_level >= 0):
+            or _forward_ad._current_level >= 0 or functorch_active()):
         return None
     for t in (q4, k4, v4):
         if type(t) is not torch.Tensor or not t.is_cpu or t.dim() != 4 or t.is_neg():

@@ -15,7 +15,7 @@ from .. import backends
 from ..reference.attention import attention_varlen_reference
 from . import attention_gpu
 from .attention import (INT32_MAX, _check_tensor, _scale_softcap, _window, cpu_forward,
-                        cpu_kernel_support, errors_named, no_forward_ad, resolved,
+                        cpu_kernel_support, errors_named, resolved,
                         select_path)
 
 OP_NAME = "attention_varlen"
@@ -147,7 +147,6 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return _varlen_outside_graphs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                       max_seqlen_k, is_causal=is_causal, scale=scale,
                                       window_size=window_size, softcap=softcap, backend=backend)
-    no_forward_ad(OP_NAME, q, k, v)
     q, k, v = resolved(q, k, v)
     call = _Varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
                    scale, window_size, softcap)

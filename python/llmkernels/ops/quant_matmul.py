@@ -13,7 +13,7 @@ from .._cuda_launch import device_guard, stream_handle
 from .._cview import DTYPE_CODES, cview
 from ..quantized_weight import SCHEME_CODES, QuantizedWeight
 from ..reference.quant_matmul import dequantize_reference, quant_matmul_reference
-from .attention import _needs_dispatcher, _recorded, no_forward_ad
+from .attention import _needs_dispatcher, _recorded, kernels_blocked
 from .attention_gpu import triton_interpreting
 from .workspace import workspace
 
@@ -371,11 +371,13 @@ def cpu_int8_activations(x: torch.Tensor, qweight: QuantizedWeight) -> bool:
     return "x quantized to int8 per 32" in kernel
 
 
-def _decide(x, qweight, backend, explain: bool = False) -> backends.Decision:
+def _decide(x, qweight, backend, explain: bool = False, bias=None) -> backends.Decision:
     """The path that serves the call; with explain, each path's description too (built only
     then: forced-backend calls take this on every matmul)."""
+    blocked = kernels_blocked(x, bias)
     if not explain:
-        return backends.select(OP_NAME, x.device.type, _checks(x, qweight, backend), backend)
+        return backends.select(OP_NAME, x.device.type, _checks(x, qweight, backend), backend,
+                               blocked=blocked)
     native = backends.native_module()
     cpu_detail = ""
     if native is not None:
@@ -392,7 +394,8 @@ def _decide(x, qweight, backend, explain: bool = False) -> backends.Decision:
               "reference": ("x quantized per row, int8 products summed exactly (float64), "
                             "scaled" if qweight.scheme == "w8a8"
                             else "dequantize, then a float matmul")}
-    return backends.select(OP_NAME, x.device.type, _checks(x, qweight, backend), backend, detail)
+    return backends.select(OP_NAME, x.device.type, _checks(x, qweight, backend), backend, detail,
+                           blocked)
 
 
 def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[torch.Tensor] = None,
@@ -403,13 +406,16 @@ def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[torch
     x and bias (the weight is frozen). backend: force "cpu", "triton", "cuda" or "reference".
     Under torch.autocast, x and bias are cast to its dtype first, as for F.linear.
     """
-    no_forward_ad(OP_NAME, x, bias)
-    if backend is None:
+    blocked = kernels_blocked(x, bias)
+    if backend is None and blocked is None:
         out = _cpu_eager(x, qweight, bias)
         if out is not None:
             return out
     x, bias = _autocast(x, bias)
     _validate(x, qweight, bias)
+    if blocked is not None:
+        _decide(x, qweight, backend, bias=bias)  # the reference path, or a forced one raises
+        return _reference_in_torch_ops(x, qweight, bias)
     if backend is None and backends.forced_backend() is None:
         # The automatic choice, in select()'s order, without building an explanation (a
         # one-token GEMV takes tens of microseconds: the host's costs show).
@@ -432,6 +438,24 @@ def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[torch
     out = fn(x2d, qweight.qdata, qweight.scales, qweight.zeros, bias,
              SCHEME_CODES[qweight.scheme], int(qweight.group_size), path)
     return out if flat else out.reshape(*x.shape[:-1], qweight.out_features)
+
+
+def _reference_in_torch_ops(x, qweight, bias) -> torch.Tensor:
+    """The reference path in PyTorch's ops alone, for calls the custom ops cannot take
+    (kernels_blocked: torch.func transforms, forward-mode AD), with the kernels' gradients:
+    w8a8's activation rounding passes x's gradient (and tangent) straight through, as the
+    kernels' backward does. (Autograd keeps the float weight for the backward here, where the
+    custom op dequantizes slices of it.)"""
+    scheme, group_size = qweight.scheme, int(qweight.group_size)
+    qdata, scales, zeros = qweight.qdata, qweight.scales, qweight.zeros
+    if scheme != "w8a8":
+        return quant_matmul_reference(x, scheme, qdata, scales, zeros, group_size, bias)
+    # (x detached: its rounding, and its scales' absmax, pass no gradient; the zero added
+    # carries x's, through the dequantized weight)
+    out = quant_matmul_reference(x.detach(), scheme, qdata, scales, zeros, group_size, bias)
+    xf = x.float()
+    weight = dequantize_reference(scheme, qdata, scales, zeros, group_size)
+    return out + ((xf - xf.detach()) @ weight.t()).to(out.dtype)
 
 
 def _cpu_eager(x, qweight, bias) -> Optional[torch.Tensor]:
@@ -514,7 +538,7 @@ def _autocast(x, bias):
 def _explain(x, qweight, bias=None, backend=None):
     x, bias = _autocast(x, bias)
     _validate(x, qweight, bias)
-    return _decide(x, qweight, backend, explain=True)
+    return _decide(x, qweight, backend, explain=True, bias=bias)
 
 
 quant_matmul.__llmk_explain__ = _explain
