@@ -142,3 +142,31 @@ def test_explain_says_why_and_forced_kernels_raise():
         assert llmkernels.explain(llmkernels.quant_matmul, x, qw).backend == "cpu"
         inside = llmkernels.quant_matmul(x, qw)
     torch.testing.assert_close(inside, llmkernels.quant_matmul(x, qw), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_vmap_over_an_ensemble_of_quantized_layers(scheme):
+    """torch.func.stack_module_state + vmap(functional_call): the weights themselves batched."""
+    torch.manual_seed(0)
+    layers = [llmkernels.nn.QuantLinear.from_linear(torch.nn.Linear(64, 24), scheme,
+                                                    group_size=32) for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(layers)
+    x = torch.randn(2, 64)
+
+    def run(p, b, xi):
+        return torch.func.functional_call(layers[0], (p, b), (xi,))
+    got = torch.vmap(run, in_dims=(0, 0, None))(params, buffers, x)
+    for i, layer in enumerate(layers):
+        torch.testing.assert_close(got[i], layer(x).detach(), **TOL)
+
+
+def test_lengths_read_on_the_host_cannot_be_vmapped_over():
+    q, k, v = qkv(batch=2)
+    lengths = torch.tensor([[4, 6], [5, 6]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cache_seqlens is read on the host"):
+        torch.vmap(lambda n: llmkernels.attention_with_kvcache(
+            q.transpose(1, 2)[:, :1], k.transpose(1, 2), v.transpose(1, 2), n))(lengths)
+    cu = torch.tensor([[0, 2, 6], [0, 3, 6]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens_q is read on the host"):
+        torch.vmap(lambda c: llmkernels.attention_varlen(
+            q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), c, c, 6, 6))(cu)

@@ -64,6 +64,9 @@ def test_transformers_decoding_step():
         return attention_forward(torch.nn.Module(), q, k, v, None)[0]
     got, want = trace_and_replay(fn, qkv(0, H=4, L=1, S=12), qkv(1, H=4, L=1, S=12))
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # the next step's cache is one longer: the trace follows it, as torch's SDPA's does
+    got, want = trace_and_replay(fn, qkv(0, H=4, L=1, S=12), qkv(1, H=4, L=1, S=13))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

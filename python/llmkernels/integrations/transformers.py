@@ -50,16 +50,17 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     # bottom-right when L == S) and one query token sees every key.
     causal = bool(q_len > 1 and attention_mask is None and causal)
     gqa = query.shape[1] != key.shape[1]
+    # (torch.jit.trace: the general call below, whose trace follows the cache's length; the
+    # KV-cache op's length would be a constant of the trace)
     if (q_len == 1 and attention_mask is None and dropout == 0.0
-            and not _needs_grad(query, key, value)):
+            and not _needs_grad(query, key, value) and not torch.jit.is_tracing()):
         # One decoding step: (B, 1, Hq, D) over the whole (B, S, Hkv, D) cache, in the layout
         # transformers expects back (straight to the CPU kernel where nothing else is needed).
         out = decode_step_cpu(query, key, value, scaling, softcap)
         if out is None:
-            # (int(): torch.jit.trace hands sizes out as 0-dim tensors)
             out = attention_with_kvcache(query.transpose(1, 2), key.transpose(1, 2),
-                                         value.transpose(1, 2), int(key.shape[2]),
-                                         scale=scaling, softcap=softcap)
+                                         value.transpose(1, 2), key.shape[2], scale=scaling,
+                                         softcap=softcap)
         return out, None
     out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                        dropout_p=dropout, is_causal=causal, scale=scaling,

@@ -14,6 +14,7 @@ from torch.autograd import forward_ad as _forward_ad
 
 from .. import backends
 from .._cview import cview
+from .._transforms import functorch_active
 from ..reference.attention import WINDOW_LIMIT, attention_reference
 from . import attention_gpu
 from .workspace import workspace as _workspace
@@ -106,7 +107,9 @@ def _recorded() -> bool:
     FlopCounter-style tools) or torch.jit.trace. Both see only what reaches the dispatcher:
     a kernel called straight from here, writing into a fresh tensor, was traced as that empty
     tensor (its replays returned uninitialized memory)."""
-    return torch.jit.is_tracing() or _dispatch_mode_active()
+    # (torch.jit.is_tracing takes 3x as long; callers ask is_compiling first: dynamo cannot
+    # trace this one)
+    return torch._C._is_tracing() or _dispatch_mode_active()
 
 
 @attention_forward_cpu.register_fake
@@ -480,18 +483,13 @@ def _gpu(call: _Call, path: str) -> torch.Tensor:
     return out.reshape(*call.batch, L, out.shape[-1])
 
 
-try:  # (torch >= 2.0; None: never inside a transform)
-    _peek_interpreter = torch._C._functorch.peek_interpreter_stack
-except AttributeError:  # pragma: no cover
-    _peek_interpreter = None
-
-
-def functorch_active() -> bool:
-    """Whether a torch.func transform (vmap, grad, jacrev, jvp, ...) is running this call.
-    (Not asked while torch.compile traces: its own functionalization shows up there as one,
-    and compiled graphs took the reference path.)"""
-    return (_peek_interpreter is not None and not torch.compiler.is_compiling()
-            and _peek_interpreter() is not None)
+def host_ints(t: torch.Tensor, name: str, op: str) -> list:
+    """A tensor's values read on the host (sequence lengths): a clear error under vmap, where
+    a batched tensor has none to read."""
+    if functorch_active() and torch._C._functorch.is_batchedtensor(t):
+        raise ValueError(f"{op}: {name} is read on the host and cannot be vmapped over (pass "
+                         "it unbatched, or call the op once per batch element)")
+    return [int(x) for x in t.tolist()]
 
 
 def kernels_blocked(*tensors) -> Optional[str]:

@@ -18,8 +18,8 @@ from .. import backends
 from ..reference.attention import attention_kvcache_reference
 from . import attention_gpu
 from .attention import (_KERNEL_DTYPES, INT32_MAX, MAX_CPU_HEAD_DIM, _check_tensor,
-                        _forward_cpu, _recorded, _scale_softcap, _window,
-                        cpu_forward, cpu_kernel_support, errors_named, functorch_active, resolved,
+                        _forward_cpu, _recorded, _scale_softcap, _window, cpu_forward,
+                        cpu_kernel_support, errors_named, functorch_active, host_ints, resolved,
                         select_path)
 
 OP_NAME = "attention_with_kvcache"
@@ -45,7 +45,7 @@ def _check_seqlens(cache_seqlens, batch: int, device: torch.device) -> None:
 def _host_lengths(cache_seqlens, batch: int) -> List[int]:
     if isinstance(cache_seqlens, int):
         return [int(cache_seqlens)] * batch
-    return [int(x) for x in cache_seqlens.tolist()]  # a device sync on the GPU
+    return host_ints(cache_seqlens, "cache_seqlens", OP_NAME)  # a device sync on the GPU
 
 
 class _KVCall:

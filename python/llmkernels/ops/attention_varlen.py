@@ -15,7 +15,7 @@ from .. import backends
 from ..reference.attention import attention_varlen_reference
 from . import attention_gpu
 from .attention import (INT32_MAX, _check_tensor, _scale_softcap, _window, cpu_forward,
-                        cpu_kernel_support, errors_named, resolved,
+                        cpu_kernel_support, errors_named, host_ints, resolved,
                         select_path)
 
 OP_NAME = "attention_varlen"
@@ -36,7 +36,7 @@ def check_cu_seqlens(name: str, cu, total: int, device: torch.device,
     if total > INT32_MAX:  # offsets are int32 (as flash-attention's): larger ones would wrap
         raise ValueError(f"{op}: the tensor {name} indexes has {total} rows; at most "
                          f"{INT32_MAX} are supported")
-    host = [int(x) for x in cu.tolist()]
+    host = host_ints(cu, name, op)
     if host[0] != 0:
         raise ValueError(f"{op}: {name} must start at 0, got {host[0]}")
     lengths = [b - a for a, b in zip(host[:-1], host[1:])]

@@ -27,6 +27,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._transforms import functorch_active
+
 SCHEMES = ("int8", "int4", "w8a8")
 INT4_GROUP_SIZES = (32, 64, 128)
 
@@ -71,7 +73,16 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 def dequantize_reference(scheme: str, qdata: torch.Tensor, scales: torch.Tensor,
                          zeros: Optional[torch.Tensor], group_size: int) -> torch.Tensor:
     """The float32 (N, K) weight the quantized data stands for. (One float32 buffer, computed
-    in place: the backward dequantizes slices of it under a memory budget.)"""
+    in place: the backward dequantizes slices of it under a memory budget. Under torch.func
+    transforms out of place: vmap over an ensemble's weights cannot write them into a fresh
+    buffer.)"""
+    if functorch_active():
+        if scheme in ("int8", "w8a8"):
+            return qdata.float() * scales[:, None]
+        N, K = qdata.shape[0], qdata.shape[1] * 2
+        w = torch.stack((qdata & 0x0F, qdata >> 4), dim=-1).float()  # low nibble first
+        w = w.view(N, K // group_size, group_size)
+        return ((w - zeros.float()[..., None]) * scales[..., None]).view(N, K)
     if scheme in ("int8", "w8a8"):
         return qdata.float().mul_(scales[:, None])
     N, K = qdata.shape[0], qdata.shape[1] * 2
