@@ -135,7 +135,8 @@ GPU_TESTS_ATTENTION="tests/test_attention_gpu.py tests/test_attention_varlen.py 
 GPU_TESTS_OTHER="tests/test_quant_matmul_gpu.py tests/test_quant_matmul_triton_kernels.py \
   tests/test_optim.py::test_triton_path_trajectory tests/test_optim_triton_kernels.py tests/test_optim_8bit_triton.py \
   tests/test_optim_sr_triton.py tests/test_optim_cuda.py tests/test_optim_plan.py \
-  tests/test_optim_capturable.py tests/test_optim_explain.py tests/test_integration_transformers.py"
+  tests/test_optim_capturable.py tests/test_optim_explain.py tests/test_integration_transformers.py \
+  tests/test_func_transforms.py tests/test_jit_trace.py"
 # Parallel test processes when pytest-xdist is there: most of the time is Triton compiling.
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_PROCS:-8}"

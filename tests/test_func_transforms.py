@@ -170,3 +170,18 @@ def test_lengths_read_on_the_host_cannot_be_vmapped_over():
     with pytest.raises(ValueError, match="cu_seqlens_q is read on the host"):
         torch.vmap(lambda c: llmkernels.attention_varlen(
             q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), c, c, 6, 6))(cu)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (benchmarks/gpu_check.sh)")
+def test_gpu_paths_under_transforms():
+    """On a GPU too, vmap and grad take the reference path: the kernels' values and gradients."""
+    q, k, v = (t.cuda().half() for t in qkv())
+    torch.testing.assert_close(torch.vmap(sdpa)(q, k, v), sdpa(q, k, v), rtol=2e-3, atol=2e-3)
+    for scheme in SCHEMES:
+        qw = weight(scheme).to("cuda")
+        x = torch.randn(3, 64, device="cuda", dtype=torch.bfloat16)
+        u = torch.randn(3, 24, device="cuda", dtype=torch.bfloat16)
+        got = torch.func.grad(lambda a: (llmkernels.quant_matmul(a, qw) * u).float().sum())(x)
+        x_ = x.clone().requires_grad_()
+        (llmkernels.quant_matmul(x_, qw) * u).float().sum().backward()
+        torch.testing.assert_close(got, x_.grad, rtol=2e-2, atol=2e-2)

@@ -122,3 +122,16 @@ def test_patched_transformers_model_passes_the_trace_check(quantize):
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(logits, (first,))
         torch.testing.assert_close(traced(second), logits(second), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (benchmarks/gpu_check.sh)")
+def test_gpu_paths_are_traced():
+    def fn(q, k, v):
+        return llmkernels.scaled_dot_product_attention(q, k, v, is_causal=True)
+    cuda = lambda ts: tuple(t.cuda().half() for t in ts)  # noqa: E731
+    got, want = trace_and_replay(fn, cuda(qkv(0)), cuda(qkv(1)))
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)  # (split-K sums may reorder)
+    qw = llmkernels.quantize_weight(torch.randn(40, 64), "int4", 32).to("cuda")
+    x1, x2 = (torch.randn(3, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    got, want = trace_and_replay(lambda x: llmkernels.quant_matmul(x, qw), (x1,), (x2,))
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
