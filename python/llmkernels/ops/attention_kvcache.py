@@ -12,14 +12,13 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import torch
-from torch.autograd import forward_ad as _forward_ad
 
 from .. import backends
 from ..reference.attention import attention_kvcache_reference
 from . import attention_gpu
 from .attention import (_KERNEL_DTYPES, INT32_MAX, MAX_CPU_HEAD_DIM, _check_tensor,
                         _forward_cpu, _recorded, _scale_softcap, _window, cpu_forward,
-                        cpu_kernel_support, errors_named, functorch_active, host_ints, resolved,
+                        cpu_kernel_support, errors_named, host_ints, kernels_blocked, resolved,
                         select_path)
 
 OP_NAME = "attention_with_kvcache"
@@ -243,12 +242,13 @@ def decode_step_cpu(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, scale=
     In a 125M model's decoding loop (Zen 3; the model's Python between calls empties the
     caches) the call through attention_with_kvcache took ~154 us a layer, this one 89-95 us,
     of which the kernel ~20."""
-    if (torch.compiler.is_compiling() or backends.forced_backend() is not None
-            or _forward_ad._current_level >= 0 or functorch_active()):
+    if torch.compiler.is_compiling() or backends.forced_backend() is not None:
         return None
     for t in (q4, k4, v4):
         if type(t) is not torch.Tensor or not t.is_cpu or t.dim() != 4 or t.is_neg():
             return None
+    if kernels_blocked(q4, k4, v4) is not None:
+        return None
     if torch.is_grad_enabled() and (q4.requires_grad or k4.requires_grad or v4.requires_grad):
         return None
     if torch.overrides.has_torch_function((q4, k4, v4)) or _recorded():

@@ -371,10 +371,11 @@ def cpu_int8_activations(x: torch.Tensor, qweight: QuantizedWeight) -> bool:
     return "x quantized to int8 per 32" in kernel
 
 
-def _decide(x, qweight, backend, explain: bool = False, bias=None) -> backends.Decision:
-    """The path that serves the call; with explain, each path's description too (built only
-    then: forced-backend calls take this on every matmul)."""
-    blocked = kernels_blocked(x, bias)
+def _decide(x, qweight, backend, blocked: Optional[str],
+            explain: bool = False) -> backends.Decision:
+    """The path that serves the call (blocked: kernels_blocked's answer for it); with explain,
+    each path's description too (built only then: forced-backend calls take this on every
+    matmul)."""
     if not explain:
         return backends.select(OP_NAME, x.device.type, _checks(x, qweight, backend), backend,
                                blocked=blocked)
@@ -414,7 +415,7 @@ def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[torch
     x, bias = _autocast(x, bias)
     _validate(x, qweight, bias)
     if blocked is not None:
-        _decide(x, qweight, backend, bias=bias)  # the reference path, or a forced one raises
+        _decide(x, qweight, backend, blocked)  # the reference path, or a forced one raises
         return _reference_in_torch_ops(x, qweight, bias)
     if backend is None and backends.forced_backend() is None:
         # The automatic choice, in select()'s order, without building an explanation (a
@@ -427,7 +428,7 @@ def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[torch
             path = next(name for name in backends.CANDIDATES.get(x.device.type, ("reference",))
                         if name == "reference" or checks[name]() is None)
     else:
-        path = _decide(x, qweight, backend).backend
+        path = _decide(x, qweight, backend, blocked).backend
     # The reference path goes through the op too: its backward is the kernels' (w8a8: straight
     # through the activation rounding; autograd through the reference's own ops would only
     # reach x through the per-row absmax of its scales).
@@ -538,7 +539,7 @@ def _autocast(x, bias):
 def _explain(x, qweight, bias=None, backend=None):
     x, bias = _autocast(x, bias)
     _validate(x, qweight, bias)
-    return _decide(x, qweight, backend, explain=True, bias=bias)
+    return _decide(x, qweight, backend, kernels_blocked(x, bias), explain=True)
 
 
 quant_matmul.__llmk_explain__ = _explain
