@@ -311,14 +311,34 @@ def test_decode_shaped_calls(cpu_tier, L, S, dtype):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_decode_shaped_calls_in_head_groups(cpu_tier, dtype):
     """The streaming schedule takes several kv heads per item, key block by key block (up to
-    256 KiB of K and V a block): wide heads make groups of 2-4, the last one shorter. Float32
-    rows whose head dim fills whole vectors are read in place; others go through a tile."""
+    256 KiB of K and V a block): wide heads make groups of 2-4, the last one shorter."""
     for layout in ("bhsd", "bshd"):
         run_case(1, 6, 3, 1, 700, 256, 256, dtype, layout=layout, backward=False)
         run_case(1, 10, 5, 2, 1300, 256, 200, dtype, layout=layout, backward=False,
                  mask_kind="additive", softcap=6.0)
         run_case(2, 8, 2, 1, 300, 36, 20, dtype, layout=layout, backward=False,
                  window_size=(100, None))
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("E,Ev", [(128, 128), (64, 96), (80, 48), (40, 40), (8, 16)])
+def test_decode_reads_caches_in_place_or_through_tiles(cpu_tier, dtype, E, Ev):
+    """The streaming schedule reads K and V rows in the cache where their head dims are whole
+    pairs of vectors (float32: whole vectors; bf16 rows split into their even and odd elements,
+    the query rows split the same way and the output rows joined back), through float32 tiles
+    otherwise (head dims 40 and 8 of 16-bit caches, 80 on AVX-512; float32 40 reads a vector
+    past its pairs). Query rows per kv head from 1 to 12 take blocks of 4, 2 and 1 rows."""
+    for Hq, Hk, L in ((2, 2, 1), (6, 2, 1), (5, 1, 1), (8, 1, 1), (6, 2, 4)):
+        run_case(1, Hq, Hk, L, 333, E, Ev, dtype, layout="bshd", backward=False)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_decode_reads_strided_head_dims_through_tiles(cpu_tier, dtype):
+    q, k, v = make_qkv(1, 4, 2, 1, 300, 128, 128, dtype, "bshd")
+    q, k, v = q[..., :64], k[..., ::2], v[..., 1::2]  # head dim 64, every other value
+    out = llmkernels.scaled_dot_product_attention(q, k, v, backend="cpu", enable_gqa=True)
+    (exact, _), (same, _) = reference_pair(q, k, v, None, enable_gqa=True)
+    judge("out", out, same, exact, dtype)
 
 
 @pytest.mark.parametrize("threads", [1, 3, 16])

@@ -518,69 +518,162 @@ struct DecodeCtx {
   Geometry g;
   DecodeLayout lay;
   char* ws;
+  bool in_place;  // decode_in_place
   float* partial(int64_t bh, int64_t ch) const {
     return reinterpret_cast<float*>(ws + lay.partial) +
            (bh * lay.nchunks + ch) * lay.R * (g.Dvp + 2);
   }
 };
 
-// Rows [j0, j0 + nb) of a (b, h) slice of K or V as float32 rows of `pad` values: read in
-// place when they are float32 rows whose head dim fills whole vectors (the products then
-// read nothing past a row), otherwise converted into `tile`. Returns the rows; *ld their stride.
-LLMK_INLINE const float* decode_rows(const TensorView& t, int64_t b, int64_t h, int64_t j0,
-                                     int64_t nb, int64_t ncols, int64_t pad, float* tile,
-                                     int64_t* ld) {
-  if (t.dtype == DType::f32 && t.strides[3] == 1 && ncols == pad) {
-    *ld = t.strides[2];
-    return at4<const float>(t, b, h, j0);
-  }
-  load_rows_any(t, b, h, j0, nb, ncols, 1.f, tile, pad, pad);
-  *ld = pad;
-  return tile;
+// Where the products read K and V: rows in the cache itself (its dtype T converted as it is
+// read), or float32 copies in a per-thread tile (T float) for rows whose head dims the in-place
+// reads do not cover (a strided last dim, a head dim not a multiple of the pairs below, K and
+// V of different dtypes).
+LLMK_INLINE bool decode_in_place(const AttentionParams& p, const Geometry& g) {
+  if (p.k.dtype != p.v.dtype || p.k.strides[3] != 1 || p.v.strides[3] != 1) return false;
+  const int64_t m = p.k.dtype == DType::f32 ? W : 2 * W;
+  return g.D % m == 0 && g.Dv % m == 0;
 }
 
-// ST[r * ld + j] = Q[r] . K[j] for r < R and j < nb, rounded up to whole vectors of keys (the
-// extra lanes repeat the last key; the caller masks them). W keys at a time, one accumulator
-// each, summed across lanes by one transposition: lane j of the result is key j.
-void decode_scores(const float* Q, int64_t ldq, int64_t R, const float* K, int64_t ldk, int64_t nb,
-                   int64_t Dp, float* ST, int64_t ld) {
-  for (int64_t j0 = 0; j0 < nb; j0 += W) {
-    int64_t off[W];
-    for (int jj = 0; jj < W; ++jj) off[jj] = min_<int64_t>(j0 + jj, nb - 1) * ldk;
-    for (int64_t r = 0; r < R; ++r) {
-      const float* q = Q + r * ldq;
-      vf acc[W];
+// 2W values of a row as two float32 vectors. bf16 takes a row's 32-bit words whole: shifted
+// left they are the even elements, masked the odd ones (two integer operations for 2W
+// values, where widening in order takes shuffles, the conversion's bottleneck: it cost more
+// than the products when each block was widened into a float32 tile first). Q rows are
+// stored split the same way (split_pairs) and O rows come out split (join_pairs): a dot
+// product or an axpy does not care about the order of its terms.
+LLMK_INLINE void load_pair(const float* s, vf* a, vf* b) { *a = loadu(s); *b = loadu(s + W); }
+LLMK_INLINE void load_pair(const BF16* s, vf* a, vf* b) {
+  typedef uint32_t vu __attribute__((vector_size(LLMK_VEC_BYTES)));
+  vu w;
+  std::memcpy(&w, s, sizeof w);
+  *a = (vf)(w << 16);
+  *b = (vf)(w & 0xFFFF0000u);
+}
+LLMK_INLINE void load_pair(const F16* s, vf* a, vf* b) { *a = load_f32(s); *b = load_f32(s + W); }
+
+template <class T> constexpr bool kSplitPairs = std::is_same<T, BF16>::value;
+
+// row[0, n) (n a multiple of 2W) from element order into load_pair's, and back.
+LLMK_INLINE void split_pairs(float* row, int64_t n) {
+  for (int64_t x = 0; x < n; x += 2 * W) {
+    const vf a = loadu(row + x), b = loadu(row + x + W);
+    storeu(row + x, even_lanes(a, b));
+    storeu(row + x + W, odd_lanes(a, b));
+  }
+}
+LLMK_INLINE void join_pairs(float* row, int64_t n) {
+  for (int64_t x = 0; x < n; x += 2 * W) {
+    float t[2 * W];
+    for (int i = 0; i < W; ++i) { t[2 * i] = row[x + i]; t[2 * i + 1] = row[x + W + i]; }
+    std::memcpy(row + x, t, sizeof t);
+  }
+}
+
+// ST[r * ld + j] = Q[r] . K[j] for RB query rows and the nb keys, W / RB keys at a time:
+// RB x W / RB accumulators, so each key vector read serves RB rows and each query vector
+// W / RB keys (a key at a time per row needed a load per product, the loads' limit), summed
+// across lanes by one transposition (lane r * KB + j is row r, key j). D: a multiple of W
+// for float32 rows, of 2W (load_pair's pairs) otherwise.
+template <class T, int RB>
+void decode_scores_rows(const float* Q, int64_t ldq, const T* K, int64_t ldk, int64_t nb,
+                        int64_t D, float* ST, int64_t ld, const RowPrefetch* next) {
+  constexpr int KB = W / RB;
+  for (int64_t j0 = 0; j0 < nb; j0 += KB) {
+    if (next) next->rows_from(j0, KB);
+    const T* k[KB];
 #pragma GCC unroll 16
-      for (int jj = 0; jj < W; ++jj) acc[jj] = vf{};
-      for (int64_t d = 0; d < Dp; d += W) {
-        const vf qv = loadu(q + d);
+    for (int jj = 0; jj < KB; ++jj) k[jj] = K + min_<int64_t>(j0 + jj, nb - 1) * ldk;
+    vf acc[W];
 #pragma GCC unroll 16
-        for (int jj = 0; jj < W; ++jj) acc[jj] += loadu(K + off[jj] + d) * qv;
+    for (int i = 0; i < W; ++i) acc[i] = vf{};
+    if constexpr (std::is_same<T, float>::value) {
+      // a vector at a time: nothing to split, and tiles' head dims are whole vectors only
+      for (int64_t d = 0; d < D; d += W) {
+        vf kv[KB];
+#pragma GCC unroll 16
+        for (int jj = 0; jj < KB; ++jj) kv[jj] = loadu(k[jj] + d);
+#pragma GCC unroll 4
+        for (int r = 0; r < RB; ++r) {
+          const vf qv = loadu(Q + r * ldq + d);
+#pragma GCC unroll 16
+          for (int jj = 0; jj < KB; ++jj) acc[r * KB + jj] += kv[jj] * qv;
+        }
       }
-      storeu(ST + r * ld + j0, transpose_sums(acc));
+    } else {
+      for (int64_t d = 0; d < D; d += 2 * W) {
+        vf ka[KB], kb[KB];
+#pragma GCC unroll 16
+        for (int jj = 0; jj < KB; ++jj) load_pair(k[jj] + d, &ka[jj], &kb[jj]);
+#pragma GCC unroll 4
+        for (int r = 0; r < RB; ++r) {
+          const vf qa = loadu(Q + r * ldq + d), qb = loadu(Q + r * ldq + d + W);
+#pragma GCC unroll 16
+          for (int jj = 0; jj < KB; ++jj) {
+            acc[r * KB + jj] += ka[jj] * qa;
+            acc[r * KB + jj] += kb[jj] * qb;
+          }
+        }
+      }
+    }
+    const vf sums = transpose_sums(acc);
+    if (j0 + KB <= nb) {
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r) std::memcpy(ST + r * ld + j0, &sums[r * KB], KB * sizeof(float));
+    } else {
+      for (int r = 0; r < RB; ++r)
+        for (int64_t jj = 0; jj < nb - j0; ++jj) ST[r * ld + j0 + jj] = sums[r * KB + jj];
     }
   }
 }
 
-// O[r][e] = alpha[r] O[r][e] + sum_j P[r][j] V[j][e] for RB rows and EV vectors of e: the
-// block's products are summed from zero and added once (a blocked sum, as micro() does).
-template <int RB, int EV>
-__attribute__((noinline)) void decode_pv(int64_t nb, const float* P, int64_t ldp, const float* V,
-                                         int64_t ldv, float* O, int64_t ldo, const float* alpha) {
+// next: rows to prefetch along the way (null: none), with the first rows' keys.
+template <class T>
+void decode_scores(const float* Q, int64_t ldq, int64_t R, const T* K, int64_t ldk, int64_t nb,
+                   int64_t D, float* ST, int64_t ld, const RowPrefetch* next) {
+  for (int64_t r0 = 0; r0 < R;) {
+    const int64_t left = R - r0;
+    const float* q = Q + r0 * ldq;
+    float* st = ST + r0 * ld;
+    if (left >= 4 && W >= 4) {
+      decode_scores_rows<T, 4>(q, ldq, K, ldk, nb, D, st, ld, r0 == 0 ? next : nullptr);
+      r0 += 4;
+    } else if (left >= 2) {
+      decode_scores_rows<T, 2>(q, ldq, K, ldk, nb, D, st, ld, r0 == 0 ? next : nullptr);
+      r0 += 2;
+    } else {
+      decode_scores_rows<T, 1>(q, ldq, K, ldk, nb, D, st, ld, r0 == 0 ? next : nullptr);
+      r0 += 1;
+    }
+  }
+}
+
+// O[r][e] = alpha[r] O[r][e] + sum_j P[r][j] V[j][e] for RB rows and EV vectors of e (EV
+// even: load_pair's pairs): the block's products are summed from zero and added once (a
+// blocked sum, as micro() does).
+template <class T, int RB, int EV>
+__attribute__((noinline)) void decode_pv(int64_t nb, const float* P, int64_t ldp, const T* V,
+                                         int64_t ldv, float* O, int64_t ldo, const float* alpha,
+                                         const RowPrefetch* next) {
+  static_assert(EV % 2 == 0, "EV counts whole pairs");
   vf acc[RB][EV];
 #pragma GCC unroll 8
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < EV; ++v) acc[r][v] = vf{};
   for (int64_t j = 0; j < nb; ++j) {
+    if (next) next->rows_from(j, 1);
     vf pj[RB];
 #pragma GCC unroll 8
     for (int r = 0; r < RB; ++r) pj[r] = splat(P[r * ldp + j]);
 #pragma GCC unroll 8
-    for (int v = 0; v < EV; ++v) {
-      const vf x = loadu(V + j * ldv + v * W);
+    for (int v = 0; v < EV; v += 2) {
+      vf a, b;
+      load_pair(V + j * ldv + v * W, &a, &b);
 #pragma GCC unroll 8
-      for (int r = 0; r < RB; ++r) acc[r][v] += pj[r] * x;
+      for (int r = 0; r < RB; ++r) {
+        acc[r][v] += pj[r] * a;
+        acc[r][v + 1] += pj[r] * b;
+      }
     }
   }
 #pragma GCC unroll 8
@@ -590,37 +683,57 @@ __attribute__((noinline)) void decode_pv(int64_t nb, const float* P, int64_t ldp
       storeu(O + r * ldo + v * W, loadu(O + r * ldo + v * W) * splat(alpha[r]) + acc[r][v]);
 }
 
-using DecodePvFn = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t,
-                            const float*);
-
-// The widest kernel of RB rows that fits `left` vectors of e (powers of two up to the
-// accumulator budget).
+// One vector of e for float32 rows (tiles) whose padded head dim is an odd number of vectors.
 template <int RB>
-DecodePvFn decode_pv_for(int64_t left, int* ev) {
-  constexpr int kMax = kDecodeAcc / RB;
-  if constexpr (kMax >= 8) {
-    if (left >= 8) { *ev = 8; return decode_pv<RB, 8>; }
+void decode_pv_last(int64_t nb, const float* P, int64_t ldp, const float* V, int64_t ldv,
+                    float* O, int64_t ldo, const float* alpha) {
+  vf acc[RB];
+  for (int r = 0; r < RB; ++r) acc[r] = vf{};
+  for (int64_t j = 0; j < nb; ++j) {
+    const vf x = loadu(V + j * ldv);
+    for (int r = 0; r < RB; ++r) acc[r] += splat(P[r * ldp + j]) * x;
   }
-  if constexpr (kMax >= 4) {
-    if (left >= 4) { *ev = 4; return decode_pv<RB, 4>; }
-  }
-  if (left >= 2) { *ev = 2; return decode_pv<RB, 2>; }
-  *ev = 1;
-  return decode_pv<RB, 1>;
+  for (int r = 0; r < RB; ++r) storeu(O + r * ldo, loadu(O + r * ldo) * splat(alpha[r]) + acc[r]);
 }
 
+template <class T, int RB>
+void decode_pv_block(int64_t Dvp, int64_t nb, const float* P, int64_t ldp, const T* V,
+                     int64_t ldv, float* O, int64_t ldo, const float* alpha,
+                     const RowPrefetch* next) {
+  constexpr int kMax = kDecodeAcc / RB;
+  int64_t e0 = 0;
+  while (e0 + 2 * W <= Dvp) {
+    const RowPrefetch* pf = e0 == 0 ? next : nullptr;  // with the first call's values
+    const int64_t left = (Dvp - e0) / W;
+    if (kMax >= 8 && left >= 8) {
+      decode_pv<T, RB, (kMax >= 8 ? 8 : 2)>(nb, P, ldp, V + e0, ldv, O + e0, ldo, alpha, pf);
+      e0 += (kMax >= 8 ? 8 : 2) * W;
+    } else if (kMax >= 4 && left >= 4) {
+      decode_pv<T, RB, (kMax >= 4 ? 4 : 2)>(nb, P, ldp, V + e0, ldv, O + e0, ldo, alpha, pf);
+      e0 += (kMax >= 4 ? 4 : 2) * W;
+    } else {
+      decode_pv<T, RB, 2>(nb, P, ldp, V + e0, ldv, O + e0, ldo, alpha, pf);
+      e0 += 2 * W;
+    }
+  }
+  if constexpr (std::is_same<T, float>::value) {
+    if (e0 < Dvp) decode_pv_last<RB>(nb, P, ldp, V + e0, ldv, O + e0, ldo, alpha);
+  }
+}
+
+// next: as decode_scores', with the first rows' first values.
+template <class T>
 void decode_pv_rows(int64_t R, int64_t Dvp, int64_t nb, const float* P, int64_t ldp,
-                    const float* V, int64_t ldv, float* O, const float* alpha) {
+                    const T* V, int64_t ldv, float* O, const float* alpha,
+                    const RowPrefetch* next) {
   for (int64_t r0 = 0; r0 < R;) {
     const int64_t rows = R - r0 >= 4 ? 4 : (R - r0 >= 2 ? 2 : 1);
-    for (int64_t e0 = 0; e0 < Dvp;) {
-      int ev = 1;
-      const int64_t left = (Dvp - e0) / W;
-      const DecodePvFn fn = rows == 4 ? decode_pv_for<4>(left, &ev)
-                          : rows == 2 ? decode_pv_for<2>(left, &ev) : decode_pv_for<1>(left, &ev);
-      fn(nb, P + r0 * ldp, ldp, V + e0, ldv, O + r0 * Dvp + e0, Dvp, alpha + r0);
-      e0 += int64_t(ev) * W;
-    }
+    const float* p = P + r0 * ldp;
+    float* o = O + r0 * Dvp;
+    const RowPrefetch* pf = r0 == 0 ? next : nullptr;
+    if (rows == 4) decode_pv_block<T, 4>(Dvp, nb, p, ldp, V, ldv, o, Dvp, alpha + r0, pf);
+    else if (rows == 2) decode_pv_block<T, 2>(Dvp, nb, p, ldp, V, ldv, o, Dvp, alpha + r0, pf);
+    else decode_pv_block<T, 1>(Dvp, nb, p, ldp, V, ldv, o, Dvp, alpha + r0, pf);
     r0 += rows;
   }
 }
@@ -688,8 +801,10 @@ struct DecodeHead {
       : Q(base), O(Q + R * g.Dp), m(O + R * g.Dvp), l(m + R), alpha(l + R), inv(alpha + R) {}
 };
 
-void decode_item(void* vctx, int64_t item, int tid) {
-  const DecodeCtx& c = *static_cast<const DecodeCtx*>(vctx);
+// T: the element type the products read K and V in (the cache's, read in place; float for
+// float32 tiles).
+template <class T>
+void decode_item_as(const DecodeCtx& c, int64_t item, int tid) {
   const AttentionParams& p = *c.p;
   const Geometry& g = c.g;
   const int64_t R = c.lay.R;
@@ -708,6 +823,7 @@ void decode_item(void* vctx, int64_t item, int tid) {
     for (int64_t r = 0; r < R; ++r) {
       const int64_t h = (hk0 + x) * g.group + r / g.L, i = r % g.L;
       load_rows_any(p.q, b, h, i, 1, g.D, p.scale * kLog2e, s.Q + r * g.Dp, g.Dp, g.Dp);
+      if constexpr (kSplitPairs<T>) split_pairs(s.Q + r * g.Dp, g.Dp);
       s.m[r] = kNegInf;
       s.l[r] = 0.f;
     }
@@ -723,18 +839,41 @@ void decode_item(void* vctx, int64_t item, int tid) {
     for (int64_t x = 0; x < nh; ++x) {
       const int64_t hk = hk0 + x;
       const DecodeHead s = head(x);
-      if (j0 + kDecodeBK <= khi) {  // this head's next keys and values, while these compute
+      // With more than one query row a kv head, this head's next keys and values are
+      // prefetched while these compute, spread over the products (the keys' over the scores,
+      // the values' over P V). With one row the products are short, and the hardware
+      // prefetchers keep up with the heads' side-by-side rows on their own (Zen 3, 2 threads,
+      // (B, S, H, D) caches, 2K / 8K keys, against SDPA, alternated runs: 32 / 32 heads fp32
+      // 1.25-1.34x without, 1.03-1.15x with the whole next block prefetched first, 0.97-1.11x
+      // spread; 32 / 8 heads fp32 0.89-1.13x spread, 0.68-0.88x without, 0.88-0.94x first).
+      const RowPrefetch *next_k = nullptr, *next_v = nullptr;
+      RowPrefetch k_rows, v_rows;
+      if (R > 1 && j0 + kDecodeBK <= khi) {
         const int64_t next = min_(kDecodeBK, khi + 1 - j0 - kDecodeBK);
-        prefetch_rows_any(p.k, b, hk, j0 + kDecodeBK, next, g.D);
-        prefetch_rows_any(p.v, b, hk, j0 + kDecodeBK, next, g.Dv);
+        k_rows = rows_to_prefetch(p.k, b, hk, j0 + kDecodeBK, next, g.D);
+        v_rows = rows_to_prefetch(p.v, b, hk, j0 + kDecodeBK, next, g.Dv);
+        next_k = &k_rows;
+        next_v = &v_rows;
       }
+      const T *K, *V;
       int64_t ldk, ldv;
-      const float* K = decode_rows(p.k, b, hk, j0, nb, g.D, g.Dp, Kb, &ldk);
-      const float* V = decode_rows(p.v, b, hk, j0, nb, g.Dv, g.Dvp, Vb, &ldv);
-      decode_scores(s.Q, g.Dp, R, K, ldk, nb, g.Dp, ST, kDecodeBK);
+      if (c.in_place) {
+        K = at4<const T>(p.k, b, hk, j0);
+        V = at4<const T>(p.v, b, hk, j0);
+        ldk = p.k.strides[2];
+        ldv = p.v.strides[2];
+      } else {
+        load_rows_any(p.k, b, hk, j0, nb, g.D, 1.f, Kb, g.Dp, g.Dp);
+        load_rows_any(p.v, b, hk, j0, nb, g.Dv, 1.f, Vb, g.Dvp, g.Dvp);
+        K = reinterpret_cast<const T*>(Kb);  // (T is float here)
+        V = reinterpret_cast<const T*>(Vb);
+        ldk = g.Dp;
+        ldv = g.Dvp;
+      }
+      decode_scores(s.Q, g.Dp, R, K, ldk, nb, g.Dp, ST, kDecodeBK, next_k);
       decode_transform(c, b, hk, ST, kDecodeBK, j0, nb, nbp);
       decode_softmax(R, ST, kDecodeBK, nbp, s.m, s.l, s.alpha);
-      decode_pv_rows(R, g.Dvp, nb, ST, kDecodeBK, V, ldv, s.O, s.alpha);
+      decode_pv_rows(R, g.Dvp, nb, ST, kDecodeBK, V, ldv, s.O, s.alpha, next_v);
     }
   }
 
@@ -743,6 +882,8 @@ void decode_item(void* vctx, int64_t item, int tid) {
   for (int64_t x = 0; x < nh; ++x) {
     const int64_t hk = hk0 + x;
     const DecodeHead s = head(x);
+    if constexpr (kSplitPairs<T>)
+      for (int64_t r = 0; r < R; ++r) join_pairs(s.O + r * g.Dvp, g.Dvp);
     if (c.lay.nchunks > 1) {
       float* part = c.partial(b * g.Hk + hk, ch);
       for (int64_t r = 0; r < R; ++r) {
@@ -762,6 +903,12 @@ void decode_item(void* vctx, int64_t item, int tid) {
                                  s.inv + r, residual);
     }
   }
+}
+
+void decode_item(void* vctx, int64_t item, int tid) {
+  const DecodeCtx& c = *static_cast<const DecodeCtx*>(vctx);
+  if (!c.in_place) return decode_item_as<float>(c, item, tid);
+  with_float_type(c.p->k.dtype, [&](auto tag) { decode_item_as<decltype(tag)>(c, item, tid); });
 }
 
 // Merges the key chunks of one (batch, kv head): O = sum_c 2^(m_c - M) O_c, same for l.
@@ -800,7 +947,7 @@ void decode_combine_item(void* vctx, int64_t bh, int tid) {
 int64_t forward_decode(const AttentionParams& p, const ForwardIO& io, const Geometry& g,
                        int nthreads) {
   DecodeCtx c{&p, &io, g, DecodeLayout(g, dtype_bytes(p.k.dtype), nthreads),
-              static_cast<char*>(io.workspace)};
+              static_cast<char*>(io.workspace), decode_in_place(p, g)};
   LLMK_CHECK(io.workspace_bytes >= c.lay.total, "attention forward workspace too small: "
                                                     << io.workspace_bytes << " < " << c.lay.total);
   const int run = threads_for_work(g, nthreads);

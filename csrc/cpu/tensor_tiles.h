@@ -114,23 +114,31 @@ LLMK_INLINE void load_rows_any(const TensorView& t, int64_t b, int64_t h, int64_
   });
 }
 
-// Prefetches rows [row0, row0 + nrows) of t's (b, h) slice into L2 (rows of contiguous values
-// only). A KV cache laid out (B, S, H, D) puts one head's consecutive keys H * D values apart:
-// each row on another 4 KiB page, a stride the hardware prefetchers do not follow, so a
-// decoding step that streams one head's keys waited on memory row after row. Rows that
-// follow each other in memory are left to the hardware prefetchers, which stream them
-// (software prefetches there only cost: bf16 decoding from a (B, H, S, D) cache took ~15%
-// longer with them on a Zen 3).
-LLMK_INLINE void prefetch_rows_any(const TensorView& t, int64_t b, int64_t h, int64_t row0,
-                                   int64_t nrows, int64_t ncols) {
-  if (t.strides[3] != 1 || t.strides[2] == ncols) return;
-  with_float_type(t.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const char* src = reinterpret_cast<const char*>(at4<const T>(t, b, h, row0));
-    const int64_t rs = t.strides[2] * int64_t(sizeof(T)), bytes = ncols * int64_t(sizeof(T));
-    for (int64_t r = 0; r < nrows; ++r)
-      for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(src + r * rs + o, 0, 2);
-  });
+// Rows [row0, row0 + nrows) of t's (b, h) slice to prefetch into L2 (rows of contiguous
+// values only; none otherwise). A KV cache laid out (B, S, H, D) puts one head's consecutive
+// keys H * D values apart: each row on another 4 KiB page, a stride the hardware prefetchers
+// do not follow, so a decoding step that streams one head's keys waited on memory row after
+// row. Rows that follow each other in memory are left to the hardware prefetchers, which
+// stream them (software prefetches there only cost: bf16 decoding from a (B, H, S, D) cache
+// took ~15% longer with them on a Zen 3).
+struct RowPrefetch {
+  const char* base = nullptr;  // row0 (null: nothing to prefetch)
+  int64_t ld = 0, bytes = 0, rows = 0;
+  // rows [r0, r0 + n) of them
+  LLMK_INLINE void rows_from(int64_t r0, int64_t n) const {
+    if (!base) return;
+    for (int64_t r = r0; r < min_(r0 + n, rows); ++r)
+      for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(base + r * ld + o, 0, 2);
+  }
+};
+
+LLMK_INLINE RowPrefetch rows_to_prefetch(const TensorView& t, int64_t b, int64_t h, int64_t row0,
+                                         int64_t nrows, int64_t ncols) {
+  if (t.strides[3] != 1 || t.strides[2] == ncols) return RowPrefetch{};
+  const int64_t es = dtype_bytes(t.dtype);
+  const char* base = static_cast<const char*>(t.data) +
+                     es * (b * t.strides[0] + h * t.strides[1] + row0 * t.strides[2]);
+  return RowPrefetch{base, t.strides[2] * es, ncols * es, nrows};
 }
 
 LLMK_INLINE void load_rows_transposed_any(const TensorView& t, int64_t b, int64_t h, int64_t row0,
