@@ -108,12 +108,26 @@ def test_same_length_batch_on_cpu_uses_one_call():
     run_kvcache("cpu", 3, 1, 1, 4, 2, 40, 32, torch.float32, [20, 20, 20], is_causal=True)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cached", [[0, 0], [48, 48], [30]])
+def test_append_at_one_length(path, cached):
+    """Sequences of one length append with slice copies (the indexed write serves ragged
+    ones): at the cache's start, up to its last slot, batch 1."""
+    run_kvcache(path, len(cached), 2, 2, 4, 2, 50, 32, torch.bfloat16, cached, is_causal=True)
+
+
 def test_int_cache_seqlens():
     q = torch.randn(2, 1, 2, 16)
     kc, vc = torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
     out = llmkernels.attention_with_kvcache(q, kc, vc, 5)
     ref = attention_kvcache_reference(q, kc, vc, [5, 5])
     torch.testing.assert_close(out, ref)
+    kn, vn = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    k_before = kc.clone()
+    out = llmkernels.attention_with_kvcache(q, kc, vc, 5, k_new=kn, v_new=vn)
+    assert torch.equal(kc[:, 5:6], kn) and torch.equal(vc[:, 5:6], vn)
+    assert torch.equal(kc[:, :5], k_before[:, :5]) and torch.equal(kc[:, 6:], k_before[:, 6:])
+    torch.testing.assert_close(out, attention_kvcache_reference(q, kc, vc, [6, 6]))
 
 
 class TestBadInput:

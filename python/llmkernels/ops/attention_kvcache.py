@@ -138,6 +138,14 @@ class _KVCall:
     def append(self) -> None:
         if self.n_new == 0:
             return
+        if self.cached and min(self.cached) == max(self.cached):
+            # One length for every sequence (batch 1, or a batch generating in step): two slice
+            # copies, where the indexed writes below cost ~8x their host time (batch 1, Zen 3:
+            # 47-91 us against 6-10).
+            n = self.cached[0]
+            self.k_cache[:, n:n + self.n_new] = self.k_new
+            self.v_cache[:, n:n + self.n_new] = self.v_new
+            return
         B = self.q.shape[0]
         dev = self.q.device
         pos = (self._device_lengths().long()[:, None]
