@@ -326,8 +326,9 @@ def test_decode_reads_caches_in_place_or_through_tiles(cpu_tier, dtype, E, Ev):
     """The streaming schedule reads K and V rows in the cache where their head dims are whole
     pairs of vectors (float32: whole vectors; bf16 rows split into their even and odd elements,
     the query rows split the same way and the output rows joined back), through float32 tiles
-    otherwise (head dims 40 and 8 of 16-bit caches, 80 on AVX-512; float32 40 reads a vector
-    past its pairs). Query rows per kv head from 1 to 12 take blocks of 4, 2 and 1 rows."""
+    otherwise (head dims 40 and 8 of 16-bit caches, 80 on AVX-512; float32's 40 is five vectors
+    on AVX2: P V takes two pairs and one vector). Query rows per kv head from 1 to 12 take
+    blocks of 4, 2 and 1 rows."""
     for Hq, Hk, L in ((2, 2, 1), (6, 2, 1), (5, 1, 1), (8, 1, 1), (6, 2, 4)):
         run_case(1, Hq, Hk, L, 333, E, Ev, dtype, layout="bshd", backward=False)
 

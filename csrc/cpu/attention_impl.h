@@ -683,7 +683,8 @@ __attribute__((noinline)) void decode_pv(int64_t nb, const float* P, int64_t ldp
       storeu(O + r * ldo + v * W, loadu(O + r * ldo + v * W) * splat(alpha[r]) + acc[r][v]);
 }
 
-// One vector of e for float32 rows (tiles) whose padded head dim is an odd number of vectors.
+// One vector of e for float32 rows (in place or tiles) whose head dim is an odd number of
+// vectors.
 template <int RB>
 void decode_pv_last(int64_t nb, const float* P, int64_t ldp, const float* V, int64_t ldv,
                     float* O, int64_t ldo, const float* alpha) {
