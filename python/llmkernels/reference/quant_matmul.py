@@ -80,8 +80,7 @@ def dequantize_reference(scheme: str, qdata: torch.Tensor, scales: torch.Tensor,
         if scheme in ("int8", "w8a8"):
             return qdata.float() * scales[:, None]
         N, K = qdata.shape[0], qdata.shape[1] * 2
-        w = torch.stack((qdata & 0x0F, qdata >> 4), dim=-1).float()  # low nibble first
-        w = w.view(N, K // group_size, group_size)
+        w = unpack_int4(qdata).float().view(N, K // group_size, group_size)
         return ((w - zeros.float()[..., None]) * scales[..., None]).view(N, K)
     if scheme in ("int8", "w8a8"):
         return qdata.float().mul_(scales[:, None])
