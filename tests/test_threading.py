@@ -173,7 +173,9 @@ def test_calls_from_several_threads(runtime):
 
 @needs_native
 def test_kernels_give_the_same_results(runtime):
-    """An optimizer step and an attention call: the same bits on either runtime (items are
+    """An optimizer step, an attention call and decoding rows through quantized weights of a
+    small model's sizes (torch's threads split them from 32 KiB of weights, our pool from
+    512 KiB: csrc/common/thread_pool.h): the same bits on either runtime (items are
     independent; the split across threads does not enter the arithmetic)."""
     torch.manual_seed(0)
     p = torch.randn(300_001, requires_grad=True)
@@ -182,6 +184,10 @@ def test_kernels_give_the_same_results(runtime):
     opt.step()
     q, k, v = (torch.randn(2, 4, 300, 64) for _ in range(3))
     out = llmkernels.scaled_dot_product_attention(q, k, v, is_causal=True)
+    x = torch.randn(3, 768).bfloat16()
+    qws = [llmkernels.quantize_weight(torch.randn(n, 768), s) for s in ("int8", "int4", "w8a8")
+           for n in (256, 2048)]
+    ys = [llmkernels.quant_matmul(x[:m], qw) for qw in qws for m in (1, 3)]
     torch.manual_seed(0)
     p2 = torch.randn(300_001, requires_grad=True)
     p2.grad = torch.randn(300_001)
@@ -192,9 +198,12 @@ def test_kernels_give_the_same_results(runtime):
         opt2 = llmkernels.optim.AdamW([p2], lr=1e-2)
         opt2.step()
         ref = llmkernels.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y_refs = [llmkernels.quant_matmul(x[:m], qw) for qw in qws for m in (1, 3)]
     finally:
         torch.set_num_threads(threads)
         if runtime.startswith("openmp:"):
             native.use_openmp_runtime(runtime[len("openmp:"):])
     assert torch.equal(p.detach(), p2.detach())
     assert torch.equal(out, ref)
+    for y, y_ref in zip(ys, y_refs):
+        assert torch.equal(y, y_ref)

@@ -188,6 +188,8 @@ std::vector<int64_t> parallel_for_selftest(int64_t n, int nthreads, int64_t thro
   return out;
 }
 
+bool threads_wake_fast() { return g_openmp.load() != nullptr; }
+
 const char* threading_runtime() {
   const OpenMp* omp = g_openmp.load();
   return omp ? omp->name.c_str() : "pool";

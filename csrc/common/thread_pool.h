@@ -35,12 +35,26 @@ std::vector<int64_t> parallel_for_selftest(int64_t n, int nthreads, int64_t thro
 constexpr int kMaxThreads = 1024;
 
 // How many of max_threads a call with this much work should wake: each one after the first
-// costs a wake-up and a join (~40 us on a 2-core VM, 2026-11-26), about the time one thread
-// takes for work_per_thread, so small calls (a decoding step's small matrices) run on the
-// calling thread alone.
+// costs a wake-up and a join (on our pool ~40 us on a 2-core VM, 2026-11-26), about the time
+// one thread takes for work_per_thread, so small calls run on the calling thread alone.
 inline int threads_for(int64_t work, int max_threads, int64_t work_per_thread) {
   const int64_t useful = work_per_thread > 0 ? work / work_per_thread : max_threads;
   return int(useful < 1 ? 1 : (useful < max_threads ? useful : max_threads));
+}
+
+// Whether parallel_for runs on torch's OpenMP threads (use_openmp_runtime): they spin a while
+// after each parallel region, so a call in a loop of calls (a decoding step's layers) wakes
+// and joins them in ~1-2 us instead of our pool's ~40 us.
+bool threads_wake_fast();
+
+// Weight bytes (times rows) per thread for the quantized matmuls: about what one thread
+// streams while another wakes and joins. On our pool 512 KiB (int4 / int8 GEMVs of 0.1-0.9 MB:
+// 1 thread 9-51 us, 2 threads 39-48 us; Zen 4 VM, 2026-11-26). On torch's OpenMP threads
+// 32 KiB: a second thread saved time from 64 KiB up (768 x 256 int8, 2 threads in a loop of
+// calls: 6.3 against 8.3 us), and the GEMVs of a 768-wide model (0.1-1.6 MB) took 12-38%
+// less time from memory (Zen 3, 2026-11-29).
+inline int64_t quant_bytes_per_thread() {
+  return threads_wake_fast() ? int64_t(32) << 10 : int64_t(512) << 10;
 }
 
 }  // namespace llmk

@@ -387,8 +387,8 @@ void run_slab(const QuantMatmulParams& p, Path path, void* workspace) {
   const int nthreads = std::max(p.num_threads, 1);
   Ctx c{&p, Geometry(p, path), Layout(Geometry(p, path), nthreads),
         reinterpret_cast<char*>(round_up(reinterpret_cast<int64_t>(workspace), 64))};
-  // Weight bytes times rows stands for the work, as in the other tiers (512 KiB per thread).
-  const int threads = threads_for(p.qdata.numel() * c.g.M, nthreads, int64_t(512) << 10);
+  // Weight bytes times rows stands for the work, as in the other tiers.
+  const int threads = threads_for(p.qdata.numel() * c.g.M, nthreads, quant_bytes_per_thread());
   if (c.g.path == Path::w8a8) {
     const bool biased =
         qmm_avx512bf16::quantize_rows_w8a8(p, c.xq(), c.xscale(), c.g.kx(), threads);

@@ -1776,10 +1776,8 @@ void run(const QuantMatmulParams& p, void* workspace) {
   c.scratch_stride = scratch_bytes();
   c.chunks_n = (c.N + kChunkChannels - 1) / kChunkChannels;
   // Weight bytes times rows stands for the work (decoding streams the weight once; more rows
-  // reuse it, but compute grows with them). One thread streams 512 KiB in about the time a
-  // second one takes to wake and join (int4/int8 GEMVs of 0.1-0.9 MB: 1 thread 9-51 us,
-  // 2 threads 39-48 us; AMD EPYC Zen 4 VM, 2026-11-26).
-  const int threads = threads_for(p.qdata.numel() * c.M, p.num_threads, int64_t(512) << 10);
+  // reuse it, but compute grows with them).
+  const int threads = threads_for(p.qdata.numel() * c.M, p.num_threads, quant_bytes_per_thread());
   parallel_for(c.M, std::min<int64_t>(threads, c.M), prep_row, &pc);
 #if defined(__AVX512F__) && LLMK_VEC_BYTES == 64 || defined(__AVX2__) && LLMK_VEC_BYTES == 32
   if (use_paired_x(p)) {  // x as 2M rows of half its length (the same bytes, see the rule)
