@@ -89,6 +89,20 @@ def test_int4_group_sizes_and_batched_noncontiguous_input(cpu_tier, scheme):
         check_against_reference(x, qw, None, out)
 
 
+@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("K,group", [(192, 32), (768, 128), (2112, 64), (640, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_rows_of_groups_that_are_not_whole_vectors(cpu_tier, M, K, group, dtype):
+    # The zero points' term takes W groups at a time; the groups left over (all of a 768-wide
+    # layer's 6) take a last vector whose lanes past the row are dropped, except in the last
+    # channel's row, at the end of the zeros and scales, which sums them one by one.
+    torch.manual_seed(K + M)
+    x = torch.randn(M, K, dtype=dtype)
+    qw = llmkernels.quantize_weight(torch.randn(9, K) + torch.linspace(-2, 2, K), "int4", group)
+    assert len(qw.zeros.unique()) > 3  # zero points that differ between groups and channels
+    check_against_reference(x, qw, None, llmkernels.quant_matmul(x, qw, backend="cpu"))
+
+
 @pytest.mark.parametrize("M", [3, 5, 7, 8, 11])
 def test_int4_few_rows_with_int8_activations(cpu_tier, M):
     # Batched decoding (up to 11 rows) takes the int8-activation int4 kernel on AVX2 / AVX-512
