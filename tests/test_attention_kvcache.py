@@ -186,7 +186,7 @@ def test_decode_step_cpu_is_attention_with_kvcache(dtype, Hq, Hk, scale, softcap
         got = decode_step_cpu(q4, k4, v4, scale, softcap)
         want = llmkernels.attention_with_kvcache(q4.transpose(1, 2), k4.transpose(1, 2),
                                                  v4.transpose(1, 2), S, scale=scale,
-                                                 softcap=softcap)
+                                                 softcap=softcap, backend="cpu")
     assert got is not None and got.shape == want.shape == (B, 1, Hq, D)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
@@ -212,3 +212,104 @@ def test_decode_step_cpu_hands_back_what_it_does_not_serve():
     bad[0, 0, 3, 0] = float("nan")
     with torch.no_grad(), pytest.raises(ValueError, match="attention_with_kvcache: .*NaN"):
         decode_step_cpu(q4, bad, v4)
+
+
+def _general_path_counter(monkeypatch):
+    """Counts the calls that reach attention_with_kvcache's general path (_KVCall)."""
+    import importlib
+    kv = importlib.import_module("llmkernels.ops.attention_kvcache")
+    taken = []
+    real = kv._KVCall
+
+    def counted(*args, **kwargs):
+        taken.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(kv, "_KVCall", counted)
+    return taken
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,Hq,Hk", [(1, 12, 4), (3, 4, 4)])
+@pytest.mark.parametrize("lengths", ["int", "int32", "int64"])
+@pytest.mark.parametrize("n_new", [0, 1, 3])
+def test_eager_decoding_steps_skip_the_general_path(monkeypatch, dtype, B, Hq, Hk, lengths,
+                                                    n_new):
+    """Plain eager CPU decoding steps (one query token a sequence, one length for all, no
+    window) go to the kernel from _cpu_eager, the caches seen through strided views: the same
+    numbers and the same append as the general path (backend="cpu"), which they skip."""
+    torch.manual_seed(n_new + B)
+    D, S, cached = 64, 40, 21
+    q = torch.randn(B, 1, Hq, D, dtype=dtype)
+    # caches inside a larger buffer (as a preallocated one sliced per layer): strided views
+    k_cache = torch.randn(B, S, Hk + 1, D, dtype=dtype)[:, :, 1:]
+    v_cache = torch.randn(B, S, Hk + 1, D, dtype=dtype)[:, :, 1:]
+    lens = {"int": cached, "int32": torch.full((B,), cached, dtype=torch.int32),
+            "int64": torch.full((B,), cached, dtype=torch.int64)}[lengths]
+    new = {}
+    if n_new:
+        new = dict(k_new=torch.randn(B, n_new, Hk, D, dtype=dtype),
+                   v_new=torch.randn(B, n_new, Hk, D, dtype=dtype))
+    k2, v2 = k_cache.clone(), v_cache.clone()
+    for kw in (dict(), dict(is_causal=True), dict(scale=0.3, softcap=4.0)):
+        k_cache.copy_(k2), v_cache.copy_(v2)
+        k_want, v_want = k2.clone(), v2.clone()
+        with torch.no_grad():
+            want = llmkernels.attention_with_kvcache(q, k_want, v_want, lens, backend="cpu",
+                                                     **new, **kw)
+            taken = _general_path_counter(monkeypatch)
+            got = llmkernels.attention_with_kvcache(q, k_cache, v_cache, lens, **new, **kw)
+            monkeypatch.undo()
+        assert not taken, "the general path ran"
+        assert got.shape == want.shape == (B, 1, Hq, D) and got.dtype == dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
+
+
+def test_eager_decoding_leaves_other_calls_to_the_general_path(monkeypatch):
+    torch.manual_seed(0)
+    q, kc, vc = torch.randn(2, 1, 4, 16), torch.randn(2, 10, 2, 16), torch.randn(2, 10, 2, 16)
+    kn, vn = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    same = torch.tensor([3, 3], dtype=torch.int32)
+    cases = {
+        "ragged lengths": lambda: llmkernels.attention_with_kvcache(
+            q, kc, vc, torch.tensor([3, 5], dtype=torch.int32)),
+        "window": lambda: llmkernels.attention_with_kvcache(q, kc, vc, same, window_size=(2, 0)),
+        "unchecked lengths": lambda: llmkernels.attention_with_kvcache(q, kc, vc, same,
+                                                                       check_lengths=False),
+        "two query tokens": lambda: llmkernels.attention_with_kvcache(
+            torch.randn(2, 2, 4, 16), kc, vc, same, is_causal=True),
+        "forced": lambda: llmkernels.attention_with_kvcache(q, kc, vc, same, backend="cpu"),
+        "negated q": lambda: llmkernels.attention_with_kvcache(torch._neg_view(q), kc, vc, same),
+        "no keys": lambda: llmkernels.attention_with_kvcache(q, kc, vc, 0),
+        "float64": lambda: llmkernels.attention_with_kvcache(q.double(), kc.double(),
+                                                             vc.double(), same),
+    }
+    for name, call in cases.items():
+        taken = _general_path_counter(monkeypatch)
+        with torch.no_grad():
+            call()
+        monkeypatch.undo()
+        assert taken, f"{name}: the fast path took a call it must leave"
+    # a negated view is read as its values
+    with torch.no_grad():
+        torch.testing.assert_close(
+            llmkernels.attention_with_kvcache(torch._neg_view(q), kc, vc, same),
+            llmkernels.attention_with_kvcache(-q, kc, vc, same), rtol=0, atol=0)
+    # the general path's errors, the caches untouched
+    k_before = kc.clone()
+    for lens, err, match in ((9, ValueError, "outside the cache"),
+                             (-1, ValueError, "outside the cache"),
+                             (torch.tensor([3.0, 3.0]), TypeError, "int32")):
+        with pytest.raises(err, match=match):
+            llmkernels.attention_with_kvcache(q, kc, vc, lens, k_new=torch.randn(2, 2, 2, 16),
+                                              v_new=torch.randn(2, 2, 2, 16))
+        assert torch.equal(kc, k_before)
+    with pytest.raises(ValueError, match="no backward"):
+        llmkernels.attention_with_kvcache(q.clone().requires_grad_(), kc, vc, same)
+    with pytest.raises(ValueError, match="k_new must be"):
+        llmkernels.attention_with_kvcache(q, kc, vc, same, k_new=torch.randn(2, 1, 3, 16),
+                                          v_new=vn)
+    assert torch.equal(kc, k_before)
+    out = llmkernels.attention_with_kvcache(q, kc, vc, same, k_new=kn, v_new=vn)
+    assert torch.equal(kc[:, 3:4], kn)
+    torch.testing.assert_close(out, attention_kvcache_reference(q, kc, vc, [4, 4]))

@@ -43,24 +43,32 @@ def _forward_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     residual (with_residual and a 16-bit dtype; else empty): float32 out minus out, in out's
     dtype, so that the backward's rowsum(dO * O) sees O to ~16 bits, not bf16's 8.
     """
-    native = backends.native_module()
     B, Hq, L, _ = q.shape
     out = q.new_empty((B, Hq, L, v.shape[-1]))
     lse = q.new_empty((B, Hq, L), dtype=torch.float32)
     residual = _residual_like(out, with_residual)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse, residual
+    _forward_cpu_views((cview(q), cview(k), cview(v), cview(mask)), out, lse,
+                       residual if residual.numel() else None, scale, softcap, window_left,
+                       window_right, diag_offset)
+    return out, lse, residual
+
+
+def _forward_cpu_views(views, out, lse, residual, scale: float, softcap: float,
+                       window_left: int, window_right: int, diag_offset: int) -> None:
+    """_forward_cpu's kernel call on cviews of q, k, v and the mask (B, H, L, E), into out /
+    lse / residual (fresh tensors of _forward_cpu's shapes; residual None: none wanted)."""
+    native = backends.native_module()
     tier, threads = backends.cpu_tier_code(), backends.cpu_threads()
-    views = (cview(q), cview(k), cview(v), cview(mask))
     nbytes = native.attention_forward_workspace_bytes(tier, *views, threads)
     ws = _workspace(nbytes)
     bad = native.attention_forward(tier, *views, cview(out), cview(lse), ws.data_ptr(), nbytes,
                                    scale, softcap, window_left, window_right, diag_offset, threads,
-                                   cview(residual) if residual.numel() else None)
+                                   cview(residual))
     if bad:
         raise ValueError(f"{OP_NAME}: {bad} output row(s) are NaN or Inf: query, key, value or "
                          "attn_mask holds NaN/Inf (or values too large for the dtype)")
-    return out, lse, residual
 
 
 attention_forward_cpu = torch.library.custom_op(
