@@ -50,9 +50,9 @@ bool threads_wake_fast();
 // Weight bytes (times rows) per thread for the quantized matmuls: about what one thread
 // streams while another wakes and joins. On our pool 512 KiB (int4 / int8 GEMVs of 0.1-0.9 MB:
 // 1 thread 9-51 us, 2 threads 39-48 us; Zen 4 VM, 2026-11-26). On torch's OpenMP threads
-// 32 KiB: a second thread saved time from 64 KiB up (768 x 256 int8, 2 threads in a loop of
-// calls: 6.3 against 8.3 us), and the GEMVs of a 768-wide model (0.1-1.6 MB) took 12-38%
-// less time from memory (Zen 3, 2026-11-29).
+// 32 KiB: in a loop of calls a second thread saved time from 64 KiB up (256 x 256 int8:
+// 4.7 -> 4.4 us; 768 x 256, 192 KiB: 8.3 -> 6.3 us), and the GEMVs of a 768-wide model
+// (0.1-1.6 MB) took 12-38% less time from memory (Zen 3, 2026-11-29).
 inline int64_t quant_bytes_per_thread() {
   return threads_wake_fast() ? int64_t(32) << 10 : int64_t(512) << 10;
 }

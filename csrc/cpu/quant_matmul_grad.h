@@ -133,7 +133,8 @@ int64_t grad_items(const GradCtx& g) { return (g.M + kGradRows - 1) / kGradRows 
 
 // Weight bytes times rows stands for the work, as in run().
 int grad_threads(const GradCtx& g) {
-  const int threads = threads_for(g.p->qdata.numel() * g.M, g.p->num_threads, quant_bytes_per_thread());
+  const int threads =
+      threads_for(g.p->qdata.numel() * g.M, g.p->num_threads, quant_bytes_per_thread());
   return int(std::min<int64_t>(threads, grad_items(g)));
 }
 

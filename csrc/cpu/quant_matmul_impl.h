@@ -464,10 +464,10 @@ void int4_groups(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_
   }
   // The zero points' term, W groups at a time (per group and channel, scalar, it was ~a
   // quarter of a decoding GEMV's instructions). The groups left over (all of them in the
-  // short rows of small models: 768 / 128 = 6) take one more vector where its W reads stay
-  // inside the zeros', scales' and x sums' buffers (every channel's row but the last, the
-  // rows being contiguous), the lanes past the row dropped: scalar, they cost a 768-wide
-  // int4 GEMV ~13% of its time. (The x sums' buffers have W floats to spare.)
+  // short rows of small models: 768 / 128 = 6) take one more vector, the lanes past the row
+  // dropped, where its W reads stay inside the zeros and scales (contiguous rows: all but the
+  // last row, or the last few where a row has fewer than W groups; the x sums' buffers have W
+  // floats to spare); scalar, they cost a 768-wide int4 GEMV ~13% of its time.
   const int64_t g0 = k0 / g, g1 = k1 / g, gv = g0 + (g1 - g0) / W * W;
   vi tail_lanes;  // lanes [0, g1 - gv)
   for (int l = 0; l < W; ++l) tail_lanes[l] = l < g1 - gv ? -1 : 0;
@@ -477,7 +477,7 @@ void int4_groups(const Ctx& c, const int64_t* rows, const int64_t* chans, int64_
       for (int64_t q = g0; q < gv; q += W)
         zv += (widen_u8(zp[j] + q) * loadu(sc[j] + q)) * loadu(xs[i] + q);
       float zero_term;
-      if (gv < g1 && chans[j] * c.groups + gv + W <= c.N * c.groups) {  // zeros, scales: (N, groups)
+      if (gv < g1 && chans[j] * c.groups + gv + W <= c.N * c.groups) {  // (N, groups) each
         zv += select(tail_lanes, (widen_u8(zp[j] + gv) * loadu(sc[j] + gv)) * loadu(xs[i] + gv),
                      vf{});
         zero_term = hsum(zv);
@@ -1281,8 +1281,9 @@ void tile_item(void* ctx, int64_t item, int thread) {
         w8a8_block<decltype(r)::value, kNBq>(a...);
       });
       const float* sc = c.p->scales.ptr<float>();
-      store_tile(c, m0, m1, n0, n1, [&](int64_t m, int64_t n) {  // the reference's order:
-        return float(acc[(m - m0) * ld + (n - n0)]) * c.xscale[m] * sc[n];  // (acc * x_scale) * w_scale
+      store_tile(c, m0, m1, n0, n1, [&](int64_t m, int64_t n) {
+        // the reference's order: (acc * x_scale) * w_scale
+        return float(acc[(m - m0) * ld + (n - n0)]) * c.xscale[m] * sc[n];
       });
       break;
     }
