@@ -370,22 +370,22 @@ constexpr int64_t kWsumBytes = kChunkChannels * 4;
 // Per thread: the tile's partial sums, a weight panel, w8a8's channel weight sums.
 int64_t scratch_bytes() { return kChunkRows * kChunkChannels * 4 + kPanelBytes + kWsumBytes + 128; }
 
-// Output rows [m0, m1), channels [n0, n1): value(m, n) + bias, in out's dtype. The dtype
-// switch and the bias's presence are decided once (a call with both per element was ~5% of a
-// 768-wide int4 GEMV).
+// Output rows [m0, m1), channels [n0, n1) (at most kChunkChannels): value(m, n) + bias, in
+// out's dtype. The dtype switch and the bias reads stay out of the loops (a function call per
+// element with both was ~6% of int8 M = 64 and ~5% of a 768-wide int4 GEMV), and each row of
+// out is written in order (column by column, 64 rows' lines were written two bytes at a time:
+// ~9% of int8 M = 64, one thread).
 template <class Value>
 void store_tile(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1, Value value) {
   const QuantMatmulParams& p = *c.p;
   const int64_t so = p.out.strides[0], sn = p.out.strides[1];
+  float bias[kChunkChannels];
+  for (int64_t n = n0; n < n1; ++n)
+    bias[n - n0] = p.bias.defined() ? read_float(p.bias.dtype, p.bias.data, n * p.bias.strides[0])
+                                    : 0.f;
   auto rows = [&](auto* out, auto convert) {
-    for (int64_t m = m0; m < m1; ++m) {
-      if (p.bias.defined())
-        for (int64_t n = n0; n < n1; ++n)
-          out[m * so + n * sn] =
-              convert(value(m, n) + read_float(p.bias.dtype, p.bias.data, n * p.bias.strides[0]));
-      else
-        for (int64_t n = n0; n < n1; ++n) out[m * so + n * sn] = convert(value(m, n));
-    }
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t n = n0; n < n1; ++n) out[m * so + n * sn] = convert(value(m, n) + bias[n - n0]);
   };
   switch (p.out.dtype) {  // lambdas, not function pointers: inlined
     case DType::f32: rows(static_cast<float*>(p.out.data), [](float v) { return v; }); break;
@@ -1065,43 +1065,19 @@ void packed_tile_item(const Ctx& c, int64_t m0, int64_t m1, int64_t n0, int64_t 
                       char* scratch, void* panel) {
   const QuantMatmulParams& p = *c.p;
   const float* sc = p.scales.ptr<float>();
-  // out(m, n) = value(m, n, sum) + bias[n], in out's dtype: the sum is lane m - m0 of the
-  // channel's vectors; the dtype switch and the bias read stay out of the loops (a function
-  // call per element with both was ~6% of int8 M = 64).
-  // Paired (c.pair_half, one tile of all rows): row m's sum is lanes 2m and 2m + 1.
+  // out(m, n) = value(m, n, sum) + bias[n] (store_tile): the sum is lane m - m0 of the
+  // channel's vectors. Paired (c.pair_half, one tile of all rows): row m's sum is lanes 2m
+  // and 2m + 1.
   auto each = [&](auto* acc, auto lane, auto value) {  // lane: float or int32_t
     using Lane = decltype(lane);
     const Lane* sums = reinterpret_cast<const Lane*>(acc);
-    const int64_t so = p.out.strides[0], sn = p.out.strides[1];
     const bool paired = c.pair_half > 0;
-    const int64_t rows_end = paired ? p.x.sizes[0] : m1;
-    // Row by row: each row of out written in order (column by column, 64 rows' lines were
-    // written two bytes at a time: ~9% of int8 M = 64, one thread).
-    float bias[kChunkChannels];
-    for (int64_t n = n0; n < n1; ++n)
-      bias[n - n0] = p.bias.defined() ? read_float(p.bias.dtype, p.bias.data, n * p.bias.strides[0])
-                                      : 0.f;
     constexpr int64_t ld = kTileVecs * kLaneRows;  // a channel's sums
-    auto columns = [&](auto* out, auto convert) {
-      for (int64_t m = m0; m < rows_end; ++m) {
-        const int64_t r = paired ? 2 * m : m - m0;  // the row's (first) lane
-        auto* row = out + m * so;
-        for (int64_t n = n0; n < n1; ++n) {
-          const Lane* col = sums + (n - n0) * ld;
-          const Lane sum = paired ? col[r] + col[r + 1] : col[r];
-          row[n * sn] = convert(value(m, n, sum) + bias[n - n0]);
-        }
-      }
-    };
-    switch (p.out.dtype) {
-      case DType::f32: columns(static_cast<float*>(p.out.data), [](float v) { return v; }); break;
-      case DType::bf16:  // lambdas, not function pointers: inlined
-        columns(static_cast<uint16_t*>(p.out.data), [](float v) { return f32_to_bf16(v); });
-        break;
-      default:
-        columns(static_cast<uint16_t*>(p.out.data), [](float v) { return f32_to_f16(v); });
-        break;
-    }
+    store_tile(c, m0, paired ? p.x.sizes[0] : m1, n0, n1, [&](int64_t m, int64_t n) {
+      const int64_t r = paired ? 2 * m : m - m0;  // the row's (first) lane
+      const Lane* col = sums + (n - n0) * ld;
+      return value(m, n, paired ? col[r] + col[r + 1] : col[r]);
+    });
   };
   auto plain = [&](auto& part, auto* a, const int64_t*, int64_t n, int64_t, int64_t) {
     flush_plain(part, a, n1 - n);
