@@ -4,7 +4,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "common/attention_band.h"
 #include "common/checks.h"
@@ -410,6 +412,10 @@ PYBIND11_MODULE(_C, m) {
       py::arg("num_threads"), py::arg("workspace"), py::arg("workspace_bytes"),
       "Quantized matmul on the CPU: out = x @ dequantize(W)^T (+ bias); schemes 0 int8, "
       "1 int4, 2 w8a8.");
+  m.def("attention_decode_shaped", &attention_decode_shaped, py::arg("queries"),
+        py::arg("group"),
+        "Whether L queries a head with group query heads a kv head take the decode-shaped "
+        "forward (the calls that accept key_lens).");
   m.def(
       "attention_forward_workspace_bytes",
       [](int tier, py::object q, py::object k, py::object v, py::object mask, int num_threads) {
@@ -431,9 +437,15 @@ PYBIND11_MODULE(_C, m) {
       [](int tier, py::object q, py::object k, py::object v, py::object mask, py::object out,
          py::object lse, uintptr_t workspace, int64_t workspace_bytes, float scale, float softcap,
          int64_t window_left, int64_t window_right, int64_t diag_offset, int num_threads,
-         py::object out_residual) {
+         py::object out_residual, std::optional<std::vector<int64_t>> key_lens) {
         AttentionParams p = make_params(q, k, v, mask, scale, softcap, window_left, window_right,
                                         diag_offset, num_threads);
+        if (key_lens) {
+          LLMK_CHECK(int64_t(key_lens->size()) == p.q.sizes[0],
+                     "key_lens has " << key_lens->size() << " entries, the batch "
+                     << p.q.sizes[0]);
+          p.key_lens = key_lens->data();
+        }
         ForwardIO io;
         io.out = to_view(out, "out");
         io.lse = to_view(lse, "lse");
@@ -448,7 +460,9 @@ PYBIND11_MODULE(_C, m) {
       py::arg("lse"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("scale"),
       py::arg("softcap"), py::arg("window_left"), py::arg("window_right"),
       py::arg("diag_offset"), py::arg("num_threads"), py::arg("out_residual") = py::none(),
-      "Fused attention forward; returns the number of output rows holding NaN/Inf.");
+      py::arg("key_lens") = py::none(),
+      "Fused attention forward; returns the number of output rows holding NaN/Inf. key_lens "
+      "(decode-shaped calls): keys each batch entry sees, from the first.");
   m.def(
       "attention_backward",
       [](int tier, py::object q, py::object k, py::object v, py::object mask, py::object dout,

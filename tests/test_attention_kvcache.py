@@ -48,6 +48,61 @@ def test_decode_one_token_ragged(path, dtype):
     run_kvcache(path, 4, 1, 1, 8, 2, 80, 64, dtype, [0, 37, 79, 12])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Lq,Hq,Hk,E,kw", [
+    (1, 8, 2, 64, {}),
+    (1, 4, 4, 40, dict(softcap=5.0)),
+    (2, 6, 2, 128, dict(is_causal=True, window_size=(300, 0))),
+    (4, 16, 2, 32, dict(is_causal=True))])
+def test_ragged_decoding_takes_one_kernel_call(monkeypatch, dtype, Lq, Hq, Hk, E, kw):
+    """Decode-shaped calls over caches of different lengths take one kernel call, which stops
+    each sequence at its own length: slots past it hold NaN here, which would reach the
+    output (an error) if read. Lengths around the kernel's key blocks and chunks (64, 512),
+    a sequence with no cached keys, GQA, windows, softcap; against the reference."""
+    import importlib
+    kv = importlib.import_module("llmkernels.ops.attention_kvcache")
+    calls = []
+    real = kv._forward_cpu_views
+
+    def counted(*args, **kwargs):
+        calls.append(args[-1] if len(args) > 9 else kwargs.get("key_lens"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(kv, "_forward_cpu_views", counted)
+    torch.manual_seed(Lq + Hq + E)
+    cached, S = [0, 63, 1300, 64, 511, 5], 1310
+    B = len(cached)
+    q = torch.randn(B, Lq, Hq, E, dtype=dtype)
+    k_cache = torch.randn(B, S, Hk, E, dtype=dtype)
+    v_cache = torch.randn(B, S, Hk, E, dtype=dtype)
+    k_new = torch.randn(B, Lq, Hk, E, dtype=dtype)
+    v_new = torch.randn(B, Lq, Hk, E, dtype=dtype)
+    for b, n in enumerate(cached):
+        k_cache[b, n:] = float("nan")
+        v_cache[b, n:] = float("nan")
+    lens = torch.tensor(cached, dtype=torch.int32)
+    with torch.no_grad():
+        out = llmkernels.attention_with_kvcache(q, k_cache, v_cache, lens, k_new=k_new,
+                                                v_new=v_new, backend="cpu", **kw)
+    total = [n + Lq for n in cached]
+    assert calls == [total]
+    exact = attention_kvcache_reference(q.double(), k_cache.double(), v_cache.double(), total,
+                                        **kw)
+    same = attention_kvcache_reference(q, k_cache, v_cache, total, work_dtype=q.dtype, **kw)
+    judge("out", out, same, exact, dtype)
+
+
+def test_ragged_calls_the_kernel_cannot_take_in_one_go_run_per_sequence(monkeypatch):
+    """Many queries a kv head (a prompt's chunk; here 40 rows a kv head) keep one call a
+    sequence."""
+    import importlib
+    kv = importlib.import_module("llmkernels.ops.attention_kvcache")
+    calls = []
+    real = kv.cpu_forward
+    monkeypatch.setattr(kv, "cpu_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run_kvcache("cpu", 3, 5, 5, 16, 2, 64, 32, torch.float32, [10, 0, 59], is_causal=True)
+    assert len(calls) == 3
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_chunked_prefill_causal(path):
     # several new tokens per sequence: causal, aligned so that the last query sees every key
@@ -230,21 +285,23 @@ def _general_path_counter(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,Hq,Hk", [(1, 12, 4), (3, 4, 4)])
-@pytest.mark.parametrize("lengths", ["int", "int32", "int64"])
+@pytest.mark.parametrize("lengths", ["int", "int32", "int64", "ragged int32", "ragged int64"])
 @pytest.mark.parametrize("n_new", [0, 1, 3])
 def test_eager_decoding_steps_skip_the_general_path(monkeypatch, dtype, B, Hq, Hk, lengths,
                                                     n_new):
-    """Plain eager CPU decoding steps (one query token a sequence, one length for all, no
-    window) go to the kernel from _cpu_eager, the caches seen through strided views: the same
-    numbers and the same append as the general path (backend="cpu"), which they skip."""
+    """Plain eager CPU decoding steps (one query token a sequence, no window) go to the
+    kernel from _cpu_eager, the caches seen through strided views: the same numbers and the
+    same append as the general path (backend="cpu"), which they skip."""
     torch.manual_seed(n_new + B)
     D, S, cached = 64, 40, 21
     q = torch.randn(B, 1, Hq, D, dtype=dtype)
     # caches inside a larger buffer (as a preallocated one sliced per layer): strided views
     k_cache = torch.randn(B, S, Hk + 1, D, dtype=dtype)[:, :, 1:]
     v_cache = torch.randn(B, S, Hk + 1, D, dtype=dtype)[:, :, 1:]
+    ragged = torch.tensor([cached, 0, S - 3][:B])  # (B = 1: one length)
     lens = {"int": cached, "int32": torch.full((B,), cached, dtype=torch.int32),
-            "int64": torch.full((B,), cached, dtype=torch.int64)}[lengths]
+            "int64": torch.full((B,), cached, dtype=torch.int64),
+            "ragged int32": ragged.int(), "ragged int64": ragged}[lengths]
     new = {}
     if n_new:
         new = dict(k_new=torch.randn(B, n_new, Hk, D, dtype=dtype),
@@ -271,8 +328,8 @@ def test_eager_decoding_leaves_other_calls_to_the_general_path(monkeypatch):
     kn, vn = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
     same = torch.tensor([3, 3], dtype=torch.int32)
     cases = {
-        "ragged lengths": lambda: llmkernels.attention_with_kvcache(
-            q, kc, vc, torch.tensor([3, 5], dtype=torch.int32)),
+        "ragged, 40 query heads a kv head": lambda: llmkernels.attention_with_kvcache(
+            torch.randn(2, 1, 80, 16), kc, vc, torch.tensor([3, 5], dtype=torch.int32)),
         "window": lambda: llmkernels.attention_with_kvcache(q, kc, vc, same, window_size=(2, 0)),
         "unchecked lengths": lambda: llmkernels.attention_with_kvcache(q, kc, vc, same,
                                                                        check_lengths=False),
@@ -299,6 +356,8 @@ def test_eager_decoding_leaves_other_calls_to_the_general_path(monkeypatch):
     k_before = kc.clone()
     for lens, err, match in ((9, ValueError, "outside the cache"),
                              (-1, ValueError, "outside the cache"),
+                             (torch.tensor([3, 9]), ValueError, "sequence 1 holds 9"),
+                             (torch.tensor([-1, 3]), ValueError, "sequence 0 holds -1"),
                              (torch.tensor([3.0, 3.0]), TypeError, "int32")):
         with pytest.raises(err, match=match):
             llmkernels.attention_with_kvcache(q, kc, vc, lens, k_new=torch.randn(2, 2, 2, 16),

@@ -110,6 +110,34 @@ def test_native_rechecks_memory_safety():
 
 
 @pytest.mark.skipif(llmkernels.backends.native_module() is None, reason="needs the CPU kernels")
+def test_native_checks_key_lengths():
+    """Per-sequence key lengths are checked before any key is read: one per batch entry,
+    inside the keys given, and only where the decode-shaped kernel serves the call."""
+    from llmkernels._cview import cview
+    from llmkernels.backends import native_module
+    native = native_module()
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
+    out, lse = torch.empty(2, 4, 1, 16), torch.empty(2, 4, 1)
+    views = (cview(q), cview(k), cview(v), None)
+    nbytes = native.attention_forward_workspace_bytes(0, *views, 1)
+    ws = torch.empty(nbytes, dtype=torch.uint8)
+
+    def call(lens, qv=q, o=out, ls=lse):
+        return native.attention_forward(0, cview(qv), *views[1:], cview(o), cview(ls),
+                                        ws.data_ptr(), nbytes, 0.25, 0.0, -1, -1, 7, 1, None,
+                                        lens)
+    for lens, match in (([3], "key_lens has 1 entries, the batch 2"),
+                        ([3, 9], r"key_lens\[1\] = 9 is outside \[0, 8\]"),
+                        ([-1, 3], r"key_lens\[0\] = -1 is outside")):
+        with pytest.raises(RuntimeError, match=match):
+            call(lens)
+    assert call([0, 8]) == 0
+    q5 = torch.randn(2, 4, 5, 16)  # five queries a head: the tiled kernel, no key_lens
+    with pytest.raises(RuntimeError, match="key_lens needs a decode-shaped call"):
+        call([3, 8], q5, torch.empty(2, 4, 5, 16), torch.empty(2, 4, 5))
+
+
+@pytest.mark.skipif(llmkernels.backends.native_module() is None, reason="needs the CPU kernels")
 def test_nan_errors_name_the_function_called():
     """attention_varlen and attention_with_kvcache run the CPU attention kernel, whose NaN/Inf
     error named scaled_dot_product_attention."""

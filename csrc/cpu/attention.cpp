@@ -52,6 +52,16 @@ void check_params(const AttentionParams& p) {
                "attn_mask must be bool or float");
   }
   LLMK_CHECK(p.num_threads >= 1, "num_threads must be >= 1");
+  if (p.key_lens) {
+    LLMK_CHECK(attention_decode_shaped(L, Hk ? Hq / Hk : 1),
+               "key_lens needs a decode-shaped call (" << kDecodeMaxL << " queries a head at "
+               "most, and at most " << kDecodeMaxRows << " query rows a kv head), got " << L
+               << " queries and " << (Hk ? Hq / Hk : 0) << " query heads a kv head");
+    for (int64_t b = 0; b < B; ++b)
+      LLMK_CHECK(p.key_lens[b] >= 0 && p.key_lens[b] <= p.k.sizes[2],
+                 "key_lens[" << b << "] = " << p.key_lens[b] << " is outside [0, "
+                 << p.k.sizes[2] << "] (the keys given)");
+  }
 }
 
 std::atomic<int64_t> g_round_bytes{0};
@@ -93,6 +103,7 @@ void check_attention_forward(const AttentionParams& p, const ForwardIO& io) {
 }
 
 void check_attention_backward(const AttentionParams& p, const BackwardIO& io) {
+  LLMK_CHECK(!p.key_lens, "the backward takes no key_lens");
   check_params(p);
   check_view(io.dout, "grad_out", 4);
   check_view(io.out, "out", 4);

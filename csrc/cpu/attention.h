@@ -19,7 +19,20 @@ struct AttentionParams {
   int64_t diag_offset = 0;    // (-1: that side unbounded)
   int num_threads = 1;
   int64_t round_bytes = 0;    // workspace budget of one round of heads; 0: the default
+  // Optional, B entries (decode-shaped calls only, attention_decode_shaped): batch entry b
+  // sees keys [0, key_lens[b]) alone, as if k and v ended there, and its band moves with
+  // that end (its diagonal offset is diag_offset + key_lens[b] - S). Ragged KV caches then
+  // take one call; keys past an entry's length are never read.
+  const int64_t* key_lens = nullptr;
 };
+
+// Calls with few queries a kv head (L queries a head, group query heads a kv head) take the
+// decode-shaped forward, which streams the keys once; only these accept key_lens.
+constexpr int64_t kDecodeMaxL = 4;       // queries per head served this way
+constexpr int64_t kDecodeMaxRows = 32;   // query rows per kv head (group x L)
+inline bool attention_decode_shaped(int64_t L, int64_t group) {
+  return L <= kDecodeMaxL && group * L <= kDecodeMaxRows;
+}
 
 struct ForwardIO {
   TensorView out;  // (B, Hq, L, Dv), q's dtype

@@ -108,12 +108,17 @@ void transform_scores(const AttentionParams& p, int64_t b, int64_t h, float* S, 
   }
 }
 
-// Inclusive range of keys some query in [i0, i0 + mq) may see; empty when lo > hi.
+// Inclusive range of keys some query in [i0, i0 + mq) may see among S keys with this diagonal
+// offset; empty when lo > hi.
+LLMK_INLINE void key_range(const AttentionParams& p, int64_t S, int64_t diag, int64_t i0,
+                           int64_t mq, int64_t* lo, int64_t* hi) {
+  *lo = 0; *hi = S - 1;
+  if (p.window_left >= 0) *lo = max_<int64_t>(*lo, i0 + diag - p.window_left);
+  if (p.window_right >= 0) *hi = min_<int64_t>(*hi, i0 + mq - 1 + diag + p.window_right);
+}
 LLMK_INLINE void key_range(const AttentionParams& p, int64_t S, int64_t i0, int64_t mq,
                            int64_t* lo, int64_t* hi) {
-  *lo = 0; *hi = S - 1;
-  if (p.window_left >= 0) *lo = max_<int64_t>(*lo, i0 + p.diag_offset - p.window_left);
-  if (p.window_right >= 0) *hi = min_<int64_t>(*hi, i0 + mq - 1 + p.diag_offset + p.window_right);
+  key_range(p, S, p.diag_offset, i0, mq, lo, hi);
 }
 
 // Inclusive range of queries that may see some key in [j0, j0 + nk).
@@ -447,16 +452,12 @@ void forward_item(void* vctx, int64_t item, int tid) {
 // units busy for one query row. Chunks of keys (flash-decoding) keep every thread busy when
 // batch x heads is small; their partial results are merged at the end.
 
-constexpr int64_t kDecodeMaxL = 4;       // queries per head served this way
-constexpr int64_t kDecodeMaxRows = 32;   // query rows per kv head (group x L)
 constexpr int64_t kDecodeMinChunk = 512; // keys per chunk, at least
 // Keys per block (32 measured within noise of 64 on the Zen 3: 0.9-1.1x over 8 cases).
 constexpr int64_t kDecodeBK = 64;
 constexpr int kDecodeAcc = 8;            // independent accumulators in P V (FMA latency x ports)
 
-LLMK_INLINE bool use_decode(const Geometry& g) {
-  return g.L <= kDecodeMaxL && g.group * g.L <= kDecodeMaxRows;
-}
+LLMK_INLINE bool use_decode(const Geometry& g) { return attention_decode_shaped(g.L, g.group); }
 
 // Per-thread counts of output rows holding NaN/Inf (each thread adds to its own slot).
 LLMK_INLINE int64_t* reset_bad_rows(char* ws, int64_t offset, int nthreads) {
@@ -740,9 +741,9 @@ void decode_pv_rows(int64_t R, int64_t Dvp, int64_t nb, const float* P, int64_t 
 }
 
 // Scores of one key block, a row of keys per query row (st[r * ld + j]): softcap, mask,
-// band, and -inf for the lanes past the block's nb keys (up to nbp).
-void decode_transform(const DecodeCtx& c, int64_t b, int64_t hk, float* st, int64_t ld,
-                      int64_t j0, int64_t nb, int64_t nbp) {
+// band (diagonal offset diag), and -inf for the lanes past the block's nb keys (up to nbp).
+void decode_transform(const DecodeCtx& c, int64_t b, int64_t hk, int64_t diag, float* st,
+                      int64_t ld, int64_t j0, int64_t nb, int64_t nbp) {
   const AttentionParams& p = *c.p;
   const Geometry& g = c.g;
   const int64_t R = c.lay.R;
@@ -755,8 +756,8 @@ void decode_transform(const DecodeCtx& c, int64_t b, int64_t hk, float* st, int6
       for (int64_t x = 0; x < nbp; x += W) storeu(row + x, vcap * vtanh(loadu(row + x) * vinv));
     if (p.mask.data) apply_mask_row(p.mask, b, h, i, j0, nb, row, 1, kLog2e);
     if (band) {
-      const int64_t lo = p.window_left >= 0 ? i + p.diag_offset - p.window_left : INT64_MIN;
-      const int64_t hi = p.window_right >= 0 ? i + p.diag_offset + p.window_right : INT64_MAX;
+      const int64_t lo = p.window_left >= 0 ? i + diag - p.window_left : INT64_MIN;
+      const int64_t hi = p.window_right >= 0 ? i + diag + p.window_right : INT64_MAX;
       for (int64_t j = 0; j < nb; ++j)
         if (j0 + j < lo || j0 + j > hi) row[j] = kNegInf;
     }
@@ -831,8 +832,11 @@ void decode_item_as(const DecodeCtx& c, int64_t item, int tid) {
     for (int64_t e = 0; e < R * g.Dvp; ++e) s.O[e] = 0.f;
   }
 
-  int64_t klo, khi;  // keys any of the rows may see, within this chunk
-  key_range(p, g.S, 0, g.L, &klo, &khi);
+  // Keys any of the rows may see, within this chunk (and this entry's keys, if it has fewer).
+  const int64_t keys = p.key_lens ? p.key_lens[b] : g.S;
+  const int64_t diag = p.diag_offset + (keys - g.S);
+  int64_t klo, khi;
+  key_range(p, keys, diag, 0, g.L, &klo, &khi);
   klo = max_(klo, ch * c.lay.chunk_len);
   khi = min_(khi, (ch + 1) * c.lay.chunk_len - 1);
   for (int64_t j0 = klo; j0 <= khi; j0 += kDecodeBK) {
@@ -872,7 +876,7 @@ void decode_item_as(const DecodeCtx& c, int64_t item, int tid) {
         ldv = g.Dvp;
       }
       decode_scores(s.Q, g.Dp, R, K, ldk, nb, g.Dp, ST, kDecodeBK, next_k);
-      decode_transform(c, b, hk, ST, kDecodeBK, j0, nb, nbp);
+      decode_transform(c, b, hk, diag, ST, kDecodeBK, j0, nb, nbp);
       decode_softmax(R, ST, kDecodeBK, nbp, s.m, s.l, s.alpha);
       decode_pv_rows(R, g.Dvp, nb, ST, kDecodeBK, V, ldv, s.O, s.alpha, next_v);
     }

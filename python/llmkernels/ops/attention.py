@@ -56,16 +56,19 @@ def _forward_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _forward_cpu_views(views, out, lse, residual, scale: float, softcap: float,
-                       window_left: int, window_right: int, diag_offset: int) -> None:
+                       window_left: int, window_right: int, diag_offset: int,
+                       key_lens: Optional[Sequence[int]] = None) -> None:
     """_forward_cpu's kernel call on cviews of q, k, v and the mask (B, H, L, E), into out /
-    lse / residual (fresh tensors of _forward_cpu's shapes; residual None: none wanted)."""
+    lse / residual (fresh tensors of _forward_cpu's shapes; residual None: none wanted).
+    key_lens (decode-shaped calls, native.attention_decode_shaped): keys each batch entry
+    sees, from the first; its band ends where its keys do."""
     native = backends.native_module()
     tier, threads = backends.cpu_tier_code(), backends.cpu_threads()
     nbytes = native.attention_forward_workspace_bytes(tier, *views, threads)
     ws = _workspace(nbytes)
     bad = native.attention_forward(tier, *views, cview(out), cview(lse), ws.data_ptr(), nbytes,
                                    scale, softcap, window_left, window_right, diag_offset, threads,
-                                   cview(residual))
+                                   cview(residual), key_lens)
     if bad:
         raise ValueError(f"{OP_NAME}: {bad} output row(s) are NaN or Inf: query, key, value or "
                          "attn_mask holds NaN/Inf (or values too large for the dtype)")

@@ -14,13 +14,13 @@ from typing import List, Optional, Sequence
 import torch
 
 from .. import backends
-from .._cview import DTYPE_CODES
+from .._cview import DTYPE_CODES, cview
 from ..reference.attention import attention_kvcache_reference
 from . import attention_gpu
 from .attention import (_KERNEL_DTYPES, INT32_MAX, MAX_CPU_HEAD_DIM, _check_tensor,
-                        _forward_cpu, _forward_cpu_views, _recorded, _scale_softcap, _window,
-                        cpu_forward, cpu_kernel_support, errors_named, host_ints,
-                        kernels_blocked, resolved, select_path)
+                        _forward_cpu, _forward_cpu_views, _needs_dispatcher, _recorded,
+                        _scale_softcap, _window, cpu_forward, cpu_kernel_support, errors_named,
+                        host_ints, kernels_blocked, resolved, select_path)
 
 OP_NAME = "attention_with_kvcache"
 
@@ -147,15 +147,8 @@ class _KVCall:
             self.k_cache[:, n:n + self.n_new] = self.k_new
             self.v_cache[:, n:n + self.n_new] = self.v_new
             return
-        B = self.q.shape[0]
-        dev = self.q.device
-        pos = (self._device_lengths().long()[:, None]
-               + torch.arange(self.n_new, device=dev)[None, :])
-        if self.cached is None:  # unchecked lengths: stay inside the cache whatever they are
-            pos = pos.clamp(0, self.k_cache.shape[1] - 1)
-        rows = torch.arange(B, device=dev)[:, None].expand_as(pos)
-        self.k_cache[rows, pos] = self.k_new
-        self.v_cache[rows, pos] = self.v_new
+        _append_at(self.k_cache, self.v_cache, self.k_new, self.v_new, self._device_lengths(),
+                   clamp=self.cached is None)
 
     def decide(self, backend: Optional[str]) -> backends.Decision:
         def cpu() -> Optional[str]:
@@ -168,14 +161,28 @@ class _KVCall:
                            (self.k_new, self.v_new))
 
     def run_cpu(self) -> torch.Tensor:
-        Lq = self.q.shape[1]
-        if len(set(self.lengths)) <= 1:  # one call when every sequence has the same length
-            n = self.lengths[0] if self.lengths else 0
+        B, Lq, Hq, _ = self.q.shape
+        lengths = self.lengths
+        if len(set(lengths)) <= 1:  # one call when every sequence has the same length
+            n = lengths[0] if lengths else 0
             out = cpu_forward(self.q4, self.k4[:, :, :n], self.v4[:, :, :n], None, self.scale,
                               self.softcap, self.left, self.right, n - Lq)
             return out.transpose(1, 2)
+        n = max(lengths)
+        q4, k4, v4 = self.q4, self.k4[:, :, :n], self.v4[:, :, :n]
+        if (backends.native_module().attention_decode_shaped(Lq, Hq // self.k_cache.shape[2])
+                and not _needs_dispatcher(q4, k4, v4)):
+            # Ragged lengths in one call: the kernel stops each sequence at its own length.
+            out = q4.new_empty((B, Hq, Lq, self.v_cache.shape[3]))
+            lse = q4.new_empty((B, Hq, Lq), dtype=torch.float32)
+            _forward_cpu_views((cview(q4), cview(k4), cview(v4), None), out, lse, None,
+                               self.scale, self.softcap or 0.0, self.left, self.right, n - Lq,
+                               lengths)
+            return out.transpose(1, 2)
+        # Many queries a head (a chunk of a prompt), or a call torch must see op by op: one
+        # call a sequence.
         out = self.q.new_empty((*self.q.shape[:3], self.v_cache.shape[3]))
-        for b, n in enumerate(self.lengths):
+        for b, n in enumerate(lengths):
             ob = cpu_forward(self.q4[b:b + 1], self.k4[b:b + 1, :, :n], self.v4[b:b + 1, :, :n],
                              None, self.scale, self.softcap, self.left, self.right, n - Lq)
             out[b] = ob[0].transpose(0, 1)
@@ -243,6 +250,18 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return call.run_cpu() if path == "cpu" else call.run_reference()
 
 
+def _append_at(k_cache, v_cache, k_new, v_new, starts: torch.Tensor, clamp: bool) -> None:
+    """Writes token t of k_new / v_new's sequence b at position starts[b] + t of the caches
+    (clamped into them when clamp: unchecked lengths stay memory-safe)."""
+    dev = k_cache.device
+    pos = starts.long()[:, None] + torch.arange(k_new.shape[1], device=dev)[None, :]
+    if clamp:
+        pos = pos.clamp(0, k_cache.shape[1] - 1)
+    rows = torch.arange(k_cache.shape[0], device=dev)[:, None].expand_as(pos)
+    k_cache[rows, pos] = k_new
+    v_cache[rows, pos] = v_new
+
+
 def _plain_cpu_call(tensors) -> bool:
     """Whether a call with these tensors may go to the CPU kernel straight from here: a plain
     eager CPU call, or False where the general path must take it (another device or path,
@@ -305,12 +324,11 @@ def _heads_first(t: torch.Tensor, seq: int):
 
 def _cpu_eager(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_size, softcap,
                check_lengths) -> Optional[torch.Tensor]:
-    """attention_with_kvcache's decoding step (one query token a sequence, every sequence the
-    same length, no window) on the CPU kernel straight from here, after the append; None where
-    the general path must take the call, the caches untouched (it raises there for what it
-    refuses). The general path's checks and views cost ~70 us a call, three times the
-    kernel's time over a small model's cache (B = 1, 12 / 4 heads of 64, 64 keys, Zen 3:
-    92 us against SDPA's 27)."""
+    """attention_with_kvcache's decoding step (one query token a sequence, no window) on the
+    CPU kernel straight from here, after the append; None where the general path must take
+    the call, the caches untouched (it raises there for what it refuses). The general path's
+    checks and views cost ~70 us a call, three times the kernel's time over a small model's
+    cache (B = 1, 12 / 4 heads of 64, 64 keys, Zen 3: 92 us against SDPA's 27)."""
     if window_size is not None or not check_lengths or (k_new is None) != (v_new is None):
         return None
     if not _plain_cpu_call((q, k_cache, v_cache) if k_new is None
@@ -328,21 +346,27 @@ def _cpu_eager(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_s
         if (k_new.shape != (B, n_new, Hk, D) or v_new.shape != (B, n_new, Hk, Dv)
                 or k_new.dtype != q.dtype or v_new.dtype != q.dtype):
             return None
+    key_lens = None  # one length for all
     if type(cache_seqlens) is int:
-        n = cache_seqlens
+        n = lo = cache_seqlens
     elif (type(cache_seqlens) is torch.Tensor and cache_seqlens.is_cpu
           and cache_seqlens.dtype in (torch.int32, torch.int64) and cache_seqlens.shape == (B,)
           and not cache_seqlens.is_neg() and cache_seqlens.layout == torch.strided):
         lengths = cache_seqlens.tolist()
-        n = lengths[0]
-        if any(m != n for m in lengths):
-            return None
+        n, lo = max(lengths), min(lengths)
+        if lo != n:  # ragged: the kernel stops each sequence at its own length
+            if not backends.native_module().attention_decode_shaped(1, Hq // Hk):
+                return None
+            key_lens = [m + n_new for m in lengths]
     else:
         return None
-    if n < 0 or n + n_new > S or n + n_new == 0:
+    if lo < 0 or n + n_new > S or n + n_new == 0:
         return None
     scale, softcap = _scale_softcap(scale, softcap, D, OP_NAME)
-    if n_new:  # (in place, as the general path: slices at one length)
+    if key_lens is not None:
+        if n_new:
+            _append_at(k_cache, v_cache, k_new, v_new, cache_seqlens, clamp=False)
+    elif n_new:  # (in place, as the general path: slices at one length)
         k_cache[:, n:n + n_new] = k_new
         v_cache[:, n:n + n_new] = v_new
     n += n_new
@@ -350,7 +374,7 @@ def _cpu_eager(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_s
     lse = q.new_empty((B, Hq, 1), dtype=torch.float32)
     views = (_heads_first(q, 1), _heads_first(k_cache, n), _heads_first(v_cache, n), None)
     with errors_named(OP_NAME):
-        _forward_cpu_views(views, out, lse, None, scale, softcap or 0.0, -1, -1, n - 1)
+        _forward_cpu_views(views, out, lse, None, scale, softcap or 0.0, -1, -1, n - 1, key_lens)
     return out.transpose(1, 2)
 
 
