@@ -13,7 +13,12 @@ sdpa      torch SDPA over contiguous (batch, heads, seq, dim) caches, in its fas
 sdpa-gqa  (GQA only) the same with enable_gqa=True over (B, Hq, 1, D) queries: the call
           models make, for reference
 
-Both read the whole cache once: GB/s = (K + V bytes) / time, against the device's read
+--ragged: sequence b holds S - b * S // (2B) keys (S down to about S / 2), as a batch of
+requests at different points of their generation. ours gets those lengths; sdpa is one
+folded call a sequence over its own keys (the fastest way to the same result here);
+sdpa-gqa is the models' call: enable_gqa over the padded caches with a boolean key mask.
+
+Each reads the keys it attends to once: GB/s = (K + V bytes of those keys) / time, against the device's read
 bandwidth (harness.read_sum: a float32 sum of 256 MiB, timed in alternation with each case,
 as quant_matmul.py does). Each case is checked against the float64 reference before it is
 timed (error at most 2x SDPA's plus ATOL x max|output|); exit status 1 if a check fails. On
@@ -87,6 +92,8 @@ def main(argv=None) -> int:
                    help="comma list of fp32,bf16,fp16 (default bf16)")
     p.add_argument("--ours-backend", default=None, help="force cpu, cuda, triton or reference")
     p.add_argument("--min-run-time", type=float, default=0.2)
+    p.add_argument("--ragged", action="store_true",
+                   help="sequences of different lengths (S down to about S / 2)")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     hq, hk = args.heads
@@ -108,7 +115,10 @@ def main(argv=None) -> int:
                 q = torch.randn(B, 1, hq, args.head_dim, dtype=dtype, device=dev)
                 kc = torch.randn(B, S, hk, args.head_dim, dtype=dtype, device=dev)
                 vc = torch.randn(B, S, hk, args.head_dim, dtype=dtype, device=dev)
-                lens = torch.full((B,), S, dtype=torch.int32, device=dev)
+                used = [S - b * S // (2 * B) if args.ragged else S for b in range(B)]
+                lens = torch.tensor(used, dtype=torch.int32, device=dev)
+                # (B, 1, 1, S): the keys each sequence attends to (ragged only)
+                key_mask = (torch.arange(S, device=dev)[None, :] < lens[:, None])[:, None, None]
                 k_sdpa, v_sdpa = kc.transpose(1, 2).contiguous(), vc.transpose(1, 2).contiguous()
                 q_gqa = q.transpose(1, 2)  # (B, Hq, 1, D)
                 # query head h reads KV head h // (Hq/Hk): consecutive heads share one
@@ -121,17 +131,22 @@ def main(argv=None) -> int:
                                                              backend=args.ours_backend)
 
                 def sdpa():  # (B, Hk, G, D): as ours' (B, 1, Hq, D) once reshaped
-                    return F.scaled_dot_product_attention(q_fold, k_sdpa, v_sdpa)
+                    if not args.ragged:
+                        return F.scaled_dot_product_attention(q_fold, k_sdpa, v_sdpa)
+                    return torch.cat([F.scaled_dot_product_attention(
+                        q_fold[b:b + 1], k_sdpa[b:b + 1, :, :n], v_sdpa[b:b + 1, :, :n])
+                        for b, n in enumerate(used)])
 
                 def sdpa_gqa():  # (B, Hq, 1, D)
-                    return F.scaled_dot_product_attention(q_gqa, k_sdpa, v_sdpa,
-                                                          enable_gqa=True)
+                    return F.scaled_dot_product_attention(
+                        q_gqa, k_sdpa, v_sdpa, enable_gqa=True,
+                        attn_mask=key_mask if args.ragged else None)
                 fns = {"ours": ours, "sdpa": sdpa}
                 if hq != hk:
                     fns["sdpa-gqa"] = sdpa_gqa
                 with torch.no_grad():
                     exact = attention_kvcache_reference(q.double(), kc.double(), vc.double(),
-                                                        [S] * B)
+                                                        used)
                     check = harness.check_close(
                         "out", ours(), exact, baseline=sdpa().reshape(exact.shape),
                         atol=ATOL[dtype] * exact.abs().max().item())
@@ -152,8 +167,9 @@ def main(argv=None) -> int:
                         g_ours = harness.time_fn(harness.graphed(ours_unchecked), dev,
                                                  args.min_run_time).median_s
                         g_sdpa = harness.time_fn(harness.graphed(sdpa), dev, args.min_run_time).median_s
-                gbytes = 2 * kc.numel() * kc.element_size() / 1e9
-                rec = dict(dtype=dt_name, batch=B, cache_len=S, heads_q=hq, heads_kv=hk,
+                gbytes = 2 * sum(used) * hk * args.head_dim * kc.element_size() / 1e9
+                rec = dict(dtype=dt_name, batch=B, cache_len=S, ragged=args.ragged,
+                           keys_used=sum(used), heads_q=hq, heads_kv=hk,
                            head_dim=args.head_dim, served_by=served, correct=ok,
                            err_ours=e_ours, err_sdpa=e_base, bound=check.bound,
                            ours_us=t_ours * 1e6, sdpa_us=t_sdpa * 1e6, ours_gbs=gbytes / t_ours,
@@ -169,7 +185,8 @@ def main(argv=None) -> int:
                 graph_cells = ([f"{g_ours * 1e6:.1f}", f"{g_sdpa * 1e6:.1f}",
                                 f"{gbytes / g_ours:.3g}", f"{g_sdpa / g_ours:.2f}x"]
                                if g_ours else ["-"] * 4)
-                rows.append([dt_name, B, str(S), f"{hq}/{hk}", args.head_dim, served,
+                cache = f"{min(used)}-{S}" if min(used) < S else str(S)
+                rows.append([dt_name, B, cache, f"{hq}/{hk}", args.head_dim, served,
                              "ok" if ok else "FAIL", f"{t_ours * 1e6:.1f}", f"{t_sdpa * 1e6:.1f}",
                              # 3 significant digits: a CPU's few GB/s would show as 0 or 1
                              f"{gbytes / t_ours:.3g}", f"{gbytes / t_sdpa:.3g}",

@@ -221,6 +221,10 @@ if [ "$HAVE_GPU" = 1 ] && { [ "$STEPS" = all ] || [ "$STEPS" = bench ]; }; then
   step decode_bench_triton "$BENCH_TIMEOUT" "$PY" benchmarks/attention_decode.py --device cuda \
     --ours-backend triton --batch 1,8 --cache-lens 8192 --min-run-time 0.1 --json "$OUT/decode_gpu_triton.json"
   show 6 "$OUT/decode_bench_triton.log"
+  step decode_bench_triton_ragged "$BENCH_TIMEOUT" "$PY" benchmarks/attention_decode.py --device cuda \
+    --ours-backend triton --batch 8 --cache-lens 8192 --ragged --min-run-time 0.1 \
+    --json "$OUT/decode_gpu_triton_ragged.json"
+  show 5 "$OUT/decode_bench_triton_ragged.log"
   # The CUDA attention kernels are untuned (0.07-0.1x SDPA on an H100): timed last.
   step attention_bench_cuda "$BENCH_TIMEOUT" "$PY" benchmarks/attention.py --device cuda \
     --ours-backend cuda --paths ours,sdpa --dtypes bf16 --head-dims 128 --seqlens "${BENCH_SEQLENS:-4096}" \

@@ -219,6 +219,20 @@ def test_attention_decode_quick(tmp_path):
         assert c["err_ours"] <= c["bound"] and c["speedup_vs_sdpa_gqa"] > 0
 
 
+def test_attention_decode_ragged_quick(tmp_path):
+    """--ragged: each sequence its own length, checked against the reference over those
+    lengths (an output over the whole cache fails the check), GB/s of the keys used."""
+    result, out = _run_quick("attention_decode.py", tmp_path,
+                             ["--device", "cpu", "--batch", "3", "--cache-lens", "256",
+                              "--heads", "8/2", "--head-dim", "64", "--min-run-time", "0.01",
+                              "--ragged"])
+    (case,) = result["cases"]
+    assert case["correct"] and case["ragged"]
+    assert case["keys_used"] == 256 + 214 + 171
+    assert abs(case["ours_gbs"] * case["ours_us"] * 1e3 - 2 * 641 * 2 * 64 * 2) < 1
+    assert any(line.startswith("bf16 3 171-256 ") for line in out.splitlines()), out
+
+
 def test_model_quick(tmp_path):
     pytest.importorskip("transformers")
     plotting = importlib.util.find_spec("matplotlib") is not None
