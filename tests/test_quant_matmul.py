@@ -1,5 +1,6 @@
 """Quantized matmul: the reference quantizers' accuracy (SQNR), every CPU tier's kernel against
 the reference on the same quantized weights, the API, QuantLinear, quantize_, bad input."""
+import copy
 import importlib
 import io
 
@@ -568,6 +569,54 @@ def test_validation_is_remembered_only_for_the_same_tensors():
     back = torch.load(buf)
     assert "_validated" not in back.__dict__
     torch.testing.assert_close(llmkernels.quant_matmul(x, back), llmkernels.quant_matmul(x, qw))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "w8a8"])
+def test_eager_calls_follow_the_weights_tensors(scheme):
+    """Plain eager CPU calls reuse the kernel's views of the weight (_cpu_plan) only while
+    they still describe its tensors: values changed in place, tensors replaced or swapped
+    under the same object (`t.data = other`, same shape: another address, or strided), all give what the general path (backend="cpu": fresh
+    views) gives on the weight as it is now; and the plan is never saved with the weight."""
+    torch.manual_seed(3)
+    qw = llmkernels.quantize_weight(torch.randn(48, 64), scheme, 32)
+    x = torch.randn(3, 64).bfloat16()
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(llmkernels.quant_matmul(x, qw),
+                                       llmkernels.quant_matmul(x, qw, backend="cpu"),
+                                       rtol=0, atol=0)
+    check()
+    assert "_cpu_plan" in qw.__dict__
+    other = llmkernels.quantize_weight(torch.randn(48, 64), scheme, 32)
+    qw.qdata.copy_(other.qdata)  # in place: same tensors, same addresses
+    check()
+    qw.scales = other.scales.clone() * 2  # replaced
+    check()
+    third = llmkernels.quantize_weight(torch.randn(48, 64), scheme, 32)
+    qw.qdata.data = third.qdata.clone()  # same object, another address
+    check()
+    qw.scales.data = torch.flip(third.scales, [0]).clone()
+    check()
+    if qw.zeros is not None:
+        qw.zeros.data = torch.flip(third.zeros, [0]).clone()
+        check()
+    t = qw.qdata.data  # the same address and shape, strided (the general path takes it)
+    qw.qdata.data = t.as_strided(t.shape, (1, t.shape[0]))
+    check()
+    plan = qw.__dict__.get("_cpu_plan")
+    copied = copy.deepcopy(qw)
+    back = io.BytesIO()
+    torch.save(qw, back)
+    back.seek(0)
+    for q in (copied, torch.load(back)):
+        assert "_cpu_plan" not in q.__dict__
+        with torch.no_grad():
+            torch.testing.assert_close(llmkernels.quant_matmul(x, q), llmkernels.quant_matmul(x, qw))
+    state = dict(qw.__dict__, _cpu_plan=plan)
+    crafted = llmkernels.QuantizedWeight.__new__(llmkernels.QuantizedWeight)
+    crafted.__setstate__(state)
+    assert "_cpu_plan" not in crafted.__dict__
 
 
 def test_quantlinear_weight_says_how_to_get_one():

@@ -92,14 +92,18 @@ class QuantizedWeight:
             qdata.shape, scales.shape, scales.dtype, None if zeros is None else zeros.shape,
             None if zeros is None else zeros.dtype)
 
+    # Records kept in __dict__ for the calls: never saved, never taken from a file (a crafted
+    # record of a pass skipped every check; a crafted kernel plan held pointers).
+    _RUNTIME_RECORDS = ("_validated", "_cpu_plan")
+
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.pop("_validated", None)
+        for name in self._RUNTIME_RECORDS:
+            state.pop(name, None)
         return state
 
     def __setstate__(self, state):
-        # A file's own record of a pass is never trusted (a crafted one skipped every check).
-        self.__dict__.update({k: v for k, v in state.items() if k != "_validated"})
+        self.__dict__.update({k: v for k, v in state.items() if k not in self._RUNTIME_RECORDS})
 
     def _check(self, where: str) -> None:
         if self.scheme not in SCHEMES:
