@@ -412,6 +412,15 @@ PYBIND11_MODULE(_C, m) {
       py::arg("num_threads"), py::arg("workspace"), py::arg("workspace_bytes"),
       "Quantized matmul on the CPU: out = x @ dequantize(W)^T (+ bias); schemes 0 int8, "
       "1 int4, 2 w8a8.");
+  m.def(
+      "kvcache_append",
+      [](py::object cache, py::object src, std::vector<int64_t> starts) {
+        const TensorView d = to_view(cache, "cache"), s = to_view(src, "new");
+        py::gil_scoped_release release;
+        kvcache_append(d, s, starts.data(), int64_t(starts.size()));
+      },
+      py::arg("cache"), py::arg("new"), py::arg("starts"),
+      "Writes token t of new (B, n, H, E) at position starts[b] + t of cache (B, S, H, E).");
   m.def("attention_decode_shaped", &attention_decode_shaped, py::arg("queries"),
         py::arg("group"),
         "Whether L queries a head with group query heads a kv head take the decode-shaped "

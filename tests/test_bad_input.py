@@ -138,6 +138,41 @@ def test_native_checks_key_lengths():
 
 
 @pytest.mark.skipif(llmkernels.backends.native_module() is None, reason="needs the CPU kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_kvcache_append(dtype):
+    """The CPU KV append writes each sequence's new tokens at its own position (strided
+    caches and tokens too, element by element), and checks everything before a write."""
+    from llmkernels._cview import cview
+    from llmkernels.backends import native_module
+    native = native_module()
+    cache = torch.randn(3, 10, 2, 16, dtype=dtype)
+    new = torch.randn(3, 2, 2, 32, dtype=dtype)[..., ::2]  # last dim strided
+    want = cache.clone()
+    for b, n in enumerate([0, 5, 8]):
+        want[b, n:n + 2] = new[b]
+    got = cache.clone()
+    native.kvcache_append(cview(got), cview(new), [0, 5, 8])
+    assert torch.equal(got, want)
+    wide = torch.randn(3, 10, 2, 32, dtype=dtype)
+    strided = wide[..., ::2]  # a strided cache
+    strided.copy_(cache)
+    dense = new.contiguous()  # (held: a cview keeps no tensor alive)
+    native.kvcache_append(cview(strided), cview(dense), [0, 5, 8])
+    assert torch.equal(strided, want)
+    before = cache.clone()
+    other_dtype = new.double()
+    for starts, args, match in (
+            ([0, 5, 9], (cache, new), "sequence 2 holds 9 cached tokens; with 2 new ones"),
+            ([-1, 0, 0], (cache, new), "sequence 0 holds -1"),
+            ([0, 5], (cache, new), "starts has 2 entries, the batch 3"),
+            ([0, 0, 0], (cache, other_dtype), "share a dtype"),
+            ([0, 0, 0], (cache, new[:, :, :1]), r"\(B, n, H, E\)")):
+        with pytest.raises(RuntimeError, match=match):
+            native.kvcache_append(cview(args[0]), cview(args[1]), starts)
+        assert torch.equal(cache, before)
+
+
+@pytest.mark.skipif(llmkernels.backends.native_module() is None, reason="needs the CPU kernels")
 def test_nan_errors_name_the_function_called():
     """attention_varlen and attention_with_kvcache run the CPU attention kernel, whose NaN/Inf
     error named scaled_dot_product_attention."""

@@ -2,6 +2,7 @@
 #include "attention.h"
 
 #include <atomic>
+#include <cstring>
 
 #include "../common/checks.h"
 
@@ -125,6 +126,40 @@ void check_attention_backward(const AttentionParams& p, const BackwardIO& io) {
   check_same_shape(io.dv, p.v, "dv", "value");
   for (const TensorView* t : {&io.dout, &io.out, &io.dq, &io.dk, &io.dv})
     LLMK_CHECK(t->dtype == p.q.dtype, "gradients and out must have query's dtype");
+}
+
+void kvcache_append(const TensorView& dst, const TensorView& src, const int64_t* starts,
+                    int64_t num_starts) {
+  check_view(dst, "cache", 4);
+  check_view(src, "new", 4);
+  LLMK_CHECK(dst.dtype == src.dtype, "the cache and the new tokens must share a dtype");
+  const int64_t B = dst.sizes[0], S = dst.sizes[1], n = src.sizes[1];
+  LLMK_CHECK(src.sizes[0] == B && src.sizes[2] == dst.sizes[2] && src.sizes[3] == dst.sizes[3],
+             "new tokens must be (B, n, H, E) of a (B, S, H, E) cache");
+  LLMK_CHECK(num_starts == B, "starts has " << num_starts << " entries, the batch " << B);
+  for (int64_t b = 0; b < B; ++b)
+    LLMK_CHECK(starts[b] >= 0 && starts[b] + n <= S,
+               "sequence " << b << " holds " << starts[b] << " cached tokens; with " << n
+               << " new ones that is outside the cache's " << S << " slots");
+  const int64_t H = dst.sizes[2], E = dst.sizes[3], bytes = dtype_bytes(dst.dtype);
+  char* d0 = static_cast<char*>(dst.data);
+  const char* s0 = static_cast<const char*>(src.data);
+  const bool rows = dst.strides[3] == 1 && src.strides[3] == 1;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t h = 0; h < H; ++h) {
+        char* d = d0 + (b * dst.strides[0] + (starts[b] + t) * dst.strides[1] +
+                        h * dst.strides[2]) * bytes;
+        const char* s = s0 + (b * src.strides[0] + t * src.strides[1] + h * src.strides[2]) *
+                                 bytes;
+        if (rows) {
+          std::memmove(d, s, size_t(E * bytes));  // (memmove: a view of the cache itself)
+        } else {
+          for (int64_t e = 0; e < E; ++e)
+            std::memmove(d + e * dst.strides[3] * bytes, s + e * src.strides[3] * bytes,
+                         size_t(bytes));
+        }
+      }
 }
 
 void set_attention_round_bytes(int64_t bytes) { g_round_bytes.store(bytes > 0 ? bytes : 0); }

@@ -56,6 +56,12 @@ struct BackwardIO {
 void check_attention_forward(const AttentionParams& p, const ForwardIO& io);
 void check_attention_backward(const AttentionParams& p, const BackwardIO& io);
 
+// The KV cache append of sequences of different lengths: token t of sequence b of src
+// (B, n, H, E) goes to position starts[b] + t of dst (B, S, H, E), same dtype, each within
+// [0, S - n] (checked first: nothing is written otherwise). One copy a (token, head) row.
+void kvcache_append(const TensorView& dst, const TensorView& src, const int64_t* starts,
+                    int64_t num_starts);
+
 // Tests shrink the per-round workspace budget to exercise several rounds on small shapes.
 void set_attention_round_bytes(int64_t bytes);
 

@@ -147,8 +147,15 @@ class _KVCall:
             self.k_cache[:, n:n + self.n_new] = self.k_new
             self.v_cache[:, n:n + self.n_new] = self.v_new
             return
-        _append_at(self.k_cache, self.v_cache, self.k_new, self.v_new, self._device_lengths(),
-                   clamp=self.cached is None)
+        B = self.q.shape[0]
+        dev = self.q.device
+        pos = (self._device_lengths().long()[:, None]
+               + torch.arange(self.n_new, device=dev)[None, :])
+        if self.cached is None:  # unchecked lengths: stay inside the cache whatever they are
+            pos = pos.clamp(0, self.k_cache.shape[1] - 1)
+        rows = torch.arange(B, device=dev)[:, None].expand_as(pos)
+        self.k_cache[rows, pos] = self.k_new
+        self.v_cache[rows, pos] = self.v_new
 
     def decide(self, backend: Optional[str]) -> backends.Decision:
         def cpu() -> Optional[str]:
@@ -248,18 +255,6 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return call.run_gpu(path)
     with errors_named(OP_NAME):  # (the CPU and reference paths raise for NaN/Inf outputs)
         return call.run_cpu() if path == "cpu" else call.run_reference()
-
-
-def _append_at(k_cache, v_cache, k_new, v_new, starts: torch.Tensor, clamp: bool) -> None:
-    """Writes token t of k_new / v_new's sequence b at position starts[b] + t of the caches
-    (clamped into them when clamp: unchecked lengths stay memory-safe)."""
-    dev = k_cache.device
-    pos = starts.long()[:, None] + torch.arange(k_new.shape[1], device=dev)[None, :]
-    if clamp:
-        pos = pos.clamp(0, k_cache.shape[1] - 1)
-    rows = torch.arange(k_cache.shape[0], device=dev)[:, None].expand_as(pos)
-    k_cache[rows, pos] = k_new
-    v_cache[rows, pos] = v_new
 
 
 def _plain_cpu_call(tensors) -> bool:
@@ -363,12 +358,11 @@ def _cpu_eager(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_s
     if lo < 0 or n + n_new > S or n + n_new == 0:
         return None
     scale, softcap = _scale_softcap(scale, softcap, D, OP_NAME)
-    if key_lens is not None:
-        if n_new:
-            _append_at(k_cache, v_cache, k_new, v_new, cache_seqlens, clamp=False)
-    elif n_new:  # (in place, as the general path: slices at one length)
-        k_cache[:, n:n + n_new] = k_new
-        v_cache[:, n:n + n_new] = v_new
+    native = backends.native_module()
+    if n_new:  # (in place, as the general path; one length or each its own)
+        starts = [n] * B if key_lens is None else lengths
+        native.kvcache_append(cview(k_cache), cview(k_new), starts)
+        native.kvcache_append(cview(v_cache), cview(v_new), starts)
     n += n_new
     out = q.new_empty((B, Hq, 1, Dv))
     lse = q.new_empty((B, Hq, 1), dtype=torch.float32)
