@@ -160,7 +160,8 @@ class _KVCall:
     def decide(self, backend: Optional[str]) -> backends.Decision:
         def cpu() -> Optional[str]:
             return cpu_kernel_support(self.q, self.q.shape[3], self.v_cache.shape[3])
-        detail = {"cpu": "fused C++ kernel (decode-shaped calls stream the cache once)",
+        detail = {"cpu": "fused C++ kernel (decode-shaped calls stream the cache once, every "
+                         "sequence in one call; longer query chunks: one call a sequence)",
                   "cuda": "CUDA kernels over per-sequence cache lengths",
                   "triton": "Triton kernels; few-token queries split the keys (flash-decoding)",
                   "reference": "PyTorch ops, one sequence at a time"}
