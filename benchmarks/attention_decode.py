@@ -18,13 +18,13 @@ requests at different points of their generation. ours gets those lengths; sdpa 
 folded call a sequence over its own keys (the fastest way to the same result here);
 sdpa-gqa is the models' call: enable_gqa over the padded caches with a boolean key mask.
 
-Each reads the keys it attends to once: GB/s = (K + V bytes of those keys) / time, against the device's read
-bandwidth (harness.read_sum: a float32 sum of 256 MiB, timed in alternation with each case,
-as quant_matmul.py does). Each case is checked against the float64 reference before it is
-timed (error at most 2x SDPA's plus ATOL x max|output|); exit status 1 if a check fails. On
-CUDA ours and sdpa are also timed as CUDA-graph replays (ours with check_lengths=False, which
-needs no device sync), the way decode loops run in serving engines: that measures the
-kernels without Python overhead.
+Each reads the keys it attends to once: GB/s = (K + V bytes of those keys) / time, against
+the device's read bandwidth (harness.read_sum: a float32 sum of 256 MiB, timed in alternation
+with each case, as quant_matmul.py does). Each case is checked against the float64 reference
+before it is timed (error at most 2x SDPA's plus ATOL x max|output|); exit status 1 if a check
+fails. On CUDA ours and sdpa are also timed as CUDA-graph replays (ours with
+check_lengths=False, which needs no device sync), the way decode loops run in serving engines:
+that measures the kernels without Python overhead.
 """
 from __future__ import annotations
 
