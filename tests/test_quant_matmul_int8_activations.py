@@ -62,7 +62,8 @@ def check_both_ways(x, qw, out):
 @pytest.mark.parametrize("M,K,N", [(1, 128, 9), (2, 384, 33), (1, 4096, 70), (2, 1024, 1),
                                    (4, 128, 9), (5, 384, 33), (6, 256, 9), (7, 384, 70), (8, 4096, 33), (8, 2304, 1),
                                    (7, 320, 33),  # groups of 32: halves of 160, a lone block
-                                   (9, 128, 9), (16, 4096, 70), (17, 384, 33), (64, 1024, 130),
+                                   (9, 128, 9), (16, 4096, 70), (17, 384, 33), (31, 128, 9),
+                                   (64, 1024, 130),
                                    (300, 256, 1)])
 @pytest.mark.parametrize("kind", ["gaussian", "outliers", "zero_blocks"])
 def test_int4_int8x_paths(cpu_tier, group, M, K, N, kind):

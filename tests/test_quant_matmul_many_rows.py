@@ -143,7 +143,7 @@ def test_explain_names_the_cpu_kernel(cpu_tier, scheme):
     from llmkernels.ops.quant_matmul import cpu_int8_activations
     qw = llmkernels.quantize_weight(torch.randn(32, 256), scheme, 64)
     vnni = cpu_tier in ("avx512_bf16", "amx")  # (amx: below 8 rows, avx512_bf16's kernels)
-    for M in (1, 2, 3, 5, 6, 7, 8, 11, 12, 40):
+    for M in (1, 2, 3, 5, 6, 7, 8, 11, 12, 31, 32, 40):
         for dtype in (torch.bfloat16, torch.float32):
             x = torch.randn(M, 256, dtype=dtype)
             text = str(llmkernels.explain(llmkernels.quant_matmul, x, qw))
@@ -153,8 +153,9 @@ def test_explain_names_the_cpu_kernel(cpu_tier, scheme):
                 scheme == "w8a8" or bf16)  # int8, int4 (group 64)
             # int8 x: int4's and int8's row blocks (decoding), and on VNNI tiers x packed as
             # int8 from 6 rows (int8 weights; int4 too where each half of K holds whole groups,
-            # as 256 does groups of 64) or 9 (int4)
-            int4_blocks = scheme == "int4" and bf16 and M < (6 if vnni else 12)
+            # as 256 does groups of 64) or 9 (int4); AVX2's int4 blocks go on to 31 rows
+            int4_blocks = scheme == "int4" and bf16 and M < (
+                6 if vnni else (32 if cpu_tier == "avx2" else 12))
             int8_blocks = scheme == "int8" and bf16 and M < (6 if vnni else 12)
             packed_int8_x = not tiles and vnni and bf16 and scheme != "w8a8" and M >= 6
             # w8a8 (any x) packs from 6 rows on VNNI tiers, the paired layout up to 8

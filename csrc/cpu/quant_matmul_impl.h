@@ -936,7 +936,16 @@ constexpr int64_t kPackedMinRows = 8;
 // whole vectors of 4W values. VNNI CPUs pack int8 x from kInt4Q8RowsVnni rows (use_packed_q8:
 // 4096 x 4096 / 11008, 2 Zen 4 threads, 2026-11-27: 8 rows 1.14 / 3.09 ms here against 1.22 /
 // 3.23 packed, 11 rows 1.54 / 4.12 against 1.29 / 3.22; packed, 8 to 16 rows cost the same).
-constexpr int64_t kInt4Q8Rows = 12;
+// int8 weights' rows (use_int8_q8_rows) stop at kInt8Q8Rows without VNNI.
+constexpr int64_t kInt8Q8Rows = 12;
+// AVX2's int4 row blocks (4 rows a block since) cost in proportion to the rows, the packed
+// path by vectors of 8: the blocks win up to 31 rows (Zen 3, 2 threads, alternated twice,
+// 768x2048 / 2048x768 / 4096x4096: 12 rows 434-487 / 418-505 / 4168-4418 -> 277-284 /
+// 255-260 / 2728-2943 us, 16 rows 424-469 / 478-516 / 4154-4204 -> 340-368 / 334-342 /
+// 3611-4167, 24 rows 767-821 / 774-858 / 7249-8417 -> 555-571 / 505-510 / 5354-6758; 32 rows
+// even, 48 rows packed 8-15% faster at 4096x4096). int8 weights do not gain: from 16 rows
+// at 4096x4096 its packed path is faster (3.7 against 4.5-5.8 ms).
+constexpr int64_t kInt4Q8Rows = W == 8 ? 32 : kInt8Q8Rows;
 constexpr int64_t kInt4Q8RowsVnni = 9;
 bool use_int4_q8(const QuantMatmulParams& p) {
   return kInt4Q8 && p.scheme == QuantScheme::int4 && p.x.dtype == DType::bf16 &&
@@ -961,7 +970,7 @@ constexpr int64_t kPackedQ8MinRowsInt8 = 6;
 // few times fewer instructions per weight than widening it to float.
 bool use_int8_q8_rows(const QuantMatmulParams& p) {
   return kInt4Q8 && p.scheme == QuantScheme::int8 && p.x.dtype == DType::bf16 &&
-         p.x.sizes[0] < (kPackedBf16 ? kPackedQ8MinRowsInt8 : kInt4Q8Rows);
+         p.x.sizes[0] < (kPackedBf16 ? kPackedQ8MinRowsInt8 : kInt8Q8Rows);
 }
 
 bool use_packed_q8(const QuantMatmulParams& p) {
