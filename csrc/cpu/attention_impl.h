@@ -121,6 +121,86 @@ LLMK_INLINE void key_range(const AttentionParams& p, int64_t S, int64_t i0, int6
   key_range(p, S, p.diag_offset, i0, mq, lo, hi);
 }
 
+// ---------------------------------------------------------------- keys a mask hides
+// A mask hides a key from a row with false (bool) or exactly -inf (float: finite values,
+// finfo.min included, are added as they are, and NaN is kept). Key tiles a mask hides from
+// every row of a query tile are skipped like the band's: the padding of a batch, causal masks
+// given as masks, packed sequences, sliding windows (transformers passes all of these as
+// masks). Their weights would be 2^(-inf) = 0, so skipping them changes no result.
+
+// The first key in [from, to) the row leaves visible, or `to` (down: the last in [to, from],
+// scanning from `from` down, or to - 1).
+template <class Visible>
+LLMK_INLINE int64_t first_visible(const Visible& visible, int64_t from, int64_t to) {
+  constexpr int64_t kRun = 16;  // keys checked without a branch (vectorizable)
+  int64_t j = from;
+  for (; j + kRun <= to; j += kRun) {
+    bool any = false;
+    for (int64_t x = 0; x < kRun; ++x) any |= visible(j + x);
+    if (any) break;
+  }
+  for (; j < to; ++j)
+    if (visible(j)) return j;
+  return to;
+}
+template <class Visible>
+LLMK_INLINE int64_t last_visible(const Visible& visible, int64_t from, int64_t to) {
+  for (int64_t j = from; j >= to; --j)
+    if (visible(j)) return j;
+  return to - 1;
+}
+
+// Widens [*first, *last] (empty: first > last) to the visible keys of mask row (b, h, i) in
+// [lo, hi]; only the keys outside the current range are read.
+inline void widen_to_visible(const TensorView& m, int64_t b, int64_t h, int64_t i, int64_t lo,
+                             int64_t hi, int64_t* first, int64_t* last) {
+  const int64_t js = m.strides[3];
+  auto widen = [&](auto visible) {
+    const int64_t f = first_visible(visible, lo, min_(*first, hi + 1));
+    if (f < *first) *first = f;
+    if (*first > hi) return;  // nothing visible yet
+    const int64_t l = last_visible(visible, hi, max_(*last + 1, *first));
+    if (l > *last) *last = l;
+  };
+  if (m.dtype == DType::boolean) {
+    const uint8_t* mp = at4<const uint8_t>(m, b, h, i);
+    return widen([&](int64_t j) { return mp[j * js] != 0; });
+  }
+  with_float_type(m.dtype, [&](auto tag) {
+    using MT = decltype(tag);
+    const MT* mp = at4<const MT>(m, b, h, i);
+    widen([&](int64_t j) { return to_f32(mp[j * js]) != kNegInf; });
+  });
+}
+
+// Narrows [*lo, *hi] to the keys the mask leaves visible to some row (b, h, i), h in [h0,
+// h1), i in [i0, i1): rows the mask broadcasts (stride 0) are read once.
+inline void mask_visible_keys(const TensorView& m, int64_t b, int64_t h0, int64_t h1, int64_t i0,
+                              int64_t i1, int64_t* lo, int64_t* hi) {
+  if (m.strides[1] == 0) h1 = min_(h1, h0 + 1);
+  if (m.strides[2] == 0) i1 = min_(i1, i0 + 1);
+  int64_t first = *hi + 1, last = *lo - 1;
+  for (int64_t h = h0; h < h1; ++h)
+    for (int64_t i = i0; i < i1 && !(first == *lo && last == *hi); ++i)
+      widen_to_visible(m, b, h, i, *lo, *hi, &first, &last);
+  *lo = first;
+  *hi = last;
+}
+
+// The tiled paths' table of those ranges: one per (mask batch, mask head, query tile), where
+// the mask's batch and heads count once if it broadcasts them. Filled before the products,
+// so the heads a mask broadcasts over scan it once.
+struct MaskKeyTable {
+  int64_t Bm = 0, Hm = 0, nqt = 0;
+  MaskKeyTable(const AttentionParams& p, int64_t B, int64_t Hq, int64_t nqt_)
+      : Bm(p.mask.data ? (p.mask.strides[0] ? B : 1) : 0),
+        Hm(p.mask.strides[1] ? Hq : 1), nqt(nqt_) {}
+  int64_t entries() const { return Bm * Hm * nqt; }
+  int64_t index(const AttentionParams& p, int64_t b, int64_t h, int64_t qt) const {
+    return ((p.mask.strides[0] ? b : 0) * Hm + (p.mask.strides[1] ? h : 0)) * nqt + qt;
+  }
+};
+
 // Inclusive range of queries that may see some key in [j0, j0 + nk).
 LLMK_INLINE void query_range(const AttentionParams& p, int64_t L, int64_t j0, int64_t nk,
                              int64_t* lo, int64_t* hi) {
@@ -167,7 +247,7 @@ LLMK_INLINE int64_t carried_words(const Geometry& g) { return kBQ * (g.Dvp + W +
 struct ForwardLayout {
   int64_t hpr;        // kv heads per round
   int64_t seg_tiles;  // key tiles packed at a time: all of them, or a segment
-  int64_t kt_all, v_all, carried, scratch, per_thread, bad_rows, total;
+  int64_t kt_all, v_all, carried, scratch, per_thread, bad_rows, mask_keys, total;
   ForwardLayout(const AttentionParams& p, const Geometry& g, int nthreads) {
     const int64_t tile_bytes = (kt_tile_words(g) + v_tile_words(g)) * 4;
     hpr = heads_per_round(p, g.B * g.Hk, g.nkt * tile_bytes, nthreads);
@@ -192,6 +272,7 @@ struct ForwardLayout {
     scratch = a.take_floats(0);
     a.bytes = scratch + per_thread * nthreads;
     bad_rows = a.take_floats(2 * int64_t(nthreads));  // one int64 per thread
+    mask_keys = a.take_floats(4 * MaskKeyTable(p, g.B, g.Hq, g.nqt).entries());  // int64 pairs
     total = a.bytes;
   }
 };
@@ -201,7 +282,7 @@ struct BackwardLayout {
   int64_t rows;   // query rows of one round (hpr x group x L)
   int64_t tiles;  // query tiles of one round (hpr x group x nqt)
   int64_t nchunks, tiles_per_chunk;
-  int64_t qp, q2, dop, delta, dq_acc, scratch, per_thread, total;
+  int64_t qp, q2, dop, delta, dq_acc, scratch, per_thread, mask_keys, total;
   BackwardLayout(const AttentionParams& p, const Geometry& g, int nthreads) {
     hpr = heads_per_round(p, g.B * g.Hk, g.group * g.L * (2 * g.Dp + g.Dvp + 1) * 4, nthreads);
     rows = hpr * g.group * g.L;
@@ -226,9 +307,48 @@ struct BackwardLayout {
                            (g.bf16dot && kHasAmx ? kBK * g.Dvp : 0)) * 4, 64);
     scratch = a.take_floats(0);
     a.bytes = scratch + per_thread * nthreads;
+    mask_keys = a.take_floats(4 * MaskKeyTable(p, g.B, g.Hq, g.nqt).entries());  // int64 pairs
     total = a.bytes;
   }
 };
+
+// Fills the MaskKeyTable at ws + offset: per entry the keys [lo, hi] within the band some row
+// of the query tile may see (lo > hi: none).
+struct MaskKeysCtx {
+  const AttentionParams* p;
+  const Geometry* g;
+  MaskKeyTable t;
+  int64_t* keys;
+};
+
+void mask_keys_item(void* vctx, int64_t item, int) {
+  const MaskKeysCtx& c = *static_cast<const MaskKeysCtx*>(vctx);
+  const Geometry& g = *c.g;
+  const int64_t qt = item % c.t.nqt, bh = item / c.t.nqt, hm = bh % c.t.Hm, bm = bh / c.t.Hm;
+  const int64_t i0 = qt * kBQ, mq = min_(kBQ, g.L - i0);
+  int64_t lo, hi;
+  key_range(*c.p, g.S, i0, mq, &lo, &hi);
+  if (lo <= hi) mask_visible_keys(c.p->mask, bm, hm, hm + 1, i0, i0 + mq, &lo, &hi);
+  c.keys[2 * item] = lo;
+  c.keys[2 * item + 1] = hi;
+}
+
+LLMK_INLINE const int64_t* mask_keys_at(char* ws, int64_t offset) {
+  return reinterpret_cast<const int64_t*>(ws + offset);
+}
+
+void fill_mask_keys(const AttentionParams& p, const Geometry& g, char* ws, int64_t offset, int run) {
+  const MaskKeyTable t(p, g.B, g.Hq, g.nqt);
+  if (t.entries() == 0) return;
+  MaskKeysCtx c{&p, &g, t, reinterpret_cast<int64_t*>(ws + offset)};
+  parallel_for(t.entries(), run, mask_keys_item, &c);
+}
+
+// The keys [lo, hi] query tile qt of head (b, h) may see by the mask (and the band).
+LLMK_INLINE const int64_t* tile_mask_keys(const AttentionParams& p, const Geometry& g, char* ws,
+                                          int64_t offset, int64_t b, int64_t h, int64_t qt) {
+  return mask_keys_at(ws, offset) + 2 * MaskKeyTable(p, g.B, g.Hq, g.nqt).index(p, b, h, qt);
+}
 
 // Waking pool threads costs tens of microseconds: a call with less work than about
 // kMinWorkPerThread multiply-adds per thread (decoding one token, say) uses fewer threads.
@@ -348,6 +468,11 @@ void forward_item(void* vctx, int64_t item, int tid) {
 
   int64_t klo, khi;
   key_range(p, g.S, i0, mq, &klo, &khi);
+  if (p.mask.data) {
+    const int64_t* mk = tile_mask_keys(p, g, c.ws, c.lay.mask_keys, b, h, qt);
+    klo = mk[0];
+    khi = mk[1];
+  }
   if (klo <= khi) {
     const int64_t kt_end = min_(khi / kBK, c.seg_hi - 1);
     for (int64_t kt = max_(klo / kBK, c.seg_lo); kt <= kt_end; ++kt) {
@@ -839,6 +964,12 @@ void decode_item_as(const DecodeCtx& c, int64_t item, int tid) {
   key_range(p, keys, diag, 0, g.L, &klo, &khi);
   klo = max_(klo, ch * c.lay.chunk_len);
   khi = min_(khi, (ch + 1) * c.lay.chunk_len - 1);
+  if (p.mask.data && klo <= khi) {  // keys the mask hides from every row of the item
+    const int64_t start = klo;
+    mask_visible_keys(p.mask, b, hk0 * g.group, (hk0 + nh) * g.group, 0, g.L, &klo, &khi);
+    // Blocks keep their places: the sums group as they would without the skip, bit for bit.
+    if (klo > start) klo = start + (klo - start) / kDecodeBK * kDecodeBK;
+  }
   for (int64_t j0 = klo; j0 <= khi; j0 += kDecodeBK) {
     const int64_t nb = min_(kDecodeBK, khi + 1 - j0), nbp = round_up(nb, W);
     for (int64_t x = 0; x < nh; ++x) {
@@ -980,6 +1111,7 @@ int64_t forward(const AttentionParams& p, const ForwardIO& io) {
   const Geometry& g = c.g;
   const int run = threads_for_work(g, nthreads);
   const int64_t* bad = reset_bad_rows(c.ws, c.lay.bad_rows, nthreads);
+  fill_mask_keys(p, g, c.ws, c.lay.mask_keys, run);
   for (c.h0 = 0; c.h0 < g.B * g.Hk; c.h0 += c.lay.hpr) {
     const int64_t heads = min_(c.lay.hpr, g.B * g.Hk - c.h0);
     for (c.seg_lo = 0;;) {  // once, unless the keys come in segments (and once for no keys)
@@ -1150,6 +1282,10 @@ void backward_item(void* vctx, int64_t item, int tid) {
     for (int64_t gi = 0; gi < g.group && qlo <= qhi; ++gi) {
       const int64_t h = hk * g.group + gi;
       for (int64_t qt = qlo / kBQ; qt <= qhi / kBQ; ++qt) {
+        if (p.mask.data) {  // the mask hides this key tile from the whole query tile
+          const int64_t* mk = tile_mask_keys(p, g, c.ws, c.lay.mask_keys, b, h, qt);
+          if (mk[0] > mk[1] || mk[1] < j0 || mk[0] >= j0 + nk) continue;
+        }
         const int64_t i0 = qt * kBQ, mq = min_(kBQ, g.L - i0), r0 = c.row(local, gi, i0);
         const int64_t mq2 = (mq + 1) / 2;
         const float* Q = c.f(c.lay.qp) + r0 * g.Dp;
@@ -1231,6 +1367,7 @@ void backward(const AttentionParams& p, const BackwardIO& io) {
                                                     << io.workspace_bytes << " < " << c.lay.total);
   const Geometry& g = c.g;
   const int run = threads_for_work(g, nthreads);
+  fill_mask_keys(p, g, c.ws, c.lay.mask_keys, run);
   for (c.h0 = 0; c.h0 < g.B * g.Hk; c.h0 += c.lay.hpr) {
     const int64_t heads = min_(c.lay.hpr, g.B * g.Hk - c.h0);
     parallel_for(heads * g.group * g.nqt, run,
