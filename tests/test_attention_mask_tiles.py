@@ -88,10 +88,16 @@ def outputs_and_grads(q, k, v, mask, gqa, grad_out):
     return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
 
 
+# What the kernel skips: -inf, and values whose scaling to base 2 overflows to -inf as the
+# forward applies them (finfo.min, models' padding value for float masks).
+SKIPPED = [float("-inf"), torch.finfo(torch.float32).min, -2.4e38]
+
+
 @pytest.mark.parametrize("name", list(MASKS))
-def test_skipping_changes_no_bit(cpu_tier, name):
+@pytest.mark.parametrize("fill", SKIPPED)
+def test_skipping_changes_no_bit(cpu_tier, name, fill):
     (q, k, v), mask, gqa = masked_case(name, torch.float32, "bool")
-    skipped = as_float(mask, torch.float32)
+    skipped = as_float(mask, torch.float32, hidden=fill)
     multiplied = skipped.masked_fill(~mask, HUGE)
     grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],))
     a = outputs_and_grads(q, k, v, skipped, gqa, grad_out)
@@ -156,7 +162,7 @@ def test_hidden_tiles_are_not_read(cpu_tier):
     k[1, :, :128] = float("nan")  # two whole key tiles entry 1 hides from every query
     v[1, :, :128] = float("nan")
     grad_out = torch.randn(B, H, L, 32)
-    for m in (mask, as_float(mask, torch.float32)):
+    for m in (mask, *(as_float(mask, torch.float32, hidden=fill) for fill in SKIPPED)):
         got = outputs_and_grads(*(t.requires_grad_() for t in (q, k, v)), m, False, grad_out)
         want = outputs_and_grads(*(t.detach().requires_grad_() for t in (q, clean_k, clean_v)),
                                  m, False, grad_out)

@@ -122,11 +122,12 @@ LLMK_INLINE void key_range(const AttentionParams& p, int64_t S, int64_t i0, int6
 }
 
 // ---------------------------------------------------------------- keys a mask hides
-// A mask hides a key from a row with false (bool) or exactly -inf (float: finite values,
-// finfo.min included, are added as they are, and NaN is kept). Key tiles a mask hides from
-// every row of a query tile are skipped like the band's: the padding of a batch, causal masks
-// given as masks, packed sequences, sliding windows (transformers passes all of these as
-// masks). Their weights would be 2^(-inf) = 0, so skipping them changes no result.
+// A mask hides a key from a row with false (bool) or a float value the forward's scaling to
+// base 2 takes to -inf: -inf, and anything below about -2.36e38 (float32's and bfloat16's
+// finfo.min, the padding value of models' float masks); NaN stays visible. Key tiles a mask
+// hides from every row of a query tile are skipped like the band's: the padding of a batch,
+// causal masks given as masks, packed sequences, sliding windows (transformers passes all of
+// these as masks). Their weights would be exactly 0, so skipping them changes no result.
 
 // The first key in [from, to) the row leaves visible, or `to` (down: the last in [to, from],
 // scanning from `from` down, or to - 1).
@@ -145,7 +146,14 @@ LLMK_INLINE int64_t first_visible(const Visible& visible, int64_t from, int64_t 
 }
 template <class Visible>
 LLMK_INLINE int64_t last_visible(const Visible& visible, int64_t from, int64_t to) {
-  for (int64_t j = from; j >= to; --j)
+  constexpr int64_t kRun = 16;
+  int64_t j = from;
+  for (; j - kRun + 1 >= to; j -= kRun) {
+    bool any = false;
+    for (int64_t x = 0; x < kRun; ++x) any |= visible(j - x);
+    if (any) break;
+  }
+  for (; j >= to; --j)
     if (visible(j)) return j;
   return to - 1;
 }
@@ -169,7 +177,7 @@ inline void widen_to_visible(const TensorView& m, int64_t b, int64_t h, int64_t 
   with_float_type(m.dtype, [&](auto tag) {
     using MT = decltype(tag);
     const MT* mp = at4<const MT>(m, b, h, i);
-    widen([&](int64_t j) { return to_f32(mp[j * js]) != kNegInf; });
+    widen([&](int64_t j) { return to_f32(mp[j * js]) * kLog2e != kNegInf; });
   });
 }
 
