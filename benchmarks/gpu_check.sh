@@ -225,6 +225,11 @@ if [ "$HAVE_GPU" = 1 ] && { [ "$STEPS" = all ] || [ "$STEPS" = bench ]; }; then
     --ours-backend triton --batch 8 --cache-lens 8192 --ragged --min-run-time 0.1 \
     --json "$OUT/decode_gpu_triton_ragged.json"
   show 5 "$OUT/decode_bench_triton_ragged.log"
+  # Masks of padded / packed batches and windows (the GPU paths send masks to the reference).
+  step masked_bench "$BENCH_TIMEOUT" "$PY" benchmarks/attention_masked.py --device cuda \
+    --seqlens 1024 --batch 4 --heads 16 --head-dim 128 --min-run-time 0.05 \
+    --json "$OUT/attention_masked_gpu.json"
+  show 12 "$OUT/masked_bench.log"
   # The CUDA attention kernels are untuned (0.07-0.1x SDPA on an H100): timed last.
   step attention_bench_cuda "$BENCH_TIMEOUT" "$PY" benchmarks/attention.py --device cuda \
     --ours-backend cuda --paths ours,sdpa --dtypes bf16 --head-dims 128 --seqlens "${BENCH_SEQLENS:-4096}" \
@@ -242,6 +247,9 @@ if [ "$HAVE_GPU" = 0 ]; then
   step decode_bench "$BENCH_TIMEOUT" "$PY" benchmarks/attention_decode.py --device cpu \
     --batch 1 --cache-lens 512 --min-run-time 0.02
   show 4 "$OUT/decode_bench.log"
+  step masked_bench "$BENCH_TIMEOUT" "$PY" benchmarks/attention_masked.py --device cpu \
+    --seqlens 128 --batch 2 --heads 2 --head-dim 32 --packed-len 40 --window 32 --min-run-time 0.02
+  show 10 "$OUT/masked_bench.log"
   step quant_bench "$BENCH_TIMEOUT" "$PY" benchmarks/quant_matmul.py --device cpu --quick
   show 10 "$OUT/quant_bench.log"
   step quant_backward_bench "$BENCH_TIMEOUT" "$PY" benchmarks/quant_matmul_backward.py \

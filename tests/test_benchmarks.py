@@ -233,6 +233,26 @@ def test_attention_decode_ragged_quick(tmp_path):
     assert any(line.startswith("bf16 3 171-256 ") for line in out.splitlines()), out
 
 
+def test_attention_masked_quick(tmp_path):
+    """Each mask checked (output and gradients against float64) before it is timed; the
+    visible fraction is the mask's (padded: 2 entries, the second padded by a quarter)."""
+    result, out = _run_quick("attention_masked.py", tmp_path,
+                             ["--device", "cpu", "--batch", "2", "--seqlens", "96",
+                              "--heads", "4", "--kv-heads", "2", "--head-dim", "32",
+                              "--packed-len", "40", "--window", "24", "--min-run-time", "0.01"])
+    assert result["benchmark"] == "attention_masked"
+    cases = {c["mask"]: c for c in result["cases"]}
+    assert set(cases) == {"padded", "packed", "window"}
+    assert all(c["correct"] and c["err"] <= c["bound"] for c in cases.values())
+    causal = 96 * 97 / 2
+    padded = (causal + (causal - 24 * 25 / 2 - 24 * 72 + 24)) / (2 * 96 * 96)
+    assert abs(cases["padded"]["visible_fraction"] - padded) < 1e-9
+    for c in cases.values():
+        assert set(c["modes"]) == {"fwd", "fwd+bwd"}
+        assert all(m["speedup_vs_sdpa"] > 0 for m in c["modes"].values())
+    assert "vs ours-causal" in out
+
+
 def test_model_quick(tmp_path):
     pytest.importorskip("transformers")
     plotting = importlib.util.find_spec("matplotlib") is not None
@@ -413,6 +433,10 @@ _DECODE = ["--batch", "1", "--cache-lens", "256", "--device", "cpu"]
     ("attention_decode.py", [*_DECODE, "--head-dim", "0"], "--head-dim"),
     ("attention_decode.py", ["--batch", "1", "--cache-lens", "256", "--device", "cuda"],
      "--device cuda"),
+    ("attention_masked.py", ["--heads", "6", "--kv-heads", "4"], "multiple of --kv-heads"),
+    ("attention_masked.py", ["--masks", "causal"], "choose from padded,packed,window"),
+    ("attention_masked.py", ["--seqlens", "0"], "--seqlens"),
+    ("attention_masked.py", ["--device", "cuda"], "--device cuda"),
 ])
 def test_bad_arguments(script, args, expect, capsys, monkeypatch):
     """A usage error naming the argument, before any work."""
