@@ -158,7 +158,7 @@ def main(argv=None) -> int:
                     rec["modes"][mode] = dict(ms=ms, ours_gflops=gflop / ms["ours"] * 1e3,
                                               speedup_vs_sdpa=ms["sdpa"] / ms["ours"],
                                               vs_ours_causal=ms["ours-causal"] / ms["ours"])
-                    rows.append([dt_name, kind, B, S, f"{hq}/{hk}", D, mode, served,
+                    rows.append([dt_name, kind, str(B), str(S), f"{hq}/{hk}", str(D), mode, served,
                                  "ok" if c.ok else "FAIL",
                                  f"{100 * rec['visible_fraction']:.0f}%",
                                  f"{ms['ours']:.4g}", f"{ms['sdpa']:.4g}",
