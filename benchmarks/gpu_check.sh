@@ -130,7 +130,7 @@ if [ "$HOST_AMX" = 1 ] || [ "${CPU_BENCH:-0}" = 1 ]; then
 fi
 
 # Two groups, each its own step, so that one timing out keeps the other's results.
-GPU_TESTS_ATTENTION="tests/test_attention_gpu.py tests/test_attention_varlen.py \
+GPU_TESTS_ATTENTION="tests/test_attention_gpu.py tests/test_attention_gpu_masks.py tests/test_attention_varlen.py \
   tests/test_attention_kvcache.py tests/test_attention_band.py tests/test_custom_ops_gpu.py"
 GPU_TESTS_OTHER="tests/test_quant_matmul_gpu.py tests/test_quant_matmul_triton_kernels.py \
   tests/test_optim.py::test_triton_path_trajectory tests/test_optim_triton_kernels.py tests/test_optim_8bit_triton.py \
@@ -225,9 +225,9 @@ if [ "$HAVE_GPU" = 1 ] && { [ "$STEPS" = all ] || [ "$STEPS" = bench ]; }; then
     --ours-backend triton --batch 8 --cache-lens 8192 --ragged --min-run-time 0.1 \
     --json "$OUT/decode_gpu_triton_ragged.json"
   show 5 "$OUT/decode_bench_triton_ragged.log"
-  # Masks of padded / packed batches and windows (the GPU paths send masks to the reference).
+  # Masks of padded / packed batches and windows: Triton (the CUDA path leaves masks to it).
   step masked_bench "$BENCH_TIMEOUT" "$PY" benchmarks/attention_masked.py --device cuda \
-    --seqlens 1024 --batch 4 --heads 16 --head-dim 128 --min-run-time 0.05 \
+    --seqlens 2048 --batch 4 --heads 16 --head-dim 128 --min-run-time 0.1 \
     --json "$OUT/attention_masked_gpu.json"
   show 12 "$OUT/masked_bench.log"
   # The CUDA attention kernels are untuned (0.07-0.1x SDPA on an H100): timed last.

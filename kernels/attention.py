@@ -9,6 +9,9 @@ Every launcher takes 4-D views and the same sequence metadata as the CUDA path:
   query i iff j < len_k, j >= i + off - window_left (if window_left >= 0) and
   j <= i + off + window_right (if window_right >= 0). Causal is window_right = 0.
   Scores are scale * q.k, softcapped to softcap * tanh(score / softcap) when softcap > 0.
+  mask (forward / backward, not with varlen): an attn_mask (B, Hq, Lq, Sk) view, bool (False
+  hides a key) or float (added to the scores); key blocks it hides from every row of a query
+  block (visible_key_ranges: each row's first and last visible key) are skipped.
   Rows with no visible key give out = 0 and lse = -inf; NaN scores make the row and its lse NaN.
 
 Design:
@@ -182,6 +185,37 @@ def _block_needs_mask(start_n, i_lo, i_hi, len_k, off, window_left, window_right
     return needs
 
 
+@triton.jit
+def _mask_scores(s, MASK, m_rows, cols, s_mn, ok, MASK_BOOL: tl.constexpr):
+    """attn_mask applied to base-2 scores s (rows x cols; m_rows: each row's mask offset):
+    bool hides (-inf), float adds (in nats, so times log2 e; at or below about -2.36e38 that
+    is -inf, as on the CPU kernel)."""
+    mt = tl.load(MASK + m_rows[:, None] + cols[None, :].to(tl.int64) * s_mn, mask=ok, other=0)
+    if MASK_BOOL:
+        return tl.where(mt != 0, s, float("-inf"))
+    return s + mt.to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
+def _mask_scores_t(st, MASK, m_rows, keys, s_mn, ok, MASK_BOOL: tl.constexpr):
+    """_mask_scores on transposed scores st (keys x rows)."""
+    mt = tl.load(MASK + m_rows[None, :] + keys[:, None].to(tl.int64) * s_mn, mask=ok, other=0)
+    if MASK_BOOL:
+        return tl.where(mt != 0, st, float("-inf"))
+    return st + mt.to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
+def _mask_keys(RANGES, r_rows, row_ok, lo, hi, BLOCK_N: tl.constexpr):
+    """[lo, hi) narrowed to the keys the mask leaves visible to some row (RANGES holds each
+    row's first and last visible key, int32 pairs): key blocks the mask hides are skipped."""
+    first = tl.load(RANGES + 2 * r_rows, mask=row_ok, other=2147483647)
+    last = tl.load(RANGES + 2 * r_rows + 1, mask=row_ok, other=-1)
+    lo = tl.maximum(lo, (tl.min(first, axis=0) // BLOCK_N) * BLOCK_N)
+    hi = tl.minimum(hi, tl.max(last, axis=0) + 1)
+    return lo, hi
+
+
 # ------------------------------------------------------------------------------ forward
 
 @triton.jit
@@ -199,9 +233,11 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PART, LSE_PART,
                 CU_Q, CU_K, SEQUSED_K,
                 Hq, Hk, Lq, Sk, D, DV,
                 scale, softcap, window_left, window_right, diag_offset, bh0,
+                MASK, RANGES, s_mb, s_mh, s_mm, s_mn, s_rb, s_rh, s_rm,
                 VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
                 BOTTOM_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                 PACK_GQA: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -252,6 +288,10 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PART, LSE_PART,
     i_hi = tl.max(tl.where(row_ok, i, -1), axis=0)
     lo, hi = _key_range(i_lo, i_hi, len_k, off, window_left, window_right,
                         HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    if HAS_MASK:  # (masks come without varlen: b, h, i index them)
+        m_rows = b.to(tl.int64) * s_mb + h.to(tl.int64) * s_mh + i.to(tl.int64) * s_mm
+        r_rows = b.to(tl.int64) * s_rb + h.to(tl.int64) * s_rh + i.to(tl.int64) * s_rm
+        lo, hi = _mask_keys(RANGES, r_rows, row_ok, lo, hi, BLOCK_N)
     if NUM_SPLITS > 1:  # flash-decoding: this program takes one share of the key blocks
         blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
         per_split = tl.cdiv(blocks, NUM_SPLITS)
@@ -266,6 +306,9 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PART, LSE_PART,
         kt = tl.load(k_base + cols[None, :].to(tl.int64) * s_kn + offs_d[:, None],
                      mask=(cols[None, :] < len_k) & (offs_d[:, None] < D), other=0.0)
         s, _ = _scores(_dot(q, kt, PRECISION), scale, softcap, HAS_SOFTCAP)
+        if HAS_MASK:
+            s = _mask_scores(s, MASK, m_rows, cols, s_mn,
+                             row_ok[:, None] & (cols[None, :] < len_k), MASK_BOOL)
         if _block_needs_mask(start_n, i_lo, i_hi, len_k, off, window_left, window_right,
                              HAS_LEFT, HAS_RIGHT, BLOCK_N):
             keep = _visible(i, cols, len_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT)
@@ -310,10 +353,11 @@ def _prune_decode(configs, named_args, **kwargs):
 
 _decode_tuned = triton.autotune(configs=_DECODE_CONFIGS,
                                 key=["BLOCK_M", "BLOCK_D", "BLOCK_DV", "PRECISION", "NUM_SPLITS",
-                                     "HAS_LEFT", "HAS_RIGHT"],
+                                     "HAS_LEFT", "HAS_RIGHT", "HAS_MASK"],
                                 prune_configs_by={"early_config_prune": _prune_decode})(_fwd_kernel)
 _fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_D", "BLOCK_DV", "PRECISION",
-                                                       "HAS_LEFT", "HAS_RIGHT", "VARLEN_Q"],
+                                                       "HAS_LEFT", "HAS_RIGHT", "VARLEN_Q",
+                                                       "HAS_MASK"],
                              prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
 
 
@@ -379,9 +423,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_,
                      CU_Q, CU_K, SEQUSED_K,
                      Hq, Hk, Lq, Sk, D, DV,
                      scale, softcap, window_left, window_right, diag_offset, bh0,
+                     MASK, RANGES, s_mb, s_mh, s_mm, s_mn, s_rb, s_rh, s_rm,
                      VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
                      BOTTOM_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
+                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -438,25 +484,35 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_,
             rows = start_m + offs_m
             row_ok = rows < len_q
             r64 = (q_start + rows).to(tl.int64)
-            qt = tl.load(q_base + r64[None, :] * s_qm + offs_d[:, None],
-                         mask=row_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-            do = tl.load(do_base + r64[:, None] * s_dom + offs_dv[None, :],
-                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            lse = tl.load(LSE + l_base + r64 * s_lm, mask=row_ok, other=float("-inf"))
-            delta = tl.load(DELTA + l_base + r64 * s_lm, mask=row_ok, other=0.0)
-            # lse = -inf marks a dead row: +inf there makes its probabilities exp2(-inf) = 0.
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            st, tt = _scores(_dot(k, qt, PRECISION), scale, softcap,
-                             HAS_SOFTCAP)
-            keep = _visible_t(offs_n, rows, len_k, off, window_left, window_right,
-                              HAS_LEFT, HAS_RIGHT) & row_ok[None, :]
-            pt = tl.where(keep, tl.exp2(st - lse2[None, :]), 0.0)
-            dv = _dot(_cast(pt, do.dtype), do, PRECISION, dv)
-            dpt = _dot(v, tl.trans(do), PRECISION)
-            dst = pt * (dpt - delta[None, :])
-            if HAS_SOFTCAP:
-                dst = dst * (1.0 - tt * tt)
-            dk = _dot(_cast(dst, qt.dtype), tl.trans(qt), PRECISION, dk)
+            seen = True
+            if HAS_MASK:  # does the mask leave any of these keys to any of these rows?
+                r_rows = b.to(tl.int64) * s_rb + h * s_rh + rows.to(tl.int64) * s_rm
+                k_lo, k_hi = _mask_keys(RANGES, r_rows, row_ok, start_n, start_n + BLOCK_N,
+                                        BLOCK_N)
+                seen = k_lo < k_hi
+            if seen:
+                qt = tl.load(q_base + r64[None, :] * s_qm + offs_d[:, None],
+                             mask=row_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+                do = tl.load(do_base + r64[:, None] * s_dom + offs_dv[None, :],
+                             mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                lse = tl.load(LSE + l_base + r64 * s_lm, mask=row_ok, other=float("-inf"))
+                delta = tl.load(DELTA + l_base + r64 * s_lm, mask=row_ok, other=0.0)
+                # lse = -inf marks a dead row: +inf there makes its probabilities exp2(-inf) = 0.
+                lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+                st, tt = _scores(_dot(k, qt, PRECISION), scale, softcap,
+                                 HAS_SOFTCAP)
+                keep = _visible_t(offs_n, rows, len_k, off, window_left, window_right,
+                                  HAS_LEFT, HAS_RIGHT) & row_ok[None, :]
+                if HAS_MASK:
+                    m_rows = b.to(tl.int64) * s_mb + h * s_mh + rows.to(tl.int64) * s_mm
+                    st = _mask_scores_t(st, MASK, m_rows, offs_n, s_mn, keep, MASK_BOOL)
+                pt = tl.where(keep, tl.exp2(st - lse2[None, :]), 0.0)
+                dv = _dot(_cast(pt, do.dtype), do, PRECISION, dv)
+                dpt = _dot(v, tl.trans(do), PRECISION)
+                dst = pt * (dpt - delta[None, :])
+                if HAS_SOFTCAP:
+                    dst = dst * (1.0 - tt * tt)
+                dk = _dot(_cast(dst, qt.dtype), tl.trans(qt), PRECISION, dk)
     dk = dk * scale
     mk = (offs_n[:, None] < full_k)
     tl.store(DK + bk * s_dkb + hk.to(tl.int64) * s_dkh + n64[:, None] * s_dkn + offs_d[None, :],
@@ -472,9 +528,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    CU_Q, CU_K, SEQUSED_K,
                    Hq, Hk, Lq, Sk, D, DV,
                    scale, softcap, window_left, window_right, diag_offset, bh0,
+                   MASK, RANGES, s_mb, s_mh, s_mm, s_mn, s_rb, s_rh, s_rm,
                    VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
                    BOTTOM_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                   HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -516,6 +574,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     i_hi = tl.minimum(start_m + BLOCK_M, len_q) - 1
     lo, hi = _key_range(start_m, i_hi, len_k, off, window_left, window_right,
                         HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    if HAS_MASK:
+        m_rows = b.to(tl.int64) * s_mb + h * s_mh + rows.to(tl.int64) * s_mm
+        r_rows = b.to(tl.int64) * s_rb + h * s_rh + rows.to(tl.int64) * s_rm
+        lo, hi = _mask_keys(RANGES, r_rows, row_ok, lo, hi, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         c64 = cols.to(tl.int64)
@@ -526,6 +588,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                      mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
         s, t = _scores(_dot(q, kt, PRECISION), scale, softcap, HAS_SOFTCAP)
         keep = _visible(rows, cols, len_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        if HAS_MASK:
+            s = _mask_scores(s, MASK, m_rows, cols, s_mn, keep & row_ok[:, None], MASK_BOOL)
         p = tl.where(keep & row_ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)
         dp = _dot(do, vt, PRECISION)
         ds = p * (dp - delta[:, None])
@@ -538,11 +602,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 
 
 _dkdv_tuned = triton.autotune(configs=_BWD_CONFIGS, key=["BLOCK_D", "BLOCK_DV", "PRECISION",
-                                                         "HAS_LEFT", "HAS_RIGHT"],
+                                                         "HAS_LEFT", "HAS_RIGHT", "HAS_MASK"],
                               prune_configs_by={"early_config_prune": _prune})(
                                   _bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(configs=_DQ_CONFIGS, key=["BLOCK_D", "BLOCK_DV", "PRECISION",
-                                                      "HAS_LEFT", "HAS_RIGHT"],
+                                                      "HAS_LEFT", "HAS_RIGHT", "HAS_MASK"],
                             prune_configs_by={"early_config_prune": _prune})(
                                 _bwd_dq_kernel)
 
@@ -575,6 +639,50 @@ def _meta(q, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softcap, window_left, win
         HAS_SOFTCAP=softcap > 0.0, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         PRECISION=_precision(q.dtype), BLOCK_D=block, BLOCK_DV=block,
     )
+
+
+# Rows of a mask turned into key ranges at a time (bounds the temporaries to ~64 MiB).
+_RANGE_CHUNK_BYTES = 64 << 20
+
+
+def visible_key_ranges(mask: torch.Tensor) -> torch.Tensor:
+    """Each mask row's first and last visible key, int32 (B', H', L', 2) ((S, -1): none), where
+    the dims the mask broadcasts (stride 0) have size 1. Visible: True, or a float whose
+    scaling to base 2 stays above -inf (as the kernels apply it)."""
+    idx = tuple(slice(0, 1) if mask.stride(d) == 0 else slice(None) for d in range(3))
+    m = mask[idx]
+    S = m.shape[-1]
+    rows = m.reshape(-1, S) if S else m.reshape(-1, 0)
+    out = torch.empty((rows.shape[0], 2), dtype=torch.int32, device=mask.device)
+    step = max(1, _RANGE_CHUNK_BYTES // max(4 * S, 1))
+    for r0 in range(0, rows.shape[0], step):
+        part = rows[r0:r0 + step]
+        if part.dtype == torch.bool:
+            visible = part
+        else:
+            visible = part.float() * LOG2E != float("-inf")
+        if S == 0:
+            out[r0:r0 + step, 0], out[r0:r0 + step, 1] = 0, -1
+            continue
+        seen = visible.any(-1)
+        as_u8 = visible.to(torch.uint8)
+        first = as_u8.argmax(-1)
+        last = (S - 1) - as_u8.flip(-1).argmax(-1)
+        out[r0:r0 + step, 0] = torch.where(seen, first, S)
+        out[r0:r0 + step, 1] = torch.where(seen, last, -1)
+    return out.reshape(*m.shape[:3], 2)
+
+
+def _mask_args(mask, like):
+    """The kernels' mask arguments (MASK, RANGES, mask strides b h m n, range strides b h m) and
+    flags. mask: (B, Hq, Lq, Sk) bool or float view (stride 0 where broadcast), or None."""
+    if mask is None:
+        return (like, like, 0, 0, 0, 0, 0, 0, 0), dict(HAS_MASK=False, MASK_BOOL=False)
+    ranges = visible_key_ranges(mask)
+    r_strides = tuple(ranges.stride(d) // 2 if ranges.shape[d] > 1 else 0 for d in range(3))
+    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    return ((m, ranges, *mask.stride(), *r_strides),
+            dict(HAS_MASK=True, MASK_BOOL=mask.dtype == torch.bool))
 
 
 def _num_sequences(q, cu_seqlens_q):
@@ -623,8 +731,10 @@ def _bh_launches(pairs: int):
 
 def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q: int,
             max_seqlen_k: int, scale: float, softcap: float, window_left: int,
-            window_right: int, diag_offset: int, bottom_right: bool, num_splits=None) -> None:
-    """Writes out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) float32; see the module docstring."""
+            window_right: int, diag_offset: int, bottom_right: bool, num_splits=None,
+            mask=None) -> None:
+    """Writes out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) float32; see the module docstring.
+    mask: an attn_mask (B, Hq, Lq, Sk) view, bool or float (not with varlen)."""
     B, Hq, Lq, D = q.shape
     Hk, Sk = k.shape[1], k.shape[2]
     DV = v.shape[-1]
@@ -635,6 +745,8 @@ def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen
                                                       Lq, Sk)
     meta = _meta(q, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softcap, window_left,
                  window_right, bottom_right)
+    margs, mflags = _mask_args(mask, q)
+    meta.update(mflags)
     args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2))
     scalars = (Hq, Hk, Lq, Sk, D, DV, float(scale), float(softcap) if softcap > 0 else 1.0,
@@ -656,7 +768,7 @@ def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen
                 q, k, v, out, lse, o_part, lse_part, *args,
                 out.stride(0), out.stride(1), out.stride(2),
                 lse.stride(0), lse.stride(1), lse.stride(2), *_seq_ptrs(meta),
-                *scalars, bh0, **_flags(meta), PACK_GQA=True, NUM_SPLITS=splits,
+                *scalars, bh0, *margs, **_flags(meta), PACK_GQA=True, NUM_SPLITS=splits,
                 BLOCK_M=block_m)
         if splits > 1:
             n_rows = B * Hq * Lq
@@ -673,7 +785,7 @@ def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen
         _fwd_tuned[grid](q, k, v, out, lse, lse, lse, *args,
                          out.stride(0), out.stride(1), out.stride(2),
                          lse.stride(0), lse.stride(1), lse.stride(2), *_seq_ptrs(meta),
-                         *scalars, bh0, **_flags(meta), PACK_GQA=False, NUM_SPLITS=1)
+                         *scalars, bh0, *margs, **_flags(meta), PACK_GQA=False, NUM_SPLITS=1)
 
 
 def _seq_ptrs(meta):
@@ -686,7 +798,8 @@ def _flags(meta):
 
 def backward(q, k, v, out, dout, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_k,
              max_seqlen_q: int, max_seqlen_k: int, scale: float, softcap: float,
-             window_left: int, window_right: int, diag_offset: int, bottom_right: bool) -> None:
+             window_left: int, window_right: int, diag_offset: int, bottom_right: bool,
+             mask=None) -> None:
     """Writes dq, dk, dv (shaped like q, k, v) from dout and the forward's out and lse."""
     B, Hq, Lq, D = q.shape
     Hk, Sk = k.shape[1], k.shape[2]
@@ -698,6 +811,8 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, se
                                                       Lq, Sk)
     meta = _meta(q, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softcap, window_left,
                  window_right, bottom_right)
+    margs, mflags = _mask_args(mask, q)
+    meta.update(mflags)
     delta = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
     block = 16 if INTERPRET else 64
     for bh0, count in _bh_launches(B * Hq):
@@ -719,11 +834,11 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, se
         _dkdv_tuned[grid_kv](q, k, v, dout, lse, delta, dk, dv, *strides,
                              dk.stride(0), dk.stride(1), dk.stride(2),
                              dv.stride(0), dv.stride(1), dv.stride(2), *_seq_ptrs(meta),
-                             *scalars, bh0, **flags)
+                             *scalars, bh0, *margs, **flags)
 
     for bh0, count in _bh_launches(nseq * Hq):
         def grid_q(m, count=count):
             return (triton.cdiv(max(max_seqlen_q, 1), m["BLOCK_M"]), count)
         _dq_tuned[grid_q](q, k, v, dout, lse, delta, dq, *strides,
                           dq.stride(0), dq.stride(1), dq.stride(2), *_seq_ptrs(meta),
-                          *scalars, bh0, **flags)
+                          *scalars, bh0, *margs, **flags)

@@ -27,6 +27,23 @@ def test_opcheck_forward(gpu_path, requires_grad, layout):
     torch.library.opcheck(attention_forward_gpu, args)
 
 
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_opcheck_with_a_mask(kind):
+    """Triton's forward and backward with an attn_mask view (broadcast over heads)."""
+    q, k, v = _qkv(True)
+    skip_unless_runs("triton", q, k, v)
+    keep = torch.rand(2, 1, 19, 23, device=DEVICE) > 0.3
+    mask = keep if kind == "bool" else torch.zeros(keep.shape, device=DEVICE).masked_fill(
+        ~keep, float("-inf"))
+    mask = mask.expand(2, 4, 19, 23)
+    params = (None, None, None, 19, 23, 0.125, 0.0, -1, -1, 0, False, "triton", mask)
+    torch.library.opcheck(attention_forward_gpu, (q, k, v, *params))
+    out, lse = attention_forward_gpu(q.detach(), k.detach(), v.detach(), *params)
+    torch.library.opcheck(attention_backward_gpu,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse,
+                           *params))
+
+
 def test_opcheck_backward(gpu_path):
     q, k, v = _qkv(False)
     skip_unless_runs(gpu_path, q, k, v)

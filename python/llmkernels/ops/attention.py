@@ -401,13 +401,18 @@ def _cpu_support(call: _Call):
             return why
         if call.dropout_p > 0.0:
             return "dropout is not fused; the reference path applies it"
-        if call.mask is not None:
-            if call.mask.dtype not in (torch.bool,) + _KERNEL_DTYPES:
-                return f"attn_mask dtype {call.mask.dtype} is not bool, float32, bfloat16 or float16"
-            if call.mask.requires_grad and torch.is_grad_enabled():
-                return "the gradient with respect to attn_mask is only computed on the reference path"
-        return None
+        return _mask_support(call.mask)
     return check
+
+
+def _mask_support(mask: Optional[torch.Tensor]) -> Optional[str]:
+    if mask is None:
+        return None
+    if mask.dtype not in (torch.bool,) + _KERNEL_DTYPES:
+        return f"attn_mask dtype {mask.dtype} is not bool, float32, bfloat16 or float16"
+    if mask.requires_grad and torch.is_grad_enabled():
+        return "the gradient with respect to attn_mask is only computed on the reference path"
+    return None
 
 
 def _gpu_support(call: _Call, path: str, backend: Optional[str]):
@@ -415,8 +420,12 @@ def _gpu_support(call: _Call, path: str, backend: Optional[str]):
         if call.dropout_p > 0.0:
             return "dropout is not fused; the reference path applies it"
         if call.mask is not None:
-            return ("attn_mask is not fused on the GPU paths (use is_causal / window_size for "
-                    "bands; the reference path applies other masks)")
+            if path == "cuda":
+                return ("attn_mask is not fused on the CUDA path (Triton's kernels take it; "
+                        "is_causal / window_size are fused on both)")
+            why = _mask_support(call.mask)
+            if why is not None:
+                return why
         if path == "cuda":
             return attention_gpu.cuda_check(call.q4, call.k4, call.v4, backend)()
         return attention_gpu.triton_support(call.q4, call.k4, call.v4)
@@ -490,7 +499,7 @@ def _gpu(call: _Call, path: str) -> torch.Tensor:
     out = attention_gpu.run_forward(path, call.q4, call.k4, call.v4, max_seqlen_q=L,
                                     max_seqlen_k=S, scale=call.scale, softcap=call.softcap,
                                     window_left=call.window_left,
-                                    window_right=call.window_right)
+                                    window_right=call.window_right, mask=call.mask4)
     return out.reshape(*call.batch, L, out.shape[-1])
 
 

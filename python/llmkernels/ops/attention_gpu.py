@@ -109,8 +109,10 @@ def attention_forward_gpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           seqused_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
                           scale: float, softcap: float, window_left: int, window_right: int,
                           diag_offset: int, bottom_right: bool,
-                          impl: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fused forward on the GPU (impl "triton" or "cuda"); returns (out, lse float32)."""
+                          impl: str, mask: Optional[torch.Tensor] = None
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward on the GPU (impl "triton" or "cuda"); returns (out, lse float32). mask: an
+    attn_mask view (B, Hq, Lq, Sk), bool or float (Triton only, not with varlen)."""
     B, Hq, Lq, _ = q.shape
     out = _empty_in_layout(q, (B, Hq, Lq, v.shape[-1]))
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
@@ -120,13 +122,14 @@ def attention_forward_gpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_q, cu_k, used = _i32(cu_seqlens_q), _i32(cu_seqlens_k), _i32(seqused_k)
     with device_guard(q.device):
         _launch_forward(impl, q, k, v, out, lse, cu_q, cu_k, used, max_seqlen_q, max_seqlen_k, scale,
-                 softcap, window_left, window_right, diag_offset, bottom_right)
+                 softcap, window_left, window_right, diag_offset, bottom_right, mask)
     return out, lse
 
 
 def _launch_forward(impl, q, k, v, out, lse, cu_q, cu_k, used, max_seqlen_q, max_seqlen_k, scale,
-             softcap, window_left, window_right, diag_offset, bottom_right) -> None:
+             softcap, window_left, window_right, diag_offset, bottom_right, mask) -> None:
     if impl == "cuda":
+        _no_mask_on_cuda(mask)
         backends.native_module().attention_forward_cuda(
             cview(q), cview(k), cview(v), cview(out), cview(lse), cview(cu_q), cview(cu_k),
             cview(used), max_seqlen_q, scale, softcap, window_left, window_right, diag_offset,
@@ -134,12 +137,18 @@ def _launch_forward(impl, q, k, v, out, lse, cu_q, cu_k, used, max_seqlen_q, max
     else:
         triton_kernels().forward(q, k, v, out, lse, cu_q, cu_k, used, max_seqlen_q, max_seqlen_k,
                                  scale, softcap, window_left, window_right, diag_offset,
-                                 bottom_right)
+                                 bottom_right, mask=mask)
+
+
+def _no_mask_on_cuda(mask) -> None:
+    if mask is not None:  # selection never sends one: a direct call of the op
+        raise ValueError("attention on the CUDA path: attn_mask is not fused there (Triton's "
+                         "kernels take it)")
 
 
 @attention_forward_gpu.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, scale,
-      softcap, window_left, window_right, diag_offset, bottom_right, impl):
+      softcap, window_left, window_right, diag_offset, bottom_right, impl, mask=None):
     B, Hq, Lq, _ = q.shape
     return (_empty_in_layout(q, (B, Hq, Lq, v.shape[-1])),
             q.new_empty((B, Hq, Lq), dtype=torch.float32))
@@ -152,8 +161,8 @@ def attention_backward_gpu(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
                            cu_seqlens_k: Optional[torch.Tensor], seqused_k: Optional[torch.Tensor],
                            max_seqlen_q: int, max_seqlen_k: int, scale: float, softcap: float,
                            window_left: int, window_right: int, diag_offset: int,
-                           bottom_right: bool,
-                           impl: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           bottom_right: bool, impl: str, mask: Optional[torch.Tensor] = None
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward on the GPU; returns (dq, dk, dv) shaped like q, k, v."""
     dq = _empty_in_layout(q, q.shape)
     dk = _empty_in_layout(k, k.shape)
@@ -166,14 +175,15 @@ def attention_backward_gpu(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     with device_guard(q.device):
         _launch_backward(impl, grad_out, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, used, max_seqlen_q,
                   max_seqlen_k, scale, softcap, window_left, window_right, diag_offset,
-                  bottom_right)
+                  bottom_right, mask)
     return dq, dk, dv
 
 
 def _launch_backward(impl, grad_out, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, used, max_seqlen_q,
               max_seqlen_k, scale, softcap, window_left, window_right, diag_offset,
-              bottom_right) -> None:
+              bottom_right, mask) -> None:
     if impl == "cuda":
+        _no_mask_on_cuda(mask)
         delta = torch.empty_like(lse)
         backends.native_module().attention_backward_cuda(
             cview(q), cview(k), cview(v), cview(out), cview(grad_out), cview(lse), cview(delta),
@@ -183,29 +193,31 @@ def _launch_backward(impl, grad_out, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, 
     else:
         triton_kernels().backward(q, k, v, out, grad_out, lse, dq, dk, dv, cu_q, cu_k, used,
                                   max_seqlen_q, max_seqlen_k, scale, softcap, window_left,
-                                  window_right, diag_offset, bottom_right)
+                                  window_right, diag_offset, bottom_right, mask=mask)
 
 
 @attention_backward_gpu.register_fake
 def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
-      max_seqlen_k, scale, softcap, window_left, window_right, diag_offset, bottom_right, impl):
+      max_seqlen_k, scale, softcap, window_left, window_right, diag_offset, bottom_right, impl,
+      mask=None):
     return (_empty_in_layout(q, q.shape), _empty_in_layout(k, k.shape),
             _empty_in_layout(v, v.shape))
 
 
 def _setup(ctx, inputs, output):
     q, k, v, cu_q, cu_k, used = inputs[:6]
+    mask = inputs[15] if len(inputs) > 15 else None
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, used)
-    ctx.params = inputs[6:]
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, used, mask)
+    ctx.params = inputs[6:15]
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_q, cu_k, used = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, used, mask = ctx.saved_tensors
     dq, dk, dv = attention_backward_gpu(grad_out, q, k, v, out, lse, cu_q, cu_k, used,
-                                        *ctx.params)
-    return (dq, dk, dv) + (None,) * 12
+                                        *ctx.params, mask)
+    return (dq, dk, dv) + (None,) * 13
 
 
 attention_forward_gpu.register_autograd(_backward, setup_context=_setup)
@@ -214,10 +226,10 @@ attention_forward_gpu.register_autograd(_backward, setup_context=_setup)
 def run_forward(impl: str, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
                 max_seqlen_q: int, max_seqlen_k: int, scale: float, softcap: Optional[float],
                 window_left: int, window_right: int, diag_offset: int = 0,
-                bottom_right: bool = False) -> torch.Tensor:
+                bottom_right: bool = False, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The forward of one GPU path (differentiable through the custom ops); returns out."""
     out, _ = attention_forward_gpu(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k,
                                    int(max_seqlen_q), int(max_seqlen_k), float(scale),
                                    float(softcap or 0.0), int(window_left), int(window_right),
-                                   int(diag_offset), bool(bottom_right), impl)
+                                   int(diag_offset), bool(bottom_right), impl, mask)
     return out
