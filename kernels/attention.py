@@ -645,13 +645,48 @@ def _meta(q, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softcap, window_left, win
 _RANGE_CHUNK_BYTES = 64 << 20
 
 
-def visible_key_ranges(mask: torch.Tensor) -> torch.Tensor:
+@triton.jit
+def _ranges_kernel(MASK, OUT, s_b, s_h, s_m, s_n, H, L, S,
+                   MASK_BOOL: tl.constexpr, BLOCK: tl.constexpr):
+    """visible_key_ranges on the GPU: one program a mask row, one launch a call (a decoding
+    step's few rows would otherwise take a dozen small torch launches)."""
+    row = tl.program_id(0)
+    b = row // (H * L)
+    h = (row // L) % H
+    i = row % L
+    base = MASK + b.to(tl.int64) * s_b + h.to(tl.int64) * s_h + i.to(tl.int64) * s_m
+    first = S + row * 0
+    last = -1 + row * 0
+    for start in range(0, S, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(base + cols.to(tl.int64) * s_n, mask=cols < S, other=0)
+        if MASK_BOOL:
+            seen = x != 0
+        else:
+            seen = x.to(tl.float32) * 1.4426950408889634 != float("-inf")
+        seen = seen & (cols < S)
+        first = tl.minimum(first, tl.min(tl.where(seen, cols, S), axis=0))
+        last = tl.maximum(last, tl.max(tl.where(seen, cols, -1), axis=0))
+    tl.store(OUT + 2 * row, first)
+    tl.store(OUT + 2 * row + 1, last)
+
+
+def visible_key_ranges(mask: torch.Tensor, use_kernel=None) -> torch.Tensor:
     """Each mask row's first and last visible key, int32 (B', H', L', 2) ((S, -1): none), where
     the dims the mask broadcasts (stride 0) have size 1. Visible: True, or a float whose
-    scaling to base 2 stays above -inf (as the kernels apply it)."""
+    scaling to base 2 stays above -inf (as the kernels apply it). On a GPU (use_kernel None)
+    or when asked, _ranges_kernel computes it; else torch ops (its test oracle)."""
     idx = tuple(slice(0, 1) if mask.stride(d) == 0 else slice(None) for d in range(3))
     m = mask[idx]
     S = m.shape[-1]
+    if use_kernel if use_kernel is not None else mask.is_cuda:
+        out = torch.empty((*m.shape[:3], 2), dtype=torch.int32, device=mask.device)
+        rows = out.numel() // 2
+        if rows:
+            view = m.view(torch.uint8) if m.dtype == torch.bool else m
+            _ranges_kernel[(rows,)](view, out, *m.stride(), m.shape[1], m.shape[2], S,
+                                    MASK_BOOL=m.dtype == torch.bool, BLOCK=256 if not INTERPRET else 16)
+        return out
     rows = m.reshape(-1, S) if S else m.reshape(-1, 0)
     out = torch.empty((rows.shape[0], 2), dtype=torch.int32, device=mask.device)
     step = max(1, _RANGE_CHUNK_BYTES // max(4 * S, 1))

@@ -142,3 +142,22 @@ def test_visible_key_ranges():
     # broadcast dims (stride 0) count once
     wide = torch.ones(1, 1, 1, 6, dtype=torch.bool).expand(4, 8, 7, 6)
     assert kernels.visible_key_ranges(wide).shape == (1, 1, 1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.bfloat16])
+def test_visible_key_ranges_kernel_matches_torch(dtype):
+    """The GPU's one-launch ranges kernel against the torch ops, on random and structured
+    masks, broadcast dims and strided views included."""
+    kernels = pytest.importorskip("llmkernels.kernels.attention")
+    torch.manual_seed(3)
+    keep = torch.rand(2, 3, 6, 37, device=DEVICE) > 0.9
+    keep[0, 0, 0] = False
+    keep[1, 2, 5] = True
+    keep[1, 1, 1, -1] = True
+    cases = [keep, keep.transpose(2, 3).contiguous().transpose(2, 3),
+             keep[:, :1].expand(2, 5, 6, 37), keep[:1, :, :1].expand(4, 3, 9, 37)]
+    for m in cases:
+        if dtype != torch.bool:
+            m = torch.zeros(m.shape, device=DEVICE, dtype=dtype).masked_fill(~m, float("-inf"))
+        torch.testing.assert_close(kernels.visible_key_ranges(m, use_kernel=True),
+                                   kernels.visible_key_ranges(m, use_kernel=False))
