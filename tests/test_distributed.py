@@ -182,3 +182,60 @@ def test_dtensor_gradients_placed_otherwise_than_their_parameters(tmp_path):
     _spawn(_placements_worker, (str(tmp_path), out), tmp_path, out)
     errors = torch.load(out)
     assert len(errors) == 6 and max(errors.values()) <= 1e-6, errors
+
+
+def _rounding_worker(rank, tmp, out):
+    """bf16 parameters stepped with stochastic rounding, sharded (Shard(0), as FSDP2; Shard(1))
+    and whole on one rank: each shard's result and the whole tensor's, gathered."""
+    import llmkernels
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.device_mesh import init_device_mesh
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
+                            world_size=WORLD)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        g = torch.Generator().manual_seed(1)
+        start = torch.randn(6, 96, generator=g).to(torch.bfloat16)
+        grads = [torch.randn(6, 96, generator=g).to(torch.bfloat16) for _ in range(3)]
+        results = {}
+        for name in ("AdamW", "SGD"):
+            make = getattr(llmkernels.optim, name)
+            kw = dict(lr=1e-3, stochastic_rounding=True, seed=7)
+            if name == "SGD":
+                kw["momentum"] = 0.9
+            plain = torch.nn.Parameter(start.clone())
+            opt = make([plain], **kw)
+            for grad in grads:
+                plain.grad = grad.clone()
+                opt.step()
+            results[name, "whole"] = plain.detach()
+            for dim in (0, 1):
+                p = torch.nn.Parameter(distribute_tensor(start.clone(), mesh, [Shard(dim)]))
+                opt = make([p], **kw)
+                for grad in grads:
+                    p.grad = distribute_tensor(grad.clone(), mesh, [Shard(dim)])
+                    opt.step()
+                results[name, f"shard{dim}"] = p.detach().full_tensor()
+        if rank == 0:
+            torch.save(results, out)
+        dist.barrier()
+        open(f"{tmp}/done-{rank}", "w").close()  # every collective of this rank returned
+    finally:
+        dist.destroy_process_group()
+
+
+def test_stochastic_rounding_of_shards(tmp_path):
+    """A shard's element draws the random bits of its place in the whole tensor: Shard(0)
+    shards (FSDP2's) round bit for bit as one process does; every rank drew from its local
+    index 0 before, so shards shared one stream and the result depended on the sharding.
+    Shard(1) shards are not one run of the whole tensor: streams of their own, within three
+    steps' rounding (an ulp each) of the whole run."""
+    out = str(tmp_path / "rounded.pt")
+    _spawn(_rounding_worker, (str(tmp_path), out), tmp_path, out)
+    results = torch.load(out)
+    for name in ("AdamW", "SGD"):
+        whole = results[name, "whole"]
+        assert torch.equal(results[name, "shard0"], whole), name
+        torch.testing.assert_close(results[name, "shard1"].float(), whole.float(),
+                                   rtol=3 * 2 ** -7, atol=1e-6)

@@ -460,11 +460,47 @@ def sr_key(seed: int, step: int, index: int) -> int:
     return _fmix32(_fmix32(seed * 0x9E3779B1 + index) ^ _fmix32(step * 0x85EBCA77 + 0x632BE5AB))
 
 
+SR_INDEX_MULTIPLIER = 0x9E3779B1  # an element's index enters its random bits times this
+
+
+def shard_offset(t) -> int:
+    """Where a DTensor's local shard starts in the whole tensor, as a row-major flat index (0
+    for any other tensor, or where torch lacks the helper that finds it)."""
+    kind = _dtensor_type()
+    if not (kind and isinstance(t, kind)):
+        return 0
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:
+        return 0
+    _, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    flat, stride = 0, 1
+    for size, off in reversed(list(zip(t.shape, offsets))):
+        flat += int(off) * stride
+        stride *= int(size)
+    return flat
+
+
+def sr_keys(seed: int, steps, params) -> list:
+    """Each tensor's sr_key, with a DTensor shard's offset in its whole tensor folded in: its
+    element i then draws the bits of element offset + i of the unsharded tensor (the bits
+    are linear in the index before hashing), so FSDP2's Shard(0) shards (runs of whole rows)
+    round bit for bit as one process does, and no two shards share a stream (they did: every
+    rank drew from index 0). A shard that is not one run of the whole tensor (Shard(1)) gets
+    a stream of its own, though not the unsharded one's."""
+    keys = [sr_key(seed, int(step), index) for index, step in enumerate(steps)]
+    if has_dtensor(params):
+        keys = [(key + shard_offset(p) * SR_INDEX_MULTIPLIER) & _MASK
+                for key, p in zip(keys, params)]
+    return keys
+
+
 def sr_round_bf16(x: torch.Tensor, key: int) -> torch.Tensor:
     """float32 -> bfloat16 with stochastic rounding, bit for bit as the fused kernel: 16 bits
     of murmur3(index * 0x9E3779B1 + key) added below the kept bits, then truncated."""
     flat = x.reshape(-1).float()
-    h = (torch.arange(flat.numel(), dtype=torch.int64, device=x.device) * 0x9E3779B1 + key) & _MASK
+    h = (torch.arange(flat.numel(), dtype=torch.int64, device=x.device) * SR_INDEX_MULTIPLIER
+         + key) & _MASK
     h = h ^ (h >> 16)
     h = (h * 0x85EBCA6B) & _MASK  # int64 products wrap; their low 32 bits are right
     h = h ^ (h >> 13)

@@ -106,8 +106,8 @@ class _FusedAdam(_fused.FusedOptimizer):
             with _fused.counted_step(self, group, states) as step_values:
                 corrections = _fused.bias_corrections(step_values, lr, beta1, beta2)
                 seed = group.get("seed", 0)
-                keys = ([_fused.sr_key(seed, int(step), index)
-                         for index, step in enumerate(step_values)] if sr else [0] * len(states))
+                keys = (_fused.sr_keys(seed, step_values, params) if sr
+                        else [0] * len(states))
                 if served is not None and path == "triton":
                     adam_triton_planned(plan, "adam", list(range(len(params))), grad_views,
                                         corrections, keys, **hyper)

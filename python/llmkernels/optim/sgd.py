@@ -87,11 +87,11 @@ class SGD(_fused.FusedOptimizer):
                 continue
             bufs, firsts, keys = [], [], []
             keeps_state = sr or momentum != 0.0  # else no entry at all, as torch's SGD
-            for index, p in enumerate(params):
+            for p in params:
                 state = self.state[p] if keeps_state else {}
                 if sr:  # SGD keeps no step count; rounding needs one for a fresh stream
                     state["sr_step"] = state.get("sr_step", 0) + 1
-                    keys.append(_fused.sr_key(group.get("seed", 0), state["sr_step"], index))
+                    keys.append(state["sr_step"])  # made keys below
                 else:
                     keys.append(0)
                 buf = state.get("momentum_buffer")
@@ -101,6 +101,8 @@ class SGD(_fused.FusedOptimizer):
                     state["momentum_buffer"] = buf
                 bufs.append(buf if momentum != 0.0 else None)
                 firsts.append(first)
+            if sr:
+                keys = _fused.sr_keys(group.get("seed", 0), keys, params)
             group_params = params
             params, grads, bufs = _fused.locals_of(
                 params, [p.grad for p in params], bufs)
