@@ -98,3 +98,18 @@ def reference_pair(q, k, v, grad_out=None, same_precision="sdpa", **kw):
             grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
         results.append((out.detach(), grads))
     return results
+
+
+def judge_call(out, q, k, v, dtype, backward=True, same_precision="sdpa", **kw):
+    """out, computed from q, k, v with the call's keyword arguments kw, against the float64
+    reference and PyTorch at the inputs' precision (judge); with backward, the three input
+    gradients too (q, k, v require grad)."""
+    grad_out = torch.randn_like(out) if backward else None
+    (exact, exact_g), (same, same_g) = reference_pair(q, k, v, grad_out,
+                                                      same_precision=same_precision, **kw)
+    judge("out", out, same, exact, dtype)
+    if backward:
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        for name, g, gs, ge in zip(("dq", "dk", "dv"), grads, same_g, exact_g):
+            assert g.shape == ge.shape, name
+            judge(name, g, gs, ge, dtype, scale=grad_scale(exact_g))

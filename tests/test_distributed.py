@@ -5,6 +5,7 @@ whole batch, and a torch.distributed.checkpoint of model and optimizer resumes b
 
 Marked `distributed`: deselect with -m 'not distributed' where processes cannot be spawned."""
 
+import contextlib
 import os
 
 import pytest
@@ -74,13 +75,28 @@ def _wrap(model, mode):
     return model
 
 
-def _worker(rank, tmp, out, mode):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+@contextlib.contextmanager
+def _gloo(rank, tmp):
+    """A worker's process group: one thread, gloo; on a normal exit, a barrier and the
+    done-{rank} marker (_spawn) before the teardown."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
                             world_size=WORLD)
     try:
+        yield
+        # Both ranks done with every collective before either tears gloo down: a rank that
+        # exited while the other was still talking aborted now and then ("terminate called
+        # without an active exception", ~1 run in 6-10 here).
+        dist.barrier()
+        open(f"{tmp}/done-{rank}", "w").close()  # every collective of this rank returned
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank, tmp, out, mode):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    with _gloo(rank, tmp):
         data = batches(STEPS + MORE)
         model = _wrap(build(), mode)
         opt = optimizer(model.parameters())
@@ -100,13 +116,6 @@ def _worker(rank, tmp, out, mode):
         resumed = train(model2, opt2, data[STEPS:], rank, WORLD)
         if rank == 0:
             torch.save({"before": before, "after": after, "resumed": resumed}, out)
-        # Both ranks done with every collective before either tears gloo down: a rank that
-        # exited while the other was still talking aborted now and then ("terminate called
-        # without an active exception", ~1 run in 6-10 here).
-        dist.barrier()
-        open(f"{tmp}/done-{rank}", "w").close()  # every collective of this rank returned
-    finally:
-        dist.destroy_process_group()
 
 
 def _spawn(worker, args, tmp_path, out: str) -> None:
@@ -143,10 +152,7 @@ def _placements_worker(rank, tmp, out):
     import llmkernels
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
     from torch.distributed.device_mesh import init_device_mesh
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
-                            world_size=WORLD)
-    try:
+    with _gloo(rank, tmp):
         mesh = init_device_mesh("cpu", (WORLD,))
         g = torch.Generator().manual_seed(0)
         start = torch.randn(600, generator=g)
@@ -167,10 +173,6 @@ def _placements_worker(rank, tmp, out):
                 errors[f"{name} {kind}"] = (p.detach().full_tensor() - plain.detach()).abs().max().item()
         if rank == 0:
             torch.save(errors, out)
-        dist.barrier()
-        open(f"{tmp}/done-{rank}", "w").close()  # every collective of this rank returned
-    finally:
-        dist.destroy_process_group()
 
 
 def test_dtensor_gradients_placed_otherwise_than_their_parameters(tmp_path):
@@ -190,10 +192,7 @@ def _rounding_worker(rank, tmp, out):
     import llmkernels
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.device_mesh import init_device_mesh
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
-                            world_size=WORLD)
-    try:
+    with _gloo(rank, tmp):
         mesh = init_device_mesh("cpu", (WORLD,))
         g = torch.Generator().manual_seed(1)
         start = torch.randn(6, 96, generator=g).to(torch.bfloat16)
@@ -219,10 +218,6 @@ def _rounding_worker(rank, tmp, out):
                 results[name, f"shard{dim}"] = p.detach().full_tensor()
         if rank == 0:
             torch.save(results, out)
-        dist.barrier()
-        open(f"{tmp}/done-{rank}", "w").close()  # every collective of this rank returned
-    finally:
-        dist.destroy_process_group()
 
 
 def test_stochastic_rounding_of_shards(tmp_path):
