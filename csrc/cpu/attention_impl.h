@@ -202,7 +202,7 @@ struct MaskKeyTable {
   int64_t Bm = 0, Hm = 0, nqt = 0;
   MaskKeyTable(const AttentionParams& p, int64_t B, int64_t Hq, int64_t nqt_)
       : Bm(p.mask.data ? (p.mask.strides[0] ? B : 1) : 0),
-        Hm(p.mask.strides[1] ? Hq : 1), nqt(nqt_) {}
+        Hm(p.mask.data && p.mask.strides[1] ? Hq : 1), nqt(nqt_) {}
   int64_t entries() const { return Bm * Hm * nqt; }
   int64_t index(const AttentionParams& p, int64_t b, int64_t h, int64_t qt) const {
     return ((p.mask.strides[0] ? b : 0) * Hm + (p.mask.strides[1] ? h : 0)) * nqt + qt;
