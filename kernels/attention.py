@@ -687,18 +687,18 @@ def visible_key_ranges(mask: torch.Tensor, use_kernel=None) -> torch.Tensor:
             _ranges_kernel[(rows,)](view, out, *m.stride(), m.shape[1], m.shape[2], S,
                                     MASK_BOOL=m.dtype == torch.bool, BLOCK=256 if not INTERPRET else 16)
         return out
-    rows = m.reshape(-1, S) if S else m.reshape(-1, 0)
+    if S == 0:  # no key at all: (S, -1) = (0, -1)
+        return torch.tensor([0, -1], dtype=torch.int32, device=mask.device).expand(
+            *m.shape[:3], 2).contiguous()
+    rows = m.reshape(-1, S)
     out = torch.empty((rows.shape[0], 2), dtype=torch.int32, device=mask.device)
-    step = max(1, _RANGE_CHUNK_BYTES // max(4 * S, 1))
+    step = max(1, _RANGE_CHUNK_BYTES // (4 * S))
     for r0 in range(0, rows.shape[0], step):
         part = rows[r0:r0 + step]
         if part.dtype == torch.bool:
             visible = part
         else:
             visible = part.float() * LOG2E != float("-inf")
-        if S == 0:
-            out[r0:r0 + step, 0], out[r0:r0 + step, 1] = 0, -1
-            continue
         seen = visible.any(-1)
         as_u8 = visible.to(torch.uint8)
         first = as_u8.argmax(-1)

@@ -523,18 +523,14 @@ def _cpu_plan(qweight: QuantizedWeight):
     d = qweight.__dict__
     plan = d.get("_cpu_plan")
     qdata, scales, zeros = qweight.qdata, qweight.scales, qweight.zeros
-    if (plan is not None and plan[0] is d["_validated"] and plan[1] == qdata.data_ptr()
-            and plan[2] == scales.data_ptr()
-            and (zeros is None or plan[3] == zeros.data_ptr()) and qdata.is_contiguous()
-            and scales.is_contiguous() and (zeros is None or zeros.is_contiguous())
-            and not (qdata.is_neg() or scales.is_neg() or (zeros is not None and zeros.is_neg()))):
+    plain = all(t is None or (t.is_contiguous() and not t.is_neg()) for t in (qdata, scales, zeros))
+    if (plan is not None and plain and plan[0] is d["_validated"]
+            and plan[1] == qdata.data_ptr() and plan[2] == scales.data_ptr()
+            and (zeros is None or plan[3] == zeros.data_ptr())):
         return plan[4]
     d.pop("_cpu_plan", None)
     N, K = qweight.shape
-    if (backends.native_module() is None or not qdata.is_cpu or K == 0 or N == 0
-            or not (qdata.is_contiguous() and scales.is_contiguous())
-            or qdata.is_neg() or scales.is_neg()
-            or (zeros is not None and (not zeros.is_contiguous() or zeros.is_neg()))
+    if (not plain or backends.native_module() is None or not qdata.is_cpu or K == 0 or N == 0
             or _too_long(qweight) is not None):
         return None
     views = ((cview(qdata), cview(scales), cview(zeros), None), SCHEME_CODES[qweight.scheme],
