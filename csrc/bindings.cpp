@@ -427,12 +427,14 @@ PYBIND11_MODULE(_C, m) {
         "forward (the calls that accept key_lens).");
   m.def(
       "attention_forward_workspace_bytes",
-      [](int tier, py::object q, py::object k, py::object v, py::object mask, int num_threads) {
+      [](int tier, py::object q, py::object k, py::object v, py::object mask, int num_threads,
+         double dropout_p) {
         AttentionParams p = make_params(q, k, v, mask, 1.f, 0.f, -1, -1, 0, num_threads);
+        p.dropout_p = dropout_p;  // it decides between the decode-shaped and tiled layouts
         return attention_forward_workspace_bytes(to_tier(tier), p);
       },
       py::arg("tier"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"),
-      py::arg("num_threads"));
+      py::arg("num_threads"), py::arg("dropout_p") = 0.0);
   m.def(
       "attention_backward_workspace_bytes",
       [](int tier, py::object q, py::object k, py::object v, py::object mask, int num_threads) {
@@ -446,9 +448,12 @@ PYBIND11_MODULE(_C, m) {
       [](int tier, py::object q, py::object k, py::object v, py::object mask, py::object out,
          py::object lse, uintptr_t workspace, int64_t workspace_bytes, float scale, float softcap,
          int64_t window_left, int64_t window_right, int64_t diag_offset, int num_threads,
-         py::object out_residual, std::optional<std::vector<int64_t>> key_lens) {
+         py::object out_residual, std::optional<std::vector<int64_t>> key_lens,
+         double dropout_p, uint64_t dropout_seed) {
         AttentionParams p = make_params(q, k, v, mask, scale, softcap, window_left, window_right,
                                         diag_offset, num_threads);
+        p.dropout_p = dropout_p;
+        p.dropout_seed = dropout_seed;
         if (key_lens) {
           LLMK_CHECK(int64_t(key_lens->size()) == p.q.sizes[0],
                      "key_lens has " << key_lens->size() << " entries, the batch "
@@ -469,18 +474,21 @@ PYBIND11_MODULE(_C, m) {
       py::arg("lse"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("scale"),
       py::arg("softcap"), py::arg("window_left"), py::arg("window_right"),
       py::arg("diag_offset"), py::arg("num_threads"), py::arg("out_residual") = py::none(),
-      py::arg("key_lens") = py::none(),
+      py::arg("key_lens") = py::none(), py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0,
       "Fused attention forward; returns the number of output rows holding NaN/Inf. key_lens "
-      "(decode-shaped calls): keys each batch entry sees, from the first.");
+      "(decode-shaped calls): keys each batch entry sees, from the first. dropout_p / "
+      "dropout_seed: attention dropout, its pattern a hash of (seed, row, key).");
   m.def(
       "attention_backward",
       [](int tier, py::object q, py::object k, py::object v, py::object mask, py::object dout,
          py::object out, py::object lse, py::object dq, py::object dk, py::object dv,
          uintptr_t workspace, int64_t workspace_bytes, float scale, float softcap,
          int64_t window_left, int64_t window_right, int64_t diag_offset, int num_threads,
-         py::object out_residual) {
+         py::object out_residual, double dropout_p, uint64_t dropout_seed) {
         AttentionParams p = make_params(q, k, v, mask, scale, softcap, window_left, window_right,
                                         diag_offset, num_threads);
+        p.dropout_p = dropout_p;
+        p.dropout_seed = dropout_seed;
         BackwardIO io;
         io.out_residual = to_view(out_residual, "out_residual");
         io.dout = to_view(dout, "grad_out");
@@ -500,7 +508,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dv"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("scale"),
       py::arg("softcap"), py::arg("window_left"), py::arg("window_right"),
       py::arg("diag_offset"), py::arg("num_threads"), py::arg("out_residual") = py::none(),
-      "Fused attention backward.");
+      py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0,
+      "Fused attention backward (dropout_p / dropout_seed: the forward's).");
 
   // Band math of the GPU kernels' block skipping (csrc/common/attention_band.h), exposed for
   // tests/test_attention_band.py. Returns (first_block, end_block); (0, 0) when empty.

@@ -168,17 +168,18 @@ def test_thread_counts_agree():
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_dropout_uses_reference_path():
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_dropout_follows_torch_manual_seed(backend):
     q, k, v = make_qkv(1, 2, 2, 40, 40, 16, 16, torch.float32)
     torch.manual_seed(1)
-    a = llmkernels.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    a = llmkernels.scaled_dot_product_attention(q, k, v, dropout_p=0.5, backend=backend)
     torch.manual_seed(1)
-    b = llmkernels.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
-    c = llmkernels.scaled_dot_product_attention(q, k, v)
+    b = llmkernels.scaled_dot_product_attention(q, k, v, dropout_p=0.5, backend=backend)
+    c = llmkernels.scaled_dot_product_attention(q, k, v, backend=backend)
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, c)
     decision = llmkernels.explain(llmkernels.scaled_dot_product_attention, q, k, v, dropout_p=0.5)
-    assert decision.backend == "reference" and "dropout" in decision.rejected["cpu"]
+    assert decision.backend == "cpu" and "dropout fused" in decision.detail
 
 
 def test_float_mask_gradient_via_reference():

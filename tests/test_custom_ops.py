@@ -36,6 +36,16 @@ def test_opcheck_backward():
                           (torch.randn_like(out), q, k, v, mask, out, lse, residual, *params))
 
 
+def test_opcheck_with_dropout():
+    q, k, v, mask, *params, grad = _inputs(True)
+    seed = torch.tensor(7)
+    torch.library.opcheck(attention_forward_cpu, (q, k, v, mask, *params, grad, 0.2, seed))
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse, residual = attention_forward_cpu(q, k, v, mask, *params, False, 0.2, seed)
+    torch.library.opcheck(attention_backward_cpu, (torch.randn_like(out), q, k, v, mask, out, lse,
+                                                   None, *params, 0.2, seed))
+
+
 def test_compile_fullgraph_forward_and_backward():
     torch._dynamo.reset()
 

@@ -53,6 +53,9 @@ void check_params(const AttentionParams& p) {
                "attn_mask must be bool or float");
   }
   LLMK_CHECK(p.num_threads >= 1, "num_threads must be >= 1");
+  LLMK_CHECK(p.dropout_p >= 0.0 && p.dropout_p < 1.0,
+             "dropout_p must be in [0, 1), got " << p.dropout_p);
+  LLMK_CHECK(!(p.key_lens && p.dropout_p > 0.0), "key_lens takes no dropout");
   if (p.key_lens) {
     LLMK_CHECK(attention_decode_shaped(L, Hk ? Hq / Hk : 1),
                "key_lens needs a decode-shaped call (" << kDecodeMaxL << " queries a head at "

@@ -24,10 +24,16 @@ struct AttentionParams {
   // that end (its diagonal offset is diag_offset + key_lens[b] - S). Ragged KV caches then
   // take one call; keys past an entry's length are never read.
   const int64_t* key_lens = nullptr;
+  // Attention dropout (training): each weight kept with probability 1 - dropout_p and scaled
+  // by 1 / (1 - dropout_p), by a hash of (dropout_seed, row, key) (attention_dropout.h), so
+  // the backward drops what the forward did. Such calls take the tiled forward.
+  double dropout_p = 0.0;
+  uint64_t dropout_seed = 0;
 };
 
 // Calls with few queries a kv head (L queries a head, group query heads a kv head) take the
-// decode-shaped forward, which streams the keys once; only these accept key_lens.
+// decode-shaped forward, which streams the keys once (without dropout: those take the tiles);
+// only these accept key_lens.
 constexpr int64_t kDecodeMaxL = 4;       // queries per head served this way
 constexpr int64_t kDecodeMaxRows = 32;   // query rows per kv head (group x L)
 inline bool attention_decode_shaped(int64_t L, int64_t group) {

@@ -16,6 +16,7 @@
 #include "../common/checks.h"
 #include "../common/thread_pool.h"
 #include "attention.h"
+#include "attention_dropout.h"
 #include "micro_gemm.h"
 #include "tensor_tiles.h"
 #include "vec.h"
@@ -456,6 +457,7 @@ void forward_item(void* vctx, int64_t item, int tid) {
   uint16_t* Pb = reinterpret_cast<uint16_t*>(inv + kBQ);  // P in bf16 (BF only)
   uint32_t* Q2 = reinterpret_cast<uint32_t*>(Q);          // Q as bf16 pairs, unscaled (BF only)
   const TileScope tiles(BF && kHasAmx);
+  const DropoutKeep drop(p.dropout_p);  // weights dropped after the row sums: lse is undropped
 
   if constexpr (BF) {
     const Bf16Rows Qr(p.q, b, h, i0, mq, g.D);
@@ -528,6 +530,8 @@ void forward_item(void* vctx, int64_t item, int tid) {
           sum += e;
         }
         m[r] = m_new[r];
+        if (drop.active())
+          drop.apply(row, nkp, dropout_row_key(p.dropout_seed, uint64_t((b * g.Hq + h) * g.L + i0 + r)), j0);
         const float a = alpha[r];
         if (a != 1.f) {
           const vf va = splat(a);
@@ -590,7 +594,9 @@ constexpr int64_t kDecodeMinChunk = 512; // keys per chunk, at least
 constexpr int64_t kDecodeBK = 64;
 constexpr int kDecodeAcc = 8;            // independent accumulators in P V (FMA latency x ports)
 
-LLMK_INLINE bool use_decode(const Geometry& g) { return attention_decode_shaped(g.L, g.group); }
+LLMK_INLINE bool use_decode(const AttentionParams& p, const Geometry& g) {
+  return p.dropout_p == 0.0 && attention_decode_shaped(g.L, g.group);
+}
 
 // Per-thread counts of output rows holding NaN/Inf (each thread adds to its own slot).
 LLMK_INLINE int64_t* reset_bad_rows(char* ws, int64_t offset, int nthreads) {
@@ -1104,14 +1110,14 @@ int64_t forward_decode(const AttentionParams& p, const ForwardIO& io, const Geom
 int64_t forward_workspace_bytes(const AttentionParams& p) {
   const Geometry g(p);
   const int nthreads = max_(p.num_threads, 1);
-  return use_decode(g) ? DecodeLayout(g, dtype_bytes(p.k.dtype), nthreads).total : ForwardLayout(p, g, nthreads).total;
+  return use_decode(p, g) ? DecodeLayout(g, dtype_bytes(p.k.dtype), nthreads).total : ForwardLayout(p, g, nthreads).total;
 }
 
 int64_t forward(const AttentionParams& p, const ForwardIO& io) {
   const Geometry geometry(p);
   const int nthreads = max_(p.num_threads, 1);
   if (geometry.B * geometry.Hq * geometry.L == 0) return 0;
-  if (use_decode(geometry)) return forward_decode(p, io, geometry, nthreads);
+  if (use_decode(p, geometry)) return forward_decode(p, io, geometry, nthreads);
   ForwardCtx c{&p, &io, geometry, ForwardLayout(p, geometry, nthreads),
                static_cast<char*>(io.workspace)};
   LLMK_CHECK(io.workspace_bytes >= c.lay.total, "attention forward workspace too small: "
@@ -1267,6 +1273,13 @@ void backward_item(void* vctx, int64_t item, int tid) {
   const TensorView& lv = c.io->lse;
   const TileScope tiles(BF && kHasAmx);
   const float* lse_base = static_cast<const float*>(lv.data);
+  // With dropout, O = (P Z) V for Z the scaled keep pattern: dV takes P Z (made in dP's
+  // space, free until dP is), and dU = P (dP Z - delta), delta = rowsum(dO O) as without.
+  const DropoutKeep drop(p.dropout_p);
+
+  auto row_key = [&](int64_t bb, int64_t hh, int64_t i) {
+    return dropout_row_key(p.dropout_seed, uint64_t((bb * g.Hq + hh) * g.L + i));
+  };
 
   const int64_t kt_end = min_(g.nkt, (ch + 1) * c.lay.tiles_per_chunk);
   for (int64_t kt = ch * c.lay.tiles_per_chunk; kt < kt_end; ++kt) {
@@ -1312,8 +1325,16 @@ void backward_item(void* vctx, int64_t item, int tid) {
           float* row = S + r * kBK;
           for (int64_t j = 0; j < nkp; j += W) storeu(row + j, vexp(loadu(row + j) - vl));
         }
+        const float* PZ = S;  // the weights O was made of
+        if (drop.active()) {
+          for (int64_t r = 0; r < mq; ++r) {
+            for (int64_t j = 0; j < nkp; ++j) dP[r * kBK + j] = S[r * kBK + j];
+            drop.apply(dP + r * kBK, nkp, row_key(b, h, i0 + r), j0);
+          }
+          PZ = dP;
+        }
         if constexpr (BF) {
-          rows_to_bf16_pairs(S, kBK, mq, nkp, PT2, kBK);
+          rows_to_bf16_pairs(PZ, kBK, mq, nkp, PT2, kBK);
           if constexpr (kTransposedDV)  // dV^T += dO^T P
             gemm_bf16(g.Dvp, nkp, mq2, t.dOv, kBQ / 2, 1, PT2, kBK, dV, kBK, true, tiles);
           else  // dV += P^T dO
@@ -1321,9 +1342,11 @@ void backward_item(void* vctx, int64_t item, int tid) {
           gemm_bf16(mq, nkp, g.Dv2 / 2, t.dO2, g.Dv2 / 2, 1, Vt2, kBK, dP, kBK, false,  // dP = dO V^T
                     tiles);
         } else {
-          gemm(nk, g.Dvp, mq, S, 1, kBK, dO, g.Dvp, dV, g.Dvp, true);       // dV += P^T dO
+          gemm(nk, g.Dvp, mq, PZ, 1, kBK, dO, g.Dvp, dV, g.Dvp, true);      // dV += P^T dO
           gemm(mq, nkp, g.Dv, dO, g.Dvp, 1, Vt, kBK, dP, kBK, false);        // dP = dO V^T
         }
+        if (drop.active())
+          for (int64_t r = 0; r < mq; ++r) drop.apply(dP + r * kBK, nkp, row_key(b, h, i0 + r), j0);
         for (int64_t r = 0; r < mq; ++r) {                                 // dU = P (dP - delta)
           const vf vd = splat(delta[r]);
           float* dpr = dP + r * kBK;

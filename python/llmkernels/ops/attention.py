@@ -17,6 +17,7 @@ from .._cview import cview
 from .._transforms import functorch_active
 from ..reference.attention import WINDOW_LIMIT, attention_reference
 from . import attention_gpu
+from .attention_dropout import draw_seed
 from .workspace import workspace as _workspace
 
 OP_NAME = "scaled_dot_product_attention"
@@ -37,11 +38,15 @@ def _residual_like(out: torch.Tensor, with_residual: bool) -> torch.Tensor:
 def _forward_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  mask: Optional[torch.Tensor], scale: float, softcap: float,
                  window_left: int, window_right: int, diag_offset: int,
-                 with_residual: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 with_residual: bool, dropout_p: float = 0.0,
+                 seed: Optional[torch.Tensor] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused forward on 4-D (B, H, L, E) views; returns (out, lse float32, residual).
 
     residual (with_residual and a 16-bit dtype; else empty): float32 out minus out, in out's
     dtype, so that the backward's rowsum(dO * O) sees O to ~16 bits, not bf16's 8.
+    dropout_p > 0: attention dropout, its pattern set by seed (an int64 scalar tensor, see
+    attention_dropout.keep_mask); lse stays that of the weights before dropout.
     """
     B, Hq, L, _ = q.shape
     out = q.new_empty((B, Hq, L, v.shape[-1]))
@@ -51,24 +56,35 @@ def _forward_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out, lse, residual
     _forward_cpu_views((cview(q), cview(k), cview(v), cview(mask)), out, lse,
                        residual if residual.numel() else None, scale, softcap, window_left,
-                       window_right, diag_offset)
+                       window_right, diag_offset, dropout=_dropout_args(dropout_p, seed))
     return out, lse, residual
+
+
+def _dropout_args(dropout_p: float, seed: Optional[torch.Tensor]) -> Tuple[float, int]:
+    if dropout_p == 0.0:
+        return 0.0, 0
+    if not 0.0 < dropout_p < 1.0:
+        raise ValueError(f"{OP_NAME}: dropout_p must be in [0, 1), got {dropout_p!r}")
+    if seed is None:
+        raise ValueError(f"{OP_NAME}: dropout needs a seed")
+    return float(dropout_p), int(seed)
 
 
 def _forward_cpu_views(views, out, lse, residual, scale: float, softcap: float,
                        window_left: int, window_right: int, diag_offset: int,
-                       key_lens: Optional[Sequence[int]] = None) -> None:
+                       key_lens: Optional[Sequence[int]] = None,
+                       dropout: Tuple[float, int] = (0.0, 0)) -> None:
     """_forward_cpu's kernel call on cviews of q, k, v and the mask (B, H, L, E), into out /
     lse / residual (fresh tensors of _forward_cpu's shapes; residual None: none wanted).
     key_lens (decode-shaped calls, native.attention_decode_shaped): keys each batch entry
-    sees, from the first; its band ends where its keys do."""
+    sees, from the first; its band ends where its keys do. dropout: (p, seed)."""
     native = backends.native_module()
     tier, threads = backends.cpu_tier_code(), backends.cpu_threads()
-    nbytes = native.attention_forward_workspace_bytes(tier, *views, threads)
+    nbytes = native.attention_forward_workspace_bytes(tier, *views, threads, dropout[0])
     ws = _workspace(nbytes)
     bad = native.attention_forward(tier, *views, cview(out), cview(lse), ws.data_ptr(), nbytes,
                                    scale, softcap, window_left, window_right, diag_offset, threads,
-                                   cview(residual), key_lens)
+                                   cview(residual), key_lens, *dropout)
     if bad:
         raise ValueError(f"{OP_NAME}: {bad} output row(s) are NaN or Inf: query, key, value or "
                          "attn_mask holds NaN/Inf (or values too large for the dtype)")
@@ -124,7 +140,8 @@ def _recorded() -> bool:
 
 
 @attention_forward_cpu.register_fake
-def _(q, k, v, mask, scale, softcap, window_left, window_right, diag_offset, with_residual):
+def _(q, k, v, mask, scale, softcap, window_left, window_right, diag_offset, with_residual,
+      dropout_p=0.0, seed=None):
     B, Hq, L, _ = q.shape
     out = q.new_empty((B, Hq, L, v.shape[-1]))
     return out, q.new_empty((B, Hq, L), dtype=torch.float32), _residual_like(out, with_residual)
@@ -135,7 +152,9 @@ def attention_backward_cpu(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
                            v: torch.Tensor, mask: Optional[torch.Tensor], out: torch.Tensor,
                            lse: torch.Tensor, out_residual: Optional[torch.Tensor], scale: float,
                            softcap: float, window_left: int, window_right: int,
-                           diag_offset: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           diag_offset: int, dropout_p: float = 0.0,
+                           seed: Optional[torch.Tensor] = None
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward; returns (dq, dk, dv) shaped like q, k, v (contiguous)."""
     native = backends.native_module()
     dq = torch.empty(q.shape, dtype=q.dtype)
@@ -150,31 +169,33 @@ def attention_backward_cpu(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     native.attention_backward(tier, *views, cview(grad_out), cview(out), cview(lse), cview(dq),
                               cview(dk), cview(dv), ws.data_ptr(), nbytes, scale, softcap,
                               window_left, window_right, diag_offset, threads,
-                              cview(out_residual) if out_residual is not None else None)
+                              cview(out_residual) if out_residual is not None else None,
+                              *_dropout_args(dropout_p, seed))
     return dq, dk, dv
 
 
 @attention_backward_cpu.register_fake
 def _(grad_out, q, k, v, mask, out, lse, out_residual, scale, softcap, window_left, window_right,
-      diag_offset):
+      diag_offset, dropout_p=0.0, seed=None):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
 
 
 def _forward_setup(ctx, inputs, output):
-    q, k, v, mask, scale, softcap, wl, wr, off, _ = inputs
+    q, k, v, mask, scale, softcap, wl, wr, off, _, dropout_p, seed = inputs
     out, lse, residual = output
-    ctx.save_for_backward(q, k, v, mask, out, lse, residual)
-    ctx.params = (scale, softcap, wl, wr, off)
+    ctx.save_for_backward(q, k, v, mask, out, lse, residual, seed)
+    ctx.params = (scale, softcap, wl, wr, off, dropout_p)
     ctx.mark_non_differentiable(lse, residual)
 
 
 def _forward_backward(ctx, grad_out, grad_lse, grad_residual):
-    q, k, v, mask, out, lse, residual = ctx.saved_tensors
+    q, k, v, mask, out, lse, residual, seed = ctx.saved_tensors
     residual = residual if residual.numel() else None
-    dq, dk, dv = attention_backward_cpu(grad_out, q, k, v, mask, out, lse, residual, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    dq, dk, dv = attention_backward_cpu(grad_out, q, k, v, mask, out, lse, residual, *ctx.params,
+                                        seed)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 attention_forward_cpu.register_autograd(_forward_backward, setup_context=_forward_setup)
@@ -399,8 +420,6 @@ def _cpu_support(call: _Call):
         why = cpu_kernel_support(call.q, call.q.shape[-1], call.v.shape[-1])
         if why is not None:
             return why
-        if call.dropout_p > 0.0:
-            return "dropout is not fused; the reference path applies it"
         return _mask_support(call.mask)
     return check
 
@@ -418,7 +437,7 @@ def _mask_support(mask: Optional[torch.Tensor]) -> Optional[str]:
 def _gpu_support(call: _Call, path: str, backend: Optional[str]):
     def check() -> Optional[str]:
         if call.dropout_p > 0.0:
-            return "dropout is not fused; the reference path applies it"
+            return "dropout is fused on the CPU only; the reference path applies it"
         if call.mask is not None:
             if path == "cuda":
                 return ("attn_mask is not fused on the CUDA path (Triton's kernels take it; "
@@ -439,6 +458,9 @@ def _decide(call: _Call, backend: Optional[str]) -> backends.Decision:
               "triton": "Triton kernels (kernels/attention.py)"}
     if backends.native_module() is not None:
         detail["cpu"] = f"fused C++ kernel, CPU tier {backends.cpu_tier_label()}"
+        if call.dropout_p > 0.0:
+            detail["cpu"] += (" (dropout fused: its pattern is a hash of a seed drawn from "
+                              "torch's generator, not the reference path's F.dropout)")
     return backends.select(OP_NAME, call.q.device.type, checks, backend, detail,
                            kernels_blocked(call.q, call.k, call.v, call.mask))
 
@@ -479,18 +501,23 @@ def _reference(call: _Call) -> torch.Tensor:
 
 def cpu_forward(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor,
                 mask4: Optional[torch.Tensor], scale: float, softcap: Optional[float],
-                window_left: int, window_right: int, diag_offset: int = 0) -> torch.Tensor:
+                window_left: int, window_right: int, diag_offset: int = 0,
+                dropout_p: float = 0.0) -> torch.Tensor:
     """The fused CPU kernel on 4-D views, differentiable; plain calls skip the dispatcher."""
     args = (q4, k4, v4, mask4)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in args[:3])
     fn = attention_forward_cpu if _needs_dispatcher(*args) else _forward_cpu
-    out, _, _ = fn(*args, scale, softcap or 0.0, window_left, window_right, diag_offset, grad)
+    if dropout_p > 0.0:
+        out, _, _ = fn(*args, scale, softcap or 0.0, window_left, window_right, diag_offset, grad,
+                       dropout_p, draw_seed())
+    else:
+        out, _, _ = fn(*args, scale, softcap or 0.0, window_left, window_right, diag_offset, grad)
     return out
 
 
 def _cpu(call: _Call) -> torch.Tensor:
     out = cpu_forward(call.q4, call.k4, call.v4, call.mask4, call.scale, call.softcap,
-                      call.window_left, call.window_right)
+                      call.window_left, call.window_right, dropout_p=call.dropout_p)
     return out.reshape(*call.batch, out.shape[-2], out.shape[-1])
 
 
