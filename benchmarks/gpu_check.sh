@@ -108,6 +108,7 @@ HOST_AMX=0
 grep -qw amx_bf16 /proc/cpuinfo 2>/dev/null && HOST_AMX=1
 log "host CPU: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2-) (amx_bf16: $HOST_AMX)"
 step cpu_amx_tests "$TEST_TIMEOUT" "$PY" -m pytest tests/test_attention.py tests/test_backends.py \
+  tests/test_attention_mask_tiles.py tests/test_attention_dropout.py \
   tests/test_quant_matmul.py tests/test_quant_matmul_many_rows.py -k amx -q -p no:cacheprovider -rfEs
 show 3 "$OUT/cpu_amx_tests.log"
 if [ "$HOST_AMX" = 1 ] || [ "${CPU_BENCH:-0}" = 1 ]; then
