@@ -484,13 +484,14 @@ PYBIND11_MODULE(_C, m) {
          py::object out, py::object lse, py::object dq, py::object dk, py::object dv,
          uintptr_t workspace, int64_t workspace_bytes, float scale, float softcap,
          int64_t window_left, int64_t window_right, int64_t diag_offset, int num_threads,
-         py::object out_residual, double dropout_p, uint64_t dropout_seed) {
+         py::object out_residual, double dropout_p, uint64_t dropout_seed, py::object dmask) {
         AttentionParams p = make_params(q, k, v, mask, scale, softcap, window_left, window_right,
                                         diag_offset, num_threads);
         p.dropout_p = dropout_p;
         p.dropout_seed = dropout_seed;
         BackwardIO io;
         io.out_residual = to_view(out_residual, "out_residual");
+        io.dmask = to_view(dmask, "dmask");
         io.dout = to_view(dout, "grad_out");
         io.out = to_view(out, "out");
         io.lse = to_view(lse, "lse");
@@ -508,8 +509,9 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dv"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("scale"),
       py::arg("softcap"), py::arg("window_left"), py::arg("window_right"),
       py::arg("diag_offset"), py::arg("num_threads"), py::arg("out_residual") = py::none(),
-      py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0,
-      "Fused attention backward (dropout_p / dropout_seed: the forward's).");
+      py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0, py::arg("dmask") = py::none(),
+      "Fused attention backward (dropout_p / dropout_seed: the forward's; dmask: a zeroed, "
+      "contiguous float32 (B, Hq, L, S) buffer for the float mask's gradient).");
 
   // Band math of the GPU kernels' block skipping (csrc/common/attention_band.h), exposed for
   // tests/test_attention_band.py. Returns (first_block, end_block); (0, 0) when empty.

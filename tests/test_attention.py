@@ -182,7 +182,7 @@ def test_dropout_follows_torch_manual_seed(backend):
     assert decision.backend == "cpu" and "dropout fused" in decision.detail
 
 
-def test_float_mask_gradient_via_reference():
+def test_float_mask_gradient():
     q, k, v = make_qkv(1, 2, 2, 20, 24, 16, 16, torch.float32, requires_grad=True)
     mask = torch.randn(20, 24, requires_grad=True)
     out = llmkernels.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -253,19 +253,20 @@ def test_attention_masked_quick(tmp_path):
     assert "vs ours-causal" in out
 
 
-def test_attention_dropout_quick(tmp_path):
-    """Each case checked (output and gradients against float64 with the kept weights)
-    before it is timed; ours served by the CPU kernel."""
-    result, out = _run_quick("attention_dropout.py", tmp_path,
+def test_attention_training_quick(tmp_path):
+    """Each case checked (output and gradients, the bias's included, against float64; with
+    dropout the weights our call kept) before it is timed; ours served by the CPU kernel."""
+    result, out = _run_quick("attention_training.py", tmp_path,
                              ["--batch", "2", "--seqlens", "80", "--heads", "3", "--head-dim",
                               "32", "--dtypes", "fp32,bf16", "--min-run-time", "0.01"])
-    assert result["benchmark"] == "attention_dropout"
-    assert len(result["cases"]) == 4
+    assert result["benchmark"] == "attention_training"
+    assert sorted((c["feature"], c["dtype"], c["causal"]) for c in result["cases"]) == sorted(
+        (f, d, c) for f in ("dropout", "bias") for d in ("fp32", "bf16") for c in (False, True))
     for c in result["cases"]:
         assert c["correct"] and c["err"] <= c["bound"] and c["served_by"] == "cpu"
         assert set(c["modes"]) == {"fwd", "fwd+bwd"}
         assert all(m["speedup_vs_sdpa"] > 0 for m in c["modes"].values())
-    assert "dropout cost" in out
+    assert "feature cost" in out
 
 
 def test_model_quick(tmp_path):
@@ -452,7 +453,8 @@ _DECODE = ["--batch", "1", "--cache-lens", "256", "--device", "cpu"]
     ("attention_masked.py", ["--masks", "causal"], "choose from padded,packed,window"),
     ("attention_masked.py", ["--seqlens", "0"], "--seqlens"),
     ("attention_masked.py", ["--device", "cuda"], "--device cuda"),
-    ("attention_dropout.py", ["--dropout", "1.0"], "--dropout must be in"),
+    ("attention_training.py", ["--dropout", "1.0"], "--dropout must be in"),
+    ("attention_training.py", ["--features", "alibi"], "choose from dropout,bias"),
 ])
 def test_bad_arguments(script, args, expect, capsys, monkeypatch):
     """A usage error naming the argument, before any work."""

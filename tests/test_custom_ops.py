@@ -46,6 +46,16 @@ def test_opcheck_with_dropout():
                                                    None, *params, 0.2, seed))
 
 
+def test_opcheck_backward_with_mask_gradient():
+    q, k, v, _, *params, _ = _inputs(False)
+    mask = torch.randn(2, 4, 33, 40)
+    out, lse, _ = attention_forward_cpu(q, k, v, mask, *params, False)
+    torch.library.opcheck(attention_backward_cpu, (torch.randn_like(out), q, k, v, mask, out, lse,
+                                                   None, *params, 0.0, None, True))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(attention_forward_cpu, (q, k, v, mask.requires_grad_(), *params, True))
+
+
 def test_compile_fullgraph_forward_and_backward():
     torch._dynamo.reset()
 

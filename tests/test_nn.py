@@ -470,14 +470,21 @@ def test_dropout_one_drops_every_weight_as_torchs_layer():
     assert llmkernels.explain(ours, x, x, x, need_weights=False).backend == "reference"
 
 
-def test_explain_names_the_reference_path_for_a_mask_that_requires_grad():
-    """forward takes the reference path (the mask's gradient exists only there); explain ran
-    its check under no_grad and said cpu."""
+def test_a_mask_that_requires_grad_gets_its_gradient_from_the_kernel():
+    """explain and forward agree (the CPU kernel computes the float mask's gradient), and the
+    gradient is torch's layer's."""
     layer = llmkernels.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    theirs = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    theirs.load_state_dict(layer.state_dict())
     x = torch.randn(2, 5, 16)
-    mask = torch.zeros(5, 5, requires_grad=True)
+    mask = torch.randn(5, 5, requires_grad=True)
     decision = llmkernels.explain(layer, x, x, x, need_weights=False, attn_mask=mask)
-    assert decision.backend == "reference"
+    assert decision.backend == "cpu", str(decision)
+    grads = []
+    for m in (layer, theirs):
+        out, _ = m(x, x, x, need_weights=False, attn_mask=mask)
+        grads.append(torch.autograd.grad(out.square().sum(), mask)[0])
+    assert_close(grads[0], grads[1], rtol=1e-4)
 
 
 def test_torchscript_says_what_to_do_instead():

@@ -129,6 +129,18 @@ void check_attention_backward(const AttentionParams& p, const BackwardIO& io) {
   check_same_shape(io.dv, p.v, "dv", "value");
   for (const TensorView* t : {&io.dout, &io.out, &io.dq, &io.dk, &io.dv})
     LLMK_CHECK(t->dtype == p.q.dtype, "gradients and out must have query's dtype");
+  if (io.dmask.data || io.dmask.ndim) {
+    check_view(io.dmask, "dmask", 4);
+    LLMK_CHECK(p.mask.data && p.mask.dtype != DType::boolean,
+               "dmask needs a float attn_mask");
+    check_same_shape(io.dmask, p.mask, "dmask", "attn_mask");
+    LLMK_CHECK(io.dmask.dtype == DType::f32, "dmask must be float32");
+    const int64_t* n = io.dmask.sizes;
+    const int64_t* st = io.dmask.strides;
+    LLMK_CHECK((n[3] <= 1 || st[3] == 1) && (n[2] <= 1 || st[2] == n[3]) &&
+                   (n[1] <= 1 || st[1] == n[2] * n[3]) && (n[0] <= 1 || st[0] == n[1] * n[2] * n[3]),
+               "dmask must be contiguous");
+  }
 }
 
 void kvcache_append(const TensorView& dst, const TensorView& src, const int64_t* starts,

@@ -54,6 +54,11 @@ struct BackwardIO {
   TensorView dout, out, lse;  // dout and out (B, Hq, L, Dv); lse as saved by forward
   TensorView out_residual;    // optional: the forward's out_residual
   TensorView dq, dk, dv;      // shaped like q, k, v
+  // Optional: the gradient of a float mask (a learned bias), float32 (B, Hq, L, S),
+  // contiguous, zeroed by the caller (torch.zeros: ~0.6x the time of zeroing it here, 2
+  // threads): the kernel writes the pairs it visits; those it skips have weight 0, so
+  // gradient 0. Broadcast dims are the caller's to sum.
+  TensorView dmask;
   void* workspace = nullptr;
   int64_t workspace_bytes = 0;
 };

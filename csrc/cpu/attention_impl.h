@@ -1276,6 +1276,7 @@ void backward_item(void* vctx, int64_t item, int tid) {
   // With dropout, O = (P Z) V for Z the scaled keep pattern: dV takes P Z (made in dP's
   // space, free until dP is), and dU = P (dP Z - delta), delta = rowsum(dO O) as without.
   const DropoutKeep drop(p.dropout_p);
+  const TensorView* dmask = c.io->dmask.data ? &c.io->dmask : nullptr;
 
   auto row_key = [&](int64_t bb, int64_t hh, int64_t i) {
     return dropout_row_key(p.dropout_seed, uint64_t((bb * g.Hq + hh) * g.L + i));
@@ -1355,9 +1356,17 @@ void backward_item(void* vctx, int64_t item, int tid) {
             vf du = loadu(pr + j) * (loadu(dpr + j) - vd);
             if (cap) {
               const vf tt = loadu(T + r * kBK + j);
+              if (dmask) storeu(T + r * kBK + j, du);  // the mask is added after the cap
               du = du * (splat(1.f) - tt * tt);
             }
             storeu(dpr + j, du);
+          }
+        }
+        if (dmask) {  // the scores' gradient, before the softcap's factor
+          const float* src = cap ? T : dP;
+          for (int64_t r = 0; r < mq; ++r) {
+            float* dst = at4<float>(*dmask, b, h, i0 + r) + j0;
+            for (int64_t j = 0; j < nk; ++j) dst[j] = src[r * kBK + j];
           }
         }
         float* dq = c.f(c.lay.dq_acc) + (ch * c.lay.rows + r0) * g.Dp;

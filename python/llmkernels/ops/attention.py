@@ -153,15 +153,18 @@ def attention_backward_cpu(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
                            lse: torch.Tensor, out_residual: Optional[torch.Tensor], scale: float,
                            softcap: float, window_left: int, window_right: int,
                            diag_offset: int, dropout_p: float = 0.0,
-                           seed: Optional[torch.Tensor] = None
-                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused backward; returns (dq, dk, dv) shaped like q, k, v (contiguous)."""
+                           seed: Optional[torch.Tensor] = None, mask_grad: bool = False
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward; returns (dq, dk, dv, dmask): dq, dk, dv shaped like q, k, v
+    (contiguous); with mask_grad (a float mask), dmask float32 shaped like the 4-D mask
+    (B, Hq, L, S), dense (the caller sums its broadcast dims); else an empty tensor."""
     native = backends.native_module()
     dq = torch.empty(q.shape, dtype=q.dtype)
     dk = torch.empty(k.shape, dtype=k.dtype)
     dv = torch.empty(v.shape, dtype=v.dtype)
+    dmask = _dmask_like(mask, mask_grad)
     if dq.numel() + dk.numel() + dv.numel() == 0:
-        return dq, dk, dv
+        return dq, dk, dv, dmask
     tier, threads = backends.cpu_tier_code(), backends.cpu_threads()
     views = (cview(q), cview(k), cview(v), cview(mask))
     nbytes = native.attention_backward_workspace_bytes(tier, *views, threads)
@@ -170,16 +173,28 @@ def attention_backward_cpu(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
                               cview(dk), cview(dv), ws.data_ptr(), nbytes, scale, softcap,
                               window_left, window_right, diag_offset, threads,
                               cview(out_residual) if out_residual is not None else None,
-                              *_dropout_args(dropout_p, seed))
-    return dq, dk, dv
+                              *_dropout_args(dropout_p, seed),
+                              cview(dmask) if dmask.numel() else None)
+    return dq, dk, dv, dmask
+
+
+def _dmask_like(mask: Optional[torch.Tensor], wanted: bool) -> torch.Tensor:
+    """The float mask's gradient buffer, zeroed: the kernel writes only the pairs it visits."""
+    if not wanted:
+        return torch.empty((0,), dtype=torch.float32)
+    if mask is None or mask.dtype == torch.bool:
+        raise ValueError(f"{OP_NAME}: mask_grad needs a float attn_mask")
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
 
 
 @attention_backward_cpu.register_fake
 def _(grad_out, q, k, v, mask, out, lse, out_residual, scale, softcap, window_left, window_right,
-      diag_offset, dropout_p=0.0, seed=None):
+      diag_offset, dropout_p=0.0, seed=None, mask_grad=False):
+    dmask = (mask.new_empty(mask.shape, dtype=torch.float32) if mask_grad and mask is not None
+             else q.new_empty((0,), dtype=torch.float32))
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
-            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+            torch.empty(v.shape, dtype=v.dtype, device=v.device), dmask)
 
 
 def _forward_setup(ctx, inputs, output):
@@ -193,9 +208,11 @@ def _forward_setup(ctx, inputs, output):
 def _forward_backward(ctx, grad_out, grad_lse, grad_residual):
     q, k, v, mask, out, lse, residual, seed = ctx.saved_tensors
     residual = residual if residual.numel() else None
-    dq, dk, dv = attention_backward_cpu(grad_out, q, k, v, mask, out, lse, residual, *ctx.params,
-                                        seed)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    mask_grad = bool(ctx.needs_input_grad[3]) and mask is not None and mask.dtype != torch.bool
+    dq, dk, dv, dmask = attention_backward_cpu(grad_out, q, k, v, mask, out, lse, residual,
+                                               *ctx.params, seed, mask_grad)
+    dmask = dmask.to(mask.dtype) if mask_grad else None
+    return dq, dk, dv, dmask, None, None, None, None, None, None, None, None
 
 
 attention_forward_cpu.register_autograd(_forward_backward, setup_context=_forward_setup)
@@ -420,17 +437,18 @@ def _cpu_support(call: _Call):
         why = cpu_kernel_support(call.q, call.q.shape[-1], call.v.shape[-1])
         if why is not None:
             return why
-        return _mask_support(call.mask)
+        return _mask_support(call.mask, grad_fused=True)
     return check
 
 
-def _mask_support(mask: Optional[torch.Tensor]) -> Optional[str]:
+def _mask_support(mask: Optional[torch.Tensor], grad_fused: bool = False) -> Optional[str]:
     if mask is None:
         return None
     if mask.dtype not in (torch.bool,) + _KERNEL_DTYPES:
         return f"attn_mask dtype {mask.dtype} is not bool, float32, bfloat16 or float16"
-    if mask.requires_grad and torch.is_grad_enabled():
-        return "the gradient with respect to attn_mask is only computed on the reference path"
+    if mask.requires_grad and torch.is_grad_enabled() and not grad_fused:
+        return ("the gradient with respect to attn_mask is computed by the CPU kernel and the "
+                "reference path only")
     return None
 
 
