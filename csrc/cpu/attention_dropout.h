@@ -6,23 +6,15 @@
 #include <cmath>
 #include <cstdint>
 
+#include "../common/hash32.h"
+
 namespace llmk {
 
-// A bijective 32-bit mixer (Wellons' "lowbias32"): a few multiplies and shifts, which the
-// tiers' loops vectorize.
-inline uint32_t dropout_mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
-
-// One row's key: distinct rows (below 2^32) of one seed get distinct keys.
+// One row's key: distinct rows (below 2^32) of one seed get distinct keys (fmix32 is a
+// bijection).
 inline uint32_t dropout_row_key(uint64_t seed, uint64_t row) {
-  const uint32_t h = dropout_mix32(uint32_t(row) ^ uint32_t(seed));
-  return dropout_mix32(h ^ uint32_t(row >> 32) ^ uint32_t(seed >> 32));
+  const uint32_t h = fmix32(uint32_t(row) ^ uint32_t(seed));
+  return fmix32(h ^ uint32_t(row >> 32) ^ uint32_t(seed >> 32));
 }
 
 struct DropoutKeep {
@@ -35,11 +27,11 @@ struct DropoutKeep {
   // x[j] for keys j0 .. j0 + n of the row (finite): times scale where kept, else 0. A
   // multiply by a selected factor, not a branch: the loop vectorizes.
   void apply(float* x, int64_t n, uint32_t row_key, int64_t j0) const {
-    const uint32_t start = row_key + uint32_t(j0) * 0x9E3779B9u;
+    const uint32_t start = row_key + uint32_t(j0) * 0x9E3779B1u;
     const uint32_t count = uint32_t(n), cut = threshold;
     const float kept = scale;  // locals: a store to x could alias the members
     for (uint32_t j = 0; j < count; ++j) {
-      const uint32_t hash = dropout_mix32(start + j * 0x9E3779B9u);
+      const uint32_t hash = fmix32(start + j * 0x9E3779B1u);
       x[j] *= (hash >> 8) >= cut ? kept : 0.f;
     }
   }

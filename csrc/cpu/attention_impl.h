@@ -531,7 +531,8 @@ void forward_item(void* vctx, int64_t item, int tid) {
         }
         m[r] = m_new[r];
         if (drop.active())
-          drop.apply(row, nkp, dropout_row_key(p.dropout_seed, uint64_t((b * g.Hq + h) * g.L + i0 + r)), j0);
+          drop.apply(row, nkp, dropout_row_key(p.dropout_seed, uint64_t((b * g.Hq + h) * g.L + i0 + r)),
+                     j0);
         const float a = alpha[r];
         if (a != 1.f) {
           const vf va = splat(a);

@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "../common/half.h"
+#include "../common/hash32.h"
 #if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -87,15 +88,7 @@ inline TensorView float_view(float* data) {
 // The bits are murmur3's finalizer of (index * golden ratio + key): deterministic for a
 // given seed, step and tensor, whatever the threading (the reference path computes the
 // same stream with torch ops).
-inline uint32_t sr_bits(int64_t i, uint32_t key) {
-  uint32_t h = uint32_t(i) * 0x9E3779B1u + key;
-  h ^= h >> 16;
-  h *= 0x85EBCA6Bu;
-  h ^= h >> 13;
-  h *= 0xC2B2AE35u;
-  h ^= h >> 16;
-  return h;
-}
+inline uint32_t sr_bits(int64_t i, uint32_t key) { return fmix32(uint32_t(i) * 0x9E3779B1u + key); }
 inline uint16_t sr_bf16(float f, uint32_t bits) {
   const uint32_t u = f32_to_bits(f);
   const uint32_t quiet = u | 0x400000u;

@@ -523,7 +523,8 @@ def cpu_forward(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor,
                 dropout_p: float = 0.0) -> torch.Tensor:
     """The fused CPU kernel on 4-D views, differentiable; plain calls skip the dispatcher."""
     args = (q4, k4, v4, mask4)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in args[:3])
+    # (a learned mask's gradient needs the residual too: its rowsum(dO * O) term)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
     fn = attention_forward_cpu if _needs_dispatcher(*args) else _forward_cpu
     if dropout_p > 0.0:
         out, _, _ = fn(*args, scale, softcap or 0.0, window_left, window_right, diag_offset, grad,

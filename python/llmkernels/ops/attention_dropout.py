@@ -6,24 +6,19 @@ bits: tests check the kernel against it, and it shows which weights a call dropp
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-_M32 = 0xFFFFFFFF
-_GOLDEN = 0x9E3779B9
+from .._hash import MASK32, fmix32
 
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    # int64 arithmetic, cut to 32 bits after each product (as uint32 wraps in C++)
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
+_GOLDEN = 0x9E3779B1  # the key counter's multiplier (as stochastic rounding's index one)
 
 
 def threshold(p: float) -> int:
-    """Weights whose 24-bit hash is below this are dropped: p of them, to 2^-25."""
-    return int(round(p * 16777216.0))
+    """Weights whose 24-bit hash is below this are dropped: p of them, to 2^-25 (halves
+    rounded up, as the kernel's llround)."""
+    return math.floor(p * 16777216.0 + 0.5)
 
 
 def draw_seed(generator=None) -> torch.Tensor:
@@ -36,8 +31,8 @@ def keep_mask(seed: int, shape, p: float) -> torch.Tensor:
     B, H, L, S = shape
     seed = int(seed) & ((1 << 64) - 1)
     rows = torch.arange(B * H * L, dtype=torch.int64)
-    h = _mix32((rows & _M32) ^ (seed & _M32))
-    key = _mix32(h ^ (rows >> 32) ^ (seed >> 32))
+    h = fmix32((rows & MASK32) ^ (seed & MASK32))
+    key = fmix32(h ^ (rows >> 32) ^ (seed >> 32))
     keys = torch.arange(S, dtype=torch.int64)
-    x = (key[:, None] + keys[None, :] * _GOLDEN) & _M32
-    return ((_mix32(x) >> 8) >= threshold(p)).reshape(B, H, L, S)
+    return ((fmix32(key[:, None] + keys[None, :] * _GOLDEN) >> 8) >= threshold(p)).reshape(
+        B, H, L, S)

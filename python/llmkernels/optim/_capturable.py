@@ -18,6 +18,7 @@ import torch
 
 from .. import backends
 from . import _fused
+from .._hash import fmix32
 from ._fused import Scalar
 
 _MASK = 0xFFFFFFFF
@@ -111,21 +112,11 @@ def adam8bit_table(steps: torch.Tensor, corr, *, weight_decay: float, inv: Scala
     return table
 
 
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    """_fused._fmix32 on int64 tensors of values below 2^32 (products wrap; their low 32
-    bits are right)."""
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & _MASK
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & _MASK
-    return h ^ (h >> 16)
-
-
 def _sr_key_bits(seed: int, steps: torch.Tensor) -> torch.Tensor:
     """_fused.sr_key(seed, step, index) of each tensor (index: its position in the group's
     parameters with gradients), as int32 bit patterns, computed on the device."""
     index = torch.arange(steps.numel(), dtype=torch.int64, device=steps.device)
-    first = _fmix32((index + ((seed * 0x9E3779B1) & _MASK)) & _MASK)
-    second = _fmix32((steps.to(torch.int64) * 0x85EBCA77 + 0x632BE5AB) & _MASK)
-    key = _fmix32(first ^ second)
+    first = fmix32((index + ((seed * 0x9E3779B1) & _MASK)) & _MASK)
+    second = fmix32((steps.to(torch.int64) * 0x85EBCA77 + 0x632BE5AB) & _MASK)
+    key = fmix32(first ^ second)
     return torch.where(key >= 1 << 31, key - (1 << 32), key).to(torch.int32)

@@ -13,6 +13,7 @@ from .. import backends
 from .clip import drop_pending_multiplier, take_pending_multiplier
 from .._cuda_launch import device_guard, stream_handle
 from .._cview import DTYPE_CODES
+from .._hash import MASK32, fmix32
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 Scalar = Union[float, torch.Tensor]
@@ -442,22 +443,13 @@ def amp_scale(grad_scale, found_inf) -> Optional[float]:
 
 # ---------------------------------------------------------------- stochastic rounding
 
-_MASK = 0xFFFFFFFF
-
-
-def _fmix32(h: int) -> int:
-    h &= _MASK
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _MASK
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _MASK
-    return h ^ (h >> 16)
+_MASK = MASK32
 
 
 def sr_key(seed: int, step: int, index: int) -> int:
     """The 32-bit key of one tensor's random stream at one step (see sr_bits in
     csrc/cpu/optim_impl.h)."""
-    return _fmix32(_fmix32(seed * 0x9E3779B1 + index) ^ _fmix32(step * 0x85EBCA77 + 0x632BE5AB))
+    return fmix32(fmix32(seed * 0x9E3779B1 + index) ^ fmix32(step * 0x85EBCA77 + 0x632BE5AB))
 
 
 SR_INDEX_MULTIPLIER = 0x9E3779B1  # an element's index enters its random bits times this
@@ -499,13 +491,8 @@ def sr_round_bf16(x: torch.Tensor, key: int) -> torch.Tensor:
     """float32 -> bfloat16 with stochastic rounding, bit for bit as the fused kernel: 16 bits
     of murmur3(index * 0x9E3779B1 + key) added below the kept bits, then truncated."""
     flat = x.reshape(-1).float()
-    h = (torch.arange(flat.numel(), dtype=torch.int64, device=x.device) * SR_INDEX_MULTIPLIER
-         + key) & _MASK
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & _MASK  # int64 products wrap; their low 32 bits are right
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & _MASK
-    h = h ^ (h >> 16)
+    h = fmix32(torch.arange(flat.numel(), dtype=torch.int64, device=x.device)
+               * SR_INDEX_MULTIPLIER + key)
     u = flat.view(torch.int32).to(torch.int64) & _MASK
     noisy = (u + (h & 0xFFFF)) & _MASK
     quiet = u | 0x400000
