@@ -614,6 +614,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
       backend: force "cpu", "cuda", "triton" or "reference" (see llmkernels.explain).
     is_causal aligns the diagonal top-left, as SDPA does: query i sees keys j <= i.
     Rows whose every key is masked give zeros, never NaN. NaN/Inf inputs raise ValueError.
+    On the CPU kernel, dropout and a float mask's gradient are fused; its dropout pattern is
+    drawn from torch's generator (ops.attention_dropout.keep_mask gives it), not F.dropout's.
     """
     query, key, value, attn_mask = _autocast(*resolved(query, key, value, attn_mask))
     call = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
