@@ -138,20 +138,8 @@ def make_inputs(case: Case, device: str):
 
 
 def mode_call(fn: Callable, mode: str, inputs) -> Callable[[], Any]:
-    """The timed statement: forward under no_grad (inference), or forward + backward
-    (torch.autograd.grad, so nothing accumulates into .grad between runs)."""
-    q, k, v, g = inputs
-    if mode == "fwd":
-        def call():
-            with torch.no_grad():
-                return (fn(q, k, v),)
-        return call
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-
-    def call():
-        out = fn(*leaves)
-        return (out.detach(),) + torch.autograd.grad(out, leaves, g)
-    return call
+    """harness.mode_call on inputs (q, k, v, grad_out)."""
+    return harness.mode_call(fn, mode, inputs[:3], inputs[3])
 
 
 def head_slices(case: Case) -> List[tuple]:

@@ -62,20 +62,6 @@ def build_mask(kind: str, B: int, S: int, args, device: str) -> torch.Tensor:
     raise ValueError(kind)
 
 
-def mode_call(fn, mode, inputs, grad_out):
-    if mode == "fwd":
-        def call():
-            with torch.no_grad():
-                return (fn(*inputs),)
-        return call
-    leaves = [t.detach().requires_grad_() for t in inputs]
-
-    def call():
-        out = fn(*leaves)
-        return (out.detach(),) + torch.autograd.grad(out, leaves, grad_out)
-    return call
-
-
 def check(ours_outputs, sdpa_outputs, inputs, mask, grad_out, dtype, hq, hk):
     """ours and sdpa (out, dq, dk, dv) against float64, every batch entry, query head 0 and
     the kv head it reads. The worst of the four (error / bound) decides."""
@@ -140,8 +126,8 @@ def main(argv=None) -> int:
                 served = llmkernels.explain(llmkernels.scaled_dot_product_attention, q, k, v,
                                             attn_mask=mask, enable_gqa=gqa).backend
                 last = modes[-1]
-                got = mode_call(fns["ours"], last, (q, k, v), grad_out)()
-                base = mode_call(fns["sdpa"], last, (q, k, v), grad_out)()
+                got = harness.mode_call(fns["ours"], last, (q, k, v), grad_out)()
+                base = harness.mode_call(fns["sdpa"], last, (q, k, v), grad_out)()
                 c = check(got, base, (q, k, v), mask, grad_out, dtype, hq, hk)
                 failed += not c.ok
                 pairs = int(mask.sum().item()) * hq
@@ -150,7 +136,7 @@ def main(argv=None) -> int:
                            err=c.error, bound=c.bound, err_sdpa=c.baseline_error,
                            visible_fraction=pairs / (B * hq * S * S), modes={})
                 for mode in modes:
-                    calls = {name: mode_call(fn, mode, (q, k, v), grad_out)
+                    calls = {name: harness.mode_call(fn, mode, (q, k, v), grad_out)
                              for name, fn in fns.items()}
                     timed = harness.time_interleaved(calls, dev, args.min_run_time)
                     ms = {name: t.median_s * 1e3 for name, t in timed.items()}

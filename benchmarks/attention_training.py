@@ -38,21 +38,6 @@ ATOL = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -6, torch.float16: 2.0 ** -9
 SEED = 1234
 
 
-def mode_call(fn, mode, inputs, grad_out):
-    if mode == "fwd":
-        def call():
-            with torch.no_grad():
-                return (fn(*inputs),)
-        return call
-    leaves = [t.detach().requires_grad_() for t in inputs]
-
-    def call():
-        out = fn(*leaves)
-        # the -plain calls leave the bias unused
-        return (out.detach(),) + torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
-    return call
-
-
 def check(ours, inputs, grad_out, causal, dropout_p, dtype):
     """ours (out and the inputs' gradients) of a call made right after torch.manual_seed(SEED),
     against the float64 math: every batch entry, head 0 (the bias: its head 0)."""
@@ -137,14 +122,14 @@ def main(argv=None) -> int:
                     served = llmkernels.explain(ours_fn, *inputs[:3], attn_mask=bias,
                                                 dropout_p=drop, is_causal=causal).backend
                     torch.manual_seed(SEED)
-                    got = mode_call(fns["ours"], modes[-1], inputs, grad_out)()
+                    got = harness.mode_call(fns["ours"], modes[-1], inputs, grad_out)()
                     c = check(got, inputs, grad_out, causal, drop, dtype)
                     failed += not c.ok
                     rec = dict(feature=feature, dtype=dt_name, causal=causal, batch=B, seqlen=S,
                                heads=H, head_dim=D, dropout_p=drop, served_by=served,
                                correct=c.ok, check=c.name, err=c.error, bound=c.bound, modes={})
                     for mode in modes:
-                        calls = {name: mode_call(fn, mode, inputs, grad_out)
+                        calls = {name: harness.mode_call(fn, mode, inputs, grad_out)
                                  for name, fn in fns.items()}
                         timed = harness.time_interleaved(calls, "cpu", args.min_run_time)
                         ms = {name: t.median_s * 1e3 for name, t in timed.items()}

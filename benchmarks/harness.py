@@ -320,6 +320,24 @@ def time_fn(fn: Callable[[], Any], device: str = "cpu", min_run_time: float = 0.
     return Timing(m.median, m.iqr, len(m.times), "torch.utils.benchmark.blocked_autorange")
 
 
+def mode_call(fn: Callable[..., Any], mode: str, inputs: Sequence[Any],
+              grad_out: Any) -> Callable[[], Any]:
+    """The timed statement of an attention-like fn(*inputs): "fwd" under no_grad (inference),
+    or "fwd+bwd": forward, then torch.autograd.grad of every input (so nothing accumulates
+    into .grad between runs; an input fn leaves unused gets None)."""
+    if mode == "fwd":
+        def call():
+            with torch.no_grad():
+                return (fn(*inputs),)
+        return call
+    leaves = [t.detach().requires_grad_() for t in inputs]
+
+    def call():
+        out = fn(*leaves)
+        return (out.detach(),) + torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+    return call
+
+
 def time_interleaved(fns: Mapping[str, Callable[[], Any]], device: str = "cpu",
                      min_run_time: float = 0.2, block_s: float = 20e-3,
                      min_rounds: int = 7) -> Dict[str, Timing]:

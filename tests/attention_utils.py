@@ -29,6 +29,34 @@ def make_qkv(B, Hq, Hk, L, S, E, Ev, dtype, layout="bhsd", requires_grad=False, 
     return one(Hq, L, E), one(Hk, S, E), one(Hk, S, Ev)
 
 
+def exact_attention(q, k, v, mask=None, scale=None, causal=False, window=None, softcap=None,
+                    keep=None, p=0.0):
+    """The kernels' math on (B, H, L, E) inputs in their dtype (float64 for an exact result):
+    grouped kv heads repeated, softcap, then a float mask added (a bool one hides), the causal
+    / window band, rows that see nothing 0, and the weights `keep` keeps scaled 1 / (1 - p)."""
+    group = q.shape[-3] // k.shape[-3]
+    kk, vv = k.repeat_interleave(group, -3), v.repeat_interleave(group, -3)
+    s = q @ kk.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    L, S = s.shape[-2:]
+    i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
+    hidden = torch.zeros(L, S, dtype=torch.bool)
+    if causal:
+        hidden = hidden | (j > i)
+    if window is not None:
+        hidden = hidden | (j < i - window)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            hidden = hidden | ~mask
+        else:
+            s = s + mask.to(s.dtype)
+    w = torch.softmax(s.masked_fill(hidden, float("-inf")), -1).nan_to_num(0.0)
+    if keep is not None:
+        w = w * keep.to(w.dtype) / (1 - p)
+    return w @ vv
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 

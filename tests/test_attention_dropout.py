@@ -11,7 +11,7 @@ import llmkernels
 from llmkernels.backends import native_module
 from llmkernels.ops.attention import attention_forward_cpu
 from llmkernels.ops.attention_dropout import draw_seed, keep_mask
-from attention_utils import GRAD_FLOOR, grad_scale, max_err
+from attention_utils import GRAD_FLOOR, exact_attention, grad_scale, max_err
 
 sdpa = llmkernels.scaled_dot_product_attention
 
@@ -38,32 +38,6 @@ def test_pattern_keeps_one_minus_p_without_structure(p):
     # another seed: another pattern
     other = keep_mask(987654322, shape, p).double()
     assert abs(((keep - keep.mean()) * (other - other.mean())).mean().item() / var) < 0.02
-
-
-def _exact(q, k, v, keep, p, scale, mask=None, causal=False, window=None, softcap=None):
-    """float64 attention with the weights kept by `keep` scaled by 1 / (1 - p)."""
-    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
-    group = q.shape[1] // k.shape[1]
-    kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = q @ kk.transpose(-1, -2) * scale
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    L, S = s.shape[-2:]
-    i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
-    visible = torch.ones(L, S, dtype=torch.bool)
-    if causal:
-        visible &= j <= i
-    if window is not None:
-        visible &= j >= i - window
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            visible = visible & mask
-        else:
-            s = s + mask.double()
-    s = s.masked_fill(~visible, float("-inf"))
-    w = torch.softmax(s, -1).nan_to_num(0.0)
-    out = (w * keep.double() / (1 - p)) @ vv
-    return out, (q, k, v)
 
 
 CASES = {
@@ -100,7 +74,9 @@ def test_forward_and_backward_against_the_pattern(cpu_tier, case, dtype):
     out, _, _ = attention_forward_cpu(q, k, v, mask, scale, c["softcap"] or 0.0, left, right, 0,
                                       True, p, seed)
     keep = keep_mask(int(seed), out.shape[:-1] + (c["S"],), p)
-    exact, leaves = _exact(q, k, v, keep, p, scale, mask, c["causal"], c["window"], c["softcap"])
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact = exact_attention(*leaves, mask, scale=scale, causal=c["causal"], window=c["window"],
+                            softcap=c["softcap"], keep=keep, p=p)
     # the inputs are exact in float64: the error is float32 sums and the output's rounding
     # (bf16 weights on the bf16-dot tiers)
     size = max(exact.abs().max().item(), 1.0)
@@ -148,7 +124,7 @@ def test_public_call_draws_its_seed_from_torch():
     torch.manual_seed(5)
     seed = draw_seed()
     keep = keep_mask(int(seed), (1, 2, 50, 50), 0.4)
-    exact, _ = _exact(q, k, v, keep, 0.4, 0.25)
+    exact = exact_attention(q.double(), k.double(), v.double(), keep=keep, p=0.4)
     assert max_err(out, exact) < 1e-5
     assert not torch.allclose(sdpa(q, k, v, dropout_p=0.4), out)  # the next draw differs
     # dropout 0 is the plain kernel, bit for bit

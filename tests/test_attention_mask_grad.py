@@ -9,30 +9,9 @@ import torch
 
 import llmkernels
 from llmkernels.ops.attention_dropout import draw_seed, keep_mask
-from attention_utils import FLOOR, GRAD_FLOOR, grad_scale, max_err
+from attention_utils import GRAD_FLOOR, exact_attention, grad_scale, max_err
 
 sdpa = llmkernels.scaled_dot_product_attention
-
-
-def exact_attention(q, k, v, bias, causal=False, window=None, softcap=None, keep=None, p=0.0):
-    """float64 math with the bias added after the softcap (as SDPA adds attn_mask)."""
-    group = q.shape[-3] // k.shape[-3]
-    kk, vv = k.repeat_interleave(group, -3), v.repeat_interleave(group, -3)
-    s = q @ kk.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    s = s + bias
-    L, S = s.shape[-2:]
-    i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
-    hidden = torch.zeros(L, S, dtype=torch.bool)
-    if causal:
-        hidden |= j > i
-    if window is not None:
-        hidden |= j < i - window
-    w = torch.softmax(s.masked_fill(hidden, float("-inf")), -1).nan_to_num(0.0)
-    if keep is not None:
-        w = w * keep.double() / (1 - p)
-    return w @ vv
 
 
 CASES = {
